@@ -1,0 +1,136 @@
+"""Backend registry: which implementation runs an op, and why.
+
+A backend is an object with the methods of :class:`Backend`. Backends live in their own modules and
+are imported lazily (importing triton is slow), so ``import moe_kernels`` stays cheap.
+
+Selection, in order: the ``backend=`` argument, then ``MOE_KERNELS_BACKEND``, then the default for
+the tensors' device (CUDA: triton, else cuda, else reference; CPU: cpu if the C++ extension is built,
+else reference). Asking for a backend that is not built, or that cannot run on the tensors' device,
+raises :class:`BackendError` -- there is never a silent fallback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from typing import NamedTuple
+
+import torch
+
+BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
+
+# name -> "module:attribute" of the Backend instance
+_LOADERS = {
+    "reference": "moe_kernels.reference:BACKEND",
+    "cpu": "moe_kernels.native:CPU_BACKEND",
+    "cuda": "moe_kernels.native:CUDA_BACKEND",
+    "triton": "moe_kernels.triton:BACKEND",
+}
+
+_cache: dict[str, "Backend | Exception"] = {}
+
+
+class BackendError(RuntimeError):
+    """A backend was asked for that is not built, cannot run on these tensors, or lacks a feature."""
+
+
+class Plan(NamedTuple):
+    """Dispatch plan of routed slots (slot ``s = t * k + j`` is token t's j-th choice).
+
+    expert_offsets: [E+1] int32; expert e owns sorted positions ``expert_offsets[e]:expert_offsets[e+1]``.
+    sorted_slots:   [T*k] int32; the slot at each sorted position (stable: slots ascend within an expert).
+    slot_positions: [T*k] int32; the inverse permutation: sorted position of each slot.
+    """
+
+    expert_offsets: torch.Tensor
+    sorted_slots: torch.Tensor
+    slot_positions: torch.Tensor
+
+
+class Backend:
+    """Interface every backend implements. Inputs arrive validated and normalised by ``moe_kernels.ops``:
+    ``ids`` int32 contiguous [T,k] in range, ``weights`` float32 [T,k], tensors on one device, T >= 1.
+    Every method must be differentiable where the public op is (autograd.Function or torch.library op)."""
+
+    name = "?"
+
+    def unavailable_reason(self) -> str | None:
+        """None if this backend is built and importable, else why not."""
+        return None
+
+    def device_error(self, device: torch.device) -> str | None:
+        """None if this backend can run on tensors of ``device``, else why not."""
+        return None
+
+    def route(self, logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale):
+        raise BackendError(f"backend '{self.name}' has no route")
+
+    def plan(self, ids, num_experts) -> Plan:
+        raise BackendError(f"backend '{self.name}' has no plan")
+
+    def moe_mlp(self, x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias,
+                interleaved, swiglu_limit):
+        raise BackendError(f"backend '{self.name}' has no moe_mlp")
+
+    def adapter_moe(self, h, down, up, weights, ids, activation, scale):
+        raise BackendError(f"backend '{self.name}' has no adapter_moe")
+
+
+def _load(name: str) -> "Backend | Exception":
+    if name not in _cache:
+        module_name, attr = _LOADERS[name].split(":")
+        try:
+            _cache[name] = getattr(importlib.import_module(module_name), attr)
+        except Exception as exc:  # noqa: BLE001 - reported to the user by get_backend
+            _cache[name] = exc
+    return _cache[name]
+
+
+def get_backend(name: str) -> Backend:
+    """The backend called ``name``; raises BackendError if unknown or not built."""
+    if name not in _LOADERS:
+        raise BackendError(f"backend must be one of {list(BACKEND_NAMES)}, got {name!r}")
+    backend = _load(name)
+    if isinstance(backend, Exception):
+        raise BackendError(f"backend '{name}' could not be loaded: {backend}")
+    reason = backend.unavailable_reason()
+    if reason is not None:
+        raise BackendError(f"backend '{name}' is not available: {reason}")
+    return backend
+
+
+def available_backends() -> list[str]:
+    """Names of the backends that are built and importable in this process (any device)."""
+    names = []
+    for name in BACKEND_NAMES:
+        backend = _load(name)
+        if not isinstance(backend, Exception) and backend.unavailable_reason() is None:
+            names.append(name)
+    return names
+
+
+def default_backend_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        preferred = ("triton", "cuda", "reference")
+    elif device.type == "cpu":
+        preferred = ("cpu", "reference")
+    else:
+        preferred = ("reference",)
+    built = available_backends()
+    for name in preferred:
+        if name in built and get_backend(name).device_error(device) is None:
+            return name
+    return "reference"
+
+
+def resolve_backend(name: str | None, device: torch.device) -> Backend:
+    """Pick the backend for an op on tensors of ``device`` (see module docstring for the order)."""
+    if name is None:
+        name = os.environ.get("MOE_KERNELS_BACKEND") or None
+    if name is None:
+        name = default_backend_name(device)
+    backend = get_backend(name)
+    reason = backend.device_error(device)
+    if reason is not None:
+        raise BackendError(f"backend '{name}' cannot run on {device} tensors: {reason}")
+    return backend

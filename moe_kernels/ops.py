@@ -1,0 +1,205 @@
+"""The public ops of moe_kernels: validate, normalise, pick a backend, run.
+
+Each function checks its arguments (see :mod:`moe_kernels.validation`), normalises ``ids`` to int32
+and ``weights`` to float32, handles the empty batch, and hands the rest to the backend chosen by
+:func:`moe_kernels.backends.resolve_backend`. The math of each op is defined by
+:mod:`moe_kernels.reference`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from . import reference
+from .backends import Plan, resolve_backend
+from .validation import (check_choice, check_dim, check_finite_logits, check_routing, check_same_device,
+                         check_tensor, check_top_k, value_checks_enabled)
+
+SCORINGS = ("softmax", "sigmoid")
+ORDERS = ("softmax_then_topk", "topk_then_softmax")
+MAX_ADAPTER_RANK = 1024
+
+
+def _normalise_routing(weights: torch.Tensor, ids: torch.Tensor):
+    return weights.float(), ids.to(torch.int32).contiguous()
+
+
+def route(logits: torch.Tensor, k: int, *, scoring: str = "softmax", order: str = "softmax_then_topk",
+          renormalize: bool = True, bias: torch.Tensor | None = None, n_group: int | None = None,
+          topk_group: int | None = None, scale: float = 1.0,
+          backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused top-k routing: logits [T,E] -> (weights [T,k] float32, ids [T,k] int32).
+
+    Variants (each Hugging Face family is one combination, see README):
+      scoring      "softmax" | "sigmoid" -- how logits become scores.
+      order        "softmax_then_topk": choose among scores, weights are the chosen scores;
+                   "topk_then_softmax": choose among raw logits, weights = scoring(chosen logits).
+      renormalize  divide the k weights by their sum.
+      bias         [E], added to the scores only to *choose* experts (DeepSeek-V3's correction bias);
+                   never part of the returned weights, never receives a gradient.
+      n_group, topk_group  group-limited choice (DeepSeek-V3): E splits into n_group groups, a group
+                   scores the sum of its best two, only the best topk_group groups are eligible.
+      scale        multiplies the final weights (routed_scaling_factor).
+    Choices are ordered by descending score, ties to the lower expert index. Differentiable w.r.t.
+    ``logits``. NaN or +inf logits raise ValueError (checked on CPU always, on GPUs in debug mode).
+    """
+    check_tensor("logits", logits, 2)
+    num_tokens, num_experts = logits.shape
+    if num_experts < 1:
+        raise ValueError("logits must have at least one expert column, got shape "
+                         f"{tuple(logits.shape)}")
+    check_top_k(k, num_experts)
+    check_choice("scoring", scoring, SCORINGS)
+    check_choice("order", order, ORDERS)
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    if bias is not None:
+        check_tensor("bias", bias, 1)
+        check_dim("bias", bias.shape[0], num_experts, "number of experts (columns of logits)")
+        check_same_device(logits=logits, bias=bias)
+    if (n_group is None) != (topk_group is None):
+        raise ValueError("n_group and topk_group must be given together, got "
+                         f"n_group={n_group!r}, topk_group={topk_group!r}")
+    if n_group is not None:
+        if not isinstance(n_group, int) or n_group < 1 or num_experts % n_group:
+            raise ValueError(f"n_group must be a positive divisor of num_experts = {num_experts}, got {n_group!r}")
+        if not isinstance(topk_group, int) or not 1 <= topk_group <= n_group:
+            raise ValueError(f"topk_group must satisfy 1 <= topk_group <= n_group = {n_group}, got {topk_group!r}")
+        eligible = topk_group * (num_experts // n_group)
+        if k > eligible:
+            raise ValueError(f"k = {k} exceeds the {eligible} experts eligible in topk_group = {topk_group} "
+                             f"of n_group = {n_group} groups")
+        if n_group == 1:
+            n_group = topk_group = None  # one group: no restriction
+    check_finite_logits(logits)
+    if num_tokens == 0:
+        return (logits.new_zeros((0, k), dtype=torch.float32),
+                torch.zeros((0, k), dtype=torch.int32, device=logits.device))
+    impl = resolve_backend(backend, logits.device)
+    return impl.route(logits, k, scoring, order, bool(renormalize), bias, n_group, topk_group, float(scale))
+
+
+def plan(ids: torch.Tensor, num_experts: int, *, backend: str | None = None) -> Plan:
+    """Dispatch plan: a stable counting sort of the T*k slots by expert (no padding).
+
+    Returns :class:`moe_kernels.backends.Plan` (expert_offsets [E+1], sorted_slots [T*k],
+    slot_positions [T*k], all int32).
+    """
+    check_tensor("ids", ids, 2, dtypes=(torch.int32, torch.int64))
+    if not isinstance(num_experts, int) or num_experts < 1:
+        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    if value_checks_enabled(ids) and ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(f"ids must lie in [0, {num_experts}), got values in [{lo}, {hi}]")
+    ids = ids.to(torch.int32).contiguous()
+    if ids.numel() == 0:
+        return reference.plan(ids, num_experts)
+    return resolve_backend(backend, ids.device).plan(ids, num_experts)
+
+
+def moe_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
+            ids: torch.Tensor, *, activation: str = "silu", gate_up_bias: torch.Tensor | None = None,
+            down_bias: torch.Tensor | None = None, interleaved: bool = False,
+            swiglu_limit: float | None = None, backend: str | None = None) -> torch.Tensor:
+    """Routed expert MLPs: y[t] = sum_j weights[t,j] * down_e(act(gate_e x_t) * up_e x_t), e = ids[t,j].
+
+    Shapes (Hugging Face v5 layout): x [T,H], gate_up_proj [E,2I,H] (gate rows then up rows, or
+    interleaved gate/up rows when ``interleaved``), down_proj [E,H,I], weights [T,k] (float32 or x's
+    dtype), ids [T,k] (int32 or int64). Optional biases gate_up_bias [E,2I], down_bias [E,H].
+    activation: "silu" (SwiGLU), "gelu", "gelu_tanh", "relu" (gated), or "gpt_oss" (GPT-OSS's clamped
+    SwiGLU, clamp at ``swiglu_limit``). Weights may be non-contiguous views (e.g. a transpose of
+    GPT-OSS's [E,H,2I] storage). Returns [T,H] in x's dtype; differentiable w.r.t. x, both weight
+    tensors, the biases and weights.
+    """
+    check_tensor("x", x, 2)
+    check_tensor("gate_up_proj", gate_up_proj, 3)
+    check_tensor("down_proj", down_proj, 3)
+    num_tokens, hidden = x.shape
+    num_experts, two_i, h_in = gate_up_proj.shape
+    check_dim("gate_up_proj", h_in, hidden, "hidden size (last dim, = x.shape[1])")
+    if two_i % 2:
+        raise ValueError(f"gate_up_proj: dim 1 must be 2*intermediate (even), got {two_i}")
+    check_dim("down_proj", down_proj.shape[0], num_experts, "number of experts (= gate_up_proj.shape[0])")
+    check_dim("down_proj", down_proj.shape[1], hidden, "hidden size (dim 1, = x.shape[1])")
+    check_dim("down_proj", down_proj.shape[2], two_i // 2, "intermediate size (dim 2, = gate_up_proj.shape[1] / 2)")
+    for name, w in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
+        if w.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {w.dtype} but x has {x.dtype}; they must match")
+    if gate_up_bias is not None:
+        check_tensor("gate_up_bias", gate_up_bias, 2)
+        if tuple(gate_up_bias.shape) != (num_experts, two_i):
+            raise ValueError(f"gate_up_bias must have shape {(num_experts, two_i)}, got {tuple(gate_up_bias.shape)}")
+    if down_bias is not None:
+        check_tensor("down_bias", down_bias, 2)
+        if tuple(down_bias.shape) != (num_experts, hidden):
+            raise ValueError(f"down_bias must have shape {(num_experts, hidden)}, got {tuple(down_bias.shape)}")
+    check_choice("activation", activation, reference.GATED_ACTIVATIONS)
+    check_routing(weights, ids, num_tokens, num_experts, x.dtype)
+    device = check_same_device(x=x, gate_up_proj=gate_up_proj, down_proj=down_proj, weights=weights, ids=ids,
+                               gate_up_bias=gate_up_bias, down_bias=down_bias)
+    weights, ids = _normalise_routing(weights, ids)
+    if num_tokens == 0:
+        return x.new_zeros((0, hidden))
+    impl = resolve_backend(backend, device)
+    return impl.moe_mlp(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias,
+                        bool(interleaved), swiglu_limit)
+
+
+def adapter_moe(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                *, activation: str = "gelu", scale: float = 1.0, backend: str | None = None) -> torch.Tensor:
+    """Routed bottleneck adapters / LoRA experts: y[t] = sum_j weights[t,j] * scale * up_e(act(down_e h_t)).
+
+    Shapes: h [T,H], down [E,r,H], up [E,H,r] with 1 <= r <= 1024, weights/ids [T,k].
+    activation: "gelu" (PESC), "gelu_tanh", "silu", "relu", or "identity" (routed LoRA: B_e A_e h).
+    Returns [T,H] in h's dtype; differentiable w.r.t. h, down, up and weights.
+    """
+    check_tensor("h", h, 2)
+    check_tensor("down", down, 3)
+    check_tensor("up", up, 3)
+    num_tokens, hidden = h.shape
+    num_experts, rank, h_in = down.shape
+    check_dim("down", h_in, hidden, "hidden size (last dim, = h.shape[1])")
+    if not 1 <= rank <= MAX_ADAPTER_RANK:
+        raise ValueError(f"down: adapter rank (dim 1) must be in [1, {MAX_ADAPTER_RANK}], got {rank}")
+    if tuple(up.shape) != (num_experts, hidden, rank):
+        raise ValueError(f"up must have shape [E, H, r] = {(num_experts, hidden, rank)}, got {tuple(up.shape)}")
+    for name, w in (("down", down), ("up", up)):
+        if w.dtype != h.dtype:
+            raise TypeError(f"{name} has dtype {w.dtype} but h has {h.dtype}; they must match")
+    check_choice("activation", activation, reference.ADAPTER_ACTIVATIONS)
+    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    check_routing(weights, ids, num_tokens, num_experts, h.dtype)
+    device = check_same_device(h=h, down=down, up=up, weights=weights, ids=ids)
+    weights, ids = _normalise_routing(weights, ids)
+    if num_tokens == 0:
+        return h.new_zeros((0, hidden))
+    impl = resolve_backend(backend, device)
+    return impl.adapter_moe(h, down, up, weights, ids, activation, float(scale))
+
+
+def load_balancing_loss(logits: torch.Tensor, ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Switch-Transformer auxiliary loss, E * sum_e f_e * P_e (see :func:`moe_kernels.reference.load_balancing_loss`).
+
+    logits [T,E] (the router's raw logits), ids [T,k] (the chosen experts). Equal to transformers'
+    ``load_balancing_loss_func`` without an attention mask; differentiable w.r.t. logits.
+    """
+    check_tensor("logits", logits, 2)
+    check_dim("logits", logits.shape[1], num_experts, "num_experts (columns)")
+    check_tensor("ids", ids, 2, dtypes=(torch.int32, torch.int64))
+    check_dim("ids", ids.shape[0], logits.shape[0], "number of tokens (rows of logits)")
+    check_same_device(logits=logits, ids=ids)
+    if logits.shape[0] == 0:
+        return logits.float().sum() * 0.0
+    return reference.load_balancing_loss(logits, ids, num_experts)
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """Router z-loss (ST-MoE): mean_t logsumexp(logits_t)^2, differentiable w.r.t. logits."""
+    check_tensor("logits", logits, 2)
+    if logits.shape[0] == 0:
+        return logits.float().sum() * 0.0
+    return reference.z_loss(logits)

@@ -1,0 +1,199 @@
+"""The oracle: plain, readable PyTorch for every op of moe_kernels.
+
+Every other backend is tested against these functions. They favour clarity over speed (loops over
+experts), compute in float32 whatever the input dtype, and cast results back to the input dtype.
+They are differentiable through ordinary autograd, so they also serve as the ``reference`` backend
+on any device.
+
+Conventions shared by every backend (see ``moe_kernels.ops`` for the public, validated entry points):
+
+* A *slot* is one (token, choice) pair, numbered ``s = t * k + j`` for token t's j-th choice.
+* Routing returns ``weights`` [T,k] float32 and ``ids`` [T,k] int32, choices ordered by descending
+  selection score; ties go to the lower expert index.
+* Expert weights use the Hugging Face v5 layout: ``gate_up_proj`` [E, 2I, H] (gate rows first, then up
+  rows; or interleaved gate0, up0, gate1, ... when ``interleaved``), ``down_proj`` [E, H, I].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .backends import Backend, Plan
+
+GATED_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "gpt_oss")
+ADAPTER_ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu", "identity")
+GPT_OSS_ALPHA = 1.702  # GPT-OSS's clamped SwiGLU: glu = gate * sigmoid(alpha * gate)
+
+# Added to the renormalisation denominator so an all-zero choice (sigmoid underflow) gives 0, not NaN.
+# Far below fp32 resolution of any realistic sum, so it does not change normal results.
+RENORM_EPS = 1e-20
+
+
+def apply_activation(x: torch.Tensor, name: str) -> torch.Tensor:
+    """The elementwise activations of the adapter path (and of the gate half of gated MLPs)."""
+    if name == "silu":
+        return F.silu(x)
+    if name == "gelu":
+        return F.gelu(x)
+    if name == "gelu_tanh":
+        return F.gelu(x, approximate="tanh")
+    if name == "relu":
+        return F.relu(x)
+    if name == "identity":
+        return x
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def gated_activation(gate_up: torch.Tensor, name: str, interleaved: bool = False,
+                     swiglu_limit: float | None = None) -> torch.Tensor:
+    """[N, 2I] -> [N, I]: act(gate) * up, or GPT-OSS's clamped form (up + 1) * gate * sigmoid(1.702 gate)."""
+    if interleaved:
+        gate, up = gate_up[..., 0::2], gate_up[..., 1::2]
+    else:
+        gate, up = gate_up.chunk(2, dim=-1)
+    if name == "gpt_oss":
+        if swiglu_limit is not None:
+            gate = gate.clamp(max=swiglu_limit)
+            up = up.clamp(min=-swiglu_limit, max=swiglu_limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * GPT_OSS_ALPHA))
+    return apply_activation(gate, name) * up
+
+
+def topk_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest scores per row, ties to the lower index (a stable descending sort)."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices[:, :k]
+
+
+def route(logits: torch.Tensor, k: int, scoring: str = "softmax", order: str = "softmax_then_topk",
+          renormalize: bool = True, bias: torch.Tensor | None = None, n_group: int | None = None,
+          topk_group: int | None = None, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k routing. Returns (weights [T,k] float32, ids [T,k] int32).
+
+    softmax_then_topk: scores = softmax(logits) (or sigmoid); choose the top k of scores (+ bias);
+                       weights = the chosen scores (unbiased).
+    topk_then_softmax: choose the top k of logits (+ bias); weights = softmax (or sigmoid) of the
+                       chosen logits.
+    n_group/topk_group: DeepSeek-V3's group-limited choice: experts split into n_group equal groups,
+                       a group scores the sum of its two best choice scores, only the topk_group best
+                       groups stay eligible.
+    Then, if renormalize, weights /= sum(weights); finally weights *= scale.
+    """
+    x = logits.float()
+    num_tokens, num_experts = x.shape
+    if order == "softmax_then_topk":
+        scores = torch.softmax(x, dim=-1) if scoring == "softmax" else torch.sigmoid(x)
+    else:
+        scores = x
+    choice = scores.detach()
+    if bias is not None:
+        choice = choice + bias.float()
+    if n_group is not None and n_group > 1:
+        per_group = num_experts // n_group
+        grouped = choice.view(num_tokens, n_group, per_group)
+        group_scores = grouped.topk(min(2, per_group), dim=-1).values.sum(dim=-1)
+        keep = topk_stable(group_scores, topk_group)
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+        expert_mask = group_mask.repeat_interleave(per_group, dim=1)
+        choice = choice.masked_fill(~expert_mask, float("-inf"))
+    ids = topk_stable(choice, k)
+    picked = scores.gather(1, ids)
+    if order == "topk_then_softmax":
+        picked = torch.softmax(picked, dim=-1) if scoring == "softmax" else torch.sigmoid(picked)
+    if renormalize:
+        picked = picked / (picked.sum(dim=-1, keepdim=True) + RENORM_EPS)
+    weights = picked * scale
+    return weights, ids.to(torch.int32)
+
+
+def plan(ids: torch.Tensor, num_experts: int) -> Plan:
+    """Counting sort of the slots by expert (stable). See :class:`moe_kernels.backends.Plan`."""
+    flat = ids.reshape(-1).long()
+    counts = torch.bincount(flat, minlength=num_experts)
+    offsets = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device)
+    offsets[1:] = torch.cumsum(counts, dim=0)
+    sorted_slots = torch.argsort(flat, stable=True)
+    slot_positions = torch.empty_like(sorted_slots)
+    slot_positions[sorted_slots] = torch.arange(flat.numel(), device=ids.device)
+    return Plan(offsets.to(torch.int32), sorted_slots.to(torch.int32), slot_positions.to(torch.int32))
+
+
+def moe_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
+            ids: torch.Tensor, activation: str = "silu", gate_up_bias: torch.Tensor | None = None,
+            down_bias: torch.Tensor | None = None, interleaved: bool = False,
+            swiglu_limit: float | None = None) -> torch.Tensor:
+    """y[t] = sum_j weights[t,j] * down_e(act(gate_e x_t) * up_e x_t), e = ids[t,j]. Loop over experts."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    ids = ids.long()
+    for e in range(gate_up_proj.shape[0]):
+        tokens, choice = torch.where(ids == e)
+        if tokens.numel() == 0:
+            continue
+        h = x[tokens].float() @ gate_up_proj[e].float().t()
+        if gate_up_bias is not None:
+            h = h + gate_up_bias[e].float()
+        a = gated_activation(h, activation, interleaved, swiglu_limit)
+        y = a @ down_proj[e].float().t()
+        if down_bias is not None:
+            y = y + down_bias[e].float()
+        out = out.index_add(0, tokens, y * weights[tokens, choice].float().unsqueeze(-1))
+    return out.to(x.dtype)
+
+
+def adapter_moe(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weights: torch.Tensor,
+                ids: torch.Tensor, activation: str = "gelu", scale: float = 1.0) -> torch.Tensor:
+    """y[t] = sum_j weights[t,j] * scale * up_e(act(down_e h_t)), e = ids[t,j]; down [E,r,H], up [E,H,r]."""
+    out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+    ids = ids.long()
+    for e in range(down.shape[0]):
+        tokens, choice = torch.where(ids == e)
+        if tokens.numel() == 0:
+            continue
+        z = apply_activation(h[tokens].float() @ down[e].float().t(), activation)
+        y = z @ up[e].float().t()
+        out = out.index_add(0, tokens, y * (scale * weights[tokens, choice].float()).unsqueeze(-1))
+    return out.to(h.dtype)
+
+
+def load_balancing_loss(logits: torch.Tensor, ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Switch-Transformer loss: E * sum_e f_e * P_e, f_e = (choices of e) / T, P_e = mean softmax prob of e.
+
+    Equals transformers' ``load_balancing_loss_func`` for one layer without attention mask. The
+    gradient flows through P (f is a count); it is never constant in the logits.
+    """
+    probs = torch.softmax(logits.float(), dim=-1)
+    num_tokens = logits.shape[0]
+    counts = torch.zeros(num_experts, dtype=torch.float32, device=logits.device)
+    counts = counts.index_add(0, ids.reshape(-1).long(), torch.ones(ids.numel(), device=logits.device))
+    return num_experts * torch.sum((counts / num_tokens) * probs.mean(dim=0))
+
+
+def z_loss(logits: torch.Tensor) -> torch.Tensor:
+    """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2."""
+    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+
+
+class ReferenceBackend(Backend):
+    """The oracle run as a backend (any device, plain autograd)."""
+
+    name = "reference"
+
+    def route(self, logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale):
+        return route(logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale)
+
+    def plan(self, ids, num_experts):
+        return plan(ids, num_experts)
+
+    def moe_mlp(self, x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias,
+                interleaved, swiglu_limit):
+        return moe_mlp(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias,
+                       interleaved, swiglu_limit)
+
+    def adapter_moe(self, h, down, up, weights, ids, activation, scale):
+        return adapter_moe(h, down, up, weights, ids, activation, scale)
+
+
+BACKEND = ReferenceBackend()
+
+__all__ = ["route", "plan", "moe_mlp", "adapter_moe", "load_balancing_loss", "z_loss", "BACKEND",
+           "GATED_ACTIVATIONS", "ADAPTER_ACTIVATIONS"]

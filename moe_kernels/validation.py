@@ -1,0 +1,93 @@
+"""Input checks for the public entry points.
+
+Shape, dtype and device checks are free (metadata only) and always run. Value checks (NaN logits,
+ids out of range) need the data: they always run on CPU tensors, and on accelerators only in debug
+mode (``MOE_KERNELS_DEBUG=1`` or :func:`set_debug`), so the GPU hot path never waits on a host sync.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_debug = os.environ.get("MOE_KERNELS_DEBUG", "0") not in ("", "0")
+
+
+def set_debug(enabled: bool) -> None:
+    """Enable value checks (NaN logits, ids range) on accelerator tensors too. They cost a host sync."""
+    global _debug
+    _debug = bool(enabled)
+
+
+def value_checks_enabled(t: torch.Tensor) -> bool:
+    if torch.compiler.is_compiling():
+        return False  # data-dependent checks would break the graph; eager runs check
+    return t.device.type == "cpu" or _debug
+
+
+def check_tensor(name: str, t, ndim: int, dtypes=FLOAT_DTYPES) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name} must have dtype in ({allowed}), got {str(t.dtype).replace('torch.', '')}")
+
+
+def check_same_device(**tensors) -> torch.device:
+    items = [(n, t) for n, t in tensors.items() if t is not None]
+    device = items[0][1].device
+    for name, t in items[1:]:
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device} but {items[0][0]} is on {device}; "
+                             "all tensors must be on one device")
+    return device
+
+
+def check_dim(name: str, actual: int, expected: int, what: str) -> None:
+    if actual != expected:
+        raise ValueError(f"{name}: expected {what} = {expected}, got {actual}")
+
+
+def check_choice(name: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def check_top_k(k, num_experts: int) -> None:
+    if isinstance(k, bool) or not isinstance(k, int):
+        raise TypeError(f"k must be an int, got {type(k).__name__}")
+    if not 1 <= k <= num_experts:
+        raise ValueError(f"k must satisfy 1 <= k <= num_experts = {num_experts}, got k = {k}")
+
+
+def check_finite_logits(logits: torch.Tensor) -> None:
+    """NaN or +inf logits have no defined routing; -inf (a masked expert) is allowed."""
+    if value_checks_enabled(logits) and logits.numel():
+        if torch.isnan(logits).any():
+            raise ValueError("logits contains NaN; routing is undefined (see README: error behaviour)")
+        if torch.isposinf(logits).any():
+            raise ValueError("logits contains +inf; routing is undefined (see README: error behaviour)")
+
+
+def check_routing(weights, ids, num_tokens: int, num_experts: int, x_dtype: torch.dtype) -> None:
+    """weights [T,k] float32 or x's dtype; ids [T,k] int32/int64 with values in [0, E)."""
+    check_tensor("ids", ids, 2, dtypes=None)
+    if ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"ids must have dtype int32 or int64, got {str(ids.dtype).replace('torch.', '')}")
+    check_tensor("weights", weights, 2, dtypes=tuple({torch.float32, x_dtype}))
+    if weights.shape != ids.shape:
+        raise ValueError(f"weights has shape {tuple(weights.shape)} but ids has shape {tuple(ids.shape)}; "
+                         "they must match")
+    check_dim("ids", ids.shape[0], num_tokens, "number of tokens (rows of x)")
+    k = ids.shape[1]
+    if not 1 <= k <= num_experts:
+        raise ValueError(f"ids has k = {k} choices per token; expected 1 <= k <= num_experts = {num_experts}")
+    if value_checks_enabled(ids) and ids.numel():
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(f"ids must lie in [0, {num_experts}) (num_experts from the expert weights), "
+                             f"got values in [{lo}, {hi}]")

@@ -1,0 +1,117 @@
+"""Build moe_kernels and its native extension ``moe_kernels._C``.
+
+The C++ CPU ops (csrc/*.cpp, csrc/cpu/*.cpp; OpenMP) are always built. The CUDA sources (csrc/cuda/*.cu)
+join them when a CUDA build of torch and nvcc are present, or when MOE_KERNELS_BUILD_CUDA=1 forces it;
+MOE_KERNELS_BUILD_CUDA=0 skips them. TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0".
+
+Install with ``pip install --no-build-isolation .`` so the build uses the torch already installed
+(build isolation would download a second, multi-GB torch).
+"""
+
+import glob
+import os
+import shutil
+import sys
+import sysconfig
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _read_version():
+    with open(os.path.join(ROOT, "moe_kernels", "__init__.py")) as f:
+        for line in f:
+            if line.startswith("__version__"):
+                return line.split("=")[1].strip().strip('"')
+    raise RuntimeError("no __version__ in moe_kernels/__init__.py")
+
+
+def _find_cuda_home():
+    """The toolkit root holding bin/nvcc (torch's own detection can pick a folder without it)."""
+    for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
+        if candidate and os.path.exists(os.path.join(candidate, "bin", "nvcc")):
+            return candidate
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        root = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
+        if os.path.exists(os.path.join(root, "bin", "nvcc")):
+            return root
+    for root in sorted(glob.glob("/usr/local/cuda*"), reverse=True):
+        if os.path.exists(os.path.join(root, "bin", "nvcc")):
+            return root
+    return None
+
+
+def _want_cuda(torch):
+    flag = os.environ.get("MOE_KERNELS_BUILD_CUDA")
+    if flag == "0":
+        return False
+    has_cuda_torch = torch.version.cuda is not None
+    cuda_home = _find_cuda_home()
+    if flag == "1":
+        if not has_cuda_torch or cuda_home is None:
+            sys.exit("MOE_KERNELS_BUILD_CUDA=1 but "
+                     + ("torch is a CPU build" if not has_cuda_torch else "nvcc was not found (set CUDA_HOME)"))
+        return True
+    return has_cuda_torch and cuda_home is not None
+
+
+def _extensions():
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        sys.exit("moe_kernels needs torch installed before it builds: pip install torch, then "
+                 "pip install --no-build-isolation .")
+
+    cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    cxx_flags = ["-O3", "-fopenmp", "-DNDEBUG"]
+    link_flags = ["-fopenmp"]
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    if not _want_cuda(torch):
+        return [cpp_extension.CppExtension("moe_kernels._C", cpp_sources, include_dirs=include_dirs,
+                                           extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags)], \
+            cpp_extension
+
+    cuda_home = _find_cuda_home()
+    os.environ["CUDA_HOME"] = cuda_home
+    cpp_extension.CUDA_HOME = cuda_home
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    # pip's CUDA 13 wheels keep headers such as cusparse.h under site-packages/nvidia/cu13/include.
+    site = sysconfig.get_paths()["purelib"]
+    include_dirs += [d for d in glob.glob(os.path.join(site, "nvidia", "*", "include")) if os.path.isdir(d)]
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    nvcc_flags = ["-O3", "-DNDEBUG", "--use_fast_math", "-lineinfo", "-std=c++17"]
+    return [cpp_extension.CUDAExtension("moe_kernels._C", cpp_sources + cuda_sources, include_dirs=include_dirs,
+                                        define_macros=[("MOE_KERNELS_WITH_CUDA", "1")],
+                                        extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+                                        extra_link_args=link_flags)], cpp_extension
+
+
+ext_modules, cpp_extension = _extensions()
+
+setup(
+    name="moe_kernels",
+    version=_read_version(),
+    description="Mixture-of-Experts expert dispatch kernels: routing, dispatch, grouped expert and adapter GEMMs",
+    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=find_packages(include=["moe_kernels", "moe_kernels.*"]),
+    ext_modules=ext_modules,
+    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    install_requires=[
+        "torch>=2.9",
+        "numpy",
+        "tqdm",
+        "triton>=3.5; platform_system == 'Linux' and platform_machine == 'x86_64'",
+    ],
+    extras_require={
+        "hf": ["transformers>=5.0", "safetensors"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=5.0", "safetensors", "expecttest"],
+        "bench": ["pytest-benchmark", "matplotlib", "transformers>=5.0"],
+    },
+    entry_points={"console_scripts": ["moe-kernels=moe_kernels.cli:main"]},
+)
