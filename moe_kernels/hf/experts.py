@@ -1,0 +1,1 @@
+"""The "moe_kernels" experts implementation for transformers' ExpertsInterface (being written: issue 5)."""
