@@ -1,0 +1,51 @@
+"""Launch configurations of the Triton kernels, per shape class, loaded from ``configs.json``.
+
+The table maps a shape class (decode vs. large token counts, number of experts, top-k) to block sizes,
+warps and stages. The code never autotunes (it cannot without a GPU, and autotune costs a warm-up per
+shape); benchmarks can tune the table and write it back with :func:`save_table`. The compile check
+(:mod:`moe_kernels.triton.compile_check`) compiles every entry of the table for every target GPU.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+
+TABLE_PATH = Path(os.environ.get("MOE_KERNELS_TRITON_CONFIGS", Path(__file__).with_name("configs.json")))
+
+
+@lru_cache(maxsize=1)
+def load_table() -> dict:
+    """The config table (a dict of kernel family -> list of entries)."""
+    with open(TABLE_PATH) as f:
+        return json.load(f)
+
+
+def save_table(table: dict, path: Path | str = TABLE_PATH) -> None:
+    """Write a (tuned) table; the next :func:`load_table` in a fresh process picks it up."""
+    with open(path, "w") as f:
+        json.dump(table, f, indent=2)
+    load_table.cache_clear()
+
+
+def _pick(family: str, **sizes) -> dict:
+    for entry in load_table()[family]:
+        if all(entry.get(f"max_{name}") is None or value <= entry[f"max_{name}"] for name, value in sizes.items()):
+            return entry
+    raise LookupError(f"no '{family}' config in {TABLE_PATH} covers {sizes}")
+
+
+def entries(family: str) -> list[dict]:
+    """Every shipped config of a kernel family (for the compile check)."""
+    return list(load_table()[family])
+
+
+def plan_config(num_slots: int, num_experts: int) -> dict:
+    return _pick("plan", slots=num_slots, experts=num_experts)
+
+
+def route_config(num_tokens: int, num_experts: int) -> dict:
+    return _pick("route", tokens=num_tokens, experts=num_experts)
+
