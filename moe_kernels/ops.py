@@ -181,13 +181,17 @@ def adapter_moe(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weights: 
     return impl.adapter_moe(h, down, up, weights, ids, activation, float(scale))
 
 
+LOSS_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def load_balancing_loss(logits: torch.Tensor, ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Switch-Transformer auxiliary loss, E * sum_e f_e * P_e (see :func:`moe_kernels.reference.load_balancing_loss`).
 
     logits [T,E] (the router's raw logits), ids [T,k] (the chosen experts). Equal to transformers'
-    ``load_balancing_loss_func`` without an attention mask; differentiable w.r.t. logits.
+    ``load_balancing_loss_func`` without an attention mask; differentiable w.r.t. logits. Computed in
+    float32 (float64 for float64 logits).
     """
-    check_tensor("logits", logits, 2)
+    check_tensor("logits", logits, 2, dtypes=LOSS_DTYPES)
     check_dim("logits", logits.shape[1], num_experts, "num_experts (columns)")
     check_tensor("ids", ids, 2, dtypes=(torch.int32, torch.int64))
     check_dim("ids", ids.shape[0], logits.shape[0], "number of tokens (rows of logits)")
@@ -199,7 +203,7 @@ def load_balancing_loss(logits: torch.Tensor, ids: torch.Tensor, num_experts: in
 
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
     """Router z-loss (ST-MoE): mean_t logsumexp(logits_t)^2, differentiable w.r.t. logits."""
-    check_tensor("logits", logits, 2)
+    check_tensor("logits", logits, 2, dtypes=LOSS_DTYPES)
     if logits.shape[0] == 0:
         return logits.float().sum() * 0.0
     return reference.z_loss(logits)

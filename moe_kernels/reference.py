@@ -155,22 +155,27 @@ def adapter_moe(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weights: 
     return out.to(h.dtype)
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float64 else t.float()
+
+
 def load_balancing_loss(logits: torch.Tensor, ids: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Switch-Transformer loss: E * sum_e f_e * P_e, f_e = (choices of e) / T, P_e = mean softmax prob of e.
 
     Equals transformers' ``load_balancing_loss_func`` for one layer without attention mask. The
     gradient flows through P (f is a count); it is never constant in the logits.
     """
-    probs = torch.softmax(logits.float(), dim=-1)
+    probs = torch.softmax(_at_least_fp32(logits), dim=-1)
     num_tokens = logits.shape[0]
-    counts = torch.zeros(num_experts, dtype=torch.float32, device=logits.device)
-    counts = counts.index_add(0, ids.reshape(-1).long(), torch.ones(ids.numel(), device=logits.device))
+    counts = torch.zeros(num_experts, dtype=probs.dtype, device=logits.device)
+    counts = counts.index_add(0, ids.reshape(-1).long(), torch.ones(ids.numel(), dtype=probs.dtype,
+                                                                     device=logits.device))
     return num_experts * torch.sum((counts / num_tokens) * probs.mean(dim=0))
 
 
 def z_loss(logits: torch.Tensor) -> torch.Tensor:
     """ST-MoE router z-loss: mean over tokens of logsumexp(logits)^2."""
-    return torch.logsumexp(logits.float(), dim=-1).square().mean()
+    return torch.logsumexp(_at_least_fp32(logits), dim=-1).square().mean()
 
 
 class ReferenceBackend(Backend):

@@ -1,0 +1,189 @@
+"""The ``moe-kernels`` command.
+
+    moe-kernels info                      version, backends built, CUDA archs, triton, supported HF families
+    moe-kernels demo [--device D] ...     HF's MoE block vs moe_kernels: agreement and time per fwd/bwd
+    moe-kernels bench [--quick] ...       benchmark suites (see benchmarks/)
+    moe-kernels craft SRC DST ...         PESC: turn a dense HF checkpoint into an adapter-MoE one
+    moe-kernels compile-check --arch ...  ahead-of-time compile of every Triton kernel, registers/spills
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+import moe_kernels
+from moe_kernels.backends import BACKEND_NAMES, _load
+
+
+def _backend_lines() -> list[str]:
+    lines = []
+    for name in BACKEND_NAMES:
+        backend = _load(name)
+        if isinstance(backend, Exception):
+            lines.append(f"  {name:<10} not available: {backend}")
+            continue
+        reason = backend.unavailable_reason()
+        lines.append(f"  {name:<10} {'built' if reason is None else 'not available: ' + reason}")
+    return lines
+
+
+def cmd_info(args) -> int:
+    print(f"moe_kernels {moe_kernels.__version__}")
+    print(f"python {platform.python_version()}, torch {torch.__version__}, machine {platform.machine()}, "
+          f"{os.cpu_count()} CPUs")
+    try:
+        import triton
+        print(f"triton {triton.__version__}")
+    except ImportError:
+        print("triton not installed")
+    print("backends:")
+    print("\n".join(_backend_lines()))
+    if torch.cuda.is_available():
+        print(f"CUDA device: {torch.cuda.get_device_name()} (torch CUDA {torch.version.cuda})")
+    else:
+        print("CUDA device: none")
+    print(f"CUDA arch list (build): {os.environ.get('TORCH_CUDA_ARCH_LIST', '8.0;9.0')}"
+          + (f"; torch built for {' '.join(torch.cuda.get_arch_list())}" if torch.version.cuda else ""))
+    try:
+        from moe_kernels.hf.families import families_table
+    except Exception as exc:  # noqa: BLE001 - transformers missing or integration not built
+        print(f"Hugging Face families: unavailable ({exc})")
+        return 0
+    rows = families_table()
+    print(f"Hugging Face families ({sum(bool(r.get('supported')) for r in rows)} supported):")
+    for row in rows:
+        status = "supported" if row.get("supported") else f"not supported: {row.get('reason', '')}"
+        print(f"  {row['model_type']:<22} {row.get('routing', ''):<40} {status}")
+    return 0
+
+
+def _time(fn, repeats: int) -> float:
+    """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up."""
+    fn()
+    samples = []
+    for _ in range(repeats):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+def cmd_demo(args) -> int:
+    """Run a small Mixtral-style MoE block through HF's default experts path and through moe_kernels."""
+    try:
+        from transformers import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+    except ImportError:
+        print("the demo needs transformers: pip install 'moe_kernels[hf]'", file=sys.stderr)
+        return 2
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    torch.manual_seed(0)
+    config = MixtralConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
+                           num_local_experts=args.experts, num_experts_per_tok=args.top_k)
+    config._experts_implementation = "grouped_mm"  # transformers' default experts path
+    block = MixtralSparseMoeBlock(config).to(device=device, dtype=dtype)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    x = torch.randn(args.tokens, args.hidden, device=device, dtype=dtype)
+    backend = moe_kernels.backends.resolve_backend(args.backend, device).name
+
+    def hf_forward(inp):
+        return block(inp.unsqueeze(0)).squeeze(0)
+
+    def mk_forward(inp):
+        logits = torch.nn.functional.linear(inp, block.gate.weight)
+        weights, ids = moe_kernels.route(logits, args.top_k, backend=backend)
+        return moe_kernels.moe_mlp(inp, block.experts.gate_up_proj, block.experts.down_proj, weights, ids,
+                                   backend=backend)
+
+    results = {}
+    for name, forward in (("transformers grouped_mm", hf_forward), (f"moe_kernels ({backend})", mk_forward)):
+        inp = x.clone().requires_grad_(True)
+        out = forward(inp)
+        grads = torch.autograd.grad(out.float().square().sum(), [inp, *block.parameters()])
+        fwd = _time(lambda: forward(x), args.repeats)
+
+        def fwd_bwd():
+            i = x.clone().requires_grad_(True)
+            torch.autograd.grad(forward(i).float().square().sum(), [i, *block.parameters()])
+        results[name] = (out.detach(), grads, fwd, _time(fwd_bwd, args.repeats))
+
+    (ref_out, ref_grads, *_), (out, grads, *_) = results.values()
+    tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype]
+
+    def rel_err(a, b):
+        return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-30)).item()
+
+    out_err = rel_err(out, ref_out)
+    grad_err = max(rel_err(g, r) for g, r in zip(grads, ref_grads))
+    agree = out_err <= tol and grad_err <= tol
+    print(f"moe_kernels demo: Mixtral-style MoE block, T={args.tokens} H={args.hidden} I={args.intermediate} "
+          f"E={args.experts} k={args.top_k}, {args.dtype}, device {device}, {torch.get_num_threads()} threads")
+    print(f"agreement: output rel. error {out_err:.2e}, worst gradient rel. error {grad_err:.2e} "
+          f"(tolerance {tol:.0e}) -> {'AGREE' if agree else 'MISMATCH'}")
+    base_fwd, base_fb = results["transformers grouped_mm"][2:]
+    print(f"{'path':<28}{'forward ms':>12}{'fwd+bwd ms':>12}{'fwd speedup':>13}{'f+b speedup':>13}")
+    for name, (_, _, fwd, fb) in results.items():
+        print(f"{name:<28}{fwd * 1e3:>12.2f}{fb * 1e3:>12.2f}{base_fwd / fwd:>12.2f}x{base_fb / fb:>12.2f}x")
+    return 0 if agree else 1
+
+
+def cmd_bench(args) -> int:
+    from moe_kernels.bench import bench_main
+    return bench_main(args.rest)
+
+
+def cmd_craft(args) -> int:
+    from moe_kernels.hf.craft import craft_main
+    return craft_main(args.rest)
+
+
+def cmd_compile_check(args) -> int:
+    from moe_kernels.triton.compile_check import main
+    return main(args.rest)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moe-kernels", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="version, backends, CUDA archs, triton, HF families").set_defaults(fn=cmd_info)
+    demo = sub.add_parser("demo", help="HF MoE block vs moe_kernels: agreement and timings")
+    demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda if present)")
+    demo.add_argument("--backend", default=None, choices=BACKEND_NAMES, help="default: picked by device")
+    demo.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    demo.add_argument("--tokens", type=int, default=512)
+    demo.add_argument("--hidden", type=int, default=512)
+    demo.add_argument("--intermediate", type=int, default=256)
+    demo.add_argument("--experts", type=int, default=16)
+    demo.add_argument("--top-k", type=int, default=2)
+    demo.add_argument("--repeats", type=int, default=5)
+    demo.set_defaults(fn=cmd_demo)
+    for name, fn, help_text in (("bench", cmd_bench, "benchmark suites; see 'moe-kernels bench --help'"),
+                                ("craft", cmd_craft, "PESC sparsity crafting; see 'moe-kernels craft --help'"),
+                                ("compile-check", cmd_compile_check, "AOT-compile the Triton kernels")):
+        p = sub.add_parser(name, help=help_text, add_help=False)
+        p.add_argument("rest", nargs=argparse.REMAINDER)
+        p.set_defaults(fn=fn)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.fn(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""Bad input gets a clear Python exception that names the argument, on every public op and backend."""
+
+import pytest
+import torch
+from conftest import backends_for
+
+import moe_kernels
+from moe_kernels import BackendError
+
+E, H, I, T, K = 4, 8, 6, 5, 2
+
+
+def _mlp(**overrides):
+    args = dict(x=torch.randn(T, H), gate_up_proj=torch.randn(E, 2 * I, H), down_proj=torch.randn(E, H, I),
+                weights=torch.rand(T, K), ids=torch.randint(0, E, (T, K), dtype=torch.int32))
+    args.update(overrides)
+    return args
+
+
+@pytest.mark.parametrize("overrides,error,match", [
+    (dict(x=torch.randn(T, H, 1)), ValueError, "x must have 2 dimensions"),
+    (dict(x=torch.randn(T, H).long()), TypeError, "x must have dtype"),
+    (dict(gate_up_proj=torch.randn(E, 2 * I, H + 1)), ValueError, "gate_up_proj.*hidden size"),
+    (dict(gate_up_proj=torch.randn(E, 2 * I + 1, H)), ValueError, "gate_up_proj.*even"),
+    (dict(down_proj=torch.randn(E + 1, H, I)), ValueError, "down_proj.*number of experts"),
+    (dict(down_proj=torch.randn(E, H, I + 1)), ValueError, "down_proj.*intermediate"),
+    (dict(down_proj=torch.randn(E, H, I).half()), TypeError, "down_proj has dtype"),
+    (dict(ids=torch.randint(0, E, (T, K)).float()), TypeError, "ids must have dtype int32 or int64"),
+    (dict(ids=torch.full((T, K), E, dtype=torch.int32)), ValueError, r"ids must lie in \[0, 4\)"),
+    (dict(ids=torch.full((T, K), -1, dtype=torch.int32)), ValueError, r"ids must lie in \[0, 4\)"),
+    (dict(ids=torch.randint(0, E, (T + 1, K), dtype=torch.int32), weights=torch.rand(T + 1, K)), ValueError,
+     "ids: expected number of tokens"),
+    (dict(weights=torch.rand(T, K + 1)), ValueError, "weights has shape"),
+    (dict(weights=torch.rand(T, K).double()), TypeError, "weights must have dtype"),
+    (dict(ids=torch.randint(0, E, (T, E + 1), dtype=torch.int32), weights=torch.rand(T, E + 1)), ValueError,
+     "k = 5 choices"),
+])
+def test_moe_mlp_bad_input(overrides, error, match):
+    with pytest.raises(error, match=match):
+        moe_kernels.moe_mlp(**_mlp(**overrides))
+
+
+def test_moe_mlp_bad_activation():
+    with pytest.raises(ValueError, match="activation must be one of"):
+        moe_kernels.moe_mlp(**_mlp(), activation="tanh")
+
+
+def test_moe_mlp_device_mismatch():
+    meta_w = torch.randn(E, 2 * I, H, device="meta")
+    with pytest.raises(ValueError, match="gate_up_proj is on meta but x is on cpu"):
+        moe_kernels.moe_mlp(**_mlp(gate_up_proj=meta_w))
+
+
+@pytest.mark.parametrize("k,match", [(0, "1 <= k <= num_experts = 4"), (5, "1 <= k <= num_experts = 4")])
+def test_route_bad_k(k, match):
+    with pytest.raises(ValueError, match=match):
+        moe_kernels.route(torch.randn(T, E), k)
+
+
+def test_route_bad_k_type():
+    with pytest.raises(TypeError, match="k must be an int"):
+        moe_kernels.route(torch.randn(T, E), 2.0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_route_rejects_nan_and_posinf_logits(bad):
+    logits = torch.randn(T, E)
+    logits[2, 1] = bad
+    with pytest.raises(ValueError, match="logits contains"):
+        moe_kernels.route(logits, 2)
+
+
+def test_route_accepts_neg_inf_as_masked_expert():
+    logits = torch.randn(T, E)
+    logits[:, 0] = float("-inf")
+    _, ids = moe_kernels.route(logits, 2)
+    assert (ids != 0).all()
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(scoring="relu"), "scoring must be one of"),
+    (dict(order="sideways"), "order must be one of"),
+    (dict(bias=torch.randn(E + 1)), "bias: expected number of experts"),
+    (dict(n_group=3, topk_group=1), "n_group must be a positive divisor"),
+    (dict(n_group=2), "n_group and topk_group must be given together"),
+    (dict(n_group=2, topk_group=3), "topk_group must satisfy"),
+    (dict(scale=float("nan")), "scale must be a finite number"),
+])
+def test_route_bad_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        moe_kernels.route(torch.randn(T, E), 2, **kwargs)
+
+
+def test_route_k_beyond_eligible_groups():
+    with pytest.raises(ValueError, match="exceeds the 2 experts eligible"):
+        moe_kernels.route(torch.randn(T, 8), 3, scoring="sigmoid", n_group=4, topk_group=1)
+
+
+@pytest.mark.parametrize("rank", [0, 1025])
+def test_adapter_rank_bounds(rank):
+    with pytest.raises(ValueError, match=r"adapter rank \(dim 1\) must be in \[1, 1024\]"):
+        moe_kernels.adapter_moe(torch.randn(T, H), torch.randn(E, rank, H), torch.randn(E, H, rank),
+                                torch.rand(T, K), torch.randint(0, E, (T, K)))
+
+
+def test_adapter_up_shape():
+    with pytest.raises(ValueError, match="up must have shape"):
+        moe_kernels.adapter_moe(torch.randn(T, H), torch.randn(E, 3, H), torch.randn(E, 3, H),
+                                torch.rand(T, K), torch.randint(0, E, (T, K)))
+
+
+def test_unknown_and_unavailable_backends():
+    with pytest.raises(BackendError, match="backend must be one of"):
+        moe_kernels.moe_mlp(**_mlp(), backend="mps-magic")
+    with pytest.raises(BackendError, match="backend 'cuda'"):
+        moe_kernels.moe_mlp(**_mlp(), backend="cuda")
+
+
+def test_env_override_is_honoured(monkeypatch):
+    monkeypatch.setenv("MOE_KERNELS_BACKEND", "nonexistent")
+    with pytest.raises(BackendError, match="backend must be one of"):
+        moe_kernels.route(torch.randn(T, E), 2)
+
+
+@pytest.mark.skipif("triton" not in moe_kernels.available_backends(), reason="triton not installed")
+def test_triton_refused_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendError, match="TRITON_INTERPRET=1"):
+        moe_kernels.route(torch.randn(T, E), 2, backend="triton")
+
+
+@pytest.mark.parametrize("backend", backends_for("cpu"))
+def test_non_contiguous_weights_are_handled(backend):
+    args = _mlp()
+    transposed = args["gate_up_proj"].transpose(1, 2).contiguous().transpose(1, 2)
+    assert not transposed.is_contiguous()
+    a = moe_kernels.moe_mlp(**{**args, "gate_up_proj": transposed}, backend=backend)
+    b = moe_kernels.moe_mlp(**args, backend=backend)
+    torch.testing.assert_close(a, b)
