@@ -1,0 +1,679 @@
+"""Routed adapter experts in Triton: PESC bottleneck adapters and routed LoRA, forward and backward.
+
+    y[t] = sum_j weights[t,j] * scale * up_e(act(down_e h_t)),   e = ids[t,j]
+    h [T,H], down [E,r,H], up [E,H,r], weights [T,k] fp32, ids [T,k] int32, 1 <= r <= 1024.
+
+Data flow (slot s = t*k + j; the dispatch plan orders slots by expert, stably):
+
+* Rows are processed per expert segment of the plan in tiles of BLOCK_M sorted positions; a small
+  per-expert tile map (cumulative tile counts, computed on the device) tells each program its expert
+  and rows, so nothing waits on a host sync. Token rows are gathered by ``sorted_slots // k`` inside
+  the loads: no permuted copy of ``h`` (or of the incoming gradient) is ever made.
+* forward, *fused* path (whole padded rank in one tile, r <= 128): one program computes
+  z = h_rows @ down_e^T over H, a = act(z) in registers, then sweeps the H output tiles with
+  a @ up_e^T, scaling rows by scale * weight in the fp32 epilogue.
+* forward, *split* path (any r; used for large r and for small T, where it exposes more programs):
+  a shrink kernel writes a = act(z) [N, r] (N = T*k, small), an expand kernel reads it over r tiles.
+* Output rows are written per slot in fp32 and summed per token in a fixed order by a combine
+  kernel (deterministic, no atomics); with k = 1 the expand writes token rows directly.
+* backward recomputes z in the same H sweep that forms u = up_e^T dy_t (two dots per step, one read
+  of the rows), so the forward saves nothing but its inputs and the plan:
+      d(weights)_s = scale * <u_s, a_s>,   dz_s = scale * w_s * u_s * act'(z_s)
+      d(h)_t      = sum_j down_e^T dz_s                 (expand of dz, then the combine)
+      d(up)_e     = sum_s (scale w_s dy_t) a_s^T        (per-expert grouped GEMM over its rows)
+      d(down)_e   = sum_s dz_s h_t^T                    (per-expert grouped GEMM over its rows)
+* Ranks below 16: ``tl.dot`` needs tiles of 16, so the rank dimension is padded to 16 in registers
+  by masked loads (zeros). Those shapes are memory-bound (the h/dy/out rows dominate the traffic),
+  so the padded tensor-core work costs nothing measurable against an FMA path.
+* Large r tiles over the rank (BLOCK_R <= 128) in the split path and in the weight-gradient kernel.
+
+Numerics: on GPUs the dots run on tensor cores in the input dtype with fp32 accumulation (fp32 inputs
+use TF32 only if ``torch.backends.cuda.matmul.allow_tf32``); the [N, r] intermediates are kept in the
+input dtype there. Under ``TRITON_INTERPRET=1`` (CPU tests) every tile is upcast to fp32 after loading
+because the interpreter computes bf16 arithmetic wrongly.
+
+Public entry point: :func:`adapter_moe_triton` (torch.library custom ops with fake kernels and
+autograd). Configs: :data:`ADAPTER_CONFIGS`; AOT compile list: :data:`COMPILE_SPECS`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import reference
+
+# ----------------------------------------------------------------------------------------------------
+# dispatch plan: B's Triton plan when it exists, else the reference counting sort (same contract)
+
+try:  # pragma: no cover - depends on what has landed
+    from .plan import dispatch_plan as _dispatch_plan
+except ImportError:  # pragma: no cover
+    _dispatch_plan = None
+
+
+def _plan(ids: torch.Tensor, num_experts: int):
+    if _dispatch_plan is not None:
+        return _dispatch_plan(ids, num_experts)
+    return reference.plan(ids, num_experts)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# activation codes shared by the kernels (constexpr ACTIVATION)
+ACTIVATION_CODES = {"identity": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "relu": 4}
+assert set(ACTIVATION_CODES) == set(reference.ADAPTER_ACTIVATIONS)
+
+MAX_RANK = 1024
+
+# ----------------------------------------------------------------------------------------------------
+# Triton helpers
+
+
+@triton.jit
+def _activation(z, ACTIVATION: tl.constexpr):
+    """act(z) for fp32 z; codes as in ACTIVATION_CODES."""
+    if ACTIVATION == 1:  # gelu (erf)
+        return 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+    elif ACTIVATION == 2:  # gelu, tanh approximation; tanh(u) = 2 sigmoid(2u) - 1
+        inner = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+        return 0.5 * z * (2.0 * tl.sigmoid(2.0 * inner))
+    elif ACTIVATION == 3:  # silu
+        return z * tl.sigmoid(z)
+    elif ACTIVATION == 4:  # relu
+        return tl.maximum(z, 0.0)
+    else:
+        return z
+
+
+@triton.jit
+def _activation_grad(z, ACTIVATION: tl.constexpr):
+    """d act / dz at fp32 z (relu: 1 where z > 0, as torch)."""
+    if ACTIVATION == 1:
+        cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
+        return cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+    elif ACTIVATION == 2:
+        inner = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+        t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0
+        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
+    elif ACTIVATION == 3:
+        s = tl.sigmoid(z)
+        return s * (1.0 + z * (1.0 - s))
+    elif ACTIVATION == 4:
+        return (z > 0.0).to(tl.float32)
+    else:
+        return tl.full(z.shape, 1.0, tl.float32)
+
+
+@triton.jit
+def _locate_tile(pid, tile_ends_ptr, expert_offsets_ptr, num_experts,
+                 E_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Tile ``pid`` of the per-expert tiling -> (expert, sorted positions [BLOCK_M] int32, row mask).
+
+    tile_ends [E] int32: cumulative count of BLOCK_M-row tiles per expert. The caller has already
+    returned for pid >= tile_ends[E-1]."""
+    experts = tl.arange(0, E_PAD)
+    ends = tl.load(tile_ends_ptr + experts, mask=experts < num_experts, other=2147483647)
+    expert = tl.sum((ends <= pid).to(tl.int32), axis=0)
+    tiles_before = tl.sum(tl.where(experts == expert - 1, ends, 0), axis=0)
+    segment_begin = tl.load(expert_offsets_ptr + expert)
+    segment_end = tl.load(expert_offsets_ptr + expert + 1)
+    positions = segment_begin + (pid - tiles_before) * BLOCK_M + tl.arange(0, BLOCK_M)
+    return expert, positions, positions < segment_end
+
+
+@triton.jit
+def _shrink_accumulate(acc, x_ptr, x_rows, row_mask, w_ptr, stride_wk, stride_wr, r_offs, r_mask, H,
+                       BLOCK_K: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """acc[BLOCK_M, BLOCK_R] += x[x_rows, :H] @ W where W[kk, rr] = w_ptr[kk*stride_wk + rr*stride_wr].
+
+    x is a row-major [*, H] tensor gathered by ``x_rows`` (int64 element offsets of the row starts)."""
+    for k0 in range(0, H, BLOCK_K):
+        k_offs = k0 + tl.arange(0, BLOCK_K)
+        k_mask = k_offs < H
+        x = tl.load(x_ptr + x_rows[:, None] + k_offs[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_ptr + k_offs[:, None] * stride_wk + r_offs[None, :] * stride_wr,
+                    mask=k_mask[:, None] & r_mask[None, :], other=0.0)
+        if UPCAST:
+            x = x.to(tl.float32)
+            w = w.to(tl.float32)
+        acc = tl.dot(x, w, acc, input_precision=DOT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _store_rows(out_ptr, out_rows, row_mask, n_offs, n_mask, values):
+    tl.store(out_ptr + out_rows[:, None] + n_offs[None, :], values.to(out_ptr.dtype.element_ty),
+             mask=row_mask[:, None] & n_mask[None, :])
+
+
+# ----------------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _adapter_fused_kernel(
+    h_ptr, dy_ptr, down_ptr, up_ptr, weights_ptr,
+    tile_ends_ptr, expert_offsets_ptr, sorted_slots_ptr,
+    out_ptr, act_out_ptr, dz_out_ptr, dweights_ptr,
+    top_k, H, R, num_experts, scale,
+    ACTIVATION: tl.constexpr, BACKWARD: tl.constexpr, OUT_BY_TOKEN: tl.constexpr,
+    E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Shrink -> activation -> expand for one BLOCK_M-row tile of one expert, whole rank in one tile.
+
+    h, dy: [T, H] row-major; down [E, R, H], up [E, H, R] contiguous; weights [T*k] fp32 by slot.
+    R <= BLOCK_R. Grid: (upper bound on the number of row tiles,).
+    forward  (BACKWARD=0): out rows = scale * w_s * up_e(act(down_e h_t)).
+    backward (BACKWARD=1): recomputes z = down_e h_t, forms u = up_e^T dy_t in the same H sweep;
+        stores dweights[s] = scale <u, act(z)>, act(z) -> act_out [N, R], dz -> dz_out [N, R]
+        (both by sorted position), and out rows = down_e^T dz (the per-slot d(h)).
+    out: [T, H] in the output dtype when OUT_BY_TOKEN (k = 1), else [T*k, H] fp32 by slot.
+    """
+    pid = tl.program_id(0)
+    if pid >= tl.load(tile_ends_ptr + num_experts - 1):
+        return
+    expert, positions, row_mask = _locate_tile(pid, tile_ends_ptr, expert_offsets_ptr, num_experts, E_PAD, BLOCK_M)
+    slots = tl.load(sorted_slots_ptr + positions, mask=row_mask, other=0)
+    token_rows = (slots // top_k).to(tl.int64) * H
+    r_offs = tl.arange(0, BLOCK_R)
+    r_mask = r_offs < R
+    down_e = down_ptr + expert.to(tl.int64) * R * H
+    up_e = up_ptr + expert.to(tl.int64) * H * R
+
+    z = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    z = _shrink_accumulate(z, h_ptr, token_rows, row_mask, down_e, 1, H, r_offs, r_mask, H,
+                           BLOCK_K, UPCAST, DOT_PRECISION)
+    routing = tl.load(weights_ptr + slots, mask=row_mask, other=0.0) * scale
+    activated = _activation(z, ACTIVATION)
+    if BACKWARD:
+        u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        u = _shrink_accumulate(u, dy_ptr, token_rows, row_mask, up_e, R, 1, r_offs, r_mask, H,
+                               BLOCK_K, UPCAST, DOT_PRECISION)
+        tl.store(dweights_ptr + slots, scale * tl.sum(u * activated, axis=1), mask=row_mask)
+        middle = u * _activation_grad(z, ACTIVATION) * routing[:, None]
+        mid_rows = positions.to(tl.int64) * R
+        _store_rows(act_out_ptr, mid_rows, row_mask, r_offs, r_mask, activated)
+        _store_rows(dz_out_ptr, mid_rows, row_mask, r_offs, r_mask, middle)
+        # expand with down_e: W2[rr, n] = down[e, rr, n]
+        w2_e, stride_w2r, stride_w2n = down_e, H, 1
+        row_scale = tl.full((BLOCK_M,), 1.0, tl.float32)
+    else:
+        middle = activated
+        w2_e, stride_w2r, stride_w2n = up_e, 1, R
+        row_scale = routing
+    if UPCAST:
+        middle_op = middle
+    else:
+        middle_op = middle.to(down_ptr.dtype.element_ty)
+    if OUT_BY_TOKEN:
+        out_rows = token_rows
+    else:
+        out_rows = slots.to(tl.int64) * H
+    for n0 in range(0, H, BLOCK_N):
+        n_offs = n0 + tl.arange(0, BLOCK_N)
+        n_mask = n_offs < H
+        w2 = tl.load(w2_e + r_offs[:, None] * stride_w2r + n_offs[None, :] * stride_w2n,
+                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        if UPCAST:
+            w2 = w2.to(tl.float32)
+        acc = tl.dot(middle_op, w2, input_precision=DOT_PRECISION) * row_scale[:, None]
+        _store_rows(out_ptr, out_rows, row_mask, n_offs, n_mask, acc)
+
+
+@triton.jit
+def _adapter_shrink_kernel(
+    h_ptr, dy_ptr, down_ptr, up_ptr, weights_ptr,
+    tile_ends_ptr, expert_offsets_ptr, sorted_slots_ptr,
+    act_out_ptr, dz_out_ptr, dweights_partial_ptr,
+    top_k, H, R, num_experts, scale,
+    ACTIVATION: tl.constexpr, BACKWARD: tl.constexpr,
+    E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Split path, shrink half: one (row tile, rank tile) per program. Grid: (row tiles bound, cdiv(R, BLOCK_R)).
+
+    forward:  act_out[pos, r] = act(down_e h_t)  ([N, R] by sorted position).
+    backward: also u = up_e^T dy_t; act_out = act(z), dz_out = scale w_s u act'(z), and
+              dweights_partial[s, rank_tile] = scale <u, act(z)> over this rank tile ([N, cdiv(R, BLOCK_R)] fp32).
+    """
+    pid = tl.program_id(0)
+    rank_tile = tl.program_id(1)
+    if pid >= tl.load(tile_ends_ptr + num_experts - 1):
+        return
+    expert, positions, row_mask = _locate_tile(pid, tile_ends_ptr, expert_offsets_ptr, num_experts, E_PAD, BLOCK_M)
+    slots = tl.load(sorted_slots_ptr + positions, mask=row_mask, other=0)
+    token_rows = (slots // top_k).to(tl.int64) * H
+    r_offs = rank_tile * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_mask = r_offs < R
+    down_e = down_ptr + expert.to(tl.int64) * R * H
+    z = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    z = _shrink_accumulate(z, h_ptr, token_rows, row_mask, down_e, 1, H, r_offs, r_mask, H,
+                           BLOCK_K, UPCAST, DOT_PRECISION)
+    activated = _activation(z, ACTIVATION)
+    mid_rows = positions.to(tl.int64) * R
+    _store_rows(act_out_ptr, mid_rows, row_mask, r_offs, r_mask, activated)
+    if BACKWARD:
+        up_e = up_ptr + expert.to(tl.int64) * H * R
+        u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        u = _shrink_accumulate(u, dy_ptr, token_rows, row_mask, up_e, R, 1, r_offs, r_mask, H,
+                               BLOCK_K, UPCAST, DOT_PRECISION)
+        routing = tl.load(weights_ptr + slots, mask=row_mask, other=0.0) * scale
+        num_rank_tiles = tl.num_programs(1)
+        tl.store(dweights_partial_ptr + slots * num_rank_tiles + rank_tile,
+                 scale * tl.sum(u * activated, axis=1), mask=row_mask)
+        middle = u * _activation_grad(z, ACTIVATION) * routing[:, None]
+        _store_rows(dz_out_ptr, mid_rows, row_mask, r_offs, r_mask, middle)
+
+
+@triton.jit
+def _adapter_expand_kernel(
+    mid_ptr, w2_ptr, weights_ptr,
+    tile_ends_ptr, expert_offsets_ptr, sorted_slots_ptr, out_ptr,
+    top_k, H, R, num_experts, scale, stride_w2e, stride_w2r, stride_w2n,
+    APPLY_ROUTING: tl.constexpr, OUT_BY_TOKEN: tl.constexpr,
+    E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Split path, expand half: out rows [BLOCK_M, BLOCK_N] = mid[pos, :R] @ W2_e, over rank tiles.
+
+    mid [N, R] by sorted position; W2_e[rr, n] = w2_ptr[e*stride_w2e + rr*stride_w2r + n*stride_w2n]
+    (forward: up, backward: down). APPLY_ROUTING scales rows by scale * weights[s] (forward).
+    Grid: (row tiles bound, cdiv(H, BLOCK_N)). out as in the fused kernel.
+    """
+    pid = tl.program_id(0)
+    n_tile = tl.program_id(1)
+    if pid >= tl.load(tile_ends_ptr + num_experts - 1):
+        return
+    expert, positions, row_mask = _locate_tile(pid, tile_ends_ptr, expert_offsets_ptr, num_experts, E_PAD, BLOCK_M)
+    slots = tl.load(sorted_slots_ptr + positions, mask=row_mask, other=0)
+    n_offs = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n_offs < H
+    w2_e = w2_ptr + expert.to(tl.int64) * stride_w2e
+    mid_rows = positions.to(tl.int64) * R
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for r0 in range(0, R, BLOCK_R):
+        r_offs = r0 + tl.arange(0, BLOCK_R)
+        r_mask = r_offs < R
+        mid = tl.load(mid_ptr + mid_rows[:, None] + r_offs[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+        w2 = tl.load(w2_e + r_offs[:, None] * stride_w2r + n_offs[None, :] * stride_w2n,
+                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        if UPCAST:
+            mid = mid.to(tl.float32)
+            w2 = w2.to(tl.float32)
+        else:
+            mid = mid.to(w2_ptr.dtype.element_ty)
+        acc = tl.dot(mid, w2, acc, input_precision=DOT_PRECISION)
+    if APPLY_ROUTING:
+        acc = acc * (tl.load(weights_ptr + slots, mask=row_mask, other=0.0) * scale)[:, None]
+    if OUT_BY_TOKEN:
+        out_rows = (slots // top_k).to(tl.int64) * H
+    else:
+        out_rows = slots.to(tl.int64) * H
+    _store_rows(out_ptr, out_rows, row_mask, n_offs, n_mask, acc)
+
+
+@triton.jit
+def _adapter_weight_grad_kernel(
+    left_ptr, right_ptr, weights_ptr, expert_offsets_ptr, sorted_slots_ptr, out_ptr,
+    top_k, P, Q, scale, stride_left, stride_right, stride_oe, stride_op, stride_oq,
+    LEFT_BY_TOKEN: tl.constexpr, RIGHT_BY_TOKEN: tl.constexpr, LEFT_ROUTING: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """Per-expert grouped weight gradient: out[e] [P, Q] = sum over e's rows i of left_i^T right_i.
+
+    A row i is a sorted position of expert e; an operand ``*_BY_TOKEN`` is read at token row
+    sorted_slots[i] // k of a [T, stride] tensor, else at row i of an [N, stride] tensor.
+    LEFT_ROUTING multiplies left rows by scale * weights[s]. Grid: (E, cdiv(P, BLOCK_P), cdiv(Q, BLOCK_Q)).
+    d(up):   left = dy (by token, routed) [*, H], right = act(z) [N, R] -> out [E, H, R].
+    d(down): left = dz [N, R], right = h (by token) [*, H]             -> out [E, R, H].
+    Each expert reduces its own rows in order (deterministic; an expert with no rows gets zeros).
+    """
+    expert = tl.program_id(0)
+    p_offs = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    q_offs = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    p_mask = p_offs < P
+    q_mask = q_offs < Q
+    segment_begin = tl.load(expert_offsets_ptr + expert)
+    segment_end = tl.load(expert_offsets_ptr + expert + 1)
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    for m0 in range(segment_begin, segment_end, BLOCK_M):
+        positions = m0 + tl.arange(0, BLOCK_M)
+        row_mask = positions < segment_end
+        slots = tl.load(sorted_slots_ptr + positions, mask=row_mask, other=0)
+        if LEFT_BY_TOKEN:
+            left_rows = (slots // top_k).to(tl.int64) * stride_left
+        else:
+            left_rows = positions.to(tl.int64) * stride_left
+        if RIGHT_BY_TOKEN:
+            right_rows = (slots // top_k).to(tl.int64) * stride_right
+        else:
+            right_rows = positions.to(tl.int64) * stride_right
+        left = tl.load(left_ptr + left_rows[:, None] + p_offs[None, :], mask=row_mask[:, None] & p_mask[None, :], other=0.0)
+        right = tl.load(right_ptr + right_rows[:, None] + q_offs[None, :], mask=row_mask[:, None] & q_mask[None, :], other=0.0)
+        if LEFT_ROUTING:
+            routing = tl.load(weights_ptr + slots, mask=row_mask, other=0.0) * scale
+            left = left.to(tl.float32) * routing[:, None]
+        if UPCAST:
+            left = left.to(tl.float32)
+            right = right.to(tl.float32)
+        else:
+            left = left.to(out_ptr.dtype.element_ty)
+            right = right.to(out_ptr.dtype.element_ty)
+        acc = tl.dot(tl.trans(left), right, acc, input_precision=DOT_PRECISION)
+    out_e = out_ptr + expert.to(tl.int64) * stride_oe
+    tl.store(out_e + p_offs[:, None] * stride_op + q_offs[None, :] * stride_oq, acc.to(out_ptr.dtype.element_ty),
+             mask=p_mask[:, None] & q_mask[None, :])
+
+
+@triton.jit
+def _combine_slots_kernel(slot_rows_ptr, out_ptr, T, H, top_k,
+                          BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[t, :] = sum_{j < k} slot_rows[t*k + j, :] in fp32, j ascending (deterministic), cast to out's dtype.
+
+    slot_rows [T*k, H] fp32, out [T, H]. Grid: (cdiv(T, BLOCK_T), cdiv(H, BLOCK_N))."""
+    t_offs = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    n_offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (t_offs < T)[:, None] & (n_offs < H)[None, :]
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for j in range(0, top_k):
+        rows = (t_offs.to(tl.int64) * top_k + j) * H
+        acc += tl.load(slot_rows_ptr + rows[:, None] + n_offs[None, :], mask=mask, other=0.0)
+    tl.store(out_ptr + t_offs.to(tl.int64)[:, None] * H + n_offs[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# configs
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """Launch parameters of the adapter kernels for one shape class.
+
+    fused: forward/backward-data in one kernel (requires padded rank <= block_r);
+    block_m: sorted rows per tile; block_k: H step of the shrink reduction; block_n: H tile of the
+    expand output; block_r: rank tile (>= 16, the tl.dot minimum; smaller ranks are masked);
+    wgrad_block_*: the per-expert weight-gradient kernel's row step and output tile."""
+
+    fused: bool
+    block_m: int
+    block_k: int
+    block_n: int
+    block_r: int
+    num_warps: int = 4
+    num_stages: int = 3
+    wgrad_block_m: int = 64
+    wgrad_block_h: int = 64
+    wgrad_block_r: int = 64
+
+
+# Shape classes: rank class x token class. Rank: "r16" (r <= 16), "r64" (<= 64), "r128" (<= 128),
+# "rbig" (> 128, split path tiled over r). Tokens (N = T*k routed slots): "decode" (N <= 256: few rows,
+# the split path spreads work over rank and H tiles), "medium" (N <= 8192), "large" (more: the fused path
+# keeps the [N, r] intermediate in registers). Block sizes are first guesses sized for sm_80/sm_90
+# (no GPU was available to tune them); every entry is AOT-compiled spill-free (see COMPILE_SPECS).
+ADAPTER_CONFIGS: dict[tuple[str, str], AdapterConfig] = {
+    ("r16", "decode"): AdapterConfig(False, 16, 128, 64, 16, 4, 3, 32, 64, 16),
+    ("r16", "medium"): AdapterConfig(True, 64, 64, 64, 16, 4, 3, 64, 64, 16),
+    ("r16", "large"): AdapterConfig(True, 128, 64, 64, 16, 4, 3, 64, 128, 16),
+    ("r64", "decode"): AdapterConfig(False, 16, 128, 64, 64, 4, 3, 32, 64, 64),
+    ("r64", "medium"): AdapterConfig(False, 64, 64, 64, 64, 4, 3, 64, 64, 64),
+    ("r64", "large"): AdapterConfig(True, 64, 64, 64, 64, 4, 3, 64, 64, 64),
+    ("r128", "decode"): AdapterConfig(False, 16, 128, 64, 64, 4, 3, 32, 64, 64),
+    ("r128", "medium"): AdapterConfig(False, 64, 64, 64, 64, 4, 3, 64, 64, 64),
+    ("r128", "large"): AdapterConfig(True, 64, 64, 64, 128, 8, 3, 64, 64, 64),
+    ("rbig", "decode"): AdapterConfig(False, 16, 128, 64, 64, 4, 3, 32, 64, 64),
+    ("rbig", "medium"): AdapterConfig(False, 64, 64, 128, 64, 8, 3, 64, 64, 64),
+    ("rbig", "large"): AdapterConfig(False, 64, 64, 128, 64, 8, 3, 64, 64, 64),
+}
+
+# Under the interpreter cost grows with programs x loop steps: one wide tile for the small test shapes.
+_INTERPRETER_BLOCK = 64
+
+_forced_config: AdapterConfig | None = None
+
+
+@contextlib.contextmanager
+def forced_config(config: AdapterConfig):
+    """Run adapter_moe_triton with ``config`` instead of the table's choice (tests, benchmarks)."""
+    global _forced_config
+    previous, _forced_config = _forced_config, config
+    try:
+        yield
+    finally:
+        _forced_config = previous
+
+
+def shape_class(num_slots: int, rank: int) -> tuple[str, str]:
+    rank_class = "r16" if rank <= 16 else "r64" if rank <= 64 else "r128" if rank <= 128 else "rbig"
+    token_class = "decode" if num_slots <= 256 else "medium" if num_slots <= 8192 else "large"
+    return rank_class, token_class
+
+
+def select_config(num_slots: int, rank: int) -> AdapterConfig:
+    """The table's config for this shape (a fused config whose block_r is too small falls back to split)."""
+    config = _forced_config or ADAPTER_CONFIGS[shape_class(num_slots, rank)]
+    if config.fused and _rank_tile(rank) > config.block_r:
+        config = dataclasses.replace(config, fused=False)
+    return config
+
+
+def _rank_tile(rank: int) -> int:
+    return max(16, triton.next_power_of_2(rank))
+
+
+# ----------------------------------------------------------------------------------------------------
+# launchers
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and not _interpreting() and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _launch_params(h, down, weights, expert_offsets):
+    T, H = h.shape
+    E, R, _ = down.shape
+    k = weights.shape[1]
+    N = T * k
+    config = select_config(N, R)
+    interp = _interpreting()
+    if interp:  # fewer, wider tiles: the interpreter's cost is per program and loop step
+        config = dataclasses.replace(config, block_k=_INTERPRETER_BLOCK, block_n=_INTERPRETER_BLOCK,
+                                     wgrad_block_h=_INTERPRETER_BLOCK, num_stages=1)
+    counts = expert_offsets[1:] - expert_offsets[:-1]
+    tile_ends = torch.cumsum(torch.div(counts + (config.block_m - 1), config.block_m, rounding_mode="floor"),
+                             0).to(torch.int32)
+    row_tiles = min(N, triton.cdiv(N, config.block_m) + E)
+    return dict(T=T, H=H, E=E, R=R, k=k, N=N, config=config, tile_ends=tile_ends, row_tiles=row_tiles,
+                upcast=interp, precision=_dot_precision(h.dtype), e_pad=max(2, triton.next_power_of_2(E)))
+
+
+def _mid_dtype(h):
+    # [N, r] intermediates: input dtype on GPUs (tensor-core operand), fp32 under the interpreter
+    return torch.float32 if _interpreting() else h.dtype
+
+
+def _combine(slot_rows, T, H, k, out_dtype):
+    out = torch.empty((T, H), dtype=out_dtype, device=slot_rows.device)
+    block_t, block_n = 16, 128 if not _interpreting() else 64
+    _combine_slots_kernel[(triton.cdiv(T, block_t), triton.cdiv(H, block_n))](
+        slot_rows, out, T, H, k, BLOCK_T=block_t, BLOCK_N=block_n)
+    return out
+
+
+def _forward_impl(h, down, up, weights, expert_offsets, sorted_slots, activation, scale):
+    p = _launch_params(h, down, weights, expert_offsets)
+    T, H, E, R, k, N, cfg = p["T"], p["H"], p["E"], p["R"], p["k"], p["N"], p["config"]
+    by_token = k == 1
+    out = torch.empty((T, H) if by_token else (N, H), dtype=h.dtype if by_token else torch.float32, device=h.device)
+    act = ACTIVATION_CODES[activation]
+    common = dict(E_PAD=p["e_pad"], BLOCK_M=cfg.block_m, UPCAST=p["upcast"], DOT_PRECISION=p["precision"],
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    if cfg.fused:
+        _adapter_fused_kernel[(p["row_tiles"],)](
+            h, h, down, up, weights, p["tile_ends"], expert_offsets, sorted_slots,
+            out, out, out, weights, k, H, R, E, scale,
+            ACTIVATION=act, BACKWARD=False, OUT_BY_TOKEN=by_token, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n,
+            BLOCK_R=_rank_tile(R), **common)
+    else:
+        block_r = min(cfg.block_r, _rank_tile(R))
+        activated = torch.empty((N, R), dtype=_mid_dtype(h), device=h.device)
+        _adapter_shrink_kernel[(p["row_tiles"], triton.cdiv(R, block_r))](
+            h, h, down, up, weights, p["tile_ends"], expert_offsets, sorted_slots,
+            activated, activated, weights, k, H, R, E, scale,
+            ACTIVATION=act, BACKWARD=False, BLOCK_K=cfg.block_k, BLOCK_R=block_r, **common)
+        _adapter_expand_kernel[(p["row_tiles"], triton.cdiv(H, cfg.block_n))](
+            activated, up, weights, p["tile_ends"], expert_offsets, sorted_slots, out,
+            k, H, R, E, scale, H * R, 1, R,
+            APPLY_ROUTING=True, OUT_BY_TOKEN=by_token, BLOCK_N=cfg.block_n, BLOCK_R=block_r, **common)
+    return out if by_token else _combine(out, T, H, k, h.dtype)
+
+
+def _backward_impl(grad, h, down, up, weights, expert_offsets, sorted_slots, activation, scale,
+                   weight_grads):
+    p = _launch_params(h, down, weights, expert_offsets)
+    T, H, E, R, k, N, cfg = p["T"], p["H"], p["E"], p["R"], p["k"], p["N"], p["config"]
+    by_token = k == 1
+    act = ACTIVATION_CODES[activation]
+    grad = grad.contiguous()
+    common = dict(E_PAD=p["e_pad"], BLOCK_M=cfg.block_m, UPCAST=p["upcast"], DOT_PRECISION=p["precision"],
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    activated = torch.empty((N, R), dtype=_mid_dtype(h), device=h.device)
+    dz = torch.empty((N, R), dtype=_mid_dtype(h), device=h.device)
+    dh_rows = torch.empty((T, H) if by_token else (N, H), dtype=h.dtype if by_token else torch.float32,
+                          device=h.device)
+    if cfg.fused:
+        dweights = torch.empty((N,), dtype=torch.float32, device=h.device)
+        _adapter_fused_kernel[(p["row_tiles"],)](
+            h, grad, down, up, weights, p["tile_ends"], expert_offsets, sorted_slots,
+            dh_rows, activated, dz, dweights, k, H, R, E, scale,
+            ACTIVATION=act, BACKWARD=True, OUT_BY_TOKEN=by_token, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n,
+            BLOCK_R=_rank_tile(R), **common)
+    else:
+        block_r = min(cfg.block_r, _rank_tile(R))
+        rank_tiles = triton.cdiv(R, block_r)
+        partial = torch.empty((N, rank_tiles), dtype=torch.float32, device=h.device)
+        _adapter_shrink_kernel[(p["row_tiles"], rank_tiles)](
+            h, grad, down, up, weights, p["tile_ends"], expert_offsets, sorted_slots,
+            activated, dz, partial, k, H, R, E, scale,
+            ACTIVATION=act, BACKWARD=True, BLOCK_K=cfg.block_k, BLOCK_R=block_r, **common)
+        dweights = partial.sum(dim=1) if rank_tiles > 1 else partial.view(N)
+        _adapter_expand_kernel[(p["row_tiles"], triton.cdiv(H, cfg.block_n))](
+            dz, down, weights, p["tile_ends"], expert_offsets, sorted_slots, dh_rows,
+            k, H, R, E, scale, R * H, H, 1,
+            APPLY_ROUTING=False, OUT_BY_TOKEN=by_token, BLOCK_N=cfg.block_n, BLOCK_R=block_r, **common)
+    dh = dh_rows if by_token else _combine(dh_rows, T, H, k, h.dtype)
+    if not weight_grads:
+        return dh, None, None, dweights.view(T, k)
+    d_up = torch.empty_like(up)
+    d_down = torch.empty_like(down)
+    wgrad = dict(UPCAST=p["upcast"], DOT_PRECISION=p["precision"], BLOCK_M=cfg.wgrad_block_m,
+                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    block_h = cfg.wgrad_block_h
+    block_r = min(cfg.wgrad_block_r, _rank_tile(R))
+    # d(up)[e] [H, R] = sum (scale w dy_t)^T act(z)
+    _adapter_weight_grad_kernel[(E, triton.cdiv(H, block_h), triton.cdiv(R, block_r))](
+        grad, activated, weights, expert_offsets, sorted_slots, d_up,
+        k, H, R, scale, H, R, H * R, R, 1,
+        LEFT_BY_TOKEN=True, RIGHT_BY_TOKEN=False, LEFT_ROUTING=True,
+        BLOCK_P=block_h, BLOCK_Q=block_r, **wgrad)
+    # d(down)[e] [R, H] = sum dz^T h_t
+    _adapter_weight_grad_kernel[(E, triton.cdiv(R, block_r), triton.cdiv(H, block_h))](
+        dz, h, weights, expert_offsets, sorted_slots, d_down,
+        k, R, H, scale, R, H, R * H, H, 1,
+        LEFT_BY_TOKEN=False, RIGHT_BY_TOKEN=True, LEFT_ROUTING=False,
+        BLOCK_P=block_r, BLOCK_Q=block_h, **wgrad)
+    return dh, d_down, d_up, dweights.view(T, k)
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.library ops
+
+
+@torch.library.custom_op("moe_kernels::triton_adapter_moe", mutates_args=())
+def _adapter_moe_op(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weights: torch.Tensor,
+                    expert_offsets: torch.Tensor, sorted_slots: torch.Tensor, activation: str,
+                    scale: float) -> torch.Tensor:
+    """Forward on a precomputed plan: h [T,H], down [E,r,H], up [E,H,r], weights [T,k] fp32 (all
+    contiguous), expert_offsets [E+1] / sorted_slots [T*k] int32 -> y [T,H] in h's dtype."""
+    return _forward_impl(h, down, up, weights, expert_offsets, sorted_slots, activation, scale)
+
+
+@_adapter_moe_op.register_fake
+def _(h, down, up, weights, expert_offsets, sorted_slots, activation, scale):
+    return torch.empty_like(h)
+
+
+@torch.library.custom_op("moe_kernels::triton_adapter_moe_backward", mutates_args=())
+def _adapter_moe_backward_op(grad: torch.Tensor, h: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
+                             weights: torch.Tensor, expert_offsets: torch.Tensor, sorted_slots: torch.Tensor,
+                             activation: str, scale: float, weight_grads: bool
+                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d h [T,H], d down [E,r,H], d up [E,H,r], d weights [T,k] fp32). Without ``weight_grads`` the
+    expert-weight gradients are skipped and returned as empty tensors (frozen experts)."""
+    dh, d_down, d_up, dweights = _backward_impl(grad, h, down, up, weights, expert_offsets, sorted_slots,
+                                                activation, scale, weight_grads)
+    if not weight_grads:
+        d_down, d_up = down.new_empty(0), up.new_empty(0)
+    return dh, d_down, d_up, dweights
+
+
+@_adapter_moe_backward_op.register_fake
+def _(grad, h, down, up, weights, expert_offsets, sorted_slots, activation, scale, weight_grads):
+    if weight_grads:
+        return torch.empty_like(h), torch.empty_like(down), torch.empty_like(up), torch.empty_like(weights)
+    return torch.empty_like(h), down.new_empty(0), up.new_empty(0), torch.empty_like(weights)
+
+
+def _setup_context(ctx, inputs, output):
+    h, down, up, weights, expert_offsets, sorted_slots, activation, scale = inputs
+    ctx.save_for_backward(h, down, up, weights, expert_offsets, sorted_slots)
+    ctx.activation, ctx.scale = activation, scale
+
+
+def _backward(ctx, grad):
+    h, down, up, weights, expert_offsets, sorted_slots = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    weight_grads = bool(need[1] or need[2])
+    dh, d_down, d_up, dweights = _adapter_moe_backward_op(grad, h, down, up, weights, expert_offsets, sorted_slots,
+                                                          ctx.activation, ctx.scale, weight_grads)
+    return (dh if need[0] else None, d_down if need[1] else None, d_up if need[2] else None,
+            dweights if need[3] else None, None, None, None, None)
+
+
+_adapter_moe_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def adapter_moe_triton(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weights: torch.Tensor,
+                       ids: torch.Tensor, activation: str = "gelu", scale: float = 1.0) -> torch.Tensor:
+    """Routed adapter experts: y[t] = sum_j weights[t,j] * scale * up_e(act(down_e h_t)), e = ids[t,j].
+
+    h [T,H]; down [E,r,H]; up [E,H,r] (h's dtype, 1 <= r <= 1024); weights [T,k] float32; ids [T,k]
+    int32 in [0, E) (validated by ``moe_kernels.ops.adapter_moe``); activation in
+    ``reference.ADAPTER_ACTIVATIONS`` ("identity" = routed LoRA B_e A_e h). Returns [T,H] in h's dtype,
+    differentiable w.r.t. h, down, up and weights. Same math as :func:`moe_kernels.reference.adapter_moe`.
+    """
+    if activation not in ACTIVATION_CODES:
+        raise ValueError(f"activation must be one of {list(ACTIVATION_CODES)}, got {activation!r}")
+    if not 1 <= down.shape[1] <= MAX_RANK:
+        raise ValueError(f"down: adapter rank (dim 1) must be in [1, {MAX_RANK}], got {down.shape[1]}")
+    plan = _plan(ids, down.shape[0])
+    return _adapter_moe_op(h.contiguous(), down.contiguous(), up.contiguous(),
+                           weights.to(torch.float32).contiguous(), plan.expert_offsets.to(torch.int32),
+                           plan.sorted_slots.to(torch.int32), activation, float(scale))
+
+
+__all__ = ["adapter_moe_triton", "AdapterConfig", "ADAPTER_CONFIGS", "COMPILE_SPECS", "forced_config",
+           "select_config", "shape_class"]
