@@ -1,1 +1,175 @@
-"""The "moe_kernels" experts implementation for transformers' ExpertsInterface (being written: issue 5)."""
+"""The ``"moe_kernels"`` experts implementation for transformers' ``ExpertsInterface``.
+
+Importing this module registers :func:`moe_kernels_experts_forward` under the name ``"moe_kernels"``,
+so ``model.set_experts_implementation("moe_kernels")`` and
+``from_pretrained(..., experts_implementation="moe_kernels")`` route every experts module built with
+``@use_experts_implementation`` through :func:`moe_kernels.moe_mlp`.
+
+The function reads the weights from the module at call time (never a cached copy), so wrappers that
+swap parameters during the forward -- PEFT's ``target_parameters`` LoRA, parametrizations -- keep
+working. It honours the module's layout flags set by ``use_experts_implementation``:
+
+* ``is_transposed``: weights stored [E, H, 2I] / [E, I, H]; passed to the kernel as transposed views.
+* ``has_bias``: ``gate_up_proj_bias`` [E, 2I] and ``down_proj_bias`` [E, H].
+* gate layout: the default gate (``act(gate) * up`` on concatenated halves) or GPT-OSS's clamped
+  SwiGLU on interleaved rows (``activation="gpt_oss"``).
+* ``has_gate=False`` (``act(up_proj x)``, e.g. Nemotron-H): run as a gated MLP whose gate half is the
+  up projection and whose "up" half is the constant 1 (zero rows plus a bias of one) -- exact, at twice
+  the first GEMM's work.
+* ``has_post_expert_norm`` and expert parallelism are refused with a clear error.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+import torch
+import torch.nn as nn
+
+import moe_kernels
+from moe_kernels.reference import GPT_OSS_ALPHA
+
+EXPERTS_IMPLEMENTATION = "moe_kernels"
+BACKEND_ATTRIBUTE = "_moe_kernels_backend"  # set on a module by moe_kernels.hf.apply(..., backend=...)
+
+
+class UnsupportedExpertsError(NotImplementedError):
+    """An experts module uses a feature the moe_kernels experts implementation cannot run exactly."""
+
+
+def activation_name(act_fn: nn.Module) -> str:
+    """Map a transformers activation module (``ACT2FN[config.hidden_act]``) to a moe_kernels activation."""
+    from transformers import activations as hf_act
+
+    if isinstance(act_fn, (hf_act.SiLUActivation, nn.SiLU)):
+        return "silu"
+    if isinstance(act_fn, nn.ReLU):
+        return "relu"
+    if isinstance(act_fn, hf_act.GELUTanh) or (isinstance(act_fn, nn.GELU) and act_fn.approximate == "tanh"):
+        return "gelu_tanh"
+    if isinstance(act_fn, hf_act.GELUActivation) and type(act_fn) is hf_act.GELUActivation:
+        return "gelu"
+    if isinstance(act_fn, nn.GELU) and act_fn.approximate == "none":
+        return "gelu"
+    raise UnsupportedExpertsError(
+        f"moe_kernels experts: activation {type(act_fn).__name__} is not supported; supported are SiLU/swish, "
+        "GELU (exact), GELU (tanh: gelu_pytorch_tanh) and ReLU")
+
+
+def normalised_source(fn) -> str | None:
+    """Source of ``fn`` with comments dropped and whitespace collapsed (to compare code copied between
+    transformers families); None when the source is unavailable."""
+    try:
+        source = inspect.getsource(fn)
+    except (OSError, TypeError):
+        return None
+    source = re.sub(r"#[^\n]*", "", source)
+    return re.sub(r"\s+", " ", source).strip()
+
+
+def _gpt_oss_gate_source() -> str:
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+
+    return normalised_source(GptOssExperts._apply_gate)
+
+
+def gate_kind(experts_class: type) -> str:
+    """``"default"`` (``act(gate) * up`` on concatenated halves), ``"gpt_oss"`` (clamped SwiGLU on
+    interleaved rows, recognised by source equality with GPT-OSS's ``_apply_gate``) or ``"custom"``."""
+    from transformers.integrations.moe import _default_apply_gate
+
+    gate = getattr(experts_class, "_apply_gate", None)
+    if gate is None or gate is _default_apply_gate:
+        return "default"
+    source = normalised_source(gate)
+    if source is not None and source == _gpt_oss_gate_source():
+        return "gpt_oss"
+    return "custom"
+
+
+def describe_experts(module: nn.Module) -> dict:
+    """How :func:`moe_kernels_experts_forward` runs this experts module: activation, layout and limits.
+
+    Raises :class:`UnsupportedExpertsError` naming the feature when it cannot run the module exactly.
+    """
+    name = type(module).__name__
+    if not hasattr(module, "has_gate"):
+        raise UnsupportedExpertsError(f"{name} is not an experts module built with @use_experts_implementation")
+    if getattr(module, "has_post_expert_norm", False):
+        raise UnsupportedExpertsError(
+            f"{name}: has_post_expert_norm=True (a norm between each expert's output and its routing weight) is "
+            "not supported by moe_kernels.moe_mlp, which fuses the weighting into the down projection")
+    kind = gate_kind(type(module))
+    is_concatenated = getattr(module, "is_concatenated", True)
+    info = {"transposed": bool(getattr(module, "is_transposed", False)), "bias": bool(module.has_bias),
+            "has_gate": bool(module.has_gate), "swiglu_limit": None}
+    if not module.has_gate:
+        info.update(activation=activation_name(module.act_fn), interleaved=False)
+    elif kind == "default":
+        if not is_concatenated:
+            raise UnsupportedExpertsError(f"{name}: is_concatenated=False with the default (chunked) gate is inconsistent")
+        info.update(activation=activation_name(module.act_fn), interleaved=False)
+    elif kind == "gpt_oss":
+        alpha = float(getattr(module, "alpha", GPT_OSS_ALPHA))
+        if abs(alpha - GPT_OSS_ALPHA) > 1e-12:
+            raise UnsupportedExpertsError(f"{name}: GPT-OSS gate with alpha={alpha}; moe_kernels fixes alpha={GPT_OSS_ALPHA}")
+        if is_concatenated:
+            raise UnsupportedExpertsError(f"{name}: GPT-OSS gate expects interleaved gate/up rows (is_concatenated=False)")
+        info.update(activation="gpt_oss", interleaved=True, swiglu_limit=float(module.limit))
+    else:
+        raise UnsupportedExpertsError(
+            f"{name} overrides _apply_gate with a gate moe_kernels does not know; supported gates are "
+            "act(gate) * up and GPT-OSS's clamped SwiGLU")
+    return info
+
+
+def _as_hf_v5_layout(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """[E, in, out] storage (is_transposed) -> an [E, out, in] view; the kernels accept strided views."""
+    return weight.transpose(1, 2) if transposed else weight
+
+
+def moe_kernels_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                                top_k_weights: torch.Tensor) -> torch.Tensor:
+    """ExpertsInterface entry: hidden_states [T,H], top_k_index [T,k] (int), top_k_weights [T,k] -> [T,H].
+
+    Output dtype = hidden_states' dtype; the kernel accumulates the k weighted expert outputs in fp32.
+    """
+    if getattr(self, "_is_expert_parallel", False):
+        raise UnsupportedExpertsError(
+            f"{type(self).__name__}: expert parallelism (sentinel expert ids) is not supported by the moe_kernels "
+            "experts implementation; use moe_kernels.distributed instead")
+    info = describe_experts(self)
+    backend = getattr(self, BACKEND_ATTRIBUTE, None)
+    transposed = info["transposed"]
+    down_proj = _as_hf_v5_layout(self.down_proj, transposed)
+    weight_dtype = down_proj.dtype
+    x = hidden_states.to(weight_dtype)  # as transformers' grouped_mm path does under autocast
+    down_bias = self.down_proj_bias if info["bias"] else None
+    if info["has_gate"]:
+        gate_up_proj = _as_hf_v5_layout(self.gate_up_proj, transposed)
+        gate_up_bias = self.gate_up_proj_bias if info["bias"] else None
+    else:
+        # act(up x + b) == act(gate) * up with gate := up_proj, up := 0 * x + 1 (exact; gradients flow to up_proj).
+        up_proj = _as_hf_v5_layout(self.up_proj, transposed)
+        gate_up_proj = torch.cat([up_proj, torch.zeros_like(up_proj)], dim=1)
+        gate_bias = self.up_proj_bias if info["bias"] else up_proj.new_zeros(up_proj.shape[:2])
+        gate_up_bias = torch.cat([gate_bias, torch.ones_like(gate_bias)], dim=1)
+    out = moe_kernels.moe_mlp(
+        x, gate_up_proj, down_proj, top_k_weights.float(), top_k_index, activation=info["activation"],
+        gate_up_bias=gate_up_bias, down_bias=down_bias, interleaved=info["interleaved"],
+        swiglu_limit=info["swiglu_limit"], backend=backend)
+    return out.to(hidden_states.dtype)
+
+
+def register() -> None:
+    """Register ``"moe_kernels"`` with transformers' global ExpertsInterface (idempotent)."""
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(EXPERTS_IMPLEMENTATION, moe_kernels_experts_forward)  # class-wide mapping
+
+
+register()
+
+__all__ = ["EXPERTS_IMPLEMENTATION", "UnsupportedExpertsError", "activation_name", "describe_experts", "gate_kind",
+           "moe_kernels_experts_forward", "normalised_source", "register"]
