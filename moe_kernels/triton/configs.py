@@ -49,3 +49,9 @@ def plan_config(num_slots: int, num_experts: int) -> dict:
 def route_config(num_tokens: int, num_experts: int) -> dict:
     return _pick("route", tokens=num_tokens, experts=num_experts)
 
+
+
+def mlp_config(num_rows: int, num_experts: int, top_k: int) -> dict:
+    """Configs of the expert-MLP kernels for N = T*k routed rows over E experts (keys up, down,
+    down_bwd, dx, dw), chosen by the average rows per expert."""
+    return _pick("mlp", rows_per_expert=-(-num_rows // num_experts))

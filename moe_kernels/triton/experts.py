@@ -1,0 +1,612 @@
+"""Gather-GEMM-scatter expert MLP in Triton, forward and backward.
+
+Semantics: :func:`moe_kernels.reference.moe_mlp`. Data flow (N = T*k routed slots, rows in *sorted
+order* p = position of a slot in the dispatch plan, so each expert owns one contiguous run of rows):
+
+forward
+  plan        :func:`moe_kernels.triton.plan.dispatch_plan` (on device) + per-expert tile counts
+              scanned on device (``_tile_offsets``); programs find their expert by binary search, so
+              nothing waits on the host.
+  gate/up     ``_gate_up_kernel``: act[p] = gated_act(x[token(p)] @ W_gu[e]^T + b_gu[e]); the row
+              gather is in the x loads, gate and up are two accumulators of one K loop, the activation
+              is the epilogue. Under autograd it also stores the pre-activation ``pre`` [N, 2I].
+  down        ``_rows_matmul_kernel``: out[slot(p)] = w[slot] * (act[p] @ W_d[e]^T + b_d[e]), stored at
+              the slot's row (a scatter, no atomics); y[t] = sum_j out[t*k + j] in fixed order (for
+              k = 1 the slot rows *are* y).
+backward (nothing permuted is kept but ``pre``; the activation is recomputed from it)
+  ``_down_backward_kernel``  G[p] = dy[token(p)] @ W_d[e] (transposed gather-GEMM); epilogue: d(weight)
+              partials <act, G> (+ <b_d, dy>), and d pre = act'(pre) * w * G.
+  ``_rows_matmul_kernel``    dx slot rows = d pre[p] @ W_gu[e], combined like the forward.
+  ``_expert_outer_kernel``   per-expert grouped GEMMs over the expert's row run: dW_d[e] = (w dy)^T act,
+              dW_gu[e] = d pre^T x (k-grouped: the reduction runs over the token segment), bias grads
+              as row sums.
+
+Deterministic: every output element is written by one program, reductions run in a fixed order.
+On GPUs the GEMMs run on tensor cores in the input dtype with fp32 accumulation; under
+TRITON_INTERPRET=1 (``UPCAST``) operands are converted to fp32 first because the interpreter computes
+bf16 wrongly.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ..reference import GATED_ACTIVATIONS, GPT_OSS_ALPHA
+from .configs import entries, mlp_config
+from .plan import dispatch_plan
+
+ACTIVATION_CODES = {name: code for code, name in enumerate(GATED_ACTIVATIONS)}
+_SILU, _GELU, _GELU_TANH, _RELU, _GPT_OSS = (ACTIVATION_CODES[n] for n in ("silu", "gelu", "gelu_tanh", "relu", "gpt_oss"))
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------------------------------
+# shared device helpers
+
+
+@triton.jit
+def _find_tile(tile_offsets_ptr, expert_offsets_ptr, num_experts, search_steps, BLOCK_M: tl.constexpr):
+    """Map this program's tile id (axis 0) to (expert, first sorted row, end of the expert's rows).
+
+    tile_offsets_ptr: [E+1] int32, exclusive scan of cdiv(count_e, BLOCK_M). Returns valid = False for
+    programs past the last tile (the grid is an upper bound so it needs no host sync).
+    """
+    tile = tl.program_id(0)
+    total = tl.load(tile_offsets_ptr + num_experts)
+    lo = 0
+    hi = num_experts - 1
+    for _ in range(search_steps):  # largest e with tile_offsets[e] <= tile
+        mid = (lo + hi + 1) // 2
+        go_right = tl.load(tile_offsets_ptr + mid) <= tile
+        lo = tl.where(go_right, mid, lo)
+        hi = tl.where(go_right, hi, mid - 1)
+    expert = lo
+    row_start = tl.load(expert_offsets_ptr + expert) + (tile - tl.load(tile_offsets_ptr + expert)) * BLOCK_M
+    row_end = tl.load(expert_offsets_ptr + expert + 1)
+    return expert, row_start, row_end, tile < total
+
+
+@triton.jit
+def _gate_up_columns(cols, inter, INTERLEAVED: tl.constexpr):
+    """Rows of W_gu (and columns of pre) holding gate and up of intermediate column ``cols``."""
+    if INTERLEAVED:
+        return 2 * cols, 2 * cols + 1
+    return cols, cols + inter
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def _activation_forward(gate, up, limit, ACTIVATION: tl.constexpr, HAS_LIMIT: tl.constexpr):
+    """fp32 gate, up -> act(gate) * up (or GPT-OSS's clamped form); matches reference.gated_activation."""
+    if ACTIVATION == 4:  # gpt_oss
+        if HAS_LIMIT:
+            gate = tl.minimum(gate, limit)
+            up = tl.minimum(tl.maximum(up, -limit), limit)
+        return (up + 1.0) * (gate * _sigmoid(gate * 1.702))
+    if ACTIVATION == 0:  # silu
+        act = gate * _sigmoid(gate)
+    elif ACTIVATION == 1:  # gelu (erf)
+        act = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
+    elif ACTIVATION == 2:  # gelu, tanh approximation; tanh(u) = 2 sigmoid(2u) - 1
+        inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+        act = gate * _sigmoid(2.0 * inner)
+    else:  # relu
+        act = tl.maximum(gate, 0.0)
+    return act * up
+
+
+@triton.jit
+def _activation_backward(gate, up, grad, limit, ACTIVATION: tl.constexpr, HAS_LIMIT: tl.constexpr):
+    """fp32 (d gate, d up) of ``_activation_forward`` given d out = grad."""
+    if ACTIVATION == 4:  # gpt_oss; clamp passes the gradient where lo <= x <= hi, as torch.clamp does
+        if HAS_LIMIT:
+            gate_pass = gate <= limit
+            up_pass = (up >= -limit) & (up <= limit)
+            gate = tl.minimum(gate, limit)
+            up = tl.minimum(tl.maximum(up, -limit), limit)
+        s = _sigmoid(gate * 1.702)
+        glu = gate * s
+        d_gate = grad * (up + 1.0) * (s + 1.702 * glu * (1.0 - s))
+        d_up = grad * glu
+        if HAS_LIMIT:
+            d_gate = tl.where(gate_pass, d_gate, 0.0)
+            d_up = tl.where(up_pass, d_up, 0.0)
+        return d_gate, d_up
+    if ACTIVATION == 0:
+        s = _sigmoid(gate)
+        act = gate * s
+        d_act = s + gate * s * (1.0 - s)
+    elif ACTIVATION == 1:
+        cdf = 0.5 * (1.0 + tl.math.erf(gate * 0.7071067811865476))
+        act = gate * cdf
+        d_act = cdf + gate * 0.3989422804014327 * tl.exp(-0.5 * gate * gate)
+    elif ACTIVATION == 2:
+        inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
+        t = 2.0 * _sigmoid(2.0 * inner) - 1.0
+        act = 0.5 * gate * (1.0 + t)
+        d_act = 0.5 * (1.0 + t) + 0.5 * gate * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * gate * gate)
+    else:
+        act = tl.maximum(gate, 0.0)
+        d_act = tl.where(gate > 0.0, 1.0, 0.0)
+    return grad * up * d_act, grad * act
+
+
+@triton.jit
+def _operand(tile, UPCAST: tl.constexpr, dtype: tl.constexpr):
+    """A tl.dot operand: fp32 under the interpreter (bf16 is wrong there), else the GEMM input dtype."""
+    if UPCAST:
+        return tile.to(tl.float32)
+    return tile.to(dtype)
+
+
+# ----------------------------------------------------------------------------------------------------
+# kernels
+
+
+@triton.jit
+def _gate_up_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh, bias_ptr, stride_be,
+                    stride_bn, sorted_slots_ptr, expert_offsets_ptr, tile_offsets_ptr, act_ptr, pre_ptr,
+                    hidden, inter, num_experts, top_k, search_steps, limit,
+                    ACTIVATION: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    HAS_LIMIT: tl.constexpr, SAVE_PRE: tl.constexpr, UPCAST: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """First GEMM with the row gather fused into its loads and the gated activation into its epilogue.
+
+    x_ptr:   [T, H] strides (stride_xt, stride_xh).  w_ptr: W_gu [E, 2I, H] strides (we, wn, wh), any
+    layout (HF transposed views included).  bias_ptr: [E, 2I] strides (be, bn) if HAS_BIAS.
+    sorted_slots_ptr [N] / expert_offsets_ptr [E+1] / tile_offsets_ptr [E+1]: the plan (int32).
+    act_ptr: [N, I] out, contiguous, x's dtype, sorted rows.  pre_ptr: [N, 2I] out (SAVE_PRE), contiguous,
+    x's dtype, sorted rows, columns laid out like W_gu's rows.  limit: GPT-OSS clamp (HAS_LIMIT).
+    Grid: (upper bound of tiles, cdiv(I, BLOCK_N)). ACTIVATION: code of reference.GATED_ACTIVATIONS.
+    """
+    expert, row_start, row_end, valid = _find_tile(tile_offsets_ptr, expert_offsets_ptr, num_experts,
+                                                   search_steps, BLOCK_M)
+    if valid:
+        rows = row_start + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        tokens = (tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0) // top_k).to(tl.int64)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < inter
+        gate_rows, up_rows = _gate_up_columns(cols, inter, INTERLEAVED)
+        w_base = w_ptr + expert.to(tl.int64) * stride_we
+        acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, hidden, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = ks < hidden
+            xt = tl.load(x_ptr + tokens[:, None] * stride_xt + ks[None, :] * stride_xh,
+                         mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w_mask = k_mask[:, None] & col_mask[None, :]
+            wg = tl.load(w_base + gate_rows[None, :] * stride_wn + ks[:, None] * stride_wh, mask=w_mask, other=0.0)
+            wu = tl.load(w_base + up_rows[None, :] * stride_wn + ks[:, None] * stride_wh, mask=w_mask, other=0.0)
+            xt = _operand(xt, UPCAST, x_ptr.dtype.element_ty)
+            acc_gate = tl.dot(xt, _operand(wg, UPCAST, x_ptr.dtype.element_ty), acc_gate)
+            acc_up = tl.dot(xt, _operand(wu, UPCAST, x_ptr.dtype.element_ty), acc_up)
+        if HAS_BIAS:
+            b_base = bias_ptr + expert.to(tl.int64) * stride_be
+            acc_gate += tl.load(b_base + gate_rows * stride_bn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            acc_up += tl.load(b_base + up_rows * stride_bn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+        out_mask = row_mask[:, None] & col_mask[None, :]
+        rows64 = rows.to(tl.int64)[:, None]
+        if SAVE_PRE:
+            pre_row = pre_ptr + rows64 * (2 * inter)
+            tl.store(pre_row + gate_rows[None, :], acc_gate.to(pre_ptr.dtype.element_ty), mask=out_mask)
+            tl.store(pre_row + up_rows[None, :], acc_up.to(pre_ptr.dtype.element_ty), mask=out_mask)
+        act = _activation_forward(acc_gate, acc_up, limit, ACTIVATION, HAS_LIMIT)
+        tl.store(act_ptr + rows64 * inter + cols[None, :], act.to(act_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _rows_matmul_kernel(in_ptr, w_ptr, stride_we, stride_wc, stride_wj, bias_ptr, stride_be, stride_bj,
+                        route_w_ptr, sorted_slots_ptr, expert_offsets_ptr, tile_offsets_ptr, out_ptr,
+                        reduce_dim, out_dim, num_experts, search_steps,
+                        HAS_BIAS: tl.constexpr, HAS_ROUTE_W: tl.constexpr, UPCAST: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Sorted rows times their expert's matrix, scattered to slot rows:
+    out[slot(p), j] = route_w[slot(p)] * (sum_c in[p, c] * W[e, c, j] + bias[e, j]).
+
+    in_ptr:  [N, C] contiguous, sorted rows (C = reduce_dim).  w_ptr: [E, C, J] strides (we, wc, wj), so
+    W_d [E,H,I] enters as strides (s0, s2, s1) and W_gu [E,2I,H] as is.  bias_ptr: [E, J] strides (be, bj).
+    route_w_ptr: [N] float32 indexed by slot (HAS_ROUTE_W).  out_ptr: [N, J] contiguous, indexed by slot.
+    Grid: (upper bound of tiles, cdiv(J, BLOCK_N)).
+    """
+    expert, row_start, row_end, valid = _find_tile(tile_offsets_ptr, expert_offsets_ptr, num_experts,
+                                                   search_steps, BLOCK_M)
+    if valid:
+        rows = row_start + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        slots = tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0)
+        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < out_dim
+        w_base = w_ptr + expert.to(tl.int64) * stride_we
+        rows64 = rows.to(tl.int64)[:, None]
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, reduce_dim, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = ks < reduce_dim
+            a = tl.load(in_ptr + rows64 * reduce_dim + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_base + ks[:, None] * stride_wc + cols[None, :] * stride_wj,
+                        mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            acc = tl.dot(_operand(a, UPCAST, in_ptr.dtype.element_ty), _operand(w, UPCAST, in_ptr.dtype.element_ty), acc)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + expert.to(tl.int64) * stride_be + cols * stride_bj, mask=col_mask,
+                           other=0.0).to(tl.float32)[None, :]
+        if HAS_ROUTE_W:
+            acc *= tl.load(route_w_ptr + slots, mask=row_mask, other=0.0)[:, None]
+        tl.store(out_ptr + slots.to(tl.int64)[:, None] * out_dim + cols[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _down_backward_kernel(grad_y_ptr, stride_gt, stride_gh, w_ptr, stride_we, stride_wh, stride_wn, bias_ptr,
+                          stride_be, stride_bh, route_w_ptr, pre_ptr, sorted_slots_ptr, expert_offsets_ptr,
+                          tile_offsets_ptr, grad_pre_ptr, grad_w_partial_ptr, hidden, inter, num_experts, top_k,
+                          search_steps, num_col_tiles, limit,
+                          ACTIVATION: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                          HAS_LIMIT: tl.constexpr, UPCAST: tl.constexpr,
+                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Backward through the down GEMM and the activation, for sorted rows.
+
+    G[p, n] = sum_h dy[token(p), h] * W_d[e, h, n] (gathered dy rows); act and its derivative are
+    recomputed from pre.  Writes grad_pre[p, gate/up columns] = d(act)/d(pre) * route_w * G (x's dtype)
+    and grad_w_partial[slot, pid_n] = sum_n act * G over this column tile (+ <b_d[e], dy[token]> in the
+    first column tile), whose row sums are d(routing weight).
+    grad_y_ptr: [T, H] strides (gt, gh).  w_ptr: W_d [E, H, I] strides (we, wh, wn).  bias_ptr: [E, H]
+    strides (be, bh).  route_w_ptr: [N] fp32 by slot.  pre_ptr, grad_pre_ptr: [N, 2I] contiguous.
+    grad_w_partial_ptr: [N, num_col_tiles] fp32.  Grid: (upper bound of tiles, cdiv(I, BLOCK_N)).
+    """
+    expert, row_start, row_end, valid = _find_tile(tile_offsets_ptr, expert_offsets_ptr, num_experts,
+                                                   search_steps, BLOCK_M)
+    if valid:
+        pid_n = tl.program_id(1)
+        rows = row_start + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end
+        slots = tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0)
+        tokens = (slots // top_k).to(tl.int64)
+        cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_mask = cols < inter
+        w_base = w_ptr + expert.to(tl.int64) * stride_we
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        bias_dot = tl.zeros([BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, hidden, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = ks < hidden
+            g = tl.load(grad_y_ptr + tokens[:, None] * stride_gt + ks[None, :] * stride_gh,
+                        mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_base + ks[:, None] * stride_wh + cols[None, :] * stride_wn,
+                        mask=k_mask[:, None] & col_mask[None, :], other=0.0)
+            acc = tl.dot(_operand(g, UPCAST, grad_y_ptr.dtype.element_ty),
+                         _operand(w, UPCAST, grad_y_ptr.dtype.element_ty), acc)
+            if HAS_BIAS:
+                if pid_n == 0:
+                    b = tl.load(bias_ptr + expert.to(tl.int64) * stride_be + ks * stride_bh, mask=k_mask, other=0.0)
+                    bias_dot += tl.sum(g.to(tl.float32) * b.to(tl.float32)[None, :], axis=1)
+        gate_cols, up_cols = _gate_up_columns(cols, inter, INTERLEAVED)
+        out_mask = row_mask[:, None] & col_mask[None, :]
+        pre_row = pre_ptr + rows.to(tl.int64)[:, None] * (2 * inter)
+        gate = tl.load(pre_row + gate_cols[None, :], mask=out_mask, other=0.0).to(tl.float32)
+        up = tl.load(pre_row + up_cols[None, :], mask=out_mask, other=0.0).to(tl.float32)
+        act = _activation_forward(gate, up, limit, ACTIVATION, HAS_LIMIT)
+        partial = tl.sum(tl.where(out_mask, act * acc, 0.0), axis=1) + bias_dot
+        tl.store(grad_w_partial_ptr + slots.to(tl.int64) * num_col_tiles + pid_n, partial, mask=row_mask)
+        route_w = tl.load(route_w_ptr + slots, mask=row_mask, other=0.0)
+        d_gate, d_up = _activation_backward(gate, up, acc * route_w[:, None], limit, ACTIVATION, HAS_LIMIT)
+        grad_row = grad_pre_ptr + rows.to(tl.int64)[:, None] * (2 * inter)
+        tl.store(grad_row + gate_cols[None, :], d_gate.to(grad_pre_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(grad_row + up_cols[None, :], d_up.to(grad_pre_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _expert_outer_kernel(lhs_ptr, stride_lt, stride_lc, rhs_ptr, stride_rt, stride_rc, route_w_ptr,
+                         sorted_slots_ptr, expert_offsets_ptr, out_ptr, stride_oe, stride_oi, stride_oj,
+                         bias_grad_ptr, stride_bge, lhs_dim, rhs_dim, inter, top_k, limit,
+                         LHS_BY_TOKEN: tl.constexpr, LHS_WEIGHTED: tl.constexpr, RHS_BY_TOKEN: tl.constexpr,
+                         RHS_GATED: tl.constexpr, ACTIVATION: tl.constexpr, INTERLEAVED: tl.constexpr,
+                         HAS_LIMIT: tl.constexpr, BIAS_GRAD: tl.constexpr, UPCAST: tl.constexpr,
+                         BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Per-expert grouped GEMM over the expert's run of sorted rows (the weight gradients):
+    out[e, i, j] = sum_{p in rows of e} L[p, i] * R[p, j];  bias_grad[e, i] = sum_p L[p, i].
+
+    L row p is lhs[token(p)] if LHS_BY_TOKEN else lhs[p] (strides lt, lc), times route_w[slot(p)] if
+    LHS_WEIGHTED.  R row p is rhs[token(p)] or rhs[p] (strides rt, rc); if RHS_GATED, rhs is pre [N, 2I]
+    and R = gated activation of it (j < I).  out_ptr: [E, lhs_dim, rhs_dim] strides (oe, oi, oj), the
+    weights' dtype; experts without rows get zeros.  bias_grad_ptr: [E, lhs_dim] (BIAS_GRAD), written
+    by the programs of column tile 0.  Grid: (E, cdiv(lhs_dim, BLOCK_I), cdiv(rhs_dim, BLOCK_J)).
+    """
+    expert = tl.program_id(0)
+    pid_j = tl.program_id(2)
+    i_idx = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    j_idx = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
+    i_mask = i_idx < lhs_dim
+    j_mask = j_idx < rhs_dim
+    row_start = tl.load(expert_offsets_ptr + expert)
+    row_end = tl.load(expert_offsets_ptr + expert + 1)
+    acc = tl.zeros([BLOCK_I, BLOCK_J], dtype=tl.float32)
+    bias_acc = tl.zeros([BLOCK_I], dtype=tl.float32)
+    for p0 in range(row_start, row_end, BLOCK_P):
+        rows = p0 + tl.arange(0, BLOCK_P)
+        row_mask = rows < row_end
+        slots = tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0)
+        tokens = (slots // top_k).to(tl.int64)
+        rows64 = rows.to(tl.int64)
+        if LHS_BY_TOKEN:
+            lhs_rows = tokens
+        else:
+            lhs_rows = rows64
+        # L^T tile [BLOCK_I, BLOCK_P]
+        lhs = tl.load(lhs_ptr + lhs_rows[None, :] * stride_lt + i_idx[:, None] * stride_lc,
+                      mask=i_mask[:, None] & row_mask[None, :], other=0.0)
+        if LHS_WEIGHTED:
+            lhs = lhs.to(tl.float32) * tl.load(route_w_ptr + slots, mask=row_mask, other=0.0)[None, :]
+        if BIAS_GRAD:
+            if pid_j == 0:
+                bias_acc += tl.sum(lhs.to(tl.float32), axis=1)
+        if RHS_BY_TOKEN:
+            rhs_rows = tokens
+        else:
+            rhs_rows = rows64
+        rhs_mask = row_mask[:, None] & j_mask[None, :]
+        if RHS_GATED:
+            gate_cols, up_cols = _gate_up_columns(j_idx, inter, INTERLEAVED)
+            gate = tl.load(rhs_ptr + rhs_rows[:, None] * stride_rt + gate_cols[None, :] * stride_rc,
+                           mask=rhs_mask, other=0.0).to(tl.float32)
+            up = tl.load(rhs_ptr + rhs_rows[:, None] * stride_rt + up_cols[None, :] * stride_rc,
+                         mask=rhs_mask, other=0.0).to(tl.float32)
+            rhs = tl.where(rhs_mask, _activation_forward(gate, up, limit, ACTIVATION, HAS_LIMIT), 0.0)
+        else:
+            rhs = tl.load(rhs_ptr + rhs_rows[:, None] * stride_rt + j_idx[None, :] * stride_rc, mask=rhs_mask,
+                          other=0.0)
+        acc = tl.dot(_operand(lhs, UPCAST, out_ptr.dtype.element_ty), _operand(rhs, UPCAST, out_ptr.dtype.element_ty), acc)
+    out = out_ptr + expert.to(tl.int64) * stride_oe + i_idx[:, None] * stride_oi + j_idx[None, :] * stride_oj
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=i_mask[:, None] & j_mask[None, :])
+    if BIAS_GRAD:
+        if pid_j == 0:
+            tl.store(bias_grad_ptr + expert.to(tl.int64) * stride_bge + i_idx,
+                     bias_acc.to(bias_grad_ptr.dtype.element_ty), mask=i_mask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# launchers
+
+
+def tile_offsets(expert_offsets: torch.Tensor, block_m: int) -> torch.Tensor:
+    """[E+1] int32 exclusive scan of cdiv(rows of expert e, block_m), on the device (no host sync)."""
+    counts = expert_offsets[1:] - expert_offsets[:-1]
+    out = torch.zeros_like(expert_offsets)
+    torch.cumsum((counts + block_m - 1) // block_m, dim=0, dtype=torch.int32, out=out[1:])
+    return out
+
+
+def max_tiles(num_rows: int, num_experts: int, block_m: int) -> int:
+    """Upper bound of the tile count: every non-empty expert wastes at most one partial tile."""
+    return triton.cdiv(num_rows, block_m) + min(num_experts, num_rows)
+
+
+def _combine_slots(slot_rows: torch.Tensor, num_tokens: int, top_k: int, dtype: torch.dtype) -> torch.Tensor:
+    """[T*k, H] slot rows -> [T, H]: sum over the k choices in fixed order, fp32 accumulation."""
+    if top_k == 1:
+        return slot_rows.to(dtype)
+    return torch.sum(slot_rows.view(num_tokens, top_k, -1), dim=1, dtype=torch.float32).to(dtype)
+
+
+def _slot_dtype(dtype: torch.dtype, top_k: int) -> torch.dtype:
+    # k > 1: the k partials of a token are summed afterwards; fp32 partials make that sum round once,
+    # like the reference (a transient N*H*4 bytes). k = 1: the slot rows are the output.
+    return dtype if top_k == 1 else torch.float32
+
+
+def _weight_strides(w: Optional[torch.Tensor], fallback: torch.Tensor):
+    return (w, w.stride(0), w.stride(1)) if w is not None else (fallback, 0, 0)
+
+
+def _forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, interleaved,
+             swiglu_limit, save_pre):
+    num_tokens, hidden = x.shape
+    num_experts, two_inter, _ = gate_up_proj.shape
+    inter = two_inter // 2
+    top_k = ids.shape[1]
+    num_rows = num_tokens * top_k
+    plan = dispatch_plan(ids, num_experts)
+    cfg = mlp_config(num_rows, num_experts, top_k)
+    upcast = interpreting()
+    steps = num_experts.bit_length()
+    tiles_up = tile_offsets(plan.expert_offsets, cfg["up"]["BLOCK_M"])
+    act = torch.empty((num_rows, inter), dtype=x.dtype, device=x.device)
+    pre = torch.empty((num_rows if save_pre else 0, two_inter), dtype=x.dtype, device=x.device)
+    bias, stride_be, stride_bn = _weight_strides(gate_up_bias, x)
+    up = cfg["up"]
+    _gate_up_kernel[(max_tiles(num_rows, num_experts, up["BLOCK_M"]), triton.cdiv(inter, up["BLOCK_N"]))](
+        x, x.stride(0), x.stride(1), gate_up_proj, *gate_up_proj.stride(), bias, stride_be, stride_bn,
+        plan.sorted_slots, plan.expert_offsets, tiles_up, act, pre if save_pre else act,
+        hidden, inter, num_experts, top_k, steps, float(swiglu_limit or 0.0),
+        ACTIVATION=ACTIVATION_CODES[activation], INTERLEAVED=interleaved, HAS_BIAS=gate_up_bias is not None,
+        HAS_LIMIT=swiglu_limit is not None, SAVE_PRE=save_pre, UPCAST=upcast,
+        BLOCK_M=up["BLOCK_M"], BLOCK_N=up["BLOCK_N"], BLOCK_K=up["BLOCK_K"],
+        num_warps=up["num_warps"], num_stages=up["num_stages"])
+    down = cfg["down"]
+    tiles_down = tiles_up if down["BLOCK_M"] == up["BLOCK_M"] else tile_offsets(plan.expert_offsets, down["BLOCK_M"])
+    slot_rows = torch.empty((num_rows, hidden), dtype=_slot_dtype(x.dtype, top_k), device=x.device)
+    bias, stride_be, stride_bj = _weight_strides(down_bias, x)
+    _rows_matmul_kernel[(max_tiles(num_rows, num_experts, down["BLOCK_M"]), triton.cdiv(hidden, down["BLOCK_N"]))](
+        act, down_proj, down_proj.stride(0), down_proj.stride(2), down_proj.stride(1), bias, stride_be, stride_bj,
+        weights.reshape(-1), plan.sorted_slots, plan.expert_offsets, tiles_down, slot_rows,
+        inter, hidden, num_experts, steps,
+        HAS_BIAS=down_bias is not None, HAS_ROUTE_W=True, UPCAST=upcast,
+        BLOCK_M=down["BLOCK_M"], BLOCK_N=down["BLOCK_N"], BLOCK_K=down["BLOCK_K"],
+        num_warps=down["num_warps"], num_stages=down["num_stages"])
+    y = _combine_slots(slot_rows, num_tokens, top_k, x.dtype)
+    return y, pre, plan.expert_offsets, plan.sorted_slots
+
+
+def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, pre, expert_offsets,
+              sorted_slots, activation, interleaved, swiglu_limit, need_x, need_params):
+    num_tokens, hidden = x.shape
+    num_experts, two_inter, _ = gate_up_proj.shape
+    inter = two_inter // 2
+    top_k = ids.shape[1]
+    num_rows = num_tokens * top_k
+    cfg = mlp_config(num_rows, num_experts, top_k)
+    upcast = interpreting()
+    steps = num_experts.bit_length()
+    code = ACTIVATION_CODES[activation]
+    limit = float(swiglu_limit or 0.0)
+    route_w = weights.reshape(-1).float().contiguous()
+
+    # d pre and d(routing weights)
+    bw = cfg["down_bwd"]
+    col_tiles = triton.cdiv(inter, bw["BLOCK_N"])
+    grad_pre = torch.empty((num_rows, two_inter), dtype=x.dtype, device=x.device)
+    grad_w_partial = torch.empty((num_rows, col_tiles), dtype=torch.float32, device=x.device)
+    bias, stride_be, stride_bh = _weight_strides(down_bias, x)
+    _down_backward_kernel[(max_tiles(num_rows, num_experts, bw["BLOCK_M"]), col_tiles)](
+        grad_y, grad_y.stride(0), grad_y.stride(1), down_proj, *down_proj.stride(), bias, stride_be, stride_bh,
+        route_w, pre, sorted_slots, expert_offsets, tile_offsets(expert_offsets, bw["BLOCK_M"]), grad_pre,
+        grad_w_partial, hidden, inter, num_experts, top_k, steps, col_tiles, limit,
+        ACTIVATION=code, INTERLEAVED=interleaved, HAS_BIAS=down_bias is not None, HAS_LIMIT=swiglu_limit is not None,
+        UPCAST=upcast, BLOCK_M=bw["BLOCK_M"], BLOCK_N=bw["BLOCK_N"], BLOCK_K=bw["BLOCK_K"],
+        num_warps=bw["num_warps"], num_stages=bw["num_stages"])
+    grad_weights = grad_w_partial.sum(dim=1).view(num_tokens, top_k)
+
+    def empty():  # a distinct placeholder per missing gradient (op outputs must not alias)
+        return x.new_empty(0)
+
+    grad_x = empty()
+    if need_x:
+        dx = cfg["dx"]
+        slot_rows = torch.empty((num_rows, hidden), dtype=_slot_dtype(x.dtype, top_k), device=x.device)
+        _rows_matmul_kernel[(max_tiles(num_rows, num_experts, dx["BLOCK_M"]), triton.cdiv(hidden, dx["BLOCK_N"]))](
+            grad_pre, gate_up_proj, *gate_up_proj.stride(), x, 0, 0, route_w, sorted_slots, expert_offsets,
+            tile_offsets(expert_offsets, dx["BLOCK_M"]), slot_rows, two_inter, hidden, num_experts, steps,
+            HAS_BIAS=False, HAS_ROUTE_W=False, UPCAST=upcast,
+            BLOCK_M=dx["BLOCK_M"], BLOCK_N=dx["BLOCK_N"], BLOCK_K=dx["BLOCK_K"],
+            num_warps=dx["num_warps"], num_stages=dx["num_stages"])
+        grad_x = _combine_slots(slot_rows, num_tokens, top_k, x.dtype)
+
+    grad_gate_up, grad_down, grad_gate_up_bias, grad_down_bias = empty(), empty(), empty(), empty()
+    if need_params:
+        wg = cfg["dw"]
+        grad_down = torch.empty(down_proj.shape, dtype=down_proj.dtype, device=x.device)
+        grad_down_bias = torch.empty((num_experts, hidden), dtype=x.dtype, device=x.device) if down_bias is not None else empty()
+        grid = (num_experts, triton.cdiv(hidden, wg["BLOCK_I"]), triton.cdiv(inter, wg["BLOCK_J"]))
+        _expert_outer_kernel[grid](
+            grad_y, grad_y.stride(0), grad_y.stride(1), pre, two_inter, 1, route_w, sorted_slots, expert_offsets,
+            grad_down, *grad_down.stride(), grad_down_bias if down_bias is not None else grad_down, hidden,
+            hidden, inter, inter, top_k, limit,
+            LHS_BY_TOKEN=True, LHS_WEIGHTED=True, RHS_BY_TOKEN=False, RHS_GATED=True, ACTIVATION=code,
+            INTERLEAVED=interleaved, HAS_LIMIT=swiglu_limit is not None, BIAS_GRAD=down_bias is not None,
+            UPCAST=upcast, BLOCK_I=wg["BLOCK_I"], BLOCK_J=wg["BLOCK_J"], BLOCK_P=wg["BLOCK_P"],
+            num_warps=wg["num_warps"], num_stages=wg["num_stages"])
+        grad_gate_up = torch.empty(gate_up_proj.shape, dtype=gate_up_proj.dtype, device=x.device)
+        grad_gate_up_bias = (torch.empty((num_experts, two_inter), dtype=x.dtype, device=x.device)
+                             if gate_up_bias is not None else empty())
+        grid = (num_experts, triton.cdiv(two_inter, wg["BLOCK_I"]), triton.cdiv(hidden, wg["BLOCK_J"]))
+        _expert_outer_kernel[grid](
+            grad_pre, two_inter, 1, x, x.stride(0), x.stride(1), route_w, sorted_slots, expert_offsets,
+            grad_gate_up, *grad_gate_up.stride(), grad_gate_up_bias if gate_up_bias is not None else grad_gate_up,
+            two_inter, two_inter, hidden, inter, top_k, limit,
+            LHS_BY_TOKEN=False, LHS_WEIGHTED=False, RHS_BY_TOKEN=True, RHS_GATED=False, ACTIVATION=code,
+            INTERLEAVED=interleaved, HAS_LIMIT=swiglu_limit is not None, BIAS_GRAD=gate_up_bias is not None,
+            UPCAST=upcast, BLOCK_I=wg["BLOCK_I"], BLOCK_J=wg["BLOCK_J"], BLOCK_P=wg["BLOCK_P"],
+            num_warps=wg["num_warps"], num_stages=wg["num_stages"])
+    return grad_x, grad_gate_up, grad_down, grad_weights, grad_gate_up_bias, grad_down_bias
+
+
+# ----------------------------------------------------------------------------------------------------
+# torch.library ops
+
+
+@torch.library.custom_op("moe_kernels_triton::moe_mlp_forward", mutates_args=())
+def moe_mlp_forward_op(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
+                       ids: torch.Tensor, gate_up_bias: Optional[torch.Tensor], down_bias: Optional[torch.Tensor],
+                       activation: str, interleaved: bool, swiglu_limit: Optional[float],
+                       save_pre: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (y [T,H], pre [N or 0, 2I], expert_offsets [E+1], sorted_slots [N]); the last three are
+    the state the backward needs (pre is empty unless save_pre)."""
+    return _forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, interleaved,
+                    swiglu_limit, save_pre)
+
+
+@moe_mlp_forward_op.register_fake
+def _(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation, interleaved, swiglu_limit,
+      save_pre):
+    num_rows = ids.shape[0] * ids.shape[1]
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty((num_rows if save_pre else 0, gate_up_proj.shape[1])),
+            ids.new_empty((gate_up_proj.shape[0] + 1,), dtype=torch.int32),
+            ids.new_empty((num_rows,), dtype=torch.int32))
+
+
+@torch.library.custom_op("moe_kernels_triton::moe_mlp_backward", mutates_args=())
+def moe_mlp_backward_op(grad_y: torch.Tensor, x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                        weights: torch.Tensor, ids: torch.Tensor, gate_up_bias: Optional[torch.Tensor],
+                        down_bias: Optional[torch.Tensor], pre: torch.Tensor, expert_offsets: torch.Tensor,
+                        sorted_slots: torch.Tensor, activation: str, interleaved: bool,
+                        swiglu_limit: Optional[float], need_x: bool, need_params: bool) -> list[torch.Tensor]:
+    """Returns [dx, d gate_up_proj, d down_proj, d weights, d gate_up_bias, d down_bias]; a gradient not
+    asked for (need_x / need_params false, or no bias) is an empty tensor."""
+    return list(_backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, pre,
+                          expert_offsets, sorted_slots, activation, interleaved, swiglu_limit, need_x, need_params))
+
+
+@moe_mlp_backward_op.register_fake
+def _(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, pre, expert_offsets, sorted_slots,
+      activation, interleaved, swiglu_limit, need_x, need_params):
+    def empty():
+        return x.new_empty(0)
+
+    return [torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else empty(),
+            x.new_empty(gate_up_proj.shape) if need_params else empty(),
+            x.new_empty(down_proj.shape) if need_params else empty(),
+            weights.new_empty(ids.shape, dtype=torch.float32),
+            x.new_empty(gate_up_bias.shape) if need_params and gate_up_bias is not None else empty(),
+            x.new_empty(down_bias.shape) if need_params and down_bias is not None else empty()]
+
+
+def _mlp_setup_context(ctx, inputs, output):
+    x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation, interleaved, swiglu_limit, _ = inputs
+    _, pre, expert_offsets, sorted_slots = output
+    ctx.save_for_backward(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, pre, expert_offsets,
+                          sorted_slots)
+    ctx.options = (activation, interleaved, swiglu_limit)
+    ctx.mark_non_differentiable(pre, expert_offsets, sorted_slots)
+
+
+def _mlp_backward(ctx, grad_y, _grad_pre, _grad_offsets, _grad_slots):
+    x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, pre, expert_offsets, sorted_slots = ctx.saved_tensors
+    if pre.shape[0] != ids.numel():
+        raise RuntimeError("moe_mlp (triton): backward called on a forward run without save_pre=True")
+    activation, interleaved, swiglu_limit = ctx.options
+    needs = ctx.needs_input_grad
+    need_params = any(needs[i] for i in (1, 2, 5, 6))
+    grads = moe_mlp_backward_op(grad_y.contiguous(), x, gate_up_proj, down_proj, weights, ids, gate_up_bias,
+                                down_bias, pre, expert_offsets, sorted_slots, activation, interleaved, swiglu_limit,
+                                needs[0], need_params)
+    dx, dgu, dd, dw, dgub, ddb = grads
+    return (dx if needs[0] else None, dgu if needs[1] else None, dd if needs[2] else None,
+            dw.to(weights.dtype) if needs[3] else None, None,
+            dgub if needs[5] else None, ddb if needs[6] else None, None, None, None, None)
+
+
+moe_mlp_forward_op.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)
+
+
+def moe_mlp(x, gate_up_proj, down_proj, weights, ids, activation="silu", gate_up_bias=None, down_bias=None,
+            interleaved=False, swiglu_limit=None):
+    """Backend entry point (arguments validated by :func:`moe_kernels.ops.moe_mlp`): y [T, H] in x's dtype."""
+    save_pre = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, gate_up_proj, down_proj, weights, gate_up_bias, down_bias))
+    limit = None if swiglu_limit is None else float(swiglu_limit)
+    return moe_mlp_forward_op(x, gate_up_proj, down_proj, weights, ids.to(torch.int32).contiguous(), gate_up_bias,
+                              down_bias, activation, bool(interleaved), limit, save_pre)[0]
