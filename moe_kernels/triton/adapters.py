@@ -119,11 +119,23 @@ def _locate_tile(pid, tile_ends_ptr, expert_offsets_ptr, num_experts,
     """Tile ``pid`` of the per-expert tiling -> (expert, sorted positions [BLOCK_M] int32, row mask).
 
     tile_ends [E] int32: cumulative count of BLOCK_M-row tiles per expert. The caller has already
-    returned for pid >= tile_ends[E-1]."""
-    experts = tl.arange(0, E_PAD)
-    ends = tl.load(tile_ends_ptr + experts, mask=experts < num_experts, other=2147483647)
-    expert = tl.sum((ends <= pid).to(tl.int32), axis=0)
-    tiles_before = tl.sum(tl.where(experts == expert - 1, ends, 0), axis=0)
+    returned for pid >= tile_ends[E-1]. The expert is the first e with tile_ends[e] > pid: one vector
+    compare up to 1024 experts, a binary search of scalar loads beyond (no E-sized registers)."""
+    if E_PAD <= 1024:
+        experts = tl.arange(0, E_PAD)
+        ends = tl.load(tile_ends_ptr + experts, mask=experts < num_experts, other=2147483647)
+        expert = tl.sum((ends <= pid).to(tl.int32), axis=0)
+    else:
+        low = tl.zeros((), tl.int32)
+        high = tl.zeros((), tl.int32) + num_experts
+        for _ in tl.static_range(E_PAD.bit_length()):
+            middle = (low + high) // 2
+            end = tl.load(tile_ends_ptr + middle, mask=middle < num_experts, other=2147483647)
+            go_right = end <= pid
+            low = tl.where(go_right, middle + 1, low)
+            high = tl.where(go_right, high, middle)
+        expert = low
+    tiles_before = tl.load(tile_ends_ptr + expert - 1, mask=expert > 0, other=0)
     segment_begin = tl.load(expert_offsets_ptr + expert)
     segment_end = tl.load(expert_offsets_ptr + expert + 1)
     positions = segment_begin + (pid - tiles_before) * BLOCK_M + tl.arange(0, BLOCK_M)

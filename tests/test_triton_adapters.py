@@ -1,0 +1,162 @@
+"""Triton adapter experts (moe_kernels.triton.adapters) under the interpreter, against the oracle.
+
+Forward and all four gradients vs ``moe_kernels.reference.adapter_moe`` (fp32 math on the same inputs),
+both kernel paths (fused and split), on the hard-case grid, every activation and input dtype; opcheck
+of both torch.library ops.
+"""
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the CPU runs the kernels interpreted
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+pytest.importorskip("triton")
+
+from conftest import DTYPES, assert_close_rel, make_ids  # noqa: E402
+
+from moe_kernels import reference  # noqa: E402
+from moe_kernels.triton import adapters  # noqa: E402
+from moe_kernels.triton.adapters import AdapterConfig, adapter_moe_triton, forced_config  # noqa: E402
+
+# Fused: whole padded rank in one tile, shrink -> act -> expand in one program. Split: rank-tiled shrink
+# kernel + expand kernel. Small row tiles so the test shapes span several tiles per expert.
+FUSED = AdapterConfig(fused=True, block_m=16, block_k=64, block_n=64, block_r=256, wgrad_block_m=16)
+SPLIT = AdapterConfig(fused=False, block_m=16, block_k=64, block_n=64, block_r=64, wgrad_block_m=16)
+PATHS = {"fused": FUSED, "split": SPLIT}
+
+
+def make_inputs(T, H, E, k, rank, dtype, ids=None, pattern="random"):
+    h = torch.randn(T, H).to(dtype)
+    down = (torch.randn(E, rank, H) / H ** 0.5).to(dtype)
+    up = (torch.randn(E, H, rank) / rank ** 0.5).to(dtype)
+    weights = torch.rand(T, k) + 0.1
+    if ids is None:
+        ids = make_ids(pattern, T, E, k)
+    return [t.requires_grad_() for t in (h, down, up, weights)], ids
+
+
+def check_against_oracle(T, H, E, k, rank, dtype=torch.float32, activation="gelu", scale=0.7, path=None,
+                         ids=None, pattern="random"):
+    leaves, ids = make_inputs(T, H, E, k, rank, dtype, ids, pattern)
+    if path is None:
+        out = adapter_moe_triton(*leaves, ids, activation, scale)
+    else:
+        with forced_config(PATHS[path]):
+            out = adapter_moe_triton(*leaves, ids, activation, scale)
+    assert out.dtype == dtype and out.shape == (T, H)
+    ref = reference.adapter_moe(*leaves, ids, activation, scale)
+    assert_close_rel(out, ref, dtype, "forward")
+    grad_out = torch.randn(T, H).to(dtype)
+    if path is None:
+        grads = torch.autograd.grad(out, leaves, grad_out)
+    else:
+        with forced_config(PATHS[path]):
+            grads = torch.autograd.grad(out, leaves, grad_out)
+    ref_grads = torch.autograd.grad(ref, leaves, grad_out)
+    for name, got, want in zip(("d h", "d down", "d up", "d weights"), grads, ref_grads):
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+        assert_close_rel(got, want, dtype, name, factor=2.0)
+    return ids, grads
+
+
+# (T, H, E, k, rank, ids pattern): one token, tokens fewer than a tile, k = 1, k = E, odd H, prime E,
+# all tokens on one expert, an expert with no tokens, r = 1 / 8 / 16 / 64 / 200 (several rank tiles).
+GRID = [
+    (1, 33, 4, 2, 8, "random"),
+    (5, 31, 3, 1, 1, "random"),
+    (7, 40, 5, 5, 16, "random"),
+    (20, 24, 7, 2, 64, "one_expert"),
+    (13, 35, 6, 3, 8, "skip_last"),
+    (6, 20, 3, 2, 200, "random"),
+]
+
+
+@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("T,H,E,k,rank,pattern", GRID)
+def test_matches_oracle_on_hard_cases(T, H, E, k, rank, pattern, path):
+    check_against_oracle(T, H, E, k, rank, path=path, pattern=pattern)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("activation", reference.ADAPTER_ACTIVATIONS)
+def test_every_activation_and_dtype(activation, dtype):
+    path = "fused" if activation in ("gelu", "silu", "identity") else "split"
+    check_against_oracle(9, 24, 5, 2, 8, dtype=dtype, activation=activation, path=path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_large_rank(dtype):
+    check_against_oracle(6, 20, 3, 2, 200, dtype=dtype, activation="silu", path="split")
+
+
+def test_table_config_and_rank_1024():
+    check_against_oracle(4, 16, 3, 2, 1024, activation="gelu_tanh")  # config chosen by the table
+
+
+def test_empty_expert_gets_zero_weight_gradients():
+    ids = torch.tensor([[0, 3], [3, 0], [0, 3]], dtype=torch.int32)  # experts 1, 2, 4 unused
+    for path in PATHS:
+        _, (_, d_down, d_up, _) = check_against_oracle(3, 18, 5, 2, 8, ids=ids, path=path)
+        for expert in (1, 2, 4):
+            assert torch.count_nonzero(d_down[expert]) == 0 and torch.count_nonzero(d_up[expert]) == 0
+
+
+def test_deterministic():
+    leaves, ids = make_inputs(11, 24, 4, 3, 8, torch.float32)
+    runs = []
+    for _ in range(2):
+        out = adapter_moe_triton(*leaves, ids, "gelu", 1.3)
+        runs.append([out, *torch.autograd.grad(out.sum(), leaves)])
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
+def test_frozen_experts_skip_weight_gradients():
+    # Self-MoE: experts frozen, router trained -> only d h and d weights are formed
+    (h, down, up, weights), ids = make_inputs(6, 24, 4, 2, 8, torch.float32)
+    down.requires_grad_(False)
+    up.requires_grad_(False)
+    out = adapter_moe_triton(h, down, up, weights, ids, "identity", 2.0)
+    dh, dw = torch.autograd.grad(out.sum(), (h, weights))
+    ref = reference.adapter_moe(h, down, up, weights, ids, "identity", 2.0)
+    ref_dh, ref_dw = torch.autograd.grad(ref.sum(), (h, weights))
+    assert_close_rel(dh, ref_dh, torch.float32, "d h")
+    assert_close_rel(dw, ref_dw, torch.float32, "d weights")
+
+
+def test_non_contiguous_weights():
+    (h, down, up, weights), ids = make_inputs(5, 24, 3, 2, 16, torch.float32)
+    up_t = up.detach().transpose(1, 2).contiguous().transpose(1, 2)  # same values, strided view
+    out = adapter_moe_triton(h, down, up_t, weights, ids, "gelu", 1.0)
+    assert_close_rel(out, reference.adapter_moe(h, down, up, weights, ids, "gelu", 1.0), torch.float32, "forward")
+
+
+def test_bad_arguments_raise():
+    (h, down, up, weights), ids = make_inputs(3, 16, 3, 2, 4, torch.float32)
+    with pytest.raises(ValueError, match="activation"):
+        adapter_moe_triton(h, down, up, weights, ids, "tanh", 1.0)
+
+
+def test_config_table_is_complete_and_valid():
+    for rank in (1, 8, 16, 17, 64, 100, 128, 129, 1024):
+        for slots in (1, 256, 257, 8192, 8193, 100000):
+            config = adapters.select_config(slots, rank)
+            assert config.block_r >= 16 and config.block_m >= 16
+            if config.fused:
+                assert adapters._rank_tile(rank) <= config.block_r
+
+
+@pytest.mark.parametrize("path", ["fused", "split"])
+def test_opcheck(path):
+    (h, down, up, weights), ids = make_inputs(5, 20, 3, 2, 8, torch.float32)
+    plan = reference.plan(ids, 3)
+    args = (h, down, up, weights, plan.expert_offsets, plan.sorted_slots, "gelu", 0.5)
+    with forced_config(PATHS[path]):
+        torch.library.opcheck(adapters._adapter_moe_op, args)
+        grad = torch.randn(5, 20)
+        for weight_grads in (True, False):
+            torch.library.opcheck(adapters._adapter_moe_backward_op,
+                                  (grad, *[a.detach() if isinstance(a, torch.Tensor) else a for a in args],
+                                   weight_grads))
