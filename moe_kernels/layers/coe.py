@@ -130,10 +130,12 @@ class CoELayer(nn.Module):
     caches {name: Cache} or None, use_cache)`` returns logits [B, L, V] in the batch's order. Every
     sequence of a branch's sub-batch is computed by that branch alone, so a sequence routed to expert
     j gets what expert j's full model computes for it. All branches must share the vocabulary size.
+    ``backend`` names the moe_kernels backend of the dispatch plan (None: the default for the device).
     """
 
-    def __init__(self, branches: dict[str, ExpertBranch] | None = None):
+    def __init__(self, branches: dict[str, ExpertBranch] | None = None, backend: str | None = None):
         super().__init__()
+        self.backend = backend
         self.branches = nn.ModuleDict()
         for name, branch in (branches or {}).items():
             self.add_branch(name, branch)
@@ -180,7 +182,7 @@ class CoELayer(nn.Module):
         names = self.names
         # Sequence-level dispatch: a plan over one "slot" per sequence groups sequences by expert
         # (stable, so each branch sees its sequences in batch order, which keeps its KV cache rows fixed).
-        plan = ops.plan(expert_ids.reshape(-1, 1).to(torch.int32), len(names))
+        plan = ops.plan(expert_ids.reshape(-1, 1).to(torch.int32), len(names), backend=self.backend)
         offsets = plan.expert_offsets.tolist()
         sorted_rows = plan.sorted_slots.long()
         outputs = []

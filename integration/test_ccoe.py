@@ -1,0 +1,236 @@
+"""CCoE end to end on real Hugging Face causal-LM classes (tiny random Llama / Qwen2 / Mistral, CPU).
+
+A request routed to expert j must give exactly what expert j's full model gives on its own: logits
+of a mixed, padded batch, and greedy generations with per-branch KV caches. Plus routing (rules,
+learned classifier), push/pop, the memory report, a short training run, and the error cases.
+"""
+
+import copy
+
+import pytest
+import torch
+from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                          Qwen2ForCausalLM)
+
+from moe_kernels.hf import couple_experts
+from moe_kernels.hf.couple import ClassifierRouter, KeywordRouter
+
+VOCAB = 101
+PAD = 0
+SPLIT = 2
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+              pad_token_id=PAD, max_position_embeddings=256)
+# Qwen2 with mixed full/sliding layers and Mistral with a sliding window shorter than the prompts:
+# the branch masks must follow each layer's attention type.
+FAMILIES = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {}),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)),
+    "mistral": (MistralConfig, MistralForCausalLM, dict(sliding_window=4)),
+}
+EXPERT_DEPTHS = {"code": 3, "math": 5, "law": 2}  # own depths: deeper, and no layer of its own past the split
+
+
+def tiny_model(family: str, depth: int, seed: int):
+    config_cls, model_cls, extra = FAMILIES[family]
+    torch.manual_seed(seed)
+    return model_cls(config_cls(num_hidden_layers=depth, **COMMON, **extra)).eval()
+
+
+def fine_tuned_copy(base, family: str, depth: int, seed: int):
+    """An expert as CCoE trains one: the base's embeddings and lower layers, its own upper layers/head."""
+    expert = tiny_model(family, depth, seed)
+    base_state = base.state_dict()
+    shared = {k: v for k, v in base_state.items()
+              if k.startswith("model.embed_tokens") or any(k.startswith(f"model.layers.{i}.") for i in range(SPLIT))}
+    expert.load_state_dict(shared, strict=False)
+    return expert
+
+
+def build(family: str, router=None):
+    base = tiny_model(family, 3, seed=0)
+    experts = {name: fine_tuned_copy(base, family, depth, seed=i + 1)
+               for i, (name, depth) in enumerate(EXPERT_DEPTHS.items())}
+    return base, experts, couple_experts(base, experts, split_layer=SPLIT, router=router)
+
+
+def padded_batch(lengths, seed=0):
+    """Left-padded prompts [B, max(lengths)] with their attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), PAD, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, width - n:] = torch.randint(1, VOCAB, (n,), generator=g)
+        mask[row, width - n:] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_routed_logits_equal_the_experts_full_model(family):
+    _, experts, coupled = build(family)
+    ids, mask = padded_batch([7, 4, 9, 9, 2, 6])
+    route = ["math", "law", "math", "code", "law", "math"]
+    out = coupled(ids, attention_mask=mask, expert=route)
+    assert out.expert_names == route
+    for name, expert in experts.items():
+        rows = [i for i, r in enumerate(route) if r == name]
+        with torch.no_grad():
+            expected = expert(ids, attention_mask=mask).logits[rows]
+        actual = out.logits[rows]
+        valid = mask[rows].bool()  # padded positions carry no meaning
+        torch.testing.assert_close(actual[valid], expected[valid], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_greedy_generation_equals_the_experts_generate(family):
+    _, experts, coupled = build(family)
+    ids, mask = padded_batch([6, 3, 8, 5], seed=1)
+    route = ["code", "math", "law", "math"]
+    with torch.no_grad():
+        generated = coupled.generate(ids, attention_mask=mask, expert=route, max_new_tokens=7)
+    assert coupled.last_routing == route
+    for name, expert in experts.items():
+        rows = [i for i, r in enumerate(route) if r == name]
+        with torch.no_grad():
+            expected = expert.generate(ids, attention_mask=mask, max_new_tokens=7, do_sample=False,
+                                       pad_token_id=PAD)
+        assert torch.equal(generated[rows], expected[rows]), name
+
+
+def test_cached_steps_equal_a_full_recompute():
+    _, _, coupled = build("llama")
+    ids, mask = padded_batch([5, 8, 3], seed=2)
+    route = ["law", "code", "math"]
+    with torch.no_grad():
+        out = coupled(ids[:, :-2], attention_mask=mask[:, :-2], expert=route, use_cache=True)
+        step = coupled(ids[:, -2:], attention_mask=mask, past_key_values=out.past_key_values, use_cache=True)
+        full = coupled(ids, attention_mask=mask, expert=route)
+    assert step.expert_names == route  # routing kept from the prompt
+    torch.testing.assert_close(step.logits, full.logits[:, -2:], rtol=1e-5, atol=1e-5)
+
+
+def test_keyword_router_routes_and_reports_its_choice():
+    vocab_text = {i: chr(ord("a") + i % 26) for i in range(VOCAB)}  # a toy "tokenizer": one letter per id
+
+    def decode(token_ids):
+        return "".join(vocab_text[t] for t in token_ids)
+
+    router = KeywordRouter({"code": [r"def"], "math": ["sum", r"\d+\+\d+"]}, default="law", decode=decode)
+    assert router.route_texts(["def f(): pass", "the SUM of", "1+2", "a contract"]) == ["code", "math", "math", "law"]
+    _, experts, coupled = build("llama", router=router)
+    encode = {v: k for k, v in vocab_text.items() if k < 26}
+    prompts = ["xxdefy", "thesum", "contract"]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[PAD] * (width - len(p)) + [encode[c] for c in p] for p in prompts])
+    mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+    out = coupled(ids, attention_mask=mask)
+    assert out.expert_names == ["code", "math", "law"]
+    generated = coupled.generate(ids, attention_mask=mask, max_new_tokens=3)
+    assert coupled.last_routing == ["code", "math", "law"]
+    with torch.no_grad():
+        expected = experts["math"].generate(ids, attention_mask=mask, max_new_tokens=3, do_sample=False,
+                                            pad_token_id=PAD)
+    assert torch.equal(generated[1], expected[1])
+
+
+def test_classifier_router_learns_domains_from_labelled_prompts():
+    _, _, coupled = build("qwen2")
+    names = coupled.expert_names
+    g = torch.Generator().manual_seed(3)
+    # Each domain draws its tokens from its own third of the vocabulary.
+    labels = [names[i % 3] for i in range(24)]
+    ids = torch.stack([torch.randint(1 + 33 * names.index(n), 33 * (names.index(n) + 1), (6,), generator=g)
+                       for n in labels])
+    router = ClassifierRouter(coupled.config.hidden_size, names)
+    losses = router.fit(coupled, ids, labels, steps=60)
+    assert losses[-1] < losses[0] * 0.5
+    coupled.router = router
+    assert coupled.route(ids) == labels
+    out = coupled(ids)
+    assert out.expert_names == labels
+    assert torch.equal(out.expert_ids, torch.tensor([names.index(n) for n in labels]))
+
+
+def test_push_pop_and_memory_report():
+    base, experts, coupled = build("mistral")
+    ids, mask = padded_batch([5, 5], seed=4)
+    before = coupled(ids, attention_mask=mask, expert=["code", "law"]).logits
+    report = coupled.memory_report()
+    assert report["experts"] == 3 and report["saved_bytes"] > 0
+    assert report["coupled_bytes"] < report["separate_bytes"]
+    coupled.pop_expert("math")
+    assert coupled.expert_names == ["code", "law"]
+    assert coupled.memory_report()["experts"] == 2
+    extra = fine_tuned_copy(base, "mistral", 4, seed=9)
+    coupled.push_expert("sql", extra)
+    after = coupled(ids, attention_mask=mask, expert=["code", "law"]).logits
+    torch.testing.assert_close(after, before, rtol=0, atol=0)  # the others are untouched
+    out = coupled(ids, attention_mask=mask, expert="sql")
+    with torch.no_grad():
+        torch.testing.assert_close(out.logits, extra(ids, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="already attached"):
+        coupled.push_expert("sql", extra)
+    with pytest.raises(KeyError, match="no expert named"):
+        coupled.pop_expert("math")
+    with pytest.raises(ValueError, match="not attached"):
+        coupled(ids, expert="math")
+
+
+def test_norm_and_head_equal_to_the_base_are_shared():
+    base = tiny_model("llama", 3, seed=0)
+    expert = copy.deepcopy(base)
+    with torch.no_grad():
+        expert.model.layers[2].mlp.down_proj.weight.mul_(2.0)  # only an upper layer changed
+    coupled = couple_experts(base, {"a": expert}, split_layer=SPLIT)
+    branch = coupled.coe.branches["a"]
+    assert branch.lm_head is base.lm_head and branch.norm is base.model.norm
+
+
+def test_training_the_branch_lowers_the_loss():
+    _, _, coupled = build("llama")
+    ids, mask = padded_batch([8, 8, 8, 8], seed=5)
+    labels = ids.masked_fill(mask == 0, -100)
+    for p in coupled.parameters():
+        p.requires_grad_(False)
+    trainable = list(coupled.coe.branches["code"].layers.parameters())
+    for p in trainable:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    losses = []
+    for _ in range(15):
+        loss = coupled(ids, attention_mask=mask, labels=labels, expert="code").loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1
+
+
+def test_errors_for_mismatched_experts_and_bad_arguments():
+    base = tiny_model("llama", 3, seed=0)
+    with pytest.raises(ValueError, match="architecture"):
+        couple_experts(base, {"q": tiny_model("qwen2", 3, seed=1)}, split_layer=SPLIT)
+    wider = LlamaForCausalLM(LlamaConfig(num_hidden_layers=3, **{**COMMON, "hidden_size": 48}))
+    with pytest.raises(ValueError, match="hidden_size"):
+        couple_experts(base, {"wide": wider}, split_layer=SPLIT)
+    with pytest.raises(ValueError, match="fewer than split_layer"):
+        couple_experts(base, {"short": fine_tuned_copy(base, "llama", 1, seed=1)}, split_layer=SPLIT)
+    with pytest.raises(ValueError, match="embeddings that differ"):
+        couple_experts(base, {"other": tiny_model("llama", 3, seed=5)}, split_layer=SPLIT)
+    drifted = copy.deepcopy(base)
+    with torch.no_grad():
+        drifted.model.layers[1].self_attn.q_proj.weight.add_(0.01)  # a shared layer was not kept frozen
+    with pytest.raises(ValueError, match="layer 1 .* differs"):
+        couple_experts(base, {"drifted": drifted}, split_layer=SPLIT)
+    with pytest.raises(ValueError, match="split_layer"):
+        couple_experts(base, {"a": fine_tuned_copy(base, "llama", 3, seed=1)}, split_layer=7)
+    with pytest.raises(ValueError, match="non-empty dict"):
+        couple_experts(base, {}, split_layer=SPLIT)
+    coupled = couple_experts(base, {"a": fine_tuned_copy(base, "llama", 3, seed=1)}, split_layer=SPLIT)
+    ids = torch.randint(1, VOCAB, (2, 4))
+    with pytest.raises(ValueError, match="no router"):
+        coupled(ids)
+    with pytest.raises(ValueError, match="2 sequences"):
+        coupled(ids, expert=["a", "a", "a"])
+    with pytest.raises(ValueError, match="no routing rule"):
+        KeywordRouter({"a": ["zzz"]}).route_text("hello")
