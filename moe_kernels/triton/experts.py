@@ -22,7 +22,8 @@ backward (nothing permuted is kept but ``pre``; the activation is recomputed fro
               as row sums.
 
 Deterministic: every output element is written by one program, reductions run in a fixed order.
-On GPUs the GEMMs run on tensor cores in the input dtype with fp32 accumulation; under
+On GPUs the GEMMs run on tensor cores in the input dtype with fp32 accumulation (fp32 inputs use TF32
+only if ``torch.backends.cuda.matmul.allow_tf32``); under
 TRITON_INTERPRET=1 (``UPCAST``) operands are converted to fp32 first because the interpreter computes
 bf16 wrongly.
 """
@@ -46,6 +47,14 @@ _SILU, _GELU, _GELU_TANH, _RELU, _GPT_OSS = (ACTIVATION_CODES[n] for n in ("silu
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision: fp32 inputs use TF32 only when torch allows it for matmuls (as torch's own
+    fp32 GEMMs do); fp16/bf16 inputs run natively (the value is ignored for them)."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -160,7 +169,7 @@ def _gate_up_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, st
                     stride_bn, sorted_slots_ptr, expert_offsets_ptr, tile_offsets_ptr, act_ptr, pre_ptr,
                     hidden, inter, num_experts, top_k, search_steps, limit,
                     ACTIVATION: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    HAS_LIMIT: tl.constexpr, SAVE_PRE: tl.constexpr, UPCAST: tl.constexpr,
+                    HAS_LIMIT: tl.constexpr, SAVE_PRE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """First GEMM with the row gather fused into its loads and the gated activation into its epilogue.
 
@@ -192,8 +201,8 @@ def _gate_up_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, st
             wg = tl.load(w_base + gate_rows[None, :] * stride_wn + ks[:, None] * stride_wh, mask=w_mask, other=0.0)
             wu = tl.load(w_base + up_rows[None, :] * stride_wn + ks[:, None] * stride_wh, mask=w_mask, other=0.0)
             xt = _operand(xt, UPCAST, x_ptr.dtype.element_ty)
-            acc_gate = tl.dot(xt, _operand(wg, UPCAST, x_ptr.dtype.element_ty), acc_gate)
-            acc_up = tl.dot(xt, _operand(wu, UPCAST, x_ptr.dtype.element_ty), acc_up)
+            acc_gate = tl.dot(xt, _operand(wg, UPCAST, x_ptr.dtype.element_ty), acc_gate, input_precision=DOT_PRECISION)
+            acc_up = tl.dot(xt, _operand(wu, UPCAST, x_ptr.dtype.element_ty), acc_up, input_precision=DOT_PRECISION)
         if HAS_BIAS:
             b_base = bias_ptr + expert.to(tl.int64) * stride_be
             acc_gate += tl.load(b_base + gate_rows * stride_bn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -212,7 +221,7 @@ def _gate_up_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, st
 def _rows_matmul_kernel(in_ptr, w_ptr, stride_we, stride_wc, stride_wj, bias_ptr, stride_be, stride_bj,
                         route_w_ptr, sorted_slots_ptr, expert_offsets_ptr, tile_offsets_ptr, out_ptr,
                         reduce_dim, out_dim, num_experts, search_steps,
-                        HAS_BIAS: tl.constexpr, HAS_ROUTE_W: tl.constexpr, UPCAST: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, HAS_ROUTE_W: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Sorted rows times their expert's matrix, scattered to slot rows:
     out[slot(p), j] = route_w[slot(p)] * (sum_c in[p, c] * W[e, c, j] + bias[e, j]).
@@ -239,7 +248,8 @@ def _rows_matmul_kernel(in_ptr, w_ptr, stride_we, stride_wc, stride_wj, bias_ptr
             a = tl.load(in_ptr + rows64 * reduce_dim + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             w = tl.load(w_base + ks[:, None] * stride_wc + cols[None, :] * stride_wj,
                         mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-            acc = tl.dot(_operand(a, UPCAST, in_ptr.dtype.element_ty), _operand(w, UPCAST, in_ptr.dtype.element_ty), acc)
+            acc = tl.dot(_operand(a, UPCAST, in_ptr.dtype.element_ty), _operand(w, UPCAST, in_ptr.dtype.element_ty), acc,
+                         input_precision=DOT_PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + expert.to(tl.int64) * stride_be + cols * stride_bj, mask=col_mask,
                            other=0.0).to(tl.float32)[None, :]
@@ -255,7 +265,7 @@ def _down_backward_kernel(grad_y_ptr, stride_gt, stride_gh, w_ptr, stride_we, st
                           tile_offsets_ptr, grad_pre_ptr, grad_w_partial_ptr, hidden, inter, num_experts, top_k,
                           search_steps, num_col_tiles, limit,
                           ACTIVATION: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          HAS_LIMIT: tl.constexpr, UPCAST: tl.constexpr,
+                          HAS_LIMIT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Backward through the down GEMM and the activation, for sorted rows.
 
@@ -288,7 +298,7 @@ def _down_backward_kernel(grad_y_ptr, stride_gt, stride_gh, w_ptr, stride_we, st
             w = tl.load(w_base + ks[:, None] * stride_wh + cols[None, :] * stride_wn,
                         mask=k_mask[:, None] & col_mask[None, :], other=0.0)
             acc = tl.dot(_operand(g, UPCAST, grad_y_ptr.dtype.element_ty),
-                         _operand(w, UPCAST, grad_y_ptr.dtype.element_ty), acc)
+                         _operand(w, UPCAST, grad_y_ptr.dtype.element_ty), acc, input_precision=DOT_PRECISION)
             if HAS_BIAS:
                 if pid_n == 0:
                     b = tl.load(bias_ptr + expert.to(tl.int64) * stride_be + ks * stride_bh, mask=k_mask, other=0.0)
@@ -314,7 +324,7 @@ def _expert_outer_kernel(lhs_ptr, stride_lt, stride_lc, rhs_ptr, stride_rt, stri
                          bias_grad_ptr, stride_bge, lhs_dim, rhs_dim, inter, top_k, limit,
                          LHS_BY_TOKEN: tl.constexpr, LHS_WEIGHTED: tl.constexpr, RHS_BY_TOKEN: tl.constexpr,
                          RHS_GATED: tl.constexpr, ACTIVATION: tl.constexpr, INTERLEAVED: tl.constexpr,
-                         HAS_LIMIT: tl.constexpr, BIAS_GRAD: tl.constexpr, UPCAST: tl.constexpr,
+                         HAS_LIMIT: tl.constexpr, BIAS_GRAD: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                          BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr):
     """Per-expert grouped GEMM over the expert's run of sorted rows (the weight gradients):
     out[e, i, j] = sum_{p in rows of e} L[p, i] * R[p, j];  bias_grad[e, i] = sum_p L[p, i].
@@ -368,7 +378,8 @@ def _expert_outer_kernel(lhs_ptr, stride_lt, stride_lc, rhs_ptr, stride_rt, stri
         else:
             rhs = tl.load(rhs_ptr + rhs_rows[:, None] * stride_rt + j_idx[None, :] * stride_rc, mask=rhs_mask,
                           other=0.0)
-        acc = tl.dot(_operand(lhs, UPCAST, out_ptr.dtype.element_ty), _operand(rhs, UPCAST, out_ptr.dtype.element_ty), acc)
+        acc = tl.dot(_operand(lhs, UPCAST, out_ptr.dtype.element_ty), _operand(rhs, UPCAST, out_ptr.dtype.element_ty), acc,
+                     input_precision=DOT_PRECISION)
     out = out_ptr + expert.to(tl.int64) * stride_oe + i_idx[:, None] * stride_oi + j_idx[None, :] * stride_oj
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=i_mask[:, None] & j_mask[None, :])
     if BIAS_GRAD:
@@ -421,6 +432,7 @@ def _forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias,
     plan = dispatch_plan(ids, num_experts)
     cfg = mlp_config(num_rows, num_experts, top_k)
     upcast = interpreting()
+    precision = dot_precision(x.dtype)
     steps = num_experts.bit_length()
     tiles_up = tile_offsets(plan.expert_offsets, cfg["up"]["BLOCK_M"])
     act = torch.empty((num_rows, inter), dtype=x.dtype, device=x.device)
@@ -432,7 +444,7 @@ def _forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias,
         plan.sorted_slots, plan.expert_offsets, tiles_up, act, pre if save_pre else act,
         hidden, inter, num_experts, top_k, steps, float(swiglu_limit or 0.0),
         ACTIVATION=ACTIVATION_CODES[activation], INTERLEAVED=interleaved, HAS_BIAS=gate_up_bias is not None,
-        HAS_LIMIT=swiglu_limit is not None, SAVE_PRE=save_pre, UPCAST=upcast,
+        HAS_LIMIT=swiglu_limit is not None, SAVE_PRE=save_pre, UPCAST=upcast, DOT_PRECISION=precision,
         BLOCK_M=up["BLOCK_M"], BLOCK_N=up["BLOCK_N"], BLOCK_K=up["BLOCK_K"],
         num_warps=up["num_warps"], num_stages=up["num_stages"])
     down = cfg["down"]
@@ -443,7 +455,7 @@ def _forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias,
         act, down_proj, down_proj.stride(0), down_proj.stride(2), down_proj.stride(1), bias, stride_be, stride_bj,
         weights.reshape(-1), plan.sorted_slots, plan.expert_offsets, tiles_down, slot_rows,
         inter, hidden, num_experts, steps,
-        HAS_BIAS=down_bias is not None, HAS_ROUTE_W=True, UPCAST=upcast,
+        HAS_BIAS=down_bias is not None, HAS_ROUTE_W=True, UPCAST=upcast, DOT_PRECISION=precision,
         BLOCK_M=down["BLOCK_M"], BLOCK_N=down["BLOCK_N"], BLOCK_K=down["BLOCK_K"],
         num_warps=down["num_warps"], num_stages=down["num_stages"])
     y = _combine_slots(slot_rows, num_tokens, top_k, x.dtype)
@@ -459,6 +471,7 @@ def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, do
     num_rows = num_tokens * top_k
     cfg = mlp_config(num_rows, num_experts, top_k)
     upcast = interpreting()
+    precision = dot_precision(x.dtype)
     steps = num_experts.bit_length()
     code = ACTIVATION_CODES[activation]
     limit = float(swiglu_limit or 0.0)
@@ -475,7 +488,7 @@ def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, do
         route_w, pre, sorted_slots, expert_offsets, tile_offsets(expert_offsets, bw["BLOCK_M"]), grad_pre,
         grad_w_partial, hidden, inter, num_experts, top_k, steps, col_tiles, limit,
         ACTIVATION=code, INTERLEAVED=interleaved, HAS_BIAS=down_bias is not None, HAS_LIMIT=swiglu_limit is not None,
-        UPCAST=upcast, BLOCK_M=bw["BLOCK_M"], BLOCK_N=bw["BLOCK_N"], BLOCK_K=bw["BLOCK_K"],
+        UPCAST=upcast, DOT_PRECISION=precision, BLOCK_M=bw["BLOCK_M"], BLOCK_N=bw["BLOCK_N"], BLOCK_K=bw["BLOCK_K"],
         num_warps=bw["num_warps"], num_stages=bw["num_stages"])
     grad_weights = grad_w_partial.sum(dim=1).view(num_tokens, top_k)
 
@@ -489,7 +502,7 @@ def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, do
         _rows_matmul_kernel[(max_tiles(num_rows, num_experts, dx["BLOCK_M"]), triton.cdiv(hidden, dx["BLOCK_N"]))](
             grad_pre, gate_up_proj, *gate_up_proj.stride(), x, 0, 0, route_w, sorted_slots, expert_offsets,
             tile_offsets(expert_offsets, dx["BLOCK_M"]), slot_rows, two_inter, hidden, num_experts, steps,
-            HAS_BIAS=False, HAS_ROUTE_W=False, UPCAST=upcast,
+            HAS_BIAS=False, HAS_ROUTE_W=False, UPCAST=upcast, DOT_PRECISION=precision,
             BLOCK_M=dx["BLOCK_M"], BLOCK_N=dx["BLOCK_N"], BLOCK_K=dx["BLOCK_K"],
             num_warps=dx["num_warps"], num_stages=dx["num_stages"])
         grad_x = _combine_slots(slot_rows, num_tokens, top_k, x.dtype)
@@ -506,7 +519,7 @@ def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, do
             hidden, inter, inter, top_k, limit,
             LHS_BY_TOKEN=True, LHS_WEIGHTED=True, RHS_BY_TOKEN=False, RHS_GATED=True, ACTIVATION=code,
             INTERLEAVED=interleaved, HAS_LIMIT=swiglu_limit is not None, BIAS_GRAD=down_bias is not None,
-            UPCAST=upcast, BLOCK_I=wg["BLOCK_I"], BLOCK_J=wg["BLOCK_J"], BLOCK_P=wg["BLOCK_P"],
+            UPCAST=upcast, DOT_PRECISION=precision, BLOCK_I=wg["BLOCK_I"], BLOCK_J=wg["BLOCK_J"], BLOCK_P=wg["BLOCK_P"],
             num_warps=wg["num_warps"], num_stages=wg["num_stages"])
         grad_gate_up = torch.empty(gate_up_proj.shape, dtype=gate_up_proj.dtype, device=x.device)
         grad_gate_up_bias = (torch.empty((num_experts, two_inter), dtype=x.dtype, device=x.device)
@@ -518,7 +531,7 @@ def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, do
             two_inter, two_inter, hidden, inter, top_k, limit,
             LHS_BY_TOKEN=False, LHS_WEIGHTED=False, RHS_BY_TOKEN=True, RHS_GATED=False, ACTIVATION=code,
             INTERLEAVED=interleaved, HAS_LIMIT=swiglu_limit is not None, BIAS_GRAD=gate_up_bias is not None,
-            UPCAST=upcast, BLOCK_I=wg["BLOCK_I"], BLOCK_J=wg["BLOCK_J"], BLOCK_P=wg["BLOCK_P"],
+            UPCAST=upcast, DOT_PRECISION=precision, BLOCK_I=wg["BLOCK_I"], BLOCK_J=wg["BLOCK_J"], BLOCK_P=wg["BLOCK_P"],
             num_warps=wg["num_warps"], num_stages=wg["num_stages"])
     return grad_x, grad_gate_up, grad_down, grad_weights, grad_gate_up_bias, grad_down_bias
 

@@ -25,6 +25,11 @@ from ..backends import Plan
 from .configs import plan_config
 
 
+# Chunks up to this size rank by an all-pairs comparison instead of tl.sort (cheaper for small chunks,
+# and much cheaper under the interpreter, where tl.sort is emulated).
+PAIRWISE_MAX_BLOCK = tl.constexpr(128)
+
+
 @triton.jit
 def _segment_start_combine(left_id, left_start, right_id, right_start):
     # Scan over a sorted run of ids: carry the start position of the current run of equal ids.
@@ -39,9 +44,11 @@ def _block_sort_kernel(ids_ptr, sorted_key_ptr, rank_ptr, chunk_counts_ptr, num_
     """Sort one chunk of slots by expert.
 
     ids_ptr:          [num_slots] int32, contiguous (flattened [T,k] ids).
-    sorted_key_ptr:   [num_chunks * BLOCK] int32 out: packed key ``expert * BLOCK + local_slot`` in sorted
-                      order (padding lanes carry expert = num_experts).
-    rank_ptr:         [num_chunks * BLOCK] int32 out: rank of each sorted element within its expert's run.
+    sorted_key_ptr:   [num_chunks * BLOCK] int32 out: packed key ``expert * BLOCK + local_slot`` (padding
+                      lanes carry expert = num_experts), sorted when BLOCK > PAIRWISE_MAX_BLOCK, else in
+                      slot order (ranks come from an all-pairs count there; any order works for the scatter).
+    rank_ptr:         [num_chunks * BLOCK] int32 out: rank of each element among its chunk's slots of the
+                      same expert.
     chunk_counts_ptr: [num_chunks, num_experts] int32, zero-initialised; out: slots of expert e in chunk c.
     BLOCK:            slots per program (power of two); ``num_experts * BLOCK`` must fit in int32.
     """
@@ -50,10 +57,18 @@ def _block_sort_kernel(ids_ptr, sorted_key_ptr, rank_ptr, chunk_counts_ptr, num_
     slot = chunk * BLOCK + local
     valid = slot < num_slots
     expert = tl.load(ids_ptr + slot, mask=valid, other=num_experts)
-    key = tl.sort(expert * BLOCK + local)
-    sorted_expert = key // BLOCK
-    run_start = tl.associative_scan((sorted_expert, local), 0, _segment_start_combine)[1]
-    rank = local - run_start
+    if BLOCK <= PAIRWISE_MAX_BLOCK:
+        # small chunks: rank = earlier slots of the same expert, by an all-pairs count (no sort);
+        # elements stay in slot order
+        same_before = (expert[:, None] == expert[None, :]) & (local[None, :] < local[:, None])
+        rank = tl.sum(same_before.to(tl.int32), axis=1)
+        key = expert * BLOCK + local
+        sorted_expert = expert
+    else:
+        key = tl.sort(expert * BLOCK + local)
+        sorted_expert = key // BLOCK
+        run_start = tl.associative_scan((sorted_expert, local), 0, _segment_start_combine)[1]
+        rank = local - run_start
     out = chunk * BLOCK + local
     tl.store(sorted_key_ptr + out, key)
     tl.store(rank_ptr + out, rank)
