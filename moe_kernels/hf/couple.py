@@ -24,7 +24,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from ..layers.coe import (CoELayer, ExpertBranch, attention_types, build_attention_masks, decode_with_cache,
-                          run_decoder_layers)
+                          generation_defaults, run_decoder_layers)
 
 # Config entries that may differ between the base and an expert: depth and bookkeeping.
 _CONFIG_KEYS_ALLOWED_TO_DIFFER = {
@@ -380,11 +380,15 @@ class CoupledExperts(nn.Module):
             if self.router is not None else self._expert_ids(None, input_ids, attention_mask, None)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, expert=None,
-                 max_new_tokens: int = 20, return_dict_in_generate: bool = False, **decode_kwargs):
+                 max_new_tokens: int = 20, eos_token_id=None, pad_token_id=None,
+                 return_dict_in_generate: bool = False, **decode_kwargs):
         """Greedy (default) or sampled decoding with one KV cache per branch; routing is decided once
-        on the prompt (``expert=`` or the router) and stored in :attr:`last_routing`. Returns
-        sequences [B, L + n] (or :class:`CoupledGenerateOutput` with ``return_dict_in_generate``)."""
+        on the prompt (``expert=`` or the router) and stored in :attr:`last_routing`. eos/pad default
+        to the base model's generation config. Returns sequences [B, L + n] (or
+        :class:`CoupledGenerateOutput` with ``return_dict_in_generate``)."""
+        eos_token_id, pad_token_id = generation_defaults(self._base["model"], eos_token_id, pad_token_id)
         sequences, prefill = decode_with_cache(self, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                                               eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                                                expert=expert, **decode_kwargs)
         self.last_routing = prefill.expert_names
         if return_dict_in_generate:

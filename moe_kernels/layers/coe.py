@@ -199,6 +199,16 @@ class CoELayer(nn.Module):
         return torch.cat(outputs, dim=0).index_select(0, plan.slot_positions.long())
 
 
+def generation_defaults(model: nn.Module, eos_token_id, pad_token_id):
+    """eos/pad ids for decoding: the given ones, else the Hugging Face model's generation config."""
+    config = getattr(model, "generation_config", None)
+    if eos_token_id is None and config is not None:
+        eos_token_id = config.eos_token_id
+    if pad_token_id is None and config is not None:
+        pad_token_id = config.pad_token_id
+    return eos_token_id, pad_token_id
+
+
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Position ids of left- or right-padded sequences, as transformers' ``generate`` makes them:
     cumsum(mask) - 1, with 0 at padding. [B, S] -> [B, S] int64."""
@@ -209,7 +219,8 @@ def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def decode_with_cache(model: Callable, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                       max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
-                      top_k: int | None = None, eos_token_id: int | None = None, pad_token_id: int | None = None,
+                      top_k: int | None = None, eos_token_id: int | list[int] | None = None,
+                      pad_token_id: int | None = None,
                       generator: torch.Generator | None = None, **prefill_kwargs):
     """Step-by-step decoding with the model's own KV cache object (greedy, or sampling).
 
@@ -217,7 +228,7 @@ def decode_with_cache(model: Callable, input_ids: torch.Tensor, attention_mask: 
     return an object with ``.logits`` [B, L, V] and ``.past_key_values``. The prompt runs once
     (``prefill_kwargs`` go to that call only), then one token per step. Position ids follow the
     attention mask like transformers' ``generate`` (left padding works). Sequences that emitted
-    ``eos_token_id`` continue with ``pad_token_id`` (default: eos). Returns (sequences [B, L + n] int64,
+    ``eos_token_id`` (an id or a list of ids) continue with ``pad_token_id`` (default: the first eos). Returns (sequences [B, L + n] int64,
     prefill output), n <= max_new_tokens (stops early once every sequence has finished).
     """
     if input_ids.dim() != 2:
@@ -231,8 +242,12 @@ def decode_with_cache(model: Callable, input_ids: torch.Tensor, attention_mask: 
     elif attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask must have the shape of input_ids {tuple(input_ids.shape)}, "
                          f"got {tuple(attention_mask.shape)}")
+    eos_ids = None
+    if eos_token_id is not None:
+        eos_ids = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
+                               device=input_ids.device)
     if pad_token_id is None:
-        pad_token_id = eos_token_id if eos_token_id is not None else 0
+        pad_token_id = int(eos_ids[0]) if eos_ids is not None else 0
     position_ids = positions_from_mask(attention_mask)
     output = prefill = model(input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                              **prefill_kwargs)
@@ -248,9 +263,9 @@ def decode_with_cache(model: Callable, input_ids: torch.Tensor, attention_mask: 
             next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), 1, generator=generator).squeeze(1)
         else:
             next_tokens = scores.argmax(dim=-1)
-        if eos_token_id is not None:
+        if eos_ids is not None:
             next_tokens = torch.where(finished, torch.full_like(next_tokens, pad_token_id), next_tokens)
-            finished = finished | (next_tokens == eos_token_id)
+            finished = finished | torch.isin(next_tokens, eos_ids)
         sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
         if step == max_new_tokens - 1 or bool(finished.all()):
             break

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
-from .coe import decode_with_cache
+from .coe import decode_with_cache, generation_defaults
 
 # Elements of fp32 [chunk, V] scratch the fused loss allows itself per specialist (+2 for the blend and its
 # gradient) when no chunk size is given: 2**22 elements = 16 MiB per block.
@@ -358,9 +358,13 @@ class TokenFuser(nn.Module):
                                    gate_weights=weights)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 max_new_tokens: int = 20, force_specialist=None, **decode_kwargs) -> torch.Tensor:
+                 max_new_tokens: int = 20, force_specialist=None, eos_token_id=None, pad_token_id=None,
+                 **decode_kwargs) -> torch.Tensor:
         """Blended decoding, one token per step, one KV cache per specialist (greedy by default; see
-        :func:`moe_kernels.layers.coe.decode_with_cache` for sampling and eos). Returns [B, L + n]."""
+        :func:`moe_kernels.layers.coe.decode_with_cache` for sampling). eos/pad default to the first
+        specialist's generation config. Returns [B, L + n]."""
+        eos_token_id, pad_token_id = generation_defaults(self.specialists[0], eos_token_id, pad_token_id)
+        decode_kwargs.update(eos_token_id=eos_token_id, pad_token_id=pad_token_id)
         if force_specialist is not None:
             def step(*args, **kwargs):
                 return self(*args, force_specialist=force_specialist, **kwargs)
