@@ -1,39 +1,284 @@
 """The native backends, ``cpu`` and ``cuda``: the C++/CUDA ops of ``moe_kernels._C`` (csrc/).
 
-(Being written: see issue 4. Until the extension is built, both backends report why they are unavailable.)
+Importing this module loads the extension (which registers ``torch.ops.moe_kernels.*``), then adds
+what the C++ side does not provide: fake (meta) kernels, so the ops trace under ``torch.compile``, and
+autograd formulas (``torch.library.register_autograd``) built from the native backward ops.
+
+Ops (schemas in csrc/ops.cpp; slot s = t*k + j as in :mod:`moe_kernels.reference`):
+
+* ``route_forward`` / ``route_backward``: fused top-k routing; CPU and CUDA.
+* ``plan``, ``gather_rows``, ``scatter_rows_sum``, ``combine``, ``combine_backward``: the dispatch
+  plan and the row movements around the expert GEMMs; CPU and CUDA.
+* ``expert_mlp_forward`` / ``expert_mlp_backward``: the CPU expert path (csrc/cpu/experts.cpp), two
+  GEMMs per expert on contiguous slices with the activation fused between them; CPU only.
+
+The ``cpu`` backend runs the fused CPU expert op; the ``cuda`` backend composes the native plan,
+gather and combine with one torch matmul pair per expert (:func:`composed_expert_mlp`), which is
+differentiable through the registered autograd of those ops and torch's own.
 """
 
 from __future__ import annotations
 
 import torch
 
-from .backends import Backend
+from . import reference
+from .backends import Backend, Plan
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.moe_kernels.*)
     _LOAD_ERROR = None
 except ImportError as exc:  # not built
     _C = None
-    _LOAD_ERROR = f"the C++ extension moe_kernels._C is not built ({exc})"
+    ops = None
+    _LOAD_ERROR = (f"the C++ extension moe_kernels._C is not built ({exc}); build it with "
+                   "`MOE_KERNELS_BUILD_CUDA=0 python setup.py build_ext --inplace` or `pip install --no-build-isolation -e .`")
+
+# Ops every native build registers for the CPU, and for CUDA when built with the CUDA sources.
+SHARED_OPS = ("route_forward", "route_backward", "plan", "gather_rows", "scatter_rows_sum", "combine",
+              "combine_backward")
+CPU_ONLY_OPS = ("expert_mlp_forward", "expert_mlp_backward")
 
 
-class CPUBackend(Backend):
+def has_kernel(op_name: str, dispatch_key: str) -> bool:
+    """Whether ``moe_kernels::<op_name>`` has a kernel for ``dispatch_key`` ("CPU", "CUDA") in this process."""
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"moe_kernels::{op_name}", dispatch_key)
+    except RuntimeError:  # op not registered at all
+        return False
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+if _C is not None:
+    ops = torch.ops.moe_kernels
+
+    # ---- fake kernels: output shapes and dtypes only -------------------------------------------------
+
+    @torch.library.register_fake("moe_kernels::route_forward")
+    def _route_forward_fake(logits, k, use_sigmoid, topk_first, renormalize, bias, n_group, topk_group, scale):
+        num_tokens = logits.shape[0]
+        return (logits.new_empty((num_tokens, k), dtype=torch.float32),
+                logits.new_empty((num_tokens, k), dtype=torch.int32))
+
+    @torch.library.register_fake("moe_kernels::route_backward")
+    def _route_backward_fake(grad_weights, logits, ids, use_sigmoid, topk_first, renormalize, scale):
+        return logits.new_empty(logits.shape, dtype=torch.float32)
+
+    @torch.library.register_fake("moe_kernels::plan")
+    def _plan_fake(ids, num_experts):
+        num_slots = ids.numel()
+        return (ids.new_empty((num_experts + 1,), dtype=torch.int32), ids.new_empty((num_slots,), dtype=torch.int32),
+                ids.new_empty((num_slots,), dtype=torch.int32))
+
+    @torch.library.register_fake("moe_kernels::gather_rows")
+    def _gather_rows_fake(x, sorted_slots, k):
+        return x.new_empty((sorted_slots.shape[0], x.shape[1]))
+
+    @torch.library.register_fake("moe_kernels::scatter_rows_sum")
+    def _scatter_rows_sum_fake(grad_rows, slot_positions, k):
+        return grad_rows.new_empty((slot_positions.shape[0] // k, grad_rows.shape[1]))
+
+    @torch.library.register_fake("moe_kernels::combine")
+    def _combine_fake(y_sorted, slot_positions, weights):
+        return y_sorted.new_empty((weights.shape[0], y_sorted.shape[1]))
+
+    @torch.library.register_fake("moe_kernels::combine_backward")
+    def _combine_backward_fake(grad_out, y_sorted, slot_positions, weights):
+        return torch.empty_like(y_sorted), torch.empty_like(weights)
+
+    if has_kernel("expert_mlp_forward", "CPU"):
+        @torch.library.register_fake("moe_kernels::expert_mlp_forward")
+        def _expert_mlp_forward_fake(x, w1, w2, b1, b2, weights, expert_offsets, sorted_slots, slot_positions,
+                                     activation, gated, interleaved, limit, scale, keep_hidden):
+            hidden_rows = sorted_slots.shape[0] if keep_hidden else 0
+            return x.new_empty(x.shape), x.new_empty((hidden_rows, w1.shape[1]))
+
+        @torch.library.register_fake("moe_kernels::expert_mlp_backward")
+        def _expert_mlp_backward_fake(grad_out, x, w1, w2, b1, b2, weights, expert_offsets, sorted_slots,
+                                      slot_positions, hidden, activation, gated, interleaved, limit, scale):
+            num_experts = w1.shape[0]
+            grad_b1 = b1.new_empty(b1.shape) if b1 is not None else x.new_empty((0,))
+            grad_b2 = b2.new_empty(b2.shape) if b2 is not None else x.new_empty((0,))
+            return (x.new_empty(x.shape), x.new_empty((num_experts, w1.shape[1], w1.shape[2])),
+                    x.new_empty((num_experts, w2.shape[1], w2.shape[2])), grad_b1, grad_b2,
+                    weights.new_empty(weights.shape))
+
+    # ---- autograd ---------------------------------------------------------------------------------
+
+    def _route_setup(ctx, inputs, output):
+        logits, _k, use_sigmoid, topk_first, renormalize, _bias, _n_group, _topk_group, scale = inputs
+        ctx.save_for_backward(logits, output[1])
+        ctx.flags = (use_sigmoid, topk_first, renormalize, scale)
+
+    def _route_backward(ctx, grad_weights, _grad_ids):
+        logits, ids = ctx.saved_tensors
+        use_sigmoid, topk_first, renormalize, scale = ctx.flags
+        grad_logits = ops.route_backward(grad_weights.float().contiguous(), logits, ids, use_sigmoid, topk_first,
+                                         renormalize, scale)
+        return grad_logits.to(logits.dtype), None, None, None, None, None, None, None, None
+
+    torch.library.register_autograd("moe_kernels::route_forward", _route_backward, setup_context=_route_setup)
+
+    def _gather_setup(ctx, inputs, output):
+        _x, sorted_slots, k = inputs
+        ctx.save_for_backward(sorted_slots)
+        ctx.k = k
+
+    def _gather_backward(ctx, grad_rows):
+        (sorted_slots,) = ctx.saved_tensors
+        # slot_positions is the inverse permutation of sorted_slots.
+        slot_positions = torch.empty_like(sorted_slots)
+        slot_positions[sorted_slots.long()] = torch.arange(sorted_slots.shape[0], device=sorted_slots.device,
+                                                           dtype=torch.int32)
+        return ops.scatter_rows_sum(grad_rows.contiguous(), slot_positions, ctx.k), None, None
+
+    torch.library.register_autograd("moe_kernels::gather_rows", _gather_backward, setup_context=_gather_setup)
+
+    def _scatter_setup(ctx, inputs, output):
+        _grad_rows, slot_positions, k = inputs
+        ctx.save_for_backward(slot_positions)
+        ctx.k = k
+
+    def _scatter_backward(ctx, grad_out):
+        (slot_positions,) = ctx.saved_tensors
+        sorted_slots = torch.empty_like(slot_positions)
+        sorted_slots[slot_positions.long()] = torch.arange(slot_positions.shape[0], device=slot_positions.device,
+                                                           dtype=torch.int32)
+        return ops.gather_rows(grad_out.contiguous(), sorted_slots, ctx.k), None, None
+
+    torch.library.register_autograd("moe_kernels::scatter_rows_sum", _scatter_backward, setup_context=_scatter_setup)
+
+    def _combine_setup(ctx, inputs, output):
+        y_sorted, slot_positions, weights = inputs
+        ctx.save_for_backward(y_sorted, slot_positions, weights)
+
+    def _combine_backward(ctx, grad_out):
+        y_sorted, slot_positions, weights = ctx.saved_tensors
+        grad_y, grad_weights = ops.combine_backward(grad_out.contiguous(), y_sorted, slot_positions, weights)
+        return grad_y, None, grad_weights
+
+    torch.library.register_autograd("moe_kernels::combine", _combine_backward, setup_context=_combine_setup)
+
+    if has_kernel("expert_mlp_forward", "CPU"):
+        def _experts_setup(ctx, inputs, output):
+            (x, w1, w2, b1, b2, weights, expert_offsets, sorted_slots, slot_positions, activation, gated,
+             interleaved, limit, scale, _keep_hidden) = inputs
+            ctx.save_for_backward(x, w1, w2, b1, b2, weights, expert_offsets, sorted_slots, slot_positions, output[1])
+            ctx.options = (activation, gated, interleaved, limit, scale)
+
+        def _experts_backward(ctx, grad_out, _grad_hidden):
+            x, w1, w2, b1, b2, weights, expert_offsets, sorted_slots, slot_positions, hidden = ctx.saved_tensors
+            grad_x, grad_w1, grad_w2, grad_b1, grad_b2, grad_weights = ops.expert_mlp_backward(
+                grad_out.contiguous(), x, w1, w2, b1, b2, weights, expert_offsets, sorted_slots, slot_positions,
+                hidden, *ctx.options)
+            return (grad_x, grad_w1, grad_w2, grad_b1 if b1 is not None else None,
+                    grad_b2 if b2 is not None else None, grad_weights) + (None,) * 9
+
+        torch.library.register_autograd("moe_kernels::expert_mlp_forward", _experts_backward,
+                                        setup_context=_experts_setup)
+
+
+# ---- the backend functions (inputs validated by moe_kernels.ops) ----------------------------------
+
+
+def native_route(logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale):
+    """route via ``route_forward``: (weights [T,k] float32, ids [T,k] int32), differentiable w.r.t. logits."""
+    if bias is not None:
+        bias = bias.detach().float().contiguous()
+    return ops.route_forward(logits.contiguous(), k, scoring == "sigmoid", order == "topk_then_softmax",
+                             renormalize, bias, n_group or 0, topk_group or 0, float(scale))
+
+
+def native_plan(ids, num_experts) -> Plan:
+    return Plan(*ops.plan(ids.to(torch.int32).contiguous(), num_experts))
+
+
+def fused_expert_mlp(x, w1, w2, b1, b2, weights, ids, activation, gated, interleaved, limit, scale):
+    """The CPU expert path (``expert_mlp_forward``): x [T,H], w1 [E,M1,H], w2 [E,H,M2] -> [T,H] in x's dtype."""
+    plan = native_plan(ids, w1.shape[0])
+    keep_hidden = _needs_grad(x, w1, w2, b1, b2, weights)
+    out, _hidden = ops.expert_mlp_forward(x.contiguous(), w1, w2, b1, b2, weights.contiguous(), *plan, activation,
+                                          gated, interleaved, limit, float(scale), keep_hidden)
+    return out
+
+
+def composed_expert_mlp(x, w1, w2, b1, b2, weights, ids, activation, gated, interleaved, limit, scale):
+    """Same math as :func:`fused_expert_mlp`, from the shared native ops and torch matmuls (any device).
+
+    gather_rows into expert order, per expert two matmuls around the reference activation (fp32
+    math, cast back), combine back to token order; autograd through every piece. Reads the expert
+    offsets on the host (one device sync).
+    """
+    num_tokens, k = ids.shape
+    plan = native_plan(ids, w1.shape[0])
+    xs = ops.gather_rows(x.contiguous(), plan.sorted_slots, k)
+    counts = plan.expert_offsets.diff().tolist()
+    outputs = []
+    for e, rows in enumerate(torch.split(xs, counts)):
+        if rows.shape[0] == 0:
+            continue
+        hidden = rows @ w1[e].t()
+        if b1 is not None:
+            hidden = hidden + b1[e]
+        if gated:
+            act = reference.gated_activation(hidden.float(), activation, interleaved, limit)
+        else:
+            act = reference.apply_activation(hidden.float(), activation)
+        y = act.to(x.dtype) @ w2[e].t()
+        if b2 is not None:
+            y = y + b2[e]
+        outputs.append(y)
+    ys = torch.cat(outputs).contiguous()
+    return ops.combine(ys, plan.slot_positions, (weights * scale).contiguous())
+
+
+class NativeBackend(Backend):
+    """Shared routing/plan entry points of the cpu and cuda backends; subclasses pick the expert path."""
+
+    expert_path = staticmethod(composed_expert_mlp)
+
+    def route(self, logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale):
+        return native_route(logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale)
+
+    def plan(self, ids, num_experts):
+        return native_plan(ids, num_experts)
+
+    def moe_mlp(self, x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, interleaved,
+                swiglu_limit):
+        return self.expert_path(x, gate_up_proj, down_proj, gate_up_bias, down_bias, weights, ids, activation, True,
+                                interleaved, swiglu_limit, 1.0)
+
+    def adapter_moe(self, h, down, up, weights, ids, activation, scale):
+        return self.expert_path(h, down, up, None, None, weights, ids, activation, False, False, None, scale)
+
+
+class CPUBackend(NativeBackend):
     name = "cpu"
+    expert_path = staticmethod(fused_expert_mlp)
 
     def unavailable_reason(self):
-        return _LOAD_ERROR
+        if _LOAD_ERROR:
+            return _LOAD_ERROR
+        missing = [op for op in SHARED_OPS + CPU_ONLY_OPS if not has_kernel(op, "CPU")]
+        return f"moe_kernels._C lacks CPU kernels for {missing}" if missing else None
 
     def device_error(self, device: torch.device):
         return None if device.type == "cpu" else "the cpu backend runs on CPU tensors only"
 
 
-class CUDABackend(Backend):
+class CUDABackend(NativeBackend):
     name = "cuda"
+    expert_path = staticmethod(composed_expert_mlp)
 
     def unavailable_reason(self):
         if _LOAD_ERROR:
             return _LOAD_ERROR
-        return None if getattr(_C, "WITH_CUDA", False) else "moe_kernels._C was built without CUDA sources"
+        missing = [op for op in SHARED_OPS if not has_kernel(op, "CUDA")]
+        if missing:
+            return f"moe_kernels._C was built without CUDA kernels (missing: {', '.join(missing)})"
+        return None
 
     def device_error(self, device: torch.device):
         return None if device.type == "cuda" else "the cuda backend runs on CUDA tensors only"
@@ -41,3 +286,6 @@ class CUDABackend(Backend):
 
 CPU_BACKEND = CPUBackend()
 CUDA_BACKEND = CUDABackend()
+
+__all__ = ["CPU_BACKEND", "CUDA_BACKEND", "SHARED_OPS", "CPU_ONLY_OPS", "has_kernel", "native_route", "native_plan",
+           "fused_expert_mlp", "composed_expert_mlp"]

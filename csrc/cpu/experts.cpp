@@ -1,0 +1,334 @@
+// CPU expert path: routed two-layer experts on contiguous per-expert slices.
+//
+// One implementation serves both public expert ops of moe_kernels:
+//   moe_mlp:     w1 = gate_up_proj [E, 2I, H], gated activation, w2 = down_proj [E, H, I] (+ optional biases)
+//   adapter_moe: w1 = down [E, r, H], plain activation, w2 = up [E, H, r], output scaled by `scale`
+// Forward: rows of x gathered into expert order (the plan), then per expert e with rows [a, b):
+//   hidden = xs[a:b] @ w1[e]^T (+ b1[e])  ->  act  ->  ys[a:b] = act @ w2[e]^T (+ b2[e])
+// (two ATen GEMMs on contiguous slices with the activation fused between them), then the weighted
+// combine back to token order. The backward recomputes the activation from the saved pre-activation
+// `hidden` (or recomputes `hidden` too when it was not kept) and never needs ys: the routing-weight
+// gradient uses <grad_out, ys> = <grad_out @ w2, act> + <grad_out, b2>.
+// These ops are CPU-only (the CUDA backend composes gather_rows / combine with torch matmuls).
+#include <string>
+#include <vector>
+
+#include <torch/library.h>
+
+#include "common/activations.h"
+#include "cpu/dispatch.h"
+
+namespace moe_kernels {
+namespace cpu {
+namespace {
+
+struct ActivationSpec {
+  int code;
+  bool gated;
+  bool interleaved;
+  bool has_limit;
+  float limit;
+};
+
+ActivationSpec parse_activation(const std::string& name, bool gated, bool interleaved,
+                                const std::optional<double>& limit) {
+  ActivationSpec spec{0, gated, interleaved, limit.has_value(), limit.has_value() ? static_cast<float>(*limit) : 0.f};
+  if (name == "silu") spec.code = act::kSilu;
+  else if (name == "gelu") spec.code = act::kGelu;
+  else if (name == "gelu_tanh") spec.code = act::kGeluTanh;
+  else if (name == "relu") spec.code = act::kRelu;
+  else if (name == "identity" && !gated) spec.code = act::kIdentity;
+  else if (name == "gpt_oss" && gated) spec.code = act::kGptOss;
+  else TORCH_CHECK(false, "unknown ", gated ? "gated" : "adapter", " activation '", name, "'");
+  return spec;
+}
+
+// Columns of the gate and up halves of a gated hidden row for output column i.
+inline int64_t gate_column(const ActivationSpec& s, int64_t i, int64_t half) { return s.interleaved ? 2 * i : i; }
+inline int64_t up_column(const ActivationSpec& s, int64_t i, int64_t half) { return s.interleaved ? 2 * i + 1 : half + i; }
+
+std::vector<int64_t> read_offsets(const at::Tensor& expert_offsets, int64_t num_experts, int64_t num_rows) {
+  check_cpu(expert_offsets, "expert_offsets", 1);
+  check_int32(expert_offsets, "expert_offsets");
+  TORCH_CHECK(expert_offsets.numel() == num_experts + 1, "expert_offsets must have E+1 = ", num_experts + 1,
+              " entries, got ", expert_offsets.numel());
+  const at::Tensor off = expert_offsets.contiguous();
+  std::vector<int64_t> out(num_experts + 1);
+  for (int64_t e = 0; e <= num_experts; ++e) out[e] = off.data_ptr<int32_t>()[e];
+  TORCH_CHECK(out[0] == 0 && out[num_experts] == num_rows, "expert_offsets must run from 0 to T*k = ", num_rows);
+  for (int64_t e = 0; e < num_experts; ++e) TORCH_CHECK(out[e] <= out[e + 1], "expert_offsets must not decrease");
+  return out;
+}
+
+// Adds b1 to the pre-activation rows (stored back, so the backward recomputes from the same values)
+// and writes act [n, M2].
+template <typename scalar_t>
+void activation_forward(scalar_t* pre, int64_t n, int64_t M1, const float* b1, scalar_t* out, int64_t M2,
+                        const ActivationSpec& spec) {
+  at::parallel_for(0, n, grain_rows(M1 * 8), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      scalar_t* pre_row = pre + r * M1;
+      scalar_t* out_row = out + r * M2;
+      if (b1) {
+        for (int64_t i = 0; i < M1; ++i) pre_row[i] = static_cast<scalar_t>(static_cast<float>(pre_row[i]) + b1[i]);
+      }
+      if (spec.gated) {
+        for (int64_t i = 0; i < M2; ++i) {
+          const float gate = pre_row[gate_column(spec, i, M2)], up = pre_row[up_column(spec, i, M2)];
+          out_row[i] = static_cast<scalar_t>(act::gated_forward(spec.code, gate, up, spec.has_limit, spec.limit));
+        }
+      } else {
+        for (int64_t i = 0; i < M2; ++i) out_row[i] = static_cast<scalar_t>(act::forward(spec.code, pre_row[i]));
+      }
+    }
+  });
+}
+
+// Rows p in [a, a+n) of one expert. In: pre [n, M1], u = grad_out_rows @ w2[e] ([n, M2], overwritten with
+// row_weight * act), g = grad_out rows [n, H]. Out: grad_pre [n, M1], grad_weight_sorted[a + r].
+template <typename scalar_t>
+void activation_backward(const scalar_t* pre, scalar_t* u, const scalar_t* g, const float* b2, int64_t n, int64_t M1,
+                         int64_t M2, int64_t H, const float* row_weight, scalar_t* grad_pre, float* grad_weight_sorted,
+                         float scale, const ActivationSpec& spec) {
+  at::parallel_for(0, n, grain_rows(M1 * 8), [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const scalar_t* pre_row = pre + r * M1;
+      scalar_t* u_row = u + r * M2;
+      scalar_t* gp_row = grad_pre + r * M1;
+      const float w = row_weight[r];
+      float dot = 0.0f;  // <u, act>
+      if (spec.gated) {
+        for (int64_t i = 0; i < M2; ++i) {
+          const int64_t gc = gate_column(spec, i, M2), uc = up_column(spec, i, M2);
+          const float ui = u_row[i];
+          float grad_gate, grad_up;
+          const float a = act::gated_backward(spec.code, pre_row[gc], pre_row[uc], spec.has_limit, spec.limit, w * ui,
+                                              &grad_gate, &grad_up);
+          gp_row[gc] = static_cast<scalar_t>(grad_gate);
+          gp_row[uc] = static_cast<scalar_t>(grad_up);
+          dot += ui * a;
+          u_row[i] = static_cast<scalar_t>(w * a);
+        }
+      } else {
+        for (int64_t i = 0; i < M2; ++i) {
+          const float x = pre_row[i], ui = u_row[i];
+          const float a = act::forward(spec.code, x);
+          gp_row[i] = static_cast<scalar_t>(w * ui * act::derivative(spec.code, x));
+          dot += ui * a;
+          u_row[i] = static_cast<scalar_t>(w * a);
+        }
+      }
+      if (b2) {
+        const scalar_t* g_row = g + r * H;
+        for (int64_t h = 0; h < H; ++h) dot += static_cast<float>(g_row[h]) * b2[h];
+      }
+      grad_weight_sorted[r] = scale * dot;
+    }
+  });
+}
+
+// out[c] = sum_r coef[r] * m[r, c] (coef nullptr: 1), fp32 accumulation, for the bias gradients.
+template <typename scalar_t>
+void weighted_column_sum(const scalar_t* m, int64_t n, int64_t cols, const float* coef, scalar_t* out) {
+  at::parallel_for(0, cols, 256, [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(end - begin, 0.0f);
+    for (int64_t r = 0; r < n; ++r) {
+      const float c = coef ? coef[r] : 1.0f;
+      const scalar_t* row = m + r * cols;
+      for (int64_t j = begin; j < end; ++j) acc[j - begin] += c * static_cast<float>(row[j]);
+    }
+    for (int64_t j = begin; j < end; ++j) out[j] = static_cast<scalar_t>(acc[j - begin]);
+  });
+}
+
+struct Shapes {
+  int64_t T, H, E, M1, M2, k, N;
+};
+
+Shapes check_shapes(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& weights,
+                    const at::Tensor& sorted_slots, const at::Tensor& slot_positions, const ActivationSpec& spec) {
+  check_cpu(x, "x", 2);
+  check_cpu(w1, "w1", 3);
+  check_cpu(w2, "w2", 3);
+  check_cpu(weights, "weights", 2);
+  check_int32(sorted_slots, "sorted_slots");
+  check_int32(slot_positions, "slot_positions");
+  TORCH_CHECK(weights.scalar_type() == at::kFloat, "weights must be float32");
+  TORCH_CHECK(w1.scalar_type() == x.scalar_type() && w2.scalar_type() == x.scalar_type(),
+              "w1, w2 and x must share a dtype");
+  Shapes s{x.size(0), x.size(1), w1.size(0), w1.size(1), w2.size(2), weights.size(1), weights.numel()};
+  TORCH_CHECK(w1.size(2) == s.H, "w1 must be [E, M1, H] with H = ", s.H, ", got ", w1.sizes());
+  TORCH_CHECK(w2.size(0) == s.E && w2.size(1) == s.H, "w2 must be [E, H, M2], got ", w2.sizes());
+  TORCH_CHECK(spec.gated ? s.M1 == 2 * s.M2 : s.M1 == s.M2, "w1 ", w1.sizes(), " and w2 ", w2.sizes(),
+              " disagree on the hidden width");
+  TORCH_CHECK(weights.size(0) == s.T, "weights must have T = ", s.T, " rows");
+  TORCH_CHECK(sorted_slots.numel() == s.N && slot_positions.numel() == s.N, "the plan must hold T*k = ", s.N, " slots");
+  return s;
+}
+
+// Routing weight (times scale) of each sorted row: w[sorted_slots[p]] * scale.
+std::vector<float> sorted_row_weights(const at::Tensor& weights, const at::Tensor& sorted_slots, float scale) {
+  const float* w = weights.data_ptr<float>();
+  const int32_t* slots = sorted_slots.data_ptr<int32_t>();
+  std::vector<float> out(sorted_slots.numel());
+  for (int64_t p = 0; p < static_cast<int64_t>(out.size()); ++p) out[p] = w[slots[p]] * scale;
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> expert_mlp_forward(
+    const at::Tensor& x_in, const at::Tensor& w1, const at::Tensor& w2, const std::optional<at::Tensor>& b1,
+    const std::optional<at::Tensor>& b2, const at::Tensor& weights_in, const at::Tensor& expert_offsets,
+    const at::Tensor& sorted_slots_in, const at::Tensor& slot_positions_in, c10::string_view activation, bool gated,
+    bool interleaved, std::optional<double> limit, double scale, bool keep_hidden) {
+  const ActivationSpec spec = parse_activation(std::string(activation), gated, interleaved, limit);
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor weights = weights_in.contiguous();
+  const at::Tensor sorted_slots = sorted_slots_in.contiguous();
+  const at::Tensor slot_positions = slot_positions_in.contiguous();
+  const Shapes s = check_shapes(x, w1, w2, weights, sorted_slots, slot_positions, spec);
+  const std::vector<int64_t> off = read_offsets(expert_offsets, s.E, s.N);
+  int64_t max_rows = 0;
+  for (int64_t e = 0; e < s.E; ++e) max_rows = std::max(max_rows, off[e + 1] - off[e]);
+
+  const at::Tensor b1f = b1.has_value() ? b1->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor b2x = b2.has_value() ? b2->to(x.scalar_type()).contiguous() : at::Tensor();
+  const at::Tensor xs = gather_rows(x, sorted_slots, s.k);
+  at::Tensor hidden = at::empty({keep_hidden ? s.N : max_rows, s.M1}, x.options());
+  at::Tensor act_buf = at::empty({max_rows, s.M2}, x.options());
+  at::Tensor ys = at::empty({s.N, s.H}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "expert_mlp_forward_cpu", [&] {
+    for (int64_t e = 0; e < s.E; ++e) {
+      const int64_t a = off[e], n = off[e + 1] - off[e];
+      if (n == 0) continue;
+      at::Tensor pre = hidden.narrow(0, keep_hidden ? a : 0, n);
+      at::Tensor act_rows = act_buf.narrow(0, 0, n);
+      at::mm_out(pre, xs.narrow(0, a, n), w1[e].t());
+      activation_forward<scalar_t>(pre.data_ptr<scalar_t>(), n, s.M1,
+                                   b1f.defined() ? b1f.data_ptr<float>() + e * s.M1 : nullptr,
+                                   act_rows.data_ptr<scalar_t>(), s.M2, spec);
+      at::Tensor y_rows = ys.narrow(0, a, n);
+      if (b2x.defined()) {
+        at::addmm_out(y_rows, b2x[e], act_rows, w2[e].t());
+      } else {
+        at::mm_out(y_rows, act_rows, w2[e].t());
+      }
+    }
+  });
+  const at::Tensor scaled_weights = scale == 1.0 ? weights : weights * scale;
+  at::Tensor out = combine(ys, slot_positions, scaled_weights);
+  if (!keep_hidden) hidden = at::empty({0, s.M1}, x.options());
+  return {out, hidden};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_mlp_backward(
+    const at::Tensor& grad_out, const at::Tensor& x_in, const at::Tensor& w1, const at::Tensor& w2,
+    const std::optional<at::Tensor>& b1, const std::optional<at::Tensor>& b2, const at::Tensor& weights_in,
+    const at::Tensor& expert_offsets, const at::Tensor& sorted_slots_in, const at::Tensor& slot_positions_in,
+    const at::Tensor& hidden, c10::string_view activation, bool gated, bool interleaved, std::optional<double> limit,
+    double scale) {
+  const ActivationSpec spec = parse_activation(std::string(activation), gated, interleaved, limit);
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor weights = weights_in.contiguous();
+  const at::Tensor sorted_slots = sorted_slots_in.contiguous();
+  const at::Tensor slot_positions = slot_positions_in.contiguous();
+  const Shapes s = check_shapes(x, w1, w2, weights, sorted_slots, slot_positions, spec);
+  check_cpu(grad_out, "grad_out", 2);
+  TORCH_CHECK(grad_out.size(0) == s.T && grad_out.size(1) == s.H, "grad_out must be [T, H]");
+  const std::vector<int64_t> off = read_offsets(expert_offsets, s.E, s.N);
+  const bool hidden_kept = hidden.numel() > 0 || s.N == 0;
+  TORCH_CHECK(!hidden_kept || (hidden.dim() == 2 && hidden.size(0) == s.N && hidden.size(1) == s.M1),
+              "hidden must be [T*k, M1] or empty, got ", hidden.sizes());
+  int64_t max_rows = 0;
+  for (int64_t e = 0; e < s.E; ++e) max_rows = std::max(max_rows, off[e + 1] - off[e]);
+
+  const at::Tensor b1f = b1.has_value() ? b1->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor b2f = b2.has_value() ? b2->to(at::kFloat).contiguous() : at::Tensor();
+  const at::Tensor hidden_c = hidden_kept ? hidden.contiguous() : at::empty({max_rows, s.M1}, x.options());
+  // Gradient rows in expert order; each expert's slice is reused for its grad_xs once consumed.
+  at::Tensor g_rows = gather_rows(grad_out.to(x.scalar_type()), sorted_slots, s.k);
+  const at::Tensor xs = gather_rows(x, sorted_slots, s.k);
+  at::Tensor u_buf = at::empty({max_rows, s.M2}, x.options());
+  at::Tensor grad_pre_buf = at::empty({max_rows, s.M1}, x.options());
+  at::Tensor grad_w1 = at::empty({s.E, s.M1, s.H}, x.options());
+  at::Tensor grad_w2 = at::empty({s.E, s.H, s.M2}, x.options());
+  at::Tensor grad_b1 = b1.has_value() ? at::empty({s.E, s.M1}, b1->options()) : at::empty({0}, x.options());
+  at::Tensor grad_b2 = b2.has_value() ? at::empty({s.E, s.H}, b2->options()) : at::empty({0}, x.options());
+  const at::Tensor grad_b1_x = b1.has_value() ? at::empty({s.E, s.M1}, x.options()) : at::Tensor();
+  const at::Tensor grad_b2_x = b2.has_value() ? at::empty({s.E, s.H}, x.options()) : at::Tensor();
+  std::vector<float> grad_weight_sorted(s.N);
+  const std::vector<float> row_weight = sorted_row_weights(weights, sorted_slots, static_cast<float>(scale));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "expert_mlp_backward_cpu", [&] {
+    for (int64_t e = 0; e < s.E; ++e) {
+      const int64_t a = off[e], n = off[e + 1] - off[e];
+      if (n == 0) {
+        grad_w1[e].zero_();
+        grad_w2[e].zero_();
+        if (grad_b1_x.defined()) grad_b1_x[e].zero_();
+        if (grad_b2_x.defined()) grad_b2_x[e].zero_();
+        continue;
+      }
+      const at::Tensor xs_rows = xs.narrow(0, a, n);
+      at::Tensor g = g_rows.narrow(0, a, n);
+      at::Tensor pre;
+      if (hidden_kept) {
+        pre = hidden_c.narrow(0, a, n);
+      } else {
+        pre = hidden_c.narrow(0, 0, n);
+        at::mm_out(pre, xs_rows, w1[e].t());
+        if (b1f.defined()) pre.add_(b1f[e].to(x.scalar_type()));
+      }
+      at::Tensor u = u_buf.narrow(0, 0, n);
+      at::Tensor grad_pre = grad_pre_buf.narrow(0, 0, n);
+      at::mm_out(u, g, w2[e]);
+      activation_backward<scalar_t>(pre.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
+                                    b2f.defined() ? b2f.data_ptr<float>() + e * s.H : nullptr, n, s.M1, s.M2, s.H,
+                                    row_weight.data() + a, grad_pre.data_ptr<scalar_t>(), grad_weight_sorted.data() + a,
+                                    static_cast<float>(scale), spec);
+      // u now holds row_weight * act: grad_w2[e] = g^T @ (w * act).
+      at::Tensor grad_w2_e = grad_w2[e];
+      at::mm_out(grad_w2_e, g.t(), u);
+      if (grad_b2_x.defined()) {
+        weighted_column_sum<scalar_t>(g.data_ptr<scalar_t>(), n, s.H, row_weight.data() + a,
+                                      grad_b2_x[e].data_ptr<scalar_t>());
+      }
+      at::Tensor grad_w1_e = grad_w1[e];
+      at::mm_out(grad_w1_e, grad_pre.t(), xs_rows);
+      if (grad_b1_x.defined()) {
+        weighted_column_sum<scalar_t>(grad_pre.data_ptr<scalar_t>(), n, s.M1, nullptr,
+                                      grad_b1_x[e].data_ptr<scalar_t>());
+      }
+      at::mm_out(g, grad_pre, w1[e]);  // grad of the gathered x rows, in place of the consumed grad rows
+    }
+  });
+  if (grad_b1_x.defined()) grad_b1.copy_(grad_b1_x);
+  if (grad_b2_x.defined()) grad_b2.copy_(grad_b2_x);
+  at::Tensor grad_x = scatter_rows_sum(g_rows, slot_positions, s.k);
+  at::Tensor grad_weights = at::empty({s.T, s.k}, weights.options());
+  const int32_t* pos = slot_positions.data_ptr<int32_t>();
+  float* gw = grad_weights.data_ptr<float>();
+  for (int64_t slot = 0; slot < s.N; ++slot) gw[slot] = grad_weight_sorted[pos[slot]];
+  return {grad_x, grad_w1, grad_w2, grad_b1, grad_b2, grad_weights};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(moe_kernels, m) {
+  // CPU-only ops of the expert path (see the file comment). w1 [E, M1, H], w2 [E, H, M2]; M1 = 2*M2 when gated.
+  // hidden: the pre-activation [T*k, M1] in expert order when keep_hidden, else empty [0, M1].
+  m.def("expert_mlp_forward(Tensor x, Tensor w1, Tensor w2, Tensor? b1, Tensor? b2, Tensor weights, "
+        "Tensor expert_offsets, Tensor sorted_slots, Tensor slot_positions, str activation, bool gated, "
+        "bool interleaved, float? limit, float scale, bool keep_hidden) -> (Tensor out, Tensor hidden)");
+  // Gradients w.r.t. x, w1, w2, b1 ([0] without b1), b2 ([0] without b2), weights.
+  m.def("expert_mlp_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor w2, Tensor? b1, Tensor? b2, "
+        "Tensor weights, Tensor expert_offsets, Tensor sorted_slots, Tensor slot_positions, Tensor hidden, "
+        "str activation, bool gated, bool interleaved, float? limit, float scale) -> "
+        "(Tensor grad_x, Tensor grad_w1, Tensor grad_w2, Tensor grad_b1, Tensor grad_b2, Tensor grad_weights)");
+}
+
+TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) {
+  m.impl("expert_mlp_forward", &expert_mlp_forward);
+  m.impl("expert_mlp_backward", &expert_mlp_backward);
+}
+
+}  // namespace cpu
+}  // namespace moe_kernels

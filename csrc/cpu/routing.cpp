@@ -1,0 +1,105 @@
+// CPU route_forward / route_backward: one token per loop iteration (OpenMP via at::parallel_for),
+// each running the shared per-row code of csrc/common/routing_row.h.
+#include <vector>
+
+#include <torch/library.h>
+
+#include "common/routing_row.h"
+#include "cpu/common.h"
+
+namespace moe_kernels {
+namespace cpu {
+namespace {
+
+routing::RouteParams make_params(int64_t num_experts, int64_t k, bool use_sigmoid, bool topk_first, bool renormalize,
+                                 int64_t n_group, int64_t topk_group, double scale) {
+  routing::RouteParams p;
+  p.num_experts = num_experts;
+  p.k = k;
+  p.use_sigmoid = use_sigmoid;
+  p.topk_first = topk_first;
+  p.renormalize = renormalize;
+  p.n_group = n_group > 1 ? n_group : 0;
+  p.topk_group = n_group > 1 ? topk_group : 0;
+  p.scale = static_cast<float>(scale);
+  return p;
+}
+
+std::tuple<at::Tensor, at::Tensor> route_forward(const at::Tensor& logits_in, int64_t k, bool use_sigmoid,
+                                                 bool topk_first, bool renormalize,
+                                                 const std::optional<at::Tensor>& bias_in, int64_t n_group,
+                                                 int64_t topk_group, double scale) {
+  check_cpu(logits_in, "logits", 2);
+  const at::Tensor logits = logits_in.contiguous();
+  const int64_t T = logits.size(0), E = logits.size(1);
+  TORCH_CHECK(k >= 1 && k <= E, "k must be in [1, E = ", E, "], got ", k);
+  if (n_group > 1) {
+    TORCH_CHECK(E % n_group == 0, "n_group = ", n_group, " must divide E = ", E);
+    TORCH_CHECK(topk_group >= 1 && topk_group <= n_group, "topk_group must be in [1, n_group], got ", topk_group);
+    TORCH_CHECK(k <= topk_group * (E / n_group), "k = ", k, " exceeds the experts of the kept groups");
+  }
+  at::Tensor bias;
+  if (bias_in.has_value()) {
+    check_cpu(*bias_in, "bias", 1);
+    TORCH_CHECK(bias_in->size(0) == E, "bias must have E = ", E, " entries, got ", bias_in->size(0));
+    bias = bias_in->to(at::kFloat).contiguous();
+  }
+  const routing::RouteParams p = make_params(E, k, use_sigmoid, topk_first, renormalize, n_group, topk_group, scale);
+  at::Tensor weights = at::empty({T, k}, logits.options().dtype(at::kFloat));
+  at::Tensor ids = at::empty({T, k}, logits.options().dtype(at::kInt));
+  const float* bias_ptr = bias.defined() ? bias.data_ptr<float>() : nullptr;
+  float* weights_ptr = weights.data_ptr<float>();
+  int32_t* ids_ptr = ids.data_ptr<int32_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "route_forward_cpu", [&] {
+    const scalar_t* logits_ptr = logits.data_ptr<scalar_t>();
+    at::parallel_for(0, T, grain_rows(E * k / 8 + E), [&](int64_t begin, int64_t end) {
+      std::vector<float> scratch(routing::forward_scratch_floats(p));
+      for (int64_t t = begin; t < end; ++t) {
+        routing::route_row_forward(logits_ptr + t * E, bias_ptr, p, scratch.data(), weights_ptr + t * k,
+                                   ids_ptr + t * k);
+      }
+    });
+  });
+  return {weights, ids};
+}
+
+at::Tensor route_backward(const at::Tensor& grad_weights_in, const at::Tensor& logits_in, const at::Tensor& ids_in,
+                          bool use_sigmoid, bool topk_first, bool renormalize, double scale) {
+  check_cpu(logits_in, "logits", 2);
+  check_cpu(ids_in, "ids", 2);
+  check_cpu(grad_weights_in, "grad_weights", 2);
+  check_int32(ids_in, "ids");
+  const at::Tensor logits = logits_in.contiguous();
+  const at::Tensor ids = ids_in.contiguous();
+  const at::Tensor grad_weights = grad_weights_in.to(at::kFloat).contiguous();
+  const int64_t T = logits.size(0), E = logits.size(1), k = ids.size(1);
+  TORCH_CHECK(ids.size(0) == T && grad_weights.size(0) == T && grad_weights.size(1) == k,
+              "route_backward: grad_weights ", grad_weights.sizes(), " and ids ", ids.sizes(),
+              " must both be [T, k] with T = ", T);
+  const routing::RouteParams p = make_params(E, k, use_sigmoid, topk_first, renormalize, 0, 0, scale);
+  at::Tensor grad_logits = at::empty({T, E}, logits.options().dtype(at::kFloat));
+  const float* grad_w_ptr = grad_weights.data_ptr<float>();
+  const int32_t* ids_ptr = ids.data_ptr<int32_t>();
+  float* out_ptr = grad_logits.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "route_backward_cpu", [&] {
+    const scalar_t* logits_ptr = logits.data_ptr<scalar_t>();
+    at::parallel_for(0, T, grain_rows(E + k), [&](int64_t begin, int64_t end) {
+      std::vector<float> scratch(routing::backward_scratch_floats(p));
+      for (int64_t t = begin; t < end; ++t) {
+        routing::route_row_backward(grad_w_ptr + t * k, logits_ptr + t * E, ids_ptr + t * k, p, scratch.data(),
+                                    out_ptr + t * E);
+      }
+    });
+  });
+  return grad_logits;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) {
+  m.impl("route_forward", &route_forward);
+  m.impl("route_backward", &route_backward);
+}
+
+}  // namespace cpu
+}  // namespace moe_kernels
