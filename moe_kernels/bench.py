@@ -62,6 +62,11 @@ H100_HBM_BYTES_PER_S = 3.35e12
 BATCHED_MM_MAX_BYTES = 768 * 2**20
 
 
+def _shrink(size: int, factor: int) -> int:
+    """size / factor, rounded down to a multiple of 8 (torch's CPU grouped_mm needs 16-byte strides)."""
+    return max(8, size // factor // 8 * 8)
+
+
 @dataclass(frozen=True)
 class MoEShape:
     """One model's MoE layer. ``family`` picks the router math and expert layout."""
@@ -75,8 +80,8 @@ class MoEShape:
     cpu_scale: int  # H, I and training token counts are divided by this on the CPU
 
     def scaled(self, factor: int) -> "MoEShape":
-        return dataclasses.replace(self, hidden=max(8, self.hidden // factor),
-                                   intermediate=max(8, self.intermediate // factor))
+        return dataclasses.replace(self, hidden=_shrink(self.hidden, factor),
+                                   intermediate=_shrink(self.intermediate, factor))
 
 
 @dataclass(frozen=True)
@@ -93,8 +98,8 @@ class AdapterShape:
 
     def scaled(self, factor: int) -> "AdapterShape":
         # The rank shrinks with H and I so the adapter's share of the FLOPs stays that of the full model.
-        return dataclasses.replace(self, hidden=max(8, self.hidden // factor),
-                                   intermediate=max(8, self.intermediate // factor),
+        return dataclasses.replace(self, hidden=_shrink(self.hidden, factor),
+                                   intermediate=_shrink(self.intermediate, factor),
                                    rank=max(1, self.rank // factor))
 
 
@@ -110,7 +115,7 @@ class LoRAShape:
     cpu_scale: int
 
     def scaled(self, factor: int) -> "LoRAShape":
-        return dataclasses.replace(self, hidden=max(8, self.hidden // factor))
+        return dataclasses.replace(self, hidden=_shrink(self.hidden, factor))
 
 
 MOE_SHAPES = {
@@ -284,6 +289,9 @@ class Case:
     notes: dict = dataclasses.field(default_factory=dict)  # provider -> why skipped / remark
     ideal: Callable | None = None  # pass -> (ms, note), for the CPU ideal
     differentiable: bool = True
+    canonical: Callable | None = None  # output -> form compared across providers (e.g. order-free)
+    # providers that compute something else on purpose (the dense layer alone): never compared
+    not_comparable: tuple = ()
 
 
 def mk_backends(device: torch.device) -> list[str]:
@@ -436,6 +444,13 @@ def build_moe_case(shape: MoEShape, scale: int, tokens: int, dtype_name: str, de
 
     providers = {f"mk:{b}": mk_provider(b) for b in mk_backends(device)}
     notes = _fallback_notes(providers, ("route", "moe_mlp"))
+    try:  # the user-facing path: transformers' experts module dispatching to moe_kernels
+        from moe_kernels.hf.experts import EXPERTS_IMPLEMENTATION, describe_experts
+
+        describe_experts(experts)
+        providers["hf:moe_kernels"] = hf_provider(EXPERTS_IMPLEMENTATION)
+    except Exception as exc:  # noqa: BLE001 - integration still being written, or this layout unsupported
+        notes["hf:moe_kernels"] = f"skipped: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
     for impl in ("eager", "grouped_mm", "batched_mm"):
         gathered = tokens * s.top_k * 3 * s.hidden * s.intermediate * x.element_size()
         if impl == "batched_mm" and gathered > BATCHED_MM_MAX_BYTES:
@@ -580,7 +595,7 @@ def build_adapter_case(shape: AdapterShape, scale: int, tokens: int, dtype_name:
     providers["dense_ffn"] = dense
     providers["pesc_loop"] = pesc_loop
     return Case("adapter", shape, scale, tokens, dtype_name, params, providers, headline_provider(device),
-                "mk:reference", notes)
+                "mk:reference", notes, not_comparable=("dense_ffn",))
 
 
 def build_lora_case(shape: LoRAShape, scale: int, tokens: int, dtype_name: str, device: torch.device,
@@ -613,8 +628,7 @@ def build_lora_case(shape: LoRAShape, scale: int, tokens: int, dtype_name: str, 
         probs = torch.softmax(F.linear(x, router_weight).float(), dim=-1)
         top, ids = torch.topk(probs, s.top_k, dim=-1)
         alpha = torch.zeros_like(probs).scatter_(1, ids, top).to(dtype)
-        per_expert = torch.einsum("eho,ter->teh", lora_b.transpose(1, 2),
-                                  torch.einsum("erh,th->ter", lora_a, x))
+        per_expert = torch.einsum("ehr,ter->teh", lora_b, torch.einsum("erh,th->ter", lora_a, x))
         return F.linear(x, base) + lora_scale * torch.einsum("te,teh->th", alpha, per_expert)
 
     providers = {f"mk:{b}": mk_provider(b) for b in mk_backends(device)}
@@ -622,7 +636,7 @@ def build_lora_case(shape: LoRAShape, scale: int, tokens: int, dtype_name: str, 
     providers["dense_linear"] = lambda: F.linear(x, base)
     providers["all_experts"] = all_experts
     return Case("lora", shape, scale, tokens, dtype_name, params, providers, headline_provider(device),
-                "mk:reference", notes)
+                "mk:reference", notes, not_comparable=("dense_linear",))
 
 
 def build_route_case(shape: MoEShape, tokens: int, device: torch.device, seed: int = 0) -> Case:
@@ -636,15 +650,15 @@ def build_route_case(shape: MoEShape, tokens: int, device: torch.device, seed: i
         return lambda: moe_kernels.route(logits, shape.top_k, bias=bias, backend=backend, **route_kwargs)[0]
 
     def hf():
-        weights, ids = hf_router_math(logits, shape, bias)
-        # transformers picks in topk order; moe_kernels orders by score too, so the weights line up
-        return weights
+        return hf_router_math(logits, shape, bias)[0]
 
     providers = {f"mk:{b}": mk_provider(b) for b in mk_backends(device)}
     notes = _fallback_notes(providers, ("route",))
     providers["hf:router"] = hf
+    # DeepSeek's transformers router does not sort its choices: compare the weights as sorted sets.
     return Case("route", shape, 1, tokens, "fp32", [logits], providers, headline_provider(device),
-                "mk:reference", notes, None, differentiable=False)
+                "mk:reference", notes, None, differentiable=False,
+                canonical=lambda w: w.sort(dim=-1, descending=True).values)
 
 
 def build_plan_case(shape: MoEShape, tokens: int, device: torch.device, seed: int = 0) -> Case:
@@ -668,8 +682,10 @@ def build_plan_case(shape: MoEShape, tokens: int, device: torch.device, seed: in
     providers = {f"mk:{b}": mk_provider(b) for b in mk_backends(device)}
     notes = _fallback_notes(providers, ("plan",))
     providers["torch:sort"] = torch_sort
+    # Any valid dispatch visits the experts in the same order, whatever order it keeps within an expert.
+    flat_ids = ids.reshape(-1)
     return Case("plan", shape, 1, tokens, "int32", [], providers, headline_provider(device), "mk:reference",
-                notes, None, differentiable=False)
+                notes, None, differentiable=False, canonical=lambda slots: flat_ids[slots.long()])
 
 
 # ------------------------------------------------------------------------------------------- running
@@ -683,14 +699,22 @@ def run_case(case: Case, passes, timing_kwargs: dict, device: torch.device, memo
     """Time every provider of ``case`` on every pass; rows without machine columns."""
     rows = []
     leaves = [p for p in case.params if p.is_floating_point()]
-    outputs = {}
+    outputs, failed = {}, {}
     with torch.no_grad():
-        for name, fn in case.providers.items():
-            outputs[name] = fn().float()
+        for name, fn in list(case.providers.items()):
+            try:
+                out = fn()
+            except Exception as exc:  # noqa: BLE001 - one failing provider must not sink the run
+                failed[name] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                continue
+            outputs[name] = (case.canonical(out) if case.canonical else out).float()
+    providers = {name: fn for name, fn in case.providers.items() if name not in failed}
     ref_out = outputs.get(case.reference) if case.reference else None
     grad_out = torch.randn_like(next(iter(outputs.values()))).to(leaves[0].dtype) if leaves else None
     for pass_name in passes if case.differentiable else ("fwd",):
-        for name, fn in case.providers.items():
+        for name, note in failed.items():
+            rows.append({"pass": pass_name, "provider": name, "note": note})
+        for name, fn in providers.items():
             row = {"pass": pass_name, "provider": name, "note": case.notes.get(name, "")}
             try:
                 if pass_name == "fwd":
@@ -719,11 +743,11 @@ def run_case(case: Case, passes, timing_kwargs: dict, device: torch.device, memo
             except Exception as exc:  # noqa: BLE001 - one failing provider must not sink the run
                 for p in leaves:
                     p.requires_grad_(False)
-                row["note"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}"
+                row["note"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
                 rows.append(row)
                 continue
             row.update(median_ms=timing.median_ms, q1_ms=timing.q1_ms, q3_ms=timing.q3_ms, repeats=timing.repeats)
-            if ref_out is not None and name in outputs:
+            if ref_out is not None and name in outputs and name not in case.not_comparable:
                 row["max_abs_err"] = float((outputs[name] - ref_out).abs().max())
             rows.append(row)
         if case.ideal is not None:
@@ -913,7 +937,15 @@ def _parse_args(argv):
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory / saved-bytes measurement")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
-    return parser.parse_args(argv)
+    parser.add_argument("--bandwidth-mb", type=int, default=256, help="size of the copy that measures bandwidth")
+    args = parser.parse_args(argv)
+    known = set(MOE_SHAPES) | set(ADAPTER_SHAPES) | set(LORA_SHAPES)
+    unknown = sorted(set(args.shape or ()) - known)
+    if unknown:
+        parser.exit(2, f"moe-kernels bench: unknown --shape {unknown}; known: {sorted(known)}\n")
+    if args.threads < 1:
+        parser.exit(2, f"moe-kernels bench: --threads must be >= 1, got {args.threads}\n")
+    return args
 
 
 def _cpu_tokens(tokens: int, scale: int) -> int:
@@ -929,11 +961,13 @@ def run_benchmarks(args) -> tuple[list[dict], dict]:
     suites = args.suite or list(SUITES)
     dtypes = args.dtype or list(QUICK["dtypes"])
     passes = args.passes or list(PASSES)
-    timing_kwargs = ({"min_repeats": args.repeats or 3, "max_repeats": 15, "budget_s": args.budget or 0.25}
-                     if args.quick else
-                     {"min_repeats": args.repeats or 5, "max_repeats": 50, "budget_s": args.budget or 1.0})
+    min_repeats, max_repeats, budget = (3, 15, 0.25) if args.quick else (5, 50, 1.0)
+    if args.repeats is not None:
+        min_repeats = args.repeats
+    timing_kwargs = {"min_repeats": min_repeats, "max_repeats": max(min_repeats, max_repeats),
+                     "budget_s": budget if args.budget is None else args.budget}
     on_cpu = device.type == "cpu"
-    bandwidth = measure_copy_bandwidth() if on_cpu else None
+    bandwidth = measure_copy_bandwidth(args.bandwidth_mb * 2**20) if on_cpu else None
     info["bandwidth_gbs"] = bandwidth / 1e9 if bandwidth else None
 
     def scale_of(shape):

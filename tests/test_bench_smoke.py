@@ -1,0 +1,156 @@
+"""Smoke test of the benchmark runner (moe_kernels.bench): one tiny shape per suite, one repeat.
+
+Checks the outputs' form (CSV columns, providers present, summary printed, plots written) and that every
+provider computes the same layer as the reference oracle. No timing is asserted anywhere.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+
+import moe_kernels
+from moe_kernels import bench
+
+# One shape per suite, scaled down hard: H = 2048/64 = 32 for OLMoE, 40 for GPT-OSS, 112 for DeepSeek-V3.
+SMOKE_ARGS = ["--shape", "olmoe_1b_7b", "--shape", "gpt_oss_20b", "--shape", "deepseek_v3_like",
+              "--shape", "pesc_llama2_7b_r64", "--shape", "selfmoe_gemma_7b",
+              "--tokens", "8", "--dtype", "fp32", "--scale", "64", "--repeats", "1", "--budget", "0",
+              "--threads", "1", "--bandwidth-mb", "8"]
+
+# Providers that must agree with the oracle, and how closely (fp32 outputs of size O(1)).
+FP32_TOLERANCE = 1e-4
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    threads = torch.get_num_threads()
+    try:
+        status = bench.bench_main(SMOKE_ARGS + ["--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)  # the runner sets the thread count process-wide
+    with open(out / "bench.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames
+        rows = list(reader)
+    return status, out, header, rows
+
+
+def test_runner_exits_cleanly_and_writes_every_output(smoke_run, capsys):
+    status, out, _, _ = smoke_run
+    assert status == 0
+    for name in ("bench.csv", "roofline.csv", "summary.md", "moe.png", "adapter.png", "lora.png", "route.png",
+                 "plan.png"):
+        assert (out / name).stat().st_size > 0, name
+    summary = (out / "summary.md").read_text()
+    assert "### MoE block" in summary and "hf:grouped_mm / mk" in summary
+    assert "### Memory (forward+backward)" in summary
+    assert "H100 peaks assumed: 989 TFLOP/s" in summary
+
+
+def test_csv_has_the_expected_columns(smoke_run):
+    _, _, header, rows = smoke_run
+    assert header == bench.CSV_COLUMNS
+    assert rows
+    for row in rows:
+        assert row["machine"] and row["torch"] == torch.__version__ and row["moe_kernels"] == moe_kernels.__version__
+
+
+def test_every_suite_and_pass_has_rows(smoke_run):
+    _, _, _, rows = smoke_run
+    suites = {r["suite"] for r in rows}
+    assert suites == {"moe", "adapter", "lora", "route", "plan"}
+    for suite in ("moe", "adapter", "lora"):
+        assert {r["pass"] for r in rows if r["suite"] == suite} == {"fwd", "bwd", "fwdbwd"}
+
+
+def test_moe_suite_has_every_provider(smoke_run):
+    _, _, _, rows = smoke_run
+    headline = bench.headline_provider(torch.device("cpu"))
+    expected = {headline, "mk:reference", "hf:eager", "hf:grouped_mm", "hf:batched_mm", "cpu_ideal"}
+    for shape in ("olmoe_1b_7b", "gpt_oss_20b", "deepseek_v3_like"):
+        timed = {r["provider"] for r in rows if r["suite"] == "moe" and r["shape"] == shape and r["median_ms"]}
+        assert expected <= timed, (shape, expected - timed)
+
+
+def test_no_provider_failed(smoke_run):
+    _, _, _, rows = smoke_run
+    failures = [(r["suite"], r["shape"], r["pass"], r["provider"], r["note"]) for r in rows
+                if r["note"].startswith("failed")]
+    assert not failures
+
+
+def test_providers_agree_with_the_reference(smoke_run):
+    _, _, _, rows = smoke_run
+    compared = [r for r in rows if r["pass"] == "fwd" and r["max_abs_err"] != ""]
+    # every non-baseline provider of every suite was compared (dense-only baselines compute another layer)
+    providers = {(r["suite"], r["provider"]) for r in compared}
+    for suite, provider in (("moe", "hf:eager"), ("moe", "hf:grouped_mm"), ("moe", "hf:batched_mm"),
+                            ("adapter", "pesc_loop"), ("lora", "all_experts"), ("route", "hf:router"),
+                            ("plan", "torch:sort")):
+        assert (suite, provider) in providers, (suite, provider)
+    for r in compared:
+        assert float(r["max_abs_err"]) <= FP32_TOLERANCE, (r["suite"], r["shape"], r["provider"], r["max_abs_err"])
+
+
+def test_ratios_and_quartiles_are_consistent(smoke_run):
+    _, _, _, rows = smoke_run
+    timed = [r for r in rows if r["median_ms"]]
+    assert timed
+    for r in timed:
+        assert float(r["q1_ms"]) <= float(r["median_ms"]) <= float(r["q3_ms"])
+        if r["ratio_vs_mk"]:
+            assert float(r["ratio_vs_mk"]) > 0
+    headline = bench.headline_provider(torch.device("cpu"))
+    for r in timed:
+        if r["provider"] == headline:
+            assert math.isclose(float(r["ratio_vs_mk"]), 1.0)
+
+
+def test_memory_columns_filled_for_training_passes(smoke_run):
+    _, _, _, rows = smoke_run
+    fwdbwd = [r for r in rows if r["suite"] == "moe" and r["pass"] == "fwdbwd" and r["median_ms"]
+              and r["provider"] != "cpu_ideal"]
+    assert fwdbwd
+    for r in fwdbwd:
+        assert float(r["peak_mb"]) > 0 and float(r["saved_mb"]) >= 0
+
+
+def test_saved_activation_bytes_counts_saved_tensors_once():
+    x = torch.randn(64, 32, requires_grad=True)
+    w = torch.randn(32, 32, requires_grad=True)
+    # relu saves its output (64*32 fp32 = 8 KiB); x and w are inputs and do not count
+    saved = bench.saved_activation_bytes(lambda: (x @ w).relu(), exclude=[x, w])
+    assert saved == 64 * 32 * 4
+
+
+def test_peak_memory_sees_native_allocations():
+    def run():
+        a = torch.empty(1 << 20, dtype=torch.float32)  # 4 MiB, allocated inside ATen
+        b = a + 1
+        return b.sum()
+    assert bench.peak_memory_bytes(run) >= 2 * 4 * 2**20
+
+
+def test_roofline_numbers_for_mixtral_decode():
+    rows = {(r["shape"], r["tokens"]): r for r in bench.roofline_rows(tokens_list=(1,))}
+    r = rows[("mixtral_8x7b", 1)]
+    flops = 2 * 2 * 3 * 4096 * 14336  # T=1, k=2, gate+up+down
+    assert math.isclose(r["gflops"], flops / 1e9)
+    assert r["bound"] == "memory"
+    weight_bytes = 2 * 3 * 4096 * 14336 * 2  # two experts, bf16
+    assert math.isclose(r["h100_us"], (weight_bytes + 2 * 4096 * 2) / bench.H100_HBM_BYTES_PER_S * 1e6)
+
+
+def test_bad_arguments_are_clear_errors(tmp_path, capsys):
+    for argv, message in ((["--shape", "no_such_model"], "unknown --shape ['no_such_model']"),
+                          (["--threads", "0"], "--threads must be >= 1"),
+                          (["--suite", "nope"], "invalid choice: 'nope'")):
+        with pytest.raises(SystemExit) as info:
+            bench.bench_main(argv + ["--out", str(tmp_path)])
+        assert info.value.code == 2
+        assert message in capsys.readouterr().err
