@@ -142,7 +142,7 @@ def moe_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
                                gate_up_bias=gate_up_bias, down_bias=down_bias)
     weights, ids = _normalise_routing(weights, ids)
     if num_tokens == 0:
-        return x.new_zeros((0, hidden))
+        return x * 0  # empty, but joined to x in the autograd graph (empty gradient, not None)
     impl = resolve_backend(backend, device)
     return impl.moe_mlp(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias,
                         bool(interleaved), swiglu_limit)
@@ -176,7 +176,7 @@ def adapter_moe(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weights: 
     device = check_same_device(h=h, down=down, up=up, weights=weights, ids=ids)
     weights, ids = _normalise_routing(weights, ids)
     if num_tokens == 0:
-        return h.new_zeros((0, hidden))
+        return h * 0  # empty, but joined to h in the autograd graph
     impl = resolve_backend(backend, device)
     return impl.adapter_moe(h, down, up, weights, ids, activation, float(scale))
 

@@ -1,0 +1,233 @@
+"""Expert-parallel MoE over torch.distributed: dropless token exchange with all_to_all_single.
+
+Placement: rank r owns the contiguous experts ``[r * E_local, (r + 1) * E_local)``, ``E_local = E / world``.
+Per layer and rank, with T local tokens choosing k experts each:
+
+1. ``plan`` (the same counting sort as the single-GPU path) orders the T*k slots by expert, hence by
+   destination rank; per-expert counts are exchanged (one small all_to_all) to size the transfer.
+2. The token rows, gathered in that order, go to their owners (all_to_all_single, uneven splits).
+3. Each rank runs its local experts on what it received with the grouped kernels (weight 1, k = 1).
+4. Results travel back by the reverse exchange and are combined with the routing weights in fp32.
+
+The exchange is differentiable (its backward is the reverse exchange), so expert weights receive
+gradients from every rank's tokens and inputs receive gradients from every owner. Rows travel as
+bytes, so gloo carries bf16/fp16 too. Parameters outside the experts (routers, attention) are
+replicated: reduce their gradients as data parallelism does (DDP, FSDP, or an all_reduce).
+"""
+
+from __future__ import annotations
+
+import copy
+import zlib
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+import moe_kernels
+from moe_kernels.layers.sparse_moe import SparseMoE
+
+
+def _world(group) -> tuple[int, int]:
+    if not dist.is_available() or not dist.is_initialized():
+        raise RuntimeError("expert parallelism needs torch.distributed initialised (dist.init_process_group)")
+    return dist.get_world_size(group), dist.get_rank(group)
+
+
+def local_expert_count(num_experts: int, group=None) -> int:
+    """E / world_size; a clear error when the experts cannot be split evenly over the ranks."""
+    world, _ = _world(group)
+    if num_experts % world:
+        raise ValueError(f"num_experts = {num_experts} is not divisible by the world size {world}: expert "
+                         "parallelism places E / world_size experts on every rank (choose a world size that "
+                         "divides the number of experts)")
+    return num_experts // world
+
+
+def check_same_config(group=None, **config) -> None:
+    """All ranks must agree on the layer's configuration; raises ValueError on every rank otherwise."""
+    world, _ = _world(group)
+    values = torch.tensor([zlib.crc32(repr(v).encode()) for v in config.values()], dtype=torch.int64)  # stable across processes
+    gathered = [torch.empty_like(values) for _ in range(world)]
+    dist.all_gather(gathered, values, group=group)
+    for rank, other in enumerate(gathered):
+        if not torch.equal(other, values):
+            differing = [name for name, a, b in zip(config, values.tolist(), other.tolist()) if a != b]
+            raise ValueError(f"ranks disagree on the expert-parallel configuration: rank {rank} differs in "
+                             f"{differing} (this rank has {config})")
+
+
+class _AllToAllRows(torch.autograd.Function):
+    """rows [sum(send_splits), ...] -> [sum(recv_splits), ...]; backward is the reverse exchange."""
+
+    @staticmethod
+    def forward(ctx, rows, send_splits, recv_splits, group):
+        ctx.splits = (send_splits, recv_splits, group)
+        return _exchange(rows, send_splits, recv_splits, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        send_splits, recv_splits, group = ctx.splits
+        return _exchange(grad, recv_splits, send_splits, group), None, None, None
+
+
+def _exchange(rows: torch.Tensor, send_splits: list[int], recv_splits: list[int], group) -> torch.Tensor:
+    rows = rows.contiguous()
+    row_shape = rows.shape[1:]
+    row_numel = 1
+    for size in row_shape:
+        row_numel *= size
+    as_bytes = rows.reshape(rows.shape[0], row_numel).view(torch.uint8)  # dtype-agnostic transport (gloo lacks bf16)
+    out = as_bytes.new_empty((sum(recv_splits), as_bytes.shape[1]))
+    dist.all_to_all_single(out, as_bytes, output_split_sizes=recv_splits, input_split_sizes=send_splits, group=group)
+    return out.view(rows.dtype).reshape(out.shape[0], *row_shape)
+
+
+def all_to_all_rows(rows: torch.Tensor, send_splits: list[int], recv_splits: list[int], group=None) -> torch.Tensor:
+    """Differentiable all_to_all_single of rows with uneven splits (any dtype, any backend)."""
+    return _AllToAllRows.apply(rows, list(send_splits), list(recv_splits), group)
+
+
+def _expert_parallel(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, num_experts: int, group,
+                     run_local: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                     backend: str | None = None) -> torch.Tensor:
+    """Shared exchange around ``run_local(rows [M,H], local_ids [M] int32) -> [M,H]`` (see module docstring)."""
+    world, _ = _world(group)
+    num_local = local_expert_count(num_experts, group)
+    num_tokens, k = ids.shape
+    plan = moe_kernels.plan(ids, num_experts, backend=backend)
+    counts = plan.expert_offsets.diff().to(torch.int64)
+    recv_counts = torch.empty_like(counts)
+    dist.all_to_all_single(recv_counts, counts, group=group)  # [world * E_local]: what each rank sends me
+    send_splits = counts.view(world, num_local).sum(1).tolist()
+    recv_splits = recv_counts.view(world, num_local).sum(1).tolist()
+
+    rows = x[plan.sorted_slots.long() // k]
+    received = all_to_all_rows(rows, send_splits, recv_splits, group)
+    local_ids = torch.arange(num_local, dtype=torch.int32, device=x.device).repeat(world)
+    local_ids = local_ids.repeat_interleave(recv_counts.to(x.device))
+    if received.shape[0] > 0:
+        processed = run_local(received, local_ids)
+    else:
+        processed = received * 0  # nothing to run, but keep the graph joined so backward exchanges too
+    returned = all_to_all_rows(processed, recv_splits, send_splits, group)
+    per_slot = returned[plan.slot_positions.long()].view(num_tokens, k, x.shape[1])
+    out = (per_slot.float() * weights.float().unsqueeze(-1)).sum(dim=1)
+    return out.to(x.dtype)
+
+
+def expert_parallel_moe_mlp(x, gate_up_local, down_local, weights, ids, num_experts: int, *, group=None,
+                            activation: str = "silu", backend: str | None = None) -> torch.Tensor:
+    """:func:`moe_kernels.moe_mlp` with the experts spread over the ranks of ``group``.
+
+    x [T,H] (this rank's tokens), gate_up_local [E/W,2I,H] and down_local [E/W,H,I] (this rank's experts),
+    weights/ids [T,k] with global expert ids in [0, num_experts). Returns [T,H].
+    """
+    def run_local(rows, local_ids):
+        ones = torch.ones(rows.shape[0], 1, dtype=torch.float32, device=rows.device)
+        return moe_kernels.moe_mlp(rows, gate_up_local, down_local, ones, local_ids[:, None],
+                                   activation=activation, backend=backend)
+    return _expert_parallel(x, weights, ids, num_experts, group, run_local, backend)
+
+
+def expert_parallel_adapter_moe(h, down_local, up_local, weights, ids, num_experts: int, *, group=None,
+                                activation: str = "gelu", scale: float = 1.0,
+                                backend: str | None = None) -> torch.Tensor:
+    """:func:`moe_kernels.adapter_moe` with the adapter experts spread over the ranks of ``group``."""
+    def run_local(rows, local_ids):
+        ones = torch.ones(rows.shape[0], 1, dtype=torch.float32, device=rows.device)
+        return moe_kernels.adapter_moe(rows, down_local, up_local, ones, local_ids[:, None],
+                                       activation=activation, scale=scale, backend=backend)
+    return _expert_parallel(h, weights, ids, num_experts, group, run_local, backend)
+
+
+class ExpertParallelMoE(nn.Module):
+    """A :class:`SparseMoE` whose experts are sharded over ``group``; the router is replicated.
+
+    Build it from a full layer on every rank (same weights everywhere, e.g. same seed or a broadcast)
+    with :meth:`from_sparse_moe`; each rank keeps only its experts.
+    """
+
+    def __init__(self, layer: SparseMoE, group=None):
+        super().__init__()
+        world, rank = _world(group)
+        num_local = local_expert_count(layer.num_experts, group)
+        check_same_config(group, num_experts=layer.num_experts, hidden=layer.hidden_size,
+                          intermediate=layer.intermediate_size, top_k=layer.top_k, activation=layer.activation,
+                          routing=sorted(layer.routing.items()))
+        self.group, self.num_experts, self.top_k = group, layer.num_experts, layer.top_k
+        self.hidden_size, self.activation, self.backend = layer.hidden_size, layer.activation, layer.backend
+        self.routing = dict(layer.routing)
+        self.router = copy.deepcopy(layer.router)
+        mine = slice(rank * num_local, (rank + 1) * num_local)
+        self.gate_up_proj = nn.Parameter(layer.gate_up_proj.detach()[mine].clone())
+        self.down_proj = nn.Parameter(layer.down_proj.detach()[mine].clone())
+        self.expert_offset = rank * num_local
+        self.aux_loss: torch.Tensor | None = None
+
+    @classmethod
+    def from_sparse_moe(cls, layer: SparseMoE, group=None) -> "ExpertParallelMoE":
+        return cls(layer, group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, self.hidden_size)
+        logits = self.router(x2d)
+        weights, ids = moe_kernels.route(logits, self.top_k, backend=self.backend, **self.routing)
+        self.aux_loss = moe_kernels.load_balancing_loss(logits, ids, self.num_experts)
+        out = expert_parallel_moe_mlp(x2d, self.gate_up_proj, self.down_proj, weights, ids, self.num_experts,
+                                      group=self.group, activation=self.activation, backend=self.backend)
+        return out.reshape(x.shape)
+
+
+_EXPERT_PARAMS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias", "up_proj", "up_proj_bias")
+
+
+class ExpertParallelExperts(nn.Module):
+    """Shards a Hugging Face experts module (``forward(hidden, top_k_index, top_k_weights)``) over ``group``.
+
+    The local shard is a copy of the original module holding only this rank's experts, so whatever
+    experts implementation the model uses (``moe_kernels``, ``grouped_mm``, ``eager``) and every layout
+    flag of the family (transposed, biases, interleaved gate/up) are kept as they were.
+    """
+
+    def __init__(self, experts: nn.Module, group=None, backend: str | None = None):
+        super().__init__()
+        num_experts = int(experts.num_experts)
+        world, rank = _world(group)
+        num_local = local_expert_count(num_experts, group)
+        check_same_config(group, cls=type(experts).__name__, num_experts=num_experts,
+                          shapes=[tuple(p.shape) for p in experts.parameters()])
+        mine = slice(rank * num_local, (rank + 1) * num_local)
+        local = copy.copy(experts)
+        local._parameters = dict(experts._parameters)
+        for name in _EXPERT_PARAMS:
+            param = getattr(experts, name, None)
+            if isinstance(param, nn.Parameter):
+                setattr(local, name, nn.Parameter(param.detach()[mine].clone(), requires_grad=param.requires_grad))
+        local.num_experts = num_local
+        self.local = local
+        self.group, self.num_experts, self.expert_offset = group, num_experts, rank * num_local
+        self.backend = backend  # for the dispatch plan; the local experts run as the model's experts do
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        def run_local(rows, local_ids):
+            ones = torch.ones(rows.shape[0], 1, dtype=top_k_weights.dtype, device=rows.device)
+            return self.local(rows, local_ids.long()[:, None], ones)
+        return _expert_parallel(hidden_states, top_k_weights, top_k_index, self.num_experts, self.group, run_local,
+                                self.backend)
+
+
+def shard_hf_experts(model: nn.Module, group=None, backend: str | None = None) -> nn.Module:
+    """Replace every experts module of a Hugging Face MoE model by its expert-parallel shard (in place).
+
+    Call it on every rank with identical weights. Returns the model; raises ValueError if none is found.
+    """
+    targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
+               if hasattr(child, "num_experts") and isinstance(getattr(child, "gate_up_proj", None), torch.Tensor)
+               and getattr(child, "gate_up_proj").dim() == 3]
+    if not targets:
+        raise ValueError(f"{type(model).__name__} has no experts module with 3-D gate_up_proj weights to shard")
+    for parent, name, child in targets:
+        setattr(parent, name, ExpertParallelExperts(child, group, backend))
+    return model

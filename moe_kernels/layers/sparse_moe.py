@@ -1,0 +1,64 @@
+"""SparseMoE: a router plus routed expert MLPs, the MoE block on the moe_kernels ops."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import moe_kernels
+
+
+class SparseMoE(nn.Module):
+    """Router (a linear H -> E) + E gated expert MLPs in the Hugging Face v5 layout.
+
+    forward(x [..., H]) -> y [..., H]. The router's logits and the Switch load-balancing loss of the
+    last forward are kept on ``self.router_logits`` / ``self.aux_loss`` for the training loop.
+
+    Routing options are those of :func:`moe_kernels.route` (``scoring``, ``order``, ``renormalize``,
+    ``scale``); ``backend`` picks the implementation (None: by device).
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, *,
+                 activation: str = "silu", scoring: str = "softmax", order: str = "softmax_then_topk",
+                 renormalize: bool = True, scale: float = 1.0, backend: str | None = None,
+                 dtype: torch.dtype | None = None, device=None):
+        super().__init__()
+        if not 1 <= top_k <= num_experts:
+            raise ValueError(f"top_k must satisfy 1 <= top_k <= num_experts = {num_experts}, got {top_k}")
+        factory = dict(dtype=dtype, device=device)
+        self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
+        self.num_experts, self.top_k = num_experts, top_k
+        self.activation, self.backend = activation, backend
+        self.routing = dict(scoring=scoring, order=order, renormalize=renormalize, scale=scale)
+        self.router = nn.Linear(hidden_size, num_experts, bias=False, **factory)
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **factory))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **factory))
+        self.reset_parameters()
+        self.router_logits: torch.Tensor | None = None
+        self.aux_loss: torch.Tensor | None = None
+
+    def reset_parameters(self) -> None:
+        nn.init.normal_(self.gate_up_proj, std=self.hidden_size ** -0.5)
+        nn.init.normal_(self.down_proj, std=self.intermediate_size ** -0.5)
+        self.router.reset_parameters()
+
+    def route(self, x2d: torch.Tensor):
+        """x2d [T,H] -> (router logits [T,E], weights [T,k] fp32, ids [T,k] int32)."""
+        logits = self.router(x2d)
+        weights, ids = moe_kernels.route(logits, self.top_k, backend=self.backend, **self.routing)
+        return logits, weights, ids
+
+    def experts(self, x2d: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        return moe_kernels.moe_mlp(x2d, self.gate_up_proj, self.down_proj, weights, ids,
+                                   activation=self.activation, backend=self.backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2d = x.reshape(-1, self.hidden_size)
+        logits, weights, ids = self.route(x2d)
+        self.router_logits = logits
+        self.aux_loss = moe_kernels.load_balancing_loss(logits, ids, self.num_experts)
+        return self.experts(x2d, weights, ids).reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return (f"hidden={self.hidden_size}, intermediate={self.intermediate_size}, experts={self.num_experts}, "
+                f"top_k={self.top_k}, activation={self.activation}, backend={self.backend}")
