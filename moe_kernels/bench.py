@@ -948,7 +948,7 @@ def _parse_args(argv):
     return args
 
 
-def _cpu_tokens(tokens: int, scale: int) -> int:
+def cpu_tokens(tokens: int, scale: int) -> int:
     """Decode counts stay; training counts (> 64) shrink with the shape's scale."""
     return tokens if tokens <= 64 else max(1, tokens // scale)
 
@@ -979,7 +979,7 @@ def run_benchmarks(args) -> tuple[list[dict], dict]:
 
     def tokens_for(scale, quick_tokens, full_tokens):
         base = args.tokens or (quick_tokens if args.quick else full_tokens)
-        return sorted({_cpu_tokens(t, scale) if on_cpu else t for t in base})
+        return sorted({cpu_tokens(t, scale) if on_cpu else t for t in base})
 
     rows: list[dict] = []
 
