@@ -114,7 +114,6 @@ class _FusedGatedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss):
         grad_w, grad_h, grad_head, grad_b = ctx.grads
         w_dtype, h_dtypes, head_dtypes, b_dtypes = ctx.dtypes
-        del ctx.grads
 
         def scaled(g, dtype):
             return None if g is None else (g * grad_loss).to(dtype)
