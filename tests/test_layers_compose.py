@@ -101,10 +101,12 @@ def test_fused_gated_ce_all_ignored_is_zero_with_zero_gradients():
 
 def test_fused_gated_ce_backward_scales_with_the_upstream_gradient():
     hiddens, heads, biases, gate, labels = _gated_ce_inputs(9, 17, 6, 2, False, "none")
+    (grad_once,) = torch.autograd.grad(fused_gated_cross_entropy(hiddens, heads, gate, labels), [heads[0]])
     loss = fused_gated_cross_entropy(hiddens, heads, gate, labels)
-    (grad_once,) = torch.autograd.grad(loss, [heads[0]], retain_graph=True)
-    (grad_scaled,) = torch.autograd.grad(3.5 * loss, [heads[0]])
+    (grad_scaled,) = torch.autograd.grad(3.5 * loss, [heads[0]], retain_graph=True)
     torch.testing.assert_close(grad_scaled, 3.5 * grad_once)
+    with pytest.raises(RuntimeError, match="backward ran twice"):
+        torch.autograd.grad(loss, [heads[0]])
 
 
 def test_fused_gated_ce_errors():

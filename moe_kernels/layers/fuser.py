@@ -26,14 +26,14 @@ from transformers.utils import ModelOutput
 
 from .coe import decode_with_cache, generation_defaults
 
-# Elements of fp32 [chunk, V] scratch the fused loss allows itself per specialist (+2 for the blend and its
-# gradient) when no chunk size is given: 2**22 elements = 16 MiB per block.
-_AUTO_CHUNK_ELEMENTS = 2 ** 22
+# fp32 [chunk, V] scratch the fused loss allows itself when no chunk size is given (N logit blocks + the
+# blend, which becomes its gradient): 2**23 elements = 32 MiB in all.
+_AUTO_CHUNK_ELEMENTS = 2 ** 23
 REDUCTIONS = ("mean", "sum")
 
 
 def _auto_chunk_size(num_tokens: int, vocab_size: int, num_specialists: int) -> int:
-    return max(1, min(num_tokens, _AUTO_CHUNK_ELEMENTS // (vocab_size * (num_specialists + 2)) or 1))
+    return max(1, min(num_tokens, _AUTO_CHUNK_ELEMENTS // (vocab_size * (num_specialists + 1)) or 1))
 
 
 class _FusedGatedCrossEntropy(torch.autograd.Function):
@@ -75,8 +75,10 @@ class _FusedGatedCrossEntropy(torch.autograd.Function):
             blended, parts = None, []
             for j in range(n):
                 logits_j = F.linear(hiddens[j][start:end], heads[j], biases[j]).float()
-                term = weights[:, j:j + 1] * logits_j
-                blended = term if blended is None else blended + term
+                if blended is None:
+                    blended = logits_j * weights[:, :1]
+                else:
+                    blended.addcmul_(logits_j, weights[:, j:j + 1])
                 if need_w:
                     parts.append(logits_j)  # kept only for dL/dw of this chunk
             lse = torch.logsumexp(blended, dim=-1)
@@ -85,24 +87,24 @@ class _FusedGatedCrossEntropy(torch.autograd.Function):
             total = total + ((lse - target) * row_valid).sum()
             if not need_any:
                 continue
-            # dL/d(blended) = (softmax - onehot(label)) / denominator, zero on ignored rows.
-            grad_blended = torch.exp(blended - lse[:, None])
+            # G = dL/d(blended) = (softmax - onehot(label)) / denominator, zero on ignored rows; computed in
+            # the blend's buffer. Then per specialist (w_j a per-row scalar, so no [C, V] temporaries):
+            # dL/dw_j = rowdot(G, logits_j), dL/dh_j = w_j * (G @ W_j), dL/dW_j = G^T (w_j * h_j), dL/db_j = G^T w_j.
+            grad_blended = blended.sub_(lse[:, None]).exp_()
             grad_blended.scatter_add_(1, safe_labels[start:end, None],
                                       -torch.ones((end - start, 1), dtype=torch.float32, device=labels.device))
-            grad_blended *= (row_valid / denominator)[:, None]
-            del blended
+            grad_blended.mul_((row_valid / denominator)[:, None])
             for j in range(n):
+                weight_j = weights[:, j:j + 1]
                 if need_w:
-                    grad_w[start:end, j] = (grad_blended * parts[j]).sum(-1)
-                if not (need_h[j] or need_head[j] or need_b[j]):
-                    continue
-                grad_logits_j = (grad_blended * weights[:, j:j + 1]).to(heads[j].dtype)
+                    grad_w[start:end, j] = torch.bmm(grad_blended[:, None, :], parts[j][:, :, None]).view(-1)
                 if need_h[j]:
-                    grad_h[j][start:end] = (grad_logits_j @ heads[j]).to(hiddens[j].dtype)
+                    grad_h[j][start:end] = ((grad_blended.to(heads[j].dtype) @ heads[j]).float() * weight_j).to(
+                        hiddens[j].dtype)
                 if need_head[j]:
-                    grad_head[j] += (grad_logits_j.t() @ hiddens[j][start:end].to(heads[j].dtype)).float()
+                    grad_head[j].addmm_(grad_blended.t(), hiddens[j][start:end].float() * weight_j)
                 if need_b[j]:
-                    grad_b[j] += grad_logits_j.float().sum(0)
+                    grad_b[j].addmv_(grad_blended.t(), weight_j.view(-1))
 
         ctx.grads = (grad_w, grad_h, grad_head, grad_b)
         ctx.dtypes = (gate_weights.dtype, [h.dtype for h in hiddens], [w.dtype for w in heads],
@@ -112,11 +114,18 @@ class _FusedGatedCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if ctx.grads is None:
+            raise RuntimeError("fused_gated_cross_entropy: backward ran twice through one loss (retain_graph); "
+                               "its gradients are computed in forward and handed over once. Recompute the loss.")
         grad_w, grad_h, grad_head, grad_b = ctx.grads
+        ctx.grads = None  # hand the buffers over (no copies kept alive)
         w_dtype, h_dtypes, head_dtypes, b_dtypes = ctx.dtypes
+        unit = bool(grad_loss == 1)
 
         def scaled(g, dtype):
-            return None if g is None else (g * grad_loss).to(dtype)
+            if g is None:
+                return None
+            return (g if unit else g.mul_(grad_loss)).to(dtype)
 
         out = [scaled(grad_w, w_dtype), None, None, None, None, None, None]
         out += [scaled(g, d) for g, d in zip(grad_h, h_dtypes)]
@@ -167,10 +176,11 @@ def fused_gated_cross_entropy(hidden_states: Sequence[torch.Tensor], head_weight
     hidden_states: N tensors [T, H_j]; head_weights: N tensors [V, H_j]; gate_weights [T, N] (any float
     dtype, used in fp32); labels [T] int (``ignore_index`` rows contribute nothing); head_biases: None
     or N tensors [V]. Works through the tokens in chunks of ``chunk_size`` (default: sized so the
-    fp32 scratch stays near 16 MiB per block); softmax/log-sum-exp in fp32. Returns a float32
+    fp32 scratch stays near 32 MiB); softmax/log-sum-exp in fp32. Returns a float32
     scalar equal to ``naive_gated_cross_entropy`` (mean over non-ignored tokens, or sum), with
     gradients for the gate weights, the hidden states, the head weights and biases. If every label
-    is ignored, the mean is 0 (not NaN). Not twice differentiable.
+    is ignored, the mean is 0 (not NaN). The gradients are computed in forward (only for inputs that
+    require them) and handed over in backward: not twice differentiable, and backward runs once per loss.
     """
     if head_biases is not None and all(b is None for b in head_biases):
         head_biases = None
