@@ -1,0 +1,146 @@
+#!/usr/bin/env bash
+# CI step: prove the CUDA sources of moe_kernels still compile and register every op for CUDA.
+#
+# Runs on a machine without a GPU, from the repository root of a clean clone:
+#   1. creates (or reuses) a virtual environment holding the CUDA build of torch;
+#   2. builds moe_kernels._C with the CUDA sources (csrc/cuda/*.cu) for sm_80 and sm_90, out of tree, so the
+#      checkout's own (CPU) moe_kernels/_C*.so is left alone;
+#   3. loads the built library and checks that every moe_kernels::* op schema has a CUDA kernel (and a CPU one);
+#   4. prints registers / stack / shared memory per kernel (cuobjdump --dump-resource-usage) and a summary.
+# Exits non-zero on any failure. Kernels cannot be launched here (no GPU).
+#
+# Environment (all optional):
+#   MOE_CUDA_TORCH_VERSION  torch version to install (default 2.14.1, the CUDA 13.0 build)
+#   MOE_CUDA_VENV           venv path (default $HOME/.cache/moe_kernels/venv-cuda; reused when its torch matches)
+#   MOE_CUDA_BUILD_DIR      build folder (default $HOME/.cache/moe_kernels/cuda-build; ninja rebuilds only what
+#                           changed, so a warm local rerun is quick; a fresh clone recompiles everything)
+#   MOE_CUDA_ARCHS          TORCH_CUDA_ARCH_LIST (default "8.0;9.0")
+#   PYTHON                  interpreter that creates the venv (default python3)
+#   CUDA_HOME               toolkit root holding bin/nvcc (default: found by setup.py)
+set -euo pipefail
+
+start_all=$(date +%s)
+repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+torch_version=${MOE_CUDA_TORCH_VERSION:-2.14.1}
+venv=${MOE_CUDA_VENV:-$HOME/.cache/moe_kernels/venv-cuda}
+build_dir=${MOE_CUDA_BUILD_DIR:-$HOME/.cache/moe_kernels/cuda-build}
+archs=${MOE_CUDA_ARCHS:-8.0;9.0}
+python=${PYTHON:-python3}
+
+log() { printf '[cuda-check] %s\n' "$*"; }
+fail() { printf '[cuda-check] FAILED: %s\n' "$*" >&2; exit 1; }
+elapsed() { echo $(( $(date +%s) - $1 )); }
+
+cd "$repo_root"
+[ -f setup.py ] && [ -d csrc/cuda ] || fail "run from a moe_kernels checkout (no setup.py / csrc/cuda in $repo_root)"
+ls csrc/cuda/*.cu > /dev/null 2>&1 || fail "no CUDA sources in csrc/cuda"
+
+# ---- 1. the venv with the CUDA build of torch ------------------------------------------------------------
+phase=$(date +%s)
+venv_torch() {
+  "$venv/bin/python" -c 'import torch; print(torch.__version__.split("+")[0], torch.version.cuda or "cpu")' 2>/dev/null || true
+}
+installed=$( [ -x "$venv/bin/python" ] && venv_torch || true )
+if [ "${installed%% *}" = "$torch_version" ] && [ "${installed##* }" != "cpu" ]; then
+  log "reusing $venv (torch $installed)"
+else
+  [ -n "$installed" ] && log "venv $venv has torch '$installed', want $torch_version with CUDA: recreating"
+  rm -rf "$venv"
+  mkdir -p "$(dirname "$venv")"
+  "$python" -m venv "$venv" || fail "could not create the venv with $python"
+  log "installing torch==$torch_version (CUDA build) into $venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "torch==$torch_version" ninja setuptools numpy \
+    || fail "pip install torch==$torch_version failed"
+  installed=$(venv_torch)
+  [ "${installed%% *}" = "$torch_version" ] && [ "${installed##* }" != "cpu" ] \
+    || fail "the venv's torch is '$installed', not the CUDA build of $torch_version"
+fi
+venv_seconds=$(elapsed "$phase")
+
+# ---- 2. build out of tree --------------------------------------------------------------------------------
+phase=$(date +%s)
+mkdir -p "$build_dir"
+build_log="$build_dir/build.log"
+log "building moe_kernels._C with CUDA for TORCH_CUDA_ARCH_LIST=$archs into $build_dir (log: $build_log)"
+jobs=$(nproc 2> /dev/null || echo 2)
+if ! MOE_KERNELS_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$archs" MAX_JOBS="$jobs" PATH="$venv/bin:$PATH" \
+    "$venv/bin/python" setup.py build_ext --build-lib "$build_dir/lib" --build-temp "$build_dir/tmp" \
+    > "$build_log" 2>&1; then
+  tail -n 60 "$build_log" >&2
+  fail "build failed (full log: $build_log)"
+fi
+build_seconds=$(elapsed "$phase")
+so_path=$(ls -t "$build_dir"/lib/moe_kernels/_C*.so 2> /dev/null | head -n 1)
+[ -n "$so_path" ] || fail "the build produced no moe_kernels/_C*.so under $build_dir/lib"
+warnings=$(grep -c -i 'warning' "$build_log" || true)
+log "built $so_path in ${build_seconds}s ($warnings warning lines in the log)"
+
+# ---- 3. every op has a CUDA kernel -------------------------------------------------------------------------
+phase=$(date +%s)
+"$venv/bin/python" - "$so_path" "$archs" << 'EOF' || fail "op registration check failed"
+import importlib.util
+import sys
+
+import torch
+
+so_path, archs = sys.argv[1], sys.argv[2]
+# Import it as the package's extension module (PyInit__C), which registers the ops.
+spec = importlib.util.spec_from_file_location("moe_kernels._C", so_path)
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+
+names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("moe_kernels::"))
+if not names:
+    sys.exit("no moe_kernels::* op schemas are registered")
+missing = []
+print(f"{'op':36s} CPU  CUDA")
+for name in names:
+    cpu = torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
+    cuda = torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
+    print(f"{name:36s} {'yes' if cpu else 'NO ':4s} {'yes' if cuda else 'NO'}")
+    if not (cpu and cuda):
+        missing.append(name)
+if not hasattr(module, "WITH_CUDA"):
+    print("note: moe_kernels._C has no WITH_CUDA attribute (moe_kernels.native reads it to enable the cuda backend)")
+elif not module.WITH_CUDA:
+    sys.exit("moe_kernels._C.WITH_CUDA is false in a CUDA build")
+if missing:
+    sys.exit(f"ops without a CPU or CUDA kernel: {missing}")
+print(f"all {len(names)} moe_kernels ops have CPU and CUDA kernels (torch {torch.__version__}, archs {archs})")
+EOF
+check_seconds=$(elapsed "$phase")
+
+# ---- 4. per-kernel resources -------------------------------------------------------------------------------
+cuobjdump=""
+for candidate in "${CUDA_HOME:-}/bin/cuobjdump" "$(command -v cuobjdump || true)" /usr/local/cuda*/bin/cuobjdump; do
+  if [ -n "$candidate" ] && [ -x "$candidate" ]; then cuobjdump=$candidate; break; fi
+done
+if [ -n "$cuobjdump" ]; then
+  "$cuobjdump" --dump-resource-usage "$so_path" 2> /dev/null | "$venv/bin/python" -c '
+import re, subprocess, sys
+arch = "?"
+rows = []
+for line in sys.stdin:
+    m = re.search(r"arch = (sm_\d+)", line)
+    if m:
+        arch = m.group(1)
+    m = re.search(r"Function (\S+):", line)
+    if m:
+        name = m.group(1)
+        continue
+    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
+    if m:
+        rows.append((arch, name, *map(int, m.groups())))
+names = subprocess.run(["c++filt"], input="\n".join(r[1] for r in rows), capture_output=True, text=True).stdout.split("\n")
+print(f"{\"arch\":6s} {\"REG\":>4s} {\"STACK\":>5s} {\"SHARED\":>6s} {\"LOCAL\":>5s}  kernel")
+for row, pretty in sorted(zip(rows, names), key=lambda r: (r[0][0], r[1])):
+    pretty = re.sub(r"moe_kernels::cuda::\(anonymous namespace\)::", "", pretty)
+    pretty = re.sub(r"c10::(Half|BFloat16)", r"\1", pretty)
+    print(f"{row[0]:6s} {row[2]:4d} {row[3]:5d} {row[4]:6d} {row[5]:5d}  {pretty[:110]}")
+' || log "could not parse cuobjdump output"
+else
+  log "cuobjdump not found: skipping the resource table"
+fi
+
+log "summary: venv ${venv_seconds}s, build ${build_seconds}s, op check ${check_seconds}s, total $(elapsed "$start_all")s"
+log "OK"
