@@ -16,7 +16,7 @@
 #                           changed, so a warm local rerun is quick; a fresh clone recompiles everything)
 #   MOE_CUDA_ARCHS          TORCH_CUDA_ARCH_LIST (default "8.0;9.0")
 #   PYTHON                  interpreter that creates the venv (default python3)
-#   CUDA_HOME               toolkit root holding bin/nvcc (default: found by setup.py)
+#   CUDA_HOME               toolkit root holding bin/nvcc and include/cuda_runtime.h (default: searched)
 set -euo pipefail
 
 start_all=$(date +%s)
@@ -57,7 +57,21 @@ else
 fi
 venv_seconds=$(elapsed "$phase")
 
-# ---- 2. build out of tree --------------------------------------------------------------------------------
+# ---- 2. build out of tree ----
+# A toolkit root must hold the headers and lib64 too: an `nvcc` wrapper script in /usr/local/bin would make
+# /usr/local look like one, and the link then fails to find -lcudart.
+is_toolkit() { [ -x "$1/bin/nvcc" ] && [ -f "$1/include/cuda_runtime.h" ]; }
+if [ -z "${CUDA_HOME:-}" ] || ! is_toolkit "$CUDA_HOME"; then
+  CUDA_HOME=""
+  nvcc_path=$(command -v nvcc || true)
+  for candidate in ${nvcc_path:+"$(dirname "$(dirname "$(readlink -f "$nvcc_path")")")"} /usr/local/cuda /usr/local/cuda-*; do
+    if is_toolkit "$candidate"; then CUDA_HOME=$candidate; break; fi
+  done
+  [ -n "$CUDA_HOME" ] || fail "no CUDA toolkit found (set CUDA_HOME to the folder holding bin/nvcc)"
+fi
+export CUDA_HOME
+log "CUDA toolkit: $CUDA_HOME ($("$CUDA_HOME/bin/nvcc" --version | grep -o 'release [0-9.]*'))"
+----------------------------------------------------------------------------
 phase=$(date +%s)
 mkdir -p "$build_dir"
 build_log="$build_dir/build.log"
@@ -89,6 +103,8 @@ spec = importlib.util.spec_from_file_location("moe_kernels._C", so_path)
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 
+# Ops documented as CPU-only (csrc/cpu/experts.cpp: on GPUs the triton backend runs the expert path).
+CPU_ONLY = {"moe_kernels::expert_mlp_forward", "moe_kernels::expert_mlp_backward"}
 names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("moe_kernels::"))
 if not names:
     sys.exit("no moe_kernels::* op schemas are registered")
@@ -97,8 +113,9 @@ print(f"{'op':36s} CPU  CUDA")
 for name in names:
     cpu = torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
     cuda = torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
-    print(f"{name:36s} {'yes' if cpu else 'NO ':4s} {'yes' if cuda else 'NO'}")
-    if not (cpu and cuda):
+    cuda_text = "yes" if cuda else ("- (cpu-only op)" if name in CPU_ONLY else "NO")
+    print(f"{name:36s} {'yes' if cpu else 'NO ':4s} {cuda_text}")
+    if not cpu or not (cuda or name in CPU_ONLY):
         missing.append(name)
 if not hasattr(module, "WITH_CUDA"):
     print("note: moe_kernels._C has no WITH_CUDA attribute (moe_kernels.native reads it to enable the cuda backend)")
@@ -106,13 +123,17 @@ elif not module.WITH_CUDA:
     sys.exit("moe_kernels._C.WITH_CUDA is false in a CUDA build")
 if missing:
     sys.exit(f"ops without a CPU or CUDA kernel: {missing}")
-print(f"all {len(names)} moe_kernels ops have CPU and CUDA kernels (torch {torch.__version__}, archs {archs})")
+with_cuda = len(names) - len(CPU_ONLY & set(names))
+print(f"{len(names)} moe_kernels ops: all have CPU kernels, {with_cuda} have CUDA kernels, "
+      f"{len(names) - with_cuda} are CPU-only by design (torch {torch.__version__}, archs {archs})")
 EOF
 check_seconds=$(elapsed "$phase")
 
 # ---- 4. per-kernel resources -------------------------------------------------------------------------------
 cuobjdump=""
-for candidate in "${CUDA_HOME:-}/bin/cuobjdump" "$(command -v cuobjdump || true)" /usr/local/cuda*/bin/cuobjdump; do
+# The toolkit may lack cuobjdump; the triton wheel that torch pins bundles one.
+triton_cuobjdump=$("$venv/bin/python" -c 'import os, triton; print(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))' 2> /dev/null || true)
+for candidate in "$CUDA_HOME/bin/cuobjdump" "$(command -v cuobjdump || true)" "$triton_cuobjdump"; do
   if [ -n "$candidate" ] && [ -x "$candidate" ]; then cuobjdump=$candidate; break; fi
 done
 if [ -n "$cuobjdump" ]; then
