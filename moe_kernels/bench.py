@@ -144,6 +144,7 @@ QUICK = {
     "lora_tokens": (4096,),
     "route_tokens": (4096,),
     "dtypes": ("fp32", "bf16"),
+    "passes": ("fwd", "fwdbwd"),  # the goals' passes; the full run adds backward alone
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SUITES = ("moe", "adapter", "lora", "route", "plan", "roofline")
@@ -210,10 +211,16 @@ def _sync(device: torch.device) -> None:
 
 def measure(run: Callable, setup: Callable | None = None, *, device: torch.device = torch.device("cpu"),
             min_repeats: int = 3, max_repeats: int = 30, budget_s: float = 0.5, warmup: int = 1) -> Timing:
-    """Time ``run(setup())`` (setup untimed) until ``min_repeats`` and the time budget are both met."""
+    """Time ``run(setup())`` (setup untimed) until ``min_repeats`` and the time budget are both met.
+
+    A provider whose warm-up alone exceeds the budget gets at most 3 timed runs (slow loops would
+    otherwise dominate the run time without making its median any more useful)."""
     for _ in range(warmup):
+        start = time.perf_counter()
         run(setup() if setup else None)
-    _sync(device)
+        _sync(device)
+        if time.perf_counter() - start > budget_s:
+            min_repeats = min(min_repeats, 3)
     times = []
     spent = 0.0
     while len(times) < min_repeats or (spent < budget_s and len(times) < max_repeats):
@@ -733,7 +740,7 @@ def run_case(case: Case, passes, timing_kwargs: dict, device: torch.device, memo
                             _clear_grads(leaves)
                             return fn()
                         timing = measure(lambda out: out.backward(grad_out), setup, device=device, **timing_kwargs)
-                    if memory and device.type == "cpu":
+                    if memory and device.type == "cpu" and pass_name == "fwdbwd":
                         _clear_grads(leaves)
                         row["peak_mb"] = peak_memory_bytes(lambda fn=fn: fn().backward(grad_out)) / 2**20
                         row["saved_mb"] = saved_activation_bytes(fn, case.params) / 2**20
@@ -837,6 +844,54 @@ def format_table(rows: list[dict], suite: str) -> str:
             cells.append(f"{r['ratio_vs_mk']:.2f}x" if r.get("ratio_vs_mk") else "-")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+GOAL_GROUPED_MM_FWD = 1.5  # moe_kernels at least this much faster than transformers' grouped_mm, forward
+GOAL_GROUPED_MM_FWDBWD = 2.0  # ... and forward+backward (OLMoE and Qwen3 shapes)
+GOAL_IDEAL_FWD = 1.15  # moe_kernels forward within this factor of the CPU ideal, every shape
+GOAL_ADAPTER_OVER_DENSE = 1.15  # PESC adapter-MoE layer / dense FFN alone
+
+
+def format_goals(rows: list[dict]) -> str:
+    """The issue's goals, each measured point marked met / short."""
+    def median(suite, shape, tokens, dtype, pass_name, provider):
+        for r in rows:
+            if (r["suite"], r["shape"], r["tokens"], r["dtype"], r["pass"], r["provider"]) == \
+                    (suite, shape, tokens, dtype, pass_name, provider) and r.get("median_ms"):
+                return r["median_ms"]
+        return None
+
+    points = []
+    for r in rows:
+        key = (r["suite"], r["shape"], r["tokens"], r["dtype"])
+        if key not in points:
+            points.append(key)
+    lines = ["| goal | shape | T | dtype | measured | target | met |", "|---|---|---:|---|---:|---:|---|"]
+    for suite, shape, tokens, dtype in points:
+        headline = next((r["provider"] for r in rows if r["suite"] == suite and r["provider"].startswith("mk:")), None)
+        if headline is None:
+            continue
+        checks = []
+        if suite == "moe":
+            if shape in ("olmoe_1b_7b", "qwen3_30b_a3b"):
+                for pass_name, target in (("fwd", GOAL_GROUPED_MM_FWD), ("fwdbwd", GOAL_GROUPED_MM_FWDBWD)):
+                    mk, hf = (median(suite, shape, tokens, dtype, pass_name, p) for p in (headline, "hf:grouped_mm"))
+                    if mk and hf:
+                        checks.append((f"grouped_mm {pass_name} / mk (speed-up)", hf / mk, f">= {target}",
+                                       hf / mk >= target))
+            mk, ideal = (median(suite, shape, tokens, dtype, "fwd", p) for p in (headline, "cpu_ideal"))
+            if mk and ideal:
+                checks.append(("mk fwd / CPU ideal fwd", mk / ideal, f"<= {GOAL_IDEAL_FWD}", mk / ideal <= GOAL_IDEAL_FWD))
+        elif suite == "adapter":
+            for pass_name in ("fwd", "fwdbwd"):
+                mk, dense = (median(suite, shape, tokens, dtype, pass_name, p) for p in (headline, "dense_ffn"))
+                if mk and dense:
+                    checks.append((f"adapter layer / dense FFN ({pass_name})", mk / dense,
+                                   f"<= {GOAL_ADAPTER_OVER_DENSE}", mk / dense <= GOAL_ADAPTER_OVER_DENSE))
+        for goal, value, target, met in checks:
+            lines.append(f"| {goal} | {shape} | {tokens} | {dtype} | {value:.2f} | {target} | "
+                         f"{'yes' if met else '**no**'} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
 
 
 def format_memory(rows: list[dict]) -> str:
@@ -960,7 +1015,7 @@ def run_benchmarks(args) -> tuple[list[dict], dict]:
     run_id = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     suites = args.suite or list(SUITES)
     dtypes = args.dtype or list(QUICK["dtypes"])
-    passes = args.passes or list(PASSES)
+    passes = args.passes or list(QUICK["passes"] if args.quick else PASSES)
     min_repeats, max_repeats, budget = (3, 15, 0.25) if args.quick else (5, 50, 1.0)
     if args.repeats is not None:
         min_repeats = args.repeats
@@ -1024,6 +1079,11 @@ def run_benchmarks(args) -> tuple[list[dict], dict]:
     return rows, info
 
 
+def headline_name(rows: list[dict]) -> str:
+    return next((r["provider"] for r in rows if r["provider"].startswith("mk:") and r["provider"] != "mk:reference"),
+                "mk:reference")
+
+
 def render_summary(rows: list[dict], info: dict, suites, roofline: list[dict]) -> str:
     bw = info.get("bandwidth_gbs")
     parts = [f"Machine: {info['machine']}, {info['cpu']}; device {info['device']}; {info['threads']} threads; "
@@ -1038,6 +1098,9 @@ def render_summary(rows: list[dict], info: dict, suites, roofline: list[dict]) -
         if table:
             parts += [f"### {titles[suite]}", "Ratios are provider time / moe_kernels time (>1: moe_kernels faster).",
                       table]
+    goals = format_goals(rows)
+    if goals:
+        parts += ["### Goals (issue 8)", f"Measured with {headline_name(rows)} as moe_kernels.", goals]
     memory = format_memory(rows)
     if memory:
         parts += ["### Memory (forward+backward)", memory]
