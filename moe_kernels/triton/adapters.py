@@ -291,15 +291,15 @@ def _adapter_shrink_kernel(
 def _adapter_expand_kernel(
     mid_ptr, w2_ptr, weights_ptr,
     tile_ends_ptr, expert_offsets_ptr, sorted_slots_ptr, out_ptr,
-    top_k, H, R, num_experts, scale, stride_w2e, stride_w2r, stride_w2n,
-    APPLY_ROUTING: tl.constexpr, OUT_BY_TOKEN: tl.constexpr,
+    top_k, H, R, num_experts, scale,
+    BACKWARD: tl.constexpr, OUT_BY_TOKEN: tl.constexpr,
     E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Split path, expand half: out rows [BLOCK_M, BLOCK_N] = mid[pos, :R] @ W2_e, over rank tiles.
 
-    mid [N, R] by sorted position; W2_e[rr, n] = w2_ptr[e*stride_w2e + rr*stride_w2r + n*stride_w2n]
-    (forward: up, backward: down). APPLY_ROUTING scales rows by scale * weights[s] (forward).
+    mid [N, R] by sorted position. forward: W2 = up [E, H, R], rows scaled by scale * weights[s];
+    backward: W2 = down [E, R, H] (mid = dz already carries the routing weight).
     Grid: (row tiles bound, cdiv(H, BLOCK_N)). out as in the fused kernel.
     """
     pid = tl.program_id(0)
@@ -310,7 +310,11 @@ def _adapter_expand_kernel(
     slots = tl.load(sorted_slots_ptr + positions, mask=row_mask, other=0)
     n_offs = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n_offs < H
-    w2_e = w2_ptr + expert.to(tl.int64) * stride_w2e
+    w2_e = w2_ptr + expert.to(tl.int64) * H * R
+    if BACKWARD:
+        stride_w2r, stride_w2n = H, 1
+    else:
+        stride_w2r, stride_w2n = 1, R
     mid_rows = positions.to(tl.int64) * R
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in range(0, R, BLOCK_R):
@@ -325,7 +329,7 @@ def _adapter_expand_kernel(
         else:
             mid = mid.to(w2_ptr.dtype.element_ty)
         acc = tl.dot(mid, w2, acc, input_precision=DOT_PRECISION)
-    if APPLY_ROUTING:
+    if not BACKWARD:
         acc = acc * (tl.load(weights_ptr + slots, mask=row_mask, other=0.0) * scale)[:, None]
     if OUT_BY_TOKEN:
         out_rows = (slots // top_k).to(tl.int64) * H
@@ -337,20 +341,24 @@ def _adapter_expand_kernel(
 @triton.jit
 def _adapter_weight_grad_kernel(
     left_ptr, right_ptr, weights_ptr, expert_offsets_ptr, sorted_slots_ptr, out_ptr,
-    top_k, P, Q, scale, stride_left, stride_right, stride_oe, stride_op, stride_oq,
-    LEFT_BY_TOKEN: tl.constexpr, RIGHT_BY_TOKEN: tl.constexpr, LEFT_ROUTING: tl.constexpr,
+    top_k, H, R, scale,
+    D_UP: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Per-expert grouped weight gradient: out[e] [P, Q] = sum over e's rows i of left_i^T right_i.
 
-    A row i is a sorted position of expert e; an operand ``*_BY_TOKEN`` is read at token row
-    sorted_slots[i] // k of a [T, stride] tensor, else at row i of an [N, stride] tensor.
-    LEFT_ROUTING multiplies left rows by scale * weights[s]. Grid: (E, cdiv(P, BLOCK_P), cdiv(Q, BLOCK_Q)).
-    d(up):   left = dy (by token, routed) [*, H], right = act(z) [N, R] -> out [E, H, R].
-    d(down): left = dz [N, R], right = h (by token) [*, H]             -> out [E, R, H].
+    A row i is a sorted position of expert e; [T, H] operands are read at token row sorted_slots[i] // k,
+    [N, R] operands at row i. Grid: (E, cdiv(P, BLOCK_P), cdiv(Q, BLOCK_Q)).
+    D_UP:     left = dy [T, H] with rows scaled by scale * weights[s], right = act(z) [N, R]
+              -> out = d(up) [E, H, R]  (P = H, Q = R).
+    not D_UP: left = dz [N, R], right = h [T, H] -> out = d(down) [E, R, H]  (P = R, Q = H).
     Each expert reduces its own rows in order (deterministic; an expert with no rows gets zeros).
     """
+    if D_UP:
+        P, Q, LEFT_BY_TOKEN, stride_left, stride_right = H, R, True, H, R
+    else:
+        P, Q, LEFT_BY_TOKEN, stride_left, stride_right = R, H, False, R, H
     expert = tl.program_id(0)
     p_offs = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
     q_offs = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
@@ -367,13 +375,13 @@ def _adapter_weight_grad_kernel(
             left_rows = (slots // top_k).to(tl.int64) * stride_left
         else:
             left_rows = positions.to(tl.int64) * stride_left
-        if RIGHT_BY_TOKEN:
+        if not LEFT_BY_TOKEN:
             right_rows = (slots // top_k).to(tl.int64) * stride_right
         else:
             right_rows = positions.to(tl.int64) * stride_right
         left = tl.load(left_ptr + left_rows[:, None] + p_offs[None, :], mask=row_mask[:, None] & p_mask[None, :], other=0.0)
         right = tl.load(right_ptr + right_rows[:, None] + q_offs[None, :], mask=row_mask[:, None] & q_mask[None, :], other=0.0)
-        if LEFT_ROUTING:
+        if D_UP:
             routing = tl.load(weights_ptr + slots, mask=row_mask, other=0.0) * scale
             left = left.to(tl.float32) * routing[:, None]
         if UPCAST:
@@ -383,8 +391,8 @@ def _adapter_weight_grad_kernel(
             left = left.to(out_ptr.dtype.element_ty)
             right = right.to(out_ptr.dtype.element_ty)
         acc = tl.dot(tl.trans(left), right, acc, input_precision=DOT_PRECISION)
-    out_e = out_ptr + expert.to(tl.int64) * stride_oe
-    tl.store(out_e + p_offs[:, None] * stride_op + q_offs[None, :] * stride_oq, acc.to(out_ptr.dtype.element_ty),
+    out_e = out_ptr + expert.to(tl.int64) * H * R
+    tl.store(out_e + p_offs[:, None] * Q + q_offs[None, :], acc.to(out_ptr.dtype.element_ty),
              mask=p_mask[:, None] & q_mask[None, :])
 
 
@@ -449,8 +457,14 @@ ADAPTER_CONFIGS: dict[tuple[str, str], AdapterConfig] = {
     ("rbig", "large"): AdapterConfig(False, 64, 64, 128, 64, 8, 3, 64, 64, 64),
 }
 
+# Launches whose H is not a multiple of 16 or whose tensors are not 16-byte aligned get no vectorised
+# loads (Triton specialises on both), so every element carries its own address and mask: small tiles.
+UNALIGNED_CONFIG = AdapterConfig(False, 16, 32, 32, 32, 4, 2, 16, 32, 32)
+
 # Under the interpreter cost grows with programs x loop steps: one wide tile for the small test shapes.
 _INTERPRETER_BLOCK = 64
+
+_COMBINE_BLOCK_T, _COMBINE_BLOCK_N = 16, 128
 
 _forced_config: AdapterConfig | None = None
 
@@ -494,12 +508,18 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
-def _launch_params(h, down, weights, expert_offsets):
+def _aligned(H, *tensors) -> bool:
+    return H % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def _launch_params(h, down, up, weights, expert_offsets, grad=None):
     T, H = h.shape
     E, R, _ = down.shape
     k = weights.shape[1]
     N = T * k
     config = select_config(N, R)
+    if _forced_config is None and not _aligned(H, h, down, up, *([grad] if grad is not None else [])):
+        config = UNALIGNED_CONFIG
     interp = _interpreting()
     if interp:  # fewer, wider tiles: the interpreter's cost is per program and loop step
         config = dataclasses.replace(config, block_k=_INTERPRETER_BLOCK, block_n=_INTERPRETER_BLOCK,
@@ -519,14 +539,14 @@ def _mid_dtype(h):
 
 def _combine(slot_rows, T, H, k, out_dtype):
     out = torch.empty((T, H), dtype=out_dtype, device=slot_rows.device)
-    block_t, block_n = 16, 128 if not _interpreting() else 64
+    block_t, block_n = _COMBINE_BLOCK_T, _COMBINE_BLOCK_N if not _interpreting() else _INTERPRETER_BLOCK
     _combine_slots_kernel[(triton.cdiv(T, block_t), triton.cdiv(H, block_n))](
         slot_rows, out, T, H, k, BLOCK_T=block_t, BLOCK_N=block_n)
     return out
 
 
 def _forward_impl(h, down, up, weights, expert_offsets, sorted_slots, activation, scale):
-    p = _launch_params(h, down, weights, expert_offsets)
+    p = _launch_params(h, down, up, weights, expert_offsets)
     T, H, E, R, k, N, cfg = p["T"], p["H"], p["E"], p["R"], p["k"], p["N"], p["config"]
     by_token = k == 1
     out = torch.empty((T, H) if by_token else (N, H), dtype=h.dtype if by_token else torch.float32, device=h.device)
@@ -548,18 +568,17 @@ def _forward_impl(h, down, up, weights, expert_offsets, sorted_slots, activation
             ACTIVATION=act, BACKWARD=False, BLOCK_K=cfg.block_k, BLOCK_R=block_r, **common)
         _adapter_expand_kernel[(p["row_tiles"], triton.cdiv(H, cfg.block_n))](
             activated, up, weights, p["tile_ends"], expert_offsets, sorted_slots, out,
-            k, H, R, E, scale, H * R, 1, R,
-            APPLY_ROUTING=True, OUT_BY_TOKEN=by_token, BLOCK_N=cfg.block_n, BLOCK_R=block_r, **common)
+            k, H, R, E, scale, BACKWARD=False, OUT_BY_TOKEN=by_token, BLOCK_N=cfg.block_n, BLOCK_R=block_r, **common)
     return out if by_token else _combine(out, T, H, k, h.dtype)
 
 
 def _backward_impl(grad, h, down, up, weights, expert_offsets, sorted_slots, activation, scale,
                    weight_grads):
-    p = _launch_params(h, down, weights, expert_offsets)
+    grad = grad.contiguous()
+    p = _launch_params(h, down, up, weights, expert_offsets, grad)
     T, H, E, R, k, N, cfg = p["T"], p["H"], p["E"], p["R"], p["k"], p["N"], p["config"]
     by_token = k == 1
     act = ACTIVATION_CODES[activation]
-    grad = grad.contiguous()
     common = dict(E_PAD=p["e_pad"], BLOCK_M=cfg.block_m, UPCAST=p["upcast"], DOT_PRECISION=p["precision"],
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     activated = torch.empty((N, R), dtype=_mid_dtype(h), device=h.device)
@@ -584,8 +603,7 @@ def _backward_impl(grad, h, down, up, weights, expert_offsets, sorted_slots, act
         dweights = partial.sum(dim=1) if rank_tiles > 1 else partial.view(N)
         _adapter_expand_kernel[(p["row_tiles"], triton.cdiv(H, cfg.block_n))](
             dz, down, weights, p["tile_ends"], expert_offsets, sorted_slots, dh_rows,
-            k, H, R, E, scale, R * H, H, 1,
-            APPLY_ROUTING=False, OUT_BY_TOKEN=by_token, BLOCK_N=cfg.block_n, BLOCK_R=block_r, **common)
+            k, H, R, E, scale, BACKWARD=True, OUT_BY_TOKEN=by_token, BLOCK_N=cfg.block_n, BLOCK_R=block_r, **common)
     dh = dh_rows if by_token else _combine(dh_rows, T, H, k, h.dtype)
     if not weight_grads:
         return dh, None, None, dweights.view(T, k)
@@ -598,14 +616,12 @@ def _backward_impl(grad, h, down, up, weights, expert_offsets, sorted_slots, act
     # d(up)[e] [H, R] = sum (scale w dy_t)^T act(z)
     _adapter_weight_grad_kernel[(E, triton.cdiv(H, block_h), triton.cdiv(R, block_r))](
         grad, activated, weights, expert_offsets, sorted_slots, d_up,
-        k, H, R, scale, H, R, H * R, R, 1,
-        LEFT_BY_TOKEN=True, RIGHT_BY_TOKEN=False, LEFT_ROUTING=True,
+        k, H, R, scale, D_UP=True,
         BLOCK_P=block_h, BLOCK_Q=block_r, **wgrad)
     # d(down)[e] [R, H] = sum dz^T h_t
     _adapter_weight_grad_kernel[(E, triton.cdiv(R, block_r), triton.cdiv(H, block_h))](
         dz, h, weights, expert_offsets, sorted_slots, d_down,
-        k, R, H, scale, R, H, R * H, H, 1,
-        LEFT_BY_TOKEN=False, RIGHT_BY_TOKEN=True, LEFT_ROUTING=False,
+        k, H, R, scale, D_UP=False,
         BLOCK_P=block_r, BLOCK_Q=block_h, **wgrad)
     return dh, d_down, d_up, dweights.view(T, k)
 
@@ -685,6 +701,116 @@ def adapter_moe_triton(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, we
     return _adapter_moe_op(h.contiguous(), down.contiguous(), up.contiguous(),
                            weights.to(torch.float32).contiguous(), plan.expert_offsets.to(torch.int32),
                            plan.sorted_slots.to(torch.int32), activation, float(scale))
+
+
+# ----------------------------------------------------------------------------------------------------
+# ahead-of-time compile list (for ``moe-kernels compile-check``)
+
+_POINTER = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
+# Worst cases per config: the largest rank tile it launches, gelu (the longest epilogue), and both ways
+# of finding a tile's expert (vector compare for E <= 1024, binary search beyond).
+_COMPILE_DTYPES = (torch.bfloat16, torch.float32)
+_COMPILE_E_PADS = (64,)  # every config; the first config also at 1024 and 2048 experts
+
+
+def _signature(names, pointers, dtype, constexprs):
+    types = {}
+    for name in names:
+        if name in constexprs:
+            types[name] = "constexpr"
+        elif name in pointers:
+            types[name] = pointers[name]
+        elif name == "scale":
+            types[name] = "fp32"
+        else:
+            types[name] = "i32"
+    return types
+
+
+class CompileSpec(tuple):
+    """``(kernel, signature, constexprs, options)`` for ``triton.compile(ASTSource(kernel, signature,
+    constexprs, attrs), target=..., options=options)``, with ``.attrs``: the ASTSource attrs of the
+    specialisation the launch really gets (Triton's runtime marks 16-byte aligned pointers and ints
+    divisible by 16). Table configs run only on aligned launches (pointers and H), so they carry those
+    attrs; UNALIGNED_CONFIG carries none. Compiling a table config without its attrs measures a variant
+    that never runs (and spills: unvectorised loads hold one 64-bit address per element)."""
+
+    def __new__(cls, kernel, signature, constexprs, options, attrs):
+        spec = super().__new__(cls, (kernel, signature, constexprs, options))
+        spec.attrs = attrs
+        return spec
+
+
+def _divisible_attrs(kernel, signature, aligned):
+    if not aligned:
+        return {}
+    names = kernel.arg_names
+    return {(names.index(name),): [["tt.divisibility", 16]]
+            for name, kind in signature.items() if kind.startswith("*") or name == "H"}
+
+
+def _compile_specs():
+    """:class:`CompileSpec` for every kernel at every shipped config (and the unaligned fallback)."""
+    specs, seen = [], set()
+
+    def add(kernel, pointers, dtype, constexprs, config):
+        names = kernel.arg_names
+        options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+        aligned = config is not UNALIGNED_CONFIG
+        key = (kernel.__name__, tuple(sorted(pointers.items())), tuple(sorted(constexprs.items())),
+               tuple(sorted(options.items())), aligned)
+        if key not in seen:
+            seen.add(key)
+            signature = _signature(names, pointers, dtype, constexprs)
+            specs.append(CompileSpec(kernel, signature, dict(constexprs), options,
+                                     _divisible_attrs(kernel, signature, aligned)))
+
+    for index, config in enumerate([*ADAPTER_CONFIGS.values(), UNALIGNED_CONFIG]):
+        for dtype in _COMPILE_DTYPES:
+            data = _POINTER[dtype]
+            mid = data  # [N, r] intermediates are kept in the input dtype on GPUs
+            precision = "ieee" if dtype == torch.float32 else "tf32"
+            for e_pad in _COMPILE_E_PADS + ((1024, 2048) if index == 0 else ()):
+                base = dict(ACTIVATION=ACTIVATION_CODES["gelu"], E_PAD=e_pad, BLOCK_M=config.block_m,
+                            UPCAST=False, DOT_PRECISION=precision)
+                routed = {"h_ptr": data, "dy_ptr": data, "down_ptr": data, "up_ptr": data, "weights_ptr": "*fp32",
+                          "tile_ends_ptr": "*i32", "expert_offsets_ptr": "*i32", "sorted_slots_ptr": "*i32"}
+                for backward in (False, True):
+                    if config.fused:
+                        for by_token in (False, True):
+                            out = data if by_token else "*fp32"
+                            add(_adapter_fused_kernel,
+                                dict(routed, out_ptr=out, act_out_ptr=mid, dz_out_ptr=mid, dweights_ptr="*fp32"),
+                                dtype, dict(base, BACKWARD=backward, OUT_BY_TOKEN=by_token, BLOCK_K=config.block_k,
+                                            BLOCK_N=config.block_n, BLOCK_R=config.block_r), config)
+                    else:
+                        add(_adapter_shrink_kernel,
+                            dict(routed, act_out_ptr=mid, dz_out_ptr=mid, dweights_partial_ptr="*fp32"),
+                            dtype, dict(base, BACKWARD=backward, BLOCK_K=config.block_k, BLOCK_R=config.block_r),
+                            config)
+                        for by_token in (False, True):
+                            expand = {key: v for key, v in base.items() if key != "ACTIVATION"}
+                            add(_adapter_expand_kernel,
+                                {"mid_ptr": mid, "w2_ptr": data, "weights_ptr": "*fp32", "tile_ends_ptr": "*i32",
+                                 "expert_offsets_ptr": "*i32", "sorted_slots_ptr": "*i32",
+                                 "out_ptr": data if by_token else "*fp32"},
+                                dtype, dict(expand, BACKWARD=backward, OUT_BY_TOKEN=by_token,
+                                            BLOCK_N=config.block_n, BLOCK_R=config.block_r), config)
+            wgrad_pointers = {"left_ptr": data, "right_ptr": data, "weights_ptr": "*fp32",
+                              "expert_offsets_ptr": "*i32", "sorted_slots_ptr": "*i32", "out_ptr": data}
+            wgrad = dict(BLOCK_M=config.wgrad_block_m, UPCAST=False, DOT_PRECISION=precision)
+            add(_adapter_weight_grad_kernel, wgrad_pointers, dtype,
+                dict(wgrad, D_UP=True, BLOCK_P=config.wgrad_block_h, BLOCK_Q=config.wgrad_block_r), config)
+            add(_adapter_weight_grad_kernel, wgrad_pointers, dtype,
+                dict(wgrad, D_UP=False, BLOCK_P=config.wgrad_block_r, BLOCK_Q=config.wgrad_block_h), config)
+    for dtype in _COMPILE_DTYPES:
+        for config in (AdapterConfig(False, 16, 16, 16, 16, 4, 1), UNALIGNED_CONFIG):
+            add(_combine_slots_kernel, {"slot_rows_ptr": "*fp32", "out_ptr": _POINTER[dtype]}, dtype,
+                dict(BLOCK_T=_COMBINE_BLOCK_T, BLOCK_N=_COMBINE_BLOCK_N), config)
+    return specs
+
+
+COMPILE_SPECS = _compile_specs()
 
 
 __all__ = ["adapter_moe_triton", "AdapterConfig", "ADAPTER_CONFIGS", "COMPILE_SPECS", "forced_config",
