@@ -242,13 +242,21 @@ def measure(run: Callable, setup: Callable | None = None, *, device: torch.devic
 
 # -------------------------------------------------------------------------------------------- memory
 
-def peak_memory_bytes(run: Callable) -> int:
-    """Peak bytes allocated (above the level at entry) while ``run()`` executes, CPU tensors.
+def peak_memory_bytes(run: Callable, device: torch.device = torch.device("cpu")) -> int:
+    """Peak bytes allocated (above the level at entry) while ``run()`` executes.
 
-    Uses the profiler's allocator events, which see every allocation of the c10 CPU allocator,
-    including scratch buffers inside native ops (tracemalloc cannot see them).
+    CPU: the profiler's allocator events, which see every allocation of the c10 CPU allocator, including
+    scratch buffers inside native ops (tracemalloc cannot see them). CUDA: the caching allocator's peak.
     """
     from torch.profiler import ProfilerActivity, profile
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        run()
+        torch.cuda.synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - base
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
@@ -740,9 +748,9 @@ def run_case(case: Case, passes, timing_kwargs: dict, device: torch.device, memo
                             _clear_grads(leaves)
                             return fn()
                         timing = measure(lambda out: out.backward(grad_out), setup, device=device, **timing_kwargs)
-                    if memory and device.type == "cpu" and pass_name == "fwdbwd":
+                    if memory and pass_name == "fwdbwd":
                         _clear_grads(leaves)
-                        row["peak_mb"] = peak_memory_bytes(lambda fn=fn: fn().backward(grad_out)) / 2**20
+                        row["peak_mb"] = peak_memory_bytes(lambda fn=fn: fn().backward(grad_out), device) / 2**20
                         row["saved_mb"] = saved_activation_bytes(fn, case.params) / 2**20
                     for p in leaves:
                         p.requires_grad_(False)
@@ -800,14 +808,25 @@ def roofline_rows(tokens_list=(1, 64, 4096, 16384), bytes_per_elem: int = 2) -> 
     return rows
 
 
-def format_roofline(rows: list[dict]) -> str:
+def format_roofline(rows: list[dict], measured: list[dict] = ()) -> str:
+    """The roofline table; with GPU measurements (full-size bf16 forward rows), each provider's time beside it."""
+    gpu_rows = [r for r in measured if r["suite"] == "moe" and r["scale"] == 1 and r["dtype"] == "bf16"
+                and r["pass"] == "fwd" and r.get("median_ms") and str(r.get("device", "")).startswith("cuda")]
+    providers = sorted({r["provider"] for r in gpu_rows})
     lines = [f"Roofline (forward, full-size shapes, bf16; H100 peaks assumed: {H100_BF16_FLOPS / 1e12:.0f} TFLOP/s "
              f"dense bf16, {H100_HBM_BYTES_PER_S / 1e12:.2f} TB/s HBM3)", "",
-             "| shape | T | GFLOP | MB moved | experts touched | FLOP/byte | H100 min time (us) | bound |",
-             "|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| shape | T | GFLOP | MB moved | experts touched | FLOP/byte | H100 min time (us) | bound |"
+             + "".join(f" {p} us (x roofline) |" for p in providers),
+             "|---|---:|---:|---:|---:|---:|---:|---|" + "---:|" * len(providers)]
     for r in rows:
+        cells = []
+        for p in providers:
+            m = next((g for g in gpu_rows if (g["shape"], g["tokens"], g["provider"]) == (r["shape"], r["tokens"], p)),
+                     None)
+            cells.append(f"{m['median_ms'] * 1e3:.1f} ({m['median_ms'] * 1e3 / r['h100_us']:.2f}x)" if m else "-")
         lines.append(f"| {r['shape']} | {r['tokens']} | {r['gflops']:.2f} | {r['mbytes']:.1f} | {r['touched_experts']} "
-                     f"| {r['intensity_flop_per_byte']:.1f} | {r['h100_us']:.1f} | {r['bound']} |")
+                     f"| {r['intensity_flop_per_byte']:.1f} | {r['h100_us']:.1f} | {r['bound']} |"
+                     + "".join(f" {c} |" for c in cells))
     return "\n".join(lines)
 
 
@@ -1108,7 +1127,7 @@ def render_summary(rows: list[dict], info: dict, suites, roofline: list[dict]) -
     if notes:
         parts += ["### Skipped / notes", notes]
     if roofline:
-        parts += ["### " + format_roofline(roofline)]
+        parts += ["### " + format_roofline(roofline, rows)]
     return "\n\n".join(parts) + "\n"
 
 
