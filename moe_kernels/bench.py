@@ -485,49 +485,64 @@ def build_moe_case(shape: MoEShape, scale: int, tokens: int, dtype_name: str, de
 
 def _cpu_ideal(s: MoEShape, tokens: int, dtype, device, bandwidth: float, timing_kwargs: dict, logits_fn,
                router_bias, route_kwargs):
-    """pass -> (ms, note): max(dense MLP with the same rows x FLOPs, touched expert weights / bandwidth)."""
+    """pass -> (ms, note): the CPU ideal of the MoE block, the larger of
+
+    * the dense chain with the same FLOPs: the router linear on T rows plus one dense gated MLP on T*k rows
+      (same H, I), timed here with torch's GEMMs, and
+    * reading the router and every touched expert's weights once at the measured copy bandwidth (twice for
+      passes with backward: read the weights, write their gradients).
+    """
     with torch.no_grad():
         _, ids = moe_kernels.route(logits_fn().float(), s.top_k, bias=router_bias, backend="reference",
                                    **route_kwargs)
     touched = int(torch.unique(ids).numel())
-    expert_bytes = 3 * s.hidden * s.intermediate * torch.finfo(dtype).bits // 8
+    element = torch.finfo(dtype).bits // 8
+    weight_bytes = (touched * 3 * s.hidden * s.intermediate + s.num_experts * s.hidden) * element
     rows = tokens * s.top_k
-    xd = torch.randn(rows, s.hidden, dtype=dtype, device=device, requires_grad=True)
-    w1 = (torch.randn(2 * s.intermediate, s.hidden, device=device) / math.sqrt(s.hidden)).to(dtype).requires_grad_()
-    w2 = (torch.randn(s.hidden, s.intermediate, device=device) / math.sqrt(s.intermediate)).to(dtype).requires_grad_()
+
+    def rand(*size, fan_in):
+        return (torch.randn(*size, device=device) / math.sqrt(fan_in)).to(dtype).requires_grad_()
+
+    x_tokens = rand(tokens, s.hidden, fan_in=1)
+    x_rows = rand(rows, s.hidden, fan_in=1)
+    w_router = rand(s.num_experts, s.hidden, fan_in=s.hidden)
+    w1 = rand(2 * s.intermediate, s.hidden, fan_in=s.hidden)
+    w2 = rand(s.hidden, s.intermediate, fan_in=s.intermediate)
+    leaves = (x_tokens, x_rows, w_router, w1, w2)
+    grads = (torch.randn(tokens, s.num_experts, dtype=dtype, device=device),
+             torch.randn(rows, s.hidden, dtype=dtype, device=device))
     results = {}
+
+    def dense_chain():
+        return F.linear(x_tokens, w_router), _dense_mlp(x_rows, w1, w2)
 
     def dense_fwd(_):
         with torch.no_grad():
-            _dense_mlp(xd, w1, w2)
+            dense_chain()
 
-    grad = torch.randn(rows, s.hidden, dtype=dtype, device=device)
+    def clear():
+        for leaf in leaves:
+            leaf.grad = None
 
-    def dense_fwdbwd(_):
-        _dense_mlp(xd, w1, w2).backward(grad)
-
-    def clear(_=None):
-        xd.grad = w1.grad = w2.grad = None
-
-    def dense_setup_bwd():
+    def setup_bwd():
         clear()
-        return _dense_mlp(xd, w1, w2)
+        return dense_chain()
 
     def compute(pass_name):
         if pass_name in results:
             return results[pass_name]
         if pass_name == "fwd":
             t = measure(dense_fwd, **timing_kwargs).median_ms
-            weight_ms = touched * expert_bytes / bandwidth * 1e3
+            weight_ms = weight_bytes / bandwidth * 1e3
         elif pass_name == "fwdbwd":
-            t = measure(dense_fwdbwd, lambda: clear(), **timing_kwargs).median_ms
-            weight_ms = 2 * touched * expert_bytes / bandwidth * 1e3  # read weights, write their grads
+            t = measure(lambda _: torch.autograd.backward(dense_chain(), grads), clear, **timing_kwargs).median_ms
+            weight_ms = 2 * weight_bytes / bandwidth * 1e3
         else:
-            t = measure(lambda out: out.backward(grad), dense_setup_bwd, **timing_kwargs).median_ms
-            weight_ms = 2 * touched * expert_bytes / bandwidth * 1e3
+            t = measure(lambda outs: torch.autograd.backward(outs, grads), setup_bwd, **timing_kwargs).median_ms
+            weight_ms = 2 * weight_bytes / bandwidth * 1e3
         bound = "bandwidth" if weight_ms > t else "dense GEMM"
-        results[pass_name] = (max(t, weight_ms), f"{bound}-bound: dense {t:.3f} ms, {touched} experts' "
-                                                 f"weights {weight_ms:.3f} ms")
+        results[pass_name] = (max(t, weight_ms), f"{bound}-bound: dense chain {t:.3f} ms, router + {touched} "
+                                                 f"experts' weights at {bandwidth / 1e9:.1f} GB/s {weight_ms:.3f} ms")
         return results[pass_name]
 
     return compute
