@@ -234,6 +234,23 @@ def composed_expert_mlp(x, w1, w2, b1, b2, weights, ids, activation, gated, inte
     return ops.combine(ys, plan.slot_positions, (weights * scale).contiguous())
 
 
+def _unavailable(dispatch_key: str, op_names) -> str | None:
+    if _LOAD_ERROR:
+        return _LOAD_ERROR
+    missing = [op for op in op_names if not has_kernel(op, dispatch_key)]
+    if missing:
+        return f"moe_kernels._C has no {dispatch_key} kernels for {', '.join(missing)}"
+    return None
+
+
+# Kernels register when _C loads, so availability is fixed from here on. Computed once: the checks
+# run inside traced code (torch.compile) where the dispatcher query cannot be called.
+_CPU_UNAVAILABLE = _unavailable("CPU", SHARED_OPS + CPU_ONLY_OPS)
+_CUDA_UNAVAILABLE = _unavailable("CUDA", SHARED_OPS)
+if _CUDA_UNAVAILABLE and not _LOAD_ERROR:
+    _CUDA_UNAVAILABLE += " (built without the CUDA sources, or with a CPU-only torch)"
+
+
 class NativeBackend(Backend):
     """Shared routing/plan entry points of the cpu and cuda backends; subclasses pick the expert path."""
 
@@ -259,10 +276,7 @@ class CPUBackend(NativeBackend):
     expert_path = staticmethod(fused_expert_mlp)
 
     def unavailable_reason(self):
-        if _LOAD_ERROR:
-            return _LOAD_ERROR
-        missing = [op for op in SHARED_OPS + CPU_ONLY_OPS if not has_kernel(op, "CPU")]
-        return f"moe_kernels._C lacks CPU kernels for {missing}" if missing else None
+        return _CPU_UNAVAILABLE
 
     def device_error(self, device: torch.device):
         return None if device.type == "cpu" else "the cpu backend runs on CPU tensors only"
@@ -273,12 +287,7 @@ class CUDABackend(NativeBackend):
     expert_path = staticmethod(composed_expert_mlp)
 
     def unavailable_reason(self):
-        if _LOAD_ERROR:
-            return _LOAD_ERROR
-        missing = [op for op in SHARED_OPS if not has_kernel(op, "CUDA")]
-        if missing:
-            return f"moe_kernels._C was built without CUDA kernels (missing: {', '.join(missing)})"
-        return None
+        return _CUDA_UNAVAILABLE
 
     def device_error(self, device: torch.device):
         return None if device.type == "cuda" else "the cuda backend runs on CUDA tensors only"

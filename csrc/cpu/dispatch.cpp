@@ -7,6 +7,8 @@
 
 #include <torch/library.h>
 
+#include <ATen/OpMathType.h>
+
 #include "cpu/dispatch.h"
 
 namespace moe_kernels {
@@ -105,13 +107,14 @@ at::Tensor scatter_rows_sum(const at::Tensor& grad_rows_in, const at::Tensor& sl
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_rows.scalar_type(), "scatter_rows_sum_cpu", [&] {
     const scalar_t* src = grad_rows.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
+    using acc_t = at::opmath_type<scalar_t>;  // fp32 for fp32/fp16/bf16, fp64 for double
     at::parallel_for(0, T, grain_rows(H * k), [&](int64_t begin, int64_t end) {
-      std::vector<float> acc(H);
+      std::vector<acc_t> acc(H);
       for (int64_t t = begin; t < end; ++t) {
-        std::fill(acc.begin(), acc.end(), 0.0f);
+        std::fill(acc.begin(), acc.end(), acc_t(0));
         for (int64_t j = 0; j < k; ++j) {
           const scalar_t* row = src + static_cast<int64_t>(pos[t * k + j]) * H;
-          for (int64_t h = 0; h < H; ++h) acc[h] += static_cast<float>(row[h]);
+          for (int64_t h = 0; h < H; ++h) acc[h] += static_cast<acc_t>(row[h]);
         }
         scalar_t* out_row = dst + t * H;
         for (int64_t h = 0; h < H; ++h) out_row[h] = static_cast<scalar_t>(acc[h]);
@@ -144,14 +147,15 @@ at::Tensor combine(const at::Tensor& y_sorted_in, const at::Tensor& slot_positio
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, y_sorted.scalar_type(), "combine_cpu", [&] {
     const scalar_t* src = y_sorted.data_ptr<scalar_t>();
     scalar_t* dst = out.data_ptr<scalar_t>();
+    using acc_t = at::opmath_type<scalar_t>;  // fp32 for fp32/fp16/bf16, fp64 for double
     at::parallel_for(0, T, grain_rows(H * k), [&](int64_t begin, int64_t end) {
-      std::vector<float> acc(H);
+      std::vector<acc_t> acc(H);
       for (int64_t t = begin; t < end; ++t) {
-        std::fill(acc.begin(), acc.end(), 0.0f);
+        std::fill(acc.begin(), acc.end(), acc_t(0));
         for (int64_t j = 0; j < k; ++j) {
-          const float wj = w[t * k + j];
+          const acc_t wj = w[t * k + j];
           const scalar_t* row = src + static_cast<int64_t>(pos[t * k + j]) * H;
-          for (int64_t h = 0; h < H; ++h) acc[h] += wj * static_cast<float>(row[h]);
+          for (int64_t h = 0; h < H; ++h) acc[h] += wj * static_cast<acc_t>(row[h]);
         }
         scalar_t* out_row = dst + t * H;
         for (int64_t h = 0; h < H; ++h) out_row[h] = static_cast<scalar_t>(acc[h]);
@@ -182,21 +186,22 @@ std::tuple<at::Tensor, at::Tensor> combine_backward(const at::Tensor& grad_out_i
     const scalar_t* y = y_sorted.data_ptr<scalar_t>();
     const scalar_t* g = grad_out.data_ptr<scalar_t>();
     scalar_t* gy = grad_y.data_ptr<scalar_t>();
+    using acc_t = at::opmath_type<scalar_t>;
     at::parallel_for(0, T, grain_rows(H * k), [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
         const scalar_t* g_row = g + t * H;
         for (int64_t j = 0; j < k; ++j) {
           const int64_t p = pos[t * k + j];
-          const float wj = w[t * k + j];
+          const acc_t wj = w[t * k + j];
           const scalar_t* y_row = y + p * H;
           scalar_t* gy_row = gy + p * H;
-          float dot = 0.0f;
+          acc_t dot = 0;
           for (int64_t h = 0; h < H; ++h) {
-            const float gh = static_cast<float>(g_row[h]);
-            dot += gh * static_cast<float>(y_row[h]);
+            const acc_t gh = static_cast<acc_t>(g_row[h]);
+            dot += gh * static_cast<acc_t>(y_row[h]);
             gy_row[h] = static_cast<scalar_t>(wj * gh);
           }
-          gw[t * k + j] = dot;
+          gw[t * k + j] = static_cast<float>(dot);
         }
       }
     });
