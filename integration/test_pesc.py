@@ -31,6 +31,16 @@ CONFIGS = {
 }
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes: one intra-op thread. On an oversubscribed machine the OpenMP hand-offs of 2 threads made
+    each small index_add ~100 ms (a 30-step run took 50 s instead of 1 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def dense_model(family: str, dtype=torch.float32):
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(CONFIGS[family](), dtype=dtype).eval()
@@ -72,7 +82,7 @@ def test_router_and_adapter_training_lowers_loss(family):
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(n.endswith(("mlp.router.weight", "adapter_down", "adapter_up")) for n in trainable)
     frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    tokens = toy_batch()
+    tokens = toy_batch(2, 8)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     losses = []

@@ -21,6 +21,16 @@ from conftest import REL_TOL, backends_for, rel_err  # noqa: E402
 OTHER_BACKENDS = [b for b in backends_for("cpu") if b != "reference"]
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny shapes: one intra-op thread. On an oversubscribed machine the OpenMP hand-offs of 2 threads made
+    each small index_add ~100 ms (a 30-step run took 50 s instead of 1 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 class GatedFFN(nn.Module):
     """A Llama-style MLP: down(silu(gate x) * up x)."""
 
