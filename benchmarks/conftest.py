@@ -46,19 +46,20 @@ def copy_bandwidth() -> float:
 def run_pass(benchmark, case: bench.Case, provider: str, pass_name: str, rounds: int = 5) -> None:
     """Time one provider of ``case`` on one pass ("fwd" under no_grad, "bwd" alone, or "fwdbwd")."""
     if provider == "cpu_ideal":
+        # Timed here: the dense chain of equal FLOPs. The ideal is max(this, bandwidth_floor_ms in extra_info).
         if case.ideal is None:
             pytest.skip("the CPU ideal is defined on the CPU only")
-        ms, note = case.ideal(pass_name)
-        benchmark.extra_info["ideal_ms"] = ms
-        benchmark.extra_info["note"] = note
-        benchmark.pedantic(lambda: None, rounds=1)
-        return
-    if provider not in case.providers:
-        pytest.skip(case.notes.get(provider, f"{provider} is not available here"))
-    if provider in case.notes:
-        benchmark.extra_info["note"] = case.notes[provider]
-    fn = case.providers[provider]
-    leaves = [p for p in case.params if p.is_floating_point()]
+        benchmark.extra_info["bandwidth_floor_ms"] = case.ideal.bandwidth_floor_ms[pass_name]
+        chain = case.ideal.dense_chain
+        fn, leaves, grads = (lambda: chain()), list(case.ideal.leaves), case.ideal.grads
+    else:
+        if provider not in case.providers:
+            pytest.skip(case.notes.get(provider, f"{provider} is not available here"))
+        if provider in case.notes:
+            benchmark.extra_info["note"] = case.notes[provider]
+        fn = case.providers[provider]
+        leaves = [p for p in case.params if p.is_floating_point()]
+        grads = None
     if pass_name == "fwd":
         def forward():
             with torch.no_grad():
@@ -68,7 +69,11 @@ def run_pass(benchmark, case: bench.Case, provider: str, pass_name: str, rounds:
     for p in leaves:
         p.requires_grad_(True)
     try:
-        grad = torch.randn_like(fn())
+        outs = fn()
+        grads = grads or (torch.randn_like(outs),)
+
+        def backward(outputs):
+            torch.autograd.backward(outputs, grads)
 
         def clear():
             for p in leaves:
@@ -78,16 +83,17 @@ def run_pass(benchmark, case: bench.Case, provider: str, pass_name: str, rounds:
             def setup():
                 clear()
                 return (), {}
-            benchmark.pedantic(lambda: fn().backward(grad), setup=setup, rounds=rounds, warmup_rounds=1)
+            benchmark.pedantic(lambda: backward(fn()), setup=setup, rounds=rounds, warmup_rounds=1)
         else:
             def setup():
                 clear()
                 return (fn(),), {}
-            benchmark.pedantic(lambda out: out.backward(grad), setup=setup, rounds=rounds, warmup_rounds=1)
+            benchmark.pedantic(backward, setup=setup, rounds=rounds, warmup_rounds=1)
     finally:
         for p in leaves:
-            p.requires_grad_(False)
             p.grad = None
+            if provider != "cpu_ideal":  # the ideal's own tensors always require grad
+                p.requires_grad_(False)
 
 
 CPU = torch.device("cpu")
