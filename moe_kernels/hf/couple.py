@@ -85,12 +85,15 @@ def _first_dtype(module: nn.Module) -> torch.dtype:
     return next(module.parameters()).dtype
 
 
-def check_same_architecture(base: nn.Module, expert: nn.Module, name: str, split_layer: int) -> None:
+def check_same_architecture(base_class: type, base_config, base_dtype: torch.dtype, expert: nn.Module, name: str,
+                            split_layer: int) -> None:
     """Raise ValueError unless ``expert`` is the base's architecture (depth may differ, >= split_layer)."""
-    if type(expert) is not type(base):
+    if type(expert) is not base_class:
         raise ValueError(f"expert {name!r} is a {type(expert).__name__} but the base model is a "
-                         f"{type(base).__name__}; CCoE experts must share the base's architecture")
-    base_config, expert_config = base.config.to_dict(), expert.config.to_dict()
+                         f"{base_class.__name__}; CCoE experts must share the base's architecture")
+    expert_config = expert.config.to_dict()
+    base_types = attention_types(base_config, split_layer)
+    base_config = base_config.to_dict()
     differing = sorted(key for key in set(base_config) | set(expert_config)
                        if key not in _CONFIG_KEYS_ALLOWED_TO_DIFFER and base_config.get(key) != expert_config.get(key))
     if differing:
@@ -99,11 +102,10 @@ def check_same_architecture(base: nn.Module, expert: nn.Module, name: str, split
     depth = expert.config.num_hidden_layers
     if depth < split_layer:
         raise ValueError(f"expert {name!r} has {depth} layers, fewer than split_layer = {split_layer}")
-    base_types = attention_types(base.config, split_layer)
     if attention_types(expert.config, split_layer) != base_types:
         raise ValueError(f"expert {name!r} has different attention types (layer_types) below split_layer")
-    if _first_dtype(expert) != _first_dtype(base):
-        raise ValueError(f"expert {name!r} has dtype {_first_dtype(expert)} but the base has {_first_dtype(base)}")
+    if _first_dtype(expert) != base_dtype:
+        raise ValueError(f"expert {name!r} has dtype {_first_dtype(expert)} but the base has {base_dtype}")
 
 
 def _modules_equal(a: nn.Module, b: nn.Module) -> bool:
@@ -248,8 +250,10 @@ class CoupledExperts(nn.Module):
         self.last_routing: list[str] | None = None
         self._layer_indices = list(range(split_layer))
         self._layer_types = attention_types(self.config, split_layer)
-        # Not registered as submodules: kept to check and share parts of new experts.
-        self._base = {"model": base_model, "decoder": decoder, "norm": decoder.norm, "head": head}
+        # What is kept of the base (not its upper layers): its identity, to check new experts, and its final
+        # norm and head, to share them with experts whose own are equal. Not registered as submodules.
+        self._base = {"class": type(base_model), "dtype": _first_dtype(base_model), "norm": decoder.norm,
+                      "head": head, "generation_config": getattr(base_model, "generation_config", None)}
         self._separate_bytes: dict[str, int] = {}
 
     # ----- experts -----
@@ -261,14 +265,14 @@ class CoupledExperts(nn.Module):
         """Attach ``model`` as expert ``name`` (its layers from split_layer on, its norm and head;
         shared with the base where equal). ``verify_prefix`` checks that its embeddings and lower
         layers equal the base's, as CCoE's frozen-prefix training guarantees."""
-        check_same_architecture(self._base["model"], model, name, self.split_layer)
+        check_same_architecture(self._base["class"], self.config, self._base["dtype"], model, name, self.split_layer)
         decoder, head = _decoder_parts(model, f"expert {name!r}")
         if verify_prefix:
-            if not _modules_equal(self._base["decoder"].embed_tokens, decoder.embed_tokens):
+            if not _modules_equal(self.embed_tokens, decoder.embed_tokens):
                 raise ValueError(f"expert {name!r} has embeddings that differ from the base's; the shared backbone "
                                  "would change its outputs (pass verify_prefix=False to couple anyway)")
             for index in range(self.split_layer):
-                if not _modules_equal(self._base["decoder"].layers[index], decoder.layers[index]):
+                if not _modules_equal(self.layers[index], decoder.layers[index]):
                     raise ValueError(f"expert {name!r} layer {index} (below split_layer = {self.split_layer}) differs "
                                      "from the base's (pass verify_prefix=False to couple anyway)")
         norm = self._base["norm"] if _modules_equal(self._base["norm"], decoder.norm) else decoder.norm
@@ -285,13 +289,19 @@ class CoupledExperts(nn.Module):
         return branch
 
     def memory_report(self) -> dict:
-        """Parameter bytes of the coupled model vs keeping each attached expert as a full model."""
-        coupled = _unique_param_bytes(self)
+        """Parameter bytes the coupled model keeps alive (backbone, branches, router, and the base's norm
+        and head kept for sharing) vs keeping each attached expert as a full model."""
+        coupled = _unique_param_bytes(self, self._base["norm"], self._base["head"])
         separate = sum(self._separate_bytes.values())
         return {"experts": len(self._separate_bytes), "separate_bytes": separate, "coupled_bytes": coupled,
                 "saved_bytes": separate - coupled, "saved_fraction": (separate - coupled) / separate if separate else 0.0}
 
     # ----- forward -----
+    @property
+    def generation_config(self):
+        """The base model's generation config (eos/pad defaults of :meth:`generate`)."""
+        return self._base["generation_config"]
+
     @property
     def device(self) -> torch.device:
         return self.embed_tokens.weight.device
@@ -386,7 +396,7 @@ class CoupledExperts(nn.Module):
         on the prompt (``expert=`` or the router) and stored in :attr:`last_routing`. eos/pad default
         to the base model's generation config. Returns sequences [B, L + n] (or
         :class:`CoupledGenerateOutput` with ``return_dict_in_generate``)."""
-        eos_token_id, pad_token_id = generation_defaults(self._base["model"], eos_token_id, pad_token_id)
+        eos_token_id, pad_token_id = generation_defaults(self, eos_token_id, pad_token_id)
         sequences, prefill = decode_with_cache(self, input_ids, attention_mask, max_new_tokens=max_new_tokens,
                                                eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                                                expert=expert, **decode_kwargs)
