@@ -57,7 +57,7 @@ else
 fi
 venv_seconds=$(elapsed "$phase")
 
-# ---- 2. build out of tree ----
+# ---- 2. build out of tree -----------------------------------------------------------------------------------
 # A toolkit root must hold the headers and lib64 too: an `nvcc` wrapper script in /usr/local/bin would make
 # /usr/local look like one, and the link then fails to find -lcudart.
 is_toolkit() { [ -x "$1/bin/nvcc" ] && [ -f "$1/include/cuda_runtime.h" ]; }
@@ -71,7 +71,6 @@ if [ -z "${CUDA_HOME:-}" ] || ! is_toolkit "$CUDA_HOME"; then
 fi
 export CUDA_HOME
 log "CUDA toolkit: $CUDA_HOME ($("$CUDA_HOME/bin/nvcc" --version | grep -o 'release [0-9.]*'))"
-----------------------------------------------------------------------------
 phase=$(date +%s)
 mkdir -p "$build_dir"
 build_log="$build_dir/build.log"
