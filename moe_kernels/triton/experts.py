@@ -430,7 +430,7 @@ def _forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias,
     top_k = ids.shape[1]
     num_rows = num_tokens * top_k
     plan = dispatch_plan(ids, num_experts)
-    cfg = mlp_config(num_rows, num_experts, top_k)
+    cfg = mlp_config(num_rows, num_experts, top_k, fp32=x.dtype == torch.float32)
     upcast = interpreting()
     precision = dot_precision(x.dtype)
     steps = num_experts.bit_length()
@@ -469,7 +469,7 @@ def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, do
     inter = two_inter // 2
     top_k = ids.shape[1]
     num_rows = num_tokens * top_k
-    cfg = mlp_config(num_rows, num_experts, top_k)
+    cfg = mlp_config(num_rows, num_experts, top_k, fp32=x.dtype == torch.float32)
     upcast = interpreting()
     precision = dot_precision(x.dtype)
     steps = num_experts.bit_length()
@@ -623,3 +623,79 @@ def moe_mlp(x, gate_up_proj, down_proj, weights, ids, activation="silu", gate_up
     limit = None if swiglu_limit is None else float(swiglu_limit)
     return moe_mlp_forward_op(x, gate_up_proj, down_proj, weights, ids.to(torch.int32).contiguous(), gate_up_bias,
                               down_bias, activation, bool(interleaved), limit, save_pre)[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# ahead-of-time compile list (for ``moe-kernels compile-check``)
+
+_POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16"}
+_INT_POINTERS = ("sorted_slots_ptr", "expert_offsets_ptr", "tile_offsets_ptr")
+_FP32_POINTERS = ("route_w_ptr", "grad_w_partial_ptr")
+# (activation, interleaved, bias, limit): the plain SwiGLU of most families and GPT-OSS's form, the
+# longest epilogue (clamps, biases, interleaved columns).
+_COMPILE_VARIANTS = (("silu", False, False, False), ("gpt_oss", True, True, True))
+
+
+def _signature(kernel, constexprs: dict, data: str, overrides: dict = ()) -> dict:
+    overrides = dict(overrides)
+    types = {}
+    for name in kernel.arg_names:
+        if name in constexprs:
+            types[name] = "constexpr"
+        elif name in overrides:
+            types[name] = overrides[name]
+        elif name.endswith("_ptr"):
+            types[name] = "*i32" if name in _INT_POINTERS else "*fp32" if name in _FP32_POINTERS else data
+        else:
+            types[name] = "fp32" if name == "limit" else "i32"
+    return types
+
+
+# The contiguous HF layout of a real launch: unit strides (constexprs there, as the JIT specialises them)
+# and the integer arguments that are multiples of 16 for real model sizes.
+_LAYOUT = {
+    "gate_up": ({"stride_xh": 1, "stride_wh": 1, "stride_bn": 1},
+                ("stride_xt", "stride_we", "stride_wn", "stride_be", "hidden", "inter")),
+    "down": ({"stride_wc": 1, "stride_bj": 1}, ("stride_we", "stride_wj", "stride_be", "reduce_dim", "out_dim")),
+    "dx": ({"stride_wj": 1, "stride_bj": 1}, ("stride_we", "stride_wc", "stride_be", "reduce_dim", "out_dim")),
+    "down_bwd": ({"stride_gh": 1, "stride_wn": 1, "stride_bh": 1},
+                 ("stride_gt", "stride_we", "stride_wh", "stride_be", "hidden", "inter")),
+    "dw": ({"stride_lc": 1, "stride_rc": 1, "stride_oj": 1},
+           ("stride_lt", "stride_rt", "stride_oe", "stride_oi", "stride_bge", "lhs_dim", "rhs_dim", "inter")),
+}
+
+
+def _compile_specs():
+    """(kernel, signature, constexprs, options, divisible) for every expert-MLP kernel at every shipped config."""
+    specs = []
+    families = [(entry, torch.bfloat16) for entry in entries("mlp")] + [(e, torch.float32) for e in entries("mlp_fp32")]
+    for entry, dtype in families:
+        data = _POINTER_TYPES[dtype]
+        if True:
+            precision = "ieee" if dtype == torch.float32 else "tf32"
+            common = {"UPCAST": False, "DOT_PRECISION": precision}
+
+            def add(kernel, cfg, constexprs, layout, overrides=()):
+                unit_strides, divisible = _LAYOUT[layout]
+                constexprs = dict(common, **unit_strides, **constexprs)
+                specs.append((kernel, _signature(kernel, constexprs, data, overrides), constexprs,
+                              {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}, divisible))
+
+            gemm = lambda cfg: {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"]}
+            for activation, interleaved, bias, limit in _COMPILE_VARIANTS:
+                act = {"ACTIVATION": ACTIVATION_CODES[activation], "INTERLEAVED": interleaved, "HAS_LIMIT": limit}
+                add(_gate_up_kernel, entry["up"], dict(act, HAS_BIAS=bias, SAVE_PRE=True, **gemm(entry["up"])),
+                    "gate_up")
+                add(_down_backward_kernel, entry["down_bwd"], dict(act, HAS_BIAS=bias, **gemm(entry["down_bwd"])),
+                    "down_bwd")
+                dw = entry["dw"]
+                blocks = {"BLOCK_I": dw["BLOCK_I"], "BLOCK_J": dw["BLOCK_J"], "BLOCK_P": dw["BLOCK_P"]}
+                add(_expert_outer_kernel, dw, dict(act, LHS_BY_TOKEN=True, LHS_WEIGHTED=True, RHS_BY_TOKEN=False,
+                                                   RHS_GATED=True, BIAS_GRAD=bias, **blocks), "dw")
+                add(_expert_outer_kernel, dw, dict(act, LHS_BY_TOKEN=False, LHS_WEIGHTED=False, RHS_BY_TOKEN=True,
+                                                   RHS_GATED=False, BIAS_GRAD=bias, **blocks), "dw")
+            add(_rows_matmul_kernel, entry["down"], dict(HAS_BIAS=True, HAS_ROUTE_W=True, **gemm(entry["down"])),
+                "down", {"out_ptr": "*fp32"})
+            add(_rows_matmul_kernel, entry["dx"], dict(HAS_BIAS=False, HAS_ROUTE_W=False, **gemm(entry["dx"])),
+                "dx", {"out_ptr": "*fp32"})
+    return specs

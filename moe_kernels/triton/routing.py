@@ -289,7 +289,12 @@ _COMPILE_FAMILIES = [
 ]
 
 
+def _in_arg_order(kernel, signature: dict) -> dict:
+    return {name: signature[name] for name in kernel.arg_names}
+
+
 def _compile_specs():
+    """(kernel, signature, constexprs, options) for the routing kernels at every shipped config."""
     specs = []
     for num_experts, k, sigmoid, topk_first, renorm, has_bias, n_group, topk_group in _COMPILE_FAMILIES:
         for cfg in [c for c in entries("route") if c.get("max_experts") is None or num_experts <= c["max_experts"]][:1]:
@@ -303,12 +308,12 @@ def _compile_specs():
             fwd_const = dict(common, HAS_BIAS=has_bias, N_GROUP=n_group, TOPK_GROUP=topk_group,
                              BLOCK_G=triton.next_power_of_2(n_group))
             fwd_sig.update({name: "constexpr" for name in fwd_const})
-            specs.append((_route_fwd_kernel, fwd_sig, fwd_const, opts))
+            specs.append((_route_fwd_kernel, _in_arg_order(_route_fwd_kernel, fwd_sig), fwd_const, opts))
             bwd_sig = {"grad_w_ptr": "*fp32", "logits_ptr": "*bf16", "stride_lt": "i32", "stride_le": "i32",
                        "ids_ptr": "*i32", "grad_logits_ptr": "*bf16", "num_tokens": "i32", "num_experts": "i32",
                        "scale": "fp32"}
             bwd_sig.update({name: "constexpr" for name in common})
-            specs.append((_route_bwd_kernel, bwd_sig, dict(common), opts))
+            specs.append((_route_bwd_kernel, _in_arg_order(_route_bwd_kernel, bwd_sig), dict(common), opts))
     return specs
 
 
