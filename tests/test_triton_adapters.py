@@ -140,12 +140,22 @@ def test_bad_arguments_raise():
 
 
 def test_config_table_is_complete_and_valid():
-    for rank in (1, 8, 16, 17, 64, 100, 128, 129, 1024):
-        for slots in (1, 256, 257, 8192, 8193, 100000):
-            config = adapters.select_config(slots, rank)
-            assert config.block_r >= 16 and config.block_m >= 16
-            if config.fused:
-                assert adapters._rank_tile(rank) <= config.block_r
+    for dtype in (torch.bfloat16, torch.float32):
+        for rank in (1, 8, 16, 17, 64, 100, 128, 129, 1024):
+            for slots in (1, 256, 257, 8192, 8193, 100000):
+                config = adapters.select_config(slots, rank, dtype)
+                assert config.block_r >= 16 and config.block_m >= 16  # tl.dot's minimum tile
+                if config.fused:
+                    assert adapters._rank_tile(rank) <= config.block_r
+
+
+def test_compile_specs_cover_every_kernel():
+    kernels = {spec[0].__name__ for spec in adapters.COMPILE_SPECS}
+    assert kernels == {"_adapter_fused_kernel", "_adapter_shrink_kernel", "_adapter_expand_kernel",
+                       "_adapter_weight_grad_kernel", "_combine_slots_kernel"}
+    for kernel, signature, constexprs, options in adapters.COMPILE_SPECS:
+        assert list(signature) == list(kernel.arg_names)
+        assert all(signature[name] == "constexpr" for name in constexprs)
 
 
 @pytest.mark.parametrize("path", ["fused", "split"])

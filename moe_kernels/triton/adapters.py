@@ -114,27 +114,12 @@ def _activation_grad(z, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def _locate_tile(pid, tile_ends_ptr, expert_offsets_ptr, num_experts,
-                 E_PAD: tl.constexpr, BLOCK_M: tl.constexpr):
+def _locate_tile(pid, tile_experts_ptr, tile_ends_ptr, expert_offsets_ptr, BLOCK_M: tl.constexpr):
     """Tile ``pid`` of the per-expert tiling -> (expert, sorted positions [BLOCK_M] int32, row mask).
 
-    tile_ends [E] int32: cumulative count of BLOCK_M-row tiles per expert. The caller has already
-    returned for pid >= tile_ends[E-1]. The expert is the first e with tile_ends[e] > pid: one vector
-    compare up to 1024 experts, a binary search of scalar loads beyond (no E-sized registers)."""
-    if E_PAD <= 1024:
-        experts = tl.arange(0, E_PAD)
-        ends = tl.load(tile_ends_ptr + experts, mask=experts < num_experts, other=2147483647)
-        expert = tl.sum((ends <= pid).to(tl.int32), axis=0)
-    else:
-        low = tl.zeros((), tl.int32)
-        high = tl.zeros((), tl.int32) + num_experts
-        for _ in tl.static_range(E_PAD.bit_length()):
-            middle = (low + high) // 2
-            end = tl.load(tile_ends_ptr + middle, mask=middle < num_experts, other=2147483647)
-            go_right = end <= pid
-            low = tl.where(go_right, middle + 1, low)
-            high = tl.where(go_right, high, middle)
-        expert = low
+    tile_experts [grid] int32: the expert of each tile, E past the last tile (the caller returns early
+    for those); tile_ends [E] int32: cumulative count of BLOCK_M-row tiles per expert."""
+    expert = tl.load(tile_experts_ptr + pid)
     tiles_before = tl.load(tile_ends_ptr + expert - 1, mask=expert > 0, other=0)
     segment_begin = tl.load(expert_offsets_ptr + expert)
     segment_end = tl.load(expert_offsets_ptr + expert + 1)
@@ -174,11 +159,11 @@ def _store_rows(out_ptr, out_rows, row_mask, n_offs, n_mask, values):
 @triton.jit
 def _adapter_fused_kernel(
     h_ptr, dy_ptr, down_ptr, up_ptr, weights_ptr,
-    tile_ends_ptr, expert_offsets_ptr, sorted_slots_ptr,
+    tile_experts_ptr, tile_ends_ptr, expert_offsets_ptr, sorted_slots_ptr,
     out_ptr, act_out_ptr, dz_out_ptr, dweights_ptr,
     top_k, H, R, num_experts, scale,
     ACTIVATION: tl.constexpr, BACKWARD: tl.constexpr, OUT_BY_TOKEN: tl.constexpr,
-    E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Shrink -> activation -> expand for one BLOCK_M-row tile of one expert, whole rank in one tile.
@@ -192,9 +177,9 @@ def _adapter_fused_kernel(
     out: [T, H] in the output dtype when OUT_BY_TOKEN (k = 1), else [T*k, H] fp32 by slot.
     """
     pid = tl.program_id(0)
-    if pid >= tl.load(tile_ends_ptr + num_experts - 1):
+    if tl.load(tile_experts_ptr + pid) >= num_experts:
         return
-    expert, positions, row_mask = _locate_tile(pid, tile_ends_ptr, expert_offsets_ptr, num_experts, E_PAD, BLOCK_M)
+    expert, positions, row_mask = _locate_tile(pid, tile_experts_ptr, tile_ends_ptr, expert_offsets_ptr, BLOCK_M)
     slots = tl.load(sorted_slots_ptr + positions, mask=row_mask, other=0)
     token_rows = (slots // top_k).to(tl.int64) * H
     r_offs = tl.arange(0, BLOCK_R)
@@ -245,11 +230,11 @@ def _adapter_fused_kernel(
 @triton.jit
 def _adapter_shrink_kernel(
     h_ptr, dy_ptr, down_ptr, up_ptr, weights_ptr,
-    tile_ends_ptr, expert_offsets_ptr, sorted_slots_ptr,
+    tile_experts_ptr, tile_ends_ptr, expert_offsets_ptr, sorted_slots_ptr,
     act_out_ptr, dz_out_ptr, dweights_partial_ptr,
     top_k, H, R, num_experts, scale,
     ACTIVATION: tl.constexpr, BACKWARD: tl.constexpr,
-    E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Split path, shrink half: one (row tile, rank tile) per program. Grid: (row tiles bound, cdiv(R, BLOCK_R)).
@@ -260,9 +245,9 @@ def _adapter_shrink_kernel(
     """
     pid = tl.program_id(0)
     rank_tile = tl.program_id(1)
-    if pid >= tl.load(tile_ends_ptr + num_experts - 1):
+    if tl.load(tile_experts_ptr + pid) >= num_experts:
         return
-    expert, positions, row_mask = _locate_tile(pid, tile_ends_ptr, expert_offsets_ptr, num_experts, E_PAD, BLOCK_M)
+    expert, positions, row_mask = _locate_tile(pid, tile_experts_ptr, tile_ends_ptr, expert_offsets_ptr, BLOCK_M)
     slots = tl.load(sorted_slots_ptr + positions, mask=row_mask, other=0)
     token_rows = (slots // top_k).to(tl.int64) * H
     r_offs = rank_tile * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -290,10 +275,10 @@ def _adapter_shrink_kernel(
 @triton.jit
 def _adapter_expand_kernel(
     mid_ptr, w2_ptr, weights_ptr,
-    tile_ends_ptr, expert_offsets_ptr, sorted_slots_ptr, out_ptr,
+    tile_experts_ptr, tile_ends_ptr, expert_offsets_ptr, sorted_slots_ptr, out_ptr,
     top_k, H, R, num_experts, scale,
     BACKWARD: tl.constexpr, OUT_BY_TOKEN: tl.constexpr,
-    E_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Split path, expand half: out rows [BLOCK_M, BLOCK_N] = mid[pos, :R] @ W2_e, over rank tiles.
@@ -304,9 +289,9 @@ def _adapter_expand_kernel(
     """
     pid = tl.program_id(0)
     n_tile = tl.program_id(1)
-    if pid >= tl.load(tile_ends_ptr + num_experts - 1):
+    if tl.load(tile_experts_ptr + pid) >= num_experts:
         return
-    expert, positions, row_mask = _locate_tile(pid, tile_ends_ptr, expert_offsets_ptr, num_experts, E_PAD, BLOCK_M)
+    expert, positions, row_mask = _locate_tile(pid, tile_experts_ptr, tile_ends_ptr, expert_offsets_ptr, BLOCK_M)
     slots = tl.load(sorted_slots_ptr + positions, mask=row_mask, other=0)
     n_offs = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n_offs < H
@@ -447,10 +432,10 @@ ADAPTER_CONFIGS: dict[tuple[str, str], AdapterConfig] = {
     ("r16", "medium"): AdapterConfig(True, 64, 64, 64, 16, 4, 3, 64, 64, 16),
     ("r16", "large"): AdapterConfig(True, 128, 64, 64, 16, 4, 3, 64, 128, 16),
     ("r64", "decode"): AdapterConfig(False, 16, 128, 64, 64, 4, 3, 32, 64, 64),
-    ("r64", "medium"): AdapterConfig(False, 64, 64, 64, 64, 4, 3, 64, 64, 64),
-    ("r64", "large"): AdapterConfig(True, 64, 64, 64, 64, 4, 3, 64, 64, 64),
+    ("r64", "medium"): AdapterConfig(False, 64, 64, 64, 64, 8, 3, 64, 64, 64),
+    ("r64", "large"): AdapterConfig(True, 64, 64, 64, 64, 8, 3, 64, 64, 64),
     ("r128", "decode"): AdapterConfig(False, 16, 128, 64, 64, 4, 3, 32, 64, 64),
-    ("r128", "medium"): AdapterConfig(False, 64, 64, 64, 64, 4, 3, 64, 64, 64),
+    ("r128", "medium"): AdapterConfig(False, 64, 64, 64, 64, 8, 3, 64, 64, 64),
     ("r128", "large"): AdapterConfig(True, 64, 64, 64, 128, 8, 3, 64, 64, 64),
     ("rbig", "decode"): AdapterConfig(False, 16, 128, 64, 64, 4, 3, 32, 64, 64),
     ("rbig", "medium"): AdapterConfig(False, 64, 64, 128, 64, 8, 3, 64, 64, 64),
@@ -486,9 +471,27 @@ def shape_class(num_slots: int, rank: int) -> tuple[str, str]:
     return rank_class, token_class
 
 
-def select_config(num_slots: int, rank: int) -> AdapterConfig:
-    """The table's config for this shape (a fused config whose block_r is too small falls back to split)."""
-    config = _forced_config or ADAPTER_CONFIGS[shape_class(num_slots, rank)]
+# The fused backward holds two [BLOCK_M, BLOCK_R] fp32 accumulators (z and u) through the expand
+# sweep; beyond this rank tile it spills, so larger ranks take the split backward.
+FUSED_BACKWARD_MAX_RANK_TILE = 16
+
+
+def for_dtype(config: AdapterConfig, dtype: torch.dtype) -> AdapterConfig:
+    """fp32 inputs: tl.dot runs as exact fp32 FMA (unless TF32 is allowed) and its operands take twice
+    the registers, so tiles shrink (the table's sizes are for fp16/bf16)."""
+    if dtype != torch.float32:
+        return config
+    return dataclasses.replace(
+        config, block_m=min(config.block_m, 32), block_k=min(config.block_k, 32), block_n=min(config.block_n, 64),
+        block_r=min(config.block_r, 32), num_stages=min(config.num_stages, 2),
+        wgrad_block_m=min(config.wgrad_block_m, 32), wgrad_block_h=min(config.wgrad_block_h, 64),
+        wgrad_block_r=min(config.wgrad_block_r, 32))
+
+
+def select_config(num_slots: int, rank: int, dtype: torch.dtype = torch.bfloat16) -> AdapterConfig:
+    """The table's config for this shape and dtype (a fused config whose block_r is below the padded rank
+    falls back to the split path)."""
+    config = _forced_config or for_dtype(ADAPTER_CONFIGS[shape_class(num_slots, rank)], dtype)
     if config.fused and _rank_tile(rank) > config.block_r:
         config = dataclasses.replace(config, fused=False)
     return config
@@ -517,7 +520,7 @@ def _launch_params(h, down, up, weights, expert_offsets, grad=None):
     E, R, _ = down.shape
     k = weights.shape[1]
     N = T * k
-    config = select_config(N, R)
+    config = select_config(N, R, h.dtype)
     if _forced_config is None and not _aligned(H, h, down, up, *([grad] if grad is not None else [])):
         config = UNALIGNED_CONFIG
     interp = _interpreting()
@@ -528,8 +531,11 @@ def _launch_params(h, down, up, weights, expert_offsets, grad=None):
     tile_ends = torch.cumsum(torch.div(counts + (config.block_m - 1), config.block_m, rounding_mode="floor"),
                              0).to(torch.int32)
     row_tiles = min(N, triton.cdiv(N, config.block_m) + E)
-    return dict(T=T, H=H, E=E, R=R, k=k, N=N, config=config, tile_ends=tile_ends, row_tiles=row_tiles,
-                upcast=interp, precision=_dot_precision(h.dtype), e_pad=max(2, triton.next_power_of_2(E)))
+    # expert of each tile (E past the last one): a device-side search, no host sync
+    tile_experts = torch.searchsorted(tile_ends, torch.arange(row_tiles, dtype=torch.int32, device=h.device),
+                                      right=True).to(torch.int32)
+    return dict(T=T, H=H, E=E, R=R, k=k, N=N, config=config, tile_ends=tile_ends, tile_experts=tile_experts, row_tiles=row_tiles,
+                upcast=interp, precision=_dot_precision(h.dtype))
 
 
 def _mid_dtype(h):
@@ -551,11 +557,11 @@ def _forward_impl(h, down, up, weights, expert_offsets, sorted_slots, activation
     by_token = k == 1
     out = torch.empty((T, H) if by_token else (N, H), dtype=h.dtype if by_token else torch.float32, device=h.device)
     act = ACTIVATION_CODES[activation]
-    common = dict(E_PAD=p["e_pad"], BLOCK_M=cfg.block_m, UPCAST=p["upcast"], DOT_PRECISION=p["precision"],
+    common = dict(BLOCK_M=cfg.block_m, UPCAST=p["upcast"], DOT_PRECISION=p["precision"],
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     if cfg.fused:
         _adapter_fused_kernel[(p["row_tiles"],)](
-            h, h, down, up, weights, p["tile_ends"], expert_offsets, sorted_slots,
+            h, h, down, up, weights, p["tile_experts"], p["tile_ends"], expert_offsets, sorted_slots,
             out, out, out, weights, k, H, R, E, scale,
             ACTIVATION=act, BACKWARD=False, OUT_BY_TOKEN=by_token, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n,
             BLOCK_R=_rank_tile(R), **common)
@@ -563,11 +569,11 @@ def _forward_impl(h, down, up, weights, expert_offsets, sorted_slots, activation
         block_r = min(cfg.block_r, _rank_tile(R))
         activated = torch.empty((N, R), dtype=_mid_dtype(h), device=h.device)
         _adapter_shrink_kernel[(p["row_tiles"], triton.cdiv(R, block_r))](
-            h, h, down, up, weights, p["tile_ends"], expert_offsets, sorted_slots,
+            h, h, down, up, weights, p["tile_experts"], p["tile_ends"], expert_offsets, sorted_slots,
             activated, activated, weights, k, H, R, E, scale,
             ACTIVATION=act, BACKWARD=False, BLOCK_K=cfg.block_k, BLOCK_R=block_r, **common)
         _adapter_expand_kernel[(p["row_tiles"], triton.cdiv(H, cfg.block_n))](
-            activated, up, weights, p["tile_ends"], expert_offsets, sorted_slots, out,
+            activated, up, weights, p["tile_experts"], p["tile_ends"], expert_offsets, sorted_slots, out,
             k, H, R, E, scale, BACKWARD=False, OUT_BY_TOKEN=by_token, BLOCK_N=cfg.block_n, BLOCK_R=block_r, **common)
     return out if by_token else _combine(out, T, H, k, h.dtype)
 
@@ -579,16 +585,16 @@ def _backward_impl(grad, h, down, up, weights, expert_offsets, sorted_slots, act
     T, H, E, R, k, N, cfg = p["T"], p["H"], p["E"], p["R"], p["k"], p["N"], p["config"]
     by_token = k == 1
     act = ACTIVATION_CODES[activation]
-    common = dict(E_PAD=p["e_pad"], BLOCK_M=cfg.block_m, UPCAST=p["upcast"], DOT_PRECISION=p["precision"],
+    common = dict(BLOCK_M=cfg.block_m, UPCAST=p["upcast"], DOT_PRECISION=p["precision"],
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     activated = torch.empty((N, R), dtype=_mid_dtype(h), device=h.device)
     dz = torch.empty((N, R), dtype=_mid_dtype(h), device=h.device)
     dh_rows = torch.empty((T, H) if by_token else (N, H), dtype=h.dtype if by_token else torch.float32,
                           device=h.device)
-    if cfg.fused:
+    if cfg.fused and (_rank_tile(R) <= FUSED_BACKWARD_MAX_RANK_TILE or _forced_config is not None):
         dweights = torch.empty((N,), dtype=torch.float32, device=h.device)
         _adapter_fused_kernel[(p["row_tiles"],)](
-            h, grad, down, up, weights, p["tile_ends"], expert_offsets, sorted_slots,
+            h, grad, down, up, weights, p["tile_experts"], p["tile_ends"], expert_offsets, sorted_slots,
             dh_rows, activated, dz, dweights, k, H, R, E, scale,
             ACTIVATION=act, BACKWARD=True, OUT_BY_TOKEN=by_token, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n,
             BLOCK_R=_rank_tile(R), **common)
@@ -597,12 +603,12 @@ def _backward_impl(grad, h, down, up, weights, expert_offsets, sorted_slots, act
         rank_tiles = triton.cdiv(R, block_r)
         partial = torch.empty((N, rank_tiles), dtype=torch.float32, device=h.device)
         _adapter_shrink_kernel[(p["row_tiles"], rank_tiles)](
-            h, grad, down, up, weights, p["tile_ends"], expert_offsets, sorted_slots,
+            h, grad, down, up, weights, p["tile_experts"], p["tile_ends"], expert_offsets, sorted_slots,
             activated, dz, partial, k, H, R, E, scale,
             ACTIVATION=act, BACKWARD=True, BLOCK_K=cfg.block_k, BLOCK_R=block_r, **common)
         dweights = partial.sum(dim=1) if rank_tiles > 1 else partial.view(N)
         _adapter_expand_kernel[(p["row_tiles"], triton.cdiv(H, cfg.block_n))](
-            dz, down, weights, p["tile_ends"], expert_offsets, sorted_slots, dh_rows,
+            dz, down, weights, p["tile_experts"], p["tile_ends"], expert_offsets, sorted_slots, dh_rows,
             k, H, R, E, scale, BACKWARD=True, OUT_BY_TOKEN=by_token, BLOCK_N=cfg.block_n, BLOCK_R=block_r, **common)
     dh = dh_rows if by_token else _combine(dh_rows, T, H, k, h.dtype)
     if not weight_grads:
@@ -707,10 +713,8 @@ def adapter_moe_triton(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, we
 # ahead-of-time compile list (for ``moe-kernels compile-check``)
 
 _POINTER = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-# Worst cases per config: the largest rank tile it launches, gelu (the longest epilogue), and both ways
-# of finding a tile's expert (vector compare for E <= 1024, binary search beyond).
+# Worst cases per config: the largest rank tile it launches and gelu (the longest epilogue).
 _COMPILE_DTYPES = (torch.bfloat16, torch.float32)
-_COMPILE_E_PADS = (64,)  # every config; the first config also at 1024 and 2048 experts
 
 
 def _signature(names, pointers, dtype, constexprs):
@@ -765,37 +769,38 @@ def _compile_specs():
             specs.append(CompileSpec(kernel, signature, dict(constexprs), options,
                                      _divisible_attrs(kernel, signature, aligned)))
 
-    for index, config in enumerate([*ADAPTER_CONFIGS.values(), UNALIGNED_CONFIG]):
+    for table_config in (*ADAPTER_CONFIGS.values(), UNALIGNED_CONFIG):
         for dtype in _COMPILE_DTYPES:
+            config = table_config if table_config is UNALIGNED_CONFIG else for_dtype(table_config, dtype)
             data = _POINTER[dtype]
             mid = data  # [N, r] intermediates are kept in the input dtype on GPUs
             precision = "ieee" if dtype == torch.float32 else "tf32"
-            for e_pad in _COMPILE_E_PADS + ((1024, 2048) if index == 0 else ()):
-                base = dict(ACTIVATION=ACTIVATION_CODES["gelu"], E_PAD=e_pad, BLOCK_M=config.block_m,
-                            UPCAST=False, DOT_PRECISION=precision)
-                routed = {"h_ptr": data, "dy_ptr": data, "down_ptr": data, "up_ptr": data, "weights_ptr": "*fp32",
-                          "tile_ends_ptr": "*i32", "expert_offsets_ptr": "*i32", "sorted_slots_ptr": "*i32"}
-                for backward in (False, True):
-                    if config.fused:
-                        for by_token in (False, True):
-                            out = data if by_token else "*fp32"
-                            add(_adapter_fused_kernel,
-                                dict(routed, out_ptr=out, act_out_ptr=mid, dz_out_ptr=mid, dweights_ptr="*fp32"),
-                                dtype, dict(base, BACKWARD=backward, OUT_BY_TOKEN=by_token, BLOCK_K=config.block_k,
-                                            BLOCK_N=config.block_n, BLOCK_R=config.block_r), config)
-                    else:
-                        add(_adapter_shrink_kernel,
-                            dict(routed, act_out_ptr=mid, dz_out_ptr=mid, dweights_partial_ptr="*fp32"),
-                            dtype, dict(base, BACKWARD=backward, BLOCK_K=config.block_k, BLOCK_R=config.block_r),
-                            config)
-                        for by_token in (False, True):
-                            expand = {key: v for key, v in base.items() if key != "ACTIVATION"}
-                            add(_adapter_expand_kernel,
-                                {"mid_ptr": mid, "w2_ptr": data, "weights_ptr": "*fp32", "tile_ends_ptr": "*i32",
-                                 "expert_offsets_ptr": "*i32", "sorted_slots_ptr": "*i32",
-                                 "out_ptr": data if by_token else "*fp32"},
-                                dtype, dict(expand, BACKWARD=backward, OUT_BY_TOKEN=by_token,
-                                            BLOCK_N=config.block_n, BLOCK_R=config.block_r), config)
+            base = dict(ACTIVATION=ACTIVATION_CODES["gelu"], BLOCK_M=config.block_m,
+                        UPCAST=False, DOT_PRECISION=precision)
+            routed = {"h_ptr": data, "dy_ptr": data, "down_ptr": data, "up_ptr": data, "weights_ptr": "*fp32",
+                      "tile_experts_ptr": "*i32", "tile_ends_ptr": "*i32", "expert_offsets_ptr": "*i32",
+                      "sorted_slots_ptr": "*i32"}
+            for backward in (False, True):
+                if config.fused and not (backward and config.block_r > FUSED_BACKWARD_MAX_RANK_TILE):
+                    for by_token in (False, True):
+                        out = data if by_token else "*fp32"
+                        add(_adapter_fused_kernel,
+                            dict(routed, out_ptr=out, act_out_ptr=mid, dz_out_ptr=mid, dweights_ptr="*fp32"),
+                            dtype, dict(base, BACKWARD=backward, OUT_BY_TOKEN=by_token, BLOCK_K=config.block_k,
+                                        BLOCK_N=config.block_n, BLOCK_R=config.block_r), config)
+                else:
+                    add(_adapter_shrink_kernel,
+                        dict(routed, act_out_ptr=mid, dz_out_ptr=mid, dweights_partial_ptr="*fp32"),
+                        dtype, dict(base, BACKWARD=backward, BLOCK_K=config.block_k, BLOCK_R=config.block_r),
+                        config)
+                    for by_token in (False, True):
+                        expand = {key: v for key, v in base.items() if key != "ACTIVATION"}
+                        add(_adapter_expand_kernel,
+                            {"mid_ptr": mid, "w2_ptr": data, "weights_ptr": "*fp32", "tile_experts_ptr": "*i32", "tile_ends_ptr": "*i32",
+                             "expert_offsets_ptr": "*i32", "sorted_slots_ptr": "*i32",
+                             "out_ptr": data if by_token else "*fp32"},
+                            dtype, dict(expand, BACKWARD=backward, OUT_BY_TOKEN=by_token,
+                                        BLOCK_N=config.block_n, BLOCK_R=config.block_r), config)
             wgrad_pointers = {"left_ptr": data, "right_ptr": data, "weights_ptr": "*fp32",
                               "expert_offsets_ptr": "*i32", "sorted_slots_ptr": "*i32", "out_ptr": data}
             wgrad = dict(BLOCK_M=config.wgrad_block_m, UPCAST=False, DOT_PRECISION=precision)
