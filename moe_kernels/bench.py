@@ -34,6 +34,7 @@ the shape's stated factor; E and k are kept. Timings are wall-clock medians of r
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import dataclasses
 import datetime
@@ -145,6 +146,8 @@ QUICK = {
     "route_tokens": (4096,),
     "dtypes": ("fp32", "bf16"),
     "passes": ("fwd", "fwdbwd"),  # the goals' passes; the full run adds backward alone
+    # the forward-vs-ideal goal holds "at every shape, decode included": the other shapes at T=1, forward only
+    "decode_shapes": ("mixtral_8x7b", "deepseek_v3_like", "gpt_oss_20b"),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SUITES = ("moe", "adapter", "lora", "route", "plan", "roofline")
@@ -242,6 +245,20 @@ def measure(run: Callable, setup: Callable | None = None, *, device: torch.devic
 
 # -------------------------------------------------------------------------------------------- memory
 
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Silence file descriptor 2 (the profiler's native start/stop log lines) for the duration."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_memory_bytes(run: Callable, device: torch.device = torch.device("cpu")) -> int:
     """Peak bytes allocated (above the level at entry) while ``run()`` executes.
 
@@ -258,7 +275,7 @@ def peak_memory_bytes(run: Callable, device: torch.device = torch.device("cpu"))
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device) - base
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _quiet_native_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         run()
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     current = peak = 0
@@ -1085,13 +1102,17 @@ def run_benchmarks(args) -> tuple[list[dict], dict]:
         print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
     if "moe" in suites:
-        for shape in pick(MOE_SHAPES, QUICK["moe_shapes"]):
+        moe_points = [(shape, tokens, passes) for shape in pick(MOE_SHAPES, QUICK["moe_shapes"])
+                      for tokens in tokens_for(scale_of(shape), QUICK["moe_tokens"], DECODE_TOKENS + TRAIN_TOKENS)]
+        if args.quick and not args.shape and not args.tokens:
+            moe_points += [(MOE_SHAPES[name], 1, ("fwd",)) for name in QUICK["decode_shapes"]]
+        for shape, tokens, point_passes in moe_points:
             scale = scale_of(shape)
-            for tokens in tokens_for(scale, QUICK["moe_tokens"], DECODE_TOKENS + TRAIN_TOKENS):
-                for dtype in dtypes:
-                    progress(f"moe {shape.name} /{scale} T={tokens} {dtype}")
-                    case = build_moe_case(shape, scale, tokens, dtype, device, bandwidth, timing_kwargs)
-                    rows += run_case(case, passes, timing_kwargs, device, memory=not args.no_memory)
+            for dtype in dtypes:
+                progress(f"moe {shape.name} /{scale} T={tokens} {dtype}")
+                case = build_moe_case(shape, scale, tokens, dtype, device, bandwidth, timing_kwargs)
+                rows += run_case(case, point_passes, timing_kwargs, device, memory=not args.no_memory)
+                del case
     if "adapter" in suites:
         for shape in pick(ADAPTER_SHAPES):
             scale = scale_of(shape)
@@ -1132,6 +1153,10 @@ def render_summary(rows: list[dict], info: dict, suites, roofline: list[dict]) -
     parts = [f"Machine: {info['machine']}, {info['cpu']}; device {info['device']}; {info['threads']} threads; "
              f"torch {info['torch']}, transformers {info['transformers']}, moe_kernels {info['moe_kernels']}"
              + (f"; measured copy bandwidth {bw:.1f} GB/s" if bw else "")]
+    if info.get("load") and info["load"][0] is not None:
+        before, after, seconds = info["load"]
+        parts.append(f"Run took {seconds:.0f} s; 1-minute load average {before:.1f} at the start, {after:.1f} at the end "
+                     f"(above the thread count means other processes shared the cores: expect noisy timings).")
     titles = {"moe": "MoE block (router + routing + expert MLPs)", "adapter": "PESC adapter-MoE layer",
               "lora": "Self-MoE LoRA-MoE linear", "route": "Routing alone", "plan": "Dispatch plan alone"}
     for suite in SUITES:
@@ -1155,13 +1180,22 @@ def render_summary(rows: list[dict], info: dict, suites, roofline: list[dict]) -
     return "\n\n".join(parts) + "\n"
 
 
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
 def bench_main(argv: list[str] | None = None) -> int:
     """Entry point of ``moe-kernels bench``; returns the exit status."""
     args = _parse_args(argv if argv is not None else sys.argv[1:])
     started = time.perf_counter()
     os.makedirs(args.out, exist_ok=True)
     suites = args.suite or list(SUITES)
+    load_before = _load_average()
     rows, info = run_benchmarks(args)
+    info["load"] = (load_before, _load_average(), time.perf_counter() - started)
     roofline = roofline_rows() if "roofline" in suites else []
     csv_path = os.path.join(args.out, "bench.csv")
     write_csv(rows, csv_path)
