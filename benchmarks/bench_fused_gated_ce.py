@@ -9,6 +9,8 @@ their gradients; the fused form works through chunks of tokens.
   time and peak memory. Each measurement runs in a fresh child process: peak memory is the rise of
   the process's peak resident set (``ru_maxrss``) over its resident set just before the step, i.e.
   what the step allocates beyond its inputs (CPU; glibc told to return large blocks, see MALLOC_*).
+  Both wall time and process CPU time (all threads) are shown: on a shared machine CPU time is the
+  steadier of the two.
 """
 
 from __future__ import annotations
@@ -75,13 +77,15 @@ def _child(impl, tokens, vocab, hidden, specialists, chunk, repeats):
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     inputs = make_inputs(tokens, vocab, hidden, specialists)
     before = _rss_bytes()
-    times = []
+    times, cpu_times = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step(impl, inputs, chunk)
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
-    print(json.dumps({"peak_extra_bytes": max(0, peak - before), "median_s": statistics.median(times)}))
+    print(json.dumps({"peak_extra_bytes": max(0, peak - before), "median_s": statistics.median(times),
+                      "median_cpu_s": statistics.median(cpu_times)}))
 
 
 def measure(impl, tokens, vocab, hidden, specialists, chunk=None, repeats=3) -> dict:
@@ -103,7 +107,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     print(f"gated CE forward+backward, V={args.vocab}, H={args.hidden}, fp32, "
           f"{os.environ.get('BENCH_THREADS', '2')} threads, CPU")
-    header = (f"{'N':>2} {'T':>6} {'impl':>12} {'time ms':>9} {'peak extra MiB':>15} {'[T,V] fp32 MiB':>15} "
+    header = (f"{'N':>2} {'T':>6} {'impl':>12} {'wall ms':>9} {'cpu ms':>9} {'peak extra MiB':>15} {'[T,V] fp32 MiB':>15} "
               f"{'head grads MiB':>15}")
     print(header)
     print("-" * len(header))
@@ -115,7 +119,7 @@ def main(argv=None):
             for impl, chunk in rows:
                 r = measure(impl, tokens, args.vocab, args.hidden, n, chunk, args.repeats)
                 label = impl if impl == "naive" else f"fused/{chunk or 'auto'}"
-                print(f"{n:>2} {tokens:>6} {label:>12} {r['median_s'] * 1e3:>9.1f} "
+                print(f"{n:>2} {tokens:>6} {label:>12} {r['median_s'] * 1e3:>9.1f} {r['median_cpu_s'] * 1e3:>9.1f} "
                       f"{r['peak_extra_bytes'] / 2 ** 20:>15.1f} {one_logits:>15.1f} {head_grads:>15.1f}")
 
 

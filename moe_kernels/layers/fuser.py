@@ -6,7 +6,8 @@ specialists; the fused logits are o = sum_j w_j * o_j with o_j = head_j(h_j).
 
 Training the fused model with cross-entropy naively keeps all N [T, V] logit tensors (and their
 gradients) alive. :func:`fused_gated_cross_entropy` computes the same loss and gradients chunk by
-chunk over tokens, so at most N chunk-sized [C, V] blocks exist at once; its gradients go into the
+chunk over tokens, so only two chunk-sized [C, V] blocks exist at once (the running blend and one
+specialist's logits); its gradients go into the
 gate weights w, every specialist's hidden states and every head (weight and bias).
 
 Also here: the two-stage training helpers (stage 1: gate only; stage 2: everything) and
@@ -26,14 +27,14 @@ from transformers.utils import ModelOutput
 
 from .coe import decode_with_cache, generation_defaults
 
-# fp32 [chunk, V] scratch the fused loss allows itself when no chunk size is given (N logit blocks + the
-# blend, which becomes its gradient): 2**23 elements = 32 MiB in all.
-_AUTO_CHUNK_ELEMENTS = 2 ** 23
+# fp32 [chunk, V] scratch the fused loss allows itself when no chunk size is given (the blend, which becomes
+# its gradient, and one specialist's logits): 2**24 elements = 64 MiB in all.
+_AUTO_CHUNK_ELEMENTS = 2 ** 24
 REDUCTIONS = ("mean", "sum")
 
 
-def _auto_chunk_size(num_tokens: int, vocab_size: int, num_specialists: int) -> int:
-    return max(1, min(num_tokens, _AUTO_CHUNK_ELEMENTS // (vocab_size * (num_specialists + 1)) or 1))
+def _auto_chunk_size(num_tokens: int, vocab_size: int) -> int:
+    return max(1, min(num_tokens, _AUTO_CHUNK_ELEMENTS // (2 * vocab_size) or 1))
 
 
 class _FusedGatedCrossEntropy(torch.autograd.Function):
@@ -60,7 +61,7 @@ class _FusedGatedCrossEntropy(torch.autograd.Function):
         safe_labels = torch.where(valid, labels, torch.zeros_like(labels)).long()
         count = valid.sum()
         denominator = count.clamp_min(1).float() if reduction == "mean" else torch.ones((), device=labels.device)
-        chunk = chunk_size or _auto_chunk_size(num_tokens, vocab, n)
+        chunk = chunk_size or _auto_chunk_size(num_tokens, vocab)
 
         total = torch.zeros((), dtype=torch.float32, device=labels.device)
         grad_w = torch.zeros(num_tokens, n, dtype=torch.float32, device=labels.device) if need_w else None
@@ -72,15 +73,14 @@ class _FusedGatedCrossEntropy(torch.autograd.Function):
         for start in range(0, num_tokens, chunk):
             end = min(num_tokens, start + chunk)
             weights = gate_weights[start:end].float()
-            blended, parts = None, []
+            blended = None
             for j in range(n):
                 logits_j = F.linear(hiddens[j][start:end], heads[j], biases[j]).float()
                 if blended is None:
-                    blended = logits_j * weights[:, :1]
+                    blended = logits_j.mul_(weights[:, :1])
                 else:
                     blended.addcmul_(logits_j, weights[:, j:j + 1])
-                if need_w:
-                    parts.append(logits_j)  # kept only for dL/dw of this chunk
+                del logits_j
             lse = torch.logsumexp(blended, dim=-1)
             target = blended.gather(1, safe_labels[start:end, None]).squeeze(1)
             row_valid = valid[start:end].float()
@@ -88,19 +88,23 @@ class _FusedGatedCrossEntropy(torch.autograd.Function):
             if not need_any:
                 continue
             # G = dL/d(blended) = (softmax - onehot(label)) / denominator, zero on ignored rows; computed in
-            # the blend's buffer. Then per specialist (w_j a per-row scalar, so no [C, V] temporaries):
-            # dL/dw_j = rowdot(G, logits_j), dL/dh_j = w_j * (G @ W_j), dL/dW_j = G^T (w_j * h_j), dL/db_j = G^T w_j.
+            # the blend's buffer. Then per specialist, with w_j a per-row scalar and GW_j = G @ W_j [C, H]
+            # (so no [C, V] temporaries and no specialist's logits kept):
+            # dL/dw_j = rowdot(GW_j, h_j) + G b_j, dL/dh_j = w_j * GW_j, dL/dW_j = G^T (w_j * h_j), dL/db_j = G^T w_j.
             grad_blended = blended.sub_(lse[:, None]).exp_()
             grad_blended.scatter_add_(1, safe_labels[start:end, None],
                                       -torch.ones((end - start, 1), dtype=torch.float32, device=labels.device))
             grad_blended.mul_((row_valid / denominator)[:, None])
             for j in range(n):
                 weight_j = weights[:, j:j + 1]
+                if need_w or need_h[j]:
+                    grad_times_head = (grad_blended.to(heads[j].dtype) @ heads[j]).float()
                 if need_w:
-                    grad_w[start:end, j] = torch.bmm(grad_blended[:, None, :], parts[j][:, :, None]).view(-1)
+                    grad_w[start:end, j] = (grad_times_head * hiddens[j][start:end].float()).sum(-1)
+                    if biases[j] is not None:
+                        grad_w[start:end, j] += grad_blended @ biases[j].float()
                 if need_h[j]:
-                    grad_h[j][start:end] = ((grad_blended.to(heads[j].dtype) @ heads[j]).float() * weight_j).to(
-                        hiddens[j].dtype)
+                    grad_h[j][start:end] = (grad_times_head * weight_j).to(hiddens[j].dtype)
                 if need_head[j]:
                     grad_head[j].addmm_(grad_blended.t(), hiddens[j][start:end].float() * weight_j)
                 if need_b[j]:
@@ -176,7 +180,7 @@ def fused_gated_cross_entropy(hidden_states: Sequence[torch.Tensor], head_weight
     hidden_states: N tensors [T, H_j]; head_weights: N tensors [V, H_j]; gate_weights [T, N] (any float
     dtype, used in fp32); labels [T] int (``ignore_index`` rows contribute nothing); head_biases: None
     or N tensors [V]. Works through the tokens in chunks of ``chunk_size`` (default: sized so the
-    fp32 scratch stays near 32 MiB); softmax/log-sum-exp in fp32. Returns a float32
+    fp32 scratch stays near 64 MiB whatever N and T); softmax/log-sum-exp in fp32. Returns a float32
     scalar equal to ``naive_gated_cross_entropy`` (mean over non-ignored tokens, or sum), with
     gradients for the gate weights, the hidden states, the head weights and biases. If every label
     is ignored, the mean is 0 (not NaN). The gradients are computed in forward (only for inputs that
