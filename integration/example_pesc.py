@@ -51,7 +51,8 @@ def main():
         out.loss.backward()
         optimizer.step()
         if step % 10 == 0 or step == 29:
-            print(f"step {step:2d}  loss {out.loss.item():.4f}  (load-balancing part {crafted_aux_loss(model).item():.4f})")
+            aux = crafted_aux_loss(model).item()
+            print(f"step {step:2d}  loss {out.loss.item():.4f}  (load-balancing part {aux:.4f})")
 
     # 3. save and load
     model.eval()

@@ -1,7 +1,7 @@
 """Self-MoE (MiXSE): compose PEFT LoRA adapters into routed LoRA experts with one shared router
 (tiny Llama, random weights; runs in seconds on a CPU).
 
-    python integration/example_self_moe.py [--backend reference|cpu|triton]
+    python integration/example_self_moe.py [--backend reference|cpu|triton]      (needs: pip install peft)
 
 1. make three LoRA "expert" adapters with PEFT (different ranks) and save them as adapter directories;
 2. compose them: every adapted linear becomes a LoRAMoE, one router shared by all layers;

@@ -147,7 +147,7 @@ def test_load_crafted_rejects_a_dense_checkpoint(tmp_path):
 
 
 def test_crafting_with_peft_lora_on_the_rest(tmp_path):
-    from peft import LoraConfig
+    LoraConfig = pytest.importorskip("peft").LoraConfig
     model = craft_sparsity(dense_model("llama"), num_experts=4, top_k=2, adapter_dim=8, backend="reference",
                            lora=LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
