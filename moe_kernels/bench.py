@@ -977,7 +977,8 @@ def format_notes(rows: list[dict]) -> str:
 
 
 def plot_suite(rows: list[dict], suite: str, path: str) -> bool:
-    """Bar chart: each provider's time relative to moe_kernels per case (log scale). False if no matplotlib."""
+    """One panel per shape: each provider's time relative to moe_kernels per (T, dtype, pass), log scale.
+    Returns False when matplotlib is missing or there is nothing to plot."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -987,32 +988,36 @@ def plot_suite(rows: list[dict], suite: str, path: str) -> bool:
     rows = [r for r in rows if r["suite"] == suite and r.get("ratio_vs_mk")]
     if not rows:
         return False
-    cases = []
-    for r in rows:
-        key = f"{r['shape']}\nT={r['tokens']} {r['dtype']} {r['pass']}"
-        if key not in cases:
-            cases.append(key)
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
     providers = sorted({r["provider"] for r in rows}, key=lambda p: (not p.startswith("mk:"), p))
+    colors = {p: f"C{i}" for i, p in enumerate(providers)}
     width = 0.8 / max(1, len(providers))
-    fig, ax = plt.subplots(figsize=(max(8, 0.9 * len(cases) + 2), 5))
-    for i, p in enumerate(providers):
-        xs, ys = [], []
-        for j, c in enumerate(cases):
-            r = next((r for r in rows if r["provider"] == p and
-                      f"{r['shape']}\nT={r['tokens']} {r['dtype']} {r['pass']}" == c), None)
-            if r:
-                xs.append(j + i * width)
-                ys.append(r["ratio_vs_mk"])
-        ax.bar(xs, ys, width, label=p)
-    ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_yscale("log")
-    ax.set_ylabel("time / moe_kernels time (higher = slower than moe_kernels)")
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
-    ax.set_xticklabels(cases, rotation=60, ha="right", fontsize=7)
-    ax.set_title(f"moe_kernels bench: {suite}")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    most_cases = max(len({(r["tokens"], r["dtype"], r["pass"]) for r in rows if r["shape"] == sh}) for sh in shapes)
+    fig, axes = plt.subplots(len(shapes), 1, squeeze=False,
+                             figsize=(min(28, max(8, 0.45 * most_cases * len(providers) / 3 + 3)), 3.2 * len(shapes)))
+    for ax, shape in zip(axes[:, 0], shapes):
+        shape_rows = [r for r in rows if r["shape"] == shape]
+        cases = list(dict.fromkeys((r["tokens"], r["dtype"], r["pass"]) for r in shape_rows))
+        for i, p in enumerate(providers):
+            xs, ys = [], []
+            for j, case in enumerate(cases):
+                r = next((r for r in shape_rows if r["provider"] == p and (r["tokens"], r["dtype"], r["pass"]) == case),
+                         None)
+                if r:
+                    xs.append(j + i * width)
+                    ys.append(r["ratio_vs_mk"])
+            ax.bar(xs, ys, width, label=p, color=colors[p])
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_title(f"{shape} (/{shape_rows[0]['scale']})" if shape_rows[0]["scale"] > 1 else shape, fontsize=9)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(cases))])
+        ax.set_xticklabels([f"T={t} {d} {p}" for t, d, p in cases], rotation=45, ha="right", fontsize=7)
+        ax.set_ylabel("time / moe_kernels", fontsize=8)
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="upper right", fontsize=7)
+    fig.suptitle(f"moe_kernels bench: {suite} (bars above 1: slower than moe_kernels)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 0.9, 0.97))
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
 
