@@ -1,4 +1,4 @@
-"""Self-MoE (MiXSE) on tiny Llama / Qwen2 models: N PEFT LoRA adapters composed into routed LoRA experts,
+"""Self-MoE (MiXSE) on tiny Llama / Mistral / Qwen2 / Qwen3 models: N PEFT LoRA adapters composed into routed LoRA experts,
 checked against PEFT itself (merged adapters), router-only training, generation, errors, backends."""
 
 import copy
@@ -10,7 +10,7 @@ if not torch.cuda.is_available():  # the triton backend runs in the interpreter 
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config  # noqa: E402
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
@@ -23,7 +23,8 @@ from moe_kernels.layers import LoRAMoE  # noqa: E402
 VOCAB = 80
 COMMON = dict(hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
               num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64, initializer_range=0.2)
-CONFIGS = {"llama": lambda: LlamaConfig(**COMMON), "qwen2": lambda: Qwen2Config(**COMMON)}
+CONFIGS = {"llama": lambda: LlamaConfig(**COMMON), "mistral": lambda: MistralConfig(**COMMON, sliding_window=None),
+           "qwen2": lambda: Qwen2Config(**COMMON), "qwen3": lambda: Qwen3Config(**COMMON, head_dim=8)}
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 # (rank, alpha, rsLoRA): different ranks and scalings per adapter
 ADAPTER_SPECS = [(4, 8, False), (2, 3, False), (8, 16, True)]
