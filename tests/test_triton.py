@@ -278,8 +278,9 @@ def test_compile_check_lists_every_kernel_with_full_signatures():
     specs = compile_check.collect_specs()
     modules = {spec[0] for spec in specs}
     assert modules == {"plan", "routing", "experts", "adapters"}
-    for module, kernel, signature, constexprs, options in specs:
+    for module, kernel, signature, constexprs, options, *divisible in specs:
         assert list(signature) == list(kernel.arg_names), kernel.__name__
+        assert all(signature[name] == "i32" for names in divisible for name in names), kernel.__name__
         assert all(signature[name] == "constexpr" for name in constexprs), kernel.__name__
         assert options["num_warps"] in (1, 2, 4, 8, 16)
 
