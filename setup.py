@@ -109,8 +109,9 @@ setup(
         "triton>=3.5; platform_system == 'Linux' and platform_machine == 'x86_64'",
     ],
     extras_require={
-        "hf": ["transformers>=5.0", "safetensors"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=5.0", "safetensors", "expecttest"],
+        "hf": ["transformers>=5.0", "safetensors", "peft"],
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=5.0", "safetensors", "peft", "expecttest",
+                 "matplotlib"],
         "bench": ["pytest-benchmark", "matplotlib", "transformers>=5.0"],
     },
     entry_points={"console_scripts": ["moe-kernels=moe_kernels.cli:main"]},

@@ -140,19 +140,25 @@ def cmd_demo(args) -> int:
     return 0 if agree else 1
 
 
-def cmd_bench(args) -> int:
+def cmd_bench(argv) -> int:
     from moe_kernels.bench import bench_main
-    return bench_main(args.rest)
+    return bench_main(argv)
 
 
-def cmd_craft(args) -> int:
+def cmd_craft(argv) -> int:
     from moe_kernels.hf.craft import craft_main
-    return craft_main(args.rest)
+    return craft_main(argv)
 
 
-def cmd_compile_check(args) -> int:
+def cmd_compile_check(argv) -> int:
     from moe_kernels.triton.compile_check import main
-    return main(args.rest)
+    return main(argv)
+
+
+# Sub-commands with parsers of their own: everything after the name is theirs (``--help`` included).
+DELEGATED = {"bench": (cmd_bench, "benchmark suites; see 'moe-kernels bench --help'"),
+             "craft": (cmd_craft, "PESC sparsity crafting; see 'moe-kernels craft --help'"),
+             "compile-check": (cmd_compile_check, "AOT-compile the Triton kernels; see 'moe-kernels compile-check --help'")}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -171,16 +177,15 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--top-k", type=int, default=2)
     demo.add_argument("--repeats", type=int, default=5)
     demo.set_defaults(fn=cmd_demo)
-    for name, fn, help_text in (("bench", cmd_bench, "benchmark suites; see 'moe-kernels bench --help'"),
-                                ("craft", cmd_craft, "PESC sparsity crafting; see 'moe-kernels craft --help'"),
-                                ("compile-check", cmd_compile_check, "AOT-compile the Triton kernels")):
-        p = sub.add_parser(name, help=help_text, add_help=False)
-        p.add_argument("rest", nargs=argparse.REMAINDER)
-        p.set_defaults(fn=fn)
+    for name, (_, help_text) in DELEGATED.items():
+        sub.add_parser(name, help=help_text, add_help=False)
     return parser
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in DELEGATED:
+        return DELEGATED[argv[0]][0](argv[1:])
     args = build_parser().parse_args(argv)
     return args.fn(args)
 

@@ -4,7 +4,7 @@
 ``ExpertsInterface``. The rest is imported on first use:
 
 * patching:   :func:`apply`, :func:`apply_to`, :func:`revert`, :func:`supported_model_types`
-* PESC:       :func:`craft_sparsity`, :func:`load_crafted`
+* PESC:       :func:`craft_sparsity`, :func:`load_crafted`, :func:`crafted_aux_loss`
 * Self-MoE:   :func:`compose_lora_experts`
 * CCoE:       :func:`couple_experts`
 * UltraFuser: :func:`fuse_specialists`
@@ -16,7 +16,7 @@ from . import experts as _experts  # noqa: F401  (registers the "moe_kernels" ex
 
 _LAZY = {
     "apply": ".patch", "apply_to": ".patch", "revert": ".patch", "supported_model_types": ".patch",
-    "craft_sparsity": ".craft", "load_crafted": ".craft",
+    "craft_sparsity": ".craft", "load_crafted": ".craft", "crafted_aux_loss": ".craft",
     "compose_lora_experts": ".self_moe",
     "couple_experts": ".couple",
     "fuse_specialists": ".fuse",
