@@ -6,9 +6,10 @@
 Data flow (slot s = t*k + j; the dispatch plan orders slots by expert, stably):
 
 * Rows are processed per expert segment of the plan in tiles of BLOCK_M sorted positions; a small
-  per-expert tile map (cumulative tile counts, computed on the device) tells each program its expert
-  and rows, so nothing waits on a host sync. Token rows are gathered by ``sorted_slots // k`` inside
-  the loads: no permuted copy of ``h`` (or of the incoming gradient) is ever made.
+  tile map computed on the device (cumulative tile counts per expert, and each tile's expert by
+  ``torch.searchsorted``) tells each program its expert and rows: no host sync, no E-sized registers.
+  Token rows are gathered by ``sorted_slots // k`` inside the loads: no permuted copy of ``h`` (or of
+  the incoming gradient) is ever made.
 * forward, *fused* path (whole padded rank in one tile, r <= 128): one program computes
   z = h_rows @ down_e^T over H, a = act(z) in registers, then sweeps the H output tiles with
   a @ up_e^T, scaling rows by scale * weight in the fp32 epilogue.
@@ -16,7 +17,7 @@ Data flow (slot s = t*k + j; the dispatch plan orders slots by expert, stably):
   a shrink kernel writes a = act(z) [N, r] (N = T*k, small), an expand kernel reads it over r tiles.
 * Output rows are written per slot in fp32 and summed per token in a fixed order by a combine
   kernel (deterministic, no atomics); with k = 1 the expand writes token rows directly.
-* backward recomputes z in the same H sweep that forms u = up_e^T dy_t (two dots per step, one read
+* backward (fused for padded rank 16, split beyond) recomputes z in the same H sweep that forms u = up_e^T dy_t (two dots per step, one read
   of the rows), so the forward saves nothing but its inputs and the plan:
       d(weights)_s = scale * <u_s, a_s>,   dz_s = scale * w_s * u_s * act'(z_s)
       d(h)_t      = sum_j down_e^T dz_s                 (expand of dz, then the combine)
@@ -305,7 +306,8 @@ def _adapter_expand_kernel(
     for r0 in range(0, R, BLOCK_R):
         r_offs = r0 + tl.arange(0, BLOCK_R)
         r_mask = r_offs < R
-        mid = tl.load(mid_ptr + mid_rows[:, None] + r_offs[None, :], mask=row_mask[:, None] & r_mask[None, :], other=0.0)
+        mid = tl.load(mid_ptr + mid_rows[:, None] + r_offs[None, :], mask=row_mask[:, None] & r_mask[None, :],
+                      other=0.0)
         w2 = tl.load(w2_e + r_offs[:, None] * stride_w2r + n_offs[None, :] * stride_w2n,
                      mask=r_mask[:, None] & n_mask[None, :], other=0.0)
         if UPCAST:
@@ -364,8 +366,10 @@ def _adapter_weight_grad_kernel(
             right_rows = (slots // top_k).to(tl.int64) * stride_right
         else:
             right_rows = positions.to(tl.int64) * stride_right
-        left = tl.load(left_ptr + left_rows[:, None] + p_offs[None, :], mask=row_mask[:, None] & p_mask[None, :], other=0.0)
-        right = tl.load(right_ptr + right_rows[:, None] + q_offs[None, :], mask=row_mask[:, None] & q_mask[None, :], other=0.0)
+        left = tl.load(left_ptr + left_rows[:, None] + p_offs[None, :], mask=row_mask[:, None] & p_mask[None, :],
+                       other=0.0)
+        right = tl.load(right_ptr + right_rows[:, None] + q_offs[None, :], mask=row_mask[:, None] & q_mask[None, :],
+                        other=0.0)
         if D_UP:
             routing = tl.load(weights_ptr + slots, mask=row_mask, other=0.0) * scale
             left = left.to(tl.float32) * routing[:, None]
@@ -534,7 +538,8 @@ def _launch_params(h, down, up, weights, expert_offsets, grad=None):
     # expert of each tile (E past the last one): a device-side search, no host sync
     tile_experts = torch.searchsorted(tile_ends, torch.arange(row_tiles, dtype=torch.int32, device=h.device),
                                       right=True).to(torch.int32)
-    return dict(T=T, H=H, E=E, R=R, k=k, N=N, config=config, tile_ends=tile_ends, tile_experts=tile_experts, row_tiles=row_tiles,
+    return dict(T=T, H=H, E=E, R=R, k=k, N=N, config=config, tile_ends=tile_ends, tile_experts=tile_experts,
+                row_tiles=row_tiles,
                 upcast=interp, precision=_dot_precision(h.dtype))
 
 
@@ -796,7 +801,8 @@ def _compile_specs():
                     for by_token in (False, True):
                         expand = {key: v for key, v in base.items() if key != "ACTIVATION"}
                         add(_adapter_expand_kernel,
-                            {"mid_ptr": mid, "w2_ptr": data, "weights_ptr": "*fp32", "tile_experts_ptr": "*i32", "tile_ends_ptr": "*i32",
+                            {"mid_ptr": mid, "w2_ptr": data, "weights_ptr": "*fp32", "tile_experts_ptr": "*i32",
+                             "tile_ends_ptr": "*i32",
                              "expert_offsets_ptr": "*i32", "sorted_slots_ptr": "*i32",
                              "out_ptr": data if by_token else "*fp32"},
                             dtype, dict(expand, BACKWARD=backward, OUT_BY_TOKEN=by_token,
