@@ -3,7 +3,7 @@ forward and backward are bitwise identical across runs, also under torch.use_det
 
 import pytest
 import torch
-from conftest import backends_for, make_ids
+from moe_testing import backends_for, make_ids
 
 import moe_kernels
 

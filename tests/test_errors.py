@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import backends_for
+from moe_testing import backends_for
 
 import moe_kernels
 from moe_kernels import BackendError

@@ -16,7 +16,7 @@ import moe_kernels  # noqa: E402
 from moe_kernels.layers import AdapterMoE, LoRAMoE  # noqa: E402
 from moe_kernels.layers.lora_moe import RoutingSlot, SelfMoERouter  # noqa: E402
 
-from conftest import REL_TOL, backends_for, rel_err  # noqa: E402
+from moe_testing import REL_TOL, backends_for, rel_err  # noqa: E402
 
 OTHER_BACKENDS = [b for b in backends_for("cpu") if b != "reference"]
 

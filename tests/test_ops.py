@@ -3,7 +3,7 @@ over the hard-case grid; and the oracle itself against Hugging Face's own eager 
 
 import pytest
 import torch
-from conftest import DTYPES, assert_close_rel, backends_for, make_ids
+from moe_testing import DTYPES, assert_close_rel, backends_for, make_ids
 
 import moe_kernels
 from moe_kernels import reference

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import REL_TOL, backends_for, rel_err
+from moe_testing import REL_TOL, backends_for, rel_err
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
