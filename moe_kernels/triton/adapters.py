@@ -432,16 +432,16 @@ class AdapterConfig:
 # keeps the [N, r] intermediate in registers). Block sizes are first guesses sized for sm_80/sm_90
 # (no GPU was available to tune them); every entry is AOT-compiled spill-free (see COMPILE_SPECS).
 ADAPTER_CONFIGS: dict[tuple[str, str], AdapterConfig] = {
-    ("r16", "decode"): AdapterConfig(False, 16, 128, 64, 16, 4, 3, 32, 64, 16),
+    ("r16", "decode"): AdapterConfig(False, 16, 128, 64, 16, 4, 2, 32, 64, 16),
     ("r16", "medium"): AdapterConfig(True, 64, 64, 64, 16, 4, 3, 64, 64, 16),
     ("r16", "large"): AdapterConfig(True, 128, 64, 64, 16, 4, 3, 64, 128, 16),
-    ("r64", "decode"): AdapterConfig(False, 16, 128, 64, 64, 4, 3, 32, 64, 64),
+    ("r64", "decode"): AdapterConfig(False, 16, 128, 64, 64, 4, 2, 32, 64, 64),
     ("r64", "medium"): AdapterConfig(False, 64, 64, 64, 64, 8, 3, 64, 64, 64),
     ("r64", "large"): AdapterConfig(True, 64, 64, 64, 64, 8, 3, 64, 64, 64),
-    ("r128", "decode"): AdapterConfig(False, 16, 128, 64, 64, 4, 3, 32, 64, 64),
+    ("r128", "decode"): AdapterConfig(False, 16, 128, 64, 64, 4, 2, 32, 64, 64),
     ("r128", "medium"): AdapterConfig(False, 64, 64, 64, 64, 8, 3, 64, 64, 64),
     ("r128", "large"): AdapterConfig(True, 64, 64, 64, 128, 8, 3, 64, 64, 64),
-    ("rbig", "decode"): AdapterConfig(False, 16, 128, 64, 64, 4, 3, 32, 64, 64),
+    ("rbig", "decode"): AdapterConfig(False, 16, 128, 64, 64, 4, 2, 32, 64, 64),
     ("rbig", "medium"): AdapterConfig(False, 64, 64, 128, 64, 8, 3, 64, 64, 64),
     ("rbig", "large"): AdapterConfig(False, 64, 64, 128, 64, 8, 3, 64, 64, 64),
 }
@@ -478,6 +478,8 @@ def shape_class(num_slots: int, rank: int) -> tuple[str, str]:
 # The fused backward holds two [BLOCK_M, BLOCK_R] fp32 accumulators (z and u) through the expand
 # sweep; beyond this rank tile it spills, so larger ranks take the split backward.
 FUSED_BACKWARD_MAX_RANK_TILE = 16
+# Likewise the split backward's shrink (z and u accumulators) tiles the rank by at most 64.
+SPLIT_BACKWARD_MAX_BLOCK_R = 64
 
 
 def for_dtype(config: AdapterConfig, dtype: torch.dtype) -> AdapterConfig:
@@ -604,7 +606,7 @@ def _backward_impl(grad, h, down, up, weights, expert_offsets, sorted_slots, act
             ACTIVATION=act, BACKWARD=True, OUT_BY_TOKEN=by_token, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n,
             BLOCK_R=_rank_tile(R), **common)
     else:
-        block_r = min(cfg.block_r, _rank_tile(R))
+        block_r = min(cfg.block_r, SPLIT_BACKWARD_MAX_BLOCK_R, _rank_tile(R))
         rank_tiles = triton.cdiv(R, block_r)
         partial = torch.empty((N, rank_tiles), dtype=torch.float32, device=h.device)
         _adapter_shrink_kernel[(p["row_tiles"], rank_tiles)](
@@ -794,10 +796,10 @@ def _compile_specs():
                             dtype, dict(base, BACKWARD=backward, OUT_BY_TOKEN=by_token, BLOCK_K=config.block_k,
                                         BLOCK_N=config.block_n, BLOCK_R=config.block_r), config)
                 else:
+                    block_r = min(config.block_r, SPLIT_BACKWARD_MAX_BLOCK_R) if backward else config.block_r
                     add(_adapter_shrink_kernel,
                         dict(routed, act_out_ptr=mid, dz_out_ptr=mid, dweights_partial_ptr="*fp32"),
-                        dtype, dict(base, BACKWARD=backward, BLOCK_K=config.block_k, BLOCK_R=config.block_r),
-                        config)
+                        dtype, dict(base, BACKWARD=backward, BLOCK_K=config.block_k, BLOCK_R=block_r), config)
                     for by_token in (False, True):
                         expand = {key: v for key, v in base.items() if key != "ACTIVATION"}
                         add(_adapter_expand_kernel,
@@ -806,7 +808,7 @@ def _compile_specs():
                              "expert_offsets_ptr": "*i32", "sorted_slots_ptr": "*i32",
                              "out_ptr": data if by_token else "*fp32"},
                             dtype, dict(expand, BACKWARD=backward, OUT_BY_TOKEN=by_token,
-                                        BLOCK_N=config.block_n, BLOCK_R=config.block_r), config)
+                                        BLOCK_N=config.block_n, BLOCK_R=block_r), config)
             wgrad_pointers = {"left_ptr": data, "right_ptr": data, "weights_ptr": "*fp32",
                               "expert_offsets_ptr": "*i32", "sorted_slots_ptr": "*i32", "out_ptr": data}
             wgrad = dict(BLOCK_M=config.wgrad_block_m, UPCAST=False, DOT_PRECISION=precision)
