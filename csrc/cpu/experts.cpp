@@ -60,39 +60,65 @@ std::vector<int64_t> read_offsets(const at::Tensor& expert_offsets, int64_t num_
   return out;
 }
 
-// Adds b1 to the pre-activation rows (stored back, so the backward recomputes from the same values)
-// and writes act [n, M2].
+// Element (r, c) of an expert's pre-activation block: pre[r * row_stride + c * col_stride]. The forward
+// keeps it transposed ([M1, n], row_stride 1, col_stride n: the first GEMM runs as w1[e] @ xs^T, which
+// MKL does faster for the few rows an expert gets); the backward's recompute keeps it as rows.
+struct Block {
+  int64_t row_stride, col_stride;
+};
+
+// Adds b1 to the pre-activation (stored back, so the backward recomputes from the same values) and
+// writes act [n, M2] row-major. Parallel over blocks of output columns; within a block, each column
+// reads its pre-activation columns contiguously along r in the transposed layout.
 template <typename scalar_t>
-void activation_forward(scalar_t* pre, int64_t n, int64_t M1, const float* b1, scalar_t* out, int64_t M2,
+void activation_forward(scalar_t* pre, Block layout, int64_t n, int64_t M2, const float* b1, scalar_t* out,
                         const ActivationSpec& spec) {
-  at::parallel_for(0, n, grain_rows(M1 * 8), [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      scalar_t* pre_row = pre + r * M1;
-      scalar_t* out_row = out + r * M2;
-      if (b1) {
-        for (int64_t i = 0; i < M1; ++i) pre_row[i] = static_cast<scalar_t>(static_cast<float>(pre_row[i]) + b1[i]);
-      }
+  constexpr int64_t kColumns = 16;
+  const int64_t rs = layout.row_stride, cs = layout.col_stride;
+  at::parallel_for(0, (M2 + kColumns - 1) / kColumns, std::max<int64_t>(1, 4096 / (n * kColumns)),
+                   [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin * kColumns; i < std::min(M2, end * kColumns); ++i) {
       if (spec.gated) {
-        for (int64_t i = 0; i < M2; ++i) {
-          const float gate = pre_row[gate_column(spec, i, M2)], up = pre_row[up_column(spec, i, M2)];
-          out_row[i] = static_cast<scalar_t>(act::gated_forward(spec.code, gate, up, spec.has_limit, spec.limit));
+        const int64_t gc = gate_column(spec, i, M2), uc = up_column(spec, i, M2);
+        const float gate_bias = b1 ? b1[gc] : 0.0f, up_bias = b1 ? b1[uc] : 0.0f;
+        scalar_t* gate = pre + gc * cs;
+        scalar_t* up = pre + uc * cs;
+        for (int64_t r = 0; r < n; ++r) {
+          float g = gate[r * rs], u = up[r * rs];
+          if (b1) {
+            g = static_cast<float>(static_cast<scalar_t>(g + gate_bias));
+            u = static_cast<float>(static_cast<scalar_t>(u + up_bias));
+            gate[r * rs] = static_cast<scalar_t>(g);
+            up[r * rs] = static_cast<scalar_t>(u);
+          }
+          out[r * M2 + i] = static_cast<scalar_t>(act::gated_forward(spec.code, g, u, spec.has_limit, spec.limit));
         }
       } else {
-        for (int64_t i = 0; i < M2; ++i) out_row[i] = static_cast<scalar_t>(act::forward(spec.code, pre_row[i]));
+        const float bias = b1 ? b1[i] : 0.0f;
+        scalar_t* col = pre + i * cs;
+        for (int64_t r = 0; r < n; ++r) {
+          float v = col[r * rs];
+          if (b1) {
+            v = static_cast<float>(static_cast<scalar_t>(v + bias));
+            col[r * rs] = static_cast<scalar_t>(v);
+          }
+          out[r * M2 + i] = static_cast<scalar_t>(act::forward(spec.code, v));
+        }
       }
     }
   });
 }
 
-// Rows p in [a, a+n) of one expert. In: pre [n, M1], u = grad_out_rows @ w2[e] ([n, M2], overwritten with
+// Rows p in [a, a+n) of one expert. In: pre (an [n, M1] block, see Block), u = grad_out_rows @ w2[e] ([n, M2], overwritten with
 // row_weight * act), g = grad_out rows [n, H]. Out: grad_pre [n, M1], grad_weight_sorted[a + r].
 template <typename scalar_t>
-void activation_backward(const scalar_t* pre, scalar_t* u, const scalar_t* g, const float* b2, int64_t n, int64_t M1,
+void activation_backward(const scalar_t* pre, Block layout, scalar_t* u, const scalar_t* g, const float* b2, int64_t n, int64_t M1,
                          int64_t M2, int64_t H, const float* row_weight, scalar_t* grad_pre, float* grad_weight_sorted,
                          float scale, const ActivationSpec& spec) {
   at::parallel_for(0, n, grain_rows(M1 * 8), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
-      const scalar_t* pre_row = pre + r * M1;
+      const scalar_t* pre_row = pre + r * layout.row_stride;
+      const int64_t cs = layout.col_stride;
       scalar_t* u_row = u + r * M2;
       scalar_t* gp_row = grad_pre + r * M1;
       const float w = row_weight[r];
@@ -102,7 +128,7 @@ void activation_backward(const scalar_t* pre, scalar_t* u, const scalar_t* g, co
           const int64_t gc = gate_column(spec, i, M2), uc = up_column(spec, i, M2);
           const float ui = u_row[i];
           float grad_gate, grad_up;
-          const float a = act::gated_backward(spec.code, pre_row[gc], pre_row[uc], spec.has_limit, spec.limit, w * ui,
+          const float a = act::gated_backward(spec.code, pre_row[gc * cs], pre_row[uc * cs], spec.has_limit, spec.limit, w * ui,
                                               &grad_gate, &grad_up);
           gp_row[gc] = static_cast<scalar_t>(grad_gate);
           gp_row[uc] = static_cast<scalar_t>(grad_up);
@@ -111,7 +137,7 @@ void activation_backward(const scalar_t* pre, scalar_t* u, const scalar_t* g, co
         }
       } else {
         for (int64_t i = 0; i < M2; ++i) {
-          const float x = pre_row[i], ui = u_row[i];
+          const float x = pre_row[i * cs], ui = u_row[i];
           const float a = act::forward(spec.code, x);
           gp_row[i] = static_cast<scalar_t>(w * ui * act::derivative(spec.code, x));
           dot += ui * a;
@@ -200,12 +226,13 @@ std::tuple<at::Tensor, at::Tensor> expert_mlp_forward(
     for (int64_t e = 0; e < s.E; ++e) {
       const int64_t a = off[e], n = off[e + 1] - off[e];
       if (n == 0) continue;
-      at::Tensor pre = hidden.narrow(0, keep_hidden ? a : 0, n);
+      // The expert's pre-activation, transposed: [M1, n] at flat offset a * M1 of `hidden`.
+      at::Tensor pre_t = hidden.view(-1).narrow(0, (keep_hidden ? a : 0) * s.M1, n * s.M1).view({s.M1, n});
       at::Tensor act_rows = act_buf.narrow(0, 0, n);
-      at::mm_out(pre, xs.narrow(0, a, n), w1[e].t());
-      activation_forward<scalar_t>(pre.data_ptr<scalar_t>(), n, s.M1,
+      at::mm_out(pre_t, w1[e], xs.narrow(0, a, n).t());
+      activation_forward<scalar_t>(pre_t.data_ptr<scalar_t>(), Block{1, n}, n, s.M2,
                                    b1f.defined() ? b1f.data_ptr<float>() + e * s.M1 : nullptr,
-                                   act_rows.data_ptr<scalar_t>(), s.M2, spec);
+                                   act_rows.data_ptr<scalar_t>(), spec);
       at::Tensor y_rows = ys.narrow(0, a, n);
       if (b2x.defined()) {
         at::addmm_out(y_rows, b2x[e], act_rows, w2[e].t());
@@ -270,17 +297,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       const at::Tensor xs_rows = xs.narrow(0, a, n);
       at::Tensor g = g_rows.narrow(0, a, n);
       at::Tensor pre;
-      if (hidden_kept) {
-        pre = hidden_c.narrow(0, a, n);
+      Block layout;
+      if (hidden_kept) {  // the forward's transposed block [M1, n]
+        pre = hidden_c.view(-1).narrow(0, a * s.M1, n * s.M1);
+        layout = Block{1, n};
       } else {
         pre = hidden_c.narrow(0, 0, n);
         at::mm_out(pre, xs_rows, w1[e].t());
         if (b1f.defined()) pre.add_(b1f[e].to(x.scalar_type()));
+        layout = Block{s.M1, 1};
       }
       at::Tensor u = u_buf.narrow(0, 0, n);
       at::Tensor grad_pre = grad_pre_buf.narrow(0, 0, n);
       at::mm_out(u, g, w2[e]);
-      activation_backward<scalar_t>(pre.data_ptr<scalar_t>(), u.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
+      activation_backward<scalar_t>(pre.data_ptr<scalar_t>(), layout, u.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
                                     b2f.defined() ? b2f.data_ptr<float>() + e * s.H : nullptr, n, s.M1, s.M2, s.H,
                                     row_weight.data() + a, grad_pre.data_ptr<scalar_t>(), grad_weight_sorted.data() + a,
                                     static_cast<float>(scale), spec);
@@ -314,7 +344,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
 TORCH_LIBRARY_FRAGMENT(moe_kernels, m) {
   // CPU-only ops of the expert path (see the file comment). w1 [E, M1, H], w2 [E, H, M2]; M1 = 2*M2 when gated.
-  // hidden: the pre-activation [T*k, M1] in expert order when keep_hidden, else empty [0, M1].
+  // hidden: the pre-activation in expert order when keep_hidden, else empty [0, M1]. Shape [T*k, M1],
+  // but each expert's rows [a, b) hold its block transposed: a [M1, b-a] matrix at flat offset a*M1.
   m.def("expert_mlp_forward(Tensor x, Tensor w1, Tensor w2, Tensor? b1, Tensor? b2, Tensor weights, "
         "Tensor expert_offsets, Tensor sorted_slots, Tensor slot_positions, str activation, bool gated, "
         "bool interleaved, float? limit, float scale, bool keep_hidden) -> (Tensor out, Tensor hidden)");
