@@ -16,7 +16,7 @@ import pytest  # noqa: E402
 
 triton = pytest.importorskip("triton")
 
-from conftest import REL_TOL, assert_close_rel, make_ids  # noqa: E402
+from moe_testing import REL_TOL, assert_close_rel, make_ids  # noqa: E402
 
 from moe_kernels import ops, reference  # noqa: E402
 from moe_kernels.triton import BACKEND, configs  # noqa: E402
@@ -233,6 +233,13 @@ def test_moe_mlp_activations_layouts_biases(activation, interleaved, bias, limit
 def test_moe_mlp_bf16_gpt_oss():
     inputs = _mlp_inputs(8, 32, 16, 4, 2, "random", dtype=torch.bfloat16, bias=True, transposed=True)
     _check_mlp(inputs, torch.bfloat16, "gpt_oss", True, 0.7)
+
+
+def test_moe_mlp_recompute_mode(monkeypatch):
+    # MOE_KERNELS_RECOMPUTE=1: forward keeps no pre-activation, backward re-runs the gate/up GEMM
+    monkeypatch.setenv("MOE_KERNELS_RECOMPUTE", "1")
+    inputs = _mlp_inputs(9, 24, 16, 4, 2, "skip_last", bias=True)
+    _check_mlp(inputs, torch.float32, "gpt_oss", True, 0.7)
 
 
 def test_moe_mlp_frozen_experts_and_no_grad():

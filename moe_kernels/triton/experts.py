@@ -13,7 +13,8 @@ forward
   down        ``_rows_matmul_kernel``: out[slot(p)] = w[slot] * (act[p] @ W_d[e]^T + b_d[e]), stored at
               the slot's row (a scatter, no atomics); y[t] = sum_j out[t*k + j] in fixed order (for
               k = 1 the slot rows *are* y).
-backward (nothing permuted is kept but ``pre``; the activation is recomputed from it)
+backward (nothing permuted is kept but ``pre``, and with MOE_KERNELS_RECOMPUTE=1 not even that: the
+          backward re-runs the gate/up GEMM; the activation is always recomputed from ``pre``)
   ``_down_backward_kernel``  G[p] = dy[token(p)] @ W_d[e] (transposed gather-GEMM); epilogue: d(weight)
               partials <act, G> (+ <b_d, dy>), and d pre = act'(pre) * w * G.
   ``_rows_matmul_kernel``    dx slot rows = d pre[p] @ W_gu[e], combined like the forward.
@@ -47,6 +48,12 @@ _SILU, _GELU, _GELU_TANH, _RELU, _GPT_OSS = (ACTIVATION_CODES[n] for n in ("silu
 
 def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def recompute_enabled() -> bool:
+    """MOE_KERNELS_RECOMPUTE=1: keep no [N, 2I] pre-activation for backward; recompute it there (one more
+    gate/up GEMM, saves 2*N*I elements of activation memory per layer)."""
+    return os.environ.get("MOE_KERNELS_RECOMPUTE", "0") not in ("", "0")
 
 
 def dot_precision(dtype: torch.dtype) -> str:
@@ -169,14 +176,14 @@ def _gate_up_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, st
                     stride_bn, sorted_slots_ptr, expert_offsets_ptr, tile_offsets_ptr, act_ptr, pre_ptr,
                     hidden, inter, num_experts, top_k, search_steps, limit,
                     ACTIVATION: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    HAS_LIMIT: tl.constexpr, SAVE_PRE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    HAS_LIMIT: tl.constexpr, STORE_ACT: tl.constexpr, SAVE_PRE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """First GEMM with the row gather fused into its loads and the gated activation into its epilogue.
 
     x_ptr:   [T, H] strides (stride_xt, stride_xh).  w_ptr: W_gu [E, 2I, H] strides (we, wn, wh), any
     layout (HF transposed views included).  bias_ptr: [E, 2I] strides (be, bn) if HAS_BIAS.
     sorted_slots_ptr [N] / expert_offsets_ptr [E+1] / tile_offsets_ptr [E+1]: the plan (int32).
-    act_ptr: [N, I] out, contiguous, x's dtype, sorted rows.  pre_ptr: [N, 2I] out (SAVE_PRE), contiguous,
+    act_ptr: [N, I] out (STORE_ACT), contiguous, x's dtype, sorted rows.  pre_ptr: [N, 2I] out (SAVE_PRE), contiguous,
     x's dtype, sorted rows, columns laid out like W_gu's rows.  limit: GPT-OSS clamp (HAS_LIMIT).
     Grid: (upper bound of tiles, cdiv(I, BLOCK_N)). ACTIVATION: code of reference.GATED_ACTIVATIONS.
     """
@@ -213,8 +220,9 @@ def _gate_up_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, st
             pre_row = pre_ptr + rows64 * (2 * inter)
             tl.store(pre_row + gate_rows[None, :], acc_gate.to(pre_ptr.dtype.element_ty), mask=out_mask)
             tl.store(pre_row + up_rows[None, :], acc_up.to(pre_ptr.dtype.element_ty), mask=out_mask)
-        act = _activation_forward(acc_gate, acc_up, limit, ACTIVATION, HAS_LIMIT)
-        tl.store(act_ptr + rows64 * inter + cols[None, :], act.to(act_ptr.dtype.element_ty), mask=out_mask)
+        if STORE_ACT:
+            act = _activation_forward(acc_gate, acc_up, limit, ACTIVATION, HAS_LIMIT)
+            tl.store(act_ptr + rows64 * inter + cols[None, :], act.to(act_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -422,6 +430,26 @@ def _weight_strides(w: Optional[torch.Tensor], fallback: torch.Tensor):
     return (w, w.stride(0), w.stride(1)) if w is not None else (fallback, 0, 0)
 
 
+def _gate_up(x, gate_up_proj, gate_up_bias, top_k, expert_offsets, sorted_slots, tiles, cfg, activation, interleaved,
+             swiglu_limit, store_act, save_pre):
+    """Launch ``_gate_up_kernel``: returns (act [N, I] or empty, pre [N, 2I] or empty)."""
+    num_rows = sorted_slots.numel()
+    num_experts, two_inter, hidden = gate_up_proj.shape
+    inter = two_inter // 2
+    act = torch.empty((num_rows if store_act else 0, inter), dtype=x.dtype, device=x.device)
+    pre = torch.empty((num_rows if save_pre else 0, two_inter), dtype=x.dtype, device=x.device)
+    bias, stride_be, stride_bn = _weight_strides(gate_up_bias, x)
+    _gate_up_kernel[(max_tiles(num_rows, num_experts, cfg["BLOCK_M"]), triton.cdiv(inter, cfg["BLOCK_N"]))](
+        x, x.stride(0), x.stride(1), gate_up_proj, *gate_up_proj.stride(), bias, stride_be, stride_bn,
+        sorted_slots, expert_offsets, tiles, act if store_act else pre, pre if save_pre else act,
+        hidden, inter, num_experts, top_k, num_experts.bit_length(), float(swiglu_limit or 0.0),
+        ACTIVATION=ACTIVATION_CODES[activation], INTERLEAVED=interleaved, HAS_BIAS=gate_up_bias is not None,
+        HAS_LIMIT=swiglu_limit is not None, STORE_ACT=store_act, SAVE_PRE=save_pre, UPCAST=interpreting(),
+        DOT_PRECISION=dot_precision(x.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    return act, pre
+
+
 def _forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, interleaved,
              swiglu_limit, save_pre):
     num_tokens, hidden = x.shape
@@ -434,19 +462,10 @@ def _forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias,
     upcast = interpreting()
     precision = dot_precision(x.dtype)
     steps = num_experts.bit_length()
-    tiles_up = tile_offsets(plan.expert_offsets, cfg["up"]["BLOCK_M"])
-    act = torch.empty((num_rows, inter), dtype=x.dtype, device=x.device)
-    pre = torch.empty((num_rows if save_pre else 0, two_inter), dtype=x.dtype, device=x.device)
-    bias, stride_be, stride_bn = _weight_strides(gate_up_bias, x)
     up = cfg["up"]
-    _gate_up_kernel[(max_tiles(num_rows, num_experts, up["BLOCK_M"]), triton.cdiv(inter, up["BLOCK_N"]))](
-        x, x.stride(0), x.stride(1), gate_up_proj, *gate_up_proj.stride(), bias, stride_be, stride_bn,
-        plan.sorted_slots, plan.expert_offsets, tiles_up, act, pre if save_pre else act,
-        hidden, inter, num_experts, top_k, steps, float(swiglu_limit or 0.0),
-        ACTIVATION=ACTIVATION_CODES[activation], INTERLEAVED=interleaved, HAS_BIAS=gate_up_bias is not None,
-        HAS_LIMIT=swiglu_limit is not None, SAVE_PRE=save_pre, UPCAST=upcast, DOT_PRECISION=precision,
-        BLOCK_M=up["BLOCK_M"], BLOCK_N=up["BLOCK_N"], BLOCK_K=up["BLOCK_K"],
-        num_warps=up["num_warps"], num_stages=up["num_stages"])
+    tiles_up = tile_offsets(plan.expert_offsets, up["BLOCK_M"])
+    act, pre = _gate_up(x, gate_up_proj, gate_up_bias, top_k, plan.expert_offsets, plan.sorted_slots, tiles_up, up,
+                        activation, interleaved, swiglu_limit, store_act=True, save_pre=save_pre)
     down = cfg["down"]
     tiles_down = tiles_up if down["BLOCK_M"] == up["BLOCK_M"] else tile_offsets(plan.expert_offsets, down["BLOCK_M"])
     slot_rows = torch.empty((num_rows, hidden), dtype=_slot_dtype(x.dtype, top_k), device=x.device)
@@ -598,9 +617,12 @@ def _mlp_setup_context(ctx, inputs, output):
 
 def _mlp_backward(ctx, grad_y, _grad_pre, _grad_offsets, _grad_slots):
     x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, pre, expert_offsets, sorted_slots = ctx.saved_tensors
-    if pre.shape[0] != ids.numel():
-        raise RuntimeError("moe_mlp (triton): backward called on a forward run without save_pre=True")
     activation, interleaved, swiglu_limit = ctx.options
+    if pre.shape[0] != ids.numel():  # recompute mode: one more gate/up GEMM instead of keeping [N, 2I]
+        cfg = mlp_config(ids.numel(), gate_up_proj.shape[0], ids.shape[1], fp32=x.dtype == torch.float32)["up"]
+        _, pre = _gate_up(x, gate_up_proj, gate_up_bias, ids.shape[1], expert_offsets, sorted_slots,
+                          tile_offsets(expert_offsets, cfg["BLOCK_M"]), cfg, activation, interleaved, swiglu_limit,
+                          store_act=False, save_pre=True)
     needs = ctx.needs_input_grad
     need_params = any(needs[i] for i in (1, 2, 5, 6))
     grads = moe_mlp_backward_op(grad_y.contiguous(), x, gate_up_proj, down_proj, weights, ids, gate_up_bias,
@@ -618,7 +640,7 @@ moe_mlp_forward_op.register_autograd(_mlp_backward, setup_context=_mlp_setup_con
 def moe_mlp(x, gate_up_proj, down_proj, weights, ids, activation="silu", gate_up_bias=None, down_bias=None,
             interleaved=False, swiglu_limit=None):
     """Backend entry point (arguments validated by :func:`moe_kernels.ops.moe_mlp`): y [T, H] in x's dtype."""
-    save_pre = torch.is_grad_enabled() and any(
+    save_pre = not recompute_enabled() and torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, gate_up_proj, down_proj, weights, gate_up_bias, down_bias))
     limit = None if swiglu_limit is None else float(swiglu_limit)
     return moe_mlp_forward_op(x, gate_up_proj, down_proj, weights, ids.to(torch.int32).contiguous(), gate_up_bias,
@@ -684,7 +706,7 @@ def _compile_specs():
             gemm = lambda cfg: {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"]}
             for activation, interleaved, bias, limit in _COMPILE_VARIANTS:
                 act = {"ACTIVATION": ACTIVATION_CODES[activation], "INTERLEAVED": interleaved, "HAS_LIMIT": limit}
-                add(_gate_up_kernel, entry["up"], dict(act, HAS_BIAS=bias, SAVE_PRE=True, **gemm(entry["up"])),
+                add(_gate_up_kernel, entry["up"], dict(act, HAS_BIAS=bias, STORE_ACT=True, SAVE_PRE=True, **gemm(entry["up"])),
                     "gate_up")
                 add(_down_backward_kernel, entry["down_bwd"], dict(act, HAS_BIAS=bias, **gemm(entry["down_bwd"])),
                     "down_bwd")
