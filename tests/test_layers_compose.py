@@ -4,7 +4,7 @@ cross-entropy against its naive form, the domain-balanced batch sampler, and the
 
 import pytest
 import torch
-from conftest import DTYPES, assert_close_rel, backends_for
+from moe_testing import DTYPES, assert_close_rel, backends_for
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from moe_kernels.layers import CoELayer
