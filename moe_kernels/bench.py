@@ -213,16 +213,25 @@ def _sync(device: torch.device) -> None:
 
 
 def measure(run: Callable, setup: Callable | None = None, *, device: torch.device = torch.device("cpu"),
-            min_repeats: int = 3, max_repeats: int = 30, budget_s: float = 0.5, warmup: int = 1) -> Timing:
+            min_repeats: int = 3, max_repeats: int = 30, budget_s: float = 0.5, warmup: int = 1,
+            slow_s: float | None = None) -> Timing:
     """Time ``run(setup())`` (setup untimed) until ``min_repeats`` and the time budget are both met.
 
-    A provider whose warm-up alone exceeds the budget gets at most 3 timed runs (slow loops would
-    otherwise dominate the run time without making its median any more useful)."""
+    A provider whose warm-up alone exceeds the budget gets at most 3 timed runs, and one whose warm-up
+    exceeds ``slow_s`` is timed by that single call (Timing.repeats == 1): the loop-over-experts
+    references are 10-50x slower than the rest and would otherwise dominate the run time without their
+    ratio getting any more useful."""
     for _ in range(warmup):
-        start = time.perf_counter()
-        run(setup() if setup else None)
+        arg = setup() if setup else None
         _sync(device)
-        if time.perf_counter() - start > budget_s:
+        start = time.perf_counter()
+        run(arg)
+        _sync(device)
+        elapsed = time.perf_counter() - start
+        if slow_s is not None and elapsed > slow_s:
+            ms = elapsed * 1e3
+            return Timing(ms, ms, ms, 1)
+        if elapsed > budget_s:
             min_repeats = min(min_repeats, 3)
     times = []
     spent = 0.0
@@ -803,6 +812,8 @@ def run_case(case: Case, passes, timing_kwargs: dict, device: torch.device, memo
                 rows.append(row)
                 continue
             row.update(median_ms=timing.median_ms, q1_ms=timing.q1_ms, q3_ms=timing.q3_ms, repeats=timing.repeats)
+            if timing.repeats == 1 < timing_kwargs.get("min_repeats", 1):
+                row["note"] = "; ".join(filter(None, (row["note"], "slow: timed once")))
             if ref_out is not None and name in outputs and name not in case.not_comparable:
                 row["max_abs_err"] = float((outputs[name] - ref_out).abs().max())
             rows.append(row)
@@ -1085,7 +1096,8 @@ def run_benchmarks(args) -> tuple[list[dict], dict]:
     if args.repeats is not None:
         min_repeats = args.repeats
     timing_kwargs = {"min_repeats": min_repeats, "max_repeats": max(min_repeats, max_repeats),
-                     "budget_s": budget if args.budget is None else args.budget}
+                     "budget_s": budget if args.budget is None else args.budget,
+                     "slow_s": 2.0 if args.quick else 30.0}
     on_cpu = device.type == "cpu"
     bandwidth = measure_copy_bandwidth(args.bandwidth_mb * 2**20) if on_cpu else None
     info["bandwidth_gbs"] = bandwidth / 1e9 if bandwidth else None
