@@ -107,8 +107,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     print(f"gated CE forward+backward, V={args.vocab}, H={args.hidden}, fp32, "
           f"{os.environ.get('BENCH_THREADS', '2')} threads, CPU")
-    header = (f"{'N':>2} {'T':>6} {'impl':>12} {'wall ms':>9} {'cpu ms':>9} {'peak extra MiB':>15} {'[T,V] fp32 MiB':>15} "
-              f"{'head grads MiB':>15}")
+    header = (f"{'N':>2} {'T':>6} {'impl':>12} {'wall ms':>9} {'cpu ms':>9} {'peak extra MiB':>15} "
+              f"{'[T,V] fp32 MiB':>15} {'head grads MiB':>15}")
     print(header)
     print("-" * len(header))
     for n in args.specialists:

@@ -35,7 +35,8 @@ def tiny_model(family: str, depth: int, seed: int, **overrides):
 
 
 def specialists(families):
-    return {name: tiny_model(family, depth=2 + i % 2, seed=i + 1) for i, (name, family) in enumerate(zip(NAMES, families))}
+    return {name: tiny_model(family, depth=2 + i % 2, seed=i + 1)
+            for i, (name, family) in enumerate(zip(NAMES, families))}
 
 
 def padded_batch(lengths, seed=0):

@@ -19,7 +19,8 @@ def _gated_ce_inputs(num_tokens, vocab, hidden, num_specialists, bias, ignored, 
     hiddens = [torch.randn(num_tokens, hidden, generator=g).to(dtype).requires_grad_() for _ in range(num_specialists)]
     heads = [(torch.randn(vocab, hidden, generator=g) / hidden ** 0.5).to(dtype).requires_grad_()
              for _ in range(num_specialists)]
-    biases = [torch.randn(vocab, generator=g).to(dtype).requires_grad_() for _ in range(num_specialists)] if bias else None
+    biases = ([torch.randn(vocab, generator=g).to(dtype).requires_grad_() for _ in range(num_specialists)]
+              if bias else None)
     gate = torch.softmax(torch.randn(num_tokens, num_specialists, generator=g), -1).requires_grad_()
     labels = torch.randint(0, vocab, (num_tokens,), generator=g)
     if ignored == "some":
@@ -179,8 +180,8 @@ def test_coe_layer_errors():
         layer(hidden, torch.tensor([0, 1, 2]), None, positions, rotary(hidden, positions))
     with pytest.raises(ValueError, match="already attached"):
         layer.add_branch("a", layer.branches["b"])
-    other_vocab = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_attention_heads=2,
-                                               num_key_value_heads=1, num_hidden_layers=2))
+    other_vocab = LlamaForCausalLM(LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24,
+                                               num_attention_heads=2, num_key_value_heads=1, num_hidden_layers=2))
     with pytest.raises(ValueError, match="vocabulary"):
         layer.add_branch("d", ExpertBranch(other_vocab.model.layers[1:], other_vocab.model.norm, other_vocab.lm_head,
                                            other_vocab.config, 1))

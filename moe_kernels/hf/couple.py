@@ -39,7 +39,7 @@ class CoupledCausalLMOutput(ModelOutput):
     """Output of :class:`CoupledExperts`: the causal-LM fields plus the routing.
 
     logits [B, L, V]; loss (scalar, when labels were given); past_key_values (:class:`CoECache`);
-    expert_ids [B] int64 (index into expert_names_attached); expert_names: the chosen expert per sequence.
+    expert_ids [B] int64 (index into the model's expert_names); expert_names: the chosen expert per sequence.
     """
 
     loss: torch.Tensor | None = None
@@ -294,7 +294,8 @@ class CoupledExperts(nn.Module):
         coupled = _unique_param_bytes(self, self._base["norm"], self._base["head"])
         separate = sum(self._separate_bytes.values())
         return {"experts": len(self._separate_bytes), "separate_bytes": separate, "coupled_bytes": coupled,
-                "saved_bytes": separate - coupled, "saved_fraction": (separate - coupled) / separate if separate else 0.0}
+                "saved_bytes": separate - coupled,
+                "saved_fraction": (separate - coupled) / separate if separate else 0.0}
 
     # ----- forward -----
     @property

@@ -228,8 +228,9 @@ def decode_with_cache(model: Callable, input_ids: torch.Tensor, attention_mask: 
     return an object with ``.logits`` [B, L, V] and ``.past_key_values``. The prompt runs once
     (``prefill_kwargs`` go to that call only), then one token per step. Position ids follow the
     attention mask like transformers' ``generate`` (left padding works). Sequences that emitted
-    ``eos_token_id`` (an id or a list of ids) continue with ``pad_token_id`` (default: the first eos). Returns (sequences [B, L + n] int64,
-    prefill output), n <= max_new_tokens (stops early once every sequence has finished).
+    ``eos_token_id`` (an id or a list of ids) continue with ``pad_token_id`` (default: the first eos).
+    Returns (sequences [B, L + n] int64, prefill output), n <= max_new_tokens (it stops early once every
+    sequence has finished).
     """
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be [B, L], got shape {tuple(input_ids.shape)}")

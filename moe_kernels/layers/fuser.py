@@ -68,7 +68,8 @@ class _FusedGatedCrossEntropy(torch.autograd.Function):
         grad_h = [torch.empty_like(hiddens[j]) if need_h[j] else None for j in range(n)]
         grad_head = [torch.zeros(heads[j].shape, dtype=torch.float32, device=heads[j].device) if need_head[j] else None
                      for j in range(n)]
-        grad_b = [torch.zeros(vocab, dtype=torch.float32, device=labels.device) if need_b[j] else None for j in range(n)]
+        grad_b = [torch.zeros(vocab, dtype=torch.float32, device=labels.device) if need_b[j] else None
+                  for j in range(n)]
 
         for start in range(0, num_tokens, chunk):
             end = min(num_tokens, start + chunk)
@@ -272,8 +273,9 @@ class TokenFuser(nn.Module):
         vocab, hidden = heads[0].out_features, heads[0].in_features
         for j, head in enumerate(heads[1:], start=1):
             if head.out_features != vocab:
-                raise ValueError(f"specialist {j} has vocabulary size {head.out_features} but specialist 0 has {vocab}; "
-                                 "fusion needs one shared vocabulary (different tokenizers are not supported)")
+                raise ValueError(f"specialist {j} has vocabulary size {head.out_features} but specialist 0 has "
+                                 f"{vocab}; fusion needs one shared vocabulary (different tokenizers are not "
+                                 "supported)")
             if head.in_features != hidden:
                 raise ValueError(f"specialist {j} has hidden size {head.in_features} but specialist 0 has {hidden}; "
                                  "the shared gate needs one hidden size")
@@ -303,8 +305,8 @@ class TokenFuser(nn.Module):
     def _heads(self) -> list[nn.Linear]:
         return [m.get_output_embeddings() for m in self.specialists]
 
-    def specialist_hidden_states(self, input_ids, attention_mask=None, position_ids=None, cache: FuserCache | None = None,
-                                 use_cache: bool = False) -> list[torch.Tensor]:
+    def specialist_hidden_states(self, input_ids, attention_mask=None, position_ids=None,
+                                 cache: FuserCache | None = None, use_cache: bool = False) -> list[torch.Tensor]:
         """Each specialist's last hidden state (after its final norm) [B, L, H]."""
         outputs = []
         for j, model in enumerate(self.specialists):
