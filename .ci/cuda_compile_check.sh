@@ -132,28 +132,30 @@ for candidate in "$CUDA_HOME/bin/cuobjdump" "$(command -v cuobjdump || true)" "$
   if [ -n "$candidate" ] && [ -x "$candidate" ]; then cuobjdump=$candidate; break; fi
 done
 if [ -n "$cuobjdump" ]; then
-  "$cuobjdump" --dump-resource-usage "$so_path" 2> /dev/null | "$venv/bin/python" -c '
-import re, subprocess, sys
-arch = "?"
-rows = []
-for line in sys.stdin:
-    m = re.search(r"arch = (sm_\d+)", line)
-    if m:
+  "$venv/bin/python" - "$cuobjdump" "$so_path" << 'EOF' || log "could not read the resource usage"
+import re
+import subprocess
+import sys
+
+cuobjdump, so_path = sys.argv[1], sys.argv[2]
+dump = subprocess.run([cuobjdump, "--dump-resource-usage", so_path], capture_output=True, text=True, check=True).stdout
+rows, arch, name = [], "?", "?"
+for line in dump.splitlines():
+    if m := re.search(r"arch = (sm_\d+)", line):
         arch = m.group(1)
-    m = re.search(r"Function (\S+):", line)
-    if m:
+    elif m := re.search(r"Function (\S+):", line):
         name = m.group(1)
-        continue
-    m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line)
-    if m:
+    elif m := re.search(r"REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)", line):
         rows.append((arch, name, *map(int, m.groups())))
-names = subprocess.run(["c++filt"], input="\n".join(r[1] for r in rows), capture_output=True, text=True).stdout.split("\n")
-print(f"{\"arch\":6s} {\"REG\":>4s} {\"STACK\":>5s} {\"SHARED\":>6s} {\"LOCAL\":>5s}  kernel")
-for row, pretty in sorted(zip(rows, names), key=lambda r: (r[0][0], r[1])):
-    pretty = re.sub(r"moe_kernels::cuda::\(anonymous namespace\)::", "", pretty)
-    pretty = re.sub(r"c10::(Half|BFloat16)", r"\1", pretty)
-    print(f"{row[0]:6s} {row[2]:4d} {row[3]:5d} {row[4]:6d} {row[5]:5d}  {pretty[:110]}")
-' || log "could not parse cuobjdump output"
+pretty = subprocess.run(["c++filt"], input="\n".join(r[1] for r in rows), capture_output=True, text=True).stdout
+pretty = pretty.split("\n") if pretty else [r[1] for r in rows]
+print("arch    REG STACK SHARED LOCAL  kernel (LOCAL > 0 would mean register spills)")
+for row, kernel in sorted(zip(rows, pretty), key=lambda item: (item[0][0], item[1])):
+    kernel = re.sub(r"moe_kernels::cuda::\(anonymous namespace\)::|c10::|moe_kernels::routing::", "", kernel)
+    print(f"{row[0]:6s} {row[2]:4d} {row[3]:5d} {row[4]:6d} {row[5]:5d}  {kernel[:100]}")
+spilled = [r for r in rows if r[5] > 0]
+print(f"{len(rows)} kernels, {len(spilled)} with local memory (spills)")
+EOF
 else
   log "cuobjdump not found: skipping the resource table"
 fi
