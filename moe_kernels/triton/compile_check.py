@@ -146,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         env = dict(os.environ)
         env.pop("TRITON_INTERPRET")
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
         return subprocess.call([sys.executable, "-m", __name__, *(argv if argv is not None else sys.argv[1:])], env=env)
     try:
         all_specs = collect_specs()
