@@ -91,6 +91,7 @@ log "built $so_path in ${build_seconds}s ($warnings warning lines in the log)"
 # ---- 3. every op has a CUDA kernel -------------------------------------------------------------------------
 phase=$(date +%s)
 "$venv/bin/python" - "$so_path" "$archs" << 'EOF' || fail "op registration check failed"
+import ast
 import importlib.util
 import sys
 
@@ -102,8 +103,14 @@ spec = importlib.util.spec_from_file_location("moe_kernels._C", so_path)
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 
-# Ops documented as CPU-only (csrc/cpu/experts.cpp: on GPUs the triton backend runs the expert path).
-CPU_ONLY = {"moe_kernels::expert_mlp_forward", "moe_kernels::expert_mlp_backward"}
+# Ops that are CPU-only by design, as moe_kernels/native.py declares them (CPU_ONLY_OPS; read, not imported,
+# so the check needs nothing but torch).
+tree = ast.parse(open("moe_kernels/native.py").read())
+declared = [node.value for node in tree.body if isinstance(node, ast.Assign)
+            and any(getattr(target, "id", None) == "CPU_ONLY_OPS" for target in node.targets)]
+if not declared:
+    sys.exit("moe_kernels/native.py declares no CPU_ONLY_OPS")
+CPU_ONLY = {f"moe_kernels::{name}" for name in ast.literal_eval(declared[0])}
 names = sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith("moe_kernels::"))
 if not names:
     sys.exit("no moe_kernels::* op schemas are registered")
