@@ -43,7 +43,9 @@ from .configs import entries, mlp_config
 from .plan import dispatch_plan
 
 ACTIVATION_CODES = {name: code for code, name in enumerate(GATED_ACTIVATIONS)}
-_SILU, _GELU, _GELU_TANH, _RELU, _GPT_OSS = (ACTIVATION_CODES[n] for n in ("silu", "gelu", "gelu_tanh", "relu", "gpt_oss"))
+# the kernels branch on these codes
+assert ACTIVATION_CODES == {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "gpt_oss": 4}, ACTIVATION_CODES
+_ALPHA = tl.constexpr(GPT_OSS_ALPHA)
 
 
 def interpreting() -> bool:
@@ -110,7 +112,7 @@ def _activation_forward(gate, up, limit, ACTIVATION: tl.constexpr, HAS_LIMIT: tl
         if HAS_LIMIT:
             gate = tl.minimum(gate, limit)
             up = tl.minimum(tl.maximum(up, -limit), limit)
-        return (up + 1.0) * (gate * _sigmoid(gate * 1.702))
+        return (up + 1.0) * (gate * _sigmoid(gate * _ALPHA))
     if ACTIVATION == 0:  # silu
         act = gate * _sigmoid(gate)
     elif ACTIVATION == 1:  # gelu (erf)
@@ -132,9 +134,9 @@ def _activation_backward(gate, up, grad, limit, ACTIVATION: tl.constexpr, HAS_LI
             up_pass = (up >= -limit) & (up <= limit)
             gate = tl.minimum(gate, limit)
             up = tl.minimum(tl.maximum(up, -limit), limit)
-        s = _sigmoid(gate * 1.702)
+        s = _sigmoid(gate * _ALPHA)
         glu = gate * s
-        d_gate = grad * (up + 1.0) * (s + 1.702 * glu * (1.0 - s))
+        d_gate = grad * (up + 1.0) * (s + _ALPHA * glu * (1.0 - s))
         d_up = grad * glu
         if HAS_LIMIT:
             d_gate = tl.where(gate_pass, d_gate, 0.0)
@@ -176,7 +178,8 @@ def _gate_up_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, st
                     stride_bn, sorted_slots_ptr, expert_offsets_ptr, tile_offsets_ptr, act_ptr, pre_ptr,
                     hidden, inter, num_experts, top_k, search_steps, limit,
                     ACTIVATION: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                    HAS_LIMIT: tl.constexpr, STORE_ACT: tl.constexpr, SAVE_PRE: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    HAS_LIMIT: tl.constexpr, STORE_ACT: tl.constexpr, SAVE_PRE: tl.constexpr,
+                    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """First GEMM with the row gather fused into its loads and the gated activation into its epilogue.
 
@@ -229,7 +232,8 @@ def _gate_up_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, st
 def _rows_matmul_kernel(in_ptr, w_ptr, stride_we, stride_wc, stride_wj, bias_ptr, stride_be, stride_bj,
                         route_w_ptr, sorted_slots_ptr, expert_offsets_ptr, tile_offsets_ptr, out_ptr,
                         reduce_dim, out_dim, num_experts, search_steps,
-                        HAS_BIAS: tl.constexpr, HAS_ROUTE_W: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        HAS_BIAS: tl.constexpr, HAS_ROUTE_W: tl.constexpr,
+                        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Sorted rows times their expert's matrix, scattered to slot rows:
     out[slot(p), j] = route_w[slot(p)] * (sum_c in[p, c] * W[e, c, j] + bias[e, j]).
@@ -332,7 +336,8 @@ def _expert_outer_kernel(lhs_ptr, stride_lt, stride_lc, rhs_ptr, stride_rt, stri
                          bias_grad_ptr, stride_bge, lhs_dim, rhs_dim, inter, top_k, limit,
                          LHS_BY_TOKEN: tl.constexpr, LHS_WEIGHTED: tl.constexpr, RHS_BY_TOKEN: tl.constexpr,
                          RHS_GATED: tl.constexpr, ACTIVATION: tl.constexpr, INTERLEAVED: tl.constexpr,
-                         HAS_LIMIT: tl.constexpr, BIAS_GRAD: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         HAS_LIMIT: tl.constexpr, BIAS_GRAD: tl.constexpr,
+                         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                          BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr):
     """Per-expert grouped GEMM over the expert's run of sorted rows (the weight gradients):
     out[e, i, j] = sum_{p in rows of e} L[p, i] * R[p, j];  bias_grad[e, i] = sum_p L[p, i].
