@@ -27,18 +27,25 @@ def _read_version():
     raise RuntimeError("no __version__ in moe_kernels/__init__.py")
 
 
+def _is_toolkit(root):
+    """A CUDA toolkit root: bin/nvcc and the headers (an `nvcc` wrapper script in /usr/local/bin would
+    otherwise make /usr/local look like one, and the link then fails to find -lcudart)."""
+    return bool(root) and os.path.exists(os.path.join(root, "bin", "nvcc")) and \
+        os.path.exists(os.path.join(root, "include", "cuda_runtime.h"))
+
+
 def _find_cuda_home():
     """The toolkit root holding bin/nvcc (torch's own detection can pick a folder without it)."""
     for candidate in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")):
-        if candidate and os.path.exists(os.path.join(candidate, "bin", "nvcc")):
+        if _is_toolkit(candidate):
             return candidate
     nvcc = shutil.which("nvcc")
     if nvcc:
         root = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-        if os.path.exists(os.path.join(root, "bin", "nvcc")):
+        if _is_toolkit(root):
             return root
     for root in sorted(glob.glob("/usr/local/cuda*"), reverse=True):
-        if os.path.exists(os.path.join(root, "bin", "nvcc")):
+        if _is_toolkit(root):
             return root
     return None
 
@@ -82,7 +89,9 @@ def _extensions():
     site = sysconfig.get_paths()["purelib"]
     include_dirs += [d for d in glob.glob(os.path.join(site, "nvidia", "*", "include")) if os.path.isdir(d)]
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
-    nvcc_flags = ["-O3", "-DNDEBUG", "--use_fast_math", "-lineinfo", "-std=c++17"]
+    # No -std flag: torch's BuildExtension passes the standard its headers need (C++20 for torch >= 2.14).
+    # No --use_fast_math: the routing kernels' expf/division must round like the CPU's and torch's.
+    nvcc_flags = ["-O3", "-DNDEBUG", "-lineinfo"]
     return [cpp_extension.CUDAExtension("moe_kernels._C", cpp_sources + cuda_sources, include_dirs=include_dirs,
                                         define_macros=[("MOE_KERNELS_WITH_CUDA", "1")],
                                         extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
