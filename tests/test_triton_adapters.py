@@ -14,7 +14,7 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
-from conftest import DTYPES, assert_close_rel, make_ids  # noqa: E402
+from moe_testing import DTYPES, assert_close_rel, make_ids  # noqa: E402
 
 from moe_kernels import reference  # noqa: E402
 from moe_kernels.triton import adapters  # noqa: E402
