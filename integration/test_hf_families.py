@@ -61,6 +61,11 @@ FAMILIES = {
     "jamba": ("JambaConfig", "JambaForCausalLM",
               dict(intermediate_size=32, num_experts=8, num_experts_per_tok=2, attn_layer_period=1,
                    attn_layer_offset=0, expert_layer_period=1, expert_layer_offset=0, use_mamba_kernels=False)),
+    # experts without a gate (act(up x)); its default activation relu2 is refused, so run it with relu
+    "nemotron_h": ("NemotronHConfig", "NemotronHForCausalLM",
+                   dict(intermediate_size=32, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
+                        n_group=2, topk_group=1, moe_shared_expert_intermediate_size=16, routed_scaling_factor=1.5,
+                        layers_block_type=["attention", "moe"], mlp_hidden_act="relu")),
 }
 # The families the issue names; the triton backend (interpreted, slow) runs only the first two.
 NAMED = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "gpt_oss")

@@ -21,6 +21,7 @@ working. It honours the module's layout flags set by ``use_experts_implementatio
 
 from __future__ import annotations
 
+import functools
 import inspect
 import re
 
@@ -68,12 +69,14 @@ def normalised_source(fn) -> str | None:
     return re.sub(r"\s+", " ", source).strip()
 
 
+@functools.lru_cache(maxsize=1)
 def _gpt_oss_gate_source() -> str:
     from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
 
     return normalised_source(GptOssExperts._apply_gate)
 
 
+@functools.lru_cache(maxsize=None)  # reading source is slow; a class's gate does not change
 def gate_kind(experts_class: type) -> str:
     """``"default"`` (``act(gate) * up`` on concatenated halves), ``"gpt_oss"`` (clamped SwiGLU on
     interleaved rows, recognised by source equality with GPT-OSS's ``_apply_gate``) or ``"custom"``."""

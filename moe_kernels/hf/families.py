@@ -32,7 +32,7 @@ from .routers import match_variant
 
 # Families with a whole-model parity suite in integration/test_hf_families.py.
 PARITY_TESTED = frozenset({"mixtral", "minimax", "qwen2_moe", "qwen3_moe", "olmoe", "flex_olmo", "deepseek_v3",
-                           "glm4_moe", "dots1", "gpt_oss", "granitemoe", "jamba"})
+                           "glm4_moe", "dots1", "gpt_oss", "granitemoe", "jamba", "nemotron_h"})
 
 _ROUTER_NAME = re.compile(r"Router$")
 
