@@ -1113,7 +1113,20 @@ def run_benchmarks(args) -> tuple[list[dict], dict]:
         base = args.tokens or (quick_tokens if args.quick else full_tokens)
         return sorted({cpu_tokens(t, scale) if on_cpu else t for t in base})
 
-    rows: list[dict] = []
+    csv_path = os.path.join(args.out, "bench.csv")
+
+    class _Rows(list):
+        """Rows, stamped with the run's machine columns and flushed to bench.csv after every case, so an
+        interrupted run still leaves its measurements."""
+
+        def __iadd__(self, new_rows):
+            for r in new_rows:
+                r.update(run_id=run_id, **{k: v for k, v in info.items() if k in CSV_COLUMNS})
+            self.extend(new_rows)
+            write_csv(self, csv_path)
+            return self
+
+    rows = _Rows()
 
     def progress(msg):
         print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -1155,9 +1168,7 @@ def run_benchmarks(args) -> tuple[list[dict], dict]:
                 if "plan" in suites:
                     progress(f"plan {shape.name} T={tokens}")
                     rows += run_case(build_plan_case(shape, tokens, device), ("fwd",), timing_kwargs, device, False)
-    for r in rows:
-        r.update(run_id=run_id, **{k: v for k, v in info.items() if k in CSV_COLUMNS})
-    return rows, info
+    return list(rows), info
 
 
 def headline_name(rows: list[dict]) -> str:
