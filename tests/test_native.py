@@ -281,6 +281,36 @@ def test_moe_mlp_transposed_weight_views():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("expert_parallel", ["0", "1"])
+def test_moe_mlp_expert_scheduling(expert_parallel, monkeypatch):
+    """Experts in order (threaded GEMMs) or spread over threads: same results, with and without kept hidden."""
+    monkeypatch.setenv("MOE_KERNELS_CPU_EXPERT_PARALLEL", expert_parallel)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        g = torch.Generator().manual_seed(13)
+        T, H, I, E, k = 40, 24, 8, 10, 3
+        weights, ids = _routing(T, E, k, "skip_odd", g)
+        weights.requires_grad_()
+        x = torch.randn(T, H, generator=g, requires_grad=True)
+        gate_up = torch.randn(E, 2 * I, H, generator=g, requires_grad=True)
+        down = torch.randn(E, H, I, generator=g, requires_grad=True)
+        b1 = torch.randn(E, 2 * I, generator=g, requires_grad=True)
+        b2 = torch.randn(E, H, generator=g, requires_grad=True)
+        inputs = (x, gate_up, down, b1, b2, weights)
+        out = mk.moe_mlp(x, gate_up, down, weights, ids, activation="gelu", gate_up_bias=b1, down_bias=b2,
+                         backend="cpu")
+        ref = reference.moe_mlp(x, gate_up, down, weights, ids, "gelu", b1, b2)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        for a, b in zip(torch.autograd.grad(out.sum(), inputs), torch.autograd.grad(ref.sum(), inputs)):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        with torch.no_grad():
+            torch.testing.assert_close(mk.moe_mlp(x, gate_up, down, weights, ids, activation="gelu", gate_up_bias=b1,
+                                                  down_bias=b2, backend="cpu"), ref, rtol=1e-4, atol=1e-4)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_moe_mlp_without_grad_keeps_no_hidden():
     g = torch.Generator().manual_seed(12)
     weights, ids = _routing(6, 4, 2, "random", g)

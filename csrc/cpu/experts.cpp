@@ -10,9 +10,11 @@
 // `hidden` (or recomputes `hidden` too when it was not kept) and never needs ys: the routing-weight
 // gradient uses <grad_out, ys> = <grad_out @ w2, act> + <grad_out, b2>.
 // These ops are CPU-only (the CUDA backend composes gather_rows / combine with torch matmuls).
+#include <cstdlib>
 #include <string>
 #include <vector>
 
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include "common/activations.h"
@@ -167,6 +169,32 @@ void weighted_column_sum(const scalar_t* m, int64_t n, int64_t cols, const float
   });
 }
 
+// Spread experts over threads (each GEMM single-threaded) instead of threading each GEMM.
+// MOE_KERNELS_CPU_EXPERT_PARALLEL=1/0 forces it; by default when there are at least 4 experts a thread.
+bool experts_in_parallel(int64_t num_experts) {
+  const char* flag = std::getenv("MOE_KERNELS_CPU_EXPERT_PARALLEL");
+  const int64_t threads = at::get_num_threads();
+  if (threads <= 1) return false;
+  if (flag && flag[0]) return flag[0] == '1';
+  return num_experts >= 4 * threads;
+}
+
+// Runs fn(e) for every expert: in order, or spread over the threads.
+template <typename Fn>
+void for_each_expert(int64_t num_experts, bool parallel, const Fn& fn) {
+  if (!parallel) {
+    for (int64_t e = 0; e < num_experts; ++e) fn(e);
+    return;
+  }
+  // Worker threads start with default thread-local dispatch state: hand them the caller's (which
+  // excludes autograd here; at::mm_out on weights that require grad would refuse otherwise).
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, num_experts, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard state_guard(caller_state);
+    for (int64_t e = begin; e < end; ++e) fn(e);
+  });
+}
+
 struct Shapes {
   int64_t T, H, E, M1, M2, k, N;
 };
@@ -219,16 +247,21 @@ std::tuple<at::Tensor, at::Tensor> expert_mlp_forward(
   const at::Tensor b1f = b1.has_value() ? b1->to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor b2x = b2.has_value() ? b2->to(x.scalar_type()).contiguous() : at::Tensor();
   const at::Tensor xs = gather_rows(x, sorted_slots, s.k);
-  at::Tensor hidden = at::empty({keep_hidden ? s.N : max_rows, s.M1}, x.options());
-  at::Tensor act_buf = at::empty({max_rows, s.M2}, x.options());
+  // Experts run one after another, each GEMM using every thread, unless experts_in_parallel(): then
+  // the experts are spread over the threads, each GEMM single-threaded, each expert with its own rows
+  // of full-size buffers.
+  const bool parallel_experts = experts_in_parallel(s.E);
+  const bool full_buffers = keep_hidden || parallel_experts;
+  at::Tensor hidden = at::empty({full_buffers ? s.N : max_rows, s.M1}, x.options());
+  at::Tensor act_buf = at::empty({parallel_experts ? s.N : max_rows, s.M2}, x.options());
   at::Tensor ys = at::empty({s.N, s.H}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "expert_mlp_forward_cpu", [&] {
-    for (int64_t e = 0; e < s.E; ++e) {
+    auto run_expert = [&](int64_t e) {
       const int64_t a = off[e], n = off[e + 1] - off[e];
-      if (n == 0) continue;
+      if (n == 0) return;
       // The expert's pre-activation, transposed: [M1, n] at flat offset a * M1 of `hidden`.
-      at::Tensor pre_t = hidden.view(-1).narrow(0, (keep_hidden ? a : 0) * s.M1, n * s.M1).view({s.M1, n});
-      at::Tensor act_rows = act_buf.narrow(0, 0, n);
+      at::Tensor pre_t = hidden.view(-1).narrow(0, (full_buffers ? a : 0) * s.M1, n * s.M1).view({s.M1, n});
+      at::Tensor act_rows = act_buf.narrow(0, parallel_experts ? a : 0, n);
       at::mm_out(pre_t, w1[e], xs.narrow(0, a, n).t());
       activation_forward<scalar_t>(pre_t.data_ptr<scalar_t>(), Block{1, n}, n, s.M2,
                                    b1f.defined() ? b1f.data_ptr<float>() + e * s.M1 : nullptr,
@@ -239,7 +272,8 @@ std::tuple<at::Tensor, at::Tensor> expert_mlp_forward(
       } else {
         at::mm_out(y_rows, act_rows, w2[e].t());
       }
-    }
+    };
+    for_each_expert(s.E, parallel_experts, run_expert);
   });
   const at::Tensor scaled_weights = scale == 1.0 ? weights : weights * scale;
   at::Tensor out = combine(ys, slot_positions, scaled_weights);
@@ -270,12 +304,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 
   const at::Tensor b1f = b1.has_value() ? b1->to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor b2f = b2.has_value() ? b2->to(at::kFloat).contiguous() : at::Tensor();
-  const at::Tensor hidden_c = hidden_kept ? hidden.contiguous() : at::empty({max_rows, s.M1}, x.options());
+  // As in the forward: experts one after another over shared scratch rows, or spread over the threads
+  // with scratch rows of their own (buffer_row(a) says where an expert's scratch starts).
+  const bool parallel_experts = experts_in_parallel(s.E);
+  const int64_t scratch_rows = parallel_experts ? s.N : max_rows;
+  auto buffer_row = [&](int64_t a) { return parallel_experts ? a : int64_t(0); };
+  const at::Tensor hidden_c = hidden_kept ? hidden.contiguous() : at::empty({scratch_rows, s.M1}, x.options());
   // Gradient rows in expert order; each expert's slice is reused for its grad_xs once consumed.
   at::Tensor g_rows = gather_rows(grad_out.to(x.scalar_type()), sorted_slots, s.k);
   const at::Tensor xs = gather_rows(x, sorted_slots, s.k);
-  at::Tensor u_buf = at::empty({max_rows, s.M2}, x.options());
-  at::Tensor grad_pre_buf = at::empty({max_rows, s.M1}, x.options());
+  at::Tensor u_buf = at::empty({scratch_rows, s.M2}, x.options());
+  at::Tensor grad_pre_buf = at::empty({scratch_rows, s.M1}, x.options());
   at::Tensor grad_w1 = at::empty({s.E, s.M1, s.H}, x.options());
   at::Tensor grad_w2 = at::empty({s.E, s.H, s.M2}, x.options());
   at::Tensor grad_b1 = b1.has_value() ? at::empty({s.E, s.M1}, b1->options()) : at::empty({0}, x.options());
@@ -285,14 +324,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   std::vector<float> grad_weight_sorted(s.N);
   const std::vector<float> row_weight = sorted_row_weights(weights, sorted_slots, static_cast<float>(scale));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "expert_mlp_backward_cpu", [&] {
-    for (int64_t e = 0; e < s.E; ++e) {
+    auto run_expert = [&](int64_t e) {
       const int64_t a = off[e], n = off[e + 1] - off[e];
       if (n == 0) {
         grad_w1[e].zero_();
         grad_w2[e].zero_();
         if (grad_b1_x.defined()) grad_b1_x[e].zero_();
         if (grad_b2_x.defined()) grad_b2_x[e].zero_();
-        continue;
+        return;
       }
       const at::Tensor xs_rows = xs.narrow(0, a, n);
       at::Tensor g = g_rows.narrow(0, a, n);
@@ -302,13 +341,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         pre = hidden_c.view(-1).narrow(0, a * s.M1, n * s.M1);
         layout = Block{1, n};
       } else {
-        pre = hidden_c.narrow(0, 0, n);
+        pre = hidden_c.narrow(0, buffer_row(a), n);
         at::mm_out(pre, xs_rows, w1[e].t());
         if (b1f.defined()) pre.add_(b1f[e].to(x.scalar_type()));
         layout = Block{s.M1, 1};
       }
-      at::Tensor u = u_buf.narrow(0, 0, n);
-      at::Tensor grad_pre = grad_pre_buf.narrow(0, 0, n);
+      at::Tensor u = u_buf.narrow(0, buffer_row(a), n);
+      at::Tensor grad_pre = grad_pre_buf.narrow(0, buffer_row(a), n);
       at::mm_out(u, g, w2[e]);
       activation_backward<scalar_t>(pre.data_ptr<scalar_t>(), layout, u.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
                                     b2f.defined() ? b2f.data_ptr<float>() + e * s.H : nullptr, n, s.M1, s.M2, s.H,
@@ -328,7 +367,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
                                       grad_b1_x[e].data_ptr<scalar_t>());
       }
       at::mm_out(g, grad_pre, w1[e]);  // grad of the gathered x rows, in place of the consumed grad rows
-    }
+    };
+    for_each_expert(s.E, parallel_experts, run_expert);
   });
   if (grad_b1_x.defined()) grad_b1.copy_(grad_b1_x);
   if (grad_b2_x.defined()) grad_b2.copy_(grad_b2_x);
