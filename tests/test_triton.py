@@ -140,6 +140,11 @@ def test_route_masked_experts_and_prime_e():
     _check_route(logits, 3, dict(renormalize=False), torch.float32)
 
 
+def test_route_many_experts():
+    logits = torch.randn(3, 3000, device=DEVICE)
+    _check_route(logits, 8, {}, torch.float32)
+
+
 def test_route_ops_pass_opcheck():
     logits = torch.randn(6, 8, device=DEVICE, requires_grad=True)
     bias = torch.randn(8, device=DEVICE)
@@ -253,6 +258,18 @@ def test_moe_mlp_frozen_experts_and_no_grad():
     xr = x.detach().requires_grad_()
     (dx_ref,) = torch.autograd.grad(reference.moe_mlp(xr, gate_up, down, weights, ids).sum(), xr)
     assert_close_rel(dx, dx_ref, torch.float32, "dx")
+
+
+def test_moe_mlp_is_deterministic():
+    inputs = _mlp_inputs(12, 16, 16, 3, 3, "one_expert", dtype=torch.bfloat16)
+    x, gate_up, down, weights, ids, _, _ = (t.detach().requires_grad_() if t is not None and t.is_floating_point()
+                                            else t for t in inputs)
+    runs = []
+    for _ in range(2):
+        y = moe_mlp(x, gate_up, down, weights, ids)
+        runs.append((y, *torch.autograd.grad(y.float().square().sum(), (x, gate_up, down, weights))))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
 
 
 def test_moe_mlp_op_passes_opcheck():
