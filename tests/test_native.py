@@ -59,23 +59,25 @@ ROUTE_VARIANTS = [
     ("sigmoid", "topk_then_softmax", True, False, None, None, 1.0),
     ("softmax", "softmax_then_topk", True, True, 2, 1, 1.0),
     ("softmax", "topk_then_softmax", False, True, 4, 3, 0.5),
+    ("sigmoid", "softmax_then_topk", True, True, 16, 8, 1.0),          # one expert per group
 ]
 ROUTE_SHAPES = [(1, 8, 2), (37, 16, 1), (19, 16, 16), (64, 16, 4), (23, 13, 3)]  # (T, E, k); E=13 prime
 
 
-def _route_case(variant, shape):
-    scoring, order, renormalize, use_bias, n_group, topk_group, scale = variant
-    num_tokens, num_experts, k = shape
-    if n_group is not None and (num_experts % n_group or k > topk_group * (num_experts // n_group)):
-        pytest.skip("grouping does not fit this shape")
-    return scoring, order, renormalize, use_bias, n_group, topk_group, scale, num_tokens, num_experts, k
+def _grouping_fits(variant, shape):
+    _, _, _, _, n_group, topk_group, _ = variant
+    _, num_experts, k = shape
+    return n_group is None or (num_experts % n_group == 0 and k <= topk_group * (num_experts // n_group))
+
+
+ROUTE_CASES = [(v, s) for v in ROUTE_VARIANTS for s in ROUTE_SHAPES if _grouping_fits(v, s)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", ROUTE_SHAPES, ids=str)
-@pytest.mark.parametrize("variant", ROUTE_VARIANTS, ids=lambda v: "-".join(map(str, v)))
+@pytest.mark.parametrize("variant,shape", ROUTE_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_route_matches_reference(variant, shape, dtype):
-    scoring, order, renormalize, use_bias, n_group, topk_group, scale, T, E, k = _route_case(variant, shape)
+    scoring, order, renormalize, use_bias, n_group, topk_group, scale = variant
+    T, E, k = shape
     g = torch.Generator().manual_seed(T * 1000 + E * 10 + k)
     logits = (torch.randn(T, E, generator=g) * 2).to(dtype).requires_grad_()
     bias = torch.randn(E, generator=g) * 0.1 if use_bias else None
@@ -422,7 +424,8 @@ def test_cuda_backend_reports_missing_kernels_clearly():
             mk.plan(torch.zeros(2, 1, dtype=torch.int32), 2, backend="cuda")
 
 
-def test_torch_compile_fullgraph_route_and_moe_mlp():
+@pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_torch_compile_fullgraph_route_and_moe_mlp(compiler):
     torch._dynamo.reset()
     g = torch.Generator().manual_seed(21)
     T, H, I, E, k = 16, 12, 6, 4, 2
@@ -436,7 +439,7 @@ def test_torch_compile_fullgraph_route_and_moe_mlp():
         return mk.moe_mlp(x, gate_up, down, weights, ids, backend=backend)
 
     block(x, gate_up, down, "cpu")  # loads the backends eagerly (backend modules import on first use)
-    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(block, fullgraph=True, backend=compiler)
     out = compiled(x, gate_up, down, "cpu")
     ref = block(x, gate_up, down, "reference")
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
