@@ -57,10 +57,14 @@ def cmd_info(args) -> int:
         print(f"Hugging Face families: unavailable ({exc})")
         return 0
     rows = families_table()
-    print(f"Hugging Face families ({sum(bool(r.get('supported')) for r in rows)} supported):")
+    supported = [r for r in rows if r["status"] != "unsupported"]
+    print(f"Hugging Face families: {len(supported)} of {len(rows)} MoE families in transformers are supported "
+          "(experts: the experts run on moe_kernels; +router: the router too; parity: covered by parity tests)")
+    print(f"  {'model_type':<28}{'patched':<16}{'router variant':<22}{'parity':<8}note")
     for row in rows:
-        status = "supported" if row.get("supported") else f"not supported: {row.get('reason', '')}"
-        print(f"  {row['model_type']:<22} {row.get('routing', ''):<40} {status}")
+        patched = row["status"] if row["status"] != "unsupported" else "no"
+        print(f"  {row['model_type']:<28}{patched:<16}{row['router_variant']:<22}"
+              f"{'yes' if row['parity_tested'] else '-':<8}{row['reason']}")
     return 0
 
 
