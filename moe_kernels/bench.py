@@ -148,6 +148,8 @@ QUICK = {
     "passes": ("fwd", "fwdbwd"),  # the goals' passes; the full run adds backward alone
     # the forward-vs-ideal goal holds "at every shape, decode included": the other shapes at T=1, forward only
     "decode_shapes": ("mixtral_8x7b", "deepseek_v3_like", "gpt_oss_20b"),
+    # the oracle is a reference point, not a contender: forward only in the quick run (it is 5-20x slower)
+    "fwd_only_providers": ("mk:reference",),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SUITES = ("moe", "adapter", "lora", "route", "plan", "roofline")
@@ -760,8 +762,10 @@ def _clear_grads(params):
         p.grad = None
 
 
-def run_case(case: Case, passes, timing_kwargs: dict, device: torch.device, memory: bool) -> list[dict]:
-    """Time every provider of ``case`` on every pass; rows without machine columns."""
+def run_case(case: Case, passes, timing_kwargs: dict, device: torch.device, memory: bool,
+             fwd_only: tuple = ()) -> list[dict]:
+    """Time every provider of ``case`` on every pass (``fwd_only`` providers: forward only); rows without
+    machine columns."""
     rows = []
     leaves = [p for p in case.params if p.is_floating_point()]
     outputs, failed = {}, {}
@@ -780,6 +784,8 @@ def run_case(case: Case, passes, timing_kwargs: dict, device: torch.device, memo
         for name, note in failed.items():
             rows.append({"pass": pass_name, "provider": name, "note": note})
         for name, fn in providers.items():
+            if pass_name != "fwd" and name in fwd_only:
+                continue
             row = {"pass": pass_name, "provider": name, "note": case.notes.get(name, "")}
             try:
                 if pass_name == "fwd":
@@ -1127,6 +1133,7 @@ def run_benchmarks(args) -> tuple[list[dict], dict]:
             return self
 
     rows = _Rows()
+    fwd_only = QUICK["fwd_only_providers"] if args.quick else ()
 
     def progress(msg):
         print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -1141,7 +1148,7 @@ def run_benchmarks(args) -> tuple[list[dict], dict]:
             for dtype in dtypes:
                 progress(f"moe {shape.name} /{scale} T={tokens} {dtype}")
                 case = build_moe_case(shape, scale, tokens, dtype, device, bandwidth, timing_kwargs)
-                rows += run_case(case, point_passes, timing_kwargs, device, memory=not args.no_memory)
+                rows += run_case(case, point_passes, timing_kwargs, device, memory=not args.no_memory, fwd_only=fwd_only)
                 del case
     if "adapter" in suites:
         for shape in pick(ADAPTER_SHAPES):
@@ -1150,7 +1157,7 @@ def run_benchmarks(args) -> tuple[list[dict], dict]:
                 for dtype in dtypes:
                     progress(f"adapter {shape.name} /{scale} T={tokens} {dtype}")
                     case = build_adapter_case(shape, scale, tokens, dtype, device)
-                    rows += run_case(case, passes, timing_kwargs, device, memory=not args.no_memory)
+                    rows += run_case(case, passes, timing_kwargs, device, memory=not args.no_memory, fwd_only=fwd_only)
     if "lora" in suites:
         for shape in pick(LORA_SHAPES):
             scale = scale_of(shape)
@@ -1158,7 +1165,7 @@ def run_benchmarks(args) -> tuple[list[dict], dict]:
                 for dtype in dtypes:
                     progress(f"lora {shape.name} /{scale} T={tokens} {dtype}")
                     case = build_lora_case(shape, scale, tokens, dtype, device)
-                    rows += run_case(case, passes, timing_kwargs, device, memory=not args.no_memory)
+                    rows += run_case(case, passes, timing_kwargs, device, memory=not args.no_memory, fwd_only=fwd_only)
     if "route" in suites or "plan" in suites:
         for shape in pick(MOE_SHAPES, ("olmoe_1b_7b", "deepseek_v3_like", "gpt_oss_20b")):
             for tokens in (args.tokens or (QUICK["route_tokens"] if args.quick else (64,) + TRAIN_TOKENS)):
