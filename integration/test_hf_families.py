@@ -190,7 +190,8 @@ def test_forward_backward_parity(family, dtype, backend, require_hf_backend):
         for name in suspicious:
             ours = rel_err(dict(patched.named_parameters())[name].grad, truth[name])
             theirs = rel_err(ref_params[name].grad, truth[name])
-            assert ours <= 2 * theirs + 0.02, f"grad of {name}: error vs fp32 {ours:.3e}, transformers' bf16 {theirs:.3e}"
+            assert ours <= 2 * theirs + 0.02, (
+                f"grad of {name}: error vs fp32 {ours:.3e}, transformers' bf16 {theirs:.3e}")
     assert checked > 0
 
 

@@ -30,6 +30,7 @@ from transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe import Qwen3VLMoeTex
 from moe_kernels.hf import routers as fused  # noqa: E402
 
 HIDDEN = 24
+SMALL = dict(hidden_size=HIDDEN, num_attention_heads=4, num_key_value_heads=4)
 
 
 def route_backends() -> list:
@@ -52,18 +53,18 @@ def route_backends() -> list:
 
 
 def mixtral_router(num_experts, k):
-    config = transformers.MixtralConfig(hidden_size=HIDDEN, num_attention_heads=4, num_key_value_heads=4, num_local_experts=num_experts, num_experts_per_tok=k)
+    config = transformers.MixtralConfig(**SMALL, num_local_experts=num_experts, num_experts_per_tok=k)
     return MixtralTopKRouter(config), dict(scoring="softmax", order="softmax_then_topk", renormalize=True)
 
 
 def qwen3_router(num_experts, k, norm_topk_prob=True):
-    config = transformers.Qwen3MoeConfig(hidden_size=HIDDEN, num_attention_heads=4, num_key_value_heads=4, num_experts=num_experts, num_experts_per_tok=k,
+    config = transformers.Qwen3MoeConfig(**SMALL, num_experts=num_experts, num_experts_per_tok=k,
                                          norm_topk_prob=norm_topk_prob)
     return Qwen3MoeTopKRouter(config), dict(scoring="softmax", order="softmax_then_topk", renormalize=norm_topk_prob)
 
 
 def deepseek_v3_router(num_experts, k, n_group=4, topk_group=2, scale=2.5, norm=True):
-    config = transformers.DeepseekV3Config(hidden_size=HIDDEN, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=num_experts, num_experts_per_tok=k,
+    config = transformers.DeepseekV3Config(**SMALL, n_routed_experts=num_experts, num_experts_per_tok=k,
                                            n_group=n_group, topk_group=topk_group, routed_scaling_factor=scale,
                                            norm_topk_prob=norm)
     router = DeepseekV3TopkRouter(config)
@@ -74,7 +75,7 @@ def deepseek_v3_router(num_experts, k, n_group=4, topk_group=2, scale=2.5, norm=
 
 
 def gpt_oss_router(num_experts, k):
-    config = transformers.GptOssConfig(hidden_size=HIDDEN, num_attention_heads=4, num_key_value_heads=4, num_local_experts=num_experts, num_experts_per_tok=k)
+    config = transformers.GptOssConfig(**SMALL, num_local_experts=num_experts, num_experts_per_tok=k)
     router = GptOssTopKRouter(config)
     with torch.no_grad():
         router.bias.normal_(0.0, 0.5)
@@ -85,7 +86,8 @@ def gpt_oss_router(num_experts, k):
 ROUTER_CASES = [
     ("mixtral", mixtral_router, 8, 2), ("mixtral", mixtral_router, 7, 1), ("mixtral", mixtral_router, 5, 5),
     ("qwen3_moe", qwen3_router, 8, 2), ("qwen3_moe", lambda e, k: qwen3_router(e, k, False), 11, 3),
-    ("deepseek_v3", deepseek_v3_router, 16, 4), ("deepseek_v3", lambda e, k: deepseek_v3_router(e, k, 8, 3, 1.5, False), 16, 2),
+    ("deepseek_v3", deepseek_v3_router, 16, 4),
+    ("deepseek_v3", lambda e, k: deepseek_v3_router(e, k, 8, 3, 1.5, False), 16, 2),
     ("gpt_oss", gpt_oss_router, 8, 2), ("gpt_oss", gpt_oss_router, 7, 7),
 ]
 
@@ -133,18 +135,18 @@ def test_route_matches_hf_router(backend, family, builder, num_experts, k, num_t
 
 # Router-level parity of the fused forwards that moe_kernels.hf installs (every variant).
 def _variant_routers():
-    qwen2 = Qwen2MoeTopKRouter(transformers.Qwen2MoeConfig(hidden_size=HIDDEN, num_attention_heads=4, num_key_value_heads=4, num_experts=8, num_experts_per_tok=2,
+    qwen2 = Qwen2MoeTopKRouter(transformers.Qwen2MoeConfig(**SMALL, num_experts=8, num_experts_per_tok=2,
                                                            norm_topk_prob=False))
-    qwen_vl = Qwen3VLMoeTextTopKRouter(transformers.Qwen3VLMoeTextConfig(hidden_size=HIDDEN, num_attention_heads=4, num_key_value_heads=4, num_experts=8,
+    qwen_vl = Qwen3VLMoeTextTopKRouter(transformers.Qwen3VLMoeTextConfig(**SMALL, num_experts=8,
                                                                          num_experts_per_tok=2))
-    granite = GraniteMoeTopKRouter(transformers.GraniteMoeConfig(hidden_size=HIDDEN, num_attention_heads=4, num_key_value_heads=4, num_local_experts=8,
+    granite = GraniteMoeTopKRouter(transformers.GraniteMoeConfig(**SMALL, num_local_experts=8,
                                                                  num_experts_per_tok=2))
-    jamba = JambaTopKRouter(transformers.JambaConfig(hidden_size=HIDDEN, num_attention_heads=4, num_key_value_heads=4, num_experts=8, num_experts_per_tok=2))
-    deepseek_v2 = DeepseekV2TopkRouter(transformers.DeepseekV2Config(hidden_size=HIDDEN, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8,
+    jamba = JambaTopKRouter(transformers.JambaConfig(**SMALL, num_experts=8, num_experts_per_tok=2))
+    deepseek_v2 = DeepseekV2TopkRouter(transformers.DeepseekV2Config(**SMALL, n_routed_experts=8,
                                                                      num_experts_per_tok=2, topk_method="greedy",
                                                                      routed_scaling_factor=1.7))
     deepseek_v2_grouped = DeepseekV2TopkRouter(transformers.DeepseekV2Config(
-        hidden_size=HIDDEN, num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, topk_method="group_limited_greedy",
+        **SMALL, n_routed_experts=8, num_experts_per_tok=2, topk_method="group_limited_greedy",
         n_group=4, topk_group=2))
     return [
         ("mixtral", mixtral_router(8, 2)[0]), ("qwen_moe", qwen3_router(8, 2)[0]), ("qwen_moe", qwen2),

@@ -111,14 +111,17 @@ def describe_experts(module: nn.Module) -> dict:
         info.update(activation=activation_name(module.act_fn), interleaved=False)
     elif kind == "default":
         if not is_concatenated:
-            raise UnsupportedExpertsError(f"{name}: is_concatenated=False with the default (chunked) gate is inconsistent")
+            raise UnsupportedExpertsError(
+                f"{name}: is_concatenated=False with the default (chunked) gate is inconsistent")
         info.update(activation=activation_name(module.act_fn), interleaved=False)
     elif kind == "gpt_oss":
         alpha = float(getattr(module, "alpha", GPT_OSS_ALPHA))
         if abs(alpha - GPT_OSS_ALPHA) > 1e-12:
-            raise UnsupportedExpertsError(f"{name}: GPT-OSS gate with alpha={alpha}; moe_kernels fixes alpha={GPT_OSS_ALPHA}")
+            raise UnsupportedExpertsError(
+                f"{name}: GPT-OSS gate with alpha={alpha}; moe_kernels fixes alpha={GPT_OSS_ALPHA}")
         if is_concatenated:
-            raise UnsupportedExpertsError(f"{name}: GPT-OSS gate expects interleaved gate/up rows (is_concatenated=False)")
+            raise UnsupportedExpertsError(
+                f"{name}: GPT-OSS gate expects interleaved gate/up rows (is_concatenated=False)")
         info.update(activation="gpt_oss", interleaved=True, swiglu_limit=float(module.limit))
     else:
         raise UnsupportedExpertsError(

@@ -39,7 +39,8 @@ def mixtral_forward(self, hidden_states):
 
 
 def qwen_moe_forward(self, hidden_states):
-    """Qwen2/Qwen3-MoE, OLMoE, ...: softmax (fp32) -> top-k -> renormalise if norm_topk_prob; weights in logits' dtype."""
+    """Qwen2/Qwen3-MoE, OLMoE, ...: softmax (fp32) -> top-k -> renormalise if norm_topk_prob;
+    weights in the logits' dtype."""
     hidden_states = hidden_states.reshape(-1, self.hidden_dim)
     router_logits = F.linear(hidden_states, self.weight)
     weights, ids = _route(self, router_logits, scoring="softmax", order="softmax_then_topk",
@@ -48,7 +49,8 @@ def qwen_moe_forward(self, hidden_states):
 
 
 def qwen_vl_moe_forward(self, hidden_states):
-    """Qwen3-VL-MoE / Qwen3.5-MoE text routers: softmax (fp32) -> top-k -> always renormalise; weights in logits' dtype."""
+    """Qwen3-VL-MoE / Qwen3.5-MoE text routers: softmax (fp32) -> top-k -> always renormalise;
+    weights in the logits' dtype."""
     hidden_states = hidden_states.reshape(-1, self.hidden_dim)
     router_logits = F.linear(hidden_states, self.weight)
     weights, ids = _route(self, router_logits, scoring="softmax", order="softmax_then_topk", renormalize=True)
