@@ -102,6 +102,7 @@ at::Tensor scatter_rows_sum(const at::Tensor& grad_rows_in, const at::Tensor& sl
   const at::Tensor slot_positions = slot_positions_in.contiguous();
   const int64_t N = slot_positions.numel(), T = N / k, H = grad_rows.size(1);
   TORCH_CHECK(grad_rows.size(0) == N, "grad_rows must have T*k = ", N, " rows, got ", grad_rows.size(0));
+  check_index_range(slot_positions, "slot_positions", N);
   at::Tensor out = at::empty({T, H}, grad_rows.options());
   const int32_t* pos = slot_positions.data_ptr<int32_t>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_rows.scalar_type(), "scatter_rows_sum_cpu", [&] {
@@ -133,6 +134,7 @@ static void check_combine_args(const at::Tensor& y_sorted, const at::Tensor& slo
   TORCH_CHECK(weights.numel() == slot_positions.numel() && y_sorted.size(0) == slot_positions.numel(),
               "combine: weights ", weights.sizes(), ", slot_positions ", slot_positions.sizes(), " and y_sorted ",
               y_sorted.sizes(), " must hold T*k slots");
+  check_index_range(slot_positions, "slot_positions", slot_positions.numel());
 }
 
 at::Tensor combine(const at::Tensor& y_sorted_in, const at::Tensor& slot_positions_in, const at::Tensor& weights_in) {

@@ -216,7 +216,12 @@ Shapes check_shapes(const at::Tensor& x, const at::Tensor& w1, const at::Tensor&
   TORCH_CHECK(spec.gated ? s.M1 == 2 * s.M2 : s.M1 == s.M2, "w1 ", w1.sizes(), " and w2 ", w2.sizes(),
               " disagree on the hidden width");
   TORCH_CHECK(weights.size(0) == s.T, "weights must have T = ", s.T, " rows");
+  check_cpu(sorted_slots, "sorted_slots", 1);
+  check_cpu(slot_positions, "slot_positions", 1);
   TORCH_CHECK(sorted_slots.numel() == s.N && slot_positions.numel() == s.N, "the plan must hold T*k = ", s.N, " slots");
+  TORCH_CHECK(s.k >= 1, "weights must have at least one column (k >= 1)");
+  check_index_range(sorted_slots, "sorted_slots", s.N);
+  check_index_range(slot_positions, "slot_positions", s.N);
   return s;
 }
 
@@ -240,6 +245,8 @@ std::tuple<at::Tensor, at::Tensor> expert_mlp_forward(
   const at::Tensor sorted_slots = sorted_slots_in.contiguous();
   const at::Tensor slot_positions = slot_positions_in.contiguous();
   const Shapes s = check_shapes(x, w1, w2, weights, sorted_slots, slot_positions, spec);
+  check_optional_shape(b1, "b1", s.E, s.M1);
+  check_optional_shape(b2, "b2", s.E, s.H);
   const std::vector<int64_t> off = read_offsets(expert_offsets, s.E, s.N);
   int64_t max_rows = 0;
   for (int64_t e = 0; e < s.E; ++e) max_rows = std::max(max_rows, off[e + 1] - off[e]);
@@ -293,12 +300,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor sorted_slots = sorted_slots_in.contiguous();
   const at::Tensor slot_positions = slot_positions_in.contiguous();
   const Shapes s = check_shapes(x, w1, w2, weights, sorted_slots, slot_positions, spec);
+  check_optional_shape(b1, "b1", s.E, s.M1);
+  check_optional_shape(b2, "b2", s.E, s.H);
   check_cpu(grad_out, "grad_out", 2);
   TORCH_CHECK(grad_out.size(0) == s.T && grad_out.size(1) == s.H, "grad_out must be [T, H]");
   const std::vector<int64_t> off = read_offsets(expert_offsets, s.E, s.N);
+  check_cpu(hidden, "hidden", 2);
   const bool hidden_kept = hidden.numel() > 0 || s.N == 0;
-  TORCH_CHECK(!hidden_kept || (hidden.dim() == 2 && hidden.size(0) == s.N && hidden.size(1) == s.M1),
+  TORCH_CHECK(!hidden_kept || (hidden.size(0) == s.N && hidden.size(1) == s.M1),
               "hidden must be [T*k, M1] or empty, got ", hidden.sizes());
+  TORCH_CHECK(hidden.scalar_type() == x.scalar_type(), "hidden must have x's dtype ", x.scalar_type());
   int64_t max_rows = 0;
   for (int64_t e = 0; e < s.E; ++e) max_rows = std::max(max_rows, off[e + 1] - off[e]);
 

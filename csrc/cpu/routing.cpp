@@ -76,6 +76,7 @@ at::Tensor route_backward(const at::Tensor& grad_weights_in, const at::Tensor& l
   TORCH_CHECK(ids.size(0) == T && grad_weights.size(0) == T && grad_weights.size(1) == k,
               "route_backward: grad_weights ", grad_weights.sizes(), " and ids ", ids.sizes(),
               " must both be [T, k] with T = ", T);
+  check_index_range(ids, "ids", E);
   const routing::RouteParams p = make_params(E, k, use_sigmoid, topk_first, renormalize, 0, 0, scale);
   at::Tensor grad_logits = at::empty({T, E}, logits.options().dtype(at::kFloat));
   const float* grad_w_ptr = grad_weights.data_ptr<float>();
