@@ -214,44 +214,76 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(run: Callable, setup: Callable | None = None, *, device: torch.device = torch.device("cpu"),
-            min_repeats: int = 3, max_repeats: int = 30, budget_s: float = 0.5, warmup: int = 1,
-            slow_s: float | None = None) -> Timing:
-    """Time ``run(setup())`` (setup untimed) until ``min_repeats`` and the time budget are both met.
+def _timed_call(run: Callable, setup: Callable | None, device: torch.device) -> float:
+    arg = setup() if setup else None
+    _sync(device)
+    start = time.perf_counter()
+    run(arg)
+    _sync(device)
+    return time.perf_counter() - start
 
-    A provider whose warm-up alone exceeds the budget gets at most 3 timed runs, and one whose warm-up
-    exceeds ``slow_s`` is timed by that single call (Timing.repeats == 1): the loop-over-experts
-    references are 10-50x slower than the rest and would otherwise dominate the run time without their
-    ratio getting any more useful."""
-    for _ in range(warmup):
-        arg = setup() if setup else None
-        _sync(device)
-        start = time.perf_counter()
-        run(arg)
-        _sync(device)
-        elapsed = time.perf_counter() - start
-        if slow_s is not None and elapsed > slow_s:
-            ms = elapsed * 1e3
-            return Timing(ms, ms, ms, 1)
-        if elapsed > budget_s:
-            min_repeats = min(min_repeats, 3)
-    times = []
-    spent = 0.0
-    while len(times) < min_repeats or (spent < budget_s and len(times) < max_repeats):
-        arg = setup() if setup else None
-        _sync(device)
-        start = time.perf_counter()
-        run(arg)
-        _sync(device)
-        elapsed = time.perf_counter() - start
-        times.append(elapsed)
-        spent += elapsed
+
+def _timing_of(times: list[float]) -> Timing:
     times_ms = sorted(t * 1e3 for t in times)
     if len(times_ms) >= 2:
         q1, _, q3 = statistics.quantiles(times_ms, n=4, method="inclusive")
     else:
         q1 = q3 = times_ms[0]
     return Timing(statistics.median(times_ms), q1, q3, len(times_ms))
+
+
+def measure_interleaved(runs: dict, *, device: torch.device = torch.device("cpu"), min_repeats: int = 3,
+                        max_repeats: int = 30, budget_s: float = 0.5, warmup: int = 1,
+                        slow_s: float | None = None) -> tuple[dict, dict]:
+    """Time several providers in interleaved rounds: ``runs`` maps name -> (run, setup); each timed call is
+    ``run(setup())`` with setup untimed. Returns ({name: Timing}, {name: exception}).
+
+    Interleaving (one call of each provider per round) makes the providers share whatever load the machine
+    is under, so their ratios stay meaningful on a busy machine. Rounds continue until ``min_repeats``
+    rounds are done and either ``budget_s`` per provider is spent or ``max_repeats`` rounds ran. A provider
+    whose warm-up exceeds the budget lowers the minimum to 3 rounds; one whose warm-up exceeds ``slow_s`` is
+    timed by that single call (Timing.repeats == 1) and leaves the rounds: the loop-over-experts references
+    are 10-50x slower than the rest and would otherwise dominate the run time.
+    """
+    timings, errors, active = {}, {}, []
+    for name, (run, setup) in runs.items():
+        try:
+            for _ in range(warmup):
+                elapsed = _timed_call(run, setup, device)
+        except Exception as exc:  # noqa: BLE001 - reported per provider
+            errors[name] = exc
+            continue
+        if warmup and slow_s is not None and elapsed > slow_s:
+            timings[name] = _timing_of([elapsed])
+            continue
+        if warmup and elapsed > budget_s:
+            min_repeats = min(min_repeats, 3)
+        active.append(name)
+    samples = {name: [] for name in active}
+    spent, rounds = 0.0, 0
+    while active and (rounds < min_repeats or (spent < budget_s * len(active) and rounds < max_repeats)):
+        for name in list(active):
+            run, setup = runs[name]
+            try:
+                elapsed = _timed_call(run, setup, device)
+            except Exception as exc:  # noqa: BLE001
+                errors[name] = exc
+                active.remove(name)
+                continue
+            samples[name].append(elapsed)
+            spent += elapsed
+        rounds += 1
+    for name in active:
+        timings[name] = _timing_of(samples[name])
+    return timings, errors
+
+
+def measure(run: Callable, setup: Callable | None = None, **kwargs) -> Timing:
+    """Time one ``run(setup())`` (setup untimed); see :func:`measure_interleaved` for the rules."""
+    timings, errors = measure_interleaved({"run": (run, setup)}, **kwargs)
+    if errors:
+        raise errors["run"]
+    return timings["run"]
 
 
 # -------------------------------------------------------------------------------------------- memory
@@ -783,46 +815,50 @@ def run_case(case: Case, passes, timing_kwargs: dict, device: torch.device, memo
     for pass_name in passes if case.differentiable else ("fwd",):
         for name, note in failed.items():
             rows.append({"pass": pass_name, "provider": name, "note": note})
-        for name, fn in providers.items():
-            if pass_name != "fwd" and name in fwd_only:
-                continue
-            row = {"pass": pass_name, "provider": name, "note": case.notes.get(name, "")}
-            try:
-                if pass_name == "fwd":
-                    def run(_, fn=fn):
-                        with torch.no_grad():
-                            fn()
-                    timing = measure(run, device=device, **timing_kwargs)
-                else:
-                    for p in leaves:
-                        p.requires_grad_(True)
-                    if pass_name == "fwdbwd":
-                        timing = measure(lambda _, fn=fn: fn().backward(grad_out), lambda: _clear_grads(leaves),
-                                         device=device, **timing_kwargs)
-                    else:
-                        def setup(fn=fn):
-                            _clear_grads(leaves)
-                            return fn()
-                        timing = measure(lambda out: out.backward(grad_out), setup, device=device, **timing_kwargs)
-                    if memory and pass_name == "fwdbwd":
+        active = {name: fn for name, fn in providers.items() if pass_name == "fwd" or name not in fwd_only}
+        runs = {}
+        for name, fn in active.items():
+            if pass_name == "fwd":
+                def forward(_, fn=fn):
+                    with torch.no_grad():
+                        fn()
+                runs[name] = (forward, None)
+            elif pass_name == "fwdbwd":
+                runs[name] = (lambda _, fn=fn: fn().backward(grad_out), lambda: _clear_grads(leaves))
+            else:
+                def setup(fn=fn):
+                    _clear_grads(leaves)
+                    return fn()
+                runs[name] = (lambda out: out.backward(grad_out), setup)
+        for p in leaves:
+            p.requires_grad_(pass_name != "fwd")
+        try:
+            timings, errors = measure_interleaved(runs, device=device, **timing_kwargs)
+            for name, fn in active.items():
+                row = {"pass": pass_name, "provider": name, "note": case.notes.get(name, "")}
+                rows.append(row)
+                if name in errors:
+                    exc = errors[name]
+                    row["note"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
+                    continue
+                timing = timings[name]
+                row.update(median_ms=timing.median_ms, q1_ms=timing.q1_ms, q3_ms=timing.q3_ms,
+                           repeats=timing.repeats)
+                if timing.repeats == 1 < timing_kwargs.get("min_repeats", 1):
+                    row["note"] = "; ".join(filter(None, (row["note"], "slow: timed once")))
+                if ref_out is not None and name in outputs and name not in case.not_comparable:
+                    row["max_abs_err"] = float((outputs[name] - ref_out).abs().max())
+                if memory and pass_name == "fwdbwd":
+                    try:
                         _clear_grads(leaves)
                         row["peak_mb"] = peak_memory_bytes(lambda fn=fn: fn().backward(grad_out), device) / 2**20
                         row["saved_mb"] = saved_activation_bytes(fn, case.params) / 2**20
-                    for p in leaves:
-                        p.requires_grad_(False)
-                    _clear_grads(leaves)
-            except Exception as exc:  # noqa: BLE001 - one failing provider must not sink the run
-                for p in leaves:
-                    p.requires_grad_(False)
-                row["note"] = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:160]}"
-                rows.append(row)
-                continue
-            row.update(median_ms=timing.median_ms, q1_ms=timing.q1_ms, q3_ms=timing.q3_ms, repeats=timing.repeats)
-            if timing.repeats == 1 < timing_kwargs.get("min_repeats", 1):
-                row["note"] = "; ".join(filter(None, (row["note"], "slow: timed once")))
-            if ref_out is not None and name in outputs and name not in case.not_comparable:
-                row["max_abs_err"] = float((outputs[name] - ref_out).abs().max())
-            rows.append(row)
+                    except Exception as exc:  # noqa: BLE001
+                        row["note"] = "; ".join(filter(None, (row["note"], f"memory failed: {type(exc).__name__}")))
+        finally:
+            for p in leaves:
+                p.requires_grad_(False)
+            _clear_grads(leaves)
         if case.ideal is not None:
             ms, note = case.ideal(pass_name)
             rows.append({"pass": pass_name, "provider": "cpu_ideal", "median_ms": ms, "q1_ms": ms, "q3_ms": ms,
@@ -1098,7 +1134,7 @@ def run_benchmarks(args) -> tuple[list[dict], dict]:
     suites = args.suite or list(SUITES)
     dtypes = args.dtype or list(QUICK["dtypes"])
     passes = args.passes or list(QUICK["passes"] if args.quick else PASSES)
-    min_repeats, max_repeats, budget = (3, 15, 0.25) if args.quick else (5, 50, 1.0)
+    min_repeats, max_repeats, budget = (3, 40, 0.25) if args.quick else (5, 50, 1.0)
     if args.repeats is not None:
         min_repeats = args.repeats
     timing_kwargs = {"min_repeats": min_repeats, "max_repeats": max(min_repeats, max_repeats),
