@@ -8,6 +8,9 @@ Public ops: :func:`route`, :func:`plan`, :func:`moe_mlp`, :func:`adapter_moe`,
 from .backends import BackendError, Plan, available_backends
 from .ops import adapter_moe, load_balancing_loss, moe_mlp, plan, route, z_loss
 from .validation import set_debug
+from .backends import preload as _preload
+
+_preload()  # reference + native (cheap); triton stays lazy (importing it is slow)
 
 __version__ = "0.1.0"
 

@@ -86,6 +86,12 @@ def _load(name: str) -> "Backend | Exception":
     return _cache[name]
 
 
+def preload(names=("reference", "cpu", "cuda")) -> None:
+    """Import cheap backends now, so their first use inside ``torch.compile`` tracing needs no import."""
+    for name in names:
+        _load(name)
+
+
 def get_backend(name: str) -> Backend:
     """The backend called ``name``; raises BackendError if unknown or not built."""
     if name not in _LOADERS:
