@@ -153,9 +153,43 @@ def test_compile_specs_cover_every_kernel():
     kernels = {spec[0].__name__ for spec in adapters.COMPILE_SPECS}
     assert kernels == {"_adapter_fused_kernel", "_adapter_shrink_kernel", "_adapter_expand_kernel",
                        "_adapter_weight_grad_kernel", "_combine_slots_kernel"}
-    for kernel, signature, constexprs, options in adapters.COMPILE_SPECS:
+    hints = set()
+    for kernel, signature, constexprs, options, divisible in adapters.COMPILE_SPECS:
         assert list(signature) == list(kernel.arg_names)
         assert all(signature[name] == "constexpr" for name in constexprs)
+        assert all(signature[name] == "i32" for name in divisible)
+        hints.add(tuple(divisible))
+    # table configs are compiled with H % 16 == 0 (as the JIT specialises their launches), the
+    # unaligned fallback without
+    assert hints == {("H",), ()}
+
+
+def test_compile_specs_cover_every_table_config():
+    """Every shipped config (both dtypes' variants) has its block sizes and warps in the compile list."""
+    compiled = {(spec[0].__name__, spec[2].get("BLOCK_M"), spec[3]["num_warps"], spec[3]["num_stages"])
+                for spec in adapters.COMPILE_SPECS}
+    for table_config in (*adapters.ADAPTER_CONFIGS.values(), adapters.UNALIGNED_CONFIG):
+        for dtype in (torch.bfloat16, torch.float32):
+            config = adapters.for_dtype(table_config, dtype) if table_config is not adapters.UNALIGNED_CONFIG \
+                else table_config
+            first = "_adapter_fused_kernel" if config.fused else "_adapter_shrink_kernel"
+            assert (first, config.block_m, config.num_warps, config.num_stages) in compiled, config
+            assert ("_adapter_weight_grad_kernel", config.wgrad_block_m, config.num_warps,
+                    config.num_stages) in compiled, config
+
+
+@pytest.mark.parametrize("H,offset,aligned", [(32, 0, True), (20, 0, False), (24, 0, False), (32, 1, False)])
+def test_only_aligned_launches_take_table_configs(H, offset, aligned):
+    """The compile check compiles table configs with H divisible by 16 and aligned pointers: the launcher
+    must run them only then, and the unaligned fallback otherwise."""
+    (_, down, up, weights), ids = make_inputs(4, H, 3, 2, 8, torch.float32)
+    h = torch.randn(4 * H + offset)[offset:].view(4, H)
+    plan = reference.plan(ids, 3)
+    config = adapters._launch_params(h, down.detach(), up.detach(), weights.detach(), plan.expert_offsets)["config"]
+    expected = adapters.select_config(8, 8, torch.float32) if aligned else adapters.UNALIGNED_CONFIG
+    key = lambda c: (c.fused, c.block_m, c.block_r, c.num_warps, c.num_stages)  # noqa: E731
+    assert key(adapters.select_config(8, 8, torch.float32)) != key(adapters.UNALIGNED_CONFIG)  # distinguishable
+    assert key(config)[:4] == key(expected)[:4]  # (stages are reset under the interpreter)
 
 
 @pytest.mark.parametrize("path", ["fused", "split"])

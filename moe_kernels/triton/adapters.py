@@ -454,6 +454,7 @@ UNALIGNED_CONFIG = AdapterConfig(False, 16, 32, 32, 32, 4, 2, 16, 32, 32)
 _INTERPRETER_BLOCK = 64
 
 _COMBINE_BLOCK_T, _COMBINE_BLOCK_N = 16, 128
+_COMBINE_OPTIONS = {"num_warps": 4, "num_stages": 1}  # a streaming sum: nothing to pipeline
 
 _forced_config: AdapterConfig | None = None
 
@@ -554,7 +555,7 @@ def _combine(slot_rows, T, H, k, out_dtype):
     out = torch.empty((T, H), dtype=out_dtype, device=slot_rows.device)
     block_t, block_n = _COMBINE_BLOCK_T, _COMBINE_BLOCK_N if not _interpreting() else _INTERPRETER_BLOCK
     _combine_slots_kernel[(triton.cdiv(T, block_t), triton.cdiv(H, block_n))](
-        slot_rows, out, T, H, k, BLOCK_T=block_t, BLOCK_N=block_n)
+        slot_rows, out, T, H, k, BLOCK_T=block_t, BLOCK_N=block_n, **_COMBINE_OPTIONS)
     return out
 
 
@@ -738,43 +739,31 @@ def _signature(names, pointers, dtype, constexprs):
     return types
 
 
-class CompileSpec(tuple):
-    """``(kernel, signature, constexprs, options)`` for ``triton.compile(ASTSource(kernel, signature,
-    constexprs, attrs), target=..., options=options)``, with ``.attrs``: the ASTSource attrs of the
-    specialisation the launch really gets (Triton's runtime marks 16-byte aligned pointers and ints
-    divisible by 16). Table configs run only on aligned launches (pointers and H), so they carry those
-    attrs; UNALIGNED_CONFIG carries none. Compiling a table config without its attrs measures a variant
-    that never runs (and spills: unvectorised loads hold one 64-bit address per element)."""
-
-    def __new__(cls, kernel, signature, constexprs, options, attrs):
-        spec = super().__new__(cls, (kernel, signature, constexprs, options))
-        spec.attrs = attrs
-        return spec
-
-
-def _divisible_attrs(kernel, signature, aligned):
-    if not aligned:
-        return {}
-    names = kernel.arg_names
-    return {(names.index(name),): [["tt.divisibility", 16]]
-            for name, kind in signature.items() if kind.startswith("*") or name == "H"}
+# Integer arguments that are multiples of 16 at every launch of a table config: the launcher takes
+# UNALIGNED_CONFIG unless H % 16 == 0 (and the tensors are 16-byte aligned), and Triton's JIT marks such
+# arguments tt.divisibility=16, which is what lets it vectorise the row loads. The compile check gives
+# the same hints (pointers are taken 16-byte aligned), so it compiles the variant that really runs.
+_TABLE_DIVISIBLE = ("H",)
 
 
 def _compile_specs():
-    """:class:`CompileSpec` for every kernel at every shipped config (and the unaligned fallback)."""
+    """``(kernel, signature, constexprs, options, divisible)`` for every kernel at every shipped config
+    (and the unaligned fallback), in the compile check's format (see
+    :func:`moe_kernels.triton.compile_check.collect_specs`); identical specialisations are listed once."""
     specs, seen = [], set()
 
-    def add(kernel, pointers, dtype, constexprs, config):
+    def add(kernel, pointers, dtype, constexprs, config, aligned=None):
         names = kernel.arg_names
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-        aligned = config is not UNALIGNED_CONFIG
+        if aligned is None:
+            aligned = config is not UNALIGNED_CONFIG
+        divisible = _TABLE_DIVISIBLE if aligned else ()
         key = (kernel.__name__, tuple(sorted(pointers.items())), tuple(sorted(constexprs.items())),
-               tuple(sorted(options.items())), aligned)
+               tuple(sorted(options.items())), divisible)
         if key not in seen:
             seen.add(key)
             signature = _signature(names, pointers, dtype, constexprs)
-            specs.append(CompileSpec(kernel, signature, dict(constexprs), options,
-                                     _divisible_attrs(kernel, signature, aligned)))
+            specs.append((kernel, signature, dict(constexprs), options, divisible))
 
     for table_config in (*ADAPTER_CONFIGS.values(), UNALIGNED_CONFIG):
         for dtype in _COMPILE_DTYPES:
@@ -816,10 +805,11 @@ def _compile_specs():
                 dict(wgrad, D_UP=True, BLOCK_P=config.wgrad_block_h, BLOCK_Q=config.wgrad_block_r), config)
             add(_adapter_weight_grad_kernel, wgrad_pointers, dtype,
                 dict(wgrad, D_UP=False, BLOCK_P=config.wgrad_block_r, BLOCK_Q=config.wgrad_block_h), config)
+    combine = AdapterConfig(False, 16, 16, 16, 16, **_COMBINE_OPTIONS)  # only its warps and stages count
     for dtype in _COMPILE_DTYPES:
-        for config in (AdapterConfig(False, 16, 16, 16, 16, 4, 1), UNALIGNED_CONFIG):
+        for aligned in (True, False):
             add(_combine_slots_kernel, {"slot_rows_ptr": "*fp32", "out_ptr": _POINTER[dtype]}, dtype,
-                dict(BLOCK_T=_COMBINE_BLOCK_T, BLOCK_N=_COMBINE_BLOCK_N), config)
+                dict(BLOCK_T=_COMBINE_BLOCK_T, BLOCK_N=_COMBINE_BLOCK_N), combine, aligned)
     return specs
 
 

@@ -14,13 +14,17 @@ re-executes itself in a clean subprocess when it finds the variable set.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
+import hashlib
 import importlib
+import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
+import time
 from concurrent.futures import ProcessPoolExecutor
 
 # Opt-in dynamic shared memory per block (bytes), from the CUDA programming guide's compute capability table.
@@ -40,17 +44,38 @@ def _parse_arch(text: str) -> list[int]:
 
 
 def collect_specs():
-    """[(module, kernel, signature, constexprs, options[, divisible])] for every kernel module of the package;
-    ``divisible`` (optional) names integer arguments that are multiples of 16 in real launches."""
+    """Every kernel module's compile list as ``[(module, kernel, signature, constexprs, options, divisible)]``.
+
+    A module lists ``(kernel, signature, constexprs, options[, divisible])`` in ``COMPILE_SPECS`` or
+    ``_compile_specs()``: ``signature`` maps every argument of ``kernel`` to its Triton type ("constexpr"
+    for those in ``constexprs``); ``divisible`` names the integer arguments that are multiples of 16 at
+    every launch of that config. The check compiles the specialisation Triton's JIT gives such a launch:
+    tt.divisibility=16 on every pointer (torch allocations are 16-byte aligned) and on ``divisible``.
+    Specs that compile the same specialisation twice (a config shared by two table entries) are listed once.
+    """
     from . import KERNEL_MODULES
-    specs = []
+    specs, seen = [], set()
     for name in KERNEL_MODULES:
         module = importlib.import_module(f"{__package__}.{name}")
         module_specs = getattr(module, "COMPILE_SPECS", None)
         if module_specs is None:
             module_specs = module._compile_specs()
-        specs.extend((name, *spec) for spec in module_specs)
+        for kernel, signature, constexprs, options, *rest in module_specs:
+            divisible = tuple(rest[0]) if rest else ()
+            wrong = [arg for arg in divisible if signature.get(arg) not in ("i32", "i64")]
+            if len(rest) > 1 or wrong:
+                raise ValueError(f"{name}: compile spec of {kernel.__name__}: 'divisible' must name integer "
+                                 f"arguments (got {wrong or rest})")
+            key = (kernel.__module__, kernel.__name__, tuple(signature.items()), _freeze(constexprs),
+                   _freeze(options), frozenset(divisible))
+            if key not in seen:
+                seen.add(key)
+                specs.append((name, kernel, signature, constexprs, options, divisible))
     return specs
+
+
+def _freeze(mapping: dict) -> tuple:
+    return tuple(sorted((key, repr(value)) for key, value in mapping.items()))
 
 
 @functools.lru_cache(maxsize=1)
@@ -67,15 +92,26 @@ def _ptxas_path(cc: int) -> str:
     return getattr(tool, "path", tool)
 
 
-def _ptxas_usage(ptx: str, arch_name: str, cc: int) -> dict:
-    """Registers and spill bytes from ``ptxas -v`` on the kernel's PTX."""
+def _ptxas_usage(ptx: str, arch_name: str, cc: int, fp_fusion: bool) -> dict:
+    """Registers and spill bytes from ``ptxas -v`` on the kernel's PTX, with the flags Triton's own cubin
+    step uses (register allocation level, fmad). Cached next to Triton's cache, keyed by the PTX and the
+    tool, so a rerun over a warm Triton cache costs neither a compile nor a ptxas run."""
+    import triton
+    from triton import knobs
     ptxas = _ptxas_path(cc)
+    command = [ptxas, "-v", "--regAllocOptLevel=2", *([] if fp_fusion else ["--fmad=false"]), f"--gpu-name={arch_name}"]
+    key = hashlib.sha256("\0".join([triton.__version__, *command, ptx]).encode()).hexdigest()
+    cache_path = os.path.join(knobs.cache.dir, "moe_kernels_ptxas", key + ".json")
+    try:
+        with open(cache_path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        pass
     with tempfile.TemporaryDirectory() as tmp:
         ptx_path = os.path.join(tmp, "kernel.ptx")
         with open(ptx_path, "w") as f:
             f.write(ptx)
-        run = subprocess.run([ptxas, "-v", f"--gpu-name={arch_name}", ptx_path, "-o", os.path.join(tmp, "k.cubin")],
-                             capture_output=True, text=True)
+        run = subprocess.run([*command, ptx_path, "-o", os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
     log = run.stdout + run.stderr
     if run.returncode != 0:
         raise RuntimeError(f"ptxas failed: {log.strip()[-500:]}")
@@ -83,29 +119,34 @@ def _ptxas_usage(ptx: str, arch_name: str, cc: int) -> dict:
     spill_store = re.search(r"(\d+) bytes spill stores", log)
     spill_load = re.search(r"(\d+) bytes spill loads", log)
     stack = re.search(r"(\d+) bytes stack frame", log)
-    return {"registers": int(regs.group(1)) if regs else -1,
-            "spill": (int(spill_store.group(1)) if spill_store else 0) + (int(spill_load.group(1)) if spill_load else 0),
-            "stack": int(stack.group(1)) if stack else 0}
+    usage = {"registers": int(regs.group(1)) if regs else -1,
+             "spill": (int(spill_store.group(1)) if spill_store else 0) + (int(spill_load.group(1)) if spill_load else 0),
+             "stack": int(stack.group(1)) if stack else 0}
+    with contextlib.suppress(OSError):  # the cache is an optimisation only
+        os.makedirs(os.path.dirname(cache_path), exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(cache_path), delete=False) as f:
+            json.dump(usage, f)
+        os.replace(f.name, cache_path)
+    return usage
 
 
 def _compile_one(job):
     """Compile one (spec, arch); returns a result row (runs in a worker process)."""
     index, cc = job
-    module, kernel, signature, constexprs, options, *rest = _specs_in_worker()[index]
-    divisible = set(rest[0]) if rest else set()
+    module, kernel, signature, constexprs, options, divisible = _specs_in_worker()[index]
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    row = {"module": module, "kernel": kernel.__name__, "arch": f"sm_{cc}", "config": _describe(constexprs, options)}
+    row = {"module": module, "kernel": kernel.__name__, "arch": f"sm_{cc}", "config": _describe(signature, constexprs, options, divisible)}
     try:
-        # As the JIT specialises a launch: torch allocations are 16-byte aligned, and the spec names the
-        # integer arguments that are multiples of 16 in real shapes (unit strides are constexprs there).
+        # As the JIT specialises a real launch (see collect_specs); without these hints the check would
+        # measure unvectorised variants that never run (one 64-bit address per loaded element).
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
                  if signature[name].startswith("*") or name in divisible}
         compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", cc, 32),
                                   options=dict(options))
         target = re.search(r"^\.target\s+(\S+)", compiled.asm["ptx"], re.MULTILINE).group(1)
-        row.update(_ptxas_usage(compiled.asm["ptx"], target, cc))
+        row.update(_ptxas_usage(compiled.asm["ptx"], target, cc, bool(compiled.metadata.enable_fp_fusion)))
         row["shared"] = int(compiled.metadata.shared)
         row["error"] = None
     except Exception as exc:  # noqa: BLE001 - every failure is a row of the report
@@ -113,11 +154,17 @@ def _compile_one(job):
     return row
 
 
-def _describe(constexprs: dict, options: dict) -> str:
+def _describe(signature: dict, constexprs: dict, options: dict, divisible) -> str:
+    """Blocks, warps, stages | the variant's flags, its floating-point data types and its %16 integer hints."""
     blocks = ",".join(f"{k}={v}" for k, v in constexprs.items() if k.startswith("BLOCK") or k in ("K", "E_PAD"))
-    flags = ",".join(f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in constexprs.items()
-                     if not (k.startswith(("BLOCK", "stride")) or k in ("K", "E_PAD", "UPCAST")))
-    return f"{blocks} w={options.get('num_warps')} s={options.get('num_stages')} | {flags}"
+    flags = [f"{k}={int(v) if isinstance(v, bool) else v}" for k, v in constexprs.items()
+             if not (k.startswith(("BLOCK", "stride")) or k in ("K", "E_PAD", "UPCAST"))]
+    floats = sorted({kind[1:] for kind in signature.values() if kind.startswith(("*fp", "*bf"))})
+    if floats:
+        flags.append("ptr=" + "+".join(floats))
+    if divisible:
+        flags.append("div16=" + "+".join(divisible))
+    return f"{blocks} w={options.get('num_warps')} s={options.get('num_stages')} | {','.join(flags)}"
 
 
 def problems(row: dict, cc: int) -> list[str]:
@@ -138,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moe-kernels compile-check",
                                      description="AOT-compile every Triton kernel at every shipped config.")
     parser.add_argument("--arch", default="sm_80,sm_90", help="comma-separated targets, e.g. sm_80,sm_90")
-    parser.add_argument("--only", default=None, help="only kernel modules whose name contains this")
+    parser.add_argument("--only", default=None, help="only kernel modules or kernels whose name contains this")
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="parallel compiles")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     args = parser.parse_args(argv)
@@ -155,35 +202,50 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compile-check: cannot load the Triton kernels: {exc}", file=sys.stderr)
         return 2
     # workers rebuild the (deterministic) spec list and take theirs by index
-    selected = [i for i, spec in enumerate(all_specs) if args.only is None or args.only in spec[0]]
-    specs = [all_specs[i] for i in selected]
+    selected = [i for i, spec in enumerate(all_specs)
+                if args.only is None or args.only in spec[0] or args.only in spec[1].__name__]
     jobs = [(i, cc) for i in selected for cc in archs]
-    failed = 0
-    header = ["kernel", "arch", "regs", "smem", "spill", "status", "config"]
+    started = time.monotonic()
     if args.markdown:
+        header = ["kernel", "config (blocks, warps, stages \\| variant flags)",
+                  *(f"sm_{cc} regs / smem B / spill B" for cc in archs), "status"]
         print("| " + " | ".join(header) + " |")
         print("|" + "---|" * len(header))
     else:
-        print(f"{'kernel':<28}{'arch':<7}{'regs':>5}{'smem':>8}{'spill':>6}  {'status':<7}config")
+        print(f"{'kernel':<30}{'arch':<7}{'regs':>5}{'smem':>8}{'spill':>6}  {'status':<7}config")
     pool = ProcessPoolExecutor(args.jobs) if args.jobs > 1 else None
     results = pool.map(_compile_one, jobs) if pool else map(_compile_one, jobs)
-    rows = []
-    for row in results:  # printed as they finish, in order
+    rows, spec_rows, failed = [], [], 0
+    for row in results:  # in job order, printed as they finish: one spec's archs are consecutive
         rows.append(row)
-        issues = problems(row, int(row["arch"][3:]))
-        failed += bool(issues)
-        status = "FAIL: " + "; ".join(issues) if issues else "ok"
-        if args.markdown:
-            print("| " + " | ".join([row["kernel"], row["arch"], str(row["registers"]), str(row["shared"]),
-                                     str(row["spill"]), status, row["config"]]) + " |", flush=True)
-        else:
-            print(f"{row['kernel']:<28}{row['arch']:<7}{row['registers']:>5}{row['shared']:>8}{row['spill']:>6}  "
-                  f"{'FAIL' if issues else 'ok':<7}{row['config']}", flush=True)
-            if issues:
-                print(f"    -> {status}", flush=True)
+        spec_rows.append(row)
+        row["issues"] = problems(row, int(row["arch"][3:]))
+        failed += bool(row["issues"])
+        if not args.markdown:
+            print(f"{row['kernel']:<30}{row['arch']:<7}{row['registers']:>5}{row['shared']:>8}{row['spill']:>6}  "
+                  f"{'FAIL' if row['issues'] else 'ok':<7}{row['config']}", flush=True)
+            if row["issues"]:
+                print(f"    -> FAIL: {'; '.join(row['issues'])}", flush=True)
+        elif len(spec_rows) == len(archs):
+            status = "; ".join(f"{r['arch']} FAIL: {', '.join(r['issues'])}" for r in spec_rows if r["issues"]) or "ok"
+            cells = [f"`{row['kernel']}`", row["config"].replace("|", "\\|"),
+                     *(f"{r['registers']} / {r['shared']} / {r['spill']}" for r in spec_rows), status]
+            print("| " + " | ".join(cells) + " |", flush=True)
+        if len(spec_rows) == len(archs):
+            spec_rows = []
     if pool:
         pool.shutdown()
-    print(f"compile-check: {len(rows)} compiles ({len(specs)} kernel configs x {len(archs)} archs), {failed} failed")
+    summary = [f"compile-check: {len(rows)} compiles ({len(selected)} kernel configs x {len(archs)} archs), "
+               f"{failed} failed, {time.monotonic() - started:.0f} s"]
+    for cc in archs:
+        done = [r for r in rows if r["arch"] == f"sm_{cc}" and not r["error"]]
+        if done:
+            most_regs = max(done, key=lambda r: r["registers"])
+            most_shared = max(done, key=lambda r: r["shared"])
+            summary.append(f"sm_{cc}: max {most_regs['registers']} registers ({most_regs['kernel']}), "
+                           f"max {most_shared['shared']} B shared of {SHARED_LIMIT[cc]} ({most_shared['kernel']}), "
+                           f"{sum(r['spill'] > 0 for r in done)} with spills")
+    print(("\n\n" if args.markdown else "") + ("  \n" if args.markdown else "\n").join(summary))
     return 1 if failed else 0
 
 
