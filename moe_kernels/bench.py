@@ -597,21 +597,24 @@ def _cpu_ideal(s: MoEShape, tokens: int, dtype, device, bandwidth: float, timing
             return results[pass_name]
         if pass_name == "fwd":
             t = measure(dense_fwd, **timing_kwargs).median_ms
-            weight_ms = weight_bytes / bandwidth * 1e3
         elif pass_name == "fwdbwd":
             t = measure(lambda _: torch.autograd.backward(dense_chain(), grads), clear, **timing_kwargs).median_ms
-            weight_ms = (weight_bytes + grad_bytes) / bandwidth * 1e3
         else:
             t = measure(lambda outs: torch.autograd.backward(outs, grads), setup_bwd, **timing_kwargs).median_ms
-            weight_ms = (weight_bytes + grad_bytes) / bandwidth * 1e3
+        results[pass_name] = from_dense_ms(pass_name, t)
+        return results[pass_name]
+
+    def from_dense_ms(pass_name, t):
+        """(ideal ms, note) given the dense chain's measured time ``t`` for ``pass_name``."""
+        weight_ms = (weight_bytes if pass_name == "fwd" else weight_bytes + grad_bytes) / bandwidth * 1e3
         bound = "bandwidth" if weight_ms > t else "dense GEMM"
         moved = f"{touched} experts' weights" + ("" if pass_name == "fwd" else f" + all {s.num_experts} grads")
-        results[pass_name] = (max(t, weight_ms), f"{bound}-bound: dense chain {t:.3f} ms, {moved} at "
-                                                 f"{bandwidth / 1e9:.1f} GB/s {weight_ms:.3f} ms")
-        return results[pass_name]
+        return max(t, weight_ms), (f"{bound}-bound: dense chain {t:.3f} ms, {moved} at {bandwidth / 1e9:.1f} GB/s "
+                                   f"{weight_ms:.3f} ms")
 
     # for the pytest-benchmark suites, which time the dense chain themselves
     compute.dense_chain, compute.leaves, compute.grads = dense_chain, leaves, grads
+    compute.from_dense_ms = from_dense_ms
     with_grads_ms = (weight_bytes + grad_bytes) / bandwidth * 1e3
     compute.bandwidth_floor_ms = {"fwd": weight_bytes / bandwidth * 1e3, "bwd": with_grads_ms, "fwdbwd": with_grads_ms}
     return compute
@@ -830,10 +833,34 @@ def run_case(case: Case, passes, timing_kwargs: dict, device: torch.device, memo
                     _clear_grads(leaves)
                     return fn()
                 runs[name] = (lambda out: out.backward(grad_out), setup)
+        ideal = case.ideal
+        if ideal is not None:  # the ideal's dense chain joins the rounds, so it shares the providers' load
+            chain, ideal_leaves, ideal_grads = ideal.dense_chain, ideal.leaves, ideal.grads
+
+            def clear_ideal():
+                for leaf in ideal_leaves:
+                    leaf.grad = None
+                return None
+
+            if pass_name == "fwd":
+                def ideal_forward(_):
+                    with torch.no_grad():
+                        chain()
+                runs["cpu_ideal"] = (ideal_forward, None)
+            elif pass_name == "fwdbwd":
+                runs["cpu_ideal"] = (lambda _: torch.autograd.backward(chain(), ideal_grads), clear_ideal)
+            else:
+                runs["cpu_ideal"] = (lambda outs: torch.autograd.backward(outs, ideal_grads),
+                                     lambda: clear_ideal() or chain())
         for p in leaves:
             p.requires_grad_(pass_name != "fwd")
         try:
             timings, errors = measure_interleaved(runs, device=device, **timing_kwargs)
+            ideal_row = None
+            if ideal is not None and "cpu_ideal" in timings:
+                ms, note = ideal.from_dense_ms(pass_name, timings.pop("cpu_ideal").median_ms)
+                ideal_row = {"pass": pass_name, "provider": "cpu_ideal", "median_ms": ms, "q1_ms": ms, "q3_ms": ms,
+                             "repeats": 0, "note": note}
             for name, fn in active.items():
                 row = {"pass": pass_name, "provider": name, "note": case.notes.get(name, "")}
                 rows.append(row)
@@ -855,14 +882,12 @@ def run_case(case: Case, passes, timing_kwargs: dict, device: torch.device, memo
                         row["saved_mb"] = saved_activation_bytes(fn, case.params) / 2**20
                     except Exception as exc:  # noqa: BLE001
                         row["note"] = "; ".join(filter(None, (row["note"], f"memory failed: {type(exc).__name__}")))
+            if ideal_row:
+                rows.append(ideal_row)
         finally:
             for p in leaves:
                 p.requires_grad_(False)
             _clear_grads(leaves)
-        if case.ideal is not None:
-            ms, note = case.ideal(pass_name)
-            rows.append({"pass": pass_name, "provider": "cpu_ideal", "median_ms": ms, "q1_ms": ms, "q3_ms": ms,
-                         "repeats": 0, "note": note})
     for name, note in case.notes.items():
         if name not in case.providers:
             for pass_name in passes if case.differentiable else ("fwd",):
