@@ -137,6 +137,30 @@ MOE_HOST_DEVICE inline void finish_weights(float* picked, const RouteParams& p) 
   for (int64_t j = 0; j < k; ++j) picked[j] = picked[j] * p.scale;
 }
 
+// Expert choice and final weights of one row from its scores (softmax/sigmoid already applied when
+// !topk_first, the logits as float otherwise): group-limited choice, top-k, finish_weights.
+//   scores [E] float (read only); bias [E] of bias_t or nullptr (choice only);
+//   scratch: 2 * n_group floats when grouped (else unused); weights_out [k] float; ids_out [k] int32.
+template <typename bias_t>
+MOE_HOST_DEVICE void route_row_choose(const float* scores, const bias_t* bias, const RouteParams& p, float* scratch,
+                                      float* weights_out, int32_t* ids_out) {
+  const int64_t E = p.num_experts;
+  const bool grouped = p.n_group > 1;
+  float* keep = scratch + p.n_group;
+  if (grouped) select_groups(scores, bias, p, scratch, keep);
+  const int64_t per_group = grouped ? E / p.n_group : E;
+  // Top-k of the choice values; weights_out holds the choice values meanwhile. Experts of dropped
+  // groups take part as -inf, exactly as the reference's masked_fill does.
+  int64_t count = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    float c = bias ? scores[e] + static_cast<float>(bias[e]) : scores[e];
+    if (grouped && keep[e / per_group] == 0.0f) c = -INFINITY;
+    count = insert_top(weights_out, ids_out, count, p.k, c, static_cast<int32_t>(e));
+  }
+  for (int64_t j = 0; j < p.k; ++j) weights_out[j] = scores[ids_out[j]];
+  finish_weights(weights_out, p);
+}
+
 // Forward of one row.
 //   logits [E] of scalar_t (float, c10::Half, c10::BFloat16, ... anything convertible to float);
 //   bias [E] of bias_t, or nullptr (used for the choice only);
@@ -154,20 +178,7 @@ MOE_HOST_DEVICE void route_row_forward(const scalar_t* logits, const bias_t* bia
       softmax_inplace(scores, E);
     }
   }
-  const bool grouped = p.n_group > 1;
-  float* keep = scratch + E + p.n_group;
-  if (grouped) select_groups(scores, bias, p, scratch + E, keep);
-  const int64_t per_group = grouped ? E / p.n_group : E;
-  // Top-k of the choice values; weights_out holds the choice values meanwhile. Experts of dropped
-  // groups take part as -inf, exactly as the reference's masked_fill does.
-  int64_t count = 0;
-  for (int64_t e = 0; e < E; ++e) {
-    float c = bias ? scores[e] + static_cast<float>(bias[e]) : scores[e];
-    if (grouped && keep[e / per_group] == 0.0f) c = -INFINITY;
-    count = insert_top(weights_out, ids_out, count, p.k, c, static_cast<int32_t>(e));
-  }
-  for (int64_t j = 0; j < p.k; ++j) weights_out[j] = scores[ids_out[j]];
-  finish_weights(weights_out, p);
+  route_row_choose(scores, bias, p, scratch + E, weights_out, ids_out);
 }
 
 // Backward of one row: grad_weights [k] float -> grad_logits_out [E] float (every entry written).

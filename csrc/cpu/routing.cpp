@@ -1,5 +1,6 @@
 // CPU route_forward / route_backward: one token per loop iteration (OpenMP via at::parallel_for),
-// each running the shared per-row code of csrc/common/routing_row.h.
+// each running the shared per-row code of csrc/common/routing_row.h (the forward's softmax/sigmoid
+// runs first over the whole [T, E] block in ATen).
 #include <vector>
 
 #include <torch/library.h>
@@ -50,15 +51,18 @@ std::tuple<at::Tensor, at::Tensor> route_forward(const at::Tensor& logits_in, in
   const float* bias_ptr = bias.defined() ? bias.data_ptr<float>() : nullptr;
   float* weights_ptr = weights.data_ptr<float>();
   int32_t* ids_ptr = ids.data_ptr<int32_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "route_forward_cpu", [&] {
-    const scalar_t* logits_ptr = logits.data_ptr<scalar_t>();
-    at::parallel_for(0, T, grain_rows(E * k / 8 + E), [&](int64_t begin, int64_t end) {
-      std::vector<float> scratch(routing::forward_scratch_floats(p));
-      for (int64_t t = begin; t < end; ++t) {
-        routing::route_row_forward(logits_ptr + t * E, bias_ptr, p, scratch.data(), weights_ptr + t * k,
-                                   ids_ptr + t * k);
-      }
-    });
+  // The scores of every row in one vectorised ATen pass (the values of the reference's torch.softmax /
+  // torch.sigmoid, and several times faster than a scalar expf per element), then per row the choice.
+  const at::Tensor logits_f = logits.to(at::kFloat);
+  const at::Tensor scores = topk_first ? logits_f.contiguous()
+                            : use_sigmoid ? at::sigmoid(logits_f).contiguous()
+                                          : at::softmax(logits_f, 1).contiguous();
+  const float* scores_ptr = scores.data_ptr<float>();
+  at::parallel_for(0, T, grain_rows(E * k / 8 + E), [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch(2 * p.n_group + 1);
+    for (int64_t t = begin; t < end; ++t) {
+      routing::route_row_choose(scores_ptr + t * E, bias_ptr, p, scratch.data(), weights_ptr + t * k, ids_ptr + t * k);
+    }
   });
   return {weights, ids};
 }
