@@ -178,14 +178,20 @@ def test_compile_specs_cover_every_table_config():
                     config.num_stages) in compiled, config
 
 
-@pytest.mark.parametrize("H,offset,aligned", [(32, 0, True), (20, 0, False), (24, 0, False), (32, 1, False)])
-def test_only_aligned_launches_take_table_configs(H, offset, aligned):
+@pytest.mark.parametrize("H,misaligned,aligned", [(32, None, True), (20, None, False), (24, None, False),
+                                                    (32, "h", False), (32, "weights", False)])
+def test_only_aligned_launches_take_table_configs(H, misaligned, aligned):
     """The compile check compiles table configs with H divisible by 16 and aligned pointers: the launcher
     must run them only then, and the unaligned fallback otherwise."""
-    (_, down, up, weights), ids = make_inputs(4, H, 3, 2, 8, torch.float32)
-    h = torch.randn(4 * H + offset)[offset:].view(4, H)
+    (h, down, up, weights), ids = make_inputs(4, H, 3, 2, 8, torch.float32)
+    h, weights = h.detach(), weights.detach()
+    if misaligned == "h":  # contiguous, but 4 bytes into its storage
+        h = torch.cat([torch.zeros(1), h.flatten()])[1:].view(4, H)
+    elif misaligned == "weights":
+        weights = torch.cat([torch.zeros(1), weights.flatten()])[1:].view(4, 2)
     plan = reference.plan(ids, 3)
-    config = adapters._launch_params(h, down.detach(), up.detach(), weights.detach(), plan.expert_offsets)["config"]
+    config = adapters._launch_params(h, down.detach(), up.detach(), weights, plan.expert_offsets,
+                                     plan.sorted_slots)["config"]
     expected = adapters.select_config(8, 8, torch.float32) if aligned else adapters.UNALIGNED_CONFIG
     key = lambda c: (c.fused, c.block_m, c.block_r, c.num_warps, c.num_stages)  # noqa: E731
     assert key(adapters.select_config(8, 8, torch.float32)) != key(adapters.UNALIGNED_CONFIG)  # distinguishable

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import os
 from dataclasses import dataclass
 
@@ -434,14 +435,14 @@ class AdapterConfig:
 ADAPTER_CONFIGS: dict[tuple[str, str], AdapterConfig] = {
     ("r16", "decode"): AdapterConfig(False, 16, 128, 64, 16, 4, 2, 32, 64, 16),
     ("r16", "medium"): AdapterConfig(True, 64, 64, 64, 16, 4, 3, 64, 64, 16),
-    ("r16", "large"): AdapterConfig(True, 128, 64, 64, 16, 4, 3, 64, 128, 16),
-    ("r64", "decode"): AdapterConfig(False, 16, 128, 64, 64, 4, 2, 32, 64, 64),
+    ("r16", "large"): AdapterConfig(True, 128, 64, 64, 16, 8, 3, 64, 128, 16),
+    ("r64", "decode"): AdapterConfig(False, 16, 64, 64, 64, 4, 2, 32, 64, 64),
     ("r64", "medium"): AdapterConfig(False, 64, 64, 128, 64, 8, 3, 64, 64, 64),
     ("r64", "large"): AdapterConfig(True, 64, 64, 64, 64, 8, 3, 64, 64, 64),
-    ("r128", "decode"): AdapterConfig(False, 16, 128, 64, 64, 4, 2, 32, 64, 64),
+    ("r128", "decode"): AdapterConfig(False, 16, 64, 64, 64, 4, 2, 32, 64, 64),
     ("r128", "medium"): AdapterConfig(False, 64, 64, 128, 64, 8, 3, 64, 64, 64),
     ("r128", "large"): AdapterConfig(True, 64, 64, 64, 128, 8, 3, 64, 64, 64),
-    ("rbig", "decode"): AdapterConfig(False, 16, 128, 64, 64, 4, 2, 32, 64, 64),
+    ("rbig", "decode"): AdapterConfig(False, 16, 64, 64, 64, 4, 2, 32, 64, 64),
     ("rbig", "medium"): AdapterConfig(False, 64, 64, 128, 64, 8, 3, 64, 64, 64),
     ("rbig", "large"): AdapterConfig(False, 64, 64, 128, 64, 8, 3, 64, 64, 64),
 }
@@ -522,13 +523,15 @@ def _aligned(H, *tensors) -> bool:
     return H % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in tensors)
 
 
-def _launch_params(h, down, up, weights, expert_offsets, grad=None):
+def _launch_params(h, down, up, weights, expert_offsets, sorted_slots, grad=None):
     T, H = h.shape
     E, R, _ = down.shape
     k = weights.shape[1]
     N = T * k
     config = select_config(N, R, h.dtype)
-    if _forced_config is None and not _aligned(H, h, down, up, *([grad] if grad is not None else [])):
+    # table configs are compiled (and checked spill-free) for the JIT's aligned specialisation only
+    inputs = (h, down, up, weights, expert_offsets, sorted_slots, *([grad] if grad is not None else []))
+    if _forced_config is None and not _aligned(H, *inputs):
         config = UNALIGNED_CONFIG
     interp = _interpreting()
     if interp:  # fewer, wider tiles: the interpreter's cost is per program and loop step
@@ -560,7 +563,7 @@ def _combine(slot_rows, T, H, k, out_dtype):
 
 
 def _forward_impl(h, down, up, weights, expert_offsets, sorted_slots, activation, scale):
-    p = _launch_params(h, down, up, weights, expert_offsets)
+    p = _launch_params(h, down, up, weights, expert_offsets, sorted_slots)
     T, H, E, R, k, N, cfg = p["T"], p["H"], p["E"], p["R"], p["k"], p["N"], p["config"]
     by_token = k == 1
     out = torch.empty((T, H) if by_token else (N, H), dtype=h.dtype if by_token else torch.float32, device=h.device)
@@ -589,7 +592,7 @@ def _forward_impl(h, down, up, weights, expert_offsets, sorted_slots, activation
 def _backward_impl(grad, h, down, up, weights, expert_offsets, sorted_slots, activation, scale,
                    weight_grads):
     grad = grad.contiguous()
-    p = _launch_params(h, down, up, weights, expert_offsets, grad)
+    p = _launch_params(h, down, up, weights, expert_offsets, sorted_slots, grad)
     T, H, E, R, k, N, cfg = p["T"], p["H"], p["E"], p["R"], p["k"], p["N"], p["config"]
     by_token = k == 1
     act = ACTIVATION_CODES[activation]
@@ -721,8 +724,12 @@ def adapter_moe_triton(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, we
 # ahead-of-time compile list (for ``moe-kernels compile-check``)
 
 _POINTER = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16"}
-# Worst cases per config: the largest rank tile it launches and gelu (the longest epilogue).
+# Per config: the largest rank tile it launches (its worst case), every activation (each is its own
+# compiled kernel; their register needs differ by tens of registers, no single one is the worst).
 _COMPILE_DTYPES = (torch.bfloat16, torch.float32)
+# (dtype, tl.dot precision) pairs that launch: fp32 runs TF32 when torch.backends.cuda.matmul.allow_tf32
+# (different code: mma instead of FMA); fp16 compiles as bf16 does.
+_COMPILE_VARIANTS = ((torch.bfloat16, "tf32"), (torch.float32, "ieee"), (torch.float32, "tf32"))
 
 
 def _signature(names, pointers, dtype, constexprs):
@@ -766,37 +773,37 @@ def _compile_specs():
             specs.append((kernel, signature, dict(constexprs), options, divisible))
 
     for table_config in (*ADAPTER_CONFIGS.values(), UNALIGNED_CONFIG):
-        for dtype in _COMPILE_DTYPES:
+        for dtype, precision in _COMPILE_VARIANTS:
             config = table_config if table_config is UNALIGNED_CONFIG else for_dtype(table_config, dtype)
             data = _POINTER[dtype]
             mid = data  # [N, r] intermediates are kept in the input dtype on GPUs
-            precision = "ieee" if dtype == torch.float32 else "tf32"
-            base = dict(ACTIVATION=ACTIVATION_CODES["gelu"], BLOCK_M=config.block_m,
-                        UPCAST=False, DOT_PRECISION=precision)
+            base = dict(BLOCK_M=config.block_m, UPCAST=False, DOT_PRECISION=precision)
             routed = {"h_ptr": data, "dy_ptr": data, "down_ptr": data, "up_ptr": data, "weights_ptr": "*fp32",
                       "tile_experts_ptr": "*i32", "tile_ends_ptr": "*i32", "expert_offsets_ptr": "*i32",
                       "sorted_slots_ptr": "*i32"}
             for backward in (False, True):
                 if config.fused and not (backward and config.block_r > FUSED_BACKWARD_MAX_RANK_TILE):
-                    for by_token in (False, True):
+                    for activation, by_token in itertools.product(ACTIVATION_CODES.values(), (False, True)):
                         out = data if by_token else "*fp32"
                         add(_adapter_fused_kernel,
                             dict(routed, out_ptr=out, act_out_ptr=mid, dz_out_ptr=mid, dweights_ptr="*fp32"),
-                            dtype, dict(base, BACKWARD=backward, OUT_BY_TOKEN=by_token, BLOCK_K=config.block_k,
-                                        BLOCK_N=config.block_n, BLOCK_R=config.block_r), config)
+                            dtype, dict(base, ACTIVATION=activation, BACKWARD=backward, OUT_BY_TOKEN=by_token,
+                                        BLOCK_K=config.block_k, BLOCK_N=config.block_n, BLOCK_R=config.block_r),
+                            config)
                 else:
                     block_r = min(config.block_r, SPLIT_BACKWARD_MAX_BLOCK_R) if backward else config.block_r
-                    add(_adapter_shrink_kernel,
-                        dict(routed, act_out_ptr=mid, dz_out_ptr=mid, dweights_partial_ptr="*fp32"),
-                        dtype, dict(base, BACKWARD=backward, BLOCK_K=config.block_k, BLOCK_R=block_r), config)
+                    for activation in ACTIVATION_CODES.values():
+                        add(_adapter_shrink_kernel,
+                            dict(routed, act_out_ptr=mid, dz_out_ptr=mid, dweights_partial_ptr="*fp32"), dtype,
+                            dict(base, ACTIVATION=activation, BACKWARD=backward, BLOCK_K=config.block_k,
+                                 BLOCK_R=block_r), config)
                     for by_token in (False, True):
-                        expand = {key: v for key, v in base.items() if key != "ACTIVATION"}
                         add(_adapter_expand_kernel,
                             {"mid_ptr": mid, "w2_ptr": data, "weights_ptr": "*fp32", "tile_experts_ptr": "*i32",
                              "tile_ends_ptr": "*i32",
                              "expert_offsets_ptr": "*i32", "sorted_slots_ptr": "*i32",
                              "out_ptr": data if by_token else "*fp32"},
-                            dtype, dict(expand, BACKWARD=backward, OUT_BY_TOKEN=by_token,
+                            dtype, dict(base, BACKWARD=backward, OUT_BY_TOKEN=by_token,
                                         BLOCK_N=config.block_n, BLOCK_R=block_r), config)
             wgrad_pointers = {"left_ptr": data, "right_ptr": data, "weights_ptr": "*fp32",
                               "expert_offsets_ptr": "*i32", "sorted_slots_ptr": "*i32", "out_ptr": data}
