@@ -152,16 +152,7 @@ at::Tensor combine(const at::Tensor& y_sorted_in, const at::Tensor& slot_positio
     using acc_t = at::opmath_type<scalar_t>;  // fp32 for fp32/fp16/bf16, fp64 for double
     at::parallel_for(0, T, grain_rows(H * k), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(H);
-      for (int64_t t = begin; t < end; ++t) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t j = 0; j < k; ++j) {
-          const acc_t wj = w[t * k + j];
-          const scalar_t* row = src + static_cast<int64_t>(pos[t * k + j]) * H;
-          for (int64_t h = 0; h < H; ++h) acc[h] += wj * static_cast<acc_t>(row[h]);
-        }
-        scalar_t* out_row = dst + t * H;
-        for (int64_t h = 0; h < H; ++h) out_row[h] = static_cast<scalar_t>(acc[h]);
-      }
+      combine_token_rows<scalar_t>(src, pos, w, 1.0f, k, H, begin, end, dst, acc.data());
     });
   });
   return out;

@@ -10,7 +10,9 @@
 // `hidden` (or recomputes `hidden` too when it was not kept) and never needs ys: the routing-weight
 // gradient uses <grad_out, ys> = <grad_out @ w2, act> + <grad_out, b2>.
 // These ops are CPU-only (the CUDA backend composes gather_rows / combine with torch matmuls).
+#include <algorithm>
 #include <cstdlib>
+#include <cstring>
 #include <string>
 #include <vector>
 
@@ -234,6 +236,32 @@ std::vector<float> sorted_row_weights(const at::Tensor& weights, const at::Tenso
   return out;
 }
 
+// Token chunks for the small-weights forward (see expert_mlp_forward), or 0 to use the expert-order path.
+// Each chunk re-reads every expert's weights, so only when all of them are small (adapters, LoRA
+// experts); MOE_KERNELS_CPU_TOKEN_CHUNKS=1/0 forces it on/off (where the plan allows it).
+int64_t token_chunks(const Shapes& s, int64_t element_size) {
+  constexpr int64_t kMinTokensPerChunk = 16;
+  constexpr int64_t kMaxWeightBytes = int64_t(16) << 20;
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunks = std::min<int64_t>(threads, s.T / kMinTokensPerChunk);
+  const char* flag = std::getenv("MOE_KERNELS_CPU_TOKEN_CHUNKS");
+  if (flag && flag[0]) return flag[0] == '1' ? std::max<int64_t>(1, std::min<int64_t>(threads, s.T)) : 0;
+  const int64_t weight_bytes = s.E * (s.M1 * s.H + s.H * s.M2) * element_size;
+  return chunks >= 2 && weight_bytes <= kMaxWeightBytes ? chunks : 0;
+}
+
+// Whether every expert's slots are in ascending order in sorted_slots (a stable plan, as `plan` makes):
+// then a token range maps to one contiguous row range per expert.
+bool slots_ascending_per_expert(const at::Tensor& sorted_slots, const std::vector<int64_t>& off) {
+  const int32_t* slots = sorted_slots.data_ptr<int32_t>();
+  for (size_t e = 0; e + 1 < off.size(); ++e) {
+    for (int64_t p = off[e] + 1; p < off[e + 1]; ++p) {
+      if (slots[p] <= slots[p - 1]) return false;
+    }
+  }
+  return true;
+}
+
 std::tuple<at::Tensor, at::Tensor> expert_mlp_forward(
     const at::Tensor& x_in, const at::Tensor& w1, const at::Tensor& w2, const std::optional<at::Tensor>& b1,
     const std::optional<at::Tensor>& b2, const at::Tensor& weights_in, const at::Tensor& expert_offsets,
@@ -253,37 +281,79 @@ std::tuple<at::Tensor, at::Tensor> expert_mlp_forward(
 
   const at::Tensor b1f = b1.has_value() ? b1->to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor b2x = b2.has_value() ? b2->to(x.scalar_type()).contiguous() : at::Tensor();
-  const at::Tensor xs = gather_rows(x, sorted_slots, s.k);
-  // Experts run one after another, each GEMM using every thread, unless experts_in_parallel(): then
-  // the experts are spread over the threads, each GEMM single-threaded, each expert with its own rows
-  // of full-size buffers.
-  const bool parallel_experts = experts_in_parallel(s.E);
-  const bool full_buffers = keep_hidden || parallel_experts;
+  // Two ways to spread the work over the threads:
+  //  * token chunks (small expert weights): each thread takes a contiguous range of tokens and runs it
+  //    end to end -- gather, per expert the two GEMMs on its rows of that range, the weighted combine of
+  //    its tokens -- in ONE parallel region with no cross-thread writes. On a busy machine every
+  //    parallel region can cost a scheduler time slice, which dominates these small ops.
+  //  * expert order: gather, then experts one after another (each GEMM on every thread) or spread over
+  //    the threads (experts_in_parallel), then the combine.
+  // Either way each expert's pre-activation block is kept transposed ([M1, n] at flat offset a * M1)
+  // for the backward.
+  int64_t chunks = token_chunks(s, x.element_size());
+  if (chunks > 0 && !slots_ascending_per_expert(sorted_slots, off)) chunks = 0;
+  const bool parallel_experts = chunks == 0 && experts_in_parallel(s.E);
+  const bool full_buffers = chunks > 0 || keep_hidden || parallel_experts;
+  const bool full_act = chunks > 0 || parallel_experts;
   at::Tensor hidden = at::empty({full_buffers ? s.N : max_rows, s.M1}, x.options());
-  at::Tensor act_buf = at::empty({parallel_experts ? s.N : max_rows, s.M2}, x.options());
+  at::Tensor act_buf = at::empty({full_act ? s.N : max_rows, s.M2}, x.options());
   at::Tensor ys = at::empty({s.N, s.H}, x.options());
+  at::Tensor out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "expert_mlp_forward_cpu", [&] {
-    auto run_expert = [&](int64_t e) {
-      const int64_t a = off[e], n = off[e + 1] - off[e];
-      if (n == 0) return;
-      // The expert's pre-activation, transposed: [M1, n] at flat offset a * M1 of `hidden`.
-      at::Tensor pre_t = hidden.view(-1).narrow(0, (full_buffers ? a : 0) * s.M1, n * s.M1).view({s.M1, n});
-      at::Tensor act_rows = act_buf.narrow(0, parallel_experts ? a : 0, n);
-      at::mm_out(pre_t, w1[e], xs.narrow(0, a, n).t());
-      activation_forward<scalar_t>(pre_t.data_ptr<scalar_t>(), Block{1, n}, n, s.M2,
+    // Rows [lo, hi) of expert e (within its rows [off[e], off[e+1])), xs_rows their gathered inputs.
+    auto run_rows = [&](int64_t e, int64_t lo, int64_t hi, const at::Tensor& xs_rows) {
+      const int64_t a = off[e], n = off[e + 1] - off[e], m = hi - lo;
+      if (m == 0) return;
+      at::Tensor pre_t = hidden.view(-1).narrow(0, (full_buffers ? a : 0) * s.M1, n * s.M1).view({s.M1, n})
+                             .narrow(1, lo - a, m);
+      at::Tensor act_rows = act_buf.narrow(0, full_act ? lo : 0, m);
+      at::mm_out(pre_t, w1[e], xs_rows.t());
+      activation_forward<scalar_t>(pre_t.data_ptr<scalar_t>(), Block{1, n}, m, s.M2,
                                    b1f.defined() ? b1f.data_ptr<float>() + e * s.M1 : nullptr,
                                    act_rows.data_ptr<scalar_t>(), spec);
-      at::Tensor y_rows = ys.narrow(0, a, n);
+      at::Tensor y_rows = ys.narrow(0, lo, m);
       if (b2x.defined()) {
         at::addmm_out(y_rows, b2x[e], act_rows, w2[e].t());
       } else {
         at::mm_out(y_rows, act_rows, w2[e].t());
       }
     };
-    for_each_expert(s.E, parallel_experts, run_expert);
+    if (chunks > 0) {
+      out = at::empty({s.T, s.H}, x.options());
+      at::Tensor xs = at::empty({s.N, s.H}, x.options());
+      const int32_t* slots = sorted_slots.data_ptr<int32_t>();
+      const scalar_t* x_ptr = x.data_ptr<scalar_t>();
+      scalar_t* xs_ptr = xs.data_ptr<scalar_t>();
+      const at::ThreadLocalState caller_state;  // see for_each_expert
+      at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+        at::ThreadLocalStateGuard state_guard(caller_state);
+        std::vector<at::opmath_type<scalar_t>> acc(s.H);
+        for (int64_t c = begin; c < end; ++c) {
+          const int64_t t0 = s.T * c / chunks, t1 = s.T * (c + 1) / chunks;
+          for (int64_t e = 0; e < s.E; ++e) {
+            const int32_t* first = slots + off[e];
+            const int32_t* last = slots + off[e + 1];
+            const int64_t lo = std::lower_bound(first, last, static_cast<int32_t>(t0 * s.k)) - slots;
+            const int64_t hi = std::lower_bound(first, last, static_cast<int32_t>(t1 * s.k)) - slots;
+            for (int64_t p = lo; p < hi; ++p) {
+              std::memcpy(xs_ptr + p * s.H, x_ptr + (slots[p] / s.k) * s.H, s.H * sizeof(scalar_t));
+            }
+            run_rows(e, lo, hi, xs.narrow(0, lo, hi - lo));
+          }
+          combine_token_rows<scalar_t>(ys.data_ptr<scalar_t>(), slot_positions.data_ptr<int32_t>(),
+                                       weights.data_ptr<float>(), static_cast<float>(scale), s.k, s.H, t0, t1,
+                                       out.data_ptr<scalar_t>(), acc.data());
+        }
+      });
+    } else {
+      const at::Tensor xs = gather_rows(x, sorted_slots, s.k);
+      for_each_expert(s.E, parallel_experts, [&](int64_t e) {
+        run_rows(e, off[e], off[e + 1], xs.narrow(0, off[e], off[e + 1] - off[e]));
+      });
+      const at::Tensor scaled_weights = scale == 1.0 ? weights : weights * scale;
+      out = combine(ys, slot_positions, scaled_weights);
+    }
   });
-  const at::Tensor scaled_weights = scale == 1.0 ? weights : weights * scale;
-  at::Tensor out = combine(ys, slot_positions, scaled_weights);
   if (!keep_hidden) hidden = at::empty({0, s.M1}, x.options());
   return {out, hidden};
 }
