@@ -151,13 +151,17 @@ MOE_HOST_DEVICE void route_row_choose(const float* scores, const bias_t* bias, c
   const int64_t per_group = grouped ? E / p.n_group : E;
   // Top-k of the choice values; weights_out holds the choice values meanwhile. Experts of dropped
   // groups take part as -inf, exactly as the reference's masked_fill does.
+  const int64_t k = p.k;
   int64_t count = 0;
   for (int64_t e = 0; e < E; ++e) {
     float c = bias ? scores[e] + static_cast<float>(bias[e]) : scores[e];
     if (grouped && keep[e / per_group] == 0.0f) c = -INFINITY;
-    count = insert_top(weights_out, ids_out, count, p.k, c, static_cast<int32_t>(e));
+    // Fast reject once full: not above the last kept value, a later index cannot rank before it (a NaN
+    // on either side compares false and takes the exact path).
+    if (count == k && c <= weights_out[k - 1]) continue;
+    count = insert_top(weights_out, ids_out, count, k, c, static_cast<int32_t>(e));
   }
-  for (int64_t j = 0; j < p.k; ++j) weights_out[j] = scores[ids_out[j]];
+  for (int64_t j = 0; j < k; ++j) weights_out[j] = scores[ids_out[j]];
   finish_weights(weights_out, p);
 }
 

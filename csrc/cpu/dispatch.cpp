@@ -111,15 +111,7 @@ at::Tensor scatter_rows_sum(const at::Tensor& grad_rows_in, const at::Tensor& sl
     using acc_t = at::opmath_type<scalar_t>;  // fp32 for fp32/fp16/bf16, fp64 for double
     at::parallel_for(0, T, grain_rows(H * k), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> acc(H);
-      for (int64_t t = begin; t < end; ++t) {
-        std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t j = 0; j < k; ++j) {
-          const scalar_t* row = src + static_cast<int64_t>(pos[t * k + j]) * H;
-          for (int64_t h = 0; h < H; ++h) acc[h] += static_cast<acc_t>(row[h]);
-        }
-        scalar_t* out_row = dst + t * H;
-        for (int64_t h = 0; h < H; ++h) out_row[h] = static_cast<scalar_t>(acc[h]);
-      }
+      sum_token_rows<scalar_t>(src, pos, k, H, begin, end, dst, acc.data());
     });
   });
   return out;

@@ -387,13 +387,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor b2f = b2.has_value() ? b2->to(at::kFloat).contiguous() : at::Tensor();
   // As in the forward: experts one after another over shared scratch rows, or spread over the threads
   // with scratch rows of their own (buffer_row(a) says where an expert's scratch starts).
-  const bool parallel_experts = experts_in_parallel(s.E);
-  const int64_t scratch_rows = parallel_experts ? s.N : max_rows;
-  auto buffer_row = [&](int64_t a) { return parallel_experts ? a : int64_t(0); };
+  // Token chunks as in the forward (small expert weights): one parallel region over token ranges
+  // (gathers, u = g @ w2, the activation's backward, grad_x of the range's tokens), then one over the
+  // experts for the weight gradients (one GEMM per expert over all its rows, as in expert order).
+  int64_t chunks = token_chunks(s, x.element_size());
+  if (chunks > 0 && !slots_ascending_per_expert(sorted_slots, off)) chunks = 0;
+  const bool parallel_experts = chunks > 0 ? at::get_num_threads() > 1 : experts_in_parallel(s.E);
+  const bool full_scratch = chunks > 0 || parallel_experts;
+  const int64_t scratch_rows = full_scratch ? s.N : max_rows;
+  auto buffer_row = [&](int64_t a) { return full_scratch ? a : int64_t(0); };
   const at::Tensor hidden_c = hidden_kept ? hidden.contiguous() : at::empty({scratch_rows, s.M1}, x.options());
-  // Gradient rows in expert order; each expert's slice is reused for its grad_xs once consumed.
-  at::Tensor g_rows = gather_rows(grad_out.to(x.scalar_type()), sorted_slots, s.k);
-  const at::Tensor xs = gather_rows(x, sorted_slots, s.k);
+  const at::Tensor grad_out_x = grad_out.to(x.scalar_type()).contiguous();
+  // Gradient rows in expert order; in expert order each expert's slice is reused for its grad_xs once
+  // consumed (token chunks keep g_rows for the weight gradients and write grad_xs to grad_xs_rows).
+  at::Tensor g_rows = chunks > 0 ? at::empty({s.N, s.H}, x.options()) : gather_rows(grad_out_x, sorted_slots, s.k);
+  const at::Tensor xs = chunks > 0 ? at::empty({s.N, s.H}, x.options()) : gather_rows(x, sorted_slots, s.k);
+  const at::Tensor grad_xs_rows = chunks > 0 ? at::empty({s.N, s.H}, x.options()) : at::Tensor();
+  at::Tensor grad_x = chunks > 0 ? at::empty({s.T, s.H}, x.options()) : at::Tensor();
   at::Tensor u_buf = at::empty({scratch_rows, s.M2}, x.options());
   at::Tensor grad_pre_buf = at::empty({scratch_rows, s.M1}, x.options());
   at::Tensor grad_w1 = at::empty({s.E, s.M1, s.H}, x.options());
@@ -449,11 +459,96 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       }
       at::mm_out(g, grad_pre, w1[e]);  // grad of the gathered x rows, in place of the consumed grad rows
     };
-    for_each_expert(s.E, parallel_experts, run_expert);
+    if (chunks == 0) {
+      for_each_expert(s.E, parallel_experts, run_expert);
+      return;
+    }
+    // Rows [lo, hi) of expert e: pre-activation (kept, or recomputed), u = g @ w2[e] (overwritten with
+    // row_weight * act), grad_pre, the routing-weight grads, and grad_xs = grad_pre @ w1[e].
+    auto run_rows = [&](int64_t e, int64_t lo, int64_t hi) {
+      const int64_t a = off[e], n = off[e + 1] - off[e], m = hi - lo;
+      if (m == 0) return;
+      const at::Tensor xs_rows = xs.narrow(0, lo, m);
+      const at::Tensor g = g_rows.narrow(0, lo, m);
+      scalar_t* pre_ptr;
+      Block layout;
+      if (hidden_kept) {  // columns [lo - a, hi - a) of the forward's transposed block [M1, n]
+        pre_ptr = hidden_c.data_ptr<scalar_t>() + a * s.M1 + (lo - a);
+        layout = Block{1, n};
+      } else {
+        at::Tensor pre = hidden_c.narrow(0, lo, m);
+        at::mm_out(pre, xs_rows, w1[e].t());
+        if (b1f.defined()) pre.add_(b1f[e].to(x.scalar_type()));
+        pre_ptr = pre.data_ptr<scalar_t>();
+        layout = Block{s.M1, 1};
+      }
+      at::Tensor u = u_buf.narrow(0, lo, m);
+      at::Tensor grad_pre = grad_pre_buf.narrow(0, lo, m);
+      at::mm_out(u, g, w2[e]);
+      activation_backward<scalar_t>(pre_ptr, layout, u.data_ptr<scalar_t>(), g.data_ptr<scalar_t>(),
+                                    b2f.defined() ? b2f.data_ptr<float>() + e * s.H : nullptr, m, s.M1, s.M2, s.H,
+                                    row_weight.data() + lo, grad_pre.data_ptr<scalar_t>(),
+                                    grad_weight_sorted.data() + lo, static_cast<float>(scale), spec);
+      at::Tensor grad_xs = grad_xs_rows.narrow(0, lo, m);
+      at::mm_out(grad_xs, grad_pre, w1[e]);
+    };
+    const int32_t* slots = sorted_slots.data_ptr<int32_t>();
+    const scalar_t* x_ptr = x.data_ptr<scalar_t>();
+    const scalar_t* grad_out_ptr = grad_out_x.data_ptr<scalar_t>();
+    scalar_t* xs_ptr = xs.data_ptr<scalar_t>();
+    scalar_t* g_ptr = g_rows.data_ptr<scalar_t>();
+    const size_t row_bytes = s.H * sizeof(scalar_t);
+    const at::ThreadLocalState caller_state;  // see for_each_expert
+    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+      at::ThreadLocalStateGuard state_guard(caller_state);
+      std::vector<at::opmath_type<scalar_t>> acc(s.H);
+      for (int64_t c = begin; c < end; ++c) {
+        const int64_t t0 = s.T * c / chunks, t1 = s.T * (c + 1) / chunks;
+        for (int64_t e = 0; e < s.E; ++e) {
+          const int32_t* first = slots + off[e];
+          const int32_t* last = slots + off[e + 1];
+          const int64_t lo = std::lower_bound(first, last, static_cast<int32_t>(t0 * s.k)) - slots;
+          const int64_t hi = std::lower_bound(first, last, static_cast<int32_t>(t1 * s.k)) - slots;
+          for (int64_t p = lo; p < hi; ++p) {
+            const int64_t t = slots[p] / s.k;
+            std::memcpy(xs_ptr + p * s.H, x_ptr + t * s.H, row_bytes);
+            std::memcpy(g_ptr + p * s.H, grad_out_ptr + t * s.H, row_bytes);
+          }
+          run_rows(e, lo, hi);
+        }
+        sum_token_rows<scalar_t>(grad_xs_rows.data_ptr<scalar_t>(), slot_positions.data_ptr<int32_t>(), s.k, s.H,
+                                 t0, t1, grad_x.data_ptr<scalar_t>(), acc.data());
+      }
+    });
+    // Weight gradients, per expert over all its rows: grad_w2[e] = g^T @ (w * act), grad_w1[e] = grad_pre^T @ xs.
+    for_each_expert(s.E, parallel_experts, [&](int64_t e) {
+      const int64_t a = off[e], n = off[e + 1] - off[e];
+      at::Tensor grad_w1_e = grad_w1[e];
+      at::Tensor grad_w2_e = grad_w2[e];
+      if (n == 0) {
+        grad_w1_e.zero_();
+        grad_w2_e.zero_();
+        if (grad_b1_x.defined()) grad_b1_x[e].zero_();
+        if (grad_b2_x.defined()) grad_b2_x[e].zero_();
+        return;
+      }
+      const at::Tensor g = g_rows.narrow(0, a, n);
+      const at::Tensor grad_pre = grad_pre_buf.narrow(0, a, n);
+      at::mm_out(grad_w2_e, g.t(), u_buf.narrow(0, a, n));
+      if (grad_b2_x.defined()) {
+        weighted_column_sum<scalar_t>(g.data_ptr<scalar_t>(), n, s.H, row_weight.data() + a,
+                                      grad_b2_x[e].data_ptr<scalar_t>());
+      }
+      at::mm_out(grad_w1_e, grad_pre.t(), xs.narrow(0, a, n));
+      if (grad_b1_x.defined()) {
+        weighted_column_sum<scalar_t>(grad_pre.data_ptr<scalar_t>(), n, s.M1, nullptr,
+                                      grad_b1_x[e].data_ptr<scalar_t>());
+      }
+    });
   });
   if (grad_b1_x.defined()) grad_b1.copy_(grad_b1_x);
   if (grad_b2_x.defined()) grad_b2.copy_(grad_b2_x);
-  at::Tensor grad_x = scatter_rows_sum(g_rows, slot_positions, s.k);
+  if (chunks == 0) grad_x = scatter_rows_sum(g_rows, slot_positions, s.k);
   at::Tensor grad_weights = at::empty({s.T, s.k}, weights.options());
   const int32_t* pos = slot_positions.data_ptr<int32_t>();
   float* gw = grad_weights.data_ptr<float>();
