@@ -413,7 +413,8 @@ class AdapterConfig:
     fused: forward/backward-data in one kernel (requires padded rank <= block_r);
     block_m: sorted rows per tile; block_k: H step of the shrink reduction; block_n: H tile of the
     expand output; block_r: rank tile (>= 16, the tl.dot minimum; smaller ranks are masked);
-    wgrad_block_*: the per-expert weight-gradient kernel's row step and output tile."""
+    wgrad_block_*: the per-expert weight-gradient kernel's row step and output tile;
+    wgrad_num_stages: its pipeline depth (None: num_stages)."""
 
     fused: bool
     block_m: int
@@ -425,6 +426,11 @@ class AdapterConfig:
     wgrad_block_m: int = 64
     wgrad_block_h: int = 64
     wgrad_block_r: int = 64
+    wgrad_num_stages: int | None = None
+
+    @property
+    def wgrad_stages(self) -> int:
+        return self.num_stages if self.wgrad_num_stages is None else self.wgrad_num_stages
 
 
 # Shape classes: rank class x token class. Rank: "r16" (r <= 16), "r64" (<= 64), "r128" (<= 128),
@@ -432,6 +438,8 @@ class AdapterConfig:
 # the split path spreads work over rank and H tiles), "medium" (N <= 8192), "large" (more: the fused path
 # keeps the [N, r] intermediate in registers). Block sizes are first guesses sized for sm_80/sm_90
 # (no GPU was available to tune them); every entry is AOT-compiled spill-free (see COMPILE_SPECS).
+# r16-large takes 8 warps (at 4 the relu fused backward with k = 1 spilled on sm_80); decode ranks
+# > 16 step H by 64 (128 put the split backward shrink at 255 registers on sm_80).
 ADAPTER_CONFIGS: dict[tuple[str, str], AdapterConfig] = {
     ("r16", "decode"): AdapterConfig(False, 16, 128, 64, 16, 4, 2, 32, 64, 16),
     ("r16", "medium"): AdapterConfig(True, 64, 64, 64, 16, 4, 3, 64, 64, 16),
@@ -449,7 +457,7 @@ ADAPTER_CONFIGS: dict[tuple[str, str], AdapterConfig] = {
 
 # Launches whose H is not a multiple of 16 or whose tensors are not 16-byte aligned get no vectorised
 # loads (Triton specialises on both), so every element carries its own address and mask: small tiles.
-UNALIGNED_CONFIG = AdapterConfig(False, 16, 32, 32, 32, 4, 2, 16, 32, 32)
+UNALIGNED_CONFIG = AdapterConfig(False, 16, 16, 32, 32, 4, 2, 16, 32, 32)
 
 # Under the interpreter cost grows with programs x loop steps: one wide tile for the small test shapes.
 _INTERPRETER_BLOCK = 64
@@ -486,14 +494,15 @@ SPLIT_BACKWARD_MAX_BLOCK_R = 64
 
 def for_dtype(config: AdapterConfig, dtype: torch.dtype) -> AdapterConfig:
     """fp32 inputs: tl.dot runs as exact fp32 FMA (unless TF32 is allowed) and its operands take twice
-    the registers, so tiles shrink (the table's sizes are for fp16/bf16)."""
+    the registers, so tiles shrink (the table's sizes are for fp16/bf16). The weight-gradient kernel is not
+    pipelined in fp32: with two stages it took up to 255 registers on sm_80 and spilled on sm_90 (r = 16)."""
     if dtype != torch.float32:
         return config
     return dataclasses.replace(
         config, block_m=min(config.block_m, 32), block_k=min(config.block_k, 32), block_n=min(config.block_n, 64),
         block_r=min(config.block_r, 32), num_stages=min(config.num_stages, 2),
         wgrad_block_m=min(config.wgrad_block_m, 32), wgrad_block_h=min(config.wgrad_block_h, 64),
-        wgrad_block_r=min(config.wgrad_block_r, 32))
+        wgrad_block_r=min(config.wgrad_block_r, 32), wgrad_num_stages=1)
 
 
 def select_config(num_slots: int, rank: int, dtype: torch.dtype = torch.bfloat16) -> AdapterConfig:
@@ -627,7 +636,7 @@ def _backward_impl(grad, h, down, up, weights, expert_offsets, sorted_slots, act
     d_up = torch.empty_like(up)
     d_down = torch.empty_like(down)
     wgrad = dict(UPCAST=p["upcast"], DOT_PRECISION=p["precision"], BLOCK_M=cfg.wgrad_block_m,
-                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                 num_warps=cfg.num_warps, num_stages=cfg.wgrad_stages)
     block_h = cfg.wgrad_block_h
     block_r = min(cfg.wgrad_block_r, _rank_tile(R))
     # d(up)[e] [H, R] = sum (scale w dy_t)^T act(z)
@@ -764,13 +773,18 @@ def _compile_specs():
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
         if aligned is None:
             aligned = config is not UNALIGNED_CONFIG
-        divisible = _TABLE_DIVISIBLE if aligned else ()
-        key = (kernel.__name__, tuple(sorted(pointers.items())), tuple(sorted(constexprs.items())),
-               tuple(sorted(options.items())), divisible)
-        if key not in seen:
-            seen.add(key)
-            signature = _signature(names, pointers, dtype, constexprs)
-            specs.append((kernel, signature, dict(constexprs), options, divisible))
+        constexprs = dict(constexprs)
+        if constexprs.get("OUT_BY_TOKEN"):
+            constexprs["top_k"] = 1  # by-token output is the k = 1 launch, which the JIT specialises to a constant
+        base = _TABLE_DIVISIBLE if aligned else ()
+        # the rank R is a multiple of 16 (16, 32, 64, ...) or not (1-15, 24, 100, ...): both specialisations run
+        for divisible in (base, base + ("R",)) if "R" in names else (base,):
+            key = (kernel.__name__, tuple(sorted(pointers.items())), tuple(sorted(constexprs.items())),
+                   tuple(sorted(options.items())), divisible)
+            if key not in seen:
+                seen.add(key)
+                signature = _signature(names, pointers, dtype, constexprs)
+                specs.append((kernel, signature, constexprs, options, divisible))
 
     for table_config in (*ADAPTER_CONFIGS.values(), UNALIGNED_CONFIG):
         for dtype, precision in _COMPILE_VARIANTS:
@@ -808,10 +822,14 @@ def _compile_specs():
             wgrad_pointers = {"left_ptr": data, "right_ptr": data, "weights_ptr": "*fp32",
                               "expert_offsets_ptr": "*i32", "sorted_slots_ptr": "*i32", "out_ptr": data}
             wgrad = dict(BLOCK_M=config.wgrad_block_m, UPCAST=False, DOT_PRECISION=precision)
+            wgrad_config = dataclasses.replace(config, num_stages=config.wgrad_stages)
+            aligned = table_config is not UNALIGNED_CONFIG
             add(_adapter_weight_grad_kernel, wgrad_pointers, dtype,
-                dict(wgrad, D_UP=True, BLOCK_P=config.wgrad_block_h, BLOCK_Q=config.wgrad_block_r), config)
+                dict(wgrad, D_UP=True, BLOCK_P=config.wgrad_block_h, BLOCK_Q=config.wgrad_block_r), wgrad_config,
+                aligned)
             add(_adapter_weight_grad_kernel, wgrad_pointers, dtype,
-                dict(wgrad, D_UP=False, BLOCK_P=config.wgrad_block_r, BLOCK_Q=config.wgrad_block_h), config)
+                dict(wgrad, D_UP=False, BLOCK_P=config.wgrad_block_r, BLOCK_Q=config.wgrad_block_h), wgrad_config,
+                aligned)
     combine = AdapterConfig(False, 16, 16, 16, 16, **_COMBINE_OPTIONS)  # only its warps and stages count
     for dtype in _COMPILE_DTYPES:
         for aligned in (True, False):
