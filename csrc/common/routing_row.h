@@ -137,25 +137,64 @@ MOE_HOST_DEVICE inline void finish_weights(float* picked, const RouteParams& p) 
   for (int64_t j = 0; j < k; ++j) picked[j] = picked[j] * p.scale;
 }
 
+// Choice value of expert e: score (+ bias); -inf for experts of dropped groups, exactly as the
+// reference's masked_fill does.
+template <typename bias_t>
+MOE_HOST_DEVICE inline float choice_value(const float* scores, const bias_t* bias, const float* keep,
+                                          int64_t per_group, int64_t e) {
+  const float c = bias ? scores[e] + static_cast<float>(bias[e]) : scores[e];
+  return keep && keep[e / per_group] == 0.0f ? -INFINITY : c;
+}
+
 // Expert choice and final weights of one row from its scores (softmax/sigmoid already applied when
 // !topk_first, the logits as float otherwise): group-limited choice, top-k, finish_weights.
 //   scores [E] float (read only); bias [E] of bias_t or nullptr (choice only);
-//   scratch: 2 * n_group floats when grouped (else unused); weights_out [k] float; ids_out [k] int32.
+//   scratch: 2 * n_group floats when grouped (else unused); weights_out [k] float; ids_out [k] int32;
+//   candidates: E int32 of scratch for the prefilter below, or nullptr (no prefilter).
+// Prefilter (when candidates is given, k divides E and no choice value is NaN): split the experts into k
+// equal blocks; the smallest block maximum tau is <= the k-th largest value (each block holds one value
+// >= tau), so only experts with value >= tau can be chosen. They are listed branch-free, then ranked
+// exactly as without the prefilter (same result, about half the time at E = 64, k = 8).
 template <typename bias_t>
 MOE_HOST_DEVICE void route_row_choose(const float* scores, const bias_t* bias, const RouteParams& p, float* scratch,
-                                      float* weights_out, int32_t* ids_out) {
-  const int64_t E = p.num_experts;
+                                      float* weights_out, int32_t* ids_out, int32_t* candidates = nullptr) {
+  const int64_t E = p.num_experts, k = p.k;
   const bool grouped = p.n_group > 1;
-  float* keep = scratch + p.n_group;
+  float* keep = grouped ? scratch + p.n_group : nullptr;
   if (grouped) select_groups(scores, bias, p, scratch, keep);
   const int64_t per_group = grouped ? E / p.n_group : E;
-  // Top-k of the choice values; weights_out holds the choice values meanwhile. Experts of dropped
-  // groups take part as -inf, exactly as the reference's masked_fill does.
-  const int64_t k = p.k;
+  int64_t num_candidates = E;
+  const int64_t block = E / k;
+  if (candidates && E % k == 0 && block >= 2) {
+    float tau = INFINITY;
+    bool any_nan = false;
+    for (int64_t b = 0; b < k; ++b) {
+      float m = -INFINITY;
+      for (int64_t e = b * block; e < (b + 1) * block; ++e) {
+        const float c = choice_value(scores, bias, keep, per_group, e);
+        m = c > m ? c : m;
+        any_nan |= c != c;
+      }
+      tau = m < tau ? m : tau;
+    }
+    if (any_nan) {
+      candidates = nullptr;
+    } else {
+      num_candidates = 0;
+      for (int64_t e = 0; e < E; ++e) {
+        candidates[num_candidates] = static_cast<int32_t>(e);
+        num_candidates += choice_value(scores, bias, keep, per_group, e) >= tau ? 1 : 0;
+      }
+    }
+  } else {
+    candidates = nullptr;
+  }
+  // Top-k of the choice values, candidates in ascending expert order; weights_out holds the choice
+  // values meanwhile.
   int64_t count = 0;
-  for (int64_t e = 0; e < E; ++e) {
-    float c = bias ? scores[e] + static_cast<float>(bias[e]) : scores[e];
-    if (grouped && keep[e / per_group] == 0.0f) c = -INFINITY;
+  for (int64_t i = 0; i < num_candidates; ++i) {
+    const int64_t e = candidates ? candidates[i] : i;
+    const float c = choice_value(scores, bias, keep, per_group, e);
     // Fast reject once full: not above the last kept value, a later index cannot rank before it (a NaN
     // on either side compares false and takes the exact path).
     if (count == k && c <= weights_out[k - 1]) continue;

@@ -262,6 +262,47 @@ bool slots_ascending_per_expert(const at::Tensor& sorted_slots, const std::vecto
   return true;
 }
 
+// Experts x rank small enough (adapters of width 8 over a few experts) that computing every expert's
+// Down on every token costs less than the per-expert GEMM calls: see dense_small_adapter_forward.
+constexpr int64_t kDenseAdapterMaxColumns = 128;
+
+// Forward of plain (non-gated, bias-free) small adapters without the plan's row movements:
+//   h_all = x @ [w1[0]; ...; w1[E-1]]^T                  [T, E*r], one GEMM
+//   a[t, e*r:(e+1)*r] = sum_j [e_j = e] w[t,j] * scale * act(h_all[t, e*r:(e+1)*r])   (zero elsewhere)
+//   out = a @ [w2[0]^T; ...; w2[E-1]^T]                   [T, H], one GEMM (the combine is inside it)
+// Two GEMM calls instead of 2 per expert (each call costs more than its FLOPs at this size).
+template <typename scalar_t>
+at::Tensor dense_small_adapter_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
+                                       const at::Tensor& weights, const at::Tensor& slot_positions,
+                                       const std::vector<int64_t>& off, const Shapes& s, double scale,
+                                       const ActivationSpec& spec) {
+  const int64_t columns = s.E * s.M1;
+  const at::Tensor h_all = at::mm(x, w1.reshape({columns, s.H}).t());
+  const at::Tensor w2_cat = w2.permute({0, 2, 1}).reshape({columns, s.H});
+  at::Tensor a = at::empty({s.T, columns}, x.options());
+  const scalar_t* h_ptr = h_all.data_ptr<scalar_t>();
+  scalar_t* a_ptr = a.data_ptr<scalar_t>();
+  const float* w = weights.data_ptr<float>();
+  const int32_t* pos = slot_positions.data_ptr<int32_t>();
+  at::parallel_for(0, s.T, grain_rows(columns, 65536), [&](int64_t begin, int64_t end) {
+    std::vector<float> acc(columns);
+    for (int64_t t = begin; t < end; ++t) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      for (int64_t j = 0; j < s.k; ++j) {
+        // The slot's expert: the one whose rows of the plan hold the slot's position.
+        const int64_t p = pos[t * s.k + j];
+        const int64_t e = std::upper_bound(off.begin(), off.end(), p) - off.begin() - 1;
+        const float wj = w[t * s.k + j] * static_cast<float>(scale);
+        for (int64_t c = e * s.M1; c < (e + 1) * s.M1; ++c) {
+          acc[c] += wj * act::forward(spec.code, static_cast<float>(h_ptr[t * columns + c]));
+        }
+      }
+      for (int64_t c = 0; c < columns; ++c) a_ptr[t * columns + c] = static_cast<scalar_t>(acc[c]);
+    }
+  });
+  return at::mm(a, w2_cat);
+}
+
 std::tuple<at::Tensor, at::Tensor> expert_mlp_forward(
     const at::Tensor& x_in, const at::Tensor& w1, const at::Tensor& w2, const std::optional<at::Tensor>& b1,
     const std::optional<at::Tensor>& b2, const at::Tensor& weights_in, const at::Tensor& expert_offsets,
@@ -278,6 +319,16 @@ std::tuple<at::Tensor, at::Tensor> expert_mlp_forward(
   const std::vector<int64_t> off = read_offsets(expert_offsets, s.E, s.N);
   int64_t max_rows = 0;
   for (int64_t e = 0; e < s.E; ++e) max_rows = std::max(max_rows, off[e + 1] - off[e]);
+  if (!keep_hidden && !spec.gated && !b1.has_value() && !b2.has_value() && s.E * s.M1 <= kDenseAdapterMaxColumns) {
+    const char* ab_flag = std::getenv("MOE_KERNELS_AB_NO_DENSE_ADAPTER");
+    if (!(ab_flag && ab_flag[0] == '1')) {
+      at::Tensor dense_out;
+      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "expert_mlp_forward_cpu", [&] {
+        dense_out = dense_small_adapter_forward<scalar_t>(x, w1, w2, weights, slot_positions, off, s, scale, spec);
+      });
+      return {dense_out, at::empty({0, s.M1}, x.options())};
+    }
+  }
 
   const at::Tensor b1f = b1.has_value() ? b1->to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor b2x = b2.has_value() ? b2->to(x.scalar_type()).contiguous() : at::Tensor();
@@ -346,10 +397,30 @@ std::tuple<at::Tensor, at::Tensor> expert_mlp_forward(
         }
       });
     } else {
-      const at::Tensor xs = gather_rows(x, sorted_slots, s.k);
-      for_each_expert(s.E, parallel_experts, [&](int64_t e) {
-        run_rows(e, off[e], off[e + 1], xs.narrow(0, off[e], off[e + 1] - off[e]));
-      });
+      const char* ab_flag = std::getenv("MOE_KERNELS_AB_OLD_GATHER");
+      if (parallel_experts && !(ab_flag && ab_flag[0] == '1')) {
+        // Each expert gathers its rows into its thread's scratch right before its GEMMs: the rows are
+        // still in cache when read, and no [T*k, H] gathered copy goes through memory.
+        const int64_t threads = at::get_num_threads();
+        at::Tensor xs_scratch = at::empty({threads, max_rows, s.H}, x.options());
+        const int32_t* slots = sorted_slots.data_ptr<int32_t>();
+        const scalar_t* x_ptr = x.data_ptr<scalar_t>();
+        for_each_expert(s.E, true, [&](int64_t e) {
+          const int64_t a = off[e], n = off[e + 1] - off[e];
+          if (n == 0) return;
+          at::Tensor xs_rows = xs_scratch[at::get_thread_num()].narrow(0, 0, n);
+          scalar_t* xs_ptr = xs_rows.data_ptr<scalar_t>();
+          for (int64_t r = 0; r < n; ++r) {
+            std::memcpy(xs_ptr + r * s.H, x_ptr + (slots[a + r] / s.k) * s.H, s.H * sizeof(scalar_t));
+          }
+          run_rows(e, a, a + n, xs_rows);
+        });
+      } else {
+        const at::Tensor xs = gather_rows(x, sorted_slots, s.k);
+        for_each_expert(s.E, parallel_experts, [&](int64_t e) {
+          run_rows(e, off[e], off[e + 1], xs.narrow(0, off[e], off[e + 1] - off[e]));
+        });
+      }
       const at::Tensor scaled_weights = scale == 1.0 ? weights : weights * scale;
       out = combine(ys, slot_positions, scaled_weights);
     }
@@ -400,8 +471,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor grad_out_x = grad_out.to(x.scalar_type()).contiguous();
   // Gradient rows in expert order; in expert order each expert's slice is reused for its grad_xs once
   // consumed (token chunks keep g_rows for the weight gradients and write grad_xs to grad_xs_rows).
-  at::Tensor g_rows = chunks > 0 ? at::empty({s.N, s.H}, x.options()) : gather_rows(grad_out_x, sorted_slots, s.k);
-  const at::Tensor xs = chunks > 0 ? at::empty({s.N, s.H}, x.options()) : gather_rows(x, sorted_slots, s.k);
+  // With experts spread over the threads, each expert gathers its own rows (as in the forward): its
+  // grad rows into g_rows, its x rows into its thread's scratch.
+  const char* ab_flag = std::getenv("MOE_KERNELS_AB_OLD_GATHER");
+  const bool gather_in_expert = chunks == 0 && parallel_experts && !(ab_flag && ab_flag[0] == '1');
+  at::Tensor g_rows = chunks > 0 || gather_in_expert ? at::empty({s.N, s.H}, x.options())
+                                                     : gather_rows(grad_out_x, sorted_slots, s.k);
+  const at::Tensor xs = chunks > 0 ? at::empty({s.N, s.H}, x.options())
+                        : gather_in_expert ? at::empty({at::get_num_threads(), max_rows, s.H}, x.options())
+                                           : gather_rows(x, sorted_slots, s.k);
   const at::Tensor grad_xs_rows = chunks > 0 ? at::empty({s.N, s.H}, x.options()) : at::Tensor();
   at::Tensor grad_x = chunks > 0 ? at::empty({s.T, s.H}, x.options()) : at::Tensor();
   at::Tensor u_buf = at::empty({scratch_rows, s.M2}, x.options());
@@ -424,8 +502,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
         if (grad_b2_x.defined()) grad_b2_x[e].zero_();
         return;
       }
-      const at::Tensor xs_rows = xs.narrow(0, a, n);
       at::Tensor g = g_rows.narrow(0, a, n);
+      at::Tensor xs_rows;
+      if (gather_in_expert) {
+        xs_rows = xs[at::get_thread_num()].narrow(0, 0, n);
+        const int32_t* slots = sorted_slots.data_ptr<int32_t>();
+        const scalar_t* x_ptr = x.data_ptr<scalar_t>();
+        const scalar_t* grad_out_ptr = grad_out_x.data_ptr<scalar_t>();
+        scalar_t* xs_ptr = xs_rows.data_ptr<scalar_t>();
+        scalar_t* g_ptr = g.data_ptr<scalar_t>();
+        for (int64_t r = 0; r < n; ++r) {
+          const int64_t t = slots[a + r] / s.k;
+          std::memcpy(xs_ptr + r * s.H, x_ptr + t * s.H, s.H * sizeof(scalar_t));
+          std::memcpy(g_ptr + r * s.H, grad_out_ptr + t * s.H, s.H * sizeof(scalar_t));
+        }
+      } else {
+        xs_rows = xs.narrow(0, a, n);
+      }
       at::Tensor pre;
       Block layout;
       if (hidden_kept) {  // the forward's transposed block [M1, n]
