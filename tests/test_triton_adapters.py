@@ -177,7 +177,7 @@ def test_compile_specs_cover_every_table_config():
             first = "_adapter_fused_kernel" if config.fused else "_adapter_shrink_kernel"
             assert (first, config.block_m, config.num_warps, config.num_stages) in compiled, config
             assert ("_adapter_weight_grad_kernel", config.wgrad_block_m, config.num_warps,
-                    config.num_stages) in compiled, config
+                    config.wgrad_stages) in compiled, config
 
 
 @pytest.mark.parametrize("H,misaligned,aligned", [(32, None, True), (20, None, False), (24, None, False),
