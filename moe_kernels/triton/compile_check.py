@@ -18,6 +18,7 @@ import contextlib
 import functools
 import hashlib
 import importlib
+import io
 import json
 import os
 import re
@@ -92,36 +93,47 @@ def _ptxas_path(cc: int) -> str:
     return getattr(tool, "path", tool)
 
 
-def _ptxas_usage(ptx: str, arch_name: str, cc: int, fp_fusion: bool) -> dict:
-    """Registers and spill bytes from ``ptxas -v`` on the kernel's PTX, with the flags Triton's own cubin
-    step uses (register allocation level, fmad). Cached next to Triton's cache, keyed by the PTX and the
-    tool, so a rerun over a warm Triton cache costs neither a compile nor a ptxas run."""
-    import triton
-    from triton import knobs
-    ptxas = _ptxas_path(cc)
-    command = [ptxas, "-v", "--regAllocOptLevel=2", *([] if fp_fusion else ["--fmad=false"]), f"--gpu-name={arch_name}"]
-    key = hashlib.sha256("\0".join([triton.__version__, *command, ptx]).encode()).hexdigest()
-    cache_path = os.path.join(knobs.cache.dir, "moe_kernels_ptxas", key + ".json")
-    try:
-        with open(cache_path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        pass
-    with tempfile.TemporaryDirectory() as tmp:
-        ptx_path = os.path.join(tmp, "kernel.ptx")
-        with open(ptx_path, "w") as f:
-            f.write(ptx)
-        run = subprocess.run([*command, ptx_path, "-o", os.path.join(tmp, "k.cubin")], capture_output=True, text=True)
-    log = run.stdout + run.stderr
-    if run.returncode != 0:
-        raise RuntimeError(f"ptxas failed: {log.strip()[-500:]}")
+def _ptxas_command(arch_name: str, cc: int, fp_fusion: bool) -> list[str]:
+    """``ptxas -v`` with the flags Triton's own cubin step passes that change code (register allocation
+    level, fmad)."""
+    return [_ptxas_path(cc), "-v", "--regAllocOptLevel=2", *([] if fp_fusion else ["--fmad=false"]),
+            f"--gpu-name={arch_name}"]
+
+
+def _parse_ptxas_log(log: str) -> dict | None:
     regs = re.search(r"Used (\d+) registers", log)
+    if regs is None:
+        return None
     spill_store = re.search(r"(\d+) bytes spill stores", log)
     spill_load = re.search(r"(\d+) bytes spill loads", log)
     stack = re.search(r"(\d+) bytes stack frame", log)
-    usage = {"registers": int(regs.group(1)) if regs else -1,
-             "spill": (int(spill_store.group(1)) if spill_store else 0) + (int(spill_load.group(1)) if spill_load else 0),
-             "stack": int(stack.group(1)) if stack else 0}
+    return {"registers": int(regs.group(1)),
+            "spill": (int(spill_store.group(1)) if spill_store else 0) + (int(spill_load.group(1)) if spill_load else 0),
+            "stack": int(stack.group(1)) if stack else 0}
+
+
+def _ptxas_usage(ptx: str, command: list[str], triton_log: str = "") -> dict:
+    """Registers and spill bytes of the kernel's PTX: from ``triton_log`` (Triton's own ``ptxas -v`` output
+    when it has just compiled the kernel), else from a cache next to Triton's (keyed by the PTX and the
+    command), else by running ``command``. A rerun over a warm Triton cache costs no compile and no ptxas."""
+    import triton
+    from triton import knobs
+    key = hashlib.sha256("\0".join([triton.__version__, *command, ptx]).encode()).hexdigest()
+    cache_path = os.path.join(knobs.cache.dir, "moe_kernels_ptxas", key + ".json")
+    usage = _parse_ptxas_log(triton_log)
+    if usage is None:
+        with contextlib.suppress(OSError, ValueError):
+            with open(cache_path) as f:
+                return json.load(f)
+        with tempfile.TemporaryDirectory() as tmp:
+            ptx_path = os.path.join(tmp, "kernel.ptx")
+            with open(ptx_path, "w") as f:
+                f.write(ptx)
+            run = subprocess.run([*command, ptx_path, "-o", os.path.join(tmp, "k.cubin")], capture_output=True,
+                                 text=True)
+        if run.returncode != 0:
+            raise RuntimeError(f"ptxas failed: {(run.stdout + run.stderr).strip()[-500:]}")
+        usage = _parse_ptxas_log(run.stdout + run.stderr) or {"registers": -1, "spill": 0, "stack": 0}
     with contextlib.suppress(OSError):  # the cache is an optimisation only
         os.makedirs(os.path.dirname(cache_path), exist_ok=True)
         with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(cache_path), delete=False) as f:
@@ -135,6 +147,7 @@ def _compile_one(job):
     index, cc = job
     module, kernel, signature, constexprs, options, divisible = _specs_in_worker()[index]
     import triton
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
     row = {"module": module, "kernel": kernel.__name__, "arch": f"sm_{cc}", "config": _describe(signature, constexprs, options, divisible)}
@@ -143,10 +156,16 @@ def _compile_one(job):
         # measure unvectorised variants that never run (one 64-bit address per loaded element).
         attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(kernel.arg_names)
                  if signature[name].startswith("*") or name in divisible}
-        compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", cc, 32),
-                                  options=dict(options))
+        # Triton's cubin step runs ptxas -v; with its log printed (captured here) a fresh compile needs
+        # no second ptxas run. A cache hit prints nothing and falls back to the check's own cache.
+        knobs.nvidia.dump_ptxas_log = True
+        triton_log = io.StringIO()
+        with contextlib.redirect_stdout(triton_log):
+            compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs),
+                                      target=GPUTarget("cuda", cc, 32), options=dict(options))
         target = re.search(r"^\.target\s+(\S+)", compiled.asm["ptx"], re.MULTILINE).group(1)
-        row.update(_ptxas_usage(compiled.asm["ptx"], target, cc, bool(compiled.metadata.enable_fp_fusion)))
+        command = _ptxas_command(target, cc, bool(compiled.metadata.enable_fp_fusion))
+        row.update(_ptxas_usage(compiled.asm["ptx"], command, triton_log.getvalue()))
         row["shared"] = int(compiled.metadata.shared)
         row["error"] = None
     except Exception as exc:  # noqa: BLE001 - every failure is a row of the report
