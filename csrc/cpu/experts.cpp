@@ -9,6 +9,10 @@
 // combine back to token order. The backward recomputes the activation from the saved pre-activation
 // `hidden` (or recomputes `hidden` too when it was not kept) and never needs ys: the routing-weight
 // gradient uses <grad_out, ys> = <grad_out @ w2, act> + <grad_out, b2>.
+// Forward variants (same math): tiny plain adapters without grad take two dense GEMMs over all experts
+// (dense_small_adapter_forward); small expert weights run in token chunks, one parallel region
+// (token_chunks); otherwise expert order, each expert gathering its own rows when experts are spread
+// over the threads. The backward has the token-chunk and expert-order variants.
 // These ops are CPU-only (the CUDA backend composes gather_rows / combine with torch matmuls).
 #include <algorithm>
 #include <cstdlib>
@@ -320,14 +324,11 @@ std::tuple<at::Tensor, at::Tensor> expert_mlp_forward(
   int64_t max_rows = 0;
   for (int64_t e = 0; e < s.E; ++e) max_rows = std::max(max_rows, off[e + 1] - off[e]);
   if (!keep_hidden && !spec.gated && !b1.has_value() && !b2.has_value() && s.E * s.M1 <= kDenseAdapterMaxColumns) {
-    const char* ab_flag = std::getenv("MOE_KERNELS_AB_NO_DENSE_ADAPTER");
-    if (!(ab_flag && ab_flag[0] == '1')) {
-      at::Tensor dense_out;
-      AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "expert_mlp_forward_cpu", [&] {
-        dense_out = dense_small_adapter_forward<scalar_t>(x, w1, w2, weights, slot_positions, off, s, scale, spec);
-      });
-      return {dense_out, at::empty({0, s.M1}, x.options())};
-    }
+    at::Tensor dense_out;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "expert_mlp_forward_cpu", [&] {
+      dense_out = dense_small_adapter_forward<scalar_t>(x, w1, w2, weights, slot_positions, off, s, scale, spec);
+    });
+    return {dense_out, at::empty({0, s.M1}, x.options())};
   }
 
   const at::Tensor b1f = b1.has_value() ? b1->to(at::kFloat).contiguous() : at::Tensor();
@@ -397,8 +398,7 @@ std::tuple<at::Tensor, at::Tensor> expert_mlp_forward(
         }
       });
     } else {
-      const char* ab_flag = std::getenv("MOE_KERNELS_AB_OLD_GATHER");
-      if (parallel_experts && !(ab_flag && ab_flag[0] == '1')) {
+      if (parallel_experts) {
         // Each expert gathers its rows into its thread's scratch right before its GEMMs: the rows are
         // still in cache when read, and no [T*k, H] gathered copy goes through memory.
         const int64_t threads = at::get_num_threads();
@@ -473,8 +473,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   // consumed (token chunks keep g_rows for the weight gradients and write grad_xs to grad_xs_rows).
   // With experts spread over the threads, each expert gathers its own rows (as in the forward): its
   // grad rows into g_rows, its x rows into its thread's scratch.
-  const char* ab_flag = std::getenv("MOE_KERNELS_AB_OLD_GATHER");
-  const bool gather_in_expert = chunks == 0 && parallel_experts && !(ab_flag && ab_flag[0] == '1');
+  const bool gather_in_expert = chunks == 0 && parallel_experts;
   at::Tensor g_rows = chunks > 0 || gather_in_expert ? at::empty({s.N, s.H}, x.options())
                                                      : gather_rows(grad_out_x, sorted_slots, s.k);
   const at::Tensor xs = chunks > 0 ? at::empty({s.N, s.H}, x.options())
