@@ -321,6 +321,18 @@ def test_compile_check_flags_spills_shared_memory_and_errors():
     assert compile_check._parse_arch("sm_80,sm_90a") == [80, 90]
 
 
+def test_compile_check_reads_spills_from_the_ptxas_log_and_lists_each_specialisation_once():
+    log = ("ptxas info    : Compiling entry function 'k' for 'sm_80'\n"
+           "ptxas info    : Function properties for k\n"
+           "    24 bytes stack frame, 12 bytes spill stores, 12 bytes spill loads\n"
+           "ptxas info    : Used 64 registers, used 1 barriers, 24 bytes stack frame\n")
+    assert compile_check._parse_ptxas_log(log) == {"registers": 64, "spill": 24, "stack": 24}
+    assert compile_check._parse_ptxas_log("") is None
+    keys = [(spec[1].__name__, tuple(spec[2].items()), compile_check._freeze(spec[3]),
+             compile_check._freeze(spec[4]), frozenset(spec[5])) for spec in compile_check.collect_specs()]
+    assert len(keys) == len(set(keys))
+
+
 @pytest.mark.slow
 def test_compile_check_compiles_the_plan_kernels():
     assert compile_check.main(["--arch", "sm_90", "--only", "plan", "--jobs", "1"]) == 0

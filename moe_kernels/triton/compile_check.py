@@ -4,8 +4,11 @@
 (``COMPILE_SPECS`` / ``_compile_specs()`` of each module in ``moe_kernels.triton.KERNEL_MODULES``) with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` and prints, per kernel and config,
 the registers per thread, the shared memory Triton allocates, and the spill bytes ptxas reports
-(``ptxas -v`` on the generated PTX, with the ptxas bundled with triton). The exit status is non-zero
-on any compile failure, any spill, or shared memory above the architecture's per-block limit.
+(``ptxas -v``, the ptxas bundled with triton). The exit status is non-zero on any compile failure, any
+spill, more than 255 registers, or shared memory above the architecture's per-block limit. Each spec is
+compiled in the specialisation Triton's JIT gives its real launches (see :func:`collect_specs`).
+Results are cached with Triton's cache, so a rerun recompiles only what changed. The table of the
+shipped configs is in docs/triton_compile_check.md.
 
 Must run in a process without ``TRITON_INTERPRET=1`` (the interpreter replaces compilation); main()
 re-executes itself in a clean subprocess when it finds the variable set.
@@ -108,7 +111,7 @@ def _parse_ptxas_log(log: str) -> dict | None:
     spill_load = re.search(r"(\d+) bytes spill loads", log)
     stack = re.search(r"(\d+) bytes stack frame", log)
     return {"registers": int(regs.group(1)),
-            "spill": (int(spill_store.group(1)) if spill_store else 0) + (int(spill_load.group(1)) if spill_load else 0),
+            "spill": sum(int(match.group(1)) for match in (spill_store, spill_load) if match),
             "stack": int(stack.group(1)) if stack else 0}
 
 
@@ -150,7 +153,8 @@ def _compile_one(job):
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
-    row = {"module": module, "kernel": kernel.__name__, "arch": f"sm_{cc}", "config": _describe(signature, constexprs, options, divisible)}
+    row = {"module": module, "kernel": kernel.__name__, "arch": f"sm_{cc}",
+           "config": _describe(signature, constexprs, options, divisible)}
     try:
         # As the JIT specialises a real launch (see collect_specs); without these hints the check would
         # measure unvectorised variants that never run (one 64-bit address per loaded element).
