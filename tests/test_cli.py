@@ -1,0 +1,30 @@
+"""The moe-kernels command: info and demo run and report what they should."""
+
+import pytest
+
+from moe_kernels.cli import main
+
+pytest.importorskip("transformers")
+
+
+def test_info_lists_backends_and_families(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "backends:" in out and "reference  built" in out
+    assert "mixtral" in out and "Hugging Face families" in out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_demo_agrees_with_transformers(capsys, dtype):
+    code = main(["demo", "--tokens", "24", "--hidden", "32", "--intermediate", "16", "--experts", "5",
+                 "--top-k", "2", "--repeats", "1", "--dtype", dtype])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "-> AGREE" in out and "transformers grouped_mm" in out
+
+
+def test_delegated_subcommand_help(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["craft", "--help"])
+    assert exc.value.code == 0
+    assert "SRC_DIR" in capsys.readouterr().out
