@@ -91,7 +91,7 @@ def plan(ids: torch.Tensor, num_experts: int, *, backend: str | None = None) -> 
     if not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
     if value_checks_enabled(ids) and ids.numel():
-        lo, hi = int(ids.min()), int(ids.max())
+        lo, hi = (int(v) for v in torch.aminmax(ids))
         if lo < 0 or hi >= num_experts:
             raise ValueError(f"ids must lie in [0, {num_experts}), got values in [{lo}, {hi}]")
     ids = ids.to(torch.int32).contiguous()
