@@ -121,6 +121,12 @@ if _C is not None:
 
     torch.library.register_autograd("moe_kernels::route_forward", _route_backward, setup_context=_route_setup)
 
+    def _inverse_permutation(perm):
+        """sorted_slots <-> slot_positions: each is the inverse permutation of the other (int32)."""
+        inverse = torch.empty_like(perm)
+        inverse[perm.long()] = torch.arange(perm.shape[0], device=perm.device, dtype=torch.int32)
+        return inverse
+
     def _gather_setup(ctx, inputs, output):
         _x, sorted_slots, k = inputs
         ctx.save_for_backward(sorted_slots)
@@ -128,10 +134,7 @@ if _C is not None:
 
     def _gather_backward(ctx, grad_rows):
         (sorted_slots,) = ctx.saved_tensors
-        # slot_positions is the inverse permutation of sorted_slots.
-        slot_positions = torch.empty_like(sorted_slots)
-        slot_positions[sorted_slots.long()] = torch.arange(sorted_slots.shape[0], device=sorted_slots.device,
-                                                           dtype=torch.int32)
+        slot_positions = _inverse_permutation(sorted_slots)
         return ops.scatter_rows_sum(grad_rows.contiguous(), slot_positions, ctx.k), None, None
 
     torch.library.register_autograd("moe_kernels::gather_rows", _gather_backward, setup_context=_gather_setup)
@@ -143,9 +146,7 @@ if _C is not None:
 
     def _scatter_backward(ctx, grad_out):
         (slot_positions,) = ctx.saved_tensors
-        sorted_slots = torch.empty_like(slot_positions)
-        sorted_slots[slot_positions.long()] = torch.arange(slot_positions.shape[0], device=slot_positions.device,
-                                                           dtype=torch.int32)
+        sorted_slots = _inverse_permutation(slot_positions)
         return ops.gather_rows(grad_out.contiguous(), sorted_slots, ctx.k), None, None
 
     torch.library.register_autograd("moe_kernels::scatter_rows_sum", _scatter_backward, setup_context=_scatter_setup)

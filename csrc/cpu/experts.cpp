@@ -18,6 +18,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <ATen/ThreadLocalState.h>
@@ -254,6 +255,16 @@ int64_t token_chunks(const Shapes& s, int64_t element_size) {
   return chunks >= 2 && weight_bytes <= kMaxWeightBytes ? chunks : 0;
 }
 
+// Sorted positions [lo, hi) of expert e's rows that belong to tokens [t0, t1): with a stable plan each
+// expert's slots ascend, so token ranges map to contiguous row ranges found by binary search.
+std::pair<int64_t, int64_t> expert_rows_of_tokens(const int32_t* slots, const std::vector<int64_t>& off, int64_t e,
+                                                  int64_t t0, int64_t t1, int64_t k) {
+  const int32_t* first = slots + off[e];
+  const int32_t* last = slots + off[e + 1];
+  return {std::lower_bound(first, last, static_cast<int32_t>(t0 * k)) - slots,
+          std::lower_bound(first, last, static_cast<int32_t>(t1 * k)) - slots};
+}
+
 // Whether every expert's slots are in ascending order in sorted_slots (a stable plan, as `plan` makes):
 // then a token range maps to one contiguous row range per expert.
 bool slots_ascending_per_expert(const at::Tensor& sorted_slots, const std::vector<int64_t>& off) {
@@ -383,10 +394,7 @@ std::tuple<at::Tensor, at::Tensor> expert_mlp_forward(
         for (int64_t c = begin; c < end; ++c) {
           const int64_t t0 = s.T * c / chunks, t1 = s.T * (c + 1) / chunks;
           for (int64_t e = 0; e < s.E; ++e) {
-            const int32_t* first = slots + off[e];
-            const int32_t* last = slots + off[e + 1];
-            const int64_t lo = std::lower_bound(first, last, static_cast<int32_t>(t0 * s.k)) - slots;
-            const int64_t hi = std::lower_bound(first, last, static_cast<int32_t>(t1 * s.k)) - slots;
+            const auto [lo, hi] = expert_rows_of_tokens(slots, off, e, t0, t1, s.k);
             for (int64_t p = lo; p < hi; ++p) {
               std::memcpy(xs_ptr + p * s.H, x_ptr + (slots[p] / s.k) * s.H, s.H * sizeof(scalar_t));
             }
@@ -597,10 +605,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       for (int64_t c = begin; c < end; ++c) {
         const int64_t t0 = s.T * c / chunks, t1 = s.T * (c + 1) / chunks;
         for (int64_t e = 0; e < s.E; ++e) {
-          const int32_t* first = slots + off[e];
-          const int32_t* last = slots + off[e + 1];
-          const int64_t lo = std::lower_bound(first, last, static_cast<int32_t>(t0 * s.k)) - slots;
-          const int64_t hi = std::lower_bound(first, last, static_cast<int32_t>(t1 * s.k)) - slots;
+          const auto [lo, hi] = expert_rows_of_tokens(slots, off, e, t0, t1, s.k);
           for (int64_t p = lo; p < hi; ++p) {
             const int64_t t = slots[p] / s.k;
             std::memcpy(xs_ptr + p * s.H, x_ptr + t * s.H, row_bytes);
