@@ -1,20 +1,24 @@
 """PESC sparsity crafting on Hugging Face causal LMs (Llama, Mistral, Qwen2, Qwen3).
 
 ``craft_sparsity(model)`` replaces every decoder layer's MLP by :class:`moe_kernels.layers.AdapterMoE`
-(the MLP becomes the shared FFN; router + zero-initialised adapters are added), so the crafted model's
-logits equal the dense model's until the adapters are trained.
+(the MLP becomes the shared FFN; router + zero-initialised adapters are added) and returns a
+:class:`moe_kernels.models.PescForCausalLM` around the model, so the crafted model's logits equal the
+dense model's until the adapters are trained.
 
-Training loss. Each AdapterMoE stores its Switch load-balancing loss of the last forward. The crafted
-model's forward adds ``crafted_aux_loss(model) = sum over layers of aux_loss_coef * aux_loss`` to the
-``loss`` it returns whenever ``labels`` are given (turn off with ``add_aux_loss=False``); a training loop
-that computes its own loss from the logits adds ``crafted_aux_loss(model)`` itself.
+Training loss. With ``labels`` the crafted model's ``loss`` is cross-entropy + ``aux_loss_coef`` times ONE
+Switch load-balancing loss over the routing of all layers together (the official PESC code; not a sum of
+per-layer losses); turn it off with ``add_aux_loss=False``. A loop that computes its own loss from the
+logits adds :func:`crafted_aux_loss` itself.
 
-Save / load. ``model.save_pretrained(dir)`` (the usual Hugging Face call) writes safetensors plus
-``config.json``, which carries the crafting settings under ``moe_kernels_pesc``;
-``load_crafted(dir)`` rebuilds the model from that config, crafts it and loads the weights (strict: every
-saved tensor must be used and every parameter filled). ``AutoModelForCausalLM.from_pretrained`` alone
-does not know the crafted layout; use ``load_crafted``. With PEFT LoRA (``lora=``), merge first:
+Save / load. ``model.save_pretrained(dir)`` writes safetensors and a config of type ``moe_kernels_pesc``;
+``AutoModelForCausalLM.from_pretrained(dir)`` (after ``import moe_kernels.hf``) rebuilds the crafted
+model, bit-identical. :func:`load_crafted` does the same and also reads checkpoints of the earlier format
+(a dense config with a ``moe_kernels_pesc`` entry). With PEFT LoRA (``lora=``), merge first:
 ``model.merge_and_unload().save_pretrained(dir)``.
+
+Quantized frozen base (QLoRA-style, as the paper trains): :func:`load_quantized_base` loads a local
+checkpoint in 4 or 8 bits through bitsandbytes (a clear ImportError where it is not installed), then
+``craft_sparsity(base, ..., lora=...)`` crafts on it; the routers and adapters stay in full precision.
 
 CLI: ``moe-kernels craft SRC_DIR DST_DIR --experts 8 --top-k 2 --adapter-dim 64`` (see :func:`craft_main`).
 """
@@ -31,56 +35,24 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..layers.adapter_moe import AdapterMoE
+from ..models.pesc.modeling_pesc import (SUPPORTED_MODEL_TYPES, craft_mlps, crafted_layers,  # noqa: F401
+                                         pesc_load_balancing_loss)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-CONFIG_KEY = "moe_kernels_pesc"  # config.json entry holding the crafting settings
-_HOOK_FLAG = "_moe_kernels_aux_hook"
-
-
-def _dense_mlps(model: nn.Module) -> list[tuple[nn.Module, str, nn.Module]]:
-    """(parent, attribute, mlp) for every gated dense MLP (gate_proj/up_proj/down_proj) named ``*.mlp``."""
-    found = []
-    for name, module in model.named_modules():
-        if not name.endswith("mlp") or isinstance(module, AdapterMoE):
-            continue
-        if all(isinstance(getattr(module, p, None), nn.Linear) for p in ("gate_proj", "up_proj", "down_proj")):
-            parent_name, _, attribute = name.rpartition(".")
-            found.append((model.get_submodule(parent_name), attribute, module))
-    return found
-
-
-def crafted_layers(model: nn.Module) -> list[AdapterMoE]:
-    """The AdapterMoE layers of a crafted model, in module order."""
-    return [m for m in model.modules() if isinstance(m, AdapterMoE)]
+CONFIG_KEY = "moe_kernels_pesc"  # config.json entry of the earlier checkpoint format (read by load_crafted)
+MODEL_TYPE = "moe_kernels_pesc"
 
 
 def crafted_aux_loss(model: nn.Module) -> torch.Tensor:
-    """sum over AdapterMoE layers of ``aux_loss_coef * aux_loss`` from the last forward (fp32 scalar).
+    """``aux_loss_coef`` times the joint load-balancing loss of the last forward (fp32 scalar).
 
-    Differentiable w.r.t. the routers. Raises RuntimeError if the model has not run a forward yet.
+    One Switch loss over the router logits / chosen experts of all crafted layers concatenated, as in the
+    official PESC code (see :func:`moe_kernels.models.pesc.pesc_load_balancing_loss`). Differentiable
+    w.r.t. the routers. Raises RuntimeError if the model has not run a forward yet.
     """
     layers = crafted_layers(model)
     if not layers:
         raise ValueError("model has no AdapterMoE layers; craft it with craft_sparsity first")
-    terms = []
-    for layer in layers:
-        if layer.aux_loss is None:
-            raise RuntimeError("crafted_aux_loss needs a forward pass first (no layer has an aux_loss yet)")
-        terms.append(layer.aux_loss_coef * layer.aux_loss)
-    return torch.stack(terms).sum()
-
-
-def _add_aux_loss_hook(module, args, kwargs, output):
-    """Forward hook on the crafted causal LM: loss += crafted_aux_loss when the call computed a loss."""
-    if kwargs.get("labels") is None:
-        return output
-    aux = crafted_aux_loss(module)
-    if isinstance(output, tuple):  # return_dict=False: loss first
-        return (output[0] + aux.to(output[0].dtype),) + output[1:]
-    if getattr(output, "loss", None) is not None:
-        output.loss = output.loss + aux.to(output.loss.dtype)
-    return output
+    return layers[0].aux_loss_coef * pesc_load_balancing_loss(layers)
 
 
 def _lora_config(lora):
@@ -98,65 +70,99 @@ def _lora_config(lora):
     return lora
 
 
+def _is_quantized(model: nn.Module) -> bool:
+    return bool(getattr(model, "is_quantized", False) or getattr(model, "is_loaded_in_4bit", False)
+                or getattr(model, "is_loaded_in_8bit", False))
+
+
 def craft_sparsity(model: nn.Module, num_experts: int = 8, top_k: int = 2, adapter_dim: int = 64, *,
                    scale: float = 1.0, activation: str = "gelu", dropout: float = 0.1, aux_loss_coef: float = 0.01,
                    freeze_base: bool = False, lora=None, add_aux_loss: bool = True, backend: str | None = None,
                    progress: bool = False):
-    """Turn every MLP of a Llama/Mistral/Qwen2/Qwen3 causal LM into a PESC adapter MoE, in place.
+    """Turn every MLP of a Llama/Mistral/Qwen2/Qwen3 causal LM into a PESC adapter MoE.
 
     Args:
-        model: a transformers ``*ForCausalLM`` (or its base ``*Model``) of a supported family.
+        model: a transformers ``*ForCausalLM`` of a supported family (crafted in place and wrapped), possibly
+            loaded quantized (:func:`load_quantized_base`).
         num_experts, top_k, adapter_dim, scale, activation, dropout, aux_loss_coef: see
             :class:`moe_kernels.layers.AdapterMoE`.
         freeze_base: freeze every parameter except the routers and adapters (train router + adapters only).
+            A quantized base is always frozen.
         lora: a ``peft.LoraConfig`` (or dict of its arguments): also freeze the base and put PEFT LoRA on
             its ``target_modules`` (attention and/or the shared FFN's linears); routers and adapters stay
             trainable. Returns the ``PeftModel`` in that case.
-        add_aux_loss: the model's forward adds the load-balancing loss to ``loss`` when labels are given.
+        add_aux_loss: the model's forward adds the joint load-balancing loss to ``loss`` when labels are given.
         backend: moe_kernels backend for the layers' ops (None: chosen by device).
         progress: show a tqdm progress bar over the layers.
 
-    Returns the crafted model (the same object, or a PeftModel around it when ``lora`` is given). Its
-    config gains ``moe_kernels_pesc`` so ``save_pretrained`` + :func:`load_crafted` round-trip.
+    Returns a :class:`moe_kernels.models.PescForCausalLM` holding ``model`` as ``language_model`` (or a
+    PeftModel around it when ``lora`` is given); ``save_pretrained`` + ``AutoModelForCausalLM.from_pretrained``
+    round-trip it.
     """
+    from ..models.pesc import PescConfig, PescForCausalLM
+
+    if isinstance(model, PescForCausalLM) or crafted_layers(model):
+        raise ValueError("model is already crafted (it has AdapterMoE layers)")
     config = getattr(model, "config", None)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"model must be a transformers model of type {list(SUPPORTED_MODEL_TYPES)}, "
                          f"got model_type={model_type!r} ({type(model).__name__})")
-    if crafted_layers(model):
-        raise ValueError("model is already crafted (it has AdapterMoE layers)")
-    targets = _dense_mlps(model)
-    if not targets:
-        raise ValueError(f"found no gated MLP (gate_proj/up_proj/down_proj) in {type(model).__name__}")
+    if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+        raise ValueError(f"model must be a causal LM (*ForCausalLM) with an LM head, got {type(model).__name__}")
     settings = {"num_experts": num_experts, "top_k": top_k, "adapter_dim": adapter_dim, "scale": float(scale),
-                "activation": activation, "dropout": float(dropout), "aux_loss_coef": float(aux_loss_coef),
-                "add_aux_loss": bool(add_aux_loss)}
-    layer_args = {k: v for k, v in settings.items() if k != "add_aux_loss"}
+                "activation": activation, "dropout": float(dropout), "aux_loss_coef": float(aux_loss_coef)}
     lora_config = _lora_config(lora) if lora is not None else None
+    quantized = _is_quantized(model)
+    craft_mlps(model, settings, backend=backend, progress=progress)
+    if quantized:  # the new router/adapter parameters are created in fp32 next to the quantized weights
+        for layer in crafted_layers(model):
+            layer.to(device=model.get_input_embeddings().weight.device)
+    pesc_config = PescConfig(text_config=config, add_aux_loss=bool(add_aux_loss), **settings)
+    crafted = PescForCausalLM(pesc_config, language_model=model, backend=backend)
+    crafted.train(model.training)
 
-    from tqdm.auto import tqdm
-    for parent, attribute, mlp in tqdm(targets, desc="crafting MLPs", unit="layer", disable=not progress):
-        hidden = mlp.gate_proj.in_features
-        layer = AdapterMoE(mlp, hidden, backend=backend, **layer_args)
-        setattr(parent, attribute, layer.train(mlp.training))  # keep the model's train/eval mode
-    setattr(config, CONFIG_KEY, settings)  # serialised into config.json by save_pretrained
-
-    if add_aux_loss and not getattr(model, _HOOK_FLAG, False):
-        model.register_forward_hook(_add_aux_loss_hook, with_kwargs=True)
-        setattr(model, _HOOK_FLAG, True)
-
-    if freeze_base or lora_config is not None:
-        for p in model.parameters():
+    if freeze_base or lora_config is not None or quantized:
+        for p in crafted.parameters():
             p.requires_grad_(False)
     if lora_config is not None:
         from peft import get_peft_model
-        model = get_peft_model(model, lora_config)
-    if freeze_base or lora_config is not None:
-        for layer in crafted_layers(model):
+        crafted = get_peft_model(crafted, lora_config)
+    if freeze_base or lora_config is not None or quantized:
+        for layer in crafted_layers(crafted):
             for p in (layer.router.weight, layer.adapter_down, layer.adapter_up):
                 p.requires_grad_(True)
-    return model
+    return crafted
+
+
+def load_quantized_base(path: str, bits: int = 4, *, compute_dtype: torch.dtype = torch.bfloat16,
+                        device_map="auto", **kwargs):
+    """Load a local dense checkpoint with its linear weights quantized (bitsandbytes, 4 or 8 bits), ready
+    for ``craft_sparsity(base, ..., lora=...)`` (the QLoRA set-up of the PESC paper).
+
+    Raises ImportError with the install command where bitsandbytes is not installed (it needs a CUDA GPU
+    for most of its kernels).
+    """
+    import importlib.util
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits!r}")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ImportError("a quantized frozen base needs bitsandbytes (pip install bitsandbytes; most of its "
+                          "kernels need a CUDA GPU); without it, craft the full-precision base and freeze it "
+                          "(freeze_base=True) or use lora=")
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    if bits == 4:
+        quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_use_double_quant=True)
+    else:
+        quantization = BitsAndBytesConfig(load_in_8bit=True)
+    model = AutoModelForCausalLM.from_pretrained(path, quantization_config=quantization, device_map=device_map,
+                                                 dtype=compute_dtype, **kwargs)
+    try:
+        from peft import prepare_model_for_kbit_training
+    except ImportError:  # pragma: no cover - depends on the environment
+        return model
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def _read_checkpoint(path: str) -> dict[str, torch.Tensor]:
@@ -177,29 +183,49 @@ def _read_checkpoint(path: str) -> dict[str, torch.Tensor]:
 
 def load_crafted(path: str, *, dtype: torch.dtype | None = None, device=None, backend: str | None = None,
                  progress: bool = False):
-    """Restore a crafted model written by ``save_pretrained`` (safetensors + config.json with ``moe_kernels_pesc``).
+    """Restore a crafted model written by ``save_pretrained`` -> :class:`PescForCausalLM` in eval mode.
 
-    dtype: parameter dtype (default: the checkpoint's floating dtype). device: where to put the model.
-    Returns the model in eval mode, with logits identical to the saved model's.
+    A checkpoint of type ``moe_kernels_pesc`` loads through ``AutoModelForCausalLM.from_pretrained``; one of
+    the earlier format (a dense config with a ``moe_kernels_pesc`` entry, written by moe_kernels before the
+    PESC model class existed) is rebuilt and loaded strictly (every tensor used, every parameter filled).
+    dtype: parameter dtype (default: the checkpoint's). device: where to put the model.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
-    config = AutoConfig.from_pretrained(path)
-    settings = getattr(config, CONFIG_KEY, None)
-    if not isinstance(settings, dict):
-        raise ValueError(f"{path!r} is not a crafted checkpoint: its config.json has no {CONFIG_KEY!r} entry "
-                         "(craft it with moe_kernels.hf.craft_sparsity and save with save_pretrained)")
-    state = _read_checkpoint(path)
-    if dtype is None:
-        dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
-    try:  # skip the random init of weights the checkpoint overwrites anyway
-        from transformers.initialization import no_init_weights
-    except ImportError:  # pragma: no cover - older transformers
-        no_init_weights = contextlib.nullcontext
-    with no_init_weights():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    model.tie_weights()  # no_init_weights skips the tying of e.g. lm_head to the embeddings
-    model = craft_sparsity(model, backend=backend, progress=progress, **settings)
-    _load_strict(model, state)
+
+    from ..models import register
+    from ..models.pesc import PescConfig, PescForCausalLM
+    register()
+    with open(os.path.join(path, "config.json")) as f:
+        raw = json.load(f)
+    if raw.get("model_type") == MODEL_TYPE:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype is not None else "auto")
+        if not isinstance(model, PescForCausalLM):  # pragma: no cover - registration guarantees it
+            raise TypeError(f"{path!r} loaded as {type(model).__name__}, not PescForCausalLM")
+        model.set_backend(backend)
+    else:
+        config = AutoConfig.from_pretrained(path)
+        settings = getattr(config, CONFIG_KEY, None)
+        if not isinstance(settings, dict):
+            raise ValueError(f"{path!r} is not a crafted checkpoint: its config has model_type "
+                             f"{raw.get('model_type')!r}, not {MODEL_TYPE!r}, and no {CONFIG_KEY!r} entry "
+                             "(craft it with moe_kernels.hf.craft_sparsity and save with save_pretrained)")
+        settings = dict(settings)
+        delattr(config, CONFIG_KEY)
+        add_aux_loss = settings.pop("add_aux_loss", True)
+        state = _read_checkpoint(path)
+        if dtype is None:
+            dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+        try:  # skip the random init of weights the checkpoint overwrites anyway
+            from transformers.initialization import no_init_weights
+        except ImportError:  # pragma: no cover - older transformers
+            no_init_weights = contextlib.nullcontext
+        with no_init_weights():
+            dense = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        dense.tie_weights()  # no_init_weights skips the tying of e.g. lm_head to the embeddings
+        craft_mlps(dense, settings, backend=backend, progress=progress)
+        model = PescForCausalLM(PescConfig(text_config=config, add_aux_loss=add_aux_loss, **settings),
+                                language_model=dense, backend=backend)
+        _load_strict(model.language_model, state)
     if device is not None:
         model = model.to(device)
     return model.eval()
@@ -237,7 +263,7 @@ def craft_main(argv: Iterable[str] | None = None) -> int:
         prog="moe-kernels craft",
         description="PESC sparsity crafting: turn every MLP of a local Llama/Mistral/Qwen2/Qwen3 checkpoint "
                     "into a shared FFN plus routed adapter experts, and save the result (load it with "
-                    "moe_kernels.hf.load_crafted).")
+                    "AutoModelForCausalLM.from_pretrained after import moe_kernels.hf, or moe_kernels.hf.load_crafted).")
     parser.add_argument("src", metavar="SRC_DIR", help="local Hugging Face checkpoint directory")
     parser.add_argument("dst", metavar="DST_DIR", help="output directory")
     parser.add_argument("--experts", type=int, default=8, help="adapter experts per layer (default 8)")
@@ -273,5 +299,5 @@ def craft_main(argv: Iterable[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["craft_sparsity", "load_crafted", "crafted_aux_loss", "crafted_layers", "craft_main",
-           "SUPPORTED_MODEL_TYPES"]
+__all__ = ["craft_sparsity", "load_crafted", "load_quantized_base", "crafted_aux_loss", "crafted_layers",
+           "craft_main", "SUPPORTED_MODEL_TYPES"]

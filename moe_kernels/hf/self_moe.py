@@ -1,8 +1,11 @@
 """Self-MoE (MiXSE) on Hugging Face models: N PEFT LoRA adapters become routed experts of one model.
 
 ``compose_lora_experts(base_model, adapters)`` replaces every linear the adapters target by a
-:class:`moe_kernels.layers.LoRAMoE` holding all N adapters' LoRA matrices, and adds one router shared by
-all adapted layers (``model.self_moe_router``).
+:class:`moe_kernels.layers.LoRAMoE` holding all N adapters' LoRA matrices, adds one router shared by
+all adapted layers (``model.self_moe_router``) and returns a :class:`moe_kernels.models.SelfMoEForCausalLM`
+(save_pretrained / AutoModelForCausalLM.from_pretrained round-trip it). The whole MiXSE recipe (synthetic
+data from seeds, one LoRA expert per domain, composing, router training) is
+:func:`moe_kernels.hf.self_specialize`.
 
 Router input (the choice made here): the hidden state entering each decoder layer (the residual stream,
 [T, hidden_size]), routed once per decoder layer; every adapted linear in that decoder layer (attention
@@ -28,10 +31,10 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..layers.lora_moe import LoRAMoE, RoutingSlot, SelfMoERouter
+from ..layers.lora_moe import SelfMoERouter
+from ..models.self_moe.modeling_self_moe import group_by_decoder_layer
 
 _PEFT_PREFIX = "base_model.model."
-_DECODER_LAYER = re.compile(r"^(.*\.layers\.\d+)\.")
 
 
 def _adapter_scaling(config: dict, module_path: str, rank: int) -> float:
@@ -103,21 +106,27 @@ def _lora_pairs(config: dict, state: dict[str, torch.Tensor], index: int) -> dic
 
 
 def compose_lora_experts(base_model: nn.Module, adapters: Sequence, top_k: int = 1, router: str = "shared", *,
-                         backend: str | None = None) -> nn.Module:
-    """Build a Self-MoE model from a base model and N LoRA adapters (in place; returns ``base_model``).
+                         names: Sequence[str] | None = None, backend: str | None = None) -> nn.Module:
+    """Build a Self-MoE model from a base model and N LoRA adapters.
 
     Args:
-        base_model: the transformers model the adapters were trained on (not a PeftModel), e.g. a
-            LlamaForCausalLM; adapter module paths are relative to it.
+        base_model: the transformers causal LM the adapters were trained on (not a PeftModel), e.g. a
+            LlamaForCausalLM; adapter module paths are relative to it. It is modified in place and becomes
+            the returned model's ``language_model``.
         adapters: N >= 1 PEFT LoRA adapter directories or ``peft.PeftModel`` objects, all targeting the
             same modules (ranks and alphas may differ).
         top_k: experts per token (1 <= top_k <= N); weights are softmax probabilities, not renormalised.
         router: "shared" -- one router for all adapted layers (``model.self_moe_router``), or
             "per_layer" -- one router per decoder layer (``model.self_moe_routers``).
+        names: the experts' names (default ``expert_0`` ...), kept in the config.
         backend: moe_kernels backend for the routing and the routed LoRA products.
 
-    The returned model is called like the base model. Trainable parameters: the router(s) only.
+    Returns a :class:`moe_kernels.models.SelfMoEForCausalLM`, called like the base model;
+    ``save_pretrained`` + ``AutoModelForCausalLM.from_pretrained`` round-trip it. Trainable parameters: the
+    router(s) only.
     """
+    from ..models.self_moe import SelfMoEConfig, SelfMoEForCausalLM
+
     if router not in ("shared", "per_layer"):
         raise ValueError(f"router must be 'shared' or 'per_layer', got {router!r}")
     if type(base_model).__name__.startswith("Peft"):
@@ -127,60 +136,27 @@ def compose_lora_experts(base_model: nn.Module, adapters: Sequence, top_k: int =
     num_experts = len(adapters)
     if isinstance(top_k, bool) or not isinstance(top_k, int) or not 1 <= top_k <= num_experts:
         raise ValueError(f"top_k must be an int in [1, number of adapters = {num_experts}], got {top_k!r}")
+    names = [f"expert_{i}" for i in range(num_experts)] if names is None else [str(n) for n in names]
+    if len(names) != num_experts or len(set(names)) != num_experts:
+        raise ValueError(f"names must give {num_experts} distinct names, got {names}")
     experts = [_lora_pairs(*_read_adapter(a, i), i) for i, a in enumerate(adapters)]
     targets = sorted(experts[0])
     for i, expert in enumerate(experts[1:], start=1):
         if sorted(expert) != targets:
             diff = sorted(set(expert) ^ set(targets))
             raise ValueError(f"adapters[{i}] targets other modules than adapters[0] (differ: {diff[:6]})")
-
-    hidden_size = base_model.config.hidden_size
-    by_layer: dict[str, list[str]] = {}
-    for path in targets:
-        match = _DECODER_LAYER.match(path)
-        if match is None:
-            raise ValueError(f"adapted module {path!r} is not inside a decoder layer (*.layers.N.*); the shared "
-                             "router routes per decoder layer")
-        module = base_model.get_submodule(path)
-        if not isinstance(module, nn.Linear):
-            raise ValueError(f"adapted module {path!r} is a {type(module).__name__}; only nn.Linear is supported")
-        by_layer.setdefault(match.group(1), []).append(path)
+    group_by_decoder_layer(base_model, targets)  # clear errors before anything is changed
+    if getattr(base_model, "get_output_embeddings", lambda: None)() is None:
+        raise TypeError(f"base_model must be a causal LM with an LM head, got {type(base_model).__name__}")
 
     for p in base_model.parameters():
         p.requires_grad_(False)
-    reference = base_model.get_input_embeddings().weight
-    router_args = {"backend": backend, "device": reference.device, "dtype": reference.dtype,
-                   "init_std": getattr(base_model.config, "initializer_range", 0.02)}
-    if router == "shared":
-        shared = SelfMoERouter(hidden_size, num_experts, top_k, **router_args)
-        base_model.add_module("self_moe_router", shared)
-        layer_routers = {layer: shared for layer in by_layer}
-    else:
-        routers = nn.ModuleList(SelfMoERouter(hidden_size, num_experts, top_k, **router_args) for _ in by_layer)
-        base_model.add_module("self_moe_routers", routers)
-        layer_routers = dict(zip(by_layer, routers))
-
-    for layer_path, paths in by_layer.items():
-        slot = RoutingSlot()
-        decoder_layer = base_model.get_submodule(layer_path)
-        decoder_layer.register_forward_pre_hook(_routing_hook(layer_routers[layer_path], slot), with_kwargs=True)
-        for path in paths:
-            parent_path, _, attribute = path.rpartition(".")
-            base_linear = base_model.get_submodule(path)
-            lora_a = [expert[path][0] for expert in experts]
-            lora_b = [expert[path][1] for expert in experts]
-            scalings = [expert[path][2] for expert in experts]
-            setattr(base_model.get_submodule(parent_path), attribute,
-                    LoRAMoE(base_linear, lora_a, lora_b, scalings, routing_slot=slot, backend=backend))
-    return base_model
-
-
-def _routing_hook(router: SelfMoERouter, slot: RoutingSlot):
-    """Pre-hook of a decoder layer: route its input hidden states [B, S, H] into ``slot``."""
-    def hook(module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
-        slot.value = router(hidden)
-    return hook
+    per_path = {path: [expert[path] for expert in experts] for path in targets}
+    config = SelfMoEConfig(text_config=base_model.config, expert_names=names, top_k=top_k, router=router,
+                           lora_ranks={path: [int(a.shape[0]) for a, _, _ in triples]
+                                       for path, triples in per_path.items()})
+    model = SelfMoEForCausalLM(config, language_model=base_model, experts=per_path, backend=backend)
+    return model.train(base_model.training)
 
 
 def self_moe_routers(model: nn.Module) -> list[SelfMoERouter]:

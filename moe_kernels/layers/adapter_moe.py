@@ -48,8 +48,10 @@ class AdapterMoE(nn.Module):
         device, dtype: of the new router and adapter parameters (default: those of ``ffn``'s parameters).
 
     Parameters: ``router.weight`` [E,H] (no bias), ``adapter_down`` [E,r,H], ``adapter_up`` [E,H,r] (zeros).
-    Forward: x [..., H] -> [..., H] in x's dtype. After a forward, ``router_logits`` [T,E] and
-    ``aux_loss`` (fp32 scalar, differentiable w.r.t. the router) hold that call's values.
+    Forward: x [..., H] -> [..., H] in x's dtype. After a forward, ``router_logits`` [T,E], ``router_ids``
+    [T,k] and ``aux_loss`` (this layer's Switch loss, fp32 scalar, differentiable w.r.t. the router) hold
+    that call's values. A crafted model's training loss uses one Switch loss over the routing of all its
+    layers together (see :func:`moe_kernels.models.pesc.modeling_pesc.pesc_load_balancing_loss`).
     """
 
     def __init__(self, ffn: nn.Module, hidden_size: int, num_experts: int = 8, top_k: int = 2,
@@ -89,6 +91,7 @@ class AdapterMoE(nn.Module):
         self.adapter_dropout = nn.Dropout(dropout)
         self.reset_adapter_parameters()
         self.router_logits: torch.Tensor | None = None
+        self.router_ids: torch.Tensor | None = None
         self.aux_loss: torch.Tensor | None = None
 
     @torch.no_grad()
@@ -109,6 +112,7 @@ class AdapterMoE(nn.Module):
         weights, ids = ops.route(logits, self.top_k, order="topk_then_softmax", renormalize=False,
                                  backend=self.backend)
         self.router_logits = logits
+        self.router_ids = ids
         self.aux_loss = ops.load_balancing_loss(logits, ids, self.num_experts)
         delta = ops.adapter_moe(adapter_input, self.adapter_down, self.adapter_up, weights, ids,
                                 activation=self.activation, scale=self.scale, backend=self.backend)
