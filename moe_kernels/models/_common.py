@@ -55,6 +55,12 @@ class ComposedPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
 
+    def post_init(self):
+        super().post_init()
+        # transformers gathers the tied weights (e.g. lm_head = embed_tokens) of direct children only; the
+        # composed models nest transformers models deeper (in ModuleLists, in plain modules): gather them all.
+        self.all_tied_weights_keys = self.get_expanded_tied_weights_keys(all_submodels=True)
+
     @torch.no_grad()
     def _init_weights(self, module):
         super()._init_weights(module)

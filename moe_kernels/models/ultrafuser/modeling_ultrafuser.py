@@ -1,0 +1,197 @@
+"""UltraFuser as a Hugging Face model: :class:`UltraFuserForCausalLM`.
+
+All specialists run on the same tokens, each with its own KV cache (:class:`UltraFuserCache`); per token
+the shared gate weighs the specialists' last hidden states and the logits are blended inside ``forward``
+(``o = sum_j w_j o_j``), so transformers' ``generate`` (greedy, sampling, top-p, beam search, streamers)
+decodes the fused model unchanged. The math lives in :class:`moe_kernels.layers.TokenFuser` (held as
+``fuser``); this class adds the config, save/load and the generation interface.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, GenerationMixin
+from transformers.utils import ModelOutput
+
+from ...layers.fuser import TokenFuser, fused_gated_cross_entropy, naive_gated_cross_entropy
+from .._common import ComposedPreTrainedModel
+from .configuration_ultrafuser import UltraFuserConfig
+
+
+def check_fusable(models, names) -> None:
+    """Raise ValueError naming the two specialists and exactly which dimension differs (vocabulary size of
+    the LM head or config, hidden size) when ``models`` cannot share one gate and one vocabulary."""
+    def dims(model):
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if not isinstance(head, nn.Linear):
+            raise TypeError(f"specialist {type(model).__name__} has no linear LM head")
+        config = model.config
+        return {"vocabulary size (LM head rows)": head.out_features,
+                "vocabulary size (config.vocab_size)": getattr(config, "vocab_size", head.out_features),
+                "hidden size (LM head input = final hidden state)": head.in_features,
+                "hidden size (config.hidden_size)": getattr(config, "hidden_size", head.in_features)}
+
+    reference = dims(models[0])
+    for name, model in zip(names[1:], models[1:]):
+        other = dims(model)
+        differing = [f"{what}: {names[0]!r} has {reference[what]}, {name!r} has {other[what]}"
+                     for what in reference if reference[what] != other[what]]
+        if differing:
+            raise ValueError(f"specialists {names[0]!r} and {name!r} cannot be fused: " + "; ".join(differing)
+                             + ". UltraFuser blends logits token by token, so every specialist needs the same "
+                             "vocabulary (same tokenizer) and the shared gate needs the same hidden size.")
+    for name, model in zip(names, models):
+        own = dims(model)
+        if own["vocabulary size (LM head rows)"] != own["vocabulary size (config.vocab_size)"]:
+            raise ValueError(f"specialist {name!r}: its LM head has {own['vocabulary size (LM head rows)']} rows "
+                             f"but config.vocab_size is {own['vocabulary size (config.vocab_size)']}")
+
+
+class UltraFuserCache:
+    """One KV cache per specialist (transformers ``DynamicCache`` objects), with what ``generate`` needs:
+    the sequence length, beam reordering, and no compilation/cropping."""
+
+    is_compileable = False
+    is_croppable = False
+
+    def __init__(self, caches: list):
+        self.caches = caches
+
+    @property
+    def is_linear(self) -> list[bool]:
+        return [False]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.caches[0].get_seq_length()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for cache in self.caches:
+            cache.reorder_cache(beam_idx)
+
+    def __len__(self) -> int:
+        return len(self.caches)
+
+
+@dataclass
+class UltraFuserCausalLMOutput(ModelOutput):
+    """loss (scalar, with labels); logits [B, L, V] float32 (the blend); cache (:class:`UltraFuserCache`);
+    gate_weights [B, L, N] float32."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    cache: object | None = None
+    gate_weights: torch.Tensor | None = None
+
+
+class UltraFuserForCausalLM(ComposedPreTrainedModel, GenerationMixin):
+    """Token-level gated fusion of specialist causal LMs (see the module docstring).
+
+    ``forward(input_ids, attention_mask=None, position_ids=None, cache=None, labels=None, use_cache=None,
+    force_specialist=None, return_logits=None, loss_impl="fused", chunk_size=None, logits_to_keep=0)``:
+    ``force_specialist`` (index or name) sets the gate one-hot; with ``labels`` the loss is the blended
+    next-token cross-entropy (fused chunked form by default), and logits are only returned if
+    ``return_logits=True``.
+    """
+
+    config_class = UltraFuserConfig
+
+    def __init__(self, config: UltraFuserConfig, specialists: list[nn.Module] | None = None):
+        super().__init__(config)
+        if specialists is None:
+            specialists = [AutoModelForCausalLM.from_config(c) for c in config.specialist_configs()]
+        if not specialists:
+            raise ValueError("an UltraFuser needs at least one specialist")
+        check_fusable(specialists, list(config.specialist_names))
+        self.fuser = TokenFuser(specialists, gate_hidden=config.gate_hidden, names=config.specialist_names)
+        self.post_init()
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the model makes its own cache (one per specialist)
+
+    # the TokenFuser's parts, for the training helpers (set_training_stage, train_stage)
+    @property
+    def specialists(self) -> nn.ModuleList:
+        return self.fuser.specialists
+
+    @property
+    def gate(self) -> nn.Module:
+        return self.fuser.gate
+
+    @property
+    def names(self) -> list[str]:
+        return self.fuser.names
+
+    @property
+    def num_specialists(self) -> int:
+        return self.fuser.num_specialists
+
+    def get_input_embeddings(self):
+        return self.fuser.specialists[0].get_input_embeddings()
+
+    def get_output_embeddings(self):
+        return None  # several heads; the blend happens in forward
+
+    def gate_weights(self, hidden_states) -> torch.Tensor:
+        return self.fuser.gate_weights(hidden_states)
+
+    def new_cache(self) -> UltraFuserCache:
+        from transformers import DynamicCache
+
+        return UltraFuserCache([DynamicCache(config=m.config) for m in self.fuser.specialists])
+
+    def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, cache: UltraFuserCache | None = None,
+                labels: torch.LongTensor | None = None, use_cache: bool | None = None, force_specialist=None,
+                return_logits: bool | None = None, loss_impl: str = "fused", chunk_size: int | None = None,
+                logits_to_keep: int | torch.Tensor = 0, **kwargs) -> UltraFuserCausalLMOutput:
+        if "past_key_values" in kwargs:  # the pre-5.24 name of the cache argument
+            cache = kwargs.pop("past_key_values") if cache is None else cache
+        unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in ("return_dict",))
+        if unknown:
+            raise TypeError(f"UltraFuserForCausalLM.forward got unsupported arguments {unknown}")
+        if input_ids is None or input_ids.dim() != 2:
+            raise ValueError("input_ids [B, L] are required (the specialists embed the tokens themselves)")
+        if loss_impl not in ("fused", "naive"):
+            raise ValueError(f"loss_impl must be 'fused' or 'naive', got {loss_impl!r}")
+        if use_cache is None:
+            use_cache = bool(self.config.use_cache) and not self.training and labels is None
+        if cache is not None and not isinstance(cache, UltraFuserCache):
+            raise TypeError(f"cache must be an UltraFuserCache (made by the model), got {type(cache).__name__}")
+        if cache is None and use_cache:
+            cache = self.new_cache()
+        hidden = self.fuser.specialist_hidden_states(input_ids, attention_mask, position_ids, cache, use_cache)
+        if isinstance(logits_to_keep, int) and logits_to_keep > 0 and labels is None:
+            hidden = [h[:, -logits_to_keep:] for h in hidden]
+        elif isinstance(logits_to_keep, torch.Tensor) and labels is None:
+            hidden = [h[:, logits_to_keep] for h in hidden]
+        weights = self.fuser.gate_weights(hidden)
+        if force_specialist is not None:
+            weights = self.fuser._forced_weights(force_specialist, weights)
+        loss = None
+        if labels is not None:
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
+                                 f"got {tuple(labels.shape)}")
+            heads = self.fuser._heads()
+            shifted = [h[:, :-1].flatten(0, 1) for h in hidden]
+            biases = [hd.bias for hd in heads]
+            if loss_impl == "fused":
+                loss = fused_gated_cross_entropy(shifted, [hd.weight for hd in heads], weights[:, :-1].flatten(0, 1),
+                                                 labels[:, 1:].flatten(), head_biases=None if biases[0] is None
+                                                 else biases, chunk_size=chunk_size)
+            else:
+                loss = naive_gated_cross_entropy(shifted, [hd.weight for hd in heads], weights[:, :-1].flatten(0, 1),
+                                                 labels[:, 1:].flatten(),
+                                                 head_biases=None if biases[0] is None else biases)
+        if return_logits is None:
+            return_logits = labels is None
+        logits = self.fuser.blend_logits(hidden, weights) if return_logits else None
+        return UltraFuserCausalLMOutput(loss=loss, logits=logits, cache=cache if use_cache else None,
+                                        gate_weights=weights)
+
+
+__all__ = ["UltraFuserForCausalLM", "UltraFuserCache", "UltraFuserCausalLMOutput", "check_fusable"]
