@@ -14,6 +14,7 @@ Supported: decoder-only transformers 5.x models whose decoder has ``embed_tokens
 
 from __future__ import annotations
 
+import copy
 import re
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -225,7 +226,11 @@ class ClassifierRouter(nn.Module):
 
 
 class CoupledExperts(nn.Module):
-    """Expert LLMs coupled at a CoE layer, called like a causal LM.
+    """Expert LLMs coupled at one CoE layer, called like a causal LM, with its own decoding loop.
+
+    The earlier, plain-module form; :func:`couple_experts` now returns
+    :class:`moe_kernels.models.CcoeForCausalLM` (several CoE layers, multi-expert routing, save/load,
+    transformers' ``generate``). Kept as the reference decoder the new model is tested against.
 
     ``forward(input_ids [B, L], attention_mask [B, S] = None, position_ids = None, past_key_values = None,
     use_cache = False, labels = None, expert = None)`` -> :class:`CoupledCausalLMOutput`. ``expert``: one
@@ -407,19 +412,47 @@ class CoupledExperts(nn.Module):
         return sequences
 
 
-def couple_experts(base_model: nn.Module, experts: dict[str, nn.Module], split_layer: int, router=None,
-                   verify_prefix: bool = True) -> CoupledExperts:
-    """Couple expert models (fine-tuned copies of ``base_model``) at layer ``split_layer``.
+def couple_experts(base_model: nn.Module, experts: dict[str, nn.Module], split_layer: int | None = None, router=None,
+                   verify_prefix: bool = True, *, coe_layers: dict[str, int] | None = None, multi_expert: int = 1):
+    """Couple expert models (fine-tuned copies of ``base_model``) on the base's shared backbone.
 
-    Layers below ``split_layer`` (and the embeddings) are taken once from the base; each expert keeps
-    its layers from ``split_layer`` on (any depth), its final norm and its LM head. ``router``: a
-    :class:`KeywordRouter`, a :class:`ClassifierRouter`, or None (then pass ``expert=`` on calls).
-    The coupled model shares modules with the given models (no copies); drop the full models to
-    realise the memory saving reported by :meth:`CoupledExperts.memory_report`.
+    ``split_layer``: one CoE layer at that depth for every expert; or ``coe_layers={name: depth}``: each
+    expert branches off at its own depth (several CoE layers). The backbone keeps the embeddings and the
+    base's layers below the deepest CoE layer once; each expert keeps its layers from its depth on (any
+    depth of its own), its final norm and its LM head. ``router``: a :class:`KeywordRouter`, a
+    :class:`ClassifierRouter`, or None (then pass ``expert=`` on calls). ``multi_expert``: with a
+    ClassifierRouter, route each request to its top ``multi_expert`` experts, switched per step (see
+    :class:`moe_kernels.models.CcoeForCausalLM`).
+
+    Returns a :class:`moe_kernels.models.CcoeForCausalLM` (``generate``, ``save_pretrained`` /
+    ``AutoModelForCausalLM.from_pretrained`` work on it). It shares modules with the given models (no
+    copies, except a part some other part of the model already holds); drop the full models to realise
+    the memory saving reported by ``memory_report``.
     """
+    from ..models.ccoe import CcoeConfig, CcoeForCausalLM
+
     if not isinstance(experts, dict) or not experts:
         raise ValueError("experts must be a non-empty dict {name: model}")
-    coupled = CoupledExperts(base_model, split_layer, router=router)
+    if (split_layer is None) == (coe_layers is None):
+        raise ValueError("give exactly one of split_layer (one CoE layer for all experts) or coe_layers "
+                         "({name: depth})")
+    _decoder_parts(base_model, "base_model")
+    depth = base_model.config.num_hidden_layers
+    if coe_layers is None:
+        coe_layers = {name: split_layer for name in experts}
+    if sorted(coe_layers) != sorted(experts):
+        raise ValueError(f"coe_layers must give a depth for every expert: experts {sorted(experts)}, "
+                         f"coe_layers {sorted(coe_layers)}")
+    for name, d in coe_layers.items():
+        if isinstance(d, bool) or not isinstance(d, int) or not 0 <= d <= depth:
+            what = "split_layer" if split_layer is not None else f"coe_layers[{name!r}]"
+            raise ValueError(f"{what} must be an int in [0, {depth}] (the base has {depth} layers), got {d!r}")
+    config = CcoeConfig(text_config=base_model.config, backbone_depth=max(coe_layers.values()),
+                        multi_expert=multi_expert)
+    coupled = CcoeForCausalLM(config, base_model=base_model, router=router)
     for name, model in experts.items():
-        coupled.push_expert(name, model, verify_prefix=verify_prefix)
-    return coupled
+        coupled.push_expert(name, model, coe_layer=coe_layers[name], verify_prefix=verify_prefix)
+    generation_config = getattr(base_model, "generation_config", None)
+    if generation_config is not None:
+        coupled.generation_config = copy.deepcopy(generation_config)
+    return coupled.train(base_model.training)
