@@ -1,5 +1,5 @@
 """AdapterMoE (PESC) and LoRAMoE (Self-MoE) layers against plain per-token PyTorch loops written here,
-and every built backend against the reference backend (forward and gradients)."""
+and every built backend against the reference backend (forward and gradients), on device_for(backend)."""
 
 import os
 
@@ -16,9 +16,9 @@ import moe_kernels  # noqa: E402
 from moe_kernels.layers import AdapterMoE, LoRAMoE  # noqa: E402
 from moe_kernels.layers.lora_moe import RoutingSlot, SelfMoERouter  # noqa: E402
 
-from moe_testing import REL_TOL, backends_for, rel_err  # noqa: E402
+from moe_testing import REL_TOL, backends_under_test, device_for, rel_err  # noqa: E402
 
-OTHER_BACKENDS = [b for b in backends_for("cpu") if b != "reference"]
+OTHER_BACKENDS = [b for b in backends_under_test() if b != "reference"]
 
 
 @pytest.fixture(autouse=True)
@@ -312,8 +312,9 @@ def _grads(module):
     reason="no backend besides reference is built here"))])
 @pytest.mark.parametrize("hidden,num_experts,top_k,adapter_dim,tokens,pattern", ADAPTER_CASES[:6])
 def test_adapter_moe_backend_matches_reference(backend, hidden, num_experts, top_k, adapter_dim, tokens, pattern):
-    layer = make_adapter_moe(hidden, num_experts, top_k, adapter_dim, pattern=pattern)
-    x = torch.rand(tokens, hidden, requires_grad=True)
+    device = device_for(backend)  # the reference runs on the same device
+    layer = make_adapter_moe(hidden, num_experts, top_k, adapter_dim, pattern=pattern).to(device)
+    x = torch.rand(tokens, hidden).to(device).requires_grad_(True)
     layer.backend = "reference"
     expected = layer(x)
     expected.square().sum().backward()
@@ -333,8 +334,9 @@ def test_adapter_moe_backend_matches_reference(backend, hidden, num_experts, top
     reason="no backend besides reference is built here"))])
 @pytest.mark.parametrize("in_features,out_features,ranks,top_k,tokens", LORA_CASES)
 def test_lora_moe_backend_matches_reference(backend, in_features, out_features, ranks, top_k, tokens):
-    layer, *_ = make_lora_moe(in_features, out_features, ranks, top_k)
-    x = torch.randn(tokens, in_features, requires_grad=True)
+    device = device_for(backend)  # the reference runs on the same device
+    layer = make_lora_moe(in_features, out_features, ranks, top_k)[0].to(device)
+    x = torch.randn(tokens, in_features).to(device).requires_grad_(True)
     layer.backend = layer.router.backend = "reference"
     expected = layer(x)
     expected.square().sum().backward()

@@ -1,14 +1,15 @@
 """Every public op on every backend that runs here, against the reference oracle (forward and gradients),
-over the hard-case grid; and the oracle itself against Hugging Face's own eager code."""
+over the hard-case grid; and the oracle itself against Hugging Face's own eager code. A backend's inputs live
+on device_for(backend) (CUDA for triton/cuda with a GPU); the oracle runs on the same device."""
 
 import pytest
 import torch
-from moe_testing import DTYPES, assert_close_rel, backends_for, make_ids
+from moe_testing import DTYPES, assert_close_rel, backends_under_test, device_for, make_ids
 
 import moe_kernels
 from moe_kernels import reference
 
-BACKENDS = backends_for("cpu")
+BACKENDS = backends_under_test()
 
 # (T, H, I, E, k, ids pattern): one token, tokens fewer than a tile, k = 1, k = E, odd H, prime E,
 # all tokens on one expert, an expert with no tokens.
@@ -29,10 +30,10 @@ ROUTE_VARIANTS = [
 ]
 
 
-def _route_args(variant, num_experts):
+def _route_args(variant, num_experts, device):
     kwargs = dict(variant)
     if kwargs.pop("bias", False):
-        kwargs["bias"] = torch.randn(num_experts) * 0.1
+        kwargs["bias"] = (torch.randn(num_experts) * 0.1).to(device)
     return kwargs
 
 
@@ -49,8 +50,9 @@ ROUTE_CASES = [(v, s) for v in ROUTE_VARIANTS for s in ROUTE_SHAPES
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_route_matches_oracle(backend, variant, shape, dtype):
     num_tokens, num_experts, k = shape
-    kwargs = _route_args(variant, num_experts)
-    logits = torch.randn(num_tokens, num_experts).to(dtype).requires_grad_(True)
+    device = device_for(backend)
+    kwargs = _route_args(variant, num_experts, device)
+    logits = torch.randn(num_tokens, num_experts).to(device, dtype).requires_grad_(True)
     weights, ids = moe_kernels.route(logits, k, backend=backend, **kwargs)
     ref_weights, ref_ids = reference.route(logits.detach().float().requires_grad_(True), k, **kwargs)
     assert weights.dtype == torch.float32 and ids.dtype == torch.int32
@@ -72,7 +74,8 @@ def test_route_matches_oracle(backend, variant, shape, dtype):
                          [(1, 1, 1, "random"), (7, 3, 3, "random"), (50, 2003, 4, "random"),
                           (64, 8, 2, "one_expert"), (9, 5, 2, "skip_last")])
 def test_plan_is_a_stable_counting_sort(backend, num_tokens, num_experts, k, pattern):
-    ids = make_ids(pattern, num_tokens, num_experts, k)
+    device = device_for(backend)
+    ids = make_ids(pattern, num_tokens, num_experts, k, device=device)
     plan = moe_kernels.plan(ids, num_experts, backend=backend)
     ref = reference.plan(ids, num_experts)
     for got, want in zip(plan, ref):
@@ -84,17 +87,18 @@ def test_plan_is_a_stable_counting_sort(backend, num_tokens, num_experts, k, pat
     # every position of expert e holds a slot routed to e, slots ascending (stable)
     sorted_experts = flat[plan.sorted_slots.long()]
     assert torch.equal(sorted_experts, torch.sort(flat, stable=True).values)
-    assert torch.equal(plan.sorted_slots[plan.slot_positions.long()].long(), torch.arange(flat.numel()))
+    assert torch.equal(plan.sorted_slots[plan.slot_positions.long()].long(), torch.arange(flat.numel(), device=device))
 
 
-def _mlp_inputs(num_tokens, hidden, inter, num_experts, k, pattern, dtype, bias=False):
-    ids = make_ids(pattern, num_tokens, num_experts, k)
-    x = torch.randn(num_tokens, hidden).to(dtype)
-    gate_up = (torch.randn(num_experts, 2 * inter, hidden) / hidden ** 0.5).to(dtype)
-    down = (torch.randn(num_experts, hidden, inter) / inter ** 0.5).to(dtype)
-    weights = torch.rand(num_tokens, k)
-    biases = (torch.randn(num_experts, 2 * inter).to(dtype), torch.randn(num_experts, hidden).to(dtype)) if bias \
-        else (None, None)
+def _mlp_inputs(num_tokens, hidden, inter, num_experts, k, pattern, dtype, bias=False, device="cpu"):
+    """Drawn on the CPU (the same values on every machine), then moved to ``device``."""
+    ids = make_ids(pattern, num_tokens, num_experts, k, device=device)
+    x = torch.randn(num_tokens, hidden).to(device, dtype)
+    gate_up = (torch.randn(num_experts, 2 * inter, hidden) / hidden ** 0.5).to(device, dtype)
+    down = (torch.randn(num_experts, hidden, inter) / inter ** 0.5).to(device, dtype)
+    weights = torch.rand(num_tokens, k).to(device)
+    biases = (torch.randn(num_experts, 2 * inter).to(device, dtype),
+              torch.randn(num_experts, hidden).to(device, dtype)) if bias else (None, None)
     return x, gate_up, down, weights, ids, biases
 
 
@@ -102,7 +106,7 @@ def _mlp_inputs(num_tokens, hidden, inter, num_experts, k, pattern, dtype, bias=
 @pytest.mark.parametrize("shape", MLP_GRID, ids=lambda s: "T{}-H{}-I{}-E{}-k{}-{}".format(*s))
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_moe_mlp_matches_oracle(backend, shape, dtype):
-    x, gate_up, down, weights, ids, _ = _mlp_inputs(*shape, dtype)
+    x, gate_up, down, weights, ids, _ = _mlp_inputs(*shape, dtype, device=device_for(backend))
     leaves = [t.clone().requires_grad_(True) for t in (x, gate_up, down, weights)]
     out = moe_kernels.moe_mlp(*leaves, ids, backend=backend)
     assert out.dtype == dtype and out.shape == x.shape
@@ -121,7 +125,8 @@ def test_moe_mlp_matches_oracle(backend, shape, dtype):
 @pytest.mark.parametrize("activation,interleaved,bias", [("gelu", False, False), ("gelu_tanh", False, True),
                                                           ("relu", True, False), ("gpt_oss", True, True)])
 def test_moe_mlp_activations_and_layouts(backend, activation, interleaved, bias):
-    x, gate_up, down, weights, ids, (gub, db) = _mlp_inputs(11, 24, 16, 5, 2, "random", torch.float32, bias=bias)
+    x, gate_up, down, weights, ids, (gub, db) = _mlp_inputs(11, 24, 16, 5, 2, "random", torch.float32, bias=bias,
+                                                            device=device_for(backend))
     kwargs = dict(activation=activation, interleaved=interleaved, swiglu_limit=1.5 if activation == "gpt_oss" else None)
     leaves = [t.requires_grad_(True) for t in (x, gate_up, down, weights)]
     bias_leaves = [b.requires_grad_(True) for b in (gub, db) if b is not None]
@@ -140,11 +145,12 @@ def test_moe_mlp_activations_and_layouts(backend, activation, interleaved, bias)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_adapter_moe_matches_oracle(backend, rank, activation, dtype):
     num_tokens, hidden, num_experts, k = 21, 40, 7, 2
-    ids = make_ids("skip_last", num_tokens, num_experts, k)
-    h = torch.randn(num_tokens, hidden).to(dtype)
-    down = (torch.randn(num_experts, rank, hidden) / hidden ** 0.5).to(dtype)
-    up = (torch.randn(num_experts, hidden, rank) / rank ** 0.5).to(dtype)
-    weights = torch.rand(num_tokens, k)
+    device = device_for(backend)
+    ids = make_ids("skip_last", num_tokens, num_experts, k, device=device)
+    h = torch.randn(num_tokens, hidden).to(device, dtype)
+    down = (torch.randn(num_experts, rank, hidden) / hidden ** 0.5).to(device, dtype)
+    up = (torch.randn(num_experts, hidden, rank) / rank ** 0.5).to(device, dtype)
+    weights = torch.rand(num_tokens, k).to(device)
     leaves = [t.clone().requires_grad_(True) for t in (h, down, up, weights)]
     out = moe_kernels.adapter_moe(*leaves, ids, activation=activation, scale=0.7, backend=backend)
     assert out.dtype == dtype
@@ -160,10 +166,11 @@ def test_adapter_moe_matches_oracle(backend, rank, activation, dtype):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch_returns_empty(backend):
-    x, gate_up, down, weights, ids, _ = _mlp_inputs(3, 8, 8, 4, 2, "random", torch.float32)
+    device = device_for(backend)
+    x, gate_up, down, weights, ids, _ = _mlp_inputs(3, 8, 8, 4, 2, "random", torch.float32, device=device)
     out = moe_kernels.moe_mlp(x[:0], gate_up, down, weights[:0], ids[:0], backend=backend)
     assert out.shape == (0, 8)
-    w, i = moe_kernels.route(torch.randn(0, 4), 2, backend=backend)
+    w, i = moe_kernels.route(torch.randn(0, 4, device=device), 2, backend=backend)
     assert w.shape == (0, 2) and i.shape == (0, 2) and i.dtype == torch.int32
     plan = moe_kernels.plan(ids[:0], 4, backend=backend)
     assert plan.expert_offsets.tolist() == [0] * 5 and plan.sorted_slots.numel() == 0
@@ -171,7 +178,8 @@ def test_empty_batch_returns_empty(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_int64_ids_and_low_precision_weights_accepted(backend):
-    x, gate_up, down, weights, ids, _ = _mlp_inputs(6, 16, 8, 4, 2, "random", torch.bfloat16)
+    x, gate_up, down, weights, ids, _ = _mlp_inputs(6, 16, 8, 4, 2, "random", torch.bfloat16,
+                                                    device=device_for(backend))
     a = moe_kernels.moe_mlp(x, gate_up, down, weights.bfloat16(), ids.long(), backend=backend)
     b = moe_kernels.moe_mlp(x, gate_up, down, weights.bfloat16().float(), ids, backend=backend)
     torch.testing.assert_close(a, b)

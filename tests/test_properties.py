@@ -1,15 +1,16 @@
-"""Property tests (hypothesis): random shapes, dtypes and routing variants, every backend here vs the oracle."""
+"""Property tests (hypothesis): random shapes, dtypes and routing variants, every backend here vs the oracle.
+Inputs are drawn on the CPU, then moved to device_for(backend); the oracle runs on the same device."""
 
 import pytest
 import torch
-from moe_testing import REL_TOL, backends_for, rel_err
+from moe_testing import REL_TOL, backends_under_test, device_for, rel_err
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import moe_kernels
 from moe_kernels import reference
 
-BACKENDS = backends_for("cpu")
+BACKENDS = backends_under_test()
 # The Triton interpreter costs seconds per example: fewer examples for it.
 EXAMPLES = {"triton": 8}
 DTYPES = st.sampled_from([torch.float32, torch.float16, torch.bfloat16])
@@ -29,17 +30,19 @@ def routing_problem(draw):
     return num_tokens, num_experts, k, seed
 
 
-def _ids_and_weights(num_tokens, num_experts, k, seed, skew):
+def _ids_and_weights(num_tokens, num_experts, k, seed, skew, device):
     g = torch.Generator().manual_seed(seed)
     scores = torch.rand(num_tokens, num_experts, generator=g)
     if skew:
         scores[:, 0] += 1.0  # every token on expert 0
     ids = scores.topk(k, dim=-1).indices.to(torch.int32)
-    return ids, torch.rand(num_tokens, k, generator=g)
+    return ids.to(device), torch.rand(num_tokens, k, generator=g).to(device)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_route_property(backend):
+    device = device_for(backend)
+
     @_settings(backend)
     @given(problem=routing_problem(), scoring=st.sampled_from(["softmax", "sigmoid"]),
            order=st.sampled_from(["softmax_then_topk", "topk_then_softmax"]), renormalize=st.booleans(),
@@ -47,8 +50,8 @@ def test_route_property(backend):
     def check(problem, scoring, order, renormalize, use_bias, scale, dtype, magnitude):
         num_tokens, num_experts, k, seed = problem
         g = torch.Generator().manual_seed(seed)
-        logits = (torch.randn(num_tokens, num_experts, generator=g) * magnitude).to(dtype)
-        bias = torch.randn(num_experts, generator=g) * 0.1 if use_bias else None
+        logits = (torch.randn(num_tokens, num_experts, generator=g) * magnitude).to(device, dtype)
+        bias = (torch.randn(num_experts, generator=g) * 0.1).to(device) if use_bias else None
         kwargs = dict(scoring=scoring, order=order, renormalize=renormalize, bias=bias, scale=scale)
         weights, ids = moe_kernels.route(logits, k, backend=backend, **kwargs)
         ref_weights, ref_ids = reference.route(logits.float(), k, **kwargs)
@@ -59,16 +62,18 @@ def test_route_property(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_moe_mlp_property(backend):
+    device = device_for(backend)
+
     @_settings(backend)
     @given(problem=routing_problem(), hidden=st.integers(1, 40), inter=st.integers(1, 24), dtype=DTYPES,
            skew=st.booleans(), activation=st.sampled_from(reference.GATED_ACTIVATIONS))
     def check(problem, hidden, inter, dtype, skew, activation):
         num_tokens, num_experts, k, seed = problem
-        ids, weights = _ids_and_weights(num_tokens, num_experts, k, seed, skew)
+        ids, weights = _ids_and_weights(num_tokens, num_experts, k, seed, skew, device)
         g = torch.Generator().manual_seed(seed + 1)
-        x = torch.randn(num_tokens, hidden, generator=g).to(dtype)
-        gate_up = (torch.randn(num_experts, 2 * inter, hidden, generator=g) / hidden ** 0.5).to(dtype)
-        down = (torch.randn(num_experts, hidden, inter, generator=g) / inter ** 0.5).to(dtype)
+        x = torch.randn(num_tokens, hidden, generator=g).to(device, dtype)
+        gate_up = (torch.randn(num_experts, 2 * inter, hidden, generator=g) / hidden ** 0.5).to(device, dtype)
+        down = (torch.randn(num_experts, hidden, inter, generator=g) / inter ** 0.5).to(device, dtype)
         out = moe_kernels.moe_mlp(x, gate_up, down, weights, ids, activation=activation, backend=backend)
         ref = reference.moe_mlp(x.float(), gate_up.float(), down.float(), weights, ids, activation=activation)
         assert out.dtype == dtype and out.shape == x.shape
@@ -79,17 +84,19 @@ def test_moe_mlp_property(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_adapter_moe_property(backend):
+    device = device_for(backend)
+
     @_settings(backend)
     @given(problem=routing_problem(), hidden=st.integers(1, 40), rank=st.sampled_from([1, 2, 5, 8, 16, 17, 40]),
            dtype=DTYPES, skew=st.booleans(), activation=st.sampled_from(reference.ADAPTER_ACTIVATIONS),
            scale=st.floats(0.1, 2.0))
     def check(problem, hidden, rank, dtype, skew, activation, scale):
         num_tokens, num_experts, k, seed = problem
-        ids, weights = _ids_and_weights(num_tokens, num_experts, k, seed, skew)
+        ids, weights = _ids_and_weights(num_tokens, num_experts, k, seed, skew, device)
         g = torch.Generator().manual_seed(seed + 2)
-        h = torch.randn(num_tokens, hidden, generator=g).to(dtype)
-        down = (torch.randn(num_experts, rank, hidden, generator=g) / hidden ** 0.5).to(dtype)
-        up = (torch.randn(num_experts, hidden, rank, generator=g) / rank ** 0.5).to(dtype)
+        h = torch.randn(num_tokens, hidden, generator=g).to(device, dtype)
+        down = (torch.randn(num_experts, rank, hidden, generator=g) / hidden ** 0.5).to(device, dtype)
+        up = (torch.randn(num_experts, hidden, rank, generator=g) / rank ** 0.5).to(device, dtype)
         out = moe_kernels.adapter_moe(h, down, up, weights, ids, activation=activation, scale=scale, backend=backend)
         ref = reference.adapter_moe(h.float(), down.float(), up.float(), weights, ids, activation=activation,
                                     scale=scale)
@@ -101,11 +108,13 @@ def test_adapter_moe_property(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_plan_property(backend):
+    device = device_for(backend)
+
     @_settings(backend)
     @given(problem=routing_problem(), extra_experts=st.integers(0, 3000), skew=st.booleans())
     def check(problem, extra_experts, skew):
         num_tokens, num_experts, k, seed = problem
-        ids, _ = _ids_and_weights(num_tokens, num_experts, k, seed, skew)
+        ids, _ = _ids_and_weights(num_tokens, num_experts, k, seed, skew, device)
         plan = moe_kernels.plan(ids, num_experts + extra_experts, backend=backend)
         for got, want in zip(plan, reference.plan(ids, num_experts + extra_experts)):
             assert torch.equal(got, want)

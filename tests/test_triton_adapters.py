@@ -1,4 +1,5 @@
-"""Triton adapter experts (moe_kernels.triton.adapters) under the interpreter, against the oracle.
+"""Triton adapter experts (moe_kernels.triton.adapters) against the oracle: on CUDA tensors when a GPU is
+present, else on CPU tensors under Triton's interpreter (conftest.py sets TRITON_INTERPRET=1 then).
 
 Forward and all four gradients vs ``moe_kernels.reference.adapter_moe`` (fp32 math on the same inputs),
 both kernel paths (fused and split), on the hard-case grid, every activation and input dtype; opcheck
@@ -7,10 +8,12 @@ of both torch.library ops.
 
 import os
 
-os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the CPU runs the kernels interpreted
+import torch
+
+if not torch.cuda.is_available():  # conftest.py does the same; this keeps the file runnable on its own
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
@@ -25,16 +28,18 @@ from moe_kernels.triton.adapters import AdapterConfig, adapter_moe_triton, force
 FUSED = AdapterConfig(fused=True, block_m=16, block_k=64, block_n=64, block_r=256, wgrad_block_m=16)
 SPLIT = AdapterConfig(fused=False, block_m=16, block_k=64, block_n=64, block_r=64, wgrad_block_m=16)
 PATHS = {"fused": FUSED, "split": SPLIT}
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def make_inputs(T, H, E, k, rank, dtype, ids=None, pattern="random"):
-    h = torch.randn(T, H).to(dtype)
-    down = (torch.randn(E, rank, H) / H ** 0.5).to(dtype)
-    up = (torch.randn(E, H, rank) / rank ** 0.5).to(dtype)
-    weights = torch.rand(T, k) + 0.1
+    """Leaves (h, down, up, weights) and ids on DEVICE; values drawn on the CPU so both devices see the same."""
+    h = torch.randn(T, H).to(DEVICE, dtype)
+    down = (torch.randn(E, rank, H) / H ** 0.5).to(DEVICE, dtype)
+    up = (torch.randn(E, H, rank) / rank ** 0.5).to(DEVICE, dtype)
+    weights = (torch.rand(T, k) + 0.1).to(DEVICE)
     if ids is None:
         ids = make_ids(pattern, T, E, k)
-    return [t.requires_grad_() for t in (h, down, up, weights)], ids
+    return [t.requires_grad_() for t in (h, down, up, weights)], ids.to(DEVICE)
 
 
 def check_against_oracle(T, H, E, k, rank, dtype=torch.float32, activation="gelu", scale=0.7, path=None,
@@ -48,7 +53,7 @@ def check_against_oracle(T, H, E, k, rank, dtype=torch.float32, activation="gelu
     assert out.dtype == dtype and out.shape == (T, H)
     ref = reference.adapter_moe(*leaves, ids, activation, scale)
     assert_close_rel(out, ref, dtype, "forward")
-    grad_out = torch.randn(T, H).to(dtype)
+    grad_out = torch.randn(T, H).to(DEVICE, dtype)
     if path is None:
         grads = torch.autograd.grad(out, leaves, grad_out)
     else:
@@ -96,7 +101,7 @@ def test_table_config_and_rank_1024():
 
 
 def test_empty_expert_gets_zero_weight_gradients():
-    ids = torch.tensor([[0, 3], [3, 0], [0, 3]], dtype=torch.int32)  # experts 1, 2, 4 unused
+    ids = torch.tensor([[0, 3], [3, 0], [0, 3]], dtype=torch.int32, device=DEVICE)  # experts 1, 2, 4 unused
     for path in PATHS:
         _, (_, d_down, d_up, _) = check_against_oracle(3, 18, 5, 2, 8, ids=ids, path=path)
         for expert in (1, 2, 4):
@@ -188,9 +193,9 @@ def test_only_aligned_launches_take_table_configs(H, misaligned, aligned):
     (h, down, up, weights), ids = make_inputs(4, H, 3, 2, 8, torch.float32)
     h, weights = h.detach(), weights.detach()
     if misaligned == "h":  # contiguous, but 4 bytes into its storage
-        h = torch.cat([torch.zeros(1), h.flatten()])[1:].view(4, H)
+        h = torch.cat([torch.zeros(1, device=DEVICE), h.flatten()])[1:].view(4, H)
     elif misaligned == "weights":
-        weights = torch.cat([torch.zeros(1), weights.flatten()])[1:].view(4, 2)
+        weights = torch.cat([torch.zeros(1, device=DEVICE), weights.flatten()])[1:].view(4, 2)
     plan = reference.plan(ids, 3)
     config = adapters._launch_params(h, down.detach(), up.detach(), weights, plan.expert_offsets,
                                      plan.sorted_slots)["config"]
@@ -207,7 +212,7 @@ def test_opcheck(path):
     args = (h, down, up, weights, plan.expert_offsets, plan.sorted_slots, "gelu", 0.5)
     with forced_config(PATHS[path]):
         torch.library.opcheck(adapters._adapter_moe_op, args)
-        grad = torch.randn(5, 20)
+        grad = torch.randn(5, 20, device=DEVICE)
         for weight_grads in (True, False):
             torch.library.opcheck(adapters._adapter_moe_backward_op,
                                   (grad, *[a.detach() if isinstance(a, torch.Tensor) else a for a in args],

@@ -164,9 +164,12 @@ def _activation_backward(gate, up, grad, limit, ACTIVATION: tl.constexpr, HAS_LI
 @triton.jit
 def _operand(tile, UPCAST: tl.constexpr, dtype: tl.constexpr):
     """A tl.dot operand: fp32 under the interpreter (bf16 is wrong there), else the GEMM input dtype."""
+    # one return statement: triton 3.6 visits every `return` of a jit function, even after a constexpr if
     if UPCAST:
-        return tile.to(tl.float32)
-    return tile.to(dtype)
+        operand = tile.to(tl.float32)
+    else:
+        operand = tile.to(dtype)
+    return operand
 
 
 # ----------------------------------------------------------------------------------------------------

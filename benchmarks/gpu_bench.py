@@ -1,0 +1,526 @@
+"""GPU benchmark of moe_kernels against its peers: every provider on the same inputs, in one process.
+
+    python benchmarks/gpu_bench.py --out DIR [--quick] [--budget-s 240]
+    python benchmarks/gpu_bench.py --dry-run --out DIR    # CPU, tiny shapes, Triton interpreter (CI)
+
+Suites:
+* ``moe``: the expert MLP given routing (``moe_mlp``), bf16, forward and forward+backward, at the
+  shapes of Qwen3-30B-A3B, OLMoE, DeepSeek-V3 (E=256, k=8, width scaled) and Mixtral-8x7B, decode to
+  training token counts. Providers: moe_kernels' triton and cuda backends, the same through the HF
+  experts path (``hf:moe_kernels``), transformers' eager / grouped_mm / batched_mm experts, Liger-Kernel's
+  fused MoE (configs pinned: ``LIGER_FUSED_MOE_AUTOTUNE=0``) and vLLM's ``fused_experts`` when importable.
+* ``route``: routing, forward and forward+backward, torch autograd (the oracle) against the backends.
+* ``adapter``: adapter experts (PESC r=16 and LoRA r=64), the backends against a per-expert loop.
+
+Timing: CUDA events around each call, providers interleaved round-robin so clock drift hits all of them
+alike, warm-up calls first (compiles, allocator), the median over the repeats, three input sets rotated
+(random values, never zeros). Every row carries the roofline floor, the larger of FLOPs over the measured
+bf16 matmul rate and bytes over the measured copy bandwidth, peak memory of one forward+backward, and the
+norm-wise relative error of its output against the fp32 oracle (``moe_kernels.reference``).
+
+Writes ``gpu_bench.csv`` and ``gpu_bench.md`` under ``--out``; prints the Markdown last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+DRY_RUN = "--dry-run" in sys.argv
+if DRY_RUN:  # before triton is imported: the CPU runs the kernels interpreted
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+os.environ.setdefault("LIGER_FUSED_MOE_AUTOTUNE", "0")  # pinned configs: autotuning costs minutes per shape
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import moe_kernels  # noqa: E402
+from moe_kernels import reference  # noqa: E402
+from moe_kernels.backends import get_backend  # noqa: E402
+
+try:  # registers the "moe_kernels" experts implementation with transformers
+    import moe_kernels.hf  # noqa: E402, F401
+    HF_ERROR = None
+except Exception as exc:  # noqa: BLE001
+    HF_ERROR = f"transformers not importable ({type(exc).__name__})"
+
+
+@dataclass(frozen=True)
+class MoEShape:
+    name: str
+    hidden: int
+    inter: int
+    experts: int
+    top_k: int
+
+
+MOE_SHAPES = [
+    MoEShape("Qwen3-30B-A3B", 2048, 768, 128, 8),
+    MoEShape("OLMoE", 2048, 1024, 64, 8),
+    MoEShape("DeepSeek-V3 E256 (H2048 I512)", 2048, 512, 256, 8),
+    MoEShape("Mixtral-8x7B", 4096, 14336, 8, 2),
+]
+TOKENS = (1, 4, 8, 64, 512, 4096, 16384)
+QUICK_TOKENS = (1, 8, 64, 4096, 16384)
+DRY_SHAPES = [MoEShape("tiny", 32, 16, 5, 2), MoEShape("tiny-k1", 16, 16, 3, 1)]
+DRY_TOKENS = (1, 7)
+# transformers' batched_mm gathers every routed row's expert weights: skip it above this many bytes
+BATCHED_MM_MAX_BYTES = 8 * 2**30
+
+
+# ----------------------------------------------------------------------------------------------------
+# timing
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(calls: dict, device, warmup: int, repeats: int) -> dict:
+    """Median milliseconds of each callable (called with the input-set index), interleaved round-robin."""
+    sets = 3
+    for name, call in calls.items():
+        for i in range(warmup):
+            call(i % sets)
+    _sync(device)
+    times = {name: [] for name in calls}
+    for rep in range(repeats):
+        for name, call in calls.items():
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                call(rep % sets)
+                end.record()
+                end.synchronize()
+                times[name].append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                call(rep % sets)
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def peak_memory_mb(call, device) -> float | None:
+    if device.type != "cuda":
+        return None
+    _sync(device)
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    call(0)
+    _sync(device)
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def measure_ceilings(device) -> dict:
+    """Measured copy bandwidth (bytes read + written per second) and bf16 matmul rate (FLOP/s)."""
+    if device.type != "cuda":
+        return {"copy_bytes_per_s": 1e10, "matmul_flops": 1e11}
+    n = 1 << 30  # 1 GiB
+    src = torch.randn(n // 2, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    copy_ms = time_interleaved({"copy": lambda i: dst.copy_(src)}, device, 3, 10)["copy"]
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    mm_ms = time_interleaved({"mm": lambda i: a @ b}, device, 3, 10)["mm"]
+    return {"copy_bytes_per_s": 2 * n / (copy_ms * 1e-3), "matmul_flops": 2 * 8192**3 / (mm_ms * 1e-3)}
+
+
+def rel_err(actual, expected) -> float:
+    actual, expected = actual.double(), expected.double()
+    return ((actual - expected).norm() / expected.norm().clamp_min(1e-30)).item()
+
+
+# ----------------------------------------------------------------------------------------------------
+# moe_mlp providers
+
+
+def _hf_experts(shape: MoEShape, gate_up, down):
+    """transformers' MixtralExperts holding the same weights (gate rows then up rows, SiLU)."""
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    config = MixtralConfig(hidden_size=shape.hidden, intermediate_size=shape.inter,
+                           num_local_experts=shape.experts, num_experts_per_tok=shape.top_k)
+    with torch.device("meta"):
+        experts = MixtralExperts(config)
+    experts.gate_up_proj = torch.nn.Parameter(gate_up)
+    experts.down_proj = torch.nn.Parameter(down)
+    return experts, config
+
+
+def moe_providers(shape: MoEShape, tokens: int, device, dtype, notes: dict) -> dict:
+    """name -> callable(inputs, grad) that runs the expert MLP and returns its output."""
+    providers = {}
+    backends = moe_kernels.available_backends()
+    for backend in ("triton", "cuda"):
+        if backend in backends and get_backend(backend).device_error(device) is None:
+            providers[f"moe_kernels:{backend}"] = (
+                lambda inp, b=backend: moe_kernels.moe_mlp(inp["x"], inp["gate_up"], inp["down"], inp["weights"],
+                                                           inp["ids"], backend=b))
+        else:
+            notes[f"moe_kernels:{backend}"] = "not built or cannot run on this device"
+    if HF_ERROR:
+        notes["hf"] = HF_ERROR
+        return providers
+    impls = ["moe_kernels", "grouped_mm", "batched_mm", "eager"]
+    if device.type != "cuda":
+        impls = ["moe_kernels", "eager"]
+    batched_bytes = tokens * shape.top_k * 3 * shape.inter * shape.hidden * torch.finfo(dtype).bits // 8
+    if batched_bytes > BATCHED_MM_MAX_BYTES and "batched_mm" in impls:
+        impls.remove("batched_mm")
+        notes["hf:batched_mm"] = f"skipped above {BATCHED_MM_MAX_BYTES >> 30} GiB of gathered weights"
+    if tokens > 4096 and "eager" in impls and shape.experts >= 64:
+        impls.remove("eager")
+        notes["hf:eager"] = "skipped above 4096 tokens at E >= 64 (a Python loop over experts)"
+    for impl in impls:
+        def run(inp, impl=impl):
+            experts = inp["hf_experts"]
+            experts.config._experts_implementation = impl
+            return experts(inp["x"], inp["ids"].long(), inp["weights"].to(inp["x"].dtype))
+        providers[f"hf:{impl}"] = run
+    if device.type == "cuda":
+        try:
+            from liger_kernel.ops.fused_moe import LigerFusedMoEFunction
+
+            providers["liger:fused_moe"] = lambda inp: LigerFusedMoEFunction.apply(
+                inp["x"], inp["gate_up"], inp["down"], inp["ids"], inp["weights"])
+        except Exception as exc:  # noqa: BLE001 - any import failure means "not available"
+            notes["liger:fused_moe"] = f"not importable ({type(exc).__name__})"
+        try:
+            from vllm.model_executor.layers.fused_moe import fused_experts
+
+            providers["vllm:fused_experts"] = lambda inp: fused_experts(
+                inp["x"], inp["gate_up"], inp["down"], inp["weights"], inp["ids"])
+            notes["vllm:fused_experts"] = "forward only"
+        except Exception as exc:  # noqa: BLE001
+            notes["vllm:fused_experts"] = f"not importable ({type(exc).__name__})"
+    return providers
+
+
+def moe_inputs(shape: MoEShape, tokens: int, device, dtype, seed: int) -> dict:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    H, I, E, k = shape.hidden, shape.inter, shape.experts, shape.top_k
+    x = torch.randn(tokens, H, generator=g).to(device, dtype)
+    logits = torch.randn(tokens, E, generator=g)
+    weights, ids = reference.route(logits, k)
+    return {"x": x.requires_grad_(), "weights": weights.to(device).requires_grad_(), "ids": ids.to(device),
+            "grad": torch.randn(tokens, H, generator=g).to(device, dtype)}
+
+
+def moe_weights(shape: MoEShape, device, dtype, seed: int = 1234):
+    H, I, E = shape.hidden, shape.inter, shape.experts
+    torch.manual_seed(seed)
+    gate_up = (torch.randn(E, 2 * I, H, device=device, dtype=dtype) / math.sqrt(H)).requires_grad_()
+    down = (torch.randn(E, H, I, device=device, dtype=dtype) / math.sqrt(I)).requires_grad_()
+    return gate_up, down
+
+
+def expected_touched(E: int, k: int, tokens: int) -> float:
+    return E * (1.0 - (1.0 - k / E) ** tokens)
+
+
+def moe_floor_ms(shape: MoEShape, tokens: int, ceilings: dict, bytes_per: int, backward: bool) -> float:
+    H, I, k = shape.hidden, shape.inter, shape.top_k
+    flops = 6.0 * tokens * k * H * I
+    weight_bytes = expected_touched(shape.experts, k, tokens) * 3 * H * I * bytes_per
+    act_bytes = 2 * tokens * H * bytes_per
+    bytes_moved = weight_bytes + act_bytes
+    if backward:  # dX and dW GEMMs; weights read again, their gradients written, grad_out read, dx written
+        flops *= 3
+        bytes_moved = 3 * weight_bytes + 2 * act_bytes
+    return 1e3 * max(flops / ceilings["matmul_flops"], bytes_moved / ceilings["copy_bytes_per_s"])
+
+
+def run_moe_case(shape, tokens, device, dtype, ceilings, args, rows, notes):
+    gate_up, down = moe_weights(shape, device, dtype)
+    experts, _ = _hf_experts(shape, gate_up, down)
+    sets = []
+    for seed in range(3):
+        inp = moe_inputs(shape, tokens, device, dtype, seed)
+        inp.update(gate_up=gate_up, down=down, hf_experts=experts)
+        sets.append(inp)
+    case_notes = {}
+    providers = moe_providers(shape, tokens, device, dtype, case_notes)
+    for key, value in case_notes.items():
+        notes.setdefault(key, set()).add(value)
+    leaves = lambda inp: [inp["x"], inp["weights"], gate_up, down]  # noqa: E731
+
+    # agreement with the fp32 oracle on input set 0
+    inp = sets[0]
+    with torch.no_grad():
+        ref = reference.moe_mlp(inp["x"].float(), gate_up.float(), down.float(), inp["weights"], inp["ids"])
+    errors, working = {}, {}
+    for name, fn in providers.items():
+        try:
+            with torch.no_grad():
+                errors[name] = rel_err(fn(inp), ref)
+            working[name] = fn
+        except Exception as exc:  # noqa: BLE001 - a peer that cannot run this shape gets a note, not a crash
+            notes.setdefault(name, set()).add(f"failed at {shape.name} T={tokens}: {type(exc).__name__}: "
+                                               f"{str(exc).splitlines()[0][:120]}")
+    del ref
+    fwd_calls = {name: (lambda i, fn=fn: _no_grad_call(fn, sets[i])) for name, fn in working.items()}
+    fwd = time_interleaved(fwd_calls, device, args.warmup, args.repeats)
+    bwd_names = [n for n in working if not n.startswith("vllm")]
+    bwd_calls = {name: (lambda i, fn=working[name]: _fwd_bwd_call(fn, sets[i], leaves(sets[i])))
+                 for name in bwd_names}
+    fwdbwd = time_interleaved(bwd_calls, device, args.warmup, args.repeats)
+    bytes_per = torch.finfo(dtype).bits // 8
+    for name in working:
+        peak = peak_memory_mb(bwd_calls[name], device) if name in bwd_calls else None
+        for pass_name, table in (("fwd", fwd), ("fwdbwd", fwdbwd)):
+            if name not in table:
+                continue
+            floor = moe_floor_ms(shape, tokens, ceilings, bytes_per, pass_name == "fwdbwd")
+            rows.append({"suite": "moe", "case": shape.name, "tokens": tokens, "provider": name, "pass": pass_name,
+                         "ms": table[name], "floor_ms": floor, "x_floor": table[name] / floor,
+                         "peak_mb": peak if pass_name == "fwdbwd" else None, "rel_err": errors[name]})
+    for row in rows:
+        if row["suite"] == "moe" and row["case"] == shape.name and row["tokens"] == tokens:
+            base = fwd if row["pass"] == "fwd" else fwdbwd
+            if "hf:grouped_mm" in base:
+                row["vs_grouped_mm"] = base["hf:grouped_mm"] / row["ms"]
+
+
+def _no_grad_call(fn, inp):
+    with torch.no_grad():
+        return fn(inp)
+
+
+def _fwd_bwd_call(fn, inp, leaves):
+    out = fn(inp)
+    return torch.autograd.grad(out, leaves, inp["grad"], allow_unused=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# routing and adapters
+
+
+def run_route_cases(device, args, rows, dry):
+    cases = [("E=128 k=8", 128, 8, {}), ("DeepSeek-V3 grouped sigmoid E=256", 256, 8,
+              dict(scoring="sigmoid", n_group=8, topk_group=4, scale=2.5, bias=True)), ("E=8 k=2", 8, 2, {})]
+    token_counts = (1, 7) if dry else (1, 16384)
+    backends = [b for b in ("triton", "cuda") if b in moe_kernels.available_backends()
+                and get_backend(b).device_error(device) is None]
+    for label, E, k, variant in cases:
+        for tokens in token_counts:
+            g = torch.Generator().manual_seed(0)
+            sets = []
+            for _ in range(3):
+                logits = torch.randn(tokens, E, generator=g).to(device).requires_grad_()
+                kwargs = dict(variant)
+                if kwargs.pop("bias", False):
+                    kwargs["bias"] = (torch.randn(E, generator=g) * 0.1).to(device)
+                sets.append((logits, kwargs, torch.randn(tokens, k, generator=g).to(device)))
+            calls = {"torch (oracle)": lambda lg, kw: reference.route(lg, k, **kw)}
+            for b in backends:
+                calls[f"moe_kernels:{b}"] = lambda lg, kw, b=b: moe_kernels.route(lg, k, backend=b, **kw)
+            fwd = time_interleaved({n: (lambda i, c=c: _no_grad_route(c, sets[i])) for n, c in calls.items()},
+                                   device, args.warmup, args.repeats)
+            fb = time_interleaved({n: (lambda i, c=c: _fwd_bwd_route(c, sets[i])) for n, c in calls.items()},
+                                  device, args.warmup, args.repeats)
+            for name in calls:
+                for pass_name, table in (("fwd", fwd), ("fwdbwd", fb)):
+                    rows.append({"suite": "route", "case": label, "tokens": tokens, "provider": name,
+                                 "pass": pass_name, "ms": table[name],
+                                 "vs_torch": table["torch (oracle)"] / table[name]})
+
+
+def _no_grad_route(call, inp):
+    with torch.no_grad():
+        return call(inp[0], inp[1])
+
+
+def _fwd_bwd_route(call, inp):
+    weights, _ = call(inp[0], inp[1])
+    return torch.autograd.grad(weights, inp[0], inp[2])
+
+
+def run_adapter_cases(device, dtype, args, rows, dry):
+    cases = [("PESC r=16 E=16 k=4", 16, 16, 4, "gelu"), ("LoRA r=64 E=8 k=2", 64, 8, 2, "identity")]
+    tokens, H = (7, 32) if dry else (8192, 4096)
+    backends = [b for b in ("triton", "cuda") if b in moe_kernels.available_backends()
+                and get_backend(b).device_error(device) is None]
+    for label, r, E, k, act in cases:
+        g = torch.Generator().manual_seed(0)
+        down = (torch.randn(E, r, H, generator=g) / math.sqrt(H)).to(device, dtype).requires_grad_()
+        up = (torch.randn(E, H, r, generator=g) / math.sqrt(r)).to(device, dtype).requires_grad_()
+        sets = []
+        for _ in range(3):
+            h = torch.randn(tokens, H, generator=g).to(device, dtype).requires_grad_()
+            w, ids = reference.route(torch.randn(tokens, E, generator=g), k)
+            sets.append((h, w.to(device).requires_grad_(), ids.to(device), torch.randn(tokens, H, generator=g)
+                         .to(device, dtype)))
+        calls = {"per-expert loop (reference)": lambda h, w, ids: reference.adapter_moe(h, down, up, w, ids, act, 2.0)}
+        for b in backends:
+            calls[f"moe_kernels:{b}"] = (lambda h, w, ids, b=b:
+                                         moe_kernels.adapter_moe(h, down, up, w, ids, activation=act, scale=2.0,
+                                                                 backend=b))
+        ref = reference.adapter_moe(sets[0][0].float(), down.float(), up.float(), sets[0][1], sets[0][2], act,
+                                    2.0).detach()
+        errors = {}
+        for name, call in calls.items():
+            with torch.no_grad():
+                errors[name] = rel_err(call(*sets[0][:3]), ref)
+        fwd = time_interleaved({n: (lambda i, c=c: _no_grad_call(lambda s: c(*s[:3]), sets[i]))
+                                for n, c in calls.items()}, device, args.warmup, args.repeats)
+        fb = time_interleaved({n: (lambda i, c=c: torch.autograd.grad(c(*sets[i][:3]),
+                                                                      [sets[i][0], sets[i][1], down, up], sets[i][3]))
+                               for n, c in calls.items()}, device, args.warmup, args.repeats)
+        base = "per-expert loop (reference)"
+        for name in calls:
+            for pass_name, table in (("fwd", fwd), ("fwdbwd", fb)):
+                rows.append({"suite": "adapter", "case": label, "tokens": tokens, "provider": name, "pass": pass_name,
+                             "ms": table[name], "vs_loop": table[base] / table[name], "rel_err": errors[name]})
+
+
+# ----------------------------------------------------------------------------------------------------
+# report
+
+COLUMNS = ["suite", "case", "tokens", "provider", "pass", "ms", "floor_ms", "x_floor", "vs_grouped_mm", "vs_torch",
+           "vs_loop", "peak_mb", "rel_err"]
+
+
+def environment(device) -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "moe_kernels": moe_kernels.__version__}
+    for module in ("triton", "transformers", "liger_kernel"):
+        try:
+            info[module] = __import__(module).__version__
+        except Exception:  # noqa: BLE001
+            info[module] = "absent"
+    info["device"] = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (dry run, interpreter)"
+    return info
+
+
+def _fmt(value, digits=3):
+    if value is None or value == "":
+        return ""
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def render_markdown(rows, info, ceilings, notes) -> str:
+    lines = ["## GPU benchmark: " + ", ".join(f"{k} {v}" for k, v in info.items()), "",
+             f"Measured ceilings: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s (read+write), "
+             f"bf16 matmul {ceilings['matmul_flops'] / 1e12:.0f} TFLOP/s.", ""]
+    for suite, ratio_key in (("moe", "vs_grouped_mm"), ("route", "vs_torch"), ("adapter", "vs_loop")):
+        suite_rows = [r for r in rows if r["suite"] == suite]
+        if not suite_rows:
+            continue
+        providers = list(dict.fromkeys(r["provider"] for r in suite_rows))
+        cases = list(dict.fromkeys((r["case"], r["tokens"]) for r in suite_rows))
+        lines.append(f"### {suite}: ms fwd / fwd+bwd" + (" (floor: roofline)" if suite == "moe" else ""))
+        lines.append("")
+        head = ["case", "T"] + (["floor"] if suite == "moe" else []) + providers
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + " --- |" * len(head))
+        for case, tokens in cases:
+            cells = [case, str(tokens)]
+            by = {(r["provider"], r["pass"]): r for r in suite_rows if r["case"] == case and r["tokens"] == tokens}
+            if suite == "moe":
+                f = [by.get((p, ps)) for p in providers for ps in ("fwd", "fwdbwd")]
+                fl = {ps: next((r["floor_ms"] for r in f if r and r["pass"] == ps), None) for ps in ("fwd", "fwdbwd")}
+                cells.append(f"{_fmt(fl['fwd'])} / {_fmt(fl['fwdbwd'])}")
+            for p in providers:
+                a, b = by.get((p, "fwd")), by.get((p, "fwdbwd"))
+                cell = f"{_fmt(a['ms']) if a else '-'} / {_fmt(b['ms']) if b else '-'}"
+                if a and a.get(ratio_key) is not None and p.startswith("moe_kernels"):
+                    cell += f" ({_fmt(a.get(ratio_key), 2)}× / {_fmt(b.get(ratio_key), 2) if b else '-'}×)"
+                cells.append(cell)
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+        if suite == "moe":
+            lines.append("Ratios in brackets: transformers grouped_mm time / this time (fwd / fwd+bwd); > 1 is faster.")
+            worst = {}
+            for r in suite_rows:
+                if r.get("rel_err") is not None:
+                    worst[r["provider"]] = max(worst.get(r["provider"], 0.0), r["rel_err"])
+            lines.append("Largest relative error against the fp32 oracle: "
+                         + ", ".join(f"{p} {e:.1e}" for p, e in worst.items()) + ".")
+            peaks = {}
+            for r in suite_rows:
+                if r.get("peak_mb") is not None:
+                    peaks.setdefault((r["case"], r["tokens"]), {})[r["provider"]] = r["peak_mb"]
+            if peaks:
+                big = max(peaks, key=lambda c: c[1])
+                lines.append(f"Peak memory of one fwd+bwd at {big[0]} T={big[1]} (MiB above inputs): "
+                             + ", ".join(f"{p} {m:.0f}" for p, m in peaks[big].items()) + ".")
+            lines.append("")
+    if notes:
+        lines.append("Notes: " + "; ".join(f"{k}: {' | '.join(sorted(v))}" for k, v in sorted(notes.items())))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="benchmarks/results_gpu")
+    parser.add_argument("--dry-run", action="store_true", help="CPU, tiny shapes, Triton interpreter")
+    parser.add_argument("--quick", action="store_true", help="fewer token counts")
+    parser.add_argument("--suites", default="moe,route,adapter")
+    parser.add_argument("--shapes", default="", help="comma-separated substrings of shape names")
+    parser.add_argument("--tokens", default="", help="comma-separated token counts")
+    parser.add_argument("--budget-s", type=float, default=300.0, help="start no new case after this many seconds")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=9)
+    args = parser.parse_args(argv)
+    started = time.time()
+    device = torch.device("cpu" if args.dry_run else "cuda")
+    if not args.dry_run and not torch.cuda.is_available():
+        print("gpu_bench: no GPU (use --dry-run for the CPU check)", file=sys.stderr)
+        return 2
+    if args.dry_run:
+        args.warmup, args.repeats = 1, 2
+    dtype = torch.bfloat16
+    os.makedirs(args.out, exist_ok=True)
+    info = environment(device)
+    ceilings = measure_ceilings(device)
+    rows, notes = [], {}
+    suites = args.suites.split(",")
+    shapes = DRY_SHAPES if args.dry_run else MOE_SHAPES
+    if args.shapes:
+        shapes = [s for s in shapes if any(p.lower() in s.name.lower() for p in args.shapes.split(","))]
+    token_counts = DRY_TOKENS if args.dry_run else (QUICK_TOKENS if args.quick else TOKENS)
+    if args.tokens:
+        token_counts = tuple(int(t) for t in args.tokens.split(","))
+    skipped = []
+    if "route" in suites:
+        run_route_cases(device, args, rows, args.dry_run)
+    if "adapter" in suites:
+        run_adapter_cases(device, dtype, args, rows, args.dry_run)
+    if "moe" in suites:
+        for shape in shapes:
+            for tokens in token_counts:
+                if time.time() - started > args.budget_s:
+                    skipped.append(f"{shape.name} T={tokens}")
+                    continue
+                t0 = time.time()
+                run_moe_case(shape, tokens, device, dtype, ceilings, args, rows, notes)
+                print(f"[gpu_bench] {shape.name} T={tokens}: {time.time() - t0:.1f} s", flush=True)
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
+    if skipped:
+        notes["budget"] = {f"not run (over --budget-s {args.budget_s:.0f}): " + ", ".join(skipped)}
+    with open(os.path.join(args.out, "gpu_bench.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(info) + COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({**info, **{k: _fmt(v, 5) for k, v in row.items()}})
+    markdown = render_markdown(rows, info, ceilings, notes)
+    with open(os.path.join(args.out, "gpu_bench.md"), "w") as f:
+        f.write(markdown + "\n")
+    print(markdown)
+    print(f"[gpu_bench] {len(rows)} rows in {time.time() - started:.0f} s -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+#!/usr/bin/env bash
+# The whole GPU check of moe_kernels, from a clean checkout on a machine with torch, triton and nvcc:
+#   1. builds moe_kernels._C in place for the local GPU's arch (C++ CPU ops + CUDA sources);
+#   2. runs the test suite on the GPU (every triton/cuda test on CUDA tensors);
+#   3. runs benchmarks/gpu_bench.py (peers side by side, roofline floor, peak memory, oracle agreement).
+# Designed to finish in about 8 minutes on one H100/H200. Logs, CSV and Markdown go to --out
+# (default $OUT when set, else benchmarks/results_gpu); the summary prints last.
+#
+#   bash benchmarks/gpu_check.sh [--out DIR] [--bench-budget-s 200] [--tests-timeout-s 300] [--skip-tests]
+#                                [--skip-bench] [-- GPU_BENCH_ARGS]
+#   bash benchmarks/gpu_check.sh --dry-run   # no GPU: CPU build, interpreter, tiny shapes (CI runs this)
+#
+# Wheels missing on the GPU machine (liger-kernel, expecttest) are installed from .whl/ when that folder
+# exists (no network there).
+set -uo pipefail
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.."
+out=${OUT:-benchmarks/results_gpu}
+dry=0 skip_tests=0 skip_bench=0 bench_budget=200 tests_timeout=300 bench_args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dry-run) dry=1 ;;
+    --out) out=$2; shift ;;
+    --bench-budget-s) bench_budget=$2; shift ;;
+    --tests-timeout-s) tests_timeout=$2; shift ;;
+    --skip-tests) skip_tests=1 ;;
+    --skip-bench) skip_bench=1 ;;
+    --) shift; bench_args=("$@"); break ;;
+    *) echo "gpu_check: unknown argument $1" >&2; exit 2 ;;
+  esac
+  shift
+done
+mkdir -p "$out"
+start=$(date +%s)
+status=0
+step() { echo; echo "=== $* ($(( $(date +%s) - start ))s)"; }
+python=${PYTHON:-python3}
+
+if [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1; then
+  step "install carried wheels"
+  $python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/moe_site .whl/*.whl \
+    && export PYTHONPATH=/tmp/moe_site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+step "environment"
+$python - <<'EOF'
+import platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda)
+for m in ("triton", "transformers", "peft", "liger_kernel"):
+    try:
+        print(m, __import__(m).__version__)
+    except Exception as e:
+        print(m, "absent", type(e).__name__)
+if torch.cuda.is_available():
+    p = torch.cuda.get_device_properties(0)
+    print("gpu", p.name, f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs", round(p.total_memory / 2**30), "GiB")
+EOF
+
+if [ $dry = 1 ]; then
+  export TRITON_INTERPRET=1 MOE_KERNELS_BUILD_CUDA=0
+  if ! $python -c "import moe_kernels._C" 2> /dev/null; then
+    step "build (CPU ops only: dry run)"
+    $python setup.py -q build_ext --inplace > "$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
+  fi
+  step "tests (dry run: the GPU-only tests skip, the triton adapter and no-sync files under the interpreter)"
+  $python -m pytest -q -p no:cacheprovider tests/test_gpu_no_sync.py tests/test_triton_adapters.py -k "opcheck or no_sync or graph" \
+    2>&1 | tee "$out/tests.log" | tail -5
+  [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  step "bench (dry run)"
+  $python benchmarks/gpu_bench.py --dry-run --out "$out" --suites moe --shapes tiny-k1 > "$out/bench.log" 2>&1 \
+    || { tail -30 "$out/bench.log"; status=1; }
+  tail -12 "$out/bench.log"
+  step "dry run done: status $status"
+  exit $status
+fi
+
+arch=$($python -c "import torch; p = torch.cuda.get_device_properties(0); print(f'{p.major}.{p.minor}')") || {
+  echo "gpu_check: no GPU visible to torch (use --dry-run)" >&2; exit 2; }
+
+step "build moe_kernels._C for sm_${arch/./} (log: $out/build.log)"
+export TORCH_CUDA_ARCH_LIST=$arch MAX_JOBS=${MAX_JOBS:-16} MOE_KERNELS_BUILD_CUDA=1
+if ! $python setup.py build_ext --inplace > "$out/build.log" 2>&1; then
+  tail -40 "$out/build.log"; echo "gpu_check: build failed"; exit 1
+fi
+$python -c "import moe_kernels; print('backends:', moe_kernels.available_backends())"
+
+if [ $skip_tests = 0 ]; then
+  step "tests on the GPU (log: $out/tests.log)"
+  workers=$($python -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
+  timeout "$tests_timeout" $python -m pytest tests -q -p no:cacheprovider $workers --maxfail=50 -o addopts="-ra" -m "not slow" \
+    > "$out/tests.log" 2>&1
+  rc=$?
+  grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -40
+  tail -3 "$out/tests.log"
+  [ $rc = 0 ] || status=1
+fi
+
+if [ $skip_bench = 0 ]; then
+  step "benchmark (budget ${bench_budget}s; log: $out/bench.log)"
+  timeout $(( bench_budget + 120 )) $python benchmarks/gpu_bench.py --out "$out" --budget-s "$bench_budget" \
+    "${bench_args[@]}" > "$out/bench.log" 2>&1 || { tail -30 "$out/bench.log"; status=1; }
+  grep "^\[gpu_bench\]" "$out/bench.log" | tail -3
+  cat "$out/gpu_bench.md" 2>/dev/null
+fi
+
+step "gpu_check done: status $status"
+exit $status
