@@ -133,17 +133,20 @@ class PescForCausalLM(ComposedPreTrainedModel, GenerationMixin):
                 position_ids: torch.LongTensor | None = None, cache=None, inputs_embeds: torch.Tensor | None = None,
                 labels: torch.LongTensor | None = None, use_cache: bool | None = None,
                 logits_to_keep: int | torch.Tensor = 0, **kwargs) -> MoeCausalLMOutputWithPast:
+        from ...hf.compat import CACHE_KWARG, cache_kwargs  # not at import: moe_kernels.hf imports this module
+
         if "past_key_values" in kwargs:  # the pre-5.24 name of the cache argument
             cache = kwargs.pop("past_key_values") if cache is None else cache
         out = self.language_model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                  cache=cache, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+                                  **cache_kwargs(cache), inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
                                   logits_to_keep=logits_to_keep, **kwargs)
         loss, aux_loss = out.loss, None
         if labels is not None or self.training:
             aux_loss = self.load_balancing_loss()
             if loss is not None and self.config.add_aux_loss:
                 loss = loss + (self.config.aux_loss_coef * aux_loss).to(loss.dtype)
-        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=out.logits, cache=out.cache,
+        return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=out.logits,
+                                         **cache_kwargs(getattr(out, CACHE_KWARG, None)),
                                          hidden_states=out.hidden_states, attentions=out.attentions)
 
 

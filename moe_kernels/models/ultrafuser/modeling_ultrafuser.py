@@ -16,7 +16,6 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin
 from transformers.utils import ModelOutput
 
-from ...layers.fuser import TokenFuser, fused_gated_cross_entropy, naive_gated_cross_entropy
 from .._common import ComposedPreTrainedModel
 from .configuration_ultrafuser import UltraFuserConfig
 
@@ -105,6 +104,9 @@ class UltraFuserForCausalLM(ComposedPreTrainedModel, GenerationMixin):
         if not specialists:
             raise ValueError("an UltraFuser needs at least one specialist")
         check_fusable(specialists, list(config.specialist_names))
+        # imported here: moe_kernels.layers.fuser imports moe_kernels.hf, which registers this module
+        from ...layers.fuser import TokenFuser
+
         self.fuser = TokenFuser(specialists, gate_hidden=config.gate_hidden, names=config.specialist_names)
         self.post_init()
 
@@ -148,6 +150,8 @@ class UltraFuserForCausalLM(ComposedPreTrainedModel, GenerationMixin):
                 labels: torch.LongTensor | None = None, use_cache: bool | None = None, force_specialist=None,
                 return_logits: bool | None = None, loss_impl: str = "fused", chunk_size: int | None = None,
                 logits_to_keep: int | torch.Tensor = 0, **kwargs) -> UltraFuserCausalLMOutput:
+        from ...layers.fuser import fused_gated_cross_entropy, naive_gated_cross_entropy
+
         if "past_key_values" in kwargs:  # the pre-5.24 name of the cache argument
             cache = kwargs.pop("past_key_values") if cache is None else cache
         unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in ("return_dict",))
