@@ -141,7 +141,7 @@ def test_classifier_router_learns_domains_from_labelled_prompts():
     labels = [names[i % 3] for i in range(24)]
     ids = torch.stack([torch.randint(1 + 33 * names.index(n), 33 * (names.index(n) + 1), (6,), generator=g)
                        for n in labels])
-    router = ClassifierRouter(coupled.config.hidden_size, names)
+    router = ClassifierRouter(coupled.config.text_config.hidden_size, names)
     losses = router.fit(coupled, ids, labels, steps=60)
     assert losses[-1] < losses[0] * 0.5
     coupled.router = router
@@ -176,34 +176,39 @@ def test_push_pop_and_memory_report():
         coupled(ids, expert="math")
 
 
-def test_norm_and_head_equal_to_the_base_are_shared():
-    base = tiny_model("llama", 3, seed=0)
-    expert = copy.deepcopy(base)
-    with torch.no_grad():
-        expert.model.layers[2].mlp.down_proj.weight.mul_(2.0)  # only an upper layer changed
-    coupled = couple_experts(base, {"a": expert}, split_layer=SPLIT)
-    branch = coupled.coe.branches["a"]
-    assert branch.lm_head is base.lm_head and branch.norm is base.model.norm
+def test_backbone_is_shared_and_branches_are_the_experts_own_modules():
+    base, experts, coupled = build("llama")
+    assert all(a is b for a, b in zip(coupled.backbone, base.model.layers[:SPLIT]))
+    assert coupled.embed_tokens is base.model.embed_tokens
+    branch = coupled.branch("math")
+    assert branch.lm_head is experts["math"].lm_head and branch.norm is experts["math"].model.norm
+    assert all(a is b for a, b in zip(branch.layers, experts["math"].model.layers[SPLIT:]))
+    # no tensor is held twice (safetensors saves each once): coupling the base itself as an expert copies
+    # the parts the backbone already holds
+    again = couple_experts(base, {"base": base, "code": experts["code"]}, split_layer=SPLIT)
+    pointers = [p.data_ptr() for _, p in again.named_parameters(remove_duplicate=False)]
+    assert len(pointers) == len(set(pointers))
 
 
-def test_training_the_branch_lowers_the_loss():
+def test_training_one_branch_leaves_everything_else_unchanged():
     _, _, coupled = build("llama")
     ids, mask = padded_batch([8, 8, 8, 8], seed=5)
     labels = ids.masked_fill(mask == 0, -100)
-    for p in coupled.parameters():
-        p.requires_grad_(False)
-    trainable = list(coupled.coe.branches["code"].layers.parameters())
-    for p in trainable:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
-    losses = []
-    for _ in range(15):
-        loss = coupled(ids, attention_mask=mask, labels=labels, expert="code").loss
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    route = ["code", "math", "law", "math"]
+    with torch.no_grad():
+        before = coupled(ids, attention_mask=mask, expert=route).logits
+    others = {n: p.detach().clone() for n, p in coupled.named_parameters() if ".branches.code." not in n}
+    trainable = coupled.freeze_all_but_expert("code")
+    assert {id(p) for p in trainable} == {id(p) for p in coupled.branch("code").parameters()}
+    losses = coupled.train_expert("code", [{"input_ids": ids, "attention_mask": mask, "labels": labels}] * 15,
+                                  lr=1e-2)
     assert losses[-1] < losses[0] - 0.1
+    for name, value in others.items():
+        assert torch.equal(coupled.get_parameter(name), value), name
+    with torch.no_grad():
+        after = coupled(ids, attention_mask=mask, expert=route).logits
+    assert torch.equal(after[1:], before[1:])  # the other experts' outputs are bit-identical
+    assert not torch.equal(after[0], before[0])
 
 
 def test_errors_for_mismatched_experts_and_bad_arguments():

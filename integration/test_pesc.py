@@ -18,6 +18,7 @@ import moe_kernels  # noqa: E402
 from moe_kernels.hf import craft_sparsity, load_crafted  # noqa: E402
 from moe_kernels.hf.craft import craft_main, crafted_aux_loss, crafted_layers  # noqa: E402
 from moe_kernels.layers import AdapterMoE  # noqa: E402
+from moe_kernels.models import PescForCausalLM  # noqa: E402
 
 VOCAB = 96
 COMMON = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
@@ -66,13 +67,13 @@ def test_crafting_preserves_logits_exactly(family):
     with torch.no_grad():
         dense_logits = model(tokens).logits
     crafted = craft_sparsity(model, num_experts=4, top_k=2, adapter_dim=8, backend="reference")
-    assert crafted is model
-    layers = crafted_layers(model)
+    assert isinstance(crafted, PescForCausalLM) and crafted.language_model is model  # crafted in place, wrapped
+    layers = crafted_layers(crafted)
     assert len(layers) == model.config.num_hidden_layers
     assert all(isinstance(decoder.mlp, AdapterMoE) for decoder in model.model.layers)
     with torch.no_grad():
-        assert torch.equal(model(tokens).logits, dense_logits)
-        assert torch.equal(model.train()(tokens).logits, dense_logits)  # dropout acts on the adapters only
+        assert torch.equal(crafted(tokens).logits, dense_logits)
+        assert torch.equal(crafted.train()(tokens).logits, dense_logits)  # dropout acts on the adapters only
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
@@ -97,6 +98,38 @@ def test_router_and_adapter_training_lowers_loss(family):
         assert torch.equal(model.get_parameter(name), value), name
 
 
+def official_pesc_aux_loss(router_logits_per_layer, num_experts, top_k):
+    """The load-balancing loss of the official PESC (Camelidae) code, written out by hand: the router logits
+    of ALL layers concatenated, softmax, top-k, one-hot [T, k, E]; tokens_per_expert = mean over tokens
+    [k, E]; router_prob_per_expert = mean probability [E]; E * sum(tokens_per_expert * router_prob)."""
+    logits = torch.cat([g.float() for g in router_logits_per_layer], dim=0)
+    routing_weights = torch.softmax(logits, dim=-1)
+    _, selected_experts = torch.topk(routing_weights, top_k, dim=-1)
+    expert_mask = F.one_hot(selected_experts, num_experts).float()
+    tokens_per_expert = expert_mask.mean(dim=0)
+    router_prob_per_expert = routing_weights.mean(dim=0)
+    return num_experts * torch.sum(tokens_per_expert * router_prob_per_expert.unsqueeze(0))
+
+
+@pytest.mark.parametrize("family", sorted(CONFIGS))
+def test_load_balancing_loss_is_one_loss_over_all_layers(family):
+    """Equal to the official form (one loss over the concatenated routing of all layers), not the sum
+    of per-layer losses (with L layers that sum is about L times larger)."""
+    model = craft_sparsity(dense_model(family), num_experts=4, top_k=2, adapter_dim=8, aux_loss_coef=0.05,
+                           backend="reference")
+    randomise_adapters(model)
+    tokens = toy_batch()
+    out = model(tokens, labels=tokens)
+    layers = crafted_layers(model)
+    expected = official_pesc_aux_loss([layer.router_logits for layer in layers], 4, 2)
+    torch.testing.assert_close(out.aux_loss, expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(crafted_aux_loss(model), 0.05 * expected, rtol=1e-6, atol=1e-7)
+    per_layer_sum = sum(moe_kernels.load_balancing_loss(layer.router_logits, layer.router_ids, 4) for layer in layers)
+    assert not torch.allclose(per_layer_sum, expected)  # the earlier (wrong) form differs
+    cross_entropy = F.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
+    torch.testing.assert_close(out.loss, cross_entropy + 0.05 * expected, rtol=1e-6, atol=1e-6)
+
+
 def test_model_loss_includes_load_balancing_loss_with_gradient():
     model = craft_sparsity(dense_model("llama"), num_experts=4, top_k=2, adapter_dim=8, aux_loss_coef=0.05,
                            backend="reference")
@@ -104,8 +137,7 @@ def test_model_loss_includes_load_balancing_loss_with_gradient():
     out = model(tokens, labels=tokens)
     cross_entropy = F.cross_entropy(out.logits[:, :-1].reshape(-1, VOCAB), tokens[:, 1:].reshape(-1))
     aux = crafted_aux_loss(model)
-    expected_aux = sum(0.05 * moe_kernels.load_balancing_loss(
-        layer.router_logits, layer.router_logits.float().topk(2, dim=-1).indices, 4) for layer in crafted_layers(model))
+    expected_aux = 0.05 * official_pesc_aux_loss([layer.router_logits for layer in crafted_layers(model)], 4, 2)
     assert torch.allclose(aux, expected_aux)
     assert aux.item() > 0
     assert torch.allclose(out.loss, cross_entropy + aux, atol=1e-6)
@@ -131,6 +163,7 @@ def test_save_and_load_round_trip(tmp_path, family, dtype):
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
     loaded = load_crafted(str(tmp_path), backend="reference")
+    assert isinstance(loaded, PescForCausalLM)
     assert not loaded.training
     layer = crafted_layers(loaded)[0]
     assert (layer.num_experts, layer.top_k, layer.adapter_dim, layer.scale, layer.activation) == (4, 2, 8, 0.5, "relu")
@@ -198,6 +231,8 @@ def test_craft_rejects_unsupported_models_and_double_crafting():
     model = craft_sparsity(dense_model("llama"), 4, 2, 8)
     with pytest.raises(ValueError, match="already crafted"):
         craft_sparsity(model)
+    with pytest.raises(ValueError, match="already crafted"):
+        craft_sparsity(model.language_model)
     with pytest.raises(ValueError, match="top_k"):
         craft_sparsity(dense_model("llama"), num_experts=4, top_k=5)
 

@@ -70,6 +70,14 @@ def _lora_config(lora):
     return lora
 
 
+def _config_settings(settings: dict) -> dict:
+    """AdapterMoE arguments -> PescConfig fields (top_k is num_experts_per_tok there: a config field named
+    top_k would become a sampling default of generate)."""
+    values = dict(settings)
+    values["num_experts_per_tok"] = values.pop("top_k")
+    return values
+
+
 def _is_quantized(model: nn.Module) -> bool:
     return bool(getattr(model, "is_quantized", False) or getattr(model, "is_loaded_in_4bit", False)
                 or getattr(model, "is_loaded_in_8bit", False))
@@ -118,7 +126,7 @@ def craft_sparsity(model: nn.Module, num_experts: int = 8, top_k: int = 2, adapt
     if quantized:  # the new router/adapter parameters are created in fp32 next to the quantized weights
         for layer in crafted_layers(model):
             layer.to(device=model.get_input_embeddings().weight.device)
-    pesc_config = PescConfig(text_config=config, add_aux_loss=bool(add_aux_loss), **settings)
+    pesc_config = PescConfig(text_config=config, add_aux_loss=bool(add_aux_loss), **_config_settings(settings))
     crafted = PescForCausalLM(pesc_config, language_model=model, backend=backend)
     crafted.train(model.training)
 
@@ -223,7 +231,7 @@ def load_crafted(path: str, *, dtype: torch.dtype | None = None, device=None, ba
             dense = AutoModelForCausalLM.from_config(config, dtype=dtype)
         dense.tie_weights()  # no_init_weights skips the tying of e.g. lm_head to the embeddings
         craft_mlps(dense, settings, backend=backend, progress=progress)
-        model = PescForCausalLM(PescConfig(text_config=config, add_aux_loss=add_aux_loss, **settings),
+        model = PescForCausalLM(PescConfig(text_config=config, add_aux_loss=add_aux_loss, **_config_settings(settings)),
                                 language_model=dense, backend=backend)
         _load_strict(model.language_model, state)
     if device is not None:

@@ -152,7 +152,7 @@ def compose_lora_experts(base_model: nn.Module, adapters: Sequence, top_k: int =
     for p in base_model.parameters():
         p.requires_grad_(False)
     per_path = {path: [expert[path] for expert in experts] for path in targets}
-    config = SelfMoEConfig(text_config=base_model.config, expert_names=names, top_k=top_k, router=router,
+    config = SelfMoEConfig(text_config=base_model.config, expert_names=names, num_experts_per_tok=top_k, router=router,
                            lora_ranks={path: [int(a.shape[0]) for a, _, _ in triples]
                                        for path, triples in per_path.items()})
     model = SelfMoEForCausalLM(config, language_model=base_model, experts=per_path, backend=backend)

@@ -12,7 +12,8 @@ class PescConfig(PreTrainedConfig):
     """A dense causal LM (``text_config``: Llama, Mistral, Qwen2 or Qwen3) whose every MLP is a PESC adapter
     MoE (:class:`moe_kernels.layers.AdapterMoE`).
 
-    num_experts, top_k, adapter_dim, scale, activation, dropout: the AdapterMoE settings. aux_loss_coef:
+    num_experts, num_experts_per_tok (the layer's top_k), adapter_dim, scale, activation, dropout: the
+    AdapterMoE settings. aux_loss_coef:
     weight of the Switch load-balancing loss, computed once over the routing of all layers (the official
     PESC code) and added to ``loss`` when labels are given and ``add_aux_loss`` is true.
     """
@@ -22,7 +23,7 @@ class PescConfig(PreTrainedConfig):
 
     text_config: dict | PreTrainedConfig | None = None
     num_experts: int = 8
-    top_k: int = 2
+    num_experts_per_tok: int = 2
     adapter_dim: int = 64
     scale: float = 1.0
     activation: str = "gelu"
@@ -38,7 +39,7 @@ class PescConfig(PreTrainedConfig):
     @property
     def settings(self) -> dict:
         """The AdapterMoE arguments."""
-        return {"num_experts": self.num_experts, "top_k": self.top_k, "adapter_dim": self.adapter_dim,
+        return {"num_experts": self.num_experts, "top_k": self.num_experts_per_tok, "adapter_dim": self.adapter_dim,
                 "scale": float(self.scale), "activation": self.activation, "dropout": float(self.dropout),
                 "aux_loss_coef": float(self.aux_loss_coef)}
 

@@ -14,6 +14,8 @@ losses.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin
@@ -99,6 +101,8 @@ class PescForCausalLM(ComposedPreTrainedModel, GenerationMixin):
             language_model = AutoModelForCausalLM.from_config(text_config)
             craft_mlps(language_model, config.settings, backend=backend)
         self.language_model = language_model
+        if getattr(language_model, "generation_config", None) is not None:  # eos/pad/sampling defaults of the base
+            self.generation_config = copy.deepcopy(language_model.generation_config)
         self.post_init()
 
     def get_input_embeddings(self):

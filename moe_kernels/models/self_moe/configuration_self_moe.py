@@ -11,7 +11,7 @@ from .._common import keep_sub_attention
 class SelfMoEConfig(PreTrainedConfig):
     """A causal LM (``text_config``) whose LoRA-adapted linears hold N routed LoRA experts.
 
-    expert_names: the N experts (domains) in id order; top_k: experts per token (softmax over all N, top-k
+    expert_names: the N experts (domains) in id order; num_experts_per_tok: experts per token (softmax over all N, top-k
     kept, no renormalisation); router: ``"shared"`` (one router for all decoder layers) or ``"per_layer"``;
     lora_ranks: {module path: [rank of each expert]} for every adapted linear (paths relative to the
     causal LM, e.g. ``model.layers.0.self_attn.q_proj``).
@@ -22,7 +22,7 @@ class SelfMoEConfig(PreTrainedConfig):
 
     text_config: dict | PreTrainedConfig | None = None
     expert_names: list | None = None
-    top_k: int = 1
+    num_experts_per_tok: int = 1
     router: str = "shared"
     lora_ranks: dict | None = None
     tie_word_embeddings: bool = False

@@ -10,6 +10,8 @@ model (experts, scalings, routers) bit-identically.
 
 from __future__ import annotations
 
+import copy
+
 import re
 
 import torch
@@ -65,8 +67,8 @@ class SelfMoEForCausalLM(ComposedPreTrainedModel, GenerationMixin):
         num_experts = config.num_experts
         if num_experts < 1:
             raise ValueError("expert_names must name at least one expert")
-        if isinstance(config.top_k, bool) or not isinstance(config.top_k, int) or not 1 <= config.top_k <= num_experts:
-            raise ValueError(f"top_k must be an int in [1, number of experts = {num_experts}], got {config.top_k!r}")
+        if isinstance(config.num_experts_per_tok, bool) or not isinstance(config.num_experts_per_tok, int) or not 1 <= config.num_experts_per_tok <= num_experts:
+            raise ValueError(f"top_k must be an int in [1, number of experts = {num_experts}], got {config.num_experts_per_tok!r}")
         if language_model is None:
             language_model = AutoModelForCausalLM.from_config(config.text_config)
         if experts is None:  # the architecture only (zero LoRA matrices of the configured ranks)
@@ -76,16 +78,18 @@ class SelfMoEForCausalLM(ComposedPreTrainedModel, GenerationMixin):
                 experts[path] = [(torch.zeros(r, base.in_features), torch.zeros(base.out_features, r), 1.0)
                                  for r in ranks]
         self.language_model = language_model
+        if getattr(language_model, "generation_config", None) is not None:  # eos/pad/sampling defaults of the base
+            self.generation_config = copy.deepcopy(language_model.generation_config)
         by_layer = group_by_decoder_layer(language_model, experts)
         reference = language_model.get_input_embeddings().weight
         router_args = {"backend": backend, "device": reference.device, "dtype": reference.dtype,
                        "init_std": getattr(config.text_config, "initializer_range", 0.02)}
         hidden_size = config.text_config.hidden_size
         if config.router == "shared":
-            self.self_moe_router = SelfMoERouter(hidden_size, num_experts, config.top_k, **router_args)
+            self.self_moe_router = SelfMoERouter(hidden_size, num_experts, config.num_experts_per_tok, **router_args)
             layer_routers = {layer: self.self_moe_router for layer in by_layer}
         else:
-            self.self_moe_routers = nn.ModuleList(SelfMoERouter(hidden_size, num_experts, config.top_k, **router_args)
+            self.self_moe_routers = nn.ModuleList(SelfMoERouter(hidden_size, num_experts, config.num_experts_per_tok, **router_args)
                                                   for _ in by_layer)
             layer_routers = dict(zip(by_layer, self.self_moe_routers))
         for layer_path, paths in by_layer.items():

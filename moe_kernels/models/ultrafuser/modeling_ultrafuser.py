@@ -9,6 +9,8 @@ decodes the fused model unchanged. The math lives in :class:`moe_kernels.layers.
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass
 
 import torch
@@ -108,6 +110,8 @@ class UltraFuserForCausalLM(ComposedPreTrainedModel, GenerationMixin):
         from ...layers.fuser import TokenFuser
 
         self.fuser = TokenFuser(specialists, gate_hidden=config.gate_hidden, names=config.specialist_names)
+        if getattr(specialists[0], "generation_config", None) is not None:  # eos/pad defaults: the first specialist's
+            self.generation_config = copy.deepcopy(specialists[0].generation_config)
         self.post_init()
 
     @classmethod
