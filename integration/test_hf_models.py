@@ -1,0 +1,341 @@
+"""The four research systems as Hugging Face models, on tiny random Llama / Mistral / Qwen2 / Qwen3 configs:
+
+* ``save_pretrained`` -> ``AutoModelForCausalLM.from_pretrained`` gives back the same model, bit-identical
+  logits (also sharded, and with ``device_map``); without ``import moe_kernels.hf`` loading fails loudly;
+* ``generate()`` (greedy) equals the earlier decoders' output (the experts' / specialists' own models and
+  the plain-module decoders ``CoupledExperts`` / ``TokenFuser``), beam search, top-p sampling and a streamer
+  run with the KV cache;
+* CCoE with CoE layers at two depths in every family.
+"""
+
+import copy
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config)
+from transformers.generation.streamers import BaseStreamer
+
+import moe_kernels.hf as mkh
+from moe_kernels.hf.couple import ClassifierRouter, CoupledExperts
+from moe_kernels.layers.fuser import TokenFuser
+from moe_kernels.models import CcoeForCausalLM, PescForCausalLM, SelfMoEForCausalLM, UltraFuserForCausalLM
+
+VOCAB = 97
+PAD = 0
+COMMON = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_attention_heads=4, num_key_value_heads=2,
+              pad_token_id=PAD, max_position_embeddings=128, initializer_range=0.2)
+FAMILIES = {
+    "llama": lambda depth, **kw: LlamaConfig(num_hidden_layers=depth, **{**COMMON, **kw}),
+    "mistral": lambda depth, **kw: MistralConfig(num_hidden_layers=depth, **{**COMMON, "sliding_window": 5, **kw}),
+    "qwen2": lambda depth, **kw: Qwen2Config(num_hidden_layers=depth, **{**COMMON, "tie_word_embeddings": True, **kw}),
+    "qwen3": lambda depth, **kw: Qwen3Config(num_hidden_layers=depth, **{**COMMON, "head_dim": 8, **kw}),
+}
+NEW_TOKENS = 6
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny(family, depth=2, seed=0, **overrides):
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(FAMILIES[family](depth, **overrides)).eval()
+
+
+def prompts(lengths=(7, 4, 9), seed=0):
+    """Left-padded prompts and their attention mask."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.full((len(lengths), width), PAD, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        ids[row, width - n:] = torch.randint(1, VOCAB, (n,), generator=g)
+        mask[row, width - n:] = 1
+    return ids, mask
+
+
+def greedy(model, ids, mask, **kwargs):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=PAD,
+                              **kwargs)
+
+
+def round_trip(model, tmp_path, **load_kwargs):
+    model.save_pretrained(tmp_path, **({"max_shard_size": "20KB"} if load_kwargs.pop("sharded", False) else {}))
+    return AutoModelForCausalLM.from_pretrained(tmp_path, **load_kwargs)
+
+
+def assert_same_logits(a, b, ids, mask, **kwargs):
+    with torch.no_grad():
+        assert torch.equal(a(ids, attention_mask=mask, **kwargs).logits, b(ids, attention_mask=mask, **kwargs).logits)
+
+
+class Collector(BaseStreamer):
+    def __init__(self):
+        self.chunks = []
+
+    def put(self, value):
+        self.chunks.append(value.clone())
+
+    def end(self):
+        self.chunks.append(None)
+
+
+def check_generation_modes(model, ids, mask, **kwargs):
+    """Beam search, top-p sampling and a streamer run with the model's KV cache."""
+    with torch.no_grad():
+        beams = model.generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=3, do_sample=False,
+                               pad_token_id=PAD, **kwargs)
+        assert beams.shape == (ids.shape[0], ids.shape[1] + 4)
+        torch.manual_seed(0)
+        sampled = model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=True, top_p=0.9,
+                                 temperature=0.8, pad_token_id=PAD, **kwargs)
+        assert sampled.shape[0] == ids.shape[0] and int(sampled.max()) < VOCAB
+        streamer = Collector()
+        one, one_mask = ids[:1], mask[:1]
+        streamed = model.generate(one, attention_mask=one_mask, max_new_tokens=3, do_sample=False, pad_token_id=PAD,
+                                  streamer=streamer, **{k: (v[:1] if isinstance(v, list) else v) for k, v in kwargs.items()})
+    assert streamer.chunks[-1] is None
+    assert torch.equal(torch.cat([c.reshape(-1) for c in streamer.chunks[1:-1]]), streamed[0, one.shape[1]:])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PESC
+
+
+def crafted(family):
+    model = mkh.craft_sparsity(tiny(family), num_experts=4, top_k=2, adapter_dim=8, backend="reference")
+    with torch.no_grad():  # as after training: non-zero adapters, a router that prefers some experts
+        for layer in model.crafted_layers:
+            layer.adapter_up.normal_(std=0.5)
+            layer.router.weight.normal_(std=1.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_pesc_round_trip_and_generate(tmp_path, family):
+    model = crafted(family)
+    ids, mask = prompts()
+    loaded = round_trip(model, tmp_path)
+    assert isinstance(loaded, PescForCausalLM) and loaded.config.model_type == "moe_kernels_pesc"
+    loaded.set_backend("reference")
+    assert_same_logits(model, loaded, ids, mask)
+    expected = greedy(model.language_model, ids, mask)  # the crafted transformers model's own generate
+    assert torch.equal(greedy(model, ids, mask), expected)
+    assert torch.equal(greedy(loaded, ids, mask), expected)
+    check_generation_modes(loaded, ids, mask)
+
+
+def test_pesc_sharded_and_device_map_and_legacy_checkpoint(tmp_path):
+    model = crafted("qwen2")
+    ids, mask = prompts()
+    sharded = round_trip(model, tmp_path / "sharded", sharded=True)
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    sharded.set_backend("reference")
+    assert_same_logits(model, sharded, ids, mask)
+    placed = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded", device_map="cpu")
+    placed.set_backend("reference")
+    assert_same_logits(model, placed, ids, mask)
+    # the earlier checkpoint format (a dense config carrying the settings) still loads through load_crafted
+    legacy = tmp_path / "legacy"
+    model.language_model.config.moe_kernels_pesc = {**model.config.settings, "add_aux_loss": True}
+    model.language_model.save_pretrained(legacy)
+    del model.language_model.config.moe_kernels_pesc
+    restored = mkh.load_crafted(str(legacy), backend="reference")
+    assert isinstance(restored, PescForCausalLM)
+    assert_same_logits(model, restored, ids, mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Self-MoE
+
+
+def self_moe_model(family, tmp_path):
+    peft = pytest.importorskip("peft")
+    base = tiny(family)
+    dirs = []
+    for i, rank in enumerate([2, 4]):
+        torch.manual_seed(10 + i)
+        adapted = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=rank, lora_alpha=2 * rank,
+                                                                           target_modules=["q_proj", "v_proj", "down_proj"]))
+        with torch.no_grad():
+            for name, param in adapted.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(std=0.3)
+        adapted.save_pretrained(tmp_path / f"adapter{i}")
+        dirs.append(str(tmp_path / f"adapter{i}"))
+    model = mkh.compose_lora_experts(base, dirs, names=["math", "code"], backend="reference")
+    with torch.no_grad():
+        model.self_moe_router.linear.weight.normal_(std=1.0)
+    return model.eval()
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_self_moe_round_trip_and_generate(tmp_path, family):
+    model = self_moe_model(family, tmp_path)
+    ids, mask = prompts()
+    loaded = round_trip(model, tmp_path / "saved")
+    assert isinstance(loaded, SelfMoEForCausalLM) and loaded.expert_names == ["math", "code"]
+    loaded.set_backend("reference")
+    assert_same_logits(model, loaded, ids, mask)
+    expected = greedy(model.language_model, ids, mask)
+    assert torch.equal(greedy(model, ids, mask), expected)
+    assert torch.equal(greedy(loaded, ids, mask), expected)
+    check_generation_modes(loaded, ids, mask)
+    loaded.force_expert("code")
+    model.force_expert(1)
+    assert_same_logits(model, loaded, ids, mask)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# CCoE
+
+
+def expert_of(base, family, depth, seed, shared_layers):
+    """An expert as CCoE trains one: the base's embeddings and lower layers, its own upper layers and head."""
+    expert = tiny(family, depth, seed)
+    state = base.state_dict()
+    expert.load_state_dict({k: v for k, v in state.items() if k.startswith("model.embed_tokens")
+                            or any(k.startswith(f"model.layers.{i}.") for i in range(shared_layers))}, strict=False)
+    return expert
+
+
+def coupled_two_depths(family):
+    """Experts branching off at depth 1 ("code") and depth 2 ("math", "law"): two CoE layers."""
+    base = tiny(family, 3)
+    experts = {"code": expert_of(base, family, 3, 1, 1), "math": expert_of(base, family, 4, 2, 2),
+               "law": expert_of(base, family, 2, 3, 2)}
+    model = mkh.couple_experts(base, experts, coe_layers={"code": 1, "math": 2, "law": 2})
+    return base, experts, model
+
+
+ROUTE = ["math", "code", "law"]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_ccoe_two_depths_round_trip_and_generate(tmp_path, family):
+    base, experts, model = coupled_two_depths(family)
+    assert model.config.depths == [1, 2]
+    ids, mask = prompts()
+    out = model(ids, attention_mask=mask, expert=ROUTE)
+    for row, name in enumerate(ROUTE):  # each sequence gets exactly its expert's full model
+        with torch.no_grad():
+            expected = experts[name](ids[row:row + 1], attention_mask=mask[row:row + 1]).logits[0]
+        valid = mask[row].bool()
+        torch.testing.assert_close(out.logits[row][valid], expected[valid], rtol=1e-5, atol=1e-5)
+    generated = greedy(model, ids, mask, expert=ROUTE)
+    assert model.last_routing == ROUTE
+    for row, name in enumerate(ROUTE):
+        assert torch.equal(generated[row], greedy(experts[name], ids, mask)[row]), name
+    loaded = round_trip(model, tmp_path)
+    assert isinstance(loaded, CcoeForCausalLM) and loaded.expert_names == model.expert_names
+    assert_same_logits(model, loaded, ids, mask, expert=ROUTE)
+    assert torch.equal(greedy(loaded, ids, mask, expert=ROUTE), generated)
+    check_generation_modes(loaded, ids, mask, expert=ROUTE)
+    beams = loaded.generate(ids, attention_mask=mask, expert=ROUTE, max_new_tokens=4, num_beams=3, do_sample=False,
+                            pad_token_id=PAD)
+    for row, name in enumerate(ROUTE):  # beam search with per-branch caches = the expert's own beam search
+        own = experts[name].generate(ids, attention_mask=mask, max_new_tokens=4, num_beams=3, do_sample=False,
+                                     pad_token_id=PAD)
+        assert torch.equal(beams[row], own[row]), name
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_ccoe_generate_equals_the_earlier_decoder(family):
+    base = tiny(family, 3)
+    experts = {"code": expert_of(base, family, 3, 1, 2), "math": expert_of(base, family, 4, 2, 2)}
+    model = mkh.couple_experts(base, experts, split_layer=2)
+    earlier = CoupledExperts(base, 2)
+    for name, expert in experts.items():
+        earlier.push_expert(name, expert)
+    ids, mask = prompts(seed=4)
+    route = ["math", "code", "math"]
+    with torch.no_grad():
+        expected = earlier.generate(ids, attention_mask=mask, expert=route, max_new_tokens=NEW_TOKENS,
+                                    pad_token_id=PAD)
+    assert torch.equal(greedy(model, ids, mask, expert=route), expected)
+
+
+def test_ccoe_router_saved_with_the_model_and_multi_expert_per_step(tmp_path):
+    _, experts, model = coupled_two_depths("llama")
+    ids, mask = prompts(lengths=(6, 6, 6, 6, 6, 6), seed=5)
+    names = model.expert_names
+    router = ClassifierRouter(COMMON["hidden_size"], names)
+    router.fit(model, ids, [names[i % 3] for i in range(6)], attention_mask=mask, steps=20)
+    model.router = router
+    routed = model(ids, attention_mask=mask).expert_names
+    loaded = round_trip(model, tmp_path)
+    assert isinstance(loaded.router, ClassifierRouter)
+    assert loaded(ids, attention_mask=mask).expert_names == routed
+    # multi-expert: both experts run; each position takes the logits of the expert the router scores highest
+    # on the running mean backbone state; cached decoding equals a full recompute
+    active = [["code", "math"], ["law", "math"], ["code", "law"], ["math"], ["code", "math", "law"], ["law"]]
+    out = loaded(ids, attention_mask=mask, expert=active)
+    assert out.expert_names == [sorted(a, key=names.index) for a in active]
+    choice = out.step_expert_ids
+    for row, allowed in enumerate(active):
+        assert {names[i] for i in choice[row].tolist()} <= set(allowed)
+        for position in (0, ids.shape[1] - 1):
+            name = names[int(choice[row, position])]
+            with torch.no_grad():
+                own = experts[name](ids[row:row + 1], attention_mask=mask[row:row + 1]).logits[0, position]
+            torch.testing.assert_close(out.logits[row, position], own, rtol=1e-5, atol=1e-5)
+    generated = greedy(loaded, ids, mask, expert=active)
+    full_mask = torch.cat([mask, torch.ones(len(active), generated.shape[1] - ids.shape[1], dtype=mask.dtype)], 1)
+    positions = (full_mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        recomputed = loaded(generated, attention_mask=full_mask, position_ids=positions, expert=active).logits
+    assert torch.equal(recomputed[:, ids.shape[1] - 1:-1].argmax(-1), generated[:, ids.shape[1]:])
+    loaded.config.multi_expert = 2  # the router's top 2 per request
+    assert all(len(a) == 2 for a in loaded(ids, attention_mask=mask).expert_names)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# UltraFuser
+
+
+def specialists(families):
+    return {name: tiny(family, 2 + i % 2, seed=i + 1) for i, (name, family) in
+            enumerate(zip(["text", "code", "math"], families))}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_ultrafuser_round_trip_and_generate(tmp_path, family):
+    models = specialists([family, family, "llama"])
+    fused = mkh.fuse_specialists(models, gate_hidden=16)
+    ids, mask = prompts()
+    loaded = round_trip(fused, tmp_path)
+    assert isinstance(loaded, UltraFuserForCausalLM) and loaded.names == ["text", "code", "math"]
+    assert_same_logits(fused, loaded, ids, mask)
+    earlier = TokenFuser(list(models.values()), gate_hidden=16, names=list(models))
+    earlier.gate.load_state_dict(fused.gate.state_dict())
+    with torch.no_grad():
+        expected = earlier.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, pad_token_id=PAD)
+    assert torch.equal(greedy(fused, ids, mask), expected)
+    assert torch.equal(greedy(loaded, ids, mask), expected)
+    check_generation_modes(loaded, ids, mask)
+    # a forced one-hot gate is that specialist, generate included
+    assert torch.equal(greedy(loaded, ids, mask, force_specialist="code"), greedy(models["code"], ids, mask))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# loud failure without the package
+
+
+def test_loading_without_moe_kernels_fails_loudly(tmp_path):
+    crafted("llama").save_pretrained(tmp_path)
+    script = ("import sys\nfrom transformers import AutoModelForCausalLM\n"
+              f"AutoModelForCausalLM.from_pretrained({str(tmp_path)!r})\n"
+              "assert 'moe_kernels' not in sys.modules\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=str(tmp_path), env=env,
+                            timeout=120)
+    assert result.returncode != 0
+    assert "moe_kernels_pesc" in result.stderr
