@@ -23,8 +23,8 @@ _LAZY = {
     "apply": ".patch", "apply_to": ".patch", "revert": ".patch", "supported_model_types": ".patch",
     "craft_sparsity": ".craft", "load_crafted": ".craft", "crafted_aux_loss": ".craft",
     "load_quantized_base": ".craft",
-    "compose_lora_experts": ".self_moe", "self_specialize": ".self_specialize",
-    "merge_adapters_baseline": ".self_specialize",
+    "compose_lora_experts": ".self_moe", "self_specialize": ".specialize",
+    "merge_adapters_baseline": ".specialize",
     "couple_experts": ".couple",
     "fuse_specialists": ".fuse",
 }
