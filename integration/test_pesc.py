@@ -252,3 +252,27 @@ def test_crafted_model_backend_matches_reference(backend):
         except moe_kernels.BackendError as exc:
             pytest.skip(f"backend lacks an op the layer uses: {exc}")
     assert ((got - expected).norm() / expected.norm()).item() < 1e-4
+
+
+def test_quantized_frozen_base_where_bitsandbytes_is_installed(tmp_path):
+    """QLoRA-style crafting (the paper trains PESC on a quantized frozen base): needs bitsandbytes and,
+    for its kernels, a CUDA GPU; skipped with the reason otherwise."""
+    import importlib.util
+
+    from moe_kernels.hf import load_quantized_base
+    dense_model("llama").save_pretrained(tmp_path)
+    if importlib.util.find_spec("bitsandbytes") is None:
+        with pytest.raises(ImportError, match="pip install bitsandbytes"):
+            load_quantized_base(str(tmp_path))
+        pytest.skip("bitsandbytes is not installed: the quantized-base option raises a clear ImportError here")
+    if not torch.cuda.is_available():
+        pytest.skip("bitsandbytes is installed but its 4-bit kernels need a CUDA GPU")
+    base = load_quantized_base(str(tmp_path), bits=4, device_map={"": 0})
+    LoraConfig = pytest.importorskip("peft").LoraConfig
+    model = craft_sparsity(base, num_experts=4, top_k=2, adapter_dim=8, lora=LoraConfig(r=4, target_modules="all-linear"))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any(n.endswith("mlp.router.weight") for n in trainable) and any("lora_A" in n for n in trainable)
+    tokens = toy_batch().cuda()
+    loss = model(input_ids=tokens, labels=tokens).loss
+    loss.backward()
+    assert torch.isfinite(loss)

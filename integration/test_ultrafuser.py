@@ -171,3 +171,17 @@ def test_mismatched_vocabularies_are_refused():
     fuser = fuse_specialists([llama, same])
     with pytest.raises(ValueError, match="force_specialist"):
         fuser(torch.ones(1, 3, dtype=torch.long), force_specialist=2)
+
+
+def test_mismatch_error_names_the_differing_dimension():
+    text = tiny_model("llama", 2, seed=1)
+    with pytest.raises(ValueError) as info:
+        fuse_specialists({"text": text, "code": tiny_model("qwen2", 2, seed=2, vocab_size=VOCAB + 3)})
+    message = str(info.value)
+    assert "'text' and 'code'" in message and f"vocabulary size (LM head rows): 'text' has {VOCAB}, 'code' has " \
+        f"{VOCAB + 3}" in message and "hidden size" not in message.split(". UltraFuser")[0]
+    with pytest.raises(ValueError) as info:
+        fuse_specialists({"text": text, "math": tiny_model("mistral", 2, seed=3, hidden_size=48)})
+    message = str(info.value).split(". UltraFuser")[0]
+    assert "hidden size (LM head input = final hidden state): 'text' has 32, 'math' has 48" in message
+    assert "vocabulary" not in message

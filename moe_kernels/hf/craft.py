@@ -123,9 +123,14 @@ def craft_sparsity(model: nn.Module, num_experts: int = 8, top_k: int = 2, adapt
     lora_config = _lora_config(lora) if lora is not None else None
     quantized = _is_quantized(model)
     craft_mlps(model, settings, backend=backend, progress=progress)
-    if quantized:  # the new router/adapter parameters are created in fp32 next to the quantized weights
+    if quantized:  # the new router/adapter parameters: on the compute device, in the compute dtype (that of the
+        # embeddings); the quantized FFN weights themselves are left as bitsandbytes holds them
+        reference = model.get_input_embeddings().weight
         for layer in crafted_layers(model):
-            layer.to(device=model.get_input_embeddings().weight.device)
+            layer.router.to(device=reference.device, dtype=reference.dtype)
+            for name in ("adapter_down", "adapter_up"):
+                param = getattr(layer, name)
+                param.data = param.data.to(device=reference.device, dtype=reference.dtype)
     pesc_config = PescConfig(text_config=config, add_aux_loss=bool(add_aux_loss), **_config_settings(settings))
     crafted = PescForCausalLM(pesc_config, language_model=model, backend=backend)
     crafted.train(model.training)
