@@ -9,16 +9,19 @@ Tiny random Llama models on the CPU, a character-level toy tokenizer, a few seco
 2. ``couple_experts`` keeps the shared backbone once and attaches each expert's branch.
 3. Requests are routed by keyword rules, or by a classifier learned on the backbone's pooled state.
 4. A routed request gives exactly what its expert's full model gives (checked), with KV caches.
+5. Experts attach and detach; one branch fine-tunes alone; the coupled model saves and loads as a
+   Hugging Face model (CcoeForCausalLM) and transformers' generate() runs on it (beam search here).
 """
 
 import copy
 import os
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import torch  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from moe_kernels.hf import couple_experts  # noqa: E402
 from moe_kernels.hf.couple import ClassifierRouter, KeywordRouter  # noqa: E402
@@ -120,4 +123,21 @@ print(f"  routed {prompts} -> {out.expert_names}")
 print("5. detaching and attaching an expert without touching the others")
 coupled.pop_expert("law")
 coupled.push_expert("legal", experts["law"])
+classifier.names[classifier.names.index("law")] = "legal"  # the router's law class now routes to "legal"
 print(f"  experts now: {coupled.expert_names}")
+law_ids, law_mask = tok.batch(DOMAINS["law"])
+losses = coupled.train_expert("legal", [{"input_ids": law_ids, "attention_mask": law_mask,
+                                         "labels": law_ids.masked_fill(law_mask == 0, -100)}] * 4, lr=1e-3)
+print(f"  fine-tuned the 'legal' branch alone (everything else frozen): loss {losses[0]:.2f} -> {losses[-1]:.2f}")
+
+print("6. save_pretrained -> AutoModelForCausalLM.from_pretrained, then transformers' generate()")
+with tempfile.TemporaryDirectory() as path:
+    coupled.save_pretrained(path)
+    restored = AutoModelForCausalLM.from_pretrained(path)  # the router (a ClassifierRouter) comes back too
+with torch.no_grad():
+    routed = restored(ids, attention_mask=mask)
+    same = torch.equal(routed.logits, coupled(ids, attention_mask=mask).logits)
+    beams = restored.generate(ids, attention_mask=mask, max_new_tokens=8, num_beams=3, do_sample=False)
+print(f"  {type(restored).__name__}: identical logits {same}; routed {routed.expert_names}")
+for prompt, row in zip(prompts, beams):
+    print(f"  beam search {prompt!r:>12} -> {tok.decode(row[ids.shape[1]:].tolist())!r}")

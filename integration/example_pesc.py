@@ -4,7 +4,7 @@
 
 1. craft: every MLP becomes a shared FFN + 8 routed bottleneck adapters (top-2); logits unchanged.
 2. train router + adapters only (the base is frozen); the model's loss includes the load-balancing loss.
-3. save_pretrained -> load_crafted: identical logits.
+3. save_pretrained -> AutoModelForCausalLM.from_pretrained (a PescForCausalLM): identical logits; generate().
 The same crafting on a local checkpoint from the shell: moe-kernels craft SRC_DIR DST_DIR --experts 8 --top-k 2
 """
 
@@ -17,6 +17,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
+
+import moe_kernels.hf  # noqa: E402,F401  (registers the composed model types with AutoModelForCausalLM)
 
 from moe_kernels.hf import craft_sparsity, load_crafted  # noqa: E402
 from moe_kernels.hf.craft import crafted_aux_loss  # noqa: E402
@@ -42,7 +44,7 @@ def main():
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     print(f"trainable (routers + adapters): {trainable:,} of {sum(p.numel() for p in model.parameters()):,}")
 
-    # 2. train; out.loss = cross-entropy + sum of 0.01 * load-balancing loss over the crafted layers
+    # 2. train; out.loss = cross-entropy + 0.01 * ONE load-balancing loss over all layers' routing (official PESC)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     for step in range(30):
@@ -60,9 +62,19 @@ def main():
         trained_logits = model(tokens).logits
     with tempfile.TemporaryDirectory() as path:
         model.save_pretrained(path)
-        restored = load_crafted(path, backend=args.backend)
+        restored = AutoModelForCausalLM.from_pretrained(path)
+        restored.set_backend(args.backend)  # the backend is a run-time choice, not part of the checkpoint
         with torch.no_grad():
-            print("load_crafted gives identical logits:", torch.equal(restored(tokens).logits, trained_logits))
+            print(f"from_pretrained gives a {type(restored).__name__} with identical logits:",
+                  torch.equal(restored(tokens).logits, trained_logits))
+            print("load_crafted too:", torch.equal(load_crafted(path, backend=args.backend)(tokens).logits,
+                                                   trained_logits))
+    prompt, options = tokens[:2, :6], dict(attention_mask=torch.ones(2, 6, dtype=torch.long), pad_token_id=0)
+    greedy = restored.generate(prompt, max_new_tokens=8, do_sample=False, **options)
+    print("generate (greedy) equals the trained model's:", torch.equal(greedy, model.generate(
+        prompt, max_new_tokens=8, do_sample=False, **options)))
+    print("beam search:", restored.generate(prompt, max_new_tokens=8, num_beams=3, do_sample=False,
+                                            **options)[:, 6:].tolist())
 
 
 if __name__ == "__main__":

@@ -9,16 +9,18 @@ Tiny random Llama, Qwen2 and Mistral specialists sharing one character vocabular
 2. Training: a batch sampler gives every batch the same share of each domain; stage 1 trains the
    gate only, stage 2 everything; the loss is the fused gated cross-entropy (no N full logit tensors).
 3. Blended greedy decoding with one KV cache per specialist, and the gate's choice per token.
+4. The fused model saves and loads as a Hugging Face model (UltraFuserForCausalLM); generate() samples.
 """
 
 import os
 import sys
+import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import torch  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
-from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,  # noqa: E402
+from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,  # noqa: E402
                           Qwen2ForCausalLM)
 
 from moe_kernels.hf import fuse_specialists  # noqa: E402
@@ -105,3 +107,15 @@ with torch.no_grad():
     forced = fuser(input_ids[:2], force_specialist="code").logits
     alone = specialists["code"](input_ids[:2]).logits
 print("  one-hot gate on 'code' equals the code specialist:", torch.allclose(forced, alone, atol=1e-6))
+
+print("4. save_pretrained -> AutoModelForCausalLM.from_pretrained, then top-p sampling with generate()")
+with tempfile.TemporaryDirectory() as path:
+    fuser.save_pretrained(path)
+    restored = AutoModelForCausalLM.from_pretrained(path)
+with torch.no_grad():
+    print(f"  {type(restored).__name__} {restored.names}: identical logits",
+          torch.equal(restored(input_ids[:2]).logits, fuser(input_ids[:2]).logits))
+    torch.manual_seed(0)
+    prompt = torch.tensor([encode("the cat")[:7]])
+    sampled = restored.generate(prompt, max_new_tokens=10, do_sample=True, top_p=0.9, temperature=0.7)
+print(f"  'the cat' -> {decode(sampled[0, 7:].tolist())!r}")
