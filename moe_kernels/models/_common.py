@@ -8,8 +8,33 @@ with transformers' "unrecognized model type" error instead of building a dense m
 
 from __future__ import annotations
 
+from dataclasses import field, make_dataclass
+
 import torch
-from transformers import AutoConfig, GenerationMixin, PreTrainedConfig, PreTrainedModel
+import transformers
+from packaging.version import Version
+from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
+from transformers.utils import ModelOutput
+
+# The KV-cache keyword and ModelOutput field of the installed transformers: "cache" from 5.24 on,
+# "past_key_values" before (the rule of moe_kernels.hf.compat.CACHE_KWARG, repeated here because this
+# package is imported while moe_kernels.hf initialises and must not import it back).
+CACHE_FIELD = "cache" if Version(transformers.__version__).release >= (5, 24) else "past_key_values"
+
+# Arguments transformers' generate() may pass that the composed models do not use.
+IGNORED_FORWARD_KWARGS = frozenset({"return_dict", "cache_position", "output_attentions", "output_hidden_states"})
+
+
+def output_class(name: str, fields: list[str], doc: str) -> type:
+    """A ModelOutput dataclass with these fields (all default None); ``"cache"`` is named as the installed
+    transformers names the cache (``CACHE_FIELD``), so ``generate`` finds it. The object also answers to
+    ``.cache`` whatever the version."""
+    names = [CACHE_FIELD if f == "cache" else f for f in fields]
+    cls = make_dataclass(name, [(f, object, field(default=None)) for f in names], bases=(ModelOutput,))
+    if CACHE_FIELD != "cache":
+        cls.cache = property(lambda self: getattr(self, CACHE_FIELD))
+    cls.__doc__ = doc
+    return cls
 
 
 def config_from_dict(config) -> PreTrainedConfig:

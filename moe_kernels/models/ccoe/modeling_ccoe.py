@@ -28,16 +28,13 @@ beam search, streamers).
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin
-from transformers.utils import ModelOutput
 
 from ...layers.coe import CoELayer, ExpertBranch, attention_types, build_attention_masks, run_decoder_layers
-from .._common import ComposedPreTrainedModel
+from .._common import CACHE_FIELD, IGNORED_FORWARD_KWARGS, ComposedPreTrainedModel, output_class
 from .configuration_ccoe import CcoeConfig
 
 
@@ -78,19 +75,12 @@ def _select(t, rows: torch.Tensor | None):
     return t.index_select(0, rows.to(t.device))
 
 
-@dataclass
-class CcoeCausalLMOutput(ModelOutput):
+CcoeCausalLMOutput = output_class(
+    "CcoeCausalLMOutput", ["loss", "logits", "cache", "expert_ids", "expert_names", "step_expert_ids"],
     """loss (with labels); logits [B, L, V]; cache (:class:`CcoeCache`); expert_ids [B] (one expert per
     request) or None; expert_names: the expert per sequence (one per request) or the list of active experts
     per sequence (multi-expert); step_expert_ids [B, L] (multi-expert: the expert whose logits each
-    position has)."""
-
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    cache: object | None = None
-    expert_ids: torch.Tensor | None = None
-    expert_names: list | None = None
-    step_expert_ids: torch.Tensor | None = None
+    position has).""")
 
 
 class Routing:
@@ -512,7 +502,7 @@ class CcoeForCausalLM(ComposedPreTrainedModel, GenerationMixin):
 
         if "past_key_values" in kwargs:  # the pre-5.24 name of the cache argument
             cache = kwargs.pop("past_key_values") if cache is None else cache
-        unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in ("return_dict",))
+        unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in IGNORED_FORWARD_KWARGS)
         if unknown:
             raise TypeError(f"CcoeForCausalLM.forward got unsupported arguments {unknown}")
         if input_ids is None or input_ids.dim() != 2:
@@ -602,8 +592,8 @@ class CcoeForCausalLM(ComposedPreTrainedModel, GenerationMixin):
             expert_names = [names[i] for i in expert_ids.tolist()]
         else:
             expert_ids, expert_names = None, [[names[e] for e in a] for a in routing.active]
-        return CcoeCausalLMOutput(loss=loss, logits=logits, cache=cache if use_cache else None, expert_ids=expert_ids,
-                                  expert_names=expert_names, step_expert_ids=step_choice)
+        return CcoeCausalLMOutput(loss=loss, logits=logits, expert_ids=expert_ids, expert_names=expert_names,
+                                  step_expert_ids=step_choice, **{CACHE_FIELD: cache if use_cache else None})
 
 
 __all__ = ["CcoeForCausalLM", "CcoeCache", "CcoeCausalLMOutput", "Routing"]

@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import copy
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin
-from transformers.utils import ModelOutput
 
-from .._common import ComposedPreTrainedModel
+from .._common import CACHE_FIELD, IGNORED_FORWARD_KWARGS, ComposedPreTrainedModel, output_class
 from .configuration_ultrafuser import UltraFuserConfig
 
 
@@ -76,15 +73,10 @@ class UltraFuserCache:
         return len(self.caches)
 
 
-@dataclass
-class UltraFuserCausalLMOutput(ModelOutput):
+UltraFuserCausalLMOutput = output_class(
+    "UltraFuserCausalLMOutput", ["loss", "logits", "cache", "gate_weights"],
     """loss (scalar, with labels); logits [B, L, V] float32 (the blend); cache (:class:`UltraFuserCache`);
-    gate_weights [B, L, N] float32."""
-
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    cache: object | None = None
-    gate_weights: torch.Tensor | None = None
+    gate_weights [B, L, N] float32.""")
 
 
 class UltraFuserForCausalLM(ComposedPreTrainedModel, GenerationMixin):
@@ -158,7 +150,7 @@ class UltraFuserForCausalLM(ComposedPreTrainedModel, GenerationMixin):
 
         if "past_key_values" in kwargs:  # the pre-5.24 name of the cache argument
             cache = kwargs.pop("past_key_values") if cache is None else cache
-        unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in ("return_dict",))
+        unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in IGNORED_FORWARD_KWARGS)
         if unknown:
             raise TypeError(f"UltraFuserForCausalLM.forward got unsupported arguments {unknown}")
         if input_ids is None or input_ids.dim() != 2:
@@ -198,8 +190,8 @@ class UltraFuserForCausalLM(ComposedPreTrainedModel, GenerationMixin):
         if return_logits is None:
             return_logits = labels is None
         logits = self.fuser.blend_logits(hidden, weights) if return_logits else None
-        return UltraFuserCausalLMOutput(loss=loss, logits=logits, cache=cache if use_cache else None,
-                                        gate_weights=weights)
+        return UltraFuserCausalLMOutput(loss=loss, logits=logits, gate_weights=weights,
+                                        **{CACHE_FIELD: cache if use_cache else None})
 
 
 __all__ = ["UltraFuserForCausalLM", "UltraFuserCache", "UltraFuserCausalLMOutput", "check_fusable"]
