@@ -239,3 +239,26 @@ def test_errors_for_mismatched_experts_and_bad_arguments():
         coupled(ids, expert=["a", "a", "a"])
     with pytest.raises(ValueError, match="no routing rule"):
         KeywordRouter({"a": ["zzz"]}).route_text("hello")
+
+
+def test_keyword_router_is_saved_with_its_rules_and_push_pop_rules(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    router = KeywordRouter({"code": [r"\bdef\b"], "math": ["sum"]}, default="law")
+    base, experts, coupled = build("llama", router=router)
+    coupled.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert isinstance(loaded.router, KeywordRouter) and loaded.router.default == "law"
+    assert loaded.router.route_texts(["def f", "a sum", "other"]) == ["code", "math", "law"]
+    ids, mask = padded_batch([4, 4], seed=6)
+    with pytest.raises(ValueError, match="decode="):  # token ids need the tokenizer's decode, set after loading
+        loaded(ids, attention_mask=mask)
+    # a cache made before a push/pop is refused; a CoE layer deeper than the backbone is refused
+    out = coupled(ids, attention_mask=mask, expert="code", use_cache=True)
+    coupled.pop_expert("law")
+    with pytest.raises(ValueError, match="experts changed"):
+        coupled(ids[:, -1:], attention_mask=torch.cat([mask, mask[:, -1:]], 1), cache=out.cache)
+    with pytest.raises(ValueError, match="depth"):
+        coupled.push_expert("deep", fine_tuned_copy(base, "llama", 4, seed=8), coe_layer=3)
+    coupled.push_expert("law", experts["law"])
+    assert coupled.expert_names == ["code", "math", "law"]

@@ -1,12 +1,18 @@
-"""CCoE on Hugging Face causal LMs: couple domain-expert models on one shared backbone prefix.
+"""CCoE on Hugging Face causal LMs: couple domain-expert models on one shared backbone.
 
 The experts are fine-tuned copies of one base model whose lower layers stayed frozen (the CCoE
-recipe). :func:`couple_experts` keeps the base's embeddings and decoder layers ``0 .. split_layer-1``
-once (the shared backbone) and attaches each expert's own layers ``split_layer ..`` (its own depth),
-final norm and LM head as a branch of a :class:`moe_kernels.layers.CoELayer`. Norms and heads equal
-to the base's are shared, not duplicated. Each request (sequence) is routed to one expert: by the
-caller (``expert=``), by a rule-based :class:`KeywordRouter`, or by a :class:`ClassifierRouter`
-trained on the backbone's pooled hidden state. The routing is reported on every output.
+recipe). :func:`couple_experts` keeps the base's embeddings and decoder layers below the deepest CoE
+layer once (the shared backbone) and attaches each expert's own layers from its CoE layer depth on (its
+own depth), final norm and LM head as a branch of a :class:`moe_kernels.layers.CoELayer`; experts may
+branch off at different depths (``coe_layers={name: depth}``), giving several CoE layers. It returns a
+:class:`moe_kernels.models.CcoeForCausalLM`: a Hugging Face model (save/load, ``generate``), with
+per-request routing by the caller (``expert=``), a rule-based :class:`KeywordRouter` or a
+:class:`ClassifierRouter` trained on the backbone's pooled hidden state, a per-step multi-expert mode,
+and :meth:`~moe_kernels.models.CcoeForCausalLM.train_expert` to fine-tune one branch alone. The routing
+is reported on every output.
+
+:class:`CoupledExperts` is the earlier plain-module form (one CoE layer, its own decoding loop), kept as
+the reference the model is tested against.
 
 Supported: decoder-only transformers 5.x models whose decoder has ``embed_tokens``, ``layers``,
 ``norm`` and ``rotary_emb`` (Llama, Mistral, Qwen2, Qwen3, ...), eager or SDPA attention.
