@@ -293,6 +293,9 @@ def test_ccoe_router_saved_with_the_model_and_multi_expert_per_step(tmp_path):
     with torch.no_grad():
         recomputed = loaded(generated, attention_mask=full_mask, position_ids=positions, expert=active).logits
     assert torch.equal(recomputed[:, ids.shape[1] - 1:-1].argmax(-1), generated[:, ids.shape[1]:])
+    beams = loaded.generate(ids, attention_mask=mask, expert=active, max_new_tokens=3, num_beams=2, do_sample=False,
+                            pad_token_id=PAD)
+    assert beams.shape == (len(active), ids.shape[1] + 3)
     loaded.config.multi_expert = 2  # the router's top 2 per request
     assert all(len(a) == 2 for a in loaded(ids, attention_mask=mask).expert_names)
 

@@ -400,6 +400,8 @@ class CcoeForCausalLM(ComposedPreTrainedModel, GenerationMixin):
 
     def prefix_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The backbone's output at the first CoE layer [B, L, H] (the routers' input), without cache."""
+        if not self.expert_names:
+            raise RuntimeError("the coupled model has no experts attached (push_expert first)")
         position_ids = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
         return self._first_stage(input_ids, attention_mask, position_ids, None, False)[0]
 
@@ -507,6 +509,8 @@ class CcoeForCausalLM(ComposedPreTrainedModel, GenerationMixin):
             raise TypeError(f"CcoeForCausalLM.forward got unsupported arguments {unknown}")
         if input_ids is None or input_ids.dim() != 2:
             raise ValueError("input_ids [B, L] are required")
+        if not self.expert_names:
+            raise RuntimeError("the coupled model has no experts attached (push_expert first)")
         if use_cache is None:
             use_cache = bool(self.config.use_cache) and not self.training and labels is None
         if cache is not None and not isinstance(cache, CcoeCache):
