@@ -342,3 +342,15 @@ def test_loading_without_moe_kernels_fails_loudly(tmp_path):
                             timeout=120)
     assert result.returncode != 0
     assert "moe_kernels_pesc" in result.stderr
+
+
+def test_sharded_checkpoints_and_device_map_for_every_system(tmp_path):
+    ids, mask = prompts()
+    _, _, ccoe = coupled_two_depths("qwen3")
+    fused = mkh.fuse_specialists(specialists(["mistral", "qwen2", "llama"]), gate_hidden=16)
+    for name, model, kwargs in (("ccoe", ccoe, {"expert": ROUTE}), ("fused", fused, {})):
+        loaded = round_trip(model, tmp_path / name, sharded=True)
+        assert (tmp_path / name / "model.safetensors.index.json").exists()
+        assert_same_logits(model, loaded, ids, mask, **kwargs)
+        placed = AutoModelForCausalLM.from_pretrained(tmp_path / name, device_map="cpu")
+        assert_same_logits(model, placed, ids, mask, **kwargs)
