@@ -354,3 +354,18 @@ def test_sharded_checkpoints_and_device_map_for_every_system(tmp_path):
         assert_same_logits(model, loaded, ids, mask, **kwargs)
         placed = AutoModelForCausalLM.from_pretrained(tmp_path / name, device_map="cpu")
         assert_same_logits(model, placed, ids, mask, **kwargs)
+
+
+def test_a_checkpoint_missing_a_tensor_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = crafted("llama")
+    model.save_pretrained(tmp_path)
+    state = load_file(tmp_path / "model.safetensors")
+    removed = next(k for k in state if k.endswith("adapter_up"))
+    del state[removed]
+    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="missing_keys.*adapter_up"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path, strict=False)  # transformers' behaviour, on request
+    assert isinstance(loaded, PescForCausalLM)

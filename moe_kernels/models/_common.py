@@ -80,6 +80,22 @@ class ComposedPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
 
+    @classmethod
+    def from_pretrained(cls, *args, strict: bool = True, **kwargs):
+        """transformers' ``from_pretrained``, strict by default: a checkpoint that lacks a tensor of the
+        composed model, or holds one it does not have, raises instead of leaving randomly initialised
+        weights (``strict=False`` restores transformers' warning-only behaviour)."""
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        problems = {key: sorted(info.get(key) or []) for key in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        if strict and any(problems.values()):
+            details = "; ".join(f"{key}: {values[:6]}" + (" ..." if len(values) > 6 else "")
+                                for key, values in problems.items() if values)
+            raise ValueError(f"{cls.__name__}.from_pretrained: the checkpoint does not match the model ({details}). "
+                             "Refusing to return a model with randomly initialised weights; pass strict=False to "
+                             "load anyway.")
+        return (model, info) if want_info else model
+
     def post_init(self):
         super().post_init()
         # transformers gathers the tied weights (e.g. lm_head = embed_tokens) of direct children only; the
