@@ -141,3 +141,33 @@ def test_merge_baselines_through_peft(tmp_path):
         mkh.merge_adapters_baseline(base, dirs, combination_type="average")
     assert torch.equal(base.state_dict()["model.layers.0.self_attn.q_proj.weight"],
                        state["model.layers.0.self_attn.q_proj.weight"])  # the base is not modified
+
+
+def char_tokenizer():
+    """A character-level tokenizer built locally (no download)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789+-*/=():.; ")
+    vocab = {"[PAD]": 0, "[EOS]": 1, "[UNK]": 2, **{c: i + 3 for i, c in enumerate(chars)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", eos_token="[EOS]", unk_token="[UNK]")
+
+
+def test_self_specialize_with_text_seeds_and_a_tokenizer():
+    tokenizer = char_tokenizer()
+    base = base_model("llama")
+    domains = {"math": ["1+2=3", "4*5=20", "9-3=6"], "code": ["def f(x):", "print(x)", "import os"]}
+    model, report = mkh.self_specialize(base, domains, tokenizer=tokenizer, examples_per_domain=3, lora_rank=2,
+                                        target_modules=["q_proj", "v_proj"], expert_steps=3, router_steps=3,
+                                        batch_size=4, generation_kwargs={"separator": ";", "max_new_tokens": 10})
+    assert model.expert_names == ["math", "code"]
+    for name, seeds in domains.items():
+        synthetic = report.synthetic[name]
+        assert synthetic and all(isinstance(t, str) and t and t not in seeds and ";" not in t for t in synthetic)
+    assert len(report.expert_losses["code"]) == 3 and len(report.router_losses) == 3
+    prompt = tokenizer("1+1=", return_tensors="pt", add_special_tokens=False)
+    out = model.generate(**prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert isinstance(tokenizer.decode(out[0]), str)

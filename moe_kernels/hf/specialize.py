@@ -133,7 +133,8 @@ def generate_domain_data(model: nn.Module, seeds: Sequence, num_examples: int = 
     finally:
         torch.random.set_rng_state(generator_state)
         model.train(was_training)
-    return [_decode(e, tokenizer) for e in found[:num_examples]]
+    decoded = [_decode(e, tokenizer) for e in found]
+    return [e for e in decoded if len(e)][:num_examples]  # (a text can decode empty: special tokens only)
 
 
 def _lm_batches(examples: list[list[int]], pad: int, batch_size: int, device, rng: random.Random):
@@ -212,7 +213,7 @@ def self_specialize(base: nn.Module, domains: dict[str, Sequence], *, tokenizer=
         synthetic = generate_domain_data(base, seeds, examples_per_domain, tokenizer=tokenizer, seed=seed + index,
                                          **(generation_kwargs or {}))
         report.synthetic[name] = synthetic
-        data[name] = [_encode(s, tokenizer) for s in list(seeds) + list(synthetic)]
+        data[name] = [ids for ids in (_encode(s, tokenizer) for s in list(seeds) + list(synthetic)) if ids]
     report.seconds["synthetic_data"] = time.perf_counter() - start
 
     # 2. one LoRA expert per domain, saved as a PEFT adapter directory
