@@ -181,12 +181,16 @@ def test_backbone_is_shared_and_branches_are_the_experts_own_modules():
     assert all(a is b for a, b in zip(coupled.backbone, base.model.layers[:SPLIT]))
     assert coupled.embed_tokens is base.model.embed_tokens
     branch = coupled.branch("math")
-    assert branch.lm_head is experts["math"].lm_head and branch.norm is experts["math"].model.norm
+    assert branch.lm_head is experts["math"].lm_head  # its own (trained) head
     assert all(a is b for a, b in zip(branch.layers, experts["math"].model.layers[SPLIT:]))
+    # final norms equal to another expert's (here all are still at their initial value) are kept once
+    assert branch.norm is coupled.branch("code").norm is experts["code"].model.norm
+    assert coupled.config.shared_parts == {"math.norm": "code.norm", "law.norm": "code.norm"}
     # no tensor is held twice (safetensors saves each once): coupling the base itself as an expert copies
     # the parts the backbone already holds
     again = couple_experts(base, {"base": base, "code": experts["code"]}, split_layer=SPLIT)
-    pointers = [p.data_ptr() for _, p in again.named_parameters(remove_duplicate=False)]
+    tied = again.all_tied_weights_keys  # declared sharing (equal norms/heads), saved once and tied on load
+    pointers = [p.data_ptr() for n, p in again.named_parameters(remove_duplicate=False) if n not in tied]
     assert len(pointers) == len(set(pointers))
 
 
@@ -262,3 +266,41 @@ def test_keyword_router_is_saved_with_its_rules_and_push_pop_rules(tmp_path):
         coupled.push_expert("deep", fine_tuned_copy(base, "llama", 4, seed=8), coe_layer=3)
     coupled.push_expert("law", experts["law"])
     assert coupled.expert_names == ["code", "math", "law"]
+
+
+def test_shared_norms_and_heads_are_kept_once_saved_once_and_unshared_for_training(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base = tiny_model("qwen2", 3, seed=0)
+    experts = {name: copy.deepcopy(base) for name in ("a", "b", "c")}
+    with torch.no_grad():  # each changes one upper layer; head and norm stay the base's
+        for i, expert in enumerate(experts.values()):
+            expert.model.layers[2].mlp.down_proj.weight.add_(0.1 * (i + 1))
+        experts["c"].lm_head.weight.add_(0.5)  # c's head is its own
+    coupled = couple_experts(base, experts, split_layer=SPLIT)
+    assert coupled.config.shared_parts == {"b.norm": "a.norm", "c.norm": "a.norm", "b.lm_head": "a.lm_head"}
+    assert coupled.branch("b").lm_head is coupled.branch("a").lm_head
+    ids, mask = padded_batch([5, 5, 5], seed=7)
+    route = ["a", "b", "c"]
+    with torch.no_grad():
+        before = coupled(ids, attention_mask=mask, expert=route).logits
+    coupled.save_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)  # strict: every tensor accounted for
+    assert loaded.branch("b").lm_head is loaded.branch("a").lm_head
+    assert loaded.branch("c").norm is loaded.branch("a").norm
+    with torch.no_grad():
+        assert torch.equal(loaded(ids, attention_mask=mask, expert=route).logits, before)
+    # training "a" alone: its norm and head become its own copies; b and c keep theirs, bit-identical
+    loaded.train_expert("a", [{"input_ids": ids, "attention_mask": mask, "labels": ids}] * 3, lr=1e-2)
+    assert loaded.branch("b").lm_head is not loaded.branch("a").lm_head
+    assert loaded.config.shared_parts == {"c.norm": "b.norm"}
+    with torch.no_grad():
+        after = loaded(ids, attention_mask=mask, expert=route).logits
+    assert torch.equal(after[1:], before[1:]) and not torch.equal(after[0], before[0])
+    # popping an owner hands its shared modules on; a save/load round trip still holds
+    coupled.pop_expert("a")
+    assert coupled.config.shared_parts == {"c.norm": "b.norm"}
+    coupled.save_pretrained(tmp_path / "popped")
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "popped")
+    with torch.no_grad():
+        assert torch.equal(again(ids, attention_mask=mask, expert=["b", "b", "c"]).logits[1:], before[1:])

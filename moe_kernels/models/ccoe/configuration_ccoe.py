@@ -30,13 +30,15 @@ class CcoeConfig(PreTrainedConfig):
     coe_layers: dict | None = None
     router_config: dict | None = None
     multi_expert: int = 1
+    shared_parts: dict | None = None
     backbone_depth: int = 0
     use_cache: bool = True
     tie_word_embeddings: bool = False
 
     def __post_init__(self, **kwargs):
         keep_sub_attention(self, kwargs, super().__post_init__)
-        self.tie_word_embeddings = False  # each branch owns its head (saved as its own tensor)
+        self.shared_parts = dict(self.shared_parts or {})
+        self.tie_word_embeddings = bool(self.shared_parts)  # shared parts are declared as tied weights
         self.expert_names = list(self.expert_names or [])
         self.expert_configs = {k: config_to_dict(v) for k, v in (self.expert_configs or {}).items()}
         self.coe_layers = {k: int(v) for k, v in (self.coe_layers or {}).items()}

@@ -186,6 +186,7 @@ class CcoeForCausalLM(ComposedPreTrainedModel, GenerationMixin):
         self.last_routing = None
         names = list(config.expert_names)
         config.expert_names = []
+        self._tied_weights_keys = {}
         for name in names:
             model = None if experts is None else experts[name]
             self._attach(name, model, config.coe_layers[name], config.expert_configs[name])
@@ -242,7 +243,51 @@ class CcoeForCausalLM(ComposedPreTrainedModel, GenerationMixin):
             raise KeyError(f"no expert named {name!r}; attached: {self.expert_names}")
         return self.coe_layers[str(self.config.coe_layers[name])].branches[name]
 
-    def _attach(self, name: str, model: nn.Module | None, depth: int, expert_config) -> None:
+    # ----- parts shared between branches (a norm or LM head equal to another's is kept once) -----
+    def _part_path(self, key: str) -> str:
+        """Module path of a shared part: ``"embed_tokens"`` or ``"<expert>.norm"`` / ``"<expert>.lm_head"``."""
+        if key == "embed_tokens":
+            return "embed_tokens"
+        expert, _, part = key.rpartition(".")
+        return f"coe_layers.{self.config.coe_layers[expert]}.branches.{expert}.{part}"
+
+    def _update_ties(self) -> None:
+        """Declare the shared parts as tied weights, so save_pretrained writes each tensor once and
+        from_pretrained ties them again."""
+        mapping = {}
+        for target, source in self.config.shared_parts.items():
+            target_path, source_path = self._part_path(target), self._part_path(source)
+            source_module = self.get_submodule(source_path)
+            if source == "embed_tokens":
+                mapping[f"{target_path}.weight"] = f"{source_path}.weight"
+                continue
+            for param_name, _ in source_module.named_parameters():
+                mapping[f"{target_path}.{param_name}"] = f"{source_path}.{param_name}"
+        self._tied_weights_keys = mapping
+        self.config.tie_word_embeddings = bool(mapping)
+        self.all_tied_weights_keys = self.get_expanded_tied_weights_keys(all_submodels=True)
+
+    def _shared_module(self, source: str, like: nn.Module) -> nn.Module:
+        if source == "embed_tokens":  # an LM head tied to the input embeddings
+            head = nn.Linear(like.in_features, like.out_features, bias=False, device="meta")
+            head.weight = self.embed_tokens.weight
+            return head
+        return self.get_submodule(self._part_path(source))
+
+    def _find_equal(self, module: nn.Module, part: str, name: str) -> str | None:
+        """An attached part (an owner, not itself shared) equal to ``module``, or the embeddings for a head."""
+        if part == "lm_head" and isinstance(module, nn.Linear) and module.bias is None \
+                and module.weight.shape == self.embed_tokens.weight.shape \
+                and torch.equal(module.weight, self.embed_tokens.weight.to(module.weight.device)):
+            return "embed_tokens"
+        for other in self.config.expert_names:
+            key = f"{other}.{part}"
+            if other != name and key not in self.config.shared_parts and \
+                    _modules_equal(self.get_submodule(self._part_path(key)), module):
+                return key
+        return None
+
+    def _attach(self, name: str, model: nn.Module | None, depth: int, expert_config, share: bool = True) -> None:
         from .._common import config_from_dict, config_to_dict
 
         expert_config = config_from_dict(expert_config)
@@ -256,20 +301,33 @@ class CcoeForCausalLM(ComposedPreTrainedModel, GenerationMixin):
         if expert_config.num_hidden_layers < depth:
             raise ValueError(f"expert {name!r} has {expert_config.num_hidden_layers} layers, fewer than its CoE layer "
                              f"depth {depth}")
-        if model is None:
+        from_config = model is None
+        if from_config:
             model = AutoModelForCausalLM.from_config(expert_config)
         decoder, head = _decoder_parts(model, f"expert {name!r}")
         layers, norm = nn.ModuleList(decoder.layers[depth:]), decoder.norm
-        # A tensor may appear once in the model (safetensors); copy parts the model already holds.
+        parts = {"norm": norm, "lm_head": head}
+        shared = dict(self.config.shared_parts)
+        for part, module in parts.items():
+            key = f"{name}.{part}"
+            if from_config:
+                source = self.config.shared_parts.get(key)  # as saved
+            else:
+                source = self._find_equal(module, part, name) if share else None
+                shared.pop(key, None)
+            if source is not None:
+                parts[part] = self._shared_module(source, module)
+                shared[key] = source
+        # A tensor may appear once in the model (safetensors); copy parts the model already holds unshared.
         held = {id(p) for p in self.parameters()}
         if any(id(p) in held for p in layers.parameters()):
             layers = copy.deepcopy(layers)
-        if any(id(p) in held for p in norm.parameters()):
-            norm = copy.deepcopy(norm)
-        held |= {id(p) for p in layers.parameters()} | {id(p) for p in norm.parameters()}
-        if any(id(p) in held for p in head.parameters()):  # e.g. a head tied to embeddings the backbone holds
-            head = copy.deepcopy(head)
-        branch = ExpertBranch(layers, norm, head, model.config, depth)
+        held |= {id(p) for p in layers.parameters()}
+        for part, module in parts.items():
+            if f"{name}.{part}" not in shared and any(id(p) in held for p in module.parameters()):
+                parts[part] = copy.deepcopy(module)
+            held |= {id(p) for p in parts[part].parameters()}
+        branch = ExpertBranch(layers, parts["norm"], parts["lm_head"], model.config, depth)
         key = str(depth)
         if key not in self.coe_layers:
             self.coe_layers[key] = CoELayer()
@@ -277,6 +335,26 @@ class CcoeForCausalLM(ComposedPreTrainedModel, GenerationMixin):
         self.config.expert_names = list(self.config.expert_names) + [name]
         self.config.coe_layers = {**self.config.coe_layers, name: depth}
         self.config.expert_configs = {**self.config.expert_configs, name: config_to_dict(model.config)}
+        self.config.shared_parts = shared
+        self._update_ties()
+
+    def _unshare(self, name: str, part: str) -> None:
+        """Give expert ``name`` its own copy of ``part`` (and hand ownership on if others shared its)."""
+        key = f"{name}.{part}"
+        shared = dict(self.config.shared_parts)
+        branch = self.branch(name)
+        if key in shared:  # it uses another's module: take a copy
+            del shared[key]
+            setattr(branch, part, copy.deepcopy(getattr(branch, part)))
+        sharers = [k for k, v in shared.items() if v == key]
+        if sharers:  # others use its module: the first of them becomes the owner of that module
+            owner = sharers[0]
+            del shared[owner]
+            for other in sharers[1:]:
+                shared[other] = owner
+            setattr(branch, part, copy.deepcopy(getattr(branch, part)))
+        self.config.shared_parts = shared
+        self._update_ties()
 
     def push_expert(self, name: str, model: nn.Module, coe_layer: int | None = None, verify_prefix: bool = True):
         """Attach ``model`` as expert ``name`` at CoE layer depth ``coe_layer`` (default: the only depth in use):
@@ -305,6 +383,8 @@ class CcoeForCausalLM(ComposedPreTrainedModel, GenerationMixin):
 
     def pop_expert(self, name: str) -> ExpertBranch:
         """Detach expert ``name``; the others are untouched. Returns its branch."""
+        for part in ("norm", "lm_head"):
+            self._unshare(name, part)
         branch = self.branch(name)
         key = str(self.config.coe_layers[name])
         self.coe_layers[key].remove_branch(name)
@@ -313,6 +393,7 @@ class CcoeForCausalLM(ComposedPreTrainedModel, GenerationMixin):
         self.config.expert_names = [n for n in self.config.expert_names if n != name]
         self.config.coe_layers = {k: v for k, v in self.config.coe_layers.items() if k != name}
         self.config.expert_configs = {k: v for k, v in self.config.expert_configs.items() if k != name}
+        self._update_ties()
         return branch
 
     def memory_report(self) -> dict:
@@ -330,7 +411,11 @@ class CcoeForCausalLM(ComposedPreTrainedModel, GenerationMixin):
     def freeze_all_but_expert(self, name: str, train_norm_and_head: bool = True) -> list[nn.Parameter]:
         """Freeze every parameter except expert ``name``'s own layers (and, by default, its final norm and
         LM head). Returns the trainable parameters. The backbone, the router and the other experts stay
-        frozen, so training this branch leaves every other expert's outputs unchanged."""
+        frozen, so training this branch leaves every other expert's outputs unchanged (a norm or head it shared
+        with other experts is first copied, so they keep theirs)."""
+        if train_norm_and_head:  # a norm or head shared with other experts (or the embeddings) gets its own copy
+            for part in ("norm", "lm_head"):
+                self._unshare(name, part)
         branch = self.branch(name)
         for p in self.parameters():
             p.requires_grad_(False)
