@@ -297,6 +297,15 @@ def test_shared_norms_and_heads_are_kept_once_saved_once_and_unshared_for_traini
     with torch.no_grad():
         after = loaded(ids, attention_mask=mask, expert=route).logits
     assert torch.equal(after[1:], before[1:]) and not torch.equal(after[0], before[0])
+    # an owner attached after an unrelated expert still loads (experts attach one by one in from_pretrained)
+    extra = copy.deepcopy(experts["c"])
+    with torch.no_grad():
+        extra.model.norm.weight.add_(1.0)
+        extra.lm_head.weight.add_(1.0)
+    late = couple_experts(base, {"x": extra, "b": experts["b"], "c": experts["c"]}, split_layer=SPLIT)
+    assert late.config.shared_parts == {"c.norm": "b.norm"}
+    late.save_pretrained(tmp_path / "late")
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "late").branch("c").norm is not None
     # popping an owner hands its shared modules on; a save/load round trip still holds
     coupled.pop_expert("a")
     assert coupled.config.shared_parts == {"c.norm": "b.norm"}

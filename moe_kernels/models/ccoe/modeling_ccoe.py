@@ -255,7 +255,10 @@ class CcoeForCausalLM(ComposedPreTrainedModel, GenerationMixin):
         """Declare the shared parts as tied weights, so save_pretrained writes each tensor once and
         from_pretrained ties them again."""
         mapping = {}
+        attached = set(self.config.expert_names)
         for target, source in self.config.shared_parts.items():
+            if any(key != "embed_tokens" and key.rpartition(".")[0] not in attached for key in (target, source)):
+                continue  # still being built (from_pretrained attaches the experts one by one)
             target_path, source_path = self._part_path(target), self._part_path(source)
             source_module = self.get_submodule(source_path)
             if source == "embed_tokens":
