@@ -145,7 +145,7 @@ class SelfMoEForCausalLM(ComposedPreTrainedModel, GenerationMixin):
                 position_ids: torch.LongTensor | None = None, cache=None, inputs_embeds: torch.Tensor | None = None,
                 labels: torch.LongTensor | None = None, use_cache: bool | None = None,
                 logits_to_keep: int | torch.Tensor = 0, **kwargs):
-        from ...hf.compat import CACHE_KWARG, cache_kwargs  # not at import: moe_kernels.hf imports this module
+        from ...hf.compat import cache_kwargs  # not at import: moe_kernels.hf imports this module
 
         if "past_key_values" in kwargs:  # the pre-5.24 name of the cache argument
             cache = kwargs.pop("past_key_values") if cache is None else cache
