@@ -369,3 +369,27 @@ def test_a_checkpoint_missing_a_tensor_is_refused(tmp_path):
         AutoModelForCausalLM.from_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, strict=False)  # transformers' behaviour, on request
     assert isinstance(loaded, PescForCausalLM)
+
+
+def test_bfloat16_models_round_trip_in_bfloat16(tmp_path):
+    """Models built in bf16 come back in bf16, bit-identical. (A float32 model cast with .to(bfloat16) does
+    not, for any transformers model: the cast also rounds the rotary inv_freq buffer, which loading
+    recomputes in float32.)"""
+    def bf16(family, depth=2, seed=0):
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_config(FAMILIES[family](depth), dtype=torch.bfloat16).eval()
+
+    ids, mask = prompts()
+    base = bf16("mistral", 3)
+    experts = {}
+    for name, depth, seed, shared in (("code", 3, 1, 1), ("math", 4, 2, 2)):
+        expert = bf16("mistral", depth, seed)
+        expert.load_state_dict({k: v for k, v in base.state_dict().items() if k.startswith("model.embed_tokens")
+                                or any(k.startswith(f"model.layers.{i}.") for i in range(shared))}, strict=False)
+        experts[name] = expert
+    ccoe = mkh.couple_experts(base, experts, coe_layers={"code": 1, "math": 2})
+    fused = mkh.fuse_specialists({"a": bf16("qwen2", seed=1), "b": bf16("llama", seed=2)}, gate_hidden=16)
+    for name, model, kwargs in (("ccoe", ccoe, {"expert": ["code", "math", "code"]}), ("fused", fused, {})):
+        loaded = round_trip(model, tmp_path / name)
+        assert next(loaded.parameters()).dtype == torch.bfloat16
+        assert_same_logits(model, loaded, ids, mask, **kwargs)
