@@ -96,6 +96,13 @@ class ComposedPreTrainedModel(PreTrainedModel):
                              "load anyway.")
         return (model, info) if want_info else model
 
+    def set_backend(self, backend: str | None) -> None:
+        """The moe_kernels backend of every moe_kernels layer inside (None: chosen by device). A run-time
+        choice, not saved: backends agree to rounding, not bit for bit."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "backend") and type(module).__module__.startswith("moe_kernels."):
+                module.backend = backend
+
     def post_init(self):
         super().post_init()
         # transformers gathers the tied weights (e.g. lm_head = embed_tokens) of direct children only; the
