@@ -24,6 +24,7 @@ Writes ``gpu_bench.csv`` and ``gpu_bench.md`` under ``--out``; prints the Markdo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import math
 import os
@@ -167,6 +168,13 @@ def moe_providers(shape: MoEShape, tokens: int, device, dtype, notes: dict) -> d
                                                            inp["ids"], backend=b))
         else:
             notes[f"moe_kernels:{backend}"] = "not built or cannot run on this device"
+    if "moe_kernels:triton" in providers and device.type == "cuda":
+        # the Triton weight-gradient kernel instead of the grouped GEMM (config table's choice), side by side
+        def triton_wgrad(inp):
+            return moe_kernels.moe_mlp(inp["x"], inp["gate_up"], inp["down"], inp["weights"], inp["ids"],
+                                       backend="triton")
+        triton_wgrad.env = {"MOE_KERNELS_WGRAD": "triton"}  # set around forward and backward
+        providers["moe_kernels:triton[wgrad=triton]"] = triton_wgrad
     if HF_ERROR:
         notes["hf"] = HF_ERROR
         return providers
@@ -203,6 +211,22 @@ def moe_providers(shape: MoEShape, tokens: int, device, dtype, notes: dict) -> d
         except Exception as exc:  # noqa: BLE001
             notes["vllm:fused_experts"] = f"not importable ({type(exc).__name__})"
     return providers
+
+
+@contextlib.contextmanager
+def _provider_env(fn):
+    """The environment variables a provider runs under (its ``env`` attribute), forward and backward."""
+    env = getattr(fn, "env", {})
+    before = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def moe_inputs(shape: MoEShape, tokens: int, device, dtype, seed: int) -> dict:
@@ -262,8 +286,7 @@ def run_moe_case(shape, tokens, device, dtype, ceilings, args, rows, notes):
     errors, working, bwd_names = {}, {}, []
     for name, fn in providers.items():
         try:
-            with torch.no_grad():
-                errors[name] = rel_err(fn(inp), ref)
+            errors[name] = rel_err(_no_grad_call(fn, inp), ref)
             working[name] = fn
             if not name.startswith("vllm"):
                 _fwd_bwd_call(fn, inp, leaves(inp))
@@ -295,13 +318,14 @@ def run_moe_case(shape, tokens, device, dtype, ceilings, args, rows, notes):
 
 
 def _no_grad_call(fn, inp):
-    with torch.no_grad():
+    with torch.no_grad(), _provider_env(fn):
         return fn(inp)
 
 
 def _fwd_bwd_call(fn, inp, leaves):
-    out = fn(inp)
-    grads = torch.autograd.grad(out, leaves, inp["grad"], allow_unused=True)
+    with _provider_env(fn):
+        out = fn(inp)
+        grads = torch.autograd.grad(out, leaves, inp["grad"], allow_unused=True)
     if any(g is None for g in grads):  # a provider that skipped a gradient would look faster than it is
         raise RuntimeError("a provider returned no gradient for one of x, weights, gate_up, down")
     return grads

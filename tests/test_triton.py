@@ -260,6 +260,41 @@ def test_moe_mlp_frozen_experts_and_no_grad():
     assert_close_rel(dx, dx_ref, torch.float32, "dx")
 
 
+GPU_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+
+
+@pytest.mark.skipif(not GPU_SM90, reason="the grouped-GEMM weight gradients need an sm90+ GPU")
+@pytest.mark.parametrize("wgrad", ["grouped_mm", "triton"])
+@pytest.mark.parametrize("shape,activation,interleaved,limit,transposed", [
+    ((40, 16, 16, 3, 2, "one_expert"), "silu", False, None, False),
+    ((12, 32, 16, 6, 2, "skip_last"), "silu", False, None, False),    # an expert without rows
+    ((70, 64, 48, 7, 2, "random"), "gelu_tanh", False, None, False),
+    ((10, 24, 16, 5, 2, "skip_last"), "gpt_oss", True, 0.7, True),    # GPT-OSS layout, no biases
+])
+def test_moe_mlp_weight_grads_both_ways(monkeypatch, wgrad, shape, activation, interleaved, limit, transposed):
+    monkeypatch.setenv("MOE_KERNELS_WGRAD", wgrad)
+    inputs = _mlp_inputs(*shape, dtype=torch.bfloat16, transposed=transposed)
+    _check_mlp(inputs, torch.bfloat16, activation, interleaved, limit)
+
+
+def test_wgrad_choice_is_explicit(monkeypatch):
+    from moe_kernels.triton.experts import weight_grads_by_grouped_mm
+    x = torch.zeros(2, 16, dtype=torch.bfloat16, device=DEVICE)
+    monkeypatch.setenv("MOE_KERNELS_WGRAD", "triton")
+    assert not weight_grads_by_grouped_mm(x, 16, 16, False)
+    monkeypatch.setenv("MOE_KERNELS_WGRAD", "bogus")
+    with pytest.raises(ValueError, match="MOE_KERNELS_WGRAD"):
+        weight_grads_by_grouped_mm(x, 16, 16, False)
+    monkeypatch.setenv("MOE_KERNELS_WGRAD", "grouped_mm")
+    with pytest.raises(ValueError, match="bias"):  # forced where it cannot run: an error, not a silent fallback
+        weight_grads_by_grouped_mm(x, 16, 16, True)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        weight_grads_by_grouped_mm(x, 17, 16, False)
+    if not GPU_SM90:
+        with pytest.raises(ValueError, match="grouped GEMM"):
+            weight_grads_by_grouped_mm(x, 16, 16, False)
+
+
 # the decode path (no plan, no gradient, T*k <= the decode config's BLOCK_M): one token, k = 1, k = E,
 # prime E, all tokens on one expert, an expert without tokens, odd widths
 DECODE_GRID = [

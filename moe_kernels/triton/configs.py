@@ -61,3 +61,9 @@ def decode_config(num_rows: int, fp32: bool = False) -> dict | None:
     do not fit one program's BLOCK_M rows (then the planned path runs)."""
     entry = load_table()["mlp_decode_fp32" if fp32 else "mlp_decode"][0]
     return entry if num_rows <= entry["BLOCK_M"] else None
+
+
+def wgrad_config() -> dict:
+    """How the expert-MLP weight gradients are formed where both ways can run (see
+    :func:`moe_kernels.triton.experts.weight_grads_by_grouped_mm`)."""
+    return load_table()["wgrad"]

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from ..reference import GATED_ACTIVATIONS, GPT_OSS_ALPHA
-from .configs import decode_config, entries, mlp_config
+from .configs import decode_config, entries, mlp_config, wgrad_config
 from .plan import dispatch_plan
 
 ACTIVATION_CODES = {name: code for code, name in enumerate(GATED_ACTIVATIONS)}
@@ -429,8 +429,83 @@ def _expert_outer_kernel(lhs_ptr, stride_lt, stride_lc, rhs_ptr, stride_rt, stri
                      bias_acc.to(bias_grad_ptr.dtype.element_ty), mask=i_mask)
 
 
+@triton.jit
+def _gated_activation_kernel(pre_ptr, act_ptr, num_rows, inter, limit, ACTIVATION: tl.constexpr,
+                             INTERLEAVED: tl.constexpr, HAS_LIMIT: tl.constexpr,
+                             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """act[p, c] = gated activation of pre[p] at intermediate column c, in act's dtype (elementwise).
+
+    pre_ptr: [N, 2I] contiguous, columns laid out like W_gu's rows.  act_ptr: [N, I] out, contiguous.
+    Grid: (cdiv(N, BLOCK_R), cdiv(I, BLOCK_C)).
+    """
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows < num_rows)[:, None] & (cols < inter)[None, :]
+    gate_cols, up_cols = _gate_up_columns(cols, inter, INTERLEAVED)
+    pre_row = pre_ptr + rows.to(tl.int64)[:, None] * (2 * inter)
+    gate = tl.load(pre_row + gate_cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(pre_row + up_cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    act = _activation_forward(gate, up, limit, ACTIVATION, HAS_LIMIT)
+    tl.store(act_ptr + rows.to(tl.int64)[:, None] * inter + cols[None, :], act.to(act_ptr.dtype.element_ty), mask=mask)
+
+
 # ----------------------------------------------------------------------------------------------------
 # launchers
+
+_ACT_BLOCK_R, _ACT_BLOCK_C = 16, 128
+
+
+def weight_grads_by_grouped_mm(x: torch.Tensor, hidden: int, inter: int, has_bias: bool) -> bool:
+    """Whether the weight gradients run as torch's CUTLASS grouped GEMM in its k-grouped form
+    (``torch._grouped_mm``) instead of ``_expert_outer_kernel``.
+
+    MOE_KERNELS_WGRAD = "grouped_mm" forces it (a ValueError where it cannot run), "triton" forbids it;
+    unset or "auto", the config table's ``wgrad`` entry decides. It can run for bf16 on sm90+ GPUs with
+    widths that keep every row 16-byte aligned, without biases (their gradients are row sums that the
+    Triton kernel forms on the way).
+    """
+    choice = os.environ.get("MOE_KERNELS_WGRAD", "auto") or "auto"
+    if choice not in ("auto", "grouped_mm", "triton"):
+        raise ValueError(f"MOE_KERNELS_WGRAD must be auto, grouped_mm or triton, not {choice!r}")
+    if choice == "triton":
+        return False
+    reasons = []
+    if interpreting() or x.device.type != "cuda":
+        reasons.append("needs a CUDA device (not the interpreter)")
+    elif torch.cuda.get_device_capability(x.device) < (9, 0):
+        reasons.append("needs sm90 or newer")
+    if x.dtype != torch.bfloat16:
+        reasons.append("needs bfloat16")
+    if hidden % 8 or inter % 8:
+        reasons.append("needs hidden and intermediate sizes divisible by 8")
+    if has_bias:
+        reasons.append("does not form bias gradients")
+    if not hasattr(torch, "_grouped_mm"):
+        reasons.append("needs torch._grouped_mm (torch >= 2.8)")
+    if choice == "grouped_mm" and reasons:
+        raise ValueError("MOE_KERNELS_WGRAD=grouped_mm: the grouped GEMM " + "; ".join(reasons))
+    return not reasons and (choice == "grouped_mm" or wgrad_config()["grouped_mm"])
+
+
+def _grouped_mm_weight_grads(grad_y, x, pre, grad_pre, route_w, expert_offsets, sorted_slots, top_k, activation,
+                             interleaved, swiglu_limit):
+    """(d gate_up_proj [E, 2I, H], d down_proj [E, H, I]) as k-grouped GEMMs over each expert's sorted rows:
+    dW_gu[e] = d pre_e^T x_e and dW_d[e] = (w dy)_e^T act_e. Gathers x and w*dy into sorted order and forms
+    act from pre (the Triton path forms both on the fly instead)."""
+    num_rows, two_inter = pre.shape
+    inter = two_inter // 2
+    tokens = (sorted_slots // top_k).long()
+    offs = expert_offsets[1:]
+    x_sorted = x.index_select(0, tokens)
+    grad_gate_up = torch._grouped_mm(grad_pre.t(), x_sorted, offs=offs)
+    del x_sorted
+    act = torch.empty((num_rows, inter), dtype=pre.dtype, device=pre.device)
+    _gated_activation_kernel[(triton.cdiv(num_rows, _ACT_BLOCK_R), triton.cdiv(inter, _ACT_BLOCK_C))](
+        pre, act, num_rows, inter, float(swiglu_limit or 0.0), ACTIVATION=ACTIVATION_CODES[activation],
+        INTERLEAVED=interleaved, HAS_LIMIT=swiglu_limit is not None, BLOCK_R=_ACT_BLOCK_R, BLOCK_C=_ACT_BLOCK_C)
+    grad_y_sorted = (grad_y.index_select(0, tokens).float() * route_w[sorted_slots.long(), None]).to(x.dtype)
+    grad_down = torch._grouped_mm(grad_y_sorted.t(), act, offs=offs)
+    return grad_gate_up, grad_down
 
 
 def tile_offsets(expert_offsets: torch.Tensor, block_m: int) -> torch.Tensor:
@@ -593,7 +668,10 @@ def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, do
         grad_x = _combine_slots(slot_rows, num_tokens, top_k, x.dtype)
 
     grad_gate_up, grad_down, grad_gate_up_bias, grad_down_bias = empty(), empty(), empty(), empty()
-    if need_params:
+    if need_params and weight_grads_by_grouped_mm(x, hidden, inter, gate_up_bias is not None or down_bias is not None):
+        grad_gate_up, grad_down = _grouped_mm_weight_grads(grad_y, x, pre, grad_pre, route_w, expert_offsets,
+                                                           sorted_slots, top_k, activation, interleaved, swiglu_limit)
+    elif need_params:
         wg = cfg["dw"]
         grad_down = torch.empty(down_proj.shape, dtype=down_proj.dtype, device=x.device)
         grad_down_bias = torch.empty((num_experts, hidden), dtype=x.dtype, device=x.device) if down_bias is not None else empty()
@@ -809,6 +887,12 @@ def _compile_specs():
                 {"out_ptr": "*fp32"})
             add(_rows_matmul_kernel, entry["dx"], dict(HAS_BIAS=False, HAS_ROUTE_W=False, BY_EXPERT=False,
                                                        **gemm(entry["dx"])), "dx", data, precision, {"out_ptr": "*fp32"})
+        if dtype == torch.bfloat16:  # the grouped-GEMM weight gradients' activation pass (bf16 only)
+            for activation, interleaved, _, limit in _COMPILE_VARIANTS:
+                constexprs = {"ACTIVATION": ACTIVATION_CODES[activation], "INTERLEAVED": interleaved,
+                              "HAS_LIMIT": limit, "BLOCK_R": _ACT_BLOCK_R, "BLOCK_C": _ACT_BLOCK_C}
+                specs.append((_gated_activation_kernel, _signature(_gated_activation_kernel, constexprs, data),
+                              constexprs, {"num_warps": 4, "num_stages": 3}, ("inter",)))
         for entry in entries("mlp_decode" + suffix):
             for activation, interleaved, bias, limit in _COMPILE_VARIANTS:
                 act = {"ACTIVATION": ACTIVATION_CODES[activation], "INTERLEAVED": interleaved, "HAS_LIMIT": limit}
