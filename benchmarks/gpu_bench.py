@@ -169,12 +169,13 @@ def moe_providers(shape: MoEShape, tokens: int, device, dtype, notes: dict) -> d
         else:
             notes[f"moe_kernels:{backend}"] = "not built or cannot run on this device"
     if "moe_kernels:triton" in providers and device.type == "cuda":
-        # the Triton weight-gradient kernel instead of the grouped GEMM (config table's choice), side by side
+        # the weight gradients as torch's grouped GEMM instead of the Triton kernel (the table's default), side
+        # by side, until a measurement decides the table's wgrad entry
         def triton_wgrad(inp):
             return moe_kernels.moe_mlp(inp["x"], inp["gate_up"], inp["down"], inp["weights"], inp["ids"],
                                        backend="triton")
-        triton_wgrad.env = {"MOE_KERNELS_WGRAD": "triton"}  # set around forward and backward
-        providers["moe_kernels:triton[wgrad=triton]"] = triton_wgrad
+        triton_wgrad.env = {"MOE_KERNELS_WGRAD": "grouped_mm"}  # set around forward and backward
+        providers["moe_kernels:triton[wgrad=grouped_mm]"] = triton_wgrad
     if HF_ERROR:
         notes["hf"] = HF_ERROR
         return providers
