@@ -178,8 +178,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mlp_forward(
   at::Tensor h = as_staging(at::_grouped_mm(xs, grouped_operand(w1).transpose(1, 2), ends));
   at::Tensor a = staging(d.N, d.M2, options);
   const at::Tensor b1f = float_bias(b1);
-  // The biased pre-activation is written back into h (it is the GEMM's own buffer) when it is kept.
-  rows.act_forward(h, b1f, ids, sorted_slots, spec, keep ? h : at::Tensor(), a);
+  // With b1, the biased pre-activation is written back into h (the GEMM's own buffer) when it is kept;
+  // without, h already holds it.
+  rows.act_forward(h, b1f, ids, sorted_slots, spec, keep && b1f.defined() ? h : at::Tensor(), a);
   const at::Tensor y = at::_grouped_mm(a, grouped_operand(w2).transpose(1, 2), ends);
   at::Tensor out = at::empty({d.T, d.H}, options);
   rows.combine(y, slot_positions, weights, scale, ids, float_bias(b2), d.k, out);
