@@ -21,7 +21,7 @@
 // own fallback (a GEMM per group after reading the offsets on the host) -- moe_kernels/native.py decides
 // whether that fallback may run (see grouped_gemm_status there). Operands must have 16-byte aligned row
 // strides: staging buffers pad their rows, and weights whose layout does not fit are copied into padded
-// storage for the call.
+// storage for the call; widths that are not multiples of 16 bytes run zero-padded (see Widths).
 #include <algorithm>
 #include <string>
 #include <tuple>
@@ -153,6 +153,49 @@ at::Tensor group_ends(const at::Tensor& expert_offsets) {
   return expert_offsets.narrow(0, 1, expert_offsets.numel() - 1);
 }
 
+// GEMM widths of a call. Aligned (H, M1, M2 multiples of 16 bytes): the GEMMs run on the logical widths,
+// the weights as they are (grouped_operand) and staging rows padded only in their stride. Otherwise every
+// width is padded to 16 bytes with zeros -- zero-padded weight copies and zero-filled staging rows -- so the
+// grouped GEMM never sees a width that is not a multiple of its alignment (CUTLASS's TMA kernels assume it;
+// only the group sizes stay ragged).
+struct Widths {
+  bool padded;
+  int64_t H, M1, M2;
+};
+
+Widths gemm_widths(const Dims& d, at::ScalarType dtype) {
+  const int64_t a = align_elems(dtype);
+  const bool padded = d.H % a != 0 || d.M1 % a != 0 || d.M2 % a != 0;
+  if (!padded) return {false, d.H, d.M1, d.M2};
+  return {true, round_up(d.H, a), round_up(d.M1, a), round_up(d.M2, a)};
+}
+
+// [rows, cols] GEMM operand rows: zero-filled in padded mode, else uninitialised staging.
+at::Tensor operand_rows(const Widths& g, int64_t rows, int64_t cols, const at::TensorOptions& options) {
+  return g.padded ? at::zeros({rows, cols}, options) : staging(rows, cols, options);
+}
+
+// The weight [E, R, C] as a grouped GEMM operand of [E, Rg, Cg]: zero-padded copy in padded mode.
+at::Tensor weight_operand(const Widths& g, const at::Tensor& w, int64_t Rg, int64_t Cg) {
+  if (!g.padded) return grouped_operand(w);
+  at::Tensor out = at::zeros({w.size(0), Rg, Cg}, w.options());
+  out.narrow(1, 0, w.size(1)).narrow(2, 0, w.size(2)).copy_(w);
+  return out;
+}
+
+// The forward's saved rows [N, C] (row stride Cg) seen at their full GEMM width [N, Cg]: their own storage
+// when it holds whole rows (the padding holds zeros in padded mode: the forward allocated them so), else a
+// zero-padded copy.
+at::Tensor full_width(const at::Tensor& m, int64_t Cg) {
+  const int64_t needed = (m.storage_offset() + m.size(0) * Cg) * m.element_size();
+  if (m.stride(1) == 1 && m.stride(0) == Cg && static_cast<int64_t>(m.storage().nbytes()) >= needed) {
+    return m.as_strided({m.size(0), Cg}, {Cg, 1});
+  }
+  at::Tensor out = at::zeros({m.size(0), Cg}, m.options());
+  out.narrow(1, 0, m.size(1)).copy_(m);
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mlp_forward(
     const at::Tensor& x_in, const at::Tensor& w1, const at::Tensor& w2, const std::optional<at::Tensor>& b1,
     const std::optional<at::Tensor>& b2, const at::Tensor& weights_in, const at::Tensor& ids_in,
@@ -172,20 +215,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mlp_forward(
   const at::Tensor offsets = expert_offsets.contiguous();
   const at::Tensor ends = group_ends(offsets);
   const auto options = x.options();
+  const Widths g = gemm_widths(d, x.scalar_type());
 
-  at::Tensor xs = staging(d.N, d.H, options);
-  rows.gather(x, sorted_slots, d.k, xs);
-  at::Tensor h = as_staging(at::_grouped_mm(xs, grouped_operand(w1).transpose(1, 2), ends));
-  at::Tensor a = staging(d.N, d.M2, options);
+  at::Tensor xs = operand_rows(g, d.N, g.H, options);  // [N, Hg]
+  rows.gather(x, sorted_slots, d.k, xs.narrow(1, 0, d.H));
+  at::Tensor h = as_staging(at::_grouped_mm(xs, weight_operand(g, w1, g.M1, g.H).transpose(1, 2), ends));
+  at::Tensor a = operand_rows(g, d.N, g.M2, options);  // [N, M2g]
   const at::Tensor b1f = float_bias(b1);
+  const at::Tensor h_used = h.narrow(1, 0, d.M1);
   // With b1, the biased pre-activation is written back into h (the GEMM's own buffer) when it is kept;
   // without, h already holds it.
-  rows.act_forward(h, b1f, ids, sorted_slots, spec, keep && b1f.defined() ? h : at::Tensor(), a);
-  const at::Tensor y = at::_grouped_mm(a, grouped_operand(w2).transpose(1, 2), ends);
+  rows.act_forward(h_used, b1f, ids, sorted_slots, spec, keep && b1f.defined() ? h_used : at::Tensor(),
+                   a.narrow(1, 0, d.M2));
+  const at::Tensor y = at::_grouped_mm(a, weight_operand(g, w2, g.H, g.M2).transpose(1, 2), ends);  // [N, Hg]
   at::Tensor out = at::empty({d.T, d.H}, options);
-  rows.combine(y, slot_positions, weights, scale, ids, float_bias(b2), d.k, out);
+  rows.combine(y.narrow(1, 0, d.H), slot_positions, weights, scale, ids, float_bias(b2), d.k, out);
   if (!keep) return {out, at::empty({0, d.H}, options), at::empty({0, d.M1}, options)};
-  return {out, xs, h};
+  return {out, xs.narrow(1, 0, d.H), h_used};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> grouped_mlp_backward(
@@ -213,39 +259,42 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const at::Tensor offsets = expert_offsets.contiguous();
   const at::Tensor ends = group_ends(offsets);
   const auto options = grad_out.options();
-  const at::Tensor xs_g = as_staging(xs);
-  const at::Tensor hidden_g = as_staging(hidden);
-  const at::Tensor w1g = grouped_operand(w1);
-  const at::Tensor w2g = grouped_operand(w2);
+  const Widths g = gemm_widths(d, grad_out.scalar_type());
+  // xs takes part in the weight gradient of w1 only, where its padding columns meet nothing that is kept.
+  const at::Tensor xs_g = g.padded ? full_width(xs, g.H) : as_staging(xs);  // [N, Hg]
+  const at::Tensor w1g = weight_operand(g, w1, g.M1, g.H);                  // [E, M1g, Hg]
+  const at::Tensor w2g = weight_operand(g, w2, g.H, g.M2);                  // [E, Hg, M2g]
 
-  at::Tensor gs = staging(d.N, d.H, options);
-  rows.gather(grad_out.contiguous(), sorted_slots, d.k, gs);
-  at::Tensor u = as_staging(at::_grouped_mm(gs, w2g, ends));  // [N, M2]
-  at::Tensor grad_h = staging(d.N, d.M1, options);
+  at::Tensor gs = operand_rows(g, d.N, g.H, options);  // [N, Hg]
+  rows.gather(grad_out.contiguous(), sorted_slots, d.k, gs.narrow(1, 0, d.H));
+  at::Tensor u = as_staging(at::_grouped_mm(gs, w2g, ends));  // [N, M2g]; padding columns 0 (w2g's are)
+  at::Tensor grad_h = operand_rows(g, d.N, g.M1, options);    // [N, M1g]
   at::Tensor grad_weights = at::empty({d.T, d.k}, weights_in.options());
   const at::Tensor b2f = float_bias(b2);
-  rows.act_backward(hidden_g, u, gs, b2f, weights, ids, sorted_slots, scale, spec, grad_h, grad_weights);
+  rows.act_backward(hidden, u.narrow(1, 0, d.M2), gs.narrow(1, 0, d.H), b2f, weights, ids, sorted_slots, scale, spec,
+                    grad_h.narrow(1, 0, d.M1), grad_weights);
   // Weight gradients: k-grouped GEMMs (A column-major, B row-major: empty groups allowed), then experts
   // without rows set to zero explicitly.
-  at::Tensor grad_w2 = at::_grouped_mm(gs.t(), u, ends);       // [E, H, M2]
-  at::Tensor grad_w1 = at::_grouped_mm(grad_h.t(), xs_g, ends);  // [E, M1, H]
+  at::Tensor grad_w2 = at::_grouped_mm(gs.t(), u, ends);       // [E, Hg, M2g]
+  at::Tensor grad_w1 = at::_grouped_mm(grad_h.t(), xs_g, ends);  // [E, M1g, Hg]
   rows.zero_empty_groups(grad_w2, offsets);
   rows.zero_empty_groups(grad_w1, offsets);
-  const at::Tensor grad_xs = at::_grouped_mm(grad_h, w1g, ends);  // [N, H]
+  const at::Tensor grad_xs = at::_grouped_mm(grad_h, w1g, ends);  // [N, Hg]
   at::Tensor grad_x = at::empty({d.T, d.H}, options);
-  rows.combine(grad_xs, slot_positions, at::Tensor(), 1.0, ids, at::Tensor(), d.k, grad_x);
+  rows.combine(grad_xs.narrow(1, 0, d.H), slot_positions, at::Tensor(), 1.0, ids, at::Tensor(), d.k, grad_x);
   at::Tensor grad_b1 = at::empty({0}, options), grad_b2 = at::empty({0}, options);
   if (b1.has_value()) {
     at::Tensor sums = at::empty({d.E, d.M1}, options.dtype(at::kFloat));
-    rows.segment_column_sum(grad_h, offsets, at::Tensor(), sorted_slots, 1.0, sums);
+    rows.segment_column_sum(grad_h.narrow(1, 0, d.M1), offsets, at::Tensor(), sorted_slots, 1.0, sums);
     grad_b1 = sums.to(b1->scalar_type());
   }
   if (b2.has_value()) {
     at::Tensor sums = at::empty({d.E, d.H}, options.dtype(at::kFloat));
-    rows.segment_column_sum(gs, offsets, weights, sorted_slots, scale, sums);
+    rows.segment_column_sum(gs.narrow(1, 0, d.H), offsets, weights, sorted_slots, scale, sums);
     grad_b2 = sums.to(b2->scalar_type());
   }
-  return {grad_x, grad_w1.contiguous(), grad_w2.contiguous(), grad_b1, grad_b2, grad_weights};
+  return {grad_x, grad_w1.narrow(1, 0, d.M1).narrow(2, 0, d.H).contiguous(),
+          grad_w2.narrow(1, 0, d.H).narrow(2, 0, d.M2).contiguous(), grad_b1, grad_b2, grad_weights};
 }
 
 }  // namespace
