@@ -120,7 +120,18 @@ def _block_for_device(device: torch.device) -> dict:
 
 def choose(op: str, device: torch.device, dtype: torch.dtype, experts: int, width: int, tokens: int, grad: bool,
            built: list[str]) -> tuple[str, str]:
-    """(backend name, why) for one call on a CUDA device; ``built`` = backends that can run there."""
+    """(backend name, why) for one call on a CUDA device; ``built`` = backends that can run there.
+
+    The shape becomes a class key here (plain comparisons: under torch.compile they become guards); the
+    lookup itself reads files and device properties, so torch.compile takes its result as a constant."""
+    key = shape_class(op, dtype, experts, width, tokens, grad)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _choose_constant(op, index, dtype, int(experts), key, tuple(built))
+
+
+@torch.compiler.assume_constant_result
+def _choose_constant(op: str, index: int, dtype: torch.dtype, experts: int, key: str, built: tuple) -> tuple[str, str]:
+    device = torch.device("cuda", index)
     candidates = [name for name in CHOICES if name in built]
     if not candidates:
         return ("reference", "neither triton nor cuda is built")
@@ -135,7 +146,6 @@ def choose(op: str, device: torch.device, dtype: torch.dtype, experts: int, widt
         if reason is not None:
             return ("triton", f"cuda expert path has no fast grouped GEMM here: {reason}")
     block = _block_for_device(device)
-    key = shape_class(op, dtype, experts, width, tokens, grad)
     entry = block.get("entries", {}).get(key)
     if entry is None:
         return (block.get("default", "triton"), f"{key}: not in the table, block default")
