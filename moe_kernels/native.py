@@ -116,7 +116,7 @@ if _C is not None:
 
     def _staging_strides(rows, cols, dtype):
         """Strides of the grouped path's staging rows: rows padded to 16 bytes (csrc/grouped_experts.cpp)."""
-        align = 16 // torch.empty((), dtype=dtype).element_size()
+        align = 16 // dtype.itemsize
         return ((cols + align - 1) // align * align, 1)
 
     if has_kernel("grouped_mlp_forward", "CPU"):

@@ -9,12 +9,17 @@
 #include "grouped_experts.h"
 
 namespace moe_kernels {
-namespace grouped {
+namespace cuda {
 namespace {
 
-using cuda::ceil_div;
-using cuda::capped_grid;
-using cuda::kWarpSize;
+using grouped::ActSpec;
+using grouped::act_backward_column;
+using grouped::act_forward_column;
+using grouped::add_rn;
+using grouped::combine_column;
+using grouped::gather_source_row;
+using grouped::mul_rn;
+using grouped::row_weight;
 
 // Block shape for row kernels: threads_per_row a power of two covering `columns` (at most 256),
 // rows_per_block filling 256 threads.
@@ -133,7 +138,7 @@ __global__ void act_backward_kernel(const T* __restrict__ hidden, int64_t hidden
         dot = add_rn(dot, mul_rn(static_cast<float>(g_row[c]), bias_row[c]));
       }
     }
-    dot = cuda::block_sum(dot, scratch);
+    dot = block_sum(dot, scratch);
     if (threadIdx.x == 0) grad_weights[sorted_slots[p]] = mul_rn(scale, dot);
   }
 }
@@ -143,7 +148,7 @@ void act_backward_cuda(const at::Tensor& hidden, const at::Tensor& u, const at::
                        const ActSpec& spec, const at::Tensor& grad_pre, const at::Tensor& grad_weights) {
   const int64_t N = u.size(0);
   if (N == 0) return;
-  const int threads = cuda::row_block_threads(std::max<int64_t>(u.size(1), b2.defined() ? gs.size(1) : 0));
+  const int threads = row_block_threads(std::max<int64_t>(u.size(1), b2.defined() ? gs.size(1) : 0));
   const unsigned grid = static_cast<unsigned>(capped_grid(N));
   MOE_DISPATCH_FLOAT_HALF_BF16(u.scalar_type(), "u", [&] {
     act_backward_kernel<scalar_t><<<grid, threads, 0, at::cuda::getCurrentCUDAStream()>>>(
@@ -247,10 +252,13 @@ void zero_empty_groups_cuda(const at::Tensor& grad, const at::Tensor& expert_off
 }
 
 }  // namespace
+}  // namespace cuda
+
+namespace grouped {
 
 const RowOps& cuda_row_ops() {
-  static const RowOps ops{gather_cuda, act_forward_cuda, act_backward_cuda, combine_cuda, segment_column_sum_cuda,
-                          zero_empty_groups_cuda};
+  static const RowOps ops{cuda::gather_cuda, cuda::act_forward_cuda, cuda::act_backward_cuda, cuda::combine_cuda,
+                          cuda::segment_column_sum_cuda, cuda::zero_empty_groups_cuda};
   return ops;
 }
 
