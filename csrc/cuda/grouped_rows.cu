@@ -224,31 +224,45 @@ void segment_column_sum_cuda(const at::Tensor& m, const at::Tensor& expert_offse
   });
 }
 
-// grad[e] = 0 where expert e has no rows; other experts are not touched. Launch: grid (E, chunks of the
-// R*C elements), blockDim.x threads, grid-stride within the expert.
-template <typename T>
-__global__ void zero_empty_groups_kernel(T* __restrict__ grad, int64_t s0, int64_t s1, int64_t s2, int64_t R,
-                                         int64_t C, const int* __restrict__ offsets) {
+// grad[e] = 0 where expert e has no rows; other experts are not touched. In units of unit_t (16 bytes when
+// rows and strides allow). grad [E, R, units] with row stride s1 and expert stride s0 (in units).
+// Launch: grid (E, min(R, 1024)); each block zeroes rows blockIdx.y, blockIdx.y + gridDim.y, ... of its
+// expert, its threads striding over the row; blocks of experts with rows return at once.
+template <typename unit_t>
+__global__ void zero_empty_groups_kernel(unit_t* __restrict__ grad, int64_t s0, int64_t s1, int64_t R, int64_t units,
+                                         const int* __restrict__ offsets) {
   const int64_t e = blockIdx.x;
   if (offsets[e] != offsets[e + 1]) return;
-  const int64_t total = R * C;
-  for (int64_t i = int64_t(blockIdx.y) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.y) * blockDim.x) {
-    grad[e * s0 + (i / C) * s1 + (i % C) * s2] = T(0);
+  const unit_t zero{};
+  for (int64_t r = blockIdx.y; r < R; r += gridDim.y) {
+    unit_t* row = grad + e * s0 + r * s1;
+    for (int64_t u = threadIdx.x; u < units; u += blockDim.x) row[u] = zero;
   }
+}
+
+template <typename unit_t>
+void launch_zero_empty_groups(const at::Tensor& grad, const at::Tensor& expert_offsets) {
+  const int64_t scale = int64_t(sizeof(unit_t)) / grad.element_size();
+  const dim3 grid(static_cast<unsigned>(grad.size(0)), static_cast<unsigned>(std::min<int64_t>(grad.size(1), 1024)));
+  zero_empty_groups_kernel<unit_t><<<grid, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
+      static_cast<unit_t*>(grad.data_ptr()), grad.stride(0) / scale, grad.stride(1) / scale, grad.size(1),
+      grad.size(2) / scale, expert_offsets.data_ptr<int>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void zero_empty_groups_cuda(const at::Tensor& grad, const at::Tensor& expert_offsets) {
   if (grad.numel() == 0) return;
-  constexpr int kThreads = 256;
-  const int64_t per_expert = grad.size(1) * grad.size(2);
-  const dim3 grid(static_cast<unsigned>(grad.size(0)),
-                  static_cast<unsigned>(std::min<int64_t>(64, ceil_div(per_expert, kThreads))));
-  MOE_DISPATCH_FLOAT_HALF_BF16(grad.scalar_type(), "grad", [&] {
-    zero_empty_groups_kernel<scalar_t><<<grid, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        grad.data_ptr<scalar_t>(), grad.stride(0), grad.stride(1), grad.stride(2), grad.size(1), grad.size(2),
-        expert_offsets.data_ptr<int>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  });
+  TORCH_CHECK(grad.stride(2) == 1, "zero_empty_groups: rows must be contiguous");
+  const int64_t e = grad.element_size();
+  const bool vec = (grad.size(2) * e) % 16 == 0 && (grad.stride(1) * e) % 16 == 0 && (grad.stride(0) * e) % 16 == 0 &&
+                   reinterpret_cast<uintptr_t>(grad.data_ptr()) % 16 == 0;
+  if (vec) {
+    launch_zero_empty_groups<uint4>(grad, expert_offsets);
+  } else if (e == 4) {
+    launch_zero_empty_groups<uint32_t>(grad, expert_offsets);
+  } else {
+    launch_zero_empty_groups<uint16_t>(grad, expert_offsets);
+  }
 }
 
 }  // namespace
