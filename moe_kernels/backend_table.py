@@ -14,8 +14,9 @@ lacks take the block's ``default``. Two rules come before the table: the cuda ex
 where torch's CUTLASS grouped GEMM runs (bfloat16, sm90/sm100: see ``moe_kernels.native.grouped_gemm_status``),
 and a backend that is not built is never chosen.
 
-The shipped table's entries are UNMEASURED DEFAULTS (``"measured": false``): they keep triton, the previous
-default, until someone measures on a GPU. Measure and write the block for the local GPU with
+The shipped table's ``"*"`` block holds UNMEASURED DEFAULTS (``"measured": false``): triton, the previous
+default, for any GPU model without a block of its own. Its ``NVIDIA H100 80GB HBM3`` block was written by
+the command below on an H100 (see its ``how``). Measure and write the block for the local GPU with
 
     python -m moe_kernels.backend_table --write          # about a minute on an H100 (``--budget`` seconds)
 
