@@ -38,15 +38,23 @@ _CONFIG_KEYS_ALLOWED_TO_DIFFER = {
 class CoupledCausalLMOutput(ModelOutput):
     """Output of :class:`CoupledExperts`: the causal-LM fields plus the routing.
 
-    logits [B, L, V]; loss (scalar, when labels were given); past_key_values (:class:`CoECache`);
-    expert_ids [B] int64 (index into the model's expert_names); expert_names: the chosen expert per sequence.
+    logits [B, L, V]; loss (scalar, when labels were given); cache (:class:`CoECache`, also readable as
+    ``past_key_values``); expert_ids [B] int64 (index into the model's expert_names); expert_names: the
+    chosen expert per sequence.
+
+    The field is ``cache``, not ``past_key_values``: transformers >= 5.24 rewrites ``past_key_values=`` into
+    ``cache=`` in every ModelOutput's constructor (moe_kernels.hf.compat).
     """
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    past_key_values: object | None = None
+    cache: object | None = None
     expert_ids: torch.Tensor | None = None
     expert_names: list | None = None
+
+    @property
+    def past_key_values(self):
+        return self.cache
 
 
 @dataclass
@@ -382,7 +390,7 @@ class CoupledExperts(nn.Module):
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
         names = self.expert_names
-        return CoupledCausalLMOutput(loss=loss, logits=logits, past_key_values=cache if use_cache else None,
+        return CoupledCausalLMOutput(loss=loss, logits=logits, cache=cache if use_cache else None,
                                      expert_ids=expert_ids, expert_names=[names[i] for i in expert_ids.tolist()])
 
     def route(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> list[str]:

@@ -53,6 +53,8 @@ def build_attention_masks(config, hidden_states: torch.Tensor, attention_mask: t
     """
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 
+    from ..hf.compat import cache_kwargs
+
     masks = {}
     for index in layer_indices:
         kind = layer_types[index]
@@ -60,7 +62,7 @@ def build_attention_masks(config, hidden_states: torch.Tensor, attention_mask: t
             continue
         make = create_sliding_window_causal_mask if kind == SLIDING_ATTENTION else create_causal_mask
         masks[kind] = make(config=config, inputs_embeds=hidden_states, attention_mask=attention_mask,
-                           past_key_values=cache, position_ids=position_ids, layer_idx=index)
+                           position_ids=position_ids, layer_idx=index, **cache_kwargs(cache))
     return masks
 
 
@@ -68,10 +70,12 @@ def run_decoder_layers(layers, layer_indices: list[int], layer_types: list[str],
                        masks: dict, position_embeddings, position_ids: torch.Tensor, cache,
                        use_cache: bool) -> torch.Tensor:
     """Run Hugging Face decoder layers in order, each with the mask of its attention type."""
+    from ..hf.compat import cache_kwargs
+
     for layer, index in zip(layers, layer_indices):
         hidden_states = layer(hidden_states, attention_mask=masks[layer_types[index]],
                               position_embeddings=position_embeddings, position_ids=position_ids,
-                              past_key_values=cache, use_cache=use_cache)
+                              use_cache=use_cache, **cache_kwargs(cache))
     return hidden_states
 
 

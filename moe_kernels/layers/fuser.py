@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
+from ..hf.compat import cache_kwargs
 from .coe import decode_with_cache, generation_defaults
 
 # fp32 [chunk, V] scratch the fused loss allows itself when no chunk size is given (the blend, which becomes
@@ -216,12 +217,19 @@ def naive_gated_cross_entropy(hidden_states: Sequence[torch.Tensor], head_weight
 @dataclass
 class FusedCausalLMOutput(ModelOutput):
     """loss (scalar, when labels were given); logits [B, L, V] float32 (None when only the loss was
-    asked for); past_key_values (:class:`FuserCache`); gate_weights [B, L, N] float32."""
+    asked for); cache (:class:`FuserCache`, also readable as ``past_key_values``); gate_weights [B, L, N] float32.
+
+    The field is ``cache``, not ``past_key_values``: transformers >= 5.24 rewrites ``past_key_values=`` into
+    ``cache=`` in every ModelOutput's constructor (moe_kernels.hf.compat)."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
-    past_key_values: object | None = None
+    cache: object | None = None
     gate_weights: torch.Tensor | None = None
+
+    @property
+    def past_key_values(self):
+        return self.cache
 
 
 class FuserCache:
@@ -311,7 +319,7 @@ class TokenFuser(nn.Module):
         outputs = []
         for j, model in enumerate(self.specialists):
             out = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                                      past_key_values=None if cache is None else cache.caches[j], use_cache=use_cache)
+                                      use_cache=use_cache, **cache_kwargs(None if cache is None else cache.caches[j]))
             outputs.append(out.last_hidden_state)
         return outputs
 
@@ -369,7 +377,7 @@ class TokenFuser(nn.Module):
         if return_logits is None:
             return_logits = labels is None
         logits = self.blend_logits(hidden, weights) if return_logits else None
-        return FusedCausalLMOutput(loss=loss, logits=logits, past_key_values=cache if use_cache else None,
+        return FusedCausalLMOutput(loss=loss, logits=logits, cache=cache if use_cache else None,
                                    gate_weights=weights)
 
     def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
