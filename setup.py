@@ -4,8 +4,9 @@ The C++ CPU ops (csrc/*.cpp, csrc/cpu/*.cpp; OpenMP) are always built. The CUDA 
 join them when a CUDA build of torch and nvcc are present, or when MOE_KERNELS_BUILD_CUDA=1 forces it;
 MOE_KERNELS_BUILD_CUDA=0 skips them. TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0".
 
-Install with ``pip install --no-build-isolation .`` so the build uses the torch already installed
-(build isolation would download a second, multi-GB torch).
+Install with ``pip install --no-build-isolation .`` (or ``-e .``) so the build uses the torch already
+installed (build isolation would download a second, multi-GB torch). Package metadata and dependency
+ranges live in pyproject.toml.
 """
 
 import glob
@@ -14,17 +15,9 @@ import shutil
 import sys
 import sysconfig
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-
-
-def _read_version():
-    with open(os.path.join(ROOT, "moe_kernels", "__init__.py")) as f:
-        for line in f:
-            if line.startswith("__version__"):
-                return line.split("=")[1].strip().strip('"')
-    raise RuntimeError("no __version__ in moe_kernels/__init__.py")
 
 
 def _is_toolkit(root):
@@ -100,28 +93,8 @@ def _extensions():
 
 ext_modules, cpp_extension = _extensions()
 
+# Metadata, dependencies and the entry point are in pyproject.toml (PEP 621); this adds the extension.
 setup(
-    name="moe_kernels",
-    version=_read_version(),
-    description="Mixture-of-Experts expert dispatch kernels: routing, dispatch, grouped expert and adapter GEMMs",
-    long_description=open(os.path.join(ROOT, "README.md")).read() if os.path.exists("README.md") else "",
-    long_description_content_type="text/markdown",
-    license="Apache-2.0",
-    python_requires=">=3.10",
-    packages=find_packages(include=["moe_kernels", "moe_kernels.*"]),
     ext_modules=ext_modules,
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
-    install_requires=[
-        "torch>=2.9",
-        "numpy",
-        "tqdm",
-        "triton>=3.5; platform_system == 'Linux' and platform_machine == 'x86_64'",
-    ],
-    extras_require={
-        "hf": ["transformers>=5.0", "safetensors", "peft"],
-        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers>=5.0", "safetensors", "peft", "expecttest",
-                 "matplotlib"],
-        "bench": ["pytest-benchmark", "matplotlib", "transformers>=5.0"],
-    },
-    entry_points={"console_scripts": ["moe-kernels=moe_kernels.cli:main"]},
 )

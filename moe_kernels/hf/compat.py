@@ -14,7 +14,7 @@ from __future__ import annotations
 import transformers
 from packaging.version import Version
 
-MIN_TRANSFORMERS = "5.19.0"
+MIN_TRANSFORMERS = "5.21.0"
 """The oldest transformers CI runs the suite with; keep in step with pyproject.toml and constraints-oldest.txt."""
 
 TRANSFORMERS_VERSION = Version(transformers.__version__)
