@@ -80,10 +80,10 @@ def _gpt_oss_gate_source() -> str:
 def gate_kind(experts_class: type) -> str:
     """``"default"`` (``act(gate) * up`` on concatenated halves), ``"gpt_oss"`` (clamped SwiGLU on
     interleaved rows, recognised by source equality with GPT-OSS's ``_apply_gate``) or ``"custom"``."""
-    from transformers.integrations.moe import _default_apply_gate
+    from .compat import default_apply_gate
 
     gate = getattr(experts_class, "_apply_gate", None)
-    if gate is None or gate is _default_apply_gate:
+    if gate is None or gate is default_apply_gate():
         return "default"
     source = normalised_source(gate)
     if source is not None and source == _gpt_oss_gate_source():
