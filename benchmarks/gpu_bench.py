@@ -24,6 +24,7 @@ Writes ``gpu_bench.csv`` and ``gpu_bench.md`` under ``--out``; prints the Markdo
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import math
 import os
@@ -151,8 +152,8 @@ def _hf_experts(shape: MoEShape, gate_up, down):
                            num_local_experts=shape.experts, num_experts_per_tok=shape.top_k)
     with torch.device("meta"):
         experts = MixtralExperts(config)
-    experts.gate_up_proj = torch.nn.Parameter(gate_up)
-    experts.down_proj = torch.nn.Parameter(down)
+    experts.gate_up_proj = gate_up  # the same Parameter objects every provider differentiates against
+    experts.down_proj = down
     return experts, config
 
 
@@ -167,6 +168,14 @@ def moe_providers(shape: MoEShape, tokens: int, device, dtype, notes: dict) -> d
                                                            inp["ids"], backend=b))
         else:
             notes[f"moe_kernels:{backend}"] = "not built or cannot run on this device"
+    if "moe_kernels:triton" in providers and device.type == "cuda":
+        # the weight gradients as torch's grouped GEMM instead of the Triton kernel (the table's default), side
+        # by side, until a measurement decides the table's wgrad entry
+        def triton_wgrad(inp):
+            return moe_kernels.moe_mlp(inp["x"], inp["gate_up"], inp["down"], inp["weights"], inp["ids"],
+                                       backend="triton")
+        triton_wgrad.env = {"MOE_KERNELS_WGRAD": "grouped_mm"}  # set around forward and backward
+        providers["moe_kernels:triton[wgrad=grouped_mm]"] = triton_wgrad
     if HF_ERROR:
         notes["hf"] = HF_ERROR
         return providers
@@ -205,6 +214,22 @@ def moe_providers(shape: MoEShape, tokens: int, device, dtype, notes: dict) -> d
     return providers
 
 
+@contextlib.contextmanager
+def _provider_env(fn):
+    """The environment variables a provider runs under (its ``env`` attribute), forward and backward."""
+    env = getattr(fn, "env", {})
+    before = {name: os.environ.get(name) for name in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
 def moe_inputs(shape: MoEShape, tokens: int, device, dtype, seed: int) -> dict:
     g = torch.Generator(device="cpu").manual_seed(seed)
     H, I, E, k = shape.hidden, shape.inter, shape.experts, shape.top_k
@@ -218,8 +243,10 @@ def moe_inputs(shape: MoEShape, tokens: int, device, dtype, seed: int) -> dict:
 def moe_weights(shape: MoEShape, device, dtype, seed: int = 1234):
     H, I, E = shape.hidden, shape.inter, shape.experts
     torch.manual_seed(seed)
-    gate_up = (torch.randn(E, 2 * I, H, device=device, dtype=dtype) / math.sqrt(H)).requires_grad_()
-    down = (torch.randn(E, H, I, device=device, dtype=dtype) / math.sqrt(I)).requires_grad_()
+    # Parameters, so that the HF experts module can hold these very tensors: its weight gradients are then
+    # the ones every provider's fwd+bwd is asked for (a Parameter wrapping a copy would be a separate leaf)
+    gate_up = torch.nn.Parameter(torch.randn(E, 2 * I, H, device=device, dtype=dtype) / math.sqrt(H))
+    down = torch.nn.Parameter(torch.randn(E, H, I, device=device, dtype=dtype) / math.sqrt(I))
     return gate_up, down
 
 
@@ -257,19 +284,20 @@ def run_moe_case(shape, tokens, device, dtype, ceilings, args, rows, notes):
     inp = sets[0]
     with torch.no_grad():
         ref = reference.moe_mlp(inp["x"].float(), gate_up.float(), down.float(), inp["weights"], inp["ids"])
-    errors, working = {}, {}
+    errors, working, bwd_names = {}, {}, []
     for name, fn in providers.items():
         try:
-            with torch.no_grad():
-                errors[name] = rel_err(fn(inp), ref)
+            errors[name] = rel_err(_no_grad_call(fn, inp), ref)
             working[name] = fn
+            if not name.startswith("vllm"):
+                _fwd_bwd_call(fn, inp, leaves(inp))
+                bwd_names.append(name)
         except Exception as exc:  # noqa: BLE001 - a peer that cannot run this shape gets a note, not a crash
             notes.setdefault(name, set()).add(f"failed at {shape.name} T={tokens}: {type(exc).__name__}: "
                                                f"{str(exc).splitlines()[0][:120]}")
     del ref
     fwd_calls = {name: (lambda i, fn=fn: _no_grad_call(fn, sets[i])) for name, fn in working.items()}
     fwd = time_interleaved(fwd_calls, device, args.warmup, args.repeats)
-    bwd_names = [n for n in working if not n.startswith("vllm")]
     bwd_calls = {name: (lambda i, fn=working[name]: _fwd_bwd_call(fn, sets[i], leaves(sets[i])))
                  for name in bwd_names}
     fwdbwd = time_interleaved(bwd_calls, device, args.warmup, args.repeats)
@@ -291,13 +319,17 @@ def run_moe_case(shape, tokens, device, dtype, ceilings, args, rows, notes):
 
 
 def _no_grad_call(fn, inp):
-    with torch.no_grad():
+    with torch.no_grad(), _provider_env(fn):
         return fn(inp)
 
 
 def _fwd_bwd_call(fn, inp, leaves):
-    out = fn(inp)
-    return torch.autograd.grad(out, leaves, inp["grad"], allow_unused=True)
+    with _provider_env(fn):
+        out = fn(inp)
+        grads = torch.autograd.grad(out, leaves, inp["grad"], allow_unused=True)
+    if any(g is None for g in grads):  # a provider that skipped a gradient would look faster than it is
+        raise RuntimeError("a provider returned no gradient for one of x, weights, gate_up, down")
+    return grads
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -391,10 +423,12 @@ COLUMNS = ["suite", "case", "tokens", "provider", "pass", "ms", "floor_ms", "x_f
 
 def environment(device) -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__, "moe_kernels": moe_kernels.__version__}
-    for module in ("triton", "transformers", "liger_kernel"):
+    from importlib import metadata
+
+    for module, dist in (("triton", "triton"), ("transformers", "transformers"), ("liger_kernel", "liger-kernel")):
         try:
-            info[module] = __import__(module).__version__
-        except Exception:  # noqa: BLE001
+            info[module] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
             info[module] = "absent"
     info["device"] = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (dry run, interpreter)"
     return info

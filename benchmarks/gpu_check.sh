@@ -3,20 +3,23 @@
 #   1. builds moe_kernels._C in place for the local GPU's arch (C++ CPU ops + CUDA sources);
 #   2. runs the test suite on the GPU (every triton/cuda test on CUDA tensors);
 #   3. runs benchmarks/gpu_bench.py (peers side by side, roofline floor, peak memory, oracle agreement).
+# The CPU-only test files are left to CI.
 # Designed to finish in about 8 minutes on one H100/H200. Logs, CSV and Markdown go to --out
 # (default $OUT when set, else benchmarks/results_gpu); the summary prints last.
 #
 #   bash benchmarks/gpu_check.sh [--out DIR] [--bench-budget-s 200] [--tests-timeout-s 300] [--skip-tests]
-#                                [--skip-bench] [-- GPU_BENCH_ARGS]
+#                                [--skip-bench] [--tune] [--hf-speed] [-- GPU_BENCH_ARGS]
+#     --tune      measure the auto backend table for this GPU first (python -m moe_kernels.backend_table --write)
+#     --hf-speed  end with integration/example_hf_speed.py in bf16 (patched vs unpatched whole model)
 #   bash benchmarks/gpu_check.sh --dry-run   # no GPU: CPU build, interpreter, tiny shapes (CI runs this)
 #
 # Wheels missing on the GPU machine (liger-kernel, expecttest) are installed from .whl/ when that folder
 # exists (no network there).
 set -uo pipefail
-export PYTHONUNBUFFERED=1
+export PYTHONUNBUFFERED=1 PYTHONPATH=$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/results_gpu}
-dry=0 skip_tests=0 skip_bench=0 bench_budget=200 tests_timeout=300 bench_args=()
+dry=0 skip_tests=0 skip_bench=0 tune=0 hf_speed=0 bench_budget=200 tests_timeout=300 bench_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) dry=1 ;;
@@ -25,6 +28,8 @@ while [ $# -gt 0 ]; do
     --tests-timeout-s) tests_timeout=$2; shift ;;
     --skip-tests) skip_tests=1 ;;
     --skip-bench) skip_bench=1 ;;
+    --tune) tune=1 ;;
+    --hf-speed) hf_speed=1 ;;
     --) shift; bench_args=("$@"); break ;;
     *) echo "gpu_check: unknown argument $1" >&2; exit 2 ;;
   esac
@@ -85,14 +90,25 @@ fi
 $python -c "import moe_kernels; print('backends:', moe_kernels.available_backends())"
 
 if [ $skip_tests = 0 ]; then
-  step "tests on the GPU (log: $out/tests.log)"
-  workers=$($python -c "import xdist" 2>/dev/null && echo "-n 8" || echo "")
-  timeout "$tests_timeout" $python -m pytest tests -q -p no:cacheprovider $workers --maxfail=50 -o addopts="-ra" -m "not slow" \
-    > "$out/tests.log" 2>&1
+  # every test file that runs a GPU backend (the CPU-only files run in CI); -n: pytest-xdist where installed
+  gpu_tests=$(ls tests/test_triton*.py tests/test_cuda*.py tests/test_gpu*.py tests/test_grouped*.py tests/test_ops.py \
+    tests/test_properties.py tests/test_determinism.py tests/test_layers_adapters.py tests/test_hf_route_parity.py \
+    tests/test_errors.py 2>/dev/null)
+  step "tests on the GPU: $(echo $gpu_tests | wc -w) files (log: $out/tests.log)"
+  workers=$($python -c "import xdist" 2>/dev/null && echo "-n 12" || echo "")
+  timeout "$tests_timeout" $python -m pytest $gpu_tests -q -p no:cacheprovider $workers --maxfail=50 -o addopts="-ra" \
+    -m "not slow" > "$out/tests.log" 2>&1
   rc=$?
   grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -40
   tail -3 "$out/tests.log"
   [ $rc = 0 ] || status=1
+fi
+
+if [ $tune = 1 ] && [ -f moe_kernels/backend_table.py ]; then
+  step "measure the auto backend table for this GPU (log: $out/extra.log)"
+  timeout 150 $python -m moe_kernels.backend_table --write --budget 60 >> "$out/extra.log" 2>&1 || status=1
+  tail -15 "$out/extra.log"
+  cp moe_kernels/backend_table.json "$out/backend_table.json"
 fi
 
 if [ $skip_bench = 0 ]; then
@@ -101,6 +117,12 @@ if [ $skip_bench = 0 ]; then
     "${bench_args[@]}" > "$out/bench.log" 2>&1 || { tail -30 "$out/bench.log"; status=1; }
   grep "^\[gpu_bench\]" "$out/bench.log" | tail -3
   cat "$out/gpu_bench.md" 2>/dev/null
+fi
+
+if [ $hf_speed = 1 ]; then
+  step "whole model: integration/example_hf_speed.py --dtype bfloat16 (log: $out/extra.log)"
+  timeout 120 $python integration/example_hf_speed.py --dtype bfloat16 >> "$out/extra.log" 2>&1 || status=1
+  tail -12 "$out/extra.log"
 fi
 
 step "gpu_check done: status $status"

@@ -4,9 +4,11 @@ A backend is an object with the methods of :class:`Backend`. Backends live in th
 are imported lazily (importing triton is slow), so ``import moe_kernels`` stays cheap.
 
 Selection, in order: the ``backend=`` argument, then ``MOE_KERNELS_BACKEND``, then the default for
-the tensors' device (CUDA: triton, else cuda, else reference; CPU: cpu if the C++ extension is built,
-else reference). Asking for a backend that is not built, or that cannot run on the tensors' device,
-raises :class:`BackendError` -- there is never a silent fallback.
+the tensors' device: on CUDA ``auto`` -- triton or cuda per op and shape class, from the table of
+:mod:`moe_kernels.backend_table` (only what is built; reference when neither is) --, on CPU cpu if the
+C++ extension is built, else reference. ``"auto"`` may be named explicitly too (on CPU it is the CPU
+default). Asking for a backend that is not built, or that cannot run on the tensors' device, raises
+:class:`BackendError` -- there is never a silent fallback.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from typing import NamedTuple
 import torch
 
 BACKEND_NAMES = ("reference", "cpu", "triton", "cuda")
+AUTO = "auto"  # not a backend: the per-op, per-shape choice (see resolve_backend)
 
 # name -> "module:attribute" of the Backend instance
 _LOADERS = {
@@ -95,7 +98,7 @@ def preload(names=("reference", "cpu", "cuda")) -> None:
 def get_backend(name: str) -> Backend:
     """The backend called ``name``; raises BackendError if unknown or not built."""
     if name not in _LOADERS:
-        raise BackendError(f"backend must be one of {list(BACKEND_NAMES)}, got {name!r}")
+        raise BackendError(f"backend must be one of {list(BACKEND_NAMES) + [AUTO]}, got {name!r}")
     backend = _load(name)
     if isinstance(backend, Exception):
         raise BackendError(f"backend '{name}' could not be loaded: {backend}")
@@ -129,12 +132,30 @@ def default_backend_name(device: torch.device) -> str:
     return "reference"
 
 
-def resolve_backend(name: str | None, device: torch.device) -> Backend:
-    """Pick the backend for an op on tensors of ``device`` (see module docstring for the order)."""
+def auto_backend_name(device: torch.device, op: str | None = None, shape: dict | None = None) -> tuple[str, str]:
+    """(backend name, why) of ``auto`` for one call: on CUDA the backend table's choice for the op's shape
+    class (``shape``: dtype, experts, width, tokens, grad) among the built backends; elsewhere the device default."""
+    if device.type != "cuda":
+        return default_backend_name(device), f"{device.type}: the device default"
+    built = [name for name in ("triton", "cuda") if name in available_backends()
+             and get_backend(name).device_error(device) is None]
+    if op is None or shape is None or len(built) < 2:
+        return default_backend_name(device), "no shape to choose by" if len(built) == 2 else "one backend built"
+    from .backend_table import choose
+
+    return choose(op, device, built=built, **shape)
+
+
+def resolve_backend(name: str | None, device: torch.device, op: str | None = None,
+                    shape: dict | None = None) -> Backend:
+    """Pick the backend for an op on tensors of ``device`` (see module docstring for the order). ``op`` and
+    ``shape`` (dtype, experts, width, tokens, grad) let ``auto`` choose per shape class."""
     if name is None:
         name = os.environ.get("MOE_KERNELS_BACKEND") or None
     if name is None:
-        name = default_backend_name(device)
+        name = AUTO if device.type == "cuda" else default_backend_name(device)
+    if name == AUTO:
+        name = auto_backend_name(device, op, shape)[0]
     backend = get_backend(name)
     reason = backend.device_error(device)
     if reason is not None:

@@ -1,6 +1,6 @@
 """The ``moe-kernels`` command.
 
-    moe-kernels info                      version, backends built, CUDA archs, triton, supported HF families
+    moe-kernels info                      version, backends built, CUDA archs, triton, auto backend table, HF families
     moe-kernels demo [--device D] ...     HF's MoE block vs moe_kernels: agreement and time per fwd/bwd
     moe-kernels bench [--quick] ...       benchmark suites (see benchmarks/)
     moe-kernels craft SRC DST ...         PESC: turn a dense HF checkpoint into an adapter-MoE one
@@ -51,6 +51,9 @@ def cmd_info(args) -> int:
         print("CUDA device: none")
     print(f"CUDA arch list (build): {os.environ.get('TORCH_CUDA_ARCH_LIST', '8.0;9.0')}"
           + (f"; torch built for {' '.join(torch.cuda.get_arch_list())}" if torch.version.cuda else ""))
+    from moe_kernels.backend_table import describe
+
+    print("\n".join(describe()))
     try:
         from moe_kernels.hf.families import families_table
     except Exception as exc:  # noqa: BLE001 - transformers missing or integration not built

@@ -11,18 +11,27 @@ Ops (schemas in csrc/ops.cpp; slot s = t*k + j as in :mod:`moe_kernels.reference
   plan and the row movements around the expert GEMMs; CPU and CUDA.
 * ``expert_mlp_forward`` / ``expert_mlp_backward``: the CPU expert path (csrc/cpu/experts.cpp), two
   GEMMs per expert on contiguous slices with the activation fused between them; CPU only.
+* ``grouped_mlp_forward`` / ``grouped_mlp_backward``: the grouped-GEMM expert path
+  (csrc/grouped_experts.cpp): gather, activation and combine row kernels around torch's grouped GEMM
+  (``at::_grouped_mm``, group offsets on the device, weight gradients from its k-grouped form); CPU and
+  CUDA (the CPU kernels run the same per-row code, csrc/common/grouped_rows.h).
 
-The ``cpu`` backend runs the fused CPU expert op; the ``cuda`` backend composes the native plan,
-gather and combine with one torch matmul pair per expert (:func:`composed_expert_mlp`), which is
-differentiable through the registered autograd of those ops and torch's own.
+The ``cpu`` backend runs the fused CPU expert op. The ``cuda`` backend runs the grouped op
+(:func:`grouped_expert_mlp`) with no host synchronisation where torch's CUTLASS grouped GEMM runs:
+bfloat16 on sm90/sm100, fewer than 1024 experts (:func:`grouped_gemm_status`). Elsewhere it follows
+``MOE_KERNELS_CUDA_FALLBACK``: ``loop`` (the default) runs the same op over torch's own fallback (a GEMM
+per expert after one device-to-host read of the offsets; past 1023 experts, :func:`composed_expert_mlp`),
+``error`` raises :class:`~moe_kernels.backends.BackendError`.
 """
 
 from __future__ import annotations
 
 import torch
 
+import os
+
 from . import reference
-from .backends import Backend, Plan
+from .backends import Backend, BackendError, Plan
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.moe_kernels.*)
@@ -35,7 +44,7 @@ except ImportError as exc:  # not built
 
 # Ops every native build registers for the CPU, and for CUDA when built with the CUDA sources.
 SHARED_OPS = ("route_forward", "route_backward", "plan", "gather_rows", "scatter_rows_sum", "combine",
-              "combine_backward")
+              "combine_backward", "grouped_mlp_forward", "grouped_mlp_backward")
 CPU_ONLY_OPS = ("expert_mlp_forward", "expert_mlp_backward")
 
 
@@ -104,6 +113,32 @@ if _C is not None:
             return (x.new_empty(x.shape), x.new_empty((num_experts, w1.shape[1], w1.shape[2])),
                     x.new_empty((num_experts, w2.shape[1], w2.shape[2])), grad_b1, grad_b2,
                     weights.new_empty(weights.shape))
+
+    def _staging_strides(rows, cols, dtype):
+        """Strides of the grouped path's staging rows: rows padded to 16 bytes (csrc/grouped_experts.cpp)."""
+        align = 16 // dtype.itemsize
+        return ((cols + align - 1) // align * align, 1)
+
+    if has_kernel("grouped_mlp_forward", "CPU"):
+        @torch.library.register_fake("moe_kernels::grouped_mlp_forward")
+        def _grouped_mlp_forward_fake(x, w1, w2, b1, b2, weights, ids, expert_offsets, sorted_slots, slot_positions,
+                                      activation, gated, interleaved, limit, scale, keep):
+            num_tokens, hidden = x.shape
+            m1 = w1.shape[1]
+            out = x.new_empty((num_tokens, hidden))
+            if not keep:
+                return out, x.new_empty((0, hidden)), x.new_empty((0, m1))
+            rows = sorted_slots.shape[0]
+            return (out, x.new_empty_strided((rows, hidden), _staging_strides(rows, hidden, x.dtype)),
+                    x.new_empty_strided((rows, m1), _staging_strides(rows, m1, x.dtype)))
+
+        @torch.library.register_fake("moe_kernels::grouped_mlp_backward")
+        def _grouped_mlp_backward_fake(grad_out, xs, hidden, w1, w2, b1, b2, weights, ids, expert_offsets,
+                                       sorted_slots, slot_positions, activation, gated, interleaved, limit, scale):
+            grad_b1 = b1.new_empty(b1.shape) if b1 is not None else grad_out.new_empty((0,))
+            grad_b2 = b2.new_empty(b2.shape) if b2 is not None else grad_out.new_empty((0,))
+            return (grad_out.new_empty(grad_out.shape), grad_out.new_empty(tuple(w1.shape)),
+                    grad_out.new_empty(tuple(w2.shape)), grad_b1, grad_b2, weights.new_empty(weights.shape))
 
     # ---- autograd ---------------------------------------------------------------------------------
 
@@ -180,6 +215,29 @@ if _C is not None:
         torch.library.register_autograd("moe_kernels::expert_mlp_forward", _experts_backward,
                                         setup_context=_experts_setup)
 
+    if has_kernel("grouped_mlp_forward", "CPU"):
+        def _grouped_setup(ctx, inputs, output):
+            (x, w1, w2, b1, b2, weights, ids, expert_offsets, sorted_slots, slot_positions, activation, gated,
+             interleaved, limit, scale, keep) = inputs
+            ctx.save_for_backward(x if not keep else None, w1, w2, b1, b2, weights, ids, expert_offsets, sorted_slots,
+                                  slot_positions, output[1], output[2])
+            ctx.options = (activation, gated, interleaved, limit, scale)
+
+        def _grouped_backward(ctx, grad_out, _grad_xs, _grad_hidden):
+            (x, w1, w2, b1, b2, weights, ids, expert_offsets, sorted_slots, slot_positions, xs,
+             hidden) = ctx.saved_tensors
+            if x is not None:  # the forward kept nothing (keep=False): recompute the gathered rows and hidden
+                _out, xs, hidden = ops.grouped_mlp_forward(x, w1, w2, b1, b2, weights, ids, expert_offsets,
+                                                           sorted_slots, slot_positions, *ctx.options, True)
+            grad_x, grad_w1, grad_w2, grad_b1, grad_b2, grad_weights = ops.grouped_mlp_backward(
+                grad_out.contiguous(), xs, hidden, w1, w2, b1, b2, weights, ids, expert_offsets, sorted_slots,
+                slot_positions, *ctx.options)
+            return (grad_x, grad_w1, grad_w2, grad_b1 if b1 is not None else None,
+                    grad_b2 if b2 is not None else None, grad_weights) + (None,) * 10
+
+        torch.library.register_autograd("moe_kernels::grouped_mlp_forward", _grouped_backward,
+                                        setup_context=_grouped_setup)
+
 
 # ---- the backend functions (inputs validated by moe_kernels.ops) ----------------------------------
 
@@ -235,6 +293,76 @@ def composed_expert_mlp(x, w1, w2, b1, b2, weights, ids, activation, gated, inte
     return ops.combine(ys, plan.slot_positions, (weights * scale).contiguous())
 
 
+# torch's CUTLASS grouped GEMM (at::cuda::detail::bf16bf16_grouped_mm): bfloat16, compute capability 9.x or
+# 10.x, at most 1023 groups. Other dtypes and archs take torch's fallback (a GEMM per group after reading
+# the offsets on the host).
+GROUPED_GEMM_ARCH_MAJORS = (9, 10)
+GROUPED_GEMM_MAX_EXPERTS = 1023
+_capabilities: dict = {}
+
+
+def _capability(device: torch.device):
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _capabilities:
+        _capabilities[index] = torch.cuda.get_device_capability(index)
+    return _capabilities[index]
+
+
+def grouped_gemm_status(device: torch.device, dtype: torch.dtype, num_experts: int) -> str | None:
+    """None when the grouped expert path runs without a host sync on tensors of ``device`` and ``dtype``
+    (torch's CUTLASS grouped GEMM), else why not."""
+    if not hasattr(torch, "_grouped_mm"):
+        return f"torch {torch.__version__} has no torch._grouped_mm"
+    if device.type != "cuda":
+        return None  # CPU: torch's grouped GEMM is a loop over groups on the host anyway
+    if dtype != torch.bfloat16:
+        return f"torch's CUTLASS grouped GEMM takes bfloat16 only, got {dtype}"
+    major, minor = _capability(device)
+    if major not in GROUPED_GEMM_ARCH_MAJORS:
+        return f"torch's CUTLASS grouped GEMM runs on sm90/sm100, this GPU is sm{major}{minor}"
+    if num_experts > GROUPED_GEMM_MAX_EXPERTS:
+        return f"torch's CUTLASS grouped GEMM takes at most {GROUPED_GEMM_MAX_EXPERTS} groups, got {num_experts} experts"
+    return None
+
+
+FALLBACK_MODES = ("loop", "error")
+
+
+def cuda_fallback_mode() -> str:
+    """``MOE_KERNELS_CUDA_FALLBACK``: what the cuda expert path does where grouped_gemm_status is not None."""
+    mode = os.environ.get("MOE_KERNELS_CUDA_FALLBACK", "loop") or "loop"
+    if mode not in FALLBACK_MODES:
+        raise ValueError(f"MOE_KERNELS_CUDA_FALLBACK must be one of {list(FALLBACK_MODES)}, got {mode!r}")
+    return mode
+
+
+def grouped_expert_mlp(x, w1, w2, b1, b2, weights, ids, activation, gated, interleaved, limit, scale):
+    """The grouped-GEMM expert path (``grouped_mlp_forward``): x [T,H], w1 [E,M1,H], w2 [E,H,M2] -> [T,H].
+
+    Same math as :func:`fused_expert_mlp`, on CPU or CUDA tensors; differentiable w.r.t. x, w1, w2, the
+    biases and the routing weights (``grouped_mlp_backward``).
+    """
+    plan = native_plan(ids, w1.shape[0])
+    keep = _needs_grad(x, w1, w2, b1, b2, weights)
+    out, _xs, _hidden = ops.grouped_mlp_forward(x, w1, w2, b1, b2, weights.contiguous(), ids, *plan, activation,
+                                                gated, interleaved, limit, float(scale), keep)
+    return out
+
+
+def cuda_expert_path(x, w1, w2, b1, b2, weights, ids, activation, gated, interleaved, limit, scale):
+    """The cuda backend's expert path: the grouped op, or the fallback MOE_KERNELS_CUDA_FALLBACK names."""
+    reason = grouped_gemm_status(x.device, x.dtype, w1.shape[0])
+    if reason is not None:
+        if cuda_fallback_mode() == "error":
+            raise BackendError(f"backend 'cuda': no grouped GEMM without a host sync here ({reason}); use "
+                               "backend='triton', or MOE_KERNELS_CUDA_FALLBACK=loop for torch's per-expert fallback")
+        if w1.shape[0] > GROUPED_GEMM_MAX_EXPERTS and x.dtype == torch.bfloat16:
+            # torch would pick its CUTLASS kernel and refuse this many groups: the per-expert loop instead.
+            return composed_expert_mlp(x, w1, w2, b1, b2, weights, ids, activation, gated, interleaved, limit,
+                                       scale)
+    return grouped_expert_mlp(x, w1, w2, b1, b2, weights, ids, activation, gated, interleaved, limit, scale)
+
+
 def _unavailable(dispatch_key: str, op_names) -> str | None:
     if _LOAD_ERROR:
         return _LOAD_ERROR
@@ -285,7 +413,7 @@ class CPUBackend(NativeBackend):
 
 class CUDABackend(NativeBackend):
     name = "cuda"
-    expert_path = staticmethod(composed_expert_mlp)
+    expert_path = staticmethod(cuda_expert_path)
 
     def unavailable_reason(self):
         return _CUDA_UNAVAILABLE
@@ -298,4 +426,5 @@ CPU_BACKEND = CPUBackend()
 CUDA_BACKEND = CUDABackend()
 
 __all__ = ["CPU_BACKEND", "CUDA_BACKEND", "SHARED_OPS", "CPU_ONLY_OPS", "has_kernel", "native_route", "native_plan",
-           "fused_expert_mlp", "composed_expert_mlp"]
+           "fused_expert_mlp", "composed_expert_mlp", "grouped_expert_mlp", "cuda_expert_path", "grouped_gemm_status",
+           "cuda_fallback_mode"]

@@ -22,6 +22,13 @@ ORDERS = ("softmax_then_topk", "topk_then_softmax")
 MAX_ADAPTER_RANK = 1024
 
 
+def _shape(x: torch.Tensor, num_experts: int, *tensors) -> dict:
+    """What the ``auto`` backend choice looks at (moe_kernels.backend_table): dtype, experts, width, tokens,
+    and whether a gradient is needed."""
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return dict(dtype=x.dtype, experts=num_experts, width=x.shape[1], tokens=x.shape[0], grad=grad)
+
+
 def _normalise_routing(weights: torch.Tensor, ids: torch.Tensor):
     return weights.float(), ids.to(torch.int32).contiguous()
 
@@ -143,7 +150,8 @@ def moe_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
     weights, ids = _normalise_routing(weights, ids)
     if num_tokens == 0:
         return x * 0  # empty, but joined to x in the autograd graph (empty gradient, not None)
-    impl = resolve_backend(backend, device)
+    impl = resolve_backend(backend, device, "moe_mlp",
+                           _shape(x, num_experts, x, gate_up_proj, down_proj, gate_up_bias, down_bias, weights))
     return impl.moe_mlp(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias,
                         bool(interleaved), swiglu_limit)
 
@@ -177,7 +185,7 @@ def adapter_moe(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weights: 
     weights, ids = _normalise_routing(weights, ids)
     if num_tokens == 0:
         return h * 0  # empty, but joined to h in the autograd graph
-    impl = resolve_backend(backend, device)
+    impl = resolve_backend(backend, device, "adapter_moe", _shape(h, num_experts, h, down, up, weights))
     return impl.adapter_moe(h, down, up, weights, ids, activation, float(scale))
 
 

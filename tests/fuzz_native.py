@@ -45,6 +45,12 @@ def _draw(arg_type: str, tensors):
     return None
 
 
+def _describe(arg) -> str:
+    if isinstance(arg, torch.Tensor):
+        return f"{arg.device.type}:{str(arg.dtype).removeprefix('torch.')}{list(arg.shape)}/{list(arg.stride())}"
+    return repr(arg)
+
+
 def main(trials_per_op: int = 300) -> int:
     import moe_kernels.native  # noqa: F401  (loads moe_kernels._C and registers the ops)
     random.seed(0)
@@ -60,6 +66,8 @@ def main(trials_per_op: int = 300) -> int:
         ok = raised = 0
         for _ in range(trials_per_op):
             args = [_draw(a.type, tensors) for a in schema.arguments]
+            # the call about to run, so that a crash's log (stderr tail) names it
+            print(schema.name, [_describe(a) for a in args], file=sys.stderr, flush=True)
             try:
                 op(*args)
                 ok += 1

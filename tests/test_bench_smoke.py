@@ -19,7 +19,8 @@ from moe_kernels import bench
 SMOKE_ARGS = ["--shape", "olmoe_1b_7b", "--shape", "gpt_oss_20b", "--shape", "deepseek_v3_like",
               "--shape", "pesc_llama2_7b_r64", "--shape", "selfmoe_gemma_7b",
               "--tokens", "8", "--dtype", "fp32", "--scale", "64", "--repeats", "1", "--budget", "0",
-              "--threads", "1", "--bandwidth-mb", "8"]
+              "--threads", "1", "--bandwidth-mb", "8",
+              "--device", "cpu"]  # the CPU runner's smoke test; benchmarks/gpu_bench.py --dry-run covers the GPU one
 
 # Providers that must agree with the oracle, and how closely (fp32 outputs of size O(1)).
 FP32_TOLERANCE = 1e-4

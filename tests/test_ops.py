@@ -212,6 +212,7 @@ def test_reference_moe_mlp_equals_hf_gpt_oss_eager_experts():
                           swiglu_limit=0.5)
     config._experts_implementation = "eager"
     experts = GptOssExperts(config)
+    experts.limit = config.swiglu_limit  # transformers <= 5.17 hard-codes 7.0 here instead of reading the config
     for p in experts.parameters():
         torch.nn.init.normal_(p, std=0.5)
     x = torch.randn(9, 16)

@@ -260,6 +260,107 @@ def test_moe_mlp_frozen_experts_and_no_grad():
     assert_close_rel(dx, dx_ref, torch.float32, "dx")
 
 
+GPU_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+
+
+@pytest.mark.skipif(not GPU_SM90, reason="the grouped-GEMM weight gradients need an sm90+ GPU")
+@pytest.mark.parametrize("wgrad", ["grouped_mm", "triton"])
+@pytest.mark.parametrize("shape,activation,interleaved,limit,transposed", [
+    ((40, 16, 16, 3, 2, "one_expert"), "silu", False, None, False),
+    ((12, 32, 16, 6, 2, "skip_last"), "silu", False, None, False),    # an expert without rows
+    ((70, 64, 48, 7, 2, "random"), "gelu_tanh", False, None, False),
+    ((10, 24, 16, 5, 2, "skip_last"), "gpt_oss", True, 0.7, True),    # GPT-OSS layout, no biases
+])
+def test_moe_mlp_weight_grads_both_ways(monkeypatch, wgrad, shape, activation, interleaved, limit, transposed):
+    monkeypatch.setenv("MOE_KERNELS_WGRAD", wgrad)
+    inputs = _mlp_inputs(*shape, dtype=torch.bfloat16, transposed=transposed)
+    _check_mlp(inputs, torch.bfloat16, activation, interleaved, limit)
+
+
+def test_wgrad_choice_is_explicit(monkeypatch):
+    from moe_kernels.triton.experts import weight_grads_by_grouped_mm
+    x = torch.zeros(2, 16, dtype=torch.bfloat16, device=DEVICE)
+    monkeypatch.setenv("MOE_KERNELS_WGRAD", "triton")
+    assert not weight_grads_by_grouped_mm(x, 16, 16, False)
+    monkeypatch.setenv("MOE_KERNELS_WGRAD", "bogus")
+    with pytest.raises(ValueError, match="MOE_KERNELS_WGRAD"):
+        weight_grads_by_grouped_mm(x, 16, 16, False)
+    monkeypatch.setenv("MOE_KERNELS_WGRAD", "grouped_mm")
+    with pytest.raises(ValueError, match="bias"):  # forced where it cannot run: an error, not a silent fallback
+        weight_grads_by_grouped_mm(x, 16, 16, True)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        weight_grads_by_grouped_mm(x, 17, 16, False)
+    if not GPU_SM90:
+        with pytest.raises(ValueError, match="grouped GEMM"):
+            weight_grads_by_grouped_mm(x, 16, 16, False)
+
+
+# the decode path (no plan, no gradient, T*k <= the decode config's BLOCK_M): one token, k = 1, k = E,
+# prime E, all tokens on one expert, an expert without tokens, odd widths
+DECODE_GRID = [
+    (1, 32, 16, 4, 2, "random"),
+    (1, 33, 24, 7, 1, "random"),
+    (6, 16, 8, 5, 5, "random"),
+    (16, 16, 16, 3, 2, "one_expert"),
+    (12, 32, 16, 6, 2, "skip_last"),
+    (9, 17, 20, 13, 3, "random"),
+]
+
+
+def _check_decode(inputs, dtype, activation="silu", interleaved=False, swiglu_limit=None):
+    from moe_kernels.triton import experts
+    x, gate_up, down, weights, ids, gate_up_bias, down_bias = inputs
+    assert configs.decode_config(ids.numel(), fp32=dtype == torch.float32) is not None, "shape must take the decode path"
+    kwargs = dict(activation=activation, gate_up_bias=gate_up_bias, down_bias=down_bias, interleaved=interleaved,
+                  swiglu_limit=swiglu_limit)
+    calls = []
+    original = experts._decode_forward
+    experts._decode_forward = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        with torch.no_grad():
+            y = ops.moe_mlp(x, gate_up, down, weights, ids, backend="triton", **kwargs)
+    finally:
+        experts._decode_forward = original
+    assert calls, "the decode path did not run"
+    want = reference.moe_mlp(x, gate_up, down, weights, ids, **kwargs)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert_close_rel(y.float(), want.float(), dtype, "y (decode path)")
+
+
+@pytest.mark.parametrize("shape", DECODE_GRID, ids=lambda s: "T{}-H{}-I{}-E{}-k{}-{}".format(*s))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_mlp_decode_path(shape, dtype):
+    _check_decode(_mlp_inputs(*shape, dtype=dtype), dtype)
+
+
+@pytest.mark.parametrize("activation,interleaved,bias,limit,transposed", [
+    ("gelu", False, True, None, False),
+    ("relu", False, True, None, True),
+    ("gpt_oss", True, True, 0.7, True),
+])
+def test_moe_mlp_decode_path_activations_layouts_biases(activation, interleaved, bias, limit, transposed):
+    inputs = _mlp_inputs(3, 24, 16, 5, 2, "skip_last", bias=bias, transposed=transposed)
+    _check_decode(inputs, torch.float32, activation, interleaved, limit)
+
+
+def test_moe_mlp_decode_path_boundary():
+    """Exactly BLOCK_M slots take the decode path, one more the planned path; both agree with the oracle."""
+    block_m = configs.decode_config(1, fp32=True)["BLOCK_M"]
+    assert configs.decode_config(block_m + 1, fp32=True) is None
+    _check_decode(_mlp_inputs(block_m // 2, 16, 8, 5, 2, "random"), torch.float32)
+    x, gate_up, down, weights, ids, _, _ = _mlp_inputs(block_m // 2 + 1, 16, 8, 5, 2, "random")
+    with torch.no_grad():
+        y = ops.moe_mlp(x, gate_up, down, weights, ids, backend="triton")
+    assert_close_rel(y, reference.moe_mlp(x, gate_up, down, weights, ids), torch.float32, "y (planned path)")
+
+
+def test_moe_mlp_decode_op_passes_opcheck():
+    from moe_kernels.triton.experts import moe_mlp_decode_op
+    x, gate_up, down, weights, ids, gate_up_bias, down_bias = _mlp_inputs(3, 16, 16, 3, 2, "random", bias=True)
+    torch.library.opcheck(moe_mlp_decode_op, (x, gate_up, down, weights, ids, gate_up_bias, down_bias, "silu",
+                                              False, None))
+
+
 def test_moe_mlp_is_deterministic():
     inputs = _mlp_inputs(12, 16, 16, 3, 3, "one_expert", dtype=torch.bfloat16)
     x, gate_up, down, weights, ids, _, _ = (t.detach().requires_grad_() if t is not None and t.is_floating_point()

@@ -50,8 +50,20 @@ def route_config(num_tokens: int, num_experts: int) -> dict:
     return _pick("route", tokens=num_tokens, experts=num_experts)
 
 
-
 def mlp_config(num_rows: int, num_experts: int, top_k: int, fp32: bool = False) -> dict:
     """Configs of the expert-MLP kernels for N = T*k routed rows over E experts (keys up, down,
     down_bwd, dx, dw), chosen by the average rows per expert; float32 inputs use the 'mlp_fp32' family."""
     return _pick("mlp_fp32" if fp32 else "mlp", rows_per_expert=-(-num_rows // num_experts))
+
+
+def decode_config(num_rows: int, fp32: bool = False) -> dict | None:
+    """Config of the expert-MLP forward without a plan (decode), or None when ``num_rows`` routed slots
+    do not fit one program's BLOCK_M rows (then the planned path runs)."""
+    entry = load_table()["mlp_decode_fp32" if fp32 else "mlp_decode"][0]
+    return entry if num_rows <= entry["BLOCK_M"] else None
+
+
+def wgrad_config() -> dict:
+    """How the expert-MLP weight gradients are formed where both ways can run (see
+    :func:`moe_kernels.triton.experts.weight_grads_by_grouped_mm`)."""
+    return load_table()["wgrad"]

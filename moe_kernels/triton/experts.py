@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from ..reference import GATED_ACTIVATIONS, GPT_OSS_ALPHA
-from .configs import entries, mlp_config
+from .configs import decode_config, entries, mlp_config, wgrad_config
 from .plan import dispatch_plan
 
 ACTIVATION_CODES = {name: code for code, name in enumerate(GATED_ACTIVATIONS)}
@@ -90,6 +90,33 @@ def _find_tile(tile_offsets_ptr, expert_offsets_ptr, num_experts, search_steps, 
     row_start = tl.load(expert_offsets_ptr + expert) + (tile - tl.load(tile_offsets_ptr + expert)) * BLOCK_M
     row_end = tl.load(expert_offsets_ptr + expert + 1)
     return expert, row_start, row_end, tile < total
+
+
+@triton.jit
+def _program_rows(tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr, num_experts, num_rows, search_steps,
+                  BLOCK_M: tl.constexpr, BY_EXPERT: tl.constexpr):
+    """This program's expert and rows: returns (expert, rows, row_mask, slots, valid).
+
+    Tiled (BY_EXPERT false): a tile of BLOCK_M rows of one expert's run in sorted order (``_find_tile``);
+    ``rows`` index the sorted order and ``slots = sorted_slots[rows]``.
+    By expert (BY_EXPERT, the decode path, no plan): program_id(0) is the expert and ``sorted_slots_ptr``
+    holds the flat ids [N] (N = num_rows <= BLOCK_M); the rows are the slots routed to this expert, so
+    rows == slots and every [N, .] buffer is indexed by slot. valid is false for an expert without slots.
+    """
+    if BY_EXPERT:
+        expert = tl.program_id(0)
+        rows = tl.arange(0, BLOCK_M)
+        row_ids = tl.load(sorted_slots_ptr + rows, mask=rows < num_rows, other=-1)
+        row_mask = row_ids == expert
+        slots = rows
+        valid = tl.max(row_mask.to(tl.int32), axis=0) > 0
+    else:
+        expert, row_start, row_end, valid = _find_tile(tile_offsets_ptr, expert_offsets_ptr, num_experts,
+                                                       search_steps, BLOCK_M)
+        rows = row_start + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end  # all false past the last tile (row_start >= row_end there)
+        slots = tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0)
+    return expert, rows, row_mask, slots, valid
 
 
 @triton.jit
@@ -179,10 +206,10 @@ def _operand(tile, UPCAST: tl.constexpr, dtype: tl.constexpr):
 @triton.jit
 def _gate_up_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh, bias_ptr, stride_be,
                     stride_bn, sorted_slots_ptr, expert_offsets_ptr, tile_offsets_ptr, act_ptr, pre_ptr,
-                    hidden, inter, num_experts, top_k, search_steps, limit,
+                    hidden, inter, num_experts, num_rows, top_k, search_steps, limit,
                     ACTIVATION: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
                     HAS_LIMIT: tl.constexpr, STORE_ACT: tl.constexpr, SAVE_PRE: tl.constexpr,
-                    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BY_EXPERT: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """First GEMM with the row gather fused into its loads and the gated activation into its epilogue.
 
@@ -191,14 +218,14 @@ def _gate_up_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, st
     sorted_slots_ptr [N] / expert_offsets_ptr [E+1] / tile_offsets_ptr [E+1]: the plan (int32).
     act_ptr: [N, I] out (STORE_ACT), contiguous, x's dtype, sorted rows.  pre_ptr: [N, 2I] out (SAVE_PRE), contiguous,
     x's dtype, sorted rows, columns laid out like W_gu's rows.  limit: GPT-OSS clamp (HAS_LIMIT).
-    Grid: (upper bound of tiles, cdiv(I, BLOCK_N)). ACTIVATION: code of reference.GATED_ACTIVATIONS.
+    Grid: (upper bound of tiles, cdiv(I, BLOCK_N)), or (E, cdiv(I, BLOCK_N)) with BY_EXPERT (the decode
+    path: ids in sorted_slots_ptr, act/pre indexed by slot; see ``_program_rows``).
+    ACTIVATION: code of reference.GATED_ACTIVATIONS.
     """
-    expert, row_start, row_end, valid = _find_tile(tile_offsets_ptr, expert_offsets_ptr, num_experts,
-                                                   search_steps, BLOCK_M)
+    expert, rows, row_mask, slots, valid = _program_rows(tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr,
+                                                         num_experts, num_rows, search_steps, BLOCK_M, BY_EXPERT)
     if valid:
-        rows = row_start + tl.arange(0, BLOCK_M)
-        row_mask = rows < row_end
-        tokens = (tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0) // top_k).to(tl.int64)
+        tokens = (slots // top_k).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < inter
         gate_rows, up_rows = _gate_up_columns(cols, inter, INTERLEAVED)
@@ -234,9 +261,9 @@ def _gate_up_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, st
 @triton.jit
 def _rows_matmul_kernel(in_ptr, w_ptr, stride_we, stride_wc, stride_wj, bias_ptr, stride_be, stride_bj,
                         route_w_ptr, sorted_slots_ptr, expert_offsets_ptr, tile_offsets_ptr, out_ptr,
-                        reduce_dim, out_dim, num_experts, search_steps,
+                        reduce_dim, out_dim, num_experts, num_rows, search_steps,
                         HAS_BIAS: tl.constexpr, HAS_ROUTE_W: tl.constexpr,
-                        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BY_EXPERT: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Sorted rows times their expert's matrix, scattered to slot rows:
     out[slot(p), j] = route_w[slot(p)] * (sum_c in[p, c] * W[e, c, j] + bias[e, j]).
@@ -244,14 +271,12 @@ def _rows_matmul_kernel(in_ptr, w_ptr, stride_we, stride_wc, stride_wj, bias_ptr
     in_ptr:  [N, C] contiguous, sorted rows (C = reduce_dim).  w_ptr: [E, C, J] strides (we, wc, wj), so
     W_d [E,H,I] enters as strides (s0, s2, s1) and W_gu [E,2I,H] as is.  bias_ptr: [E, J] strides (be, bj).
     route_w_ptr: [N] float32 indexed by slot (HAS_ROUTE_W).  out_ptr: [N, J] contiguous, indexed by slot.
-    Grid: (upper bound of tiles, cdiv(J, BLOCK_N)).
+    Grid: (upper bound of tiles, cdiv(J, BLOCK_N)), or (E, cdiv(J, BLOCK_N)) with BY_EXPERT (the decode
+    path: ids in sorted_slots_ptr, in_ptr rows indexed by slot; see ``_program_rows``).
     """
-    expert, row_start, row_end, valid = _find_tile(tile_offsets_ptr, expert_offsets_ptr, num_experts,
-                                                   search_steps, BLOCK_M)
+    expert, rows, row_mask, slots, valid = _program_rows(tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr,
+                                                         num_experts, num_rows, search_steps, BLOCK_M, BY_EXPERT)
     if valid:
-        rows = row_start + tl.arange(0, BLOCK_M)
-        row_mask = rows < row_end
-        slots = tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < out_dim
         w_base = w_ptr + expert.to(tl.int64) * stride_we
@@ -404,8 +429,83 @@ def _expert_outer_kernel(lhs_ptr, stride_lt, stride_lc, rhs_ptr, stride_rt, stri
                      bias_acc.to(bias_grad_ptr.dtype.element_ty), mask=i_mask)
 
 
+@triton.jit
+def _gated_activation_kernel(pre_ptr, act_ptr, num_rows, inter, limit, ACTIVATION: tl.constexpr,
+                             INTERLEAVED: tl.constexpr, HAS_LIMIT: tl.constexpr,
+                             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """act[p, c] = gated activation of pre[p] at intermediate column c, in act's dtype (elementwise).
+
+    pre_ptr: [N, 2I] contiguous, columns laid out like W_gu's rows.  act_ptr: [N, I] out, contiguous.
+    Grid: (cdiv(N, BLOCK_R), cdiv(I, BLOCK_C)).
+    """
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = (rows < num_rows)[:, None] & (cols < inter)[None, :]
+    gate_cols, up_cols = _gate_up_columns(cols, inter, INTERLEAVED)
+    pre_row = pre_ptr + rows.to(tl.int64)[:, None] * (2 * inter)
+    gate = tl.load(pre_row + gate_cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(pre_row + up_cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    act = _activation_forward(gate, up, limit, ACTIVATION, HAS_LIMIT)
+    tl.store(act_ptr + rows.to(tl.int64)[:, None] * inter + cols[None, :], act.to(act_ptr.dtype.element_ty), mask=mask)
+
+
 # ----------------------------------------------------------------------------------------------------
 # launchers
+
+_ACT_BLOCK_R, _ACT_BLOCK_C = 16, 128
+
+
+def weight_grads_by_grouped_mm(x: torch.Tensor, hidden: int, inter: int, has_bias: bool) -> bool:
+    """Whether the weight gradients run as torch's CUTLASS grouped GEMM in its k-grouped form
+    (``torch._grouped_mm``) instead of ``_expert_outer_kernel``.
+
+    MOE_KERNELS_WGRAD = "grouped_mm" forces it (a ValueError where it cannot run), "triton" forbids it;
+    unset or "auto", the config table's ``wgrad`` entry decides. It can run for bf16 on sm90+ GPUs with
+    widths that keep every row 16-byte aligned, without biases (their gradients are row sums that the
+    Triton kernel forms on the way).
+    """
+    choice = os.environ.get("MOE_KERNELS_WGRAD", "auto") or "auto"
+    if choice not in ("auto", "grouped_mm", "triton"):
+        raise ValueError(f"MOE_KERNELS_WGRAD must be auto, grouped_mm or triton, not {choice!r}")
+    if choice == "triton":
+        return False
+    reasons = []
+    if interpreting() or x.device.type != "cuda":
+        reasons.append("needs a CUDA device (not the interpreter)")
+    elif torch.cuda.get_device_capability(x.device) < (9, 0):
+        reasons.append("needs sm90 or newer")
+    if x.dtype != torch.bfloat16:
+        reasons.append("needs bfloat16")
+    if hidden % 8 or inter % 8:
+        reasons.append("needs hidden and intermediate sizes divisible by 8")
+    if has_bias:
+        reasons.append("does not form bias gradients")
+    if not hasattr(torch, "_grouped_mm"):
+        reasons.append("needs torch._grouped_mm (torch >= 2.8)")
+    if choice == "grouped_mm" and reasons:
+        raise ValueError("MOE_KERNELS_WGRAD=grouped_mm: the grouped GEMM " + "; ".join(reasons))
+    return not reasons and (choice == "grouped_mm" or wgrad_config()["grouped_mm"])
+
+
+def _grouped_mm_weight_grads(grad_y, x, pre, grad_pre, route_w, expert_offsets, sorted_slots, top_k, activation,
+                             interleaved, swiglu_limit):
+    """(d gate_up_proj [E, 2I, H], d down_proj [E, H, I]) as k-grouped GEMMs over each expert's sorted rows:
+    dW_gu[e] = d pre_e^T x_e and dW_d[e] = (w dy)_e^T act_e. Gathers x and w*dy into sorted order and forms
+    act from pre (the Triton path forms both on the fly instead)."""
+    num_rows, two_inter = pre.shape
+    inter = two_inter // 2
+    tokens = (sorted_slots // top_k).long()
+    offs = expert_offsets[1:]
+    x_sorted = x.index_select(0, tokens)
+    grad_gate_up = torch._grouped_mm(grad_pre.t(), x_sorted, offs=offs)
+    del x_sorted
+    act = torch.empty((num_rows, inter), dtype=pre.dtype, device=pre.device)
+    _gated_activation_kernel[(triton.cdiv(num_rows, _ACT_BLOCK_R), triton.cdiv(inter, _ACT_BLOCK_C))](
+        pre, act, num_rows, inter, float(swiglu_limit or 0.0), ACTIVATION=ACTIVATION_CODES[activation],
+        INTERLEAVED=interleaved, HAS_LIMIT=swiglu_limit is not None, BLOCK_R=_ACT_BLOCK_R, BLOCK_C=_ACT_BLOCK_C)
+    grad_y_sorted = (grad_y.index_select(0, tokens).float() * route_w[sorted_slots.long(), None]).to(x.dtype)
+    grad_down = torch._grouped_mm(grad_y_sorted.t(), act, offs=offs)
+    return grad_gate_up, grad_down
 
 
 def tile_offsets(expert_offsets: torch.Tensor, block_m: int) -> torch.Tensor:
@@ -450,10 +550,10 @@ def _gate_up(x, gate_up_proj, gate_up_bias, top_k, expert_offsets, sorted_slots,
     _gate_up_kernel[(max_tiles(num_rows, num_experts, cfg["BLOCK_M"]), triton.cdiv(inter, cfg["BLOCK_N"]))](
         x, x.stride(0), x.stride(1), gate_up_proj, *gate_up_proj.stride(), bias, stride_be, stride_bn,
         sorted_slots, expert_offsets, tiles, act if store_act else pre, pre if save_pre else act,
-        hidden, inter, num_experts, top_k, num_experts.bit_length(), float(swiglu_limit or 0.0),
+        hidden, inter, num_experts, num_rows, top_k, num_experts.bit_length(), float(swiglu_limit or 0.0),
         ACTIVATION=ACTIVATION_CODES[activation], INTERLEAVED=interleaved, HAS_BIAS=gate_up_bias is not None,
         HAS_LIMIT=swiglu_limit is not None, STORE_ACT=store_act, SAVE_PRE=save_pre, UPCAST=interpreting(),
-        DOT_PRECISION=dot_precision(x.dtype), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        DOT_PRECISION=dot_precision(x.dtype), BY_EXPERT=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return act, pre
 
@@ -481,12 +581,45 @@ def _forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias,
     _rows_matmul_kernel[(max_tiles(num_rows, num_experts, down["BLOCK_M"]), triton.cdiv(hidden, down["BLOCK_N"]))](
         act, down_proj, down_proj.stride(0), down_proj.stride(2), down_proj.stride(1), bias, stride_be, stride_bj,
         weights.reshape(-1), plan.sorted_slots, plan.expert_offsets, tiles_down, slot_rows,
-        inter, hidden, num_experts, steps,
-        HAS_BIAS=down_bias is not None, HAS_ROUTE_W=True, UPCAST=upcast, DOT_PRECISION=precision,
+        inter, hidden, num_experts, num_rows, steps,
+        HAS_BIAS=down_bias is not None, HAS_ROUTE_W=True, UPCAST=upcast, DOT_PRECISION=precision, BY_EXPERT=False,
         BLOCK_M=down["BLOCK_M"], BLOCK_N=down["BLOCK_N"], BLOCK_K=down["BLOCK_K"],
         num_warps=down["num_warps"], num_stages=down["num_stages"])
     y = _combine_slots(slot_rows, num_tokens, top_k, x.dtype)
     return y, pre, plan.expert_offsets, plan.sorted_slots
+
+
+def _decode_forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, interleaved,
+                    swiglu_limit, cfg):
+    """Forward without a plan for a few routed slots (decode): both GEMM kernels in BY_EXPERT mode, one
+    program per (expert, column tile) taking every slot routed to its expert, so each touched expert's
+    weights are read once and experts without slots return at once. Three launches in all."""
+    num_tokens, hidden = x.shape
+    num_experts, two_inter, _ = gate_up_proj.shape
+    inter = two_inter // 2
+    top_k = ids.shape[1]
+    num_rows = num_tokens * top_k
+    flat_ids = ids.reshape(-1)
+    upcast, precision = interpreting(), dot_precision(x.dtype)
+    act = torch.empty((num_rows, inter), dtype=x.dtype, device=x.device)
+    up, down = cfg["up"], cfg["down"]
+    bias, stride_be, stride_bn = _weight_strides(gate_up_bias, x)
+    _gate_up_kernel[(num_experts, triton.cdiv(inter, up["BLOCK_N"]))](
+        x, x.stride(0), x.stride(1), gate_up_proj, *gate_up_proj.stride(), bias, stride_be, stride_bn,
+        flat_ids, flat_ids, flat_ids, act, act, hidden, inter, num_experts, num_rows, top_k, 0,
+        float(swiglu_limit or 0.0), ACTIVATION=ACTIVATION_CODES[activation], INTERLEAVED=interleaved,
+        HAS_BIAS=gate_up_bias is not None, HAS_LIMIT=swiglu_limit is not None, STORE_ACT=True, SAVE_PRE=False,
+        UPCAST=upcast, DOT_PRECISION=precision, BY_EXPERT=True, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=up["BLOCK_N"],
+        BLOCK_K=up["BLOCK_K"], num_warps=up["num_warps"], num_stages=up["num_stages"])
+    slot_rows = torch.empty((num_rows, hidden), dtype=_slot_dtype(x.dtype, top_k), device=x.device)
+    bias, stride_be, stride_bj = _weight_strides(down_bias, x)
+    _rows_matmul_kernel[(num_experts, triton.cdiv(hidden, down["BLOCK_N"]))](
+        act, down_proj, down_proj.stride(0), down_proj.stride(2), down_proj.stride(1), bias, stride_be, stride_bj,
+        weights.reshape(-1), flat_ids, flat_ids, flat_ids, slot_rows, inter, hidden, num_experts, num_rows, 0,
+        HAS_BIAS=down_bias is not None, HAS_ROUTE_W=True, UPCAST=upcast, DOT_PRECISION=precision, BY_EXPERT=True,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=down["BLOCK_N"], BLOCK_K=down["BLOCK_K"], num_warps=down["num_warps"],
+        num_stages=down["num_stages"])
+    return _combine_slots(slot_rows, num_tokens, top_k, x.dtype)
 
 
 def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, pre, expert_offsets,
@@ -528,14 +661,17 @@ def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, do
         slot_rows = torch.empty((num_rows, hidden), dtype=_slot_dtype(x.dtype, top_k), device=x.device)
         _rows_matmul_kernel[(max_tiles(num_rows, num_experts, dx["BLOCK_M"]), triton.cdiv(hidden, dx["BLOCK_N"]))](
             grad_pre, gate_up_proj, *gate_up_proj.stride(), x, 0, 0, route_w, sorted_slots, expert_offsets,
-            tile_offsets(expert_offsets, dx["BLOCK_M"]), slot_rows, two_inter, hidden, num_experts, steps,
-            HAS_BIAS=False, HAS_ROUTE_W=False, UPCAST=upcast, DOT_PRECISION=precision,
+            tile_offsets(expert_offsets, dx["BLOCK_M"]), slot_rows, two_inter, hidden, num_experts, num_rows, steps,
+            HAS_BIAS=False, HAS_ROUTE_W=False, UPCAST=upcast, DOT_PRECISION=precision, BY_EXPERT=False,
             BLOCK_M=dx["BLOCK_M"], BLOCK_N=dx["BLOCK_N"], BLOCK_K=dx["BLOCK_K"],
             num_warps=dx["num_warps"], num_stages=dx["num_stages"])
         grad_x = _combine_slots(slot_rows, num_tokens, top_k, x.dtype)
 
     grad_gate_up, grad_down, grad_gate_up_bias, grad_down_bias = empty(), empty(), empty(), empty()
-    if need_params:
+    if need_params and weight_grads_by_grouped_mm(x, hidden, inter, gate_up_bias is not None or down_bias is not None):
+        grad_gate_up, grad_down = _grouped_mm_weight_grads(grad_y, x, pre, grad_pre, route_w, expert_offsets,
+                                                           sorted_slots, top_k, activation, interleaved, swiglu_limit)
+    elif need_params:
         wg = cfg["dw"]
         grad_down = torch.empty(down_proj.shape, dtype=down_proj.dtype, device=x.device)
         grad_down_bias = torch.empty((num_experts, hidden), dtype=x.dtype, device=x.device) if down_bias is not None else empty()
@@ -586,6 +722,21 @@ def _(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activat
             x.new_empty((num_rows if save_pre else 0, gate_up_proj.shape[1])),
             ids.new_empty((gate_up_proj.shape[0] + 1,), dtype=torch.int32),
             ids.new_empty((num_rows,), dtype=torch.int32))
+
+
+@torch.library.custom_op("moe_kernels_triton::moe_mlp_decode", mutates_args=())
+def moe_mlp_decode_op(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
+                      ids: torch.Tensor, gate_up_bias: Optional[torch.Tensor], down_bias: Optional[torch.Tensor],
+                      activation: str, interleaved: bool, swiglu_limit: Optional[float]) -> torch.Tensor:
+    """y [T,H] of a forward that needs no gradient, for T*k <= the decode config's BLOCK_M slots."""
+    cfg = decode_config(ids.numel(), fp32=x.dtype == torch.float32)
+    return _decode_forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, interleaved,
+                           swiglu_limit, cfg)
+
+
+@moe_mlp_decode_op.register_fake
+def _(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation, interleaved, swiglu_limit):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("moe_kernels_triton::moe_mlp_backward", mutates_args=())
@@ -648,11 +799,16 @@ moe_mlp_forward_op.register_autograd(_mlp_backward, setup_context=_mlp_setup_con
 def moe_mlp(x, gate_up_proj, down_proj, weights, ids, activation="silu", gate_up_bias=None, down_bias=None,
             interleaved=False, swiglu_limit=None):
     """Backend entry point (arguments validated by :func:`moe_kernels.ops.moe_mlp`): y [T, H] in x's dtype."""
-    save_pre = not recompute_enabled() and torch.is_grad_enabled() and any(
+    needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, gate_up_proj, down_proj, weights, gate_up_bias, down_bias))
     limit = None if swiglu_limit is None else float(swiglu_limit)
-    return moe_mlp_forward_op(x, gate_up_proj, down_proj, weights, ids.to(torch.int32).contiguous(), gate_up_bias,
-                              down_bias, activation, bool(interleaved), limit, save_pre)[0]
+    ids = ids.to(torch.int32).contiguous()
+    if not needs_grad and decode_config(ids.numel(), fp32=x.dtype == torch.float32) is not None:
+        return moe_mlp_decode_op(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation,
+                                 bool(interleaved), limit)
+    save_pre = needs_grad and not recompute_enabled()
+    return moe_mlp_forward_op(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation,
+                              bool(interleaved), limit, save_pre)[0]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -696,36 +852,54 @@ _LAYOUT = {
 
 
 def _compile_specs():
-    """(kernel, signature, constexprs, options, divisible) for every expert-MLP kernel at every shipped config."""
+    """(kernel, signature, constexprs, options, divisible) for every expert-MLP kernel at every shipped config:
+    the planned kernels of the 'mlp' families and the decode (BY_EXPERT) launches of the 'mlp_decode' ones."""
     specs = []
-    families = [(entry, torch.bfloat16) for entry in entries("mlp")] + [(e, torch.float32) for e in entries("mlp_fp32")]
-    for entry, dtype in families:
+
+    def add(kernel, cfg, constexprs, layout, data, precision, overrides=()):
+        unit_strides, divisible = _LAYOUT[layout]
+        constexprs = dict({"UPCAST": False, "DOT_PRECISION": precision}, **unit_strides, **constexprs)
+        specs.append((kernel, _signature(kernel, constexprs, data, overrides), constexprs,
+                      {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}, divisible))
+
+    def gemm(cfg, block_m=None):
+        return {"BLOCK_M": block_m or cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"]}
+
+    for dtype, suffix in ((torch.bfloat16, ""), (torch.float32, "_fp32")):
         data = _POINTER_TYPES[dtype]
-        if True:
-            precision = "ieee" if dtype == torch.float32 else "tf32"
-            common = {"UPCAST": False, "DOT_PRECISION": precision}
-
-            def add(kernel, cfg, constexprs, layout, overrides=()):
-                unit_strides, divisible = _LAYOUT[layout]
-                constexprs = dict(common, **unit_strides, **constexprs)
-                specs.append((kernel, _signature(kernel, constexprs, data, overrides), constexprs,
-                              {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}, divisible))
-
-            gemm = lambda cfg: {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"]}
+        precision = "ieee" if dtype == torch.float32 else "tf32"
+        for entry in entries("mlp" + suffix):
             for activation, interleaved, bias, limit in _COMPILE_VARIANTS:
                 act = {"ACTIVATION": ACTIVATION_CODES[activation], "INTERLEAVED": interleaved, "HAS_LIMIT": limit}
-                add(_gate_up_kernel, entry["up"], dict(act, HAS_BIAS=bias, STORE_ACT=True, SAVE_PRE=True, **gemm(entry["up"])),
-                    "gate_up")
+                add(_gate_up_kernel, entry["up"], dict(act, HAS_BIAS=bias, STORE_ACT=True, SAVE_PRE=True,
+                                                       BY_EXPERT=False, **gemm(entry["up"])),
+                    "gate_up", data, precision)
                 add(_down_backward_kernel, entry["down_bwd"], dict(act, HAS_BIAS=bias, **gemm(entry["down_bwd"])),
-                    "down_bwd")
+                    "down_bwd", data, precision)
                 dw = entry["dw"]
                 blocks = {"BLOCK_I": dw["BLOCK_I"], "BLOCK_J": dw["BLOCK_J"], "BLOCK_P": dw["BLOCK_P"]}
                 add(_expert_outer_kernel, dw, dict(act, LHS_BY_TOKEN=True, LHS_WEIGHTED=True, RHS_BY_TOKEN=False,
-                                                   RHS_GATED=True, BIAS_GRAD=bias, **blocks), "dw")
+                                                   RHS_GATED=True, BIAS_GRAD=bias, **blocks), "dw", data, precision)
                 add(_expert_outer_kernel, dw, dict(act, LHS_BY_TOKEN=False, LHS_WEIGHTED=False, RHS_BY_TOKEN=True,
-                                                   RHS_GATED=False, BIAS_GRAD=bias, **blocks), "dw")
-            add(_rows_matmul_kernel, entry["down"], dict(HAS_BIAS=True, HAS_ROUTE_W=True, **gemm(entry["down"])),
-                "down", {"out_ptr": "*fp32"})
-            add(_rows_matmul_kernel, entry["dx"], dict(HAS_BIAS=False, HAS_ROUTE_W=False, **gemm(entry["dx"])),
-                "dx", {"out_ptr": "*fp32"})
+                                                   RHS_GATED=False, BIAS_GRAD=bias, **blocks), "dw", data, precision)
+            add(_rows_matmul_kernel, entry["down"], dict(HAS_BIAS=True, HAS_ROUTE_W=True, BY_EXPERT=False,
+                                                         **gemm(entry["down"])), "down", data, precision,
+                {"out_ptr": "*fp32"})
+            add(_rows_matmul_kernel, entry["dx"], dict(HAS_BIAS=False, HAS_ROUTE_W=False, BY_EXPERT=False,
+                                                       **gemm(entry["dx"])), "dx", data, precision, {"out_ptr": "*fp32"})
+        if dtype == torch.bfloat16:  # the grouped-GEMM weight gradients' activation pass (bf16 only)
+            for activation, interleaved, _, limit in _COMPILE_VARIANTS:
+                constexprs = {"ACTIVATION": ACTIVATION_CODES[activation], "INTERLEAVED": interleaved,
+                              "HAS_LIMIT": limit, "BLOCK_R": _ACT_BLOCK_R, "BLOCK_C": _ACT_BLOCK_C}
+                specs.append((_gated_activation_kernel, _signature(_gated_activation_kernel, constexprs, data),
+                              constexprs, {"num_warps": 4, "num_stages": 3}, ("inter",)))
+        for entry in entries("mlp_decode" + suffix):
+            for activation, interleaved, bias, limit in _COMPILE_VARIANTS:
+                act = {"ACTIVATION": ACTIVATION_CODES[activation], "INTERLEAVED": interleaved, "HAS_LIMIT": limit}
+                add(_gate_up_kernel, entry["up"], dict(act, HAS_BIAS=bias, STORE_ACT=True, SAVE_PRE=False,
+                                                       BY_EXPERT=True, **gemm(entry["up"], entry["BLOCK_M"])),
+                    "gate_up", data, precision)
+                add(_rows_matmul_kernel, entry["down"], dict(HAS_BIAS=bias, HAS_ROUTE_W=True, BY_EXPERT=True,
+                                                             **gemm(entry["down"], entry["BLOCK_M"])),
+                    "down", data, precision, {"out_ptr": "*fp32"})
     return specs

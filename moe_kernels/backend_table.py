@@ -1,0 +1,326 @@
+"""The ``auto`` backend on CUDA: triton or cuda per op and shape class, from a table of measurements.
+
+A *shape class* is (op, dtype, experts, width, tokens, mode), each number put in a bucket:
+
+* experts ``E``: <=8, <=32, <=128, >128
+* width, the hidden size ``H``: <=2048, >2048
+* tokens ``T``: <=64, <=1024, >1024
+* mode: ``train`` when a gradient is needed, ``infer`` otherwise
+
+The table (``moe_kernels/backend_table.json``, or the file ``MOE_KERNELS_BACKEND_TABLE`` names) holds one
+block per GPU model (``device`` = ``torch.cuda.get_device_name()``, or ``"*"`` for any GPU); each block maps
+shape classes to a backend, with the timings that chose it when ``measured`` is true. Classes the table
+lacks take the block's ``default``. Two rules come before the table: the cuda expert path is only a choice
+where torch's CUTLASS grouped GEMM runs (bfloat16, sm90/sm100: see ``moe_kernels.native.grouped_gemm_status``),
+and a backend that is not built is never chosen.
+
+The shipped table's ``"*"`` block holds UNMEASURED DEFAULTS (``"measured": false``): triton, the previous
+default, for any GPU model without a block of its own. Its ``NVIDIA H100 80GB HBM3`` block was written by
+the command below on an H100 (see its ``how``). Measure and write the block for the local GPU with
+
+    python -m moe_kernels.backend_table --write          # about a minute on an H100 (``--budget`` seconds)
+
+which times both backends on one representative shape per class (bfloat16, forward for ``infer``,
+forward + backward for ``train``) and records the faster. ``moe-kernels info`` prints the table in force.
+``backend=`` and ``MOE_KERNELS_BACKEND`` override the choice; ``backend="auto"`` asks for it explicitly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "backend_table.json")
+TABLE_OPS = ("moe_mlp", "adapter_moe")
+CHOICES = ("triton", "cuda")
+
+EXPERT_BUCKETS = ((8, "<=8"), (32, "<=32"), (128, "<=128"), (None, ">128"))
+WIDTH_BUCKETS = ((2048, "<=2048"), (None, ">2048"))
+TOKEN_BUCKETS = ((64, "<=64"), (1024, "<=1024"), (None, ">1024"))
+MODES = ("infer", "train")
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _bucket(value: int, buckets) -> str:
+    for limit, label in buckets:
+        if limit is None or value <= limit:
+            return label
+    raise AssertionError("unreachable")
+
+
+def shape_class(op: str, dtype: torch.dtype, experts: int, width: int, tokens: int, grad: bool) -> str:
+    """The key of a call's shape class in the table, e.g. ``moe_mlp|bfloat16|E<=128|H<=2048|T>1024|train``."""
+    return "|".join((op, _DTYPE_NAMES.get(dtype, str(dtype)), "E" + _bucket(experts, EXPERT_BUCKETS),
+                     "H" + _bucket(width, WIDTH_BUCKETS), "T" + _bucket(tokens, TOKEN_BUCKETS),
+                     "train" if grad else "infer"))
+
+
+# ---- the table ------------------------------------------------------------------------------------------
+
+_table_cache: dict = {}
+
+
+def table_path() -> str:
+    return os.environ.get("MOE_KERNELS_BACKEND_TABLE") or TABLE_PATH
+
+
+def load_table(path: str | None = None) -> dict:
+    """The table file (cached per path and modification time)."""
+    path = path or table_path()
+    try:
+        stamp = os.path.getmtime(path)
+    except OSError:
+        return {"format": 1, "blocks": []}
+    if _table_cache.get(path, (None,))[0] != stamp:
+        with open(path) as f:
+            table = json.load(f)
+        if table.get("format") != 1 or not isinstance(table.get("blocks"), list):
+            raise ValueError(f"{path}: not a moe_kernels backend table (format 1 with a list of blocks)")
+        _table_cache[path] = (stamp, table)
+    return _table_cache[path][1]
+
+
+def device_name(device: torch.device | None = None) -> str | None:
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_name(device)
+
+
+def block_for(device_label: str | None, table: dict | None = None) -> dict:
+    """The table's block for a GPU model: its own, else the ``"*"`` block, else an empty one."""
+    table = table if table is not None else load_table()
+    fallback = {"device": "*", "measured": False, "default": "triton", "entries": {}}
+    for block in table["blocks"]:
+        if device_label is not None and block.get("device") == device_label:
+            return block
+    for block in table["blocks"]:
+        if block.get("device") == "*":
+            return block
+    return fallback
+
+
+_block_by_index: dict = {}
+
+
+def _block_for_device(device: torch.device) -> dict:
+    # Cached per device index: the lookup runs inside torch.compile tracing too, where the device name
+    # query cannot be traced. MOE_KERNELS_BACKEND_TABLE and the file's mtime are read when first needed.
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (index, table_path())
+    if key not in _block_by_index:
+        _block_by_index[key] = block_for(device_name(index))
+    return _block_by_index[key]
+
+
+def choose(op: str, device: torch.device, dtype: torch.dtype, experts: int, width: int, tokens: int, grad: bool,
+           built: list[str]) -> tuple[str, str]:
+    """(backend name, why) for one call on a CUDA device; ``built`` = backends that can run there.
+
+    The shape becomes a class key here (plain comparisons: under torch.compile they become guards); the
+    lookup itself reads files and device properties, so torch.compile takes its result as a constant."""
+    key = shape_class(op, dtype, experts, width, tokens, grad)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return _choose_constant(op, index, dtype, int(experts), key, tuple(built))
+
+
+@torch.compiler.assume_constant_result
+def _choose_constant(op: str, index: int, dtype: torch.dtype, experts: int, key: str, built: tuple) -> tuple[str, str]:
+    device = torch.device("cuda", index)
+    candidates = [name for name in CHOICES if name in built]
+    if not candidates:
+        return ("reference", "neither triton nor cuda is built")
+    if len(candidates) == 1:
+        return (candidates[0], f"only {candidates[0]} is built")
+    if op not in TABLE_OPS:
+        return ("triton", f"{op}: not in the table (triton, the default)")
+    if op in ("moe_mlp", "adapter_moe"):
+        from .native import grouped_gemm_status
+
+        reason = grouped_gemm_status(device, dtype, experts)
+        if reason is not None:
+            return ("triton", f"cuda expert path has no fast grouped GEMM here: {reason}")
+    block = _block_for_device(device)
+    entry = block.get("entries", {}).get(key)
+    if entry is None:
+        return (block.get("default", "triton"), f"{key}: not in the table, block default")
+    how = "measured" if entry.get("measured") else "unmeasured default"
+    return (entry["backend"], f"{key}: {how} ({block.get('device')})")
+
+
+# ---- measuring -------------------------------------------------------------------------------------------
+
+
+def representative_shape(op: str, experts: str, width: str, tokens: str) -> dict:
+    """One shape per class: (T, H, I or r, E, k), sized like the models of its class."""
+    E = {"<=8": 8, "<=32": 32, "<=128": 128, ">128": 256}[experts]
+    H = {"<=2048": 2048, ">2048": 4096}[width]
+    T = {"<=64": 16, "<=1024": 512, ">1024": 4096}[tokens]
+    k = 2 if E <= 8 else 8
+    if op == "moe_mlp":
+        inner = {8: 4096, 32: 1408, 128: 768, 256: 512}[E]
+    else:
+        inner = 16
+        k = min(k, 4)
+    return dict(T=T, H=H, inner=inner, E=E, k=k)
+
+
+def _time_ms(fn, repeats: int) -> float:
+    fn()  # warm-up (and compile)
+    torch.cuda.synchronize()
+    samples = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        samples.append(start.elapsed_time(end))
+    return statistics.median(samples)
+
+
+def _case(op: str, shape: dict, device, dtype=torch.bfloat16):
+    import moe_kernels as mk
+
+    g = torch.Generator(device=device).manual_seed(0)
+    T, H, inner, E, k = shape["T"], shape["H"], shape["inner"], shape["E"], shape["k"]
+    x = (torch.randn(T, H, device=device, generator=g) * 0.5).to(dtype).requires_grad_()
+    logits = torch.randn(T, E, device=device, generator=g)
+    weights, ids = mk.route(logits, k, backend="cuda")
+    if op == "moe_mlp":
+        w1 = (torch.randn(E, 2 * inner, H, device=device, generator=g) * H ** -0.5).to(dtype).requires_grad_()
+        w2 = (torch.randn(E, H, inner, device=device, generator=g) * inner ** -0.5).to(dtype).requires_grad_()
+
+        def run(backend):
+            return mk.moe_mlp(x, w1, w2, weights, ids, backend=backend)
+    else:
+        w1 = (torch.randn(E, inner, H, device=device, generator=g) * H ** -0.5).to(dtype).requires_grad_()
+        w2 = (torch.randn(E, H, inner, device=device, generator=g) * inner ** -0.5).to(dtype).requires_grad_()
+
+        def run(backend):
+            return mk.adapter_moe(x, w1, w2, weights, ids, backend=backend)
+    grad = torch.randn(T, H, device=device, generator=g).to(dtype)
+    leaves = (x, w1, w2)
+
+    def infer(backend):
+        with torch.no_grad():
+            run(backend)
+
+    def train(backend):
+        torch.autograd.grad(run(backend), leaves, grad)
+
+    return infer, train
+
+
+def measure(budget_s: float = 45.0, repeats: int = 5, ops=TABLE_OPS, log=print) -> dict:
+    """Times triton and cuda on each shape class's representative shape (bfloat16) on the current GPU; returns
+    the table block for it. Classes left when the budget runs out keep an unmeasured entry."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("measuring the backend table needs a CUDA GPU")
+    from .backends import BackendError, available_backends
+
+    built = available_backends()
+    missing = [name for name in CHOICES if name not in built]
+    if missing:
+        raise RuntimeError(f"both triton and cuda must be built to measure, missing: {missing}")
+    device = torch.device("cuda", torch.cuda.current_device())
+    start = time.perf_counter()
+    entries = {}
+    # Token buckets outermost and the ops interleaved, so a short budget still covers both ops' small shapes.
+    order = [(op, e, w, t) for t in ("<=64", "<=1024", ">1024") for e in ("<=8", "<=32", "<=128", ">128")
+             for w in ("<=2048", ">2048") for op in ops]
+    for op, e_bucket, w_bucket, t_bucket in order:
+        shape = representative_shape(op, e_bucket, w_bucket, t_bucket)
+        out_of_time = time.perf_counter() - start > budget_s
+        try:
+            cases = None if out_of_time else _case(op, shape, device)
+        except torch.OutOfMemoryError:
+            cases = None
+        for mode_index, mode in enumerate(MODES):
+            key = "|".join((op, "bfloat16", "E" + e_bucket, "H" + w_bucket, "T" + t_bucket, mode))
+            if cases is None:
+                entries[key] = {"backend": "triton", "measured": False, "shape": shape,
+                                "note": "out of time budget or memory: unmeasured default"}
+                continue
+            times = {}
+            for backend in CHOICES:
+                try:
+                    times[backend] = round(_time_ms(lambda: cases[mode_index](backend), repeats), 4)
+                except (BackendError, RuntimeError) as exc:  # e.g. out of memory on one backend
+                    times[backend] = None
+                    log(f"  {key} {backend}: {exc}")
+            valid = {b: v for b, v in times.items() if v is not None}
+            best = min(valid, key=valid.get) if valid else "triton"
+            entries[key] = {"backend": best, "measured": bool(valid), "ms": times, "shape": shape}
+            log(f"{key:<52} triton {times['triton']} ms, cuda {times['cuda']} ms -> {best}")
+        del cases
+        torch.cuda.empty_cache()
+    return {"device": torch.cuda.get_device_name(device), "measured": True, "default": "triton",
+            "torch": torch.__version__, "written": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+            "how": f"median of {repeats} runs, CUDA events, bfloat16; python -m moe_kernels.backend_table --write",
+            "entries": entries}
+
+
+def write_block(block: dict, path: str | None = None) -> str:
+    """Replaces (or adds) the table's block for ``block['device']`` and writes the file."""
+    path = path or table_path()
+    table = load_table(path) if os.path.exists(path) else {"format": 1, "blocks": []}
+    table = dict(table, blocks=[b for b in table["blocks"] if b.get("device") != block["device"]] + [block])
+    with open(path, "w") as f:
+        json.dump(table, f, indent=1, sort_keys=False)
+        f.write("\n")
+    _table_cache.pop(path, None)
+    _block_by_index.clear()
+    return path
+
+
+def describe(device: torch.device | None = None) -> list[str]:
+    """Lines for ``moe-kernels info``: the table file and the block in force for the local GPU."""
+    path = table_path()
+    try:
+        table = load_table(path)
+    except (OSError, ValueError) as exc:
+        return [f"backend table {path}: unreadable ({exc})"]
+    label = device_name(device)
+    block = block_for(label, table)
+    status = "measured" if block.get("measured") else "UNMEASURED defaults (run python -m moe_kernels.backend_table --write on this GPU)"
+    lines = [f"backend table {path}", f"  block in force: device {block.get('device')!r} for local GPU {label!r}: {status}",
+             f"  default for classes not listed: {block.get('default', 'triton')}; the cuda expert path only where "
+             "torch's CUTLASS grouped GEMM runs (bfloat16, sm90/sm100)"]
+    entries = block.get("entries", {})
+    for key in sorted(entries):
+        entry = entries[key]
+        times = entry.get("ms")
+        timing = ", ".join(f"{b} {v} ms" for b, v in times.items()) if times else "unmeasured"
+        lines.append(f"  {key:<52} {entry['backend']:<7} ({timing})")
+    return lines
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moe_kernels.backend_table",
+                                     description="Show, or measure and write, the auto backend table.")
+    parser.add_argument("--write", action="store_true", help="measure on the local GPU and write its block")
+    parser.add_argument("--budget", type=float, default=45.0, help="seconds of measuring before the rest is left "
+                        "unmeasured (default 45)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--ops", default=",".join(TABLE_OPS), help="comma-separated ops to measure")
+    parser.add_argument("--table", default=None, help="table file (default: MOE_KERNELS_BACKEND_TABLE or the shipped one)")
+    args = parser.parse_args(argv)
+    if args.write:
+        block = measure(args.budget, args.repeats, tuple(args.ops.split(",")))
+        path = write_block(block, args.table)
+        print(f"wrote the block for {block['device']} to {path}")
+    if args.table:
+        os.environ["MOE_KERNELS_BACKEND_TABLE"] = args.table
+    print("\n".join(describe()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""The ``auto`` backend choice (moe_kernels/backend_table.py): shape classes, the shipped table (unmeasured
+defaults, every class present), lookups by GPU model, the rules before the table, overrides, and
+`moe-kernels info`'s table. Runs without a GPU (device queries monkeypatched)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import moe_kernels as mk
+from moe_kernels import backend_table as bt
+from moe_kernels import backends
+
+
+def test_shape_class_buckets():
+    assert bt.shape_class("moe_mlp", torch.bfloat16, 128, 2048, 4096, True) == \
+        "moe_mlp|bfloat16|E<=128|H<=2048|T>1024|train"
+    assert bt.shape_class("adapter_moe", torch.float16, 8, 4096, 1, False) == \
+        "adapter_moe|float16|E<=8|H>2048|T<=64|infer"
+    assert bt.shape_class("moe_mlp", torch.bfloat16, 9, 2049, 65, False) == "moe_mlp|bfloat16|E<=32|H>2048|T<=1024|infer"
+
+
+def test_shipped_table_is_marked_unmeasured_and_complete():
+    table = json.load(open(bt.TABLE_PATH))
+    assert "UNMEASURED" in table["note"]
+    star = [b for b in table["blocks"] if b["device"] == "*"]
+    assert len(star) == 1 and star[0]["measured"] is False
+    for block in table["blocks"]:
+        for key, entry in block["entries"].items():
+            assert entry["backend"] in bt.CHOICES, key
+            assert entry["measured"] == ("ms" in entry and any(v is not None for v in entry["ms"].values())), key
+    expected = {bt.shape_class(op, torch.bfloat16, e, w, t, g) for op in bt.TABLE_OPS for e in (8, 32, 128, 256)
+                for w in (2048, 4096) for t in (1, 1000, 5000) for g in (False, True)}
+    assert expected <= set(star[0]["entries"])
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch, tmp_path):
+    """A table file with a measured block for 'Fake GPU' and a '*' block; the device name and grouped-GEMM
+    status monkeypatched so that `choose` runs without a GPU."""
+    from moe_kernels import native
+
+    key = bt.shape_class("moe_mlp", torch.bfloat16, 128, 2048, 4096, True)
+    table = {"format": 1, "note": "test", "blocks": [
+        {"device": "*", "measured": False, "default": "triton", "entries": {}},
+        {"device": "Fake GPU", "measured": True, "default": "triton",
+         "entries": {key: {"backend": "cuda", "measured": True, "ms": {"triton": 2.0, "cuda": 1.0}}}}]}
+    path = tmp_path / "table.json"
+    path.write_text(json.dumps(table))
+    monkeypatch.setenv("MOE_KERNELS_BACKEND_TABLE", str(path))
+    monkeypatch.setattr(bt, "device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setattr(native, "grouped_gemm_status", lambda device, dtype, experts: None)
+    monkeypatch.setattr(bt, "_block_by_index", {})
+    return torch.device("cuda", 0), path
+
+
+def test_choose_reads_the_block_of_the_local_gpu(fake_gpu, monkeypatch):
+    device, _ = fake_gpu
+    both = ["triton", "cuda"]
+    name, why = bt.choose("moe_mlp", device, torch.bfloat16, 128, 2048, 4096, True, built=both)
+    assert name == "cuda" and "measured" in why
+    assert bt.choose("moe_mlp", device, torch.bfloat16, 128, 2048, 4096, False, built=both)[0] == "triton"
+    assert bt.choose("moe_mlp", device, torch.bfloat16, 128, 2048, 4096, True, built=["triton"])[0] == "triton"
+    assert bt.choose("moe_mlp", device, torch.bfloat16, 128, 2048, 4096, True, built=["cuda"])[0] == "cuda"
+    assert bt.choose("route", device, torch.bfloat16, 128, 2048, 4096, True, built=both)[0] == "triton"
+    from moe_kernels import native
+
+    monkeypatch.setattr(native, "grouped_gemm_status", lambda device, dtype, experts: "fp32 (test)")
+    name, why = bt.choose("moe_mlp", device, torch.bfloat16, 128, 2048, 4096, True, built=both)
+    assert name == "triton" and "no fast grouped GEMM" in why
+
+
+def test_other_gpu_takes_the_star_block(fake_gpu, monkeypatch):
+    device, _ = fake_gpu
+    monkeypatch.setattr(bt, "device_name", lambda device=None: "Other GPU")
+    monkeypatch.setattr(bt, "_block_by_index", {})
+    assert bt.choose("moe_mlp", device, torch.bfloat16, 128, 2048, 4096, True, built=["triton", "cuda"])[0] == "triton"
+
+
+def test_write_block_replaces_the_local_block(fake_gpu):
+    _, path = fake_gpu
+    bt.write_block({"device": "Fake GPU", "measured": True, "default": "cuda", "entries": {}}, str(path))
+    table = json.loads(path.read_text())
+    assert [b["device"] for b in table["blocks"]] == ["*", "Fake GPU"]
+    assert table["blocks"][1]["default"] == "cuda"
+
+
+def test_describe_shows_the_block_in_force(fake_gpu):
+    lines = bt.describe()
+    assert "Fake GPU" in lines[1] and "measured" in lines[1]
+    assert any("cuda" in line and "1.0 ms" in line for line in lines[3:])
+
+
+def test_auto_on_cpu_and_overrides(monkeypatch):
+    x, router = torch.randn(6, 8), torch.randn(8, 4)
+    weights, ids = mk.route(x @ router, 2, backend="auto")
+    w1, w2 = torch.randn(4, 6, 8) * 0.3, torch.randn(4, 8, 3) * 0.3
+    ref = mk.moe_mlp(x, w1, w2, weights, ids, backend="reference")
+    torch.testing.assert_close(mk.moe_mlp(x, w1, w2, weights, ids, backend="auto"), ref, rtol=1e-4, atol=1e-5)
+    monkeypatch.setenv("MOE_KERNELS_BACKEND", "auto")
+    torch.testing.assert_close(mk.moe_mlp(x, w1, w2, weights, ids), ref, rtol=1e-4, atol=1e-5)
+    assert backends.auto_backend_name(torch.device("cpu"), "moe_mlp", {})[0] == backends.default_backend_name(
+        torch.device("cpu"))
+    with pytest.raises(mk.BackendError, match="auto"):
+        mk.moe_mlp(x, w1, w2, weights, ids, backend="fastest")
+
+
+def test_info_prints_the_table(capsys):
+    from moe_kernels.cli import main
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "backend table" in out and "UNMEASURED" in out
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="measures on a GPU")
+def test_measure_writes_a_block(tmp_path):
+    """The tuner on a real GPU, with a tiny budget: every class gets an entry, the first ones measured."""
+    block = bt.measure(budget_s=1.0, repeats=2, ops=("adapter_moe",))
+    assert block["measured"] and block["device"] == torch.cuda.get_device_name()
+    assert any(entry["measured"] for entry in block["entries"].values())
+    path = bt.write_block(block, str(tmp_path / "t.json"))
+    assert json.loads(open(path).read())["blocks"][-1]["device"] == block["device"]
