@@ -23,7 +23,7 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 
 from ... import ops
 from ...layers.adapter_moe import AdapterMoE
-from .._common import ComposedPreTrainedModel
+from .._common import ComposedPreTrainedModel, WrapsLanguageModel
 from .configuration_pesc import PescConfig
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -80,7 +80,7 @@ def pesc_load_balancing_loss(layers: list[AdapterMoE]) -> torch.Tensor:
     return ops.load_balancing_loss(logits, ids, num_experts)
 
 
-class PescForCausalLM(ComposedPreTrainedModel, GenerationMixin):
+class PescForCausalLM(WrapsLanguageModel, ComposedPreTrainedModel, GenerationMixin):
     """A causal LM whose MLPs are PESC adapter MoEs (see the module docstring).
 
     ``PescForCausalLM(config)`` builds the crafted architecture (new adapters: Up zero, so the logits equal
@@ -104,21 +104,6 @@ class PescForCausalLM(ComposedPreTrainedModel, GenerationMixin):
         if getattr(language_model, "generation_config", None) is not None:  # eos/pad/sampling defaults of the base
             self.generation_config = copy.deepcopy(language_model.generation_config)
         self.post_init()
-
-    def get_input_embeddings(self):
-        return self.language_model.get_input_embeddings()
-
-    def set_input_embeddings(self, value):
-        self.language_model.set_input_embeddings(value)
-
-    def get_output_embeddings(self):
-        return self.language_model.get_output_embeddings()
-
-    def set_output_embeddings(self, value):
-        self.language_model.set_output_embeddings(value)
-
-    def get_decoder(self):
-        return self.language_model.get_decoder()
 
     @property
     def crafted_layers(self) -> list[AdapterMoE]:

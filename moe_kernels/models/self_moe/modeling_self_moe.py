@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin
 
 from ...layers.lora_moe import LoRAMoE, RoutingSlot, SelfMoERouter
-from .._common import ComposedPreTrainedModel
+from .._common import ComposedPreTrainedModel, WrapsLanguageModel
 from .configuration_self_moe import SelfMoEConfig
 
 DECODER_LAYER = re.compile(r"^(.*\.layers\.\d+)\.")
@@ -49,7 +49,7 @@ def group_by_decoder_layer(model: nn.Module, paths) -> dict[str, list[str]]:
     return by_layer
 
 
-class SelfMoEForCausalLM(ComposedPreTrainedModel, GenerationMixin):
+class SelfMoEForCausalLM(WrapsLanguageModel, ComposedPreTrainedModel, GenerationMixin):
     """A causal LM with routed LoRA experts (see the module docstring).
 
     ``SelfMoEForCausalLM(config)`` builds the architecture with zero experts (loading fills them);
@@ -125,21 +125,6 @@ class SelfMoEForCausalLM(ComposedPreTrainedModel, GenerationMixin):
         for module in self.modules():
             if isinstance(module, (LoRAMoE, SelfMoERouter)):
                 module.backend = backend
-
-    def get_input_embeddings(self):
-        return self.language_model.get_input_embeddings()
-
-    def set_input_embeddings(self, value):
-        self.language_model.set_input_embeddings(value)
-
-    def get_output_embeddings(self):
-        return self.language_model.get_output_embeddings()
-
-    def set_output_embeddings(self, value):
-        self.language_model.set_output_embeddings(value)
-
-    def get_decoder(self):
-        return self.language_model.get_decoder()
 
     def forward(self, input_ids: torch.LongTensor | None = None, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, cache=None, inputs_embeds: torch.Tensor | None = None,
