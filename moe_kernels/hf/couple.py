@@ -31,7 +31,7 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from ..layers.coe import (CoELayer, ExpertBranch, attention_types, build_attention_masks, decode_with_cache,
-                          generation_defaults, run_decoder_layers)
+                          generation_defaults, modules_equal, run_decoder_layers, unique_param_bytes)
 
 # Config entries that may differ between the base and an expert: depth and bookkeeping.
 _CONFIG_KEYS_ALLOWED_TO_DIFFER = {
@@ -121,25 +121,6 @@ def check_same_architecture(base_class: type, base_config, base_dtype: torch.dty
         raise ValueError(f"expert {name!r} has different attention types (layer_types) below split_layer")
     if _first_dtype(expert) != base_dtype:
         raise ValueError(f"expert {name!r} has dtype {_first_dtype(expert)} but the base has {base_dtype}")
-
-
-def _modules_equal(a: nn.Module, b: nn.Module) -> bool:
-    params_a, params_b = dict(a.named_parameters()), dict(b.named_parameters())
-    if params_a.keys() != params_b.keys():
-        return False
-    return all(params_a[k].shape == params_b[k].shape and torch.equal(params_a[k], params_b[k].to(params_a[k].device))
-               for k in params_a)
-
-
-def _unique_param_bytes(*modules: nn.Module) -> int:
-    seen, total = set(), 0
-    for module in modules:
-        for p in module.parameters():
-            key = (p.data_ptr(), p.numel())
-            if key not in seen:
-                seen.add(key)
-                total += p.numel() * p.element_size()
-    return total
 
 
 def pooled_hidden(hidden_states: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -287,19 +268,19 @@ class CoupledExperts(nn.Module):
         check_same_architecture(self._base["class"], self.config, self._base["dtype"], model, name, self.split_layer)
         decoder, head = _decoder_parts(model, f"expert {name!r}")
         if verify_prefix:
-            if not _modules_equal(self.embed_tokens, decoder.embed_tokens):
+            if not modules_equal(self.embed_tokens, decoder.embed_tokens):
                 raise ValueError(f"expert {name!r} has embeddings that differ from the base's; the shared backbone "
                                  "would change its outputs (pass verify_prefix=False to couple anyway)")
             for index in range(self.split_layer):
-                if not _modules_equal(self.layers[index], decoder.layers[index]):
+                if not modules_equal(self.layers[index], decoder.layers[index]):
                     raise ValueError(f"expert {name!r} layer {index} (below split_layer = {self.split_layer}) differs "
                                      "from the base's (pass verify_prefix=False to couple anyway)")
-        norm = self._base["norm"] if _modules_equal(self._base["norm"], decoder.norm) else decoder.norm
-        lm_head = self._base["head"] if _modules_equal(self._base["head"], head) else head
+        norm = self._base["norm"] if modules_equal(self._base["norm"], decoder.norm) else decoder.norm
+        lm_head = self._base["head"] if modules_equal(self._base["head"], head) else head
         branch = ExpertBranch(nn.ModuleList(decoder.layers[self.split_layer:]), norm, lm_head, model.config,
                               self.split_layer)
         self.coe.add_branch(name, branch)
-        self._separate_bytes[name] = _unique_param_bytes(model)
+        self._separate_bytes[name] = unique_param_bytes(model)
 
     def pop_expert(self, name: str) -> ExpertBranch:
         """Detach expert ``name``; the others are untouched. Returns its branch."""
@@ -310,7 +291,7 @@ class CoupledExperts(nn.Module):
     def memory_report(self) -> dict:
         """Parameter bytes the coupled model keeps alive (backbone, branches, router, and the base's norm
         and head kept for sharing) vs keeping each attached expert as a full model."""
-        coupled = _unique_param_bytes(self, self._base["norm"], self._base["head"])
+        coupled = unique_param_bytes(self, self._base["norm"], self._base["head"])
         separate = sum(self._separate_bytes.values())
         return {"experts": len(self._separate_bytes), "separate_bytes": separate, "coupled_bytes": coupled,
                 "saved_bytes": separate - coupled,

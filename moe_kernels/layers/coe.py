@@ -279,3 +279,24 @@ def decode_with_cache(model: Callable, input_ids: torch.Tensor, attention_mask: 
         output = model(next_tokens[:, None], attention_mask=attention_mask, position_ids=position_ids,
                        past_key_values=output.past_key_values, use_cache=True)
     return sequences, prefill
+
+
+def modules_equal(a: nn.Module, b: nn.Module) -> bool:
+    """Same parameter names, shapes and values (wherever each lives): two experts' copies of a shared part."""
+    params_a, params_b = dict(a.named_parameters()), dict(b.named_parameters())
+    if params_a.keys() != params_b.keys():
+        return False
+    return all(params_a[k].shape == params_b[k].shape and torch.equal(params_a[k], params_b[k].to(params_a[k].device))
+               for k in params_a)
+
+
+def unique_param_bytes(*modules: nn.Module) -> int:
+    """Bytes of the parameters of ``modules``, each storage counted once (shared parts count once)."""
+    seen, total = set(), 0
+    for module in modules:
+        for p in module.parameters():
+            key = (p.data_ptr(), p.numel())
+            if key not in seen:
+                seen.add(key)
+                total += p.numel() * p.element_size()
+    return total

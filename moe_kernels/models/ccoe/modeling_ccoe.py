@@ -33,7 +33,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin
 
-from ...layers.coe import CoELayer, ExpertBranch, attention_types, build_attention_masks, run_decoder_layers
+from ...layers.coe import (CoELayer, ExpertBranch, attention_types, build_attention_masks, modules_equal,
+                           run_decoder_layers, unique_param_bytes)
 from .._common import CACHE_FIELD, IGNORED_FORWARD_KWARGS, ComposedPreTrainedModel, output_class
 from .configuration_ccoe import CcoeConfig
 
@@ -47,25 +48,6 @@ def _decoder_parts(model: nn.Module, what: str):
                         f"layers, norm and rotary_emb (Llama/Mistral/Qwen2 style); got {type(model).__name__}"
                         + (f" (missing {missing})" if decoder is not None and missing else ""))
     return decoder, head
-
-
-def _modules_equal(a: nn.Module, b: nn.Module) -> bool:
-    params_a, params_b = dict(a.named_parameters()), dict(b.named_parameters())
-    if params_a.keys() != params_b.keys():
-        return False
-    return all(params_a[k].shape == params_b[k].shape and torch.equal(params_a[k], params_b[k].to(params_a[k].device))
-               for k in params_a)
-
-
-def _param_bytes(*modules: nn.Module) -> int:
-    seen, total = set(), 0
-    for module in modules:
-        for p in module.parameters():
-            key = (p.data_ptr(), p.numel())
-            if key not in seen:
-                seen.add(key)
-                total += p.numel() * p.element_size()
-    return total
 
 
 def _select(t, rows: torch.Tensor | None):
@@ -286,7 +268,7 @@ class CcoeForCausalLM(ComposedPreTrainedModel, GenerationMixin):
         for other in self.config.expert_names:
             key = f"{other}.{part}"
             if other != name and key not in self.config.shared_parts and \
-                    _modules_equal(self.get_submodule(self._part_path(key)), module):
+                    modules_equal(self.get_submodule(self._part_path(key)), module):
                 return key
         return None
 
@@ -375,11 +357,11 @@ class CcoeForCausalLM(ComposedPreTrainedModel, GenerationMixin):
         check_same_architecture(self._base_class, base_config, self.embed_tokens.weight.dtype, model, name, coe_layer)
         decoder, _ = _decoder_parts(model, f"expert {name!r}")
         if verify_prefix:
-            if not _modules_equal(self.embed_tokens, decoder.embed_tokens):
+            if not modules_equal(self.embed_tokens, decoder.embed_tokens):
                 raise ValueError(f"expert {name!r} has embeddings that differ from the base's; the shared backbone "
                                  "would change its outputs (pass verify_prefix=False to couple anyway)")
             for index in range(min(coe_layer, len(self.backbone))):
-                if not _modules_equal(self.backbone[index], decoder.layers[index]):
+                if not modules_equal(self.backbone[index], decoder.layers[index]):
                     raise ValueError(f"expert {name!r} layer {index} (below its CoE layer at depth {coe_layer}) differs "
                                      "from the base's (pass verify_prefix=False to couple anyway)")
         self._attach(name, model, coe_layer, model.config)
@@ -402,10 +384,10 @@ class CcoeForCausalLM(ComposedPreTrainedModel, GenerationMixin):
     def memory_report(self) -> dict:
         """Parameter bytes of the coupled model vs keeping each expert as a full model (embeddings, the
         backbone layers below its CoE layer, and its own layers, norm and head)."""
-        embed = _param_bytes(self.embed_tokens)
-        separate = sum(embed + _param_bytes(*self.backbone[:self.expert_depth(n)]) + _param_bytes(self.branch(n))
+        embed = unique_param_bytes(self.embed_tokens)
+        separate = sum(embed + unique_param_bytes(*self.backbone[:self.expert_depth(n)]) + unique_param_bytes(self.branch(n))
                        for n in self.expert_names)
-        coupled = _param_bytes(self)
+        coupled = unique_param_bytes(self)
         return {"experts": len(self.expert_names), "separate_bytes": separate, "coupled_bytes": coupled,
                 "saved_bytes": separate - coupled,
                 "saved_fraction": (separate - coupled) / separate if separate else 0.0}
