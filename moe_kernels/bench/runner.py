@@ -191,7 +191,8 @@ def run_benchmarks(args) -> tuple[list[dict], dict]:
                 case = build_moe_case(shape, scale, tokens, dtype, device, bandwidth, timing_kwargs)
                 rows += run_case(case, point_passes, timing_kwargs, device, memory=not args.no_memory, fwd_only=fwd_only)
                 del case
-    for suite, shapes, build in (("adapter", ADAPTER_SHAPES, build_adapter_case), ("lora", LORA_SHAPES, build_lora_case)):
+    adapter_suites = (("adapter", ADAPTER_SHAPES, build_adapter_case), ("lora", LORA_SHAPES, build_lora_case))
+    for suite, shapes, build in adapter_suites:
         if suite not in suites:
             continue
         for shape in pick(shapes):
