@@ -1,5 +1,5 @@
-"""The op contracts' shared definitions: the activations and their codes, and the constants every backend
-must agree on. Pure Python, imports nothing of the package, so every layer may import it.
+"""The op contracts' shared definitions: the activations and their codes, the routing variants, and the
+constants every backend must agree on. Pure Python, imports nothing of the package, so every layer may import it.
 
 Activations
   ``GATED_ACTIVATIONS``   the expert MLP's (``moe_mlp``) gated forms: act(gate) * up, or GPT-OSS's clamped
@@ -8,9 +8,9 @@ Activations
   The tuples' order is the order error messages list them in.
 
 Codes
-  The kernels branch on integer codes. The backends number the activations differently today, so each
-  backend's table is recorded here under the name of the code that uses it; the backends take their codes
-  from here and ``tests/test_spec.py`` checks the C++ header against :data:`CPP_ACTIVATION_CODES`.
+  The kernels branch on integer codes. The backends number the activations differently, so each table is
+  recorded here under the name of the code that uses it: the Triton modules take theirs from here, and
+  ``tests/test_spec.py`` checks ``csrc/common/activations.h`` against :data:`CPP_ACTIVATION_CODES`.
 
 Adding an activation: add it here (its name to the tuple(s), a code to every table of a backend that
 runs it), its math to :mod:`moe_kernels.reference`, and a branch to each backend's kernels (the Triton
@@ -31,6 +31,14 @@ TRITON_GATED_ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3
 # The Triton adapter kernels (constexpr ACTIVATION of moe_kernels/triton/adapters.py).
 TRITON_ADAPTER_ACTIVATION_CODES = {"identity": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "relu": 4}
 
+# Routing variants (moe_kernels.route). scoring: how logits become scores; order: choose the top k among the
+# scores ("softmax_then_topk", weights = the chosen scores) or among the raw logits ("topk_then_softmax",
+# weights = scoring of the chosen logits). The kernels take them as two flags: sigmoid = scoring == "sigmoid",
+# topk_first = order == "topk_then_softmax". "No group limit" is n_group = None at the public op; the C++ op
+# takes 0 and the Triton kernel N_GROUP = 1 for it.
+ROUTE_SCORINGS = ("softmax", "sigmoid")
+ROUTE_ORDERS = ("softmax_then_topk", "topk_then_softmax")
+
 GPT_OSS_ALPHA = 1.702  # GPT-OSS's clamped SwiGLU: glu = gate * sigmoid(alpha * gate)
 
 # Added to the renormalisation denominator so an all-zero choice (sigmoid underflow) gives 0, not NaN.
@@ -40,4 +48,5 @@ RENORM_EPS = 1e-20
 MAX_ADAPTER_RANK = 1024  # adapter_moe's bottleneck width r: 1 <= r <= MAX_ADAPTER_RANK
 
 __all__ = ["GATED_ACTIVATIONS", "ADAPTER_ACTIVATIONS", "CPP_ACTIVATION_CODES", "TRITON_GATED_ACTIVATION_CODES",
-           "TRITON_ADAPTER_ACTIVATION_CODES", "GPT_OSS_ALPHA", "RENORM_EPS", "MAX_ADAPTER_RANK"]
+           "TRITON_ADAPTER_ACTIVATION_CODES", "ROUTE_SCORINGS", "ROUTE_ORDERS", "GPT_OSS_ALPHA", "RENORM_EPS",
+           "MAX_ADAPTER_RANK"]

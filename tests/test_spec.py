@@ -88,6 +88,7 @@ def test_python_modules_use_the_spec():
     assert reference.ADAPTER_ACTIVATIONS is spec.ADAPTER_ACTIVATIONS
     assert reference.GPT_OSS_ALPHA == spec.GPT_OSS_ALPHA and reference.RENORM_EPS == spec.RENORM_EPS
     assert ops.MAX_ADAPTER_RANK == spec.MAX_ADAPTER_RANK
+    assert ops.SCORINGS == spec.ROUTE_SCORINGS and ops.ORDERS == spec.ROUTE_ORDERS
     if "triton" in moe_kernels.available_backends():
         from moe_kernels.triton import adapters, experts
 
@@ -166,3 +167,16 @@ def test_every_adapter_activation_runs_on_every_backend(backend, activation):
     assert_close_rel(actual, expected, torch.float32, f"{backend} {activation} forward")
     for name, a, e in zip(("h", "down", "up", "weights"), actual_grads, expected_grads):
         assert_close_rel(a, e, torch.float32, f"{backend} {activation} d{name}")
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # the interpreter's sigmoid
+@pytest.mark.parametrize("backend", backends_under_test())
+def test_renorm_eps_keeps_an_underflowed_choice_finite_on_every_backend(backend):
+    """sigmoid(-200) underflows to 0 in fp32: renormalising divides 0 by (0 + RENORM_EPS), which gives 0, not NaN."""
+    device = device_for(backend)
+    logits = torch.full((3, 4), -200.0, device=device, requires_grad=True)
+    expected = moe_kernels.route(logits, 2, scoring="sigmoid", backend="reference")[0]
+    actual = moe_kernels.route(logits, 2, scoring="sigmoid", backend=backend)[0]
+    assert torch.equal(actual, expected) and not actual.any()
+    (grad,) = torch.autograd.grad(actual.sum(), logits)
+    assert torch.isfinite(grad).all()
