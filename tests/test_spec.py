@@ -122,6 +122,19 @@ def _grads(fn, inputs):
     return out, torch.autograd.grad(out, inputs, grad_out)
 
 
+def _assert_matches_oracle(run, backend: str, inputs: dict, what: str) -> None:
+    """``run(name)`` -> a function of ``inputs``' tensors on backend ``name``; ``backend``'s output and gradients
+    w.r.t. every input equal the reference backend's (same upstream gradient)."""
+    tensors = [t.requires_grad_() for t in inputs.values()]
+    torch.manual_seed(1)
+    expected, expected_grads = _grads(run("reference"), tensors)
+    torch.manual_seed(1)
+    actual, actual_grads = _grads(run(backend), tensors)
+    assert_close_rel(actual, expected, torch.float32, f"{what} forward")
+    for name, a, e in zip(inputs, actual_grads, expected_grads):
+        assert_close_rel(a, e, torch.float32, f"{what} d{name}")
+
+
 @pytest.mark.parametrize("backend", backends_under_test())
 @pytest.mark.parametrize("activation", spec.GATED_ACTIVATIONS)
 def test_every_gated_activation_runs_on_every_backend(backend, activation):
@@ -131,19 +144,13 @@ def test_every_gated_activation_runs_on_every_backend(backend, activation):
     down = torch.randn(E, H, I, device=device) / I ** 0.5
     weights, ids = _routing(device)
     limit = 1.0 if activation == "gpt_oss" else None  # small enough that the clamps cut
-    inputs = [t.requires_grad_() for t in (x, gate_up, down, weights)]
 
     def run(which):
         return lambda x, gu, d, w: moe_kernels.moe_mlp(x, gu, d, w, ids, activation=activation, swiglu_limit=limit,
                                                        backend=which)
 
-    torch.manual_seed(1)
-    expected, expected_grads = _grads(run("reference"), inputs)
-    torch.manual_seed(1)
-    actual, actual_grads = _grads(run(backend), inputs)
-    assert_close_rel(actual, expected, torch.float32, f"{backend} {activation} forward")
-    for name, a, e in zip(("x", "gate_up_proj", "down_proj", "weights"), actual_grads, expected_grads):
-        assert_close_rel(a, e, torch.float32, f"{backend} {activation} d{name}")
+    _assert_matches_oracle(run, backend, {"x": x, "gate_up_proj": gate_up, "down_proj": down, "weights": weights},
+                           f"{backend} {activation}")
 
 
 @pytest.mark.parametrize("backend", backends_under_test())
@@ -154,19 +161,13 @@ def test_every_adapter_activation_runs_on_every_backend(backend, activation):
     down = torch.randn(E, R, H, device=device) / H ** 0.5
     up = torch.randn(E, H, R, device=device) / R ** 0.5
     weights, ids = _routing(device)
-    inputs = [t.requires_grad_() for t in (h, down, up, weights)]
 
     def run(which):
         return lambda h, d, u, w: moe_kernels.adapter_moe(h, d, u, w, ids, activation=activation, scale=0.5,
                                                           backend=which)
 
-    torch.manual_seed(1)
-    expected, expected_grads = _grads(run("reference"), inputs)
-    torch.manual_seed(1)
-    actual, actual_grads = _grads(run(backend), inputs)
-    assert_close_rel(actual, expected, torch.float32, f"{backend} {activation} forward")
-    for name, a, e in zip(("h", "down", "up", "weights"), actual_grads, expected_grads):
-        assert_close_rel(a, e, torch.float32, f"{backend} {activation} d{name}")
+    _assert_matches_oracle(run, backend, {"h": h, "down": down, "up": up, "weights": weights},
+                           f"{backend} {activation}")
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # the interpreter's sigmoid
