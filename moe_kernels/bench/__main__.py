@@ -2,4 +2,5 @@
 
 from .cli import bench_main
 
-raise SystemExit(bench_main())
+if __name__ == "__main__":  # importing the module (e.g. walking the package) runs nothing
+    raise SystemExit(bench_main())
