@@ -20,14 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from .backends import Backend, Plan
-
-GATED_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "gpt_oss")
-ADAPTER_ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu", "identity")
-GPT_OSS_ALPHA = 1.702  # GPT-OSS's clamped SwiGLU: glu = gate * sigmoid(alpha * gate)
-
-# Added to the renormalisation denominator so an all-zero choice (sigmoid underflow) gives 0, not NaN.
-# Far below fp32 resolution of any realistic sum, so it does not change normal results.
-RENORM_EPS = 1e-20
+# The activation names and shared constants live in moe_kernels.spec; re-exported here, where callers know them.
+from .spec import ADAPTER_ACTIVATIONS, GATED_ACTIVATIONS, GPT_OSS_ALPHA, RENORM_EPS
 
 
 def apply_activation(x: torch.Tensor, name: str) -> torch.Tensor:
@@ -47,7 +41,8 @@ def apply_activation(x: torch.Tensor, name: str) -> torch.Tensor:
 
 def gated_activation(gate_up: torch.Tensor, name: str, interleaved: bool = False,
                      swiglu_limit: float | None = None) -> torch.Tensor:
-    """[N, 2I] -> [N, I]: act(gate) * up, or GPT-OSS's clamped form (up + 1) * gate * sigmoid(1.702 gate)."""
+    """[N, 2I] -> [N, I]: act(gate) * up, or GPT-OSS's clamped form (up + 1) * gate * sigmoid(alpha gate),
+    alpha = GPT_OSS_ALPHA."""
     if interleaved:
         gate, up = gate_up[..., 0::2], gate_up[..., 1::2]
     else:
@@ -123,36 +118,40 @@ def moe_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
             down_bias: torch.Tensor | None = None, interleaved: bool = False,
             swiglu_limit: float | None = None) -> torch.Tensor:
     """y[t] = sum_j weights[t,j] * down_e(act(gate_e x_t) * up_e x_t), e = ids[t,j]. Loop over experts."""
-    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
-    ids = ids.long()
-    for e in range(gate_up_proj.shape[0]):
-        tokens, choice = torch.where(ids == e)
-        if tokens.numel() == 0:
-            continue
-        h = x[tokens].float() @ gate_up_proj[e].float().t()
+    def expert(e, rows):
+        h = rows @ gate_up_proj[e].float().t()
         if gate_up_bias is not None:
             h = h + gate_up_bias[e].float()
-        a = gated_activation(h, activation, interleaved, swiglu_limit)
-        y = a @ down_proj[e].float().t()
+        y = gated_activation(h, activation, interleaved, swiglu_limit) @ down_proj[e].float().t()
         if down_bias is not None:
             y = y + down_bias[e].float()
-        out = out.index_add(0, tokens, y * weights[tokens, choice].float().unsqueeze(-1))
-    return out.to(x.dtype)
+        return y
+
+    return _routed_sum(x, weights, ids, gate_up_proj.shape[0], expert)
 
 
 def adapter_moe(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weights: torch.Tensor,
                 ids: torch.Tensor, activation: str = "gelu", scale: float = 1.0) -> torch.Tensor:
     """y[t] = sum_j weights[t,j] * scale * up_e(act(down_e h_t)), e = ids[t,j]; down [E,r,H], up [E,H,r]."""
-    out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+    def expert(e, rows):
+        return apply_activation(rows @ down[e].float().t(), activation) @ up[e].float().t()
+
+    return _routed_sum(h, weights, ids, down.shape[0], expert, scale)
+
+
+def _routed_sum(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, num_experts: int, expert,
+                scale: float = 1.0) -> torch.Tensor:
+    """out[t] = sum_j scale * weights[t,j] * expert(e, x[t]), e = ids[t,j]: a loop over experts, each applied
+    to its routed rows (fp32) at once; summed in fp32, returned in x's dtype."""
+    out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
     ids = ids.long()
-    for e in range(down.shape[0]):
+    for e in range(num_experts):
         tokens, choice = torch.where(ids == e)
         if tokens.numel() == 0:
             continue
-        z = apply_activation(h[tokens].float() @ down[e].float().t(), activation)
-        y = z @ up[e].float().t()
+        y = expert(e, x[tokens].float())
         out = out.index_add(0, tokens, y * (scale * weights[tokens, choice].float()).unsqueeze(-1))
-    return out.to(h.dtype)
+    return out.to(x.dtype)
 
 
 def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
@@ -179,23 +178,14 @@ def z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 class ReferenceBackend(Backend):
-    """The oracle run as a backend (any device, plain autograd)."""
+    """The oracle run as a backend (any device, plain autograd). The backend methods take the arguments of
+    the functions above, in the same order."""
 
     name = "reference"
-
-    def route(self, logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale):
-        return route(logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale)
-
-    def plan(self, ids, num_experts):
-        return plan(ids, num_experts)
-
-    def moe_mlp(self, x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias,
-                interleaved, swiglu_limit):
-        return moe_mlp(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias,
-                       interleaved, swiglu_limit)
-
-    def adapter_moe(self, h, down, up, weights, ids, activation, scale):
-        return adapter_moe(h, down, up, weights, ids, activation, scale)
+    route = staticmethod(route)
+    plan = staticmethod(plan)
+    moe_mlp = staticmethod(moe_mlp)
+    adapter_moe = staticmethod(adapter_moe)
 
 
 BACKEND = ReferenceBackend()

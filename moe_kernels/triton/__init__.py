@@ -3,7 +3,8 @@ adapter experts, forward and backward.
 
 Modules: :mod:`.routing` (fused top-k routing), :mod:`.plan` (on-device counting sort),
 :mod:`.experts` (expert MLP), :mod:`.adapters` (adapter / LoRA experts), :mod:`.configs` (launch
-configs per shape class), :mod:`.compile_check` (ahead-of-time compile of every kernel for real GPUs).
+configs per shape class), :mod:`.common` (interpreter flag, ``tl.dot`` precision, activation codes),
+:mod:`.compile_check` (ahead-of-time compile of every kernel for real GPUs).
 Kernel modules are imported on first use, so ``moe_kernels.triton`` stays cheap to import.
 
 Runs on CUDA tensors; on CPU tensors only under ``TRITON_INTERPRET=1`` (the interpreter, for tests).
@@ -11,21 +12,16 @@ Runs on CUDA tensors; on CPU tensors only under ``TRITON_INTERPRET=1`` (the inte
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ..backends import Backend
+from .common import interpreting
 
 try:
     import triton  # noqa: F401
     _IMPORT_ERROR = None
 except ImportError as exc:
     _IMPORT_ERROR = f"triton is not installed ({exc})"
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 class TritonBackend(Backend):

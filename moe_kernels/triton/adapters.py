@@ -42,39 +42,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-from .. import reference
-
-# ----------------------------------------------------------------------------------------------------
-# dispatch plan: B's Triton plan when it exists, else the reference counting sort (same contract)
-
-try:  # pragma: no cover - depends on what has landed
-    from .plan import dispatch_plan as _dispatch_plan
-except ImportError:  # pragma: no cover
-    _dispatch_plan = None
-
-
-def _plan(ids: torch.Tensor, num_experts: int):
-    if _dispatch_plan is not None:
-        return _dispatch_plan(ids, num_experts)
-    return reference.plan(ids, num_experts)
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-# activation codes shared by the kernels (constexpr ACTIVATION)
-ACTIVATION_CODES = {"identity": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "relu": 4}
-assert set(ACTIVATION_CODES) == set(reference.ADAPTER_ACTIVATIONS)
-
-MAX_RANK = 1024
+from ..spec import MAX_ADAPTER_RANK as MAX_RANK
+from .common import ADAPTER_ACTIVATION_CODES as ACTIVATION_CODES  # the kernels branch on these codes
+from .common import dot_precision, interpreting
+from .plan import dispatch_plan
 
 # ----------------------------------------------------------------------------------------------------
 # Triton helpers
@@ -522,12 +499,6 @@ def _rank_tile(rank: int) -> int:
 # launchers
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and not _interpreting() and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
 def _aligned(H, *tensors) -> bool:
     return H % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in tensors)
 
@@ -542,7 +513,7 @@ def _launch_params(h, down, up, weights, expert_offsets, sorted_slots, grad=None
     inputs = (h, down, up, weights, expert_offsets, sorted_slots, *([grad] if grad is not None else []))
     if _forced_config is None and not _aligned(H, *inputs):
         config = UNALIGNED_CONFIG
-    interp = _interpreting()
+    interp = interpreting()
     if interp:  # fewer, wider tiles: the interpreter's cost is per program and loop step
         config = dataclasses.replace(config, block_k=_INTERPRETER_BLOCK, block_n=_INTERPRETER_BLOCK,
                                      wgrad_block_h=_INTERPRETER_BLOCK, num_stages=1)
@@ -555,17 +526,17 @@ def _launch_params(h, down, up, weights, expert_offsets, sorted_slots, grad=None
                                       right=True).to(torch.int32)
     return dict(T=T, H=H, E=E, R=R, k=k, N=N, config=config, tile_ends=tile_ends, tile_experts=tile_experts,
                 row_tiles=row_tiles,
-                upcast=interp, precision=_dot_precision(h.dtype))
+                upcast=interp, precision=dot_precision(h.dtype))
 
 
 def _mid_dtype(h):
     # [N, r] intermediates: input dtype on GPUs (tensor-core operand), fp32 under the interpreter
-    return torch.float32 if _interpreting() else h.dtype
+    return torch.float32 if interpreting() else h.dtype
 
 
 def _combine(slot_rows, T, H, k, out_dtype):
     out = torch.empty((T, H), dtype=out_dtype, device=slot_rows.device)
-    block_t, block_n = _COMBINE_BLOCK_T, _COMBINE_BLOCK_N if not _interpreting() else _INTERPRETER_BLOCK
+    block_t, block_n = _COMBINE_BLOCK_T, _COMBINE_BLOCK_N if not interpreting() else _INTERPRETER_BLOCK
     _combine_slots_kernel[(triton.cdiv(T, block_t), triton.cdiv(H, block_n))](
         slot_rows, out, T, H, k, BLOCK_T=block_t, BLOCK_N=block_n, **_COMBINE_OPTIONS)
     return out
@@ -716,14 +687,14 @@ def adapter_moe_triton(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, we
 
     h [T,H]; down [E,r,H]; up [E,H,r] (h's dtype, 1 <= r <= 1024); weights [T,k] float32; ids [T,k]
     int32 in [0, E) (validated by ``moe_kernels.ops.adapter_moe``); activation in
-    ``reference.ADAPTER_ACTIVATIONS`` ("identity" = routed LoRA B_e A_e h). Returns [T,H] in h's dtype,
+    ``moe_kernels.spec.ADAPTER_ACTIVATIONS`` ("identity" = routed LoRA B_e A_e h). Returns [T,H] in h's dtype,
     differentiable w.r.t. h, down, up and weights. Same math as :func:`moe_kernels.reference.adapter_moe`.
     """
     if activation not in ACTIVATION_CODES:
         raise ValueError(f"activation must be one of {list(ACTIVATION_CODES)}, got {activation!r}")
     if not 1 <= down.shape[1] <= MAX_RANK:
         raise ValueError(f"down: adapter rank (dim 1) must be in [1, {MAX_RANK}], got {down.shape[1]}")
-    plan = _plan(ids, down.shape[0])
+    plan = dispatch_plan(ids, down.shape[0])
     return _adapter_moe_op(h.contiguous(), down.contiguous(), up.contiguous(),
                            weights.to(torch.float32).contiguous(), plan.expert_offsets.to(torch.int32),
                            plan.sorted_slots.to(torch.int32), activation, float(scale))

@@ -31,6 +31,8 @@ import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 
+from .common import interpreting
+
 # Opt-in dynamic shared memory per block (bytes), from the CUDA programming guide's compute capability table.
 SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 REGISTER_LIMIT = 255
@@ -213,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     args = parser.parse_args(argv)
     archs = _parse_arch(args.arch)
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if interpreting():
         env = dict(os.environ)
         env.pop("TRITON_INTERPRET")
         package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

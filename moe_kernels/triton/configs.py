@@ -50,7 +50,7 @@ def route_config(num_tokens: int, num_experts: int) -> dict:
     return _pick("route", tokens=num_tokens, experts=num_experts)
 
 
-def mlp_config(num_rows: int, num_experts: int, top_k: int, fp32: bool = False) -> dict:
+def mlp_config(num_rows: int, num_experts: int, *, fp32: bool = False) -> dict:
     """Configs of the expert-MLP kernels for N = T*k routed rows over E experts (keys up, down,
     down_bwd, dx, dw), chosen by the average rows per expert; float32 inputs use the 'mlp_fp32' family."""
     return _pick("mlp_fp32" if fp32 else "mlp", rows_per_expert=-(-num_rows // num_experts))

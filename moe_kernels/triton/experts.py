@@ -38,32 +38,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ..reference import GATED_ACTIVATIONS, GPT_OSS_ALPHA
+from ..spec import GPT_OSS_ALPHA
+from .common import GATED_ACTIVATION_CODES as ACTIVATION_CODES  # the kernels branch on these codes
+from .common import dot_precision, interpreting
 from .configs import decode_config, entries, mlp_config, wgrad_config
 from .plan import dispatch_plan
 
-ACTIVATION_CODES = {name: code for code, name in enumerate(GATED_ACTIVATIONS)}
-# the kernels branch on these codes
-assert ACTIVATION_CODES == {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "gpt_oss": 4}, ACTIVATION_CODES
 _ALPHA = tl.constexpr(GPT_OSS_ALPHA)
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def recompute_enabled() -> bool:
     """MOE_KERNELS_RECOMPUTE=1: keep no [N, 2I] pre-activation for backward; recompute it there (one more
     gate/up GEMM, saves 2*N*I elements of activation memory per layer)."""
     return os.environ.get("MOE_KERNELS_RECOMPUTE", "0") not in ("", "0")
-
-
-def dot_precision(dtype: torch.dtype) -> str:
-    """tl.dot input precision: fp32 inputs use TF32 only when torch allows it for matmuls (as torch's own
-    fp32 GEMMs do); fp16/bf16 inputs run natively (the value is ignored for them)."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -220,7 +207,7 @@ def _gate_up_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, st
     x's dtype, sorted rows, columns laid out like W_gu's rows.  limit: GPT-OSS clamp (HAS_LIMIT).
     Grid: (upper bound of tiles, cdiv(I, BLOCK_N)), or (E, cdiv(I, BLOCK_N)) with BY_EXPERT (the decode
     path: ids in sorted_slots_ptr, act/pre indexed by slot; see ``_program_rows``).
-    ACTIVATION: code of reference.GATED_ACTIVATIONS.
+    ACTIVATION: code of ACTIVATION_CODES (moe_kernels.spec.TRITON_GATED_ACTIVATION_CODES).
     """
     expert, rows, row_mask, slots, valid = _program_rows(tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr,
                                                          num_experts, num_rows, search_steps, BLOCK_M, BY_EXPERT)
@@ -566,7 +553,7 @@ def _forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias,
     top_k = ids.shape[1]
     num_rows = num_tokens * top_k
     plan = dispatch_plan(ids, num_experts)
-    cfg = mlp_config(num_rows, num_experts, top_k, fp32=x.dtype == torch.float32)
+    cfg = mlp_config(num_rows, num_experts, fp32=x.dtype == torch.float32)
     upcast = interpreting()
     precision = dot_precision(x.dtype)
     steps = num_experts.bit_length()
@@ -629,7 +616,7 @@ def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, do
     inter = two_inter // 2
     top_k = ids.shape[1]
     num_rows = num_tokens * top_k
-    cfg = mlp_config(num_rows, num_experts, top_k, fp32=x.dtype == torch.float32)
+    cfg = mlp_config(num_rows, num_experts, fp32=x.dtype == torch.float32)
     upcast = interpreting()
     precision = dot_precision(x.dtype)
     steps = num_experts.bit_length()
@@ -778,7 +765,7 @@ def _mlp_backward(ctx, grad_y, _grad_pre, _grad_offsets, _grad_slots):
     x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, pre, expert_offsets, sorted_slots = ctx.saved_tensors
     activation, interleaved, swiglu_limit = ctx.options
     if pre.shape[0] != ids.numel():  # recompute mode: one more gate/up GEMM instead of keeping [N, 2I]
-        cfg = mlp_config(ids.numel(), gate_up_proj.shape[0], ids.shape[1], fp32=x.dtype == torch.float32)["up"]
+        cfg = mlp_config(ids.numel(), gate_up_proj.shape[0], fp32=x.dtype == torch.float32)["up"]
         _, pre = _gate_up(x, gate_up_proj, gate_up_bias, ids.shape[1], expert_offsets, sorted_slots,
                           tile_offsets(expert_offsets, cfg["BLOCK_M"]), cfg, activation, interleaved, swiglu_limit,
                           store_act=False, save_pre=True)

@@ -20,7 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
+from ..spec import RENORM_EPS
 from .configs import entries, route_config
+
+_RENORM_EPS = tl.constexpr(RENORM_EPS)
 
 
 @triton.jit
@@ -55,7 +58,7 @@ def _route_fwd_kernel(logits_ptr, stride_lt, stride_le, bias_ptr, weights_ptr, i
     weights_ptr: [T, K] float32 out, contiguous.  ids_ptr: [T, K] int32 out, contiguous.
     scale:       fp32 multiplier of the final weights.
     K: top-k; SIGMOID: sigmoid instead of softmax; TOPK_FIRST: select on logits, then score the k;
-    RENORM: divide the k weights by their sum (+ reference.RENORM_EPS = 1e-20); N_GROUP/TOPK_GROUP: group-limited selection
+    RENORM: divide the k weights by their sum (+ spec.RENORM_EPS = 1e-20); N_GROUP/TOPK_GROUP: group-limited selection
     (N_GROUP = 1 disables it). BLOCK_E >= E, BLOCK_K >= K, BLOCK_G >= N_GROUP: powers of two.
     """
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -118,7 +121,7 @@ def _route_fwd_kernel(logits_ptr, stride_lt, stride_le, bias_ptr, weights_ptr, i
             picked = pe / tl.sum(pe, axis=1)[:, None]
     picked = tl.where(k_valid[None, :], picked, 0.0)
     if RENORM:
-        picked = picked / (tl.sum(picked, axis=1)[:, None] + 1e-20)
+        picked = picked / (tl.sum(picked, axis=1)[:, None] + _RENORM_EPS)
     out_mask = row_valid[:, None] & k_valid[None, :]
     out_offsets = rows[:, None] * K + kcols[None, :]
     tl.store(weights_ptr + out_offsets, picked * scale, mask=out_mask)
@@ -173,7 +176,7 @@ def _route_bwd_kernel(grad_w_ptr, logits_ptr, stride_lt, stride_le, ids_ptr, gra
         probs = picked
     probs = tl.where(k_valid[None, :], probs, 0.0)
     if RENORM:
-        denom = tl.sum(probs, axis=1) + 1e-20
+        denom = tl.sum(probs, axis=1) + _RENORM_EPS
         g = g / denom[:, None] - (tl.sum(g * probs, axis=1) / (denom * denom))[:, None]
     if TOPK_FIRST:
         if SIGMOID:
