@@ -14,12 +14,11 @@ import torch
 
 from . import reference
 from .backends import Plan, resolve_backend
+from .spec import MAX_ADAPTER_RANK, ROUTE_ORDERS, ROUTE_SCORINGS
 from .validation import (check_choice, check_dim, check_finite_logits, check_routing, check_same_device,
                          check_tensor, check_top_k, value_checks_enabled)
 
-SCORINGS = ("softmax", "sigmoid")
-ORDERS = ("softmax_then_topk", "topk_then_softmax")
-MAX_ADAPTER_RANK = 1024
+SCORINGS, ORDERS = ROUTE_SCORINGS, ROUTE_ORDERS  # the routing variants, defined in spec.py
 
 
 def _shape(x: torch.Tensor, num_experts: int, *tensors) -> dict:
