@@ -13,8 +13,12 @@
 #     --hf-speed  end with integration/example_hf_speed.py in bf16 (patched vs unpatched whole model)
 #   bash benchmarks/gpu_check.sh --dry-run   # no GPU: CPU build, interpreter, tiny shapes (CI runs this)
 #
-# Wheels missing on the GPU machine (liger-kernel, expecttest) are installed from .whl/ when that folder
-# exists (no network there).
+# Wheels missing on the GPU machine (no network there) are installed from .whl/ when that folder exists. The
+# lent machines have transformers 5.17, below the supported floor (5.21): carry the pinned one too. Before the
+# lease, on a machine with network, from the repository root:
+#   echo /.whl/ >> .git/info/exclude
+#   pip download --no-deps -d .whl liger-kernel==0.8.5 expecttest==0.3.0 \
+#     "transformers==$(sed -n 's/^transformers==//p' constraints.txt)"
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}
 cd "$(dirname "$0")/.."
