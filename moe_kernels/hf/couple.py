@@ -31,7 +31,8 @@ from torch import nn
 from transformers.utils import ModelOutput
 
 from ..layers.coe import (CoELayer, ExpertBranch, attention_types, build_attention_masks, decode_with_cache,
-                          generation_defaults, modules_equal, run_decoder_layers, unique_param_bytes)
+                          decoder_parts, generation_defaults, modules_equal, run_decoder_layers,
+                          unique_param_bytes)
 
 # Config entries that may differ between the base and an expert: depth and bookkeeping.
 _CONFIG_KEYS_ALLOWED_TO_DIFFER = {
@@ -83,17 +84,6 @@ class CoECache:
 
     def get_seq_length(self) -> int:
         return self.seen_tokens
-
-
-def _decoder_parts(model: nn.Module, what: str):
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    missing = [part for part in ("embed_tokens", "layers", "norm", "rotary_emb") if not hasattr(decoder, part)]
-    if decoder is None or head is None or missing:
-        raise TypeError(f"{what} must be a Hugging Face decoder-only causal LM whose decoder has embed_tokens, "
-                        f"layers, norm and rotary_emb (Llama/Mistral/Qwen2 style); got {type(model).__name__}"
-                        + (f" (missing {missing})" if decoder is not None and missing else ""))
-    return decoder, head
 
 
 def _first_dtype(module: nn.Module) -> torch.dtype:
@@ -235,7 +225,7 @@ class CoupledExperts(nn.Module):
 
     def __init__(self, base_model: nn.Module, split_layer: int, router=None):
         super().__init__()
-        decoder, head = _decoder_parts(base_model, "base_model")
+        decoder, head = decoder_parts(base_model, "base_model")
         depth = base_model.config.num_hidden_layers
         if isinstance(split_layer, bool) or not isinstance(split_layer, int) or not 0 <= split_layer <= depth:
             raise ValueError(f"split_layer must be an int in [0, {depth}] (the base has {depth} layers), "
@@ -266,7 +256,7 @@ class CoupledExperts(nn.Module):
         shared with the base where equal). ``verify_prefix`` checks that its embeddings and lower
         layers equal the base's, as CCoE's frozen-prefix training guarantees."""
         check_same_architecture(self._base["class"], self.config, self._base["dtype"], model, name, self.split_layer)
-        decoder, head = _decoder_parts(model, f"expert {name!r}")
+        decoder, head = decoder_parts(model, f"expert {name!r}")
         if verify_prefix:
             if not modules_equal(self.embed_tokens, decoder.embed_tokens):
                 raise ValueError(f"expert {name!r} has embeddings that differ from the base's; the shared backbone "
@@ -431,7 +421,7 @@ def couple_experts(base_model: nn.Module, experts: dict[str, nn.Module], split_l
     if (split_layer is None) == (coe_layers is None):
         raise ValueError("give exactly one of split_layer (one CoE layer for all experts) or coe_layers "
                          "({name: depth})")
-    _decoder_parts(base_model, "base_model")
+    decoder_parts(base_model, "base_model")
     depth = base_model.config.num_hidden_layers
     if coe_layers is None:
         coe_layers = {name: split_layer for name in experts}

@@ -300,3 +300,15 @@ def unique_param_bytes(*modules: nn.Module) -> int:
                 seen.add(key)
                 total += p.numel() * p.element_size()
     return total
+
+
+def decoder_parts(model: nn.Module, what: str):
+    """(decoder, output head) of a Llama/Mistral/Qwen2-style causal LM, or a TypeError naming what it lacks."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    missing = [part for part in ("embed_tokens", "layers", "norm", "rotary_emb") if not hasattr(decoder, part)]
+    if decoder is None or head is None or missing:
+        raise TypeError(f"{what} must be a Hugging Face decoder-only causal LM whose decoder has embed_tokens, "
+                        f"layers, norm and rotary_emb (Llama/Mistral/Qwen2 style); got {type(model).__name__}"
+                        + (f" (missing {missing})" if decoder is not None and missing else ""))
+    return decoder, head

@@ -33,21 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin
 
-from ...layers.coe import (CoELayer, ExpertBranch, attention_types, build_attention_masks, modules_equal,
-                           run_decoder_layers, unique_param_bytes)
+from ...layers.coe import (CoELayer, ExpertBranch, attention_types, build_attention_masks, decoder_parts,
+                           modules_equal, run_decoder_layers, unique_param_bytes)
 from .._common import CACHE_FIELD, IGNORED_FORWARD_KWARGS, ComposedPreTrainedModel, output_class
 from .configuration_ccoe import CcoeConfig
-
-
-def _decoder_parts(model: nn.Module, what: str):
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    missing = [part for part in ("embed_tokens", "layers", "norm", "rotary_emb") if not hasattr(decoder, part)]
-    if decoder is None or head is None or missing:
-        raise TypeError(f"{what} must be a Hugging Face decoder-only causal LM whose decoder has embed_tokens, "
-                        f"layers, norm and rotary_emb (Llama/Mistral/Qwen2 style); got {type(model).__name__}"
-                        + (f" (missing {missing})" if decoder is not None and missing else ""))
-    return decoder, head
 
 
 def _select(t, rows: torch.Tensor | None):
@@ -151,7 +140,7 @@ class CcoeForCausalLM(ComposedPreTrainedModel, GenerationMixin):
         depths = config.depths
         if base_model is None:
             base_model = AutoModelForCausalLM.from_config(config.text_config)
-        decoder, _ = _decoder_parts(base_model, "base_model")
+        decoder, _ = decoder_parts(base_model, "base_model")
         base_depth = config.text_config.num_hidden_layers
         backbone_depth = max([int(config.backbone_depth or 0)] + depths)
         config.backbone_depth = backbone_depth
@@ -289,7 +278,7 @@ class CcoeForCausalLM(ComposedPreTrainedModel, GenerationMixin):
         from_config = model is None
         if from_config:
             model = AutoModelForCausalLM.from_config(expert_config)
-        decoder, head = _decoder_parts(model, f"expert {name!r}")
+        decoder, head = decoder_parts(model, f"expert {name!r}")
         layers, norm = nn.ModuleList(decoder.layers[depth:]), decoder.norm
         parts = {"norm": norm, "lm_head": head}
         shared = dict(self.config.shared_parts)
@@ -355,7 +344,7 @@ class CcoeForCausalLM(ComposedPreTrainedModel, GenerationMixin):
             coe_layer = depths[0]
         base_config = self.config.text_config
         check_same_architecture(self._base_class, base_config, self.embed_tokens.weight.dtype, model, name, coe_layer)
-        decoder, _ = _decoder_parts(model, f"expert {name!r}")
+        decoder, _ = decoder_parts(model, f"expert {name!r}")
         if verify_prefix:
             if not modules_equal(self.embed_tokens, decoder.embed_tokens):
                 raise ValueError(f"expert {name!r} has embeddings that differ from the base's; the shared backbone "
