@@ -14,6 +14,7 @@ from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralF
 
 from moe_kernels.hf import couple_experts
 from moe_kernels.hf.couple import ClassifierRouter, KeywordRouter
+from hf_testing import left_padded_prompts  # noqa: E402
 
 VOCAB = 101
 PAD = 0
@@ -54,15 +55,7 @@ def build(family: str, router=None):
 
 
 def padded_batch(lengths, seed=0):
-    """Left-padded prompts [B, max(lengths)] with their attention mask."""
-    g = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.full((len(lengths), width), PAD, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, width - n:] = torch.randint(1, VOCAB, (n,), generator=g)
-        mask[row, width - n:] = 1
-    return ids, mask
+    return left_padded_prompts(lengths, VOCAB, PAD, seed)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

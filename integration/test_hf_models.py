@@ -22,6 +22,7 @@ import moe_kernels.hf as mkh
 from moe_kernels.hf.couple import ClassifierRouter, CoupledExperts
 from moe_kernels.layers.fuser import TokenFuser
 from moe_kernels.models import CcoeForCausalLM, PescForCausalLM, SelfMoEForCausalLM, UltraFuserForCausalLM
+from hf_testing import left_padded_prompts  # noqa: E402
 
 VOCAB = 97
 PAD = 0
@@ -50,15 +51,7 @@ def tiny(family, depth=2, seed=0, **overrides):
 
 
 def prompts(lengths=(7, 4, 9), seed=0):
-    """Left-padded prompts and their attention mask."""
-    g = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.full((len(lengths), width), PAD, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, width - n:] = torch.randint(1, VOCAB, (n,), generator=g)
-        mask[row, width - n:] = 1
-    return ids, mask
+    return left_padded_prompts(lengths, VOCAB, PAD, seed)
 
 
 def greedy(model, ids, mask, **kwargs):

@@ -15,6 +15,7 @@ from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralF
 from moe_kernels.hf import fuse_specialists
 from moe_kernels.layers.coe import positions_from_mask
 from moe_kernels.layers.fuser import DomainBalancedBatchSampler, train_stage
+from hf_testing import left_padded_prompts  # noqa: E402
 
 VOCAB = 89
 PAD = 0
@@ -40,14 +41,7 @@ def specialists(families):
 
 
 def padded_batch(lengths, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    width = max(lengths)
-    ids = torch.full((len(lengths), width), PAD, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, n in enumerate(lengths):
-        ids[row, width - n:] = torch.randint(1, VOCAB, (n,), generator=g)
-        mask[row, width - n:] = 1
-    return ids, mask
+    return left_padded_prompts(lengths, VOCAB, PAD, seed)
 
 
 FAMILY_SETS = [("llama",) * 3, ("qwen2",) * 3, ("mistral",) * 3, ("llama", "qwen2", "mistral")]
