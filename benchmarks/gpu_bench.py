@@ -40,7 +40,6 @@ if DRY_RUN:  # before triton is imported: the CPU runs the kernels interpreted
 os.environ.setdefault("LIGER_FUSED_MOE_AUTOTUNE", "0")  # pinned configs: autotuning costs minutes per shape
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 import moe_kernels  # noqa: E402
 from moe_kernels import reference  # noqa: E402
@@ -157,25 +156,34 @@ def _hf_experts(shape: MoEShape, gate_up, down):
     return experts, config
 
 
+def runnable_backends(device) -> list[str]:
+    """The moe_kernels GPU backends built here that can run on ``device``."""
+    return [b for b in ("triton", "cuda") if b in moe_kernels.available_backends()
+            and get_backend(b).device_error(device) is None]
+
+
+def _moe_kernels_provider(backend: str, env: dict | None = None):
+    """moe_kernels.moe_mlp on ``backend``; ``env`` is set around its forward and backward (``_provider_env``)."""
+    def run(inp):
+        return moe_kernels.moe_mlp(inp["x"], inp["gate_up"], inp["down"], inp["weights"], inp["ids"], backend=backend)
+    run.env = env or {}
+    return run
+
+
 def moe_providers(shape: MoEShape, tokens: int, device, dtype, notes: dict) -> dict:
-    """name -> callable(inputs, grad) that runs the expert MLP and returns its output."""
+    """name -> callable(inputs) that runs the expert MLP and returns its output."""
     providers = {}
-    backends = moe_kernels.available_backends()
+    backends = runnable_backends(device)
     for backend in ("triton", "cuda"):
-        if backend in backends and get_backend(backend).device_error(device) is None:
-            providers[f"moe_kernels:{backend}"] = (
-                lambda inp, b=backend: moe_kernels.moe_mlp(inp["x"], inp["gate_up"], inp["down"], inp["weights"],
-                                                           inp["ids"], backend=b))
+        if backend in backends:
+            providers[f"moe_kernels:{backend}"] = _moe_kernels_provider(backend)
         else:
             notes[f"moe_kernels:{backend}"] = "not built or cannot run on this device"
-    if "moe_kernels:triton" in providers and device.type == "cuda":
+    if "triton" in backends and device.type == "cuda":
         # the weight gradients as torch's grouped GEMM instead of the Triton kernel (the table's default), side
         # by side, until a measurement decides the table's wgrad entry
-        def triton_wgrad(inp):
-            return moe_kernels.moe_mlp(inp["x"], inp["gate_up"], inp["down"], inp["weights"], inp["ids"],
-                                       backend="triton")
-        triton_wgrad.env = {"MOE_KERNELS_WGRAD": "grouped_mm"}  # set around forward and backward
-        providers["moe_kernels:triton[wgrad=grouped_mm]"] = triton_wgrad
+        providers["moe_kernels:triton[wgrad=grouped_mm]"] = _moe_kernels_provider(
+            "triton", {"MOE_KERNELS_WGRAD": "grouped_mm"})
     if HF_ERROR:
         notes["hf"] = HF_ERROR
         return providers
@@ -232,7 +240,7 @@ def _provider_env(fn):
 
 def moe_inputs(shape: MoEShape, tokens: int, device, dtype, seed: int) -> dict:
     g = torch.Generator(device="cpu").manual_seed(seed)
-    H, I, E, k = shape.hidden, shape.inter, shape.experts, shape.top_k
+    H, E, k = shape.hidden, shape.experts, shape.top_k
     x = torch.randn(tokens, H, generator=g).to(device, dtype)
     logits = torch.randn(tokens, E, generator=g)
     weights, ids = reference.route(logits, k)
@@ -340,8 +348,7 @@ def run_route_cases(device, args, rows, dry):
     cases = [("E=128 k=8", 128, 8, {}), ("DeepSeek-V3 grouped sigmoid E=256", 256, 8,
               dict(scoring="sigmoid", n_group=8, topk_group=4, scale=2.5, bias=True)), ("E=8 k=2", 8, 2, {})]
     token_counts = (1, 7) if dry else (1, 16384)
-    backends = [b for b in ("triton", "cuda") if b in moe_kernels.available_backends()
-                and get_backend(b).device_error(device) is None]
+    backends = runnable_backends(device)
     for label, E, k, variant in cases:
         for tokens in token_counts:
             g = torch.Generator().manual_seed(0)
@@ -379,8 +386,7 @@ def _fwd_bwd_route(call, inp):
 def run_adapter_cases(device, dtype, args, rows, dry):
     cases = [("PESC r=16 E=16 k=4", 16, 16, 4, "gelu"), ("LoRA r=64 E=8 k=2", 64, 8, 2, "identity")]
     tokens, H = (7, 32) if dry else (8192, 4096)
-    backends = [b for b in ("triton", "cuda") if b in moe_kernels.available_backends()
-                and get_backend(b).device_error(device) is None]
+    backends = runnable_backends(device)
     for label, r, E, k, act in cases:
         g = torch.Generator().manual_seed(0)
         down = (torch.randn(E, r, H, generator=g) / math.sqrt(H)).to(device, dtype).requires_grad_()
