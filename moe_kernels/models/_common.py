@@ -25,6 +25,17 @@ CACHE_FIELD = "cache" if Version(transformers.__version__).release >= (5, 24) el
 IGNORED_FORWARD_KWARGS = frozenset({"return_dict", "cache_position", "output_attentions", "output_hidden_states"})
 
 
+def forward_cache(owner: str, cache, kwargs: dict):
+    """The KV cache a composed model's forward was given (``cache=``, or ``past_key_values=`` as transformers
+    before 5.24 passes it); a TypeError for any other keyword that is set and not harmlessly ignored."""
+    if "past_key_values" in kwargs:
+        cache = kwargs.pop("past_key_values") if cache is None else cache
+    unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in IGNORED_FORWARD_KWARGS)
+    if unknown:
+        raise TypeError(f"{owner}.forward got unsupported arguments {unknown}")
+    return cache
+
+
 def output_class(name: str, fields: list[str], doc: str) -> type:
     """A ModelOutput dataclass with these fields (all default None); ``"cache"`` is named as the installed
     transformers names the cache (``CACHE_FIELD``), so ``generate`` finds it. The object also answers to

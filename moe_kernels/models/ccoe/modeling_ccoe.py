@@ -35,7 +35,7 @@ from transformers import AutoModelForCausalLM, GenerationMixin
 
 from ...layers.coe import (CoELayer, ExpertBranch, attention_types, build_attention_masks, decoder_parts,
                            modules_equal, run_decoder_layers, unique_param_bytes)
-from .._common import CACHE_FIELD, IGNORED_FORWARD_KWARGS, ComposedPreTrainedModel, output_class
+from .._common import CACHE_FIELD, ComposedPreTrainedModel, forward_cache, output_class
 from .configuration_ccoe import CcoeConfig
 
 
@@ -561,11 +561,7 @@ class CcoeForCausalLM(ComposedPreTrainedModel, GenerationMixin):
                 **kwargs) -> CcoeCausalLMOutput:
         from transformers import DynamicCache
 
-        if "past_key_values" in kwargs:  # the pre-5.24 name of the cache argument
-            cache = kwargs.pop("past_key_values") if cache is None else cache
-        unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in IGNORED_FORWARD_KWARGS)
-        if unknown:
-            raise TypeError(f"CcoeForCausalLM.forward got unsupported arguments {unknown}")
+        cache = forward_cache("CcoeForCausalLM", cache, kwargs)
         if input_ids is None or input_ids.dim() != 2:
             raise ValueError("input_ids [B, L] are required")
         if not self.expert_names:

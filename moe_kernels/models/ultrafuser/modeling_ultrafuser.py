@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin
 
-from .._common import CACHE_FIELD, IGNORED_FORWARD_KWARGS, ComposedPreTrainedModel, output_class
+from .._common import CACHE_FIELD, ComposedPreTrainedModel, forward_cache, output_class
 from .configuration_ultrafuser import UltraFuserConfig
 
 
@@ -148,11 +148,7 @@ class UltraFuserForCausalLM(ComposedPreTrainedModel, GenerationMixin):
                 logits_to_keep: int | torch.Tensor = 0, **kwargs) -> UltraFuserCausalLMOutput:
         from ...layers.fuser import fused_gated_cross_entropy, naive_gated_cross_entropy
 
-        if "past_key_values" in kwargs:  # the pre-5.24 name of the cache argument
-            cache = kwargs.pop("past_key_values") if cache is None else cache
-        unknown = sorted(k for k, v in kwargs.items() if v is not None and k not in IGNORED_FORWARD_KWARGS)
-        if unknown:
-            raise TypeError(f"UltraFuserForCausalLM.forward got unsupported arguments {unknown}")
+        cache = forward_cache("UltraFuserForCausalLM", cache, kwargs)
         if input_ids is None or input_ids.dim() != 2:
             raise ValueError("input_ids [B, L] are required (the specialists embed the tokens themselves)")
         if loss_impl not in ("fused", "naive"):
