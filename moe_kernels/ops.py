@@ -29,7 +29,9 @@ def _shape(x: torch.Tensor, num_experts: int, *tensors) -> dict:
 
 
 def _normalise_routing(weights: torch.Tensor, ids: torch.Tensor):
-    return weights.float(), ids.to(torch.int32).contiguous()
+    """The one conversion of the routing on every path: weights float32 and ids int32, both contiguous (no copy
+    when they already are). Backends take them as they are."""
+    return weights.float().contiguous(), ids.to(torch.int32).contiguous()
 
 
 def route(logits: torch.Tensor, k: int, *, scoring: str = "softmax", order: str = "softmax_then_topk",

@@ -8,14 +8,15 @@ Activations
   The tuples' order is the order error messages list them in.
 
 Codes
-  The kernels branch on integer codes. The backends number the activations differently, so each table is
-  recorded here under the name of the code that uses it: the Triton modules take theirs from here, and
-  ``tests/test_spec.py`` checks ``csrc/common/activations.h`` against :data:`CPP_ACTIVATION_CODES`.
+  The kernels branch on integer codes, one table for every backend: :data:`ACTIVATION_CODES` is
+  ``enum Activation`` of ``csrc/common/activations.h`` (``tests/test_spec.py`` checks the two are equal) and
+  the constexpr ``ACTIVATION`` of the Triton kernels (``moe_kernels/triton/common.py`` names its branches
+  from this table).
 
-Adding an activation: add it here (its name to the tuple(s), a code to every table of a backend that
-runs it), its math to :mod:`moe_kernels.reference`, and a branch to each backend's kernels (the Triton
-``_activation*`` helpers, ``csrc/common/activations.h`` and the C++ name parser). ``tests/test_spec.py``
-fails while a backend lacks it.
+Adding an activation: add it here (its name to the tuple(s) and a code to :data:`ACTIVATION_CODES`), its
+math to :mod:`moe_kernels.reference`, and a branch to each backend's kernels (``activation`` /
+``activation_grad`` in ``moe_kernels/triton/common.py``, ``csrc/common/activations.h`` and the C++ name
+parser). ``tests/test_spec.py`` fails while a backend lacks it.
 """
 
 from __future__ import annotations
@@ -23,13 +24,9 @@ from __future__ import annotations
 GATED_ACTIVATIONS = ("silu", "gelu", "gelu_tanh", "relu", "gpt_oss")
 ADAPTER_ACTIVATIONS = ("gelu", "gelu_tanh", "silu", "relu", "identity")
 
-# The C++ kernels (cpu and cuda backends): ``enum Activation`` in csrc/common/activations.h. One table for
-# both paths; "identity" is an adapter activation only, "gpt_oss" a gated one only.
-CPP_ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "identity": 4, "gpt_oss": 5}
-# The Triton expert-MLP kernels (constexpr ACTIVATION of moe_kernels/triton/experts.py).
-TRITON_GATED_ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "gpt_oss": 4}
-# The Triton adapter kernels (constexpr ACTIVATION of moe_kernels/triton/adapters.py).
-TRITON_ADAPTER_ACTIVATION_CODES = {"identity": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3, "relu": 4}
+# The integer code of each activation, in the C++ kernels (``enum Activation`` in csrc/common/activations.h)
+# and the Triton kernels alike. "identity" is an adapter activation only, "gpt_oss" a gated one only.
+ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "identity": 4, "gpt_oss": 5}
 
 # Routing variants (moe_kernels.route). scoring: how logits become scores; order: choose the top k among the
 # scores ("softmax_then_topk", weights = the chosen scores) or among the raw logits ("topk_then_softmax",
@@ -47,6 +44,5 @@ RENORM_EPS = 1e-20
 
 MAX_ADAPTER_RANK = 1024  # adapter_moe's bottleneck width r: 1 <= r <= MAX_ADAPTER_RANK
 
-__all__ = ["GATED_ACTIVATIONS", "ADAPTER_ACTIVATIONS", "CPP_ACTIVATION_CODES", "TRITON_GATED_ACTIVATION_CODES",
-           "TRITON_ADAPTER_ACTIVATION_CODES", "ROUTE_SCORINGS", "ROUTE_ORDERS", "GPT_OSS_ALPHA", "RENORM_EPS",
-           "MAX_ADAPTER_RANK"]
+__all__ = ["GATED_ACTIVATIONS", "ADAPTER_ACTIVATIONS", "ACTIVATION_CODES", "ROUTE_SCORINGS", "ROUTE_ORDERS",
+           "GPT_OSS_ALPHA", "RENORM_EPS", "MAX_ADAPTER_RANK"]

@@ -161,8 +161,11 @@ def moe_kernels_experts_forward(self: nn.Module, hidden_states: torch.Tensor, to
         gate_up_proj = torch.cat([up_proj, torch.zeros_like(up_proj)], dim=1)
         gate_bias = self.up_proj_bias if info["bias"] else up_proj.new_zeros(up_proj.shape[:2])
         gate_up_bias = torch.cat([gate_bias, torch.ones_like(gate_bias)], dim=1)
+    # moe_mlp takes weights in float32 or x's dtype and converts them itself; only another dtype (a router under
+    # another autocast dtype) is converted here.
+    weights = top_k_weights if top_k_weights.dtype in (torch.float32, x.dtype) else top_k_weights.float()
     out = moe_kernels.moe_mlp(
-        x, gate_up_proj, down_proj, top_k_weights.float(), top_k_index, activation=info["activation"],
+        x, gate_up_proj, down_proj, weights, top_k_index, activation=info["activation"],
         gate_up_bias=gate_up_bias, down_bias=down_bias, interleaved=info["interleaved"],
         swiglu_limit=info["swiglu_limit"], backend=backend)
     return out.to(hidden_states.dtype)

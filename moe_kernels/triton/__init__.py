@@ -3,7 +3,8 @@ adapter experts, forward and backward.
 
 Modules: :mod:`.routing` (fused top-k routing), :mod:`.plan` (on-device counting sort),
 :mod:`.experts` (expert MLP), :mod:`.adapters` (adapter / LoRA experts), :mod:`.configs` (launch
-configs per shape class), :mod:`.common` (interpreter flag, ``tl.dot`` precision, activation codes),
+configs per shape class, ``configs.json``), :mod:`.common` (what the kernel modules share: interpreter flag,
+``tl.dot`` precision, activations, the plan's tile map, the slot combine),
 :mod:`.compile_check` (ahead-of-time compile of every kernel for real GPUs).
 Kernel modules are imported on first use, so ``moe_kernels.triton`` stays cheap to import.
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 import torch
 
 from ..backends import Backend
-from .common import interpreting
 
 try:
     import triton  # noqa: F401
@@ -31,6 +31,8 @@ class TritonBackend(Backend):
         return _IMPORT_ERROR
 
     def device_error(self, device: torch.device):
+        from .common import interpreting  # imports triton: only once the backend is asked for
+
         if device.type == "cuda" or (device.type == "cpu" and interpreting()):
             return None
         return ("the triton backend runs on CUDA tensors; on CPU tensors only under TRITON_INTERPRET=1 "

@@ -1,24 +1,25 @@
 """Routed adapter experts in Triton: PESC bottleneck adapters and routed LoRA, forward and backward.
 
     y[t] = sum_j weights[t,j] * scale * up_e(act(down_e h_t)),   e = ids[t,j]
-    h [T,H], down [E,r,H], up [E,H,r], weights [T,k] fp32, ids [T,k] int32, 1 <= r <= 1024.
+    h [T,H] (made contiguous), down [E,r,H] and up [E,H,r] (any strides), weights [T,k] fp32, ids [T,k] int32,
+    1 <= r <= 1024. Semantics: :func:`moe_kernels.reference.adapter_moe`.
 
-Data flow (slot s = t*k + j; the dispatch plan orders slots by expert, stably):
+Data flow (slot s = t*k + j; the dispatch plan, made inside the forward op, orders slots by expert, stably):
 
-* Rows are processed per expert segment of the plan in tiles of BLOCK_M sorted positions; a small
-  tile map computed on the device (cumulative tile counts per expert, and each tile's expert by
-  ``torch.searchsorted``) tells each program its expert and rows: no host sync, no E-sized registers.
-  Token rows are gathered by ``sorted_slots // k`` inside the loads: no permuted copy of ``h`` (or of
-  the incoming gradient) is ever made.
+* Rows are processed per expert run of the plan in tiles of BLOCK_M sorted positions; the tile map of
+  :mod:`moe_kernels.triton.common` (an on-device scan of tile counts, a binary search per program) tells
+  each program its expert and rows: no host sync. Token rows are gathered by ``sorted_slots // k`` inside
+  the loads: no permuted copy of ``h`` (or of the incoming gradient) is ever made.
 * forward, *fused* path (whole padded rank in one tile, r <= 128): one program computes
   z = h_rows @ down_e^T over H, a = act(z) in registers, then sweeps the H output tiles with
   a @ up_e^T, scaling rows by scale * weight in the fp32 epilogue.
 * forward, *split* path (any r; used for large r and for small T, where it exposes more programs):
   a shrink kernel writes a = act(z) [N, r] (N = T*k, small), an expand kernel reads it over r tiles.
-* Output rows are written per slot in fp32 and summed per token in a fixed order by a combine
-  kernel (deterministic, no atomics); with k = 1 the expand writes token rows directly.
-* backward (fused for padded rank 16, split beyond) recomputes z in the same H sweep that forms u = up_e^T dy_t (two dots per step, one read
-  of the rows), so the forward saves nothing but its inputs and the plan:
+* Output rows are written per slot in fp32 and summed per token in a fixed order by the slot combine
+  (deterministic, no atomics); with k = 1 the expand writes token rows directly.
+* backward (fused for padded rank 16, split beyond) recomputes z in the same H sweep that forms
+  u = up_e^T dy_t (two dots per step, one read of the rows), so the forward saves nothing but its inputs
+  and the plan:
       d(weights)_s = scale * <u_s, a_s>,   dz_s = scale * w_s * u_s * act'(z_s)
       d(h)_t      = sum_j down_e^T dz_s                 (expand of dz, then the combine)
       d(up)_e     = sum_s (scale w_s dy_t) a_s^T        (per-expert grouped GEMM over its rows)
@@ -33,8 +34,9 @@ use TF32 only if ``torch.backends.cuda.matmul.allow_tf32``); the [N, r] intermed
 input dtype there. Under ``TRITON_INTERPRET=1`` (CPU tests) every tile is upcast to fp32 after loading
 because the interpreter computes bf16 arithmetic wrongly.
 
-Public entry point: :func:`adapter_moe_triton` (torch.library custom ops with fake kernels and
-autograd). Configs: :data:`ADAPTER_CONFIGS`; AOT compile list: :data:`COMPILE_SPECS`.
+Layout of this module: kernels, configs (the 'adapter' families of ``configs.json``), launchers, the
+registered ops ``moe_kernels_triton::adapter_moe_forward`` / ``adapter_moe_backward`` with fakes and
+autograd, the backend entry point :func:`adapter_moe_triton`, and the AOT compile list :data:`COMPILE_SPECS`.
 """
 
 from __future__ import annotations
@@ -48,9 +50,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..spec import MAX_ADAPTER_RANK as MAX_RANK
-from .common import ADAPTER_ACTIVATION_CODES as ACTIVATION_CODES  # the kernels branch on these codes
-from .common import dot_precision, interpreting
+from ..spec import ACTIVATION_CODES, ADAPTER_ACTIVATIONS
+from . import configs
+from .common import (COMBINE_BLOCK_N, COMBINE_BLOCK_T, COMBINE_OPTIONS, _combine_slots_kernel, activation,
+                     activation_grad, combine_slots, dot_precision, find_tile, interpreting, max_tiles, slot_dtype,
+                     tile_offsets)
 from .plan import dispatch_plan
 
 # ----------------------------------------------------------------------------------------------------
@@ -58,52 +62,15 @@ from .plan import dispatch_plan
 
 
 @triton.jit
-def _activation(z, ACTIVATION: tl.constexpr):
-    """act(z) for fp32 z; codes as in ACTIVATION_CODES."""
-    if ACTIVATION == 1:  # gelu (erf)
-        return 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
-    elif ACTIVATION == 2:  # gelu, tanh approximation; tanh(u) = 2 sigmoid(2u) - 1
-        inner = 0.7978845608028654 * (z + 0.044715 * z * z * z)
-        return 0.5 * z * (2.0 * tl.sigmoid(2.0 * inner))
-    elif ACTIVATION == 3:  # silu
-        return z * tl.sigmoid(z)
-    elif ACTIVATION == 4:  # relu
-        return tl.maximum(z, 0.0)
-    else:
-        return z
-
-
-@triton.jit
-def _activation_grad(z, ACTIVATION: tl.constexpr):
-    """d act / dz at fp32 z (relu: 1 where z > 0, as torch)."""
-    if ACTIVATION == 1:
-        cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
-        return cdf + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
-    elif ACTIVATION == 2:
-        inner = 0.7978845608028654 * (z + 0.044715 * z * z * z)
-        t = 2.0 * tl.sigmoid(2.0 * inner) - 1.0
-        return 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
-    elif ACTIVATION == 3:
-        s = tl.sigmoid(z)
-        return s * (1.0 + z * (1.0 - s))
-    elif ACTIVATION == 4:
-        return (z > 0.0).to(tl.float32)
-    else:
-        return tl.full(z.shape, 1.0, tl.float32)
-
-
-@triton.jit
-def _locate_tile(pid, tile_experts_ptr, tile_ends_ptr, expert_offsets_ptr, BLOCK_M: tl.constexpr):
-    """Tile ``pid`` of the per-expert tiling -> (expert, sorted positions [BLOCK_M] int32, row mask).
-
-    tile_experts [grid] int32: the expert of each tile, E past the last tile (the caller returns early
-    for those); tile_ends [E] int32: cumulative count of BLOCK_M-row tiles per expert."""
-    expert = tl.load(tile_experts_ptr + pid)
-    tiles_before = tl.load(tile_ends_ptr + expert - 1, mask=expert > 0, other=0)
-    segment_begin = tl.load(expert_offsets_ptr + expert)
-    segment_end = tl.load(expert_offsets_ptr + expert + 1)
-    positions = segment_begin + (pid - tiles_before) * BLOCK_M + tl.arange(0, BLOCK_M)
-    return expert, positions, positions < segment_end
+def _tile_rows(tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr, num_experts, search_steps,
+               BLOCK_M: tl.constexpr):
+    """This program's (expert, sorted positions [BLOCK_M], row mask, slots, valid) from the tile map."""
+    expert, row_start, row_end, valid = find_tile(tile_offsets_ptr, expert_offsets_ptr, num_experts, search_steps,
+                                                  BLOCK_M)
+    positions = row_start + tl.arange(0, BLOCK_M)
+    row_mask = positions < row_end  # all false past the last tile
+    slots = tl.load(sorted_slots_ptr + positions, mask=row_mask, other=0)
+    return expert, positions, row_mask, slots, valid
 
 
 @triton.jit
@@ -137,170 +104,162 @@ def _store_rows(out_ptr, out_rows, row_mask, n_offs, n_mask, values):
 
 @triton.jit
 def _adapter_fused_kernel(
-    h_ptr, dy_ptr, down_ptr, up_ptr, weights_ptr,
-    tile_experts_ptr, tile_ends_ptr, expert_offsets_ptr, sorted_slots_ptr,
+    h_ptr, dy_ptr, down_ptr, stride_de, stride_dr, stride_dh, up_ptr, stride_ue, stride_uh, stride_ur, weights_ptr,
+    tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr,
     out_ptr, act_out_ptr, dz_out_ptr, dweights_ptr,
-    top_k, H, R, num_experts, scale,
+    top_k, H, R, num_experts, search_steps, scale,
     ACTIVATION: tl.constexpr, BACKWARD: tl.constexpr, OUT_BY_TOKEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Shrink -> activation -> expand for one BLOCK_M-row tile of one expert, whole rank in one tile.
 
-    h, dy: [T, H] row-major; down [E, R, H], up [E, H, R] contiguous; weights [T*k] fp32 by slot.
-    R <= BLOCK_R. Grid: (upper bound on the number of row tiles,).
+    h, dy: [T, H] contiguous; down [E, R, H] strides (de, dr, dh); up [E, H, R] strides (ue, uh, ur);
+    weights [T*k] fp32 by slot; tile_offsets / expert_offsets [E+1], sorted_slots [N] int32: the plan and its
+    tile map. R <= BLOCK_R. Grid: (max_tiles,).
     forward  (BACKWARD=0): out rows = scale * w_s * up_e(act(down_e h_t)).
     backward (BACKWARD=1): recomputes z = down_e h_t, forms u = up_e^T dy_t in the same H sweep;
         stores dweights[s] = scale <u, act(z)>, act(z) -> act_out [N, R], dz -> dz_out [N, R]
         (both by sorted position), and out rows = down_e^T dz (the per-slot d(h)).
     out: [T, H] in the output dtype when OUT_BY_TOKEN (k = 1), else [T*k, H] fp32 by slot.
     """
-    pid = tl.program_id(0)
-    if tl.load(tile_experts_ptr + pid) >= num_experts:
-        return
-    expert, positions, row_mask = _locate_tile(pid, tile_experts_ptr, tile_ends_ptr, expert_offsets_ptr, BLOCK_M)
-    slots = tl.load(sorted_slots_ptr + positions, mask=row_mask, other=0)
-    token_rows = (slots // top_k).to(tl.int64) * H
-    r_offs = tl.arange(0, BLOCK_R)
-    r_mask = r_offs < R
-    down_e = down_ptr + expert.to(tl.int64) * R * H
-    up_e = up_ptr + expert.to(tl.int64) * H * R
+    expert, positions, row_mask, slots, valid = _tile_rows(tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr,
+                                                           num_experts, search_steps, BLOCK_M)
+    if valid:
+        token_rows = (slots // top_k).to(tl.int64) * H
+        r_offs = tl.arange(0, BLOCK_R)
+        r_mask = r_offs < R
+        down_e = down_ptr + expert.to(tl.int64) * stride_de
+        up_e = up_ptr + expert.to(tl.int64) * stride_ue
 
-    z = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    z = _shrink_accumulate(z, h_ptr, token_rows, row_mask, down_e, 1, H, r_offs, r_mask, H,
-                           BLOCK_K, UPCAST, DOT_PRECISION)
-    routing = tl.load(weights_ptr + slots, mask=row_mask, other=0.0) * scale
-    activated = _activation(z, ACTIVATION)
-    if BACKWARD:
-        u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        u = _shrink_accumulate(u, dy_ptr, token_rows, row_mask, up_e, R, 1, r_offs, r_mask, H,
+        z = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        z = _shrink_accumulate(z, h_ptr, token_rows, row_mask, down_e, stride_dh, stride_dr, r_offs, r_mask, H,
                                BLOCK_K, UPCAST, DOT_PRECISION)
-        tl.store(dweights_ptr + slots, scale * tl.sum(u * activated, axis=1), mask=row_mask)
-        middle = u * _activation_grad(z, ACTIVATION) * routing[:, None]
-        mid_rows = positions.to(tl.int64) * R
-        _store_rows(act_out_ptr, mid_rows, row_mask, r_offs, r_mask, activated)
-        _store_rows(dz_out_ptr, mid_rows, row_mask, r_offs, r_mask, middle)
-        # expand with down_e: W2[rr, n] = down[e, rr, n]
-        w2_e, stride_w2r, stride_w2n = down_e, H, 1
-        row_scale = tl.full((BLOCK_M,), 1.0, tl.float32)
-    else:
-        middle = activated
-        w2_e, stride_w2r, stride_w2n = up_e, 1, R
-        row_scale = routing
-    if UPCAST:
-        middle_op = middle
-    else:
-        middle_op = middle.to(down_ptr.dtype.element_ty)
-    if OUT_BY_TOKEN:
-        out_rows = token_rows
-    else:
-        out_rows = slots.to(tl.int64) * H
-    for n0 in range(0, H, BLOCK_N):
-        n_offs = n0 + tl.arange(0, BLOCK_N)
-        n_mask = n_offs < H
-        w2 = tl.load(w2_e + r_offs[:, None] * stride_w2r + n_offs[None, :] * stride_w2n,
-                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+        routing = tl.load(weights_ptr + slots, mask=row_mask, other=0.0) * scale
+        activated = activation(z, ACTIVATION)
+        if BACKWARD:
+            u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            u = _shrink_accumulate(u, dy_ptr, token_rows, row_mask, up_e, stride_uh, stride_ur, r_offs, r_mask, H,
+                                   BLOCK_K, UPCAST, DOT_PRECISION)
+            tl.store(dweights_ptr + slots, scale * tl.sum(u * activated, axis=1), mask=row_mask)
+            middle = u * activation_grad(z, ACTIVATION) * routing[:, None]
+            mid_rows = positions.to(tl.int64) * R
+            _store_rows(act_out_ptr, mid_rows, row_mask, r_offs, r_mask, activated)
+            _store_rows(dz_out_ptr, mid_rows, row_mask, r_offs, r_mask, middle)
+            # expand with down_e: W2[rr, n] = down[e, rr, n]
+            w2_e, stride_w2r, stride_w2n = down_e, stride_dr, stride_dh
+            row_scale = tl.full((BLOCK_M,), 1.0, tl.float32)
+        else:
+            middle = activated
+            w2_e, stride_w2r, stride_w2n = up_e, stride_ur, stride_uh
+            row_scale = routing
         if UPCAST:
-            w2 = w2.to(tl.float32)
-        acc = tl.dot(middle_op, w2, input_precision=DOT_PRECISION) * row_scale[:, None]
-        _store_rows(out_ptr, out_rows, row_mask, n_offs, n_mask, acc)
+            middle_op = middle
+        else:
+            middle_op = middle.to(down_ptr.dtype.element_ty)
+        if OUT_BY_TOKEN:
+            out_rows = token_rows
+        else:
+            out_rows = slots.to(tl.int64) * H
+        for n0 in range(0, H, BLOCK_N):
+            n_offs = n0 + tl.arange(0, BLOCK_N)
+            n_mask = n_offs < H
+            w2 = tl.load(w2_e + r_offs[:, None] * stride_w2r + n_offs[None, :] * stride_w2n,
+                         mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+            if UPCAST:
+                w2 = w2.to(tl.float32)
+            acc = tl.dot(middle_op, w2, input_precision=DOT_PRECISION) * row_scale[:, None]
+            _store_rows(out_ptr, out_rows, row_mask, n_offs, n_mask, acc)
 
 
 @triton.jit
 def _adapter_shrink_kernel(
-    h_ptr, dy_ptr, down_ptr, up_ptr, weights_ptr,
-    tile_experts_ptr, tile_ends_ptr, expert_offsets_ptr, sorted_slots_ptr,
+    h_ptr, dy_ptr, down_ptr, stride_de, stride_dr, stride_dh, up_ptr, stride_ue, stride_uh, stride_ur, weights_ptr,
+    tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr,
     act_out_ptr, dz_out_ptr, dweights_partial_ptr,
-    top_k, H, R, num_experts, scale,
+    top_k, H, R, num_experts, search_steps, scale,
     ACTIVATION: tl.constexpr, BACKWARD: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """Split path, shrink half: one (row tile, rank tile) per program. Grid: (row tiles bound, cdiv(R, BLOCK_R)).
+    """Split path, shrink half: one (row tile, rank tile) per program. Grid: (max_tiles, cdiv(R, BLOCK_R)).
+    Arguments as in the fused kernel.
 
     forward:  act_out[pos, r] = act(down_e h_t)  ([N, R] by sorted position).
     backward: also u = up_e^T dy_t; act_out = act(z), dz_out = scale w_s u act'(z), and
               dweights_partial[s, rank_tile] = scale <u, act(z)> over this rank tile ([N, cdiv(R, BLOCK_R)] fp32).
     """
-    pid = tl.program_id(0)
-    rank_tile = tl.program_id(1)
-    if tl.load(tile_experts_ptr + pid) >= num_experts:
-        return
-    expert, positions, row_mask = _locate_tile(pid, tile_experts_ptr, tile_ends_ptr, expert_offsets_ptr, BLOCK_M)
-    slots = tl.load(sorted_slots_ptr + positions, mask=row_mask, other=0)
-    token_rows = (slots // top_k).to(tl.int64) * H
-    r_offs = rank_tile * BLOCK_R + tl.arange(0, BLOCK_R)
-    r_mask = r_offs < R
-    down_e = down_ptr + expert.to(tl.int64) * R * H
-    z = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    z = _shrink_accumulate(z, h_ptr, token_rows, row_mask, down_e, 1, H, r_offs, r_mask, H,
-                           BLOCK_K, UPCAST, DOT_PRECISION)
-    activated = _activation(z, ACTIVATION)
-    mid_rows = positions.to(tl.int64) * R
-    _store_rows(act_out_ptr, mid_rows, row_mask, r_offs, r_mask, activated)
-    if BACKWARD:
-        up_e = up_ptr + expert.to(tl.int64) * H * R
-        u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-        u = _shrink_accumulate(u, dy_ptr, token_rows, row_mask, up_e, R, 1, r_offs, r_mask, H,
+    expert, positions, row_mask, slots, valid = _tile_rows(tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr,
+                                                           num_experts, search_steps, BLOCK_M)
+    if valid:
+        rank_tile = tl.program_id(1)
+        token_rows = (slots // top_k).to(tl.int64) * H
+        r_offs = rank_tile * BLOCK_R + tl.arange(0, BLOCK_R)
+        r_mask = r_offs < R
+        down_e = down_ptr + expert.to(tl.int64) * stride_de
+        z = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+        z = _shrink_accumulate(z, h_ptr, token_rows, row_mask, down_e, stride_dh, stride_dr, r_offs, r_mask, H,
                                BLOCK_K, UPCAST, DOT_PRECISION)
-        routing = tl.load(weights_ptr + slots, mask=row_mask, other=0.0) * scale
-        num_rank_tiles = tl.num_programs(1)
-        tl.store(dweights_partial_ptr + slots * num_rank_tiles + rank_tile,
-                 scale * tl.sum(u * activated, axis=1), mask=row_mask)
-        middle = u * _activation_grad(z, ACTIVATION) * routing[:, None]
-        _store_rows(dz_out_ptr, mid_rows, row_mask, r_offs, r_mask, middle)
+        activated = activation(z, ACTIVATION)
+        mid_rows = positions.to(tl.int64) * R
+        _store_rows(act_out_ptr, mid_rows, row_mask, r_offs, r_mask, activated)
+        if BACKWARD:
+            up_e = up_ptr + expert.to(tl.int64) * stride_ue
+            u = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            u = _shrink_accumulate(u, dy_ptr, token_rows, row_mask, up_e, stride_uh, stride_ur, r_offs, r_mask, H,
+                                   BLOCK_K, UPCAST, DOT_PRECISION)
+            routing = tl.load(weights_ptr + slots, mask=row_mask, other=0.0) * scale
+            num_rank_tiles = tl.num_programs(1)
+            tl.store(dweights_partial_ptr + slots * num_rank_tiles + rank_tile,
+                     scale * tl.sum(u * activated, axis=1), mask=row_mask)
+            middle = u * activation_grad(z, ACTIVATION) * routing[:, None]
+            _store_rows(dz_out_ptr, mid_rows, row_mask, r_offs, r_mask, middle)
 
 
 @triton.jit
 def _adapter_expand_kernel(
-    mid_ptr, w2_ptr, weights_ptr,
-    tile_experts_ptr, tile_ends_ptr, expert_offsets_ptr, sorted_slots_ptr, out_ptr,
-    top_k, H, R, num_experts, scale,
+    mid_ptr, w2_ptr, stride_w2e, stride_w2r, stride_w2n, weights_ptr,
+    tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr, out_ptr,
+    top_k, H, R, num_experts, search_steps, scale,
     BACKWARD: tl.constexpr, OUT_BY_TOKEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """Split path, expand half: out rows [BLOCK_M, BLOCK_N] = mid[pos, :R] @ W2_e, over rank tiles.
 
-    mid [N, R] by sorted position. forward: W2 = up [E, H, R], rows scaled by scale * weights[s];
-    backward: W2 = down [E, R, H] (mid = dz already carries the routing weight).
-    Grid: (row tiles bound, cdiv(H, BLOCK_N)). out as in the fused kernel.
+    mid [N, R] contiguous, by sorted position. W2_e[rr, n] = w2[e*stride_w2e + rr*stride_w2r + n*stride_w2n]:
+    forward W2 = up [E, H, R] as (ue, ur, uh), rows scaled by scale * weights[s]; backward W2 = down [E, R, H]
+    as (de, dr, dh) (mid = dz already carries the routing weight).
+    Grid: (max_tiles, cdiv(H, BLOCK_N)). out as in the fused kernel.
     """
-    pid = tl.program_id(0)
-    n_tile = tl.program_id(1)
-    if tl.load(tile_experts_ptr + pid) >= num_experts:
-        return
-    expert, positions, row_mask = _locate_tile(pid, tile_experts_ptr, tile_ends_ptr, expert_offsets_ptr, BLOCK_M)
-    slots = tl.load(sorted_slots_ptr + positions, mask=row_mask, other=0)
-    n_offs = n_tile * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = n_offs < H
-    w2_e = w2_ptr + expert.to(tl.int64) * H * R
-    if BACKWARD:
-        stride_w2r, stride_w2n = H, 1
-    else:
-        stride_w2r, stride_w2n = 1, R
-    mid_rows = positions.to(tl.int64) * R
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        r_offs = r0 + tl.arange(0, BLOCK_R)
-        r_mask = r_offs < R
-        mid = tl.load(mid_ptr + mid_rows[:, None] + r_offs[None, :], mask=row_mask[:, None] & r_mask[None, :],
-                      other=0.0)
-        w2 = tl.load(w2_e + r_offs[:, None] * stride_w2r + n_offs[None, :] * stride_w2n,
-                     mask=r_mask[:, None] & n_mask[None, :], other=0.0)
-        if UPCAST:
-            mid = mid.to(tl.float32)
-            w2 = w2.to(tl.float32)
+    expert, positions, row_mask, slots, valid = _tile_rows(tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr,
+                                                           num_experts, search_steps, BLOCK_M)
+    if valid:
+        n_offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_mask = n_offs < H
+        w2_e = w2_ptr + expert.to(tl.int64) * stride_w2e
+        mid_rows = positions.to(tl.int64) * R
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            r_offs = r0 + tl.arange(0, BLOCK_R)
+            r_mask = r_offs < R
+            mid = tl.load(mid_ptr + mid_rows[:, None] + r_offs[None, :], mask=row_mask[:, None] & r_mask[None, :],
+                          other=0.0)
+            w2 = tl.load(w2_e + r_offs[:, None] * stride_w2r + n_offs[None, :] * stride_w2n,
+                         mask=r_mask[:, None] & n_mask[None, :], other=0.0)
+            if UPCAST:
+                mid = mid.to(tl.float32)
+                w2 = w2.to(tl.float32)
+            else:
+                mid = mid.to(w2_ptr.dtype.element_ty)
+            acc = tl.dot(mid, w2, acc, input_precision=DOT_PRECISION)
+        if not BACKWARD:
+            acc = acc * (tl.load(weights_ptr + slots, mask=row_mask, other=0.0) * scale)[:, None]
+        if OUT_BY_TOKEN:
+            out_rows = (slots // top_k).to(tl.int64) * H
         else:
-            mid = mid.to(w2_ptr.dtype.element_ty)
-        acc = tl.dot(mid, w2, acc, input_precision=DOT_PRECISION)
-    if not BACKWARD:
-        acc = acc * (tl.load(weights_ptr + slots, mask=row_mask, other=0.0) * scale)[:, None]
-    if OUT_BY_TOKEN:
-        out_rows = (slots // top_k).to(tl.int64) * H
-    else:
-        out_rows = slots.to(tl.int64) * H
-    _store_rows(out_ptr, out_rows, row_mask, n_offs, n_mask, acc)
+            out_rows = slots.to(tl.int64) * H
+        _store_rows(out_ptr, out_rows, row_mask, n_offs, n_mask, acc)
 
 
 @triton.jit
@@ -363,29 +322,14 @@ def _adapter_weight_grad_kernel(
              mask=p_mask[:, None] & q_mask[None, :])
 
 
-@triton.jit
-def _combine_slots_kernel(slot_rows_ptr, out_ptr, T, H, top_k,
-                          BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
-    """out[t, :] = sum_{j < k} slot_rows[t*k + j, :] in fp32, j ascending (deterministic), cast to out's dtype.
-
-    slot_rows [T*k, H] fp32, out [T, H]. Grid: (cdiv(T, BLOCK_T), cdiv(H, BLOCK_N))."""
-    t_offs = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    n_offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    mask = (t_offs < T)[:, None] & (n_offs < H)[None, :]
-    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
-    for j in range(0, top_k):
-        rows = (t_offs.to(tl.int64) * top_k + j) * H
-        acc += tl.load(slot_rows_ptr + rows[:, None] + n_offs[None, :], mask=mask, other=0.0)
-    tl.store(out_ptr + t_offs.to(tl.int64)[:, None] * H + n_offs[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
-
-
 # ----------------------------------------------------------------------------------------------------
 # configs
 
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """Launch parameters of the adapter kernels for one shape class.
+    """Launch parameters of the adapter kernels for one shape class (an entry of the 'adapter' families
+    of ``configs.json``; the fields are described there).
 
     fused: forward/backward-data in one kernel (requires padded rank <= block_r);
     block_m: sorted rows per tile; block_k: H step of the shrink reduction; block_n: H tile of the
@@ -405,42 +349,27 @@ class AdapterConfig:
     wgrad_block_r: int = 64
     wgrad_num_stages: int | None = None
 
+    @classmethod
+    def from_entry(cls, entry: dict) -> "AdapterConfig":
+        return cls(**{f.name: entry[f.name] for f in dataclasses.fields(cls) if f.name in entry})
+
     @property
     def wgrad_stages(self) -> int:
         return self.num_stages if self.wgrad_num_stages is None else self.wgrad_num_stages
 
 
-# Shape classes: rank class x token class. Rank: "r16" (r <= 16), "r64" (<= 64), "r128" (<= 128),
-# "rbig" (> 128, split path tiled over r). Tokens (N = T*k routed slots): "decode" (N <= 256: few rows,
-# the split path spreads work over rank and H tiles), "medium" (N <= 8192), "large" (more: the fused path
-# keeps the [N, r] intermediate in registers). Block sizes are first guesses sized for sm_80/sm_90
-# (no GPU was available to tune them); every entry is AOT-compiled spill-free (see COMPILE_SPECS).
-# r16-large takes 8 warps (at 4 the relu fused backward with k = 1 spilled on sm_80); decode ranks
-# > 16 step H by 64 (128 put the split backward shrink at 255 registers on sm_80).
-ADAPTER_CONFIGS: dict[tuple[str, str], AdapterConfig] = {
-    ("r16", "decode"): AdapterConfig(False, 16, 128, 64, 16, 4, 2, 32, 64, 16),
-    ("r16", "medium"): AdapterConfig(True, 64, 64, 64, 16, 4, 3, 64, 64, 16),
-    ("r16", "large"): AdapterConfig(True, 128, 64, 64, 16, 8, 3, 64, 128, 16),
-    ("r64", "decode"): AdapterConfig(False, 16, 64, 64, 64, 4, 2, 32, 64, 64),
-    ("r64", "medium"): AdapterConfig(False, 64, 64, 128, 64, 8, 3, 64, 64, 64),
-    ("r64", "large"): AdapterConfig(True, 64, 64, 64, 64, 8, 3, 64, 64, 64),
-    ("r128", "decode"): AdapterConfig(False, 16, 64, 64, 64, 4, 2, 32, 64, 64),
-    ("r128", "medium"): AdapterConfig(False, 64, 64, 128, 64, 8, 3, 64, 64, 64),
-    ("r128", "large"): AdapterConfig(True, 64, 64, 64, 128, 8, 3, 64, 64, 64),
-    ("rbig", "decode"): AdapterConfig(False, 16, 64, 64, 64, 4, 2, 32, 64, 64),
-    ("rbig", "medium"): AdapterConfig(False, 64, 64, 128, 64, 8, 3, 64, 64, 64),
-    ("rbig", "large"): AdapterConfig(False, 64, 64, 128, 64, 8, 3, 64, 64, 64),
-}
+def table_configs() -> list[AdapterConfig]:
+    """Every config the table ships (the 'adapter' family, then 'adapter_unaligned'), for the compile check."""
+    return [AdapterConfig.from_entry(entry) for entry in (*configs.entries("adapter"),
+                                                          *configs.entries("adapter_unaligned"))]
 
-# Launches whose H is not a multiple of 16 or whose tensors are not 16-byte aligned get no vectorised
-# loads (Triton specialises on both), so every element carries its own address and mask: small tiles.
-UNALIGNED_CONFIG = AdapterConfig(False, 16, 16, 32, 32, 4, 2, 16, 32, 32)
+
+def unaligned_config() -> AdapterConfig:
+    return AdapterConfig.from_entry(configs.adapter_config(0, 0, aligned=False))
+
 
 # Under the interpreter cost grows with programs x loop steps: one wide tile for the small test shapes.
 _INTERPRETER_BLOCK = 64
-
-_COMBINE_BLOCK_T, _COMBINE_BLOCK_N = 16, 128
-_COMBINE_OPTIONS = {"num_warps": 4, "num_stages": 1}  # a streaming sum: nothing to pipeline
 
 _forced_config: AdapterConfig | None = None
 
@@ -454,12 +383,6 @@ def forced_config(config: AdapterConfig):
         yield
     finally:
         _forced_config = previous
-
-
-def shape_class(num_slots: int, rank: int) -> tuple[str, str]:
-    rank_class = "r16" if rank <= 16 else "r64" if rank <= 64 else "r128" if rank <= 128 else "rbig"
-    token_class = "decode" if num_slots <= 256 else "medium" if num_slots <= 8192 else "large"
-    return rank_class, token_class
 
 
 # The fused backward holds two [BLOCK_M, BLOCK_R] fp32 accumulators (z and u) through the expand
@@ -482,10 +405,15 @@ def for_dtype(config: AdapterConfig, dtype: torch.dtype) -> AdapterConfig:
         wgrad_block_r=min(config.wgrad_block_r, 32), wgrad_num_stages=1)
 
 
-def select_config(num_slots: int, rank: int, dtype: torch.dtype = torch.bfloat16) -> AdapterConfig:
+def select_config(num_slots: int, rank: int, dtype: torch.dtype = torch.bfloat16, aligned: bool = True
+                  ) -> AdapterConfig:
     """The table's config for this shape and dtype (a fused config whose block_r is below the padded rank
-    falls back to the split path)."""
-    config = _forced_config or for_dtype(ADAPTER_CONFIGS[shape_class(num_slots, rank)], dtype)
+    falls back to the split path). ``aligned`` (:func:`_aligned`) false: the unaligned entry, as it is."""
+    if _forced_config is not None:
+        return _forced_config
+    if not aligned:
+        return unaligned_config()
+    config = for_dtype(AdapterConfig.from_entry(configs.adapter_config(num_slots, rank)), dtype)
     if config.fused and _rank_tile(rank) > config.block_r:
         config = dataclasses.replace(config, fused=False)
     return config
@@ -499,8 +427,12 @@ def _rank_tile(rank: int) -> int:
 # launchers
 
 
-def _aligned(H, *tensors) -> bool:
-    return H % 16 == 0 and all(t.data_ptr() % 16 == 0 for t in tensors)
+def _aligned(h, down, up, *tensors) -> bool:
+    """Whether a launch is the specialisation the table's configs are compiled (and checked spill-free)
+    for: H a multiple of 16, 16-byte aligned tensors, weights row-major (unit last stride, as the JIT
+    specialises it)."""
+    return (h.shape[1] % 16 == 0 and down.stride(2) == 1 and up.stride(2) == 1
+            and all(t.data_ptr() % 16 == 0 for t in (h, down, up, *tensors)))
 
 
 def _launch_params(h, down, up, weights, expert_offsets, sorted_slots, grad=None):
@@ -508,25 +440,16 @@ def _launch_params(h, down, up, weights, expert_offsets, sorted_slots, grad=None
     E, R, _ = down.shape
     k = weights.shape[1]
     N = T * k
-    config = select_config(N, R, h.dtype)
-    # table configs are compiled (and checked spill-free) for the JIT's aligned specialisation only
-    inputs = (h, down, up, weights, expert_offsets, sorted_slots, *([grad] if grad is not None else []))
-    if _forced_config is None and not _aligned(H, *inputs):
-        config = UNALIGNED_CONFIG
+    extra = (weights, expert_offsets, sorted_slots, *([grad] if grad is not None else []))
+    config = select_config(N, R, h.dtype, _aligned(h, down, up, *extra))
     interp = interpreting()
     if interp:  # fewer, wider tiles: the interpreter's cost is per program and loop step
         config = dataclasses.replace(config, block_k=_INTERPRETER_BLOCK, block_n=_INTERPRETER_BLOCK,
                                      wgrad_block_h=_INTERPRETER_BLOCK, num_stages=1)
-    counts = expert_offsets[1:] - expert_offsets[:-1]
-    tile_ends = torch.cumsum(torch.div(counts + (config.block_m - 1), config.block_m, rounding_mode="floor"),
-                             0).to(torch.int32)
-    row_tiles = min(N, triton.cdiv(N, config.block_m) + E)
-    # expert of each tile (E past the last one): a device-side search, no host sync
-    tile_experts = torch.searchsorted(tile_ends, torch.arange(row_tiles, dtype=torch.int32, device=h.device),
-                                      right=True).to(torch.int32)
-    return dict(T=T, H=H, E=E, R=R, k=k, N=N, config=config, tile_ends=tile_ends, tile_experts=tile_experts,
-                row_tiles=row_tiles,
-                upcast=interp, precision=dot_precision(h.dtype))
+    tiles = dict(tile_offsets_ptr=tile_offsets(expert_offsets, config.block_m), expert_offsets_ptr=expert_offsets,
+                 sorted_slots_ptr=sorted_slots)
+    return dict(T=T, H=H, E=E, R=R, k=k, N=N, config=config, tiles=tiles, row_tiles=max_tiles(N, E, config.block_m),
+                upcast=interp, precision=dot_precision(h.dtype), steps=E.bit_length())
 
 
 def _mid_dtype(h):
@@ -534,78 +457,73 @@ def _mid_dtype(h):
     return torch.float32 if interpreting() else h.dtype
 
 
-def _combine(slot_rows, T, H, k, out_dtype):
-    out = torch.empty((T, H), dtype=out_dtype, device=slot_rows.device)
-    block_t, block_n = _COMBINE_BLOCK_T, _COMBINE_BLOCK_N if not interpreting() else _INTERPRETER_BLOCK
-    _combine_slots_kernel[(triton.cdiv(T, block_t), triton.cdiv(H, block_n))](
-        slot_rows, out, T, H, k, BLOCK_T=block_t, BLOCK_N=block_n, **_COMBINE_OPTIONS)
-    return out
+def _weights(down, up):
+    """The adapter weights with their strides, as the shrink kernels take them."""
+    return (down, *down.stride(), up, *up.stride())
 
 
 def _forward_impl(h, down, up, weights, expert_offsets, sorted_slots, activation, scale):
     p = _launch_params(h, down, up, weights, expert_offsets, sorted_slots)
     T, H, E, R, k, N, cfg = p["T"], p["H"], p["E"], p["R"], p["k"], p["N"], p["config"]
-    by_token = k == 1
-    out = torch.empty((T, H) if by_token else (N, H), dtype=h.dtype if by_token else torch.float32, device=h.device)
+    out = torch.empty((N, H), dtype=slot_dtype(h.dtype, k), device=h.device)  # by token when k = 1
     act = ACTIVATION_CODES[activation]
     common = dict(BLOCK_M=cfg.block_m, UPCAST=p["upcast"], DOT_PRECISION=p["precision"],
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, **p["tiles"])
     if cfg.fused:
         _adapter_fused_kernel[(p["row_tiles"],)](
-            h, h, down, up, weights, p["tile_experts"], p["tile_ends"], expert_offsets, sorted_slots,
-            out, out, out, weights, k, H, R, E, scale,
-            ACTIVATION=act, BACKWARD=False, OUT_BY_TOKEN=by_token, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n,
+            h, h, *_weights(down, up), weights, out_ptr=out, act_out_ptr=out, dz_out_ptr=out, dweights_ptr=weights,
+            top_k=k, H=H, R=R, num_experts=E, search_steps=p["steps"], scale=scale,
+            ACTIVATION=act, BACKWARD=False, OUT_BY_TOKEN=k == 1, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n,
             BLOCK_R=_rank_tile(R), **common)
     else:
         block_r = min(cfg.block_r, _rank_tile(R))
         activated = torch.empty((N, R), dtype=_mid_dtype(h), device=h.device)
         _adapter_shrink_kernel[(p["row_tiles"], triton.cdiv(R, block_r))](
-            h, h, down, up, weights, p["tile_experts"], p["tile_ends"], expert_offsets, sorted_slots,
-            activated, activated, weights, k, H, R, E, scale,
+            h, h, *_weights(down, up), weights, act_out_ptr=activated, dz_out_ptr=activated,
+            dweights_partial_ptr=weights, top_k=k, H=H, R=R, num_experts=E, search_steps=p["steps"], scale=scale,
             ACTIVATION=act, BACKWARD=False, BLOCK_K=cfg.block_k, BLOCK_R=block_r, **common)
         _adapter_expand_kernel[(p["row_tiles"], triton.cdiv(H, cfg.block_n))](
-            activated, up, weights, p["tile_experts"], p["tile_ends"], expert_offsets, sorted_slots, out,
-            k, H, R, E, scale, BACKWARD=False, OUT_BY_TOKEN=by_token, BLOCK_N=cfg.block_n, BLOCK_R=block_r, **common)
-    return out if by_token else _combine(out, T, H, k, h.dtype)
+            activated, up, up.stride(0), up.stride(2), up.stride(1), weights, out_ptr=out,
+            top_k=k, H=H, R=R, num_experts=E, search_steps=p["steps"], scale=scale, BACKWARD=False,
+            OUT_BY_TOKEN=k == 1, BLOCK_N=cfg.block_n, BLOCK_R=block_r, **common)
+    return combine_slots(out, T, k, h.dtype)
 
 
 def _backward_impl(grad, h, down, up, weights, expert_offsets, sorted_slots, activation, scale,
                    weight_grads):
-    grad = grad.contiguous()
     p = _launch_params(h, down, up, weights, expert_offsets, sorted_slots, grad)
     T, H, E, R, k, N, cfg = p["T"], p["H"], p["E"], p["R"], p["k"], p["N"], p["config"]
-    by_token = k == 1
     act = ACTIVATION_CODES[activation]
     common = dict(BLOCK_M=cfg.block_m, UPCAST=p["upcast"], DOT_PRECISION=p["precision"],
-                  num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+                  num_warps=cfg.num_warps, num_stages=cfg.num_stages, **p["tiles"])
+    sizes = dict(top_k=k, H=H, R=R, num_experts=E, search_steps=p["steps"], scale=scale)
     activated = torch.empty((N, R), dtype=_mid_dtype(h), device=h.device)
     dz = torch.empty((N, R), dtype=_mid_dtype(h), device=h.device)
-    dh_rows = torch.empty((T, H) if by_token else (N, H), dtype=h.dtype if by_token else torch.float32,
-                          device=h.device)
+    dh_rows = torch.empty((N, H), dtype=slot_dtype(h.dtype, k), device=h.device)  # by token when k = 1
     if cfg.fused and (_rank_tile(R) <= FUSED_BACKWARD_MAX_RANK_TILE or _forced_config is not None):
         dweights = torch.empty((N,), dtype=torch.float32, device=h.device)
         _adapter_fused_kernel[(p["row_tiles"],)](
-            h, grad, down, up, weights, p["tile_experts"], p["tile_ends"], expert_offsets, sorted_slots,
-            dh_rows, activated, dz, dweights, k, H, R, E, scale,
-            ACTIVATION=act, BACKWARD=True, OUT_BY_TOKEN=by_token, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n,
-            BLOCK_R=_rank_tile(R), **common)
+            h, grad, *_weights(down, up), weights, out_ptr=dh_rows, act_out_ptr=activated, dz_out_ptr=dz,
+            dweights_ptr=dweights, **sizes, ACTIVATION=act, BACKWARD=True, OUT_BY_TOKEN=k == 1,
+            BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, BLOCK_R=_rank_tile(R), **common)
     else:
         block_r = min(cfg.block_r, SPLIT_BACKWARD_MAX_BLOCK_R, _rank_tile(R))
         rank_tiles = triton.cdiv(R, block_r)
         partial = torch.empty((N, rank_tiles), dtype=torch.float32, device=h.device)
         _adapter_shrink_kernel[(p["row_tiles"], rank_tiles)](
-            h, grad, down, up, weights, p["tile_experts"], p["tile_ends"], expert_offsets, sorted_slots,
-            activated, dz, partial, k, H, R, E, scale,
-            ACTIVATION=act, BACKWARD=True, BLOCK_K=cfg.block_k, BLOCK_R=block_r, **common)
+            h, grad, *_weights(down, up), weights, act_out_ptr=activated, dz_out_ptr=dz,
+            dweights_partial_ptr=partial, **sizes, ACTIVATION=act, BACKWARD=True, BLOCK_K=cfg.block_k,
+            BLOCK_R=block_r, **common)
         dweights = partial.sum(dim=1) if rank_tiles > 1 else partial.view(N)
         _adapter_expand_kernel[(p["row_tiles"], triton.cdiv(H, cfg.block_n))](
-            dz, down, weights, p["tile_experts"], p["tile_ends"], expert_offsets, sorted_slots, dh_rows,
-            k, H, R, E, scale, BACKWARD=True, OUT_BY_TOKEN=by_token, BLOCK_N=cfg.block_n, BLOCK_R=block_r, **common)
-    dh = dh_rows if by_token else _combine(dh_rows, T, H, k, h.dtype)
+            dz, down, *down.stride(), weights, out_ptr=dh_rows, **sizes, BACKWARD=True, OUT_BY_TOKEN=k == 1,
+            BLOCK_N=cfg.block_n, BLOCK_R=block_r, **common)
+    dh = combine_slots(dh_rows, T, k, h.dtype)
     if not weight_grads:
         return dh, None, None, dweights.view(T, k)
-    d_up = torch.empty_like(up)
-    d_down = torch.empty_like(down)
+    # contiguous [E, H, r] / [E, r, H] (the kernel writes row-major; empty_like would keep a view's strides)
+    d_up = torch.empty(up.shape, dtype=up.dtype, device=up.device)
+    d_down = torch.empty(down.shape, dtype=down.dtype, device=down.device)
     wgrad = dict(UPCAST=p["upcast"], DOT_PRECISION=p["precision"], BLOCK_M=cfg.wgrad_block_m,
                  num_warps=cfg.num_warps, num_stages=cfg.wgrad_stages)
     block_h = cfg.wgrad_block_h
@@ -627,27 +545,31 @@ def _backward_impl(grad, h, down, up, weights, expert_offsets, sorted_slots, act
 # torch.library ops
 
 
-@torch.library.custom_op("moe_kernels::triton_adapter_moe", mutates_args=())
-def _adapter_moe_op(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weights: torch.Tensor,
-                    expert_offsets: torch.Tensor, sorted_slots: torch.Tensor, activation: str,
-                    scale: float) -> torch.Tensor:
-    """Forward on a precomputed plan: h [T,H], down [E,r,H], up [E,H,r], weights [T,k] fp32 (all
-    contiguous), expert_offsets [E+1] / sorted_slots [T*k] int32 -> y [T,H] in h's dtype."""
-    return _forward_impl(h, down, up, weights, expert_offsets, sorted_slots, activation, scale)
+@torch.library.custom_op("moe_kernels_triton::adapter_moe_forward", mutates_args=())
+def adapter_moe_forward_op(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weights: torch.Tensor,
+                           ids: torch.Tensor, activation: str, scale: float
+                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """h [T,H] contiguous, down [E,r,H], up [E,H,r] (any strides), weights [T,k] fp32 contiguous, ids [T,k]
+    int32 -> (y [T,H] in h's dtype, expert_offsets [E+1], sorted_slots [T*k]): the output and the plan the
+    backward reuses."""
+    plan = dispatch_plan(ids, down.shape[0])
+    y = _forward_impl(h, down, up, weights, plan.expert_offsets, plan.sorted_slots, activation, scale)
+    return y, plan.expert_offsets, plan.sorted_slots
 
 
-@_adapter_moe_op.register_fake
-def _(h, down, up, weights, expert_offsets, sorted_slots, activation, scale):
-    return torch.empty_like(h)
+@adapter_moe_forward_op.register_fake
+def _(h, down, up, weights, ids, activation, scale):
+    return (torch.empty_like(h), ids.new_empty((down.shape[0] + 1,), dtype=torch.int32),
+            ids.new_empty((ids.numel(),), dtype=torch.int32))
 
 
-@torch.library.custom_op("moe_kernels::triton_adapter_moe_backward", mutates_args=())
-def _adapter_moe_backward_op(grad: torch.Tensor, h: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
-                             weights: torch.Tensor, expert_offsets: torch.Tensor, sorted_slots: torch.Tensor,
-                             activation: str, scale: float, weight_grads: bool
-                             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(d h [T,H], d down [E,r,H], d up [E,H,r], d weights [T,k] fp32). Without ``weight_grads`` the
-    expert-weight gradients are skipped and returned as empty tensors (frozen experts)."""
+@torch.library.custom_op("moe_kernels_triton::adapter_moe_backward", mutates_args=())
+def adapter_moe_backward_op(grad: torch.Tensor, h: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
+                            weights: torch.Tensor, expert_offsets: torch.Tensor, sorted_slots: torch.Tensor,
+                            activation: str, scale: float, weight_grads: bool
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(d h [T,H], d down [E,r,H], d up [E,H,r] (contiguous), d weights [T,k] fp32). Without ``weight_grads``
+    the expert-weight gradients are skipped and returned as empty tensors (frozen experts)."""
     dh, d_down, d_up, dweights = _backward_impl(grad, h, down, up, weights, expert_offsets, sorted_slots,
                                                 activation, scale, weight_grads)
     if not weight_grads:
@@ -655,49 +577,40 @@ def _adapter_moe_backward_op(grad: torch.Tensor, h: torch.Tensor, down: torch.Te
     return dh, d_down, d_up, dweights
 
 
-@_adapter_moe_backward_op.register_fake
+@adapter_moe_backward_op.register_fake
 def _(grad, h, down, up, weights, expert_offsets, sorted_slots, activation, scale, weight_grads):
     if weight_grads:
-        return torch.empty_like(h), torch.empty_like(down), torch.empty_like(up), torch.empty_like(weights)
+        return torch.empty_like(h), down.new_empty(down.shape), up.new_empty(up.shape), torch.empty_like(weights)
     return torch.empty_like(h), down.new_empty(0), up.new_empty(0), torch.empty_like(weights)
 
 
 def _setup_context(ctx, inputs, output):
-    h, down, up, weights, expert_offsets, sorted_slots, activation, scale = inputs
+    h, down, up, weights, _ids, activation, scale = inputs
+    _, expert_offsets, sorted_slots = output
     ctx.save_for_backward(h, down, up, weights, expert_offsets, sorted_slots)
     ctx.activation, ctx.scale = activation, scale
+    ctx.mark_non_differentiable(expert_offsets, sorted_slots)
 
 
-def _backward(ctx, grad):
+def _backward(ctx, grad, _grad_offsets, _grad_slots):
     h, down, up, weights, expert_offsets, sorted_slots = ctx.saved_tensors
     need = ctx.needs_input_grad
     weight_grads = bool(need[1] or need[2])
-    dh, d_down, d_up, dweights = _adapter_moe_backward_op(grad, h, down, up, weights, expert_offsets, sorted_slots,
-                                                          ctx.activation, ctx.scale, weight_grads)
+    dh, d_down, d_up, dweights = adapter_moe_backward_op(grad.contiguous(), h, down, up, weights, expert_offsets,
+                                                         sorted_slots, ctx.activation, ctx.scale, weight_grads)
     return (dh if need[0] else None, d_down if need[1] else None, d_up if need[2] else None,
-            dweights if need[3] else None, None, None, None, None)
+            dweights if need[3] else None, None, None, None)
 
 
-_adapter_moe_op.register_autograd(_backward, setup_context=_setup_context)
+adapter_moe_forward_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 def adapter_moe_triton(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weights: torch.Tensor,
                        ids: torch.Tensor, activation: str = "gelu", scale: float = 1.0) -> torch.Tensor:
-    """Routed adapter experts: y[t] = sum_j weights[t,j] * scale * up_e(act(down_e h_t)), e = ids[t,j].
-
-    h [T,H]; down [E,r,H]; up [E,H,r] (h's dtype, 1 <= r <= 1024); weights [T,k] float32; ids [T,k]
-    int32 in [0, E) (validated by ``moe_kernels.ops.adapter_moe``); activation in
-    ``moe_kernels.spec.ADAPTER_ACTIVATIONS`` ("identity" = routed LoRA B_e A_e h). Returns [T,H] in h's dtype,
-    differentiable w.r.t. h, down, up and weights. Same math as :func:`moe_kernels.reference.adapter_moe`.
-    """
-    if activation not in ACTIVATION_CODES:
-        raise ValueError(f"activation must be one of {list(ACTIVATION_CODES)}, got {activation!r}")
-    if not 1 <= down.shape[1] <= MAX_RANK:
-        raise ValueError(f"down: adapter rank (dim 1) must be in [1, {MAX_RANK}], got {down.shape[1]}")
-    plan = dispatch_plan(ids, down.shape[0])
-    return _adapter_moe_op(h.contiguous(), down.contiguous(), up.contiguous(),
-                           weights.to(torch.float32).contiguous(), plan.expert_offsets.to(torch.int32),
-                           plan.sorted_slots.to(torch.int32), activation, float(scale))
+    """Backend entry point (arguments validated and normalised by :func:`moe_kernels.ops.adapter_moe`: weights
+    [T,k] float32, ids [T,k] int32 contiguous in [0, E), activation in ``spec.ADAPTER_ACTIVATIONS``, 1 <= r <=
+    1024): y [T,H] in h's dtype, differentiable w.r.t. h, down, up and weights."""
+    return adapter_moe_forward_op(h.contiguous(), down, up, weights, ids, activation, float(scale))[0]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -707,6 +620,7 @@ _POINTER = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf
 # Per config: the largest rank tile it launches (its worst case), every activation (each is its own
 # compiled kernel; their register needs differ by tens of registers, no single one is the worst).
 _COMPILE_DTYPES = (torch.bfloat16, torch.float32)
+_ADAPTER_CODES = tuple(ACTIVATION_CODES[name] for name in ADAPTER_ACTIVATIONS)
 # (dtype, tl.dot precision) pairs that launch: fp32 runs TF32 when torch.backends.cuda.matmul.allow_tf32
 # (different code: mma instead of FMA); fp16 compiles as bf16 does.
 _COMPILE_VARIANTS = ((torch.bfloat16, "tf32"), (torch.float32, "ieee"), (torch.float32, "tf32"))
@@ -727,10 +641,15 @@ def _signature(names, pointers, dtype, constexprs):
 
 
 # Integer arguments that are multiples of 16 at every launch of a table config: the launcher takes
-# UNALIGNED_CONFIG unless H % 16 == 0 (and the tensors are 16-byte aligned), and Triton's JIT marks such
+# unaligned config unless H % 16 == 0 (and the tensors are 16-byte aligned), and Triton's JIT marks such
 # arguments tt.divisibility=16, which is what lets it vectorise the row loads. The compile check gives
 # the same hints (pointers are taken 16-byte aligned), so it compiles the variant that really runs.
-_TABLE_DIVISIBLE = ("H",)
+# The weights' element strides that are multiples of H (row-major [E, r, H] / [E, H, r]) are too; those that
+# are multiples of R go with the R specialisation below, and the unit strides are constexprs (the JIT
+# specialises an integer 1).
+_TABLE_DIVISIBLE = ("H", "stride_de", "stride_dr", "stride_ue")
+_RANK_DIVISIBLE = ("R", "stride_uh")
+_UNIT_STRIDES = ("stride_dh", "stride_ur")
 
 
 def _compile_specs():
@@ -743,13 +662,23 @@ def _compile_specs():
         names = kernel.arg_names
         options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
         if aligned is None:
-            aligned = config is not UNALIGNED_CONFIG
-        constexprs = dict(constexprs)
+            aligned = config != unaligned
+        constexprs = dict(constexprs, **{name: 1 for name in _UNIT_STRIDES if name in names})
         if constexprs.get("OUT_BY_TOKEN"):
             constexprs["top_k"] = 1  # by-token output is the k = 1 launch, which the JIT specialises to a constant
-        base = _TABLE_DIVISIBLE if aligned else ()
+        if kernel is _adapter_expand_kernel:  # W2 is up (forward) or down (backward), as the launcher passes it
+            if constexprs["BACKWARD"]:
+                constexprs["stride_w2n"] = 1
+                table_divisible, rank_divisible = ("H", "stride_w2e", "stride_w2r"), ("R",)
+            else:
+                constexprs["stride_w2r"] = 1
+                table_divisible, rank_divisible = ("H", "stride_w2e"), ("R", "stride_w2n")
+        else:
+            table_divisible, rank_divisible = _TABLE_DIVISIBLE, _RANK_DIVISIBLE
+        base = tuple(n for n in table_divisible if n in names) if aligned else ()
+        extra = tuple(n for n in rank_divisible if n in names)
         # the rank R is a multiple of 16 (16, 32, 64, ...) or not (1-15, 24, 100, ...): both specialisations run
-        for divisible in (base, base + ("R",)) if "R" in names else (base,):
+        for divisible in (base, base + extra) if extra else (base,):
             key = (kernel.__name__, tuple(sorted(pointers.items())), tuple(sorted(constexprs.items())),
                    tuple(sorted(options.items())), divisible)
             if key not in seen:
@@ -757,18 +686,18 @@ def _compile_specs():
                 signature = _signature(names, pointers, dtype, constexprs)
                 specs.append((kernel, signature, constexprs, options, divisible))
 
-    for table_config in (*ADAPTER_CONFIGS.values(), UNALIGNED_CONFIG):
+    unaligned = unaligned_config()
+    for table_config in table_configs():
         for dtype, precision in _COMPILE_VARIANTS:
-            config = table_config if table_config is UNALIGNED_CONFIG else for_dtype(table_config, dtype)
+            config = table_config if table_config == unaligned else for_dtype(table_config, dtype)
             data = _POINTER[dtype]
             mid = data  # [N, r] intermediates are kept in the input dtype on GPUs
             base = dict(BLOCK_M=config.block_m, UPCAST=False, DOT_PRECISION=precision)
-            routed = {"h_ptr": data, "dy_ptr": data, "down_ptr": data, "up_ptr": data, "weights_ptr": "*fp32",
-                      "tile_experts_ptr": "*i32", "tile_ends_ptr": "*i32", "expert_offsets_ptr": "*i32",
-                      "sorted_slots_ptr": "*i32"}
+            tile_map = {"tile_offsets_ptr": "*i32", "expert_offsets_ptr": "*i32", "sorted_slots_ptr": "*i32"}
+            routed = dict(tile_map, h_ptr=data, dy_ptr=data, down_ptr=data, up_ptr=data, weights_ptr="*fp32")
             for backward in (False, True):
                 if config.fused and not (backward and config.block_r > FUSED_BACKWARD_MAX_RANK_TILE):
-                    for activation, by_token in itertools.product(ACTIVATION_CODES.values(), (False, True)):
+                    for activation, by_token in itertools.product(_ADAPTER_CODES, (False, True)):
                         out = data if by_token else "*fp32"
                         add(_adapter_fused_kernel,
                             dict(routed, out_ptr=out, act_out_ptr=mid, dz_out_ptr=mid, dweights_ptr="*fp32"),
@@ -777,40 +706,38 @@ def _compile_specs():
                             config)
                 else:
                     block_r = min(config.block_r, SPLIT_BACKWARD_MAX_BLOCK_R) if backward else config.block_r
-                    for activation in ACTIVATION_CODES.values():
+                    for activation in _ADAPTER_CODES:
                         add(_adapter_shrink_kernel,
                             dict(routed, act_out_ptr=mid, dz_out_ptr=mid, dweights_partial_ptr="*fp32"), dtype,
                             dict(base, ACTIVATION=activation, BACKWARD=backward, BLOCK_K=config.block_k,
                                  BLOCK_R=block_r), config)
                     for by_token in (False, True):
                         add(_adapter_expand_kernel,
-                            {"mid_ptr": mid, "w2_ptr": data, "weights_ptr": "*fp32", "tile_experts_ptr": "*i32",
-                             "tile_ends_ptr": "*i32",
-                             "expert_offsets_ptr": "*i32", "sorted_slots_ptr": "*i32",
-                             "out_ptr": data if by_token else "*fp32"},
+                            dict(tile_map, mid_ptr=mid, w2_ptr=data, weights_ptr="*fp32",
+                                 out_ptr=data if by_token else "*fp32"),
                             dtype, dict(base, BACKWARD=backward, OUT_BY_TOKEN=by_token,
                                         BLOCK_N=config.block_n, BLOCK_R=block_r), config)
             wgrad_pointers = {"left_ptr": data, "right_ptr": data, "weights_ptr": "*fp32",
                               "expert_offsets_ptr": "*i32", "sorted_slots_ptr": "*i32", "out_ptr": data}
             wgrad = dict(BLOCK_M=config.wgrad_block_m, UPCAST=False, DOT_PRECISION=precision)
             wgrad_config = dataclasses.replace(config, num_stages=config.wgrad_stages)
-            aligned = table_config is not UNALIGNED_CONFIG
+            aligned = table_config != unaligned
             add(_adapter_weight_grad_kernel, wgrad_pointers, dtype,
                 dict(wgrad, D_UP=True, BLOCK_P=config.wgrad_block_h, BLOCK_Q=config.wgrad_block_r), wgrad_config,
                 aligned)
             add(_adapter_weight_grad_kernel, wgrad_pointers, dtype,
                 dict(wgrad, D_UP=False, BLOCK_P=config.wgrad_block_r, BLOCK_Q=config.wgrad_block_h), wgrad_config,
                 aligned)
-    combine = AdapterConfig(False, 16, 16, 16, 16, **_COMBINE_OPTIONS)  # only its warps and stages count
-    for dtype in _COMPILE_DTYPES:
+    combine = AdapterConfig(False, 16, 16, 16, 16, **COMBINE_OPTIONS)  # only its warps and stages count
+    for dtype in _COMPILE_DTYPES:  # the slot combine (triton/common.py) of both kernel modules
         for aligned in (True, False):
             add(_combine_slots_kernel, {"slot_rows_ptr": "*fp32", "out_ptr": _POINTER[dtype]}, dtype,
-                dict(BLOCK_T=_COMBINE_BLOCK_T, BLOCK_N=_COMBINE_BLOCK_N), combine, aligned)
+                dict(BLOCK_T=COMBINE_BLOCK_T, BLOCK_N=COMBINE_BLOCK_N), combine, aligned)
     return specs
 
 
 COMPILE_SPECS = _compile_specs()
 
 
-__all__ = ["adapter_moe_triton", "AdapterConfig", "ADAPTER_CONFIGS", "COMPILE_SPECS", "forced_config",
-           "select_config", "shape_class"]
+__all__ = ["adapter_moe_triton", "adapter_moe_forward_op", "adapter_moe_backward_op", "AdapterConfig",
+           "COMPILE_SPECS", "forced_config", "select_config", "table_configs"]

@@ -1,7 +1,17 @@
-"""What every Triton module of the backend decides the same way: whether kernels run in the interpreter, the
-``tl.dot`` input precision, and the activation codes the kernels branch on (from :mod:`moe_kernels.spec`).
+"""What every Triton kernel module of the backend shares, defined once:
 
-Imports neither triton nor a kernel module, so :mod:`moe_kernels.triton` can use it without loading Triton.
+* host rules: whether kernels run in the interpreter (:func:`interpreting`), the ``tl.dot`` input precision
+  (:func:`dot_precision`);
+* the activations: codes from :data:`moe_kernels.spec.ACTIVATION_CODES` (the kernels' constexpr
+  ``ACTIVATION``), elementwise :func:`activation` / :func:`activation_grad`, and the gated forms of the
+  expert MLP (:func:`gated_forward` / :func:`gated_backward`) built on them;
+* the tile map of the dispatch plan: each expert's run of sorted rows cut into BLOCK_M-row tiles, an
+  on-device exclusive scan of tile counts (:func:`tile_offsets`), a grid bound that needs no host sync
+  (:func:`max_tiles`) and the in-kernel binary search from a program id to its tile (:func:`find_tile`);
+* the slot combine: per-slot output rows summed per token in a fixed order (:func:`combine_slots`);
+* ``tl.dot`` operands (:func:`operand`): fp32 under the interpreter, whose bf16 arithmetic is wrong.
+
+The package's ``__init__`` imports this module lazily (it imports triton).
 """
 
 from __future__ import annotations
@@ -9,16 +19,13 @@ from __future__ import annotations
 import os
 
 import torch
+import triton
+import triton.language as tl
 
-from ..spec import (ADAPTER_ACTIVATIONS, GATED_ACTIVATIONS, TRITON_ADAPTER_ACTIVATION_CODES,
-                    TRITON_GATED_ACTIVATION_CODES)
+from ..spec import ACTIVATION_CODES, GPT_OSS_ALPHA
 
-# constexpr ACTIVATION of the expert-MLP kernels (triton/experts.py) and of the adapter kernels
-# (triton/adapters.py); each kernel family branches on its own table.
-GATED_ACTIVATION_CODES = TRITON_GATED_ACTIVATION_CODES
-ADAPTER_ACTIVATION_CODES = TRITON_ADAPTER_ACTIVATION_CODES
-assert set(GATED_ACTIVATION_CODES) == set(GATED_ACTIVATIONS), GATED_ACTIVATION_CODES
-assert set(ADAPTER_ACTIVATION_CODES) == set(ADAPTER_ACTIVATIONS), ADAPTER_ACTIVATION_CODES
+# ----------------------------------------------------------------------------------------------------
+# host rules
 
 
 def interpreting() -> bool:
@@ -37,3 +44,182 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
+
+
+# ----------------------------------------------------------------------------------------------------
+# activations (fp32 in, fp32 out; the math of moe_kernels.reference.apply_activation / gated_activation)
+
+_SILU = tl.constexpr(ACTIVATION_CODES["silu"])
+_GELU = tl.constexpr(ACTIVATION_CODES["gelu"])
+_GELU_TANH = tl.constexpr(ACTIVATION_CODES["gelu_tanh"])
+_RELU = tl.constexpr(ACTIVATION_CODES["relu"])
+_GPT_OSS = tl.constexpr(ACTIVATION_CODES["gpt_oss"])
+_ALPHA = tl.constexpr(GPT_OSS_ALPHA)
+# 1/sqrt(2) = 0.7071067811865476, 1/sqrt(2 pi) = 0.3989422804014327, sqrt(2/pi) = 0.7978845608028654 are written
+# as literals, each after a tensor operand: under the interpreter a constexpr times a tensor stays a constexpr,
+# which tl.sigmoid / tl.erf do not take.
+
+
+# Each helper has one return statement: triton 3.6 checks every `return` of a jit function for one type,
+# even those behind a constexpr branch that is not taken.
+@triton.jit
+def activation(z, ACTIVATION: tl.constexpr):
+    """act(z) of an elementwise activation (identity for any code without a branch here)."""
+    if ACTIVATION == _SILU:
+        out = z * tl.sigmoid(z)
+    elif ACTIVATION == _GELU:  # erf form
+        out = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+    elif ACTIVATION == _GELU_TANH:  # tanh(u) = 2 sigmoid(2u) - 1
+        out = z * tl.sigmoid((z + 0.044715 * z * z * z) * 1.5957691216057308)  # 2 sqrt(2/pi)
+    elif ACTIVATION == _RELU:
+        out = tl.maximum(z, 0.0)
+    else:
+        out = z
+    return out
+
+
+@triton.jit
+def activation_grad(z, ACTIVATION: tl.constexpr):
+    """d act / dz (relu: 1 where z > 0, as torch)."""
+    if ACTIVATION == _SILU:
+        s = tl.sigmoid(z)
+        out = s * (1.0 + z * (1.0 - s))
+    elif ACTIVATION == _GELU:
+        out = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476)) + z * 0.3989422804014327 * tl.exp(-0.5 * z * z)
+    elif ACTIVATION == _GELU_TANH:
+        t = 2.0 * tl.sigmoid((z + 0.044715 * z * z * z) * 1.5957691216057308) - 1.0
+        out = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
+    elif ACTIVATION == _RELU:
+        out = tl.where(z > 0.0, 1.0, 0.0)
+    else:
+        out = tl.full(z.shape, 1.0, tl.float32)
+    return out
+
+
+@triton.jit
+def gated_forward(gate, up, limit, ACTIVATION: tl.constexpr, HAS_LIMIT: tl.constexpr):
+    """act(gate) * up, or GPT-OSS's clamped SwiGLU (up + 1) * gate * sigmoid(alpha gate) (clamp at ``limit``
+    when HAS_LIMIT)."""
+    if ACTIVATION == _GPT_OSS:
+        if HAS_LIMIT:
+            gate = tl.minimum(gate, limit)
+            up = tl.minimum(tl.maximum(up, -limit), limit)
+        out = (up + 1.0) * (gate * tl.sigmoid(gate * _ALPHA))
+    else:
+        out = activation(gate, ACTIVATION) * up
+    return out
+
+
+@triton.jit
+def gated_backward(gate, up, grad, limit, ACTIVATION: tl.constexpr, HAS_LIMIT: tl.constexpr):
+    """(d gate, d up) of :func:`gated_forward` given d out = ``grad``; a clamp passes the gradient where
+    lo <= x <= hi, as torch.clamp does."""
+    if ACTIVATION == _GPT_OSS:
+        if HAS_LIMIT:
+            gate_pass = gate <= limit
+            up_pass = (up >= -limit) & (up <= limit)
+            gate = tl.minimum(gate, limit)
+            up = tl.minimum(tl.maximum(up, -limit), limit)
+        s = tl.sigmoid(gate * _ALPHA)
+        glu = gate * s
+        d_gate = grad * (up + 1.0) * (s + glu * (1.0 - s) * _ALPHA)
+        d_up = grad * glu
+        if HAS_LIMIT:
+            d_gate = tl.where(gate_pass, d_gate, 0.0)
+            d_up = tl.where(up_pass, d_up, 0.0)
+    else:
+        d_gate = grad * up * activation_grad(gate, ACTIVATION)
+        d_up = grad * activation(gate, ACTIVATION)
+    return d_gate, d_up
+
+
+# ----------------------------------------------------------------------------------------------------
+# the plan's tile map
+
+
+def tile_offsets(expert_offsets: torch.Tensor, block_m: int) -> torch.Tensor:
+    """[E+1] int32 exclusive scan of cdiv(rows of expert e, block_m), on the device (no host sync)."""
+    counts = expert_offsets[1:] - expert_offsets[:-1]
+    out = torch.zeros_like(expert_offsets)
+    torch.cumsum((counts + block_m - 1) // block_m, dim=0, dtype=torch.int32, out=out[1:])
+    return out
+
+
+def max_tiles(num_rows: int, num_experts: int, block_m: int) -> int:
+    """Upper bound of the tile count (the grid, known without a host sync): every non-empty expert wastes
+    at most one partial tile."""
+    return triton.cdiv(num_rows, block_m) + min(num_experts, num_rows)
+
+
+@triton.jit
+def find_tile(tile_offsets_ptr, expert_offsets_ptr, num_experts, search_steps, BLOCK_M: tl.constexpr):
+    """Map this program's tile id (axis 0) to (expert, first sorted row, end of the expert's rows, valid).
+
+    tile_offsets_ptr: [E+1] int32 from :func:`tile_offsets`; search_steps = E.bit_length(). valid is false
+    for programs past the last tile (the grid is the bound of :func:`max_tiles`).
+    """
+    tile = tl.program_id(0)
+    total = tl.load(tile_offsets_ptr + num_experts)
+    lo = 0
+    hi = num_experts - 1
+    for _ in range(search_steps):  # largest e with tile_offsets[e] <= tile
+        mid = (lo + hi + 1) // 2
+        go_right = tl.load(tile_offsets_ptr + mid) <= tile
+        lo = tl.where(go_right, mid, lo)
+        hi = tl.where(go_right, hi, mid - 1)
+    expert = lo
+    row_start = tl.load(expert_offsets_ptr + expert) + (tile - tl.load(tile_offsets_ptr + expert)) * BLOCK_M
+    row_end = tl.load(expert_offsets_ptr + expert + 1)
+    return expert, row_start, row_end, tile < total
+
+
+# ----------------------------------------------------------------------------------------------------
+# operands and the slot combine
+
+
+@triton.jit
+def operand(tile, UPCAST: tl.constexpr, dtype: tl.constexpr):
+    """A tl.dot operand: fp32 under the interpreter (bf16 is wrong there), else the GEMM input dtype."""
+    if UPCAST:
+        out = tile.to(tl.float32)
+    else:
+        out = tile.to(dtype)
+    return out
+
+
+@triton.jit
+def _combine_slots_kernel(slot_rows_ptr, out_ptr, T, H, top_k, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr):
+    """out[t, :] = sum_{j < k} slot_rows[t*k + j, :] in fp32, j ascending (deterministic), cast to out's dtype.
+
+    slot_rows [T*k, H] fp32 contiguous, out [T, H] contiguous. Grid: (cdiv(T, BLOCK_T), cdiv(H, BLOCK_N))."""
+    t_offs = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    n_offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (t_offs < T)[:, None] & (n_offs < H)[None, :]
+    acc = tl.zeros((BLOCK_T, BLOCK_N), dtype=tl.float32)
+    for j in range(0, top_k):
+        rows = (t_offs.to(tl.int64) * top_k + j) * H
+        acc += tl.load(slot_rows_ptr + rows[:, None] + n_offs[None, :], mask=mask, other=0.0)
+    tl.store(out_ptr + t_offs.to(tl.int64)[:, None] * H + n_offs[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+COMBINE_BLOCK_T, COMBINE_BLOCK_N, COMBINE_OPTIONS = 16, 128, {"num_warps": 4, "num_stages": 1}
+
+
+def slot_dtype(dtype: torch.dtype, top_k: int) -> torch.dtype:
+    """dtype of per-slot output rows: with k > 1 the k partials of a token are summed by
+    :func:`combine_slots`, and fp32 partials make that sum round once, like the reference (a transient
+    N*H*4 bytes); with k = 1 the slot rows are the output."""
+    return dtype if top_k == 1 else torch.float32
+
+
+def combine_slots(slot_rows: torch.Tensor, num_tokens: int, top_k: int, dtype: torch.dtype) -> torch.Tensor:
+    """[T*k, H] slot rows (:func:`slot_dtype`) -> [T, H] in ``dtype``: the k rows of a token summed in fp32, j
+    ascending, in one pass. With k = 1 the slot rows are returned as they are."""
+    if top_k == 1:
+        return slot_rows
+    hidden = slot_rows.shape[1]
+    out = torch.empty((num_tokens, hidden), dtype=dtype, device=slot_rows.device)
+    grid = (triton.cdiv(num_tokens, COMBINE_BLOCK_T), triton.cdiv(hidden, COMBINE_BLOCK_N))
+    _combine_slots_kernel[grid](slot_rows, out, num_tokens, hidden, top_k, BLOCK_T=COMBINE_BLOCK_T,
+                                BLOCK_N=COMBINE_BLOCK_N, **COMBINE_OPTIONS)
+    return out

@@ -1,7 +1,7 @@
 """Launch configurations of the Triton kernels, per shape class, loaded from ``configs.json``.
 
-The table maps a shape class (decode vs. large token counts, number of experts, top-k) to block sizes,
-warps and stages. The code never autotunes (it cannot without a GPU, and autotune costs a warm-up per
+The table maps a shape class (token count, experts, rows per expert, adapter rank) of each kernel family
+(routing, plan, expert MLP, adapter experts) to block sizes, warps and stages. The code never autotunes (it cannot without a GPU, and autotune costs a warm-up per
 shape); benchmarks can tune the table and write it back with :func:`save_table`. The compile check
 (:mod:`moe_kernels.triton.compile_check`) compiles every entry of the table for every target GPU.
 """
@@ -61,6 +61,15 @@ def decode_config(num_rows: int, fp32: bool = False) -> dict | None:
     do not fit one program's BLOCK_M rows (then the planned path runs)."""
     entry = load_table()["mlp_decode_fp32" if fp32 else "mlp_decode"][0]
     return entry if num_rows <= entry["BLOCK_M"] else None
+
+
+def adapter_config(num_slots: int, rank: int, aligned: bool = True) -> dict:
+    """Config of the adapter-expert kernels for N = ``num_slots`` routed slots at adapter rank ``rank``;
+    launches that are not ``aligned`` (see :func:`moe_kernels.triton.adapters.select_config`) take the
+    'adapter_unaligned' entry."""
+    if not aligned:
+        return load_table()["adapter_unaligned"][0]
+    return _pick("adapter", rank=rank, slots=num_slots)
 
 
 def wgrad_config() -> dict:

@@ -38,13 +38,11 @@ import torch
 import triton
 import triton.language as tl
 
-from ..spec import GPT_OSS_ALPHA
-from .common import GATED_ACTIVATION_CODES as ACTIVATION_CODES  # the kernels branch on these codes
-from .common import dot_precision, interpreting
+from ..spec import ACTIVATION_CODES
+from .common import (combine_slots, dot_precision, find_tile, gated_backward, gated_forward, interpreting, max_tiles,
+                     operand, slot_dtype, tile_offsets)
 from .configs import decode_config, entries, mlp_config, wgrad_config
 from .plan import dispatch_plan
-
-_ALPHA = tl.constexpr(GPT_OSS_ALPHA)
 
 
 def recompute_enabled() -> bool:
@@ -58,33 +56,11 @@ def recompute_enabled() -> bool:
 
 
 @triton.jit
-def _find_tile(tile_offsets_ptr, expert_offsets_ptr, num_experts, search_steps, BLOCK_M: tl.constexpr):
-    """Map this program's tile id (axis 0) to (expert, first sorted row, end of the expert's rows).
-
-    tile_offsets_ptr: [E+1] int32, exclusive scan of cdiv(count_e, BLOCK_M). Returns valid = False for
-    programs past the last tile (the grid is an upper bound so it needs no host sync).
-    """
-    tile = tl.program_id(0)
-    total = tl.load(tile_offsets_ptr + num_experts)
-    lo = 0
-    hi = num_experts - 1
-    for _ in range(search_steps):  # largest e with tile_offsets[e] <= tile
-        mid = (lo + hi + 1) // 2
-        go_right = tl.load(tile_offsets_ptr + mid) <= tile
-        lo = tl.where(go_right, mid, lo)
-        hi = tl.where(go_right, hi, mid - 1)
-    expert = lo
-    row_start = tl.load(expert_offsets_ptr + expert) + (tile - tl.load(tile_offsets_ptr + expert)) * BLOCK_M
-    row_end = tl.load(expert_offsets_ptr + expert + 1)
-    return expert, row_start, row_end, tile < total
-
-
-@triton.jit
 def _program_rows(tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr, num_experts, num_rows, search_steps,
                   BLOCK_M: tl.constexpr, BY_EXPERT: tl.constexpr):
     """This program's expert and rows: returns (expert, rows, row_mask, slots, valid).
 
-    Tiled (BY_EXPERT false): a tile of BLOCK_M rows of one expert's run in sorted order (``_find_tile``);
+    Tiled (BY_EXPERT false): a tile of BLOCK_M rows of one expert's run in sorted order (``common.find_tile``);
     ``rows`` index the sorted order and ``slots = sorted_slots[rows]``.
     By expert (BY_EXPERT, the decode path, no plan): program_id(0) is the expert and ``sorted_slots_ptr``
     holds the flat ids [N] (N = num_rows <= BLOCK_M); the rows are the slots routed to this expert, so
@@ -98,7 +74,7 @@ def _program_rows(tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr, num_ex
         slots = rows
         valid = tl.max(row_mask.to(tl.int32), axis=0) > 0
     else:
-        expert, row_start, row_end, valid = _find_tile(tile_offsets_ptr, expert_offsets_ptr, num_experts,
+        expert, row_start, row_end, valid = find_tile(tile_offsets_ptr, expert_offsets_ptr, num_experts,
                                                        search_steps, BLOCK_M)
         rows = row_start + tl.arange(0, BLOCK_M)
         row_mask = rows < row_end  # all false past the last tile (row_start >= row_end there)
@@ -112,78 +88,6 @@ def _gate_up_columns(cols, inter, INTERLEAVED: tl.constexpr):
     if INTERLEAVED:
         return 2 * cols, 2 * cols + 1
     return cols, cols + inter
-
-
-@triton.jit
-def _sigmoid(x):
-    return 1.0 / (1.0 + tl.exp(-x))
-
-
-@triton.jit
-def _activation_forward(gate, up, limit, ACTIVATION: tl.constexpr, HAS_LIMIT: tl.constexpr):
-    """fp32 gate, up -> act(gate) * up (or GPT-OSS's clamped form); matches reference.gated_activation."""
-    if ACTIVATION == 4:  # gpt_oss
-        if HAS_LIMIT:
-            gate = tl.minimum(gate, limit)
-            up = tl.minimum(tl.maximum(up, -limit), limit)
-        return (up + 1.0) * (gate * _sigmoid(gate * _ALPHA))
-    if ACTIVATION == 0:  # silu
-        act = gate * _sigmoid(gate)
-    elif ACTIVATION == 1:  # gelu (erf)
-        act = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))
-    elif ACTIVATION == 2:  # gelu, tanh approximation; tanh(u) = 2 sigmoid(2u) - 1
-        inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
-        act = gate * _sigmoid(2.0 * inner)
-    else:  # relu
-        act = tl.maximum(gate, 0.0)
-    return act * up
-
-
-@triton.jit
-def _activation_backward(gate, up, grad, limit, ACTIVATION: tl.constexpr, HAS_LIMIT: tl.constexpr):
-    """fp32 (d gate, d up) of ``_activation_forward`` given d out = grad."""
-    if ACTIVATION == 4:  # gpt_oss; clamp passes the gradient where lo <= x <= hi, as torch.clamp does
-        if HAS_LIMIT:
-            gate_pass = gate <= limit
-            up_pass = (up >= -limit) & (up <= limit)
-            gate = tl.minimum(gate, limit)
-            up = tl.minimum(tl.maximum(up, -limit), limit)
-        s = _sigmoid(gate * _ALPHA)
-        glu = gate * s
-        d_gate = grad * (up + 1.0) * (s + _ALPHA * glu * (1.0 - s))
-        d_up = grad * glu
-        if HAS_LIMIT:
-            d_gate = tl.where(gate_pass, d_gate, 0.0)
-            d_up = tl.where(up_pass, d_up, 0.0)
-        return d_gate, d_up
-    if ACTIVATION == 0:
-        s = _sigmoid(gate)
-        act = gate * s
-        d_act = s + gate * s * (1.0 - s)
-    elif ACTIVATION == 1:
-        cdf = 0.5 * (1.0 + tl.math.erf(gate * 0.7071067811865476))
-        act = gate * cdf
-        d_act = cdf + gate * 0.3989422804014327 * tl.exp(-0.5 * gate * gate)
-    elif ACTIVATION == 2:
-        inner = 0.7978845608028654 * (gate + 0.044715 * gate * gate * gate)
-        t = 2.0 * _sigmoid(2.0 * inner) - 1.0
-        act = 0.5 * gate * (1.0 + t)
-        d_act = 0.5 * (1.0 + t) + 0.5 * gate * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * gate * gate)
-    else:
-        act = tl.maximum(gate, 0.0)
-        d_act = tl.where(gate > 0.0, 1.0, 0.0)
-    return grad * up * d_act, grad * act
-
-
-@triton.jit
-def _operand(tile, UPCAST: tl.constexpr, dtype: tl.constexpr):
-    """A tl.dot operand: fp32 under the interpreter (bf16 is wrong there), else the GEMM input dtype."""
-    # one return statement: triton 3.6 visits every `return` of a jit function, even after a constexpr if
-    if UPCAST:
-        operand = tile.to(tl.float32)
-    else:
-        operand = tile.to(dtype)
-    return operand
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -207,7 +111,7 @@ def _gate_up_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, st
     x's dtype, sorted rows, columns laid out like W_gu's rows.  limit: GPT-OSS clamp (HAS_LIMIT).
     Grid: (upper bound of tiles, cdiv(I, BLOCK_N)), or (E, cdiv(I, BLOCK_N)) with BY_EXPERT (the decode
     path: ids in sorted_slots_ptr, act/pre indexed by slot; see ``_program_rows``).
-    ACTIVATION: code of ACTIVATION_CODES (moe_kernels.spec.TRITON_GATED_ACTIVATION_CODES).
+    ACTIVATION: code of moe_kernels.spec.ACTIVATION_CODES (a gated activation).
     """
     expert, rows, row_mask, slots, valid = _program_rows(tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr,
                                                          num_experts, num_rows, search_steps, BLOCK_M, BY_EXPERT)
@@ -227,9 +131,9 @@ def _gate_up_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, st
             w_mask = k_mask[:, None] & col_mask[None, :]
             wg = tl.load(w_base + gate_rows[None, :] * stride_wn + ks[:, None] * stride_wh, mask=w_mask, other=0.0)
             wu = tl.load(w_base + up_rows[None, :] * stride_wn + ks[:, None] * stride_wh, mask=w_mask, other=0.0)
-            xt = _operand(xt, UPCAST, x_ptr.dtype.element_ty)
-            acc_gate = tl.dot(xt, _operand(wg, UPCAST, x_ptr.dtype.element_ty), acc_gate, input_precision=DOT_PRECISION)
-            acc_up = tl.dot(xt, _operand(wu, UPCAST, x_ptr.dtype.element_ty), acc_up, input_precision=DOT_PRECISION)
+            xt = operand(xt, UPCAST, x_ptr.dtype.element_ty)
+            acc_gate = tl.dot(xt, operand(wg, UPCAST, x_ptr.dtype.element_ty), acc_gate, input_precision=DOT_PRECISION)
+            acc_up = tl.dot(xt, operand(wu, UPCAST, x_ptr.dtype.element_ty), acc_up, input_precision=DOT_PRECISION)
         if HAS_BIAS:
             b_base = bias_ptr + expert.to(tl.int64) * stride_be
             acc_gate += tl.load(b_base + gate_rows * stride_bn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -241,7 +145,7 @@ def _gate_up_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, st
             tl.store(pre_row + gate_rows[None, :], acc_gate.to(pre_ptr.dtype.element_ty), mask=out_mask)
             tl.store(pre_row + up_rows[None, :], acc_up.to(pre_ptr.dtype.element_ty), mask=out_mask)
         if STORE_ACT:
-            act = _activation_forward(acc_gate, acc_up, limit, ACTIVATION, HAS_LIMIT)
+            act = gated_forward(acc_gate, acc_up, limit, ACTIVATION, HAS_LIMIT)
             tl.store(act_ptr + rows64 * inter + cols[None, :], act.to(act_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -275,7 +179,7 @@ def _rows_matmul_kernel(in_ptr, w_ptr, stride_we, stride_wc, stride_wj, bias_ptr
             a = tl.load(in_ptr + rows64 * reduce_dim + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             w = tl.load(w_base + ks[:, None] * stride_wc + cols[None, :] * stride_wj,
                         mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-            acc = tl.dot(_operand(a, UPCAST, in_ptr.dtype.element_ty), _operand(w, UPCAST, in_ptr.dtype.element_ty), acc,
+            acc = tl.dot(operand(a, UPCAST, in_ptr.dtype.element_ty), operand(w, UPCAST, in_ptr.dtype.element_ty), acc,
                          input_precision=DOT_PRECISION)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + expert.to(tl.int64) * stride_be + cols * stride_bj, mask=col_mask,
@@ -304,7 +208,7 @@ def _down_backward_kernel(grad_y_ptr, stride_gt, stride_gh, w_ptr, stride_we, st
     strides (be, bh).  route_w_ptr: [N] fp32 by slot.  pre_ptr, grad_pre_ptr: [N, 2I] contiguous.
     grad_w_partial_ptr: [N, num_col_tiles] fp32.  Grid: (upper bound of tiles, cdiv(I, BLOCK_N)).
     """
-    expert, row_start, row_end, valid = _find_tile(tile_offsets_ptr, expert_offsets_ptr, num_experts,
+    expert, row_start, row_end, valid = find_tile(tile_offsets_ptr, expert_offsets_ptr, num_experts,
                                                    search_steps, BLOCK_M)
     if valid:
         pid_n = tl.program_id(1)
@@ -324,8 +228,8 @@ def _down_backward_kernel(grad_y_ptr, stride_gt, stride_gh, w_ptr, stride_we, st
                         mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             w = tl.load(w_base + ks[:, None] * stride_wh + cols[None, :] * stride_wn,
                         mask=k_mask[:, None] & col_mask[None, :], other=0.0)
-            acc = tl.dot(_operand(g, UPCAST, grad_y_ptr.dtype.element_ty),
-                         _operand(w, UPCAST, grad_y_ptr.dtype.element_ty), acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(operand(g, UPCAST, grad_y_ptr.dtype.element_ty),
+                         operand(w, UPCAST, grad_y_ptr.dtype.element_ty), acc, input_precision=DOT_PRECISION)
             if HAS_BIAS:
                 if pid_n == 0:
                     b = tl.load(bias_ptr + expert.to(tl.int64) * stride_be + ks * stride_bh, mask=k_mask, other=0.0)
@@ -335,11 +239,11 @@ def _down_backward_kernel(grad_y_ptr, stride_gt, stride_gh, w_ptr, stride_we, st
         pre_row = pre_ptr + rows.to(tl.int64)[:, None] * (2 * inter)
         gate = tl.load(pre_row + gate_cols[None, :], mask=out_mask, other=0.0).to(tl.float32)
         up = tl.load(pre_row + up_cols[None, :], mask=out_mask, other=0.0).to(tl.float32)
-        act = _activation_forward(gate, up, limit, ACTIVATION, HAS_LIMIT)
+        act = gated_forward(gate, up, limit, ACTIVATION, HAS_LIMIT)
         partial = tl.sum(tl.where(out_mask, act * acc, 0.0), axis=1) + bias_dot
         tl.store(grad_w_partial_ptr + slots.to(tl.int64) * num_col_tiles + pid_n, partial, mask=row_mask)
         route_w = tl.load(route_w_ptr + slots, mask=row_mask, other=0.0)
-        d_gate, d_up = _activation_backward(gate, up, acc * route_w[:, None], limit, ACTIVATION, HAS_LIMIT)
+        d_gate, d_up = gated_backward(gate, up, acc * route_w[:, None], limit, ACTIVATION, HAS_LIMIT)
         grad_row = grad_pre_ptr + rows.to(tl.int64)[:, None] * (2 * inter)
         tl.store(grad_row + gate_cols[None, :], d_gate.to(grad_pre_ptr.dtype.element_ty), mask=out_mask)
         tl.store(grad_row + up_cols[None, :], d_up.to(grad_pre_ptr.dtype.element_ty), mask=out_mask)
@@ -402,11 +306,11 @@ def _expert_outer_kernel(lhs_ptr, stride_lt, stride_lc, rhs_ptr, stride_rt, stri
                            mask=rhs_mask, other=0.0).to(tl.float32)
             up = tl.load(rhs_ptr + rhs_rows[:, None] * stride_rt + up_cols[None, :] * stride_rc,
                          mask=rhs_mask, other=0.0).to(tl.float32)
-            rhs = tl.where(rhs_mask, _activation_forward(gate, up, limit, ACTIVATION, HAS_LIMIT), 0.0)
+            rhs = tl.where(rhs_mask, gated_forward(gate, up, limit, ACTIVATION, HAS_LIMIT), 0.0)
         else:
             rhs = tl.load(rhs_ptr + rhs_rows[:, None] * stride_rt + j_idx[None, :] * stride_rc, mask=rhs_mask,
                           other=0.0)
-        acc = tl.dot(_operand(lhs, UPCAST, out_ptr.dtype.element_ty), _operand(rhs, UPCAST, out_ptr.dtype.element_ty), acc,
+        acc = tl.dot(operand(lhs, UPCAST, out_ptr.dtype.element_ty), operand(rhs, UPCAST, out_ptr.dtype.element_ty), acc,
                      input_precision=DOT_PRECISION)
     out = out_ptr + expert.to(tl.int64) * stride_oe + i_idx[:, None] * stride_oi + j_idx[None, :] * stride_oj
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=i_mask[:, None] & j_mask[None, :])
@@ -432,7 +336,7 @@ def _gated_activation_kernel(pre_ptr, act_ptr, num_rows, inter, limit, ACTIVATIO
     pre_row = pre_ptr + rows.to(tl.int64)[:, None] * (2 * inter)
     gate = tl.load(pre_row + gate_cols[None, :], mask=mask, other=0.0).to(tl.float32)
     up = tl.load(pre_row + up_cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    act = _activation_forward(gate, up, limit, ACTIVATION, HAS_LIMIT)
+    act = gated_forward(gate, up, limit, ACTIVATION, HAS_LIMIT)
     tl.store(act_ptr + rows.to(tl.int64)[:, None] * inter + cols[None, :], act.to(act_ptr.dtype.element_ty), mask=mask)
 
 
@@ -495,32 +399,6 @@ def _grouped_mm_weight_grads(grad_y, x, pre, grad_pre, route_w, expert_offsets, 
     return grad_gate_up, grad_down
 
 
-def tile_offsets(expert_offsets: torch.Tensor, block_m: int) -> torch.Tensor:
-    """[E+1] int32 exclusive scan of cdiv(rows of expert e, block_m), on the device (no host sync)."""
-    counts = expert_offsets[1:] - expert_offsets[:-1]
-    out = torch.zeros_like(expert_offsets)
-    torch.cumsum((counts + block_m - 1) // block_m, dim=0, dtype=torch.int32, out=out[1:])
-    return out
-
-
-def max_tiles(num_rows: int, num_experts: int, block_m: int) -> int:
-    """Upper bound of the tile count: every non-empty expert wastes at most one partial tile."""
-    return triton.cdiv(num_rows, block_m) + min(num_experts, num_rows)
-
-
-def _combine_slots(slot_rows: torch.Tensor, num_tokens: int, top_k: int, dtype: torch.dtype) -> torch.Tensor:
-    """[T*k, H] slot rows -> [T, H]: sum over the k choices in fixed order, fp32 accumulation."""
-    if top_k == 1:
-        return slot_rows.to(dtype)
-    return torch.sum(slot_rows.view(num_tokens, top_k, -1), dim=1, dtype=torch.float32).to(dtype)
-
-
-def _slot_dtype(dtype: torch.dtype, top_k: int) -> torch.dtype:
-    # k > 1: the k partials of a token are summed afterwards; fp32 partials make that sum round once,
-    # like the reference (a transient N*H*4 bytes). k = 1: the slot rows are the output.
-    return dtype if top_k == 1 else torch.float32
-
-
 def _weight_strides(w: Optional[torch.Tensor], fallback: torch.Tensor):
     return (w, w.stride(0), w.stride(1)) if w is not None else (fallback, 0, 0)
 
@@ -563,7 +441,7 @@ def _forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias,
                         activation, interleaved, swiglu_limit, store_act=True, save_pre=save_pre)
     down = cfg["down"]
     tiles_down = tiles_up if down["BLOCK_M"] == up["BLOCK_M"] else tile_offsets(plan.expert_offsets, down["BLOCK_M"])
-    slot_rows = torch.empty((num_rows, hidden), dtype=_slot_dtype(x.dtype, top_k), device=x.device)
+    slot_rows = torch.empty((num_rows, hidden), dtype=slot_dtype(x.dtype, top_k), device=x.device)
     bias, stride_be, stride_bj = _weight_strides(down_bias, x)
     _rows_matmul_kernel[(max_tiles(num_rows, num_experts, down["BLOCK_M"]), triton.cdiv(hidden, down["BLOCK_N"]))](
         act, down_proj, down_proj.stride(0), down_proj.stride(2), down_proj.stride(1), bias, stride_be, stride_bj,
@@ -572,7 +450,7 @@ def _forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias,
         HAS_BIAS=down_bias is not None, HAS_ROUTE_W=True, UPCAST=upcast, DOT_PRECISION=precision, BY_EXPERT=False,
         BLOCK_M=down["BLOCK_M"], BLOCK_N=down["BLOCK_N"], BLOCK_K=down["BLOCK_K"],
         num_warps=down["num_warps"], num_stages=down["num_stages"])
-    y = _combine_slots(slot_rows, num_tokens, top_k, x.dtype)
+    y = combine_slots(slot_rows, num_tokens, top_k, x.dtype)
     return y, pre, plan.expert_offsets, plan.sorted_slots
 
 
@@ -598,7 +476,7 @@ def _decode_forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_u
         HAS_BIAS=gate_up_bias is not None, HAS_LIMIT=swiglu_limit is not None, STORE_ACT=True, SAVE_PRE=False,
         UPCAST=upcast, DOT_PRECISION=precision, BY_EXPERT=True, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=up["BLOCK_N"],
         BLOCK_K=up["BLOCK_K"], num_warps=up["num_warps"], num_stages=up["num_stages"])
-    slot_rows = torch.empty((num_rows, hidden), dtype=_slot_dtype(x.dtype, top_k), device=x.device)
+    slot_rows = torch.empty((num_rows, hidden), dtype=slot_dtype(x.dtype, top_k), device=x.device)
     bias, stride_be, stride_bj = _weight_strides(down_bias, x)
     _rows_matmul_kernel[(num_experts, triton.cdiv(hidden, down["BLOCK_N"]))](
         act, down_proj, down_proj.stride(0), down_proj.stride(2), down_proj.stride(1), bias, stride_be, stride_bj,
@@ -606,7 +484,7 @@ def _decode_forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_u
         HAS_BIAS=down_bias is not None, HAS_ROUTE_W=True, UPCAST=upcast, DOT_PRECISION=precision, BY_EXPERT=True,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=down["BLOCK_N"], BLOCK_K=down["BLOCK_K"], num_warps=down["num_warps"],
         num_stages=down["num_stages"])
-    return _combine_slots(slot_rows, num_tokens, top_k, x.dtype)
+    return combine_slots(slot_rows, num_tokens, top_k, x.dtype)
 
 
 def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, pre, expert_offsets,
@@ -622,7 +500,7 @@ def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, do
     steps = num_experts.bit_length()
     code = ACTIVATION_CODES[activation]
     limit = float(swiglu_limit or 0.0)
-    route_w = weights.reshape(-1).float().contiguous()
+    route_w = weights.reshape(-1)
 
     # d pre and d(routing weights)
     bw = cfg["down_bwd"]
@@ -645,14 +523,14 @@ def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, do
     grad_x = empty()
     if need_x:
         dx = cfg["dx"]
-        slot_rows = torch.empty((num_rows, hidden), dtype=_slot_dtype(x.dtype, top_k), device=x.device)
+        slot_rows = torch.empty((num_rows, hidden), dtype=slot_dtype(x.dtype, top_k), device=x.device)
         _rows_matmul_kernel[(max_tiles(num_rows, num_experts, dx["BLOCK_M"]), triton.cdiv(hidden, dx["BLOCK_N"]))](
             grad_pre, gate_up_proj, *gate_up_proj.stride(), x, 0, 0, route_w, sorted_slots, expert_offsets,
             tile_offsets(expert_offsets, dx["BLOCK_M"]), slot_rows, two_inter, hidden, num_experts, num_rows, steps,
             HAS_BIAS=False, HAS_ROUTE_W=False, UPCAST=upcast, DOT_PRECISION=precision, BY_EXPERT=False,
             BLOCK_M=dx["BLOCK_M"], BLOCK_N=dx["BLOCK_N"], BLOCK_K=dx["BLOCK_K"],
             num_warps=dx["num_warps"], num_stages=dx["num_stages"])
-        grad_x = _combine_slots(slot_rows, num_tokens, top_k, x.dtype)
+        grad_x = combine_slots(slot_rows, num_tokens, top_k, x.dtype)
 
     grad_gate_up, grad_down, grad_gate_up_bias, grad_down_bias = empty(), empty(), empty(), empty()
     if need_params and weight_grads_by_grouped_mm(x, hidden, inter, gate_up_bias is not None or down_bias is not None):
@@ -776,7 +654,7 @@ def _mlp_backward(ctx, grad_y, _grad_pre, _grad_offsets, _grad_slots):
                                 needs[0], need_params)
     dx, dgu, dd, dw, dgub, ddb = grads
     return (dx if needs[0] else None, dgu if needs[1] else None, dd if needs[2] else None,
-            dw.to(weights.dtype) if needs[3] else None, None,
+            dw if needs[3] else None, None,
             dgub if needs[5] else None, ddb if needs[6] else None, None, None, None, None)
 
 
@@ -789,7 +667,6 @@ def moe_mlp(x, gate_up_proj, down_proj, weights, ids, activation="silu", gate_up
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, gate_up_proj, down_proj, weights, gate_up_bias, down_bias))
     limit = None if swiglu_limit is None else float(swiglu_limit)
-    ids = ids.to(torch.int32).contiguous()
     if not needs_grad and decode_config(ids.numel(), fp32=x.dtype == torch.float32) is not None:
         return moe_mlp_decode_op(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation,
                                  bool(interleaved), limit)

@@ -146,7 +146,7 @@ def dispatch_plan(ids: torch.Tensor, num_experts: int) -> Plan:
     Returns :class:`moe_kernels.backends.Plan` (expert_offsets [E+1], sorted_slots [T*k],
     slot_positions [T*k], int32), equal to :func:`moe_kernels.reference.plan`. No host sync.
     """
-    flat = ids.reshape(-1).to(torch.int32).contiguous()
+    flat = ids.reshape(-1)  # int32 contiguous: moe_kernels.ops normalised it
     num_slots = flat.numel()
     device = flat.device
     cfg = plan_config(num_slots, num_experts)
