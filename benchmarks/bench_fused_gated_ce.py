@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from moe_kernels.layers.fuser import fused_gated_cross_entropy, naive_gated_cross_entropy  # noqa: E402
+from moe_kernels.losses import fused_gated_cross_entropy, naive_gated_cross_entropy  # noqa: E402
 
 IMPLS = {"naive": naive_gated_cross_entropy, "fused": fused_gated_cross_entropy}
 

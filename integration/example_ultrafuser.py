@@ -24,7 +24,7 @@ from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, M
                           Qwen2ForCausalLM)
 
 from moe_kernels.hf import fuse_specialists  # noqa: E402
-from moe_kernels.layers.fuser import DomainBalancedBatchSampler, train_stage  # noqa: E402
+from moe_kernels.models.ultrafuser import DomainBalancedBatchSampler, train_stage  # noqa: E402
 
 torch.manual_seed(0)
 CHARS = " abcdefghijklmnopqrstuvwxyz0123456789+-*/=():_.,'"

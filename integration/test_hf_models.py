@@ -20,7 +20,7 @@ from transformers.generation.streamers import BaseStreamer
 
 import moe_kernels.hf as mkh
 from moe_kernels.hf.couple import ClassifierRouter, CoupledExperts
-from moe_kernels.layers.fuser import TokenFuser
+from moe_kernels.models.ultrafuser import TokenFuser
 from moe_kernels.models import CcoeForCausalLM, PescForCausalLM, SelfMoEForCausalLM, UltraFuserForCausalLM
 from hf_testing import left_padded_prompts  # noqa: E402
 

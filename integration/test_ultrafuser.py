@@ -13,8 +13,8 @@ from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralF
                           Qwen2ForCausalLM)
 
 from moe_kernels.hf import fuse_specialists
-from moe_kernels.layers.coe import positions_from_mask
-from moe_kernels.layers.fuser import DomainBalancedBatchSampler, train_stage
+from moe_kernels.models.generation import positions_from_mask
+from moe_kernels.models.ultrafuser import DomainBalancedBatchSampler, train_stage
 from hf_testing import left_padded_prompts  # noqa: E402
 
 VOCAB = 89

@@ -106,7 +106,7 @@ def test_composed_models_follow_the_same_cache_rule():
 
 
 @pytest.mark.parametrize("path", ["moe_kernels.hf.couple:CoupledCausalLMOutput",
-                                  "moe_kernels.layers.fuser:FusedCausalLMOutput"])
+                                  "moe_kernels.models.ultrafuser.fuser:FusedCausalLMOutput"])
 def test_outputs_keep_the_cache_under_both_names(path):
     module, name = path.split(":")
     cls = getattr(importlib.import_module(module), name)

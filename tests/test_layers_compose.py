@@ -8,8 +8,10 @@ from moe_testing import DTYPES, assert_close_rel, backends_for
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from moe_kernels.layers import CoELayer
-from moe_kernels.layers.coe import ExpertBranch, decode_with_cache, positions_from_mask
-from moe_kernels.layers.fuser import DomainBalancedBatchSampler, fused_gated_cross_entropy, naive_gated_cross_entropy
+from moe_kernels.losses import fused_gated_cross_entropy, naive_gated_cross_entropy
+from moe_kernels.models.ccoe import ExpertBranch
+from moe_kernels.models.generation import decode_with_cache, positions_from_mask
+from moe_kernels.models.ultrafuser import DomainBalancedBatchSampler
 
 
 # ----- fused gated cross-entropy -----

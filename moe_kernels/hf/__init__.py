@@ -12,9 +12,8 @@
 * UltraFuser: :func:`fuse_specialists`
 """
 
-import importlib
-
 from . import experts as _experts  # noqa: F401  (registers the "moe_kernels" experts implementation)
+from .._lazy import lazy_attributes
 from ..models import register as _register_models
 
 _register_models()  # AutoConfig / AutoModelForCausalLM know the composed model types from here on
@@ -30,9 +29,4 @@ _LAZY = {
 }
 
 __all__ = sorted(_LAZY)
-
-
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

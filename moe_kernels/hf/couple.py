@@ -30,9 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import ModelOutput
 
-from ..layers.coe import (CoELayer, ExpertBranch, attention_types, build_attention_masks, decode_with_cache,
-                          decoder_parts, generation_defaults, modules_equal, run_decoder_layers,
-                          unique_param_bytes)
+from ..layers.coe import CoELayer
+from ..models.ccoe.branch import (ExpertBranch, attention_types, build_attention_masks, decoder_parts,
+                                  modules_equal, run_decoder_layers, unique_param_bytes)
+from ..models.generation import decode_with_cache, generation_defaults
 
 # Config entries that may differ between the base and an expert: depth and bookkeeping.
 _CONFIG_KEYS_ALLOWED_TO_DIFFER = {

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import importlib
 
+from .._lazy import lazy_attributes
+
 _SYSTEMS = {  # model_type -> (module, config class, model class)
     "moe_kernels_pesc": (".pesc", "PescConfig", "PescForCausalLM"),
     "moe_kernels_self_moe": (".self_moe", "SelfMoEConfig", "SelfMoEForCausalLM"),
@@ -45,7 +47,4 @@ def register() -> None:
     _registered = True
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

@@ -36,6 +36,23 @@ def forward_cache(owner: str, cache, kwargs: dict):
     return cache
 
 
+def train_steps(model, batches, optimizer, max_steps: int | None = None, **forward_kwargs) -> list[float]:
+    """One optimiser step per batch (a dict with input_ids [B, L], labels [B, L] and optionally
+    attention_mask) on ``model(input_ids, attention_mask=, labels=, **forward_kwargs).loss``, at most
+    ``max_steps`` steps; returns the loss of each step. The caller sets train mode and what trains."""
+    losses = []
+    for step, batch in enumerate(batches):
+        if max_steps is not None and step >= max_steps:
+            break
+        out = model(batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"],
+                    **forward_kwargs)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        optimizer.step()
+        losses.append(out.loss.item())
+    return losses
+
+
 def output_class(name: str, fields: list[str], doc: str) -> type:
     """A ModelOutput dataclass with these fields (all default None); ``"cache"`` is named as the installed
     transformers names the cache (``CACHE_FIELD``), so ``generate`` finds it. The object also answers to

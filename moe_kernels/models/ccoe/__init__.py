@@ -1,4 +1,5 @@
+from .branch import ExpertBranch
 from .configuration_ccoe import CcoeConfig
 from .modeling_ccoe import CcoeCache, CcoeCausalLMOutput, CcoeForCausalLM
 
-__all__ = ["CcoeConfig", "CcoeForCausalLM", "CcoeCache", "CcoeCausalLMOutput"]
+__all__ = ["CcoeConfig", "CcoeForCausalLM", "CcoeCache", "CcoeCausalLMOutput", "ExpertBranch"]

@@ -2,9 +2,9 @@
 
 Expert LLMs (fine-tuned copies of one base model whose lower layers stayed frozen) are coupled on the
 base's shared backbone at CoE layers of one or more depths. An expert attached at depth ``d`` keeps its
-own decoder layers ``d ..`` (any depth of its own), final norm and LM head (an
-:class:`moe_kernels.layers.coe.ExpertBranch`); the backbone (embeddings and the base's layers ``0 .. d-1``)
-is kept once. Experts at several depths form several CoE layers: a sequence routed to an expert at depth
+own decoder layers ``d ..`` (any depth of its own), final norm and LM head (an :class:`ExpertBranch`,
+:mod:`.branch`, dispatched to by a :class:`moe_kernels.layers.CoELayer`); the backbone (embeddings and the
+base's layers ``0 .. d-1``) is kept once. Experts at several depths form several CoE layers: a sequence routed to an expert at depth
 ``d`` runs the backbone up to ``d`` and then that expert's branch, so it gets exactly what the expert's
 full model computes for it.
 
@@ -33,9 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, GenerationMixin
 
-from ...layers.coe import (CoELayer, ExpertBranch, attention_types, build_attention_masks, decoder_parts,
-                           modules_equal, run_decoder_layers, unique_param_bytes)
-from .._common import CACHE_FIELD, ComposedPreTrainedModel, forward_cache, output_class
+from ...layers.coe import CoELayer
+from .._common import CACHE_FIELD, ComposedPreTrainedModel, forward_cache, output_class, train_steps
+from .branch import (ExpertBranch, attention_types, build_attention_masks, decoder_parts, modules_equal,
+                     run_decoder_layers, unique_param_bytes)
 from .configuration_ccoe import CcoeConfig
 
 
@@ -409,18 +410,9 @@ class CcoeForCausalLM(ComposedPreTrainedModel, GenerationMixin):
         every sequence is routed to ``name``. Returns the loss of each step; leaves the model in eval mode
         with ``requires_grad`` as :meth:`freeze_all_but_expert` set it."""
         params = self.freeze_all_but_expert(name, train_norm_and_head)
-        optimizer = optimizer_cls(params, lr=lr, **optimizer_kwargs)
         self.train()
-        losses = []
-        for step, batch in enumerate(batches):
-            if max_steps is not None and step >= max_steps:
-                break
-            out = self(batch["input_ids"], attention_mask=batch.get("attention_mask"), labels=batch["labels"],
-                       expert=name, use_cache=False)
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            optimizer.step()
-            losses.append(out.loss.item())
+        losses = train_steps(self, batches, optimizer_cls(params, lr=lr, **optimizer_kwargs), max_steps,
+                             expert=name, use_cache=False)
         self.eval()
         return losses
 

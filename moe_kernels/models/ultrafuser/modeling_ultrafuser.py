@@ -3,8 +3,8 @@
 All specialists run on the same tokens, each with its own KV cache (:class:`UltraFuserCache`); per token
 the shared gate weighs the specialists' last hidden states and the logits are blended inside ``forward``
 (``o = sum_j w_j o_j``), so transformers' ``generate`` (greedy, sampling, top-p, beam search, streamers)
-decodes the fused model unchanged. The math lives in :class:`moe_kernels.layers.TokenFuser` (held as
-``fuser``); this class adds the config, save/load and the generation interface.
+decodes the fused model unchanged. The math lives in :class:`moe_kernels.models.ultrafuser.TokenFuser`
+(:mod:`.fuser`, held as ``fuser``); this class adds the config, save/load and the generation interface.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from transformers import AutoModelForCausalLM, GenerationMixin
 
 from .._common import CACHE_FIELD, ComposedPreTrainedModel, forward_cache, output_class
 from .configuration_ultrafuser import UltraFuserConfig
+from .fuser import TokenFuser, check_loss_impl
 
 
 def check_fusable(models, names) -> None:
@@ -98,9 +99,6 @@ class UltraFuserForCausalLM(ComposedPreTrainedModel, GenerationMixin):
         if not specialists:
             raise ValueError("an UltraFuser needs at least one specialist")
         check_fusable(specialists, list(config.specialist_names))
-        # imported here: moe_kernels.layers.fuser imports moe_kernels.hf, which registers this module
-        from ...layers.fuser import TokenFuser
-
         self.fuser = TokenFuser(specialists, gate_hidden=config.gate_hidden, names=config.specialist_names)
         if getattr(specialists[0], "generation_config", None) is not None:  # eos/pad defaults: the first specialist's
             self.generation_config = copy.deepcopy(specialists[0].generation_config)
@@ -110,7 +108,7 @@ class UltraFuserForCausalLM(ComposedPreTrainedModel, GenerationMixin):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # the model makes its own cache (one per specialist)
 
-    # the TokenFuser's parts, for the training helpers (set_training_stage, train_stage)
+    # the TokenFuser's parts, for the training helpers (.training: set_training_stage, train_stage)
     @property
     def specialists(self) -> nn.ModuleList:
         return self.fuser.specialists
@@ -146,13 +144,10 @@ class UltraFuserForCausalLM(ComposedPreTrainedModel, GenerationMixin):
                 labels: torch.LongTensor | None = None, use_cache: bool | None = None, force_specialist=None,
                 return_logits: bool | None = None, loss_impl: str = "fused", chunk_size: int | None = None,
                 logits_to_keep: int | torch.Tensor = 0, **kwargs) -> UltraFuserCausalLMOutput:
-        from ...layers.fuser import fused_gated_cross_entropy, naive_gated_cross_entropy
-
         cache = forward_cache("UltraFuserForCausalLM", cache, kwargs)
         if input_ids is None or input_ids.dim() != 2:
             raise ValueError("input_ids [B, L] are required (the specialists embed the tokens themselves)")
-        if loss_impl not in ("fused", "naive"):
-            raise ValueError(f"loss_impl must be 'fused' or 'naive', got {loss_impl!r}")
+        check_loss_impl(loss_impl)
         if use_cache is None:
             use_cache = bool(self.config.use_cache) and not self.training and labels is None
         if cache is not None and not isinstance(cache, UltraFuserCache):
@@ -169,20 +164,7 @@ class UltraFuserForCausalLM(ComposedPreTrainedModel, GenerationMixin):
             weights = self.fuser._forced_weights(force_specialist, weights)
         loss = None
         if labels is not None:
-            if labels.shape != input_ids.shape:
-                raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, "
-                                 f"got {tuple(labels.shape)}")
-            heads = self.fuser._heads()
-            shifted = [h[:, :-1].flatten(0, 1) for h in hidden]
-            biases = [hd.bias for hd in heads]
-            if loss_impl == "fused":
-                loss = fused_gated_cross_entropy(shifted, [hd.weight for hd in heads], weights[:, :-1].flatten(0, 1),
-                                                 labels[:, 1:].flatten(), head_biases=None if biases[0] is None
-                                                 else biases, chunk_size=chunk_size)
-            else:
-                loss = naive_gated_cross_entropy(shifted, [hd.weight for hd in heads], weights[:, :-1].flatten(0, 1),
-                                                 labels[:, 1:].flatten(),
-                                                 head_biases=None if biases[0] is None else biases)
+            loss = self.fuser.next_token_loss(hidden, weights, labels, loss_impl, chunk_size)
         if return_logits is None:
             return_logits = labels is None
         logits = self.fuser.blend_logits(hidden, weights) if return_logits else None
