@@ -31,10 +31,11 @@ ACTIVATION_CODES = {"silu": 0, "gelu": 1, "gelu_tanh": 2, "relu": 3, "identity":
 # Routing variants (moe_kernels.route). scoring: how logits become scores; order: choose the top k among the
 # scores ("softmax_then_topk", weights = the chosen scores) or among the raw logits ("topk_then_softmax",
 # weights = scoring of the chosen logits). The kernels take them as two flags: sigmoid = scoring == "sigmoid",
-# topk_first = order == "topk_then_softmax". "No group limit" is n_group = None at the public op; the C++ op
-# takes 0 and the Triton kernel N_GROUP = 1 for it.
+# topk_first = order == "topk_then_softmax". "No group limit" is n_group = topk_group = None at the public op and
+# the Backend interface; the kernels' ops (C++ schema, Triton op) take NO_GROUP for it.
 ROUTE_SCORINGS = ("softmax", "sigmoid")
 ROUTE_ORDERS = ("softmax_then_topk", "topk_then_softmax")
+NO_GROUP = 0
 
 GPT_OSS_ALPHA = 1.702  # GPT-OSS's clamped SwiGLU: glu = gate * sigmoid(alpha * gate)
 
@@ -44,5 +45,5 @@ RENORM_EPS = 1e-20
 
 MAX_ADAPTER_RANK = 1024  # adapter_moe's bottleneck width r: 1 <= r <= MAX_ADAPTER_RANK
 
-__all__ = ["GATED_ACTIVATIONS", "ADAPTER_ACTIVATIONS", "ACTIVATION_CODES", "ROUTE_SCORINGS", "ROUTE_ORDERS",
+__all__ = ["GATED_ACTIVATIONS", "ADAPTER_ACTIVATIONS", "ACTIVATION_CODES", "ROUTE_SCORINGS", "ROUTE_ORDERS", "NO_GROUP",
            "GPT_OSS_ALPHA", "RENORM_EPS", "MAX_ADAPTER_RANK"]

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..spec import RENORM_EPS
+from ..spec import NO_GROUP, RENORM_EPS
 from .configs import entries, route_config
 
 _RENORM_EPS = tl.constexpr(RENORM_EPS)
@@ -59,7 +59,7 @@ def _route_fwd_kernel(logits_ptr, stride_lt, stride_le, bias_ptr, weights_ptr, i
     scale:       fp32 multiplier of the final weights.
     K: top-k; SIGMOID: sigmoid instead of softmax; TOPK_FIRST: select on logits, then score the k;
     RENORM: divide the k weights by their sum (+ spec.RENORM_EPS = 1e-20); N_GROUP/TOPK_GROUP: group-limited selection
-    (N_GROUP = 1 disables it). BLOCK_E >= E, BLOCK_K >= K, BLOCK_G >= N_GROUP: powers of two.
+    (N_GROUP = spec.NO_GROUP = 0 disables it, as does 1). BLOCK_E >= E, BLOCK_K >= K, BLOCK_G >= N_GROUP: powers of two.
     """
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     row_valid = rows < num_tokens
@@ -207,7 +207,8 @@ def _blocks(num_tokens: int, num_experts: int, k: int, n_group: int):
 @torch.library.custom_op("moe_kernels_triton::route", mutates_args=())
 def route_op(logits: torch.Tensor, bias: Optional[torch.Tensor], k: int, sigmoid: bool, topk_first: bool,
              renormalize: bool, n_group: int, topk_group: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [T,E] -> (weights [T,k] float32, ids [T,k] int32); n_group = 1 means no group limit."""
+    """logits [T,E] -> (weights [T,k] float32, ids [T,k] int32); n_group = topk_group = 0 (spec.NO_GROUP): no group
+    limit."""
     num_tokens, num_experts = logits.shape
     weights = torch.empty((num_tokens, k), dtype=torch.float32, device=logits.device)
     ids = torch.empty((num_tokens, k), dtype=torch.int32, device=logits.device)
@@ -219,7 +220,7 @@ def route_op(logits: torch.Tensor, bias: Optional[torch.Tensor], k: int, sigmoid
     _route_fwd_kernel[grid](logits, logits.stride(0), logits.stride(1), bias_arg, weights, ids,
                             num_tokens, num_experts, float(scale),
                             K=k, SIGMOID=sigmoid, TOPK_FIRST=topk_first, RENORM=renormalize,
-                            HAS_BIAS=bias is not None, N_GROUP=max(n_group, 1), TOPK_GROUP=max(topk_group, 1),
+                            HAS_BIAS=bias is not None, N_GROUP=n_group, TOPK_GROUP=topk_group,
                             BLOCK_T=cfg["BLOCK_T"], BLOCK_E=block_e, BLOCK_K=block_k, BLOCK_G=block_g,
                             num_warps=cfg["num_warps"])
     return weights, ids
@@ -276,19 +277,20 @@ route_op.register_autograd(_route_backward, setup_context=_route_setup_context)
 
 
 def route(logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale):
-    """Backend entry point (arguments validated by :func:`moe_kernels.ops.route`)."""
+    """Backend entry point (arguments validated by :func:`moe_kernels.ops.route`; n_group None: no group limit,
+    which the op takes as spec.NO_GROUP)."""
     return route_op(logits, bias, k, scoring == "sigmoid", order == "topk_then_softmax", renormalize,
-                    n_group or 1, topk_group or 1, scale)
+                    NO_GROUP if n_group is None else n_group, NO_GROUP if topk_group is None else topk_group, scale)
 
 
 # Representative routing shapes compiled by the compile check, one per family: (E, k, sigmoid,
 # topk_first, renormalize, bias, n_group, topk_group).
 _COMPILE_FAMILIES = [
-    (8, 2, False, False, True, False, 1, 1),      # Mixtral
-    (128, 8, False, False, True, False, 1, 1),    # Qwen3-MoE / OLMoE
-    (32, 4, False, True, False, False, 1, 1),     # GPT-OSS / Granite (top-k then softmax)
+    (8, 2, False, False, True, False, NO_GROUP, NO_GROUP),      # Mixtral
+    (128, 8, False, False, True, False, NO_GROUP, NO_GROUP),    # Qwen3-MoE / OLMoE
+    (32, 4, False, True, False, False, NO_GROUP, NO_GROUP),     # GPT-OSS / Granite (top-k then softmax)
     (256, 8, True, False, True, True, 8, 4),      # DeepSeek-V3 / GLM4-MoE
-    (4096, 8, False, False, False, False, 1, 1),  # many experts
+    (4096, 8, False, False, False, False, NO_GROUP, NO_GROUP),  # many experts
 ]
 
 
@@ -309,7 +311,7 @@ def _compile_specs():
                        "weights_ptr": "*fp32", "ids_ptr": "*i32", "num_tokens": "i32", "num_experts": "i32",
                        "scale": "fp32"}
             fwd_const = dict(common, HAS_BIAS=has_bias, N_GROUP=n_group, TOPK_GROUP=topk_group,
-                             BLOCK_G=triton.next_power_of_2(n_group))
+                             BLOCK_G=triton.next_power_of_2(max(n_group, 1)))
             fwd_sig.update({name: "constexpr" for name in fwd_const})
             specs.append((_route_fwd_kernel, _in_arg_order(_route_fwd_kernel, fwd_sig), fwd_const, opts))
             bwd_sig = {"grad_w_ptr": "*fp32", "logits_ptr": "*bf16", "stride_lt": "i32", "stride_le": "i32",
