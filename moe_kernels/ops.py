@@ -14,7 +14,7 @@ import torch
 
 from . import reference
 from .backends import Plan, resolve_backend
-from .spec import MAX_ADAPTER_RANK, ROUTE_ORDERS, ROUTE_SCORINGS
+from .spec import ADAPTER_ACTIVATIONS, GATED_ACTIVATIONS, MAX_ADAPTER_RANK, ROUTE_ORDERS, ROUTE_SCORINGS
 from .validation import (check_choice, check_dim, check_finite_logits, check_routing, check_same_device,
                          check_tensor, check_top_k, value_checks_enabled)
 
@@ -32,6 +32,21 @@ def _normalise_routing(weights: torch.Tensor, ids: torch.Tensor):
     """The one conversion of the routing on every path: weights float32 and ids int32, both contiguous (no copy
     when they already are). Backends take them as they are."""
     return weights.float().contiguous(), ids.to(torch.int32).contiguous()
+
+
+def _check_expert_weights(x_name: str, x, in_name: str, w_in, out_name: str, w_out) -> tuple[int, int, int, int]:
+    """Checks shared by the routed expert ops: x [T,H], w_in [E,N,H] (the first projection, whose last dim is H),
+    w_out 3-D, both in x's dtype. Returns (T, H, E, N)."""
+    check_tensor(x_name, x, 2)
+    check_tensor(in_name, w_in, 3)
+    check_tensor(out_name, w_out, 3)
+    num_tokens, hidden = x.shape
+    num_experts, width, h_in = w_in.shape
+    check_dim(in_name, h_in, hidden, f"hidden size (last dim, = {x_name}.shape[1])")
+    for name, w in ((in_name, w_in), (out_name, w_out)):
+        if w.dtype != x.dtype:
+            raise TypeError(f"{name} has dtype {w.dtype} but {x_name} has {x.dtype}; they must match")
+    return num_tokens, hidden, num_experts, width
 
 
 def route(logits: torch.Tensor, k: int, *, scoring: str = "softmax", order: str = "softmax_then_topk",
@@ -122,20 +137,13 @@ def moe_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
     GPT-OSS's [E,H,2I] storage). Returns [T,H] in x's dtype; differentiable w.r.t. x, both weight
     tensors, the biases and weights.
     """
-    check_tensor("x", x, 2)
-    check_tensor("gate_up_proj", gate_up_proj, 3)
-    check_tensor("down_proj", down_proj, 3)
-    num_tokens, hidden = x.shape
-    num_experts, two_i, h_in = gate_up_proj.shape
-    check_dim("gate_up_proj", h_in, hidden, "hidden size (last dim, = x.shape[1])")
+    num_tokens, hidden, num_experts, two_i = _check_expert_weights("x", x, "gate_up_proj", gate_up_proj,
+                                                                   "down_proj", down_proj)
     if two_i % 2:
         raise ValueError(f"gate_up_proj: dim 1 must be 2*intermediate (even), got {two_i}")
     check_dim("down_proj", down_proj.shape[0], num_experts, "number of experts (= gate_up_proj.shape[0])")
     check_dim("down_proj", down_proj.shape[1], hidden, "hidden size (dim 1, = x.shape[1])")
     check_dim("down_proj", down_proj.shape[2], two_i // 2, "intermediate size (dim 2, = gate_up_proj.shape[1] / 2)")
-    for name, w in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
-        if w.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {w.dtype} but x has {x.dtype}; they must match")
     if gate_up_bias is not None:
         check_tensor("gate_up_bias", gate_up_bias, 2)
         if tuple(gate_up_bias.shape) != (num_experts, two_i):
@@ -144,7 +152,7 @@ def moe_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
         check_tensor("down_bias", down_bias, 2)
         if tuple(down_bias.shape) != (num_experts, hidden):
             raise ValueError(f"down_bias must have shape {(num_experts, hidden)}, got {tuple(down_bias.shape)}")
-    check_choice("activation", activation, reference.GATED_ACTIVATIONS)
+    check_choice("activation", activation, GATED_ACTIVATIONS)
     check_routing(weights, ids, num_tokens, num_experts, x.dtype)
     device = check_same_device(x=x, gate_up_proj=gate_up_proj, down_proj=down_proj, weights=weights, ids=ids,
                                gate_up_bias=gate_up_bias, down_bias=down_bias)
@@ -165,20 +173,12 @@ def adapter_moe(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weights: 
     activation: "gelu" (PESC), "gelu_tanh", "silu", "relu", or "identity" (routed LoRA: B_e A_e h).
     Returns [T,H] in h's dtype; differentiable w.r.t. h, down, up and weights.
     """
-    check_tensor("h", h, 2)
-    check_tensor("down", down, 3)
-    check_tensor("up", up, 3)
-    num_tokens, hidden = h.shape
-    num_experts, rank, h_in = down.shape
-    check_dim("down", h_in, hidden, "hidden size (last dim, = h.shape[1])")
+    num_tokens, hidden, num_experts, rank = _check_expert_weights("h", h, "down", down, "up", up)
     if not 1 <= rank <= MAX_ADAPTER_RANK:
         raise ValueError(f"down: adapter rank (dim 1) must be in [1, {MAX_ADAPTER_RANK}], got {rank}")
     if tuple(up.shape) != (num_experts, hidden, rank):
         raise ValueError(f"up must have shape [E, H, r] = {(num_experts, hidden, rank)}, got {tuple(up.shape)}")
-    for name, w in (("down", down), ("up", up)):
-        if w.dtype != h.dtype:
-            raise TypeError(f"{name} has dtype {w.dtype} but h has {h.dtype}; they must match")
-    check_choice("activation", activation, reference.ADAPTER_ACTIVATIONS)
+    check_choice("activation", activation, ADAPTER_ACTIVATIONS)
     if not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
     check_routing(weights, ids, num_tokens, num_experts, h.dtype)
