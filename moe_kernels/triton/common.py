@@ -90,7 +90,7 @@ def activation_grad(z, ACTIVATION: tl.constexpr):
         t = 2.0 * tl.sigmoid((z + 0.044715 * z * z * z) * 1.5957691216057308) - 1.0
         out = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
     elif ACTIVATION == _RELU:
-        out = tl.where(z > 0.0, 1.0, 0.0)
+        out = (z > 0.0).to(tl.float32)
     else:
         out = tl.full(z.shape, 1.0, tl.float32)
     return out
