@@ -71,8 +71,9 @@ if [ $dry = 1 ]; then
     step "build (CPU ops only: dry run)"
     $python setup.py -q build_ext --inplace > "$out/build.log" 2>&1 || { tail -30 "$out/build.log"; exit 1; }
   fi
-  step "tests (dry run: the GPU-only tests skip, the triton adapter and no-sync files under the interpreter)"
-  $python -m pytest -q -p no:cacheprovider tests/test_gpu_no_sync.py tests/test_triton_adapters.py -k "opcheck or no_sync or graph" \
+  step "tests (dry run: the GPU-only tests skip, the triton adapter opcheck and no-sync files under the interpreter)"
+  $python -m pytest -q -p no:cacheprovider tests/test_gpu_no_sync.py tests/test_adapter_moe.py \
+    -k "triton_adapter_opcheck or no_sync or graph" \
     2>&1 | tee "$out/tests.log" | tail -5
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
   step "bench (dry run)"
@@ -94,9 +95,11 @@ fi
 $python -c "import moe_kernels; print('backends:', moe_kernels.available_backends())"
 
 if [ $skip_tests = 0 ]; then
-  # every test file that runs a GPU backend (the CPU-only files run in CI); -n: pytest-xdist where installed
-  gpu_tests=$(ls tests/test_triton*.py tests/test_cuda*.py tests/test_gpu*.py tests/test_grouped*.py tests/test_ops.py \
-    tests/test_properties.py tests/test_determinism.py tests/test_layers_adapters.py tests/test_hf_route_parity.py \
+  # every test file that runs a GPU backend (the CPU-only files run in CI): the op files (every backend present),
+  # the triton/native internals with their CUDA tests; -n: pytest-xdist where installed
+  gpu_tests=$(ls tests/test_route.py tests/test_plan.py tests/test_moe_mlp.py tests/test_adapter_moe.py \
+    tests/backends/test_triton_internals.py tests/backends/test_native_internals.py tests/backends/test_grouped_rows.py \
+    tests/test_gpu*.py tests/test_determinism.py tests/test_layers_adapters.py tests/test_hf_route_parity.py \
     tests/test_errors.py 2>/dev/null)
   step "tests on the GPU: $(echo $gpu_tests | wc -w) files (log: $out/tests.log)"
   workers=$($python -c "import xdist" 2>/dev/null && echo "-n 12" || echo "")

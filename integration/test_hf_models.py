@@ -37,12 +37,7 @@ FAMILIES = {
 NEW_TOKENS = 6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes (root conftest.py)
 
 
 def tiny(family, depth=2, seed=0, **overrides):

@@ -30,14 +30,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 ADAPTER_SPECS = [(4, 8, False), (2, 3, False), (8, 16, True)]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one intra-op thread. On an oversubscribed machine the OpenMP hand-offs of 2 threads made
-    each small index_add ~100 ms (a 30-step run took 50 s instead of 1 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes (root conftest.py)
 
 
 def base_model(family="llama"):

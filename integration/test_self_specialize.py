@@ -23,12 +23,7 @@ CONFIGS = {"llama": lambda: LlamaConfig(**COMMON), "qwen3": lambda: Qwen3Config(
 DOMAINS = ["math", "code", "law"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes (root conftest.py)
 
 
 def base_model(family):

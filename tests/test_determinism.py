@@ -13,7 +13,7 @@ import moe_kernels
 # With torch.use_deterministic_algorithms(True), cuBLAS matmuls on CUDA (the cuda backend's expert path) raise
 # unless CUBLAS_WORKSPACE_CONFIG is a deterministic setting. torch may read it only once per process (at its
 # first cuBLAS call), so it is set here, at collection, before any test runs a matmul on a GPU (a monkeypatched
-# variable would come too late after test_ops.py). Without a GPU it has no effect.
+# variable would come too late after test_moe_mlp.py). Without a GPU it has no effect.
 DETERMINISTIC_CUBLAS_CONFIGS = (":4096:8", ":16:8")
 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", DETERMINISTIC_CUBLAS_CONFIGS[0])
 

@@ -21,14 +21,7 @@ from moe_testing import REL_TOL, backends_under_test, device_for, rel_err  # noq
 OTHER_BACKENDS = [b for b in backends_under_test() if b != "reference"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny shapes: one intra-op thread. On an oversubscribed machine the OpenMP hand-offs of 2 threads made
-    each small index_add ~100 ms (a 30-step run took 50 s instead of 1 s)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny shapes (root conftest.py)
 
 
 class GatedFFN(nn.Module):

@@ -1,6 +1,6 @@
 """Fuzz the C++ entry points (torch.ops.moe_kernels.*) with malformed arguments.
 
-Run as a script (tests/test_fuzz_native.py runs it in a subprocess, so a crash shows as a signal):
+Run as a script (tests/backends/test_fuzz_native.py runs it in a subprocess, so a crash shows as a signal):
 every call must either succeed or raise a Python exception -- never crash the process. Arguments are
 drawn per schema type from pools of wrong ranks, dtypes, sizes, layouts and out-of-range values.
 """

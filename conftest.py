@@ -1,0 +1,17 @@
+"""Fixtures shared by tests/ and integration/: pytest loads this file for both (and benchmarks/). Helper functions
+are imported by name instead: tests/moe_testing.py and integration/hf_testing.py (conftest.py files are not
+reliably importable when several folders are collected)."""
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test, restored after it. For tiny shapes: on an oversubscribed machine the
+    OpenMP hand-offs of 2 threads made each small index_add ~100 ms (a 30-step run took 50 s instead of 1 s).
+    A module uses it for all its tests with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

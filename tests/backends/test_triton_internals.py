@@ -1,0 +1,239 @@
+"""The triton backend's own machinery (the ops themselves are tested against the oracle in tests/test_<op>.py):
+the plan kernel's sort path, the expert MLP's decode path and its boundary, the weight-gradient choice, config
+tables, the adapter launcher's aligned/unaligned configs, the compile check and its kernel specs, and the
+backend's device check.
+
+On a machine without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1
+before triton is imported).
+"""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from moe_testing import adapter_leaves, assert_close_rel, make_ids, seeded_mlp_inputs  # noqa: E402
+
+from moe_kernels import ops, reference  # noqa: E402
+from moe_kernels.triton import BACKEND, adapters, compile_check, configs  # noqa: E402
+from moe_kernels.triton.plan import dispatch_plan  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+GPU_SM90 = torch.cuda.is_available() and torch.cuda.get_device_capability() >= (9, 0)
+
+
+# ---------------------------------------------------------------------------------------------- plan kernel
+
+def test_plan_sort_path_over_several_chunks(monkeypatch):
+    # BLOCK above the all-pairs limit takes the tl.sort path; 2.3 chunks exercise the chunk scan
+    table = dict(configs.load_table(), plan=[{"max_slots": None, "BLOCK": 256, "BLOCK_E": 16, "num_warps": 4}])
+    monkeypatch.setattr(configs, "load_table", lambda: table)
+    ids = make_ids("random", 130, 37, 3).to(DEVICE)
+    ids[:, 0] = 36  # a crowded expert across both chunks
+    ids[:, 1] = torch.where(ids[:, 1] == 36, 0, ids[:, 1])
+    ids[:, 2] = torch.where(ids[:, 2] == 36, 1, ids[:, 2])
+    got, want = dispatch_plan(ids, 37), reference.plan(ids, 37)
+    for name, a, b in zip(("expert_offsets", "sorted_slots", "slot_positions"), got, want):
+        assert a.dtype == torch.int32, name
+        assert torch.equal(a.cpu(), b.cpu()), f"{name}: {a} != {b}"
+
+
+# ------------------------------------------------------------------------------ expert MLP: weight gradients
+
+def test_wgrad_choice_is_explicit(monkeypatch):
+    from moe_kernels.triton.experts import weight_grads_by_grouped_mm
+    x = torch.zeros(2, 16, dtype=torch.bfloat16, device=DEVICE)
+    monkeypatch.setenv("MOE_KERNELS_WGRAD", "triton")
+    assert not weight_grads_by_grouped_mm(x, 16, 16, False)
+    monkeypatch.setenv("MOE_KERNELS_WGRAD", "bogus")
+    with pytest.raises(ValueError, match="MOE_KERNELS_WGRAD"):
+        weight_grads_by_grouped_mm(x, 16, 16, False)
+    monkeypatch.setenv("MOE_KERNELS_WGRAD", "grouped_mm")
+    with pytest.raises(ValueError, match="bias"):  # forced where it cannot run: an error, not a silent fallback
+        weight_grads_by_grouped_mm(x, 16, 16, True)
+    with pytest.raises(ValueError, match="divisible by 8"):
+        weight_grads_by_grouped_mm(x, 17, 16, False)
+    if not GPU_SM90:
+        with pytest.raises(ValueError, match="grouped GEMM"):
+            weight_grads_by_grouped_mm(x, 16, 16, False)
+
+
+# ----------------------------------------------------------------------------------- expert MLP: decode path
+
+# the decode path (no plan, no gradient, T*k <= the decode config's BLOCK_M): one token, k = 1, k = E,
+# prime E, all tokens on one expert, an expert without tokens, odd widths
+DECODE_GRID = [
+    (1, 32, 16, 4, 2, "random"),
+    (1, 33, 24, 7, 1, "random"),
+    (6, 16, 8, 5, 5, "random"),
+    (16, 16, 16, 3, 2, "one_expert"),
+    (12, 32, 16, 6, 2, "skip_last"),
+    (9, 17, 20, 13, 3, "random"),
+]
+
+
+def _check_decode(inputs, dtype, activation="silu", interleaved=False, swiglu_limit=None):
+    from moe_kernels.triton import experts
+    x, gate_up, down, weights, ids, gate_up_bias, down_bias = inputs
+    assert configs.decode_config(ids.numel(), fp32=dtype == torch.float32) is not None, "shape must take the decode path"
+    kwargs = dict(activation=activation, gate_up_bias=gate_up_bias, down_bias=down_bias, interleaved=interleaved,
+                  swiglu_limit=swiglu_limit)
+    calls = []
+    original = experts._decode_forward
+    experts._decode_forward = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        with torch.no_grad():
+            y = ops.moe_mlp(x, gate_up, down, weights, ids, backend="triton", **kwargs)
+    finally:
+        experts._decode_forward = original
+    assert calls, "the decode path did not run"
+    want = reference.moe_mlp(x, gate_up, down, weights, ids, **kwargs)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert_close_rel(y.float(), want.float(), dtype, "y (decode path)")
+
+
+@pytest.mark.parametrize("shape", DECODE_GRID, ids=lambda s: "T{}-H{}-I{}-E{}-k{}-{}".format(*s))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_mlp_decode_path(shape, dtype):
+    _check_decode(seeded_mlp_inputs(*shape, dtype=dtype), dtype)
+
+
+@pytest.mark.parametrize("activation,interleaved,bias,limit,transposed", [
+    ("gelu", False, True, None, False),
+    ("relu", False, True, None, True),
+    ("gpt_oss", True, True, 0.7, True),
+])
+def test_moe_mlp_decode_path_activations_layouts_biases(activation, interleaved, bias, limit, transposed):
+    inputs = seeded_mlp_inputs(3, 24, 16, 5, 2, "skip_last", bias=bias, transposed=transposed)
+    _check_decode(inputs, torch.float32, activation, interleaved, limit)
+
+
+def test_moe_mlp_decode_path_boundary():
+    """Exactly BLOCK_M slots take the decode path, one more the planned path; both agree with the oracle."""
+    block_m = configs.decode_config(1, fp32=True)["BLOCK_M"]
+    assert configs.decode_config(block_m + 1, fp32=True) is None
+    _check_decode(seeded_mlp_inputs(block_m // 2, 16, 8, 5, 2, "random"), torch.float32)
+    x, gate_up, down, weights, ids, _, _ = seeded_mlp_inputs(block_m // 2 + 1, 16, 8, 5, 2, "random")
+    with torch.no_grad():
+        y = ops.moe_mlp(x, gate_up, down, weights, ids, backend="triton")
+    assert_close_rel(y, reference.moe_mlp(x, gate_up, down, weights, ids), torch.float32, "y (planned path)")
+
+
+# ------------------------------------------------------------------------------------------ backend, configs
+
+def test_backend_refuses_cpu_without_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "TRITON_INTERPRET" in BACKEND.device_error(torch.device("cpu"))
+    assert BACKEND.device_error(torch.device("cuda")) is None
+
+
+def test_config_table_covers_every_shape_class():
+    for num_rows, num_experts in [(1, 8), (64, 8), (4096, 64), (10 ** 6, 256), (8, 4096)]:
+        for fp32 in (False, True):
+            cfg = configs.mlp_config(num_rows, num_experts, fp32=fp32)
+            assert set(cfg) >= {"up", "down", "down_bwd", "dx", "dw"}
+        assert configs.plan_config(num_rows, num_experts)["BLOCK"] >= 1
+        assert configs.route_config(num_rows, num_experts)["BLOCK_T"] >= 1
+
+
+def test_adapter_config_table_is_complete_and_valid():
+    for dtype in (torch.bfloat16, torch.float32):
+        for rank in (1, 8, 16, 17, 64, 100, 128, 129, 1024):
+            for slots in (1, 256, 257, 8192, 8193, 100000):
+                config = adapters.select_config(slots, rank, dtype)
+                assert config.block_r >= 16 and config.block_m >= 16  # tl.dot's minimum tile
+                if config.fused:
+                    assert adapters._rank_tile(rank) <= config.block_r
+
+
+@pytest.mark.parametrize("H,misaligned,aligned", [(32, None, True), (20, None, False), (24, None, False),
+                                                    (32, "h", False), (32, "weights", False)])
+def test_only_aligned_adapter_launches_take_table_configs(H, misaligned, aligned):
+    """The compile check compiles table configs with H divisible by 16 and aligned pointers: the launcher
+    must run them only then, and the unaligned fallback otherwise."""
+    (h, down, up, weights), ids = adapter_leaves(4, H, 3, 2, 8, torch.float32)
+    h, weights = h.detach(), weights.detach()
+    if misaligned == "h":  # contiguous, but 4 bytes into its storage
+        h = torch.cat([torch.zeros(1, device=DEVICE), h.flatten()])[1:].view(4, H)
+    elif misaligned == "weights":
+        weights = torch.cat([torch.zeros(1, device=DEVICE), weights.flatten()])[1:].view(4, 2)
+    plan = reference.plan(ids, 3)
+    config = adapters._launch_params(h, down.detach(), up.detach(), weights, plan.expert_offsets,
+                                     plan.sorted_slots)["config"]
+    expected = adapters.select_config(8, 8, torch.float32) if aligned else adapters.UNALIGNED_CONFIG
+    key = lambda c: (c.fused, c.block_m, c.block_r, c.num_warps, c.num_stages)  # noqa: E731
+    assert key(adapters.select_config(8, 8, torch.float32)) != key(adapters.UNALIGNED_CONFIG)  # distinguishable
+    assert key(config)[:4] == key(expected)[:4]  # (stages are reset under the interpreter)
+
+
+# ------------------------------------------------------------------------- compile check and kernel specs
+
+def test_compile_check_lists_every_kernel_with_full_signatures():
+    specs = compile_check.collect_specs()
+    modules = {spec[0] for spec in specs}
+    assert modules == {"plan", "routing", "experts", "adapters"}
+    for module, kernel, signature, constexprs, options, *divisible in specs:
+        assert list(signature) == list(kernel.arg_names), kernel.__name__
+        assert all(signature[name] == "i32" for names in divisible for name in names), kernel.__name__
+        assert all(signature[name] == "constexpr" for name in constexprs), kernel.__name__
+        assert options["num_warps"] in (1, 2, 4, 8, 16)
+
+
+def test_compile_check_flags_spills_shared_memory_and_errors():
+    ok = {"error": None, "spill": 0, "shared": 1024, "registers": 128}
+    assert compile_check.problems(ok, 90) == []
+    assert compile_check.problems(dict(ok, spill=8), 90)
+    assert compile_check.problems(dict(ok, shared=200 * 1024), 80)
+    assert not compile_check.problems(dict(ok, shared=200 * 1024), 90)
+    assert compile_check.problems(dict(ok, error="CompilationError: boom"), 90)
+    with pytest.raises(SystemExit):
+        compile_check._parse_arch("sm_12")
+    assert compile_check._parse_arch("sm_80,sm_90a") == [80, 90]
+
+
+def test_compile_check_reads_spills_from_the_ptxas_log_and_lists_each_specialisation_once():
+    log = ("ptxas info    : Compiling entry function 'k' for 'sm_80'\n"
+           "ptxas info    : Function properties for k\n"
+           "    24 bytes stack frame, 12 bytes spill stores, 12 bytes spill loads\n"
+           "ptxas info    : Used 64 registers, used 1 barriers, 24 bytes stack frame\n")
+    assert compile_check._parse_ptxas_log(log) == {"registers": 64, "spill": 24, "stack": 24}
+    assert compile_check._parse_ptxas_log("") is None
+    keys = [(spec[1].__name__, tuple(spec[2].items()), compile_check._freeze(spec[3]),
+             compile_check._freeze(spec[4]), frozenset(spec[5])) for spec in compile_check.collect_specs()]
+    assert len(keys) == len(set(keys))
+
+
+@pytest.mark.slow
+def test_compile_check_compiles_the_plan_kernels():
+    assert compile_check.main(["--arch", "sm_90", "--only", "plan", "--jobs", "1"]) == 0
+
+
+def test_adapter_compile_specs_cover_every_kernel():
+    kernels = {spec[0].__name__ for spec in adapters.COMPILE_SPECS}
+    assert kernels == {"_adapter_fused_kernel", "_adapter_shrink_kernel", "_adapter_expand_kernel",
+                       "_adapter_weight_grad_kernel", "_combine_slots_kernel"}
+    hints = set()
+    for kernel, signature, constexprs, options, divisible in adapters.COMPILE_SPECS:
+        assert list(signature) == list(kernel.arg_names)
+        assert all(signature[name] == "constexpr" for name in constexprs)
+        assert all(signature[name] == "i32" for name in divisible)
+        hints.add(tuple(divisible))
+        if constexprs.get("OUT_BY_TOKEN"):  # the k = 1 launch: the JIT makes top_k the constant 1
+            assert constexprs["top_k"] == 1
+    # table configs are compiled with H % 16 == 0 (as the JIT specialises their launches), the
+    # unaligned fallback without; both for ranks that are multiples of 16 and ranks that are not
+    assert hints == {("H",), ("H", "R"), (), ("R",)}
+
+
+def test_adapter_compile_specs_cover_every_table_config():
+    """Every shipped config (both dtypes' variants) has its block sizes and warps in the compile list."""
+    compiled = {(spec[0].__name__, spec[2].get("BLOCK_M"), spec[3]["num_warps"], spec[3]["num_stages"])
+                for spec in adapters.COMPILE_SPECS}
+    for table_config in (*adapters.ADAPTER_CONFIGS.values(), adapters.UNALIGNED_CONFIG):
+        for dtype in (torch.bfloat16, torch.float32):
+            config = adapters.for_dtype(table_config, dtype) if table_config is not adapters.UNALIGNED_CONFIG \
+                else table_config
+            first = "_adapter_fused_kernel" if config.fused else "_adapter_shrink_kernel"
+            assert (first, config.block_m, config.num_warps, config.num_stages) in compiled, config
+            assert ("_adapter_weight_grad_kernel", config.wgrad_block_m, config.num_warps,
+                    config.wgrad_stages) in compiled, config
