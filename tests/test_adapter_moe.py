@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from moe_testing import (ADAPTER_SHAPES, DTYPES, REL_TOL, adapter_leaves, assert_close_rel, assert_close_scaled,
                          backends_under_test, check_adapter_against_oracle, device_for, hypothesis_settings,
                          ids_and_weights, make_ids, make_routing, needs_cuda_kernels, needs_native, needs_triton,
-                         permuted_ids, rel_err, routing_problem)
+                         permuted_ids, routing_problem)
 
 import moe_kernels
 from moe_kernels import reference
@@ -74,9 +74,26 @@ def test_adapter_moe_property(backend):
         ref = reference.adapter_moe(h.float(), down.float(), up.float(), weights, ids, activation=activation,
                                     scale=scale)
         assert out.dtype == dtype
-        if ref.norm() > 1e-6:
-            assert rel_err(out, ref) <= REL_TOL[dtype] * 2
+        # The kernels keep the bottleneck in the input dtype, so a rounding error of each product of up_e and
+        # act(down_e h) enters the sum: the bound is relative to the sum of their magnitudes, which is the
+        # output's own size unless the terms cancel (hypothesis found hidden = 1, rank 16, fp16: 1.3% of the
+        # output, 0.2% of the magnitudes).
+        magnitude = _magnitude_of_terms(h, down, up, weights, ids, activation, scale)
+        if magnitude.norm() > 1e-6:
+            assert (out.double() - ref.double()).norm() <= REL_TOL[dtype] * 2 * magnitude.double().norm()
     check()
+
+
+def _magnitude_of_terms(h, down, up, weights, ids, activation, scale):
+    """sum_j |scale w_tj| |up_e| |act(down_e h_t)| (e = ids[t,j]) in float32: the size of the terms whose sum
+    is adapter_moe's output."""
+    h, down, up = h.float(), down.float(), up.float()
+    out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+    for j in range(ids.shape[1]):
+        e = ids[:, j].long()
+        act = reference.apply_activation(torch.einsum("trh,th->tr", down[e], h), activation).abs()
+        out += (abs(scale) * weights[:, j].float().abs())[:, None] * torch.einsum("thr,tr->th", up[e].abs(), act)
+    return out
 
 
 # --------------------------------------------------------------------- cpu backend (C++ expert ops, not gated)
@@ -239,25 +256,33 @@ def test_triton_adapter_non_contiguous_weights():
 
 @needs_triton
 def test_triton_adapter_bad_arguments_raise():
-    from moe_kernels.triton.adapters import adapter_moe_triton
+    # validated once, by the public op (the backend entry takes normalised arguments and does not re-check)
     (h, down, up, weights), ids = adapter_leaves(3, 16, 3, 2, 4, torch.float32)
     with pytest.raises(ValueError, match="activation"):
-        adapter_moe_triton(h, down, up, weights, ids, "tanh", 1.0)
+        moe_kernels.adapter_moe(h, down, up, weights, ids, activation="tanh", backend="triton")
+    with pytest.raises(ValueError, match="rank"):
+        moe_kernels.adapter_moe(h, down.new_zeros(3, 0, 16), up.new_zeros(3, 16, 0), weights, ids, backend="triton")
 
 
 @needs_triton
 @pytest.mark.parametrize("path", ["fused", "split"])
-def test_triton_adapter_opcheck(path):
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_triton_adapter_opcheck(path, layout):
+    """The registered ops (moe_kernels_triton::adapter_moe_forward plans inside and returns the plan;
+    adapter_moe_backward takes it), with row-major weights and with a transposed view of ``up``."""
     from moe_kernels.triton import adapters
     (h, down, up, weights), ids = adapter_leaves(5, 20, 3, 2, 8, torch.float32)
+    if layout == "strided":
+        up = up.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    args = (h, down, up, weights, ids.to(torch.int32), "gelu", 0.5)
     plan = reference.plan(ids, 3)
-    args = (h, down, up, weights, plan.expert_offsets, plan.sorted_slots, "gelu", 0.5)
     with _forced(path):
-        torch.library.opcheck(adapters._adapter_moe_op, args)
+        torch.library.opcheck(adapters.adapter_moe_forward_op, args)
         grad = torch.randn(5, 20, device=DEVICE)
+        detached = [a.detach() for a in (h, down, up, weights)]
         for weight_grads in (True, False):
-            torch.library.opcheck(adapters._adapter_moe_backward_op,
-                                  (grad, *[a.detach() if isinstance(a, torch.Tensor) else a for a in args],
+            torch.library.opcheck(adapters.adapter_moe_backward_op,
+                                  (grad, *detached, plan.expert_offsets, plan.sorted_slots, "gelu", 0.5,
                                    weight_grads))
 
 

@@ -699,19 +699,19 @@ def _compile_specs():
             routed = dict(tile_map, h_ptr=data, dy_ptr=data, down_ptr=data, up_ptr=data, weights_ptr="*fp32")
             for backward in (False, True):
                 if config.fused and not (backward and config.block_r > FUSED_BACKWARD_MAX_RANK_TILE):
-                    for activation, by_token in itertools.product(_ADAPTER_CODES, (False, True)):
+                    for code, by_token in itertools.product(_ADAPTER_CODES, (False, True)):
                         out = data if by_token else "*fp32"
                         add(_adapter_fused_kernel,
                             dict(routed, out_ptr=out, act_out_ptr=mid, dz_out_ptr=mid, dweights_ptr="*fp32"),
-                            dtype, dict(base, ACTIVATION=activation, BACKWARD=backward, OUT_BY_TOKEN=by_token,
+                            dtype, dict(base, ACTIVATION=code, BACKWARD=backward, OUT_BY_TOKEN=by_token,
                                         BLOCK_K=config.block_k, BLOCK_N=config.block_n, BLOCK_R=config.block_r),
                             config)
                 else:
                     block_r = min(config.block_r, SPLIT_BACKWARD_MAX_BLOCK_R) if backward else config.block_r
-                    for activation in _ADAPTER_CODES:
+                    for code in _ADAPTER_CODES:
                         add(_adapter_shrink_kernel,
                             dict(routed, act_out_ptr=mid, dz_out_ptr=mid, dweights_partial_ptr="*fp32"), dtype,
-                            dict(base, ACTIVATION=activation, BACKWARD=backward, BLOCK_K=config.block_k,
+                            dict(base, ACTIVATION=code, BACKWARD=backward, BLOCK_K=config.block_k,
                                  BLOCK_R=block_r), config)
                     for by_token in (False, True):
                         add(_adapter_expand_kernel,

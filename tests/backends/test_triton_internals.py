@@ -146,23 +146,38 @@ def test_adapter_config_table_is_complete_and_valid():
                     assert adapters._rank_tile(rank) <= config.block_r
 
 
+def test_adapter_configs_come_from_the_json_table(monkeypatch):
+    """The adapter kernels read the same config table as the expert kernels (so MOE_KERNELS_TRITON_CONFIGS
+    tunes them too): an edited 'adapter' family is what select_config returns."""
+    tuned = dict(configs.entries("adapter")[0], max_rank=None, max_slots=None, fused=False, block_m=32, num_warps=2)
+    table = dict(configs.load_table(), adapter=[tuned])
+    monkeypatch.setattr(configs, "load_table", lambda: table)
+    config = adapters.select_config(1000, 64, torch.bfloat16)
+    assert (config.fused, config.block_m, config.num_warps) == (False, 32, 2)
+    assert adapters.table_configs() == [adapters.AdapterConfig.from_entry(tuned), adapters.unaligned_config()]
+
+
 @pytest.mark.parametrize("H,misaligned,aligned", [(32, None, True), (20, None, False), (24, None, False),
-                                                    (32, "h", False), (32, "weights", False)])
+                                                    (32, "h", False), (32, "weights", False),
+                                                    (32, "strided_up", False)])
 def test_only_aligned_adapter_launches_take_table_configs(H, misaligned, aligned):
-    """The compile check compiles table configs with H divisible by 16 and aligned pointers: the launcher
-    must run them only then, and the unaligned fallback otherwise."""
+    """The compile check compiles table configs with H divisible by 16, aligned pointers and row-major weights:
+    the launcher must run them only then, and the unaligned fallback otherwise."""
     (h, down, up, weights), ids = adapter_leaves(4, H, 3, 2, 8, torch.float32)
-    h, weights = h.detach(), weights.detach()
+    h, weights, up = h.detach(), weights.detach(), up.detach()
     if misaligned == "h":  # contiguous, but 4 bytes into its storage
         h = torch.cat([torch.zeros(1, device=DEVICE), h.flatten()])[1:].view(4, H)
     elif misaligned == "weights":
         weights = torch.cat([torch.zeros(1, device=DEVICE), weights.flatten()])[1:].view(4, 2)
+    elif misaligned == "strided_up":  # a transposed view: the unit stride is not the last one
+        up = up.transpose(1, 2).contiguous().transpose(1, 2)
     plan = reference.plan(ids, 3)
-    config = adapters._launch_params(h, down.detach(), up.detach(), weights, plan.expert_offsets,
+    config = adapters._launch_params(h, down.detach(), up, weights, plan.expert_offsets,
                                      plan.sorted_slots)["config"]
-    expected = adapters.select_config(8, 8, torch.float32) if aligned else adapters.UNALIGNED_CONFIG
+    unaligned = adapters.unaligned_config()
+    expected = adapters.select_config(8, 8, torch.float32) if aligned else unaligned
     key = lambda c: (c.fused, c.block_m, c.block_r, c.num_warps, c.num_stages)  # noqa: E731
-    assert key(adapters.select_config(8, 8, torch.float32)) != key(adapters.UNALIGNED_CONFIG)  # distinguishable
+    assert key(adapters.select_config(8, 8, torch.float32)) != key(unaligned)  # distinguishable
     assert key(config)[:4] == key(expected)[:4]  # (stages are reset under the interpreter)
 
 
@@ -220,19 +235,27 @@ def test_adapter_compile_specs_cover_every_kernel():
         hints.add(tuple(divisible))
         if constexprs.get("OUT_BY_TOKEN"):  # the k = 1 launch: the JIT makes top_k the constant 1
             assert constexprs["top_k"] == 1
-    # table configs are compiled with H % 16 == 0 (as the JIT specialises their launches), the
-    # unaligned fallback without; both for ranks that are multiples of 16 and ranks that are not
-    assert hints == {("H",), ("H", "R"), (), ("R",)}
+        for name in ("stride_dh", "stride_ur"):  # row-major weights: the JIT makes their unit strides constants
+            if name in signature:
+                assert constexprs[name] == 1
+    # table configs are compiled with H % 16 == 0 (as the JIT specialises their launches) and the weight strides
+    # that are multiples of H, the unaligned fallback without; both for ranks that are multiples of 16 (with the
+    # strides that are multiples of R) and ranks that are not
+    table = {tuple(d) for d in hints if "H" in d}
+    assert {("H",), ("H", "R"), ()} <= hints and ("R",) in hints
+    assert all(set(d) <= {"H", "R", "stride_de", "stride_dr", "stride_ue", "stride_uh", "stride_w2e", "stride_w2r",
+                          "stride_w2n"} for d in hints)
+    assert ("H", "stride_de", "stride_dr", "stride_ue", "R", "stride_uh") in table
 
 
 def test_adapter_compile_specs_cover_every_table_config():
     """Every shipped config (both dtypes' variants) has its block sizes and warps in the compile list."""
     compiled = {(spec[0].__name__, spec[2].get("BLOCK_M"), spec[3]["num_warps"], spec[3]["num_stages"])
                 for spec in adapters.COMPILE_SPECS}
-    for table_config in (*adapters.ADAPTER_CONFIGS.values(), adapters.UNALIGNED_CONFIG):
+    unaligned = adapters.unaligned_config()
+    for table_config in adapters.table_configs():
         for dtype in (torch.bfloat16, torch.float32):
-            config = adapters.for_dtype(table_config, dtype) if table_config is not adapters.UNALIGNED_CONFIG \
-                else table_config
+            config = adapters.for_dtype(table_config, dtype) if table_config != unaligned else table_config
             first = "_adapter_fused_kernel" if config.fused else "_adapter_shrink_kernel"
             assert (first, config.block_m, config.num_warps, config.num_stages) in compiled, config
             assert ("_adapter_weight_grad_kernel", config.wgrad_block_m, config.num_warps,
