@@ -1,8 +1,9 @@
 """The public ops of moe_kernels: validate, normalise, pick a backend, run.
 
 Each function checks its arguments (see :mod:`moe_kernels.validation`), normalises ``ids`` to int32
-and ``weights`` to float32, handles the empty batch, and hands the rest to the backend chosen by
-:func:`moe_kernels.backends.resolve_backend`. The math of each op is defined by
+and ``weights`` to float32 (both contiguous; the one conversion on every path), handles the empty batch, and
+hands the rest, by keyword, to the backend chosen by :func:`moe_kernels.backends.resolve_backend`. Backends
+take the arguments as they are: they neither convert nor re-check them. The math of each op is defined by
 :mod:`moe_kernels.reference`.
 """
 
@@ -101,7 +102,8 @@ def route(logits: torch.Tensor, k: int, *, scoring: str = "softmax", order: str 
         return (logits.new_zeros((0, k), dtype=torch.float32),
                 torch.zeros((0, k), dtype=torch.int32, device=logits.device))
     impl = resolve_backend(backend, logits.device)
-    return impl.route(logits, k, scoring, order, bool(renormalize), bias, n_group, topk_group, float(scale))
+    return impl.route(logits=logits, k=k, scoring=scoring, order=order, renormalize=bool(renormalize), bias=bias,
+                      n_group=n_group, topk_group=topk_group, scale=float(scale))
 
 
 def plan(ids: torch.Tensor, num_experts: int, *, backend: str | None = None) -> Plan:
@@ -120,7 +122,7 @@ def plan(ids: torch.Tensor, num_experts: int, *, backend: str | None = None) -> 
     ids = ids.to(torch.int32).contiguous()
     if ids.numel() == 0:
         return reference.plan(ids, num_experts)
-    return resolve_backend(backend, ids.device).plan(ids, num_experts)
+    return resolve_backend(backend, ids.device).plan(ids=ids, num_experts=num_experts)
 
 
 def moe_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
@@ -153,6 +155,11 @@ def moe_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
         if tuple(down_bias.shape) != (num_experts, hidden):
             raise ValueError(f"down_bias must have shape {(num_experts, hidden)}, got {tuple(down_bias.shape)}")
     check_choice("activation", activation, GATED_ACTIVATIONS)
+    if swiglu_limit is not None:
+        if isinstance(swiglu_limit, bool) or not isinstance(swiglu_limit, (int, float)) \
+                or not math.isfinite(swiglu_limit) or swiglu_limit <= 0:
+            raise ValueError(f"swiglu_limit must be None or a finite number > 0, got {swiglu_limit!r}")
+        swiglu_limit = float(swiglu_limit)
     check_routing(weights, ids, num_tokens, num_experts, x.dtype)
     device = check_same_device(x=x, gate_up_proj=gate_up_proj, down_proj=down_proj, weights=weights, ids=ids,
                                gate_up_bias=gate_up_bias, down_bias=down_bias)
@@ -161,8 +168,9 @@ def moe_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
         return x * 0  # empty, but joined to x in the autograd graph (empty gradient, not None)
     impl = resolve_backend(backend, device, "moe_mlp",
                            _shape(x, num_experts, x, gate_up_proj, down_proj, gate_up_bias, down_bias, weights))
-    return impl.moe_mlp(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias,
-                        bool(interleaved), swiglu_limit)
+    return impl.moe_mlp(x=x, gate_up_proj=gate_up_proj, down_proj=down_proj, weights=weights, ids=ids,
+                        activation=activation, gate_up_bias=gate_up_bias, down_bias=down_bias,
+                        interleaved=bool(interleaved), swiglu_limit=swiglu_limit)
 
 
 def adapter_moe(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
@@ -187,7 +195,8 @@ def adapter_moe(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weights: 
     if num_tokens == 0:
         return h * 0  # empty, but joined to h in the autograd graph
     impl = resolve_backend(backend, device, "adapter_moe", _shape(h, num_experts, h, down, up, weights))
-    return impl.adapter_moe(h, down, up, weights, ids, activation, float(scale))
+    return impl.adapter_moe(h=h, down=down, up=up, weights=weights, ids=ids, activation=activation,
+                            scale=float(scale))
 
 
 LOSS_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

@@ -45,6 +45,15 @@ def test_moe_mlp_bad_activation():
         moe_kernels.moe_mlp(**_mlp(), activation="tanh")
 
 
+@pytest.mark.parametrize("limit", [0.0, -7.0, float("nan"), float("inf"), "7", True])
+def test_moe_mlp_bad_swiglu_limit(limit):
+    x = torch.randn(3, 8)
+    gate_up, down = torch.randn(2, 8, 8), torch.randn(2, 8, 4)
+    ids = torch.tensor([[0], [1], [0]], dtype=torch.int32)
+    with pytest.raises(ValueError, match="swiglu_limit"):
+        moe_kernels.moe_mlp(x, gate_up, down, torch.ones(3, 1), ids, activation="gpt_oss", swiglu_limit=limit)
+
+
 def test_moe_mlp_device_mismatch():
     meta_w = torch.randn(E, 2 * I, H, device="meta")
     with pytest.raises(ValueError, match="gate_up_proj is on meta but x is on cpu"):

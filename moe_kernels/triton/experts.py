@@ -663,16 +663,17 @@ moe_mlp_forward_op.register_autograd(_mlp_backward, setup_context=_mlp_setup_con
 
 def moe_mlp(x, gate_up_proj, down_proj, weights, ids, activation="silu", gate_up_bias=None, down_bias=None,
             interleaved=False, swiglu_limit=None):
-    """Backend entry point (arguments validated by :func:`moe_kernels.ops.moe_mlp`): y [T, H] in x's dtype."""
+    """Backend entry point (arguments validated and normalised by :func:`moe_kernels.ops.moe_mlp`: weights [T,k]
+    float32 and ids [T,k] int32, both contiguous; interleaved a bool; swiglu_limit None or a float): y [T, H] in
+    x's dtype."""
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, gate_up_proj, down_proj, weights, gate_up_bias, down_bias))
-    limit = None if swiglu_limit is None else float(swiglu_limit)
     if not needs_grad and decode_config(ids.numel(), fp32=x.dtype == torch.float32) is not None:
         return moe_mlp_decode_op(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation,
-                                 bool(interleaved), limit)
+                                 interleaved, swiglu_limit)
     save_pre = needs_grad and not recompute_enabled()
     return moe_mlp_forward_op(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation,
-                              bool(interleaved), limit, save_pre)[0]
+                              interleaved, swiglu_limit, save_pre)[0]
 
 
 # ----------------------------------------------------------------------------------------------------
