@@ -1,4 +1,5 @@
-// The grouped-GEMM expert path: ops grouped_mlp_forward / grouped_mlp_backward, for CPU and CUDA tensors.
+// The grouped-GEMM expert path: ops grouped_mlp_forward / grouped_mlp_backward (schemas in csrc/ops.cpp), one
+// implementation registered for CPU and CUDA tensors.
 //
 // One implementation serves both expert ops of moe_kernels (as csrc/cpu/experts.cpp does):
 //   moe_mlp:     w1 = gate_up_proj [E, 2I, H], gated activation, w2 = down_proj [E, H, I], optional biases
@@ -9,6 +10,7 @@
 //   a  = act(h + b1)                      [N, M2]                               (row op)
 //   y  = grouped_mm(a, w2^T, offsets)     [N, H]                                (at::_grouped_mm)
 //   out[t] = sum_j w[t,j] * scale * (y[pos] + b2[e])                            (row op)
+// With keep, the forward also returns xs and the biased pre-activation h for the backward (else both empty).
 // Backward (gs = gather(grad_out), row weight w_p = weights[slot] * scale):
 //   u  = grouped_mm(gs, w2, offsets)                   [N, M2]
 //   grad_h = act'(h) * w_p u; u := w_p act(h); grad_weights = scale (<u, act(h)> + <gs, b2>)   (row op)
@@ -29,6 +31,7 @@
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
+#include "common/op_args.h"
 #include "grouped_experts.h"
 
 namespace moe_kernels {
@@ -36,14 +39,7 @@ namespace grouped {
 namespace {
 
 ActSpec parse_activation(const std::string& name, bool gated, bool interleaved, const std::optional<double>& limit) {
-  ActSpec spec{0, gated, interleaved, limit.has_value(), limit.has_value() ? static_cast<float>(*limit) : 0.f};
-  if (name == "silu") spec.code = act::kSilu;
-  else if (name == "gelu") spec.code = act::kGelu;
-  else if (name == "gelu_tanh") spec.code = act::kGeluTanh;
-  else if (name == "relu") spec.code = act::kRelu;
-  else if (name == "identity" && !gated) spec.code = act::kIdentity;
-  else if (name == "gpt_oss" && gated) spec.code = act::kGptOss;
-  else TORCH_CHECK(false, "unknown ", gated ? "gated" : "adapter", " activation '", name, "'");
+  const ActSpec spec = act::parse_activation(name, gated, interleaved, limit);
   TORCH_CHECK(gated || !interleaved, "interleaved applies to gated activations only");
   return spec;
 }
@@ -148,9 +144,18 @@ at::Tensor float_bias(const std::optional<at::Tensor>& b) {
   return b.has_value() ? b->to(at::kFloat).contiguous() : at::Tensor();
 }
 
-// expert_offsets[1:]: the cumulative group ends the grouped GEMM takes (on the device, never read here).
-at::Tensor group_ends(const at::Tensor& expert_offsets) {
-  return expert_offsets.narrow(0, 1, expert_offsets.numel() - 1);
+// The routing tensors of a call as the row ops take them (grouped_experts.h): weights and ids flat [T*k], the
+// plan contiguous (`.contiguous()` is free for what moe_kernels.ops passes; a direct caller may pass views),
+// and ends = offsets[1:], the cumulative group ends the grouped GEMM takes (on the device, never read here).
+struct Routing {
+  at::Tensor weights, ids, sorted_slots, slot_positions, offsets, ends;
+};
+
+Routing flat_routing(const at::Tensor& weights, const at::Tensor& ids, const at::Tensor& expert_offsets,
+                     const at::Tensor& sorted_slots, const at::Tensor& slot_positions) {
+  const at::Tensor offsets = expert_offsets.contiguous();
+  return {weights.contiguous().view(-1), ids.contiguous().view(-1), sorted_slots.contiguous(),
+          slot_positions.contiguous(), offsets, offsets.narrow(0, 1, offsets.numel() - 1)};
 }
 
 // GEMM widths of a call. Aligned (H, M1, M2 multiples of 16 bytes): the GEMMs run on the logical widths,
@@ -208,12 +213,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mlp_forward(
   const RowOps& rows = row_ops(x_in);
   const c10::DeviceGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
-  const at::Tensor weights = weights_in.contiguous().view(-1);
-  const at::Tensor ids = ids_in.contiguous().view(-1);
-  const at::Tensor sorted_slots = sorted_slots_in.contiguous();
-  const at::Tensor slot_positions = slot_positions_in.contiguous();
-  const at::Tensor offsets = expert_offsets.contiguous();
-  const at::Tensor ends = group_ends(offsets);
+  const auto [weights, ids, sorted_slots, slot_positions, offsets, ends] =
+      flat_routing(weights_in, ids_in, expert_offsets, sorted_slots_in, slot_positions_in);
   const auto options = x.options();
   const Widths g = gemm_widths(d, x.scalar_type());
 
@@ -252,12 +253,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
               "xs, hidden and grad_out must share a dtype");
   const RowOps& rows = row_ops(grad_out);
   const c10::DeviceGuard guard(grad_out.device());
-  const at::Tensor weights = weights_in.contiguous().view(-1);
-  const at::Tensor ids = ids_in.contiguous().view(-1);
-  const at::Tensor sorted_slots = sorted_slots_in.contiguous();
-  const at::Tensor slot_positions = slot_positions_in.contiguous();
-  const at::Tensor offsets = expert_offsets.contiguous();
-  const at::Tensor ends = group_ends(offsets);
+  const auto [weights, ids, sorted_slots, slot_positions, offsets, ends] =
+      flat_routing(weights_in, ids_in, expert_offsets, sorted_slots_in, slot_positions_in);
   const auto options = grad_out.options();
   const Widths g = gemm_widths(d, grad_out.scalar_type());
   // xs takes part in the weight gradient of w1 only, where its padding columns meet nothing that is kept.
@@ -298,20 +295,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(moe_kernels, m) {
-  // The grouped-GEMM expert path (see the file comment), CPU and CUDA. w1 [E, M1, H], w2 [E, H, M2], M1 = 2*M2
-  // when gated; ids/weights [T, k]; the plan of ids. keep: also return the gathered rows xs [T*k, H] and the
-  // biased pre-activation hidden [T*k, M1] (rows padded to 16 bytes) for the backward; else both are empty.
-  m.def("grouped_mlp_forward(Tensor x, Tensor w1, Tensor w2, Tensor? b1, Tensor? b2, Tensor weights, Tensor ids, "
-        "Tensor expert_offsets, Tensor sorted_slots, Tensor slot_positions, str activation, bool gated, "
-        "bool interleaved, float? limit, float scale, bool keep) -> (Tensor out, Tensor xs, Tensor hidden)");
-  // Gradients w.r.t. x, w1, w2, b1 ([0] without b1), b2 ([0] without b2), weights.
-  m.def("grouped_mlp_backward(Tensor grad_out, Tensor xs, Tensor hidden, Tensor w1, Tensor w2, Tensor? b1, "
-        "Tensor? b2, Tensor weights, Tensor ids, Tensor expert_offsets, Tensor sorted_slots, Tensor slot_positions, "
-        "str activation, bool gated, bool interleaved, float? limit, float scale) -> "
-        "(Tensor grad_x, Tensor grad_w1, Tensor grad_w2, Tensor grad_b1, Tensor grad_b2, Tensor grad_weights)");
-}
 
 TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) {
   m.impl("grouped_mlp_forward", &grouped_mlp_forward);

@@ -1,13 +1,19 @@
 // The op schemas of moe_kernels (namespace torch.ops.moe_kernels) and the Python module `moe_kernels._C`.
 //
-// CPU implementations: csrc/cpu/*.cpp; CUDA implementations: csrc/cuda/*.cu (same schemas). Slot
-// conventions follow moe_kernels/reference.py: slot s = t*k + j, ids int32, routing weights float32.
-// Python wrappers, fake kernels and autograd: moe_kernels/native.py.
+// Every schema is defined here and only here; the implementation files register kernels for them with
+// TORCH_LIBRARY_IMPL, under the same op names for each device:
+//   CPU:       csrc/cpu/*.cpp (routing.cpp, dispatch.cpp, experts.cpp)
+//   CUDA:      csrc/cuda/*.cu (routing.cu, dispatch.cu)
+//   CPU+CUDA:  csrc/grouped_experts.cpp (one implementation; its row kernels are csrc/cpu/grouped_rows.cpp
+//              and csrc/cuda/grouped_rows.cu)
+// expert_mlp_forward / expert_mlp_backward have CPU kernels only. Slot conventions follow
+// moe_kernels/reference.py: slot s = t*k + j, ids int32, routing weights float32. Python wrappers, fake
+// kernels and autograd: moe_kernels/native.py.
 #include <Python.h>
 #include <torch/library.h>
 
 TORCH_LIBRARY(moe_kernels, m) {
-  // logits [T,E] fp32/fp16/bf16 -> weights [T,k] fp32, ids [T,k] int32. n_group = 0: no grouping.
+  // logits [T,E] fp32/fp16/bf16 -> weights [T,k] fp32, ids [T,k] int32. n_group = 0 (spec.NO_GROUP): no grouping.
   m.def("route_forward(Tensor logits, int k, bool use_sigmoid, bool topk_first, bool renormalize, Tensor? bias, "
         "int n_group, int topk_group, float scale) -> (Tensor weights, Tensor ids)");
   // grad_weights [T,k] fp32 -> grad_logits [T,E] fp32 (recomputed from logits and ids).
@@ -21,8 +27,27 @@ TORCH_LIBRARY(moe_kernels, m) {
   m.def("scatter_rows_sum(Tensor grad_rows, Tensor slot_positions, int k) -> Tensor");
   // out[t,:] = sum_j weights[t,j] * y_sorted[slot_positions[t*k+j], :] (fp32 accumulation, j ascending).
   m.def("combine(Tensor y_sorted, Tensor slot_positions, Tensor weights) -> Tensor");
+  // grad_out [T,H] -> grad_y_sorted [T*k,H] = w[t,j] * grad_out[t], grad_weights [T,k] fp32 = <grad_out[t], y row>.
   m.def("combine_backward(Tensor grad_out, Tensor y_sorted, Tensor slot_positions, Tensor weights) -> "
         "(Tensor grad_y_sorted, Tensor grad_weights)");
+  // CPU only. x [T,H], w1 [E,M1,H], w2 [E,H,M2] (M1 = 2*M2 gated), weights [T,k] fp32 -> out [T,H], hidden [T*k|0,M1].
+  m.def("expert_mlp_forward(Tensor x, Tensor w1, Tensor w2, Tensor? b1, Tensor? b2, Tensor weights, "
+        "Tensor expert_offsets, Tensor sorted_slots, Tensor slot_positions, str activation, bool gated, "
+        "bool interleaved, float? limit, float scale, bool keep_hidden) -> (Tensor out, Tensor hidden)");
+  // CPU only. grad_out [T,H] -> grads of x, w1, w2, b1 ([0] without b1), b2 ([0] without b2), weights [T,k].
+  m.def("expert_mlp_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor w2, Tensor? b1, Tensor? b2, "
+        "Tensor weights, Tensor expert_offsets, Tensor sorted_slots, Tensor slot_positions, Tensor hidden, "
+        "str activation, bool gated, bool interleaved, float? limit, float scale) -> "
+        "(Tensor grad_x, Tensor grad_w1, Tensor grad_w2, Tensor grad_b1, Tensor grad_b2, Tensor grad_weights)");
+  // As expert_mlp_forward plus ids [T,k] -> out [T,H], xs [T*k|0, H], hidden [T*k|0, M1] (rows padded to 16 bytes).
+  m.def("grouped_mlp_forward(Tensor x, Tensor w1, Tensor w2, Tensor? b1, Tensor? b2, Tensor weights, Tensor ids, "
+        "Tensor expert_offsets, Tensor sorted_slots, Tensor slot_positions, str activation, bool gated, "
+        "bool interleaved, float? limit, float scale, bool keep) -> (Tensor out, Tensor xs, Tensor hidden)");
+  // grad_out [T,H], the forward's xs and hidden -> grads of x, w1, w2, b1 ([0] without), b2 ([0] without), weights.
+  m.def("grouped_mlp_backward(Tensor grad_out, Tensor xs, Tensor hidden, Tensor w1, Tensor w2, Tensor? b1, "
+        "Tensor? b2, Tensor weights, Tensor ids, Tensor expert_offsets, Tensor sorted_slots, Tensor slot_positions, "
+        "str activation, bool gated, bool interleaved, float? limit, float scale) -> "
+        "(Tensor grad_x, Tensor grad_w1, Tensor grad_w2, Tensor grad_b1, Tensor grad_b2, Tensor grad_weights)");
 }
 
 // An empty Python module, so that `from moe_kernels import _C` loads this library (and registers the ops).

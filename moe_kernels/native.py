@@ -32,6 +32,7 @@ import os
 
 from . import reference
 from .backends import Backend, BackendError, Plan
+from .spec import NO_GROUP
 
 try:
     from . import _C  # noqa: F401  (registers torch.ops.moe_kernels.*)
@@ -95,7 +96,8 @@ if _C is not None:
 
     @torch.library.register_fake("moe_kernels::combine_backward")
     def _combine_backward_fake(grad_out, y_sorted, slot_positions, weights):
-        return torch.empty_like(y_sorted), torch.empty_like(weights)
+        # Contiguous, as the kernels return them whatever the strides of y_sorted and weights.
+        return y_sorted.new_empty(y_sorted.shape), weights.new_empty(weights.shape)
 
     if has_kernel("expert_mlp_forward", "CPU"):
         @torch.library.register_fake("moe_kernels::expert_mlp_forward")
@@ -150,8 +152,7 @@ if _C is not None:
     def _route_backward(ctx, grad_weights, _grad_ids):
         logits, ids = ctx.saved_tensors
         use_sigmoid, topk_first, renormalize, scale = ctx.flags
-        grad_logits = ops.route_backward(grad_weights.float().contiguous(), logits, ids, use_sigmoid, topk_first,
-                                         renormalize, scale)
+        grad_logits = ops.route_backward(grad_weights, logits, ids, use_sigmoid, topk_first, renormalize, scale)
         return grad_logits.to(logits.dtype), None, None, None, None, None, None, None, None
 
     torch.library.register_autograd("moe_kernels::route_forward", _route_backward, setup_context=_route_setup)
@@ -162,29 +163,23 @@ if _C is not None:
         inverse[perm.long()] = torch.arange(perm.shape[0], device=perm.device, dtype=torch.int32)
         return inverse
 
-    def _gather_setup(ctx, inputs, output):
-        _x, sorted_slots, k = inputs
-        ctx.save_for_backward(sorted_slots)
+    # gather_rows(x, sorted_slots, k) and scatter_rows_sum(grad_rows, slot_positions, k) are each other's
+    # backward, over the inverse permutation of the index the forward took.
+    def _rows_setup(ctx, inputs, output):
+        _rows, index, k = inputs
+        ctx.save_for_backward(index)
         ctx.k = k
 
-    def _gather_backward(ctx, grad_rows):
-        (sorted_slots,) = ctx.saved_tensors
-        slot_positions = _inverse_permutation(sorted_slots)
-        return ops.scatter_rows_sum(grad_rows.contiguous(), slot_positions, ctx.k), None, None
+    def _rows_backward(adjoint):
+        def backward(ctx, grad):
+            (index,) = ctx.saved_tensors
+            return adjoint(grad.contiguous(), _inverse_permutation(index), ctx.k), None, None
+        return backward
 
-    torch.library.register_autograd("moe_kernels::gather_rows", _gather_backward, setup_context=_gather_setup)
-
-    def _scatter_setup(ctx, inputs, output):
-        _grad_rows, slot_positions, k = inputs
-        ctx.save_for_backward(slot_positions)
-        ctx.k = k
-
-    def _scatter_backward(ctx, grad_out):
-        (slot_positions,) = ctx.saved_tensors
-        sorted_slots = _inverse_permutation(slot_positions)
-        return ops.gather_rows(grad_out.contiguous(), sorted_slots, ctx.k), None, None
-
-    torch.library.register_autograd("moe_kernels::scatter_rows_sum", _scatter_backward, setup_context=_scatter_setup)
+    torch.library.register_autograd("moe_kernels::gather_rows", _rows_backward(ops.scatter_rows_sum),
+                                    setup_context=_rows_setup)
+    torch.library.register_autograd("moe_kernels::scatter_rows_sum", _rows_backward(ops.gather_rows),
+                                    setup_context=_rows_setup)
 
     def _combine_setup(ctx, inputs, output):
         y_sorted, slot_positions, weights = inputs
@@ -239,27 +234,31 @@ if _C is not None:
                                         setup_context=_grouped_setup)
 
 
-# ---- the backend functions (inputs validated by moe_kernels.ops) ----------------------------------
+# ---- the backend functions -----------------------------------------------------------------------
+# Their inputs come validated and normalised by moe_kernels.ops (the Backend contract, backends.py: ids int32
+# contiguous and in range, weights float32, one device), so nothing here converts or checks them again; the
+# C++ ops make what they read contiguous themselves (free when it already is).
 
 
 def native_route(logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale):
     """route via ``route_forward``: (weights [T,k] float32, ids [T,k] int32), differentiable w.r.t. logits."""
-    if bias is not None:
-        bias = bias.detach().float().contiguous()
-    return ops.route_forward(logits.contiguous(), k, scoring == "sigmoid", order == "topk_then_softmax",
-                             renormalize, bias, n_group or 0, topk_group or 0, float(scale))
+    # "No group limit" is None in moe_kernels.ops and spec.NO_GROUP (0) in the op schema: converted here, and
+    # only here (csrc/common/op_args.h's make_params takes any n_group <= 1 as none).
+    n_group, topk_group = (NO_GROUP, NO_GROUP) if n_group is None else (n_group, topk_group)
+    return ops.route_forward(logits, k, scoring == "sigmoid", order == "topk_then_softmax", renormalize,
+                             None if bias is None else bias.detach(), n_group, topk_group, float(scale))
 
 
 def native_plan(ids, num_experts) -> Plan:
-    return Plan(*ops.plan(ids.to(torch.int32).contiguous(), num_experts))
+    return Plan(*ops.plan(ids, num_experts))
 
 
 def fused_expert_mlp(x, w1, w2, b1, b2, weights, ids, activation, gated, interleaved, limit, scale):
     """The CPU expert path (``expert_mlp_forward``): x [T,H], w1 [E,M1,H], w2 [E,H,M2] -> [T,H] in x's dtype."""
     plan = native_plan(ids, w1.shape[0])
     keep_hidden = _needs_grad(x, w1, w2, b1, b2, weights)
-    out, _hidden = ops.expert_mlp_forward(x.contiguous(), w1, w2, b1, b2, weights.contiguous(), *plan, activation,
-                                          gated, interleaved, limit, float(scale), keep_hidden)
+    out, _hidden = ops.expert_mlp_forward(x.contiguous(), w1, w2, b1, b2, weights, *plan, activation, gated,
+                                          interleaved, limit, float(scale), keep_hidden)
     return out
 
 
@@ -290,7 +289,7 @@ def composed_expert_mlp(x, w1, w2, b1, b2, weights, ids, activation, gated, inte
             y = y + b2[e]
         outputs.append(y)
     ys = torch.cat(outputs).contiguous()
-    return ops.combine(ys, plan.slot_positions, (weights * scale).contiguous())
+    return ops.combine(ys, plan.slot_positions, weights * scale)
 
 
 # torch's CUTLASS grouped GEMM (at::cuda::detail::bf16bf16_grouped_mm): bfloat16, compute capability 9.x or
@@ -344,8 +343,8 @@ def grouped_expert_mlp(x, w1, w2, b1, b2, weights, ids, activation, gated, inter
     """
     plan = native_plan(ids, w1.shape[0])
     keep = _needs_grad(x, w1, w2, b1, b2, weights)
-    out, _xs, _hidden = ops.grouped_mlp_forward(x, w1, w2, b1, b2, weights.contiguous(), ids, *plan, activation,
-                                                gated, interleaved, limit, float(scale), keep)
+    out, _xs, _hidden = ops.grouped_mlp_forward(x, w1, w2, b1, b2, weights, ids, *plan, activation, gated,
+                                                interleaved, limit, float(scale), keep)
     return out
 
 

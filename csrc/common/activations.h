@@ -17,6 +17,22 @@ constexpr float kInvSqrt2Pi = 0.39894228040143267794f;  // 1 / sqrt(2 pi)
 constexpr float kSqrt2OverPi = 0.79788456080286535588f;
 constexpr float kGeluTanhKappa = 0.044715f;
 
+// The activation of one call: Activation code, gated (moe_mlp) or plain (adapter_moe), the gated
+// layout (gate rows then up rows, or interleaved gate/up), GPT-OSS's optional clamp limit.
+struct ActSpec {
+  int code;
+  bool gated;
+  bool interleaved;
+  bool has_limit;
+  float limit;
+};
+
+// Columns of the pre-activation row read for output column i (half = width of the activation output).
+MOE_HOST_DEVICE inline int64_t gate_column(const ActSpec& s, int64_t i) { return s.interleaved ? 2 * i : i; }
+MOE_HOST_DEVICE inline int64_t up_column(const ActSpec& s, int64_t i, int64_t half) {
+  return s.interleaved ? 2 * i + 1 : half + i;
+}
+
 MOE_HOST_DEVICE inline float sigmoid(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 // act(x) of the ungated activations (also the gate half of gated ones; kGptOss is gated only).

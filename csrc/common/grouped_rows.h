@@ -1,5 +1,5 @@
 // Per-row logic of the grouped-GEMM expert path (csrc/grouped_experts.cpp), shared by its CPU loops
-// (csrc/grouped_experts.cpp) and its CUDA kernels (csrc/cuda/grouped_rows.cu).
+// (csrc/cpu/grouped_rows.cpp) and its CUDA kernels (csrc/cuda/grouped_rows.cu).
 //
 // The path runs, for routed slots sorted by expert (the plan: sorted position p holds slot
 // s = sorted_slots[p] = t*k + j of token t, expert e = ids[s]):
@@ -30,21 +30,9 @@ MOE_HOST_DEVICE inline float mul_rn(float a, float b) { return a * b; }
 MOE_HOST_DEVICE inline float add_rn(float a, float b) { return a + b; }
 #endif
 
-// The activation of one call: act::Activation code, gated (moe_mlp) or plain (adapter_moe), the gated
-// layout (gate rows then up rows, or interleaved gate/up), GPT-OSS's optional clamp limit.
-struct ActSpec {
-  int code;
-  bool gated;
-  bool interleaved;
-  bool has_limit;
-  float limit;
-};
-
-// Columns of the pre-activation row read for output column i (half = width of the activation output).
-MOE_HOST_DEVICE inline int64_t gate_column(const ActSpec& s, int64_t i) { return s.interleaved ? 2 * i : i; }
-MOE_HOST_DEVICE inline int64_t up_column(const ActSpec& s, int64_t i, int64_t half) {
-  return s.interleaved ? 2 * i + 1 : half + i;
-}
+using act::ActSpec;  // the activation of a call and its gate/up columns: common/activations.h
+using act::gate_column;
+using act::up_column;
 
 // Source row of sorted position p in the gather: the token of its slot.
 MOE_HOST_DEVICE inline int64_t gather_source_row(const int32_t* sorted_slots, int64_t p, int64_t k) {

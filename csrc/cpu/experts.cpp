@@ -13,7 +13,10 @@
 // (dense_small_adapter_forward); small expert weights run in token chunks, one parallel region
 // (token_chunks); otherwise expert order, each expert gathering its own rows when experts are spread
 // over the threads. The backward has the token-chunk and expert-order variants.
-// These ops are CPU-only (the CUDA backend composes gather_rows / combine with torch matmuls).
+// The saved `hidden` [T*k, M1] holds each expert's pre-activation block transposed: expert e's rows [a, b)
+// are an [M1, b-a] matrix at flat offset a*M1.
+// These ops are CPU-only (schemas in csrc/ops.cpp); the cuda backend runs the grouped-GEMM path instead
+// (csrc/grouped_experts.cpp).
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -24,37 +27,17 @@
 #include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
-#include "common/activations.h"
+#include "common/op_args.h"
 #include "cpu/dispatch.h"
 
 namespace moe_kernels {
 namespace cpu {
 namespace {
 
-struct ActivationSpec {
-  int code;
-  bool gated;
-  bool interleaved;
-  bool has_limit;
-  float limit;
-};
-
-ActivationSpec parse_activation(const std::string& name, bool gated, bool interleaved,
-                                const std::optional<double>& limit) {
-  ActivationSpec spec{0, gated, interleaved, limit.has_value(), limit.has_value() ? static_cast<float>(*limit) : 0.f};
-  if (name == "silu") spec.code = act::kSilu;
-  else if (name == "gelu") spec.code = act::kGelu;
-  else if (name == "gelu_tanh") spec.code = act::kGeluTanh;
-  else if (name == "relu") spec.code = act::kRelu;
-  else if (name == "identity" && !gated) spec.code = act::kIdentity;
-  else if (name == "gpt_oss" && gated) spec.code = act::kGptOss;
-  else TORCH_CHECK(false, "unknown ", gated ? "gated" : "adapter", " activation '", name, "'");
-  return spec;
-}
-
-// Columns of the gate and up halves of a gated hidden row for output column i.
-inline int64_t gate_column(const ActivationSpec& s, int64_t i, int64_t half) { return s.interleaved ? 2 * i : i; }
-inline int64_t up_column(const ActivationSpec& s, int64_t i, int64_t half) { return s.interleaved ? 2 * i + 1 : half + i; }
+using act::ActSpec;
+using act::gate_column;
+using act::parse_activation;
+using act::up_column;
 
 std::vector<int64_t> read_offsets(const at::Tensor& expert_offsets, int64_t num_experts, int64_t num_rows) {
   check_cpu(expert_offsets, "expert_offsets", 1);
@@ -81,14 +64,14 @@ struct Block {
 // reads its pre-activation columns contiguously along r in the transposed layout.
 template <typename scalar_t>
 void activation_forward(scalar_t* pre, Block layout, int64_t n, int64_t M2, const float* b1, scalar_t* out,
-                        const ActivationSpec& spec) {
+                        const ActSpec& spec) {
   constexpr int64_t kColumns = 16;
   const int64_t rs = layout.row_stride, cs = layout.col_stride;
   at::parallel_for(0, (M2 + kColumns - 1) / kColumns, std::max<int64_t>(1, 4096 / (n * kColumns)),
                    [&](int64_t begin, int64_t end) {
     for (int64_t i = begin * kColumns; i < std::min(M2, end * kColumns); ++i) {
       if (spec.gated) {
-        const int64_t gc = gate_column(spec, i, M2), uc = up_column(spec, i, M2);
+        const int64_t gc = gate_column(spec, i), uc = up_column(spec, i, M2);
         const float gate_bias = b1 ? b1[gc] : 0.0f, up_bias = b1 ? b1[uc] : 0.0f;
         scalar_t* gate = pre + gc * cs;
         scalar_t* up = pre + uc * cs;
@@ -123,7 +106,7 @@ void activation_forward(scalar_t* pre, Block layout, int64_t n, int64_t M2, cons
 template <typename scalar_t>
 void activation_backward(const scalar_t* pre, Block layout, scalar_t* u, const scalar_t* g, const float* b2, int64_t n, int64_t M1,
                          int64_t M2, int64_t H, const float* row_weight, scalar_t* grad_pre, float* grad_weight_sorted,
-                         float scale, const ActivationSpec& spec) {
+                         float scale, const ActSpec& spec) {
   at::parallel_for(0, n, grain_rows(M1 * 8), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* pre_row = pre + r * layout.row_stride;
@@ -134,7 +117,7 @@ void activation_backward(const scalar_t* pre, Block layout, scalar_t* u, const s
       float dot = 0.0f;  // <u, act>
       if (spec.gated) {
         for (int64_t i = 0; i < M2; ++i) {
-          const int64_t gc = gate_column(spec, i, M2), uc = up_column(spec, i, M2);
+          const int64_t gc = gate_column(spec, i), uc = up_column(spec, i, M2);
           const float ui = u_row[i];
           float grad_gate, grad_up;
           const float a = act::gated_backward(spec.code, pre_row[gc * cs], pre_row[uc * cs], spec.has_limit, spec.limit, w * ui,
@@ -207,7 +190,7 @@ struct Shapes {
 };
 
 Shapes check_shapes(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const at::Tensor& weights,
-                    const at::Tensor& sorted_slots, const at::Tensor& slot_positions, const ActivationSpec& spec) {
+                    const at::Tensor& sorted_slots, const at::Tensor& slot_positions, const ActSpec& spec) {
   check_cpu(x, "x", 2);
   check_cpu(w1, "w1", 3);
   check_cpu(w2, "w2", 3);
@@ -230,6 +213,35 @@ Shapes check_shapes(const at::Tensor& x, const at::Tensor& w1, const at::Tensor&
   check_index_range(sorted_slots, "sorted_slots", s.N);
   check_index_range(slot_positions, "slot_positions", s.N);
   return s;
+}
+
+// What both ops start with: the activation, the tensors they read made contiguous (free when they are),
+// the checked shapes, the expert offsets read on the host and the most rows one expert has.
+struct Call {
+  ActSpec spec;
+  at::Tensor x, weights, sorted_slots, slot_positions;
+  Shapes s;
+  std::vector<int64_t> off;
+  int64_t max_rows;
+};
+
+Call prepare_call(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const std::optional<at::Tensor>& b1,
+                  const std::optional<at::Tensor>& b2, const at::Tensor& weights, const at::Tensor& expert_offsets,
+                  const at::Tensor& sorted_slots, const at::Tensor& slot_positions, c10::string_view activation,
+                  bool gated, bool interleaved, const std::optional<double>& limit) {
+  Call c;
+  c.spec = parse_activation(std::string(activation), gated, interleaved, limit);
+  c.x = x.contiguous();
+  c.weights = weights.contiguous();
+  c.sorted_slots = sorted_slots.contiguous();
+  c.slot_positions = slot_positions.contiguous();
+  c.s = check_shapes(c.x, w1, w2, c.weights, c.sorted_slots, c.slot_positions, c.spec);
+  check_optional_shape(b1, "b1", c.s.E, c.s.M1);
+  check_optional_shape(b2, "b2", c.s.E, c.s.H);
+  c.off = read_offsets(expert_offsets, c.s.E, c.s.N);
+  c.max_rows = 0;
+  for (int64_t e = 0; e < c.s.E; ++e) c.max_rows = std::max(c.max_rows, c.off[e + 1] - c.off[e]);
+  return c;
 }
 
 // Routing weight (times scale) of each sorted row: w[sorted_slots[p]] * scale.
@@ -265,6 +277,34 @@ std::pair<int64_t, int64_t> expert_rows_of_tokens(const int32_t* slots, const st
           std::lower_bound(first, last, static_cast<int32_t>(t1 * k)) - slots};
 }
 
+// out[r, :] = x[slots[r] / k, :] for r in [0, n): the token rows of n sorted slots, rows of H elements.
+template <typename scalar_t>
+void copy_token_rows(const scalar_t* x, const int32_t* slots, int64_t n, int64_t k, int64_t H, scalar_t* out) {
+  for (int64_t r = 0; r < n; ++r) std::memcpy(out + r * H, x + (slots[r] / k) * H, H * sizeof(scalar_t));
+}
+
+// The token-chunk variant's one parallel region (see token_chunks), with the caller's thread-local state
+// (see for_each_expert). Chunk c takes tokens [t0, t1): rows(e, lo, hi) for every expert e, [lo, hi) being
+// e's sorted rows of those tokens (expert_rows_of_tokens: the plan must be stable), then tokens(t0, t1, acc)
+// with the thread's accumulator of H opmath values.
+template <typename scalar_t, typename RowsFn, typename TokensFn>
+void for_each_token_chunk(int64_t chunks, const Shapes& s, const int32_t* slots, const std::vector<int64_t>& off,
+                          const RowsFn& rows, const TokensFn& tokens) {
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard state_guard(caller_state);
+    std::vector<at::opmath_type<scalar_t>> acc(s.H);
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t t0 = s.T * c / chunks, t1 = s.T * (c + 1) / chunks;
+      for (int64_t e = 0; e < s.E; ++e) {
+        const auto [lo, hi] = expert_rows_of_tokens(slots, off, e, t0, t1, s.k);
+        rows(e, lo, hi);
+      }
+      tokens(t0, t1, acc.data());
+    }
+  });
+}
+
 // Whether every expert's slots are in ascending order in sorted_slots (a stable plan, as `plan` makes):
 // then a token range maps to one contiguous row range per expert.
 bool slots_ascending_per_expert(const at::Tensor& sorted_slots, const std::vector<int64_t>& off) {
@@ -290,7 +330,7 @@ template <typename scalar_t>
 at::Tensor dense_small_adapter_forward(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
                                        const at::Tensor& weights, const at::Tensor& slot_positions,
                                        const std::vector<int64_t>& off, const Shapes& s, double scale,
-                                       const ActivationSpec& spec) {
+                                       const ActSpec& spec) {
   const int64_t columns = s.E * s.M1;
   const at::Tensor h_all = at::mm(x, w1.reshape({columns, s.H}).t());
   const at::Tensor w2_cat = w2.permute({0, 2, 1}).reshape({columns, s.H});
@@ -323,17 +363,9 @@ std::tuple<at::Tensor, at::Tensor> expert_mlp_forward(
     const std::optional<at::Tensor>& b2, const at::Tensor& weights_in, const at::Tensor& expert_offsets,
     const at::Tensor& sorted_slots_in, const at::Tensor& slot_positions_in, c10::string_view activation, bool gated,
     bool interleaved, std::optional<double> limit, double scale, bool keep_hidden) {
-  const ActivationSpec spec = parse_activation(std::string(activation), gated, interleaved, limit);
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor weights = weights_in.contiguous();
-  const at::Tensor sorted_slots = sorted_slots_in.contiguous();
-  const at::Tensor slot_positions = slot_positions_in.contiguous();
-  const Shapes s = check_shapes(x, w1, w2, weights, sorted_slots, slot_positions, spec);
-  check_optional_shape(b1, "b1", s.E, s.M1);
-  check_optional_shape(b2, "b2", s.E, s.H);
-  const std::vector<int64_t> off = read_offsets(expert_offsets, s.E, s.N);
-  int64_t max_rows = 0;
-  for (int64_t e = 0; e < s.E; ++e) max_rows = std::max(max_rows, off[e + 1] - off[e]);
+  const auto [spec, x, weights, sorted_slots, slot_positions, s, off, max_rows] =
+      prepare_call(x_in, w1, w2, b1, b2, weights_in, expert_offsets, sorted_slots_in, slot_positions_in, activation,
+                   gated, interleaved, limit);
   if (!keep_hidden && !spec.gated && !b1.has_value() && !b2.has_value() && s.E * s.M1 <= kDenseAdapterMaxColumns) {
     at::Tensor dense_out;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "expert_mlp_forward_cpu", [&] {
@@ -387,24 +419,17 @@ std::tuple<at::Tensor, at::Tensor> expert_mlp_forward(
       const int32_t* slots = sorted_slots.data_ptr<int32_t>();
       const scalar_t* x_ptr = x.data_ptr<scalar_t>();
       scalar_t* xs_ptr = xs.data_ptr<scalar_t>();
-      const at::ThreadLocalState caller_state;  // see for_each_expert
-      at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-        at::ThreadLocalStateGuard state_guard(caller_state);
-        std::vector<at::opmath_type<scalar_t>> acc(s.H);
-        for (int64_t c = begin; c < end; ++c) {
-          const int64_t t0 = s.T * c / chunks, t1 = s.T * (c + 1) / chunks;
-          for (int64_t e = 0; e < s.E; ++e) {
-            const auto [lo, hi] = expert_rows_of_tokens(slots, off, e, t0, t1, s.k);
-            for (int64_t p = lo; p < hi; ++p) {
-              std::memcpy(xs_ptr + p * s.H, x_ptr + (slots[p] / s.k) * s.H, s.H * sizeof(scalar_t));
-            }
+      for_each_token_chunk<scalar_t>(
+          chunks, s, slots, off,
+          [&](int64_t e, int64_t lo, int64_t hi) {
+            copy_token_rows(x_ptr, slots + lo, hi - lo, s.k, s.H, xs_ptr + lo * s.H);
             run_rows(e, lo, hi, xs.narrow(0, lo, hi - lo));
-          }
-          combine_token_rows<scalar_t>(ys.data_ptr<scalar_t>(), slot_positions.data_ptr<int32_t>(),
-                                       weights.data_ptr<float>(), static_cast<float>(scale), s.k, s.H, t0, t1,
-                                       out.data_ptr<scalar_t>(), acc.data());
-        }
-      });
+          },
+          [&](int64_t t0, int64_t t1, at::opmath_type<scalar_t>* acc) {
+            combine_token_rows<scalar_t>(ys.data_ptr<scalar_t>(), slot_positions.data_ptr<int32_t>(),
+                                         weights.data_ptr<float>(), static_cast<float>(scale), s.k, s.H, t0, t1,
+                                         out.data_ptr<scalar_t>(), acc);
+          });
     } else {
       if (parallel_experts) {
         // Each expert gathers its rows into its thread's scratch right before its GEMMs: the rows are
@@ -417,17 +442,12 @@ std::tuple<at::Tensor, at::Tensor> expert_mlp_forward(
           const int64_t a = off[e], n = off[e + 1] - off[e];
           if (n == 0) return;
           at::Tensor xs_rows = xs_scratch[at::get_thread_num()].narrow(0, 0, n);
-          scalar_t* xs_ptr = xs_rows.data_ptr<scalar_t>();
-          for (int64_t r = 0; r < n; ++r) {
-            std::memcpy(xs_ptr + r * s.H, x_ptr + (slots[a + r] / s.k) * s.H, s.H * sizeof(scalar_t));
-          }
+          copy_token_rows(x_ptr, slots + a, n, s.k, s.H, xs_rows.data_ptr<scalar_t>());
           run_rows(e, a, a + n, xs_rows);
         });
-      } else {
+      } else {  // experts one after another, each GEMM threaded by ATen
         const at::Tensor xs = gather_rows(x, sorted_slots, s.k);
-        for_each_expert(s.E, parallel_experts, [&](int64_t e) {
-          run_rows(e, off[e], off[e + 1], xs.narrow(0, off[e], off[e + 1] - off[e]));
-        });
+        for (int64_t e = 0; e < s.E; ++e) run_rows(e, off[e], off[e + 1], xs.narrow(0, off[e], off[e + 1] - off[e]));
       }
       const at::Tensor scaled_weights = scale == 1.0 ? weights : weights * scale;
       out = combine(ys, slot_positions, scaled_weights);
@@ -443,24 +463,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& expert_offsets, const at::Tensor& sorted_slots_in, const at::Tensor& slot_positions_in,
     const at::Tensor& hidden, c10::string_view activation, bool gated, bool interleaved, std::optional<double> limit,
     double scale) {
-  const ActivationSpec spec = parse_activation(std::string(activation), gated, interleaved, limit);
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor weights = weights_in.contiguous();
-  const at::Tensor sorted_slots = sorted_slots_in.contiguous();
-  const at::Tensor slot_positions = slot_positions_in.contiguous();
-  const Shapes s = check_shapes(x, w1, w2, weights, sorted_slots, slot_positions, spec);
-  check_optional_shape(b1, "b1", s.E, s.M1);
-  check_optional_shape(b2, "b2", s.E, s.H);
+  const auto [spec, x, weights, sorted_slots, slot_positions, s, off, max_rows] =
+      prepare_call(x_in, w1, w2, b1, b2, weights_in, expert_offsets, sorted_slots_in, slot_positions_in, activation,
+                   gated, interleaved, limit);
   check_cpu(grad_out, "grad_out", 2);
   TORCH_CHECK(grad_out.size(0) == s.T && grad_out.size(1) == s.H, "grad_out must be [T, H]");
-  const std::vector<int64_t> off = read_offsets(expert_offsets, s.E, s.N);
   check_cpu(hidden, "hidden", 2);
   const bool hidden_kept = hidden.numel() > 0 || s.N == 0;
   TORCH_CHECK(!hidden_kept || (hidden.size(0) == s.N && hidden.size(1) == s.M1),
               "hidden must be [T*k, M1] or empty, got ", hidden.sizes());
   TORCH_CHECK(hidden.scalar_type() == x.scalar_type(), "hidden must have x's dtype ", x.scalar_type());
-  int64_t max_rows = 0;
-  for (int64_t e = 0; e < s.E; ++e) max_rows = std::max(max_rows, off[e + 1] - off[e]);
 
   const at::Tensor b1f = b1.has_value() ? b1->to(at::kFloat).contiguous() : at::Tensor();
   const at::Tensor b2f = b2.has_value() ? b2->to(at::kFloat).contiguous() : at::Tensor();
@@ -513,16 +525,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       at::Tensor xs_rows;
       if (gather_in_expert) {
         xs_rows = xs[at::get_thread_num()].narrow(0, 0, n);
-        const int32_t* slots = sorted_slots.data_ptr<int32_t>();
-        const scalar_t* x_ptr = x.data_ptr<scalar_t>();
-        const scalar_t* grad_out_ptr = grad_out_x.data_ptr<scalar_t>();
-        scalar_t* xs_ptr = xs_rows.data_ptr<scalar_t>();
-        scalar_t* g_ptr = g.data_ptr<scalar_t>();
-        for (int64_t r = 0; r < n; ++r) {
-          const int64_t t = slots[a + r] / s.k;
-          std::memcpy(xs_ptr + r * s.H, x_ptr + t * s.H, s.H * sizeof(scalar_t));
-          std::memcpy(g_ptr + r * s.H, grad_out_ptr + t * s.H, s.H * sizeof(scalar_t));
-        }
+        const int32_t* slots = sorted_slots.data_ptr<int32_t>() + a;
+        copy_token_rows(x.data_ptr<scalar_t>(), slots, n, s.k, s.H, xs_rows.data_ptr<scalar_t>());
+        copy_token_rows(grad_out_x.data_ptr<scalar_t>(), slots, n, s.k, s.H, g.data_ptr<scalar_t>());
       } else {
         xs_rows = xs.narrow(0, a, n);
       }
@@ -597,26 +602,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const scalar_t* grad_out_ptr = grad_out_x.data_ptr<scalar_t>();
     scalar_t* xs_ptr = xs.data_ptr<scalar_t>();
     scalar_t* g_ptr = g_rows.data_ptr<scalar_t>();
-    const size_t row_bytes = s.H * sizeof(scalar_t);
-    const at::ThreadLocalState caller_state;  // see for_each_expert
-    at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-      at::ThreadLocalStateGuard state_guard(caller_state);
-      std::vector<at::opmath_type<scalar_t>> acc(s.H);
-      for (int64_t c = begin; c < end; ++c) {
-        const int64_t t0 = s.T * c / chunks, t1 = s.T * (c + 1) / chunks;
-        for (int64_t e = 0; e < s.E; ++e) {
-          const auto [lo, hi] = expert_rows_of_tokens(slots, off, e, t0, t1, s.k);
-          for (int64_t p = lo; p < hi; ++p) {
-            const int64_t t = slots[p] / s.k;
-            std::memcpy(xs_ptr + p * s.H, x_ptr + t * s.H, row_bytes);
-            std::memcpy(g_ptr + p * s.H, grad_out_ptr + t * s.H, row_bytes);
-          }
+    for_each_token_chunk<scalar_t>(
+        chunks, s, slots, off,
+        [&](int64_t e, int64_t lo, int64_t hi) {
+          copy_token_rows(x_ptr, slots + lo, hi - lo, s.k, s.H, xs_ptr + lo * s.H);
+          copy_token_rows(grad_out_ptr, slots + lo, hi - lo, s.k, s.H, g_ptr + lo * s.H);
           run_rows(e, lo, hi);
-        }
-        sum_token_rows<scalar_t>(grad_xs_rows.data_ptr<scalar_t>(), slot_positions.data_ptr<int32_t>(), s.k, s.H,
-                                 t0, t1, grad_x.data_ptr<scalar_t>(), acc.data());
-      }
-    });
+        },
+        [&](int64_t t0, int64_t t1, at::opmath_type<scalar_t>* acc) {
+          sum_token_rows<scalar_t>(grad_xs_rows.data_ptr<scalar_t>(), slot_positions.data_ptr<int32_t>(), s.k, s.H,
+                                   t0, t1, grad_x.data_ptr<scalar_t>(), acc);
+        });
     // Weight gradients, per expert over all its rows: grad_w2[e] = g^T @ (w * act), grad_w1[e] = grad_pre^T @ xs.
     for_each_expert(s.E, parallel_experts, [&](int64_t e) {
       const int64_t a = off[e], n = off[e + 1] - off[e];
@@ -654,20 +650,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
 }
 
 }  // namespace
-
-TORCH_LIBRARY_FRAGMENT(moe_kernels, m) {
-  // CPU-only ops of the expert path (see the file comment). w1 [E, M1, H], w2 [E, H, M2]; M1 = 2*M2 when gated.
-  // hidden: the pre-activation in expert order when keep_hidden, else empty [0, M1]. Shape [T*k, M1],
-  // but each expert's rows [a, b) hold its block transposed: a [M1, b-a] matrix at flat offset a*M1.
-  m.def("expert_mlp_forward(Tensor x, Tensor w1, Tensor w2, Tensor? b1, Tensor? b2, Tensor weights, "
-        "Tensor expert_offsets, Tensor sorted_slots, Tensor slot_positions, str activation, bool gated, "
-        "bool interleaved, float? limit, float scale, bool keep_hidden) -> (Tensor out, Tensor hidden)");
-  // Gradients w.r.t. x, w1, w2, b1 ([0] without b1), b2 ([0] without b2), weights.
-  m.def("expert_mlp_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor w2, Tensor? b1, Tensor? b2, "
-        "Tensor weights, Tensor expert_offsets, Tensor sorted_slots, Tensor slot_positions, Tensor hidden, "
-        "str activation, bool gated, bool interleaved, float? limit, float scale) -> "
-        "(Tensor grad_x, Tensor grad_w1, Tensor grad_w2, Tensor grad_b1, Tensor grad_b2, Tensor grad_weights)");
-}
 
 TORCH_LIBRARY_IMPL(moe_kernels, CPU, m) {
   m.impl("expert_mlp_forward", &expert_mlp_forward);

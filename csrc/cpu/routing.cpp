@@ -5,26 +5,14 @@
 
 #include <torch/library.h>
 
-#include "common/routing_row.h"
+#include "common/op_args.h"
 #include "cpu/common.h"
 
 namespace moe_kernels {
 namespace cpu {
 namespace {
 
-routing::RouteParams make_params(int64_t num_experts, int64_t k, bool use_sigmoid, bool topk_first, bool renormalize,
-                                 int64_t n_group, int64_t topk_group, double scale) {
-  routing::RouteParams p;
-  p.num_experts = num_experts;
-  p.k = k;
-  p.use_sigmoid = use_sigmoid;
-  p.topk_first = topk_first;
-  p.renormalize = renormalize;
-  p.n_group = n_group > 1 ? n_group : 0;
-  p.topk_group = n_group > 1 ? topk_group : 0;
-  p.scale = static_cast<float>(scale);
-  return p;
-}
+using routing::make_params;
 
 std::tuple<at::Tensor, at::Tensor> route_forward(const at::Tensor& logits_in, int64_t k, bool use_sigmoid,
                                                  bool topk_first, bool renormalize,
@@ -33,12 +21,7 @@ std::tuple<at::Tensor, at::Tensor> route_forward(const at::Tensor& logits_in, in
   check_cpu(logits_in, "logits", 2);
   const at::Tensor logits = logits_in.contiguous();
   const int64_t T = logits.size(0), E = logits.size(1);
-  TORCH_CHECK(k >= 1 && k <= E, "k must be in [1, E = ", E, "], got ", k);
-  if (n_group > 1) {
-    TORCH_CHECK(E % n_group == 0, "n_group = ", n_group, " must divide E = ", E);
-    TORCH_CHECK(topk_group >= 1 && topk_group <= n_group, "topk_group must be in [1, n_group], got ", topk_group);
-    TORCH_CHECK(k <= topk_group * (E / n_group), "k = ", k, " exceeds the experts of the kept groups");
-  }
+  routing::check_route_forward_args(E, k, n_group, topk_group);
   at::Tensor bias;
   if (bias_in.has_value()) {
     check_cpu(*bias_in, "bias", 1);

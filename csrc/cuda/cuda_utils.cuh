@@ -9,6 +9,7 @@
 #include <c10/macros/Macros.h>
 
 #include <cstdint>
+#include <initializer_list>
 
 namespace moe_kernels {
 namespace cuda {
@@ -27,6 +28,21 @@ inline void check_dtype(const at::Tensor& tensor, at::ScalarType dtype, const ch
 inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* name_a, const char* name_b) {
   TORCH_CHECK(a.device() == b.device(), name_a, " and ", name_b, " must be on one device, got ", a.device(),
               " and ", b.device());
+}
+
+// A tensor and its name for error messages.
+struct Named {
+  const at::Tensor& tensor;
+  const char* name;
+};
+
+// Checks that every tensor is a CUDA tensor on the first one's device.
+inline void check_cuda_same_device(std::initializer_list<Named> tensors) {
+  const Named& first = *tensors.begin();
+  for (const Named& t : tensors) {
+    check_cuda(t.tensor, t.name);
+    check_same_device(first.tensor, t.tensor, first.name, t.name);
+  }
 }
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

@@ -199,7 +199,7 @@ __global__ void plan_scatter_kernel(const int* __restrict__ ids, int64_t num_slo
   }
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> plan_cuda(const at::Tensor& ids, int64_t num_experts) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> plan(const at::Tensor& ids, int64_t num_experts) {
   check_cuda(ids, "ids");
   check_dtype(ids, at::kInt, "ids");
   TORCH_CHECK(ids.dim() == 2, "ids must be 2-D [T, k], got shape ", ids.sizes());
@@ -300,14 +300,19 @@ void launch_gather_rows(const at::Tensor& x, const at::Tensor& sorted_slots, int
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor gather_rows_cuda(const at::Tensor& x, const at::Tensor& sorted_slots, int64_t k) {
-  check_cuda(x, "x");
-  check_cuda(sorted_slots, "sorted_slots");
-  check_same_device(x, sorted_slots, "x", "sorted_slots");
-  check_dtype(sorted_slots, at::kInt, "sorted_slots");
-  TORCH_CHECK(x.dim() == 2, "x must be 2-D [T, H], got shape ", x.sizes());
-  TORCH_CHECK(sorted_slots.dim() == 1, "sorted_slots must be 1-D [T*k], got shape ", sorted_slots.sizes());
+// The checks gather_rows and scatter_rows_sum share: 2-D rows and a 1-D int32 index [T*k] on one CUDA device,
+// k >= 1 (metadata only: the index values are trusted, see csrc/cpu/common.h's check_index_range).
+void check_row_op_args(const at::Tensor& rows, const char* rows_name, const at::Tensor& index, const char* index_name,
+                       int64_t k) {
+  check_cuda_same_device({{rows, rows_name}, {index, index_name}});
+  check_dtype(index, at::kInt, index_name);
+  TORCH_CHECK(rows.dim() == 2, rows_name, " must be 2-D, got shape ", rows.sizes());
+  TORCH_CHECK(index.dim() == 1, index_name, " must be 1-D [T*k], got shape ", index.sizes());
   TORCH_CHECK(k >= 1, "k must be >= 1, got ", k);
+}
+
+at::Tensor gather_rows(const at::Tensor& x, const at::Tensor& sorted_slots, int64_t k) {
+  check_row_op_args(x, "x", sorted_slots, "sorted_slots", k);
   c10::cuda::CUDAGuard guard(x.device());
   const at::Tensor x_c = x.contiguous();
   const at::Tensor slots_c = sorted_slots.contiguous().view(-1);
@@ -412,14 +417,8 @@ at::Tensor weighted_row_sum(const at::Tensor& rows, const at::Tensor& slot_posit
   return out;
 }
 
-at::Tensor scatter_rows_sum_cuda(const at::Tensor& grad_rows, const at::Tensor& slot_positions, int64_t k) {
-  check_cuda(grad_rows, "grad_rows");
-  check_cuda(slot_positions, "slot_positions");
-  check_same_device(grad_rows, slot_positions, "grad_rows", "slot_positions");
-  check_dtype(slot_positions, at::kInt, "slot_positions");
-  TORCH_CHECK(grad_rows.dim() == 2, "grad_rows must be 2-D [T*k, H], got shape ", grad_rows.sizes());
-  TORCH_CHECK(k >= 1, "k must be >= 1, got ", k);
-  TORCH_CHECK(slot_positions.dim() == 1, "slot_positions must be 1-D [T*k], got shape ", slot_positions.sizes());
+at::Tensor scatter_rows_sum(const at::Tensor& grad_rows, const at::Tensor& slot_positions, int64_t k) {
+  check_row_op_args(grad_rows, "grad_rows", slot_positions, "slot_positions", k);
   TORCH_CHECK(slot_positions.numel() % k == 0, "slot_positions has ", slot_positions.numel(),
               " entries, not a multiple of k = ", k);
   TORCH_CHECK(grad_rows.size(0) == slot_positions.numel(), "grad_rows must have T*k = ", slot_positions.numel(),
@@ -428,11 +427,7 @@ at::Tensor scatter_rows_sum_cuda(const at::Tensor& grad_rows, const at::Tensor& 
 }
 
 void check_combine_args(const at::Tensor& y_sorted, const at::Tensor& slot_positions, const at::Tensor& weights) {
-  check_cuda(y_sorted, "y_sorted");
-  check_cuda(slot_positions, "slot_positions");
-  check_cuda(weights, "weights");
-  check_same_device(y_sorted, slot_positions, "y_sorted", "slot_positions");
-  check_same_device(y_sorted, weights, "y_sorted", "weights");
+  check_cuda_same_device({{y_sorted, "y_sorted"}, {slot_positions, "slot_positions"}, {weights, "weights"}});
   check_dtype(slot_positions, at::kInt, "slot_positions");
   check_dtype(weights, at::kFloat, "weights");
   TORCH_CHECK(y_sorted.dim() == 2, "y_sorted must be 2-D [T*k, H], got shape ", y_sorted.sizes());
@@ -443,7 +438,7 @@ void check_combine_args(const at::Tensor& y_sorted, const at::Tensor& slot_posit
               " must hold T*k slots");
 }
 
-at::Tensor combine_cuda(const at::Tensor& y_sorted, const at::Tensor& slot_positions, const at::Tensor& weights) {
+at::Tensor combine(const at::Tensor& y_sorted, const at::Tensor& slot_positions, const at::Tensor& weights) {
   check_combine_args(y_sorted, slot_positions, weights);
   return weighted_row_sum(y_sorted, slot_positions, weights, weights.size(0), weights.size(1), "y_sorted");
 }
@@ -511,11 +506,10 @@ void launch_combine_backward(const at::Tensor& grad_out, const at::Tensor& y_sor
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-std::tuple<at::Tensor, at::Tensor> combine_backward_cuda(const at::Tensor& grad_out, const at::Tensor& y_sorted,
-                                                         const at::Tensor& slot_positions, const at::Tensor& weights) {
+std::tuple<at::Tensor, at::Tensor> combine_backward(const at::Tensor& grad_out, const at::Tensor& y_sorted,
+                                                    const at::Tensor& slot_positions, const at::Tensor& weights) {
   check_combine_args(y_sorted, slot_positions, weights);
-  check_cuda(grad_out, "grad_out");
-  check_same_device(grad_out, y_sorted, "grad_out", "y_sorted");
+  check_cuda_same_device({{y_sorted, "y_sorted"}, {grad_out, "grad_out"}});
   TORCH_CHECK(grad_out.dim() == 2 && grad_out.size(0) == weights.size(0) && grad_out.size(1) == y_sorted.size(1),
               "grad_out must be [T, H] = [", weights.size(0), ", ", y_sorted.size(1), "], got shape ", grad_out.sizes());
   c10::cuda::CUDAGuard guard(y_sorted.device());
@@ -543,11 +537,11 @@ std::tuple<at::Tensor, at::Tensor> combine_backward_cuda(const at::Tensor& grad_
 }  // namespace
 
 TORCH_LIBRARY_IMPL(moe_kernels, CUDA, m) {
-  m.impl("plan", &plan_cuda);
-  m.impl("gather_rows", &gather_rows_cuda);
-  m.impl("scatter_rows_sum", &scatter_rows_sum_cuda);
-  m.impl("combine", &combine_cuda);
-  m.impl("combine_backward", &combine_backward_cuda);
+  m.impl("plan", &plan);
+  m.impl("gather_rows", &gather_rows);
+  m.impl("scatter_rows_sum", &scatter_rows_sum);
+  m.impl("combine", &combine);
+  m.impl("combine_backward", &combine_backward);
 }
 
 }  // namespace cuda

@@ -17,7 +17,7 @@
 #include <optional>
 #include <tuple>
 
-#include "common/routing_row.h"
+#include "common/op_args.h"
 #include "cuda_utils.cuh"
 
 namespace moe_kernels {
@@ -25,26 +25,13 @@ namespace cuda {
 namespace {
 
 using routing::RouteParams;
+using routing::make_params;
 using routing::ranks_before;
 
 constexpr int kWarpMaxExperts = 256;  // warp kernel: up to 8 experts per lane
 constexpr int kWarpMaxGroups = kWarpSize;  // warp kernel: one lane per group
 constexpr int kRouteWarpsPerBlock = 4;
 constexpr int kRouteBlockThreads = 256;  // block kernel
-
-RouteParams make_params(int64_t num_experts, int64_t k, bool use_sigmoid, bool topk_first, bool renormalize,
-                        int64_t n_group, int64_t topk_group, double scale) {
-  RouteParams p;
-  p.num_experts = num_experts;
-  p.k = k;
-  p.use_sigmoid = use_sigmoid;
-  p.topk_first = topk_first;
-  p.renormalize = renormalize;
-  p.n_group = n_group > 1 ? n_group : 0;
-  p.topk_group = n_group > 1 ? topk_group : 0;
-  p.scale = static_cast<float>(scale);
-  return p;
-}
 
 // The score of one group's experts, computed by routing_row.h's select_groups on that group alone
 // (a one-group problem: the sum of its best two choice values, or its best when it has one expert).
@@ -321,25 +308,19 @@ __global__ void route_backward_row_kernel(const float* __restrict__ grad_weights
   }
 }
 
-std::tuple<at::Tensor, at::Tensor> route_forward_cuda(const at::Tensor& logits, int64_t k, bool use_sigmoid,
-                                                      bool topk_first, bool renormalize,
-                                                      const std::optional<at::Tensor>& bias, int64_t n_group,
-                                                      int64_t topk_group, double scale) {
+std::tuple<at::Tensor, at::Tensor> route_forward(const at::Tensor& logits, int64_t k, bool use_sigmoid,
+                                                 bool topk_first, bool renormalize,
+                                                 const std::optional<at::Tensor>& bias, int64_t n_group,
+                                                 int64_t topk_group, double scale) {
   check_cuda(logits, "logits");
   TORCH_CHECK(logits.dim() == 2, "logits must be 2-D [T, E], got shape ", logits.sizes());
   const int64_t num_tokens = logits.size(0), num_experts = logits.size(1);
   TORCH_CHECK(num_experts < (int64_t(1) << 31), "logits has too many experts: ", num_experts);
-  TORCH_CHECK(k >= 1 && k <= num_experts, "k must be in [1, E = ", num_experts, "], got ", k);
-  if (n_group > 1) {
-    TORCH_CHECK(num_experts % n_group == 0, "n_group = ", n_group, " must divide E = ", num_experts);
-    TORCH_CHECK(topk_group >= 1 && topk_group <= n_group, "topk_group must be in [1, n_group], got ", topk_group);
-    TORCH_CHECK(k <= topk_group * (num_experts / n_group), "k = ", k, " exceeds the experts of the kept groups");
-  }
+  routing::check_route_forward_args(num_experts, k, n_group, topk_group);
   c10::cuda::CUDAGuard guard(logits.device());
   at::Tensor bias_f;
   if (bias.has_value()) {
-    check_cuda(*bias, "bias");
-    check_same_device(logits, *bias, "logits", "bias");
+    check_cuda_same_device({{logits, "logits"}, {*bias, "bias"}});
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == num_experts, "bias must be [E = ", num_experts, "], got shape ",
                 bias->sizes());
     bias_f = bias->to(at::kFloat).contiguous();
@@ -376,13 +357,9 @@ std::tuple<at::Tensor, at::Tensor> route_forward_cuda(const at::Tensor& logits, 
   return {weights, ids};
 }
 
-at::Tensor route_backward_cuda(const at::Tensor& grad_weights, const at::Tensor& logits, const at::Tensor& ids,
-                               bool use_sigmoid, bool topk_first, bool renormalize, double scale) {
-  check_cuda(grad_weights, "grad_weights");
-  check_cuda(logits, "logits");
-  check_cuda(ids, "ids");
-  check_same_device(logits, ids, "logits", "ids");
-  check_same_device(logits, grad_weights, "logits", "grad_weights");
+at::Tensor route_backward(const at::Tensor& grad_weights, const at::Tensor& logits, const at::Tensor& ids,
+                          bool use_sigmoid, bool topk_first, bool renormalize, double scale) {
+  check_cuda_same_device({{logits, "logits"}, {ids, "ids"}, {grad_weights, "grad_weights"}});
   check_dtype(ids, at::kInt, "ids");
   TORCH_CHECK(logits.dim() == 2, "logits must be 2-D [T, E], got shape ", logits.sizes());
   TORCH_CHECK(ids.dim() == 2 && grad_weights.dim() == 2, "grad_weights ", grad_weights.sizes(), " and ids ",
@@ -414,8 +391,8 @@ at::Tensor route_backward_cuda(const at::Tensor& grad_weights, const at::Tensor&
 }  // namespace
 
 TORCH_LIBRARY_IMPL(moe_kernels, CUDA, m) {
-  m.impl("route_forward", &route_forward_cuda);
-  m.impl("route_backward", &route_backward_cuda);
+  m.impl("route_forward", &route_forward);
+  m.impl("route_backward", &route_backward);
 }
 
 }  // namespace cuda

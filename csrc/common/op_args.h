@@ -1,0 +1,62 @@
+// Host-side argument handling shared by the CPU and CUDA op implementations: the route ops' k and grouping
+// checks and RouteParams (csrc/cpu/routing.cpp, csrc/cuda/routing.cu), and the expert ops' activation
+// arguments (csrc/cpu/experts.cpp, csrc/grouped_experts.cpp).
+#pragma once
+
+#include <optional>
+#include <string>
+
+#include <c10/util/Exception.h>
+
+#include "common/activations.h"
+#include "common/routing_row.h"
+
+namespace moe_kernels {
+namespace routing {
+
+// route_forward's k and grouping against E. Cheap (no tensor data is read); moe_kernels.ops checks the same
+// with its own messages, these keep a direct torch.ops.moe_kernels caller from choosing past a row.
+inline void check_route_forward_args(int64_t num_experts, int64_t k, int64_t n_group, int64_t topk_group) {
+  TORCH_CHECK(k >= 1 && k <= num_experts, "k must be in [1, E = ", num_experts, "], got ", k);
+  if (n_group > 1) {
+    TORCH_CHECK(num_experts % n_group == 0, "n_group = ", n_group, " must divide E = ", num_experts);
+    TORCH_CHECK(topk_group >= 1 && topk_group <= n_group, "topk_group must be in [1, n_group], got ", topk_group);
+    TORCH_CHECK(k <= topk_group * (num_experts / n_group), "k = ", k, " exceeds the experts of the kept groups");
+  }
+}
+
+// The RouteParams of one op call. n_group <= 1 (the schema's 0: no groups) turns the group-limited choice off.
+inline RouteParams make_params(int64_t num_experts, int64_t k, bool use_sigmoid, bool topk_first, bool renormalize,
+                               int64_t n_group, int64_t topk_group, double scale) {
+  RouteParams p;
+  p.num_experts = num_experts;
+  p.k = k;
+  p.use_sigmoid = use_sigmoid;
+  p.topk_first = topk_first;
+  p.renormalize = renormalize;
+  p.n_group = n_group > 1 ? n_group : 0;
+  p.topk_group = n_group > 1 ? topk_group : 0;
+  p.scale = static_cast<float>(scale);
+  return p;
+}
+
+}  // namespace routing
+
+namespace act {
+
+// The ActSpec of an expert op's (activation, gated, interleaved, limit); names as moe_kernels/spec.py.
+inline ActSpec parse_activation(const std::string& name, bool gated, bool interleaved,
+                                const std::optional<double>& limit) {
+  ActSpec spec{0, gated, interleaved, limit.has_value(), limit.has_value() ? static_cast<float>(*limit) : 0.f};
+  if (name == "silu") spec.code = act::kSilu;
+  else if (name == "gelu") spec.code = act::kGelu;
+  else if (name == "gelu_tanh") spec.code = act::kGeluTanh;
+  else if (name == "relu") spec.code = act::kRelu;
+  else if (name == "identity" && !gated) spec.code = act::kIdentity;
+  else if (name == "gpt_oss" && gated) spec.code = act::kGptOss;
+  else TORCH_CHECK(false, "unknown ", gated ? "gated" : "adapter", " activation '", name, "'");
+  return spec;
+}
+
+}  // namespace act
+}  // namespace moe_kernels
