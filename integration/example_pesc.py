@@ -8,7 +8,6 @@
 The same crafting on a local checkpoint from the shell: moe-kernels craft SRC_DIR DST_DIR --experts 8 --top-k 2
 """
 
-import argparse
 import os
 import sys
 import tempfile
@@ -16,7 +15,8 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import torch  # noqa: E402
-from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
+from hf_testing import tiny_llama_example  # noqa: E402  (this folder)
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 import moe_kernels.hf  # noqa: E402,F401  (registers the composed model types with AutoModelForCausalLM)
 
@@ -25,15 +25,8 @@ from moe_kernels.hf.craft import crafted_aux_loss  # noqa: E402
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", default=None, help="moe_kernels backend (default: chosen by device)")
-    args = parser.parse_args()
-    torch.manual_seed(0)
-
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128, initializer_range=0.2)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    tokens = torch.randint(0, config.vocab_size, (4, 16))
+    # --backend, seed 0, a tiny Llama (2 layers, hidden 64, vocab 128, random weights) and 4 x 16 random tokens
+    args, config, model, tokens = tiny_llama_example(__doc__)
     with torch.no_grad():
         dense_logits = model(tokens).logits
 

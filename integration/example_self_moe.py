@@ -12,7 +12,6 @@ The whole recipe from seed examples (synthetic data, one expert per domain, rout
 moe_kernels.hf.self_specialize; moe_kernels.hf.merge_adapters_baseline builds the weight-merging baseline.
 """
 
-import argparse
 import copy
 import os
 import sys
@@ -22,21 +21,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from transformers import AutoModelForCausalLM, LlamaConfig  # noqa: E402
+from hf_testing import tiny_llama_example  # noqa: E402  (this folder)
+from transformers import AutoModelForCausalLM  # noqa: E402
 
 from moe_kernels.hf import compose_lora_experts, merge_adapters_baseline  # noqa: E402
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", default=None, help="moe_kernels backend (default: chosen by device)")
-    args = parser.parse_args()
-    torch.manual_seed(0)
-
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128, initializer_range=0.2)
-    base = AutoModelForCausalLM.from_config(config).eval()
-    tokens = torch.randint(0, config.vocab_size, (4, 16))
+    # --backend, seed 0, a tiny Llama (2 layers, hidden 64, vocab 128, random weights) and 4 x 16 random tokens
+    args, config, base, tokens = tiny_llama_example(__doc__)
 
     with tempfile.TemporaryDirectory() as workdir:
         adapter_dirs = []

@@ -1,6 +1,25 @@
-"""Helpers shared by the integration suites (imported by name: pytest puts this folder on sys.path)."""
+"""Helpers shared by the integration suites and examples (imported by name: pytest, and Python running a script
+of this folder, put this folder on sys.path)."""
+
+import argparse
 
 import torch
+
+
+def tiny_llama_example(doc: str):
+    """The start of the PESC and Self-MoE examples: their ``--backend`` flag, seed 0, a tiny Llama with random
+    weights (eval mode) and a batch of 4 x 16 random tokens. Returns (args, config, model, tokens)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--backend", default=None, help="moe_kernels backend (default: chosen by device)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128, initializer_range=0.2)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    tokens = torch.randint(0, config.vocab_size, (4, 16))
+    return args, config, model, tokens
 
 
 def left_padded_prompts(lengths, vocab: int, pad: int = 0, seed: int = 0):
