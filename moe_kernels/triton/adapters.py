@@ -396,12 +396,13 @@ def for_dtype(config: AdapterConfig, dtype: torch.dtype) -> AdapterConfig:
     """fp32 inputs: tl.dot runs as exact fp32 FMA (unless TF32 is allowed) and its operands take twice
     the registers, so tiles shrink (the table's sizes are for fp16/bf16). The weight-gradient kernel is not
     pipelined in fp32: with two stages it took up to 255 registers on sm_80 and spilled on sm_90 (r = 16).
-    At most 4 warps: the capped tiles leave 8 warps a few elements each, and the split relu backward at 8 warps
-    spilled 16 bytes on sm_90 (64 registers) where 4 warps take 80 registers and none."""
+    Rows per tile at most 16 and at most 4 warps: with the weights read through their strides, 32-row tiles
+    spilled 8-40 bytes on sm_80 or sm_90 in some variant at every warp count and pipeline depth tried (at 56-255
+    registers; ptxas' choice more than register pressure), 16-row tiles at 4 warps and 2 stages in none."""
     if dtype != torch.float32:
         return config
     return dataclasses.replace(
-        config, block_m=min(config.block_m, 32), block_k=min(config.block_k, 32), block_n=min(config.block_n, 64),
+        config, block_m=min(config.block_m, 16), block_k=min(config.block_k, 32), block_n=min(config.block_n, 64),
         block_r=min(config.block_r, 32), num_warps=min(config.num_warps, 4), num_stages=min(config.num_stages, 2),
         wgrad_block_m=min(config.wgrad_block_m, 32), wgrad_block_h=min(config.wgrad_block_h, 64),
         wgrad_block_r=min(config.wgrad_block_r, 32), wgrad_num_stages=1)
