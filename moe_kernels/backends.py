@@ -51,8 +51,11 @@ class Plan(NamedTuple):
 
 
 class Backend:
-    """Interface every backend implements. Inputs arrive validated and normalised by ``moe_kernels.ops``:
-    ``ids`` int32 contiguous [T,k] in range, ``weights`` float32 [T,k], tensors on one device, T >= 1.
+    """Interface every backend implements. ``moe_kernels.ops`` calls the methods by keyword, with arguments it
+    validated and normalised once: ``ids`` int32 contiguous [T,k] in range, ``weights`` float32 contiguous
+    [T,k], tensors on one device, T >= 1, activation a name of :mod:`moe_kernels.spec`, ``n_group`` /
+    ``topk_group`` None for no group limit, ``swiglu_limit`` None or a float, flags as bools. Backends take
+    them as they are (no conversion, no re-check; a kernel op may convert at its own boundary, once).
     Every method must be differentiable where the public op is (autograd.Function or torch.library op)."""
 
     name = "?"
