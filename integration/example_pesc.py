@@ -15,7 +15,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run from a checkout
 
 import torch  # noqa: E402
-from hf_testing import tiny_llama_example  # noqa: E402  (this folder)
+from integration.hf_testing import tiny_llama_example  # noqa: E402  (this folder, via the checkout root)
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 import moe_kernels.hf  # noqa: E402,F401  (registers the composed model types with AutoModelForCausalLM)

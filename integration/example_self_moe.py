@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 
 import torch  # noqa: E402
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
-from hf_testing import tiny_llama_example  # noqa: E402  (this folder)
+from integration.hf_testing import tiny_llama_example  # noqa: E402  (this folder, via the checkout root)
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from moe_kernels.hf import compose_lora_experts, merge_adapters_baseline  # noqa: E402
