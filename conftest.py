@@ -2,8 +2,15 @@
 are imported by name instead: tests/moe_testing.py and integration/hf_testing.py (conftest.py files are not
 reliably importable when several folders are collected)."""
 
+import os
+import tempfile
+
 import pytest
 import torch
+
+# The suites never read the user's own tuned tables (moe-kernels tune writes them into this cache folder): a
+# fresh, empty one per session, unless the caller names one.
+os.environ.setdefault("MOE_KERNELS_CACHE_DIR", tempfile.mkdtemp(prefix="moe_kernels_test_cache_"))
 
 
 @pytest.fixture

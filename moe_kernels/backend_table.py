@@ -21,7 +21,9 @@ the command below on an H100 (see its ``how``). Measure and write the block for 
     python -m moe_kernels.backend_table --write          # about a minute on an H100 (``--budget`` seconds)
 
 which times both backends on one representative shape per class (bfloat16, forward for ``infer``,
-forward + backward for ``train``) and records the faster. ``moe-kernels info`` prints the table in force.
+forward + backward for ``train``) and records the faster, in the shipped file (for maintainers). Users run
+``moe-kernels tune``: the same measurement, written to a table in their cache (:func:`user_table_path`) that
+``auto`` reads first for that GPU model. ``moe-kernels info`` prints the block in force and its file.
 ``backend=`` and ``MOE_KERNELS_BACKEND`` override the choice; ``backend="auto"`` asks for it explicitly.
 """
 
@@ -71,6 +73,29 @@ def table_path() -> str:
     return os.environ.get("MOE_KERNELS_BACKEND_TABLE") or TABLE_PATH
 
 
+def user_table_path() -> str:
+    """Where ``moe-kernels tune`` writes the block of the user's GPU: ``$MOE_KERNELS_CACHE_DIR``, else
+    ``$XDG_CACHE_HOME/moe_kernels``, else ``~/.cache/moe_kernels``, file ``backend_table.json``."""
+    base = os.environ.get("MOE_KERNELS_CACHE_DIR") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "moe_kernels")
+    return os.path.join(base, "backend_table.json")
+
+
+def block_in_force(device_label: str | None) -> tuple[dict, str]:
+    """(block, file it came from) for a GPU model. ``MOE_KERNELS_BACKEND_TABLE`` names the only table read;
+    otherwise the user's tuned table (:func:`user_table_path`) answers for a GPU model it has a block of, and
+    the shipped table for every other (its own block for the model, else ``"*"``)."""
+    if os.environ.get("MOE_KERNELS_BACKEND_TABLE"):
+        path = table_path()
+        return block_for(device_label, load_table(path)), path
+    user = user_table_path()
+    if device_label is not None:
+        for block in load_table(user)["blocks"]:  # a missing file reads as no blocks
+            if block.get("device") == device_label:
+                return block, user
+    return block_for(device_label, load_table(TABLE_PATH)), TABLE_PATH
+
+
 def load_table(path: str | None = None) -> dict:
     """The table file (cached per path and modification time)."""
     path = path or table_path()
@@ -113,9 +138,9 @@ def _block_for_device(device: torch.device) -> dict:
     # Cached per device index: the lookup runs inside torch.compile tracing too, where the device name
     # query cannot be traced. MOE_KERNELS_BACKEND_TABLE and the file's mtime are read when first needed.
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (index, table_path())
+    key = (index, os.environ.get("MOE_KERNELS_BACKEND_TABLE"), user_table_path())
     if key not in _block_by_index:
-        _block_by_index[key] = block_for(device_name(index))
+        _block_by_index[key] = block_in_force(device_name(index))[0]
     return _block_by_index[key]
 
 
@@ -271,6 +296,7 @@ def write_block(block: dict, path: str | None = None) -> str:
     """Replaces (or adds) the table's block for ``block['device']`` and writes the file."""
     path = path or table_path()
     table = load_table(path) if os.path.exists(path) else {"format": 1, "blocks": []}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     table = dict(table, blocks=[b for b in table["blocks"] if b.get("device") != block["device"]] + [block])
     with open(path, "w") as f:
         json.dump(table, f, indent=1, sort_keys=False)
@@ -282,14 +308,12 @@ def write_block(block: dict, path: str | None = None) -> str:
 
 def describe(device: torch.device | None = None) -> list[str]:
     """Lines for ``moe-kernels info``: the table file and the block in force for the local GPU."""
-    path = table_path()
-    try:
-        table = load_table(path)
-    except (OSError, ValueError) as exc:
-        return [f"backend table {path}: unreadable ({exc})"]
     label = device_name(device)
-    block = block_for(label, table)
-    status = "measured" if block.get("measured") else "UNMEASURED defaults (run python -m moe_kernels.backend_table --write on this GPU)"
+    try:
+        block, path = block_in_force(label)
+    except (OSError, ValueError) as exc:
+        return [f"backend table: unreadable ({exc})"]
+    status = "measured" if block.get("measured") else "UNMEASURED defaults (run moe-kernels tune on this GPU)"
     lines = [f"backend table {path}", f"  block in force: device {block.get('device')!r} for local GPU {label!r}: {status}",
              f"  default for classes not listed: {block.get('default', 'triton')}; the cuda expert path only where "
              "torch's CUTLASS grouped GEMM runs (bfloat16, sm90/sm100)"]
@@ -302,9 +326,34 @@ def describe(device: torch.device | None = None) -> list[str]:
     return lines
 
 
+def tune_main(argv=None) -> int:
+    """``moe-kernels tune``: measure the block of the local GPU and write it to the user's cache table, which
+    ``auto`` then reads for this GPU model (every process; no environment variable needed)."""
+    parser = argparse.ArgumentParser(
+        prog="moe-kernels tune",
+        description="Measure triton against cuda per shape class on the local GPU and write the result to your "
+                    f"cache ({user_table_path()}); backend='auto' then reads it for this GPU model.")
+    parser.add_argument("--budget", type=float, default=45.0, help="seconds of measuring before the rest is left "
+                        "unmeasured (default 45)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--ops", default=",".join(TABLE_OPS), help="comma-separated ops to measure")
+    parser.add_argument("--table", default=None, help=f"file to write (default {user_table_path()})")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("moe-kernels tune: no CUDA GPU here; the table holds measurements of a GPU, so run it on one",
+              file=sys.stderr)
+        return 2
+    block = measure(args.budget, args.repeats, tuple(args.ops.split(",")))
+    path = write_block(block, args.table or user_table_path())
+    print(f"wrote the block for {block['device']} to {path}")
+    print("\n".join(describe()))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m moe_kernels.backend_table",
-                                     description="Show, or measure and write, the auto backend table.")
+                                     description="Show, or measure and write, the auto backend table (the shipped "
+                                     "file by default: for maintainers; users run moe-kernels tune).")
     parser.add_argument("--write", action="store_true", help="measure on the local GPU and write its block")
     parser.add_argument("--budget", type=float, default=45.0, help="seconds of measuring before the rest is left "
                         "unmeasured (default 45)")

@@ -182,6 +182,11 @@ def cmd_craft(argv) -> int:
     return craft_main(argv)
 
 
+def cmd_tune(argv) -> int:
+    from moe_kernels.backend_table import tune_main
+    return tune_main(argv)
+
+
 def cmd_compile_check(argv) -> int:
     from moe_kernels.triton.compile_check import main
     return main(argv)
@@ -190,6 +195,8 @@ def cmd_compile_check(argv) -> int:
 # Sub-commands with parsers of their own: everything after the name is theirs (``--help`` included).
 DELEGATED = {"bench": (cmd_bench, "benchmark suites; see 'moe-kernels bench --help'"),
              "craft": (cmd_craft, "PESC sparsity crafting; see 'moe-kernels craft --help'"),
+             "tune": (cmd_tune, "measure triton vs cuda per shape class on this GPU, for backend='auto'; "
+                      "see 'moe-kernels tune --help'"),
              "compile-check": (cmd_compile_check, "AOT-compile the Triton kernels; see 'moe-kernels compile-check --help'")}
 
 

@@ -93,6 +93,60 @@ def test_describe_shows_the_block_in_force(fake_gpu):
     assert any("cuda" in line and "1.0 ms" in line for line in lines[3:])
 
 
+@pytest.fixture
+def user_cache(monkeypatch, tmp_path):
+    """No MOE_KERNELS_BACKEND_TABLE; the user's cache table in a temporary folder; 'Fake GPU' as the local GPU."""
+    from moe_kernels import native
+
+    monkeypatch.delenv("MOE_KERNELS_BACKEND_TABLE", raising=False)
+    monkeypatch.setenv("MOE_KERNELS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(bt, "device_name", lambda device=None: "Fake GPU")
+    monkeypatch.setattr(native, "grouped_gemm_status", lambda device, dtype, experts: None)
+    monkeypatch.setattr(bt, "_block_by_index", {})
+    return tmp_path / "cache" / "backend_table.json"
+
+
+def _measured_block(device, key, backend):
+    return {"device": device, "measured": True, "default": "triton",
+            "entries": {key: {"backend": backend, "measured": True, "ms": {"triton": 2.0, "cuda": 1.0}}}}
+
+
+def test_the_users_tuned_table_answers_for_its_gpu_model(user_cache, monkeypatch, tmp_path):
+    key = bt.shape_class("moe_mlp", torch.bfloat16, 128, 2048, 4096, True)
+    device, both = torch.device("cuda", 0), ["triton", "cuda"]
+    assert bt.block_in_force("Fake GPU") == (bt.block_for("Fake GPU", bt.load_table(bt.TABLE_PATH)), bt.TABLE_PATH)
+    assert bt.write_block(_measured_block("Fake GPU", key, "cuda"), bt.user_table_path()) == str(user_cache)
+    assert bt.block_in_force("Fake GPU")[1] == str(user_cache)
+    assert bt.choose("moe_mlp", device, torch.bfloat16, 128, 2048, 4096, True, built=both)[0] == "cuda"
+    assert bt.describe()[0] == f"backend table {user_cache}"
+    # another GPU model: the shipped table
+    assert bt.block_in_force("Other GPU")[1] == bt.TABLE_PATH
+    # MOE_KERNELS_BACKEND_TABLE names the only table read
+    other = tmp_path / "other.json"
+    bt.write_block(_measured_block("Fake GPU", key, "triton"), str(other))
+    monkeypatch.setenv("MOE_KERNELS_BACKEND_TABLE", str(other))
+    monkeypatch.setattr(bt, "_block_by_index", {})
+    assert bt.block_in_force("Fake GPU")[1] == str(other)
+    assert bt.choose("moe_mlp", device, torch.bfloat16, 128, 2048, 4096, True, built=both)[0] == "triton"
+
+
+def test_tune_writes_the_users_table(user_cache, monkeypatch, capsys):
+    from moe_kernels.cli import main
+
+    key = bt.shape_class("adapter_moe", torch.bfloat16, 8, 4096, 1, False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["tune"]) == 2 and "no CUDA GPU" in capsys.readouterr().err
+    assert not user_cache.exists()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    calls = []
+    monkeypatch.setattr(bt, "measure", lambda budget, repeats, ops: calls.append((budget, repeats, ops))
+                        or _measured_block("Fake GPU", key, "cuda"))
+    assert main(["tune", "--budget", "3", "--ops", "adapter_moe"]) == 0
+    assert calls == [(3.0, 5, ("adapter_moe",))]
+    assert json.loads(user_cache.read_text())["blocks"][0]["entries"][key]["backend"] == "cuda"
+    assert f"backend table {user_cache}" in capsys.readouterr().out
+
+
 def test_auto_on_cpu_and_overrides(monkeypatch):
     x, router = torch.randn(6, 8), torch.randn(8, 4)
     weights, ids = mk.route(x @ router, 2, backend="auto")
