@@ -75,7 +75,7 @@ def _program_rows(tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr, num_ex
         valid = tl.max(row_mask.to(tl.int32), axis=0) > 0
     else:
         expert, row_start, row_end, valid = find_tile(tile_offsets_ptr, expert_offsets_ptr, num_experts,
-                                                       search_steps, BLOCK_M)
+                                                      search_steps, BLOCK_M)
         rows = row_start + tl.arange(0, BLOCK_M)
         row_mask = rows < row_end  # all false past the last tile (row_start >= row_end there)
         slots = tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0)
@@ -209,7 +209,7 @@ def _down_backward_kernel(grad_y_ptr, stride_gt, stride_gh, w_ptr, stride_we, st
     grad_w_partial_ptr: [N, num_col_tiles] fp32.  Grid: (upper bound of tiles, cdiv(I, BLOCK_N)).
     """
     expert, row_start, row_end, valid = find_tile(tile_offsets_ptr, expert_offsets_ptr, num_experts,
-                                                   search_steps, BLOCK_M)
+                                                  search_steps, BLOCK_M)
     if valid:
         pid_n = tl.program_id(1)
         rows = row_start + tl.arange(0, BLOCK_M)
