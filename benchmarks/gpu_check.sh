@@ -17,8 +17,9 @@
 # lent machines have transformers 5.17, below the supported floor (5.21): carry the pinned one too. Before the
 # lease, on a machine with network, from the repository root:
 #   echo /.whl/ >> .git/info/exclude
-#   pip download --no-deps -d .whl liger-kernel==0.8.5 expecttest==0.3.0 \
+#   pip download --no-deps -d .whl liger-kernel==0.8.5 expecttest==0.3.0 pytest-xdist execnet \
 #     "transformers==$(sed -n 's/^transformers==//p' constraints.txt)"
+# (pytest-xdist and execnet let the GPU tests run on 12 workers: the op files also run their CPU backends there.)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}
 cd "$(dirname "$0")/.."
