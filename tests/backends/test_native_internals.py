@@ -34,14 +34,20 @@ ONE_ROUNDING = {torch.float32: 2e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
 DISPATCH_SHAPES = [(1, 5, 1, 3), (17, 33, 3, 6), (40, 64, 4, 4), (9, 7, 2, 11)]  # (T, H, k, E)
 
 
+def _rows_case(shape, dtype):
+    """(T, H, k, generator, plan, x) of a row-op test: random routing of ``shape`` = (T, H, k, E), its plan,
+    and x [T, H] in ``dtype`` drawn after it (seeded by the shape)."""
+    T, H, k, E = shape
+    g = torch.Generator().manual_seed(T * H)
+    plan = reference.plan(permuted_ids("random", T, E, k, g), E)
+    return T, H, k, g, plan, torch.randn(T, H, generator=g).to(dtype)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", DISPATCH_SHAPES, ids=str)
 def test_gather_scatter_combine(shape, dtype):
-    T, H, k, E = shape
-    g = torch.Generator().manual_seed(T * H)
-    ids = permuted_ids("random", T, E, k, g)
-    plan = reference.plan(ids, E)
-    x = torch.randn(T, H, generator=g).to(dtype).requires_grad_()
+    T, H, k, g, plan, x = _rows_case(shape, dtype)
+    x.requires_grad_()
     rows = ops.gather_rows(x, plan.sorted_slots, k)
     assert torch.equal(rows, x.detach()[plan.sorted_slots.long() // k])
     grad_rows = torch.randn(T * k, H, generator=g).to(dtype)
@@ -96,12 +102,8 @@ CUDA_DISPATCH_SHAPES = [(1, 5, 1, 3), (17, 33, 3, 6), (40, 64, 4, 4), (9, 7, 2, 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", CUDA_DISPATCH_SHAPES, ids=str)
 def test_rows_cuda_match_cpu(shape, dtype):
-    T, H, k, E = shape
-    g = torch.Generator().manual_seed(T * H)
-    ids = permuted_ids("random", T, E, k, g)
-    plan = reference.plan(ids, E)
+    T, H, k, g, plan, x = _rows_case(shape, dtype)
     sorted_slots, slot_positions = plan.sorted_slots, plan.slot_positions
-    x = torch.randn(T, H, generator=g).to(dtype)
     rows = ops.gather_rows(x.to(CUDA), sorted_slots.to(CUDA), k)
     assert torch.equal(rows.cpu(), x[sorted_slots.long() // k])
     # A contiguous tensor starting one element past a 16-byte boundary takes the narrower paths.
