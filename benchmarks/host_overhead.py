@@ -1,0 +1,176 @@
+"""Host time per call of the public ops on the triton path: what the CPU spends validating, choosing a backend
+and enqueuing kernels. At decode (one token, a few experts) the GPU work is tens of microseconds, so this time
+is the latency unless it is hidden behind earlier work.
+
+    python benchmarks/host_overhead.py [--calls 2000] [--csv FILE]
+
+On a GPU it times each call's wall time without synchronising (the host's cost of issuing it; a sync every 32
+calls keeps the launch queue from filling and is not timed). Without a GPU it times the same calls with Triton's
+kernel launch replaced by a no-op (``JITFunction.run``), on CPU tensors: the package's own host time, without
+Triton's launcher, which needs a GPU. The two kinds of figure are not comparable with each other; each run
+prints which one it made. Medians over ``--calls`` calls after a warm-up, in microseconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+
+def _stub_triton_launches() -> None:
+    """No GPU: make every Triton launch a no-op so the host path runs on CPU tensors."""
+    os.environ.pop("TRITON_INTERPRET", None)  # kernels must be JITFunctions, not interpreted
+    import triton.runtime.jit as jit
+
+    jit.JITFunction.run = lambda self, *args, **kwargs: None
+    from moe_kernels.triton import BACKEND
+
+    BACKEND.device_error = lambda device: None  # the backend refuses CPU tensors outside the interpreter
+    import moe_kernels.ops
+    import moe_kernels.validation
+
+    # Value checks (ids in range, finite logits) always run on CPU tensors and, outside debug mode, never on GPU
+    # ones: leave them out, as on a GPU.
+    moe_kernels.validation.value_checks_enabled = moe_kernels.ops.value_checks_enabled = lambda t: False
+
+
+def _time_us(fn, calls: int, gpu: bool) -> float:
+    for _ in range(min(100, calls)):
+        fn()
+    if gpu:
+        torch.cuda.synchronize()
+    samples = []
+    for i in range(calls):
+        start = time.perf_counter_ns()
+        fn()
+        samples.append(time.perf_counter_ns() - start)
+        if gpu and i % 32 == 31:
+            torch.cuda.synchronize()
+    if gpu:
+        torch.cuda.synchronize()
+    return statistics.median(samples) / 1000
+
+
+def _cases(device: torch.device):
+    """(name, callable) pairs; shapes of Qwen3-30B-A3B (H 2048, I 768, E 128, k 8) unless named. The routing
+    inputs come from the device's default backend (without a GPU the stubbed Triton kernels compute nothing)."""
+    import moe_kernels as mk
+
+    g = torch.Generator(device=device).manual_seed(0)
+    dtype = torch.bfloat16
+    H, I, E, k = 2048, 768, 128, 8
+
+    def randn(*shape, scale=1.0, grad=False):
+        return (torch.randn(*shape, device=device, generator=g) * scale).to(dtype).requires_grad_(grad)
+
+    gate_up = randn(E, 2 * I, H, scale=H ** -0.5)
+    down = randn(E, H, I, scale=I ** -0.5)
+    cases = []
+    for tokens in (1, 4):
+        x = randn(tokens, H)
+        logits = torch.randn(tokens, E, device=device, generator=g)
+        weights, ids = mk.route(logits, k)
+
+        def decode(x=x, weights=weights, ids=ids, backend="triton"):
+            with torch.no_grad():
+                mk.moe_mlp(x, gate_up, down, weights, ids, backend=backend)
+
+        cases.append((f"moe_mlp decode T={tokens}, backend=triton", decode))
+        if device.type == "cuda":
+            cases.append((f"moe_mlp decode T={tokens}, backend=auto",
+                          lambda decode=decode: decode(backend="auto")))
+
+    logits = torch.randn(1, E, device=device, generator=g)
+
+    def route():
+        with torch.no_grad():
+            mk.route(logits, k, backend="triton")
+
+    cases.append(("route T=1 (E 128, k 8)", route))
+
+    x_train = randn(16, H, grad=True)
+    w_train = (randn(E, 2 * I, H, scale=H ** -0.5, grad=True), randn(E, H, I, scale=I ** -0.5, grad=True))
+    weights16, ids16 = mk.route(torch.randn(16, E, device=device, generator=g), k)
+    grad16 = randn(16, H)
+
+    def train():
+        y = mk.moe_mlp(x_train, *w_train, weights16, ids16, backend="triton")
+        torch.autograd.grad(y, (x_train, *w_train), grad16)
+
+    cases.append(("moe_mlp forward+backward T=16", train))
+
+    r = 16
+    adapter_down, adapter_up = randn(16, r, H, scale=H ** -0.5), randn(16, H, r, scale=r ** -0.5)
+    h = randn(1, H)
+    weights_a, ids_a = mk.route(torch.randn(1, 16, device=device, generator=g), 4)
+
+    def adapter():
+        with torch.no_grad():
+            mk.adapter_moe(h, adapter_down, adapter_up, weights_a, ids_a, backend="triton")
+
+    cases.append(("adapter_moe decode T=1 (E 16, r 16, k 4)", adapter))
+
+    try:
+        from transformers import Qwen3MoeConfig
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+    except ImportError:
+        return cases
+    from moe_kernels.hf.experts import BACKEND_ATTRIBUTE, moe_kernels_experts_forward
+
+    config = Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=k)
+    experts = Qwen3MoeExperts(config).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        experts.gate_up_proj.copy_(gate_up)
+        experts.down_proj.copy_(down)
+    setattr(experts, BACKEND_ATTRIBUTE, "triton")
+    x1 = randn(1, H)
+    weights1, ids1 = mk.route(torch.randn(1, E, device=device, generator=g), k)
+
+    def hf_decode():
+        with torch.no_grad():
+            moe_kernels_experts_forward(experts, x1, ids1.long(), weights1.to(dtype))
+
+    cases.append(("HF Qwen3MoeExperts decode T=1 (int64 ids, bf16 weights)", hf_decode))
+    return cases
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=2000, help="timed calls per case (median)")
+    parser.add_argument("--csv", help="also write the figures to this CSV file")
+    args = parser.parse_args(argv)
+    gpu = torch.cuda.is_available()
+    if not gpu:
+        _stub_triton_launches()
+    device = torch.device("cuda" if gpu else "cpu")
+    import triton
+
+    import moe_kernels
+
+    what = (f"GPU {torch.cuda.get_device_name()}: wall time to issue each call, no sync" if gpu else
+            "no GPU: CPU tensors, Triton launches stubbed out (the package's host time without Triton's launcher)")
+    print(f"host_overhead: {what}")
+    print(f"python {platform.python_version()} | torch {torch.__version__} | triton {triton.__version__} | "
+          f"moe_kernels {moe_kernels.__version__} | {platform.processor() or platform.machine()}")
+    rows = []
+    for name, fn in _cases(device):
+        us = _time_us(fn, args.calls, gpu)
+        rows.append((name, us))
+        print(f"  {name:<58} {us:8.1f} us")
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["case", "host_us", "mode"])
+            writer.writerows((name, f"{us:.2f}", "gpu" if gpu else "cpu-stubbed") for name, us in rows)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
