@@ -373,6 +373,57 @@ def test_triton_moe_mlp_op_passes_opcheck():
 
 
 @needs_triton
+def test_triton_moe_mlp_backward_op_passes_opcheck():
+    from moe_kernels.triton.experts import moe_mlp_backward_op, moe_mlp_forward_op
+    x, gate_up, down, weights, ids, gate_up_bias, down_bias = seeded_mlp_inputs(5, 16, 16, 3, 2, "skip_last", bias=True)
+    _, pre, expert_offsets, sorted_slots, tiles = moe_mlp_forward_op(x, gate_up, down, weights, ids, gate_up_bias,
+                                                                     down_bias, "silu", False, None, True)
+    for need_x, need_params in ((True, True), (False, True), (True, False)):
+        torch.library.opcheck(moe_mlp_backward_op, (torch.randn_like(x), x, gate_up, down, weights, ids, gate_up_bias,
+                                                    down_bias, pre, expert_offsets, sorted_slots, tiles, "silu",
+                                                    False, None, need_x, need_params))
+
+
+@needs_triton
+def test_triton_moe_mlp_ops_are_not_differentiable_alone():
+    """The registered ops carry no autograd formula (MoeMLPFunction does): their outputs never require grad, so a
+    backward through a bare op fails loudly instead of returning no gradient."""
+    from moe_kernels.triton.experts import moe_mlp_forward_op
+    x, gate_up, down, weights, ids, _, _ = seeded_mlp_inputs(4, 16, 16, 3, 2, "random")
+    x.requires_grad_()
+    y = moe_mlp_forward_op(x, gate_up, down, weights, ids, None, None, "silu", False, None, True)[0]
+    assert not y.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        y.sum().backward()
+
+
+@needs_triton
+def test_triton_torch_compile_fullgraph_route_and_moe_mlp():
+    """The triton path (autograd.Functions around registered ops) traces whole under torch.compile, forward and
+    backward, and matches eager."""
+    torch._dynamo.reset()
+    device = device_for("triton")
+    g = torch.Generator().manual_seed(22)
+    T, H, I, E, k = 9, 16, 16, 5, 2
+    x = torch.randn(T, H, generator=g).to(device).requires_grad_()
+    router = torch.randn(H, E, generator=g).to(device)
+    gate_up = (torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).to(device).requires_grad_()
+    down = (torch.randn(E, H, I, generator=g) * I ** -0.5).to(device).requires_grad_()
+
+    def block(x, gate_up, down):
+        weights, ids = moe_kernels.route(x @ router, k, backend="triton")
+        return moe_kernels.moe_mlp(x, gate_up, down, weights, ids, backend="triton")
+
+    ref = block(x, gate_up, down)
+    out = torch.compile(block, fullgraph=True, backend="aot_eager")(x, gate_up, down)
+    torch.testing.assert_close(out, ref)
+    got = torch.autograd.grad(out.square().sum(), (x, gate_up, down))
+    want = torch.autograd.grad(ref.square().sum(), (x, gate_up, down))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+@needs_triton
 def test_triton_moe_mlp_decode_op_passes_opcheck():
     from moe_kernels.triton.experts import moe_mlp_decode_op
     x, gate_up, down, weights, ids, gate_up_bias, down_bias = seeded_mlp_inputs(3, 16, 16, 3, 2, "random", bias=True)

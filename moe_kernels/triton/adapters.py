@@ -53,8 +53,8 @@ import triton.language as tl
 from ..spec import ACTIVATION_CODES, ADAPTER_ACTIVATIONS
 from . import configs
 from .common import (COMBINE_BLOCK_N, COMBINE_BLOCK_T, COMBINE_OPTIONS, _combine_slots_kernel, activation,
-                     activation_grad, combine_slots, dot_precision, find_tile, interpreting, max_tiles, slot_dtype,
-                     tile_offsets)
+                     activation_grad, cdiv, combine_slots, dot_precision, find_tile, interpreting, max_tiles,
+                     next_power_of_2, register_op, slot_dtype, tile_maps)
 from .plan import dispatch_plan
 
 # ----------------------------------------------------------------------------------------------------
@@ -423,7 +423,7 @@ def select_config(num_slots: int, rank: int, dtype: torch.dtype = torch.bfloat16
 
 
 def _rank_tile(rank: int) -> int:
-    return max(16, triton.next_power_of_2(rank))
+    return max(16, next_power_of_2(rank))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -449,7 +449,7 @@ def _launch_params(h, down, up, weights, expert_offsets, sorted_slots, grad=None
     if interp:  # fewer, wider tiles: the interpreter's cost is per program and loop step
         config = dataclasses.replace(config, block_k=_INTERPRETER_BLOCK, block_n=_INTERPRETER_BLOCK,
                                      wgrad_block_h=_INTERPRETER_BLOCK, num_stages=1)
-    tiles = dict(tile_offsets_ptr=tile_offsets(expert_offsets, config.block_m), expert_offsets_ptr=expert_offsets,
+    tiles = dict(tile_offsets_ptr=tile_maps(expert_offsets, config.block_m)[0], expert_offsets_ptr=expert_offsets,
                  sorted_slots_ptr=sorted_slots)
     return dict(T=T, H=H, E=E, R=R, k=k, N=N, config=config, tiles=tiles, row_tiles=max_tiles(N, E, config.block_m),
                 upcast=interp, precision=dot_precision(h.dtype), steps=E.bit_length())
@@ -481,11 +481,11 @@ def _forward_impl(h, down, up, weights, expert_offsets, sorted_slots, activation
     else:
         block_r = min(cfg.block_r, _rank_tile(R))
         activated = torch.empty((N, R), dtype=_mid_dtype(h), device=h.device)
-        _adapter_shrink_kernel[(p["row_tiles"], triton.cdiv(R, block_r))](
+        _adapter_shrink_kernel[(p["row_tiles"], cdiv(R, block_r))](
             h, h, *_weights(down, up), weights, act_out_ptr=activated, dz_out_ptr=activated,
             dweights_partial_ptr=weights, top_k=k, H=H, R=R, num_experts=E, search_steps=p["steps"], scale=scale,
             ACTIVATION=act, BACKWARD=False, BLOCK_K=cfg.block_k, BLOCK_R=block_r, **common)
-        _adapter_expand_kernel[(p["row_tiles"], triton.cdiv(H, cfg.block_n))](
+        _adapter_expand_kernel[(p["row_tiles"], cdiv(H, cfg.block_n))](
             activated, up, up.stride(0), up.stride(2), up.stride(1), weights, out_ptr=out,
             top_k=k, H=H, R=R, num_experts=E, search_steps=p["steps"], scale=scale, BACKWARD=False,
             OUT_BY_TOKEN=k == 1, BLOCK_N=cfg.block_n, BLOCK_R=block_r, **common)
@@ -511,14 +511,14 @@ def _backward_impl(grad, h, down, up, weights, expert_offsets, sorted_slots, act
             BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, BLOCK_R=_rank_tile(R), **common)
     else:
         block_r = min(cfg.block_r, SPLIT_BACKWARD_MAX_BLOCK_R, _rank_tile(R))
-        rank_tiles = triton.cdiv(R, block_r)
+        rank_tiles = cdiv(R, block_r)
         partial = torch.empty((N, rank_tiles), dtype=torch.float32, device=h.device)
         _adapter_shrink_kernel[(p["row_tiles"], rank_tiles)](
             h, grad, *_weights(down, up), weights, act_out_ptr=activated, dz_out_ptr=dz,
             dweights_partial_ptr=partial, **sizes, ACTIVATION=act, BACKWARD=True, BLOCK_K=cfg.block_k,
             BLOCK_R=block_r, **common)
         dweights = partial.sum(dim=1) if rank_tiles > 1 else partial.view(N)
-        _adapter_expand_kernel[(p["row_tiles"], triton.cdiv(H, cfg.block_n))](
+        _adapter_expand_kernel[(p["row_tiles"], cdiv(H, cfg.block_n))](
             dz, down, *down.stride(), weights, out_ptr=dh_rows, **sizes, BACKWARD=True, OUT_BY_TOKEN=k == 1,
             BLOCK_N=cfg.block_n, BLOCK_R=block_r, **common)
     dh = combine_slots(dh_rows, T, k, h.dtype)
@@ -532,12 +532,12 @@ def _backward_impl(grad, h, down, up, weights, expert_offsets, sorted_slots, act
     block_h = cfg.wgrad_block_h
     block_r = min(cfg.wgrad_block_r, _rank_tile(R))
     # d(up)[e] [H, R] = sum (scale w dy_t)^T act(z)
-    _adapter_weight_grad_kernel[(E, triton.cdiv(H, block_h), triton.cdiv(R, block_r))](
+    _adapter_weight_grad_kernel[(E, cdiv(H, block_h), cdiv(R, block_r))](
         grad, activated, weights, expert_offsets, sorted_slots, d_up,
         k, H, R, scale, D_UP=True,
         BLOCK_P=block_h, BLOCK_Q=block_r, **wgrad)
     # d(down)[e] [R, H] = sum dz^T h_t
-    _adapter_weight_grad_kernel[(E, triton.cdiv(R, block_r), triton.cdiv(H, block_h))](
+    _adapter_weight_grad_kernel[(E, cdiv(R, block_r), cdiv(H, block_h))](
         dz, h, weights, expert_offsets, sorted_slots, d_down,
         k, H, R, scale, D_UP=False,
         BLOCK_P=block_r, BLOCK_Q=block_h, **wgrad)
@@ -545,13 +545,11 @@ def _backward_impl(grad, h, down, up, weights, expert_offsets, sorted_slots, act
 
 
 # ----------------------------------------------------------------------------------------------------
-# torch.library ops
+# registered ops (moe_kernels_triton::adapter_moe_forward / adapter_moe_backward) and autograd
 
 
-@torch.library.custom_op("moe_kernels_triton::adapter_moe_forward", mutates_args=())
-def adapter_moe_forward_op(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weights: torch.Tensor,
-                           ids: torch.Tensor, activation: str, scale: float
-                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _forward_op_impl(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                     activation: str, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """h [T,H] contiguous, down [E,r,H], up [E,H,r] (any strides), weights [T,k] fp32 contiguous, ids [T,k]
     int32 -> (y [T,H] in h's dtype, expert_offsets [E+1], sorted_slots [T*k]): the output and the plan the
     backward reuses."""
@@ -560,17 +558,15 @@ def adapter_moe_forward_op(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor
     return y, plan.expert_offsets, plan.sorted_slots
 
 
-@adapter_moe_forward_op.register_fake
-def _(h, down, up, weights, ids, activation, scale):
+def _forward_op_fake(h, down, up, weights, ids, activation, scale):
     return (torch.empty_like(h), ids.new_empty((down.shape[0] + 1,), dtype=torch.int32),
             ids.new_empty((ids.numel(),), dtype=torch.int32))
 
 
-@torch.library.custom_op("moe_kernels_triton::adapter_moe_backward", mutates_args=())
-def adapter_moe_backward_op(grad: torch.Tensor, h: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
-                            weights: torch.Tensor, expert_offsets: torch.Tensor, sorted_slots: torch.Tensor,
-                            activation: str, scale: float, weight_grads: bool
-                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward_op_impl(grad: torch.Tensor, h: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
+                      weights: torch.Tensor, expert_offsets: torch.Tensor, sorted_slots: torch.Tensor,
+                      activation: str, scale: float, weight_grads: bool
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(d h [T,H], d down [E,r,H], d up [E,H,r] (contiguous), d weights [T,k] fp32). Without ``weight_grads``
     the expert-weight gradients are skipped and returned as empty tensors (frozen experts)."""
     dh, d_down, d_up, dweights = _backward_impl(grad, h, down, up, weights, expert_offsets, sorted_slots,
@@ -580,32 +576,35 @@ def adapter_moe_backward_op(grad: torch.Tensor, h: torch.Tensor, down: torch.Ten
     return dh, d_down, d_up, dweights
 
 
-@adapter_moe_backward_op.register_fake
-def _(grad, h, down, up, weights, expert_offsets, sorted_slots, activation, scale, weight_grads):
+def _backward_op_fake(grad, h, down, up, weights, expert_offsets, sorted_slots, activation, scale, weight_grads):
     if weight_grads:
         return torch.empty_like(h), down.new_empty(down.shape), up.new_empty(up.shape), torch.empty_like(weights)
     return torch.empty_like(h), down.new_empty(0), up.new_empty(0), torch.empty_like(weights)
 
 
-def _setup_context(ctx, inputs, output):
-    h, down, up, weights, _ids, activation, scale = inputs
-    _, expert_offsets, sorted_slots = output
-    ctx.save_for_backward(h, down, up, weights, expert_offsets, sorted_slots)
-    ctx.activation, ctx.scale = activation, scale
-    ctx.mark_non_differentiable(expert_offsets, sorted_slots)
+adapter_moe_forward_op = register_op("adapter_moe_forward", _forward_op_impl, _forward_op_fake)
+adapter_moe_backward_op = register_op("adapter_moe_backward", _backward_op_impl, _backward_op_fake)
 
 
-def _backward(ctx, grad, _grad_offsets, _grad_slots):
-    h, down, up, weights, expert_offsets, sorted_slots = ctx.saved_tensors
-    need = ctx.needs_input_grad
-    weight_grads = bool(need[1] or need[2])
-    dh, d_down, d_up, dweights = adapter_moe_backward_op(grad.contiguous(), h, down, up, weights, expert_offsets,
-                                                         sorted_slots, ctx.activation, ctx.scale, weight_grads)
-    return (dh if need[0] else None, d_down if need[1] else None, d_up if need[2] else None,
-            dweights if need[3] else None, None, None, None)
+class AdapterMoEFunction(torch.autograd.Function):
+    """Routed adapter experts with their backward: the forward op's plan is kept for the backward op."""
 
+    @staticmethod
+    def forward(ctx, h, down, up, weights, ids, activation, scale):
+        y, expert_offsets, sorted_slots = adapter_moe_forward_op(h, down, up, weights, ids, activation, scale)
+        ctx.save_for_backward(h, down, up, weights, expert_offsets, sorted_slots)
+        ctx.activation, ctx.scale = activation, scale
+        return y
 
-adapter_moe_forward_op.register_autograd(_backward, setup_context=_setup_context)
+    @staticmethod
+    def backward(ctx, grad):
+        h, down, up, weights, expert_offsets, sorted_slots = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        weight_grads = bool(need[1] or need[2])
+        dh, d_down, d_up, dweights = adapter_moe_backward_op(grad.contiguous(), h, down, up, weights, expert_offsets,
+                                                             sorted_slots, ctx.activation, ctx.scale, weight_grads)
+        return (dh if need[0] else None, d_down if need[1] else None, d_up if need[2] else None,
+                dweights if need[3] else None, None, None, None)
 
 
 def adapter_moe_triton(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weights: torch.Tensor,
@@ -613,7 +612,10 @@ def adapter_moe_triton(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, we
     """Backend entry point (arguments validated and normalised by :func:`moe_kernels.ops.adapter_moe`: weights
     [T,k] float32, ids [T,k] int32 contiguous in [0, E), activation in ``spec.ADAPTER_ACTIVATIONS``, 1 <= r <=
     1024): y [T,H] in h's dtype, differentiable w.r.t. h, down, up and weights."""
-    return adapter_moe_forward_op(h.contiguous(), down, up, weights, ids, activation, float(scale))[0]
+    h = h.contiguous()
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (h, down, up, weights)):
+        return AdapterMoEFunction.apply(h, down, up, weights, ids, activation, float(scale))
+    return adapter_moe_forward_op(h, down, up, weights, ids, activation, float(scale))[0]
 
 
 # ----------------------------------------------------------------------------------------------------

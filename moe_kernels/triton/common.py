@@ -1,13 +1,14 @@
 """What every Triton kernel module of the backend shares, defined once:
 
 * host rules: whether kernels run in the interpreter (:func:`interpreting`), the ``tl.dot`` input precision
-  (:func:`dot_precision`);
+  (:func:`dot_precision`), a host ``cdiv``, and how the modules register their ops (:func:`register_op`);
 * the activations: codes from :data:`moe_kernels.spec.ACTIVATION_CODES` (the kernels' constexpr
   ``ACTIVATION``), elementwise :func:`activation` / :func:`activation_grad`, and the gated forms of the
   expert MLP (:func:`gated_forward` / :func:`gated_backward`) built on them;
 * the tile map of the dispatch plan: each expert's run of sorted rows cut into BLOCK_M-row tiles, an
-  on-device exclusive scan of tile counts (:func:`tile_offsets`), a grid bound that needs no host sync
-  (:func:`max_tiles`) and the in-kernel binary search from a program id to its tile (:func:`find_tile`);
+  on-device exclusive scan of tile counts for up to four block sizes in one launch (:func:`tile_maps`), a
+  grid bound that needs no host sync (:func:`max_tiles`) and the in-kernel binary search from a program id
+  to its tile (:func:`find_tile`);
 * the slot combine: per-slot output rows summed per token in a fixed order (:func:`combine_slots`);
 * ``tl.dot`` operands (:func:`operand`): fp32 under the interpreter, whose bf16 arithmetic is wrong.
 
@@ -33,6 +34,17 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host ints (``triton.cdiv`` is a constexpr function: about 2 µs a call from Python)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n, for host ints n >= 1 (``triton.next_power_of_2`` costs as ``triton.cdiv``
+    does)."""
+    return 1 << (n - 1).bit_length()
+
+
 def dot_precision(dtype: torch.dtype) -> str:
     """The ``input_precision`` of ``tl.dot`` for GEMM inputs of ``dtype``, one rule for every kernel.
 
@@ -44,6 +56,28 @@ def dot_precision(dtype: torch.dtype) -> str:
     if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         return "ieee"
     return "tf32"
+
+
+# ----------------------------------------------------------------------------------------------------
+# registered ops
+
+_LIBRARY = torch.library.Library("moe_kernels_triton", "FRAGMENT")
+
+
+def register_op(name: str, impl, fake) -> torch._ops.OpOverload:
+    """Register ``moe_kernels_triton::<name>`` with the schema of ``impl``'s annotations, ``impl`` as its CPU (the
+    interpreter) and CUDA kernel and ``fake`` for tracing; returns the op. The op has no autograd formula: each
+    module wraps its ops in a ``torch.autograd.Function``. Ops defined this way cost a few microseconds a
+    call from eager Python, ``torch.library.custom_op`` ops about 20 more at these argument counts, which is
+    the whole budget of a decode step."""
+    _LIBRARY.define(name + torch.library.infer_schema(impl, mutates_args=()))
+    for key in ("CPU", "CUDA"):
+        _LIBRARY.impl(name, impl, key)
+    # Not differentiable by itself: its outputs never require grad, so backpropagating through the op without the
+    # module's Function is an error instead of a silent zero gradient.
+    _LIBRARY.impl(name, torch.library.fallthrough_kernel, "Autograd")
+    torch.library.register_fake(f"moe_kernels_triton::{name}", fake, lib=_LIBRARY)
+    return getattr(torch.ops.moe_kernels_triton, name).default
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -137,25 +171,59 @@ def gated_backward(gate, up, grad, limit, ACTIVATION: tl.constexpr, HAS_LIMIT: t
 # the plan's tile map
 
 
-def tile_offsets(expert_offsets: torch.Tensor, block_m: int) -> torch.Tensor:
-    """[E+1] int32 exclusive scan of cdiv(rows of expert e, block_m), on the device (no host sync)."""
-    counts = expert_offsets[1:] - expert_offsets[:-1]
-    out = torch.zeros_like(expert_offsets)
-    torch.cumsum((counts + block_m - 1) // block_m, dim=0, dtype=torch.int32, out=out[1:])
-    return out
+TILE_MAPS = 4  # block sizes one launch of _tile_scan_kernel serves
+_TILE_SCAN_BLOCK_E = 128
+
+
+@triton.jit
+def _tile_scan_kernel(expert_offsets_ptr, tiles_ptr, num_experts, block_m0, block_m1, block_m2, block_m3,
+                      BLOCK_E: tl.constexpr):
+    """Tile maps of the plan for four block sizes, one program each: tiles[d, 0] = 0 and
+    tiles[d, e+1] = tiles[d, e] + cdiv(rows of expert e, block_m_d).
+
+    expert_offsets_ptr: [E+1] int32 (the plan).  tiles_ptr: [4, E+1] int32 out, contiguous.
+    Grid: (4,).  BLOCK_E: experts per loop step (power of two).
+    """
+    d = tl.program_id(0)
+    block_m = tl.where(d == 0, block_m0, tl.where(d == 1, block_m1, tl.where(d == 2, block_m2, block_m3)))
+    out = tiles_ptr + d * (num_experts + 1)
+    tl.store(out, 0)
+    carry = 0
+    for start in range(0, num_experts, BLOCK_E):
+        experts = start + tl.arange(0, BLOCK_E)
+        mask = experts < num_experts
+        first = tl.load(expert_offsets_ptr + experts, mask=mask, other=0)
+        end = tl.load(expert_offsets_ptr + experts + 1, mask=mask, other=0)
+        counts = (end - first + block_m - 1) // block_m
+        tl.store(out + experts + 1, tl.cumsum(counts, 0) + carry, mask=mask)
+        carry += tl.sum(counts, 0)
+
+
+def tile_maps(expert_offsets: torch.Tensor, *block_ms: int) -> torch.Tensor:
+    """[TILE_MAPS, E+1] int32: row d is the exclusive scan of cdiv(rows of expert e, block_ms[d]) (rows past the
+    block sizes given repeat the last). One launch, on the device (no host sync): a launcher computes the maps
+    of every kernel it runs at once and a backward reuses the forward's."""
+    if not 1 <= len(block_ms) <= TILE_MAPS:
+        raise ValueError(f"tile_maps takes 1 to {TILE_MAPS} block sizes, got {len(block_ms)}")
+    blocks = block_ms + (block_ms[-1],) * (TILE_MAPS - len(block_ms))
+    num_experts = expert_offsets.numel() - 1
+    tiles = torch.empty((TILE_MAPS, num_experts + 1), dtype=torch.int32, device=expert_offsets.device)
+    _tile_scan_kernel[(TILE_MAPS,)](expert_offsets, tiles, num_experts, *blocks, BLOCK_E=_TILE_SCAN_BLOCK_E,
+                                    num_warps=4, num_stages=1)
+    return tiles
 
 
 def max_tiles(num_rows: int, num_experts: int, block_m: int) -> int:
     """Upper bound of the tile count (the grid, known without a host sync): every non-empty expert wastes
     at most one partial tile."""
-    return triton.cdiv(num_rows, block_m) + min(num_experts, num_rows)
+    return cdiv(num_rows, block_m) + min(num_experts, num_rows)
 
 
 @triton.jit
 def find_tile(tile_offsets_ptr, expert_offsets_ptr, num_experts, search_steps, BLOCK_M: tl.constexpr):
     """Map this program's tile id (axis 0) to (expert, first sorted row, end of the expert's rows, valid).
 
-    tile_offsets_ptr: [E+1] int32 from :func:`tile_offsets`; search_steps = E.bit_length(). valid is false
+    tile_offsets_ptr: [E+1] int32, a row of :func:`tile_maps`; search_steps = E.bit_length(). valid is false
     for programs past the last tile (the grid is the bound of :func:`max_tiles`).
     """
     tile = tl.program_id(0)
@@ -219,7 +287,7 @@ def combine_slots(slot_rows: torch.Tensor, num_tokens: int, top_k: int, dtype: t
         return slot_rows
     hidden = slot_rows.shape[1]
     out = torch.empty((num_tokens, hidden), dtype=dtype, device=slot_rows.device)
-    grid = (triton.cdiv(num_tokens, COMBINE_BLOCK_T), triton.cdiv(hidden, COMBINE_BLOCK_N))
+    grid = (cdiv(num_tokens, COMBINE_BLOCK_T), cdiv(hidden, COMBINE_BLOCK_N))
     _combine_slots_kernel[grid](slot_rows, out, num_tokens, hidden, top_k, BLOCK_T=COMBINE_BLOCK_T,
                                 BLOCK_N=COMBINE_BLOCK_N, **COMBINE_OPTIONS)
     return out

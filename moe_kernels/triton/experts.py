@@ -5,8 +5,9 @@ order* p = position of a slot in the dispatch plan, so each expert owns one cont
 
 forward
   plan        :func:`moe_kernels.triton.plan.dispatch_plan` (on device) + per-expert tile counts
-              scanned on device (``_tile_offsets``); programs find their expert by binary search, so
-              nothing waits on the host.
+              scanned on device (``common.tile_maps``: the block sizes of the forward's and the backward's
+              kernels in one launch, kept for the backward); programs find their expert by binary search,
+              so nothing waits on the host.
   gate/up     ``_gate_up_kernel``: act[p] = gated_act(x[token(p)] @ W_gu[e]^T + b_gu[e]); the row
               gather is in the x loads, gate and up are two accumulators of one K loop, the activation
               is the epilogue. Under autograd it also stores the pre-activation ``pre`` [N, 2I].
@@ -39,8 +40,8 @@ import triton
 import triton.language as tl
 
 from ..spec import ACTIVATION_CODES
-from .common import (combine_slots, dot_precision, find_tile, gated_backward, gated_forward, interpreting, max_tiles,
-                     operand, slot_dtype, tile_offsets)
+from .common import (_TILE_SCAN_BLOCK_E, TILE_MAPS, _tile_scan_kernel, cdiv, combine_slots, dot_precision, find_tile,
+                     gated_backward, gated_forward, interpreting, max_tiles, operand, register_op, slot_dtype, tile_maps)
 from .configs import decode_config, entries, mlp_config, wgrad_config
 from .plan import dispatch_plan
 
@@ -391,7 +392,7 @@ def _grouped_mm_weight_grads(grad_y, x, pre, grad_pre, route_w, expert_offsets, 
     grad_gate_up = torch._grouped_mm(grad_pre.t(), x_sorted, offs=offs)
     del x_sorted
     act = torch.empty((num_rows, inter), dtype=pre.dtype, device=pre.device)
-    _gated_activation_kernel[(triton.cdiv(num_rows, _ACT_BLOCK_R), triton.cdiv(inter, _ACT_BLOCK_C))](
+    _gated_activation_kernel[(cdiv(num_rows, _ACT_BLOCK_R), cdiv(inter, _ACT_BLOCK_C))](
         pre, act, num_rows, inter, float(swiglu_limit or 0.0), ACTIVATION=ACTIVATION_CODES[activation],
         INTERLEAVED=interleaved, HAS_LIMIT=swiglu_limit is not None, BLOCK_R=_ACT_BLOCK_R, BLOCK_C=_ACT_BLOCK_C)
     grad_y_sorted = (grad_y.index_select(0, tokens).float() * route_w[sorted_slots.long(), None]).to(x.dtype)
@@ -412,7 +413,7 @@ def _gate_up(x, gate_up_proj, gate_up_bias, top_k, expert_offsets, sorted_slots,
     act = torch.empty((num_rows if store_act else 0, inter), dtype=x.dtype, device=x.device)
     pre = torch.empty((num_rows if save_pre else 0, two_inter), dtype=x.dtype, device=x.device)
     bias, stride_be, stride_bn = _weight_strides(gate_up_bias, x)
-    _gate_up_kernel[(max_tiles(num_rows, num_experts, cfg["BLOCK_M"]), triton.cdiv(inter, cfg["BLOCK_N"]))](
+    _gate_up_kernel[(max_tiles(num_rows, num_experts, cfg["BLOCK_M"]), cdiv(inter, cfg["BLOCK_N"]))](
         x, x.stride(0), x.stride(1), gate_up_proj, *gate_up_proj.stride(), bias, stride_be, stride_bn,
         sorted_slots, expert_offsets, tiles, act if store_act else pre, pre if save_pre else act,
         hidden, inter, num_experts, num_rows, top_k, num_experts.bit_length(), float(swiglu_limit or 0.0),
@@ -421,6 +422,10 @@ def _gate_up(x, gate_up_proj, gate_up_bias, top_k, expert_offsets, sorted_slots,
         DOT_PRECISION=dot_precision(x.dtype), BY_EXPERT=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return act, pre
+
+
+# The planned kernels' rows of the [TILE_MAPS, E+1] tile maps a forward computes (common.tile_maps).
+_TILE_ROW = {"up": 0, "down": 1, "down_bwd": 2, "dx": 3}
 
 
 def _forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, interleaved,
@@ -436,22 +441,23 @@ def _forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias,
     precision = dot_precision(x.dtype)
     steps = num_experts.bit_length()
     up = cfg["up"]
-    tiles_up = tile_offsets(plan.expert_offsets, up["BLOCK_M"])
-    act, pre = _gate_up(x, gate_up_proj, gate_up_bias, top_k, plan.expert_offsets, plan.sorted_slots, tiles_up, up,
-                        activation, interleaved, swiglu_limit, store_act=True, save_pre=save_pre)
+    # the tile maps of this forward's kernels and of the backward's, in one launch (the backward reuses them)
+    tiles = tile_maps(plan.expert_offsets, *(cfg[name]["BLOCK_M"] for name in _TILE_ROW))
+    act, pre = _gate_up(x, gate_up_proj, gate_up_bias, top_k, plan.expert_offsets, plan.sorted_slots,
+                        tiles[_TILE_ROW["up"]], up, activation, interleaved, swiglu_limit, store_act=True,
+                        save_pre=save_pre)
     down = cfg["down"]
-    tiles_down = tiles_up if down["BLOCK_M"] == up["BLOCK_M"] else tile_offsets(plan.expert_offsets, down["BLOCK_M"])
     slot_rows = torch.empty((num_rows, hidden), dtype=slot_dtype(x.dtype, top_k), device=x.device)
     bias, stride_be, stride_bj = _weight_strides(down_bias, x)
-    _rows_matmul_kernel[(max_tiles(num_rows, num_experts, down["BLOCK_M"]), triton.cdiv(hidden, down["BLOCK_N"]))](
+    _rows_matmul_kernel[(max_tiles(num_rows, num_experts, down["BLOCK_M"]), cdiv(hidden, down["BLOCK_N"]))](
         act, down_proj, down_proj.stride(0), down_proj.stride(2), down_proj.stride(1), bias, stride_be, stride_bj,
-        weights.reshape(-1), plan.sorted_slots, plan.expert_offsets, tiles_down, slot_rows,
+        weights.reshape(-1), plan.sorted_slots, plan.expert_offsets, tiles[_TILE_ROW["down"]], slot_rows,
         inter, hidden, num_experts, num_rows, steps,
         HAS_BIAS=down_bias is not None, HAS_ROUTE_W=True, UPCAST=upcast, DOT_PRECISION=precision, BY_EXPERT=False,
         BLOCK_M=down["BLOCK_M"], BLOCK_N=down["BLOCK_N"], BLOCK_K=down["BLOCK_K"],
         num_warps=down["num_warps"], num_stages=down["num_stages"])
     y = combine_slots(slot_rows, num_tokens, top_k, x.dtype)
-    return y, pre, plan.expert_offsets, plan.sorted_slots
+    return y, pre, plan.expert_offsets, plan.sorted_slots, tiles
 
 
 def _decode_forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, interleaved,
@@ -469,7 +475,7 @@ def _decode_forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_u
     act = torch.empty((num_rows, inter), dtype=x.dtype, device=x.device)
     up, down = cfg["up"], cfg["down"]
     bias, stride_be, stride_bn = _weight_strides(gate_up_bias, x)
-    _gate_up_kernel[(num_experts, triton.cdiv(inter, up["BLOCK_N"]))](
+    _gate_up_kernel[(num_experts, cdiv(inter, up["BLOCK_N"]))](
         x, x.stride(0), x.stride(1), gate_up_proj, *gate_up_proj.stride(), bias, stride_be, stride_bn,
         flat_ids, flat_ids, flat_ids, act, act, hidden, inter, num_experts, num_rows, top_k, 0,
         float(swiglu_limit or 0.0), ACTIVATION=ACTIVATION_CODES[activation], INTERLEAVED=interleaved,
@@ -478,7 +484,7 @@ def _decode_forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_u
         BLOCK_K=up["BLOCK_K"], num_warps=up["num_warps"], num_stages=up["num_stages"])
     slot_rows = torch.empty((num_rows, hidden), dtype=slot_dtype(x.dtype, top_k), device=x.device)
     bias, stride_be, stride_bj = _weight_strides(down_bias, x)
-    _rows_matmul_kernel[(num_experts, triton.cdiv(hidden, down["BLOCK_N"]))](
+    _rows_matmul_kernel[(num_experts, cdiv(hidden, down["BLOCK_N"]))](
         act, down_proj, down_proj.stride(0), down_proj.stride(2), down_proj.stride(1), bias, stride_be, stride_bj,
         weights.reshape(-1), flat_ids, flat_ids, flat_ids, slot_rows, inter, hidden, num_experts, num_rows, 0,
         HAS_BIAS=down_bias is not None, HAS_ROUTE_W=True, UPCAST=upcast, DOT_PRECISION=precision, BY_EXPERT=True,
@@ -488,7 +494,7 @@ def _decode_forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_u
 
 
 def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, pre, expert_offsets,
-              sorted_slots, activation, interleaved, swiglu_limit, need_x, need_params):
+              sorted_slots, tiles, activation, interleaved, swiglu_limit, need_x, need_params):
     num_tokens, hidden = x.shape
     num_experts, two_inter, _ = gate_up_proj.shape
     inter = two_inter // 2
@@ -504,13 +510,13 @@ def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, do
 
     # d pre and d(routing weights)
     bw = cfg["down_bwd"]
-    col_tiles = triton.cdiv(inter, bw["BLOCK_N"])
+    col_tiles = cdiv(inter, bw["BLOCK_N"])
     grad_pre = torch.empty((num_rows, two_inter), dtype=x.dtype, device=x.device)
     grad_w_partial = torch.empty((num_rows, col_tiles), dtype=torch.float32, device=x.device)
     bias, stride_be, stride_bh = _weight_strides(down_bias, x)
     _down_backward_kernel[(max_tiles(num_rows, num_experts, bw["BLOCK_M"]), col_tiles)](
         grad_y, grad_y.stride(0), grad_y.stride(1), down_proj, *down_proj.stride(), bias, stride_be, stride_bh,
-        route_w, pre, sorted_slots, expert_offsets, tile_offsets(expert_offsets, bw["BLOCK_M"]), grad_pre,
+        route_w, pre, sorted_slots, expert_offsets, tiles[_TILE_ROW["down_bwd"]], grad_pre,
         grad_w_partial, hidden, inter, num_experts, top_k, steps, col_tiles, limit,
         ACTIVATION=code, INTERLEAVED=interleaved, HAS_BIAS=down_bias is not None, HAS_LIMIT=swiglu_limit is not None,
         UPCAST=upcast, DOT_PRECISION=precision, BLOCK_M=bw["BLOCK_M"], BLOCK_N=bw["BLOCK_N"], BLOCK_K=bw["BLOCK_K"],
@@ -524,9 +530,9 @@ def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, do
     if need_x:
         dx = cfg["dx"]
         slot_rows = torch.empty((num_rows, hidden), dtype=slot_dtype(x.dtype, top_k), device=x.device)
-        _rows_matmul_kernel[(max_tiles(num_rows, num_experts, dx["BLOCK_M"]), triton.cdiv(hidden, dx["BLOCK_N"]))](
+        _rows_matmul_kernel[(max_tiles(num_rows, num_experts, dx["BLOCK_M"]), cdiv(hidden, dx["BLOCK_N"]))](
             grad_pre, gate_up_proj, *gate_up_proj.stride(), x, 0, 0, route_w, sorted_slots, expert_offsets,
-            tile_offsets(expert_offsets, dx["BLOCK_M"]), slot_rows, two_inter, hidden, num_experts, num_rows, steps,
+            tiles[_TILE_ROW["dx"]], slot_rows, two_inter, hidden, num_experts, num_rows, steps,
             HAS_BIAS=False, HAS_ROUTE_W=False, UPCAST=upcast, DOT_PRECISION=precision, BY_EXPERT=False,
             BLOCK_M=dx["BLOCK_M"], BLOCK_N=dx["BLOCK_N"], BLOCK_K=dx["BLOCK_K"],
             num_warps=dx["num_warps"], num_stages=dx["num_stages"])
@@ -540,7 +546,7 @@ def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, do
         wg = cfg["dw"]
         grad_down = torch.empty(down_proj.shape, dtype=down_proj.dtype, device=x.device)
         grad_down_bias = torch.empty((num_experts, hidden), dtype=x.dtype, device=x.device) if down_bias is not None else empty()
-        grid = (num_experts, triton.cdiv(hidden, wg["BLOCK_I"]), triton.cdiv(inter, wg["BLOCK_J"]))
+        grid = (num_experts, cdiv(hidden, wg["BLOCK_I"]), cdiv(inter, wg["BLOCK_J"]))
         _expert_outer_kernel[grid](
             grad_y, grad_y.stride(0), grad_y.stride(1), pre, two_inter, 1, route_w, sorted_slots, expert_offsets,
             grad_down, *grad_down.stride(), grad_down_bias if down_bias is not None else grad_down, hidden,
@@ -552,7 +558,7 @@ def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, do
         grad_gate_up = torch.empty(gate_up_proj.shape, dtype=gate_up_proj.dtype, device=x.device)
         grad_gate_up_bias = (torch.empty((num_experts, two_inter), dtype=x.dtype, device=x.device)
                              if gate_up_bias is not None else empty())
-        grid = (num_experts, triton.cdiv(two_inter, wg["BLOCK_I"]), triton.cdiv(hidden, wg["BLOCK_J"]))
+        grid = (num_experts, cdiv(two_inter, wg["BLOCK_I"]), cdiv(hidden, wg["BLOCK_J"]))
         _expert_outer_kernel[grid](
             grad_pre, two_inter, 1, x, x.stride(0), x.stride(1), route_w, sorted_slots, expert_offsets,
             grad_gate_up, *grad_gate_up.stride(), grad_gate_up_bias if gate_up_bias is not None else grad_gate_up,
@@ -565,60 +571,58 @@ def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, do
 
 
 # ----------------------------------------------------------------------------------------------------
-# torch.library ops
+# registered ops (moe_kernels_triton::moe_mlp_forward / moe_mlp_decode / moe_mlp_backward) and autograd
 
 
-@torch.library.custom_op("moe_kernels_triton::moe_mlp_forward", mutates_args=())
-def moe_mlp_forward_op(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
-                       ids: torch.Tensor, gate_up_bias: Optional[torch.Tensor], down_bias: Optional[torch.Tensor],
-                       activation: str, interleaved: bool, swiglu_limit: Optional[float],
-                       save_pre: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (y [T,H], pre [N or 0, 2I], expert_offsets [E+1], sorted_slots [N]); the last three are
-    the state the backward needs (pre is empty unless save_pre)."""
+def _forward_impl(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
+                  ids: torch.Tensor, gate_up_bias: Optional[torch.Tensor], down_bias: Optional[torch.Tensor],
+                  activation: str, interleaved: bool, swiglu_limit: Optional[float],
+                  save_pre: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (y [T,H], pre [N or 0, 2I], expert_offsets [E+1], sorted_slots [N], tiles [4, E+1]); the last four
+    are the state the backward needs (pre is empty unless save_pre)."""
     return _forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, interleaved,
                     swiglu_limit, save_pre)
 
 
-@moe_mlp_forward_op.register_fake
-def _(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation, interleaved, swiglu_limit,
-      save_pre):
+def _forward_fake(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation, interleaved,
+                  swiglu_limit, save_pre):
     num_rows = ids.shape[0] * ids.shape[1]
+    num_experts = gate_up_proj.shape[0]
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
             x.new_empty((num_rows if save_pre else 0, gate_up_proj.shape[1])),
-            ids.new_empty((gate_up_proj.shape[0] + 1,), dtype=torch.int32),
-            ids.new_empty((num_rows,), dtype=torch.int32))
+            ids.new_empty((num_experts + 1,), dtype=torch.int32),
+            ids.new_empty((num_rows,), dtype=torch.int32),
+            ids.new_empty((TILE_MAPS, num_experts + 1), dtype=torch.int32))
 
 
-@torch.library.custom_op("moe_kernels_triton::moe_mlp_decode", mutates_args=())
-def moe_mlp_decode_op(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
-                      ids: torch.Tensor, gate_up_bias: Optional[torch.Tensor], down_bias: Optional[torch.Tensor],
-                      activation: str, interleaved: bool, swiglu_limit: Optional[float]) -> torch.Tensor:
+def _decode_impl(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
+                 ids: torch.Tensor, gate_up_bias: Optional[torch.Tensor], down_bias: Optional[torch.Tensor],
+                 activation: str, interleaved: bool, swiglu_limit: Optional[float]) -> torch.Tensor:
     """y [T,H] of a forward that needs no gradient, for T*k <= the decode config's BLOCK_M slots."""
     cfg = decode_config(ids.numel(), fp32=x.dtype == torch.float32)
     return _decode_forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, interleaved,
                            swiglu_limit, cfg)
 
 
-@moe_mlp_decode_op.register_fake
-def _(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation, interleaved, swiglu_limit):
+def _decode_fake(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation, interleaved,
+                 swiglu_limit):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("moe_kernels_triton::moe_mlp_backward", mutates_args=())
-def moe_mlp_backward_op(grad_y: torch.Tensor, x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
-                        weights: torch.Tensor, ids: torch.Tensor, gate_up_bias: Optional[torch.Tensor],
-                        down_bias: Optional[torch.Tensor], pre: torch.Tensor, expert_offsets: torch.Tensor,
-                        sorted_slots: torch.Tensor, activation: str, interleaved: bool,
-                        swiglu_limit: Optional[float], need_x: bool, need_params: bool) -> list[torch.Tensor]:
+def _backward_impl(grad_y: torch.Tensor, x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor,
+                   weights: torch.Tensor, ids: torch.Tensor, gate_up_bias: Optional[torch.Tensor],
+                   down_bias: Optional[torch.Tensor], pre: torch.Tensor, expert_offsets: torch.Tensor,
+                   sorted_slots: torch.Tensor, tiles: torch.Tensor, activation: str, interleaved: bool,
+                   swiglu_limit: Optional[float], need_x: bool, need_params: bool) -> list[torch.Tensor]:
     """Returns [dx, d gate_up_proj, d down_proj, d weights, d gate_up_bias, d down_bias]; a gradient not
     asked for (need_x / need_params false, or no bias) is an empty tensor."""
     return list(_backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, pre,
-                          expert_offsets, sorted_slots, activation, interleaved, swiglu_limit, need_x, need_params))
+                          expert_offsets, sorted_slots, tiles, activation, interleaved, swiglu_limit, need_x,
+                          need_params))
 
 
-@moe_mlp_backward_op.register_fake
-def _(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, pre, expert_offsets, sorted_slots,
-      activation, interleaved, swiglu_limit, need_x, need_params):
+def _backward_fake(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, pre, expert_offsets,
+                   sorted_slots, tiles, activation, interleaved, swiglu_limit, need_x, need_params):
     def empty():
         return x.new_empty(0)
 
@@ -630,35 +634,45 @@ def _(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias,
             x.new_empty(down_bias.shape) if need_params and down_bias is not None else empty()]
 
 
-def _mlp_setup_context(ctx, inputs, output):
-    x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation, interleaved, swiglu_limit, _ = inputs
-    _, pre, expert_offsets, sorted_slots = output
-    ctx.save_for_backward(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, pre, expert_offsets,
-                          sorted_slots)
-    ctx.options = (activation, interleaved, swiglu_limit)
-    ctx.mark_non_differentiable(pre, expert_offsets, sorted_slots)
+moe_mlp_forward_op = register_op("moe_mlp_forward", _forward_impl, _forward_fake)
+moe_mlp_decode_op = register_op("moe_mlp_decode", _decode_impl, _decode_fake)
+moe_mlp_backward_op = register_op("moe_mlp_backward", _backward_impl, _backward_fake)
 
 
-def _mlp_backward(ctx, grad_y, _grad_pre, _grad_offsets, _grad_slots):
-    x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, pre, expert_offsets, sorted_slots = ctx.saved_tensors
-    activation, interleaved, swiglu_limit = ctx.options
-    if pre.shape[0] != ids.numel():  # recompute mode: one more gate/up GEMM instead of keeping [N, 2I]
-        cfg = mlp_config(ids.numel(), gate_up_proj.shape[0], fp32=x.dtype == torch.float32)["up"]
-        _, pre = _gate_up(x, gate_up_proj, gate_up_bias, ids.shape[1], expert_offsets, sorted_slots,
-                          tile_offsets(expert_offsets, cfg["BLOCK_M"]), cfg, activation, interleaved, swiglu_limit,
-                          store_act=False, save_pre=True)
-    needs = ctx.needs_input_grad
-    need_params = any(needs[i] for i in (1, 2, 5, 6))
-    grads = moe_mlp_backward_op(grad_y.contiguous(), x, gate_up_proj, down_proj, weights, ids, gate_up_bias,
-                                down_bias, pre, expert_offsets, sorted_slots, activation, interleaved, swiglu_limit,
-                                needs[0], need_params)
-    dx, dgu, dd, dw, dgub, ddb = grads
-    return (dx if needs[0] else None, dgu if needs[1] else None, dd if needs[2] else None,
-            dw if needs[3] else None, None,
-            dgub if needs[5] else None, ddb if needs[6] else None, None, None, None, None)
+class MoeMLPFunction(torch.autograd.Function):
+    """The expert MLP with its backward: the forward op keeps the plan, its tile maps and (unless
+    MOE_KERNELS_RECOMPUTE) the pre-activation for the backward op."""
 
+    @staticmethod
+    def forward(ctx, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation, interleaved,
+                swiglu_limit):
+        save_pre = not recompute_enabled()
+        y, pre, expert_offsets, sorted_slots, tiles = moe_mlp_forward_op(
+            x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation, interleaved, swiglu_limit,
+            save_pre)
+        ctx.save_for_backward(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, pre, expert_offsets,
+                              sorted_slots, tiles)
+        ctx.options = (activation, interleaved, swiglu_limit)
+        return y
 
-moe_mlp_forward_op.register_autograd(_mlp_backward, setup_context=_mlp_setup_context)
+    @staticmethod
+    def backward(ctx, grad_y):
+        (x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, pre, expert_offsets, sorted_slots,
+         tiles) = ctx.saved_tensors
+        activation, interleaved, swiglu_limit = ctx.options
+        if pre.shape[0] != ids.numel():  # recompute mode: one more gate/up GEMM instead of keeping [N, 2I]
+            cfg = mlp_config(ids.numel(), gate_up_proj.shape[0], fp32=x.dtype == torch.float32)["up"]
+            _, pre = _gate_up(x, gate_up_proj, gate_up_bias, ids.shape[1], expert_offsets, sorted_slots,
+                              tiles[_TILE_ROW["up"]], cfg, activation, interleaved, swiglu_limit, store_act=False,
+                              save_pre=True)
+        needs = ctx.needs_input_grad
+        need_params = any(needs[i] for i in (1, 2, 5, 6))
+        dx, dgu, dd, dw, dgub, ddb = moe_mlp_backward_op(
+            grad_y.contiguous(), x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, pre,
+            expert_offsets, sorted_slots, tiles, activation, interleaved, swiglu_limit, needs[0], need_params)
+        return (dx if needs[0] else None, dgu if needs[1] else None, dd if needs[2] else None,
+                dw if needs[3] else None, None,
+                dgub if needs[5] else None, ddb if needs[6] else None, None, None, None)
 
 
 def moe_mlp(x, gate_up_proj, down_proj, weights, ids, activation="silu", gate_up_bias=None, down_bias=None,
@@ -668,12 +682,14 @@ def moe_mlp(x, gate_up_proj, down_proj, weights, ids, activation="silu", gate_up
     x's dtype."""
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, gate_up_proj, down_proj, weights, gate_up_bias, down_bias))
-    if not needs_grad and decode_config(ids.numel(), fp32=x.dtype == torch.float32) is not None:
+    if needs_grad:
+        return MoeMLPFunction.apply(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation,
+                                    interleaved, swiglu_limit)
+    if decode_config(ids.numel(), fp32=x.dtype == torch.float32) is not None:
         return moe_mlp_decode_op(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation,
                                  interleaved, swiglu_limit)
-    save_pre = needs_grad and not recompute_enabled()
     return moe_mlp_forward_op(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation,
-                              interleaved, swiglu_limit, save_pre)[0]
+                              interleaved, swiglu_limit, False)[0]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -730,6 +746,10 @@ def _compile_specs():
     def gemm(cfg, block_m=None):
         return {"BLOCK_M": block_m or cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"]}
 
+    # the tile maps of every planned launch (common.tile_maps; the adapters' too)
+    tile_scan = {"BLOCK_E": _TILE_SCAN_BLOCK_E}
+    specs.append((_tile_scan_kernel, _signature(_tile_scan_kernel, tile_scan, "*i32"), tile_scan,
+                  {"num_warps": 4, "num_stages": 1}, ()))
     for dtype, suffix in ((torch.bfloat16, ""), (torch.float32, "_fp32")):
         data = _POINTER_TYPES[dtype]
         precision = "ieee" if dtype == torch.float32 else "tf32"

@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 
 from ..backends import Plan
+from .common import cdiv
 from .configs import plan_config
 
 
@@ -159,7 +160,7 @@ def dispatch_plan(ids: torch.Tensor, num_experts: int) -> Plan:
     if num_slots == 0:
         offsets.zero_()
         return Plan(offsets, sorted_slots, slot_positions)
-    num_chunks = triton.cdiv(num_slots, block)
+    num_chunks = cdiv(num_slots, block)
     sorted_keys = torch.empty(num_chunks * block, dtype=torch.int32, device=device)
     ranks = torch.empty_like(sorted_keys)
     chunk_counts = torch.zeros((num_chunks, num_experts), dtype=torch.int32, device=device)
@@ -167,7 +168,7 @@ def dispatch_plan(ids: torch.Tensor, num_experts: int) -> Plan:
     totals = torch.empty(num_experts, dtype=torch.int32, device=device)
     _block_sort_kernel[(num_chunks,)](flat, sorted_keys, ranks, chunk_counts, num_slots, num_experts,
                                       BLOCK=block, num_warps=cfg["num_warps"])
-    _chunk_scan_kernel[(triton.cdiv(num_experts, block_e),)](chunk_counts, chunk_bases, totals, num_chunks,
+    _chunk_scan_kernel[(cdiv(num_experts, block_e),)](chunk_counts, chunk_bases, totals, num_chunks,
                                                              num_experts, BLOCK_E=block_e)
     _expert_scan_kernel[(1,)](totals, offsets, num_experts, BLOCK_E=block_e)
     _scatter_kernel[(num_chunks,)](sorted_keys, ranks, chunk_bases, offsets, sorted_slots, slot_positions,

@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 
 from ..spec import NO_GROUP, RENORM_EPS
+from .common import cdiv, next_power_of_2, register_op
 from .configs import entries, route_config
 
 _RENORM_EPS = tl.constexpr(RENORM_EPS)
@@ -201,12 +202,11 @@ def _route_bwd_kernel(grad_w_ptr, logits_ptr, stride_lt, stride_le, ids_ptr, gra
 
 def _blocks(num_tokens: int, num_experts: int, k: int, n_group: int):
     cfg = route_config(num_tokens, num_experts)
-    return cfg, triton.next_power_of_2(num_experts), triton.next_power_of_2(k), triton.next_power_of_2(max(n_group, 1))
+    return cfg, next_power_of_2(num_experts), next_power_of_2(k), next_power_of_2(max(n_group, 1))
 
 
-@torch.library.custom_op("moe_kernels_triton::route", mutates_args=())
-def route_op(logits: torch.Tensor, bias: Optional[torch.Tensor], k: int, sigmoid: bool, topk_first: bool,
-             renormalize: bool, n_group: int, topk_group: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _route_impl(logits: torch.Tensor, bias: Optional[torch.Tensor], k: int, sigmoid: bool, topk_first: bool,
+                renormalize: bool, n_group: int, topk_group: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [T,E] -> (weights [T,k] float32, ids [T,k] int32); n_group = topk_group = 0 (spec.NO_GROUP): no group
     limit."""
     num_tokens, num_experts = logits.shape
@@ -216,7 +216,7 @@ def route_op(logits: torch.Tensor, bias: Optional[torch.Tensor], k: int, sigmoid
         return weights, ids
     cfg, block_e, block_k, block_g = _blocks(num_tokens, num_experts, k, n_group)
     bias_arg = bias.contiguous() if bias is not None else weights
-    grid = (triton.cdiv(num_tokens, cfg["BLOCK_T"]),)
+    grid = (cdiv(num_tokens, cfg["BLOCK_T"]),)
     _route_fwd_kernel[grid](logits, logits.stride(0), logits.stride(1), bias_arg, weights, ids,
                             num_tokens, num_experts, float(scale),
                             K=k, SIGMOID=sigmoid, TOPK_FIRST=topk_first, RENORM=renormalize,
@@ -226,16 +226,14 @@ def route_op(logits: torch.Tensor, bias: Optional[torch.Tensor], k: int, sigmoid
     return weights, ids
 
 
-@route_op.register_fake
-def _(logits, bias, k, sigmoid, topk_first, renormalize, n_group, topk_group, scale):
+def _route_fake(logits, bias, k, sigmoid, topk_first, renormalize, n_group, topk_group, scale):
     num_tokens = logits.shape[0]
     return (logits.new_empty((num_tokens, k), dtype=torch.float32),
             logits.new_empty((num_tokens, k), dtype=torch.int32))
 
 
-@torch.library.custom_op("moe_kernels_triton::route_backward", mutates_args=())
-def route_backward_op(grad_weights: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, sigmoid: bool,
-                      topk_first: bool, renormalize: bool, scale: float) -> torch.Tensor:
+def _route_backward_impl(grad_weights: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, sigmoid: bool,
+                         topk_first: bool, renormalize: bool, scale: float) -> torch.Tensor:
     """dL/dweights [T,k] -> dL/dlogits [T,E] (logits' dtype)."""
     num_tokens, num_experts = logits.shape
     k = ids.shape[1]
@@ -243,7 +241,7 @@ def route_backward_op(grad_weights: torch.Tensor, logits: torch.Tensor, ids: tor
     if num_tokens == 0:
         return grad_logits
     cfg, block_e, block_k, _ = _blocks(num_tokens, num_experts, k, 1)
-    grid = (triton.cdiv(num_tokens, cfg["BLOCK_T"]),)
+    grid = (cdiv(num_tokens, cfg["BLOCK_T"]),)
     _route_bwd_kernel[grid](grad_weights.float().contiguous(), logits, logits.stride(0), logits.stride(1),
                             ids.contiguous(), grad_logits, num_tokens, num_experts, float(scale),
                             K=k, SIGMOID=sigmoid, TOPK_FIRST=topk_first, RENORM=renormalize,
@@ -252,35 +250,43 @@ def route_backward_op(grad_weights: torch.Tensor, logits: torch.Tensor, ids: tor
     return grad_logits
 
 
-@route_backward_op.register_fake
-def _(grad_weights, logits, ids, sigmoid, topk_first, renormalize, scale):
+def _route_backward_fake(grad_weights, logits, ids, sigmoid, topk_first, renormalize, scale):
     return torch.empty_like(logits, memory_format=torch.contiguous_format)
 
 
-def _route_setup_context(ctx, inputs, output):
-    logits, bias, k, sigmoid, topk_first, renormalize, n_group, topk_group, scale = inputs
-    ctx.save_for_backward(logits, output[1])
-    ctx.variant = (sigmoid, topk_first, renormalize, scale)
-    ctx.mark_non_differentiable(output[1])
+route_op = register_op("route", _route_impl, _route_fake)
+route_backward_op = register_op("route_backward", _route_backward_impl, _route_backward_fake)
 
 
-def _route_backward(ctx, grad_weights, grad_ids):
-    logits, ids = ctx.saved_tensors
-    sigmoid, topk_first, renormalize, scale = ctx.variant
-    if grad_weights is None:
-        grad_weights = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
-    grad_logits = route_backward_op(grad_weights, logits, ids, sigmoid, topk_first, renormalize, scale)
-    return grad_logits, None, None, None, None, None, None, None, None
+class RouteFunction(torch.autograd.Function):
+    """Routing with its backward (d logits from d weights; the ids are not differentiable)."""
 
+    @staticmethod
+    def forward(ctx, logits, bias, k, sigmoid, topk_first, renormalize, n_group, topk_group, scale):
+        weights, ids = route_op(logits, bias, k, sigmoid, topk_first, renormalize, n_group, topk_group, scale)
+        ctx.save_for_backward(logits, ids)
+        ctx.variant = (sigmoid, topk_first, renormalize, scale)
+        ctx.mark_non_differentiable(ids)
+        return weights, ids
 
-route_op.register_autograd(_route_backward, setup_context=_route_setup_context)
+    @staticmethod
+    def backward(ctx, grad_weights, grad_ids):
+        logits, ids = ctx.saved_tensors
+        sigmoid, topk_first, renormalize, scale = ctx.variant
+        if grad_weights is None:
+            grad_weights = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
+        grad_logits = route_backward_op(grad_weights, logits, ids, sigmoid, topk_first, renormalize, scale)
+        return grad_logits, None, None, None, None, None, None, None, None
 
 
 def route(logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale):
     """Backend entry point (arguments validated by :func:`moe_kernels.ops.route`; n_group None: no group limit,
     which the op takes as spec.NO_GROUP)."""
-    return route_op(logits, bias, k, scoring == "sigmoid", order == "topk_then_softmax", renormalize,
-                    NO_GROUP if n_group is None else n_group, NO_GROUP if topk_group is None else topk_group, scale)
+    args = (logits, bias, k, scoring == "sigmoid", order == "topk_then_softmax", renormalize,
+            NO_GROUP if n_group is None else n_group, NO_GROUP if topk_group is None else topk_group, scale)
+    if torch.is_grad_enabled() and logits.requires_grad:
+        return RouteFunction.apply(*args)
+    return route_op(*args)
 
 
 # Representative routing shapes compiled by the compile check, one per family: (E, k, sigmoid,
@@ -303,7 +309,7 @@ def _compile_specs():
     specs = []
     for num_experts, k, sigmoid, topk_first, renorm, has_bias, n_group, topk_group in _COMPILE_FAMILIES:
         for cfg in [c for c in entries("route") if c.get("max_experts") is None or num_experts <= c["max_experts"]][:1]:
-            block_e, block_k = triton.next_power_of_2(num_experts), triton.next_power_of_2(k)
+            block_e, block_k = next_power_of_2(num_experts), next_power_of_2(k)
             common = {"K": k, "SIGMOID": sigmoid, "TOPK_FIRST": topk_first, "RENORM": renorm,
                       "BLOCK_T": cfg["BLOCK_T"], "BLOCK_E": block_e, "BLOCK_K": block_k}
             opts = {"num_warps": cfg["num_warps"], "num_stages": 1}
@@ -311,7 +317,7 @@ def _compile_specs():
                        "weights_ptr": "*fp32", "ids_ptr": "*i32", "num_tokens": "i32", "num_experts": "i32",
                        "scale": "fp32"}
             fwd_const = dict(common, HAS_BIAS=has_bias, N_GROUP=n_group, TOPK_GROUP=topk_group,
-                             BLOCK_G=triton.next_power_of_2(max(n_group, 1)))
+                             BLOCK_G=next_power_of_2(max(n_group, 1)))
             fwd_sig.update({name: "constexpr" for name in fwd_const})
             specs.append((_route_fwd_kernel, _in_arg_order(_route_fwd_kernel, fwd_sig), fwd_const, opts))
             bwd_sig = {"grad_w_ptr": "*fp32", "logits_ptr": "*bf16", "stride_lt": "i32", "stride_le": "i32",
