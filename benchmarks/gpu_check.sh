@@ -2,7 +2,8 @@
 # The whole GPU check of moe_kernels, from a clean checkout on a machine with torch, triton and nvcc:
 #   1. builds moe_kernels._C in place for the local GPU's arch (C++ CPU ops + CUDA sources);
 #   2. runs the test suite on the GPU (every triton/cuda test on CUDA tensors);
-#   3. runs benchmarks/gpu_bench.py (peers side by side, roofline floor, peak memory, oracle agreement).
+#   3. times the host side of each op (benchmarks/host_overhead.py: what the CPU spends issuing a decode step);
+#   4. runs benchmarks/gpu_bench.py (peers side by side, roofline floor, peak memory, oracle agreement).
 # The CPU-only test files are left to CI.
 # Designed to finish in about 8 minutes on one H100/H200. Logs, CSV and Markdown go to --out
 # (default $OUT when set, else benchmarks/results_gpu); the summary prints last.
@@ -77,6 +78,9 @@ if [ $dry = 1 ]; then
     -k "triton_adapter_opcheck or no_sync or graph" \
     2>&1 | tee "$out/tests.log" | tail -5
   [ "${PIPESTATUS[0]}" = 0 ] || status=1
+  step "host time per call (dry run: Triton launches stubbed; log: $out/host_overhead.log)"
+  $python benchmarks/host_overhead.py --calls 50 > "$out/host_overhead.log" 2>&1 || { tail -30 "$out/host_overhead.log"; status=1; }
+  tail -8 "$out/host_overhead.log"
   step "bench (dry run)"
   $python benchmarks/gpu_bench.py --dry-run --out "$out" --suites moe --shapes tiny-k1 > "$out/bench.log" 2>&1 \
     || { tail -30 "$out/bench.log"; status=1; }
@@ -111,6 +115,11 @@ if [ $skip_tests = 0 ]; then
   tail -3 "$out/tests.log"
   [ $rc = 0 ] || status=1
 fi
+
+step "host time per call: validate, choose a backend, issue the launches (log: $out/host_overhead.log)"
+timeout 90 $python benchmarks/host_overhead.py --calls 500 --csv "$out/host_overhead.csv" > "$out/host_overhead.log" 2>&1 \
+  || status=1
+tail -12 "$out/host_overhead.log"
 
 if [ $tune = 1 ] && [ -f moe_kernels/backend_table.py ]; then
   step "measure the auto backend table for this GPU (log: $out/extra.log)"
