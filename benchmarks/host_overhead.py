@@ -95,16 +95,19 @@ def _cases(device: torch.device):
 
     cases.append(("route T=1 (E 128, k 8)", route))
 
-    x_train = randn(16, H, grad=True)
-    w_train = (randn(E, 2 * I, H, scale=H ** -0.5, grad=True), randn(E, H, I, scale=I ** -0.5, grad=True))
-    weights16, ids16 = mk.route(torch.randn(16, E, device=device, generator=g), k)
-    grad16 = randn(16, H)
+    # Training at a small width: without a GPU, weight gradients of Qwen3's size (400 MB each) would time the CPU
+    # allocator's mmap calls; on a GPU the caching allocator makes the size irrelevant to host time.
+    Ht, It, Et = 512, 256, 8
+    x_train = randn(16, Ht, grad=True)
+    w_train = (randn(Et, 2 * It, Ht, scale=Ht ** -0.5, grad=True), randn(Et, Ht, It, scale=It ** -0.5, grad=True))
+    weights16, ids16 = mk.route(torch.randn(16, Et, device=device, generator=g), 2)
+    grad16 = randn(16, Ht)
 
     def train():
         y = mk.moe_mlp(x_train, *w_train, weights16, ids16, backend="triton")
         torch.autograd.grad(y, (x_train, *w_train), grad16)
 
-    cases.append(("moe_mlp forward+backward T=16", train))
+    cases.append(("moe_mlp forward+backward T=16 (H 512, I 256, E 8, k 2)", train))
 
     r = 16
     adapter_down, adapter_up = randn(16, r, H, scale=H ** -0.5), randn(16, H, r, scale=r ** -0.5)

@@ -115,6 +115,8 @@ def test_native_plan_opcheck():
 @pytest.mark.parametrize("num_tokens,num_experts,k,pattern", [
     (1, 1, 1, "random"), (1, 8, 2, "random"), (7, 5, 2, "random"), (13, 7, 7, "random"),   # k = E, prime E
     (40, 3, 2, "one_expert"), (30, 6, 2, "skip_last"), (20, 3000, 4, "random"),             # many experts
+    (64, 33, 2, "random"), (43, 33, 3, "random"),  # 128 slots: the one-launch small plan; 129: the chunked plan
+    (1, 1000, 1, "random"),                        # one slot, the small plan's expert loop over 1000 experts
 ])
 def test_triton_plan_matches_reference(num_tokens, num_experts, k, pattern):
     from moe_kernels.triton.plan import dispatch_plan

@@ -13,6 +13,9 @@ Four launches, no host synchronisation, no E-sized register tensors (so thousand
 
 Stability: chunks are scanned in chunk order and ranks inside a chunk follow the slot order, so slots
 ascend within each expert, exactly as :func:`moe_kernels.reference.plan`.
+
+A plan of at most one small chunk (decode, small batches: the all-pairs size of ``_block_sort_kernel``) is one
+launch instead, ``_small_plan_kernel``: a slot's position is the count of slots that sort before it.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from .configs import plan_config
 
 # Chunks up to this size rank by an all-pairs comparison instead of tl.sort (cheaper for small chunks,
 # and much cheaper under the interpreter, where tl.sort is emulated).
-PAIRWISE_MAX_BLOCK = tl.constexpr(128)
+PAIRWISE_MAX_SLOTS = 128
+PAIRWISE_MAX_BLOCK = tl.constexpr(PAIRWISE_MAX_SLOTS)
+SMALL_PLAN_BLOCK_E = 32  # experts per step of _small_plan_kernel's offsets loop ([BLOCK_E, BLOCK] compares)
 
 
 @triton.jit
@@ -76,6 +81,30 @@ def _block_sort_kernel(ids_ptr, sorted_key_ptr, rank_ptr, chunk_counts_ptr, num_
     # The last element of a run holds the largest rank: an atomic max leaves rank + 1 = the run length.
     in_range = sorted_expert < num_experts
     tl.atomic_max(chunk_counts_ptr + chunk * num_experts + sorted_expert, rank + 1, mask=in_range)
+
+
+@triton.jit
+def _small_plan_kernel(ids_ptr, offsets_ptr, sorted_slots_ptr, slot_positions_ptr, num_slots, num_experts,
+                       BLOCK: tl.constexpr, BLOCK_E: tl.constexpr):
+    """The whole plan in one program, for num_slots <= BLOCK (<= PAIRWISE_MAX_BLOCK).
+
+    ids_ptr: [num_slots] int32, contiguous.  offsets_ptr: [num_experts + 1] int32 out.
+    sorted_slots_ptr, slot_positions_ptr: [num_slots] int32 out.
+    A slot's position is the number of slots before it in (expert, slot) order (all pairs, so stable);
+    offsets[e] is the number of slots of experts below e, BLOCK_E experts per loop step.
+    """
+    local = tl.arange(0, BLOCK)
+    valid = local < num_slots
+    expert = tl.load(ids_ptr + local, mask=valid, other=num_experts)  # padding sorts after every expert
+    earlier = local[None, :] < local[:, None]
+    before = (expert[None, :] < expert[:, None]) | ((expert[None, :] == expert[:, None]) & earlier)
+    position = tl.sum(before.to(tl.int32), axis=1)
+    tl.store(sorted_slots_ptr + position, local, mask=valid)
+    tl.store(slot_positions_ptr + local, position, mask=valid)
+    for start in range(0, num_experts + 1, BLOCK_E):
+        experts = start + tl.arange(0, BLOCK_E)
+        below = (expert[None, :] < experts[:, None]) & valid[None, :]
+        tl.store(offsets_ptr + experts, tl.sum(below.to(tl.int32), axis=1), mask=experts <= num_experts)
 
 
 @triton.jit
@@ -160,6 +189,10 @@ def dispatch_plan(ids: torch.Tensor, num_experts: int) -> Plan:
     if num_slots == 0:
         offsets.zero_()
         return Plan(offsets, sorted_slots, slot_positions)
+    if num_slots <= block <= PAIRWISE_MAX_SLOTS:
+        _small_plan_kernel[(1,)](flat, offsets, sorted_slots, slot_positions, num_slots, num_experts, BLOCK=block,
+                                 BLOCK_E=SMALL_PLAN_BLOCK_E, num_warps=cfg["num_warps"])
+        return Plan(offsets, sorted_slots, slot_positions)
     num_chunks = cdiv(num_slots, block)
     sorted_keys = torch.empty(num_chunks * block, dtype=torch.int32, device=device)
     ranks = torch.empty_like(sorted_keys)
@@ -196,4 +229,9 @@ def _compile_specs():
                       {"BLOCK_E": be}, opts_e))
         specs.append((_expert_scan_kernel, {"totals_ptr": "*i32", "offsets_ptr": "*i32", "num_experts": "i32",
                                             "BLOCK_E": "constexpr"}, {"BLOCK_E": be}, opts_e))
+        if b <= PAIRWISE_MAX_SLOTS:
+            specs.append((_small_plan_kernel, {"ids_ptr": "*i32", "offsets_ptr": "*i32", "sorted_slots_ptr": "*i32",
+                                               "slot_positions_ptr": "*i32", "num_slots": "i32", "num_experts": "i32",
+                                               "BLOCK": "constexpr", "BLOCK_E": "constexpr"},
+                          {"BLOCK": b, "BLOCK_E": SMALL_PLAN_BLOCK_E}, opts))
     return specs
