@@ -30,6 +30,7 @@ forward + backward for ``train``) and records the faster, in the shipped file (f
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -37,6 +38,8 @@ import sys
 import time
 
 import torch
+
+from . import native
 
 TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "backend_table.json")
 TABLE_OPS = ("moe_mlp", "adapter_moe")
@@ -76,8 +79,16 @@ def table_path() -> str:
 def user_table_path() -> str:
     """Where ``moe-kernels tune`` writes the block of the user's GPU: ``$MOE_KERNELS_CACHE_DIR``, else
     ``$XDG_CACHE_HOME/moe_kernels``, else ``~/.cache/moe_kernels``, file ``backend_table.json``."""
-    base = os.environ.get("MOE_KERNELS_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "moe_kernels")
+    env = os.environ
+    return _user_table_path(env.get("MOE_KERNELS_CACHE_DIR"), env.get("XDG_CACHE_HOME"), env.get("HOME"))
+
+
+@functools.lru_cache(maxsize=16)
+def _user_table_path(cache_dir: str | None, xdg_cache_home: str | None, home: str | None) -> str:
+    # Joined once per value of the three variables it depends on (``~`` is $HOME, else the user's password
+    # entry, fixed per process): auto on CUDA asks for it on every call.
+    base = cache_dir or os.path.join(
+        xdg_cache_home or os.path.join(os.path.expanduser("~"), ".cache"), "moe_kernels")
     return os.path.join(base, "backend_table.json")
 
 
@@ -131,17 +142,49 @@ def block_for(device_label: str | None, table: dict | None = None) -> dict:
     return fallback
 
 
+# (device index, table state) -> {"block": the block in force (read when first needed), "choices": {choice
+# arguments: (backend, why)}}. The choices made from a block live with it, so whatever drops the block (a new
+# table state, write_block, a test resetting this dict) drops them too.
 _block_by_index: dict = {}
 
 
+def _file_stamp(path: str):
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
+def _table_state() -> tuple:
+    """What the block in force depends on besides the GPU model: ``MOE_KERNELS_BACKEND_TABLE``, the user's table
+    path, and the state of the file that answers first (a table rewritten by another process, e.g. by
+    ``moe-kernels tune``, is read again). The shipped table changes only through write_block, which clears
+    the cache."""
+    table = os.environ.get("MOE_KERNELS_BACKEND_TABLE")
+    user = user_table_path()
+    return table, user, _file_stamp(table or user)
+
+
+def _entry_for_index(index: int) -> dict:
+    key = (index, *_table_state())
+    entry = _block_by_index.get(key)
+    if entry is None:
+        entry = _block_by_index[key] = {"choices": {}}
+    return entry
+
+
+def _block_of(entry: dict, index: int) -> dict:
+    if "block" not in entry:
+        entry["block"] = block_in_force(device_name(index))[0]
+    return entry["block"]
+
+
 def _block_for_device(device: torch.device) -> dict:
-    # Cached per device index: the lookup runs inside torch.compile tracing too, where the device name
-    # query cannot be traced. MOE_KERNELS_BACKEND_TABLE and the file's mtime are read when first needed.
+    # Cached per device index and table state: the lookup runs inside torch.compile tracing too, where the
+    # device name query cannot be traced.
     index = device.index if device.index is not None else torch.cuda.current_device()
-    key = (index, os.environ.get("MOE_KERNELS_BACKEND_TABLE"), user_table_path())
-    if key not in _block_by_index:
-        _block_by_index[key] = block_in_force(device_name(index))[0]
-    return _block_by_index[key]
+    return _block_of(_entry_for_index(index), index)
 
 
 def choose(op: str, device: torch.device, dtype: torch.dtype, experts: int, width: int, tokens: int, grad: bool,
@@ -157,6 +200,19 @@ def choose(op: str, device: torch.device, dtype: torch.dtype, experts: int, widt
 
 @torch.compiler.assume_constant_result
 def _choose_constant(op: str, index: int, dtype: torch.dtype, experts: int, key: str, built: tuple) -> tuple[str, str]:
+    # Eager calls run this every time: the answer is cached with the block it was read from (so it follows the
+    # table state, see _table_state) per its arguments and the grouped-GEMM rule (a function of the arguments
+    # and the device; part of the key so that a replaced rule, as tests do, is asked again).
+    entry = _entry_for_index(index)
+    choice_key = (op, dtype, experts, key, built, native.grouped_gemm_status)
+    choice = entry["choices"].get(choice_key)
+    if choice is None:
+        choice = entry["choices"][choice_key] = _choose_uncached(op, index, dtype, experts, key, built, entry)
+    return choice
+
+
+def _choose_uncached(op: str, index: int, dtype: torch.dtype, experts: int, key: str, built: tuple,
+                     entry: dict) -> tuple[str, str]:
     device = torch.device("cuda", index)
     candidates = [name for name in CHOICES if name in built]
     if not candidates:
@@ -166,17 +222,15 @@ def _choose_constant(op: str, index: int, dtype: torch.dtype, experts: int, key:
     if op not in TABLE_OPS:
         return ("triton", f"{op}: not in the table (triton, the default)")
     if op in ("moe_mlp", "adapter_moe"):
-        from .native import grouped_gemm_status
-
-        reason = grouped_gemm_status(device, dtype, experts)
+        reason = native.grouped_gemm_status(device, dtype, experts)
         if reason is not None:
             return ("triton", f"cuda expert path has no fast grouped GEMM here: {reason}")
-    block = _block_for_device(device)
-    entry = block.get("entries", {}).get(key)
-    if entry is None:
+    block = _block_of(entry, index)
+    row = block.get("entries", {}).get(key)
+    if row is None:
         return (block.get("default", "triton"), f"{key}: not in the table, block default")
-    how = "measured" if entry.get("measured") else "unmeasured default"
-    return (entry["backend"], f"{key}: {how} ({block.get('device')})")
+    how = "measured" if row.get("measured") else "unmeasured default"
+    return (row["backend"], f"{key}: {how} ({block.get('device')})")
 
 
 # ---- measuring -------------------------------------------------------------------------------------------

@@ -31,6 +31,17 @@ _LOADERS = {
 }
 
 _cache: dict[str, "Backend | Exception"] = {}
+# Per device: the default backend's name, and the auto candidates (triton, cuda) that are built and run there.
+# What is built and which devices a backend takes are fixed per process (module constants of the backends),
+# so each is worked out once; clear_caches() forgets them (tests that patch a backend's availability).
+_default_by_device: dict = {}
+_auto_built_by_device: dict = {}
+
+
+def clear_caches() -> None:
+    """Forget the per-device answers of :func:`default_backend_name` and of ``auto``'s built backends."""
+    _default_by_device.clear()
+    _auto_built_by_device.clear()
 
 
 class BackendError(RuntimeError):
@@ -122,6 +133,13 @@ def available_backends() -> list[str]:
 
 
 def default_backend_name(device: torch.device) -> str:
+    name = _default_by_device.get(device)
+    if name is None:
+        name = _default_by_device[device] = _default_backend_name(device)
+    return name
+
+
+def _default_backend_name(device: torch.device) -> str:
     if device.type == "cuda":
         preferred = ("triton", "cuda", "reference")
     elif device.type == "cpu":
@@ -135,24 +153,30 @@ def default_backend_name(device: torch.device) -> str:
     return "reference"
 
 
-def auto_backend_name(device: torch.device, op: str | None = None, shape: dict | None = None) -> tuple[str, str]:
+def auto_backend_name(device: torch.device, op: str | None = None, shape=None) -> tuple[str, str]:
     """(backend name, why) of ``auto`` for one call: on CUDA the backend table's choice for the op's shape
-    class (``shape``: dtype, experts, width, tokens, grad) among the built backends; elsewhere the device default."""
+    class (``shape``: dtype, experts, width, tokens, grad, as a dict or a callable returning one) among the
+    built backends; elsewhere the device default."""
     if device.type != "cuda":
         return default_backend_name(device), f"{device.type}: the device default"
-    built = [name for name in ("triton", "cuda") if name in available_backends()
-             and get_backend(name).device_error(device) is None]
+    built = _auto_built_by_device.get(device)
+    if built is None:
+        available = available_backends()
+        built = _auto_built_by_device[device] = tuple(name for name in ("triton", "cuda") if name in available
+                                                      and get_backend(name).device_error(device) is None)
     if op is None or shape is None or len(built) < 2:
         return default_backend_name(device), "no shape to choose by" if len(built) == 2 else "one backend built"
+    if callable(shape):
+        shape = shape()  # the ops pass it lazily: only this branch looks at it
     from .backend_table import choose
 
     return choose(op, device, built=built, **shape)
 
 
-def resolve_backend(name: str | None, device: torch.device, op: str | None = None,
-                    shape: dict | None = None) -> Backend:
+def resolve_backend(name: str | None, device: torch.device, op: str | None = None, shape=None) -> Backend:
     """Pick the backend for an op on tensors of ``device`` (see module docstring for the order). ``op`` and
-    ``shape`` (dtype, experts, width, tokens, grad) let ``auto`` choose per shape class."""
+    ``shape`` (dtype, experts, width, tokens, grad; or a callable returning them, called only when ``auto``
+    chooses by shape) let ``auto`` choose per shape class."""
     if name is None:
         name = os.environ.get("MOE_KERNELS_BACKEND") or None
     if name is None:

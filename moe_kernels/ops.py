@@ -32,7 +32,18 @@ def _shape(x: torch.Tensor, num_experts: int, *tensors) -> dict:
 def _normalise_routing(weights: torch.Tensor, ids: torch.Tensor):
     """The one conversion of the routing on every path: weights float32 and ids int32, both contiguous (no copy
     when they already are). Backends take them as they are."""
-    return weights.float().contiguous(), ids.to(torch.int32).contiguous()
+    # Tensors already in shape are returned as they are without the conversion calls (which would return them
+    # too, after a microsecond of argument parsing each): the common case at decode.
+    if not (weights.dtype is torch.float32 and weights.is_contiguous()):
+        weights = weights.float().contiguous()
+    return weights, _ids_int32(ids)
+
+
+def _ids_int32(ids: torch.Tensor) -> torch.Tensor:
+    """ids as int32, contiguous (ids itself when it already is)."""
+    if ids.dtype is torch.int32 and ids.is_contiguous():
+        return ids
+    return ids.to(torch.int32).contiguous()
 
 
 def _check_expert_weights(x_name: str, x, in_name: str, w_in, out_name: str, w_out) -> tuple[int, int, int, int]:
@@ -43,10 +54,13 @@ def _check_expert_weights(x_name: str, x, in_name: str, w_in, out_name: str, w_o
     check_tensor(out_name, w_out, 3)
     num_tokens, hidden = x.shape
     num_experts, width, h_in = w_in.shape
-    check_dim(in_name, h_in, hidden, f"hidden size (last dim, = {x_name}.shape[1])")
-    for name, w in ((in_name, w_in), (out_name, w_out)):
-        if w.dtype != x.dtype:
-            raise TypeError(f"{name} has dtype {w.dtype} but {x_name} has {x.dtype}; they must match")
+    if h_in != hidden:  # (the message is only formatted when it is needed)
+        check_dim(in_name, h_in, hidden, f"hidden size (last dim, = {x_name}.shape[1])")
+    dtype = x.dtype
+    if w_in.dtype != dtype:
+        raise TypeError(f"{in_name} has dtype {w_in.dtype} but {x_name} has {dtype}; they must match")
+    if w_out.dtype != dtype:
+        raise TypeError(f"{out_name} has dtype {w_out.dtype} but {x_name} has {dtype}; they must match")
     return num_tokens, hidden, num_experts, width
 
 
@@ -119,7 +133,7 @@ def plan(ids: torch.Tensor, num_experts: int, *, backend: str | None = None) -> 
         lo, hi = (int(v) for v in torch.aminmax(ids))
         if lo < 0 or hi >= num_experts:
             raise ValueError(f"ids must lie in [0, {num_experts}), got values in [{lo}, {hi}]")
-    ids = ids.to(torch.int32).contiguous()
+    ids = _ids_int32(ids)
     if ids.numel() == 0:
         return reference.plan(ids, num_experts)
     return resolve_backend(backend, ids.device).plan(ids=ids, num_experts=num_experts)
@@ -143,9 +157,10 @@ def moe_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
                                                                    "down_proj", down_proj)
     if two_i % 2:
         raise ValueError(f"gate_up_proj: dim 1 must be 2*intermediate (even), got {two_i}")
-    check_dim("down_proj", down_proj.shape[0], num_experts, "number of experts (= gate_up_proj.shape[0])")
-    check_dim("down_proj", down_proj.shape[1], hidden, "hidden size (dim 1, = x.shape[1])")
-    check_dim("down_proj", down_proj.shape[2], two_i // 2, "intermediate size (dim 2, = gate_up_proj.shape[1] / 2)")
+    down_experts, down_hidden, down_inner = down_proj.shape  # 3-D (checked above)
+    check_dim("down_proj", down_experts, num_experts, "number of experts (= gate_up_proj.shape[0])")
+    check_dim("down_proj", down_hidden, hidden, "hidden size (dim 1, = x.shape[1])")
+    check_dim("down_proj", down_inner, two_i // 2, "intermediate size (dim 2, = gate_up_proj.shape[1] / 2)")
     if gate_up_bias is not None:
         check_tensor("gate_up_bias", gate_up_bias, 2)
         if tuple(gate_up_bias.shape) != (num_experts, two_i):
@@ -166,8 +181,10 @@ def moe_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
     weights, ids = _normalise_routing(weights, ids)
     if num_tokens == 0:
         return x * 0  # empty, but joined to x in the autograd graph (empty gradient, not None)
+    # The shape dict is built only if auto chooses by it (on CUDA): resolve_backend calls the lambda then.
     impl = resolve_backend(backend, device, "moe_mlp",
-                           _shape(x, num_experts, x, gate_up_proj, down_proj, gate_up_bias, down_bias, weights))
+                           lambda: _shape(x, num_experts, x, gate_up_proj, down_proj, gate_up_bias, down_bias,
+                                          weights))
     return impl.moe_mlp(x=x, gate_up_proj=gate_up_proj, down_proj=down_proj, weights=weights, ids=ids,
                         activation=activation, gate_up_bias=gate_up_bias, down_bias=down_bias,
                         interleaved=bool(interleaved), swiglu_limit=swiglu_limit)
@@ -194,7 +211,7 @@ def adapter_moe(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weights: 
     weights, ids = _normalise_routing(weights, ids)
     if num_tokens == 0:
         return h * 0  # empty, but joined to h in the autograd graph
-    impl = resolve_backend(backend, device, "adapter_moe", _shape(h, num_experts, h, down, up, weights))
+    impl = resolve_backend(backend, device, "adapter_moe", lambda: _shape(h, num_experts, h, down, up, weights))
     return impl.adapter_moe(h=h, down=down, up=up, weights=weights, ids=ids, activation=activation,
                             scale=float(scale))
 

@@ -177,3 +177,115 @@ def test_measure_writes_a_block(tmp_path):
     assert any(entry["measured"] for entry in block["entries"].values())
     path = bt.write_block(block, str(tmp_path / "t.json"))
     assert json.loads(open(path).read())["blocks"][-1]["device"] == block["device"]
+
+
+# ---- caches of the auto choice (host time per call): never stale ------------------------------------------------
+
+def _choice(device):
+    return bt.choose("moe_mlp", device, torch.bfloat16, 128, 2048, 4096, True, built=["triton", "cuda"])
+
+
+def test_choice_cache_follows_the_table_variable_and_the_file(fake_gpu, monkeypatch, tmp_path):
+    device, path = fake_gpu
+    calls = []
+    uncached = bt._choose_uncached
+    monkeypatch.setattr(bt, "_choose_uncached", lambda *args: calls.append(args) or uncached(*args))
+    assert _choice(device)[0] == "cuda" and _choice(device)[0] == "cuda"
+    assert len(calls) == 1  # the second call is answered from the cache
+    # another table named by MOE_KERNELS_BACKEND_TABLE: read at once
+    key = bt.shape_class("moe_mlp", torch.bfloat16, 128, 2048, 4096, True)
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"format": 1, "blocks": [_measured_block("Fake GPU", key, "triton")]}))
+    monkeypatch.setenv("MOE_KERNELS_BACKEND_TABLE", str(other))
+    assert _choice(device)[0] == "triton"
+    monkeypatch.setenv("MOE_KERNELS_BACKEND_TABLE", str(path))
+    assert _choice(device)[0] == "cuda"
+    # the file rewritten behind the cache's back (another process: no write_block here)
+    table = json.loads(path.read_text())
+    table["blocks"][1]["entries"][key]["backend"] = "triton"
+    table["note"] = "rewritten by another process"  # another size, whatever the file system's mtime resolution
+    path.write_text(json.dumps(table))
+    assert _choice(device)[0] == "triton"
+
+
+def test_choice_cache_follows_the_users_table(user_cache, monkeypatch, tmp_path):
+    key = bt.shape_class("moe_mlp", torch.bfloat16, 128, 2048, 4096, True)
+    device = torch.device("cuda", 0)
+    assert _choice(device)[0] == "triton"  # no user table yet: the shipped '*' block
+    user_cache.parent.mkdir(parents=True)
+    user_cache.write_text(json.dumps({"format": 1, "blocks": [_measured_block("Fake GPU", key, "cuda")]}))
+    assert _choice(device)[0] == "cuda"  # written by `moe-kernels tune` in another process
+    monkeypatch.setenv("MOE_KERNELS_CACHE_DIR", str(tmp_path / "elsewhere"))
+    assert _choice(device)[0] == "triton"
+    monkeypatch.setenv("MOE_KERNELS_CACHE_DIR", str(user_cache.parent))
+    assert _choice(device)[0] == "cuda"
+
+
+def test_user_table_path_follows_its_variables(monkeypatch, tmp_path):
+    monkeypatch.setenv("MOE_KERNELS_CACHE_DIR", str(tmp_path / "a"))
+    assert bt.user_table_path() == str(tmp_path / "a" / "backend_table.json")
+    monkeypatch.delenv("MOE_KERNELS_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert bt.user_table_path() == str(tmp_path / "xdg" / "moe_kernels" / "backend_table.json")
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert bt.user_table_path() == str(tmp_path / "home" / ".cache" / "moe_kernels" / "backend_table.json")
+    monkeypatch.setenv("MOE_KERNELS_CACHE_DIR", "")  # empty reads as unset
+    assert bt.user_table_path() == str(tmp_path / "home" / ".cache" / "moe_kernels" / "backend_table.json")
+
+
+def test_choice_is_a_constant_under_torch_compile(fake_gpu):
+    device, _ = fake_gpu
+
+    def pick(x):
+        name, _ = _choice(device)
+        return x + 1 if name == "cuda" else x - 1
+
+    torch._dynamo.reset()
+    compiled = torch.compile(pick, fullgraph=True, backend="eager")
+    assert torch.equal(compiled(torch.zeros(2)), torch.ones(2))
+
+
+@pytest.fixture
+def fake_cuda_auto(fake_gpu, monkeypatch):
+    """fake_gpu, with the cuda backend reported as built, so that auto on CUDA chooses between triton and cuda."""
+    from moe_kernels import native
+
+    if "triton" not in backends.available_backends():
+        pytest.skip("triton not installed")
+    monkeypatch.setattr(native, "_CUDA_UNAVAILABLE", None)
+    monkeypatch.setattr(backends, "_auto_built_by_device", {})
+    monkeypatch.setattr(backends, "_default_by_device", {})
+    return fake_gpu[0]
+
+
+def test_auto_on_cuda_builds_the_shape_only_to_choose_by_it(fake_cuda_auto, monkeypatch):
+    device = fake_cuda_auto
+    shape = dict(dtype=torch.bfloat16, experts=128, width=2048, tokens=4096, grad=True)
+    asked = []
+
+    def lazy():
+        asked.append(1)
+        return shape
+
+    assert backends.auto_backend_name(device, "moe_mlp", lazy)[0] == "cuda" and asked == [1]
+    assert backends.auto_backend_name(device, "moe_mlp", shape)[0] == "cuda"
+    assert backends.resolve_backend("auto", device, "moe_mlp", lazy).name == "cuda" and asked == [1, 1]
+    assert backends.resolve_backend("triton", device, "moe_mlp", lazy).name == "triton" and asked == [1, 1]
+    monkeypatch.setenv("MOE_KERNELS_BACKEND", "cuda")
+    assert backends.resolve_backend(None, device, "moe_mlp", lazy).name == "cuda" and asked == [1, 1]
+    monkeypatch.setenv("MOE_KERNELS_BACKEND", "auto")
+    assert backends.resolve_backend(None, device, "moe_mlp", lazy).name == "cuda" and asked == [1, 1, 1]
+
+
+def test_built_backends_per_device_are_cached_and_cleared(fake_cuda_auto, monkeypatch):
+    device = fake_cuda_auto
+    shape = dict(dtype=torch.bfloat16, experts=128, width=2048, tokens=4096, grad=True)
+    assert backends.auto_backend_name(device, "moe_mlp", shape)[0] == "cuda"
+    assert backends._auto_built_by_device[device] == ("triton", "cuda")
+    from moe_kernels import native
+
+    monkeypatch.setattr(native, "_CUDA_UNAVAILABLE", "not built (test)")
+    backends.clear_caches()
+    assert backends.auto_backend_name(device, "moe_mlp", shape) == ("triton", "one backend built")
+    assert backends.default_backend_name(device) == "triton"

@@ -130,6 +130,75 @@ def describe_experts(module: nn.Module) -> dict:
     return info
 
 
+_DESCRIPTION_ATTRIBUTE = "_moe_kernels_description"  # (key, description) cached in the module's __dict__
+_DESCRIBED_ATTRIBUTES = ("has_gate", "has_bias", "is_transposed", "is_concatenated", "limit", "alpha",
+                         "has_post_expert_norm")
+_PLAIN = (bool, int, float, str, type(None))
+_MISSING = object()
+
+
+def _description_key(module: nn.Module) -> tuple | None:
+    """What :func:`describe_experts` reads from the module, looked up without ``nn.Module.__getattr__`` (which
+    formats an AttributeError for each missing name, e.g. ``limit`` outside GPT-OSS): the class, the activation
+    module and its ``approximate`` (activation_name reads it), and the flags, which use_experts_implementation
+    sets as plain instance attributes. None (not cached) when one is found elsewhere (a class attribute, a
+    parameter or buffer) or is not a plain value (a tensor could change in place)."""
+    attributes = module.__dict__
+    act_fn = attributes["_modules"].get("act_fn", _MISSING)  # a submodule (ACT2FN), or a plain attribute
+    if act_fn is _MISSING:
+        act_fn = attributes.get("act_fn", _MISSING)
+        if act_fn is _MISSING and _found_elsewhere(module, "act_fn"):
+            return None
+    key = [type(module), act_fn, type(act_fn), getattr(act_fn, "__dict__", {}).get("approximate")]
+    for name in _DESCRIBED_ATTRIBUTES:
+        value = attributes.get(name, _MISSING)
+        if value is _MISSING:
+            if _found_elsewhere(module, name):
+                return None
+        elif type(value) not in _PLAIN:
+            return None
+        key.append(value)
+    return tuple(key)
+
+
+def _found_elsewhere(module: nn.Module, name: str) -> bool:
+    """Whether getattr finds ``name`` outside the instance dict: on the class, or as a parameter, buffer or
+    submodule."""
+    attributes = module.__dict__
+    return (hasattr(type(module), name) or name in attributes["_parameters"] or name in attributes["_buffers"]
+            or name in attributes["_modules"])
+
+
+def _settings(module: nn.Module) -> tuple[dict, str | None]:
+    """(describe_experts(module), the module's backend) for one forward."""
+    if torch.compiler.is_compiling():  # traced (constant-folded) as before; no module state written
+        return describe_experts(module), getattr(module, BACKEND_ATTRIBUTE, None)
+    # The backend is set on the instance or its class (moe_kernels.hf.patch), never as a parameter or submodule:
+    # read without nn.Module.__getattr__'s cost when it is not set.
+    backend = module.__dict__.get(BACKEND_ATTRIBUTE, _MISSING)
+    if backend is _MISSING:
+        backend = getattr(type(module), BACKEND_ATTRIBUTE, None)
+    return _cached_description(module), backend
+
+
+def _cached_description(module: nn.Module) -> dict:
+    """describe_experts(module), cached on the module per :func:`_description_key`: recomputed when the class, the
+    activation or any flag changes (equal keys give equal descriptions); errors are not cached. Weights are never
+    part of it: the forward reads them on every call (PEFT swaps them during the forward)."""
+    try:
+        key = _description_key(module)
+    except (AttributeError, KeyError):  # not laid out like an nn.Module: no cache
+        key = None
+    if key is None:
+        return describe_experts(module)
+    cached = module.__dict__.get(_DESCRIPTION_ATTRIBUTE)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    info = describe_experts(module)
+    module.__dict__[_DESCRIPTION_ATTRIBUTE] = (key, info)
+    return info
+
+
 def _as_hf_v5_layout(weight: torch.Tensor, transposed: bool) -> torch.Tensor:
     """[E, in, out] storage (is_transposed) -> an [E, out, in] view; the kernels accept strided views."""
     return weight.transpose(1, 2) if transposed else weight
@@ -145,12 +214,12 @@ def moe_kernels_experts_forward(self: nn.Module, hidden_states: torch.Tensor, to
         raise UnsupportedExpertsError(
             f"{type(self).__name__}: expert parallelism (sentinel expert ids) is not supported by the moe_kernels "
             "experts implementation; use moe_kernels.distributed instead")
-    info = describe_experts(self)
-    backend = getattr(self, BACKEND_ATTRIBUTE, None)
+    info, backend = _settings(self)
     transposed = info["transposed"]
     down_proj = _as_hf_v5_layout(self.down_proj, transposed)
     weight_dtype = down_proj.dtype
-    x = hidden_states.to(weight_dtype)  # as transformers' grouped_mm path does under autocast
+    # as transformers' grouped_mm path does under autocast (no call when the dtype is already right)
+    x = hidden_states if hidden_states.dtype == weight_dtype else hidden_states.to(weight_dtype)
     down_bias = self.down_proj_bias if info["bias"] else None
     if info["has_gate"]:
         gate_up_proj = _as_hf_v5_layout(self.gate_up_proj, transposed)
@@ -168,7 +237,7 @@ def moe_kernels_experts_forward(self: nn.Module, hidden_states: torch.Tensor, to
         x, gate_up_proj, down_proj, weights, top_k_index, activation=info["activation"],
         gate_up_bias=gate_up_bias, down_bias=down_bias, interleaved=info["interleaved"],
         swiglu_limit=info["swiglu_limit"], backend=backend)
-    return out.to(hidden_states.dtype)
+    return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
 
 
 def register() -> None:
