@@ -31,9 +31,11 @@ class TritonBackend(Backend):
         return _IMPORT_ERROR
 
     def device_error(self, device: torch.device):
+        if device.type == "cuda":  # the hot path: no import statement
+            return None
         from .common import interpreting  # imports triton: only once the backend is asked for
 
-        if device.type == "cuda" or (device.type == "cpu" and interpreting()):
+        if device.type == "cpu" and interpreting():
             return None
         return ("the triton backend runs on CUDA tensors; on CPU tensors only under TRITON_INTERPRET=1 "
                 "(the interpreter, for tests)")
