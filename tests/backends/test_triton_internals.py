@@ -119,6 +119,52 @@ def test_moe_mlp_decode_path_boundary():
     assert_close_rel(y, reference.moe_mlp(x, gate_up, down, weights, ids), torch.float32, "y (planned path)")
 
 
+# ------------------------------------------------------------------------------------------- launch budget
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The names of the Triton kernels launched, in order (both the JIT and the interpreter launch through
+    KernelInterface.__getitem__)."""
+    import triton.runtime.jit as jit
+
+    names = []
+    original = jit.KernelInterface.__getitem__
+
+    def counting(self, grid):
+        launch = original(self, grid)
+
+        def run(*args, **kwargs):
+            names.append(self.fn.__name__)
+            return launch(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(jit.KernelInterface, "__getitem__", counting)
+    return names
+
+
+def test_launch_budget_of_the_hot_paths(launches, monkeypatch):
+    """At decode and small batches the host's time per launch is the latency, so the number of launches is part of
+    each path's contract: decode 3, routing 1, a planned forward of at most 128 slots 5 (one-launch plan, one
+    tile-map launch for the forward's and the backward's kernels), its backward 5 (no tile maps again)."""
+    monkeypatch.setenv("MOE_KERNELS_WGRAD", "triton")
+    x, gate_up, down, weights, ids, _, _ = seeded_mlp_inputs(3, 16, 8, 5, 2, "random")
+    with torch.no_grad():
+        ops.route(torch.randn(3, 5, device=DEVICE), 2, backend="triton")
+        assert launches == ["_route_fwd_kernel"]
+        launches.clear()
+        ops.moe_mlp(x, gate_up, down, weights, ids, backend="triton")
+    assert launches == ["_gate_up_kernel", "_rows_matmul_kernel", "_combine_slots_kernel"]
+    launches.clear()
+    leaves = [t.requires_grad_() for t in (x, gate_up, down)]
+    y = ops.moe_mlp(x, gate_up, down, weights, ids, backend="triton")
+    assert launches == ["_small_plan_kernel", "_tile_scan_kernel", "_gate_up_kernel", "_rows_matmul_kernel",
+                        "_combine_slots_kernel"]
+    launches.clear()
+    torch.autograd.grad(y.sum(), leaves)
+    assert launches == ["_down_backward_kernel", "_rows_matmul_kernel", "_combine_slots_kernel",
+                        "_expert_outer_kernel", "_expert_outer_kernel"]
+
+
 # ------------------------------------------------------------------------------------------ backend, configs
 
 def test_backend_refuses_cpu_without_interpreter(monkeypatch):
