@@ -53,24 +53,12 @@ import triton.language as tl
 from ..spec import ACTIVATION_CODES, ADAPTER_ACTIVATIONS
 from . import configs
 from .common import (COMBINE_BLOCK_N, COMBINE_BLOCK_T, COMBINE_OPTIONS, _combine_slots_kernel, activation,
-                     activation_grad, cdiv, combine_slots, dot_precision, find_tile, interpreting, max_tiles,
-                     next_power_of_2, register_op, slot_dtype, tile_maps)
+                     activation_grad, cdiv, combine_slots, dot_precision, interpreting, max_tiles, next_power_of_2,
+                     program_rows, register_op, slot_dtype, tile_maps)
 from .plan import dispatch_plan
 
 # ----------------------------------------------------------------------------------------------------
 # Triton helpers
-
-
-@triton.jit
-def _tile_rows(tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr, num_experts, search_steps,
-               BLOCK_M: tl.constexpr):
-    """This program's (expert, sorted positions [BLOCK_M], row mask, slots, valid) from the tile map."""
-    expert, row_start, row_end, valid = find_tile(tile_offsets_ptr, expert_offsets_ptr, num_experts, search_steps,
-                                                  BLOCK_M)
-    positions = row_start + tl.arange(0, BLOCK_M)
-    row_mask = positions < row_end  # all false past the last tile
-    slots = tl.load(sorted_slots_ptr + positions, mask=row_mask, other=0)
-    return expert, positions, row_mask, slots, valid
 
 
 @triton.jit
@@ -123,8 +111,8 @@ def _adapter_fused_kernel(
         (both by sorted position), and out rows = down_e^T dz (the per-slot d(h)).
     out: [T, H] in the output dtype when OUT_BY_TOKEN (k = 1), else [T*k, H] fp32 by slot.
     """
-    expert, positions, row_mask, slots, valid = _tile_rows(tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr,
-                                                           num_experts, search_steps, BLOCK_M)
+    expert, positions, row_mask, slots, valid = program_rows(tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr,
+                                                             num_experts, 0, search_steps, BLOCK_M, False)
     if valid:
         token_rows = (slots // top_k).to(tl.int64) * H
         r_offs = tl.arange(0, BLOCK_R)
@@ -189,8 +177,8 @@ def _adapter_shrink_kernel(
     backward: also u = up_e^T dy_t; act_out = act(z), dz_out = scale w_s u act'(z), and
               dweights_partial[s, rank_tile] = scale <u, act(z)> over this rank tile ([N, cdiv(R, BLOCK_R)] fp32).
     """
-    expert, positions, row_mask, slots, valid = _tile_rows(tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr,
-                                                           num_experts, search_steps, BLOCK_M)
+    expert, positions, row_mask, slots, valid = program_rows(tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr,
+                                                             num_experts, 0, search_steps, BLOCK_M, False)
     if valid:
         rank_tile = tl.program_id(1)
         token_rows = (slots // top_k).to(tl.int64) * H
@@ -232,8 +220,8 @@ def _adapter_expand_kernel(
     as (de, dr, dh) (mid = dz already carries the routing weight).
     Grid: (max_tiles, cdiv(H, BLOCK_N)). out as in the fused kernel.
     """
-    expert, positions, row_mask, slots, valid = _tile_rows(tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr,
-                                                           num_experts, search_steps, BLOCK_M)
+    expert, positions, row_mask, slots, valid = program_rows(tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr,
+                                                             num_experts, 0, search_steps, BLOCK_M, False)
     if valid:
         n_offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n_offs < H

@@ -7,8 +7,9 @@
   expert MLP (:func:`gated_forward` / :func:`gated_backward`) built on them;
 * the tile map of the dispatch plan: each expert's run of sorted rows cut into BLOCK_M-row tiles, an
   on-device exclusive scan of tile counts for up to four block sizes in one launch (:func:`tile_maps`), a
-  grid bound that needs no host sync (:func:`max_tiles`) and the in-kernel binary search from a program id
-  to its tile (:func:`find_tile`);
+  grid bound that needs no host sync (:func:`max_tiles`), the in-kernel binary search from a program id
+  to its tile (:func:`find_tile`) and a program's rows, by tile or (the decode path, no plan) by expert
+  (:func:`program_rows`);
 * the slot combine: per-slot output rows summed per token in a fixed order (:func:`combine_slots`);
 * ``tl.dot`` operands (:func:`operand`): fp32 under the interpreter, whose bf16 arithmetic is wrong.
 
@@ -239,6 +240,34 @@ def find_tile(tile_offsets_ptr, expert_offsets_ptr, num_experts, search_steps, B
     row_start = tl.load(expert_offsets_ptr + expert) + (tile - tl.load(tile_offsets_ptr + expert)) * BLOCK_M
     row_end = tl.load(expert_offsets_ptr + expert + 1)
     return expert, row_start, row_end, tile < total
+
+
+@triton.jit
+def program_rows(tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr, num_experts, num_rows, search_steps,
+                 BLOCK_M: tl.constexpr, BY_EXPERT: tl.constexpr):
+    """This program's expert and rows: returns (expert, rows, row_mask, slots, valid).
+
+    Tiled (BY_EXPERT false): a tile of BLOCK_M rows of one expert's run in sorted order (:func:`find_tile`);
+    ``rows`` index the sorted order and ``slots = sorted_slots[rows]``.
+    By expert (BY_EXPERT, the decode path, no plan): program_id(0) is the expert and ``sorted_slots_ptr``
+    holds the flat ids [N] (N = num_rows <= BLOCK_M); the rows are the slots routed to this expert, so
+    rows == slots and every [N, .] buffer is indexed by slot. valid is false for an expert without slots.
+    """
+    if BY_EXPERT:
+        expert = tl.program_id(0)
+        rows = tl.arange(0, BLOCK_M)
+        row_ids = tl.load(sorted_slots_ptr + rows, mask=rows < num_rows, other=-1)
+        row_mask = row_ids == expert
+        slots = rows
+        valid = tl.max(row_mask.to(tl.int32), axis=0) > 0
+    else:
+        expert, row_start, row_end, valid = find_tile(tile_offsets_ptr, expert_offsets_ptr, num_experts,
+                                                      search_steps, BLOCK_M)
+        rows = row_start + tl.arange(0, BLOCK_M)
+        row_mask = rows < row_end  # all false past the last tile (row_start >= row_end there)
+        slots = tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0)
+    return expert, rows, row_mask, slots, valid
+
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -41,7 +41,8 @@ import triton.language as tl
 
 from ..spec import ACTIVATION_CODES
 from .common import (_TILE_SCAN_BLOCK_E, TILE_MAPS, _tile_scan_kernel, cdiv, combine_slots, dot_precision, find_tile,
-                     gated_backward, gated_forward, interpreting, max_tiles, operand, register_op, slot_dtype, tile_maps)
+                     gated_backward, gated_forward, interpreting, max_tiles, operand, program_rows, register_op,
+                     slot_dtype, tile_maps)
 from .configs import decode_config, entries, mlp_config, wgrad_config
 from .plan import dispatch_plan
 
@@ -54,33 +55,6 @@ def recompute_enabled() -> bool:
 
 # ----------------------------------------------------------------------------------------------------
 # shared device helpers
-
-
-@triton.jit
-def _program_rows(tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr, num_experts, num_rows, search_steps,
-                  BLOCK_M: tl.constexpr, BY_EXPERT: tl.constexpr):
-    """This program's expert and rows: returns (expert, rows, row_mask, slots, valid).
-
-    Tiled (BY_EXPERT false): a tile of BLOCK_M rows of one expert's run in sorted order (``common.find_tile``);
-    ``rows`` index the sorted order and ``slots = sorted_slots[rows]``.
-    By expert (BY_EXPERT, the decode path, no plan): program_id(0) is the expert and ``sorted_slots_ptr``
-    holds the flat ids [N] (N = num_rows <= BLOCK_M); the rows are the slots routed to this expert, so
-    rows == slots and every [N, .] buffer is indexed by slot. valid is false for an expert without slots.
-    """
-    if BY_EXPERT:
-        expert = tl.program_id(0)
-        rows = tl.arange(0, BLOCK_M)
-        row_ids = tl.load(sorted_slots_ptr + rows, mask=rows < num_rows, other=-1)
-        row_mask = row_ids == expert
-        slots = rows
-        valid = tl.max(row_mask.to(tl.int32), axis=0) > 0
-    else:
-        expert, row_start, row_end, valid = find_tile(tile_offsets_ptr, expert_offsets_ptr, num_experts,
-                                                      search_steps, BLOCK_M)
-        rows = row_start + tl.arange(0, BLOCK_M)
-        row_mask = rows < row_end  # all false past the last tile (row_start >= row_end there)
-        slots = tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0)
-    return expert, rows, row_mask, slots, valid
 
 
 @triton.jit
@@ -114,8 +88,8 @@ def _gate_up_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, st
     path: ids in sorted_slots_ptr, act/pre indexed by slot; see ``_program_rows``).
     ACTIVATION: code of moe_kernels.spec.ACTIVATION_CODES (a gated activation).
     """
-    expert, rows, row_mask, slots, valid = _program_rows(tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr,
-                                                         num_experts, num_rows, search_steps, BLOCK_M, BY_EXPERT)
+    expert, rows, row_mask, slots, valid = program_rows(tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr,
+                                                        num_experts, num_rows, search_steps, BLOCK_M, BY_EXPERT)
     if valid:
         tokens = (slots // top_k).to(tl.int64)
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -166,8 +140,8 @@ def _rows_matmul_kernel(in_ptr, w_ptr, stride_we, stride_wc, stride_wj, bias_ptr
     Grid: (upper bound of tiles, cdiv(J, BLOCK_N)), or (E, cdiv(J, BLOCK_N)) with BY_EXPERT (the decode
     path: ids in sorted_slots_ptr, in_ptr rows indexed by slot; see ``_program_rows``).
     """
-    expert, rows, row_mask, slots, valid = _program_rows(tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr,
-                                                         num_experts, num_rows, search_steps, BLOCK_M, BY_EXPERT)
+    expert, rows, row_mask, slots, valid = program_rows(tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr,
+                                                        num_experts, num_rows, search_steps, BLOCK_M, BY_EXPERT)
     if valid:
         cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < out_dim
