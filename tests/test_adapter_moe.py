@@ -286,6 +286,15 @@ def test_triton_adapter_opcheck(path, layout):
                                    weight_grads))
 
 
+@needs_triton
+def test_triton_adapter_decode_op_passes_opcheck():
+    from moe_kernels.triton import adapters
+    (h, down, up, weights), ids = adapter_leaves(3, 32, 5, 2, 8, torch.float32)
+    args = (h.detach(), down.detach(), up.detach(), weights.detach(), ids.to(torch.int32), "gelu", 0.5)
+    assert adapters.decode_config(6, 8, torch.float32) is not None
+    torch.library.opcheck(adapters.adapter_moe_decode_op, args)
+
+
 # ------------------------------------------------------- cuda backend (the grouped expert path on CUDA tensors)
 
 def _cuda_backend_adapter(x, w1, w2, b1, b2, weights, ids, activation, gated, interleaved, limit, scale):

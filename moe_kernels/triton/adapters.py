@@ -95,8 +95,8 @@ def _adapter_fused_kernel(
     h_ptr, dy_ptr, down_ptr, stride_de, stride_dr, stride_dh, up_ptr, stride_ue, stride_uh, stride_ur, weights_ptr,
     tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr,
     out_ptr, act_out_ptr, dz_out_ptr, dweights_ptr,
-    top_k, H, R, num_experts, search_steps, scale,
-    ACTIVATION: tl.constexpr, BACKWARD: tl.constexpr, OUT_BY_TOKEN: tl.constexpr,
+    top_k, H, R, num_experts, num_slots, search_steps, scale,
+    ACTIVATION: tl.constexpr, BACKWARD: tl.constexpr, OUT_BY_TOKEN: tl.constexpr, BY_EXPERT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_R: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -104,7 +104,9 @@ def _adapter_fused_kernel(
 
     h, dy: [T, H] contiguous; down [E, R, H] strides (de, dr, dh); up [E, H, R] strides (ue, uh, ur);
     weights [T*k] fp32 by slot; tile_offsets / expert_offsets [E+1], sorted_slots [N] int32: the plan and its
-    tile map. R <= BLOCK_R. Grid: (max_tiles,).
+    tile map. R <= BLOCK_R. Grid: (max_tiles,). BY_EXPERT (forward only; the decode path, no plan): grid (E,),
+    the three plan pointers hold the flat ids [N] (N = num_slots <= BLOCK_M) and each program takes every slot
+    of its expert (``common.program_rows``).
     forward  (BACKWARD=0): out rows = scale * w_s * up_e(act(down_e h_t)).
     backward (BACKWARD=1): recomputes z = down_e h_t, forms u = up_e^T dy_t in the same H sweep;
         stores dweights[s] = scale <u, act(z)>, act(z) -> act_out [N, R], dz -> dz_out [N, R]
@@ -112,7 +114,7 @@ def _adapter_fused_kernel(
     out: [T, H] in the output dtype when OUT_BY_TOKEN (k = 1), else [T*k, H] fp32 by slot.
     """
     expert, positions, row_mask, slots, valid = program_rows(tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr,
-                                                             num_experts, 0, search_steps, BLOCK_M, False)
+                                                             num_experts, num_slots, search_steps, BLOCK_M, BY_EXPERT)
     if valid:
         token_rows = (slots // top_k).to(tl.int64) * H
         r_offs = tl.arange(0, BLOCK_R)
@@ -414,6 +416,15 @@ def _rank_tile(rank: int) -> int:
     return max(16, next_power_of_2(rank))
 
 
+def decode_config(num_slots: int, rank: int, dtype: torch.dtype) -> AdapterConfig | None:
+    """The config of the forward without a plan (``adapter_decode`` in ``configs.json``, fp32-capped like every
+    config), or None when ``num_slots`` do not fit its block_m rows or the padded rank its block_r."""
+    config = for_dtype(AdapterConfig.from_entry(configs.adapter_decode_entry()), dtype)
+    if num_slots > config.block_m or _rank_tile(rank) > config.block_r:
+        return None
+    return config
+
+
 # ----------------------------------------------------------------------------------------------------
 # launchers
 
@@ -463,9 +474,9 @@ def _forward_impl(h, down, up, weights, expert_offsets, sorted_slots, activation
     if cfg.fused:
         _adapter_fused_kernel[(p["row_tiles"],)](
             h, h, *_weights(down, up), weights, out_ptr=out, act_out_ptr=out, dz_out_ptr=out, dweights_ptr=weights,
-            top_k=k, H=H, R=R, num_experts=E, search_steps=p["steps"], scale=scale,
-            ACTIVATION=act, BACKWARD=False, OUT_BY_TOKEN=k == 1, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n,
-            BLOCK_R=_rank_tile(R), **common)
+            top_k=k, H=H, R=R, num_experts=E, num_slots=N, search_steps=p["steps"], scale=scale,
+            ACTIVATION=act, BACKWARD=False, OUT_BY_TOKEN=k == 1, BY_EXPERT=False, BLOCK_K=cfg.block_k,
+            BLOCK_N=cfg.block_n, BLOCK_R=_rank_tile(R), **common)
     else:
         block_r = min(cfg.block_r, _rank_tile(R))
         activated = torch.empty((N, R), dtype=_mid_dtype(h), device=h.device)
@@ -477,6 +488,27 @@ def _forward_impl(h, down, up, weights, expert_offsets, sorted_slots, activation
             activated, up, up.stride(0), up.stride(2), up.stride(1), weights, out_ptr=out,
             top_k=k, H=H, R=R, num_experts=E, search_steps=p["steps"], scale=scale, BACKWARD=False,
             OUT_BY_TOKEN=k == 1, BLOCK_N=cfg.block_n, BLOCK_R=block_r, **common)
+    return combine_slots(out, T, k, h.dtype)
+
+
+def _decode_forward(h, down, up, weights, ids, activation, scale, cfg):
+    """Forward without a plan for a few routed slots (decode): the fused kernel in BY_EXPERT mode, one program
+    per expert taking every slot routed to it, then the slot combine. Two launches (one for k = 1)."""
+    T, H = h.shape
+    E, R, _ = down.shape
+    k = ids.shape[1]
+    N = T * k
+    if interpreting():  # fewer, wider steps (see _launch_params)
+        cfg = dataclasses.replace(cfg, block_k=_INTERPRETER_BLOCK, block_n=_INTERPRETER_BLOCK, num_stages=1)
+    out = torch.empty((N, H), dtype=slot_dtype(h.dtype, k), device=h.device)  # by token when k = 1
+    flat = ids.reshape(-1)
+    _adapter_fused_kernel[(E,)](
+        h, h, *_weights(down, up), weights, tile_offsets_ptr=flat, expert_offsets_ptr=flat, sorted_slots_ptr=flat,
+        out_ptr=out, act_out_ptr=out, dz_out_ptr=out, dweights_ptr=weights, top_k=k, H=H, R=R, num_experts=E,
+        num_slots=N, search_steps=0, scale=scale, ACTIVATION=ACTIVATION_CODES[activation], BACKWARD=False,
+        OUT_BY_TOKEN=k == 1, BY_EXPERT=True, BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n,
+        BLOCK_R=_rank_tile(R), UPCAST=interpreting(), DOT_PRECISION=dot_precision(h.dtype),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return combine_slots(out, T, k, h.dtype)
 
 
@@ -495,8 +527,8 @@ def _backward_impl(grad, h, down, up, weights, expert_offsets, sorted_slots, act
         dweights = torch.empty((N,), dtype=torch.float32, device=h.device)
         _adapter_fused_kernel[(p["row_tiles"],)](
             h, grad, *_weights(down, up), weights, out_ptr=dh_rows, act_out_ptr=activated, dz_out_ptr=dz,
-            dweights_ptr=dweights, **sizes, ACTIVATION=act, BACKWARD=True, OUT_BY_TOKEN=k == 1,
-            BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, BLOCK_R=_rank_tile(R), **common)
+            dweights_ptr=dweights, **sizes, num_slots=N, ACTIVATION=act, BACKWARD=True, OUT_BY_TOKEN=k == 1,
+            BY_EXPERT=False, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, BLOCK_R=_rank_tile(R), **common)
     else:
         block_r = min(cfg.block_r, SPLIT_BACKWARD_MAX_BLOCK_R, _rank_tile(R))
         rank_tiles = cdiv(R, block_r)
@@ -551,6 +583,17 @@ def _forward_op_fake(h, down, up, weights, ids, activation, scale):
             ids.new_empty((ids.numel(),), dtype=torch.int32))
 
 
+def _decode_op_impl(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                    activation: str, scale: float) -> torch.Tensor:
+    """y [T,H] of a forward that needs no gradient, for launches :func:`decode_config` takes (and aligned ones)."""
+    cfg = decode_config(ids.numel(), down.shape[1], h.dtype)
+    return _decode_forward(h, down, up, weights, ids, activation, scale, cfg)
+
+
+def _decode_op_fake(h, down, up, weights, ids, activation, scale):
+    return torch.empty_like(h)
+
+
 def _backward_op_impl(grad: torch.Tensor, h: torch.Tensor, down: torch.Tensor, up: torch.Tensor,
                       weights: torch.Tensor, expert_offsets: torch.Tensor, sorted_slots: torch.Tensor,
                       activation: str, scale: float, weight_grads: bool
@@ -571,6 +614,7 @@ def _backward_op_fake(grad, h, down, up, weights, expert_offsets, sorted_slots, 
 
 
 adapter_moe_forward_op = register_op("adapter_moe_forward", _forward_op_impl, _forward_op_fake)
+adapter_moe_decode_op = register_op("adapter_moe_decode", _decode_op_impl, _decode_op_fake)
 adapter_moe_backward_op = register_op("adapter_moe_backward", _backward_op_impl, _backward_op_fake)
 
 
@@ -603,6 +647,9 @@ def adapter_moe_triton(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, we
     h = h.contiguous()
     if torch.is_grad_enabled() and any(t.requires_grad for t in (h, down, up, weights)):
         return AdapterMoEFunction.apply(h, down, up, weights, ids, activation, float(scale))
+    if (_forced_config is None and decode_config(ids.numel(), down.shape[1], h.dtype) is not None
+            and _aligned(h, down, up, weights, ids)):  # a forced config is for the planned kernels
+        return adapter_moe_decode_op(h, down, up, weights, ids, activation, float(scale))
     return adapter_moe_forward_op(h, down, up, weights, ids, activation, float(scale))[0]
 
 
@@ -695,7 +742,8 @@ def _compile_specs():
                         add(_adapter_fused_kernel,
                             dict(routed, out_ptr=out, act_out_ptr=mid, dz_out_ptr=mid, dweights_ptr="*fp32"),
                             dtype, dict(base, ACTIVATION=code, BACKWARD=backward, OUT_BY_TOKEN=by_token,
-                                        BLOCK_K=config.block_k, BLOCK_N=config.block_n, BLOCK_R=config.block_r),
+                                        BY_EXPERT=False, BLOCK_K=config.block_k, BLOCK_N=config.block_n,
+                                        BLOCK_R=config.block_r),
                             config)
                 else:
                     block_r = min(config.block_r, SPLIT_BACKWARD_MAX_BLOCK_R) if backward else config.block_r
@@ -721,6 +769,17 @@ def _compile_specs():
             add(_adapter_weight_grad_kernel, wgrad_pointers, dtype,
                 dict(wgrad, D_UP=False, BLOCK_P=config.wgrad_block_r, BLOCK_Q=config.wgrad_block_h), wgrad_config,
                 aligned)
+    decode_entry = AdapterConfig.from_entry(configs.adapter_decode_entry())
+    for dtype, precision in _COMPILE_VARIANTS:  # the decode path: the fused forward by expert, aligned launches only
+        config, data = for_dtype(decode_entry, dtype), _POINTER[dtype]
+        pointers = {"tile_offsets_ptr": "*i32", "expert_offsets_ptr": "*i32", "sorted_slots_ptr": "*i32",
+                    "h_ptr": data, "dy_ptr": data, "down_ptr": data, "up_ptr": data, "weights_ptr": "*fp32",
+                    "act_out_ptr": data, "dz_out_ptr": data, "dweights_ptr": "*fp32"}
+        for code, by_token in itertools.product(_ADAPTER_CODES, (False, True)):
+            add(_adapter_fused_kernel, dict(pointers, out_ptr=data if by_token else "*fp32"), dtype,
+                dict(BLOCK_M=config.block_m, UPCAST=False, DOT_PRECISION=precision, ACTIVATION=code, BACKWARD=False,
+                     OUT_BY_TOKEN=by_token, BY_EXPERT=True, BLOCK_K=config.block_k, BLOCK_N=config.block_n,
+                     BLOCK_R=config.block_r), config, True)
     combine = AdapterConfig(False, 16, 16, 16, 16, **COMBINE_OPTIONS)  # only its warps and stages count
     for dtype in _COMPILE_DTYPES:  # the slot combine (triton/common.py) of both kernel modules
         for aligned in (True, False):
@@ -732,5 +791,5 @@ def _compile_specs():
 COMPILE_SPECS = _compile_specs()
 
 
-__all__ = ["adapter_moe_triton", "adapter_moe_forward_op", "adapter_moe_backward_op", "AdapterConfig",
-           "COMPILE_SPECS", "forced_config", "select_config", "table_configs"]
+__all__ = ["adapter_moe_triton", "adapter_moe_forward_op", "adapter_moe_decode_op", "adapter_moe_backward_op",
+           "AdapterConfig", "COMPILE_SPECS", "decode_config", "forced_config", "select_config", "table_configs"]

@@ -72,6 +72,11 @@ def adapter_config(num_slots: int, rank: int, aligned: bool = True) -> dict:
     return _pick("adapter", rank=rank, slots=num_slots)
 
 
+def adapter_decode_entry() -> dict:
+    """The adapter forward without a plan (decode): its one entry (see ``_comment_adapter_decode``)."""
+    return load_table()["adapter_decode"][0]
+
+
 def wgrad_config() -> dict:
     """How the expert-MLP weight gradients are formed where both ways can run (see
     :func:`moe_kernels.triton.experts.weight_grads_by_grouped_mm`)."""

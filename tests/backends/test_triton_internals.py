@@ -119,7 +119,7 @@ def test_moe_mlp_decode_path_boundary():
     assert_close_rel(y, reference.moe_mlp(x, gate_up, down, weights, ids), torch.float32, "y (planned path)")
 
 
-# ------------------------------------------------------------------------------------------- launch budget
+# ---------------------------------------------------------------------------- counting launches (fixture)
 
 @pytest.fixture
 def launches(monkeypatch):
@@ -142,10 +142,69 @@ def launches(monkeypatch):
     return names
 
 
+# ---------------------------------------------------------------------------------------- adapter decode path
+
+# (T, H, E, k, rank, ids pattern, activation): one token, k = 1 (output by token), an expert without slots,
+# all slots on one expert, k = E, ranks below / at / across the rank tiles, odd widths (unaligned: planned path)
+ADAPTER_DECODE_GRID = [
+    (1, 32, 4, 1, 16, "random", "gelu"),
+    (1, 48, 5, 2, 8, "random", "identity"),
+    (3, 64, 7, 4, 33, "skip_last", "silu"),
+    (4, 64, 16, 4, 128, "random", "relu"),
+    (8, 32, 3, 2, 17, "one_expert", "gelu_tanh"),
+    (5, 32, 3, 3, 1, "random", "gelu"),
+    (16, 16, 3, 1, 4, "random", "gelu"),
+    (2, 33, 5, 2, 16, "random", "gelu"),
+]
+
+
+@pytest.mark.parametrize("shape", ADAPTER_DECODE_GRID, ids=lambda s: "T{}-H{}-E{}-k{}-r{}-{}-{}".format(*s))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_adapter_decode_path(shape, dtype):
+    T, H, E, k, rank, pattern, activation = shape
+    (h, down, up, weights), ids = adapter_leaves(T, H, E, k, rank, dtype, pattern=pattern)
+    with torch.no_grad():
+        y = ops.adapter_moe(h, down, up, weights, ids, activation=activation, scale=0.7, backend="triton")
+    want = reference.adapter_moe(h.detach().float(), down.detach().float(), up.detach().float(), weights.detach(),
+                                 ids, activation, 0.7)
+    assert y.dtype == dtype
+    assert_close_rel(y, want, dtype, "y (adapter decode)")
+
+
+def test_adapter_decode_path_boundary(launches):
+    """Slots up to the decode config's block_m and ranks up to its block_r take the decode path (fused kernel by
+    expert, then the combine); one slot or one rank tile more, a non-multiple-of-16 width or a gradient take the
+    planned path. Both agree with the oracle."""
+    block_m = adapters.decode_config(1, 1, torch.bfloat16).block_m
+    max_rank = adapters.decode_config(1, 1, torch.bfloat16).block_r
+    assert adapters.decode_config(block_m + 1, 1, torch.bfloat16) is None
+    assert adapters.decode_config(1, max_rank + 1, torch.bfloat16) is None
+    cases = [((block_m // 2, 32, 5, 2, 16), True), ((block_m // 2 + 1, 32, 5, 2, 16), False),
+             ((2, 32, 5, 2, max_rank), True), ((2, 32, 5, 2, max_rank + 1), False), ((2, 33, 5, 2, 16), False),
+             ((3, 32, 5, 1, 16), True)]
+    for (T, H, E, k, rank), decode in cases:
+        (h, down, up, weights), ids = adapter_leaves(T, H, E, k, rank, torch.bfloat16)
+        launches.clear()
+        with torch.no_grad():
+            y = ops.adapter_moe(h, down, up, weights, ids, backend="triton")
+        expected = ["_adapter_fused_kernel"] + (["_combine_slots_kernel"] if k > 1 else [])
+        assert (launches == expected) == decode, (T, k, rank, launches)
+        want = reference.adapter_moe(h.detach().float(), down.detach().float(), up.detach().float(),
+                                     weights.detach(), ids)
+        assert_close_rel(y, want, torch.bfloat16, f"y (T={T}, k={k}, r={rank})")
+    (h, down, up, weights), ids = adapter_leaves(2, 32, 5, 2, 16, torch.bfloat16)
+    launches.clear()
+    ops.adapter_moe(h, down, up, weights, ids, backend="triton")  # needs a gradient: the planned path
+    assert launches[0] == "_small_plan_kernel"
+
+
+# ------------------------------------------------------------------------------------------- launch budget
+
 def test_launch_budget_of_the_hot_paths(launches, monkeypatch):
     """At decode and small batches the host's time per launch is the latency, so the number of launches is part of
     each path's contract: decode 3, routing 1, a planned forward of at most 128 slots 5 (one-launch plan, one
-    tile-map launch for the forward's and the backward's kernels), its backward 5 (no tile maps again)."""
+    tile-map launch for the forward's and the backward's kernels), its backward 5 (no tile maps again), adapter
+    decode 2."""
     monkeypatch.setenv("MOE_KERNELS_WGRAD", "triton")
     x, gate_up, down, weights, ids, _, _ = seeded_mlp_inputs(3, 16, 8, 5, 2, "random")
     with torch.no_grad():
@@ -163,6 +222,11 @@ def test_launch_budget_of_the_hot_paths(launches, monkeypatch):
     torch.autograd.grad(y.sum(), leaves)
     assert launches == ["_down_backward_kernel", "_rows_matmul_kernel", "_combine_slots_kernel",
                         "_expert_outer_kernel", "_expert_outer_kernel"]
+    (h, down, up, weights), ids = adapter_leaves(3, 32, 5, 2, 16, torch.float32)
+    launches.clear()
+    with torch.no_grad():
+        ops.adapter_moe(h, down, up, weights, ids, backend="triton")
+    assert launches == ["_adapter_fused_kernel", "_combine_slots_kernel"]
 
 
 # ------------------------------------------------------------------------------------------ backend, configs
