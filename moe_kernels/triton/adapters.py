@@ -15,6 +15,9 @@ Data flow (slot s = t*k + j; the dispatch plan, made inside the forward op, orde
   a @ up_e^T, scaling rows by scale * weight in the fp32 epilogue.
 * forward, *split* path (any r; used for large r and for small T, where it exposes more programs):
   a shrink kernel writes a = act(z) [N, r] (N = T*k, small), an expand kernel reads it over r tiles.
+* forward, *decode* path (at most 16 slots, no gradient, an aligned launch; ``adapter_decode`` in
+  ``configs.json``): no plan; the fused kernel runs one program per expert over the slots routed to it
+  (``common.program_rows``), then the slot combine: two launches.
 * Output rows are written per slot in fp32 and summed per token in a fixed order by the slot combine
   (deterministic, no atomics); with k = 1 the expand writes token rows directly.
 * backward (fused for padded rank 16, split beyond) recomputes z in the same H sweep that forms
@@ -35,8 +38,9 @@ input dtype there. Under ``TRITON_INTERPRET=1`` (CPU tests) every tile is upcast
 because the interpreter computes bf16 arithmetic wrongly.
 
 Layout of this module: kernels, configs (the 'adapter' families of ``configs.json``), launchers, the
-registered ops ``moe_kernels_triton::adapter_moe_forward`` / ``adapter_moe_backward`` with fakes and
-autograd, the backend entry point :func:`adapter_moe_triton`, and the AOT compile list :data:`COMPILE_SPECS`.
+registered ops ``moe_kernels_triton::adapter_moe_forward`` / ``adapter_moe_decode`` / ``adapter_moe_backward``
+with fakes, the autograd Function pairing forward and backward, the backend entry point
+:func:`adapter_moe_triton`, and the AOT compile list :data:`COMPILE_SPECS`.
 """
 
 from __future__ import annotations
