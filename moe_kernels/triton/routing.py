@@ -8,8 +8,8 @@ group scores and the k selections never leave the chip. Selection is k rounds of
 score, lowest index among equals", which gives exactly the reference's stable descending order,
 including ties and -inf (masked) logits.
 
-Exposed as torch.library custom ops ``moe_kernels_triton::route`` (with autograd into the logits) and
-``moe_kernels_triton::route_backward``.
+Registered as ``moe_kernels_triton::route`` and ``moe_kernels_triton::route_backward`` (``common.register_op``);
+``RouteFunction`` pairs them (autograd into the logits).
 """
 
 from __future__ import annotations
