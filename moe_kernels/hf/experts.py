@@ -134,61 +134,34 @@ _DESCRIPTION_ATTRIBUTE = "_moe_kernels_description"  # (key, description) cached
 _DESCRIBED_ATTRIBUTES = ("has_gate", "has_bias", "is_transposed", "is_concatenated", "limit", "alpha",
                          "has_post_expert_norm")
 _PLAIN = (bool, int, float, str, type(None))
-_MISSING = object()
 
 
 def _description_key(module: nn.Module) -> tuple | None:
-    """What :func:`describe_experts` reads from the module, looked up without ``nn.Module.__getattr__`` (which
-    formats an AttributeError for each missing name, e.g. ``limit`` outside GPT-OSS): the class, the activation
-    module and its ``approximate`` (activation_name reads it), and the flags, which use_experts_implementation
-    sets as plain instance attributes. None (not cached) when one is found elsewhere (a class attribute, a
-    parameter or buffer) or is not a plain value (a tensor could change in place)."""
-    attributes = module.__dict__
-    act_fn = attributes["_modules"].get("act_fn", _MISSING)  # a submodule (ACT2FN), or a plain attribute
-    if act_fn is _MISSING:
-        act_fn = attributes.get("act_fn", _MISSING)
-        if act_fn is _MISSING and _found_elsewhere(module, "act_fn"):
-            return None
-    key = [type(module), act_fn, type(act_fn), getattr(act_fn, "__dict__", {}).get("approximate")]
+    """What :func:`describe_experts` reads from the module: the class, the activation module and its
+    ``approximate`` (activation_name reads it), and the layout flags. None (not cached) when a flag is not a plain
+    value (a tensor, e.g. a buffer, could change in place)."""
+    act_fn = getattr(module, "act_fn", None)
+    key = [type(module), act_fn, type(act_fn), getattr(act_fn, "approximate", None)]
     for name in _DESCRIBED_ATTRIBUTES:
-        value = attributes.get(name, _MISSING)
-        if value is _MISSING:
-            if _found_elsewhere(module, name):
-                return None
-        elif type(value) not in _PLAIN:
+        value = getattr(module, name, None)
+        if type(value) not in _PLAIN:
             return None
         key.append(value)
     return tuple(key)
-
-
-def _found_elsewhere(module: nn.Module, name: str) -> bool:
-    """Whether getattr finds ``name`` outside the instance dict: on the class, or as a parameter, buffer or
-    submodule."""
-    attributes = module.__dict__
-    return (hasattr(type(module), name) or name in attributes["_parameters"] or name in attributes["_buffers"]
-            or name in attributes["_modules"])
 
 
 def _settings(module: nn.Module) -> tuple[dict, str | None]:
     """(describe_experts(module), the module's backend) for one forward."""
     if torch.compiler.is_compiling():  # traced (constant-folded) as before; no module state written
         return describe_experts(module), getattr(module, BACKEND_ATTRIBUTE, None)
-    # The backend is set on the instance or its class (moe_kernels.hf.patch), never as a parameter or submodule:
-    # read without nn.Module.__getattr__'s cost when it is not set.
-    backend = module.__dict__.get(BACKEND_ATTRIBUTE, _MISSING)
-    if backend is _MISSING:
-        backend = getattr(type(module), BACKEND_ATTRIBUTE, None)
-    return _cached_description(module), backend
+    return _cached_description(module), getattr(module, BACKEND_ATTRIBUTE, None)
 
 
 def _cached_description(module: nn.Module) -> dict:
     """describe_experts(module), cached on the module per :func:`_description_key`: recomputed when the class, the
     activation or any flag changes (equal keys give equal descriptions); errors are not cached. Weights are never
     part of it: the forward reads them on every call (PEFT swaps them during the forward)."""
-    try:
-        key = _description_key(module)
-    except (AttributeError, KeyError):  # not laid out like an nn.Module: no cache
-        key = None
+    key = _description_key(module)
     if key is None:
         return describe_experts(module)
     cached = module.__dict__.get(_DESCRIPTION_ATTRIBUTE)
