@@ -184,6 +184,12 @@ def moe_providers(shape: MoEShape, tokens: int, device, dtype, notes: dict) -> d
         # by side, until a measurement decides the table's wgrad entry
         providers["moe_kernels:triton[wgrad=grouped_mm]"] = _moe_kernels_provider(
             "triton", {"MOE_KERNELS_WGRAD": "grouped_mm"})
+        from moe_kernels.triton import configs
+
+        if configs.device_tables(torch.cuda.get_device_name(device)):
+            # a tuned table is in force for this GPU (moe-kernels tune --triton): the shipped configs beside it
+            shipped = providers["moe_kernels:triton[shipped configs]"] = _moe_kernels_provider("triton")
+            shipped.context = configs.shipped_only
     if HF_ERROR:
         notes["hf"] = HF_ERROR
         return providers
@@ -224,12 +230,14 @@ def moe_providers(shape: MoEShape, tokens: int, device, dtype, notes: dict) -> d
 
 @contextlib.contextmanager
 def _provider_env(fn):
-    """The environment variables a provider runs under (its ``env`` attribute), forward and backward."""
+    """The environment variables a provider runs under (its ``env`` attribute) and its ``context`` (a context
+    manager factory, when it has one), forward and backward."""
     env = getattr(fn, "env", {})
     before = {name: os.environ.get(name) for name in env}
     os.environ.update(env)
     try:
-        yield
+        with getattr(fn, "context", contextlib.nullcontext)():
+            yield
     finally:
         for name, value in before.items():
             if value is None:

@@ -10,7 +10,9 @@
 #
 #   bash benchmarks/gpu_check.sh [--out DIR] [--bench-budget-s 200] [--tests-timeout-s 300] [--skip-tests]
 #                                [--skip-bench] [--tune] [--hf-speed] [-- GPU_BENCH_ARGS]
-#     --tune      measure the auto backend table for this GPU first (python -m moe_kernels.backend_table --write)
+#     --tune      tune this GPU before the benchmark: the Triton tile configs (moe-kernels tune --triton, written to
+#                 the user cache and copied to --out), then the auto backend table (python -m moe_kernels.backend_table
+#                 --write); the benchmark then runs the tuned configs beside the shipped ones
 #     --hf-speed  end with integration/example_hf_speed.py in bf16 (patched vs unpatched whole model)
 #   bash benchmarks/gpu_check.sh --dry-run   # no GPU: CPU build, interpreter, tiny shapes (CI runs this)
 #
@@ -81,6 +83,10 @@ if [ $dry = 1 ]; then
   step "host time per call (dry run: Triton launches stubbed; log: $out/host_overhead.log)"
   $python benchmarks/host_overhead.py --calls 50 > "$out/host_overhead.log" 2>&1 || { tail -30 "$out/host_overhead.log"; status=1; }
   tail -8 "$out/host_overhead.log"
+  step "tune the Triton configs (dry run: tiny shape, interpreter; log: $out/tune_triton.log)"
+  $python -m moe_kernels.triton.tune --dry-run --out "$out/triton_configs_dry_run.json" > "$out/tune_triton.log" 2>&1 \
+    || { tail -30 "$out/tune_triton.log"; status=1; }
+  tail -3 "$out/tune_triton.log"
   step "bench (dry run)"
   $python benchmarks/gpu_bench.py --dry-run --out "$out" --suites moe --shapes tiny-k1 > "$out/bench.log" 2>&1 \
     || { tail -30 "$out/bench.log"; status=1; }
@@ -120,6 +126,12 @@ step "host time per call: validate, choose a backend, issue the launches (log: $
 timeout 90 $python benchmarks/host_overhead.py --calls 500 --csv "$out/host_overhead.csv" > "$out/host_overhead.log" 2>&1 \
   || status=1
 tail -12 "$out/host_overhead.log"
+
+if [ $tune = 1 ] && [ -f moe_kernels/triton/tune.py ]; then
+  step "tune the Triton expert-MLP configs for this GPU (log: $out/tune_triton.log)"
+  timeout 330 $python -m moe_kernels.triton.tune --budget 100 --copy-to "$out" > "$out/tune_triton.log" 2>&1 || status=1
+  grep -E "^(tune|wrote|copy|  I |  compiled)|WARNING" "$out/tune_triton.log" | tail -20
+fi
 
 if [ $tune = 1 ] && [ -f moe_kernels/backend_table.py ]; then
   step "measure the auto backend table for this GPU (log: $out/extra.log)"

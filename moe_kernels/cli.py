@@ -34,6 +34,22 @@ def _backend_lines() -> list[str]:
     return lines
 
 
+def _triton_configs_line() -> str:
+    """Which Triton config tables are in force for the local GPU (moe_kernels.triton.configs)."""
+    from moe_kernels.triton import configs
+
+    base = f"Triton configs: {configs.TABLE_PATH}"
+    if not torch.cuda.is_available():
+        return base + " (no GPU: no per-GPU table applies)"
+    name = torch.cuda.get_device_name()
+    tables = configs.device_tables(name)
+    if not tables:
+        return (base + f"; no tuned table for {name} (moe-kernels tune --triton writes "
+                f"{configs.user_configs_path(name)})")
+    return base + "; tuned for " + name + ", read first: " + ", ".join(
+        f"{path} ({len(table.get('mlp', []))} mlp entries)" for path, table in tables)
+
+
 def cmd_info(args) -> int:
     print(f"moe_kernels {moe_kernels.__version__}")
     print(f"python {platform.python_version()}, torch {torch.__version__}, machine {platform.machine()}, "
@@ -54,6 +70,7 @@ def cmd_info(args) -> int:
     from moe_kernels.backend_table import describe
 
     print("\n".join(describe()))
+    print(_triton_configs_line())
     try:
         from moe_kernels.hf.families import families_table
     except Exception as exc:  # noqa: BLE001 - transformers missing or integration not built
@@ -183,6 +200,9 @@ def cmd_craft(argv) -> int:
 
 
 def cmd_tune(argv) -> int:
+    if argv and argv[0] == "--triton":  # the Triton tile configs of this GPU (moe_kernels.triton.tune)
+        from moe_kernels.triton.tune import main as tune_triton
+        return tune_triton(argv[1:])
     from moe_kernels.backend_table import tune_main
     return tune_main(argv)
 
@@ -195,8 +215,9 @@ def cmd_compile_check(argv) -> int:
 # Sub-commands with parsers of their own: everything after the name is theirs (``--help`` included).
 DELEGATED = {"bench": (cmd_bench, "benchmark suites; see 'moe-kernels bench --help'"),
              "craft": (cmd_craft, "PESC sparsity crafting; see 'moe-kernels craft --help'"),
-             "tune": (cmd_tune, "measure triton vs cuda per shape class on this GPU, for backend='auto'; "
-                      "see 'moe-kernels tune --help'"),
+             "tune": (cmd_tune, "measure triton vs cuda per shape class on this GPU, for backend='auto' "
+                      "('moe-kernels tune --help'); 'tune --triton': the Triton tile configs of this GPU "
+                      "('moe-kernels tune --triton --help')"),
              "compile-check": (cmd_compile_check, "AOT-compile the Triton kernels; see 'moe-kernels compile-check --help'")}
 
 

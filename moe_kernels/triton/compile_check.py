@@ -213,7 +213,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default=None, help="only kernel modules or kernels whose name contains this")
     parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="parallel compiles")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    parser.add_argument("--tune-candidates", action="store_true",
+                        help="compile the candidate tiles of 'moe-kernels tune --triton' (bf16 expert-MLP kernels) "
+                             "instead of the shipped configs")
     args = parser.parse_args(argv)
+    if args.tune_candidates:  # read by experts._compile_specs, here and in the worker processes
+        from .experts import TUNE_CANDIDATES_VARIABLE
+
+        os.environ[TUNE_CANDIDATES_VARIABLE] = "1"
+        args.only = args.only or "experts"
     archs = _parse_arch(args.arch)
     if interpreting():
         env = dict(os.environ)

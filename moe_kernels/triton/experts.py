@@ -410,7 +410,7 @@ def _forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias,
     top_k = ids.shape[1]
     num_rows = num_tokens * top_k
     plan = dispatch_plan(ids, num_experts)
-    cfg = mlp_config(num_rows, num_experts, fp32=x.dtype == torch.float32)
+    cfg = mlp_config(num_rows, num_experts, inter, fp32=x.dtype == torch.float32, device=x.device)
     upcast = interpreting()
     precision = dot_precision(x.dtype)
     steps = num_experts.bit_length()
@@ -474,7 +474,7 @@ def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, do
     inter = two_inter // 2
     top_k = ids.shape[1]
     num_rows = num_tokens * top_k
-    cfg = mlp_config(num_rows, num_experts, fp32=x.dtype == torch.float32)
+    cfg = mlp_config(num_rows, num_experts, inter, fp32=x.dtype == torch.float32, device=x.device)
     upcast = interpreting()
     precision = dot_precision(x.dtype)
     steps = num_experts.bit_length()
@@ -635,7 +635,8 @@ class MoeMLPFunction(torch.autograd.Function):
          tiles) = ctx.saved_tensors
         activation, interleaved, swiglu_limit = ctx.options
         if pre.shape[0] != ids.numel():  # recompute mode: one more gate/up GEMM instead of keeping [N, 2I]
-            cfg = mlp_config(ids.numel(), gate_up_proj.shape[0], fp32=x.dtype == torch.float32)["up"]
+            cfg = mlp_config(ids.numel(), gate_up_proj.shape[0], gate_up_proj.shape[1] // 2,
+                             fp32=x.dtype == torch.float32, device=x.device)["up"]
             _, pre = _gate_up(x, gate_up_proj, gate_up_bias, ids.shape[1], expert_offsets, sorted_slots,
                               tiles[_TILE_ROW["up"]], cfg, activation, interleaved, swiglu_limit, store_act=False,
                               save_pre=True)
@@ -706,6 +707,9 @@ _LAYOUT = {
 }
 
 
+TUNE_CANDIDATES_VARIABLE = "MOE_KERNELS_COMPILE_TUNE_CANDIDATES"  # set by compile-check --tune-candidates
+
+
 def _compile_specs():
     """(kernel, signature, constexprs, options, divisible) for every expert-MLP kernel at every shipped config:
     the planned kernels of the 'mlp' families and the decode (BY_EXPERT) launches of the 'mlp_decode' ones."""
@@ -724,10 +728,17 @@ def _compile_specs():
     tile_scan = {"BLOCK_E": _TILE_SCAN_BLOCK_E}
     specs.append((_tile_scan_kernel, _signature(_tile_scan_kernel, tile_scan, "*i32"), tile_scan,
                   {"num_warps": 4, "num_stages": 1}, ()))
-    for dtype, suffix in ((torch.bfloat16, ""), (torch.float32, "_fp32")):
+    if os.environ.get(TUNE_CANDIDATES_VARIABLE) == "1":  # compile-check --tune-candidates: the tuner's tiles only
+        from .tune import candidate_entries
+
+        families = ((torch.bfloat16, candidate_entries(), []),)
+    else:
+        families = ((dtype, entries("mlp" + suffix), entries("mlp_decode" + suffix))
+                    for dtype, suffix in ((torch.bfloat16, ""), (torch.float32, "_fp32")))
+    for dtype, mlp_entries, decode_entries in families:
         data = _POINTER_TYPES[dtype]
         precision = "ieee" if dtype == torch.float32 else "tf32"
-        for entry in entries("mlp" + suffix):
+        for entry in mlp_entries:
             for activation, interleaved, bias, limit in _COMPILE_VARIANTS:
                 act = {"ACTIVATION": ACTIVATION_CODES[activation], "INTERLEAVED": interleaved, "HAS_LIMIT": limit}
                 add(_gate_up_kernel, entry["up"], dict(act, HAS_BIAS=bias, STORE_ACT=True, SAVE_PRE=True,
@@ -752,7 +763,7 @@ def _compile_specs():
                               "HAS_LIMIT": limit, "BLOCK_R": _ACT_BLOCK_R, "BLOCK_C": _ACT_BLOCK_C}
                 specs.append((_gated_activation_kernel, _signature(_gated_activation_kernel, constexprs, data),
                               constexprs, {"num_warps": 4, "num_stages": 3}, ("inter",)))
-        for entry in entries("mlp_decode" + suffix):
+        for entry in decode_entries:
             for activation, interleaved, bias, limit in _COMPILE_VARIANTS:
                 act = {"ACTIVATION": ACTIVATION_CODES[activation], "INTERLEAVED": interleaved, "HAS_LIMIT": limit}
                 add(_gate_up_kernel, entry["up"], dict(act, HAS_BIAS=bias, STORE_ACT=True, SAVE_PRE=False,

@@ -240,7 +240,7 @@ def test_backend_refuses_cpu_without_interpreter(monkeypatch):
 def test_config_table_covers_every_shape_class():
     for num_rows, num_experts in [(1, 8), (64, 8), (4096, 64), (10 ** 6, 256), (8, 4096)]:
         for fp32 in (False, True):
-            cfg = configs.mlp_config(num_rows, num_experts, fp32=fp32)
+            cfg = configs.mlp_config(num_rows, num_experts, 768, fp32=fp32)
             assert set(cfg) >= {"up", "down", "down_bwd", "dx", "dw"}
         assert configs.plan_config(num_rows, num_experts)["BLOCK"] >= 1
         assert configs.route_config(num_rows, num_experts)["BLOCK_T"] >= 1

@@ -1,0 +1,539 @@
+"""Tune the expert-MLP Triton configs for the local GPU: ``moe-kernels tune --triton``.
+
+The shipped ``configs.json`` holds one set of tiles per rows-per-expert class, chosen without a GPU. This
+command times candidate tiles of each expert-MLP kernel on the local GPU, at the shapes of the models asked for,
+and writes the winners to the user's per-GPU table (:func:`moe_kernels.triton.configs.user_configs_path`),
+which every later process reads for that GPU model -- the way vLLM ships fused-MoE configs per GPU.
+
+What it does, per model shape (H, I, E, k) and rows-per-expert class of ``configs.json``:
+
+1. **Candidates**: the entry in force plus :data:`CANDIDATES` of its class, one kernel at a time.
+2. **Compile first, in parallel**: ``--jobs`` spawned processes run every candidate once at the real weight
+   shapes with a few tokens (the same Triton specialisation), so the kernels are in Triton's disk cache before
+   any timing; compiling serially would take most of the budget.
+3. **Coordinate descent**: ``up`` and ``down`` are chosen by the time of a forward (the planned one that
+   training runs; inference runs the same tiles), then
+   ``down_bwd``, ``dx`` and ``dw`` by the time of a backward (``autograd.grad`` with a kept graph). CUDA events,
+   median of ``--repeats`` after a warm-up. A candidate whose outputs or gradients differ from the entry in
+   force (norm-wise relative error above :data:`AGREEMENT`) or that fails to compile is left out and reported.
+4. **The table**: one entry per (width class, rows class) with ``min_*``/``max_*`` bounds, the shape it was
+   tuned at and the before/after times, merged into the existing table of the GPU model (other width classes
+   are kept). The width class is the intermediate size I (:data:`INTER_CLASSES`): tiles that suit
+   Qwen3-30B-A3B's I=768 are not those of Mixtral's I=14336.
+
+``--dry-run`` (no GPU: CI) runs the same steps under the Triton interpreter on a tiny shape, for the two smaller
+rows classes, with two candidates per kernel and wall-clock timing; its table is marked ``"measured": false`` and is written only where
+``--out`` says, never to the user's cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+
+import torch
+
+from . import configs
+
+# Model shapes (hidden H, intermediate I, experts E, top-k) tunable by name.
+SHAPES = {
+    "qwen3-30b-a3b": (2048, 768, 128, 8),
+    "olmoe": (2048, 1024, 64, 8),
+    "deepseek-v3-scaled": (2048, 512, 256, 8),  # E and k of DeepSeek-V3 at gpu_bench.py's scaled width
+    "mixtral-8x7b": (4096, 14336, 8, 2),
+}
+DEFAULT_SHAPES = ("qwen3-30b-a3b", "mixtral-8x7b")
+# Width classes of the tuned entries, by intermediate size I: (min, max), None = unbounded.
+INTER_CLASSES = ((None, 1024), (1025, 4096), (4097, None))
+FORWARD_KERNELS = ("up", "down")
+BACKWARD_KERNELS = ("down_bwd", "dx", "dw")
+AGREEMENT = 2e-2  # largest norm-wise relative difference from the entry in force (bf16 rounding: ~3e-3)
+
+
+def _gemm(m, n, k, warps, stages):
+    return {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "num_warps": warps, "num_stages": stages}
+
+
+def _outer(i, j, p, warps, stages):
+    return {"BLOCK_I": i, "BLOCK_J": j, "BLOCK_P": p, "num_warps": warps, "num_stages": stages}
+
+
+# Candidate tiles per rows-per-expert class of configs.json's 'mlp' family (index 0: the fewest rows). "gemm"
+# serves down and dx; "up" (BLOCK_N intermediate columns, two accumulators) and "down_bwd" (the activation's
+# backward in its epilogue) hold more per thread and have lists of their own; 'dw' is the per-expert
+# weight-gradient kernel (BLOCK_P rows per step). Few rows per expert: the weights are read once per row tile, so
+# narrow M and wide K/N; many rows: the large tiles of a compute-bound GEMM. Every candidate compiles for sm_80 and
+# sm_90 without spills (the larger tiles of 'up' and 'down_bwd' that spilled were dropped), so a tuned table can
+# ship under the compile check.
+_SMALL_ROWS = [_gemm(16, 64, 64, 4, 3), _gemm(16, 32, 128, 4, 4), _gemm(16, 64, 128, 4, 3), _gemm(16, 128, 64, 4, 3),
+               _gemm(16, 64, 256, 4, 3), _gemm(16, 128, 128, 8, 3), _gemm(32, 64, 64, 4, 3), _gemm(16, 32, 64, 4, 4)]
+CANDIDATES = (
+    {"gemm": _SMALL_ROWS, "up": _SMALL_ROWS, "down_bwd": _SMALL_ROWS,
+     "dw": [_outer(64, 64, 32, 4, 3), _outer(64, 64, 16, 4, 3), _outer(128, 64, 16, 4, 3), _outer(64, 128, 16, 4, 3),
+            _outer(128, 128, 16, 8, 3), _outer(32, 64, 16, 4, 3)]},
+    {"gemm": [_gemm(64, 64, 64, 8, 3), _gemm(64, 128, 64, 8, 3), _gemm(64, 64, 64, 4, 3), _gemm(64, 128, 64, 4, 4),
+              _gemm(32, 64, 64, 4, 3), _gemm(64, 64, 128, 4, 3), _gemm(128, 64, 64, 8, 3), _gemm(128, 128, 64, 8, 3)],
+     "up": [_gemm(64, 64, 64, 8, 3), _gemm(64, 128, 64, 8, 3), _gemm(64, 64, 32, 4, 3), _gemm(32, 64, 64, 4, 3),
+            _gemm(32, 64, 128, 4, 3), _gemm(128, 64, 64, 8, 3), _gemm(64, 32, 64, 4, 4), _gemm(128, 32, 64, 8, 3)],
+     "down_bwd": [_gemm(64, 64, 64, 8, 3), _gemm(32, 64, 64, 4, 3), _gemm(64, 32, 64, 4, 3), _gemm(64, 32, 64, 8, 3),
+                  _gemm(32, 32, 64, 4, 3), _gemm(64, 64, 32, 8, 3), _gemm(128, 32, 64, 8, 3), _gemm(32, 64, 128, 4, 3)],
+     "dw": [_outer(64, 64, 32, 4, 3), _outer(128, 128, 32, 8, 3), _outer(128, 64, 32, 4, 3), _outer(64, 128, 32, 4, 3),
+            _outer(128, 128, 64, 8, 3), _outer(64, 64, 64, 4, 3)]},
+    {"gemm": [_gemm(128, 64, 64, 8, 3), _gemm(128, 128, 64, 8, 3), _gemm(128, 128, 64, 8, 4),
+              _gemm(64, 256, 64, 8, 3), _gemm(64, 128, 64, 4, 3), _gemm(128, 64, 64, 4, 4),
+              _gemm(128, 128, 32, 8, 4), _gemm(128, 128, 32, 8, 3)],
+     "up": [_gemm(128, 64, 64, 8, 3), _gemm(128, 64, 64, 8, 4), _gemm(128, 32, 64, 8, 3), _gemm(64, 64, 64, 8, 3),
+            _gemm(64, 128, 64, 8, 3), _gemm(128, 64, 32, 8, 4), _gemm(128, 64, 32, 8, 3), _gemm(128, 32, 128, 8, 3)],
+     "down_bwd": [_gemm(128, 32, 64, 8, 3), _gemm(128, 32, 64, 8, 4), _gemm(64, 64, 64, 8, 3), _gemm(64, 32, 64, 4, 3),
+                  _gemm(128, 32, 128, 8, 3), _gemm(64, 64, 32, 8, 4), _gemm(128, 16, 64, 8, 3), _gemm(64, 32, 128, 4, 3)],
+     "dw": [_outer(128, 128, 32, 8, 3), _outer(128, 128, 64, 8, 3), _outer(128, 128, 64, 8, 4),
+            _outer(128, 128, 32, 8, 4), _outer(256, 128, 32, 8, 3), _outer(64, 128, 32, 4, 3)]},
+)
+# --dry-run: the interpreter is slow, so two small candidates per kernel.
+DRY_RUN_CANDIDATES = {"gemm": [_gemm(16, 32, 32, 4, 2), _gemm(32, 16, 16, 4, 2)],
+                      "dw": [_outer(32, 32, 16, 4, 2), _outer(16, 16, 16, 4, 2)]}
+DRY_RUN_SHAPE = (64, 48, 5, 2)
+
+
+def candidate_entries() -> list[dict]:
+    """Every candidate tile as 'mlp' entries (the i-th entry holds each kernel's i-th candidate of its class), for
+    ``moe-kernels compile-check --tune-candidates``, which checks that each compiles without spills."""
+    found = []
+    for table in CANDIDATES:
+        for i in range(max(len(configs_of) for configs_of in table.values())):
+            def pick(kernel):
+                configs_of = table.get(kernel, table["gemm"])
+                return dict(configs_of[i % len(configs_of)])
+            found.append({kernel: pick(kernel) for kernel in (*FORWARD_KERNELS, *BACKWARD_KERNELS)})
+    return found
+
+
+def rows_classes() -> list[tuple[int | None, int | None, int]]:
+    """(min, max, representative) rows per expert of each class of configs.json's 'mlp' family."""
+    classes, low = [], None
+    for entry in configs.load_table()["mlp"]:
+        high = entry.get("max_rows_per_expert")
+        rep = high if low is None else (high // 2 if high is not None else 2 * (low - 1))
+        classes.append((low, high, max(rep, 1 if low is None else low)))
+        if high is None:
+            break
+        low = high + 1
+    return classes
+
+
+def inter_class(inter: int) -> tuple[int | None, int | None]:
+    for low, high in INTER_CLASSES:
+        if (low is None or inter >= low) and (high is None or inter <= high):
+            return low, high
+    raise AssertionError("unreachable")
+
+
+def candidates_for(kernel: str, class_index: int, dry_run: bool) -> list[dict]:
+    table = DRY_RUN_CANDIDATES if dry_run else CANDIDATES[min(class_index, len(CANDIDATES) - 1)]
+    return [dict(cfg) for cfg in table.get(kernel, table["gemm"])]
+
+
+def _label(cfg: dict) -> str:
+    blocks = "x".join(str(value) for key, value in cfg.items() if key.startswith("BLOCK"))
+    return f"{blocks} w{cfg['num_warps']} s{cfg['num_stages']}"
+
+
+def _kernel_entry(entry: dict) -> dict:
+    return {name: dict(entry[name]) for name in (*FORWARD_KERNELS, *BACKWARD_KERNELS)}
+
+
+# ---- one case: inputs, runs, agreement ------------------------------------------------------------------
+
+
+class Case:
+    """The inputs of one (shape, tokens) case and its forward / backward runs on the triton backend."""
+
+    def __init__(self, hidden, inter, experts, top_k, tokens, device, dtype, values=True, seed=0):
+        import moe_kernels
+
+        self.mk = moe_kernels
+        g = torch.Generator(device="cpu").manual_seed(seed)
+
+        def tensor(*shape, scale=1.0):
+            if not values:  # compile warm-up: the values do not matter
+                return torch.empty(shape, dtype=dtype, device=device)
+            return (torch.randn(shape, generator=g) * scale).to(device=device, dtype=dtype)
+
+        self.x = tensor(tokens, hidden).requires_grad_()
+        self.w1 = tensor(experts, 2 * inter, hidden, scale=hidden ** -0.5).requires_grad_()
+        self.w2 = tensor(experts, hidden, inter, scale=inter ** -0.5).requires_grad_()
+        logits = torch.randn(tokens, experts, generator=g)
+        weights, ids = torch.softmax(logits, dim=-1).topk(top_k, dim=-1)
+        self.weights, self.ids = weights.to(device), ids.to(device=device, dtype=torch.int32)
+        self.grad = tensor(tokens, hidden)
+        self.leaves = (self.x, self.w1, self.w2)
+        self._graph = None
+
+    def _run(self):
+        return self.mk.moe_mlp(self.x, self.w1, self.w2, self.weights, self.ids, backend="triton")
+
+    def forward(self):
+        # With gradients on: the planned forward (without them, a few slots take the decode path, which
+        # these configs do not drive); the training forward's kernels, which inference shares.
+        with torch.enable_grad():
+            return self._run().detach()
+
+    def prepare_backward(self):
+        self._graph = self._run()
+
+    def backward(self):
+        return torch.autograd.grad(self._graph, self.leaves, self.grad, retain_graph=True)
+
+    def release(self):
+        self._graph = None
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    want = want.float()
+    return float((got.float() - want).norm() / want.norm().clamp_min(1e-30))
+
+
+# ---- compile warm-up in worker processes ------------------------------------------------------------------
+
+
+def warm_tokens(tokens: int, top_k: int) -> int:
+    """A small token count whose routed rows T*k have the same divisibility by 16 as ``tokens``' (the
+    specialisation Triton's JIT compiles for), so a warm-up compiles the kernels the timed run uses."""
+    if tokens <= 64:
+        return tokens
+    want = (tokens * top_k) % 16 == 0
+    for small in range(17, 65):
+        if ((small * top_k) % 16 == 0) == want:
+            return small
+    return tokens
+
+
+_worker_cases: dict = {}  # (H, I, E, k, T) -> Case, per worker process
+
+
+def _warm_one(job) -> str | None:
+    """Worker: run one candidate entry once (forward, or forward and backward); an error message or None."""
+    shape, entry, backward = job
+    try:
+        case = _worker_cases.get(shape)
+        if case is None:
+            _worker_cases.clear()  # one shape's tensors at a time
+            case = _worker_cases[shape] = Case(*shape, torch.device("cuda"), torch.bfloat16, values=False)
+        with configs.override("mlp", entry):
+            if backward:
+                case.prepare_backward()
+                case.backward()
+                case.release()
+            else:
+                case.forward()
+        torch.cuda.synchronize()
+        return None
+    except Exception as exc:  # noqa: BLE001 - reported per candidate
+        return f"{type(exc).__name__}: {str(exc)[:200]}"
+
+
+def _worker_init():
+    os.environ.pop("TRITON_INTERPRET", None)
+    import moe_kernels  # noqa: F401 - import once per worker
+
+
+def warm_compile(jobs: list, processes: int, log=print) -> dict:
+    """Compile every job's kernels in ``processes`` spawned workers; {job index: error} of the failures."""
+    if not jobs:
+        return {}
+    import multiprocessing
+
+    started = time.monotonic()
+    failures = {}
+    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_worker_init) as pool:
+        for index, error in enumerate(pool.map(_warm_one, jobs)):
+            if error is not None:
+                failures[index] = error
+    log(f"  compiled {len(jobs)} candidate runs in {processes} processes: {time.monotonic() - started:.0f} s, "
+        f"{len(failures)} failed")
+    return failures
+
+
+# ---- timing and the descent ---------------------------------------------------------------------------------
+
+
+def _time_ms(fn, repeats: int, gpu: bool):
+    """(median ms of ``repeats`` timed calls after one warm-up call, the last call's result)."""
+    result = fn()  # warm-up: loads the compiled kernel from the cache
+    samples = []
+    for _ in range(repeats):
+        if gpu:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            result = fn()
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            result = fn()
+            samples.append((time.perf_counter() - begin) * 1e3)
+    return statistics.median(samples), result
+
+
+def descend(base: dict, candidates: dict, measure, deadline: float | None = None, log=print) -> dict:
+    """Coordinate descent over kernels: for each kernel in ``candidates`` ({kernel: [config]}, in order), every
+    candidate replaces that kernel's config in the best entry so far and ``measure(entry, kernel)`` gives
+    (ms, outputs); the fastest whose outputs agree with ``base``'s (:data:`AGREEMENT`) is kept.
+
+    Returns {"entry": the tuned entry, "times": {kernel: {label: ms}}, "rejected": {kernel: {label: why}},
+    "complete": False when the deadline stopped it (the kernels left keep the config in force)}."""
+    best = _kernel_entry(base)
+    times, rejected, reference, complete = {}, {}, {}, True
+    for kernel, configs_of_kernel in candidates.items():
+        if deadline is not None and time.monotonic() > deadline:
+            complete = False
+            log(f"    {kernel}: budget spent, kept {_label(best[kernel])}")
+            continue
+        times[kernel], rejected[kernel] = {}, {}
+        chosen, chosen_ms = best[kernel], None
+        seen = set()
+        for cfg in [best[kernel], *configs_of_kernel]:
+            label = _label(cfg)
+            if label in seen:
+                continue
+            seen.add(label)
+            entry = dict(best, **{kernel: cfg})
+            try:
+                ms, outputs = measure(entry, kernel)
+            except Exception as exc:  # noqa: BLE001 - a candidate that cannot run is reported and skipped
+                rejected[kernel][label] = f"{type(exc).__name__}: {str(exc)[:160]}"
+                continue
+            mode = "backward" if kernel in BACKWARD_KERNELS else "forward"
+            if mode not in reference:  # the first run of each mode is the entry in force: the reference
+                reference[mode] = outputs
+            worst = max(relative_error(got, want) for got, want in zip(outputs, reference[mode]))
+            if not worst <= AGREEMENT:
+                rejected[kernel][label] = f"disagrees with the entry in force (relative error {worst:.2e})"
+                continue
+            times[kernel][label] = ms
+            if chosen_ms is None or ms < chosen_ms:
+                chosen, chosen_ms = cfg, ms
+        best[kernel] = dict(chosen)
+        if not times[kernel]:
+            log(f"    {kernel}: WARNING: no candidate ran, the config in force is kept: "
+                + "; ".join(f"{label}: {why}" for label, why in list(rejected[kernel].items())[:2]))
+        log(f"    {kernel}: {_label(chosen)} {chosen_ms if chosen_ms is None else round(chosen_ms, 4)} ms "
+            f"({len(times[kernel])} timed, {len(rejected[kernel])} left out)")
+    return {"entry": best, "times": times, "rejected": rejected, "complete": complete}
+
+
+def compile_processes(shape, device, limit: int) -> int:
+    """How many warm-up processes fit: each holds the shape's weights and their gradients (bf16) plus about 1 GiB,
+    within half the free GPU memory."""
+    hidden, inter, experts, _ = shape
+    free, _ = torch.cuda.mem_get_info(device)
+    per_process = 2 * 3 * inter * hidden * experts * 2 + 2 ** 30
+    return max(1, min(limit, int(0.5 * free // per_process)))
+
+
+def tune_shape(shape, device, *, dry_run=False, repeats=7, jobs=1, budget_s=None, log=print) -> list[dict]:
+    """The tuned entries (one per rows class) of one model shape (H, I, E, k); ``budget_s`` seconds of timing
+    (the compile warm-up comes first and is not counted)."""
+    hidden, inter, experts, top_k = shape
+    gpu = device.type == "cuda"
+    dtype = torch.bfloat16  # the 'mlp' family (float32 inputs take 'mlp_fp32', which is not tuned)
+    low_i, high_i = inter_class(inter)
+    plans = []
+    classes = rows_classes()
+    if dry_run:  # the interpreter: the two smaller classes, each at its fewest rows
+        classes = [(low, high, low or 1) for low, high, _ in classes[:2]]
+    for index, (low_r, high_r, rep) in enumerate(classes):
+        tokens = max(1, rep * experts // top_k)  # rounded down: ceil(T*k/E), the rows the lookup sees, stays <= rep
+        base = configs.mlp_config(tokens * top_k, experts, inter, device=device)
+        candidates = {kernel: candidates_for(kernel, index, dry_run) for kernel in (*FORWARD_KERNELS,
+                                                                                    *BACKWARD_KERNELS)}
+        plans.append((index, low_r, high_r, tokens, base, candidates))
+    processes = compile_processes(shape, device, jobs) if gpu and jobs > 1 else 1
+    if processes > 1:  # compile every candidate before timing any (workers share Triton's disk cache)
+        warm_jobs = []
+        for index, low_r, high_r, tokens, base, candidates in plans:
+            small = warm_tokens(tokens, top_k)
+            for kernel, cfgs in candidates.items():
+                for cfg in cfgs:
+                    warm_jobs.append(((hidden, inter, experts, top_k, small),
+                                      dict(_kernel_entry(base), **{kernel: cfg}), kernel in BACKWARD_KERNELS))
+        warm_compile(warm_jobs, processes, log)
+    deadline = None if budget_s is None else time.monotonic() + budget_s
+    tuned = []
+    for index, low_r, high_r, tokens, base, candidates in plans:
+        log(f"  H={hidden} I={inter} E={experts} k={top_k}, T={tokens} "
+            f"(rows per expert {low_r or 1}..{high_r or 'inf'}):")
+        case = Case(hidden, inter, experts, top_k, tokens, device, dtype)
+
+        def measure(entry, kernel):
+            with configs.override("mlp", entry):
+                if kernel in FORWARD_KERNELS:
+                    ms, y = _time_ms(case.forward, repeats, gpu)
+                    return ms, (y,)
+                case.prepare_backward()
+                try:
+                    return _time_ms(case.backward, repeats, gpu)
+                finally:
+                    case.release()
+
+        result = descend(base, candidates, measure, deadline, log)
+        before = {kernel: result["times"].get(kernel, {}).get(_label(base[kernel])) for kernel in result["times"]}
+        after = {kernel: result["times"].get(kernel, {}).get(_label(result["entry"][kernel]))
+                 for kernel in result["times"]}
+        tuned.append(dict(
+            {"min_inter": low_i, "max_inter": high_i, "min_rows_per_expert": low_r, "max_rows_per_expert": high_r},
+            **result["entry"],
+            tuned_at={"H": hidden, "I": inter, "E": experts, "k": top_k, "T": tokens},
+            ms={"before": before, "after": after}, complete=result["complete"],
+            rejected={k: v for k, v in result["rejected"].items() if v}))
+        del case
+        if gpu:
+            torch.cuda.empty_cache()
+    return tuned
+
+
+def merge(existing: dict | None, tuned: list[dict], device_name: str, how: dict) -> dict:
+    """The per-GPU table: ``existing``'s entries of the width classes not tuned now, then the new ones, sorted by
+    width class and rows class (lookups take the first entry whose bounds hold)."""
+    fresh = {(entry["min_inter"], entry["max_inter"]) for entry in tuned}
+    kept = [entry for entry in (existing or {}).get("mlp", [])
+            if (entry.get("min_inter"), entry.get("max_inter")) not in fresh]
+
+    def order(entry):
+        return (entry.get("min_inter") or 0, entry.get("min_rows_per_expert") or 0)
+
+    return {"device": device_name, "how": how, "mlp": sorted([*kept, *tuned], key=order)}
+
+
+def _shape_list(names: str, custom: list[str]) -> list[tuple[int, int, int, int]]:
+    shapes = []
+    for name in filter(None, (item.strip() for item in names.split(","))):
+        if name not in SHAPES:
+            raise SystemExit(f"moe-kernels tune --triton: unknown shape {name!r}; known: {', '.join(SHAPES)} "
+                             "(or --shape H,I,E,k)")
+        shapes.append(SHAPES[name])
+    for text in custom:
+        try:
+            hidden, inter, experts, top_k = (int(v) for v in text.split(","))
+        except ValueError:
+            raise SystemExit(f"moe-kernels tune --triton: --shape takes H,I,E,k (four integers), not {text!r}")
+        if min(hidden, inter, experts, top_k) < 1 or top_k > experts:
+            raise SystemExit(f"moe-kernels tune --triton: --shape {text}: sizes must be >= 1 and k <= E")
+        shapes.append((hidden, inter, experts, top_k))
+    classes = [inter_class(shape[1]) for shape in shapes]
+    if len(set(classes)) != len(classes):
+        raise SystemExit("moe-kernels tune --triton: two shapes in one width class "
+                         f"(classes of I: {INTER_CLASSES}); tune one shape per class")
+    return shapes
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="moe-kernels tune --triton",
+        description="Time candidate tiles of the expert-MLP Triton kernels on the local GPU and write the fastest "
+                    "to this GPU model's table in your cache, which later processes read automatically.")
+    parser.add_argument("--shapes", default=",".join(DEFAULT_SHAPES),
+                        help=f"comma-separated model shapes, one per width class (known: {', '.join(SHAPES)})")
+    parser.add_argument("--shape", action="append", default=[], metavar="H,I,E,k", help="a model shape by size")
+    parser.add_argument("--budget", type=float, default=120.0,
+                        help="seconds of timing (after compiling) before the rest keeps the configs in force")
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--jobs", type=int, default=min(16, os.cpu_count() or 1),
+                        help="processes compiling the candidates before timing (GPU memory permitting)")
+    parser.add_argument("--out", default=None, help="table file to write (default: your cache's file for this GPU)")
+    parser.add_argument("--copy-to", default=None, help="also write a copy of the table into this folder")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="no GPU: a tiny shape under the Triton interpreter, two candidates per kernel (needs "
+                             "--out; nothing is written to the cache)")
+    args = parser.parse_args(argv)
+    log = print
+    if args.dry_run:
+        if not args.out:
+            parser.error("--dry-run writes only where --out says")
+        if os.environ.get("TRITON_INTERPRET") != "1":  # kernels are made interpreted when their module loads
+            import subprocess
+
+            env = dict(os.environ, TRITON_INTERPRET="1")
+            return subprocess.call([sys.executable, "-m", "moe_kernels.triton.tune", *(argv if argv is not None else sys.argv[1:])],
+                                   env=env)
+        device, device_name, shapes = torch.device("cpu"), "dry-run (CPU, Triton interpreter)", [DRY_RUN_SHAPE]
+    else:
+        if not torch.cuda.is_available():
+            print("moe-kernels tune --triton: no CUDA GPU here (use --dry-run to check the command)", file=sys.stderr)
+            return 2
+        if "MOE_KERNELS_TRITON_CONFIGS" in os.environ:
+            print("moe-kernels tune --triton: MOE_KERNELS_TRITON_CONFIGS replaces every table (per-GPU ones too); "
+                  "unset it to tune", file=sys.stderr)
+            return 2
+        device = torch.device("cuda", torch.cuda.current_device())
+        device_name = torch.cuda.get_device_name(device)
+        shapes = _shape_list(args.shapes, args.shape)
+    path = args.out or str(configs.user_configs_path(device_name))
+    existing = None
+    if os.path.exists(path):
+        with open(path) as f:
+            existing = json.load(f)
+        if not args.dry_run and existing.get("device") not in (None, device_name):
+            print(f"moe-kernels tune --triton: {path} holds the table of {existing.get('device')!r}, not of this GPU "
+                  f"({device_name!r})", file=sys.stderr)
+            return 2
+    log(f"tune --triton on {device_name}: shapes {shapes}, up to {args.jobs} compile processes, "
+        f"budget {args.budget:.0f} s of timing")
+    started = time.monotonic()
+    tuned = []
+    for shape in shapes:  # the budget is shared equally; it counts timing, not each shape's compile warm-up
+        tuned.extend(tune_shape(shape, device, dry_run=args.dry_run, repeats=1 if args.dry_run else args.repeats,
+                                jobs=args.jobs, budget_s=args.budget / len(shapes), log=log))
+    how = {"command": "moe-kernels tune --triton " + " ".join(argv if argv is not None else sys.argv[1:]),
+           "date": datetime.date.today().isoformat(), "measured": not args.dry_run, "torch": torch.__version__,
+           "triton": _triton_version(), "seconds": round(time.monotonic() - started)}
+    table = merge(existing, tuned, device_name, how)
+    _write(path, table)
+    log(f"wrote {len(tuned)} tuned 'mlp' entries for {device_name} to {path}")
+    if args.copy_to:
+        os.makedirs(args.copy_to, exist_ok=True)
+        copy = os.path.join(args.copy_to, configs.device_file_name(device_name))
+        _write(copy, table)
+        log(f"copy: {copy} (ship it as moe_kernels/triton/configs/{os.path.basename(copy)})")
+    configs.clear_cache()
+    failed = 0
+    for entry in tuned:
+        failed += sum(ms is None for ms in entry["ms"]["after"].values())
+        before, after = entry["ms"]["before"], entry["ms"]["after"]
+        changed = [kernel for kernel in (*FORWARD_KERNELS, *BACKWARD_KERNELS)
+                   if None not in (before.get(kernel), after.get(kernel)) and before[kernel] != after[kernel]]
+        log(f"  I {entry['min_inter'] or 1}..{entry['max_inter'] or 'inf'}, rows/expert "
+            f"{entry['min_rows_per_expert'] or 1}..{entry['max_rows_per_expert'] or 'inf'}: "
+            + (", ".join(f"{k} {before[k]:.4g} -> {after[k]:.4g} ms" for k in changed)
+               or "the configs in force were fastest"))
+    if failed:
+        log(f"tune --triton: {failed} kernel(s) ran no candidate at all (see the warnings above)")
+    return 1 if failed else 0
+
+
+def _triton_version() -> str:
+    with contextlib.suppress(ImportError):
+        import triton
+        return triton.__version__
+    return "absent"
+
+
+def _write(path: str, table: dict) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(table, f, indent=2)
+    os.replace(tmp, path)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""Per-GPU Triton configs (moe_kernels/triton/configs.py) and their tuner (moe_kernels/triton/tune.py): lookup
+order and bounds, the coordinate descent's choices and refusals, the table merge, and a small tuning run under
+the interpreter. Runs without a GPU (a GPU model is named by hand where a lookup needs one)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from moe_kernels.triton import configs, tune
+
+FAKE_GPU = "Fake GPU 80GB"
+
+
+@pytest.fixture
+def tables(monkeypatch, tmp_path):
+    """A user cache and a shipped per-GPU folder under tmp_path; both empty until a test writes them."""
+    monkeypatch.delenv("MOE_KERNELS_TRITON_CONFIGS", raising=False)
+    monkeypatch.setenv("MOE_KERNELS_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(configs, "SHIPPED_DEVICE_DIR", tmp_path / "shipped")
+    configs.clear_cache()
+    yield tmp_path
+    configs.clear_cache()
+
+
+def _entry(block_m, **bounds):
+    gemm = {"BLOCK_M": block_m, "BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}
+    dw = {"BLOCK_I": 32, "BLOCK_J": 32, "BLOCK_P": 16, "num_warps": 4, "num_stages": 2}
+    return dict(bounds, up=gemm, down=gemm, down_bwd=gemm, dx=gemm, dw=dw)
+
+
+def _write(path, table):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(table))
+
+
+def test_device_file_name():
+    assert configs.device_file_name("NVIDIA H100 80GB HBM3") == "NVIDIA_H100_80GB_HBM3.json"
+    assert configs.device_file_name("NVIDIA A100-SXM4-80GB") == "NVIDIA_A100-SXM4-80GB.json"
+    assert configs.device_file_name(" a/b\\c ") == "a_b_c.json"
+
+
+def test_tuned_entries_apply_within_their_bounds_only(tables):
+    _write(configs.user_configs_path(FAKE_GPU),
+           {"device": FAKE_GPU, "mlp": [_entry(32, min_inter=1025, max_inter=4096, max_rows_per_expert=16)]})
+    base = configs._pick("mlp", None, rows_per_expert=8, inter=2048)
+    assert configs._pick("mlp", FAKE_GPU, rows_per_expert=8, inter=2048)["up"]["BLOCK_M"] == 32
+    for rows, inter in [(8, 1024), (8, 4097), (17, 2048)]:  # outside a bound: the base table's entry
+        assert configs._pick("mlp", FAKE_GPU, rows_per_expert=rows, inter=inter) == \
+            configs._pick("mlp", None, rows_per_expert=rows, inter=inter)
+    assert configs._pick("mlp", "Another GPU", rows_per_expert=8, inter=2048) == base
+
+
+def test_user_table_comes_before_the_shipped_one(tables):
+    _write(configs.SHIPPED_DEVICE_DIR / configs.device_file_name(FAKE_GPU),
+           {"device": FAKE_GPU, "mlp": [_entry(64)]})
+    assert configs._pick("mlp", FAKE_GPU, rows_per_expert=100, inter=768)["up"]["BLOCK_M"] == 64
+    _write(configs.user_configs_path(FAKE_GPU), {"device": FAKE_GPU, "mlp": [_entry(128, max_inter=1024)]})
+    configs.clear_cache()
+    assert configs._pick("mlp", FAKE_GPU, rows_per_expert=100, inter=768)["up"]["BLOCK_M"] == 128
+    assert configs._pick("mlp", FAKE_GPU, rows_per_expert=100, inter=2048)["up"]["BLOCK_M"] == 64
+    # the compile check covers the shipped per-GPU tables, not the user's
+    base = configs.load_table()["mlp"]
+    assert configs.entries("mlp")[:len(base)] == base
+    assert [entry["up"]["BLOCK_M"] for entry in configs.entries("mlp")[len(base):]] == [64]
+
+
+def test_triton_configs_variable_replaces_the_per_gpu_tables(tables, monkeypatch):
+    _write(configs.user_configs_path(FAKE_GPU), {"device": FAKE_GPU, "mlp": [_entry(128)]})
+    monkeypatch.setenv("MOE_KERNELS_TRITON_CONFIGS", str(configs.TABLE_PATH))
+    configs.clear_cache()
+    assert configs.device_tables(FAKE_GPU) == ()
+
+
+def test_malformed_per_gpu_table_is_refused_by_name(tables):
+    path = configs.user_configs_path(FAKE_GPU)
+    _write(path, {"device": FAKE_GPU, "route": []})
+    with pytest.raises(ValueError, match="unknown keys.*route"):
+        configs._pick("mlp", FAKE_GPU, rows_per_expert=1, inter=1)
+    assert str(path) in str(pytest.raises(ValueError, configs.device_tables, FAKE_GPU).value)
+
+
+def test_cpu_tensors_never_read_a_per_gpu_table():
+    assert configs.device_name_of(torch.device("cpu")) is None
+    assert configs.device_name_of(None) is None
+
+
+def test_override_forces_one_entry_and_restores():
+    forced = _entry(16)
+    with configs.override("mlp", forced):
+        assert configs.mlp_config(10 ** 6, 8, 14336) is forced
+        assert configs.mlp_config(1, 8, 64, fp32=True) is not forced  # another family
+    assert configs.mlp_config(10 ** 6, 8, 14336) is not forced
+
+
+def test_rows_classes_tile_the_base_table():
+    classes = tune.rows_classes()
+    assert classes[0][0] is None and classes[-1][1] is None
+    for (low, high, rep), (next_low, _, _) in zip(classes, classes[1:]):
+        assert next_low == high + 1
+    for low, high, rep in classes:
+        assert (low is None or rep >= low) and (high is None or rep <= high)
+        assert configs.mlp_config(rep * 8, 8, 768) is configs._pick("mlp", None, rows_per_expert=rep, inter=768)
+    assert len(tune.CANDIDATES) == len(classes)
+
+
+@pytest.mark.parametrize("experts,top_k", [(7, 3), (5, 2), (128, 8), (8, 2), (3, 3), (257, 9)])
+def test_tuning_tokens_fall_in_their_rows_class(experts, top_k, monkeypatch):
+    """tune_shape times each class at T = rep*E//k tokens: the lookup (ceil(T*k/E) rows per expert) must pick that
+    class's entry, or the candidates would replace another class's tiles."""
+    seen = []
+    monkeypatch.setattr(tune, "descend", lambda base, candidates, measure, deadline, log: seen.append(base) or
+                        {"entry": tune._kernel_entry(base), "times": {}, "rejected": {}, "complete": True})
+    monkeypatch.setattr(tune, "Case", lambda *args, **kwargs: None)
+    tune.tune_shape((64, 32, experts, top_k), torch.device("cpu"), log=lambda *a: None)
+    assert seen == configs.load_table()["mlp"]
+
+
+@pytest.mark.parametrize("top_k", [1, 2, 6, 8])
+@pytest.mark.parametrize("tokens", [1, 63, 64, 65, 100, 4096, 4097, 8191])
+def test_warm_tokens_keep_the_specialisation(tokens, top_k):
+    small = tune.warm_tokens(tokens, top_k)
+    assert small <= 64
+    assert ((small * top_k) % 16 == 0) == ((tokens * top_k) % 16 == 0)
+    assert (small * top_k == 1) == (tokens * top_k == 1)
+
+
+def _fake_measure(times: dict, wrong=(), broken=()):
+    """measure(entry, kernel) for descend(): the time of the kernel's config label; outputs equal to a fixed
+    reference, or off by 10% for the labels in ``wrong``; ``broken`` labels raise (a compile failure)."""
+    reference = torch.linspace(1, 2, 64)
+    calls = []
+
+    def measure(entry, kernel):
+        label = tune._label(entry[kernel])
+        calls.append((kernel, label))
+        if label in broken:
+            raise RuntimeError("out of resource: shared memory")
+        return times[label], (reference * (1.1 if label in wrong else 1.0),)
+
+    return measure, calls
+
+
+def test_descend_keeps_the_fastest_agreeing_candidate():
+    base = configs.mlp_config(4096 * 8, 128, 768)
+    gemm = tune.CANDIDATES[1]["gemm"]
+    labels = [tune._label(cfg) for cfg in [base["up"], *gemm[:3]]]
+    times = {label: 1.0 for label in [tune._label(c) for c in (*gemm, *tune.CANDIDATES[1]["dw"])]}
+    times.update({labels[0]: 1.0, labels[1]: 0.5, labels[2]: 0.2, labels[3]: 0.7})
+    times[tune._label(base["dw"])] = 1.0
+    for kernel in tune.BACKWARD_KERNELS + ("down",):
+        times.setdefault(tune._label(base[kernel]), 1.0)
+    measure, calls = _fake_measure(times, wrong={labels[2]}, broken={labels[3]})
+    result = tune.descend(base, {"up": gemm[:3]}, measure, log=lambda *a: None)
+    assert result["entry"]["up"] == gemm[0]  # labels[2] was faster but disagreed; labels[3] did not compile
+    assert "disagrees" in result["rejected"]["up"][labels[2]]
+    assert "shared memory" in result["rejected"]["up"][labels[3]]
+    assert result["complete"] and calls[0] == ("up", labels[0])  # the entry in force runs first: the reference
+    for kernel in ("down", *tune.BACKWARD_KERNELS):
+        assert result["entry"][kernel] == base[kernel]
+
+
+def test_descend_keeps_the_entry_in_force_when_the_budget_is_spent():
+    base = configs.mlp_config(4096 * 8, 128, 768)
+    result = tune.descend(base, {"up": tune.CANDIDATES[1]["gemm"]}, lambda entry, kernel: (1.0, ()), deadline=0.0,
+                          log=lambda *a: None)
+    assert not result["complete"] and result["entry"]["up"] == base["up"] and "up" not in result["times"]
+
+
+def test_merge_replaces_the_width_classes_tuned_and_keeps_the_others():
+    old = {"device": FAKE_GPU, "mlp": [_entry(16, min_inter=None, max_inter=1024), _entry(32, min_inter=4097)]}
+    new = [_entry(64, min_inter=None, max_inter=1024, min_rows_per_expert=17),
+           _entry(128, min_inter=None, max_inter=1024, min_rows_per_expert=None)]
+    table = tune.merge(old, new, FAKE_GPU, {"measured": True})
+    assert [entry["up"]["BLOCK_M"] for entry in table["mlp"]] == [128, 64, 32]
+    assert table["device"] == FAKE_GPU
+
+
+def test_shape_list_refuses_two_shapes_in_one_width_class_and_bad_sizes():
+    assert tune._shape_list("qwen3-30b-a3b,mixtral-8x7b", []) == [tune.SHAPES["qwen3-30b-a3b"],
+                                                                  tune.SHAPES["mixtral-8x7b"]]
+    with pytest.raises(SystemExit, match="one width class"):
+        tune._shape_list("qwen3-30b-a3b,olmoe", [])
+    with pytest.raises(SystemExit, match="unknown shape"):
+        tune._shape_list("llama", [])
+    with pytest.raises(SystemExit, match="k <= E"):
+        tune._shape_list("", ["64,32,2,4"])
+
+
+def test_tune_without_a_gpu_says_so(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert tune.main([]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_small_tuning_run_under_the_interpreter(monkeypatch):
+    """tune_shape end to end on CPU tensors (the interpreter): one rows class, one alternative per kernel. Every
+    kernel times its candidates and the entry it returns is one of them."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs the Triton interpreter (no GPU)")
+    monkeypatch.setattr(tune, "rows_classes", lambda: [(None, 16, 16)])
+    monkeypatch.setattr(tune, "DRY_RUN_CANDIDATES", {"gemm": [tune._gemm(32, 16, 16, 4, 2)],
+                                                     "dw": [tune._outer(16, 16, 16, 4, 2)]})
+    lines = []
+    (entry,) = tune.tune_shape((32, 24, 3, 2), torch.device("cpu"), dry_run=True, repeats=1, log=lines.append)
+    assert entry["min_rows_per_expert"] is None and entry["max_rows_per_expert"] == 16
+    assert entry["max_inter"] == 1024 and entry["tuned_at"]["I"] == 24
+    base = configs.mlp_config(16 * 3, 3, 24)
+    for kernel in (*tune.FORWARD_KERNELS, *tune.BACKWARD_KERNELS):
+        assert len(entry["ms"]) == 2 and entry["ms"]["after"][kernel] is not None, lines
+        alternative = tune.DRY_RUN_CANDIDATES["dw" if kernel == "dw" else "gemm"][0]
+        assert entry[kernel] in (base[kernel], alternative)
+    assert entry["complete"] and not entry["rejected"]
