@@ -187,9 +187,9 @@ def moe_providers(shape: MoEShape, tokens: int, device, dtype, notes: dict) -> d
         from moe_kernels.triton import configs
 
         if configs.device_tables(torch.cuda.get_device_name(device)):
-            # a tuned table is in force for this GPU (moe-kernels tune --triton): the shipped configs beside it
-            shipped = providers["moe_kernels:triton[shipped configs]"] = _moe_kernels_provider("triton")
-            shipped.context = configs.shipped_only
+            # a per-GPU table is in force (moe-kernels tune --triton, or shipped): configs.json's tiles beside it
+            untuned = providers["moe_kernels:triton[configs.json]"] = _moe_kernels_provider("triton")
+            untuned.context = configs.base_table_only
     if HF_ERROR:
         notes["hf"] = HF_ERROR
         return providers

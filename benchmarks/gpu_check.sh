@@ -3,13 +3,18 @@
 #   1. builds moe_kernels._C in place for the local GPU's arch (C++ CPU ops + CUDA sources);
 #   2. runs the test suite on the GPU (every triton/cuda test on CUDA tensors);
 #   3. times the host side of each op (benchmarks/host_overhead.py: what the CPU spends issuing a decode step);
-#   4. runs benchmarks/gpu_bench.py (peers side by side, roofline floor, peak memory, oracle agreement).
+#   4. with --tune: tunes the Triton expert-MLP tiles for this GPU (moe-kernels tune --triton);
+#   5. runs benchmarks/gpu_bench.py (peers side by side, roofline floor, peak memory, oracle agreement);
+#   6. with --tune: measures the auto backend table; with --hf-speed: the whole-model example.
 # The CPU-only test files are left to CI.
-# Designed to finish in about 8 minutes on one H100/H200. Logs, CSV and Markdown go to --out
+# About 8 minutes on one H100/H200 without --tune; --total-s caps the whole run. Logs, CSV and Markdown go to --out
 # (default $OUT when set, else benchmarks/results_gpu); the summary prints last.
 #
-#   bash benchmarks/gpu_check.sh [--out DIR] [--bench-budget-s 200] [--tests-timeout-s 300] [--skip-tests]
+#   bash benchmarks/gpu_check.sh [--out DIR] [--bench-budget-s 200] [--tests-timeout-s 300] [--total-s 0] [--skip-tests]
 #                                [--skip-bench] [--tune] [--hf-speed] [-- GPU_BENCH_ARGS]
+#     --total-s   the whole run's time limit (0: none): each step's timeout shrinks to what is left and steps that no
+#                 longer fit are skipped and listed (order: build, tests, host time, Triton tuning, benchmark, auto
+#                 table, whole model). A lent machine runs one command for at most 600 s: use --total-s 560 there.
 #     --tune      tune this GPU before the benchmark: the Triton tile configs (moe-kernels tune --triton, written to
 #                 the user cache and copied to --out), then the auto backend table (python -m moe_kernels.backend_table
 #                 --write); the benchmark then runs the tuned configs beside the shipped ones
@@ -27,13 +32,14 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/results_gpu}
-dry=0 skip_tests=0 skip_bench=0 tune=0 hf_speed=0 bench_budget=200 tests_timeout=300 bench_args=()
+dry=0 skip_tests=0 skip_bench=0 tune=0 hf_speed=0 bench_budget=200 tests_timeout=300 total=0 bench_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) dry=1 ;;
     --out) out=$2; shift ;;
     --bench-budget-s) bench_budget=$2; shift ;;
     --tests-timeout-s) tests_timeout=$2; shift ;;
+    --total-s) total=$2; shift ;;
     --skip-tests) skip_tests=1 ;;
     --skip-bench) skip_bench=1 ;;
     --tune) tune=1 ;;
@@ -47,6 +53,18 @@ mkdir -p "$out"
 start=$(date +%s)
 status=0
 step() { echo; echo "=== $* ($(( $(date +%s) - start ))s)"; }
+skipped_steps=""
+skipped() { skipped_steps="$skipped_steps, $1"; echo; echo "=== skipped (time budget): $1"; }
+# cap SECONDS: the step's time limit, SECONDS or less when --total-s leaves less (15 s kept for the summary);
+# fails (no output) when under 20 s are left, and the step is skipped
+cap() {
+  local want=$1 left
+  if [ "$total" -gt 0 ]; then
+    left=$(( total - ($(date +%s) - start) - 15 ))
+    [ $left -lt $want ] && want=$left
+  fi
+  [ $want -ge 20 ] && echo $want
+}
 python=${PYTHON:-python3}
 
 if [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1; then
@@ -112,47 +130,77 @@ if [ $skip_tests = 0 ]; then
     tests/backends/test_triton_internals.py tests/backends/test_native_internals.py tests/backends/test_grouped_rows.py \
     tests/test_gpu*.py tests/test_determinism.py tests/test_layers_adapters.py tests/test_hf_route_parity.py \
     tests/test_errors.py 2>/dev/null)
-  step "tests on the GPU: $(echo $gpu_tests | wc -w) files (log: $out/tests.log)"
-  workers=$($python -c "import xdist" 2>/dev/null && echo "-n 12" || echo "")
-  timeout "$tests_timeout" $python -m pytest $gpu_tests -q -p no:cacheprovider $workers --maxfail=50 -o addopts="-ra" \
-    -m "not slow" > "$out/tests.log" 2>&1
-  rc=$?
-  grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -40
-  tail -3 "$out/tests.log"
-  [ $rc = 0 ] || status=1
+  if t=$(cap "$tests_timeout"); then
+    step "tests on the GPU: $(echo $gpu_tests | wc -w) files, at most ${t}s (log: $out/tests.log)"
+    workers=$($python -c "import xdist" 2>/dev/null && echo "-n 12" || echo "")
+    timeout "$t" $python -m pytest $gpu_tests -q -p no:cacheprovider $workers --maxfail=50 -o addopts="-ra" \
+      -m "not slow" > "$out/tests.log" 2>&1
+    rc=$?
+    grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -40
+    tail -3 "$out/tests.log"
+    [ $rc = 0 ] || status=1
+  else
+    skipped "GPU tests"
+  fi
 fi
 
-step "host time per call: validate, choose a backend, issue the launches (log: $out/host_overhead.log)"
-timeout 90 $python benchmarks/host_overhead.py --calls 500 --csv "$out/host_overhead.csv" > "$out/host_overhead.log" 2>&1 \
-  || status=1
-tail -12 "$out/host_overhead.log"
+if t=$(cap 60); then
+  step "host time per call: validate, choose a backend, issue the launches (log: $out/host_overhead.log)"
+  timeout "$t" $python benchmarks/host_overhead.py --calls 500 --csv "$out/host_overhead.csv" > "$out/host_overhead.log" 2>&1 \
+    || status=1
+  tail -12 "$out/host_overhead.log"
+else
+  skipped "host time per call"
+fi
 
 if [ $tune = 1 ] && [ -f moe_kernels/triton/tune.py ]; then
-  step "tune the Triton expert-MLP configs for this GPU (log: $out/tune_triton.log)"
-  timeout 330 $python -m moe_kernels.triton.tune --budget 100 --copy-to "$out" > "$out/tune_triton.log" 2>&1 || status=1
-  grep -E "^(tune|wrote|copy|  I |  compiled)|WARNING" "$out/tune_triton.log" | tail -20
-fi
-
-if [ $tune = 1 ] && [ -f moe_kernels/backend_table.py ]; then
-  step "measure the auto backend table for this GPU (log: $out/extra.log)"
-  timeout 150 $python -m moe_kernels.backend_table --write --budget 60 >> "$out/extra.log" 2>&1 || status=1
-  tail -15 "$out/extra.log"
-  cp moe_kernels/backend_table.json "$out/backend_table.json"
+  if t=$(cap 330); then
+    # the timing budget leaves the compile warm-up (about a minute or two) its share of the step's time
+    step "tune the Triton expert-MLP configs for this GPU, at most ${t}s (log: $out/tune_triton.log)"
+    timeout "$t" $python -m moe_kernels.triton.tune --budget $(( t > 200 ? 100 : t / 2 )) --copy-to "$out" \
+      > "$out/tune_triton.log" 2>&1 || status=1
+    grep -E "^(tune|wrote|copy|  I |  compiled)|WARNING" "$out/tune_triton.log" | tail -20
+  else
+    skipped "Triton tuning"
+  fi
 fi
 
 if [ $skip_bench = 0 ]; then
-  step "benchmark (budget ${bench_budget}s; log: $out/bench.log)"
-  timeout $(( bench_budget + 120 )) $python benchmarks/gpu_bench.py --out "$out" --budget-s "$bench_budget" \
-    "${bench_args[@]}" > "$out/bench.log" 2>&1 || { tail -30 "$out/bench.log"; status=1; }
-  grep "^\[gpu_bench\]" "$out/bench.log" | tail -3
-  cat "$out/gpu_bench.md" 2>/dev/null
+  if t=$(cap $(( bench_budget + 120 ))); then
+    budget=$(( t - 120 < bench_budget ? t - 120 : bench_budget ))
+    [ $budget -lt 30 ] && budget=30
+    step "benchmark (budget ${budget}s; log: $out/bench.log)"
+    timeout "$t" $python benchmarks/gpu_bench.py --out "$out" --budget-s "$budget" \
+      "${bench_args[@]}" > "$out/bench.log" 2>&1 || { tail -30 "$out/bench.log"; status=1; }
+    grep "^\[gpu_bench\]" "$out/bench.log" | tail -3
+    cat "$out/gpu_bench.md" 2>/dev/null
+  else
+    skipped "benchmark"
+  fi
+fi
+
+if [ $tune = 1 ] && [ -f moe_kernels/backend_table.py ]; then
+  if t=$(cap 150); then
+    step "measure the auto backend table for this GPU (log: $out/extra.log)"
+    timeout "$t" $python -m moe_kernels.backend_table --write --budget $(( t > 120 ? 60 : t / 2 )) >> "$out/extra.log" 2>&1 \
+      || status=1
+    tail -15 "$out/extra.log"
+    cp moe_kernels/backend_table.json "$out/backend_table.json"
+  else
+    skipped "auto backend table"
+  fi
 fi
 
 if [ $hf_speed = 1 ]; then
-  step "whole model: integration/example_hf_speed.py --dtype bfloat16 (log: $out/extra.log)"
-  timeout 120 $python integration/example_hf_speed.py --dtype bfloat16 >> "$out/extra.log" 2>&1 || status=1
-  tail -12 "$out/extra.log"
+  if t=$(cap 120); then
+    step "whole model: integration/example_hf_speed.py --dtype bfloat16 (log: $out/extra.log)"
+    timeout "$t" $python integration/example_hf_speed.py --dtype bfloat16 >> "$out/extra.log" 2>&1 || status=1
+    tail -12 "$out/extra.log"
+  else
+    skipped "whole-model speed"
+  fi
 fi
 
+[ -n "$skipped_steps" ] && echo "gpu_check: skipped for lack of time (--total-s $total):$skipped_steps"
 step "gpu_check done: status $status"
 exit $status

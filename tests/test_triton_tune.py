@@ -68,6 +68,14 @@ def test_user_table_comes_before_the_shipped_one(tables):
     assert [entry["up"]["BLOCK_M"] for entry in configs.entries("mlp")[len(base):]] == [64]
 
 
+def test_base_table_only_ignores_the_per_gpu_tables(tables):
+    _write(configs.user_configs_path(FAKE_GPU), {"device": FAKE_GPU, "mlp": [_entry(128)]})
+    with configs.base_table_only():
+        assert configs._pick("mlp", FAKE_GPU, rows_per_expert=8, inter=768) == \
+            configs._pick("mlp", None, rows_per_expert=8, inter=768)
+    assert configs._pick("mlp", FAKE_GPU, rows_per_expert=8, inter=768)["up"]["BLOCK_M"] == 128
+
+
 def test_triton_configs_variable_replaces_the_per_gpu_tables(tables, monkeypatch):
     _write(configs.user_configs_path(FAKE_GPU), {"device": FAKE_GPU, "mlp": [_entry(128)]})
     monkeypatch.setenv("MOE_KERNELS_TRITON_CONFIGS", str(configs.TABLE_PATH))

@@ -132,18 +132,18 @@ def override(family: str, entry: dict):
             _overrides[family] = previous
 
 
-_shipped_only = [False]  # set by :func:`shipped_only`
+_base_only = [False]  # set by :func:`base_table_only`
 
 
 @contextlib.contextmanager
-def shipped_only():
-    """Within the block, lookups ignore the per-GPU tables (benchmarks time the base table beside the tuned one)."""
-    previous = _shipped_only[0]
-    _shipped_only[0] = True
+def base_table_only():
+    """Within the block, lookups ignore every per-GPU table: configs.json alone (benchmarks time it beside a tuned table)."""
+    previous = _base_only[0]
+    _base_only[0] = True
     try:
         yield
     finally:
-        _shipped_only[0] = previous
+        _base_only[0] = previous
 
 
 def _pick(family: str, device_name: str | None = None, **sizes) -> dict:
@@ -151,7 +151,7 @@ def _pick(family: str, device_name: str | None = None, **sizes) -> dict:
         forced = _overrides.get(family)
         if forced is not None:
             return forced
-    if _shipped_only[0]:
+    if _base_only[0]:
         device_name = None
     for path, table in device_tables(device_name):
         for entry in table.get(family, ()):
