@@ -131,6 +131,18 @@ print(f"{len(names)} moe_kernels ops: all have CPU kernels, {with_cuda} have CUD
 EOF
 check_seconds=$(elapsed "$phase")
 
+# ---- 3b. the CUDA build's C++ entry points survive malformed input (CPU tensors) ---------------------------
+# tests/backends/fuzz_native.py against this library: a CUDA build registers more ops, so its draws differ from
+# the CPU build's (the fuzzer's one crash, on a GPU machine, was reproduced here this way).
+phase=$(date +%s)
+fuzz_root="$build_dir/fuzz-package"
+rm -rf "$fuzz_root" && mkdir -p "$fuzz_root"
+cp -r moe_kernels "$fuzz_root/moe_kernels"
+rm -f "$fuzz_root"/moe_kernels/_C*.so && cp "$so_path" "$fuzz_root/moe_kernels/"
+PYTHONPATH="$fuzz_root" timeout 600 "$venv/bin/python" -X faulthandler tests/backends/fuzz_native.py 200 \
+  > "$build_dir/fuzz.log" 2>&1 || { tail -n 40 "$build_dir/fuzz.log" >&2; fail "fuzzing the CUDA build's ops crashed or failed"; }
+log "fuzzed the CUDA build's ops with malformed CPU arguments: $(tail -n 1 "$build_dir/fuzz.log") ($(elapsed "$phase")s)"
+
 # ---- 4. per-kernel resources -------------------------------------------------------------------------------
 cuobjdump=""
 # The toolkit may lack cuobjdump; the triton wheel that torch pins bundles one.

@@ -3,8 +3,15 @@
 Run as a script (tests/backends/test_fuzz_native.py runs it in a subprocess, so a crash shows as a signal):
 every call must either succeed or raise a Python exception -- never crash the process. Arguments are
 drawn per schema type from pools of wrong ranks, dtypes, sizes, layouts and out-of-range values.
+
+It runs in debug mode (MOE_KERNELS_DEBUG=1), the mode in which the C++ ops check the *values* of index tensors
+(ids, plan offsets) too. Outside it they trust those values, as csrc/cpu/common.h documents: moe_kernels.ops
+validates ids once per call and the plan tensors are right by construction. Fuzzing out-of-range ids without
+debug mode writes outside buffers; which draw sequence crashes depends on the ops registered (a CUDA build
+registers more), which is why this fuzzer once crashed only on the GPU machine.
 """
 
+import os
 import random
 import sys
 
@@ -52,6 +59,7 @@ def _describe(arg) -> str:
 
 
 def main(trials_per_op: int = 300) -> int:
+    os.environ["MOE_KERNELS_DEBUG"] = "1"  # read by the C++ ops per call: index values are checked (docstring)
     import moe_kernels.native  # noqa: F401  (loads moe_kernels._C and registers the ops)
     random.seed(0)
     torch.manual_seed(0)
