@@ -54,6 +54,15 @@ def test_tuned_entries_apply_within_their_bounds_only(tables):
     assert configs._pick("mlp", "Another GPU", rows_per_expert=8, inter=2048) == base
 
 
+def test_tuned_decode_entry_applies_to_its_width_class(tables):
+    tuned = {"min_inter": 4097, "max_inter": None, "BLOCK_M": 64, "up": {"BLOCK_N": 64}, "down": {"BLOCK_N": 16}}
+    _write(configs.user_configs_path(FAKE_GPU), {"device": FAKE_GPU, "mlp_decode": [tuned]})
+    assert configs._pick("mlp_decode", FAKE_GPU, inter=14336) == tuned
+    assert configs._pick("mlp_decode", FAKE_GPU, inter=768) == configs.load_table()["mlp_decode"][0]
+    assert configs._pick("mlp", FAKE_GPU, rows_per_expert=1, inter=14336) == \
+        configs._pick("mlp", None, rows_per_expert=1, inter=14336)  # a table may hold one family only
+
+
 def test_user_table_comes_before_the_shipped_one(tables):
     _write(configs.SHIPPED_DEVICE_DIR / configs.device_file_name(FAKE_GPU),
            {"device": FAKE_GPU, "mlp": [_entry(64)]})
@@ -121,10 +130,12 @@ def test_tuning_tokens_fall_in_their_rows_class(experts, top_k, monkeypatch):
     class's entry, or the candidates would replace another class's tiles."""
     seen = []
     monkeypatch.setattr(tune, "descend", lambda base, candidates, measure, deadline, log: seen.append(base) or
-                        {"entry": tune._kernel_entry(base), "times": {}, "rejected": {}, "complete": True})
+                        {"entry": dict(base), "times": {}, "rejected": {}, "complete": True})
     monkeypatch.setattr(tune, "Case", lambda *args, **kwargs: None)
-    tune.tune_shape((64, 32, experts, top_k), torch.device("cpu"), log=lambda *a: None)
-    assert seen == configs.load_table()["mlp"]
+    tuned = tune.tune_shape((64, 32, experts, top_k), torch.device("cpu"), log=lambda *a: None)
+    assert seen[:-1] == configs.load_table()["mlp"]
+    assert seen[-1] == configs.load_table()["mlp_decode"][0]  # then the decode path, at T*k <= its BLOCK_M
+    assert tuned["mlp_decode"][0]["tuned_at"]["T"] == [t for t in tune.DECODE_TOKENS if t * top_k <= 64]
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 6, 8])
@@ -182,9 +193,11 @@ def test_merge_replaces_the_width_classes_tuned_and_keeps_the_others():
     old = {"device": FAKE_GPU, "mlp": [_entry(16, min_inter=None, max_inter=1024), _entry(32, min_inter=4097)]}
     new = [_entry(64, min_inter=None, max_inter=1024, min_rows_per_expert=17),
            _entry(128, min_inter=None, max_inter=1024, min_rows_per_expert=None)]
-    table = tune.merge(old, new, FAKE_GPU, {"measured": True})
+    decode = {"min_inter": 4097, "max_inter": None, "BLOCK_M": 64, "up": {}, "down": {}}
+    table = tune.merge(old, {"mlp": new, "mlp_decode": [decode]}, FAKE_GPU, {"measured": True})
     assert [entry["up"]["BLOCK_M"] for entry in table["mlp"]] == [128, 64, 32]
-    assert table["device"] == FAKE_GPU
+    assert table["mlp_decode"] == [decode] and table["device"] == FAKE_GPU
+    assert "mlp_decode" not in tune.merge(old, {"mlp": new}, FAKE_GPU, {})  # no empty family written
 
 
 def test_shape_list_refuses_two_shapes_in_one_width_class_and_bad_sizes():
@@ -213,8 +226,10 @@ def test_small_tuning_run_under_the_interpreter(monkeypatch):
     monkeypatch.setattr(tune, "rows_classes", lambda: [(None, 16, 16)])
     monkeypatch.setattr(tune, "DRY_RUN_CANDIDATES", {"gemm": [tune._gemm(32, 16, 16, 4, 2)],
                                                      "dw": [tune._outer(16, 16, 16, 4, 2)]})
+    monkeypatch.setattr(tune, "DRY_RUN_DECODE_CANDIDATES", [tune._decode(16, 16, 4, 2)])
     lines = []
-    (entry,) = tune.tune_shape((32, 24, 3, 2), torch.device("cpu"), dry_run=True, repeats=1, log=lines.append)
+    tuned = tune.tune_shape((32, 24, 3, 2), torch.device("cpu"), dry_run=True, repeats=1, log=lines.append)
+    (entry,) = tuned["mlp"]
     assert entry["min_rows_per_expert"] is None and entry["max_rows_per_expert"] == 16
     assert entry["max_inter"] == 1024 and entry["tuned_at"]["I"] == 24
     base = configs.mlp_config(16 * 3, 3, 24)
@@ -223,3 +238,8 @@ def test_small_tuning_run_under_the_interpreter(monkeypatch):
         alternative = tune.DRY_RUN_CANDIDATES["dw" if kernel == "dw" else "gemm"][0]
         assert entry[kernel] in (base[kernel], alternative)
     assert entry["complete"] and not entry["rejected"]
+    (decode,) = tuned["mlp_decode"]
+    assert decode["tuned_at"]["T"] == [1, 2] and decode["BLOCK_M"] == configs.decode_config(1)["BLOCK_M"]
+    for kernel in ("up", "down"):
+        assert decode["ms"]["after"][kernel] is not None, lines
+        assert decode[kernel] in (configs.decode_config(1)[kernel], tune._decode(16, 16, 4, 2))

@@ -11,7 +11,7 @@ configs, and read in this order for a launch on a CUDA device:
 2. the table shipped for the GPU model (``moe_kernels/triton/configs/<GPU name>.json``);
 3. ``configs.json`` (or the file ``MOE_KERNELS_TRITON_CONFIGS`` names, which replaces all three).
 
-A per-GPU table holds only the families it tunes (today ``mlp``); its entries are tried before the base
+A per-GPU table holds only the families it tunes (``mlp`` and ``mlp_decode``); its entries are tried before the base
 table's, and carry ``min_*`` as well as ``max_*`` bounds. The tables are read once per process and GPU model
 (:func:`clear_cache` rereads them). The compile check (:mod:`moe_kernels.triton.compile_check`) compiles
 every entry of ``configs.json`` and of the shipped per-GPU tables for every target GPU.
@@ -28,7 +28,7 @@ from pathlib import Path
 
 TABLE_PATH = Path(os.environ.get("MOE_KERNELS_TRITON_CONFIGS", Path(__file__).with_name("configs.json")))
 SHIPPED_DEVICE_DIR = Path(__file__).with_name("configs")
-TUNED_FAMILIES = ("mlp",)  # the families a per-GPU table may hold
+TUNED_FAMILIES = ("mlp", "mlp_decode")  # the families a per-GPU table may hold
 
 
 @lru_cache(maxsize=1)
@@ -196,10 +196,16 @@ def mlp_config(num_rows: int, num_experts: int, inter: int, *, fp32: bool = Fals
     return _pick("mlp", device_name_of(device), rows_per_expert=-(-num_rows // num_experts), inter=inter)
 
 
-def decode_config(num_rows: int, fp32: bool = False) -> dict | None:
+def decode_config(num_rows: int, fp32: bool = False, inter: int | None = None, device=None) -> dict | None:
     """Config of the expert-MLP forward without a plan (decode), or None when ``num_rows`` routed slots
-    do not fit one program's BLOCK_M rows (then the planned path runs)."""
-    entry = load_table()["mlp_decode_fp32" if fp32 else "mlp_decode"][0]
+    do not fit one program's BLOCK_M rows (then the planned path runs). bf16/fp16 launches on a GPU model with
+    a tuned table take its 'mlp_decode' entry for the intermediate size ``inter`` where it has one."""
+    if fp32:
+        entry = load_table()["mlp_decode_fp32"][0]
+    elif inter is None:
+        entry = load_table()["mlp_decode"][0]
+    else:
+        entry = _pick("mlp_decode", device_name_of(device), inter=inter)
     return entry if num_rows <= entry["BLOCK_M"] else None
 
 

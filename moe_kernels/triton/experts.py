@@ -573,7 +573,7 @@ def _decode_impl(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.T
                  ids: torch.Tensor, gate_up_bias: Optional[torch.Tensor], down_bias: Optional[torch.Tensor],
                  activation: str, interleaved: bool, swiglu_limit: Optional[float]) -> torch.Tensor:
     """y [T,H] of a forward that needs no gradient, for T*k <= the decode config's BLOCK_M slots."""
-    cfg = decode_config(ids.numel(), fp32=x.dtype == torch.float32)
+    cfg = decode_config(ids.numel(), x.dtype == torch.float32, down_proj.shape[2], x.device)
     return _decode_forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, interleaved,
                            swiglu_limit, cfg)
 
@@ -660,7 +660,7 @@ def moe_mlp(x, gate_up_proj, down_proj, weights, ids, activation="silu", gate_up
     if needs_grad:
         return MoeMLPFunction.apply(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation,
                                     interleaved, swiglu_limit)
-    if decode_config(ids.numel(), fp32=x.dtype == torch.float32) is not None:
+    if decode_config(ids.numel(), x.dtype == torch.float32, down_proj.shape[2], x.device) is not None:
         return moe_mlp_decode_op(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation,
                                  interleaved, swiglu_limit)
     return moe_mlp_forward_op(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation,
@@ -729,9 +729,9 @@ def _compile_specs():
     specs.append((_tile_scan_kernel, _signature(_tile_scan_kernel, tile_scan, "*i32"), tile_scan,
                   {"num_warps": 4, "num_stages": 1}, ()))
     if os.environ.get(TUNE_CANDIDATES_VARIABLE) == "1":  # compile-check --tune-candidates: the tuner's tiles only
-        from .tune import candidate_entries
+        from .tune import candidate_entries, decode_candidate_entries
 
-        families = ((torch.bfloat16, candidate_entries(), []),)
+        families = ((torch.bfloat16, candidate_entries(), decode_candidate_entries()),)
     else:
         families = ((dtype, entries("mlp" + suffix), entries("mlp_decode" + suffix))
                     for dtype, suffix in ((torch.bfloat16, ""), (torch.float32, "_fp32")))

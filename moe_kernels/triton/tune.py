@@ -5,20 +5,23 @@ command times candidate tiles of each expert-MLP kernel on the local GPU, at the
 and writes the winners to the user's per-GPU table (:func:`moe_kernels.triton.configs.user_configs_path`),
 which every later process reads for that GPU model -- the way vLLM ships fused-MoE configs per GPU.
 
-What it does, per model shape (H, I, E, k) and rows-per-expert class of ``configs.json``:
+It tunes the ``mlp`` family (the planned forward and the backward, per rows-per-expert class) and the ``mlp_decode``
+family (the forward without a plan for a few slots, timed at T = 1 and 8). What it does, per model shape
+(H, I, E, k) and rows-per-expert class of ``configs.json``:
 
 1. **Candidates**: the entry in force plus :data:`CANDIDATES` of its class, one kernel at a time.
 2. **Compile first, in parallel**: ``--jobs`` spawned processes run every candidate once at the real weight
    shapes with a few tokens (the same Triton specialisation), so the kernels are in Triton's disk cache before
    any timing; compiling serially would take most of the budget.
 3. **Coordinate descent**: ``up`` and ``down`` are chosen by the time of a forward (the planned one that
-   training runs; inference runs the same tiles), then
-   ``down_bwd``, ``dx`` and ``dw`` by the time of a backward (``autograd.grad`` with a kept graph). CUDA events,
-   median of ``--repeats`` after a warm-up. A candidate whose outputs or gradients differ from the entry in
+   training runs; inference runs the same tiles), then ``down_bwd``, ``dx`` and ``dw`` by the time of a backward
+   (``autograd.grad`` with a kept graph). CUDA events, median of ``--repeats`` after a warm-up. A candidate whose outputs or gradients differ from the entry in
    force (norm-wise relative error above :data:`AGREEMENT`) or that fails to compile is left out and reported.
-4. **The table**: one entry per (width class, rows class) with ``min_*``/``max_*`` bounds, the shape it was
-   tuned at and the before/after times, merged into the existing table of the GPU model (other width classes
-   are kept). The width class is the intermediate size I (:data:`INTER_CLASSES`): tiles that suit
+4. **The decode path**: the same descent over its two kernels' tiles (BLOCK_M, the slots that take the path, is
+   kept), by the summed time of no-gradient forwards at :data:`DECODE_TOKENS`.
+5. **The table**: one ``mlp`` entry per (width class, rows class) and one ``mlp_decode`` entry per width class,
+   with ``min_*``/``max_*`` bounds, the shape it was tuned at and the before/after times, merged into the
+   existing table of the GPU model (other width classes are kept). The width class is the intermediate size I (:data:`INTER_CLASSES`): tiles that suit
    Qwen3-30B-A3B's I=768 are not those of Mixtral's I=14336.
 
 ``--dry-run`` (no GPU: CI) runs the same steps under the Triton interpreter on a tiny shape, for the two smaller
@@ -96,9 +99,20 @@ CANDIDATES = (
      "dw": [_outer(128, 128, 32, 8, 3), _outer(128, 128, 64, 8, 3), _outer(128, 128, 64, 8, 4),
             _outer(128, 128, 32, 8, 4), _outer(256, 128, 32, 8, 3), _outer(64, 128, 32, 4, 3)]},
 )
+def _decode(n, k, warps, stages):
+    return {"BLOCK_N": n, "BLOCK_K": k, "num_warps": warps, "num_stages": stages}
+
+
+# The decode path's two kernels ('mlp_decode': one program per expert and column tile, every slot of the expert in
+# BLOCK_M rows, which stays fixed): a GEMV-like read of the touched experts' weights, so the candidates trade
+# column tile (programs) against the K step (bytes in flight per program).
+DECODE_CANDIDATES = [_decode(32, 128, 4, 4), _decode(16, 128, 4, 4), _decode(64, 128, 4, 3), _decode(32, 256, 4, 3),
+                     _decode(64, 64, 4, 4), _decode(16, 256, 4, 4), _decode(32, 128, 8, 4), _decode(32, 64, 4, 5)]
+DECODE_TOKENS = (1, 8)  # the decode path is timed at these token counts (summed) where T*k fits BLOCK_M
 # --dry-run: the interpreter is slow, so two small candidates per kernel.
 DRY_RUN_CANDIDATES = {"gemm": [_gemm(16, 32, 32, 4, 2), _gemm(32, 16, 16, 4, 2)],
                       "dw": [_outer(32, 32, 16, 4, 2), _outer(16, 16, 16, 4, 2)]}
+DRY_RUN_DECODE_CANDIDATES = [_decode(16, 32, 4, 2), _decode(32, 16, 4, 2)]
 DRY_RUN_SHAPE = (64, 48, 5, 2)
 
 
@@ -113,6 +127,12 @@ def candidate_entries() -> list[dict]:
                 return dict(configs_of[i % len(configs_of)])
             found.append({kernel: pick(kernel) for kernel in (*FORWARD_KERNELS, *BACKWARD_KERNELS)})
     return found
+
+
+def decode_candidate_entries() -> list[dict]:
+    """Every decode candidate as an 'mlp_decode' entry (both kernels), for ``compile-check --tune-candidates``."""
+    block_m = configs.load_table()["mlp_decode"][0]["BLOCK_M"]
+    return [{"BLOCK_M": block_m, "up": dict(cfg), "down": dict(cfg)} for cfg in DECODE_CANDIDATES]
 
 
 def rows_classes() -> list[tuple[int | None, int | None, int]]:
@@ -185,6 +205,10 @@ class Case:
         with torch.enable_grad():
             return self._run().detach()
 
+    def decode(self):
+        with torch.no_grad():  # a few slots without gradients: the decode path
+            return self._run()
+
     def prepare_backward(self):
         self._graph = self._run()
 
@@ -219,18 +243,21 @@ _worker_cases: dict = {}  # (H, I, E, k, T) -> Case, per worker process
 
 
 def _warm_one(job) -> str | None:
-    """Worker: run one candidate entry once (forward, or forward and backward); an error message or None."""
-    shape, entry, backward = job
+    """Worker: run one candidate entry of ``family`` once in ``mode`` (forward, backward or decode); an error
+    message or None."""
+    shape, family, entry, mode = job
     try:
         case = _worker_cases.get(shape)
         if case is None:
             _worker_cases.clear()  # one shape's tensors at a time
             case = _worker_cases[shape] = Case(*shape, torch.device("cuda"), torch.bfloat16, values=False)
-        with configs.override("mlp", entry):
-            if backward:
+        with configs.override(family, entry):
+            if mode == "backward":
                 case.prepare_backward()
                 case.backward()
                 case.release()
+            elif mode == "decode":
+                case.decode()
             else:
                 case.forward()
         torch.cuda.synchronize()
@@ -291,7 +318,7 @@ def descend(base: dict, candidates: dict, measure, deadline: float | None = None
 
     Returns {"entry": the tuned entry, "times": {kernel: {label: ms}}, "rejected": {kernel: {label: why}},
     "complete": False when the deadline stopped it (the kernels left keep the config in force)}."""
-    best = _kernel_entry(base)
+    best = {key: dict(value) if isinstance(value, dict) else value for key, value in base.items()}
     times, rejected, reference, complete = {}, {}, {}, True
     for kernel, configs_of_kernel in candidates.items():
         if deadline is not None and time.monotonic() > deadline:
@@ -340,12 +367,20 @@ def compile_processes(shape, device, limit: int) -> int:
     return max(1, min(limit, int(0.5 * free // per_process)))
 
 
-def tune_shape(shape, device, *, dry_run=False, repeats=7, jobs=1, budget_s=None, log=print) -> list[dict]:
-    """The tuned entries (one per rows class) of one model shape (H, I, E, k); ``budget_s`` seconds of timing
-    (the compile warm-up comes first and is not counted)."""
+def _summary(base: dict, result: dict) -> dict:
+    """The times of the entry in force and of the tuned one per kernel, and what the descent left out."""
+    times = result["times"]
+    return {"ms": {"before": {k: times[k].get(_label(base[k])) for k in times},
+                   "after": {k: times[k].get(_label(result["entry"][k])) for k in times}},
+            "complete": result["complete"], "rejected": {k: v for k, v in result["rejected"].items() if v}}
+
+
+def tune_shape(shape, device, *, dry_run=False, repeats=7, jobs=1, budget_s=None, log=print) -> dict:
+    """{"mlp": one tuned entry per rows class, "mlp_decode": one entry} of one model shape (H, I, E, k);
+    ``budget_s`` seconds of timing (the compile warm-up comes first and is not counted)."""
     hidden, inter, experts, top_k = shape
     gpu = device.type == "cuda"
-    dtype = torch.bfloat16  # the 'mlp' family (float32 inputs take 'mlp_fp32', which is not tuned)
+    dtype = torch.bfloat16  # the tuned families (float32 inputs take the '_fp32' ones, which are not tuned)
     low_i, high_i = inter_class(inter)
     plans = []
     classes = rows_classes()
@@ -357,6 +392,9 @@ def tune_shape(shape, device, *, dry_run=False, repeats=7, jobs=1, budget_s=None
         candidates = {kernel: candidates_for(kernel, index, dry_run) for kernel in (*FORWARD_KERNELS,
                                                                                     *BACKWARD_KERNELS)}
         plans.append((index, low_r, high_r, tokens, base, candidates))
+    decode_base = configs.decode_config(1, False, inter, device)
+    decode_tokens = [t for t in ((1, 2) if dry_run else DECODE_TOKENS) if t * top_k <= decode_base["BLOCK_M"]]
+    decode_candidates = DRY_RUN_DECODE_CANDIDATES if dry_run else DECODE_CANDIDATES
     processes = compile_processes(shape, device, jobs) if gpu and jobs > 1 else 1
     if processes > 1:  # compile every candidate before timing any (workers share Triton's disk cache)
         warm_jobs = []
@@ -364,11 +402,17 @@ def tune_shape(shape, device, *, dry_run=False, repeats=7, jobs=1, budget_s=None
             small = warm_tokens(tokens, top_k)
             for kernel, cfgs in candidates.items():
                 for cfg in cfgs:
-                    warm_jobs.append(((hidden, inter, experts, top_k, small),
-                                      dict(_kernel_entry(base), **{kernel: cfg}), kernel in BACKWARD_KERNELS))
+                    warm_jobs.append(((hidden, inter, experts, top_k, small), "mlp",
+                                      dict(_kernel_entry(base), **{kernel: cfg}),
+                                      "backward" if kernel in BACKWARD_KERNELS else "forward"))
+        for tokens in decode_tokens:
+            for kernel in ("up", "down"):
+                for cfg in decode_candidates:
+                    warm_jobs.append(((hidden, inter, experts, top_k, tokens), "mlp_decode",
+                                      dict(decode_base, **{kernel: cfg}), "decode"))
         warm_compile(warm_jobs, processes, log)
     deadline = None if budget_s is None else time.monotonic() + budget_s
-    tuned = []
+    tuned = {"mlp": [], "mlp_decode": []}
     for index, low_r, high_r, tokens, base, candidates in plans:
         log(f"  H={hidden} I={inter} E={experts} k={top_k}, T={tokens} "
             f"(rows per expert {low_r or 1}..{high_r or 'inf'}):")
@@ -386,32 +430,53 @@ def tune_shape(shape, device, *, dry_run=False, repeats=7, jobs=1, budget_s=None
                     case.release()
 
         result = descend(base, candidates, measure, deadline, log)
-        before = {kernel: result["times"].get(kernel, {}).get(_label(base[kernel])) for kernel in result["times"]}
-        after = {kernel: result["times"].get(kernel, {}).get(_label(result["entry"][kernel]))
-                 for kernel in result["times"]}
-        tuned.append(dict(
+        tuned["mlp"].append(dict(
             {"min_inter": low_i, "max_inter": high_i, "min_rows_per_expert": low_r, "max_rows_per_expert": high_r},
-            **result["entry"],
-            tuned_at={"H": hidden, "I": inter, "E": experts, "k": top_k, "T": tokens},
-            ms={"before": before, "after": after}, complete=result["complete"],
-            rejected={k: v for k, v in result["rejected"].items() if v}))
+            **_kernel_entry(result["entry"]), tuned_at={"H": hidden, "I": inter, "E": experts, "k": top_k, "T": tokens},
+            **_summary(base, result)))
         del case
         if gpu:
             torch.cuda.empty_cache()
+    if decode_tokens:
+        log(f"  H={hidden} I={inter} E={experts} k={top_k}, decode at T={'+'.join(map(str, decode_tokens))}:")
+        cases = [Case(hidden, inter, experts, top_k, tokens, device, dtype) for tokens in decode_tokens]
+
+        def measure_decode(entry, kernel):
+            total, outputs = 0.0, []
+            with configs.override("mlp_decode", entry):
+                for case in cases:
+                    ms, y = _time_ms(case.decode, repeats, gpu)
+                    total += ms
+                    outputs.append(y)
+            return total, tuple(outputs)
+
+        candidates = {kernel: decode_candidates for kernel in ("up", "down")}
+        result = descend(decode_base, candidates, measure_decode, deadline, log)
+        tuned["mlp_decode"].append(dict(
+            {"min_inter": low_i, "max_inter": high_i, "BLOCK_M": decode_base["BLOCK_M"]},
+            up=result["entry"]["up"], down=result["entry"]["down"],
+            tuned_at={"H": hidden, "I": inter, "E": experts, "k": top_k, "T": decode_tokens},
+            **_summary(decode_base, result)))
     return tuned
 
 
-def merge(existing: dict | None, tuned: list[dict], device_name: str, how: dict) -> dict:
-    """The per-GPU table: ``existing``'s entries of the width classes not tuned now, then the new ones, sorted by
-    width class and rows class (lookups take the first entry whose bounds hold)."""
-    fresh = {(entry["min_inter"], entry["max_inter"]) for entry in tuned}
-    kept = [entry for entry in (existing or {}).get("mlp", [])
-            if (entry.get("min_inter"), entry.get("max_inter")) not in fresh]
+def merge(existing: dict | None, tuned: dict, device_name: str, how: dict) -> dict:
+    """The per-GPU table: per family of ``tuned`` ({family: [entry]}), ``existing``'s entries of the width classes
+    not tuned now, then the new ones, sorted by width class and rows class (lookups take the first entry whose
+    bounds hold)."""
+    table = {"device": device_name, "how": how}
 
     def order(entry):
         return (entry.get("min_inter") or 0, entry.get("min_rows_per_expert") or 0)
 
-    return {"device": device_name, "how": how, "mlp": sorted([*kept, *tuned], key=order)}
+    for family in configs.TUNED_FAMILIES:
+        new = tuned.get(family, [])
+        fresh = {(entry["min_inter"], entry["max_inter"]) for entry in new}
+        kept = [entry for entry in (existing or {}).get(family, [])
+                if (entry.get("min_inter"), entry.get("max_inter")) not in fresh]
+        if kept or new:
+            table[family] = sorted([*kept, *new], key=order)
+    return table
 
 
 def _shape_list(names: str, custom: list[str]) -> list[tuple[int, int, int, int]]:
@@ -489,16 +554,19 @@ def main(argv=None) -> int:
     log(f"tune --triton on {device_name}: shapes {shapes}, up to {args.jobs} compile processes, "
         f"budget {args.budget:.0f} s of timing")
     started = time.monotonic()
-    tuned = []
+    tuned = {family: [] for family in configs.TUNED_FAMILIES}
     for shape in shapes:  # the budget is shared equally; it counts timing, not each shape's compile warm-up
-        tuned.extend(tune_shape(shape, device, dry_run=args.dry_run, repeats=1 if args.dry_run else args.repeats,
-                                jobs=args.jobs, budget_s=args.budget / len(shapes), log=log))
+        for family, found in tune_shape(shape, device, dry_run=args.dry_run, repeats=1 if args.dry_run else
+                                        args.repeats, jobs=args.jobs, budget_s=args.budget / len(shapes),
+                                        log=log).items():
+            tuned[family].extend(found)
     how = {"command": "moe-kernels tune --triton " + " ".join(argv if argv is not None else sys.argv[1:]),
            "date": datetime.date.today().isoformat(), "measured": not args.dry_run, "torch": torch.__version__,
            "triton": _triton_version(), "seconds": round(time.monotonic() - started)}
     table = merge(existing, tuned, device_name, how)
     _write(path, table)
-    log(f"wrote {len(tuned)} tuned 'mlp' entries for {device_name} to {path}")
+    log(f"wrote {len(tuned['mlp'])} tuned 'mlp' and {len(tuned['mlp_decode'])} 'mlp_decode' entries for "
+        f"{device_name} to {path}")
     if args.copy_to:
         os.makedirs(args.copy_to, exist_ok=True)
         copy = os.path.join(args.copy_to, configs.device_file_name(device_name))
@@ -506,15 +574,16 @@ def main(argv=None) -> int:
         log(f"copy: {copy} (ship it as moe_kernels/triton/configs/{os.path.basename(copy)})")
     configs.clear_cache()
     failed = 0
-    for entry in tuned:
-        failed += sum(ms is None for ms in entry["ms"]["after"].values())
-        before, after = entry["ms"]["before"], entry["ms"]["after"]
-        changed = [kernel for kernel in (*FORWARD_KERNELS, *BACKWARD_KERNELS)
-                   if None not in (before.get(kernel), after.get(kernel)) and before[kernel] != after[kernel]]
-        log(f"  I {entry['min_inter'] or 1}..{entry['max_inter'] or 'inf'}, rows/expert "
-            f"{entry['min_rows_per_expert'] or 1}..{entry['max_rows_per_expert'] or 'inf'}: "
-            + (", ".join(f"{k} {before[k]:.4g} -> {after[k]:.4g} ms" for k in changed)
-               or "the configs in force were fastest"))
+    for family in configs.TUNED_FAMILIES:
+        for entry in tuned[family]:
+            before, after = entry["ms"]["before"], entry["ms"]["after"]
+            failed += sum(ms is None for ms in after.values())
+            changed = [k for k in after if None not in (before.get(k), after[k]) and before[k] != after[k]]
+            where = (f"{family}, I {entry['min_inter'] or 1}..{entry['max_inter'] or 'inf'}"
+                     + (f", rows/expert {entry['min_rows_per_expert'] or 1}..{entry['max_rows_per_expert'] or 'inf'}"
+                        if family == "mlp" else f", T {'+'.join(map(str, entry['tuned_at']['T']))}"))
+            log(f"  {where}: " + (", ".join(f"{k} {before[k]:.4g} -> {after[k]:.4g} ms" for k in changed)
+                                  or "the configs in force were fastest"))
     if failed:
         log(f"tune --triton: {failed} kernel(s) ran no candidate at all (see the warnings above)")
     return 1 if failed else 0
