@@ -1,4 +1,4 @@
-"""The moe-kernels command: info and demo run and report what they should."""
+"""The moe-kernels command: info, demo and the delegated commands run and report what they should."""
 
 import pytest
 
@@ -28,3 +28,19 @@ def test_delegated_subcommand_help(capsys):
         main(["craft", "--help"])
     assert exc.value.code == 0
     assert "SRC_DIR" in capsys.readouterr().out
+
+
+def test_tune_triton_is_its_own_command(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["tune", "--triton", "--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "tune --triton" in out and "--shapes" in out and "--dry-run" in out
+    with pytest.raises(SystemExit) as exc:  # a dry run writes only where --out says
+        main(["tune", "--triton", "--dry-run"])
+    assert exc.value.code == 2 and "--out" in capsys.readouterr().err
+
+
+def test_info_names_the_triton_config_tables(capsys):
+    assert main(["info"]) == 0
+    assert "Triton configs: " in capsys.readouterr().out
