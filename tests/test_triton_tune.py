@@ -243,3 +243,19 @@ def test_small_tuning_run_under_the_interpreter(monkeypatch):
     for kernel in ("up", "down"):
         assert decode["ms"]["after"][kernel] is not None, lines
         assert decode[kernel] in (configs.decode_config(1)[kernel], tune._decode(16, 16, 4, 2))
+
+
+def test_compile_warm_up_pool_runs_jobs_in_spawned_workers():
+    """The warm-up pool's plumbing (spawned workers, pickled jobs, errors reported per job) on CPU tensors under the
+    interpreter: a good job of each mode passes, a job with a broken entry reports its error."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs the Triton interpreter (no GPU)")
+    shape = (32, 24, 3, 2, 2)
+    entry = tune._kernel_entry(configs.mlp_config(4, 3, 24))
+    broken = dict(entry, up={"BLOCK_M": 16})  # no BLOCK_N: a KeyError in the launcher
+    jobs = [(shape, "mlp", entry, "forward"), (shape, "mlp", entry, "backward"),
+            (shape, "mlp_decode", configs.decode_config(1), "decode"), (shape, "mlp", broken, "forward")]
+    lines = []
+    failures = tune.warm_compile(jobs, 2, lines.append, device_type="cpu")
+    assert list(failures) == [3] and "KeyError" in failures[3], (failures, lines)
+    assert "compiled 4 candidate runs in 2 processes" in lines[-1]

@@ -240,6 +240,7 @@ def warm_tokens(tokens: int, top_k: int) -> int:
 
 
 _worker_cases: dict = {}  # (H, I, E, k, T) -> Case, per worker process
+_worker_device = ["cuda"]  # set by _worker_init
 
 
 def _warm_one(job) -> str | None:
@@ -247,10 +248,11 @@ def _warm_one(job) -> str | None:
     message or None."""
     shape, family, entry, mode = job
     try:
+        device = torch.device(_worker_device[0])
         case = _worker_cases.get(shape)
         if case is None:
             _worker_cases.clear()  # one shape's tensors at a time
-            case = _worker_cases[shape] = Case(*shape, torch.device("cuda"), torch.bfloat16, values=False)
+            case = _worker_cases[shape] = Case(*shape, device, torch.bfloat16, values=device.type == "cpu")
         with configs.override(family, entry):
             if mode == "backward":
                 case.prepare_backward()
@@ -260,30 +262,40 @@ def _warm_one(job) -> str | None:
                 case.decode()
             else:
                 case.forward()
-        torch.cuda.synchronize()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
         return None
     except Exception as exc:  # noqa: BLE001 - reported per candidate
         return f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
-def _worker_init():
-    os.environ.pop("TRITON_INTERPRET", None)
+def _worker_init(device_type: str):
+    # A GPU worker compiles (no interpreter); a CPU one (the tests of this pool) keeps the interpreter.
+    if device_type == "cuda":
+        os.environ.pop("TRITON_INTERPRET", None)
+    _worker_device[0] = device_type
     import moe_kernels  # noqa: F401 - import once per worker
 
 
-def warm_compile(jobs: list, processes: int, log=print) -> dict:
-    """Compile every job's kernels in ``processes`` spawned workers; {job index: error} of the failures."""
+def warm_compile(jobs: list, processes: int, log=print, device_type: str = "cuda") -> dict:
+    """Run every job once in ``processes`` spawned workers, so that their kernels are compiled into Triton's disk
+    cache; {job index: error} of the jobs that failed. A pool that breaks (a worker crash) is reported and the
+    tuning goes on: the timing compiles what is missing, one kernel at a time."""
     if not jobs:
         return {}
     import multiprocessing
+    from concurrent.futures.process import BrokenProcessPool
 
     started = time.monotonic()
     failures = {}
-    with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_worker_init) as pool:
-        for index, error in enumerate(pool.map(_warm_one, jobs)):
-            if error is not None:
-                failures[index] = error
+    try:
+        with ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_worker_init, initargs=(device_type,)) as pool:
+            for index, error in enumerate(pool.map(_warm_one, jobs)):
+                if error is not None:
+                    failures[index] = error
+    except (BrokenProcessPool, OSError) as exc:
+        log(f"  WARNING: the compile warm-up stopped ({type(exc).__name__}: {exc}); the timing compiles the rest")
     log(f"  compiled {len(jobs)} candidate runs in {processes} processes: {time.monotonic() - started:.0f} s, "
         f"{len(failures)} failed")
     return failures
