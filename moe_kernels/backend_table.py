@@ -33,7 +33,6 @@ import argparse
 import functools
 import json
 import os
-import statistics
 import sys
 import time
 
@@ -250,20 +249,6 @@ def representative_shape(op: str, experts: str, width: str, tokens: str) -> dict
     return dict(T=T, H=H, inner=inner, E=E, k=k)
 
 
-def _time_ms(fn, repeats: int) -> float:
-    fn()  # warm-up (and compile)
-    torch.cuda.synchronize()
-    samples = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        samples.append(start.elapsed_time(end))
-    return statistics.median(samples)
-
-
 def _case(op: str, shape: dict, device, dtype=torch.bfloat16):
     import moe_kernels as mk
 
@@ -300,6 +285,8 @@ def _case(op: str, shape: dict, device, dtype=torch.bfloat16):
 def measure(budget_s: float = 45.0, repeats: int = 5, ops=TABLE_OPS, log=print) -> dict:
     """Times triton and cuda on each shape class's representative shape (bfloat16) on the current GPU; returns
     the table block for it. Classes left when the budget runs out keep an unmeasured entry."""
+    from .bench.timing import median_call_ms
+
     if not torch.cuda.is_available():
         raise RuntimeError("measuring the backend table needs a CUDA GPU")
     from .backends import BackendError, available_backends
@@ -330,7 +317,7 @@ def measure(budget_s: float = 45.0, repeats: int = 5, ops=TABLE_OPS, log=print) 
             times = {}
             for backend in CHOICES:
                 try:
-                    times[backend] = round(_time_ms(lambda: cases[mode_index](backend), repeats), 4)
+                    times[backend] = round(median_call_ms(lambda: cases[mode_index](backend), repeats, True)[0], 4)
                 except (BackendError, RuntimeError) as exc:  # e.g. out of memory on one backend
                     times[backend] = None
                     log(f"  {key} {backend}: {exc}")

@@ -80,6 +80,26 @@ def _timed_call(run: Callable, setup: Callable | None, device: torch.device) -> 
     return time.perf_counter() - start
 
 
+def median_call_ms(fn: Callable, repeats: int, gpu: bool):
+    """(median ms of ``repeats`` calls of ``fn`` after one warm-up call, the last call's result): CUDA events
+    around each call on a GPU, the wall clock otherwise. The tuners' timer (backend table, Triton tiles)."""
+    result = fn()  # warm-up: compiles, or loads the compiled kernels from the cache
+    samples = []
+    for _ in range(repeats):
+        if gpu:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            result = fn()
+            end.record()
+            torch.cuda.synchronize()
+            samples.append(start.elapsed_time(end))
+        else:
+            begin = time.perf_counter()
+            result = fn()
+            samples.append((time.perf_counter() - begin) * 1e3)
+    return statistics.median(samples), result
+
+
 def _timing_of(times: list[float]) -> Timing:
     times_ms = sorted(t * 1e3 for t in times)
     if len(times_ms) >= 2:

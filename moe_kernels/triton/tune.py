@@ -36,13 +36,13 @@ import contextlib
 import datetime
 import json
 import os
-import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
+from ..bench.timing import median_call_ms
 from . import configs
 
 # Model shapes (hidden H, intermediate I, experts E, top-k) tunable by name.
@@ -304,25 +304,6 @@ def warm_compile(jobs: list, processes: int, log=print, device_type: str = "cuda
 # ---- timing and the descent ---------------------------------------------------------------------------------
 
 
-def _time_ms(fn, repeats: int, gpu: bool):
-    """(median ms of ``repeats`` timed calls after one warm-up call, the last call's result)."""
-    result = fn()  # warm-up: loads the compiled kernel from the cache
-    samples = []
-    for _ in range(repeats):
-        if gpu:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            result = fn()
-            end.record()
-            torch.cuda.synchronize()
-            samples.append(start.elapsed_time(end))
-        else:
-            begin = time.perf_counter()
-            result = fn()
-            samples.append((time.perf_counter() - begin) * 1e3)
-    return statistics.median(samples), result
-
-
 def descend(base: dict, candidates: dict, measure, deadline: float | None = None, log=print) -> dict:
     """Coordinate descent over kernels: for each kernel in ``candidates`` ({kernel: [config]}, in order), every
     candidate replaces that kernel's config in the best entry so far and ``measure(entry, kernel)`` gives
@@ -433,11 +414,11 @@ def tune_shape(shape, device, *, dry_run=False, repeats=7, jobs=1, budget_s=None
         def measure(entry, kernel):
             with configs.override("mlp", entry):
                 if kernel in FORWARD_KERNELS:
-                    ms, y = _time_ms(case.forward, repeats, gpu)
+                    ms, y = median_call_ms(case.forward, repeats, gpu)
                     return ms, (y,)
                 case.prepare_backward()
                 try:
-                    return _time_ms(case.backward, repeats, gpu)
+                    return median_call_ms(case.backward, repeats, gpu)
                 finally:
                     case.release()
 
@@ -457,7 +438,7 @@ def tune_shape(shape, device, *, dry_run=False, repeats=7, jobs=1, budget_s=None
             total, outputs = 0.0, []
             with configs.override("mlp_decode", entry):
                 for case in cases:
-                    ms, y = _time_ms(case.decode, repeats, gpu)
+                    ms, y = median_call_ms(case.decode, repeats, gpu)
                     total += ms
                     outputs.append(y)
             return total, tuple(outputs)
