@@ -61,6 +61,11 @@ FAMILIES = {
     "jamba": ("JambaConfig", "JambaForCausalLM",
               dict(intermediate_size=32, num_experts=8, num_experts_per_tok=2, attn_layer_period=1,
                    attn_layer_offset=0, expert_layer_period=1, expert_layer_offset=0, use_mamba_kernels=False)),
+    # the clamped SwiGLU (silu(min(gate, limit)) * clamp(up, -limit, limit)); a limit that binds at this scale
+    "hy_v4": ("HYV4Config", "HYV4ForCausalLM",
+              dict(intermediate_size=32, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
+                   n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=0,
+                   mlp_layer_types=["sparse", "sparse"], swiglu_limit=0.5)),
     # experts without a gate (act(up x)); its default activation relu2 is refused, so run it with relu
     "nemotron_h": ("NemotronHConfig", "NemotronHForCausalLM",
                    dict(intermediate_size=32, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,

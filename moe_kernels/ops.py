@@ -148,8 +148,9 @@ def moe_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
     Shapes (Hugging Face v5 layout): x [T,H], gate_up_proj [E,2I,H] (gate rows then up rows, or
     interleaved gate/up rows when ``interleaved``), down_proj [E,H,I], weights [T,k] (float32 or x's
     dtype), ids [T,k] (int32 or int64). Optional biases gate_up_bias [E,2I], down_bias [E,H].
-    activation: "silu" (SwiGLU), "gelu", "gelu_tanh", "relu" (gated), or "gpt_oss" (GPT-OSS's clamped
-    SwiGLU, clamp at ``swiglu_limit``). Weights may be non-contiguous views (e.g. a transpose of
+    activation: "silu" (SwiGLU), "gelu", "gelu_tanh", "relu" (gated), or "gpt_oss" (GPT-OSS's SwiGLU,
+    (up + 1) * gate * sigmoid(1.702 gate)). ``swiglu_limit``: gate is clamped to <= limit and up to
+    [-limit, limit] before the activation, for every activation (GPT-OSS, DeepSeek-V4). Weights may be non-contiguous views (e.g. a transpose of
     GPT-OSS's [E,H,2I] storage). Returns [T,H] in x's dtype; differentiable w.r.t. x, both weight
     tensors, the biases and weights.
     """

@@ -41,16 +41,17 @@ def apply_activation(x: torch.Tensor, name: str) -> torch.Tensor:
 
 def gated_activation(gate_up: torch.Tensor, name: str, interleaved: bool = False,
                      swiglu_limit: float | None = None) -> torch.Tensor:
-    """[N, 2I] -> [N, I]: act(gate) * up, or GPT-OSS's clamped form (up + 1) * gate * sigmoid(alpha gate),
-    alpha = GPT_OSS_ALPHA."""
+    """[N, 2I] -> [N, I]: act(gate) * up, or GPT-OSS's form (up + 1) * gate * sigmoid(alpha gate), alpha =
+    GPT_OSS_ALPHA. With ``swiglu_limit``, gate is clamped to <= limit and up to [-limit, limit] first, for every
+    activation (GPT-OSS's clamp; DeepSeek-V4, GLM-5 and HunYuan-V4 clamp their SwiGLU the same way)."""
     if interleaved:
         gate, up = gate_up[..., 0::2], gate_up[..., 1::2]
     else:
         gate, up = gate_up.chunk(2, dim=-1)
+    if swiglu_limit is not None:
+        gate = gate.clamp(max=swiglu_limit)
+        up = up.clamp(min=-swiglu_limit, max=swiglu_limit)
     if name == "gpt_oss":
-        if swiglu_limit is not None:
-            gate = gate.clamp(max=swiglu_limit)
-            up = up.clamp(min=-swiglu_limit, max=swiglu_limit)
         return (up + 1) * (gate * torch.sigmoid(gate * GPT_OSS_ALPHA))
     return apply_activation(gate, name) * up
 

@@ -2,8 +2,9 @@
 constants every backend must agree on. Pure Python, imports nothing of the package, so every layer may import it.
 
 Activations
-  ``GATED_ACTIVATIONS``   the expert MLP's (``moe_mlp``) gated forms: act(gate) * up, or GPT-OSS's clamped
-                          SwiGLU ``(up + 1) * gate * sigmoid(GPT_OSS_ALPHA * gate)``.
+  ``GATED_ACTIVATIONS``   the expert MLP's (``moe_mlp``) gated forms: act(gate) * up, or GPT-OSS's SwiGLU
+                          ``(up + 1) * gate * sigmoid(GPT_OSS_ALPHA * gate)``; each optionally clamped first
+                          (``swiglu_limit``: gate <= limit, up in [-limit, limit]).
   ``ADAPTER_ACTIVATIONS`` the adapter experts' (``adapter_moe``) elementwise activation of the bottleneck.
   The tuples' order is the order error messages list them in.
 

@@ -135,6 +135,7 @@ MLP_SHAPES = [
 ACTIVATION_CASES = [  # (activation, interleaved, swiglu_limit, biases)
     ("silu", False, None, False), ("gelu", False, None, True), ("gelu_tanh", True, None, False),
     ("relu", False, None, True), ("gpt_oss", True, 1.0, True), ("gpt_oss", False, None, False),
+    ("silu", False, 0.5, False),  # DeepSeek-V4's clamped SwiGLU
 ]
 
 

@@ -66,12 +66,17 @@ def test_moe_mlp_matches_oracle(backend, shape, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("activation,interleaved,bias", [("gelu", False, False), ("gelu_tanh", False, True),
-                                                          ("relu", True, False), ("gpt_oss", True, True)])
-def test_moe_mlp_activations_and_layouts(backend, activation, interleaved, bias):
+@pytest.mark.parametrize("activation,interleaved,bias,limit", [
+    ("gelu", False, False, None), ("gelu_tanh", False, True, None), ("relu", True, False, None),
+    ("gpt_oss", True, True, 1.5),    # GPT-OSS: interleaved rows, biases, clamp
+    ("gpt_oss", False, False, 0.6),  # MiniMax-M3-VL: the same gate on concatenated halves
+    ("silu", False, False, 0.5),     # DeepSeek-V4 / GLM-5 / HunYuan-V4: clamped SwiGLU
+    ("gelu", True, True, 0.4),       # the clamp with any activation
+])
+def test_moe_mlp_activations_and_layouts(backend, activation, interleaved, bias, limit):
     x, gate_up, down, weights, ids, (gub, db) = _mlp_inputs(11, 24, 16, 5, 2, "random", torch.float32, bias=bias,
                                                             device=device_for(backend))
-    kwargs = dict(activation=activation, interleaved=interleaved, swiglu_limit=1.5 if activation == "gpt_oss" else None)
+    kwargs = dict(activation=activation, interleaved=interleaved, swiglu_limit=limit)
     leaves = [t.requires_grad_(True) for t in (x, gate_up, down, weights)]
     bias_leaves = [b.requires_grad_(True) for b in (gub, db) if b is not None]
     out = moe_kernels.moe_mlp(*leaves, ids, gate_up_bias=gub, down_bias=db, backend=backend, **kwargs)
@@ -298,6 +303,7 @@ def test_triton_moe_mlp_low_precision(dtype, shape):
     ("relu", False, True, None, True),
     ("gpt_oss", True, True, 0.7, True),     # GPT-OSS: transposed storage, interleaved, biases, clamp
     ("gpt_oss", False, False, None, False),
+    ("silu", False, True, 0.5, False),      # DeepSeek-V4's clamped SwiGLU
 ])
 def test_triton_moe_mlp_activations_layouts_biases(activation, interleaved, bias, limit, transposed):
     inputs = seeded_mlp_inputs(10, 24, 16, 5, 2, "skip_last", bias=bias, transposed=transposed)

@@ -18,7 +18,7 @@ constexpr float kSqrt2OverPi = 0.79788456080286535588f;
 constexpr float kGeluTanhKappa = 0.044715f;
 
 // The activation of one call: Activation code, gated (moe_mlp) or plain (adapter_moe), the gated
-// layout (gate rows then up rows, or interleaved gate/up), GPT-OSS's optional clamp limit.
+// layout (gate rows then up rows, or interleaved gate/up), the optional clamp limit of gated ones.
 struct ActSpec {
   int code;
   bool gated;
@@ -63,15 +63,14 @@ MOE_HOST_DEVICE inline float derivative(int a, float x) {
   }
 }
 
-// Gated: act(gate) * up, or GPT-OSS's (clamp(up) + 1) * g * sigmoid(1.702 g), g = min(gate, limit).
+// Gated: act(gate) * up, or GPT-OSS's (up + 1) * g * sigmoid(1.702 g), g = gate. With a limit, first
+// gate = min(gate, limit) and up = clamp(up, -limit, limit), for every activation (moe_kernels/reference.py).
 MOE_HOST_DEVICE inline float gated_forward(int a, float gate, float up, bool has_limit, float limit) {
-  if (a == kGptOss) {
-    if (has_limit) {
-      gate = gate < limit ? gate : limit;
-      up = up < -limit ? -limit : (up > limit ? limit : up);
-    }
-    return (up + 1.0f) * (gate * sigmoid(gate * kGptOssAlpha));
+  if (has_limit) {
+    gate = gate < limit ? gate : limit;
+    up = up < -limit ? -limit : (up > limit ? limit : up);
   }
+  if (a == kGptOss) return (up + 1.0f) * (gate * sigmoid(gate * kGptOssAlpha));
   return forward(a, gate) * up;
 }
 
@@ -79,14 +78,14 @@ MOE_HOST_DEVICE inline float gated_forward(int a, float gate, float up, bool has
 // forward value (the backward needs both).
 MOE_HOST_DEVICE inline float gated_backward(int a, float gate, float up, bool has_limit, float limit, float grad,
                                             float* grad_gate, float* grad_up) {
+  // torch's clamp passes the gradient where min <= x <= max.
+  const bool gate_passes = !has_limit || gate <= limit;
+  const bool up_passes = !has_limit || (up >= -limit && up <= limit);
+  if (has_limit) {
+    gate = gate < limit ? gate : limit;
+    up = up < -limit ? -limit : (up > limit ? limit : up);
+  }
   if (a == kGptOss) {
-    // torch's clamp passes the gradient where min <= x <= max.
-    const bool gate_passes = !has_limit || gate <= limit;
-    const bool up_passes = !has_limit || (up >= -limit && up <= limit);
-    if (has_limit) {
-      gate = gate < limit ? gate : limit;
-      up = up < -limit ? -limit : (up > limit ? limit : up);
-    }
     const float s = sigmoid(gate * kGptOssAlpha);
     const float glu = gate * s;
     *grad_up = up_passes ? grad * glu : 0.0f;
@@ -94,8 +93,8 @@ MOE_HOST_DEVICE inline float gated_backward(int a, float gate, float up, bool ha
     return (up + 1.0f) * glu;
   }
   const float act = forward(a, gate);
-  *grad_up = grad * act;
-  *grad_gate = grad * up * derivative(a, gate);
+  *grad_up = up_passes ? grad * act : 0.0f;
+  *grad_gate = gate_passes ? grad * up * derivative(a, gate) : 0.0f;
   return act * up;
 }
 

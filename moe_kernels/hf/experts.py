@@ -11,8 +11,10 @@ working. It honours the module's layout flags set by ``use_experts_implementatio
 
 * ``is_transposed``: weights stored [E, H, 2I] / [E, I, H]; passed to the kernel as transposed views.
 * ``has_bias``: ``gate_up_proj_bias`` [E, 2I] and ``down_proj_bias`` [E, H].
-* gate layout: the default gate (``act(gate) * up`` on concatenated halves) or GPT-OSS's clamped
-  SwiGLU on interleaved rows (``activation="gpt_oss"``).
+* gate (:func:`gate_form`, read from the class's ``_apply_gate`` source): the default ``act(gate) * up`` on
+  concatenated halves; its clamped form (DeepSeek-V4, GLM-5-next, HunYuan-V4; ``swiglu_limit``); GPT-OSS's
+  clamped SwiGLU (``activation="gpt_oss"``) on interleaved rows (GPT-OSS) or concatenated halves (MiniMax-M3-VL,
+  OpenAI privacy filter). Other gates are refused.
 * ``has_gate=False`` (``act(up_proj x)``, e.g. Nemotron-H): run as a gated MLP whose gate half is the
   up projection and whose "up" half is the constant 1 (zero rows plus a bias of one) -- exact, at twice
   the first GEMM's work.
@@ -23,7 +25,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import math
 import re
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -69,26 +73,53 @@ def normalised_source(fn) -> str | None:
     return re.sub(r"\s+", " ", source).strip()
 
 
-@functools.lru_cache(maxsize=1)
-def _gpt_oss_gate_source() -> str:
-    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+# The recognised forms of an experts class's ``_apply_gate`` (transformers copies them between families with small
+# differences: attribute names, ``min=None``, ``1`` or ``1.0``, a named temporary). Matched against the normalised
+# source (normalised_source), so only code known to compute one of moe_mlp's activations is accepted.
+_GATE_HEAD = r"def _apply_gate\(self, gate_up(?:: torch\.Tensor)?\)(?: -> torch\.Tensor)?: "
+_GATE_SPLIT = (r"gate, up = (?:(?P<chunk>gate_up\.chunk\(2, dim=-1\))"
+               r"|(?P<interleaved>gate_up\[\.\.\., ::2\], gate_up\[\.\.\., 1::2\])) ")
+_GATE_CLAMP = (r"gate = gate\.clamp\((?:min=None, )?max=self\.(?P<limit>\w+)\) "
+               r"up = up\.clamp\(min=-self\.(?P=limit), max=self\.(?P=limit)\) ")
+_GATE_TAILS = {
+    # GPT-OSS's SwiGLU: (up + 1) * gate * sigmoid(alpha * gate)
+    "gpt_oss": r"glu = gate \* torch\.sigmoid\(gate \* self\.(?P<alpha>\w+)\) "
+               r"(?:return \(up \+ 1(?:\.0)?\) \* glu|gated_output = \(up \+ 1(?:\.0)?\) \* glu return gated_output)",
+    # a clamped act(gate) * up (DeepSeek-V4: the module's act_fn; GLM-5-next, HunYuan-V4: SiLU)
+    "clamped": r"return (?P<act>self\.act_fn|F\.silu)\(gate\) \* up",
+}
 
-    return normalised_source(GptOssExperts._apply_gate)
+
+@dataclass(frozen=True)
+class GateForm:
+    """How an experts class gates: ``kind`` "default" (act(gate) * up on concatenated halves, transformers' own
+    ``_apply_gate``), "gpt_oss", "clamped" or "custom" (unrecognised); the split of the pre-activation
+    (``interleaved`` rows or concatenated halves); the attributes holding the clamp limit and GPT-OSS's alpha;
+    ``act_fn``: whether the activation is the module's ``act_fn`` (else SiLU, written in the source)."""
+    kind: str
+    interleaved: bool = False
+    limit_attribute: str | None = None
+    alpha_attribute: str | None = None
+    act_fn: bool = True
 
 
 @functools.lru_cache(maxsize=None)  # reading source is slow; a class's gate does not change
-def gate_kind(experts_class: type) -> str:
-    """``"default"`` (``act(gate) * up`` on concatenated halves), ``"gpt_oss"`` (clamped SwiGLU on
-    interleaved rows, recognised by source equality with GPT-OSS's ``_apply_gate``) or ``"custom"``."""
+def gate_form(experts_class: type) -> GateForm:
+    """The :class:`GateForm` of an experts class, from its ``_apply_gate``."""
     from .compat import default_apply_gate
 
     gate = getattr(experts_class, "_apply_gate", None)
     if gate is None or gate is default_apply_gate():
-        return "default"
+        return GateForm("default")
     source = normalised_source(gate)
-    if source is not None and source == _gpt_oss_gate_source():
-        return "gpt_oss"
-    return "custom"
+    for kind, tail in _GATE_TAILS.items():
+        match = source and re.fullmatch(_GATE_HEAD + _GATE_SPLIT + _GATE_CLAMP + tail, source)
+        if match:
+            return GateForm(kind, interleaved=match.group("interleaved") is not None,
+                            limit_attribute=match.group("limit"),
+                            alpha_attribute=match.group("alpha") if kind == "gpt_oss" else None,
+                            act_fn=kind == "gpt_oss" or match.group("act") == "self.act_fn")
+    return GateForm("custom")
 
 
 def describe_experts(module: nn.Module) -> dict:
@@ -103,36 +134,47 @@ def describe_experts(module: nn.Module) -> dict:
         raise UnsupportedExpertsError(
             f"{name}: has_post_expert_norm=True (a norm between each expert's output and its routing weight) is "
             "not supported by moe_kernels.moe_mlp, which fuses the weighting into the down projection")
-    kind = gate_kind(type(module))
+    form = gate_form(type(module))
     is_concatenated = getattr(module, "is_concatenated", True)
     info = {"transposed": bool(getattr(module, "is_transposed", False)), "bias": bool(module.has_bias),
-            "has_gate": bool(module.has_gate), "swiglu_limit": None}
+            "has_gate": bool(module.has_gate), "swiglu_limit": None, "interleaved": False}
     if not module.has_gate:
-        info.update(activation=activation_name(module.act_fn), interleaved=False)
-    elif kind == "default":
-        if not is_concatenated:
-            raise UnsupportedExpertsError(
-                f"{name}: is_concatenated=False with the default (chunked) gate is inconsistent")
-        info.update(activation=activation_name(module.act_fn), interleaved=False)
-    elif kind == "gpt_oss":
-        alpha = float(getattr(module, "alpha", GPT_OSS_ALPHA))
+        info.update(activation=activation_name(module.act_fn))
+        return info
+    if form.kind == "custom":
+        raise UnsupportedExpertsError(
+            f"{name} overrides _apply_gate with a gate moe_kernels does not know; supported gates are "
+            "act(gate) * up, its clamped form (DeepSeek-V4) and GPT-OSS's SwiGLU")
+    if form.kind == "default" and not is_concatenated:
+        raise UnsupportedExpertsError(f"{name}: is_concatenated=False with the default (chunked) gate is inconsistent")
+    if form.kind != "default" and form.interleaved == is_concatenated:
+        raise UnsupportedExpertsError(
+            f"{name}: its _apply_gate splits gate/up {'interleaved' if form.interleaved else 'in halves'} but "
+            f"is_concatenated={is_concatenated}")
+    if form.kind == "gpt_oss":
+        alpha = float(getattr(module, form.alpha_attribute, GPT_OSS_ALPHA))
         if abs(alpha - GPT_OSS_ALPHA) > 1e-12:
             raise UnsupportedExpertsError(
                 f"{name}: GPT-OSS gate with alpha={alpha}; moe_kernels fixes alpha={GPT_OSS_ALPHA}")
-        if is_concatenated:
-            raise UnsupportedExpertsError(
-                f"{name}: GPT-OSS gate expects interleaved gate/up rows (is_concatenated=False)")
-        info.update(activation="gpt_oss", interleaved=True, swiglu_limit=float(module.limit))
+        info["activation"] = "gpt_oss"
     else:
-        raise UnsupportedExpertsError(
-            f"{name} overrides _apply_gate with a gate moe_kernels does not know; supported gates are "
-            "act(gate) * up and GPT-OSS's clamped SwiGLU")
+        info["activation"] = activation_name(module.act_fn) if form.act_fn else "silu"
+    info["interleaved"] = form.interleaved
+    if form.limit_attribute is not None:
+        limit = getattr(module, form.limit_attribute, None)
+        number = isinstance(limit, (int, float)) and not isinstance(limit, bool)
+        if number and math.isfinite(limit) and limit > 0:
+            info["swiglu_limit"] = float(limit)
+        elif not (number and limit == math.inf):  # a clamp at +inf changes nothing; anything else is refused
+            raise UnsupportedExpertsError(
+                f"{name}: clamp limit {form.limit_attribute}={limit!r} is not a finite number > 0")
     return info
 
 
 _DESCRIPTION_ATTRIBUTE = "_moe_kernels_description"  # (key, description) cached in the module's __dict__
+# every attribute describe_experts reads (the clamp limit and alpha under each family's name included)
 _DESCRIBED_ATTRIBUTES = ("has_gate", "has_bias", "is_transposed", "is_concatenated", "limit", "alpha",
-                         "has_post_expert_norm")
+                         "swiglu_limit", "swiglu_alpha", "has_post_expert_norm")
 _PLAIN = (bool, int, float, str, type(None))
 
 
@@ -222,5 +264,5 @@ def register() -> None:
 
 register()
 
-__all__ = ["EXPERTS_IMPLEMENTATION", "UnsupportedExpertsError", "activation_name", "describe_experts", "gate_kind",
+__all__ = ["EXPERTS_IMPLEMENTATION", "UnsupportedExpertsError", "GateForm", "activation_name", "describe_experts", "gate_form",
            "moe_kernels_experts_forward", "normalised_source", "register"]

@@ -5,7 +5,7 @@ Generated from the installed transformers, not written by hand:
 1. every ``model_type`` of ``CONFIG_MAPPING_NAMES`` whose modeling module uses
    ``@use_experts_implementation`` is a candidate;
 2. its experts classes are those whose ``forward`` is that decorator's dispatcher; their layout flags
-   (read from the decorator's closure) and gate (:func:`moe_kernels.hf.experts.gate_kind`) decide whether
+   (read from the decorator's closure) and gate (:func:`moe_kernels.hf.experts.gate_form`) decide whether
    the ``"moe_kernels"`` experts implementation runs them exactly;
 3. its router classes (classes named ``*Router``) are matched, by identical ``forward`` source, to the
    templates of :data:`moe_kernels.hf.routers.VARIANTS`; a matched router is replaced by the fused
@@ -27,12 +27,12 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from .experts import gate_kind
+from .experts import gate_form
 from .routers import match_variant
 
 # Families with a whole-model parity suite in integration/test_hf_families.py.
 PARITY_TESTED = frozenset({"mixtral", "minimax", "qwen2_moe", "qwen3_moe", "olmoe", "flex_olmo", "deepseek_v3",
-                           "glm4_moe", "dots1", "gpt_oss", "granitemoe", "jamba", "nemotron_h"})
+                           "glm4_moe", "dots1", "gpt_oss", "granitemoe", "jamba", "nemotron_h", "hy_v4"})
 
 _ROUTER_NAME = re.compile(r"Router$")
 
@@ -99,13 +99,14 @@ def experts_unsupported_reason(cls: type) -> str | None:
     flags = experts_flags(cls)
     if flags.get("has_post_expert_norm"):
         return f"{cls.__name__}: has_post_expert_norm (norm between expert output and routing weight)"
-    kind = gate_kind(cls)
-    if kind == "custom":
+    form = gate_form(cls)
+    concatenated = flags.get("is_concatenated", True)
+    if form.kind == "custom":
         return f"{cls.__name__}: custom _apply_gate"
-    if kind == "gpt_oss" and flags.get("is_concatenated", True):
-        return f"{cls.__name__}: GPT-OSS gate on concatenated rows"
-    if kind == "default" and flags.get("has_gate", True) and not flags.get("is_concatenated", True):
+    if form.kind == "default" and flags.get("has_gate", True) and not concatenated:
         return f"{cls.__name__}: interleaved rows with the default gate"
+    if form.kind != "default" and form.interleaved == concatenated:
+        return f"{cls.__name__}: _apply_gate's gate/up split disagrees with is_concatenated={concatenated}"
     return None
 
 

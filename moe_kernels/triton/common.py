@@ -133,12 +133,12 @@ def activation_grad(z, ACTIVATION: tl.constexpr):
 
 @triton.jit
 def gated_forward(gate, up, limit, ACTIVATION: tl.constexpr, HAS_LIMIT: tl.constexpr):
-    """act(gate) * up, or GPT-OSS's clamped SwiGLU (up + 1) * gate * sigmoid(alpha gate) (clamp at ``limit``
-    when HAS_LIMIT)."""
+    """act(gate) * up, or GPT-OSS's SwiGLU (up + 1) * gate * sigmoid(alpha gate); when HAS_LIMIT, gate <= ``limit``
+    and up in [-limit, limit] first, for every activation (reference.gated_activation)."""
+    if HAS_LIMIT:
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
     if ACTIVATION == _GPT_OSS:
-        if HAS_LIMIT:
-            gate = tl.minimum(gate, limit)
-            up = tl.minimum(tl.maximum(up, -limit), limit)
         out = (up + 1.0) * (gate * tl.sigmoid(gate * _ALPHA))
     else:
         out = activation(gate, ACTIVATION) * up
@@ -149,22 +149,22 @@ def gated_forward(gate, up, limit, ACTIVATION: tl.constexpr, HAS_LIMIT: tl.const
 def gated_backward(gate, up, grad, limit, ACTIVATION: tl.constexpr, HAS_LIMIT: tl.constexpr):
     """(d gate, d up) of :func:`gated_forward` given d out = ``grad``; a clamp passes the gradient where
     lo <= x <= hi, as torch.clamp does."""
+    if HAS_LIMIT:
+        gate_pass = gate <= limit
+        up_pass = (up >= -limit) & (up <= limit)
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
     if ACTIVATION == _GPT_OSS:
-        if HAS_LIMIT:
-            gate_pass = gate <= limit
-            up_pass = (up >= -limit) & (up <= limit)
-            gate = tl.minimum(gate, limit)
-            up = tl.minimum(tl.maximum(up, -limit), limit)
         s = tl.sigmoid(gate * _ALPHA)
         glu = gate * s
         d_gate = grad * (up + 1.0) * (s + glu * (1.0 - s) * _ALPHA)
         d_up = grad * glu
-        if HAS_LIMIT:
-            d_gate = tl.where(gate_pass, d_gate, 0.0)
-            d_up = tl.where(up_pass, d_up, 0.0)
     else:
         d_gate = grad * up * activation_grad(gate, ACTIVATION)
         d_up = grad * activation(gate, ACTIVATION)
+    if HAS_LIMIT:
+        d_gate = tl.where(gate_pass, d_gate, 0.0)
+        d_up = tl.where(up_pass, d_up, 0.0)
     return d_gate, d_up
 
 

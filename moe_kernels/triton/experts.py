@@ -673,9 +673,9 @@ def moe_mlp(x, gate_up_proj, down_proj, weights, ids, activation="silu", gate_up
 _POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16"}
 _INT_POINTERS = ("sorted_slots_ptr", "expert_offsets_ptr", "tile_offsets_ptr")
 _FP32_POINTERS = ("route_w_ptr", "grad_w_partial_ptr")
-# (activation, interleaved, bias, limit): the plain SwiGLU of most families and GPT-OSS's form, the
-# longest epilogue (clamps, biases, interleaved columns).
-_COMPILE_VARIANTS = (("silu", False, False, False), ("gpt_oss", True, True, True))
+# (activation, interleaved, bias, limit): the plain SwiGLU of most families, DeepSeek-V4's clamped one, and
+# GPT-OSS's form, the longest epilogue (clamps, biases, interleaved columns).
+_COMPILE_VARIANTS = (("silu", False, False, False), ("silu", False, False, True), ("gpt_oss", True, True, True))
 
 
 def _signature(kernel, constexprs: dict, data: str, overrides: dict = ()) -> dict:

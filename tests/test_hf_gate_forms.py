@@ -1,0 +1,153 @@
+"""The experts gates moe_kernels recognises from an experts class's ``_apply_gate`` source
+(moe_kernels.hf.experts.gate_form), and experts-level parity with transformers' own forward for each family that
+uses one: the clamped SwiGLU (DeepSeek-V4, GLM-5-next, HunYuan-V4) and GPT-OSS's SwiGLU on concatenated halves
+(MiniMax-M3-VL, OpenAI privacy filter), GPT-OSS itself as the control. Output and every gradient, per backend, with
+a clamp that binds."""
+
+from __future__ import annotations
+
+import importlib
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from moe_kernels.hf.experts import (GateForm, UnsupportedExpertsError, describe_experts, gate_form,  # noqa: E402
+                                    moe_kernels_experts_forward)
+from moe_kernels.hf.experts import BACKEND_ATTRIBUTE  # noqa: E402
+from moe_kernels.hf.families import families_table  # noqa: E402
+from moe_testing import assert_close_rel, backends_under_test, device_for  # noqa: E402
+
+# model_type -> (config class, experts class, expected activation, interleaved)
+FAMILIES = {
+    "deepseek_v4": ("DeepseekV4Config", "DeepseekV4Experts", "silu", False),
+    "glm5_next": ("Glm5NextTextConfig", "Glm5NextTextExperts", "silu", False),
+    "hy_v4": ("HYV4Config", "HYV4Experts", "silu", False),
+    "minimax_m3_vl": ("MiniMaxM3VLTextConfig", "MiniMaxM3VLExperts", "gpt_oss", False),
+    "openai_privacy_filter": ("OpenAIPrivacyFilterConfig", "OpenAIPrivacyFilterExperts", "gpt_oss", False),
+    "gpt_oss": ("GptOssConfig", "GptOssExperts", "gpt_oss", True),
+}
+LIMIT = 0.5  # small enough that the clamp binds on the random pre-activations below
+
+
+def _experts(model_type: str):
+    config_name, experts_name, _, _ = FAMILIES[model_type]
+    try:
+        config_module = importlib.import_module(f"transformers.models.{model_type}.configuration_{model_type}")
+        model_module = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    except ImportError:
+        pytest.skip(f"this transformers has no {model_type}")
+    config = getattr(config_module, config_name)(
+        hidden_size=32, intermediate_size=16, moe_intermediate_size=16, num_local_experts=8, n_routed_experts=8,
+        num_experts=8, num_experts_per_tok=2, swiglu_limit=LIMIT)
+    experts = getattr(model_module, experts_name)(config)
+    form = gate_form(type(experts))
+    setattr(experts, form.limit_attribute, LIMIT)  # some transformers versions hard-code GPT-OSS's 7.0
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in experts.parameters():
+            param.copy_(torch.randn(param.shape, generator=g) * (0.5 if param.dim() == 3 else 0.2))
+    return experts
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_gate_form_is_recognised(model_type):
+    experts = _experts(model_type)
+    _, _, activation, interleaved = FAMILIES[model_type]
+    info = describe_experts(experts)
+    assert (info["activation"], info["interleaved"], info["swiglu_limit"]) == (activation, interleaved, LIMIT)
+    row = next(r for r in families_table() if r["model_type"] == model_type)
+    assert row["status"] != "unsupported", row
+
+
+@pytest.mark.parametrize("backend", backends_under_test())
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_experts_match_transformers(model_type, backend):
+    experts = _experts(model_type).to(device_for(backend))
+    device = device_for(backend)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 32, generator=g).to(device)
+    ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(9)]).to(device)  # int64, as HF routers
+    weights = torch.softmax(torch.randn(9, 2, generator=g), -1).to(device)
+    grad = torch.randn(9, 32, generator=g).to(device)
+    leaves = [x.requires_grad_(), weights.requires_grad_(), *experts.parameters()]
+
+    want = experts(x, ids, weights)  # transformers' eager experts forward
+    setattr(experts, BACKEND_ATTRIBUTE, backend)
+    got = moe_kernels_experts_forward(experts, x, ids, weights)
+    assert_close_rel(got, want, torch.float32, f"{model_type} output")
+    for name, a, b in zip(["x", "weights", *(n for n, _ in experts.named_parameters())],
+                          torch.autograd.grad(got, leaves, grad), torch.autograd.grad(want, leaves, grad)):
+        assert_close_rel(a, b, torch.float32, f"{model_type} grad {name}", factor=5.0)
+
+    # the clamp binds here: without it, transformers' own output changes
+    setattr(experts, gate_form(type(experts)).limit_attribute, 1e9)
+    with torch.no_grad():
+        unclamped = experts(x, ids, weights)
+    assert (unclamped - want).norm() > 1e-2 * want.norm()
+
+
+# _apply_gate sources that must stay "custom" (near misses of a recognised form), and one recognised
+class _ExtraExpression:  # the clamped SwiGLU, plus code around its return
+    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return torch.nn.functional.silu(gate) * up if False else F.silu(gate) * up  # noqa: F821
+
+
+class _OtherActivation:
+    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        return F.gelu(gate) * up  # noqa: F821
+
+
+class _TwoLimits:
+    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        gate = gate.clamp(max=self.a)
+        up = up.clamp(min=-self.b, max=self.b)
+        return F.silu(gate) * up  # noqa: F821
+
+
+class _OneSidedUp:
+    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(max=self.limit)
+        return F.silu(gate) * up  # noqa: F821
+
+
+class _OtherOffset:
+    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        gate = gate.clamp(max=self.limit)
+        up = up.clamp(min=-self.limit, max=self.limit)
+        glu = gate * torch.sigmoid(gate * self.alpha)
+        return (up + 2.0) * glu
+
+
+class _Recognised:
+    def _apply_gate(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)
+        gate = gate.clamp(min=None, max=self.swiglu_limit)
+        up = up.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)
+        return F.silu(gate) * up  # noqa: F821
+
+
+def test_unknown_gates_stay_custom():
+    assert gate_form(_Recognised) == GateForm("clamped", limit_attribute="swiglu_limit", act_fn=False)
+    for cls in (_ExtraExpression, _OtherActivation, _TwoLimits, _OneSidedUp, _OtherOffset):
+        assert gate_form(cls).kind == "custom", cls.__name__
+
+
+def test_a_limit_that_is_not_a_finite_number_is_refused():
+    experts = _experts("deepseek_v4")
+    experts.limit = float("nan")
+    with pytest.raises(UnsupportedExpertsError, match="limit"):
+        describe_experts(experts)
+    experts.limit = float("inf")  # a clamp at +inf changes nothing: run without one
+    assert describe_experts(experts)["swiglu_limit"] is None
