@@ -1,7 +1,7 @@
 """The experts gates moe_kernels recognises from an experts class's ``_apply_gate`` source
 (moe_kernels.hf.experts.gate_form), and experts-level parity with transformers' own forward for each family that
 uses one: the clamped SwiGLU (DeepSeek-V4, GLM-5-next, HunYuan-V4) and GPT-OSS's SwiGLU on concatenated halves
-(MiniMax-M3-VL, OpenAI privacy filter), GPT-OSS itself as the control. Output and every gradient, per backend, with
+(MiniMax-M3-VL, OpenAI privacy filter), act(gate) * up in fp32 (Beam), GPT-OSS itself as the control. Output and every gradient, per backend, with
 a clamp that binds."""
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ FAMILIES = {
     "minimax_m3_vl": ("MiniMaxM3VLTextConfig", "MiniMaxM3VLExperts", "gpt_oss", False),
     "openai_privacy_filter": ("OpenAIPrivacyFilterConfig", "OpenAIPrivacyFilterExperts", "gpt_oss", False),
     "gpt_oss": ("GptOssConfig", "GptOssExperts", "gpt_oss", True),
+    "beam": ("BeamConfig", "BeamExperts", "silu", False),  # act(gate) * up in fp32, no clamp
 }
 LIMIT = 0.5  # small enough that the clamp binds on the random pre-activations below
 
@@ -43,7 +44,8 @@ def _experts(model_type: str):
         num_experts=8, num_experts_per_tok=2, swiglu_limit=LIMIT)
     experts = getattr(model_module, experts_name)(config)
     form = gate_form(type(experts))
-    setattr(experts, form.limit_attribute, LIMIT)  # some transformers versions hard-code GPT-OSS's 7.0
+    if form.limit_attribute is not None:
+        setattr(experts, form.limit_attribute, LIMIT)  # some transformers versions hard-code GPT-OSS's 7.0
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for param in experts.parameters():
@@ -56,7 +58,8 @@ def test_gate_form_is_recognised(model_type):
     experts = _experts(model_type)
     _, _, activation, interleaved = FAMILIES[model_type]
     info = describe_experts(experts)
-    assert (info["activation"], info["interleaved"], info["swiglu_limit"]) == (activation, interleaved, LIMIT)
+    limit = LIMIT if gate_form(type(experts)).limit_attribute else None
+    assert (info["activation"], info["interleaved"], info["swiglu_limit"]) == (activation, interleaved, limit)
     row = next(r for r in families_table() if r["model_type"] == model_type)
     assert row["status"] != "unsupported", row
 
@@ -82,6 +85,8 @@ def test_experts_match_transformers(model_type, backend):
         assert_close_rel(a, b, torch.float32, f"{model_type} grad {name}", factor=5.0)
 
     # the clamp binds here: without it, transformers' own output changes
+    if gate_form(type(experts)).limit_attribute is None:
+        return
     setattr(experts, gate_form(type(experts)).limit_attribute, 1e9)
     with torch.no_grad():
         unclamped = experts(x, ids, weights)
@@ -139,7 +144,7 @@ class _Recognised:
 
 
 def test_unknown_gates_stay_custom():
-    assert gate_form(_Recognised) == GateForm("clamped", limit_attribute="swiglu_limit", act_fn=False)
+    assert gate_form(_Recognised) == GateForm("act", limit_attribute="swiglu_limit", act_fn=False)
     for cls in (_ExtraExpression, _OtherActivation, _TwoLimits, _OneSidedUp, _OtherOffset):
         assert gate_form(cls).kind == "custom", cls.__name__
 

@@ -74,28 +74,30 @@ def normalised_source(fn) -> str | None:
 
 
 # The recognised forms of an experts class's ``_apply_gate`` (transformers copies them between families with small
-# differences: attribute names, ``min=None``, ``1`` or ``1.0``, a named temporary). Matched against the normalised
-# source (normalised_source), so only code known to compute one of moe_mlp's activations is accepted.
+# differences: attribute names, ``min=None``, ``1`` or ``1.0``, a named temporary, fp32 math). Matched against the
+# normalised source (normalised_source), so only code known to compute one of moe_mlp's activations is accepted.
 _GATE_HEAD = r"def _apply_gate\(self, gate_up(?:: torch\.Tensor)?\)(?: -> torch\.Tensor)?: "
 _GATE_SPLIT = (r"gate, up = (?:(?P<chunk>gate_up\.chunk\(2, dim=-1\))"
                r"|(?P<interleaved>gate_up\[\.\.\., ::2\], gate_up\[\.\.\., 1::2\])) ")
-_GATE_CLAMP = (r"gate = gate\.clamp\((?:min=None, )?max=self\.(?P<limit>\w+)\) "
-               r"up = up\.clamp\(min=-self\.(?P=limit), max=self\.(?P=limit)\) ")
+_GATE_CLAMP = (r"(?:gate = gate\.clamp\((?:min=None, )?max=self\.(?P<limit>\w+)\) "
+               r"up = up\.clamp\(min=-self\.(?P=limit), max=self\.(?P=limit)\) )?")
 _GATE_TAILS = {
     # GPT-OSS's SwiGLU: (up + 1) * gate * sigmoid(alpha * gate)
     "gpt_oss": r"glu = gate \* torch\.sigmoid\(gate \* self\.(?P<alpha>\w+)\) "
                r"(?:return \(up \+ 1(?:\.0)?\) \* glu|gated_output = \(up \+ 1(?:\.0)?\) \* glu return gated_output)",
-    # a clamped act(gate) * up (DeepSeek-V4: the module's act_fn; GLM-5-next, HunYuan-V4: SiLU)
-    "clamped": r"return (?P<act>self\.act_fn|F\.silu)\(gate\) \* up",
+    # act(gate) * up: the module's act_fn or SiLU, in the input dtype or in fp32 (Beam), which the kernels use anyway
+    "act": r"return (?:(?P<act>self\.act_fn|F\.silu)\(gate\) \* up"
+           r"|\((?P<act32>self\.act_fn)\(gate\.float\(\)\) \* up\.float\(\)\)\.to\(gate\.dtype\))",
 }
 
 
 @dataclass(frozen=True)
 class GateForm:
-    """How an experts class gates: ``kind`` "default" (act(gate) * up on concatenated halves, transformers' own
-    ``_apply_gate``), "gpt_oss", "clamped" or "custom" (unrecognised); the split of the pre-activation
-    (``interleaved`` rows or concatenated halves); the attributes holding the clamp limit and GPT-OSS's alpha;
-    ``act_fn``: whether the activation is the module's ``act_fn`` (else SiLU, written in the source)."""
+    """How an experts class gates: ``kind`` "act" (act(gate) * up: transformers' default ``_apply_gate`` or a
+    recognised copy), "gpt_oss" (GPT-OSS's SwiGLU) or "custom" (unrecognised); the split of the pre-activation
+    (``interleaved`` rows or concatenated halves); the attributes holding the clamp limit (None: no clamp) and
+    GPT-OSS's alpha; ``act_fn``: whether the activation is the module's ``act_fn`` (else SiLU, written in the
+    source)."""
     kind: str
     interleaved: bool = False
     limit_attribute: str | None = None
@@ -110,7 +112,7 @@ def gate_form(experts_class: type) -> GateForm:
 
     gate = getattr(experts_class, "_apply_gate", None)
     if gate is None or gate is default_apply_gate():
-        return GateForm("default")
+        return GateForm("act")
     source = normalised_source(gate)
     for kind, tail in _GATE_TAILS.items():
         match = source and re.fullmatch(_GATE_HEAD + _GATE_SPLIT + _GATE_CLAMP + tail, source)
@@ -118,7 +120,7 @@ def gate_form(experts_class: type) -> GateForm:
             return GateForm(kind, interleaved=match.group("interleaved") is not None,
                             limit_attribute=match.group("limit"),
                             alpha_attribute=match.group("alpha") if kind == "gpt_oss" else None,
-                            act_fn=kind == "gpt_oss" or match.group("act") == "self.act_fn")
+                            act_fn=kind == "gpt_oss" or match.group("act") != "F.silu")
     return GateForm("custom")
 
 
@@ -145,9 +147,7 @@ def describe_experts(module: nn.Module) -> dict:
         raise UnsupportedExpertsError(
             f"{name} overrides _apply_gate with a gate moe_kernels does not know; supported gates are "
             "act(gate) * up, its clamped form (DeepSeek-V4) and GPT-OSS's SwiGLU")
-    if form.kind == "default" and not is_concatenated:
-        raise UnsupportedExpertsError(f"{name}: is_concatenated=False with the default (chunked) gate is inconsistent")
-    if form.kind != "default" and form.interleaved == is_concatenated:
+    if form.interleaved == is_concatenated:
         raise UnsupportedExpertsError(
             f"{name}: its _apply_gate splits gate/up {'interleaved' if form.interleaved else 'in halves'} but "
             f"is_concatenated={is_concatenated}")

@@ -101,11 +101,11 @@ def experts_unsupported_reason(cls: type) -> str | None:
         return f"{cls.__name__}: has_post_expert_norm (norm between expert output and routing weight)"
     form = gate_form(cls)
     concatenated = flags.get("is_concatenated", True)
+    if not flags.get("has_gate", True):
+        return None  # act(up x): no gate to read
     if form.kind == "custom":
         return f"{cls.__name__}: custom _apply_gate"
-    if form.kind == "default" and flags.get("has_gate", True) and not concatenated:
-        return f"{cls.__name__}: interleaved rows with the default gate"
-    if form.kind != "default" and form.interleaved == concatenated:
+    if form.interleaved == concatenated:
         return f"{cls.__name__}: _apply_gate's gate/up split disagrees with is_concatenated={concatenated}"
     return None
 
