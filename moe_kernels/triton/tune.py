@@ -180,11 +180,12 @@ class Case:
 
         self.mk = moe_kernels
         g = torch.Generator(device="cpu").manual_seed(seed)
+        g_device = torch.Generator(device=device).manual_seed(seed)  # weights of GBs: drawn where they live
 
         def tensor(*shape, scale=1.0):
             if not values:  # compile warm-up: the values do not matter
                 return torch.empty(shape, dtype=dtype, device=device)
-            return (torch.randn(shape, generator=g) * scale).to(device=device, dtype=dtype)
+            return (torch.randn(shape, generator=g_device, device=device) * scale).to(dtype)
 
         self.x = tensor(tokens, hidden).requires_grad_()
         self.w1 = tensor(experts, 2 * inter, hidden, scale=hidden ** -0.5).requires_grad_()
