@@ -156,3 +156,18 @@ def test_a_limit_that_is_not_a_finite_number_is_refused():
         describe_experts(experts)
     experts.limit = float("inf")  # a clamp at +inf changes nothing: run without one
     assert describe_experts(experts)["swiglu_limit"] is None
+
+
+@pytest.mark.parametrize("model_type", ["deepseek_v4", "minimax_m3_vl"])
+def test_recognised_gates_trace_under_torch_compile(model_type):
+    """The gate is read from source once per class (cached); a compiled forward of a fresh class traces it whole."""
+    experts = _experts(model_type)
+    setattr(experts, BACKEND_ATTRIBUTE, "reference")
+    gate_form.cache_clear()  # as in a new process: the first call is the compiled one
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(5, 32, generator=g)
+    ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(5)])
+    weights = torch.softmax(torch.randn(5, 2, generator=g), -1)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: moe_kernels_experts_forward(experts, x, ids, weights), backend="eager")
+    torch.testing.assert_close(compiled(x), experts(x, ids, weights), rtol=1e-5, atol=1e-6)
