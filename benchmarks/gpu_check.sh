@@ -129,7 +129,7 @@ if [ $skip_tests = 0 ]; then
   gpu_tests=$(ls tests/test_route.py tests/test_plan.py tests/test_moe_mlp.py tests/test_adapter_moe.py \
     tests/backends/test_triton_internals.py tests/backends/test_native_internals.py tests/backends/test_grouped_rows.py \
     tests/test_gpu*.py tests/test_determinism.py tests/test_layers_adapters.py tests/test_hf_route_parity.py \
-    tests/test_errors.py 2>/dev/null)
+    tests/test_errors.py tests/test_hf_gate_forms.py 2>/dev/null)
   if t=$(cap "$tests_timeout"); then
     step "tests on the GPU: $(echo $gpu_tests | wc -w) files, at most ${t}s (log: $out/tests.log)"
     workers=$($python -c "import xdist" 2>/dev/null && echo "-n 12" || echo "")
