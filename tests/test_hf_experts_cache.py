@@ -70,8 +70,6 @@ def test_described_once_while_nothing_changes(counted):
     lambda m: setattr(m, "has_gate", False),
     lambda m: setattr(m, "is_concatenated", False),
     lambda m: setattr(m, "has_post_expert_norm", True),
-    lambda m: setattr(m, "limit", 3.0),
-    lambda m: setattr(m, "alpha", 2.0),
     lambda m: setattr(m, "act_fn", torch.nn.GELU()),
     lambda m: setattr(m, "act_fn", torch.nn.Tanh()),
     lambda m: setattr(m, "__class__", _custom_gate_subclass(type(m))),
@@ -115,11 +113,24 @@ def test_gpt_oss_limit_and_alpha():
         hf_experts._cached_description(experts)
 
 
-def test_flags_held_elsewhere_are_not_cached(counted):
+def test_attributes_the_gate_does_not_read_keep_the_cache(counted):
+    """A default gate reads no limit or alpha: setting them (under any family's name) describes nothing again."""
     experts = _qwen3()
-    experts.register_buffer("limit", torch.tensor(7.0))  # getattr finds it, the instance dict does not
     hf_experts._cached_description(experts)
-    hf_experts._cached_description(experts)
+    for name in ("limit", "alpha", "swiglu_limit", "swiglu_alpha"):
+        setattr(experts, name, 3.0)
+        assert hf_experts._cached_description(experts)["swiglu_limit"] is None
+    assert len(counted) == 1
+
+
+def test_flags_held_elsewhere_are_not_cached(counted):
+    experts = _gpt_oss()
+    del experts.limit
+    experts.register_buffer("limit", torch.tensor(7.0))  # getattr finds it: a tensor, which could change in place
+    with pytest.raises(UnsupportedExpertsError, match="limit"):  # and moe_mlp takes a number
+        hf_experts._cached_description(experts)
+    with pytest.raises(UnsupportedExpertsError, match="limit"):
+        hf_experts._cached_description(experts)
     assert len(counted) == 2
 
 

@@ -172,20 +172,22 @@ def describe_experts(module: nn.Module) -> dict:
 
 
 _DESCRIPTION_ATTRIBUTE = "_moe_kernels_description"  # (key, description) cached in the module's __dict__
-# every attribute describe_experts reads (the clamp limit and alpha under each family's name included)
-_DESCRIBED_ATTRIBUTES = ("has_gate", "has_bias", "is_transposed", "is_concatenated", "limit", "alpha",
-                         "swiglu_limit", "swiglu_alpha", "has_post_expert_norm")
+# the layout flags describe_experts reads; the clamp limit and GPT-OSS's alpha are read under the names the
+# class's gate form gives them (gate_form), so a key reads exactly what the description depends on
+_DESCRIBED_FLAGS = ("has_gate", "has_bias", "is_transposed", "is_concatenated", "has_post_expert_norm")
 _PLAIN = (bool, int, float, str, type(None))
 
 
 def _description_key(module: nn.Module) -> tuple | None:
     """What :func:`describe_experts` reads from the module: the class, the activation module and its
-    ``approximate`` (activation_name reads it), and the layout flags. None (not cached) when a flag is not a plain
-    value (a tensor, e.g. a buffer, could change in place)."""
+    ``approximate`` (activation_name reads it), the layout flags and the gate's limit and alpha. None (not cached)
+    when one of them is not a plain value (a tensor, e.g. a buffer, could change in place)."""
     act_fn = getattr(module, "act_fn", None)
-    key = [type(module), act_fn, type(act_fn), getattr(act_fn, "approximate", None)]
-    for name in _DESCRIBED_ATTRIBUTES:
-        value = getattr(module, name, None)
+    cls = type(module)
+    key = [cls, act_fn, type(act_fn), getattr(act_fn, "approximate", None)]
+    form = gate_form(cls)
+    for name in (*_DESCRIBED_FLAGS, form.limit_attribute, form.alpha_attribute):
+        value = getattr(module, name, None) if name is not None else None
         if type(value) not in _PLAIN:
             return None
         key.append(value)
