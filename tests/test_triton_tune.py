@@ -259,3 +259,21 @@ def test_compile_warm_up_pool_runs_jobs_in_spawned_workers():
     failures = tune.warm_compile(jobs, 2, lines.append, device_type="cpu")
     assert list(failures) == [3] and "KeyError" in failures[3], (failures, lines)
     assert "compiled 4 candidate runs in 2 processes" in lines[-1]
+
+
+def test_a_table_the_tuner_writes_is_read_back(tables):
+    """merge()'s output, written where the tuner writes it, is what the lookups then return (both families)."""
+    base = configs.mlp_config(64 * 8, 8, 14336)
+    tuned_mlp = dict({"min_inter": 4097, "max_inter": None, "min_rows_per_expert": 17, "max_rows_per_expert": 256},
+                     **tune._kernel_entry(base), tuned_at={"T": 512}, ms={"before": {}, "after": {}}, complete=True,
+                     rejected={})
+    tuned_mlp["up"] = tune._gemm(32, 64, 64, 4, 3)
+    tuned_decode = {"min_inter": 4097, "max_inter": None, "BLOCK_M": 64, "up": tune._decode(64, 64, 4, 4),
+                    "down": tune._decode(16, 256, 4, 4), "tuned_at": {"T": [1, 8]}}
+    table = tune.merge(None, {"mlp": [tuned_mlp], "mlp_decode": [tuned_decode]}, FAKE_GPU, {"measured": True})
+    tune._write(str(configs.user_configs_path(FAKE_GPU)), table)
+    configs.clear_cache()
+    assert configs._pick("mlp", FAKE_GPU, rows_per_expert=100, inter=14336)["up"] == tune._gemm(32, 64, 64, 4, 3)
+    assert configs._pick("mlp", FAKE_GPU, rows_per_expert=300, inter=14336) == \
+        configs._pick("mlp", None, rows_per_expert=300, inter=14336)
+    assert configs._pick("mlp_decode", FAKE_GPU, inter=14336)["down"] == tune._decode(16, 256, 4, 4)
