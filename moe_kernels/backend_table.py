@@ -30,7 +30,6 @@ forward + backward for ``train``) and records the faster, in the shipped file (f
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -39,6 +38,7 @@ import time
 import torch
 
 from . import native
+from .user_cache import cache_dir
 
 TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "backend_table.json")
 TABLE_OPS = ("moe_mlp", "adapter_moe")
@@ -76,19 +76,9 @@ def table_path() -> str:
 
 
 def user_table_path() -> str:
-    """Where ``moe-kernels tune`` writes the block of the user's GPU: ``$MOE_KERNELS_CACHE_DIR``, else
-    ``$XDG_CACHE_HOME/moe_kernels``, else ``~/.cache/moe_kernels``, file ``backend_table.json``."""
-    env = os.environ
-    return _user_table_path(env.get("MOE_KERNELS_CACHE_DIR"), env.get("XDG_CACHE_HOME"), env.get("HOME"))
-
-
-@functools.lru_cache(maxsize=16)
-def _user_table_path(cache_dir: str | None, xdg_cache_home: str | None, home: str | None) -> str:
-    # Joined once per value of the three variables it depends on (``~`` is $HOME, else the user's password
-    # entry, fixed per process): auto on CUDA asks for it on every call.
-    base = cache_dir or os.path.join(
-        xdg_cache_home or os.path.join(os.path.expanduser("~"), ".cache"), "moe_kernels")
-    return os.path.join(base, "backend_table.json")
+    """Where ``moe-kernels tune`` writes the block of the user's GPU: ``backend_table.json`` in the user's cache
+    (:func:`moe_kernels.user_cache.cache_dir`)."""
+    return os.path.join(cache_dir(), "backend_table.json")
 
 
 def block_in_force(device_label: str | None) -> tuple[dict, str]:

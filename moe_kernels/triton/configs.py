@@ -52,11 +52,11 @@ def device_file_name(device_name: str) -> str:
 
 
 def user_configs_path(device_name: str) -> Path:
-    """Where ``moe-kernels tune --triton`` writes the table of a GPU model (see the module docstring)."""
-    env = os.environ
-    base = env.get("MOE_KERNELS_CACHE_DIR") or os.path.join(
-        env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "moe_kernels")
-    return Path(base) / "triton_configs" / device_file_name(device_name)
+    """Where ``moe-kernels tune --triton`` writes the table of a GPU model: ``triton_configs/`` in the user's
+    cache (:func:`moe_kernels.user_cache.cache_dir`)."""
+    from ..user_cache import cache_dir
+
+    return Path(cache_dir()) / "triton_configs" / device_file_name(device_name)
 
 
 def _read_device_table(path: Path) -> dict | None:
