@@ -79,12 +79,14 @@ def cmd_info(args) -> int:
     rows = families_table()
     supported = [r for r in rows if r["status"] != "unsupported"]
     print(f"Hugging Face families: {len(supported)} of {len(rows)} MoE families in transformers are supported "
-          "(experts: the experts run on moe_kernels; +router: the router too; parity: covered by parity tests)")
+          "(experts: the experts run on moe_kernels; +router: the router too; parity: model = whole-model parity "
+          "tests, experts = the experts module's)")
     print(f"  {'model_type':<28}{'patched':<16}{'router variant':<22}{'parity':<8}note")
     for row in rows:
         patched = row["status"] if row["status"] != "unsupported" else "no"
         print(f"  {row['model_type']:<28}{patched:<16}{row['router_variant']:<22}"
-              f"{'yes' if row['parity_tested'] else '-':<8}{row['reason']}")
+              f"{'model' if row['parity_tested'] else 'experts' if row['experts_parity_tested'] else '-':<8}"
+              f"{row['reason']}")
     return 0
 
 

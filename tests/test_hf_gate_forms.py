@@ -16,7 +16,7 @@ pytest.importorskip("transformers")
 from moe_kernels.hf.experts import (GateForm, UnsupportedExpertsError, describe_experts, gate_form,  # noqa: E402
                                     moe_kernels_experts_forward)
 from moe_kernels.hf.experts import BACKEND_ATTRIBUTE  # noqa: E402
-from moe_kernels.hf.families import families_table  # noqa: E402
+from moe_kernels.hf.families import EXPERTS_PARITY_TESTED, families_table  # noqa: E402
 from moe_testing import assert_close_rel, backends_under_test, device_for  # noqa: E402
 
 # model_type -> (config class, experts class, expected activation, interleaved)
@@ -171,3 +171,7 @@ def test_recognised_gates_trace_under_torch_compile(model_type):
     torch._dynamo.reset()
     compiled = torch.compile(lambda x: moe_kernels_experts_forward(experts, x, ids, weights), backend="eager")
     torch.testing.assert_close(compiled(x), experts(x, ids, weights), rtol=1e-5, atol=1e-6)
+
+
+def test_the_families_table_names_exactly_these_families():
+    assert EXPERTS_PARITY_TESTED == set(FAMILIES)

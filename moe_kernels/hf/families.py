@@ -13,7 +13,8 @@ Generated from the installed transformers, not written by hand:
 
 Status per family: ``"experts+router"`` (both patched), ``"experts"`` (experts patched, router left to
 transformers -- still exact), ``"unsupported"`` (with the reason). ``parity_tested`` marks families
-whose whole-model parity suite lives in ``integration/test_hf_families.py``.
+whose whole-model parity suite lives in ``integration/test_hf_families.py``, ``experts_parity_tested`` those whose
+experts module is compared with transformers' own forward in ``tests/test_hf_gate_forms.py``.
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ from .routers import match_variant
 # Families with a whole-model parity suite in integration/test_hf_families.py.
 PARITY_TESTED = frozenset({"mixtral", "minimax", "qwen2_moe", "qwen3_moe", "olmoe", "flex_olmo", "deepseek_v3",
                            "glm4_moe", "dots1", "gpt_oss", "granitemoe", "jamba", "nemotron_h", "hy_v4"})
+# Families whose experts module alone is compared with transformers' forward (tests/test_hf_gate_forms.py).
+EXPERTS_PARITY_TESTED = frozenset({"deepseek_v4", "glm5_next", "hy_v4", "minimax_m3_vl", "openai_privacy_filter",
+                                   "gpt_oss", "beam"})
 
 _ROUTER_NAME = re.compile(r"Router$")
 
@@ -52,7 +56,8 @@ class Family:
                 "router_variant": ", ".join(sorted(set(self.routers.values()))) or "-",
                 "routers_patched": ", ".join(self.routers) or "-",
                 "routers_kept": ", ".join(self.unmatched_routers) or "-",
-                "parity_tested": self.model_type in PARITY_TESTED, "reason": self.reason}
+                "parity_tested": self.model_type in PARITY_TESTED,
+                "experts_parity_tested": self.model_type in EXPERTS_PARITY_TESTED, "reason": self.reason}
 
 
 def is_experts_class(cls: type) -> bool:
@@ -194,9 +199,9 @@ def supported_model_types() -> list[str]:
 
 def families_table() -> list[dict]:
     """One dict per candidate family (supported or not): model_type, status, experts, router_variant,
-    routers_patched, routers_kept, parity_tested, reason. For ``moe-kernels info``."""
+    routers_patched, routers_kept, parity_tested, experts_parity_tested, reason. For ``moe-kernels info``."""
     return [family.as_dict() for family in scan().values()]
 
 
-__all__ = ["Family", "PARITY_TESTED", "families_table", "family_of", "scan", "supported_model_types",
+__all__ = ["Family", "PARITY_TESTED", "EXPERTS_PARITY_TESTED", "families_table", "family_of", "scan", "supported_model_types",
            "is_experts_class", "experts_flags"]
