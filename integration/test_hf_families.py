@@ -66,11 +66,11 @@ FAMILIES = {
               dict(intermediate_size=32, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
                    n_group=2, topk_group=1, n_shared_experts=1, first_k_dense_replace=0,
                    mlp_layer_types=["sparse", "sparse"], swiglu_limit=0.5)),
-    # experts without a gate (act(up x)); its default activation relu2 is refused, so run it with relu
+    # experts without a gate (moe_mlp(..., gated=False)), with the config's default activation, ReLU^2
     "nemotron_h": ("NemotronHConfig", "NemotronHForCausalLM",
                    dict(intermediate_size=32, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
                         n_group=2, topk_group=1, moe_shared_expert_intermediate_size=16, routed_scaling_factor=1.5,
-                        layers_block_type=["attention", "moe"], mlp_hidden_act="relu")),
+                        layers_block_type=["attention", "moe"])),
 }
 # The families the issue names; the triton backend (interpreted, slow) runs only the first two.
 NAMED = ("mixtral", "qwen3_moe", "qwen2_moe", "olmoe", "deepseek_v3", "gpt_oss")

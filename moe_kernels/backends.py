@@ -86,7 +86,7 @@ class Backend:
         raise BackendError(f"backend '{self.name}' has no plan")
 
     def moe_mlp(self, x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias,
-                interleaved, swiglu_limit):
+                interleaved, swiglu_limit, gated):
         raise BackendError(f"backend '{self.name}' has no moe_mlp")
 
     def adapter_moe(self, h, down, up, weights, ids, activation, scale):

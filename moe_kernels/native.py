@@ -391,8 +391,8 @@ class NativeBackend(Backend):
         return native_plan(ids, num_experts)
 
     def moe_mlp(self, x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, interleaved,
-                swiglu_limit):
-        return self.expert_path(x, gate_up_proj, down_proj, gate_up_bias, down_bias, weights, ids, activation, True,
+                swiglu_limit, gated):
+        return self.expert_path(x, gate_up_proj, down_proj, gate_up_bias, down_bias, weights, ids, activation, gated,
                                 interleaved, swiglu_limit, 1.0)
 
     def adapter_moe(self, h, down, up, weights, ids, activation, scale):

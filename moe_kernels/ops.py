@@ -15,7 +15,7 @@ import torch
 
 from . import reference
 from .backends import Plan, resolve_backend
-from .spec import ADAPTER_ACTIVATIONS, GATED_ACTIVATIONS, MAX_ADAPTER_RANK, ROUTE_ORDERS, ROUTE_SCORINGS
+from .spec import ADAPTER_ACTIVATIONS, ELEMENTWISE_ACTIVATIONS, GATED_ACTIVATIONS, MAX_ADAPTER_RANK, ROUTE_ORDERS, ROUTE_SCORINGS
 from .validation import (check_choice, check_dim, check_finite_logits, check_routing, check_same_device,
                          check_tensor, check_top_k, value_checks_enabled)
 
@@ -142,7 +142,7 @@ def plan(ids: torch.Tensor, num_experts: int, *, backend: str | None = None) -> 
 def moe_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
             ids: torch.Tensor, *, activation: str = "silu", gate_up_bias: torch.Tensor | None = None,
             down_bias: torch.Tensor | None = None, interleaved: bool = False,
-            swiglu_limit: float | None = None, backend: str | None = None) -> torch.Tensor:
+            swiglu_limit: float | None = None, gated: bool = True, backend: str | None = None) -> torch.Tensor:
     """Routed expert MLPs: y[t] = sum_j weights[t,j] * down_e(act(gate_e x_t) * up_e x_t), e = ids[t,j].
 
     Shapes (Hugging Face v5 layout): x [T,H], gate_up_proj [E,2I,H] (gate rows then up rows, or
@@ -150,27 +150,43 @@ def moe_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
     dtype), ids [T,k] (int32 or int64). Optional biases gate_up_bias [E,2I], down_bias [E,H].
     activation: "silu" (SwiGLU), "gelu", "gelu_tanh", "relu" (gated), or "gpt_oss" (GPT-OSS's SwiGLU,
     (up + 1) * gate * sigmoid(1.702 gate)). ``swiglu_limit``: gate is clamped to <= limit and up to
-    [-limit, limit] before the activation, for every activation (GPT-OSS, DeepSeek-V4). Weights may be non-contiguous views (e.g. a transpose of
-    GPT-OSS's [E,H,2I] storage). Returns [T,H] in x's dtype; differentiable w.r.t. x, both weight
-    tensors, the biases and weights.
+    [-limit, limit] before the activation, for every activation (GPT-OSS, DeepSeek-V4).
+
+    ``gated=False``: experts without a gate (Nemotron-H), y[t] = sum_j weights[t,j] * down_e(act(up_e x_t)):
+    gate_up_proj is the up projection [E,I,H] (bias [E,I]), activation one of ``spec.ELEMENTWISE_ACTIVATIONS``
+    ("relu2" is Nemotron-H's ReLU^2), no ``interleaved`` or ``swiglu_limit``.
+
+    Weights may be non-contiguous views (e.g. a transpose of GPT-OSS's [E,H,2I] storage). Returns [T,H] in x's
+    dtype; differentiable w.r.t. x, both weight tensors, the biases and weights.
     """
-    num_tokens, hidden, num_experts, two_i = _check_expert_weights("x", x, "gate_up_proj", gate_up_proj,
+    num_tokens, hidden, num_experts, width = _check_expert_weights("x", x, "gate_up_proj", gate_up_proj,
                                                                    "down_proj", down_proj)
-    if two_i % 2:
-        raise ValueError(f"gate_up_proj: dim 1 must be 2*intermediate (even), got {two_i}")
+    if not isinstance(gated, bool):
+        raise TypeError(f"gated must be a bool, got {gated!r}")
+    if gated and width % 2:
+        raise ValueError(f"gate_up_proj: dim 1 must be 2*intermediate (even), got {width}")
+    inter = width // 2 if gated else width
     down_experts, down_hidden, down_inner = down_proj.shape  # 3-D (checked above)
     check_dim("down_proj", down_experts, num_experts, "number of experts (= gate_up_proj.shape[0])")
     check_dim("down_proj", down_hidden, hidden, "hidden size (dim 1, = x.shape[1])")
-    check_dim("down_proj", down_inner, two_i // 2, "intermediate size (dim 2, = gate_up_proj.shape[1] / 2)")
+    check_dim("down_proj", down_inner, inter, "intermediate size (dim 2, = gate_up_proj.shape[1]"
+              + (" / 2)" if gated else ", gated=False)"))
     if gate_up_bias is not None:
         check_tensor("gate_up_bias", gate_up_bias, 2)
-        if tuple(gate_up_bias.shape) != (num_experts, two_i):
-            raise ValueError(f"gate_up_bias must have shape {(num_experts, two_i)}, got {tuple(gate_up_bias.shape)}")
+        if tuple(gate_up_bias.shape) != (num_experts, width):
+            raise ValueError(f"gate_up_bias must have shape {(num_experts, width)}, got {tuple(gate_up_bias.shape)}")
     if down_bias is not None:
         check_tensor("down_bias", down_bias, 2)
         if tuple(down_bias.shape) != (num_experts, hidden):
             raise ValueError(f"down_bias must have shape {(num_experts, hidden)}, got {tuple(down_bias.shape)}")
-    check_choice("activation", activation, GATED_ACTIVATIONS)
+    if gated:
+        check_choice("activation", activation, GATED_ACTIVATIONS)
+    else:
+        check_choice("activation (gated=False)", activation, ELEMENTWISE_ACTIVATIONS)
+        if interleaved:
+            raise ValueError("interleaved=True needs gated=True (it lays out gate and up rows)")
+        if swiglu_limit is not None:
+            raise ValueError("swiglu_limit needs gated=True (it clamps gate and up)")
     if swiglu_limit is not None:
         if isinstance(swiglu_limit, bool) or not isinstance(swiglu_limit, (int, float)) \
                 or not math.isfinite(swiglu_limit) or swiglu_limit <= 0:
@@ -188,7 +204,7 @@ def moe_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
                                           weights))
     return impl.moe_mlp(x=x, gate_up_proj=gate_up_proj, down_proj=down_proj, weights=weights, ids=ids,
                         activation=activation, gate_up_bias=gate_up_bias, down_bias=down_bias,
-                        interleaved=bool(interleaved), swiglu_limit=swiglu_limit)
+                        interleaved=bool(interleaved), swiglu_limit=swiglu_limit, gated=gated)
 
 
 def adapter_moe(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
@@ -196,7 +212,7 @@ def adapter_moe(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weights: 
     """Routed bottleneck adapters / LoRA experts: y[t] = sum_j weights[t,j] * scale * up_e(act(down_e h_t)).
 
     Shapes: h [T,H], down [E,r,H], up [E,H,r] with 1 <= r <= 1024, weights/ids [T,k].
-    activation: "gelu" (PESC), "gelu_tanh", "silu", "relu", or "identity" (routed LoRA: B_e A_e h).
+    activation: "gelu" (PESC), "gelu_tanh", "silu", "relu", "relu2", or "identity" (routed LoRA: B_e A_e h).
     Returns [T,H] in h's dtype; differentiable w.r.t. h, down, up and weights.
     """
     num_tokens, hidden, num_experts, rank = _check_expert_weights("h", h, "down", down, "up", up)

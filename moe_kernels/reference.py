@@ -21,11 +21,11 @@ import torch.nn.functional as F
 
 from .backends import Backend, Plan
 # The activation names and shared constants live in moe_kernels.spec; re-exported here, where callers know them.
-from .spec import ADAPTER_ACTIVATIONS, GATED_ACTIVATIONS, GPT_OSS_ALPHA, RENORM_EPS
+from .spec import ADAPTER_ACTIVATIONS, ELEMENTWISE_ACTIVATIONS, GATED_ACTIVATIONS, GPT_OSS_ALPHA, RENORM_EPS
 
 
 def apply_activation(x: torch.Tensor, name: str) -> torch.Tensor:
-    """The elementwise activations of the adapter path (and of the gate half of gated MLPs)."""
+    """The elementwise activations: the adapter path, ungated expert MLPs and the gate half of gated ones."""
     if name == "silu":
         return F.silu(x)
     if name == "gelu":
@@ -34,6 +34,8 @@ def apply_activation(x: torch.Tensor, name: str) -> torch.Tensor:
         return F.gelu(x, approximate="tanh")
     if name == "relu":
         return F.relu(x)
+    if name == "relu2":
+        return F.relu(x).square()
     if name == "identity":
         return x
     raise ValueError(f"unknown activation {name!r}")
@@ -117,13 +119,16 @@ def plan(ids: torch.Tensor, num_experts: int) -> Plan:
 def moe_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
             ids: torch.Tensor, activation: str = "silu", gate_up_bias: torch.Tensor | None = None,
             down_bias: torch.Tensor | None = None, interleaved: bool = False,
-            swiglu_limit: float | None = None) -> torch.Tensor:
-    """y[t] = sum_j weights[t,j] * down_e(act(gate_e x_t) * up_e x_t), e = ids[t,j]. Loop over experts."""
+            swiglu_limit: float | None = None, gated: bool = True) -> torch.Tensor:
+    """y[t] = sum_j weights[t,j] * down_e(act(gate_e x_t) * up_e x_t), e = ids[t,j]. Loop over experts.
+
+    gated=False: gate_up_proj is the up projection alone [E,I,H] and y[t] = sum_j weights[t,j] * down_e(act(up_e x_t))."""
     def expert(e, rows):
         h = rows @ gate_up_proj[e].float().t()
         if gate_up_bias is not None:
             h = h + gate_up_bias[e].float()
-        y = gated_activation(h, activation, interleaved, swiglu_limit) @ down_proj[e].float().t()
+        act = gated_activation(h, activation, interleaved, swiglu_limit) if gated else apply_activation(h, activation)
+        y = act @ down_proj[e].float().t()
         if down_bias is not None:
             y = y + down_bias[e].float()
         return y
@@ -192,4 +197,4 @@ class ReferenceBackend(Backend):
 BACKEND = ReferenceBackend()
 
 __all__ = ["route", "plan", "moe_mlp", "adapter_moe", "load_balancing_loss", "z_loss", "BACKEND",
-           "GATED_ACTIVATIONS", "ADAPTER_ACTIVATIONS"]
+           "GATED_ACTIVATIONS", "ELEMENTWISE_ACTIVATIONS", "ADAPTER_ACTIVATIONS"]

@@ -132,21 +132,23 @@ MLP_SHAPES = [
     (30, 16, 12, 8, 2, "skip_last"),
     (9, 7, 3, 11, 2, "random"),
 ]
-ACTIVATION_CASES = [  # (activation, interleaved, swiglu_limit, biases)
-    ("silu", False, None, False), ("gelu", False, None, True), ("gelu_tanh", True, None, False),
-    ("relu", False, None, True), ("gpt_oss", True, 1.0, True), ("gpt_oss", False, None, False),
-    ("silu", False, 0.5, False),  # DeepSeek-V4's clamped SwiGLU
+ACTIVATION_CASES = [  # (activation, interleaved, swiglu_limit, biases, gated)
+    ("silu", False, None, False, True), ("gelu", False, None, True, True), ("gelu_tanh", True, None, False, True),
+    ("relu", False, None, True, True), ("gpt_oss", True, 1.0, True, True), ("gpt_oss", False, None, False, True),
+    ("silu", False, 0.5, False, True),  # DeepSeek-V4's clamped SwiGLU
+    ("relu2", False, None, True, False),  # Nemotron-H: no gate, ReLU^2 (the first weight is [E, I, H])
 ]
 
 
-def mlp_problem(shape, dtype, biases, seed=0, device="cpu"):
+def mlp_problem(shape, dtype, biases, seed=0, device="cpu", gated=True):
     T, H, I, E, k, pattern = shape
+    width = 2 * I if gated else I
     g = torch.Generator().manual_seed(seed + T * 7 + H)
     weights, ids = make_routing(T, E, k, pattern, g)
-    t = dict(x=torch.randn(T, H, generator=g), gate_up=torch.randn(E, 2 * I, H, generator=g) / H ** 0.5,
+    t = dict(x=torch.randn(T, H, generator=g), gate_up=torch.randn(E, width, H, generator=g) / H ** 0.5,
              down=torch.randn(E, H, I, generator=g) / I ** 0.5, weights=weights)
     if biases:
-        t["b1"] = torch.randn(E, 2 * I, generator=g) * 0.1
+        t["b1"] = torch.randn(E, width, generator=g) * 0.1
         t["b2"] = torch.randn(E, H, generator=g) * 0.1
     t = {n: (v if n == "weights" else v.to(dtype)).to(device).requires_grad_() for n, v in t.items()}
     return t, ids.to(device), torch.randn(T, H, generator=g).to(dtype).to(device)
@@ -155,14 +157,14 @@ def mlp_problem(shape, dtype, biases, seed=0, device="cpu"):
 def check_mlp_against_oracle(path, shape, dtype, act_case, device="cpu"):
     """Runs `path` (the grouped op, or the cuda backend) and the oracle on the same inputs; outputs and every
     gradient within the README's tolerance."""
-    activation, interleaved, limit, biases = act_case
+    activation, interleaved, limit, biases, gated = act_case
     if limit is not None and dtype != torch.float32:
         limit = 7.0  # GPT-OSS's value; at 1.0 rounding to fp16/bf16 moves values across the clamp edge
-    t, ids, grad = mlp_problem(shape, dtype, biases, device=device)
+    t, ids, grad = mlp_problem(shape, dtype, biases, device=device, gated=gated)
     b1, b2 = t.get("b1"), t.get("b2")
-    out = path(t["x"], t["gate_up"], t["down"], b1, b2, t["weights"], ids, activation, True, interleaved, limit, 1.0)
+    out = path(t["x"], t["gate_up"], t["down"], b1, b2, t["weights"], ids, activation, gated, interleaved, limit, 1.0)
     ref = reference.moe_mlp(t["x"], t["gate_up"], t["down"], t["weights"], ids, activation, b1, b2, interleaved,
-                            limit)
+                            limit, gated)
     assert out.dtype == dtype and out.shape == t["x"].shape and out.device == t["x"].device
     assert_close_rel(out, ref, dtype, "output")
     names = list(t)
@@ -303,26 +305,28 @@ def seeded_mlp_inputs(num_tokens, hidden, inter, num_experts, k, pattern, dtype=
 def check_native_mlp(path, act_case, shape, dtype):
     """The cpu backend's fused expert op (path "fused") or the cuda backend's composed expert path on CPU tensors
     (path "composed": native gather/combine + torch matmuls) against the oracle, outputs and every gradient."""
-    activation, interleaved, limit, biases = act_case
+    activation, interleaved, limit, biases, gated = act_case
     if limit is not None and dtype != torch.float32:
         limit = 7.0  # GPT-OSS's value; at 1.0, rounding to fp16/bf16 moves values across the clamp edge
     T, H, I, E, k, pattern = shape
+    width = 2 * I if gated else I
     g = torch.Generator().manual_seed(T * 7 + H)
     weights, ids = make_routing(T, E, k, pattern, g, ids=permuted_ids)
     x = torch.randn(T, H, generator=g).to(dtype).requires_grad_()
-    gate_up = (torch.randn(E, 2 * I, H, generator=g) / H ** 0.5).to(dtype).requires_grad_()
+    gate_up = (torch.randn(E, width, H, generator=g) / H ** 0.5).to(dtype).requires_grad_()
     down = (torch.randn(E, H, I, generator=g) / I ** 0.5).to(dtype).requires_grad_()
-    b1 = (torch.randn(E, 2 * I, generator=g) * 0.1).to(dtype).requires_grad_() if biases else None
+    b1 = (torch.randn(E, width, generator=g) * 0.1).to(dtype).requires_grad_() if biases else None
     b2 = (torch.randn(E, H, generator=g) * 0.1).to(dtype).requires_grad_() if biases else None
     weights.requires_grad_()
     inputs = [t for t in (x, gate_up, down, b1, b2, weights) if t is not None]
     if path == "fused":
         out = moe_kernels.moe_mlp(x, gate_up, down, weights, ids, activation=activation, gate_up_bias=b1,
-                                  down_bias=b2, interleaved=interleaved, swiglu_limit=limit, backend="cpu")
+                                  down_bias=b2, interleaved=interleaved, swiglu_limit=limit, gated=gated,
+                                  backend="cpu")
     else:
-        out = native.composed_expert_mlp(x, gate_up, down, b1, b2, weights, ids, activation, True, interleaved,
+        out = native.composed_expert_mlp(x, gate_up, down, b1, b2, weights, ids, activation, gated, interleaved,
                                          limit, 1.0)
-    ref = reference.moe_mlp(x, gate_up, down, weights, ids, activation, b1, b2, interleaved, limit)
+    ref = reference.moe_mlp(x, gate_up, down, weights, ids, activation, b1, b2, interleaved, limit, gated)
     assert out.dtype == dtype and out.shape == (T, H)
     assert_close_scaled(out, ref, dtype, "output")
     grad = torch.randn(T, H, generator=g).to(dtype)

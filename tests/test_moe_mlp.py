@@ -368,26 +368,37 @@ def test_triton_moe_mlp_is_deterministic():
         assert torch.equal(a, b)
 
 
+def _op_inputs(pattern, gated):
+    """seeded_mlp_inputs with I = 16; without a gate the first weight (and its bias) keeps its first I rows."""
+    x, gate_up, down, weights, ids, gate_up_bias, down_bias = seeded_mlp_inputs(5, 16, 16, 3, 2, pattern, bias=True)
+    if not gated:
+        gate_up, gate_up_bias = gate_up[:, :16].contiguous(), gate_up_bias[:, :16].contiguous()
+    return x, gate_up, down, weights, ids, gate_up_bias, down_bias, ("silu" if gated else "relu2")
+
+
 @needs_triton
-def test_triton_moe_mlp_op_passes_opcheck():
+@pytest.mark.parametrize("gated", [True, False])
+def test_triton_moe_mlp_op_passes_opcheck(gated):
     from moe_kernels.triton.experts import moe_mlp_forward_op
-    x, gate_up, down, weights, ids, gate_up_bias, down_bias = seeded_mlp_inputs(5, 16, 16, 3, 2, "random", bias=True)
+    x, gate_up, down, weights, ids, gate_up_bias, down_bias, activation = _op_inputs("random", gated)
     for t in (x, gate_up, down, weights):
         t.requires_grad_()
-    torch.library.opcheck(moe_mlp_forward_op, (x, gate_up, down, weights, ids, gate_up_bias, down_bias, "silu",
-                                               False, None, True))
+    torch.library.opcheck(moe_mlp_forward_op, (x, gate_up, down, weights, ids, gate_up_bias, down_bias, activation,
+                                               False, None, gated, True))
 
 
 @needs_triton
-def test_triton_moe_mlp_backward_op_passes_opcheck():
+@pytest.mark.parametrize("gated", [True, False])
+def test_triton_moe_mlp_backward_op_passes_opcheck(gated):
     from moe_kernels.triton.experts import moe_mlp_backward_op, moe_mlp_forward_op
-    x, gate_up, down, weights, ids, gate_up_bias, down_bias = seeded_mlp_inputs(5, 16, 16, 3, 2, "skip_last", bias=True)
+    x, gate_up, down, weights, ids, gate_up_bias, down_bias, activation = _op_inputs("skip_last", gated)
     _, pre, expert_offsets, sorted_slots, tiles = moe_mlp_forward_op(x, gate_up, down, weights, ids, gate_up_bias,
-                                                                     down_bias, "silu", False, None, True)
+                                                                     down_bias, activation, False, None, gated, True)
+    assert pre.shape == (ids.numel(), gate_up.shape[1])  # [N, 2I] gated, [N, I] without a gate
     for need_x, need_params in ((True, True), (False, True), (True, False)):
         torch.library.opcheck(moe_mlp_backward_op, (torch.randn_like(x), x, gate_up, down, weights, ids, gate_up_bias,
-                                                    down_bias, pre, expert_offsets, sorted_slots, tiles, "silu",
-                                                    False, None, need_x, need_params))
+                                                    down_bias, pre, expert_offsets, sorted_slots, tiles, activation,
+                                                    False, None, gated, need_x, need_params))
 
 
 @needs_triton
@@ -397,7 +408,7 @@ def test_triton_moe_mlp_ops_are_not_differentiable_alone():
     from moe_kernels.triton.experts import moe_mlp_forward_op
     x, gate_up, down, weights, ids, _, _ = seeded_mlp_inputs(4, 16, 16, 3, 2, "random")
     x.requires_grad_()
-    y = moe_mlp_forward_op(x, gate_up, down, weights, ids, None, None, "silu", False, None, True)[0]
+    y = moe_mlp_forward_op(x, gate_up, down, weights, ids, None, None, "silu", False, None, True, True)[0]
     assert not y.requires_grad
     with pytest.raises(RuntimeError, match="does not require grad"):
         y.sum().backward()
@@ -430,11 +441,12 @@ def test_triton_torch_compile_fullgraph_route_and_moe_mlp():
 
 
 @needs_triton
-def test_triton_moe_mlp_decode_op_passes_opcheck():
+@pytest.mark.parametrize("gated", [True, False])
+def test_triton_moe_mlp_decode_op_passes_opcheck(gated):
     from moe_kernels.triton.experts import moe_mlp_decode_op
-    x, gate_up, down, weights, ids, gate_up_bias, down_bias = seeded_mlp_inputs(3, 16, 16, 3, 2, "random", bias=True)
-    torch.library.opcheck(moe_mlp_decode_op, (x, gate_up, down, weights, ids, gate_up_bias, down_bias, "silu",
-                                              False, None))
+    x, gate_up, down, weights, ids, gate_up_bias, down_bias, activation = _op_inputs("random", gated)
+    torch.library.opcheck(moe_mlp_decode_op, (x[:3], gate_up, down, weights[:3], ids[:3], gate_up_bias, down_bias,
+                                              activation, False, None, gated))
 
 
 # ------------------------------------------------------- cuda backend (the grouped expert path on CUDA tensors)

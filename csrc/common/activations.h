@@ -9,7 +9,7 @@
 namespace moe_kernels {
 namespace act {
 
-enum Activation : int { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3, kIdentity = 4, kGptOss = 5 };
+enum Activation : int { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3, kIdentity = 4, kGptOss = 5, kRelu2 = 6 };
 
 constexpr float kGptOssAlpha = 1.702f;  // reference.GPT_OSS_ALPHA
 constexpr float kSqrtHalf = 0.70710678118654752440f;
@@ -42,6 +42,7 @@ MOE_HOST_DEVICE inline float forward(int a, float x) {
     case kGelu: return 0.5f * x * (1.0f + erff(x * kSqrtHalf));
     case kGeluTanh: return 0.5f * x * (1.0f + tanhf(kSqrt2OverPi * (x + kGeluTanhKappa * x * x * x)));
     case kRelu: return x > 0.0f ? x : 0.0f;
+    case kRelu2: return x > 0.0f ? x * x : 0.0f;
     default: return x;  // identity
   }
 }
@@ -59,6 +60,7 @@ MOE_HOST_DEVICE inline float derivative(int a, float x) {
       return 0.5f * (1.0f + t) + 0.5f * x * (1.0f - t * t) * kSqrt2OverPi * (1.0f + 3.0f * kGeluTanhKappa * x * x);
     }
     case kRelu: return x > 0.0f ? 1.0f : 0.0f;
+    case kRelu2: return x > 0.0f ? 2.0f * x : 0.0f;
     default: return 1.0f;
   }
 }

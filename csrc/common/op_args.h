@@ -52,6 +52,7 @@ inline ActSpec parse_activation(const std::string& name, bool gated, bool interl
   else if (name == "gelu") spec.code = act::kGelu;
   else if (name == "gelu_tanh") spec.code = act::kGeluTanh;
   else if (name == "relu") spec.code = act::kRelu;
+  else if (name == "relu2" && !gated) spec.code = act::kRelu2;
   else if (name == "identity" && !gated) spec.code = act::kIdentity;
   else if (name == "gpt_oss" && gated) spec.code = act::kGptOss;
   else TORCH_CHECK(false, "unknown ", gated ? "gated" : "adapter", " activation '", name, "'");

@@ -15,9 +15,8 @@ working. It honours the module's layout flags set by ``use_experts_implementatio
   concatenated halves; its clamped form (DeepSeek-V4, GLM-5-next, HunYuan-V4; ``swiglu_limit``); GPT-OSS's
   clamped SwiGLU (``activation="gpt_oss"``) on interleaved rows (GPT-OSS) or concatenated halves (MiniMax-M3-VL,
   OpenAI privacy filter). Other gates are refused.
-* ``has_gate=False`` (``act(up_proj x)``, e.g. Nemotron-H): run as a gated MLP whose gate half is the
-  up projection and whose "up" half is the constant 1 (zero rows plus a bias of one) -- exact, at twice
-  the first GEMM's work.
+* ``has_gate=False`` (``act(up_proj x)``, e.g. Nemotron-H with its ReLU^2): ``moe_mlp(..., gated=False)`` on
+  ``up_proj`` as it is (no copy, one GEMM of width I).
 * ``has_post_expert_norm`` and expert parallelism are refused with a clear error.
 """
 
@@ -34,6 +33,7 @@ import torch.nn as nn
 
 import moe_kernels
 from moe_kernels.reference import GPT_OSS_ALPHA
+from moe_kernels.spec import GATED_ACTIVATIONS
 
 EXPERTS_IMPLEMENTATION = "moe_kernels"
 BACKEND_ATTRIBUTE = "_moe_kernels_backend"  # set on a module by moe_kernels.hf.apply(..., backend=...)
@@ -57,9 +57,11 @@ def activation_name(act_fn: nn.Module) -> str:
         return "gelu"
     if isinstance(act_fn, nn.GELU) and act_fn.approximate == "none":
         return "gelu"
+    if type(act_fn) is getattr(hf_act, "ReLUSquaredActivation", None):
+        return "relu2"
     raise UnsupportedExpertsError(
         f"moe_kernels experts: activation {type(act_fn).__name__} is not supported; supported are SiLU/swish, "
-        "GELU (exact), GELU (tanh: gelu_pytorch_tanh) and ReLU")
+        "GELU (exact), GELU (tanh: gelu_pytorch_tanh), ReLU and ReLU^2 (relu2, experts without a gate)")
 
 
 def normalised_source(fn) -> str | None:
@@ -158,7 +160,12 @@ def describe_experts(module: nn.Module) -> dict:
                 f"{name}: GPT-OSS gate with alpha={alpha}; moe_kernels fixes alpha={GPT_OSS_ALPHA}")
         info["activation"] = "gpt_oss"
     else:
-        info["activation"] = activation_name(module.act_fn) if form.act_fn else "silu"
+        activation = activation_name(module.act_fn) if form.act_fn else "silu"
+        if activation not in GATED_ACTIVATIONS:  # relu2: elementwise only
+            raise UnsupportedExpertsError(
+                f"{name}: activation {type(module.act_fn).__name__} in a gated MLP; moe_kernels gates with "
+                f"{', '.join(a for a in GATED_ACTIVATIONS if a != 'gpt_oss')}")
+        info["activation"] = activation
     info["interleaved"] = form.interleaved
     if form.limit_attribute is not None:
         limit = getattr(module, form.limit_attribute, None)
@@ -238,22 +245,20 @@ def moe_kernels_experts_forward(self: nn.Module, hidden_states: torch.Tensor, to
     # as transformers' grouped_mm path does under autocast (no call when the dtype is already right)
     x = hidden_states if hidden_states.dtype == weight_dtype else hidden_states.to(weight_dtype)
     down_bias = self.down_proj_bias if info["bias"] else None
-    if info["has_gate"]:
+    gated = info["has_gate"]
+    if gated:
         gate_up_proj = _as_hf_v5_layout(self.gate_up_proj, transposed)
         gate_up_bias = self.gate_up_proj_bias if info["bias"] else None
-    else:
-        # act(up x + b) == act(gate) * up with gate := up_proj, up := 0 * x + 1 (exact; gradients flow to up_proj).
-        up_proj = _as_hf_v5_layout(self.up_proj, transposed)
-        gate_up_proj = torch.cat([up_proj, torch.zeros_like(up_proj)], dim=1)
-        gate_bias = self.up_proj_bias if info["bias"] else up_proj.new_zeros(up_proj.shape[:2])
-        gate_up_bias = torch.cat([gate_bias, torch.ones_like(gate_bias)], dim=1)
+    else:  # act(up x + b): the up projection is the first GEMM's weight as it is
+        gate_up_proj = _as_hf_v5_layout(self.up_proj, transposed)
+        gate_up_bias = self.up_proj_bias if info["bias"] else None
     # moe_mlp takes weights in float32 or x's dtype and converts them itself; only another dtype (a router under
     # another autocast dtype) is converted here.
     weights = top_k_weights if top_k_weights.dtype in (torch.float32, x.dtype) else top_k_weights.float()
     out = moe_kernels.moe_mlp(
         x, gate_up_proj, down_proj, weights, top_k_index, activation=info["activation"],
         gate_up_bias=gate_up_bias, down_bias=down_bias, interleaved=info["interleaved"],
-        swiglu_limit=info["swiglu_limit"], backend=backend)
+        swiglu_limit=info["swiglu_limit"], gated=gated, backend=backend)
     return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
 
 

@@ -88,6 +88,7 @@ _SILU = tl.constexpr(ACTIVATION_CODES["silu"])
 _GELU = tl.constexpr(ACTIVATION_CODES["gelu"])
 _GELU_TANH = tl.constexpr(ACTIVATION_CODES["gelu_tanh"])
 _RELU = tl.constexpr(ACTIVATION_CODES["relu"])
+_RELU2 = tl.constexpr(ACTIVATION_CODES["relu2"])
 _GPT_OSS = tl.constexpr(ACTIVATION_CODES["gpt_oss"])
 _ALPHA = tl.constexpr(GPT_OSS_ALPHA)
 # 1/sqrt(2) = 0.7071067811865476, 1/sqrt(2 pi) = 0.3989422804014327, sqrt(2/pi) = 0.7978845608028654 are written
@@ -108,6 +109,9 @@ def activation(z, ACTIVATION: tl.constexpr):
         out = z * tl.sigmoid((z + 0.044715 * z * z * z) * 1.5957691216057308)  # 2 sqrt(2/pi)
     elif ACTIVATION == _RELU:
         out = tl.maximum(z, 0.0)
+    elif ACTIVATION == _RELU2:
+        r = tl.maximum(z, 0.0)
+        out = r * r
     else:
         out = z
     return out
@@ -126,45 +130,55 @@ def activation_grad(z, ACTIVATION: tl.constexpr):
         out = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * 0.7978845608028654 * (1.0 + 0.134145 * z * z)
     elif ACTIVATION == _RELU:
         out = (z > 0.0).to(tl.float32)
+    elif ACTIVATION == _RELU2:
+        out = 2.0 * tl.maximum(z, 0.0)
     else:
         out = tl.full(z.shape, 1.0, tl.float32)
     return out
 
 
 @triton.jit
-def gated_forward(gate, up, limit, ACTIVATION: tl.constexpr, HAS_LIMIT: tl.constexpr):
+def gated_forward(gate, up, limit, ACTIVATION: tl.constexpr, HAS_LIMIT: tl.constexpr, GATED: tl.constexpr):
     """act(gate) * up, or GPT-OSS's SwiGLU (up + 1) * gate * sigmoid(alpha gate); when HAS_LIMIT, gate <= ``limit``
-    and up in [-limit, limit] first, for every activation (reference.gated_activation)."""
-    if HAS_LIMIT:
-        gate = tl.minimum(gate, limit)
-        up = tl.minimum(tl.maximum(up, -limit), limit)
-    if ACTIVATION == _GPT_OSS:
-        out = (up + 1.0) * (gate * tl.sigmoid(gate * _ALPHA))
+    and up in [-limit, limit] first, for every activation (reference.gated_activation). Not GATED (experts without a
+    gate): act(gate), ``up`` ignored (reference.apply_activation)."""
+    if GATED:
+        if HAS_LIMIT:
+            gate = tl.minimum(gate, limit)
+            up = tl.minimum(tl.maximum(up, -limit), limit)
+        if ACTIVATION == _GPT_OSS:
+            out = (up + 1.0) * (gate * tl.sigmoid(gate * _ALPHA))
+        else:
+            out = activation(gate, ACTIVATION) * up
     else:
-        out = activation(gate, ACTIVATION) * up
+        out = activation(gate, ACTIVATION)
     return out
 
 
 @triton.jit
-def gated_backward(gate, up, grad, limit, ACTIVATION: tl.constexpr, HAS_LIMIT: tl.constexpr):
+def gated_backward(gate, up, grad, limit, ACTIVATION: tl.constexpr, HAS_LIMIT: tl.constexpr, GATED: tl.constexpr):
     """(d gate, d up) of :func:`gated_forward` given d out = ``grad``; a clamp passes the gradient where
-    lo <= x <= hi, as torch.clamp does."""
-    if HAS_LIMIT:
-        gate_pass = gate <= limit
-        up_pass = (up >= -limit) & (up <= limit)
-        gate = tl.minimum(gate, limit)
-        up = tl.minimum(tl.maximum(up, -limit), limit)
-    if ACTIVATION == _GPT_OSS:
-        s = tl.sigmoid(gate * _ALPHA)
-        glu = gate * s
-        d_gate = grad * (up + 1.0) * (s + glu * (1.0 - s) * _ALPHA)
-        d_up = grad * glu
+    lo <= x <= hi, as torch.clamp does. Not GATED: d up is zero (there is no up)."""
+    if GATED:
+        if HAS_LIMIT:
+            gate_pass = gate <= limit
+            up_pass = (up >= -limit) & (up <= limit)
+            gate = tl.minimum(gate, limit)
+            up = tl.minimum(tl.maximum(up, -limit), limit)
+        if ACTIVATION == _GPT_OSS:
+            s = tl.sigmoid(gate * _ALPHA)
+            glu = gate * s
+            d_gate = grad * (up + 1.0) * (s + glu * (1.0 - s) * _ALPHA)
+            d_up = grad * glu
+        else:
+            d_gate = grad * up * activation_grad(gate, ACTIVATION)
+            d_up = grad * activation(gate, ACTIVATION)
+        if HAS_LIMIT:
+            d_gate = tl.where(gate_pass, d_gate, 0.0)
+            d_up = tl.where(up_pass, d_up, 0.0)
     else:
-        d_gate = grad * up * activation_grad(gate, ACTIVATION)
-        d_up = grad * activation(gate, ACTIVATION)
-    if HAS_LIMIT:
-        d_gate = tl.where(gate_pass, d_gate, 0.0)
-        d_up = tl.where(up_pass, d_up, 0.0)
+        d_gate = grad * activation_grad(gate, ACTIVATION)
+        d_up = grad * 0.0
     return d_gate, d_up
 
 

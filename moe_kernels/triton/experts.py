@@ -59,10 +59,20 @@ def recompute_enabled() -> bool:
 
 @triton.jit
 def _gate_up_columns(cols, inter, INTERLEAVED: tl.constexpr):
-    """Rows of W_gu (and columns of pre) holding gate and up of intermediate column ``cols``."""
+    """Rows of W_gu (and columns of pre) holding gate and up of intermediate column ``cols`` (gated experts)."""
     if INTERLEAVED:
         return 2 * cols, 2 * cols + 1
     return cols, cols + inter
+
+
+@triton.jit
+def _pre_width(inter, GATED: tl.constexpr):
+    """Rows of W_gu (= columns of pre): 2I for gated experts, I for experts without a gate (W_gu = W_up)."""
+    if GATED:
+        width = 2 * inter
+    else:
+        width = inter
+    return width
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -73,7 +83,7 @@ def _gate_up_columns(cols, inter, INTERLEAVED: tl.constexpr):
 def _gate_up_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh, bias_ptr, stride_be,
                     stride_bn, sorted_slots_ptr, expert_offsets_ptr, tile_offsets_ptr, act_ptr, pre_ptr,
                     hidden, inter, num_experts, num_rows, top_k, search_steps, limit,
-                    ACTIVATION: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    ACTIVATION: tl.constexpr, INTERLEAVED: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
                     HAS_LIMIT: tl.constexpr, STORE_ACT: tl.constexpr, SAVE_PRE: tl.constexpr,
                     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BY_EXPERT: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -86,7 +96,8 @@ def _gate_up_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, st
     x's dtype, sorted rows, columns laid out like W_gu's rows.  limit: GPT-OSS clamp (HAS_LIMIT).
     Grid: (upper bound of tiles, cdiv(I, BLOCK_N)), or (E, cdiv(I, BLOCK_N)) with BY_EXPERT (the decode
     path: ids in sorted_slots_ptr, act/pre indexed by slot; see ``_program_rows``).
-    ACTIVATION: code of moe_kernels.spec.ACTIVATION_CODES (a gated activation).
+    ACTIVATION: code of moe_kernels.spec.ACTIVATION_CODES (a gated activation; an elementwise one when not GATED).
+    GATED=False (experts without a gate): W_gu is W_up [E, I, H], pre [N, I], act = act(pre); no up accumulator.
     """
     expert, rows, row_mask, slots, valid = program_rows(tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr,
                                                         num_experts, num_rows, search_steps, BLOCK_M, BY_EXPERT)
@@ -105,22 +116,25 @@ def _gate_up_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, st
                          mask=row_mask[:, None] & k_mask[None, :], other=0.0)
             w_mask = k_mask[:, None] & col_mask[None, :]
             wg = tl.load(w_base + gate_rows[None, :] * stride_wn + ks[:, None] * stride_wh, mask=w_mask, other=0.0)
-            wu = tl.load(w_base + up_rows[None, :] * stride_wn + ks[:, None] * stride_wh, mask=w_mask, other=0.0)
             xt = operand(xt, UPCAST, x_ptr.dtype.element_ty)
             acc_gate = tl.dot(xt, operand(wg, UPCAST, x_ptr.dtype.element_ty), acc_gate, input_precision=DOT_PRECISION)
-            acc_up = tl.dot(xt, operand(wu, UPCAST, x_ptr.dtype.element_ty), acc_up, input_precision=DOT_PRECISION)
+            if GATED:
+                wu = tl.load(w_base + up_rows[None, :] * stride_wn + ks[:, None] * stride_wh, mask=w_mask, other=0.0)
+                acc_up = tl.dot(xt, operand(wu, UPCAST, x_ptr.dtype.element_ty), acc_up, input_precision=DOT_PRECISION)
         if HAS_BIAS:
             b_base = bias_ptr + expert.to(tl.int64) * stride_be
             acc_gate += tl.load(b_base + gate_rows * stride_bn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-            acc_up += tl.load(b_base + up_rows * stride_bn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
+            if GATED:
+                acc_up += tl.load(b_base + up_rows * stride_bn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
         out_mask = row_mask[:, None] & col_mask[None, :]
         rows64 = rows.to(tl.int64)[:, None]
         if SAVE_PRE:
-            pre_row = pre_ptr + rows64 * (2 * inter)
+            pre_row = pre_ptr + rows64 * _pre_width(inter, GATED)
             tl.store(pre_row + gate_rows[None, :], acc_gate.to(pre_ptr.dtype.element_ty), mask=out_mask)
-            tl.store(pre_row + up_rows[None, :], acc_up.to(pre_ptr.dtype.element_ty), mask=out_mask)
+            if GATED:
+                tl.store(pre_row + up_rows[None, :], acc_up.to(pre_ptr.dtype.element_ty), mask=out_mask)
         if STORE_ACT:
-            act = gated_forward(acc_gate, acc_up, limit, ACTIVATION, HAS_LIMIT)
+            act = gated_forward(acc_gate, acc_up, limit, ACTIVATION, HAS_LIMIT, GATED)
             tl.store(act_ptr + rows64 * inter + cols[None, :], act.to(act_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -170,8 +184,9 @@ def _down_backward_kernel(grad_y_ptr, stride_gt, stride_gh, w_ptr, stride_we, st
                           stride_be, stride_bh, route_w_ptr, pre_ptr, sorted_slots_ptr, expert_offsets_ptr,
                           tile_offsets_ptr, grad_pre_ptr, grad_w_partial_ptr, hidden, inter, num_experts, top_k,
                           search_steps, num_col_tiles, limit,
-                          ACTIVATION: tl.constexpr, INTERLEAVED: tl.constexpr, HAS_BIAS: tl.constexpr,
-                          HAS_LIMIT: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                          ACTIVATION: tl.constexpr, INTERLEAVED: tl.constexpr, GATED: tl.constexpr,
+                          HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, UPCAST: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Backward through the down GEMM and the activation, for sorted rows.
 
@@ -180,7 +195,8 @@ def _down_backward_kernel(grad_y_ptr, stride_gt, stride_gh, w_ptr, stride_we, st
     and grad_w_partial[slot, pid_n] = sum_n act * G over this column tile (+ <b_d[e], dy[token]> in the
     first column tile), whose row sums are d(routing weight).
     grad_y_ptr: [T, H] strides (gt, gh).  w_ptr: W_d [E, H, I] strides (we, wh, wn).  bias_ptr: [E, H]
-    strides (be, bh).  route_w_ptr: [N] fp32 by slot.  pre_ptr, grad_pre_ptr: [N, 2I] contiguous.
+    strides (be, bh).  route_w_ptr: [N] fp32 by slot.  pre_ptr, grad_pre_ptr: [N, 2I] contiguous ([N, I] when
+    not GATED).
     grad_w_partial_ptr: [N, num_col_tiles] fp32.  Grid: (upper bound of tiles, cdiv(I, BLOCK_N)).
     """
     expert, row_start, row_end, valid = find_tile(tile_offsets_ptr, expert_offsets_ptr, num_experts,
@@ -211,17 +227,22 @@ def _down_backward_kernel(grad_y_ptr, stride_gt, stride_gh, w_ptr, stride_we, st
                     bias_dot += tl.sum(g.to(tl.float32) * b.to(tl.float32)[None, :], axis=1)
         gate_cols, up_cols = _gate_up_columns(cols, inter, INTERLEAVED)
         out_mask = row_mask[:, None] & col_mask[None, :]
-        pre_row = pre_ptr + rows.to(tl.int64)[:, None] * (2 * inter)
+        pre_width = _pre_width(inter, GATED)
+        pre_row = pre_ptr + rows.to(tl.int64)[:, None] * pre_width
         gate = tl.load(pre_row + gate_cols[None, :], mask=out_mask, other=0.0).to(tl.float32)
-        up = tl.load(pre_row + up_cols[None, :], mask=out_mask, other=0.0).to(tl.float32)
-        act = gated_forward(gate, up, limit, ACTIVATION, HAS_LIMIT)
+        if GATED:
+            up = tl.load(pre_row + up_cols[None, :], mask=out_mask, other=0.0).to(tl.float32)
+        else:
+            up = gate  # unused
+        act = gated_forward(gate, up, limit, ACTIVATION, HAS_LIMIT, GATED)
         partial = tl.sum(tl.where(out_mask, act * acc, 0.0), axis=1) + bias_dot
         tl.store(grad_w_partial_ptr + slots.to(tl.int64) * num_col_tiles + pid_n, partial, mask=row_mask)
         route_w = tl.load(route_w_ptr + slots, mask=row_mask, other=0.0)
-        d_gate, d_up = gated_backward(gate, up, acc * route_w[:, None], limit, ACTIVATION, HAS_LIMIT)
-        grad_row = grad_pre_ptr + rows.to(tl.int64)[:, None] * (2 * inter)
+        d_gate, d_up = gated_backward(gate, up, acc * route_w[:, None], limit, ACTIVATION, HAS_LIMIT, GATED)
+        grad_row = grad_pre_ptr + rows.to(tl.int64)[:, None] * pre_width
         tl.store(grad_row + gate_cols[None, :], d_gate.to(grad_pre_ptr.dtype.element_ty), mask=out_mask)
-        tl.store(grad_row + up_cols[None, :], d_up.to(grad_pre_ptr.dtype.element_ty), mask=out_mask)
+        if GATED:
+            tl.store(grad_row + up_cols[None, :], d_up.to(grad_pre_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -229,16 +250,16 @@ def _expert_outer_kernel(lhs_ptr, stride_lt, stride_lc, rhs_ptr, stride_rt, stri
                          sorted_slots_ptr, expert_offsets_ptr, out_ptr, stride_oe, stride_oi, stride_oj,
                          bias_grad_ptr, stride_bge, lhs_dim, rhs_dim, inter, top_k, limit,
                          LHS_BY_TOKEN: tl.constexpr, LHS_WEIGHTED: tl.constexpr, RHS_BY_TOKEN: tl.constexpr,
-                         RHS_GATED: tl.constexpr, ACTIVATION: tl.constexpr, INTERLEAVED: tl.constexpr,
-                         HAS_LIMIT: tl.constexpr, BIAS_GRAD: tl.constexpr,
+                         RHS_ACT: tl.constexpr, ACTIVATION: tl.constexpr, INTERLEAVED: tl.constexpr,
+                         GATED: tl.constexpr, HAS_LIMIT: tl.constexpr, BIAS_GRAD: tl.constexpr,
                          UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                          BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr):
     """Per-expert grouped GEMM over the expert's run of sorted rows (the weight gradients):
     out[e, i, j] = sum_{p in rows of e} L[p, i] * R[p, j];  bias_grad[e, i] = sum_p L[p, i].
 
     L row p is lhs[token(p)] if LHS_BY_TOKEN else lhs[p] (strides lt, lc), times route_w[slot(p)] if
-    LHS_WEIGHTED.  R row p is rhs[token(p)] or rhs[p] (strides rt, rc); if RHS_GATED, rhs is pre [N, 2I]
-    and R = gated activation of it (j < I).  out_ptr: [E, lhs_dim, rhs_dim] strides (oe, oi, oj), the
+    LHS_WEIGHTED.  R row p is rhs[token(p)] or rhs[p] (strides rt, rc); if RHS_ACT, rhs is pre [N, 2I]
+    ([N, I] when not GATED) and R = the activation of it (j < I).  out_ptr: [E, lhs_dim, rhs_dim] strides (oe, oi, oj), the
     weights' dtype; experts without rows get zeros.  bias_grad_ptr: [E, lhs_dim] (BIAS_GRAD), written
     by the programs of column tile 0.  Grid: (E, cdiv(lhs_dim, BLOCK_I), cdiv(rhs_dim, BLOCK_J)).
     """
@@ -275,13 +296,16 @@ def _expert_outer_kernel(lhs_ptr, stride_lt, stride_lc, rhs_ptr, stride_rt, stri
         else:
             rhs_rows = rows64
         rhs_mask = row_mask[:, None] & j_mask[None, :]
-        if RHS_GATED:
+        if RHS_ACT:
             gate_cols, up_cols = _gate_up_columns(j_idx, inter, INTERLEAVED)
             gate = tl.load(rhs_ptr + rhs_rows[:, None] * stride_rt + gate_cols[None, :] * stride_rc,
                            mask=rhs_mask, other=0.0).to(tl.float32)
-            up = tl.load(rhs_ptr + rhs_rows[:, None] * stride_rt + up_cols[None, :] * stride_rc,
-                         mask=rhs_mask, other=0.0).to(tl.float32)
-            rhs = tl.where(rhs_mask, gated_forward(gate, up, limit, ACTIVATION, HAS_LIMIT), 0.0)
+            if GATED:
+                up = tl.load(rhs_ptr + rhs_rows[:, None] * stride_rt + up_cols[None, :] * stride_rc,
+                             mask=rhs_mask, other=0.0).to(tl.float32)
+            else:
+                up = gate  # unused
+            rhs = tl.where(rhs_mask, gated_forward(gate, up, limit, ACTIVATION, HAS_LIMIT, GATED), 0.0)
         else:
             rhs = tl.load(rhs_ptr + rhs_rows[:, None] * stride_rt + j_idx[None, :] * stride_rc, mask=rhs_mask,
                           other=0.0)
@@ -297,21 +321,24 @@ def _expert_outer_kernel(lhs_ptr, stride_lt, stride_lc, rhs_ptr, stride_rt, stri
 
 @triton.jit
 def _gated_activation_kernel(pre_ptr, act_ptr, num_rows, inter, limit, ACTIVATION: tl.constexpr,
-                             INTERLEAVED: tl.constexpr, HAS_LIMIT: tl.constexpr,
+                             INTERLEAVED: tl.constexpr, GATED: tl.constexpr, HAS_LIMIT: tl.constexpr,
                              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """act[p, c] = gated activation of pre[p] at intermediate column c, in act's dtype (elementwise).
 
-    pre_ptr: [N, 2I] contiguous, columns laid out like W_gu's rows.  act_ptr: [N, I] out, contiguous.
-    Grid: (cdiv(N, BLOCK_R), cdiv(I, BLOCK_C)).
+    pre_ptr: [N, 2I] contiguous, columns laid out like W_gu's rows ([N, I] when not GATED: act = act(pre)).
+    act_ptr: [N, I] out, contiguous.  Grid: (cdiv(N, BLOCK_R), cdiv(I, BLOCK_C)).
     """
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows < num_rows)[:, None] & (cols < inter)[None, :]
     gate_cols, up_cols = _gate_up_columns(cols, inter, INTERLEAVED)
-    pre_row = pre_ptr + rows.to(tl.int64)[:, None] * (2 * inter)
+    pre_row = pre_ptr + rows.to(tl.int64)[:, None] * _pre_width(inter, GATED)
     gate = tl.load(pre_row + gate_cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    up = tl.load(pre_row + up_cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    act = gated_forward(gate, up, limit, ACTIVATION, HAS_LIMIT)
+    if GATED:
+        up = tl.load(pre_row + up_cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    else:
+        up = gate  # unused
+    act = gated_forward(gate, up, limit, ACTIVATION, HAS_LIMIT, GATED)
     tl.store(act_ptr + rows.to(tl.int64)[:, None] * inter + cols[None, :], act.to(act_ptr.dtype.element_ty), mask=mask)
 
 
@@ -354,12 +381,12 @@ def weight_grads_by_grouped_mm(x: torch.Tensor, hidden: int, inter: int, has_bia
 
 
 def _grouped_mm_weight_grads(grad_y, x, pre, grad_pre, route_w, expert_offsets, sorted_slots, top_k, activation,
-                             interleaved, swiglu_limit):
-    """(d gate_up_proj [E, 2I, H], d down_proj [E, H, I]) as k-grouped GEMMs over each expert's sorted rows:
-    dW_gu[e] = d pre_e^T x_e and dW_d[e] = (w dy)_e^T act_e. Gathers x and w*dy into sorted order and forms
-    act from pre (the Triton path forms both on the fly instead)."""
-    num_rows, two_inter = pre.shape
-    inter = two_inter // 2
+                             interleaved, swiglu_limit, gated):
+    """(d gate_up_proj [E, 2I, H] ([E, I, H] when not gated), d down_proj [E, H, I]) as k-grouped GEMMs over each
+    expert's sorted rows: dW_gu[e] = d pre_e^T x_e and dW_d[e] = (w dy)_e^T act_e. Gathers x and w*dy into sorted
+    order and forms act from pre (the Triton path forms both on the fly instead)."""
+    num_rows, width = pre.shape
+    inter = width // 2 if gated else width
     tokens = (sorted_slots // top_k).long()
     offs = expert_offsets[1:]
     x_sorted = x.index_select(0, tokens)
@@ -368,7 +395,8 @@ def _grouped_mm_weight_grads(grad_y, x, pre, grad_pre, route_w, expert_offsets, 
     act = torch.empty((num_rows, inter), dtype=pre.dtype, device=pre.device)
     _gated_activation_kernel[(cdiv(num_rows, _ACT_BLOCK_R), cdiv(inter, _ACT_BLOCK_C))](
         pre, act, num_rows, inter, float(swiglu_limit or 0.0), ACTIVATION=ACTIVATION_CODES[activation],
-        INTERLEAVED=interleaved, HAS_LIMIT=swiglu_limit is not None, BLOCK_R=_ACT_BLOCK_R, BLOCK_C=_ACT_BLOCK_C)
+        INTERLEAVED=interleaved, GATED=gated, HAS_LIMIT=swiglu_limit is not None, BLOCK_R=_ACT_BLOCK_R,
+        BLOCK_C=_ACT_BLOCK_C)
     grad_y_sorted = (grad_y.index_select(0, tokens).float() * route_w[sorted_slots.long(), None]).to(x.dtype)
     grad_down = torch._grouped_mm(grad_y_sorted.t(), act, offs=offs)
     return grad_gate_up, grad_down
@@ -378,21 +406,27 @@ def _weight_strides(w: Optional[torch.Tensor], fallback: torch.Tensor):
     return (w, w.stride(0), w.stride(1)) if w is not None else (fallback, 0, 0)
 
 
+def _intermediate(gate_up_proj: torch.Tensor, gated: bool) -> int:
+    """I of W_gu [E, 2I, H] (gated) or W_up [E, I, H] (not gated)."""
+    return gate_up_proj.shape[1] // 2 if gated else gate_up_proj.shape[1]
+
+
 def _gate_up(x, gate_up_proj, gate_up_bias, top_k, expert_offsets, sorted_slots, tiles, cfg, activation, interleaved,
-             swiglu_limit, store_act, save_pre):
-    """Launch ``_gate_up_kernel``: returns (act [N, I] or empty, pre [N, 2I] or empty)."""
+             swiglu_limit, gated, store_act, save_pre):
+    """Launch ``_gate_up_kernel``: returns (act [N, I] or empty, pre [N, 2I] ([N, I] not gated) or empty)."""
     num_rows = sorted_slots.numel()
-    num_experts, two_inter, hidden = gate_up_proj.shape
-    inter = two_inter // 2
+    num_experts, width, hidden = gate_up_proj.shape
+    inter = _intermediate(gate_up_proj, gated)
     act = torch.empty((num_rows if store_act else 0, inter), dtype=x.dtype, device=x.device)
-    pre = torch.empty((num_rows if save_pre else 0, two_inter), dtype=x.dtype, device=x.device)
+    pre = torch.empty((num_rows if save_pre else 0, width), dtype=x.dtype, device=x.device)
     bias, stride_be, stride_bn = _weight_strides(gate_up_bias, x)
     _gate_up_kernel[(max_tiles(num_rows, num_experts, cfg["BLOCK_M"]), cdiv(inter, cfg["BLOCK_N"]))](
         x, x.stride(0), x.stride(1), gate_up_proj, *gate_up_proj.stride(), bias, stride_be, stride_bn,
         sorted_slots, expert_offsets, tiles, act if store_act else pre, pre if save_pre else act,
         hidden, inter, num_experts, num_rows, top_k, num_experts.bit_length(), float(swiglu_limit or 0.0),
-        ACTIVATION=ACTIVATION_CODES[activation], INTERLEAVED=interleaved, HAS_BIAS=gate_up_bias is not None,
-        HAS_LIMIT=swiglu_limit is not None, STORE_ACT=store_act, SAVE_PRE=save_pre, UPCAST=interpreting(),
+        ACTIVATION=ACTIVATION_CODES[activation], INTERLEAVED=interleaved, GATED=gated,
+        HAS_BIAS=gate_up_bias is not None, HAS_LIMIT=swiglu_limit is not None, STORE_ACT=store_act, SAVE_PRE=save_pre,
+        UPCAST=interpreting(),
         DOT_PRECISION=dot_precision(x.dtype), BY_EXPERT=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return act, pre
@@ -403,10 +437,10 @@ _TILE_ROW = {"up": 0, "down": 1, "down_bwd": 2, "dx": 3}
 
 
 def _forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, interleaved,
-             swiglu_limit, save_pre):
+             swiglu_limit, gated, save_pre):
     num_tokens, hidden = x.shape
-    num_experts, two_inter, _ = gate_up_proj.shape
-    inter = two_inter // 2
+    num_experts = gate_up_proj.shape[0]
+    inter = _intermediate(gate_up_proj, gated)
     top_k = ids.shape[1]
     num_rows = num_tokens * top_k
     plan = dispatch_plan(ids, num_experts)
@@ -418,7 +452,7 @@ def _forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias,
     # the tile maps of this forward's kernels and of the backward's, in one launch (the backward reuses them)
     tiles = tile_maps(plan.expert_offsets, *(cfg[name]["BLOCK_M"] for name in _TILE_ROW))
     act, pre = _gate_up(x, gate_up_proj, gate_up_bias, top_k, plan.expert_offsets, plan.sorted_slots,
-                        tiles[_TILE_ROW["up"]], up, activation, interleaved, swiglu_limit, store_act=True,
+                        tiles[_TILE_ROW["up"]], up, activation, interleaved, swiglu_limit, gated, store_act=True,
                         save_pre=save_pre)
     down = cfg["down"]
     slot_rows = torch.empty((num_rows, hidden), dtype=slot_dtype(x.dtype, top_k), device=x.device)
@@ -435,13 +469,13 @@ def _forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias,
 
 
 def _decode_forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, interleaved,
-                    swiglu_limit, cfg):
+                    swiglu_limit, gated, cfg):
     """Forward without a plan for a few routed slots (decode): both GEMM kernels in BY_EXPERT mode, one
     program per (expert, column tile) taking every slot routed to its expert, so each touched expert's
     weights are read once and experts without slots return at once. Three launches in all."""
     num_tokens, hidden = x.shape
-    num_experts, two_inter, _ = gate_up_proj.shape
-    inter = two_inter // 2
+    num_experts = gate_up_proj.shape[0]
+    inter = _intermediate(gate_up_proj, gated)
     top_k = ids.shape[1]
     num_rows = num_tokens * top_k
     flat_ids = ids.reshape(-1)
@@ -452,7 +486,7 @@ def _decode_forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_u
     _gate_up_kernel[(num_experts, cdiv(inter, up["BLOCK_N"]))](
         x, x.stride(0), x.stride(1), gate_up_proj, *gate_up_proj.stride(), bias, stride_be, stride_bn,
         flat_ids, flat_ids, flat_ids, act, act, hidden, inter, num_experts, num_rows, top_k, 0,
-        float(swiglu_limit or 0.0), ACTIVATION=ACTIVATION_CODES[activation], INTERLEAVED=interleaved,
+        float(swiglu_limit or 0.0), ACTIVATION=ACTIVATION_CODES[activation], INTERLEAVED=interleaved, GATED=gated,
         HAS_BIAS=gate_up_bias is not None, HAS_LIMIT=swiglu_limit is not None, STORE_ACT=True, SAVE_PRE=False,
         UPCAST=upcast, DOT_PRECISION=precision, BY_EXPERT=True, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=up["BLOCK_N"],
         BLOCK_K=up["BLOCK_K"], num_warps=up["num_warps"], num_stages=up["num_stages"])
@@ -468,10 +502,10 @@ def _decode_forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_u
 
 
 def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, pre, expert_offsets,
-              sorted_slots, tiles, activation, interleaved, swiglu_limit, need_x, need_params):
+              sorted_slots, tiles, activation, interleaved, swiglu_limit, gated, need_x, need_params):
     num_tokens, hidden = x.shape
-    num_experts, two_inter, _ = gate_up_proj.shape
-    inter = two_inter // 2
+    num_experts, width, _ = gate_up_proj.shape  # width = 2I gated, I not gated
+    inter = _intermediate(gate_up_proj, gated)
     top_k = ids.shape[1]
     num_rows = num_tokens * top_k
     cfg = mlp_config(num_rows, num_experts, inter, fp32=x.dtype == torch.float32, device=x.device)
@@ -485,15 +519,15 @@ def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, do
     # d pre and d(routing weights)
     bw = cfg["down_bwd"]
     col_tiles = cdiv(inter, bw["BLOCK_N"])
-    grad_pre = torch.empty((num_rows, two_inter), dtype=x.dtype, device=x.device)
+    grad_pre = torch.empty((num_rows, width), dtype=x.dtype, device=x.device)
     grad_w_partial = torch.empty((num_rows, col_tiles), dtype=torch.float32, device=x.device)
     bias, stride_be, stride_bh = _weight_strides(down_bias, x)
     _down_backward_kernel[(max_tiles(num_rows, num_experts, bw["BLOCK_M"]), col_tiles)](
         grad_y, grad_y.stride(0), grad_y.stride(1), down_proj, *down_proj.stride(), bias, stride_be, stride_bh,
         route_w, pre, sorted_slots, expert_offsets, tiles[_TILE_ROW["down_bwd"]], grad_pre,
         grad_w_partial, hidden, inter, num_experts, top_k, steps, col_tiles, limit,
-        ACTIVATION=code, INTERLEAVED=interleaved, HAS_BIAS=down_bias is not None, HAS_LIMIT=swiglu_limit is not None,
-        UPCAST=upcast, DOT_PRECISION=precision, BLOCK_M=bw["BLOCK_M"], BLOCK_N=bw["BLOCK_N"], BLOCK_K=bw["BLOCK_K"],
+        ACTIVATION=code, INTERLEAVED=interleaved, GATED=gated, HAS_BIAS=down_bias is not None,
+        HAS_LIMIT=swiglu_limit is not None, UPCAST=upcast, DOT_PRECISION=precision, BLOCK_M=bw["BLOCK_M"], BLOCK_N=bw["BLOCK_N"], BLOCK_K=bw["BLOCK_K"],
         num_warps=bw["num_warps"], num_stages=bw["num_stages"])
     grad_weights = grad_w_partial.sum(dim=1).view(num_tokens, top_k)
 
@@ -506,7 +540,7 @@ def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, do
         slot_rows = torch.empty((num_rows, hidden), dtype=slot_dtype(x.dtype, top_k), device=x.device)
         _rows_matmul_kernel[(max_tiles(num_rows, num_experts, dx["BLOCK_M"]), cdiv(hidden, dx["BLOCK_N"]))](
             grad_pre, gate_up_proj, *gate_up_proj.stride(), x, 0, 0, route_w, sorted_slots, expert_offsets,
-            tiles[_TILE_ROW["dx"]], slot_rows, two_inter, hidden, num_experts, num_rows, steps,
+            tiles[_TILE_ROW["dx"]], slot_rows, width, hidden, num_experts, num_rows, steps,
             HAS_BIAS=False, HAS_ROUTE_W=False, UPCAST=upcast, DOT_PRECISION=precision, BY_EXPERT=False,
             BLOCK_M=dx["BLOCK_M"], BLOCK_N=dx["BLOCK_N"], BLOCK_K=dx["BLOCK_K"],
             num_warps=dx["num_warps"], num_stages=dx["num_stages"])
@@ -515,30 +549,31 @@ def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, do
     grad_gate_up, grad_down, grad_gate_up_bias, grad_down_bias = empty(), empty(), empty(), empty()
     if need_params and weight_grads_by_grouped_mm(x, hidden, inter, gate_up_bias is not None or down_bias is not None):
         grad_gate_up, grad_down = _grouped_mm_weight_grads(grad_y, x, pre, grad_pre, route_w, expert_offsets,
-                                                           sorted_slots, top_k, activation, interleaved, swiglu_limit)
+                                                           sorted_slots, top_k, activation, interleaved, swiglu_limit,
+                                                           gated)
     elif need_params:
         wg = cfg["dw"]
         grad_down = torch.empty(down_proj.shape, dtype=down_proj.dtype, device=x.device)
         grad_down_bias = torch.empty((num_experts, hidden), dtype=x.dtype, device=x.device) if down_bias is not None else empty()
         grid = (num_experts, cdiv(hidden, wg["BLOCK_I"]), cdiv(inter, wg["BLOCK_J"]))
         _expert_outer_kernel[grid](
-            grad_y, grad_y.stride(0), grad_y.stride(1), pre, two_inter, 1, route_w, sorted_slots, expert_offsets,
+            grad_y, grad_y.stride(0), grad_y.stride(1), pre, width, 1, route_w, sorted_slots, expert_offsets,
             grad_down, *grad_down.stride(), grad_down_bias if down_bias is not None else grad_down, hidden,
             hidden, inter, inter, top_k, limit,
-            LHS_BY_TOKEN=True, LHS_WEIGHTED=True, RHS_BY_TOKEN=False, RHS_GATED=True, ACTIVATION=code,
-            INTERLEAVED=interleaved, HAS_LIMIT=swiglu_limit is not None, BIAS_GRAD=down_bias is not None,
+            LHS_BY_TOKEN=True, LHS_WEIGHTED=True, RHS_BY_TOKEN=False, RHS_ACT=True, ACTIVATION=code,
+            INTERLEAVED=interleaved, GATED=gated, HAS_LIMIT=swiglu_limit is not None, BIAS_GRAD=down_bias is not None,
             UPCAST=upcast, DOT_PRECISION=precision, BLOCK_I=wg["BLOCK_I"], BLOCK_J=wg["BLOCK_J"], BLOCK_P=wg["BLOCK_P"],
             num_warps=wg["num_warps"], num_stages=wg["num_stages"])
         grad_gate_up = torch.empty(gate_up_proj.shape, dtype=gate_up_proj.dtype, device=x.device)
-        grad_gate_up_bias = (torch.empty((num_experts, two_inter), dtype=x.dtype, device=x.device)
+        grad_gate_up_bias = (torch.empty((num_experts, width), dtype=x.dtype, device=x.device)
                              if gate_up_bias is not None else empty())
-        grid = (num_experts, cdiv(two_inter, wg["BLOCK_I"]), cdiv(hidden, wg["BLOCK_J"]))
+        grid = (num_experts, cdiv(width, wg["BLOCK_I"]), cdiv(hidden, wg["BLOCK_J"]))
         _expert_outer_kernel[grid](
-            grad_pre, two_inter, 1, x, x.stride(0), x.stride(1), route_w, sorted_slots, expert_offsets,
+            grad_pre, width, 1, x, x.stride(0), x.stride(1), route_w, sorted_slots, expert_offsets,
             grad_gate_up, *grad_gate_up.stride(), grad_gate_up_bias if gate_up_bias is not None else grad_gate_up,
-            two_inter, two_inter, hidden, inter, top_k, limit,
-            LHS_BY_TOKEN=False, LHS_WEIGHTED=False, RHS_BY_TOKEN=True, RHS_GATED=False, ACTIVATION=code,
-            INTERLEAVED=interleaved, HAS_LIMIT=swiglu_limit is not None, BIAS_GRAD=gate_up_bias is not None,
+            width, width, hidden, inter, top_k, limit,
+            LHS_BY_TOKEN=False, LHS_WEIGHTED=False, RHS_BY_TOKEN=True, RHS_ACT=False, ACTIVATION=code,
+            INTERLEAVED=interleaved, GATED=gated, HAS_LIMIT=swiglu_limit is not None, BIAS_GRAD=gate_up_bias is not None,
             UPCAST=upcast, DOT_PRECISION=precision, BLOCK_I=wg["BLOCK_I"], BLOCK_J=wg["BLOCK_J"], BLOCK_P=wg["BLOCK_P"],
             num_warps=wg["num_warps"], num_stages=wg["num_stages"])
     return grad_x, grad_gate_up, grad_down, grad_weights, grad_gate_up_bias, grad_down_bias
@@ -550,16 +585,16 @@ def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, do
 
 def _forward_impl(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
                   ids: torch.Tensor, gate_up_bias: Optional[torch.Tensor], down_bias: Optional[torch.Tensor],
-                  activation: str, interleaved: bool, swiglu_limit: Optional[float],
+                  activation: str, interleaved: bool, swiglu_limit: Optional[float], gated: bool,
                   save_pre: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (y [T,H], pre [N or 0, 2I], expert_offsets [E+1], sorted_slots [N], tiles [4, E+1]); the last four
-    are the state the backward needs (pre is empty unless save_pre)."""
+    """Returns (y [T,H], pre [N or 0, 2I] ([N or 0, I] not gated), expert_offsets [E+1], sorted_slots [N],
+    tiles [4, E+1]); the last four are the state the backward needs (pre is empty unless save_pre)."""
     return _forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, interleaved,
-                    swiglu_limit, save_pre)
+                    swiglu_limit, gated, save_pre)
 
 
 def _forward_fake(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation, interleaved,
-                  swiglu_limit, save_pre):
+                  swiglu_limit, gated, save_pre):
     num_rows = ids.shape[0] * ids.shape[1]
     num_experts = gate_up_proj.shape[0]
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
@@ -571,15 +606,15 @@ def _forward_fake(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_b
 
 def _decode_impl(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
                  ids: torch.Tensor, gate_up_bias: Optional[torch.Tensor], down_bias: Optional[torch.Tensor],
-                 activation: str, interleaved: bool, swiglu_limit: Optional[float]) -> torch.Tensor:
+                 activation: str, interleaved: bool, swiglu_limit: Optional[float], gated: bool) -> torch.Tensor:
     """y [T,H] of a forward that needs no gradient, for T*k <= the decode config's BLOCK_M slots."""
     cfg = decode_config(ids.numel(), x.dtype == torch.float32, down_proj.shape[2], x.device)
     return _decode_forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, interleaved,
-                           swiglu_limit, cfg)
+                           swiglu_limit, gated, cfg)
 
 
 def _decode_fake(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation, interleaved,
-                 swiglu_limit):
+                 swiglu_limit, gated):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -587,16 +622,16 @@ def _backward_impl(grad_y: torch.Tensor, x: torch.Tensor, gate_up_proj: torch.Te
                    weights: torch.Tensor, ids: torch.Tensor, gate_up_bias: Optional[torch.Tensor],
                    down_bias: Optional[torch.Tensor], pre: torch.Tensor, expert_offsets: torch.Tensor,
                    sorted_slots: torch.Tensor, tiles: torch.Tensor, activation: str, interleaved: bool,
-                   swiglu_limit: Optional[float], need_x: bool, need_params: bool) -> list[torch.Tensor]:
+                   swiglu_limit: Optional[float], gated: bool, need_x: bool, need_params: bool) -> list[torch.Tensor]:
     """Returns [dx, d gate_up_proj, d down_proj, d weights, d gate_up_bias, d down_bias]; a gradient not
     asked for (need_x / need_params false, or no bias) is an empty tensor."""
     return list(_backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, pre,
-                          expert_offsets, sorted_slots, tiles, activation, interleaved, swiglu_limit, need_x,
+                          expert_offsets, sorted_slots, tiles, activation, interleaved, swiglu_limit, gated, need_x,
                           need_params))
 
 
 def _backward_fake(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, pre, expert_offsets,
-                   sorted_slots, tiles, activation, interleaved, swiglu_limit, need_x, need_params):
+                   sorted_slots, tiles, activation, interleaved, swiglu_limit, gated, need_x, need_params):
     def empty():
         return x.new_empty(0)
 
@@ -619,52 +654,52 @@ class MoeMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation, interleaved,
-                swiglu_limit):
+                swiglu_limit, gated):
         save_pre = not recompute_enabled()
         y, pre, expert_offsets, sorted_slots, tiles = moe_mlp_forward_op(
             x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation, interleaved, swiglu_limit,
-            save_pre)
+            gated, save_pre)
         ctx.save_for_backward(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, pre, expert_offsets,
                               sorted_slots, tiles)
-        ctx.options = (activation, interleaved, swiglu_limit)
+        ctx.options = (activation, interleaved, swiglu_limit, gated)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         (x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, pre, expert_offsets, sorted_slots,
          tiles) = ctx.saved_tensors
-        activation, interleaved, swiglu_limit = ctx.options
+        activation, interleaved, swiglu_limit, gated = ctx.options
         if pre.shape[0] != ids.numel():  # recompute mode: one more gate/up GEMM instead of keeping [N, 2I]
-            cfg = mlp_config(ids.numel(), gate_up_proj.shape[0], gate_up_proj.shape[1] // 2,
+            cfg = mlp_config(ids.numel(), gate_up_proj.shape[0], _intermediate(gate_up_proj, gated),
                              fp32=x.dtype == torch.float32, device=x.device)["up"]
             _, pre = _gate_up(x, gate_up_proj, gate_up_bias, ids.shape[1], expert_offsets, sorted_slots,
-                              tiles[_TILE_ROW["up"]], cfg, activation, interleaved, swiglu_limit, store_act=False,
-                              save_pre=True)
+                              tiles[_TILE_ROW["up"]], cfg, activation, interleaved, swiglu_limit, gated,
+                              store_act=False, save_pre=True)
         needs = ctx.needs_input_grad
         need_params = any(needs[i] for i in (1, 2, 5, 6))
         dx, dgu, dd, dw, dgub, ddb = moe_mlp_backward_op(
             grad_y.contiguous(), x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, pre,
-            expert_offsets, sorted_slots, tiles, activation, interleaved, swiglu_limit, needs[0], need_params)
+            expert_offsets, sorted_slots, tiles, activation, interleaved, swiglu_limit, gated, needs[0], need_params)
         return (dx if needs[0] else None, dgu if needs[1] else None, dd if needs[2] else None,
                 dw if needs[3] else None, None,
-                dgub if needs[5] else None, ddb if needs[6] else None, None, None, None)
+                dgub if needs[5] else None, ddb if needs[6] else None, None, None, None, None)
 
 
 def moe_mlp(x, gate_up_proj, down_proj, weights, ids, activation="silu", gate_up_bias=None, down_bias=None,
-            interleaved=False, swiglu_limit=None):
+            interleaved=False, swiglu_limit=None, gated=True):
     """Backend entry point (arguments validated and normalised by :func:`moe_kernels.ops.moe_mlp`: weights [T,k]
-    float32 and ids [T,k] int32, both contiguous; interleaved a bool; swiglu_limit None or a float): y [T, H] in
-    x's dtype."""
+    float32 and ids [T,k] int32, both contiguous; interleaved and gated bools; swiglu_limit None or a float):
+    y [T, H] in x's dtype."""
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, gate_up_proj, down_proj, weights, gate_up_bias, down_bias))
     if needs_grad:
         return MoeMLPFunction.apply(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation,
-                                    interleaved, swiglu_limit)
+                                    interleaved, swiglu_limit, gated)
     if decode_config(ids.numel(), x.dtype == torch.float32, down_proj.shape[2], x.device) is not None:
         return moe_mlp_decode_op(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation,
-                                 interleaved, swiglu_limit)
+                                 interleaved, swiglu_limit, gated)
     return moe_mlp_forward_op(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation,
-                              interleaved, swiglu_limit, False)[0]
+                              interleaved, swiglu_limit, gated, False)[0]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -673,9 +708,10 @@ def moe_mlp(x, gate_up_proj, down_proj, weights, ids, activation="silu", gate_up
 _POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16"}
 _INT_POINTERS = ("sorted_slots_ptr", "expert_offsets_ptr", "tile_offsets_ptr")
 _FP32_POINTERS = ("route_w_ptr", "grad_w_partial_ptr")
-# (activation, interleaved, bias, limit): the plain SwiGLU of most families, DeepSeek-V4's clamped one, and
-# GPT-OSS's form, the longest epilogue (clamps, biases, interleaved columns).
-_COMPILE_VARIANTS = (("silu", False, False, False), ("silu", False, False, True), ("gpt_oss", True, True, True))
+# (activation, interleaved, bias, limit, gated): the plain SwiGLU of most families, DeepSeek-V4's clamped one,
+# GPT-OSS's form, the longest epilogue (clamps, biases, interleaved columns), and Nemotron-H's ungated ReLU^2.
+_COMPILE_VARIANTS = (("silu", False, False, False, True), ("silu", False, False, True, True),
+                     ("gpt_oss", True, True, True, True), ("relu2", False, False, False, False))
 
 
 def _signature(kernel, constexprs: dict, data: str, overrides: dict = ()) -> dict:
@@ -739,8 +775,9 @@ def _compile_specs():
         data = _POINTER_TYPES[dtype]
         precision = "ieee" if dtype == torch.float32 else "tf32"
         for entry in mlp_entries:
-            for activation, interleaved, bias, limit in _COMPILE_VARIANTS:
-                act = {"ACTIVATION": ACTIVATION_CODES[activation], "INTERLEAVED": interleaved, "HAS_LIMIT": limit}
+            for activation, interleaved, bias, limit, gated in _COMPILE_VARIANTS:
+                act = {"ACTIVATION": ACTIVATION_CODES[activation], "INTERLEAVED": interleaved, "HAS_LIMIT": limit,
+                       "GATED": gated}
                 add(_gate_up_kernel, entry["up"], dict(act, HAS_BIAS=bias, STORE_ACT=True, SAVE_PRE=True,
                                                        BY_EXPERT=False, **gemm(entry["up"])),
                     "gate_up", data, precision)
@@ -749,23 +786,24 @@ def _compile_specs():
                 dw = entry["dw"]
                 blocks = {"BLOCK_I": dw["BLOCK_I"], "BLOCK_J": dw["BLOCK_J"], "BLOCK_P": dw["BLOCK_P"]}
                 add(_expert_outer_kernel, dw, dict(act, LHS_BY_TOKEN=True, LHS_WEIGHTED=True, RHS_BY_TOKEN=False,
-                                                   RHS_GATED=True, BIAS_GRAD=bias, **blocks), "dw", data, precision)
+                                                   RHS_ACT=True, BIAS_GRAD=bias, **blocks), "dw", data, precision)
                 add(_expert_outer_kernel, dw, dict(act, LHS_BY_TOKEN=False, LHS_WEIGHTED=False, RHS_BY_TOKEN=True,
-                                                   RHS_GATED=False, BIAS_GRAD=bias, **blocks), "dw", data, precision)
+                                                   RHS_ACT=False, BIAS_GRAD=bias, **blocks), "dw", data, precision)
             add(_rows_matmul_kernel, entry["down"], dict(HAS_BIAS=True, HAS_ROUTE_W=True, BY_EXPERT=False,
                                                          **gemm(entry["down"])), "down", data, precision,
                 {"out_ptr": "*fp32"})
             add(_rows_matmul_kernel, entry["dx"], dict(HAS_BIAS=False, HAS_ROUTE_W=False, BY_EXPERT=False,
                                                        **gemm(entry["dx"])), "dx", data, precision, {"out_ptr": "*fp32"})
         if dtype == torch.bfloat16:  # the grouped-GEMM weight gradients' activation pass (bf16 only)
-            for activation, interleaved, _, limit in _COMPILE_VARIANTS:
+            for activation, interleaved, _, limit, gated in _COMPILE_VARIANTS:
                 constexprs = {"ACTIVATION": ACTIVATION_CODES[activation], "INTERLEAVED": interleaved,
-                              "HAS_LIMIT": limit, "BLOCK_R": _ACT_BLOCK_R, "BLOCK_C": _ACT_BLOCK_C}
+                              "GATED": gated, "HAS_LIMIT": limit, "BLOCK_R": _ACT_BLOCK_R, "BLOCK_C": _ACT_BLOCK_C}
                 specs.append((_gated_activation_kernel, _signature(_gated_activation_kernel, constexprs, data),
                               constexprs, {"num_warps": 4, "num_stages": 3}, ("inter",)))
         for entry in decode_entries:
-            for activation, interleaved, bias, limit in _COMPILE_VARIANTS:
-                act = {"ACTIVATION": ACTIVATION_CODES[activation], "INTERLEAVED": interleaved, "HAS_LIMIT": limit}
+            for activation, interleaved, bias, limit, gated in _COMPILE_VARIANTS:
+                act = {"ACTIVATION": ACTIVATION_CODES[activation], "INTERLEAVED": interleaved, "HAS_LIMIT": limit,
+                       "GATED": gated}
                 add(_gate_up_kernel, entry["up"], dict(act, HAS_BIAS=bias, STORE_ACT=True, SAVE_PRE=False,
                                                        BY_EXPERT=True, **gemm(entry["up"], entry["BLOCK_M"])),
                     "gate_up", data, precision)
