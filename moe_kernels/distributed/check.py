@@ -127,19 +127,38 @@ def _check_adapter(args, failures: list[str]) -> None:
     _compare(f"{tag} grad up", g_up, ref_grads[world + 1][mine], torch.float32, failures)
 
 
-def _check_hf_mixtral(args, failures: list[str]) -> None:
+def _hf_model(family: str, world: int):
+    """A tiny Hugging Face MoE model with 2 * world experts: Mixtral (gated experts) or Nemotron-H (experts without a
+    gate, ReLU^2); None when this transformers lacks it."""
+    import transformers
+
+    common = dict(vocab_size=64, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+                  max_position_embeddings=64, num_experts_per_tok=2)
+    if family == "mixtral":
+        config = transformers.MixtralConfig(intermediate_size=24, num_hidden_layers=2, num_local_experts=2 * world,
+                                            **common)
+        return transformers.MixtralForCausalLM(config), config.num_local_experts
+    if not hasattr(transformers, "NemotronHConfig"):
+        return None
+    config = transformers.NemotronHConfig(intermediate_size=24, moe_intermediate_size=16, n_routed_experts=2 * world,
+                                          n_group=1, topk_group=1, moe_shared_expert_intermediate_size=16,
+                                          layers_block_type=["attention", "moe"], head_dim=8, **common)
+    return transformers.NemotronHForCausalLM(config), config.n_routed_experts
+
+
+def _check_hf_model(family: str, args, failures: list[str]) -> None:
     try:
-        from transformers import MixtralConfig, MixtralForCausalLM
+        import transformers  # noqa: F401
     except ImportError:
         return
     from moe_kernels.distributed import ExpertParallelExperts, shard_hf_experts
 
     world, rank = dist.get_world_size(), dist.get_rank()
     torch.manual_seed(2)
-    config = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=24, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, num_local_experts=2 * world,
-                           num_experts_per_tok=2, max_position_embeddings=64)
-    model = MixtralForCausalLM(config)
+    built = _hf_model(family, world)
+    if built is None:
+        return
+    model, num_experts = built
     batches = [torch.randint(0, 64, (1, 6 + r)) for r in range(world)]
     ref_loss = sum(model(input_ids=b, labels=b).loss for b in batches)
     ref_grads = dict(zip([n for n, _ in model.named_parameters()], torch.autograd.grad(ref_loss, model.parameters())))
@@ -147,11 +166,15 @@ def _check_hf_mixtral(args, failures: list[str]) -> None:
         ref_logits = model(input_ids=batches[rank]).logits
 
     shard_hf_experts(model, backend=args.moe_backend)
+    if family == "nemotron_h":  # the sharded experts on moe_kernels' ungated path, against the eager reference
+        import moe_kernels.hf  # noqa: F401  (registers the "moe_kernels" experts implementation)
+
+        model.set_experts_implementation("moe_kernels")
     logits = model(input_ids=batches[rank]).logits
     loss = model(input_ids=batches[rank], labels=batches[rank]).loss
     names = [n for n, _ in model.named_parameters()]
     grads = torch.autograd.grad(loss, list(model.parameters()))
-    tag = f"[hf mixtral, rank {rank}]"
+    tag = f"[hf {family}, rank {rank}]"
     _compare(f"{tag} logits", logits, ref_logits, torch.float32, failures)
     sharded = {n: m for n, m in model.named_modules() if isinstance(m, ExpertParallelExperts)}
     for name, grad in zip(names, grads):
@@ -161,7 +184,7 @@ def _check_hf_mixtral(args, failures: list[str]) -> None:
                      failures)
         else:
             full_name = owner + "." + name[len(owner) + len(".local."):]
-            num_local = config.num_local_experts // world
+            num_local = num_experts // world
             _compare(f"{tag} grad {name}", grad, ref_grads[full_name][rank * num_local:(rank + 1) * num_local],
                      torch.float32, failures)
 
@@ -195,7 +218,8 @@ def _worker(rank: int, world: int, port: int, args) -> None:
             _check_layer(case, torch.float32, args, failures)
         _check_layer("random", torch.bfloat16, args, failures)
         _check_adapter(args, failures)
-        _check_hf_mixtral(args, failures)
+        for family in ("mixtral", "nemotron_h"):
+            _check_hf_model(family, args, failures)
         _check_errors(failures)
         if os.environ.get("MOE_KERNELS_CHECK_FAIL_RANK") == str(rank):  # tests: a rank that fails must fail the check
             failures.append("failure injected by MOE_KERNELS_CHECK_FAIL_RANK")
@@ -244,7 +268,7 @@ def main(argv=None) -> int:
         return 1
     print(f"expert-parallel check passed: world size {args.world_size}, {args.backend}; outputs and gradients "
           "match the single-process layers (random routing, all tokens to rank 0, a rank without tokens, "
-          "bf16, adapter-MoE, HF Mixtral with sharded experts)")
+          "bf16, adapter-MoE, HF Mixtral and Nemotron-H with sharded experts)")
     return 0
 
 

@@ -118,16 +118,17 @@ def _expert_parallel(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, 
 
 
 def expert_parallel_moe_mlp(x, gate_up_local, down_local, weights, ids, num_experts: int, *, group=None,
-                            activation: str = "silu", backend: str | None = None) -> torch.Tensor:
+                            activation: str = "silu", gated: bool = True,
+                            backend: str | None = None) -> torch.Tensor:
     """:func:`moe_kernels.moe_mlp` with the experts spread over the ranks of ``group``.
 
-    x [T,H] (this rank's tokens), gate_up_local [E/W,2I,H] and down_local [E/W,H,I] (this rank's experts),
-    weights/ids [T,k] with global expert ids in [0, num_experts). Returns [T,H].
+    x [T,H] (this rank's tokens), gate_up_local [E/W,2I,H] ([E/W,I,H] with gated=False) and down_local [E/W,H,I]
+    (this rank's experts), weights/ids [T,k] with global expert ids in [0, num_experts). Returns [T,H].
     """
     def run_local(rows, local_ids):
         ones = torch.ones(rows.shape[0], 1, dtype=torch.float32, device=rows.device)
         return moe_kernels.moe_mlp(rows, gate_up_local, down_local, ones, local_ids[:, None],
-                                   activation=activation, backend=backend)
+                                   activation=activation, gated=gated, backend=backend)
     return _expert_parallel(x, weights, ids, num_experts, group, run_local, backend)
 
 
@@ -223,11 +224,17 @@ def shard_hf_experts(model: nn.Module, group=None, backend: str | None = None) -
 
     Call it on every rank with identical weights. Returns the model; raises ValueError if none is found.
     """
+    def is_experts(module: nn.Module) -> bool:  # gated experts hold gate_up_proj, those without a gate up_proj
+        first = getattr(module, "gate_up_proj", None)
+        if first is None and getattr(module, "has_gate", True) is False:
+            first = getattr(module, "up_proj", None)
+        return hasattr(module, "num_experts") and isinstance(first, torch.Tensor) and first.dim() == 3
+
     targets = [(parent, name, child) for parent in model.modules() for name, child in parent.named_children()
-               if hasattr(child, "num_experts") and isinstance(getattr(child, "gate_up_proj", None), torch.Tensor)
-               and getattr(child, "gate_up_proj").dim() == 3]
+               if is_experts(child)]
     if not targets:
-        raise ValueError(f"{type(model).__name__} has no experts module with 3-D gate_up_proj weights to shard")
+        raise ValueError(f"{type(model).__name__} has no experts module with 3-D gate_up_proj (or, without a gate, "
+                         "up_proj) weights to shard")
     for parent, name, child in targets:
         setattr(parent, name, ExpertParallelExperts(child, group, backend))
     return model
