@@ -103,6 +103,189 @@ def jamba_forward(self, hidden_states):
     return router_logits, weights.to(hidden_states.dtype), ids.long()
 
 
+# ---- routers of the newer families: the same route() variants, each family's own dtypes, bias source and scale.
+# "renormalise" below is route's w / (sum + 1e-20); a family that divides by the bare sum differs only where the sum
+# is ~1e-20 (0/0 there), as Qwen's does.
+
+
+def _no_autocast(hidden_states: torch.Tensor):
+    """The autocast-free region of routers that force fp32 (transformers' ``maybe_autocast(enabled=False)``)."""
+    device_type = hidden_states.device.type if isinstance(hidden_states.device.type, str) else "cpu"
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+def afmoe_forward(self, hidden_states, expert_bias):
+    """AFMoE: fp32 logits of the gate Linear; sigmoid; choose on scores + expert_bias (the MoE block's buffer);
+    renormalise (+1e-20); x route_scale; fp32 weights."""
+    _, _, hidden_dim = hidden_states.shape
+    hidden_states = hidden_states.view(-1, hidden_dim)
+    router_logits = self.gate(hidden_states).to(torch.float32)
+    weights, ids = _route(self, router_logits, scoring="sigmoid", order="softmax_then_topk", renormalize=True,
+                          bias=expert_bias, scale=float(self.route_scale))
+    return router_logits, weights, ids.long()
+
+
+def aria_forward(self, hidden_states):
+    """Aria: top-k of the logits, softmax over the k; weights in the logits' dtype."""
+    router_logits = F.linear(hidden_states, self.weight)
+    weights, ids = _route(self, router_logits, scoring="softmax", order="topk_then_softmax", renormalize=False)
+    return router_logits, weights.to(router_logits.dtype), ids.long()
+
+
+def axk2_forward(self, hidden_states):
+    """AXK2 without expert groups (its light checkpoints): DeepSeek-V3's sigmoid choice on scores +
+    e_score_correction_bias, renormalised if norm_topk_prob, x routed_scaling_factor. With groups AXK2 masks the
+    other groups' experts to 0.0, not -inf (a negative biased score then loses to them): the original runs."""
+    if self.num_group is not None and int(self.num_group) > 1:
+        return original_forward(self)(hidden_states)
+    hidden_states = hidden_states.view(-1, self.hidden_dim)
+    router_logits = F.linear(hidden_states.type(torch.float32), self.weight.type(torch.float32))
+    weights, ids = _route(self, router_logits, scoring="sigmoid", order="softmax_then_topk",
+                          renormalize=bool(self.norm_topk_prob), bias=self.e_score_correction_bias,
+                          scale=float(self.routed_scaling_factor))
+    return router_logits, weights, ids.long()
+
+
+def beam_forward(self, hidden_states):
+    """Beam: DeepSeek-V3's group-limited sigmoid choice (groups masked to -inf), renormalised if norm_topk_prob,
+    no scale here (Beam's MoE block applies routed_scaling_factor after the experts); fp32."""
+    hidden_states = hidden_states.view(-1, self.hidden_dim)
+    router_logits = F.linear(hidden_states.float(), self.weight.float())
+    weights, ids = _route(self, router_logits, scoring="sigmoid", order="softmax_then_topk",
+                          renormalize=bool(self.norm_topk_prob), bias=self.e_score_correction_bias,
+                          n_group=int(self.num_group), topk_group=int(self.topk_group))
+    return router_logits, weights, ids.long()
+
+
+def cohere2_moe_forward(self, hidden_states):
+    """Cohere2-MoE: top-k of the logits, then softmax over the k (expert_selection_fn "softmax") or sigmoid of
+    each, renormalised if norm_topk_prob ("sigmoid"); weights in the input's dtype."""
+    router_logits = F.linear(hidden_states, self.weight)
+    if self.expert_selection_fn == "softmax":
+        scoring, renormalize = "softmax", False
+    elif self.expert_selection_fn == "sigmoid":
+        scoring, renormalize = "sigmoid", bool(self.norm_topk_prob)
+    else:
+        raise ValueError("`expert_selection_fn` can only be `softmax` or `sigmoid`")
+    weights, ids = _route(self, router_logits, scoring=scoring, order="topk_then_softmax", renormalize=renormalize)
+    return router_logits, weights.to(hidden_states.dtype), ids.long()
+
+
+def dots3_note_forward(self, hidden_states, e_score_correction_bias):
+    """dots3 (vision) and HunYuan-V3: fp32 sigmoid choice on scores + the MoE block's e_score_correction_bias;
+    renormalise (+1e-20); x router_scaling_factor; fp32 weights."""
+    hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+    router_logits = F.linear(hidden_states.float(), self.weight.float())
+    weights, ids = _route(self, router_logits, scoring="sigmoid", order="softmax_then_topk", renormalize=True,
+                          bias=e_score_correction_bias, scale=float(self.router_scaling_factor))
+    return router_logits, weights, ids.long()
+
+
+def ernie4_5_moe_forward(self, hidden_states):
+    """ERNIE-4.5-MoE (and -VL): fp32 softmax without autocast; choose on probabilities +
+    moe_statics.e_score_correction_bias; weights = chosen probabilities / max(their sum, moe_norm_min) (that
+    division done here, as ERNIE does it); in the input's dtype."""
+    with _no_autocast(hidden_states):
+        router_logits = F.linear(hidden_states.float(), self.weight.float())
+        weights, ids = _route(self, router_logits, scoring="softmax", order="softmax_then_topk", renormalize=False,
+                              bias=self.moe_statics.e_score_correction_bias.reshape(-1))
+        weights = weights / torch.clamp(weights.sum(dim=-1, keepdim=True), min=self.norm_min)
+    return router_logits, weights.to(hidden_states.dtype), ids.long()
+
+
+def flint_forward(self, hidden_states):
+    """Flint: fp32 logits without autocast; sigmoid; top-k of the scores (no bias); renormalised if
+    norm_topk_prob; fp32 weights."""
+    hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+    with _no_autocast(hidden_states):
+        router_logits = F.linear(hidden_states.float(), self.weight.float())
+    weights, ids = _route(self, router_logits, scoring="sigmoid", order="softmax_then_topk",
+                          renormalize=bool(self.norm_topk_prob))
+    return router_logits, weights, ids.long()
+
+
+def inkling2_forward(self, hidden_states):
+    """Inkling2: fp32 routing; sigmoid (its score_fn) choice on scores + e_score_correction_bias; renormalise
+    (+1e-20); x routed_scaling_factor. Another score_fn has no route() equivalent: the original runs."""
+    if not isinstance(self.score_fn, torch.nn.Sigmoid):
+        return original_forward(self)(hidden_states)
+    hidden_states = hidden_states.float()
+    flat = hidden_states.reshape(-1, self.hidden_dim)
+    logits = F.linear(flat, self.weight)
+    weights, ids = _route(self, logits, scoring="sigmoid", order="softmax_then_topk", renormalize=True,
+                          bias=self.e_score_correction_bias, scale=float(self.routed_scaling_factor))
+    return logits, weights, ids.long()
+
+
+def kolibri1_forward(self, hidden_states):
+    """Kolibri1: fp32 logits (from a bf16 GEMM with fp32 output at CUDA inference, as Kolibri1 does); top-k of
+    logits + e_score_correction_bias; weights = sigmoid of the chosen logits, renormalised if norm_topk_prob."""
+    hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+    if hidden_states.is_cuda and hidden_states.dtype == self.weight.dtype and not torch.is_grad_enabled():
+        router_logits = torch.mm(hidden_states, self.weight.t(), out_dtype=torch.float32)  # torch >= 2.8
+    else:
+        router_logits = F.linear(hidden_states.type(torch.float32), self.weight.type(torch.float32))
+    weights, ids = _route(self, router_logits, scoring="sigmoid", order="topk_then_softmax",
+                          renormalize=bool(self.norm_topk_prob), bias=self.e_score_correction_bias)
+    return router_logits, weights, ids.long()
+
+
+def laguna_forward(self, hidden_states):
+    """Laguna: logits to fp32, soft-capped (tanh) when moe_router_logit_softcapping > 0; sigmoid choice on
+    scores + e_score_correction_bias; renormalise; weights in the input's dtype."""
+    hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+    router_logits = F.linear(hidden_states, self.weight).float()
+    if self.router_logit_softcapping > 0.0:
+        router_logits = torch.tanh(router_logits / self.router_logit_softcapping) * self.router_logit_softcapping
+    weights, ids = _route(self, router_logits, scoring="sigmoid", order="softmax_then_topk", renormalize=True,
+                          bias=self.e_score_correction_bias.float())
+    return router_logits, weights.to(hidden_states.dtype), ids.long()
+
+
+def lara_mini_forward(self, hidden_states):
+    """LaraMini: fp32 logits; softmax -> top-k -> renormalised if norm_topk_prob; weights in the input's dtype."""
+    hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+    router_logits = F.linear(hidden_states.float(), self.weight.float())
+    weights, ids = _route(self, router_logits, scoring="softmax", order="softmax_then_topk",
+                          renormalize=bool(self.norm_topk_prob))
+    return router_logits, weights.to(hidden_states.dtype), ids.long()
+
+
+def minimax_m2_forward(self, hidden_states, e_score_correction_bias):
+    """MiniMax-M2: logits in the weight's dtype; fp32 sigmoid; choose on scores + the MoE block's
+    e_score_correction_bias; renormalise; fp32 weights."""
+    hidden_states = hidden_states.reshape(-1, self.hidden_dim)
+    router_logits = F.linear(hidden_states.to(self.weight.dtype), self.weight)
+    weights, ids = _route(self, router_logits, scoring="sigmoid", order="softmax_then_topk", renormalize=True,
+                          bias=e_score_correction_bias)
+    return router_logits, weights, ids.long()
+
+
+def minimax_m3_vl_forward(self, hidden_states):
+    """MiniMax-M3-VL: MiniMax-M2's routing with the bias held by the router."""
+    return minimax_m2_forward(self, hidden_states, self.e_score_correction_bias)
+
+
+def mistral_large4_forward(self, hidden_states):
+    """Mistral-Large-4: fp32 softmax; DeepSeek-V3's group-limited choice (group score = sum of its best two);
+    renormalise (+1e-20); x routed_scaling_factor. It masks the other groups' experts to 0.0 where route uses -inf:
+    the same choice unless fewer than k experts of the kept groups have a probability above 0 (fp32 underflow)."""
+    hidden_states = hidden_states.view(-1, self.hidden_dim)
+    router_logits = F.linear(hidden_states.float(), self.weight.float())
+    weights, ids = _route(self, router_logits, scoring="softmax", order="softmax_then_topk", renormalize=True,
+                          n_group=int(self.num_group), topk_group=int(self.topk_group),
+                          scale=float(self.routed_scaling_factor))
+    return router_logits, weights, ids.long()
+
+
+def openai_privacy_filter_forward(self, hidden_states):
+    """OpenAI privacy filter: fp32 logits with the router bias; top-k of logits, softmax over the k, / k."""
+    router_logits = F.linear(hidden_states.float(), self.weight.float(), self.bias.float())
+    weights, ids = _route(self, router_logits, scoring="softmax", order="topk_then_softmax", renormalize=False,
+                          scale=1.0 / self.top_k)
+    return router_logits, weights, ids.long()
+
+
 ORIGINAL_FORWARD = "_moe_kernels_original_router_forward"
 
 
@@ -145,6 +328,42 @@ VARIANTS: tuple[RouterVariant, ...] = (
                   "topk_then_softmax", granite_forward),
     RouterVariant("jamba", "jamba.modeling_jamba:JambaTopKRouter",
                   "softmax, softmax_then_topk, no renormalisation", jamba_forward),
+    RouterVariant("afmoe", "afmoe.modeling_afmoe:AfmoeTokenChoiceRouter",
+                  "sigmoid, bias=expert_bias, renormalize, scale=route_scale", afmoe_forward),
+    RouterVariant("aria", "aria.modeling_aria:AriaTextTopKRouter", "topk_then_softmax", aria_forward),
+    RouterVariant("axk2", "axk2.modeling_axk2:AXK2TopkRouter",
+                  "sigmoid, bias=e_score_correction_bias, renormalize=norm_topk_prob, scale (no groups; else HF's "
+                  "own)", axk2_forward),
+    RouterVariant("beam", "beam.modeling_beam:BeamTopKRouter",
+                  "sigmoid, bias=e_score_correction_bias, n_group, topk_group, renormalize=norm_topk_prob",
+                  beam_forward),
+    RouterVariant("cohere2_moe", "cohere2_moe.modeling_cohere2_moe:Cohere2MoeTopKRouter",
+                  "topk_then_softmax, softmax or sigmoid (renormalize=norm_topk_prob)", cohere2_moe_forward),
+    RouterVariant("dots3_note", "dots3_note.modeling_dots3_note:Dots3NoteVisionTopKRouter",
+                  "sigmoid, bias=e_score_correction_bias, renormalize, scale=router_scaling_factor",
+                  dots3_note_forward),
+    RouterVariant("ernie4_5_moe", "ernie4_5_moe.modeling_ernie4_5_moe:Ernie4_5_MoeTopKRouter",
+                  "softmax, bias=e_score_correction_bias, then / max(sum, moe_norm_min)", ernie4_5_moe_forward),
+    RouterVariant("flint", "flint.modeling_flint:FlintTopKRouter", "sigmoid, renormalize=norm_topk_prob",
+                  flint_forward),
+    RouterVariant("inkling2", "inkling2.modeling_inkling2:Inkling2TopKRouter",
+                  "sigmoid, bias=e_score_correction_bias, renormalize, scale", inkling2_forward),
+    RouterVariant("kolibri1", "kolibri1.modeling_kolibri1:Kolibri1TopKRouter",
+                  "sigmoid, topk_then_softmax, bias=e_score_correction_bias, renormalize=norm_topk_prob",
+                  kolibri1_forward),
+    RouterVariant("laguna", "laguna.modeling_laguna:LagunaTopKRouter",
+                  "logit softcap, sigmoid, bias=e_score_correction_bias, renormalize", laguna_forward),
+    RouterVariant("lara_mini", "lara_mini.modeling_lara_mini:LaraMiniTopKRouter",
+                  "softmax, softmax_then_topk, renormalize=norm_topk_prob", lara_mini_forward),
+    RouterVariant("minimax_m2", "minimax_m2.modeling_minimax_m2:MiniMaxM2TopKRouter",
+                  "sigmoid, bias=e_score_correction_bias, renormalize", minimax_m2_forward),
+    RouterVariant("minimax_m3_vl", "minimax_m3_vl.modeling_minimax_m3_vl:MiniMaxM3VLTopKRouter",
+                  "sigmoid, bias=e_score_correction_bias, renormalize", minimax_m3_vl_forward),
+    RouterVariant("mistral_large4", "mistral_large4.modeling_mistral_large4:MistralLarge4TextTopkRouter",
+                  "softmax, n_group, topk_group, renormalize, scale=routed_scaling_factor", mistral_large4_forward),
+    RouterVariant("openai_privacy_filter",
+                  "openai_privacy_filter.modeling_openai_privacy_filter:OpenAIPrivacyFilterTopKRouter",
+                  "router bias, topk_then_softmax, scale=1/k", openai_privacy_filter_forward),
 )
 
 VARIANTS_BY_NAME = {variant.name: variant for variant in VARIANTS}
