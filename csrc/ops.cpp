@@ -33,20 +33,24 @@ TORCH_LIBRARY(moe_kernels, m) {
   // CPU only. x [T,H], w1 [E,M1,H], w2 [E,H,M2] (M1 = 2*M2 gated), weights [T,k] fp32 -> out [T,H], hidden [T*k|0,M1].
   m.def("expert_mlp_forward(Tensor x, Tensor w1, Tensor w2, Tensor? b1, Tensor? b2, Tensor weights, "
         "Tensor expert_offsets, Tensor sorted_slots, Tensor slot_positions, str activation, bool gated, "
-        "bool interleaved, float? limit, float scale, bool keep_hidden) -> (Tensor out, Tensor hidden)");
+        "bool interleaved, float? limit, float scale, bool keep_hidden, float gate_cap=0., float up_cap=0.) -> "
+        "(Tensor out, Tensor hidden)");
   // CPU only. grad_out [T,H] -> grads of x, w1, w2, b1 ([0] without b1), b2 ([0] without b2), weights [T,k].
   m.def("expert_mlp_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor w2, Tensor? b1, Tensor? b2, "
         "Tensor weights, Tensor expert_offsets, Tensor sorted_slots, Tensor slot_positions, Tensor hidden, "
-        "str activation, bool gated, bool interleaved, float? limit, float scale) -> "
+        "str activation, bool gated, bool interleaved, float? limit, float scale, float gate_cap=0., "
+        "float up_cap=0.) -> "
         "(Tensor grad_x, Tensor grad_w1, Tensor grad_w2, Tensor grad_b1, Tensor grad_b2, Tensor grad_weights)");
   // As expert_mlp_forward plus ids [T,k] -> out [T,H], xs [T*k|0, H], hidden [T*k|0, M1] (rows padded to 16 bytes).
   m.def("grouped_mlp_forward(Tensor x, Tensor w1, Tensor w2, Tensor? b1, Tensor? b2, Tensor weights, Tensor ids, "
         "Tensor expert_offsets, Tensor sorted_slots, Tensor slot_positions, str activation, bool gated, "
-        "bool interleaved, float? limit, float scale, bool keep) -> (Tensor out, Tensor xs, Tensor hidden)");
+        "bool interleaved, float? limit, float scale, bool keep, float gate_cap=0., float up_cap=0.) -> "
+        "(Tensor out, Tensor xs, Tensor hidden)");
   // grad_out [T,H], the forward's xs and hidden -> grads of x, w1, w2, b1 ([0] without), b2 ([0] without), weights.
   m.def("grouped_mlp_backward(Tensor grad_out, Tensor xs, Tensor hidden, Tensor w1, Tensor w2, Tensor? b1, "
         "Tensor? b2, Tensor weights, Tensor ids, Tensor expert_offsets, Tensor sorted_slots, Tensor slot_positions, "
-        "str activation, bool gated, bool interleaved, float? limit, float scale) -> "
+        "str activation, bool gated, bool interleaved, float? limit, float scale, float gate_cap=0., "
+        "float up_cap=0.) -> "
         "(Tensor grad_x, Tensor grad_w1, Tensor grad_w2, Tensor grad_b1, Tensor grad_b2, Tensor grad_weights)");
 }
 

@@ -73,6 +73,10 @@ FAMILIES = {
     "ernie4_5_moe": ("Ernie4_5_MoeConfig", "Ernie4_5_MoeForCausalLM",
                      dict(intermediate_size=32, moe_intermediate_size=16, num_experts=8, num_experts_per_tok=2,
                           moe_layer_start_index=0, moe_num_shared_experts=1)),
+    # Inkling2's soft-capped SwiGLU (caps small enough to bind) and its fp32 sigmoid router
+    "inkling2": ("Inkling2TextConfig", "Inkling2ForCausalLM",
+                 dict(intermediate_size=32, moe_intermediate_size=16, num_local_experts=8, n_routed_experts=8,
+                      num_experts_per_tok=2, mlp_gate_softcap=1.0, mlp_up_softcap=1.5, unpadded_vocab_size=96)),
     # experts without a gate (moe_mlp(..., gated=False)), with the config's default activation, ReLU^2
     "nemotron_h": ("NemotronHConfig", "NemotronHForCausalLM",
                    dict(intermediate_size=32, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
@@ -103,7 +107,15 @@ def build(model_type: str, dtype: torch.dtype, seed: int = 0, **overrides) -> to
         for name, buffer in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 buffer.normal_(0.0, 0.1)
-    return model.to(dtype)
+    model = model.to(dtype)
+    # as from_pretrained does: the modules a family keeps in fp32 (Inkling2's router) stay fp32 in a bf16 model
+    keep_fp32 = getattr(model, "_keep_in_fp32_modules_strict", None) or []
+    if dtype != torch.float32 and keep_fp32:
+        with torch.no_grad():
+            for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+                if any(pattern in name for pattern in keep_fp32) and tensor.is_floating_point():
+                    tensor.data = tensor.data.float()
+    return model
 
 
 def patched_copy(model, backend):

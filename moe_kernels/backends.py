@@ -65,7 +65,8 @@ class Backend:
     """Interface every backend implements. ``moe_kernels.ops`` calls the methods by keyword, with arguments it
     validated and normalised once: ``ids`` int32 contiguous [T,k] in range, ``weights`` float32 contiguous
     [T,k], tensors on one device, T >= 1, activation a name of :mod:`moe_kernels.spec`, ``n_group`` /
-    ``topk_group`` None for no group limit, ``swiglu_limit`` None or a float, flags as bools. Backends take
+    ``topk_group`` None for no group limit, ``swiglu_limit`` None or a float, ``softcaps`` None or a pair of floats > 0
+    (only with "softcap_swiglu"), flags as bools. Backends take
     them as they are (no conversion, no re-check; a kernel op may convert at its own boundary, once).
     Every method must be differentiable where the public op is (autograd.Function or torch.library op)."""
 
@@ -86,7 +87,7 @@ class Backend:
         raise BackendError(f"backend '{self.name}' has no plan")
 
     def moe_mlp(self, x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias,
-                interleaved, swiglu_limit, gated):
+                interleaved, swiglu_limit, gated, softcaps):
         raise BackendError(f"backend '{self.name}' has no moe_mlp")
 
     def adapter_moe(self, h, down, up, weights, ids, activation, scale):

@@ -102,13 +102,15 @@ if _C is not None:
     if has_kernel("expert_mlp_forward", "CPU"):
         @torch.library.register_fake("moe_kernels::expert_mlp_forward")
         def _expert_mlp_forward_fake(x, w1, w2, b1, b2, weights, expert_offsets, sorted_slots, slot_positions,
-                                     activation, gated, interleaved, limit, scale, keep_hidden):
+                                     activation, gated, interleaved, limit, scale, keep_hidden, gate_cap=0.0,
+                                     up_cap=0.0):
             hidden_rows = sorted_slots.shape[0] if keep_hidden else 0
             return x.new_empty(x.shape), x.new_empty((hidden_rows, w1.shape[1]))
 
         @torch.library.register_fake("moe_kernels::expert_mlp_backward")
         def _expert_mlp_backward_fake(grad_out, x, w1, w2, b1, b2, weights, expert_offsets, sorted_slots,
-                                      slot_positions, hidden, activation, gated, interleaved, limit, scale):
+                                      slot_positions, hidden, activation, gated, interleaved, limit, scale,
+                                      gate_cap=0.0, up_cap=0.0):
             num_experts = w1.shape[0]
             grad_b1 = b1.new_empty(b1.shape) if b1 is not None else x.new_empty((0,))
             grad_b2 = b2.new_empty(b2.shape) if b2 is not None else x.new_empty((0,))
@@ -124,7 +126,7 @@ if _C is not None:
     if has_kernel("grouped_mlp_forward", "CPU"):
         @torch.library.register_fake("moe_kernels::grouped_mlp_forward")
         def _grouped_mlp_forward_fake(x, w1, w2, b1, b2, weights, ids, expert_offsets, sorted_slots, slot_positions,
-                                      activation, gated, interleaved, limit, scale, keep):
+                                      activation, gated, interleaved, limit, scale, keep, gate_cap=0.0, up_cap=0.0):
             num_tokens, hidden = x.shape
             m1 = w1.shape[1]
             out = x.new_empty((num_tokens, hidden))
@@ -136,7 +138,8 @@ if _C is not None:
 
         @torch.library.register_fake("moe_kernels::grouped_mlp_backward")
         def _grouped_mlp_backward_fake(grad_out, xs, hidden, w1, w2, b1, b2, weights, ids, expert_offsets,
-                                       sorted_slots, slot_positions, activation, gated, interleaved, limit, scale):
+                                       sorted_slots, slot_positions, activation, gated, interleaved, limit, scale,
+                                       gate_cap=0.0, up_cap=0.0):
             grad_b1 = b1.new_empty(b1.shape) if b1 is not None else grad_out.new_empty((0,))
             grad_b2 = b2.new_empty(b2.shape) if b2 is not None else grad_out.new_empty((0,))
             return (grad_out.new_empty(grad_out.shape), grad_out.new_empty(tuple(w1.shape)),
@@ -195,9 +198,10 @@ if _C is not None:
     if has_kernel("expert_mlp_forward", "CPU"):
         def _experts_setup(ctx, inputs, output):
             (x, w1, w2, b1, b2, weights, expert_offsets, sorted_slots, slot_positions, activation, gated,
-             interleaved, limit, scale, _keep_hidden) = inputs
+             interleaved, limit, scale, _keep_hidden, *caps) = inputs
             ctx.save_for_backward(x, w1, w2, b1, b2, weights, expert_offsets, sorted_slots, slot_positions, output[1])
-            ctx.options = (activation, gated, interleaved, limit, scale)
+            ctx.options = (activation, gated, interleaved, limit, scale, *caps)
+            ctx.num_inputs = len(inputs)
 
         def _experts_backward(ctx, grad_out, _grad_hidden):
             x, w1, w2, b1, b2, weights, expert_offsets, sorted_slots, slot_positions, hidden = ctx.saved_tensors
@@ -205,7 +209,7 @@ if _C is not None:
                 grad_out.contiguous(), x, w1, w2, b1, b2, weights, expert_offsets, sorted_slots, slot_positions,
                 hidden, *ctx.options)
             return (grad_x, grad_w1, grad_w2, grad_b1 if b1 is not None else None,
-                    grad_b2 if b2 is not None else None, grad_weights) + (None,) * 9
+                    grad_b2 if b2 is not None else None, grad_weights) + (None,) * (ctx.num_inputs - 6)
 
         torch.library.register_autograd("moe_kernels::expert_mlp_forward", _experts_backward,
                                         setup_context=_experts_setup)
@@ -213,22 +217,24 @@ if _C is not None:
     if has_kernel("grouped_mlp_forward", "CPU"):
         def _grouped_setup(ctx, inputs, output):
             (x, w1, w2, b1, b2, weights, ids, expert_offsets, sorted_slots, slot_positions, activation, gated,
-             interleaved, limit, scale, keep) = inputs
+             interleaved, limit, scale, keep, *caps) = inputs
             ctx.save_for_backward(x if not keep else None, w1, w2, b1, b2, weights, ids, expert_offsets, sorted_slots,
                                   slot_positions, output[1], output[2])
             ctx.options = (activation, gated, interleaved, limit, scale)
+            ctx.caps = tuple(caps)
+            ctx.num_inputs = len(inputs)
 
         def _grouped_backward(ctx, grad_out, _grad_xs, _grad_hidden):
             (x, w1, w2, b1, b2, weights, ids, expert_offsets, sorted_slots, slot_positions, xs,
              hidden) = ctx.saved_tensors
             if x is not None:  # the forward kept nothing (keep=False): recompute the gathered rows and hidden
                 _out, xs, hidden = ops.grouped_mlp_forward(x, w1, w2, b1, b2, weights, ids, expert_offsets,
-                                                           sorted_slots, slot_positions, *ctx.options, True)
+                                                           sorted_slots, slot_positions, *ctx.options, True, *ctx.caps)
             grad_x, grad_w1, grad_w2, grad_b1, grad_b2, grad_weights = ops.grouped_mlp_backward(
                 grad_out.contiguous(), xs, hidden, w1, w2, b1, b2, weights, ids, expert_offsets, sorted_slots,
-                slot_positions, *ctx.options)
+                slot_positions, *ctx.options, *ctx.caps)
             return (grad_x, grad_w1, grad_w2, grad_b1 if b1 is not None else None,
-                    grad_b2 if b2 is not None else None, grad_weights) + (None,) * 10
+                    grad_b2 if b2 is not None else None, grad_weights) + (None,) * (ctx.num_inputs - 6)
 
         torch.library.register_autograd("moe_kernels::grouped_mlp_forward", _grouped_backward,
                                         setup_context=_grouped_setup)
@@ -253,16 +259,22 @@ def native_plan(ids, num_experts) -> Plan:
     return Plan(*ops.plan(ids, num_experts))
 
 
-def fused_expert_mlp(x, w1, w2, b1, b2, weights, ids, activation, gated, interleaved, limit, scale):
+def _caps(softcaps) -> tuple:
+    """The ops' trailing (gate_cap, up_cap) arguments: none (the schema's default 0) unless softcap_swiglu."""
+    return () if softcaps is None else (float(softcaps[0]), float(softcaps[1]))
+
+
+def fused_expert_mlp(x, w1, w2, b1, b2, weights, ids, activation, gated, interleaved, limit, scale, softcaps=None):
     """The CPU expert path (``expert_mlp_forward``): x [T,H], w1 [E,M1,H], w2 [E,H,M2] -> [T,H] in x's dtype."""
     plan = native_plan(ids, w1.shape[0])
     keep_hidden = _needs_grad(x, w1, w2, b1, b2, weights)
     out, _hidden = ops.expert_mlp_forward(x.contiguous(), w1, w2, b1, b2, weights, *plan, activation, gated,
-                                          interleaved, limit, float(scale), keep_hidden)
+                                          interleaved, limit, float(scale), keep_hidden, *_caps(softcaps))
     return out
 
 
-def composed_expert_mlp(x, w1, w2, b1, b2, weights, ids, activation, gated, interleaved, limit, scale):
+def composed_expert_mlp(x, w1, w2, b1, b2, weights, ids, activation, gated, interleaved, limit, scale,
+                        softcaps=None):
     """Same math as :func:`fused_expert_mlp`, from the shared native ops and torch matmuls (any device).
 
     gather_rows into expert order, per expert two matmuls around the reference activation (fp32
@@ -281,7 +293,7 @@ def composed_expert_mlp(x, w1, w2, b1, b2, weights, ids, activation, gated, inte
         if b1 is not None:
             hidden = hidden + b1[e]
         if gated:
-            act = reference.gated_activation(hidden.float(), activation, interleaved, limit)
+            act = reference.gated_activation(hidden.float(), activation, interleaved, limit, softcaps)
         else:
             act = reference.apply_activation(hidden.float(), activation)
         y = act.to(x.dtype) @ w2[e].t()
@@ -335,7 +347,7 @@ def cuda_fallback_mode() -> str:
     return mode
 
 
-def grouped_expert_mlp(x, w1, w2, b1, b2, weights, ids, activation, gated, interleaved, limit, scale):
+def grouped_expert_mlp(x, w1, w2, b1, b2, weights, ids, activation, gated, interleaved, limit, scale, softcaps=None):
     """The grouped-GEMM expert path (``grouped_mlp_forward``): x [T,H], w1 [E,M1,H], w2 [E,H,M2] -> [T,H].
 
     Same math as :func:`fused_expert_mlp`, on CPU or CUDA tensors; differentiable w.r.t. x, w1, w2, the
@@ -344,11 +356,11 @@ def grouped_expert_mlp(x, w1, w2, b1, b2, weights, ids, activation, gated, inter
     plan = native_plan(ids, w1.shape[0])
     keep = _needs_grad(x, w1, w2, b1, b2, weights)
     out, _xs, _hidden = ops.grouped_mlp_forward(x, w1, w2, b1, b2, weights, ids, *plan, activation, gated,
-                                                interleaved, limit, float(scale), keep)
+                                                interleaved, limit, float(scale), keep, *_caps(softcaps))
     return out
 
 
-def cuda_expert_path(x, w1, w2, b1, b2, weights, ids, activation, gated, interleaved, limit, scale):
+def cuda_expert_path(x, w1, w2, b1, b2, weights, ids, activation, gated, interleaved, limit, scale, softcaps=None):
     """The cuda backend's expert path: the grouped op, or the fallback MOE_KERNELS_CUDA_FALLBACK names."""
     reason = grouped_gemm_status(x.device, x.dtype, w1.shape[0])
     if reason is not None:
@@ -358,8 +370,9 @@ def cuda_expert_path(x, w1, w2, b1, b2, weights, ids, activation, gated, interle
         if w1.shape[0] > GROUPED_GEMM_MAX_EXPERTS and x.dtype == torch.bfloat16:
             # torch would pick its CUTLASS kernel and refuse this many groups: the per-expert loop instead.
             return composed_expert_mlp(x, w1, w2, b1, b2, weights, ids, activation, gated, interleaved, limit,
-                                       scale)
-    return grouped_expert_mlp(x, w1, w2, b1, b2, weights, ids, activation, gated, interleaved, limit, scale)
+                                       scale, softcaps)
+    return grouped_expert_mlp(x, w1, w2, b1, b2, weights, ids, activation, gated, interleaved, limit, scale,
+                              softcaps)
 
 
 def _unavailable(dispatch_key: str, op_names) -> str | None:
@@ -391,9 +404,9 @@ class NativeBackend(Backend):
         return native_plan(ids, num_experts)
 
     def moe_mlp(self, x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, interleaved,
-                swiglu_limit, gated):
+                swiglu_limit, gated, softcaps):
         return self.expert_path(x, gate_up_proj, down_proj, gate_up_bias, down_bias, weights, ids, activation, gated,
-                                interleaved, swiglu_limit, 1.0)
+                                interleaved, swiglu_limit, 1.0, softcaps)
 
     def adapter_moe(self, h, down, up, weights, ids, activation, scale):
         return self.expert_path(h, down, up, None, None, weights, ids, activation, False, False, None, scale)

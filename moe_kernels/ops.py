@@ -15,7 +15,8 @@ import torch
 
 from . import reference
 from .backends import Plan, resolve_backend
-from .spec import ADAPTER_ACTIVATIONS, ELEMENTWISE_ACTIVATIONS, GATED_ACTIVATIONS, MAX_ADAPTER_RANK, ROUTE_ORDERS, ROUTE_SCORINGS
+from .spec import (ADAPTER_ACTIVATIONS, ELEMENTWISE_ACTIVATIONS, GATED_ACTIVATIONS, MAX_ADAPTER_RANK, ROUTE_ORDERS,
+                   ROUTE_SCORINGS, SOFTCAP_ACTIVATIONS)
 from .validation import (check_choice, check_dim, check_finite_logits, check_routing, check_same_device,
                          check_tensor, check_top_k, value_checks_enabled)
 
@@ -142,7 +143,8 @@ def plan(ids: torch.Tensor, num_experts: int, *, backend: str | None = None) -> 
 def moe_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
             ids: torch.Tensor, *, activation: str = "silu", gate_up_bias: torch.Tensor | None = None,
             down_bias: torch.Tensor | None = None, interleaved: bool = False,
-            swiglu_limit: float | None = None, gated: bool = True, backend: str | None = None) -> torch.Tensor:
+            swiglu_limit: float | None = None, gated: bool = True, softcaps: tuple[float, float] | None = None,
+            backend: str | None = None) -> torch.Tensor:
     """Routed expert MLPs: y[t] = sum_j weights[t,j] * down_e(act(gate_e x_t) * up_e x_t), e = ids[t,j].
 
     Shapes (Hugging Face v5 layout): x [T,H], gate_up_proj [E,2I,H] (gate rows then up rows, or
@@ -151,6 +153,8 @@ def moe_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
     activation: "silu" (SwiGLU), "gelu", "gelu_tanh", "relu" (gated), or "gpt_oss" (GPT-OSS's SwiGLU,
     (up + 1) * gate * sigmoid(1.702 gate)). ``swiglu_limit``: gate is clamped to <= limit and up to
     [-limit, limit] before the activation, for every activation (GPT-OSS, DeepSeek-V4).
+    "softcap_swiglu" (Inkling2) takes ``softcaps = (cg, cu)``, both > 0: cg tanh(gate / cg) * sigmoid(gate) *
+    cu tanh(up / cu).
 
     ``gated=False``: experts without a gate (Nemotron-H), y[t] = sum_j weights[t,j] * down_e(act(up_e x_t)):
     gate_up_proj is the up projection [E,I,H] (bias [E,I]), activation one of ``spec.ELEMENTWISE_ACTIVATIONS``
@@ -187,6 +191,9 @@ def moe_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
             raise ValueError("interleaved=True needs gated=True (it lays out gate and up rows)")
         if swiglu_limit is not None:
             raise ValueError("swiglu_limit needs gated=True (it clamps gate and up)")
+    softcaps = _check_softcaps(activation, softcaps)
+    if softcaps is not None and swiglu_limit is not None:
+        raise ValueError("swiglu_limit does not apply to softcap_swiglu (its soft caps bound gate and up)")
     if swiglu_limit is not None:
         if isinstance(swiglu_limit, bool) or not isinstance(swiglu_limit, (int, float)) \
                 or not math.isfinite(swiglu_limit) or swiglu_limit <= 0:
@@ -204,7 +211,27 @@ def moe_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
                                           weights))
     return impl.moe_mlp(x=x, gate_up_proj=gate_up_proj, down_proj=down_proj, weights=weights, ids=ids,
                         activation=activation, gate_up_bias=gate_up_bias, down_bias=down_bias,
-                        interleaved=bool(interleaved), swiglu_limit=swiglu_limit, gated=gated)
+                        interleaved=bool(interleaved), swiglu_limit=swiglu_limit, gated=gated, softcaps=softcaps)
+
+
+def _check_softcaps(activation: str, softcaps):
+    """softcaps as a (float, float) pair, given exactly when the activation takes them."""
+    if activation not in SOFTCAP_ACTIVATIONS:
+        if softcaps is not None:
+            raise ValueError(f"softcaps apply to {', '.join(SOFTCAP_ACTIVATIONS)} only, not activation={activation!r}")
+        return None
+    if softcaps is None:
+        raise ValueError(f"activation={activation!r} needs softcaps=(gate_cap, up_cap)")
+    try:
+        gate_cap, up_cap = softcaps
+    except (TypeError, ValueError):
+        raise ValueError(f"softcaps must be a pair (gate_cap, up_cap), got {softcaps!r}") from None
+    caps = []
+    for cap in (gate_cap, up_cap):
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap <= 0:
+            raise ValueError(f"softcaps must be finite numbers > 0, got {softcaps!r}")
+        caps.append(float(cap))
+    return tuple(caps)
 
 
 def adapter_moe(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,

@@ -42,10 +42,12 @@ def apply_activation(x: torch.Tensor, name: str) -> torch.Tensor:
 
 
 def gated_activation(gate_up: torch.Tensor, name: str, interleaved: bool = False,
-                     swiglu_limit: float | None = None) -> torch.Tensor:
+                     swiglu_limit: float | None = None,
+                     softcaps: tuple[float, float] | None = None) -> torch.Tensor:
     """[N, 2I] -> [N, I]: act(gate) * up, or GPT-OSS's form (up + 1) * gate * sigmoid(alpha gate), alpha =
     GPT_OSS_ALPHA. With ``swiglu_limit``, gate is clamped to <= limit and up to [-limit, limit] first, for every
-    activation (GPT-OSS's clamp; DeepSeek-V4, GLM-5 and HunYuan-V4 clamp their SwiGLU the same way)."""
+    activation (GPT-OSS's clamp; DeepSeek-V4, GLM-5 and HunYuan-V4 clamp their SwiGLU the same way).
+    "softcap_swiglu" (Inkling2): cg tanh(gate / cg) * sigmoid(gate) * cu tanh(up / cu), (cg, cu) = ``softcaps``."""
     if interleaved:
         gate, up = gate_up[..., 0::2], gate_up[..., 1::2]
     else:
@@ -55,6 +57,9 @@ def gated_activation(gate_up: torch.Tensor, name: str, interleaved: bool = False
         up = up.clamp(min=-swiglu_limit, max=swiglu_limit)
     if name == "gpt_oss":
         return (up + 1) * (gate * torch.sigmoid(gate * GPT_OSS_ALPHA))
+    if name == "softcap_swiglu":
+        gate_cap, up_cap = softcaps
+        return (torch.tanh(gate / gate_cap) * gate_cap) * torch.sigmoid(gate) * (torch.tanh(up / up_cap) * up_cap)
     return apply_activation(gate, name) * up
 
 
@@ -119,7 +124,8 @@ def plan(ids: torch.Tensor, num_experts: int) -> Plan:
 def moe_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
             ids: torch.Tensor, activation: str = "silu", gate_up_bias: torch.Tensor | None = None,
             down_bias: torch.Tensor | None = None, interleaved: bool = False,
-            swiglu_limit: float | None = None, gated: bool = True) -> torch.Tensor:
+            swiglu_limit: float | None = None, gated: bool = True,
+            softcaps: tuple[float, float] | None = None) -> torch.Tensor:
     """y[t] = sum_j weights[t,j] * down_e(act(gate_e x_t) * up_e x_t), e = ids[t,j]. Loop over experts.
 
     gated=False: gate_up_proj is the up projection alone [E,I,H] and y[t] = sum_j weights[t,j] * down_e(act(up_e x_t))."""
@@ -127,7 +133,8 @@ def moe_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
         h = rows @ gate_up_proj[e].float().t()
         if gate_up_bias is not None:
             h = h + gate_up_bias[e].float()
-        act = gated_activation(h, activation, interleaved, swiglu_limit) if gated else apply_activation(h, activation)
+        act = (gated_activation(h, activation, interleaved, swiglu_limit, softcaps) if gated
+               else apply_activation(h, activation))
         y = act @ down_proj[e].float().t()
         if down_bias is not None:
             y = y + down_bias[e].float()

@@ -132,11 +132,13 @@ MLP_SHAPES = [
     (30, 16, 12, 8, 2, "skip_last"),
     (9, 7, 3, 11, 2, "random"),
 ]
-ACTIVATION_CASES = [  # (activation, interleaved, swiglu_limit, biases, gated)
-    ("silu", False, None, False, True), ("gelu", False, None, True, True), ("gelu_tanh", True, None, False, True),
-    ("relu", False, None, True, True), ("gpt_oss", True, 1.0, True, True), ("gpt_oss", False, None, False, True),
-    ("silu", False, 0.5, False, True),  # DeepSeek-V4's clamped SwiGLU
-    ("relu2", False, None, True, False),  # Nemotron-H: no gate, ReLU^2 (the first weight is [E, I, H])
+ACTIVATION_CASES = [  # (activation, interleaved, swiglu_limit, biases, gated, softcaps)
+    ("silu", False, None, False, True, None), ("gelu", False, None, True, True, None),
+    ("gelu_tanh", True, None, False, True, None), ("relu", False, None, True, True, None),
+    ("gpt_oss", True, 1.0, True, True, None), ("gpt_oss", False, None, False, True, None),
+    ("silu", False, 0.5, False, True, None),  # DeepSeek-V4's clamped SwiGLU
+    ("relu2", False, None, True, False, None),  # Nemotron-H: no gate, ReLU^2 (the first weight is [E, I, H])
+    ("softcap_swiglu", False, None, True, True, (0.8, 1.2)),  # Inkling2's soft caps, scaled down to bind
 ]
 
 
@@ -157,14 +159,15 @@ def mlp_problem(shape, dtype, biases, seed=0, device="cpu", gated=True):
 def check_mlp_against_oracle(path, shape, dtype, act_case, device="cpu"):
     """Runs `path` (the grouped op, or the cuda backend) and the oracle on the same inputs; outputs and every
     gradient within the README's tolerance."""
-    activation, interleaved, limit, biases, gated = act_case
+    activation, interleaved, limit, biases, gated, softcaps = act_case
     if limit is not None and dtype != torch.float32:
         limit = 7.0  # GPT-OSS's value; at 1.0 rounding to fp16/bf16 moves values across the clamp edge
     t, ids, grad = mlp_problem(shape, dtype, biases, device=device, gated=gated)
     b1, b2 = t.get("b1"), t.get("b2")
-    out = path(t["x"], t["gate_up"], t["down"], b1, b2, t["weights"], ids, activation, gated, interleaved, limit, 1.0)
+    out = path(t["x"], t["gate_up"], t["down"], b1, b2, t["weights"], ids, activation, gated, interleaved, limit, 1.0,
+               softcaps)
     ref = reference.moe_mlp(t["x"], t["gate_up"], t["down"], t["weights"], ids, activation, b1, b2, interleaved,
-                            limit, gated)
+                            limit, gated, softcaps)
     assert out.dtype == dtype and out.shape == t["x"].shape and out.device == t["x"].device
     assert_close_rel(out, ref, dtype, "output")
     names = list(t)
@@ -235,6 +238,12 @@ def native_opcheck_cases(*op_names):
         (ops.expert_mlp_backward, (torch.randn(T, H, generator=g), x.detach(), gate_up.detach(), down.detach(),
                                    None, b2.detach(), weights, *plan, torch.empty(0, 2 * I), "silu", True, False,
                                    None, 1.0)),
+        # Inkling2's soft-capped SwiGLU: the trailing gate_cap / up_cap arguments
+        (ops.expert_mlp_forward, (x, gate_up, down, b1, None, w, *plan, "softcap_swiglu", True, False, None, 1.0,
+                                  True, 0.8, 1.2)),
+        (ops.expert_mlp_backward, (torch.randn(T, H, generator=g), x.detach(), gate_up.detach(), down.detach(),
+                                   None, None, weights, *plan, torch.empty(0, 2 * I), "softcap_swiglu", True, False,
+                                   None, 1.0, 0.8, 1.2)),
     ]
     wanted = [getattr(ops, name) for name in op_names]
     return [(op, args) for op, args in cases if op in wanted]
@@ -305,7 +314,7 @@ def seeded_mlp_inputs(num_tokens, hidden, inter, num_experts, k, pattern, dtype=
 def check_native_mlp(path, act_case, shape, dtype):
     """The cpu backend's fused expert op (path "fused") or the cuda backend's composed expert path on CPU tensors
     (path "composed": native gather/combine + torch matmuls) against the oracle, outputs and every gradient."""
-    activation, interleaved, limit, biases, gated = act_case
+    activation, interleaved, limit, biases, gated, softcaps = act_case
     if limit is not None and dtype != torch.float32:
         limit = 7.0  # GPT-OSS's value; at 1.0, rounding to fp16/bf16 moves values across the clamp edge
     T, H, I, E, k, pattern = shape
@@ -322,11 +331,11 @@ def check_native_mlp(path, act_case, shape, dtype):
     if path == "fused":
         out = moe_kernels.moe_mlp(x, gate_up, down, weights, ids, activation=activation, gate_up_bias=b1,
                                   down_bias=b2, interleaved=interleaved, swiglu_limit=limit, gated=gated,
-                                  backend="cpu")
+                                  softcaps=softcaps, backend="cpu")
     else:
         out = native.composed_expert_mlp(x, gate_up, down, b1, b2, weights, ids, activation, gated, interleaved,
-                                         limit, 1.0)
-    ref = reference.moe_mlp(x, gate_up, down, weights, ids, activation, b1, b2, interleaved, limit, gated)
+                                         limit, 1.0, softcaps)
+    ref = reference.moe_mlp(x, gate_up, down, weights, ids, activation, b1, b2, interleaved, limit, gated, softcaps)
     assert out.dtype == dtype and out.shape == (T, H)
     assert_close_scaled(out, ref, dtype, "output")
     grad = torch.randn(T, H, generator=g).to(dtype)

@@ -54,6 +54,26 @@ def test_moe_mlp_bad_swiglu_limit(limit):
         moe_kernels.moe_mlp(x, gate_up, down, torch.ones(3, 1), ids, activation="gpt_oss", swiglu_limit=limit)
 
 
+@pytest.mark.parametrize("activation,softcaps,match", [
+    ("softcap_swiglu", None, "needs softcaps"),
+    ("softcap_swiglu", (1.0,), "pair"),
+    ("softcap_swiglu", (1.0, 0.0), "finite numbers > 0"),
+    ("softcap_swiglu", (float("inf"), 2.0), "finite numbers > 0"),
+    ("softcap_swiglu", (True, 2.0), "finite numbers > 0"),
+    ("silu", (1.0, 2.0), "softcap_swiglu only"),
+    ("softcap_swiglu", (1.0, 2.0, 7.0), "does not apply"),  # with swiglu_limit=7.0
+])
+def test_moe_mlp_bad_softcaps(activation, softcaps, match):
+    x, gate_up, down = torch.randn(3, 4), torch.randn(2, 8, 4), torch.randn(2, 4, 4)
+    ids = torch.zeros(3, 1, dtype=torch.int32)
+    limit = None
+    if softcaps is not None and len(softcaps) == 3:
+        *softcaps, limit = softcaps
+    with pytest.raises(ValueError, match=match):
+        moe_kernels.moe_mlp(x, gate_up, down, torch.ones(3, 1), ids, activation=activation, softcaps=softcaps,
+                            swiglu_limit=limit)
+
+
 def test_moe_mlp_device_mismatch():
     meta_w = torch.randn(E, 2 * I, H, device="meta")
     with pytest.raises(ValueError, match="gate_up_proj is on meta but x is on cpu"):

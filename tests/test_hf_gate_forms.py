@@ -28,8 +28,11 @@ FAMILIES = {
     "openai_privacy_filter": ("OpenAIPrivacyFilterConfig", "OpenAIPrivacyFilterExperts", "gpt_oss", False),
     "gpt_oss": ("GptOssConfig", "GptOssExperts", "gpt_oss", True),
     "beam": ("BeamConfig", "BeamExperts", "silu", False),  # act(gate) * up in fp32, no clamp
+    # act_fn(gate, up): Inkling2's soft-capped SwiGLU, caps small enough to bind (GATE_CAP, UP_CAP)
+    "inkling2": ("Inkling2TextConfig", "Inkling2Experts", "softcap_swiglu", False),
 }
 LIMIT = 0.5  # small enough that the clamp binds on the random pre-activations below
+GATE_CAP, UP_CAP = 1.0, 1.5  # Inkling2's soft caps (defaults 4 and 25), small enough to bind here
 
 
 def _experts(model_type: str):
@@ -41,7 +44,7 @@ def _experts(model_type: str):
         pytest.skip(f"this transformers has no {model_type}")
     config = getattr(config_module, config_name)(
         hidden_size=32, intermediate_size=16, moe_intermediate_size=16, num_local_experts=8, n_routed_experts=8,
-        num_experts=8, num_experts_per_tok=2, swiglu_limit=LIMIT)
+        num_experts=8, num_experts_per_tok=2, swiglu_limit=LIMIT, mlp_gate_softcap=GATE_CAP, mlp_up_softcap=UP_CAP)
     experts = getattr(model_module, experts_name)(config)
     form = gate_form(type(experts))
     if form.limit_attribute is not None:
@@ -60,6 +63,7 @@ def test_gate_form_is_recognised(model_type):
     info = describe_experts(experts)
     limit = LIMIT if gate_form(type(experts)).limit_attribute else None
     assert (info["activation"], info["interleaved"], info["swiglu_limit"]) == (activation, interleaved, limit)
+    assert info["softcaps"] == ((GATE_CAP, UP_CAP) if activation == "softcap_swiglu" else None)
     row = next(r for r in families_table() if r["model_type"] == model_type)
     assert row["status"] != "unsupported", row
 
@@ -84,6 +88,12 @@ def test_experts_match_transformers(model_type, backend):
                           torch.autograd.grad(got, leaves, grad), torch.autograd.grad(want, leaves, grad)):
         assert_close_rel(a, b, torch.float32, f"{model_type} grad {name}", factor=5.0)
 
+    if info_caps := describe_experts(experts)["softcaps"]:  # the soft caps bind here, as the clamp below does
+        experts.act_fn.gate_softcap.softcap = experts.act_fn.up_softcap.softcap = 1e9
+        with torch.no_grad():
+            uncapped = experts(x, ids, weights)
+        assert (uncapped - want).norm() > 1e-2 * want.norm(), info_caps
+        return
     # the clamp binds here: without it, transformers' own output changes
     if gate_form(type(experts)).limit_attribute is None:
         return
@@ -143,6 +153,25 @@ class _Recognised:
         return F.silu(gate) * up  # noqa: F821
 
 
+def test_softcap_description_follows_the_caps_and_refuses_other_pair_activations():
+    """The cached description is keyed on the caps (they live on act_fn's submodules); an act_fn(gate, up) module
+    of another kind is refused by name."""
+    from moe_kernels.hf.experts import _cached_description
+
+    experts = _experts("inkling2")
+    assert _cached_description(experts)["softcaps"] == (GATE_CAP, UP_CAP)
+    experts.act_fn.up_softcap.softcap = 3.0
+    assert _cached_description(experts)["softcaps"] == (GATE_CAP, 3.0)
+
+    class OtherPair(torch.nn.Module):
+        def forward(self, gate, up):
+            return gate * up
+
+    experts.act_fn = OtherPair()
+    with pytest.raises(UnsupportedExpertsError, match="OtherPair"):
+        describe_experts(experts)
+
+
 def test_unknown_gates_stay_custom():
     assert gate_form(_Recognised) == GateForm("act", limit_attribute="swiglu_limit", act_fn=False)
     for cls in (_ExtraExpression, _OtherActivation, _TwoLimits, _OneSidedUp, _OtherOffset):
@@ -158,7 +187,7 @@ def test_a_limit_that_is_not_a_finite_number_is_refused():
     assert describe_experts(experts)["swiglu_limit"] is None
 
 
-@pytest.mark.parametrize("model_type", ["deepseek_v4", "minimax_m3_vl"])
+@pytest.mark.parametrize("model_type", ["deepseek_v4", "minimax_m3_vl", "inkling2"])
 def test_recognised_gates_trace_under_torch_compile(model_type):
     """The gate is read from source once per class (cached); a compiled forward of a fresh class traces it whole."""
     experts = _experts(model_type)

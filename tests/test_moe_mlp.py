@@ -65,6 +65,9 @@ def test_moe_mlp_matches_oracle(backend, shape, dtype):
         assert_close_rel(g, r, dtype, f"grad {name}", factor=2.0)
 
 
+SOFTCAPS = (0.8, 1.2)  # Inkling2's soft caps scaled down so they bind on these inputs
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("activation,interleaved,bias,limit", [
     ("gelu", False, False, None), ("gelu_tanh", False, True, None), ("relu", True, False, None),
@@ -72,11 +75,13 @@ def test_moe_mlp_matches_oracle(backend, shape, dtype):
     ("gpt_oss", False, False, 0.6),  # MiniMax-M3-VL: the same gate on concatenated halves
     ("silu", False, False, 0.5),     # DeepSeek-V4 / GLM-5 / HunYuan-V4: clamped SwiGLU
     ("gelu", True, True, 0.4),       # the clamp with any activation
+    ("softcap_swiglu", False, True, None),  # Inkling2
 ])
 def test_moe_mlp_activations_and_layouts(backend, activation, interleaved, bias, limit):
     x, gate_up, down, weights, ids, (gub, db) = _mlp_inputs(11, 24, 16, 5, 2, "random", torch.float32, bias=bias,
                                                             device=device_for(backend))
-    kwargs = dict(activation=activation, interleaved=interleaved, swiglu_limit=limit)
+    kwargs = dict(activation=activation, interleaved=interleaved, swiglu_limit=limit,
+                  softcaps=SOFTCAPS if activation == "softcap_swiglu" else None)
     leaves = [t.requires_grad_(True) for t in (x, gate_up, down, weights)]
     bias_leaves = [b.requires_grad_(True) for b in (gub, db) if b is not None]
     out = moe_kernels.moe_mlp(*leaves, ids, gate_up_bias=gub, down_bias=db, backend=backend, **kwargs)
@@ -103,8 +108,10 @@ def test_moe_mlp_property(backend):
         x = torch.randn(num_tokens, hidden, generator=g).to(device, dtype)
         gate_up = (torch.randn(num_experts, 2 * inter, hidden, generator=g) / hidden ** 0.5).to(device, dtype)
         down = (torch.randn(num_experts, hidden, inter, generator=g) / inter ** 0.5).to(device, dtype)
-        out = moe_kernels.moe_mlp(x, gate_up, down, weights, ids, activation=activation, backend=backend)
-        ref = reference.moe_mlp(x.float(), gate_up.float(), down.float(), weights, ids, activation=activation)
+        caps = dict(softcaps=SOFTCAPS) if activation == "softcap_swiglu" else {}
+        out = moe_kernels.moe_mlp(x, gate_up, down, weights, ids, activation=activation, backend=backend, **caps)
+        ref = reference.moe_mlp(x.float(), gate_up.float(), down.float(), weights, ids, activation=activation,
+                                **caps)
         assert out.dtype == dtype and out.shape == x.shape
         # relative error means nothing where the output sits near fp16's subnormal range (a hypothesis
         # example with outputs of ~3e-5 failed on rounding alone): compare where it is well inside the normals
@@ -212,7 +219,7 @@ def test_cpu_moe_mlp_transposed_weight_views():
 
 
 @needs_native
-@pytest.mark.parametrize("case", range(3))
+@pytest.mark.parametrize("case", range(5))
 def test_native_expert_ops_opcheck(case):
     op, args = native_opcheck_cases("expert_mlp_forward", "expert_mlp_backward")[case]
     torch.library.opcheck(op, args)
@@ -268,7 +275,7 @@ def _check_triton_mlp(inputs, dtype, activation="silu", interleaved=False, swigl
               for t in (x, gate_up, down, weights, gate_up_bias, down_bias)]
     x, gate_up, down, weights, gate_up_bias, down_bias = leaves
     kwargs = dict(activation=activation, gate_up_bias=gate_up_bias, down_bias=down_bias, interleaved=interleaved,
-                  swiglu_limit=swiglu_limit)
+                  swiglu_limit=swiglu_limit, softcaps=SOFTCAPS if activation == "softcap_swiglu" else None)
     y = moe_kernels.moe_mlp(x, gate_up, down, weights, ids, backend="triton", **kwargs)
     want = reference.moe_mlp(x, gate_up, down, weights, ids, **kwargs)
     assert y.dtype == x.dtype and y.shape == x.shape
@@ -304,6 +311,7 @@ def test_triton_moe_mlp_low_precision(dtype, shape):
     ("gpt_oss", True, True, 0.7, True),     # GPT-OSS: transposed storage, interleaved, biases, clamp
     ("gpt_oss", False, False, None, False),
     ("silu", False, True, 0.5, False),      # DeepSeek-V4's clamped SwiGLU
+    ("softcap_swiglu", False, True, None, True),  # Inkling2's soft-capped SwiGLU
 ])
 def test_triton_moe_mlp_activations_layouts_biases(activation, interleaved, bias, limit, transposed):
     inputs = seeded_mlp_inputs(10, 24, 16, 5, 2, "skip_last", bias=bias, transposed=transposed)
@@ -314,6 +322,12 @@ def test_triton_moe_mlp_activations_layouts_biases(activation, interleaved, bias
 def test_triton_moe_mlp_bf16_gpt_oss():
     inputs = seeded_mlp_inputs(8, 32, 16, 4, 2, "random", dtype=torch.bfloat16, bias=True, transposed=True)
     _check_triton_mlp(inputs, torch.bfloat16, "gpt_oss", True, 0.7)
+
+
+@needs_triton
+def test_triton_moe_mlp_bf16_softcap_swiglu():
+    inputs = seeded_mlp_inputs(8, 32, 16, 4, 2, "random", dtype=torch.bfloat16, bias=True)
+    _check_triton_mlp(inputs, torch.bfloat16, "softcap_swiglu")
 
 
 @needs_triton
@@ -368,37 +382,41 @@ def test_triton_moe_mlp_is_deterministic():
         assert torch.equal(a, b)
 
 
-def _op_inputs(pattern, gated):
-    """seeded_mlp_inputs with I = 16; without a gate the first weight (and its bias) keeps its first I rows."""
+# The three forms the registered ops take: SwiGLU, no gate (ReLU^2), Inkling2's soft-capped SwiGLU (float[] caps).
+OP_FORMS = {"silu": (True, None), "relu2": (False, None), "softcap_swiglu": (True, [0.8, 1.2])}
+
+
+def _op_inputs(pattern, activation):
+    """seeded_mlp_inputs with I = 16; without a gate the first weight (and its bias) keeps its first I rows.
+    Returns the op's tensor inputs and (activation, interleaved, swiglu_limit, gated, softcaps)."""
+    gated, softcaps = OP_FORMS[activation]
     x, gate_up, down, weights, ids, gate_up_bias, down_bias = seeded_mlp_inputs(5, 16, 16, 3, 2, pattern, bias=True)
     if not gated:
         gate_up, gate_up_bias = gate_up[:, :16].contiguous(), gate_up_bias[:, :16].contiguous()
-    return x, gate_up, down, weights, ids, gate_up_bias, down_bias, ("silu" if gated else "relu2")
+    return (x, gate_up, down, weights, ids, gate_up_bias, down_bias), (activation, False, None, gated, softcaps)
 
 
 @needs_triton
-@pytest.mark.parametrize("gated", [True, False])
-def test_triton_moe_mlp_op_passes_opcheck(gated):
+@pytest.mark.parametrize("activation", list(OP_FORMS))
+def test_triton_moe_mlp_op_passes_opcheck(activation):
     from moe_kernels.triton.experts import moe_mlp_forward_op
-    x, gate_up, down, weights, ids, gate_up_bias, down_bias, activation = _op_inputs("random", gated)
-    for t in (x, gate_up, down, weights):
+    tensors, options = _op_inputs("random", activation)
+    for t in tensors[:4]:
         t.requires_grad_()
-    torch.library.opcheck(moe_mlp_forward_op, (x, gate_up, down, weights, ids, gate_up_bias, down_bias, activation,
-                                               False, None, gated, True))
+    torch.library.opcheck(moe_mlp_forward_op, (*tensors, *options, True))
 
 
 @needs_triton
-@pytest.mark.parametrize("gated", [True, False])
-def test_triton_moe_mlp_backward_op_passes_opcheck(gated):
+@pytest.mark.parametrize("activation", list(OP_FORMS))
+def test_triton_moe_mlp_backward_op_passes_opcheck(activation):
     from moe_kernels.triton.experts import moe_mlp_backward_op, moe_mlp_forward_op
-    x, gate_up, down, weights, ids, gate_up_bias, down_bias, activation = _op_inputs("skip_last", gated)
-    _, pre, expert_offsets, sorted_slots, tiles = moe_mlp_forward_op(x, gate_up, down, weights, ids, gate_up_bias,
-                                                                     down_bias, activation, False, None, gated, True)
+    tensors, options = _op_inputs("skip_last", activation)
+    x, gate_up, ids = tensors[0], tensors[1], tensors[4]
+    _, pre, expert_offsets, sorted_slots, tiles = moe_mlp_forward_op(*tensors, *options, True)
     assert pre.shape == (ids.numel(), gate_up.shape[1])  # [N, 2I] gated, [N, I] without a gate
     for need_x, need_params in ((True, True), (False, True), (True, False)):
-        torch.library.opcheck(moe_mlp_backward_op, (torch.randn_like(x), x, gate_up, down, weights, ids, gate_up_bias,
-                                                    down_bias, pre, expert_offsets, sorted_slots, tiles, activation,
-                                                    False, None, gated, need_x, need_params))
+        torch.library.opcheck(moe_mlp_backward_op, (torch.randn_like(x), *tensors, pre, expert_offsets, sorted_slots,
+                                                    tiles, *options, need_x, need_params))
 
 
 @needs_triton
@@ -408,7 +426,7 @@ def test_triton_moe_mlp_ops_are_not_differentiable_alone():
     from moe_kernels.triton.experts import moe_mlp_forward_op
     x, gate_up, down, weights, ids, _, _ = seeded_mlp_inputs(4, 16, 16, 3, 2, "random")
     x.requires_grad_()
-    y = moe_mlp_forward_op(x, gate_up, down, weights, ids, None, None, "silu", False, None, True, True)[0]
+    y = moe_mlp_forward_op(x, gate_up, down, weights, ids, None, None, "silu", False, None, True, None, True)[0]
     assert not y.requires_grad
     with pytest.raises(RuntimeError, match="does not require grad"):
         y.sum().backward()
@@ -441,20 +459,21 @@ def test_triton_torch_compile_fullgraph_route_and_moe_mlp():
 
 
 @needs_triton
-@pytest.mark.parametrize("gated", [True, False])
-def test_triton_moe_mlp_decode_op_passes_opcheck(gated):
+@pytest.mark.parametrize("activation", list(OP_FORMS))
+def test_triton_moe_mlp_decode_op_passes_opcheck(activation):
     from moe_kernels.triton.experts import moe_mlp_decode_op
-    x, gate_up, down, weights, ids, gate_up_bias, down_bias, activation = _op_inputs("random", gated)
+    (x, gate_up, down, weights, ids, gate_up_bias, down_bias), options = _op_inputs("random", activation)
     torch.library.opcheck(moe_mlp_decode_op, (x[:3], gate_up, down, weights[:3], ids[:3], gate_up_bias, down_bias,
-                                              activation, False, None, gated))
+                                              *options))
 
 
 # ------------------------------------------------------- cuda backend (the grouped expert path on CUDA tensors)
 
-def _cuda_backend_mlp(x, w1, w2, b1, b2, weights, ids, activation, gated, interleaved, limit, scale):
+def _cuda_backend_mlp(x, w1, w2, b1, b2, weights, ids, activation, gated, interleaved, limit, scale, softcaps=None):
     """The public op on the cuda backend (validation, plan, the expert path the backend picks)."""
     return moe_kernels.moe_mlp(x, w1, w2, weights, ids, activation=activation, gate_up_bias=b1, down_bias=b2,
-                               interleaved=interleaved, swiglu_limit=limit, backend="cuda")
+                               interleaved=interleaved, swiglu_limit=limit, gated=gated, softcaps=softcaps,
+                               backend="cuda")
 
 
 @needs_cuda_kernels

@@ -97,12 +97,17 @@ def test_python_modules_use_the_spec():
         assert adapters.ACTIVATION_CODES is spec.ACTIVATION_CODES
 
 
+# The parameters a gated activation needs (given exactly to those in spec.SOFTCAP_ACTIVATIONS), small enough to bind.
+GATED_PARAMS = {"softcap_swiglu": dict(softcaps=(0.8, 1.2))}
+
+
 def test_reference_implements_every_activation():
     x = torch.linspace(-3, 3, 16).reshape(2, 8)
     for name in spec.ADAPTER_ACTIVATIONS:
         assert reference.apply_activation(x, name).shape == x.shape
+    assert set(GATED_PARAMS) == set(spec.SOFTCAP_ACTIVATIONS)
     for name in spec.GATED_ACTIVATIONS:
-        assert reference.gated_activation(x, name).shape == (2, 4)
+        assert reference.gated_activation(x, name, **GATED_PARAMS.get(name, {})).shape == (2, 4)
 
 
 # ---------------------------------------------------------------------------------------------- backends
@@ -147,7 +152,7 @@ def test_every_gated_activation_runs_on_every_backend(backend, activation):
 
     def run(which):
         return lambda x, gu, d, w: moe_kernels.moe_mlp(x, gu, d, w, ids, activation=activation, swiglu_limit=limit,
-                                                       backend=which)
+                                                       backend=which, **GATED_PARAMS.get(activation, {}))
 
     _assert_matches_oracle(run, backend, {"x": x, "gate_up_proj": gate_up, "down_proj": down, "weights": weights},
                            f"{backend} {activation}")

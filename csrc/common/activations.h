@@ -9,7 +9,9 @@
 namespace moe_kernels {
 namespace act {
 
-enum Activation : int { kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3, kIdentity = 4, kGptOss = 5, kRelu2 = 6 };
+enum Activation : int {
+  kSilu = 0, kGelu = 1, kGeluTanh = 2, kRelu = 3, kIdentity = 4, kGptOss = 5, kRelu2 = 6, kSoftcapSwiglu = 7
+};
 
 constexpr float kGptOssAlpha = 1.702f;  // reference.GPT_OSS_ALPHA
 constexpr float kSqrtHalf = 0.70710678118654752440f;
@@ -18,13 +20,16 @@ constexpr float kSqrt2OverPi = 0.79788456080286535588f;
 constexpr float kGeluTanhKappa = 0.044715f;
 
 // The activation of one call: Activation code, gated (moe_mlp) or plain (adapter_moe), the gated
-// layout (gate rows then up rows, or interleaved gate/up), the optional clamp limit of gated ones.
+// layout (gate rows then up rows, or interleaved gate/up), the optional clamp limit of gated ones, and the
+// soft caps of kSoftcapSwiglu (Inkling2: gate_cap tanh(g / gate_cap) * sigmoid(g) * up_cap tanh(u / up_cap)).
 struct ActSpec {
   int code;
   bool gated;
   bool interleaved;
   bool has_limit;
   float limit;
+  float gate_cap;
+  float up_cap;
 };
 
 // Columns of the pre-activation row read for output column i (half = width of the activation output).
@@ -67,7 +72,14 @@ MOE_HOST_DEVICE inline float derivative(int a, float x) {
 
 // Gated: act(gate) * up, or GPT-OSS's (up + 1) * g * sigmoid(1.702 g), g = gate. With a limit, first
 // gate = min(gate, limit) and up = clamp(up, -limit, limit), for every activation (moe_kernels/reference.py).
-MOE_HOST_DEVICE inline float gated_forward(int a, float gate, float up, bool has_limit, float limit) {
+// kSoftcapSwiglu: s.gate_cap tanh(gate / s.gate_cap) * sigmoid(gate) * s.up_cap tanh(up / s.up_cap).
+MOE_HOST_DEVICE inline float gated_forward(const ActSpec& s, float gate, float up) {
+  const int a = s.code;
+  if (a == kSoftcapSwiglu) {
+    return s.gate_cap * tanhf(gate / s.gate_cap) * sigmoid(gate) * (s.up_cap * tanhf(up / s.up_cap));
+  }
+  const bool has_limit = s.has_limit;
+  const float limit = s.limit;
   if (has_limit) {
     gate = gate < limit ? gate : limit;
     up = up < -limit ? -limit : (up > limit ? limit : up);
@@ -78,8 +90,20 @@ MOE_HOST_DEVICE inline float gated_forward(int a, float gate, float up, bool has
 
 // Gradients of gated_forward w.r.t. gate and up, given the output gradient `grad`; also returns the
 // forward value (the backward needs both).
-MOE_HOST_DEVICE inline float gated_backward(int a, float gate, float up, bool has_limit, float limit, float grad,
-                                            float* grad_gate, float* grad_up) {
+MOE_HOST_DEVICE inline float gated_backward(const ActSpec& s, float gate, float up, float grad, float* grad_gate,
+                                            float* grad_up) {
+  const int a = s.code;
+  if (a == kSoftcapSwiglu) {
+    const float tg = tanhf(gate / s.gate_cap), tu = tanhf(up / s.up_cap);
+    const float sg = sigmoid(gate);
+    const float capped_gate = s.gate_cap * tg, capped_up = s.up_cap * tu;
+    // d/dg [cg tanh(g/cg) sigmoid(g)] = (1 - tanh^2) sigmoid + cg tanh sigmoid (1 - sigmoid)
+    *grad_gate = grad * capped_up * ((1.0f - tg * tg) * sg + capped_gate * sg * (1.0f - sg));
+    *grad_up = grad * capped_gate * sg * (1.0f - tu * tu);
+    return capped_gate * sg * capped_up;
+  }
+  const bool has_limit = s.has_limit;
+  const float limit = s.limit;
   // torch's clamp passes the gradient where min <= x <= max.
   const bool gate_passes = !has_limit || gate <= limit;
   const bool up_passes = !has_limit || (up >= -limit && up <= limit);

@@ -59,7 +59,7 @@ MOE_HOST_DEVICE inline float act_forward_column(const ActSpec& s, const T* pre, 
       keep[gc] = static_cast<T>(g);
       keep[uc] = static_cast<T>(u);
     }
-    return act::gated_forward(s.code, g, u, s.has_limit, s.limit);
+    return act::gated_forward(s, g, u);
   }
   float v = static_cast<float>(pre[i]);
   if (bias != nullptr) v = static_cast<float>(static_cast<T>(v + bias[i]));
@@ -81,8 +81,8 @@ MOE_HOST_DEVICE inline float act_backward_column(const ActSpec& s, const T* pre,
   if (s.gated) {
     const int64_t gc = gate_column(s, i), uc = up_column(s, i, half);
     float grad_gate, grad_up;
-    const float a = act::gated_backward(s.code, static_cast<float>(pre[gc]), static_cast<float>(pre[uc]),
-                                        s.has_limit, s.limit, upstream, &grad_gate, &grad_up);
+    const float a = act::gated_backward(s, static_cast<float>(pre[gc]), static_cast<float>(pre[uc]), upstream,
+                                        &grad_gate, &grad_up);
     grad_pre[gc] = static_cast<T>(grad_gate);
     grad_pre[uc] = static_cast<T>(grad_up);
     return a;

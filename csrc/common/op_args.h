@@ -44,10 +44,12 @@ inline RouteParams make_params(int64_t num_experts, int64_t k, bool use_sigmoid,
 
 namespace act {
 
-// The ActSpec of an expert op's (activation, gated, interleaved, limit); names as moe_kernels/spec.py.
+// The ActSpec of an expert op's (activation, gated, interleaved, limit, soft caps); names as moe_kernels/spec.py.
+// gate_cap / up_cap: > 0 for softcap_swiglu, 0 (none) for every other activation.
 inline ActSpec parse_activation(const std::string& name, bool gated, bool interleaved,
-                                const std::optional<double>& limit) {
-  ActSpec spec{0, gated, interleaved, limit.has_value(), limit.has_value() ? static_cast<float>(*limit) : 0.f};
+                                const std::optional<double>& limit, double gate_cap = 0.0, double up_cap = 0.0) {
+  ActSpec spec{0, gated, interleaved, limit.has_value(), limit.has_value() ? static_cast<float>(*limit) : 0.f,
+               static_cast<float>(gate_cap), static_cast<float>(up_cap)};
   if (name == "silu") spec.code = act::kSilu;
   else if (name == "gelu") spec.code = act::kGelu;
   else if (name == "gelu_tanh") spec.code = act::kGeluTanh;
@@ -55,7 +57,15 @@ inline ActSpec parse_activation(const std::string& name, bool gated, bool interl
   else if (name == "relu2" && !gated) spec.code = act::kRelu2;
   else if (name == "identity" && !gated) spec.code = act::kIdentity;
   else if (name == "gpt_oss" && gated) spec.code = act::kGptOss;
+  else if (name == "softcap_swiglu" && gated) spec.code = act::kSoftcapSwiglu;
   else TORCH_CHECK(false, "unknown ", gated ? "gated" : "adapter", " activation '", name, "'");
+  if (spec.code == act::kSoftcapSwiglu) {
+    TORCH_CHECK(gate_cap > 0.0 && up_cap > 0.0, "softcap_swiglu needs gate_cap > 0 and up_cap > 0, got ", gate_cap,
+                ", ", up_cap);
+    TORCH_CHECK(!limit.has_value(), "softcap_swiglu takes no clamp limit");
+  } else {
+    TORCH_CHECK(gate_cap == 0.0 && up_cap == 0.0, "gate_cap / up_cap apply to softcap_swiglu only");
+  }
   return spec;
 }
 

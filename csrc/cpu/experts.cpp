@@ -83,7 +83,7 @@ void activation_forward(scalar_t* pre, Block layout, int64_t n, int64_t M2, cons
             gate[r * rs] = static_cast<scalar_t>(g);
             up[r * rs] = static_cast<scalar_t>(u);
           }
-          out[r * M2 + i] = static_cast<scalar_t>(act::gated_forward(spec.code, g, u, spec.has_limit, spec.limit));
+          out[r * M2 + i] = static_cast<scalar_t>(act::gated_forward(spec, g, u));
         }
       } else {
         const float bias = b1 ? b1[i] : 0.0f;
@@ -120,8 +120,7 @@ void activation_backward(const scalar_t* pre, Block layout, scalar_t* u, const s
           const int64_t gc = gate_column(spec, i), uc = up_column(spec, i, M2);
           const float ui = u_row[i];
           float grad_gate, grad_up;
-          const float a = act::gated_backward(spec.code, pre_row[gc * cs], pre_row[uc * cs], spec.has_limit, spec.limit, w * ui,
-                                              &grad_gate, &grad_up);
+          const float a = act::gated_backward(spec, pre_row[gc * cs], pre_row[uc * cs], w * ui, &grad_gate, &grad_up);
           gp_row[gc] = static_cast<scalar_t>(grad_gate);
           gp_row[uc] = static_cast<scalar_t>(grad_up);
           dot += ui * a;
@@ -228,9 +227,9 @@ struct Call {
 Call prepare_call(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const std::optional<at::Tensor>& b1,
                   const std::optional<at::Tensor>& b2, const at::Tensor& weights, const at::Tensor& expert_offsets,
                   const at::Tensor& sorted_slots, const at::Tensor& slot_positions, c10::string_view activation,
-                  bool gated, bool interleaved, const std::optional<double>& limit) {
+                  bool gated, bool interleaved, const std::optional<double>& limit, double gate_cap, double up_cap) {
   Call c;
-  c.spec = parse_activation(std::string(activation), gated, interleaved, limit);
+  c.spec = parse_activation(std::string(activation), gated, interleaved, limit, gate_cap, up_cap);
   c.x = x.contiguous();
   c.weights = weights.contiguous();
   c.sorted_slots = sorted_slots.contiguous();
@@ -362,10 +361,10 @@ std::tuple<at::Tensor, at::Tensor> expert_mlp_forward(
     const at::Tensor& x_in, const at::Tensor& w1, const at::Tensor& w2, const std::optional<at::Tensor>& b1,
     const std::optional<at::Tensor>& b2, const at::Tensor& weights_in, const at::Tensor& expert_offsets,
     const at::Tensor& sorted_slots_in, const at::Tensor& slot_positions_in, c10::string_view activation, bool gated,
-    bool interleaved, std::optional<double> limit, double scale, bool keep_hidden) {
+    bool interleaved, std::optional<double> limit, double scale, bool keep_hidden, double gate_cap, double up_cap) {
   const auto [spec, x, weights, sorted_slots, slot_positions, s, off, max_rows] =
       prepare_call(x_in, w1, w2, b1, b2, weights_in, expert_offsets, sorted_slots_in, slot_positions_in, activation,
-                   gated, interleaved, limit);
+                   gated, interleaved, limit, gate_cap, up_cap);
   if (!keep_hidden && !spec.gated && !b1.has_value() && !b2.has_value() && s.E * s.M1 <= kDenseAdapterMaxColumns) {
     at::Tensor dense_out;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "expert_mlp_forward_cpu", [&] {
@@ -462,10 +461,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const std::optional<at::Tensor>& b1, const std::optional<at::Tensor>& b2, const at::Tensor& weights_in,
     const at::Tensor& expert_offsets, const at::Tensor& sorted_slots_in, const at::Tensor& slot_positions_in,
     const at::Tensor& hidden, c10::string_view activation, bool gated, bool interleaved, std::optional<double> limit,
-    double scale) {
+    double scale, double gate_cap, double up_cap) {
   const auto [spec, x, weights, sorted_slots, slot_positions, s, off, max_rows] =
       prepare_call(x_in, w1, w2, b1, b2, weights_in, expert_offsets, sorted_slots_in, slot_positions_in, activation,
-                   gated, interleaved, limit);
+                   gated, interleaved, limit, gate_cap, up_cap);
   check_cpu(grad_out, "grad_out", 2);
   TORCH_CHECK(grad_out.size(0) == s.T && grad_out.size(1) == s.H, "grad_out must be [T, H]");
   check_cpu(hidden, "hidden", 2);

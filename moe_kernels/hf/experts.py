@@ -90,13 +90,40 @@ _GATE_TAILS = {
     # act(gate) * up: the module's act_fn or SiLU, in the input dtype or in fp32 (Beam), which the kernels use anyway
     "act": r"return (?:(?P<act>self\.act_fn|F\.silu)\(gate\) \* up"
            r"|\((?P<act32>self\.act_fn)\(gate\.float\(\)\) \* up\.float\(\)\)\.to\(gate\.dtype\))",
+    # the module's act_fn takes both halves (Inkling2's soft-capped SwiGLU; softcap_caps reads which one it is)
+    "act_pair": r"return self\.act_fn\(gate, up\)",
 }
+# Inkling2's SoftcappedSwiGLU.forward and its Softcap.forward, as normalised_source writes them
+_SOFTCAP_SWIGLU_FORWARD = (r"def forward\(self, gate(?:: torch\.Tensor)?, up(?:: torch\.Tensor)?\)(?: -> torch\.Tensor)?: "
+                           r"input_dtype = gate\.dtype gate, up = gate\.float\(\), up\.float\(\) "
+                           r"return \(self\.gate_softcap\(gate\) \* torch\.sigmoid\(gate\) \* "
+                           r"self\.up_softcap\(up\)\)\.to\(input_dtype\)")
+_SOFTCAP_FORWARD = (r"def forward\(self, hidden_states(?:: torch\.Tensor)?\)(?: -> torch\.Tensor)?: "
+                    r"return torch\.tanh\(hidden_states / self\.softcap\) \* self\.softcap")
+
+
+def softcap_caps(act_fn: nn.Module) -> tuple[float, float] | None:
+    """(gate_cap, up_cap) when ``act_fn`` computes Inkling2's soft-capped SwiGLU (read from its class's source),
+    else None."""
+    source = normalised_source(type(act_fn).forward)
+    if not source or not re.fullmatch(_SOFTCAP_SWIGLU_FORWARD, source):
+        return None
+    caps = []
+    for name in ("gate_softcap", "up_softcap"):
+        cap_module = getattr(act_fn, name, None)
+        cap_source = normalised_source(type(cap_module).forward) if isinstance(cap_module, nn.Module) else None
+        cap = getattr(cap_module, "softcap", None)
+        if not cap_source or not re.fullmatch(_SOFTCAP_FORWARD, cap_source) or type(cap) not in (int, float):
+            return None
+        caps.append(float(cap))
+    return caps[0], caps[1]
 
 
 @dataclass(frozen=True)
 class GateForm:
     """How an experts class gates: ``kind`` "act" (act(gate) * up: transformers' default ``_apply_gate`` or a
-    recognised copy), "gpt_oss" (GPT-OSS's SwiGLU) or "custom" (unrecognised); the split of the pre-activation
+    recognised copy), "gpt_oss" (GPT-OSS's SwiGLU), "act_pair" (``self.act_fn(gate, up)``: a two-input activation
+    module, see :func:`softcap_caps`) or "custom" (unrecognised); the split of the pre-activation
     (``interleaved`` rows or concatenated halves); the attributes holding the clamp limit (None: no clamp) and
     GPT-OSS's alpha; ``act_fn``: whether the activation is the module's ``act_fn`` (else SiLU, written in the
     source)."""
@@ -122,7 +149,7 @@ def gate_form(experts_class: type) -> GateForm:
             return GateForm(kind, interleaved=match.group("interleaved") is not None,
                             limit_attribute=match.group("limit"),
                             alpha_attribute=match.group("alpha") if kind == "gpt_oss" else None,
-                            act_fn=kind == "gpt_oss" or match.group("act") != "F.silu")
+                            act_fn=kind != "act" or match.group("act") != "F.silu")
     return GateForm("custom")
 
 
@@ -141,7 +168,7 @@ def describe_experts(module: nn.Module) -> dict:
     form = gate_form(type(module))
     is_concatenated = getattr(module, "is_concatenated", True)
     info = {"transposed": bool(getattr(module, "is_transposed", False)), "bias": bool(module.has_bias),
-            "has_gate": bool(module.has_gate), "swiglu_limit": None, "interleaved": False}
+            "has_gate": bool(module.has_gate), "swiglu_limit": None, "interleaved": False, "softcaps": None}
     if not module.has_gate:
         info.update(activation=activation_name(module.act_fn))
         return info
@@ -153,6 +180,16 @@ def describe_experts(module: nn.Module) -> dict:
         raise UnsupportedExpertsError(
             f"{name}: its _apply_gate splits gate/up {'interleaved' if form.interleaved else 'in halves'} but "
             f"is_concatenated={is_concatenated}")
+    if form.kind == "act_pair":
+        caps = softcap_caps(module.act_fn)
+        if caps is None:
+            raise UnsupportedExpertsError(
+                f"{name}: its _apply_gate calls act_fn(gate, up) with {type(module.act_fn).__name__}, which "
+                "moe_kernels does not know (it runs Inkling2's soft-capped SwiGLU)")
+        info.update(activation="softcap_swiglu", softcaps=caps, interleaved=form.interleaved)
+        if form.limit_attribute is not None:
+            raise UnsupportedExpertsError(f"{name}: a clamp before the soft-capped SwiGLU is not supported")
+        return info
     if form.kind == "gpt_oss":
         alpha = float(getattr(module, form.alpha_attribute, GPT_OSS_ALPHA))
         if abs(alpha - GPT_OSS_ALPHA) > 1e-12:
@@ -198,6 +235,12 @@ def _description_key(module: nn.Module) -> tuple | None:
         if type(value) not in _PLAIN:
             return None
         key.append(value)
+    if form.kind == "act_pair":  # the soft caps live on act_fn's submodules
+        for name in ("gate_softcap", "up_softcap"):
+            value = getattr(getattr(act_fn, name, None), "softcap", None)
+            if type(value) not in _PLAIN:
+                return None
+            key.append(value)
     return tuple(key)
 
 
@@ -258,7 +301,7 @@ def moe_kernels_experts_forward(self: nn.Module, hidden_states: torch.Tensor, to
     out = moe_kernels.moe_mlp(
         x, gate_up_proj, down_proj, weights, top_k_index, activation=info["activation"],
         gate_up_bias=gate_up_bias, down_bias=down_bias, interleaved=info["interleaved"],
-        swiglu_limit=info["swiglu_limit"], gated=gated, backend=backend)
+        swiglu_limit=info["swiglu_limit"], gated=gated, softcaps=info["softcaps"], backend=backend)
     return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
 
 
@@ -272,4 +315,4 @@ def register() -> None:
 register()
 
 __all__ = ["EXPERTS_IMPLEMENTATION", "UnsupportedExpertsError", "GateForm", "activation_name", "describe_experts", "gate_form",
-           "moe_kernels_experts_forward", "normalised_source", "register"]
+           "moe_kernels_experts_forward", "normalised_source", "register", "softcap_caps"]

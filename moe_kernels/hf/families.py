@@ -34,10 +34,10 @@ from .routers import match_variant
 # Families with a whole-model parity suite in integration/test_hf_families.py.
 PARITY_TESTED = frozenset({"mixtral", "minimax", "qwen2_moe", "qwen3_moe", "olmoe", "flex_olmo", "deepseek_v3",
                            "glm4_moe", "dots1", "gpt_oss", "granitemoe", "jamba", "nemotron_h", "hy_v4",
-                           "minimax_m2", "ernie4_5_moe"})
+                           "minimax_m2", "ernie4_5_moe", "inkling2"})
 # Families whose experts module alone is compared with transformers' forward (tests/test_hf_gate_forms.py).
 EXPERTS_PARITY_TESTED = frozenset({"deepseek_v4", "glm5_next", "hy_v4", "minimax_m3_vl", "openai_privacy_filter",
-                                   "gpt_oss", "beam"})
+                                   "gpt_oss", "beam", "inkling2"})
 
 _ROUTER_NAME = re.compile(r"Router$")
 

@@ -49,10 +49,10 @@ class TritonBackend(Backend):
         return dispatch_plan(ids, num_experts)
 
     def moe_mlp(self, x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias,
-                interleaved, swiglu_limit, gated):
+                interleaved, swiglu_limit, gated, softcaps):
         from .experts import moe_mlp
         return moe_mlp(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias,
-                       interleaved, swiglu_limit, gated)
+                       interleaved, swiglu_limit, gated, softcaps)
 
     def adapter_moe(self, h, down, up, weights, ids, activation, scale):
         from .adapters import adapter_moe_triton

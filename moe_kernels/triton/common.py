@@ -90,6 +90,7 @@ _GELU_TANH = tl.constexpr(ACTIVATION_CODES["gelu_tanh"])
 _RELU = tl.constexpr(ACTIVATION_CODES["relu"])
 _RELU2 = tl.constexpr(ACTIVATION_CODES["relu2"])
 _GPT_OSS = tl.constexpr(ACTIVATION_CODES["gpt_oss"])
+_SOFTCAP_SWIGLU = tl.constexpr(ACTIVATION_CODES["softcap_swiglu"])
 _ALPHA = tl.constexpr(GPT_OSS_ALPHA)
 # 1/sqrt(2) = 0.7071067811865476, 1/sqrt(2 pi) = 0.3989422804014327, sqrt(2/pi) = 0.7978845608028654 are written
 # as literals, each after a tensor operand: under the interpreter a constexpr times a tensor stays a constexpr,
@@ -138,16 +139,26 @@ def activation_grad(z, ACTIVATION: tl.constexpr):
 
 
 @triton.jit
-def gated_forward(gate, up, limit, ACTIVATION: tl.constexpr, HAS_LIMIT: tl.constexpr, GATED: tl.constexpr):
+def _tanh(z):
+    """tanh(z) = 2 sigmoid(2z) - 1 (tl has no tanh on every Triton version the package allows)."""
+    return 2.0 * tl.sigmoid(2.0 * z) - 1.0
+
+
+@triton.jit
+def gated_forward(gate, up, limit, gate_cap, up_cap, ACTIVATION: tl.constexpr, HAS_LIMIT: tl.constexpr,
+                  GATED: tl.constexpr):
     """act(gate) * up, or GPT-OSS's SwiGLU (up + 1) * gate * sigmoid(alpha gate); when HAS_LIMIT, gate <= ``limit``
-    and up in [-limit, limit] first, for every activation (reference.gated_activation). Not GATED (experts without a
-    gate): act(gate), ``up`` ignored (reference.apply_activation)."""
+    and up in [-limit, limit] first, for every activation (reference.gated_activation). Inkling2's soft-capped SwiGLU:
+    gate_cap tanh(gate / gate_cap) * sigmoid(gate) * up_cap tanh(up / up_cap). Not GATED (experts without a gate):
+    act(gate), ``up`` ignored (reference.apply_activation)."""
     if GATED:
         if HAS_LIMIT:
             gate = tl.minimum(gate, limit)
             up = tl.minimum(tl.maximum(up, -limit), limit)
         if ACTIVATION == _GPT_OSS:
             out = (up + 1.0) * (gate * tl.sigmoid(gate * _ALPHA))
+        elif ACTIVATION == _SOFTCAP_SWIGLU:
+            out = (gate_cap * _tanh(gate / gate_cap)) * tl.sigmoid(gate) * (up_cap * _tanh(up / up_cap))
         else:
             out = activation(gate, ACTIVATION) * up
     else:
@@ -156,7 +167,8 @@ def gated_forward(gate, up, limit, ACTIVATION: tl.constexpr, HAS_LIMIT: tl.const
 
 
 @triton.jit
-def gated_backward(gate, up, grad, limit, ACTIVATION: tl.constexpr, HAS_LIMIT: tl.constexpr, GATED: tl.constexpr):
+def gated_backward(gate, up, grad, limit, gate_cap, up_cap, ACTIVATION: tl.constexpr, HAS_LIMIT: tl.constexpr,
+                   GATED: tl.constexpr):
     """(d gate, d up) of :func:`gated_forward` given d out = ``grad``; a clamp passes the gradient where
     lo <= x <= hi, as torch.clamp does. Not GATED: d up is zero (there is no up)."""
     if GATED:
@@ -170,6 +182,14 @@ def gated_backward(gate, up, grad, limit, ACTIVATION: tl.constexpr, HAS_LIMIT: t
             glu = gate * s
             d_gate = grad * (up + 1.0) * (s + glu * (1.0 - s) * _ALPHA)
             d_up = grad * glu
+        elif ACTIVATION == _SOFTCAP_SWIGLU:
+            tg = _tanh(gate / gate_cap)
+            tu = _tanh(up / up_cap)
+            s = tl.sigmoid(gate)
+            capped_gate = gate_cap * tg
+            capped_up = up_cap * tu
+            d_gate = grad * capped_up * ((1.0 - tg * tg) * s + capped_gate * s * (1.0 - s))
+            d_up = grad * capped_gate * s * (1.0 - tu * tu)
         else:
             d_gate = grad * up * activation_grad(gate, ACTIVATION)
             d_up = grad * activation(gate, ACTIVATION)

@@ -82,7 +82,7 @@ def _pre_width(inter, GATED: tl.constexpr):
 @triton.jit
 def _gate_up_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh, bias_ptr, stride_be,
                     stride_bn, sorted_slots_ptr, expert_offsets_ptr, tile_offsets_ptr, act_ptr, pre_ptr,
-                    hidden, inter, num_experts, num_rows, top_k, search_steps, limit,
+                    hidden, inter, num_experts, num_rows, top_k, search_steps, limit, gate_cap, up_cap,
                     ACTIVATION: tl.constexpr, INTERLEAVED: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
                     HAS_LIMIT: tl.constexpr, STORE_ACT: tl.constexpr, SAVE_PRE: tl.constexpr,
                     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BY_EXPERT: tl.constexpr,
@@ -93,7 +93,8 @@ def _gate_up_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, st
     layout (HF transposed views included).  bias_ptr: [E, 2I] strides (be, bn) if HAS_BIAS.
     sorted_slots_ptr [N] / expert_offsets_ptr [E+1] / tile_offsets_ptr [E+1]: the plan (int32).
     act_ptr: [N, I] out (STORE_ACT), contiguous, x's dtype, sorted rows.  pre_ptr: [N, 2I] out (SAVE_PRE), contiguous,
-    x's dtype, sorted rows, columns laid out like W_gu's rows.  limit: GPT-OSS clamp (HAS_LIMIT).
+    x's dtype, sorted rows, columns laid out like W_gu's rows.  limit: GPT-OSS clamp (HAS_LIMIT).  gate_cap, up_cap:
+    the soft caps of ACTIVATION softcap_swiglu (else unused).
     Grid: (upper bound of tiles, cdiv(I, BLOCK_N)), or (E, cdiv(I, BLOCK_N)) with BY_EXPERT (the decode
     path: ids in sorted_slots_ptr, act/pre indexed by slot; see ``_program_rows``).
     ACTIVATION: code of moe_kernels.spec.ACTIVATION_CODES (a gated activation; an elementwise one when not GATED).
@@ -134,7 +135,7 @@ def _gate_up_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, st
             if GATED:
                 tl.store(pre_row + up_rows[None, :], acc_up.to(pre_ptr.dtype.element_ty), mask=out_mask)
         if STORE_ACT:
-            act = gated_forward(acc_gate, acc_up, limit, ACTIVATION, HAS_LIMIT, GATED)
+            act = gated_forward(acc_gate, acc_up, limit, gate_cap, up_cap, ACTIVATION, HAS_LIMIT, GATED)
             tl.store(act_ptr + rows64 * inter + cols[None, :], act.to(act_ptr.dtype.element_ty), mask=out_mask)
 
 
@@ -183,7 +184,7 @@ def _rows_matmul_kernel(in_ptr, w_ptr, stride_we, stride_wc, stride_wj, bias_ptr
 def _down_backward_kernel(grad_y_ptr, stride_gt, stride_gh, w_ptr, stride_we, stride_wh, stride_wn, bias_ptr,
                           stride_be, stride_bh, route_w_ptr, pre_ptr, sorted_slots_ptr, expert_offsets_ptr,
                           tile_offsets_ptr, grad_pre_ptr, grad_w_partial_ptr, hidden, inter, num_experts, top_k,
-                          search_steps, num_col_tiles, limit,
+                          search_steps, num_col_tiles, limit, gate_cap, up_cap,
                           ACTIVATION: tl.constexpr, INTERLEAVED: tl.constexpr, GATED: tl.constexpr,
                           HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, UPCAST: tl.constexpr,
                           DOT_PRECISION: tl.constexpr,
@@ -234,11 +235,11 @@ def _down_backward_kernel(grad_y_ptr, stride_gt, stride_gh, w_ptr, stride_we, st
             up = tl.load(pre_row + up_cols[None, :], mask=out_mask, other=0.0).to(tl.float32)
         else:
             up = gate  # unused
-        act = gated_forward(gate, up, limit, ACTIVATION, HAS_LIMIT, GATED)
+        act = gated_forward(gate, up, limit, gate_cap, up_cap, ACTIVATION, HAS_LIMIT, GATED)
         partial = tl.sum(tl.where(out_mask, act * acc, 0.0), axis=1) + bias_dot
         tl.store(grad_w_partial_ptr + slots.to(tl.int64) * num_col_tiles + pid_n, partial, mask=row_mask)
         route_w = tl.load(route_w_ptr + slots, mask=row_mask, other=0.0)
-        d_gate, d_up = gated_backward(gate, up, acc * route_w[:, None], limit, ACTIVATION, HAS_LIMIT, GATED)
+        d_gate, d_up = gated_backward(gate, up, acc * route_w[:, None], limit, gate_cap, up_cap, ACTIVATION, HAS_LIMIT, GATED)
         grad_row = grad_pre_ptr + rows.to(tl.int64)[:, None] * pre_width
         tl.store(grad_row + gate_cols[None, :], d_gate.to(grad_pre_ptr.dtype.element_ty), mask=out_mask)
         if GATED:
@@ -248,7 +249,7 @@ def _down_backward_kernel(grad_y_ptr, stride_gt, stride_gh, w_ptr, stride_we, st
 @triton.jit
 def _expert_outer_kernel(lhs_ptr, stride_lt, stride_lc, rhs_ptr, stride_rt, stride_rc, route_w_ptr,
                          sorted_slots_ptr, expert_offsets_ptr, out_ptr, stride_oe, stride_oi, stride_oj,
-                         bias_grad_ptr, stride_bge, lhs_dim, rhs_dim, inter, top_k, limit,
+                         bias_grad_ptr, stride_bge, lhs_dim, rhs_dim, inter, top_k, limit, gate_cap, up_cap,
                          LHS_BY_TOKEN: tl.constexpr, LHS_WEIGHTED: tl.constexpr, RHS_BY_TOKEN: tl.constexpr,
                          RHS_ACT: tl.constexpr, ACTIVATION: tl.constexpr, INTERLEAVED: tl.constexpr,
                          GATED: tl.constexpr, HAS_LIMIT: tl.constexpr, BIAS_GRAD: tl.constexpr,
@@ -305,7 +306,7 @@ def _expert_outer_kernel(lhs_ptr, stride_lt, stride_lc, rhs_ptr, stride_rt, stri
                              mask=rhs_mask, other=0.0).to(tl.float32)
             else:
                 up = gate  # unused
-            rhs = tl.where(rhs_mask, gated_forward(gate, up, limit, ACTIVATION, HAS_LIMIT, GATED), 0.0)
+            rhs = tl.where(rhs_mask, gated_forward(gate, up, limit, gate_cap, up_cap, ACTIVATION, HAS_LIMIT, GATED), 0.0)
         else:
             rhs = tl.load(rhs_ptr + rhs_rows[:, None] * stride_rt + j_idx[None, :] * stride_rc, mask=rhs_mask,
                           other=0.0)
@@ -320,7 +321,7 @@ def _expert_outer_kernel(lhs_ptr, stride_lt, stride_lc, rhs_ptr, stride_rt, stri
 
 
 @triton.jit
-def _gated_activation_kernel(pre_ptr, act_ptr, num_rows, inter, limit, ACTIVATION: tl.constexpr,
+def _gated_activation_kernel(pre_ptr, act_ptr, num_rows, inter, limit, gate_cap, up_cap, ACTIVATION: tl.constexpr,
                              INTERLEAVED: tl.constexpr, GATED: tl.constexpr, HAS_LIMIT: tl.constexpr,
                              BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """act[p, c] = gated activation of pre[p] at intermediate column c, in act's dtype (elementwise).
@@ -338,7 +339,7 @@ def _gated_activation_kernel(pre_ptr, act_ptr, num_rows, inter, limit, ACTIVATIO
         up = tl.load(pre_row + up_cols[None, :], mask=mask, other=0.0).to(tl.float32)
     else:
         up = gate  # unused
-    act = gated_forward(gate, up, limit, ACTIVATION, HAS_LIMIT, GATED)
+    act = gated_forward(gate, up, limit, gate_cap, up_cap, ACTIVATION, HAS_LIMIT, GATED)
     tl.store(act_ptr + rows.to(tl.int64)[:, None] * inter + cols[None, :], act.to(act_ptr.dtype.element_ty), mask=mask)
 
 
@@ -381,7 +382,7 @@ def weight_grads_by_grouped_mm(x: torch.Tensor, hidden: int, inter: int, has_bia
 
 
 def _grouped_mm_weight_grads(grad_y, x, pre, grad_pre, route_w, expert_offsets, sorted_slots, top_k, activation,
-                             interleaved, swiglu_limit, gated):
+                             interleaved, swiglu_limit, gated, softcaps):
     """(d gate_up_proj [E, 2I, H] ([E, I, H] when not gated), d down_proj [E, H, I]) as k-grouped GEMMs over each
     expert's sorted rows: dW_gu[e] = d pre_e^T x_e and dW_d[e] = (w dy)_e^T act_e. Gathers x and w*dy into sorted
     order and forms act from pre (the Triton path forms both on the fly instead)."""
@@ -394,12 +395,17 @@ def _grouped_mm_weight_grads(grad_y, x, pre, grad_pre, route_w, expert_offsets, 
     del x_sorted
     act = torch.empty((num_rows, inter), dtype=pre.dtype, device=pre.device)
     _gated_activation_kernel[(cdiv(num_rows, _ACT_BLOCK_R), cdiv(inter, _ACT_BLOCK_C))](
-        pre, act, num_rows, inter, float(swiglu_limit or 0.0), ACTIVATION=ACTIVATION_CODES[activation],
+        pre, act, num_rows, inter, float(swiglu_limit or 0.0), *_caps(softcaps), ACTIVATION=ACTIVATION_CODES[activation],
         INTERLEAVED=interleaved, GATED=gated, HAS_LIMIT=swiglu_limit is not None, BLOCK_R=_ACT_BLOCK_R,
         BLOCK_C=_ACT_BLOCK_C)
     grad_y_sorted = (grad_y.index_select(0, tokens).float() * route_w[sorted_slots.long(), None]).to(x.dtype)
     grad_down = torch._grouped_mm(grad_y_sorted.t(), act, offs=offs)
     return grad_gate_up, grad_down
+
+
+def _caps(softcaps) -> tuple[float, float]:
+    """The kernels' (gate_cap, up_cap) arguments: softcap_swiglu's caps, else 1.0 (unused)."""
+    return (1.0, 1.0) if softcaps is None else (float(softcaps[0]), float(softcaps[1]))
 
 
 def _weight_strides(w: Optional[torch.Tensor], fallback: torch.Tensor):
@@ -412,7 +418,7 @@ def _intermediate(gate_up_proj: torch.Tensor, gated: bool) -> int:
 
 
 def _gate_up(x, gate_up_proj, gate_up_bias, top_k, expert_offsets, sorted_slots, tiles, cfg, activation, interleaved,
-             swiglu_limit, gated, store_act, save_pre):
+             swiglu_limit, gated, softcaps, store_act, save_pre):
     """Launch ``_gate_up_kernel``: returns (act [N, I] or empty, pre [N, 2I] ([N, I] not gated) or empty)."""
     num_rows = sorted_slots.numel()
     num_experts, width, hidden = gate_up_proj.shape
@@ -424,6 +430,7 @@ def _gate_up(x, gate_up_proj, gate_up_bias, top_k, expert_offsets, sorted_slots,
         x, x.stride(0), x.stride(1), gate_up_proj, *gate_up_proj.stride(), bias, stride_be, stride_bn,
         sorted_slots, expert_offsets, tiles, act if store_act else pre, pre if save_pre else act,
         hidden, inter, num_experts, num_rows, top_k, num_experts.bit_length(), float(swiglu_limit or 0.0),
+        *_caps(softcaps),
         ACTIVATION=ACTIVATION_CODES[activation], INTERLEAVED=interleaved, GATED=gated,
         HAS_BIAS=gate_up_bias is not None, HAS_LIMIT=swiglu_limit is not None, STORE_ACT=store_act, SAVE_PRE=save_pre,
         UPCAST=interpreting(),
@@ -437,7 +444,7 @@ _TILE_ROW = {"up": 0, "down": 1, "down_bwd": 2, "dx": 3}
 
 
 def _forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, interleaved,
-             swiglu_limit, gated, save_pre):
+             swiglu_limit, gated, softcaps, save_pre):
     num_tokens, hidden = x.shape
     num_experts = gate_up_proj.shape[0]
     inter = _intermediate(gate_up_proj, gated)
@@ -452,7 +459,7 @@ def _forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias,
     # the tile maps of this forward's kernels and of the backward's, in one launch (the backward reuses them)
     tiles = tile_maps(plan.expert_offsets, *(cfg[name]["BLOCK_M"] for name in _TILE_ROW))
     act, pre = _gate_up(x, gate_up_proj, gate_up_bias, top_k, plan.expert_offsets, plan.sorted_slots,
-                        tiles[_TILE_ROW["up"]], up, activation, interleaved, swiglu_limit, gated, store_act=True,
+                        tiles[_TILE_ROW["up"]], up, activation, interleaved, swiglu_limit, gated, softcaps, store_act=True,
                         save_pre=save_pre)
     down = cfg["down"]
     slot_rows = torch.empty((num_rows, hidden), dtype=slot_dtype(x.dtype, top_k), device=x.device)
@@ -469,7 +476,7 @@ def _forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias,
 
 
 def _decode_forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, interleaved,
-                    swiglu_limit, gated, cfg):
+                    swiglu_limit, gated, softcaps, cfg):
     """Forward without a plan for a few routed slots (decode): both GEMM kernels in BY_EXPERT mode, one
     program per (expert, column tile) taking every slot routed to its expert, so each touched expert's
     weights are read once and experts without slots return at once. Three launches in all."""
@@ -486,7 +493,8 @@ def _decode_forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_u
     _gate_up_kernel[(num_experts, cdiv(inter, up["BLOCK_N"]))](
         x, x.stride(0), x.stride(1), gate_up_proj, *gate_up_proj.stride(), bias, stride_be, stride_bn,
         flat_ids, flat_ids, flat_ids, act, act, hidden, inter, num_experts, num_rows, top_k, 0,
-        float(swiglu_limit or 0.0), ACTIVATION=ACTIVATION_CODES[activation], INTERLEAVED=interleaved, GATED=gated,
+        float(swiglu_limit or 0.0), *_caps(softcaps), ACTIVATION=ACTIVATION_CODES[activation],
+        INTERLEAVED=interleaved, GATED=gated,
         HAS_BIAS=gate_up_bias is not None, HAS_LIMIT=swiglu_limit is not None, STORE_ACT=True, SAVE_PRE=False,
         UPCAST=upcast, DOT_PRECISION=precision, BY_EXPERT=True, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=up["BLOCK_N"],
         BLOCK_K=up["BLOCK_K"], num_warps=up["num_warps"], num_stages=up["num_stages"])
@@ -502,7 +510,7 @@ def _decode_forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_u
 
 
 def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, pre, expert_offsets,
-              sorted_slots, tiles, activation, interleaved, swiglu_limit, gated, need_x, need_params):
+              sorted_slots, tiles, activation, interleaved, swiglu_limit, gated, softcaps, need_x, need_params):
     num_tokens, hidden = x.shape
     num_experts, width, _ = gate_up_proj.shape  # width = 2I gated, I not gated
     inter = _intermediate(gate_up_proj, gated)
@@ -514,6 +522,7 @@ def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, do
     steps = num_experts.bit_length()
     code = ACTIVATION_CODES[activation]
     limit = float(swiglu_limit or 0.0)
+    caps = _caps(softcaps)
     route_w = weights.reshape(-1)
 
     # d pre and d(routing weights)
@@ -525,7 +534,7 @@ def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, do
     _down_backward_kernel[(max_tiles(num_rows, num_experts, bw["BLOCK_M"]), col_tiles)](
         grad_y, grad_y.stride(0), grad_y.stride(1), down_proj, *down_proj.stride(), bias, stride_be, stride_bh,
         route_w, pre, sorted_slots, expert_offsets, tiles[_TILE_ROW["down_bwd"]], grad_pre,
-        grad_w_partial, hidden, inter, num_experts, top_k, steps, col_tiles, limit,
+        grad_w_partial, hidden, inter, num_experts, top_k, steps, col_tiles, limit, *caps,
         ACTIVATION=code, INTERLEAVED=interleaved, GATED=gated, HAS_BIAS=down_bias is not None,
         HAS_LIMIT=swiglu_limit is not None, UPCAST=upcast, DOT_PRECISION=precision, BLOCK_M=bw["BLOCK_M"], BLOCK_N=bw["BLOCK_N"], BLOCK_K=bw["BLOCK_K"],
         num_warps=bw["num_warps"], num_stages=bw["num_stages"])
@@ -550,7 +559,7 @@ def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, do
     if need_params and weight_grads_by_grouped_mm(x, hidden, inter, gate_up_bias is not None or down_bias is not None):
         grad_gate_up, grad_down = _grouped_mm_weight_grads(grad_y, x, pre, grad_pre, route_w, expert_offsets,
                                                            sorted_slots, top_k, activation, interleaved, swiglu_limit,
-                                                           gated)
+                                                           gated, softcaps)
     elif need_params:
         wg = cfg["dw"]
         grad_down = torch.empty(down_proj.shape, dtype=down_proj.dtype, device=x.device)
@@ -559,7 +568,7 @@ def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, do
         _expert_outer_kernel[grid](
             grad_y, grad_y.stride(0), grad_y.stride(1), pre, width, 1, route_w, sorted_slots, expert_offsets,
             grad_down, *grad_down.stride(), grad_down_bias if down_bias is not None else grad_down, hidden,
-            hidden, inter, inter, top_k, limit,
+            hidden, inter, inter, top_k, limit, *caps,
             LHS_BY_TOKEN=True, LHS_WEIGHTED=True, RHS_BY_TOKEN=False, RHS_ACT=True, ACTIVATION=code,
             INTERLEAVED=interleaved, GATED=gated, HAS_LIMIT=swiglu_limit is not None, BIAS_GRAD=down_bias is not None,
             UPCAST=upcast, DOT_PRECISION=precision, BLOCK_I=wg["BLOCK_I"], BLOCK_J=wg["BLOCK_J"], BLOCK_P=wg["BLOCK_P"],
@@ -571,7 +580,7 @@ def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, do
         _expert_outer_kernel[grid](
             grad_pre, width, 1, x, x.stride(0), x.stride(1), route_w, sorted_slots, expert_offsets,
             grad_gate_up, *grad_gate_up.stride(), grad_gate_up_bias if gate_up_bias is not None else grad_gate_up,
-            width, width, hidden, inter, top_k, limit,
+            width, width, hidden, inter, top_k, limit, *caps,
             LHS_BY_TOKEN=False, LHS_WEIGHTED=False, RHS_BY_TOKEN=True, RHS_ACT=False, ACTIVATION=code,
             INTERLEAVED=interleaved, GATED=gated, HAS_LIMIT=swiglu_limit is not None, BIAS_GRAD=gate_up_bias is not None,
             UPCAST=upcast, DOT_PRECISION=precision, BLOCK_I=wg["BLOCK_I"], BLOCK_J=wg["BLOCK_J"], BLOCK_P=wg["BLOCK_P"],
@@ -586,15 +595,15 @@ def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, do
 def _forward_impl(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
                   ids: torch.Tensor, gate_up_bias: Optional[torch.Tensor], down_bias: Optional[torch.Tensor],
                   activation: str, interleaved: bool, swiglu_limit: Optional[float], gated: bool,
-                  save_pre: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                  softcaps: Optional[list[float]], save_pre: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (y [T,H], pre [N or 0, 2I] ([N or 0, I] not gated), expert_offsets [E+1], sorted_slots [N],
     tiles [4, E+1]); the last four are the state the backward needs (pre is empty unless save_pre)."""
     return _forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, interleaved,
-                    swiglu_limit, gated, save_pre)
+                    swiglu_limit, gated, softcaps, save_pre)
 
 
 def _forward_fake(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation, interleaved,
-                  swiglu_limit, gated, save_pre):
+                  swiglu_limit, gated, softcaps, save_pre):
     num_rows = ids.shape[0] * ids.shape[1]
     num_experts = gate_up_proj.shape[0]
     return (torch.empty_like(x, memory_format=torch.contiguous_format),
@@ -606,15 +615,16 @@ def _forward_fake(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_b
 
 def _decode_impl(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
                  ids: torch.Tensor, gate_up_bias: Optional[torch.Tensor], down_bias: Optional[torch.Tensor],
-                 activation: str, interleaved: bool, swiglu_limit: Optional[float], gated: bool) -> torch.Tensor:
+                 activation: str, interleaved: bool, swiglu_limit: Optional[float], gated: bool,
+                 softcaps: Optional[list[float]]) -> torch.Tensor:
     """y [T,H] of a forward that needs no gradient, for T*k <= the decode config's BLOCK_M slots."""
     cfg = decode_config(ids.numel(), x.dtype == torch.float32, down_proj.shape[2], x.device)
     return _decode_forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, interleaved,
-                           swiglu_limit, gated, cfg)
+                           swiglu_limit, gated, softcaps, cfg)
 
 
 def _decode_fake(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation, interleaved,
-                 swiglu_limit, gated):
+                 swiglu_limit, gated, softcaps):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -622,16 +632,17 @@ def _backward_impl(grad_y: torch.Tensor, x: torch.Tensor, gate_up_proj: torch.Te
                    weights: torch.Tensor, ids: torch.Tensor, gate_up_bias: Optional[torch.Tensor],
                    down_bias: Optional[torch.Tensor], pre: torch.Tensor, expert_offsets: torch.Tensor,
                    sorted_slots: torch.Tensor, tiles: torch.Tensor, activation: str, interleaved: bool,
-                   swiglu_limit: Optional[float], gated: bool, need_x: bool, need_params: bool) -> list[torch.Tensor]:
+                   swiglu_limit: Optional[float], gated: bool, softcaps: Optional[list[float]], need_x: bool,
+                   need_params: bool) -> list[torch.Tensor]:
     """Returns [dx, d gate_up_proj, d down_proj, d weights, d gate_up_bias, d down_bias]; a gradient not
     asked for (need_x / need_params false, or no bias) is an empty tensor."""
     return list(_backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, pre,
-                          expert_offsets, sorted_slots, tiles, activation, interleaved, swiglu_limit, gated, need_x,
-                          need_params))
+                          expert_offsets, sorted_slots, tiles, activation, interleaved, swiglu_limit, gated, softcaps,
+                          need_x, need_params))
 
 
 def _backward_fake(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, pre, expert_offsets,
-                   sorted_slots, tiles, activation, interleaved, swiglu_limit, gated, need_x, need_params):
+                   sorted_slots, tiles, activation, interleaved, swiglu_limit, gated, softcaps, need_x, need_params):
     def empty():
         return x.new_empty(0)
 
@@ -654,52 +665,55 @@ class MoeMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation, interleaved,
-                swiglu_limit, gated):
+                swiglu_limit, gated, softcaps):
         save_pre = not recompute_enabled()
         y, pre, expert_offsets, sorted_slots, tiles = moe_mlp_forward_op(
             x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation, interleaved, swiglu_limit,
-            gated, save_pre)
+            gated, softcaps, save_pre)
         ctx.save_for_backward(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, pre, expert_offsets,
                               sorted_slots, tiles)
-        ctx.options = (activation, interleaved, swiglu_limit, gated)
+        ctx.options = (activation, interleaved, swiglu_limit, gated, softcaps)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         (x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, pre, expert_offsets, sorted_slots,
          tiles) = ctx.saved_tensors
-        activation, interleaved, swiglu_limit, gated = ctx.options
+        activation, interleaved, swiglu_limit, gated, softcaps = ctx.options
         if pre.shape[0] != ids.numel():  # recompute mode: one more gate/up GEMM instead of keeping [N, 2I]
             cfg = mlp_config(ids.numel(), gate_up_proj.shape[0], _intermediate(gate_up_proj, gated),
                              fp32=x.dtype == torch.float32, device=x.device)["up"]
             _, pre = _gate_up(x, gate_up_proj, gate_up_bias, ids.shape[1], expert_offsets, sorted_slots,
-                              tiles[_TILE_ROW["up"]], cfg, activation, interleaved, swiglu_limit, gated,
+                              tiles[_TILE_ROW["up"]], cfg, activation, interleaved, swiglu_limit, gated, softcaps,
                               store_act=False, save_pre=True)
         needs = ctx.needs_input_grad
         need_params = any(needs[i] for i in (1, 2, 5, 6))
         dx, dgu, dd, dw, dgub, ddb = moe_mlp_backward_op(
             grad_y.contiguous(), x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, pre,
-            expert_offsets, sorted_slots, tiles, activation, interleaved, swiglu_limit, gated, needs[0], need_params)
+            expert_offsets, sorted_slots, tiles, activation, interleaved, swiglu_limit, gated, softcaps, needs[0],
+            need_params)
         return (dx if needs[0] else None, dgu if needs[1] else None, dd if needs[2] else None,
                 dw if needs[3] else None, None,
-                dgub if needs[5] else None, ddb if needs[6] else None, None, None, None, None)
+                dgub if needs[5] else None, ddb if needs[6] else None, None, None, None, None, None)
 
 
 def moe_mlp(x, gate_up_proj, down_proj, weights, ids, activation="silu", gate_up_bias=None, down_bias=None,
-            interleaved=False, swiglu_limit=None, gated=True):
+            interleaved=False, swiglu_limit=None, gated=True, softcaps=None):
     """Backend entry point (arguments validated and normalised by :func:`moe_kernels.ops.moe_mlp`: weights [T,k]
-    float32 and ids [T,k] int32, both contiguous; interleaved and gated bools; swiglu_limit None or a float):
+    float32 and ids [T,k] int32, both contiguous; interleaved and gated bools; swiglu_limit None or a float; softcaps
+    None or (gate_cap, up_cap) for softcap_swiglu):
     y [T, H] in x's dtype."""
+    softcaps = None if softcaps is None else list(softcaps)  # the registered ops take float[]
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, gate_up_proj, down_proj, weights, gate_up_bias, down_bias))
     if needs_grad:
         return MoeMLPFunction.apply(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation,
-                                    interleaved, swiglu_limit, gated)
+                                    interleaved, swiglu_limit, gated, softcaps)
     if decode_config(ids.numel(), x.dtype == torch.float32, down_proj.shape[2], x.device) is not None:
         return moe_mlp_decode_op(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation,
-                                 interleaved, swiglu_limit, gated)
+                                 interleaved, swiglu_limit, gated, softcaps)
     return moe_mlp_forward_op(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation,
-                              interleaved, swiglu_limit, gated, False)[0]
+                              interleaved, swiglu_limit, gated, softcaps, False)[0]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -709,9 +723,11 @@ _POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16"}
 _INT_POINTERS = ("sorted_slots_ptr", "expert_offsets_ptr", "tile_offsets_ptr")
 _FP32_POINTERS = ("route_w_ptr", "grad_w_partial_ptr")
 # (activation, interleaved, bias, limit, gated): the plain SwiGLU of most families, DeepSeek-V4's clamped one,
-# GPT-OSS's form, the longest epilogue (clamps, biases, interleaved columns), and Nemotron-H's ungated ReLU^2.
+# GPT-OSS's form, the longest epilogue (clamps, biases, interleaved columns), Inkling2's soft-capped SwiGLU and
+# Nemotron-H's ungated ReLU^2.
 _COMPILE_VARIANTS = (("silu", False, False, False, True), ("silu", False, False, True, True),
-                     ("gpt_oss", True, True, True, True), ("relu2", False, False, False, False))
+                     ("gpt_oss", True, True, True, True), ("softcap_swiglu", False, False, False, True),
+                     ("relu2", False, False, False, False))
 
 
 def _signature(kernel, constexprs: dict, data: str, overrides: dict = ()) -> dict:
@@ -725,7 +741,7 @@ def _signature(kernel, constexprs: dict, data: str, overrides: dict = ()) -> dic
         elif name.endswith("_ptr"):
             types[name] = "*i32" if name in _INT_POINTERS else "*fp32" if name in _FP32_POINTERS else data
         else:
-            types[name] = "fp32" if name == "limit" else "i32"
+            types[name] = "fp32" if name in ("limit", "gate_cap", "up_cap") else "i32"
     return types
 
 

@@ -152,11 +152,17 @@ def _opcheck_cases():
                                    False, None, 1.0, True)),
         (ops.grouped_mlp_backward, (torch.randn(T, H, generator=g), xs, hidden, gate_up.detach(), down.detach(),
                                     b1.detach(), b2.detach(), weights, ids, *plan, "silu", True, False, None, 1.0)),
+        # Inkling2's soft-capped SwiGLU: the trailing gate_cap / up_cap arguments
+        (ops.grouped_mlp_forward, (x, gate_up, down, b1, None, w, ids, *plan, "softcap_swiglu", True, False, None,
+                                   1.0, True, 0.8, 1.2)),
+        (ops.grouped_mlp_backward, (torch.randn(T, H, generator=g), xs, hidden, gate_up.detach(), down.detach(),
+                                    None, None, weights, ids, *plan, "softcap_swiglu", True, False, None, 1.0, 0.8,
+                                    1.2)),
     ]
 
 
 @needs_cpu_grouped
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(7))
 def test_grouped_opcheck(case):
     op, args = _opcheck_cases()[case]
     torch.library.opcheck(op, args)
