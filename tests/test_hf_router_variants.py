@@ -1,6 +1,6 @@
 """The fused router forwards of the newer Hugging Face families (moe_kernels.hf.routers: AFMoE, Aria, AXK2, Beam,
 Cohere2-MoE, dots3/HunYuan-V3, ERNIE-4.5-MoE, Flint, Inkling2, Kolibri1, Laguna, LaraMini, MiniMax-M2/M3-VL,
-Mistral-Large-4, OpenAI privacy filter) against the transformers forwards they replace, router by router, in fp32
+Mistral-Large-4, MuseSpark, OpenAI privacy filter) against the transformers forwards they replace, router by router, in fp32
 and bf16: logits, ids, weights (dtype included) and the gradients into the hidden states and every router parameter
 (tests/test_hf_route_parity.compare_router_forwards). Each case uses the family's own config class with its options
 set both ways where the router branches on them (norm_topk_prob, groups, scoring function, soft cap), a nonzero
@@ -73,6 +73,8 @@ CASES = [
      False),
     ("mistral_large4", "mistral_large4", "mistral_large4:MistralLarge4TextTopkRouter", "MistralLarge4TextConfig",
      dict(n_group=4, topk_group=2, routed_scaling_factor=1.5), None, False),
+    ("muse_spark", "muse_spark", "muse_spark:MuseSparkTopkRouter", "MuseSparkTextConfig",
+     dict(output_multiplier=0.7, routed_scaling_factor=2.0), None, False),
     ("openai_privacy_filter", "openai_privacy_filter", "openai_privacy_filter:OpenAIPrivacyFilterTopKRouter",
      "OpenAIPrivacyFilterConfig", dict(num_experts_per_tok=3), None, False),
 ]

@@ -17,7 +17,11 @@ working. It honours the module's layout flags set by ``use_experts_implementatio
   OpenAI privacy filter). Other gates are refused.
 * ``has_gate=False`` (``act(up_proj x)``, e.g. Nemotron-H with its ReLU^2): ``moe_mlp(..., gated=False)`` on
   ``up_proj`` as it is (no copy, one GEMM of width I).
-* ``has_post_expert_norm`` and expert parallelism are refused with a clear error.
+* ``has_post_expert_norm`` (MuseSpark: the module's ``post_expert_norm`` between each expert's output and its
+  routing weight): one row per (token, choice) through ``moe_mlp`` with unit weights, the module's own norm on
+  those rows, then the weighted sum over the k choices in fp32 (a copy of x per choice; the fused weighting of
+  the other families cannot hold a norm in between).
+* Expert parallelism (sentinel ids) is refused with a clear error.
 """
 
 from __future__ import annotations
@@ -161,14 +165,14 @@ def describe_experts(module: nn.Module) -> dict:
     name = type(module).__name__
     if not hasattr(module, "has_gate"):
         raise UnsupportedExpertsError(f"{name} is not an experts module built with @use_experts_implementation")
-    if getattr(module, "has_post_expert_norm", False):
-        raise UnsupportedExpertsError(
-            f"{name}: has_post_expert_norm=True (a norm between each expert's output and its routing weight) is "
-            "not supported by moe_kernels.moe_mlp, which fuses the weighting into the down projection")
+    post_norm = bool(getattr(module, "has_post_expert_norm", False))
+    if post_norm and not isinstance(getattr(module, "post_expert_norm", None), nn.Module):
+        raise UnsupportedExpertsError(f"{name}: has_post_expert_norm=True but no post_expert_norm module")
     form = gate_form(type(module))
     is_concatenated = getattr(module, "is_concatenated", True)
     info = {"transposed": bool(getattr(module, "is_transposed", False)), "bias": bool(module.has_bias),
-            "has_gate": bool(module.has_gate), "swiglu_limit": None, "interleaved": False, "softcaps": None}
+            "has_gate": bool(module.has_gate), "swiglu_limit": None, "interleaved": False, "softcaps": None,
+            "post_expert_norm": post_norm}
     if not module.has_gate:
         info.update(activation=activation_name(module.act_fn))
         return info
@@ -298,11 +302,26 @@ def moe_kernels_experts_forward(self: nn.Module, hidden_states: torch.Tensor, to
     # moe_mlp takes weights in float32 or x's dtype and converts them itself; only another dtype (a router under
     # another autocast dtype) is converted here.
     weights = top_k_weights if top_k_weights.dtype in (torch.float32, x.dtype) else top_k_weights.float()
-    out = moe_kernels.moe_mlp(
-        x, gate_up_proj, down_proj, weights, top_k_index, activation=info["activation"],
-        gate_up_bias=gate_up_bias, down_bias=down_bias, interleaved=info["interleaved"],
-        swiglu_limit=info["swiglu_limit"], gated=gated, softcaps=info["softcaps"], backend=backend)
+    options = dict(activation=info["activation"], gate_up_bias=gate_up_bias, down_bias=down_bias,
+                   interleaved=info["interleaved"], swiglu_limit=info["swiglu_limit"], gated=gated,
+                   softcaps=info["softcaps"], backend=backend)
+    if info["post_expert_norm"]:
+        out = _with_post_expert_norm(self, x, gate_up_proj, down_proj, weights, top_k_index, options)
+    else:
+        out = moe_kernels.moe_mlp(x, gate_up_proj, down_proj, weights, top_k_index, **options)
     return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
+
+
+def _with_post_expert_norm(module, x, gate_up_proj, down_proj, weights, top_k_index, options):
+    """sum_j w[t,j] * post_expert_norm(expert_j(x_t)): each (token, choice) as its own row with weight 1 (so
+    moe_mlp returns the expert's output itself), the module's norm on those rows, the weighting and the sum over
+    the k choices in fp32."""
+    num_tokens, k = top_k_index.shape
+    rows = x.repeat_interleave(k, dim=0)  # row t*k + j is token t for choice j
+    unit = torch.ones((rows.shape[0], 1), dtype=torch.float32, device=x.device)
+    per_choice = moe_kernels.moe_mlp(rows, gate_up_proj, down_proj, unit, top_k_index.reshape(-1, 1), **options)
+    normed = module.post_expert_norm(per_choice).view(num_tokens, k, -1)
+    return (normed.float() * weights.float().unsqueeze(-1)).sum(dim=1)
 
 
 def register() -> None:

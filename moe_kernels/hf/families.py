@@ -35,9 +35,10 @@ from .routers import match_variant
 PARITY_TESTED = frozenset({"mixtral", "minimax", "qwen2_moe", "qwen3_moe", "olmoe", "flex_olmo", "deepseek_v3",
                            "glm4_moe", "dots1", "gpt_oss", "granitemoe", "jamba", "nemotron_h", "hy_v4",
                            "minimax_m2", "ernie4_5_moe", "inkling2"})
-# Families whose experts module alone is compared with transformers' forward (tests/test_hf_gate_forms.py).
+# Families whose experts module alone is compared with transformers' forward (tests/test_hf_gate_forms.py;
+# muse_spark's, with its post-expert norm, in tests/test_hf_post_expert_norm.py).
 EXPERTS_PARITY_TESTED = frozenset({"deepseek_v4", "glm5_next", "hy_v4", "minimax_m3_vl", "openai_privacy_filter",
-                                   "gpt_oss", "beam", "inkling2"})
+                                   "gpt_oss", "beam", "inkling2", "muse_spark"})
 
 _ROUTER_NAME = re.compile(r"Router$")
 
@@ -103,8 +104,6 @@ def experts_unsupported_reason(cls: type) -> str | None:
     """Why the moe_kernels experts implementation cannot run ``cls`` exactly (None when it can).
     The activation is checked later, per model, because it comes from the config."""
     flags = experts_flags(cls)
-    if flags.get("has_post_expert_norm"):
-        return f"{cls.__name__}: has_post_expert_norm (norm between expert output and routing weight)"
     form = gate_form(cls)
     concatenated = flags.get("is_concatenated", True)
     if not flags.get("has_gate", True):

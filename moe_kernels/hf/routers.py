@@ -278,6 +278,20 @@ def mistral_large4_forward(self, hidden_states):
     return router_logits, weights, ids.long()
 
 
+def muse_spark_forward(self, hidden_states):
+    """MuseSpark: fp32 logits x output_multiplier; sigmoid choice on scores + e_score_correction_bias; weights =
+    chosen scores / (sum + 1e-15, its own eps, done here) x routed_scaling_factor; fp32."""
+    if not isinstance(self.scoring_function, torch.nn.Sigmoid):
+        return original_forward(self)(hidden_states)
+    hidden_states = hidden_states.view(-1, self.hidden_dim)
+    router_logits = F.linear(hidden_states.type(torch.float32), self.weight.type(torch.float32))
+    router_logits = router_logits * self.output_multiplier
+    weights, ids = _route(self, router_logits, scoring="sigmoid", order="softmax_then_topk", renormalize=False,
+                          bias=self.e_score_correction_bias)
+    weights = weights / (weights.sum(dim=-1, keepdim=True) + self.norm_topk_prob_eps)
+    return router_logits, weights * self.routed_scaling_factor, ids.long()
+
+
 def openai_privacy_filter_forward(self, hidden_states):
     """OpenAI privacy filter: fp32 logits with the router bias; top-k of logits, softmax over the k, / k."""
     router_logits = F.linear(hidden_states.float(), self.weight.float(), self.bias.float())
@@ -361,6 +375,9 @@ VARIANTS: tuple[RouterVariant, ...] = (
                   "sigmoid, bias=e_score_correction_bias, renormalize", minimax_m3_vl_forward),
     RouterVariant("mistral_large4", "mistral_large4.modeling_mistral_large4:MistralLarge4TextTopkRouter",
                   "softmax, n_group, topk_group, renormalize, scale=routed_scaling_factor", mistral_large4_forward),
+    RouterVariant("muse_spark", "muse_spark.modeling_muse_spark:MuseSparkTopkRouter",
+                  "logits x output_multiplier, sigmoid, bias=e_score_correction_bias, then / (sum + 1e-15), scale",
+                  muse_spark_forward),
     RouterVariant("openai_privacy_filter",
                   "openai_privacy_filter.modeling_openai_privacy_filter:OpenAIPrivacyFilterTopKRouter",
                   "router bias, topk_then_softmax, scale=1/k", openai_privacy_filter_forward),
