@@ -227,3 +227,33 @@ def test_relu2_in_a_gated_experts_module_is_refused():
                                          num_experts_per_tok=2, hidden_act="relu2")
     with pytest.raises(UnsupportedExpertsError, match="gated"):
         describe_experts(Qwen3MoeExperts(config))
+
+
+@pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "reference"])  # the oracle loops over experts
+def test_ungated_and_softcapped_forms_compile_fullgraph(backend):
+    """torch.compile (aot_eager: the ops' fake kernels, fullgraph) of both newer forms -- an ungated ReLU^2 MLP and
+    Inkling2's soft-capped SwiGLU (its caps a float[] argument of the registered ops) -- matches eager, forward and
+    gradients."""
+    device = device_for(backend)
+    g = torch.Generator().manual_seed(12)
+    T, H, I, E, k = 9, 16, 16, 5, 2
+    x = torch.randn(T, H, generator=g).to(device).requires_grad_()
+    gate_up = (torch.randn(E, 2 * I, H, generator=g) * H ** -0.5).to(device).requires_grad_()
+    up = (torch.randn(E, I, H, generator=g) * H ** -0.5).to(device).requires_grad_()
+    down = (torch.randn(E, H, I, generator=g) * I ** -0.5).to(device).requires_grad_()
+    weights = torch.rand(T, k, generator=g).to(device)
+    ids = make_ids("random", T, E, k, generator=g, device=device)
+
+    def block(x, gate_up, up, down):
+        capped = moe_kernels.moe_mlp(x, gate_up, down, weights, ids, activation="softcap_swiglu",
+                                     softcaps=(0.8, 1.2), backend=backend)
+        ungated = moe_kernels.moe_mlp(x, up, down, weights, ids, activation="relu2", gated=False, backend=backend)
+        return capped + ungated
+
+    torch._dynamo.reset()
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    leaves = (x, gate_up, up, down)
+    got, want = compiled(*leaves), block(*leaves)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got.sum(), leaves), torch.autograd.grad(want.sum(), leaves)):
+        torch.testing.assert_close(a, b)
