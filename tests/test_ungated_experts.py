@@ -257,3 +257,22 @@ def test_ungated_and_softcapped_forms_compile_fullgraph(backend):
     torch.testing.assert_close(got, want)
     for a, b in zip(torch.autograd.grad(got.sum(), leaves), torch.autograd.grad(want.sum(), leaves)):
         torch.testing.assert_close(a, b)
+
+
+def test_sparse_moe_layer_without_a_gate():
+    """layers.SparseMoE(gated=False) holds up_proj [E, I, H] (no gate_up_proj) and runs the ungated op: equal to
+    the oracle on its own routing, and its state dict round-trips."""
+    from moe_kernels.layers import SparseMoE
+
+    torch.manual_seed(4)
+    layer = SparseMoE(16, 8, num_experts=5, top_k=2, activation="relu2", gated=False, backend="reference")
+    assert dict((n, tuple(p.shape)) for n, p in layer.named_parameters()) == {
+        "up_proj": (5, 8, 16), "down_proj": (5, 16, 8), "router.weight": (5, 16)}
+    x = torch.randn(2, 3, 16)
+    _, weights, ids = layer.route(x.reshape(-1, 16))
+    want = reference.moe_mlp(x.reshape(-1, 16), layer.up_proj, layer.down_proj, weights, ids, activation="relu2",
+                             gated=False)
+    torch.testing.assert_close(layer(x).reshape(-1, 16), want)
+    twin = SparseMoE(16, 8, num_experts=5, top_k=2, activation="relu2", gated=False, backend="reference")
+    twin.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(twin(x), layer(x))

@@ -54,13 +54,14 @@ def _compare(name: str, got: torch.Tensor, want: torch.Tensor, dtype, failures: 
         failures.append(f"{name}: norm-wise relative error {err:.3e} > {TOLERANCE[dtype]['rtol']:.0e}")
 
 
-def _check_layer(case: str, dtype, args, failures: list[str]) -> None:
+def _check_layer(case: str, dtype, args, failures: list[str], gated: bool = True) -> None:
     from moe_kernels.distributed import ExpertParallelMoE
     from moe_kernels.layers import SparseMoE
 
     world, rank = dist.get_world_size(), dist.get_rank()
     torch.manual_seed(0)
-    full = SparseMoE(24, 16, num_experts=2 * world, top_k=2, backend=args.moe_backend).to(dtype)
+    full = SparseMoE(24, 16, num_experts=2 * world, top_k=2, backend=args.moe_backend, gated=gated,
+                     activation="silu" if gated else "relu2").to(dtype)
     if case == "all_to_rank0":  # a router bias sends every token to rank 0's two experts: others receive nothing
         full.router = torch.nn.Linear(24, 2 * world, bias=True).to(dtype)
         with torch.no_grad():
@@ -73,7 +74,7 @@ def _check_layer(case: str, dtype, args, failures: list[str]) -> None:
     # single process: all ranks' tokens through the full layer, loss = sum over ranks
     ref_inputs = [x.clone().requires_grad_(True) for x in inputs]
     ref_out = [full(x) for x in ref_inputs]
-    ref_params = [full.router.weight, full.gate_up_proj, full.down_proj]
+    ref_params = [full.router.weight, full.first_proj, full.down_proj]
     ref_grads = torch.autograd.grad(sum((o.float() * g.float()).sum() for o, g in zip(ref_out, grads_out)),
                                     ref_inputs + ref_params, allow_unused=True)
     ref_grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(ref_grads, ref_inputs + ref_params)]
@@ -81,16 +82,16 @@ def _check_layer(case: str, dtype, args, failures: list[str]) -> None:
     layer = ExpertParallelMoE.from_sparse_moe(full)
     x = inputs[rank].clone().requires_grad_(True)
     out = layer(x)
-    params = [layer.router.weight, layer.gate_up_proj, layer.down_proj]
+    params = [layer.router.weight, layer.gate_up_proj if gated else layer.up_proj, layer.down_proj]
     grads = torch.autograd.grad((out.float() * grads_out[rank].float()).sum(), [x] + params, allow_unused=True)
     grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, [x] + params)]
 
     mine = slice(layer.expert_offset, layer.expert_offset + full.num_experts // world)
-    tag = f"[{case}, {dtype}, rank {rank}]"
+    tag = f"[{case}, {dtype}{'' if gated else ', no gate'}, rank {rank}]"
     _compare(f"{tag} output", out, ref_out[rank], dtype, failures)
     _compare(f"{tag} grad x", grads[0], ref_grads[rank], dtype, failures)
     _compare(f"{tag} grad router (all-reduced)", _all_reduce_grad(grads[1]), ref_grads[world], dtype, failures)
-    _compare(f"{tag} grad gate_up_proj (local experts)", grads[2], ref_grads[world + 1][mine], dtype, failures)
+    _compare(f"{tag} grad gate_up_proj or up_proj (local experts)", grads[2], ref_grads[world + 1][mine], dtype, failures)
     _compare(f"{tag} grad down_proj (local experts)", grads[3], ref_grads[world + 2][mine], dtype, failures)
 
 
@@ -217,6 +218,7 @@ def _worker(rank: int, world: int, port: int, args) -> None:
         for case in ("random", "all_to_rank0", "rank_without_tokens"):
             _check_layer(case, torch.float32, args, failures)
         _check_layer("random", torch.bfloat16, args, failures)
+        _check_layer("random", torch.float32, args, failures, gated=False)
         _check_adapter(args, failures)
         for family in ("mixtral", "nemotron_h"):
             _check_hf_model(family, args, failures)
@@ -268,7 +270,7 @@ def main(argv=None) -> int:
         return 1
     print(f"expert-parallel check passed: world size {args.world_size}, {args.backend}; outputs and gradients "
           "match the single-process layers (random routing, all tokens to rank 0, a rank without tokens, "
-          "bf16, adapter-MoE, HF Mixtral and Nemotron-H with sharded experts)")
+          "bf16, experts without a gate, adapter-MoE, HF Mixtral and Nemotron-H with sharded experts)")
     return 0
 
 

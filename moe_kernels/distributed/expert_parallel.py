@@ -156,13 +156,18 @@ class ExpertParallelMoE(nn.Module):
         num_local = local_expert_count(layer.num_experts, group)
         check_same_config(group, num_experts=layer.num_experts, hidden=layer.hidden_size,
                           intermediate=layer.intermediate_size, top_k=layer.top_k, activation=layer.activation,
-                          routing=sorted(layer.routing.items()))
+                          gated=layer.gated, routing=sorted(layer.routing.items()))
         self.group, self.num_experts, self.top_k = group, layer.num_experts, layer.top_k
         self.hidden_size, self.activation, self.backend = layer.hidden_size, layer.activation, layer.backend
+        self.gated = layer.gated
         self.routing = dict(layer.routing)
         self.router = copy.deepcopy(layer.router)
         mine = slice(rank * num_local, (rank + 1) * num_local)
-        self.gate_up_proj = nn.Parameter(layer.gate_up_proj.detach()[mine].clone())
+        first = nn.Parameter(layer.first_proj.detach()[mine].clone())
+        if self.gated:
+            self.gate_up_proj = first
+        else:
+            self.up_proj = first
         self.down_proj = nn.Parameter(layer.down_proj.detach()[mine].clone())
         self.expert_offset = rank * num_local
         self.aux_loss: torch.Tensor | None = None
@@ -176,8 +181,9 @@ class ExpertParallelMoE(nn.Module):
         logits = self.router(x2d)
         weights, ids = moe_kernels.route(logits, self.top_k, backend=self.backend, **self.routing)
         self.aux_loss = moe_kernels.load_balancing_loss(logits, ids, self.num_experts)
-        out = expert_parallel_moe_mlp(x2d, self.gate_up_proj, self.down_proj, weights, ids, self.num_experts,
-                                      group=self.group, activation=self.activation, backend=self.backend)
+        first = self.gate_up_proj if self.gated else self.up_proj
+        out = expert_parallel_moe_mlp(x2d, first, self.down_proj, weights, ids, self.num_experts, group=self.group,
+                                      activation=self.activation, gated=self.gated, backend=self.backend)
         return out.reshape(x.shape)
 
 

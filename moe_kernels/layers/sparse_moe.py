@@ -9,7 +9,8 @@ import moe_kernels
 
 
 class SparseMoE(nn.Module):
-    """Router (a linear H -> E) + E gated expert MLPs in the Hugging Face v5 layout.
+    """Router (a linear H -> E) + E expert MLPs in the Hugging Face v5 layout: gated (``gate_up_proj`` [E, 2I, H])
+    or, with ``gated=False``, without a gate (``up_proj`` [E, I, H], e.g. ``activation="relu2"`` as Nemotron-H).
 
     forward(x [..., H]) -> y [..., H]. The router's logits and the Switch load-balancing loss of the
     last forward are kept on ``self.router_logits`` / ``self.aux_loss`` for the training loop.
@@ -20,7 +21,7 @@ class SparseMoE(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int, *,
                  activation: str = "silu", scoring: str = "softmax", order: str = "softmax_then_topk",
-                 renormalize: bool = True, scale: float = 1.0, backend: str | None = None,
+                 renormalize: bool = True, scale: float = 1.0, backend: str | None = None, gated: bool = True,
                  dtype: torch.dtype | None = None, device=None):
         super().__init__()
         if not 1 <= top_k <= num_experts:
@@ -28,17 +29,26 @@ class SparseMoE(nn.Module):
         factory = dict(dtype=dtype, device=device)
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.num_experts, self.top_k = num_experts, top_k
-        self.activation, self.backend = activation, backend
+        self.activation, self.backend, self.gated = activation, backend, bool(gated)
         self.routing = dict(scoring=scoring, order=order, renormalize=renormalize, scale=scale)
         self.router = nn.Linear(hidden_size, num_experts, bias=False, **factory)
-        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size, **factory))
+        first = nn.Parameter(torch.empty(num_experts, (2 if gated else 1) * intermediate_size, hidden_size, **factory))
+        if self.gated:
+            self.gate_up_proj = first
+        else:
+            self.up_proj = first
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size, **factory))
         self.reset_parameters()
         self.router_logits: torch.Tensor | None = None
         self.aux_loss: torch.Tensor | None = None
 
+    @property
+    def first_proj(self) -> nn.Parameter:
+        """The first GEMM's weight: ``gate_up_proj``, or ``up_proj`` without a gate."""
+        return self.gate_up_proj if self.gated else self.up_proj
+
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.gate_up_proj, std=self.hidden_size ** -0.5)
+        nn.init.normal_(self.first_proj, std=self.hidden_size ** -0.5)
         nn.init.normal_(self.down_proj, std=self.intermediate_size ** -0.5)
         self.router.reset_parameters()
 
@@ -49,8 +59,8 @@ class SparseMoE(nn.Module):
         return logits, weights, ids
 
     def experts(self, x2d: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return moe_kernels.moe_mlp(x2d, self.gate_up_proj, self.down_proj, weights, ids,
-                                   activation=self.activation, backend=self.backend)
+        return moe_kernels.moe_mlp(x2d, self.first_proj, self.down_proj, weights, ids,
+                                   activation=self.activation, gated=self.gated, backend=self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x2d = x.reshape(-1, self.hidden_size)
@@ -61,4 +71,4 @@ class SparseMoE(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"hidden={self.hidden_size}, intermediate={self.intermediate_size}, experts={self.num_experts}, "
-                f"top_k={self.top_k}, activation={self.activation}, backend={self.backend}")
+                f"top_k={self.top_k}, activation={self.activation}, gated={self.gated}, backend={self.backend}")
