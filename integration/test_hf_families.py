@@ -97,6 +97,8 @@ TOL = {torch.float32: dict(logits=1e-5, router=1e-5, aux=1e-5, grad=1e-4, loss=1
 def build(model_type: str, dtype: torch.dtype, seed: int = 0, **overrides) -> torch.nn.Module:
     """Tiny model of ``model_type`` with large random weights (std 0.2), nonzero correction biases."""
     config_name, model_name, kwargs = FAMILIES[model_type]
+    if not hasattr(transformers, config_name):  # a family newer than this transformers (CI's oldest run)
+        pytest.skip(f"transformers {transformers.__version__} has no {config_name}")
     config = getattr(transformers, config_name)(**{**COMMON, **kwargs, **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, model_name)(config)
@@ -384,7 +386,8 @@ def test_families_table_covers_the_named_families():
     assert table["gpt_oss"]["router_variant"] == "gpt_oss"
     for family in PARITY_TESTED:
         assert family in FAMILIES, f"{family} is marked parity-tested but has no tiny config here"
-    assert set(mkhf.supported_model_types()) >= set(FAMILIES)
+    assert set(mkhf.supported_model_types()) >= {f for f, (config, _, _) in FAMILIES.items()
+                                                 if hasattr(transformers, config)}
     for row in table.values():
         if row["status"] == "unsupported":
             assert row["reason"], row
