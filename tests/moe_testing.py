@@ -211,6 +211,33 @@ def expert_leaves(T, H, I, E, g):
     return [torch.randn(*shape, generator=g, requires_grad=True) for shape in shapes]
 
 
+def check_hf_experts_against_transformers(experts, backend, what="", num_tokens=9, k=2):
+    """A transformers experts module (already on ``device_for(backend)``) through the moe_kernels experts
+    implementation on ``backend`` against the module's own forward: output and the gradients of the hidden states,
+    the routing weights and every parameter (fp32 tolerances). Returns (x, ids, weights, transformers' output) for
+    further checks on the same inputs."""
+    from moe_kernels.hf.experts import BACKEND_ATTRIBUTE, moe_kernels_experts_forward
+
+    device = device_for(backend)
+    hidden, num_experts = experts.down_proj.shape[1], experts.num_experts
+    if getattr(experts, "is_transposed", False):
+        hidden = experts.down_proj.shape[2]
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(num_tokens, hidden, generator=g).to(device)
+    ids = torch.stack([torch.randperm(num_experts, generator=g)[:k] for _ in range(num_tokens)]).to(device)  # int64
+    weights = torch.softmax(torch.randn(num_tokens, k, generator=g), -1).to(device)
+    grad = torch.randn(num_tokens, hidden, generator=g).to(device)
+    leaves = [x.requires_grad_(), weights.requires_grad_(), *experts.parameters()]
+    want = experts(x, ids, weights)  # transformers' eager experts forward
+    setattr(experts, BACKEND_ATTRIBUTE, backend)
+    got = moe_kernels_experts_forward(experts, x, ids, weights)
+    assert_close_rel(got, want, torch.float32, f"{what} output")
+    names = ["x", "weights", *(n for n, _ in experts.named_parameters())]
+    for name, a, b in zip(names, torch.autograd.grad(got, leaves, grad), torch.autograd.grad(want, leaves, grad)):
+        assert_close_rel(a, b, torch.float32, f"{what} grad {name}", factor=5.0)
+    return x.detach(), ids, weights.detach(), want.detach()
+
+
 def native_opcheck_cases(*op_names):
     """(op, args) for torch.library.opcheck of the C++ ops named (route_forward, plan, gather_rows, ...), in one
     fixed order; the inputs are drawn from one generator in the same order whatever is asked for."""

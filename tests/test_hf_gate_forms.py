@@ -17,7 +17,7 @@ from moe_kernels.hf.experts import (GateForm, UnsupportedExpertsError, describe_
                                     moe_kernels_experts_forward)
 from moe_kernels.hf.experts import BACKEND_ATTRIBUTE  # noqa: E402
 from moe_kernels.hf.families import EXPERTS_PARITY_TESTED, families_table  # noqa: E402
-from moe_testing import assert_close_rel, backends_under_test, device_for  # noqa: E402
+from moe_testing import backends_under_test, check_hf_experts_against_transformers, device_for  # noqa: E402
 
 # model_type -> (config class, experts class, expected activation, interleaved)
 FAMILIES = {
@@ -72,21 +72,7 @@ def test_gate_form_is_recognised(model_type):
 @pytest.mark.parametrize("model_type", list(FAMILIES))
 def test_experts_match_transformers(model_type, backend):
     experts = _experts(model_type).to(device_for(backend))
-    device = device_for(backend)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(9, 32, generator=g).to(device)
-    ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(9)]).to(device)  # int64, as HF routers
-    weights = torch.softmax(torch.randn(9, 2, generator=g), -1).to(device)
-    grad = torch.randn(9, 32, generator=g).to(device)
-    leaves = [x.requires_grad_(), weights.requires_grad_(), *experts.parameters()]
-
-    want = experts(x, ids, weights)  # transformers' eager experts forward
-    setattr(experts, BACKEND_ATTRIBUTE, backend)
-    got = moe_kernels_experts_forward(experts, x, ids, weights)
-    assert_close_rel(got, want, torch.float32, f"{model_type} output")
-    for name, a, b in zip(["x", "weights", *(n for n, _ in experts.named_parameters())],
-                          torch.autograd.grad(got, leaves, grad), torch.autograd.grad(want, leaves, grad)):
-        assert_close_rel(a, b, torch.float32, f"{model_type} grad {name}", factor=5.0)
+    x, ids, weights, want = check_hf_experts_against_transformers(experts, backend, model_type)
 
     if info_caps := describe_experts(experts)["softcaps"]:  # the soft caps bind here, as the clamp below does
         experts.act_fn.gate_softcap.softcap = experts.act_fn.up_softcap.softcap = 1e9

@@ -9,7 +9,7 @@ import copy
 
 import pytest
 import torch
-from moe_testing import assert_close_rel, backends_under_test, device_for
+from moe_testing import assert_close_rel, backends_under_test, check_hf_experts_against_transformers, device_for
 
 transformers = pytest.importorskip("transformers")
 try:
@@ -19,8 +19,7 @@ except ImportError:
 
 import moe_kernels.hf as mkhf  # noqa: E402
 from moe_kernels.hf import routers as fused  # noqa: E402
-from moe_kernels.hf.experts import (BACKEND_ATTRIBUTE, describe_experts,  # noqa: E402
-                                    moe_kernels_experts_forward)
+from moe_kernels.hf.experts import describe_experts, moe_kernels_experts_forward  # noqa: E402
 
 HIDDEN, E, K = 32, 8, 2
 
@@ -51,22 +50,9 @@ def test_post_expert_norm_is_described():
 
 @pytest.mark.parametrize("backend", backends_under_test())
 def test_experts_with_post_norm_match_transformers(backend):
-    device = device_for(backend)
-    experts = _randomise(MuseSparkExperts(_config()), 0).to(device)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(9, HIDDEN, generator=g).to(device)
-    ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(9)]).to(device)
-    weights = torch.softmax(torch.randn(9, K, generator=g), -1).to(device)
-    grad = torch.randn(9, HIDDEN, generator=g).to(device)
-    leaves = [x.requires_grad_(), weights.requires_grad_(), *experts.parameters()]
-    want = experts(x, ids, weights)  # transformers' eager loop: norm, then the routing weight
-    setattr(experts, BACKEND_ATTRIBUTE, backend)
-    got = moe_kernels_experts_forward(experts, x, ids, weights)
-    assert_close_rel(got, want, torch.float32, "output")
-    names = ["x", "weights", *(n for n, _ in experts.named_parameters())]
-    assert "post_expert_norm.weight" in names
-    for name, a, b in zip(names, torch.autograd.grad(got, leaves, grad), torch.autograd.grad(want, leaves, grad)):
-        assert_close_rel(a, b, torch.float32, f"grad {name}", factor=5.0)
+    experts = _randomise(MuseSparkExperts(_config()), 0).to(device_for(backend))
+    assert "post_expert_norm.weight" in dict(experts.named_parameters())  # its gradient is compared too
+    x, ids, weights, want = check_hf_experts_against_transformers(experts, backend, "muse_spark", k=K)
     # the norm matters here: without it the output is another one
     with torch.no_grad():
         experts.has_post_expert_norm = False

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from moe_testing import (DTYPES, assert_close_rel, backends_under_test, device_for, make_ids)
+from moe_testing import (DTYPES, assert_close_rel, backends_under_test, check_hf_experts_against_transformers,
+                         device_for, make_ids)
 
 import moe_kernels
 from moe_kernels import reference, spec
@@ -177,23 +178,7 @@ def test_nemotron_h_default_activation_is_relu2_and_runs_ungated():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_nemotron_h_experts_match_transformers(backend):
-    from moe_kernels.hf.experts import BACKEND_ATTRIBUTE, moe_kernels_experts_forward
-
-    device = device_for(backend)
-    experts = _nemotron_experts().to(device)
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(9, 32, generator=g).to(device)
-    ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(9)]).to(device)  # int64, as HF routers
-    weights = torch.softmax(torch.randn(9, 2, generator=g), -1).to(device)
-    grad = torch.randn(9, 32, generator=g).to(device)
-    leaves = [x.requires_grad_(), weights.requires_grad_(), *experts.parameters()]
-    want = experts(x, ids, weights)  # transformers' eager loop
-    setattr(experts, BACKEND_ATTRIBUTE, backend)
-    got = moe_kernels_experts_forward(experts, x, ids, weights)
-    assert_close_rel(got, want, torch.float32, "output")
-    for name, a, b in zip(["x", "weights", *(n for n, _ in experts.named_parameters())],
-                          torch.autograd.grad(got, leaves, grad), torch.autograd.grad(want, leaves, grad)):
-        assert_close_rel(a, b, torch.float32, f"grad {name}", factor=5.0)
+    check_hf_experts_against_transformers(_nemotron_experts().to(device_for(backend)), backend, "nemotron_h")
 
 
 def test_nemotron_h_up_projection_is_passed_without_a_copy(monkeypatch):
