@@ -179,7 +179,7 @@ def describe_experts(module: nn.Module) -> dict:
     if form.kind == "custom":
         raise UnsupportedExpertsError(
             f"{name} overrides _apply_gate with a gate moe_kernels does not know; supported gates are "
-            "act(gate) * up, its clamped form (DeepSeek-V4) and GPT-OSS's SwiGLU")
+            "act(gate) * up, its clamped form (DeepSeek-V4), GPT-OSS's SwiGLU and Inkling2's soft-capped SwiGLU")
     if form.interleaved == is_concatenated:
         raise UnsupportedExpertsError(
             f"{name}: its _apply_gate splits gate/up {'interleaved' if form.interleaved else 'in halves'} but "
@@ -205,7 +205,7 @@ def describe_experts(module: nn.Module) -> dict:
         if activation not in GATED_ACTIVATIONS:  # relu2: elementwise only
             raise UnsupportedExpertsError(
                 f"{name}: activation {type(module.act_fn).__name__} in a gated MLP; moe_kernels gates with "
-                f"{', '.join(a for a in GATED_ACTIVATIONS if a != 'gpt_oss')}")
+                f"{', '.join(a for a in GATED_ACTIVATIONS if a not in ('gpt_oss', 'softcap_swiglu'))}")
         info["activation"] = activation
     info["interleaved"] = form.interleaved
     if form.limit_attribute is not None:
