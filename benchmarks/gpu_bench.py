@@ -11,6 +11,10 @@ Suites:
   fused MoE (configs pinned: ``LIGER_FUSED_MOE_AUTOTUNE=0``) and vLLM's ``fused_experts`` when importable.
 * ``route``: routing, forward and forward+backward, torch autograd (the oracle) against the backends.
 * ``adapter``: adapter experts (PESC r=16 and LoRA r=64), the backends against a per-expert loop.
+* ``forms`` (opt-in: ``--suites forms``): the expert MLP in the other forms of Hugging Face families, as the
+  ``moe`` suite measures it: experts without a gate with ReLU^2 (Nemotron-3-Nano's shape; the HF rows run
+  transformers' NemotronHExperts) and Inkling2's soft-capped SwiGLU (at Qwen3-30B-A3B's shape; HF rows run
+  Inkling2Experts). Liger and vLLM have neither form.
 
 Timing: CUDA events around each call, providers interleaved round-robin so clock drift hits all of them
 alike, warm-up calls first (compiles, allocator), the median over the repeats, three input sets rotated
@@ -59,6 +63,21 @@ class MoEShape:
     inter: int
     experts: int
     top_k: int
+    form: str = "swiglu"  # a key of FORMS
+
+    @property
+    def options(self) -> dict:
+        """moe_kernels.moe_mlp's keyword arguments for this form."""
+        return FORMS[self.form]
+
+    @property
+    def gated(self) -> bool:
+        return self.options.get("gated", True)
+
+
+# The expert MLP forms the benchmark knows: moe_mlp's arguments for each.
+FORMS = {"swiglu": {}, "relu2": dict(activation="relu2", gated=False),
+         "softcap": dict(activation="softcap_swiglu", softcaps=(4.0, 25.0))}  # Inkling2's default caps
 
 
 MOE_SHAPES = [
@@ -70,6 +89,9 @@ MOE_SHAPES = [
 TOKENS = (1, 4, 8, 64, 512, 4096, 16384)
 QUICK_TOKENS = (1, 8, 64, 4096, 16384)
 DRY_SHAPES = [MoEShape("tiny", 32, 16, 5, 2), MoEShape("tiny-k1", 16, 16, 3, 1)]
+FORM_SHAPES = [MoEShape("Nemotron-3-Nano, no gate, ReLU^2 (H2688 I1856)", 2688, 1856, 128, 6, "relu2"),
+               MoEShape("soft-capped SwiGLU (Inkling2) at Qwen3-30B-A3B", 2048, 768, 128, 8, "softcap")]
+DRY_FORM_SHAPES = [MoEShape("tiny-k1-relu2", 16, 16, 3, 1, "relu2"), MoEShape("tiny-k1-softcap", 16, 16, 3, 1, "softcap")]
 DRY_TOKENS = (1, 7)
 # transformers' batched_mm gathers every routed row's expert weights: skip it above this many bytes
 BATCHED_MM_MAX_BYTES = 8 * 2**30
@@ -143,15 +165,31 @@ def rel_err(actual, expected) -> float:
 
 
 def _hf_experts(shape: MoEShape, gate_up, down):
-    """transformers' MixtralExperts holding the same weights (gate rows then up rows, SiLU)."""
-    from transformers import MixtralConfig
-    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+    """transformers' experts module of the shape's form holding the same weights: MixtralExperts (gate rows then up
+    rows, SiLU), NemotronHExperts (no gate, ReLU^2) or Inkling2Experts (soft-capped SwiGLU). None when this
+    transformers lacks it."""
+    import transformers
 
-    config = MixtralConfig(hidden_size=shape.hidden, intermediate_size=shape.inter,
-                           num_local_experts=shape.experts, num_experts_per_tok=shape.top_k)
+    if shape.form == "swiglu":
+        from transformers.models.mixtral.modeling_mixtral import MixtralExperts as cls
+        config = transformers.MixtralConfig(hidden_size=shape.hidden, intermediate_size=shape.inter,
+                                            num_local_experts=shape.experts, num_experts_per_tok=shape.top_k)
+    elif shape.form == "relu2" and hasattr(transformers, "NemotronHConfig"):
+        from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHExperts as cls
+        config = transformers.NemotronHConfig(hidden_size=shape.hidden, moe_intermediate_size=shape.inter,
+                                              n_routed_experts=shape.experts, num_experts_per_tok=shape.top_k)
+    elif shape.form == "softcap" and hasattr(transformers, "Inkling2TextConfig"):
+        from transformers.models.inkling2.modeling_inkling2 import Inkling2Experts as cls
+        gate_cap, up_cap = shape.options["softcaps"]
+        config = transformers.Inkling2TextConfig(hidden_size=shape.hidden, moe_intermediate_size=shape.inter,
+                                                 n_routed_experts=shape.experts, num_experts_per_tok=shape.top_k,
+                                                 mlp_gate_softcap=gate_cap, mlp_up_softcap=up_cap)
+    else:
+        return None, None
     with torch.device("meta"):
-        experts = MixtralExperts(config)
-    experts.gate_up_proj = gate_up  # the same Parameter objects every provider differentiates against
+        experts = cls(config)
+    # the same Parameter objects every provider differentiates against
+    setattr(experts, "gate_up_proj" if shape.gated else "up_proj", gate_up)
     experts.down_proj = down
     return experts, config
 
@@ -162,10 +200,14 @@ def runnable_backends(device) -> list[str]:
             and get_backend(b).device_error(device) is None]
 
 
-def _moe_kernels_provider(backend: str, env: dict | None = None):
-    """moe_kernels.moe_mlp on ``backend``; ``env`` is set around its forward and backward (``_provider_env``)."""
+def _moe_kernels_provider(backend: str, shape: MoEShape, env: dict | None = None):
+    """moe_kernels.moe_mlp on ``backend`` in the shape's form; ``env`` is set around its forward and backward
+    (``_provider_env``)."""
+    options = shape.options
+
     def run(inp):
-        return moe_kernels.moe_mlp(inp["x"], inp["gate_up"], inp["down"], inp["weights"], inp["ids"], backend=backend)
+        return moe_kernels.moe_mlp(inp["x"], inp["gate_up"], inp["down"], inp["weights"], inp["ids"], backend=backend,
+                                   **options)
     run.env = env or {}
     return run
 
@@ -176,27 +218,30 @@ def moe_providers(shape: MoEShape, tokens: int, device, dtype, notes: dict) -> d
     backends = runnable_backends(device)
     for backend in ("triton", "cuda"):
         if backend in backends:
-            providers[f"moe_kernels:{backend}"] = _moe_kernels_provider(backend)
+            providers[f"moe_kernels:{backend}"] = _moe_kernels_provider(backend, shape)
         else:
             notes[f"moe_kernels:{backend}"] = "not built or cannot run on this device"
     if "triton" in backends and device.type == "cuda":
         # the weight gradients as torch's grouped GEMM instead of the Triton kernel (the table's default), side
         # by side, until a measurement decides the table's wgrad entry
         providers["moe_kernels:triton[wgrad=grouped_mm]"] = _moe_kernels_provider(
-            "triton", {"MOE_KERNELS_WGRAD": "grouped_mm"})
+            "triton", shape, {"MOE_KERNELS_WGRAD": "grouped_mm"})
         from moe_kernels.triton import configs
 
         if configs.device_tables(torch.cuda.get_device_name(device)):
             # a per-GPU table is in force (moe-kernels tune --triton, or shipped): configs.json's tiles beside it
-            untuned = providers["moe_kernels:triton[configs.json]"] = _moe_kernels_provider("triton")
+            untuned = providers["moe_kernels:triton[configs.json]"] = _moe_kernels_provider("triton", shape)
             untuned.context = configs.base_table_only
     if HF_ERROR:
         notes["hf"] = HF_ERROR
         return providers
+    if _hf_module_missing(shape):
+        notes["hf"] = f"this transformers has no experts module of form {shape.form}"
+        return providers
     impls = ["moe_kernels", "grouped_mm", "batched_mm", "eager"]
     if device.type != "cuda":
         impls = ["moe_kernels", "eager"]
-    batched_bytes = tokens * shape.top_k * 3 * shape.inter * shape.hidden * torch.finfo(dtype).bits // 8
+    batched_bytes = tokens * shape.top_k * _matrices(shape) * shape.inter * shape.hidden * torch.finfo(dtype).bits // 8
     if batched_bytes > BATCHED_MM_MAX_BYTES and "batched_mm" in impls:
         impls.remove("batched_mm")
         notes["hf:batched_mm"] = f"skipped above {BATCHED_MM_MAX_BYTES >> 30} GiB of gathered weights"
@@ -209,7 +254,9 @@ def moe_providers(shape: MoEShape, tokens: int, device, dtype, notes: dict) -> d
             experts.config._experts_implementation = impl
             return experts(inp["x"], inp["ids"].long(), inp["weights"].to(inp["x"].dtype))
         providers[f"hf:{impl}"] = run
-    if device.type == "cuda":
+    if device.type == "cuda" and shape.form != "swiglu":
+        notes["liger:fused_moe"] = notes["vllm:fused_experts"] = f"no {shape.form} form"
+    elif device.type == "cuda":
         try:
             from liger_kernel.ops.fused_moe import LigerFusedMoEFunction
 
@@ -256,12 +303,26 @@ def moe_inputs(shape: MoEShape, tokens: int, device, dtype, seed: int) -> dict:
             "grad": torch.randn(tokens, H, generator=g).to(device, dtype)}
 
 
+def _matrices(shape: MoEShape) -> int:
+    """Weight matrices of I x H per expert: gate, up and down (2 without a gate)."""
+    return 3 if shape.gated else 2
+
+
+def _hf_module_missing(shape: MoEShape) -> bool:
+    """Whether this transformers lacks the experts module of the shape's form."""
+    import transformers
+
+    needed = {"relu2": "NemotronHConfig", "softcap": "Inkling2TextConfig"}.get(shape.form)
+    return needed is not None and not hasattr(transformers, needed)
+
+
 def moe_weights(shape: MoEShape, device, dtype, seed: int = 1234):
     H, I, E = shape.hidden, shape.inter, shape.experts
     torch.manual_seed(seed)
     # Parameters, so that the HF experts module can hold these very tensors: its weight gradients are then
     # the ones every provider's fwd+bwd is asked for (a Parameter wrapping a copy would be a separate leaf)
-    gate_up = torch.nn.Parameter(torch.randn(E, 2 * I, H, device=device, dtype=dtype) / math.sqrt(H))
+    width = 2 * I if shape.gated else I
+    gate_up = torch.nn.Parameter(torch.randn(E, width, H, device=device, dtype=dtype) / math.sqrt(H))
     down = torch.nn.Parameter(torch.randn(E, H, I, device=device, dtype=dtype) / math.sqrt(I))
     return gate_up, down
 
@@ -272,8 +333,8 @@ def expected_touched(E: int, k: int, tokens: int) -> float:
 
 def moe_floor_ms(shape: MoEShape, tokens: int, ceilings: dict, bytes_per: int, backward: bool) -> float:
     H, I, k = shape.hidden, shape.inter, shape.top_k
-    flops = 6.0 * tokens * k * H * I
-    weight_bytes = expected_touched(shape.experts, k, tokens) * 3 * H * I * bytes_per
+    flops = 2.0 * _matrices(shape) * tokens * k * H * I
+    weight_bytes = expected_touched(shape.experts, k, tokens) * _matrices(shape) * H * I * bytes_per
     act_bytes = 2 * tokens * H * bytes_per
     bytes_moved = weight_bytes + act_bytes
     if backward:  # dX and dW GEMMs; weights read again, their gradients written, grad_out read, dx written
@@ -299,7 +360,8 @@ def run_moe_case(shape, tokens, device, dtype, ceilings, args, rows, notes):
     # agreement with the fp32 oracle on input set 0
     inp = sets[0]
     with torch.no_grad():
-        ref = reference.moe_mlp(inp["x"].float(), gate_up.float(), down.float(), inp["weights"], inp["ids"])
+        ref = reference.moe_mlp(inp["x"].float(), gate_up.float(), down.float(), inp["weights"], inp["ids"],
+                                **shape.options)
     errors, working, bwd_names = {}, {}, []
     for name, fn in providers.items():
         try:
@@ -544,8 +606,14 @@ def main(argv=None) -> int:
         run_route_cases(device, args, rows, args.dry_run)
     if "adapter" in suites:
         run_adapter_cases(device, dtype, args, rows, args.dry_run)
-    if "moe" in suites:
-        for shape in shapes:
+    moe_shapes = shapes if "moe" in suites else []
+    if "forms" in suites:
+        form_shapes = DRY_FORM_SHAPES if args.dry_run else FORM_SHAPES
+        if args.shapes:
+            form_shapes = [s for s in form_shapes if any(p.lower() in s.name.lower() for p in args.shapes.split(","))]
+        moe_shapes = moe_shapes + form_shapes
+    if moe_shapes:
+        for shape in moe_shapes:
             for tokens in token_counts:
                 if time.time() - started > args.budget_s:
                     skipped.append(f"{shape.name} T={tokens}")
