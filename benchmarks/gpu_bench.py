@@ -212,8 +212,9 @@ def _moe_kernels_provider(backend: str, shape: MoEShape, env: dict | None = None
     return run
 
 
-def moe_providers(shape: MoEShape, tokens: int, device, dtype, notes: dict) -> dict:
-    """name -> callable(inputs) that runs the expert MLP and returns its output."""
+def moe_providers(shape: MoEShape, tokens: int, device, dtype, notes: dict, hf_experts) -> dict:
+    """name -> callable(inputs) that runs the expert MLP and returns its output. ``hf_experts``: the transformers
+    module of the shape's form (``_hf_experts``), None when this transformers lacks it."""
     providers = {}
     backends = runnable_backends(device)
     for backend in ("triton", "cuda"):
@@ -235,7 +236,7 @@ def moe_providers(shape: MoEShape, tokens: int, device, dtype, notes: dict) -> d
     if HF_ERROR:
         notes["hf"] = HF_ERROR
         return providers
-    if _hf_module_missing(shape):
+    if hf_experts is None:
         notes["hf"] = f"this transformers has no experts module of form {shape.form}"
         return providers
     impls = ["moe_kernels", "grouped_mm", "batched_mm", "eager"]
@@ -308,14 +309,6 @@ def _matrices(shape: MoEShape) -> int:
     return 3 if shape.gated else 2
 
 
-def _hf_module_missing(shape: MoEShape) -> bool:
-    """Whether this transformers lacks the experts module of the shape's form."""
-    import transformers
-
-    needed = {"relu2": "NemotronHConfig", "softcap": "Inkling2TextConfig"}.get(shape.form)
-    return needed is not None and not hasattr(transformers, needed)
-
-
 def moe_weights(shape: MoEShape, device, dtype, seed: int = 1234):
     H, I, E = shape.hidden, shape.inter, shape.experts
     torch.manual_seed(seed)
@@ -352,7 +345,7 @@ def run_moe_case(shape, tokens, device, dtype, ceilings, args, rows, notes):
         inp.update(gate_up=gate_up, down=down, hf_experts=experts)
         sets.append(inp)
     case_notes = {}
-    providers = moe_providers(shape, tokens, device, dtype, case_notes)
+    providers = moe_providers(shape, tokens, device, dtype, case_notes, experts)
     for key, value in case_notes.items():
         notes.setdefault(key, set()).add(value)
     leaves = lambda inp: [inp["x"], inp["weights"], gate_up, down]  # noqa: E731

@@ -200,14 +200,15 @@ if _C is not None:
             (x, w1, w2, b1, b2, weights, expert_offsets, sorted_slots, slot_positions, activation, gated,
              interleaved, limit, scale, _keep_hidden, *caps) = inputs
             ctx.save_for_backward(x, w1, w2, b1, b2, weights, expert_offsets, sorted_slots, slot_positions, output[1])
-            ctx.options = (activation, gated, interleaved, limit, scale, *caps)
+            ctx.options = (activation, gated, interleaved, limit, scale)
+            ctx.caps = tuple(caps)
             ctx.num_inputs = len(inputs)
 
         def _experts_backward(ctx, grad_out, _grad_hidden):
             x, w1, w2, b1, b2, weights, expert_offsets, sorted_slots, slot_positions, hidden = ctx.saved_tensors
             grad_x, grad_w1, grad_w2, grad_b1, grad_b2, grad_weights = ops.expert_mlp_backward(
                 grad_out.contiguous(), x, w1, w2, b1, b2, weights, expert_offsets, sorted_slots, slot_positions,
-                hidden, *ctx.options)
+                hidden, *ctx.options, *ctx.caps)
             return (grad_x, grad_w1, grad_w2, grad_b1 if b1 is not None else None,
                     grad_b2 if b2 is not None else None, grad_weights) + (None,) * (ctx.num_inputs - 6)
 
