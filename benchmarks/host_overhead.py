@@ -109,6 +109,22 @@ def _cases(device: torch.device):
 
     cases.append(("moe_mlp forward+backward T=16 (H 512, I 256, E 8, k 2)", train))
 
+    # The native backend (cuda on a GPU, else cpu): its op dispatch and C++ autograd (csrc/autograd.cpp). Without
+    # a GPU its kernels really run, so the shape is tiny there (the CPU work is a few microseconds of the figure).
+    native = "cuda" if device.type == "cuda" else "cpu"
+    Hn, In, En = (Ht, It, Et) if device.type == "cuda" else (16, 16, 4)
+    x_native = randn(16, Hn, grad=True)
+    w_native = (randn(En, 2 * In, Hn, scale=Hn ** -0.5, grad=True), randn(En, Hn, In, scale=In ** -0.5, grad=True))
+    logits_native = torch.randn(16, En, device=device, generator=g, requires_grad=True)
+    grad_native = randn(16, Hn)
+
+    def native_train():
+        weights, ids = mk.route(logits_native, 2, backend=native)
+        y = mk.moe_mlp(x_native, *w_native, weights, ids, backend=native)
+        torch.autograd.grad(y, (x_native, *w_native, logits_native), grad_native)
+
+    cases.append((f"route+moe_mlp fwd+bwd T=16, {native} (H {Hn} I {In} E {En} k 2)", native_train))
+
     r = 16
     adapter_down, adapter_up = randn(16, r, H, scale=H ** -0.5), randn(16, H, r, scale=r ** -0.5)
     h = randn(1, H)

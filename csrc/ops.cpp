@@ -6,9 +6,10 @@
 //   CUDA:      csrc/cuda/*.cu (routing.cu, dispatch.cu)
 //   CPU+CUDA:  csrc/grouped_experts.cpp (one implementation; its row kernels are csrc/cpu/grouped_rows.cpp
 //              and csrc/cuda/grouped_rows.cu)
+//   Autograd:  csrc/autograd.cpp (every device; the differentiable ops' backward formulas)
 // expert_mlp_forward / expert_mlp_backward have CPU kernels only. Slot conventions follow
-// moe_kernels/reference.py: slot s = t*k + j, ids int32, routing weights float32. Python wrappers, fake
-// kernels and autograd: moe_kernels/native.py.
+// moe_kernels/reference.py: slot s = t*k + j, ids int32, routing weights float32. Python wrappers and fake
+// kernels: moe_kernels/native.py.
 #include <Python.h>
 #include <torch/library.h>
 

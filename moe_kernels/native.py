@@ -1,8 +1,8 @@
 """The native backends, ``cpu`` and ``cuda``: the C++/CUDA ops of ``moe_kernels._C`` (csrc/).
 
-Importing this module loads the extension (which registers ``torch.ops.moe_kernels.*``), then adds
-what the C++ side does not provide: fake (meta) kernels, so the ops trace under ``torch.compile``, and
-autograd formulas (``torch.library.register_autograd``) built from the native backward ops.
+Importing this module loads the extension (which registers ``torch.ops.moe_kernels.*``, their CPU/CUDA
+kernels and their autograd, csrc/autograd.cpp), then adds what the C++ side does not provide: fake (meta)
+kernels, so the ops trace under ``torch.compile``.
 
 Ops (schemas in csrc/ops.cpp; slot s = t*k + j as in :mod:`moe_kernels.reference`):
 
@@ -145,100 +145,7 @@ if _C is not None:
             return (grad_out.new_empty(grad_out.shape), grad_out.new_empty(tuple(w1.shape)),
                     grad_out.new_empty(tuple(w2.shape)), grad_b1, grad_b2, weights.new_empty(weights.shape))
 
-    # ---- autograd ---------------------------------------------------------------------------------
-
-    def _route_setup(ctx, inputs, output):
-        logits, _k, use_sigmoid, topk_first, renormalize, _bias, _n_group, _topk_group, scale = inputs
-        ctx.save_for_backward(logits, output[1])
-        ctx.flags = (use_sigmoid, topk_first, renormalize, scale)
-
-    def _route_backward(ctx, grad_weights, _grad_ids):
-        logits, ids = ctx.saved_tensors
-        use_sigmoid, topk_first, renormalize, scale = ctx.flags
-        grad_logits = ops.route_backward(grad_weights, logits, ids, use_sigmoid, topk_first, renormalize, scale)
-        return grad_logits.to(logits.dtype), None, None, None, None, None, None, None, None
-
-    torch.library.register_autograd("moe_kernels::route_forward", _route_backward, setup_context=_route_setup)
-
-    def _inverse_permutation(perm):
-        """sorted_slots <-> slot_positions: each is the inverse permutation of the other (int32)."""
-        inverse = torch.empty_like(perm)
-        inverse[perm.long()] = torch.arange(perm.shape[0], device=perm.device, dtype=torch.int32)
-        return inverse
-
-    # gather_rows(x, sorted_slots, k) and scatter_rows_sum(grad_rows, slot_positions, k) are each other's
-    # backward, over the inverse permutation of the index the forward took.
-    def _rows_setup(ctx, inputs, output):
-        _rows, index, k = inputs
-        ctx.save_for_backward(index)
-        ctx.k = k
-
-    def _rows_backward(adjoint):
-        def backward(ctx, grad):
-            (index,) = ctx.saved_tensors
-            return adjoint(grad.contiguous(), _inverse_permutation(index), ctx.k), None, None
-        return backward
-
-    torch.library.register_autograd("moe_kernels::gather_rows", _rows_backward(ops.scatter_rows_sum),
-                                    setup_context=_rows_setup)
-    torch.library.register_autograd("moe_kernels::scatter_rows_sum", _rows_backward(ops.gather_rows),
-                                    setup_context=_rows_setup)
-
-    def _combine_setup(ctx, inputs, output):
-        y_sorted, slot_positions, weights = inputs
-        ctx.save_for_backward(y_sorted, slot_positions, weights)
-
-    def _combine_backward(ctx, grad_out):
-        y_sorted, slot_positions, weights = ctx.saved_tensors
-        grad_y, grad_weights = ops.combine_backward(grad_out.contiguous(), y_sorted, slot_positions, weights)
-        return grad_y, None, grad_weights
-
-    torch.library.register_autograd("moe_kernels::combine", _combine_backward, setup_context=_combine_setup)
-
-    if has_kernel("expert_mlp_forward", "CPU"):
-        def _experts_setup(ctx, inputs, output):
-            (x, w1, w2, b1, b2, weights, expert_offsets, sorted_slots, slot_positions, activation, gated,
-             interleaved, limit, scale, _keep_hidden, *caps) = inputs
-            ctx.save_for_backward(x, w1, w2, b1, b2, weights, expert_offsets, sorted_slots, slot_positions, output[1])
-            ctx.options = (activation, gated, interleaved, limit, scale)
-            ctx.caps = tuple(caps)
-            ctx.num_inputs = len(inputs)
-
-        def _experts_backward(ctx, grad_out, _grad_hidden):
-            x, w1, w2, b1, b2, weights, expert_offsets, sorted_slots, slot_positions, hidden = ctx.saved_tensors
-            grad_x, grad_w1, grad_w2, grad_b1, grad_b2, grad_weights = ops.expert_mlp_backward(
-                grad_out.contiguous(), x, w1, w2, b1, b2, weights, expert_offsets, sorted_slots, slot_positions,
-                hidden, *ctx.options, *ctx.caps)
-            return (grad_x, grad_w1, grad_w2, grad_b1 if b1 is not None else None,
-                    grad_b2 if b2 is not None else None, grad_weights) + (None,) * (ctx.num_inputs - 6)
-
-        torch.library.register_autograd("moe_kernels::expert_mlp_forward", _experts_backward,
-                                        setup_context=_experts_setup)
-
-    if has_kernel("grouped_mlp_forward", "CPU"):
-        def _grouped_setup(ctx, inputs, output):
-            (x, w1, w2, b1, b2, weights, ids, expert_offsets, sorted_slots, slot_positions, activation, gated,
-             interleaved, limit, scale, keep, *caps) = inputs
-            ctx.save_for_backward(x if not keep else None, w1, w2, b1, b2, weights, ids, expert_offsets, sorted_slots,
-                                  slot_positions, output[1], output[2])
-            ctx.options = (activation, gated, interleaved, limit, scale)
-            ctx.caps = tuple(caps)
-            ctx.num_inputs = len(inputs)
-
-        def _grouped_backward(ctx, grad_out, _grad_xs, _grad_hidden):
-            (x, w1, w2, b1, b2, weights, ids, expert_offsets, sorted_slots, slot_positions, xs,
-             hidden) = ctx.saved_tensors
-            if x is not None:  # the forward kept nothing (keep=False): recompute the gathered rows and hidden
-                _out, xs, hidden = ops.grouped_mlp_forward(x, w1, w2, b1, b2, weights, ids, expert_offsets,
-                                                           sorted_slots, slot_positions, *ctx.options, True, *ctx.caps)
-            grad_x, grad_w1, grad_w2, grad_b1, grad_b2, grad_weights = ops.grouped_mlp_backward(
-                grad_out.contiguous(), xs, hidden, w1, w2, b1, b2, weights, ids, expert_offsets, sorted_slots,
-                slot_positions, *ctx.options, *ctx.caps)
-            return (grad_x, grad_w1, grad_w2, grad_b1 if b1 is not None else None,
-                    grad_b2 if b2 is not None else None, grad_weights) + (None,) * (ctx.num_inputs - 6)
-
-        torch.library.register_autograd("moe_kernels::grouped_mlp_forward", _grouped_backward,
-                                        setup_context=_grouped_setup)
+    # Autograd: csrc/autograd.cpp (C++ torch::autograd::Functions registered for the Autograd key).
 
 
 # ---- the backend functions -----------------------------------------------------------------------
