@@ -4,14 +4,16 @@
 // the fake kernel of moe_kernels/native.py under torch.compile) and saves what the backward op reads; its
 // backward calls that backward op. Differentiable: route_forward (w.r.t. logits), gather_rows,
 // scatter_rows_sum, combine (y_sorted and weights), expert_mlp_forward and grouped_mlp_forward (x, w1, w2,
-// the biases and the routing weights). The backward ops themselves are not differentiable (no double
-// backward).
+// the biases and the routing weights). The row moves' backward is the other row move, itself differentiable; every
+// other backward op is not, so those gradients are first-order only (first_order_only below).
 //
 // Why C++ and not torch.library.register_autograd: the Python formula costs a call of the expert ops about
 // 80 microseconds in grad mode (torch rebuilds the 17-18 schema defaults in Python on every call) and each
 // other op 10-25, which is the whole GPU time of a small training step; here the same bookkeeping costs a few.
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/autograd.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -56,6 +58,46 @@ using GroupedBackward = Grads6(const Tensor&, const Tensor&, const Tensor&, cons
                                const OptTensor&, const OptTensor&, const Tensor&, const Tensor&, const Tensor&,
                                const Tensor&, const Tensor&, c10::string_view, bool, bool, std::optional<double>,
                                double, double, double);
+
+// A backward formula that is not differentiable itself: `compute` runs without grad, and under create_graph (grad
+// mode on during the backward) its gradients come back through an Error node that raises when they are
+// differentiated, so a second differentiation cannot silently take them for constants. The node's edges lead to
+// everything the gradients depend on (the saved tensors and the incoming gradients), so differentiating with
+// respect to any of them reaches it. Same contract and message as moe_kernels/first_order.py.
+template <typename Compute>
+variable_list first_order_only(const char* name, AutogradContext* ctx, const variable_list& grad_outputs,
+                               Compute&& compute) {
+  const bool create_graph = at::GradMode::is_enabled();
+  variable_list grads;
+  {
+    at::NoGradGuard no_grad;
+    grads = compute();
+  }
+  if (!create_graph) return grads;
+  auto differentiable = [](const Tensor& t) { return t.defined() && t.is_floating_point(); };
+  variable_list inputs;
+  std::vector<size_t> where;
+  for (size_t i = 0; i < grads.size(); ++i) {
+    if (differentiable(grads[i])) {
+      inputs.push_back(grads[i].detach().requires_grad_(true));
+      where.push_back(i);
+    }
+  }
+  if (where.empty()) return grads;
+  for (const variable_list& links : {ctx->get_saved_variables(), grad_outputs}) {
+    for (const Tensor& t : links) {
+      if (differentiable(t) && t.requires_grad()) inputs.push_back(t);
+    }
+  }
+  const std::string message =
+      std::string(name) +
+      ": moe_kernels computes first-order gradients only; these were asked for with create_graph=True and cannot "
+      "be differentiated again (no double backward). Use backend='reference' for higher-order derivatives.";
+  auto error = std::make_shared<torch::autograd::DelayedError>(message, static_cast<int64_t>(inputs.size()));
+  variable_list guarded = (*error)(std::move(inputs));
+  for (size_t j = 0; j < where.size(); ++j) grads[where[j]] = guarded[j];
+  return grads;
+}
 
 // An optional bias as saved (an undefined tensor when absent) and back.
 Tensor saved(const OptTensor& t) { return t.has_value() ? *t : Tensor(); }
@@ -114,14 +156,16 @@ struct Route : torch::autograd::Function<Route> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto route_backward = op<RouteBackward>("moe_kernels::route_backward");
-    const auto saved_tensors = ctx->get_saved_variables();
-    const Tensor& logits = saved_tensors[0];
-    const auto flags = ctx->saved_data["flags"].toBoolList();
-    Tensor grad_logits = route_backward.call(grads[0].contiguous(), logits, saved_tensors[1], flags.get(0),
-                                             flags.get(1), flags.get(2), ctx->saved_data["scale"].toDouble());
-    // The bias only chooses (DeepSeek-V3's correction bias): no gradient, as in the reference.
-    return {grad_logits.to(logits.scalar_type()), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
-            Tensor(), Tensor()};
+    return first_order_only("route (native)", ctx, grads, [&]() -> variable_list {
+      const auto saved_tensors = ctx->get_saved_variables();
+      const Tensor& logits = saved_tensors[0];
+      const auto flags = ctx->saved_data["flags"].toBoolList();
+      Tensor grad_logits = route_backward.call(grads[0].contiguous(), logits, saved_tensors[1], flags.get(0),
+                                               flags.get(1), flags.get(2), ctx->saved_data["scale"].toDouble());
+      // The bias only chooses (DeepSeek-V3's correction bias): no gradient, as in the reference.
+      return {grad_logits.to(logits.scalar_type()), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
+              Tensor(), Tensor()};
+    });
   }
 };
 
@@ -183,9 +227,11 @@ struct Combine_ : torch::autograd::Function<Combine_> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto combine_backward = op<CombineBackward>("moe_kernels::combine_backward");
-    const auto s = ctx->get_saved_variables();
-    auto [grad_y, grad_weights] = combine_backward.call(grads[0].contiguous(), s[0], s[1], s[2]);
-    return {grad_y, Tensor(), grad_weights};
+    return first_order_only("combine (native)", ctx, grads, [&]() -> variable_list {
+      const auto s = ctx->get_saved_variables();
+      auto [grad_y, grad_weights] = combine_backward.call(grads[0].contiguous(), s[0], s[1], s[2]);
+      return {grad_y, Tensor(), grad_weights};
+    });
   }
 };
 
@@ -217,12 +263,14 @@ struct ExpertMLP : torch::autograd::Function<ExpertMLP> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto expert_backward = op<ExpertBackward>("moe_kernels::expert_mlp_backward");
-    const auto s = ctx->get_saved_variables();
-    const ActivationOptions o = ActivationOptions::load(ctx);
-    const Grads6 g = expert_backward.call(grads[0].contiguous(), s[0], s[1], s[2], optional(s[3]), optional(s[4]),
-                                          s[5], s[6], s[7], s[8], s[9], o.activation, o.gated, o.interleaved, o.limit,
-                                          o.scale, o.gate_cap, o.up_cap);
-    return expert_input_grads(g, s[3].defined(), s[4].defined(), kInputs);
+    return first_order_only("moe_mlp / adapter_moe (native)", ctx, grads, [&]() -> variable_list {
+      const auto s = ctx->get_saved_variables();
+      const ActivationOptions o = ActivationOptions::load(ctx);
+      const Grads6 g = expert_backward.call(grads[0].contiguous(), s[0], s[1], s[2], optional(s[3]), optional(s[4]),
+                                            s[5], s[6], s[7], s[8], s[9], o.activation, o.gated, o.interleaved,
+                                            o.limit, o.scale, o.gate_cap, o.up_cap);
+      return expert_input_grads(g, s[3].defined(), s[4].defined(), kInputs);
+    });
   }
 };
 
@@ -263,19 +311,21 @@ struct GroupedMLP : torch::autograd::Function<GroupedMLP> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto grouped_forward = op<GroupedForward>("moe_kernels::grouped_mlp_forward");
     static const auto grouped_backward = op<GroupedBackward>("moe_kernels::grouped_mlp_backward");
-    const auto s = ctx->get_saved_variables();
-    const ActivationOptions o = ActivationOptions::load(ctx);
-    const OptTensor b1 = optional(s[3]), b2 = optional(s[4]);
-    Tensor xs = s[10], hidden = s[11];
-    if (s[0].defined()) {
-      std::tie(std::ignore, xs, hidden) =
-          grouped_forward.call(s[0], s[1], s[2], b1, b2, s[5], s[6], s[7], s[8], s[9], o.activation, o.gated,
-                               o.interleaved, o.limit, o.scale, /*keep=*/true, o.gate_cap, o.up_cap);
-    }
-    const Grads6 g = grouped_backward.call(grads[0].contiguous(), xs, hidden, s[1], s[2], b1, b2, s[5], s[6], s[7],
-                                           s[8], s[9], o.activation, o.gated, o.interleaved, o.limit, o.scale,
-                                           o.gate_cap, o.up_cap);
-    return expert_input_grads(g, b1.has_value(), b2.has_value(), kInputs);
+    return first_order_only("moe_mlp / adapter_moe (native grouped)", ctx, grads, [&]() -> variable_list {
+      const auto s = ctx->get_saved_variables();
+      const ActivationOptions o = ActivationOptions::load(ctx);
+      const OptTensor b1 = optional(s[3]), b2 = optional(s[4]);
+      Tensor xs = s[10], hidden = s[11];
+      if (s[0].defined()) {
+        std::tie(std::ignore, xs, hidden) =
+            grouped_forward.call(s[0], s[1], s[2], b1, b2, s[5], s[6], s[7], s[8], s[9], o.activation, o.gated,
+                                 o.interleaved, o.limit, o.scale, /*keep=*/true, o.gate_cap, o.up_cap);
+      }
+      const Grads6 g = grouped_backward.call(grads[0].contiguous(), xs, hidden, s[1], s[2], b1, b2, s[5], s[6],
+                                             s[7], s[8], s[9], o.activation, o.gated, o.interleaved, o.limit, o.scale,
+                                             o.gate_cap, o.up_cap);
+      return expert_input_grads(g, b1.has_value(), b2.has_value(), kInputs);
+    });
   }
 };
 

@@ -18,6 +18,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from .first_order import first_order_only
+
 # fp32 [chunk, V] scratch the fused loss allows itself when no chunk size is given (the blend, which becomes
 # its gradient, and one specialist's logits): 2**24 elements = 64 MiB in all.
 _AUTO_CHUNK_ELEMENTS = 2 ** 24
@@ -103,12 +105,14 @@ class _FusedGatedCrossEntropy(torch.autograd.Function):
                     grad_b[j].addmv_(grad_blended.t(), weight_j.view(-1))
 
         ctx.grads = (grad_w, grad_h, grad_head, grad_b)
+        ctx.first_order_inputs = (gate_weights, *tensors)  # nothing is saved: what the gradients depend on
         ctx.dtypes = (gate_weights.dtype, [h.dtype for h in hiddens], [w.dtype for w in heads],
                       [b.dtype if b is not None else None for b in biases])
         ctx.has_bias = has_bias
         return total / denominator
 
     @staticmethod
+    @first_order_only("fused_gated_cross_entropy")
     def backward(ctx, grad_loss):
         if ctx.grads is None:
             raise RuntimeError("fused_gated_cross_entropy: backward ran twice through one loss (retain_graph); "

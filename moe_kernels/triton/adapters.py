@@ -54,6 +54,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..first_order import first_order_only
 from ..spec import ACTIVATION_CODES, ADAPTER_ACTIVATIONS
 from . import configs
 from .common import (COMBINE_BLOCK_N, COMBINE_BLOCK_T, COMBINE_OPTIONS, _combine_slots_kernel, activation,
@@ -633,6 +634,7 @@ class AdapterMoEFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @first_order_only("adapter_moe (triton)")
     def backward(ctx, grad):
         h, down, up, weights, expert_offsets, sorted_slots = ctx.saved_tensors
         need = ctx.needs_input_grad

@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..first_order import first_order_only
 from ..spec import ACTIVATION_CODES
 from .common import (_TILE_SCAN_BLOCK_E, TILE_MAPS, _tile_scan_kernel, cdiv, combine_slots, dot_precision, find_tile,
                      gated_backward, gated_forward, interpreting, max_tiles, operand, program_rows, register_op,
@@ -676,6 +677,7 @@ class MoeMLPFunction(torch.autograd.Function):
         return y
 
     @staticmethod
+    @first_order_only("moe_mlp (triton)")
     def backward(ctx, grad_y):
         (x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, pre, expert_offsets, sorted_slots,
          tiles) = ctx.saved_tensors

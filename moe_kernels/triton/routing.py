@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..first_order import first_order_only
 from ..spec import NO_GROUP, RENORM_EPS
 from .common import cdiv, next_power_of_2, register_op
 from .configs import entries, route_config
@@ -270,6 +271,7 @@ class RouteFunction(torch.autograd.Function):
         return weights, ids
 
     @staticmethod
+    @first_order_only("route (triton)")
     def backward(ctx, grad_weights, grad_ids):
         logits, ids = ctx.saved_tensors
         sigmoid, topk_first, renormalize, scale = ctx.variant
