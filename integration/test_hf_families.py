@@ -308,6 +308,30 @@ def test_training_parity(family, dtype, backend, require_hf_backend):
         assert abs(a - b) <= TRAIN_TOL[dtype] * abs(b), f"step {step}: loss {a:.6f} vs unpatched {b:.6f}"
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("use_reentrant", [False, True])
+def test_gradient_checkpointing_parity(backend, use_reentrant, require_hf_backend):
+    """model.gradient_checkpointing_enable(), as fine-tuning scripts call it: the patched model recomputes its MoE
+    layers in backward and gets the unpatched model's loss and gradients under the same checkpointing (reentrant
+    checkpointing drops the router aux loss's gradient in transformers' own model too; both sides agree on that)."""
+    require_hf_backend(backend)
+    base = build("qwen3_moe", torch.float32, output_router_logits=True, router_aux_loss_coef=0.1).train()
+    patched = patched_copy(base, backend)
+    ids = batch(5)
+    results = []
+    for model in (base, patched):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        model.zero_grad()
+        out = model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (ref_loss, ref_grads), (loss, grads) = results
+    assert_rel(loss, ref_loss, 1e-5, "loss")
+    assert grads.keys() == ref_grads.keys() and any("experts" in n for n in grads)
+    for name, grad in grads.items():
+        assert_rel(grad, ref_grads[name], 1e-4, f"grad {name}")
+
+
 def test_backend_from_environment(monkeypatch, require_hf_backend):
     """apply() without backend= uses MOE_KERNELS_BACKEND; an unknown name fails at the first op."""
     base = build("qwen3_moe", torch.float32)
