@@ -47,9 +47,9 @@ def _guarded(grads, name: str, depends_on):
     single = not isinstance(grads, tuple)
     grads = (grads,) if single else grads
     where = [i for i, g in enumerate(grads) if _differentiable(g)]
-    links = [t for t in depends_on if _differentiable(t) and t.requires_grad]
     if not where:
         return grads[0] if single else grads
+    links = [t for t in depends_on if _differentiable(t) and t.requires_grad]
     # DelayedError passes its inputs' values through with one Error node as their grad_fn, whose edges lead to
     # every input: the gradients (as fresh leaves) and the tensors they depend on.
     error = torch._C._functions.DelayedError(MESSAGE.format(name=name), len(where) + len(links))

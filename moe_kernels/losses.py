@@ -105,7 +105,10 @@ class _FusedGatedCrossEntropy(torch.autograd.Function):
                     grad_b[j].addmv_(grad_blended.t(), weight_j.view(-1))
 
         ctx.grads = (grad_w, grad_h, grad_head, grad_b)
-        ctx.first_order_inputs = (gate_weights, *tensors)  # nothing is saved: what the gradients depend on
+        # What first_order_only links a second differentiation to (nothing is saved): the gate weights, heads and
+        # biases, alive anyway. Not the hidden states: keeping them would cost N x [T, H] every step, so a second
+        # differentiation with respect to them alone (not through the gate or the heads) is not caught.
+        ctx.first_order_inputs = (gate_weights, *tensors[n:])
         ctx.dtypes = (gate_weights.dtype, [h.dtype for h in hiddens], [w.dtype for w in heads],
                       [b.dtype if b is not None else None for b in biases])
         ctx.has_bias = has_bias

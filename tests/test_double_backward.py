@@ -95,7 +95,7 @@ def test_fused_gated_cross_entropy_is_first_order_only():
     loss = fused_gated_cross_entropy(hidden, heads, gate, labels)
     (grad_h,) = torch.autograd.grad(loss, hidden[0], create_graph=True)
     with pytest.raises(RuntimeError, match="fused_gated_cross_entropy: .*" + FIRST_ORDER_ONLY):
-        torch.autograd.grad(grad_h.square().sum() + hidden[0].sum(), hidden[0])
+        torch.autograd.grad(grad_h.square().sum() + heads[0].sum(), heads[0])
 
 
 def test_native_row_moves_are_differentiable_twice():
