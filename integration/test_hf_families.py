@@ -332,6 +332,62 @@ def test_gradient_checkpointing_parity(backend, use_reentrant, require_hf_backen
         assert_rel(grad, ref_grads[name], 1e-4, f"grad {name}")
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_torch_compile_fullgraph_parity(backend, require_hf_backend, monkeypatch):
+    """The patched model traces whole under ``torch.compile(fullgraph=True)`` -- as transformers' static-cache
+    ``generate`` compiles it, and as training scripts compile models -- and matches the unpatched eager model:
+    no-gradient forwards at a decode size (one token: triton's decode path) and past it (the planned path),
+    greedy generation with a static cache through the compiled forward, and a training step's loss and gradients.
+    Before, triton's no-gradient forward read its config table in traced Python and Dynamo refused it."""
+    require_hf_backend(backend)
+    torch._dynamo.reset()
+    base = build("qwen3_moe", torch.float32).eval()
+    patched = patched_copy(base, backend)
+    compiled = torch.compile(patched, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        for ids in (batch(6, batch_size=1, length=1), batch(7, batch_size=2, length=24)):  # 2 slots; 96 slots
+            assert_rel(compiled(ids).logits, base(ids).logits, 1e-5, f"compiled logits, {ids.numel()} tokens")
+
+    # transformers' own auto-compile of a static-cache generate (on GPUs it runs by default), forced on the CPU
+    prompt = batch(8, batch_size=1, length=5)
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    compile_config = transformers.CompileConfig(fullgraph=True, backend="aot_eager", mode=None)
+    compile_config._compile_all_devices = True
+    real_compile, compiled_by_generate = torch.compile, []
+    with torch.no_grad(), monkeypatch.context() as patch:
+        patch.setattr(torch, "compile", lambda *a, **kw: compiled_by_generate.append(kw) or real_compile(*a, **kw))
+        want = base.generate(prompt, **kwargs)
+        got = patched.generate(prompt, cache_implementation="static", compile_config=compile_config, **kwargs)
+    assert compiled_by_generate and compiled_by_generate[0]["fullgraph"], "generate did not compile the forward"
+    assert torch.equal(got, want), f"{got.tolist()} != {want.tolist()}"
+
+    results = []
+    for model, run in ((base, base), (patched, compiled)):  # compiled runs patched: its gradients land on patched
+        model.train().zero_grad()
+        loss = run(input_ids=batch(9), labels=batch(9)).loss
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.grad is not None}))
+    (ref_loss, ref_grads), (loss, grads) = results
+    assert_rel(loss, ref_loss, 1e-5, "compiled training loss")
+    assert grads.keys() == ref_grads.keys() and any("experts" in n for n in grads)
+    for name, grad in grads.items():
+        assert_rel(grad, ref_grads[name], 1e-4, f"compiled grad {name}")
+
+
+@pytest.mark.parametrize("family", [f if f in ("gpt_oss", "deepseek_v3") else pytest.param(f, marks=pytest.mark.slow)
+                                    for f in NAMED if f != "qwen3_moe"])
+def test_torch_compile_fullgraph_inference(family, require_hf_backend):
+    """The named families' patched models trace whole too (cpu backend, no gradient, one token and 48): GPT-OSS's
+    gate is read from source, which torch.compile folds instead of tracing (before, a graph break per layer)."""
+    require_hf_backend("cpu")
+    torch._dynamo.reset()
+    base = build(family, torch.float32).eval()
+    compiled = torch.compile(patched_copy(base, "cpu"), fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        for ids in (batch(10, batch_size=1, length=1), batch(11, batch_size=2, length=24)):
+            assert_rel(compiled(ids).logits, base(ids).logits, 1e-5, f"compiled logits, {ids.numel()} tokens")
+
+
 def test_backend_from_environment(monkeypatch, require_hf_backend):
     """apply() without backend= uses MOE_KERNELS_BACKEND; an unknown name fails at the first op."""
     base = build("qwen3_moe", torch.float32)

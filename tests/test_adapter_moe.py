@@ -287,12 +287,14 @@ def test_triton_adapter_opcheck(path, layout):
 
 
 @needs_triton
-def test_triton_adapter_decode_op_passes_opcheck():
+@pytest.mark.parametrize("T", [3, 12])
+def test_triton_adapter_inference_op_passes_opcheck(T):
+    """The no-gradient op on its decode path (3 tokens) and past it (24 slots: the planned forward in the same op)."""
     from moe_kernels.triton import adapters
-    (h, down, up, weights), ids = adapter_leaves(3, 32, 5, 2, 8, torch.float32)
+    (h, down, up, weights), ids = adapter_leaves(T, 32, 5, 2, 8, torch.float32)
     args = (h.detach(), down.detach(), up.detach(), weights.detach(), ids.to(torch.int32), "gelu", 0.5)
-    assert adapters.decode_config(6, 8, torch.float32) is not None
-    torch.library.opcheck(adapters.adapter_moe_decode_op, args)
+    assert (adapters.decode_config(2 * T, 8, torch.float32) is not None) == (T == 3)
+    torch.library.opcheck(adapters.adapter_moe_inference_op, args)
 
 
 # ------------------------------------------------------- cuda backend (the grouped expert path on CUDA tensors)

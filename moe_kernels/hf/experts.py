@@ -26,7 +26,6 @@ working. It honours the module's layout flags set by ``use_experts_implementatio
 
 from __future__ import annotations
 
-import functools
 import inspect
 import math
 import re
@@ -106,18 +105,31 @@ _SOFTCAP_FORWARD = (r"def forward\(self, hidden_states(?:: torch\.Tensor)?\)(?: 
                     r"return torch\.tanh\(hidden_states / self\.softcap\) \* self\.softcap")
 
 
+_SOURCE_MATCHES: dict[tuple, bool] = {}
+
+
+# Folded at trace time by torch.compile, as gate_form is (reading source cannot be traced).
+@torch.compiler.assume_constant_result
+def forward_matches(module_class: type, pattern: str) -> bool:
+    """Whether ``module_class.forward``'s normalised source matches ``pattern`` (cached per class and pattern)."""
+    key = (module_class, pattern)
+    if key not in _SOURCE_MATCHES:
+        source = normalised_source(module_class.forward)
+        _SOURCE_MATCHES[key] = bool(source) and re.fullmatch(pattern, source) is not None
+    return _SOURCE_MATCHES[key]
+
+
 def softcap_caps(act_fn: nn.Module) -> tuple[float, float] | None:
     """(gate_cap, up_cap) when ``act_fn`` computes Inkling2's soft-capped SwiGLU (read from its class's source),
     else None."""
-    source = normalised_source(type(act_fn).forward)
-    if not source or not re.fullmatch(_SOFTCAP_SWIGLU_FORWARD, source):
+    if not forward_matches(type(act_fn), _SOFTCAP_SWIGLU_FORWARD):
         return None
     caps = []
     for name in ("gate_softcap", "up_softcap"):
         cap_module = getattr(act_fn, name, None)
-        cap_source = normalised_source(type(cap_module).forward) if isinstance(cap_module, nn.Module) else None
         cap = getattr(cap_module, "softcap", None)
-        if not cap_source or not re.fullmatch(_SOFTCAP_FORWARD, cap_source) or type(cap) not in (int, float):
+        if (not isinstance(cap_module, nn.Module) or not forward_matches(type(cap_module), _SOFTCAP_FORWARD)
+                or type(cap) not in (int, float)):
             return None
         caps.append(float(cap))
     return caps[0], caps[1]
@@ -138,9 +150,29 @@ class GateForm:
     act_fn: bool = True
 
 
-@functools.lru_cache(maxsize=None)  # reading source is slow; a class's gate does not change
+_GATE_FORMS: dict[type, GateForm] = {}  # reading source is slow; a class's gate does not change
+
+
+# torch.compile calls it at trace time and folds its result into the graph: reading source cannot be traced, and a
+# graph break per MoE layer would split every compiled forward (fullgraph=True would refuse the model).
+@torch.compiler.assume_constant_result
 def gate_form(experts_class: type) -> GateForm:
-    """The :class:`GateForm` of an experts class, from its ``_apply_gate``."""
+    """The :class:`GateForm` of an experts class, from its ``_apply_gate`` (cached per class)."""
+    form = _GATE_FORMS.get(experts_class)
+    if form is None:
+        form = _GATE_FORMS[experts_class] = _read_gate_form(experts_class)
+    return form
+
+
+def _clear_source_caches() -> None:
+    _GATE_FORMS.clear()
+    _SOURCE_MATCHES.clear()
+
+
+gate_form.cache_clear = _clear_source_caches  # as an lru_cache's: tests start from a fresh process's state
+
+
+def _read_gate_form(experts_class: type) -> GateForm:
     from .compat import default_apply_gate
 
     gate = getattr(experts_class, "_apply_gate", None)

@@ -588,14 +588,18 @@ def _forward_op_fake(h, down, up, weights, ids, activation, scale):
             ids.new_empty((ids.numel(),), dtype=torch.int32))
 
 
-def _decode_op_impl(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
-                    activation: str, scale: float) -> torch.Tensor:
-    """y [T,H] of a forward that needs no gradient, for launches :func:`decode_config` takes (and aligned ones)."""
+def _inference_op_impl(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
+                       activation: str, scale: float) -> torch.Tensor:
+    """y [T,H] of a forward that needs no gradient: the decode path for launches :func:`decode_config` takes (and
+    aligned ones, without a forced config, which is for the planned kernels), else the planned forward. The choice
+    is made inside the op so that torch.compile traces one opaque call, never the config table or data pointers."""
     cfg = decode_config(ids.numel(), down.shape[1], h.dtype)
-    return _decode_forward(h, down, up, weights, ids, activation, scale, cfg)
+    if _forced_config is None and cfg is not None and _aligned(h, down, up, weights, ids):
+        return _decode_forward(h, down, up, weights, ids, activation, scale, cfg)
+    return _forward_op_impl(h, down, up, weights, ids, activation, scale)[0]
 
 
-def _decode_op_fake(h, down, up, weights, ids, activation, scale):
+def _inference_op_fake(h, down, up, weights, ids, activation, scale):
     return torch.empty_like(h)
 
 
@@ -619,7 +623,7 @@ def _backward_op_fake(grad, h, down, up, weights, expert_offsets, sorted_slots, 
 
 
 adapter_moe_forward_op = register_op("adapter_moe_forward", _forward_op_impl, _forward_op_fake)
-adapter_moe_decode_op = register_op("adapter_moe_decode", _decode_op_impl, _decode_op_fake)
+adapter_moe_inference_op = register_op("adapter_moe_inference", _inference_op_impl, _inference_op_fake)
 adapter_moe_backward_op = register_op("adapter_moe_backward", _backward_op_impl, _backward_op_fake)
 
 
@@ -653,10 +657,7 @@ def adapter_moe_triton(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, we
     h = h.contiguous()
     if torch.is_grad_enabled() and any(t.requires_grad for t in (h, down, up, weights)):
         return AdapterMoEFunction.apply(h, down, up, weights, ids, activation, float(scale))
-    if (_forced_config is None and decode_config(ids.numel(), down.shape[1], h.dtype) is not None
-            and _aligned(h, down, up, weights, ids)):  # a forced config is for the planned kernels
-        return adapter_moe_decode_op(h, down, up, weights, ids, activation, float(scale))
-    return adapter_moe_forward_op(h, down, up, weights, ids, activation, float(scale))[0]
+    return adapter_moe_inference_op(h, down, up, weights, ids, activation, float(scale))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -797,5 +798,5 @@ def _compile_specs():
 COMPILE_SPECS = _compile_specs()
 
 
-__all__ = ["adapter_moe_triton", "adapter_moe_forward_op", "adapter_moe_decode_op", "adapter_moe_backward_op",
+__all__ = ["adapter_moe_triton", "adapter_moe_forward_op", "adapter_moe_inference_op", "adapter_moe_backward_op",
            "AdapterConfig", "COMPILE_SPECS", "decode_config", "forced_config", "select_config", "table_configs"]

@@ -590,7 +590,7 @@ def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, do
 
 
 # ----------------------------------------------------------------------------------------------------
-# registered ops (moe_kernels_triton::moe_mlp_forward / moe_mlp_decode / moe_mlp_backward) and autograd
+# registered ops (moe_kernels_triton::moe_mlp_forward / moe_mlp_inference / moe_mlp_backward) and autograd
 
 
 def _forward_impl(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
@@ -614,18 +614,23 @@ def _forward_fake(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_b
             ids.new_empty((TILE_MAPS, num_experts + 1), dtype=torch.int32))
 
 
-def _decode_impl(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
-                 ids: torch.Tensor, gate_up_bias: Optional[torch.Tensor], down_bias: Optional[torch.Tensor],
-                 activation: str, interleaved: bool, swiglu_limit: Optional[float], gated: bool,
-                 softcaps: Optional[list[float]]) -> torch.Tensor:
-    """y [T,H] of a forward that needs no gradient, for T*k <= the decode config's BLOCK_M slots."""
+def _inference_impl(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, weights: torch.Tensor,
+                    ids: torch.Tensor, gate_up_bias: Optional[torch.Tensor], down_bias: Optional[torch.Tensor],
+                    activation: str, interleaved: bool, swiglu_limit: Optional[float], gated: bool,
+                    softcaps: Optional[list[float]]) -> torch.Tensor:
+    """y [T,H] of a forward that needs no gradient: the decode path for T*k <= the decode config's BLOCK_M slots,
+    else the planned forward without its backward state. The choice is made here, inside the op, so that
+    torch.compile traces one opaque call and never the config table (a file read Dynamo cannot trace)."""
     cfg = decode_config(ids.numel(), x.dtype == torch.float32, down_proj.shape[2], x.device)
-    return _decode_forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, interleaved,
-                           swiglu_limit, gated, softcaps, cfg)
+    if cfg is not None:
+        return _decode_forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias,
+                               interleaved, swiglu_limit, gated, softcaps, cfg)
+    return _forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, interleaved,
+                    swiglu_limit, gated, softcaps, False)[0]
 
 
-def _decode_fake(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation, interleaved,
-                 swiglu_limit, gated, softcaps):
+def _inference_fake(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation, interleaved,
+                    swiglu_limit, gated, softcaps):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
@@ -656,7 +661,7 @@ def _backward_fake(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bia
 
 
 moe_mlp_forward_op = register_op("moe_mlp_forward", _forward_impl, _forward_fake)
-moe_mlp_decode_op = register_op("moe_mlp_decode", _decode_impl, _decode_fake)
+moe_mlp_inference_op = register_op("moe_mlp_inference", _inference_impl, _inference_fake)
 moe_mlp_backward_op = register_op("moe_mlp_backward", _backward_impl, _backward_fake)
 
 
@@ -711,11 +716,8 @@ def moe_mlp(x, gate_up_proj, down_proj, weights, ids, activation="silu", gate_up
     if needs_grad:
         return MoeMLPFunction.apply(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation,
                                     interleaved, swiglu_limit, gated, softcaps)
-    if decode_config(ids.numel(), x.dtype == torch.float32, down_proj.shape[2], x.device) is not None:
-        return moe_mlp_decode_op(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation,
-                                 interleaved, swiglu_limit, gated, softcaps)
-    return moe_mlp_forward_op(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation,
-                              interleaved, swiglu_limit, gated, softcaps, False)[0]
+    return moe_mlp_inference_op(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation,
+                                interleaved, swiglu_limit, gated, softcaps)
 
 
 # ----------------------------------------------------------------------------------------------------
