@@ -18,7 +18,8 @@
 #     --tune      tune this GPU before the benchmark: the Triton tile configs (moe-kernels tune --triton, written to
 #                 the user cache and copied to --out), then the auto backend table (python -m moe_kernels.backend_table
 #                 --write); the benchmark then runs the tuned configs beside the shipped ones
-#     --hf-speed  end with integration/example_hf_speed.py in bf16 (patched vs unpatched whole model)
+#     --hf-speed  end with integration/example_hf_speed.py in bf16 (patched vs unpatched whole model), eager and then
+#                 with transformers' compiled static-cache decoding (--compile)
 #   bash benchmarks/gpu_check.sh --dry-run   # no GPU: CPU build, interpreter, tiny shapes (CI runs this)
 #
 # Wheels missing on the GPU machine (no network there) are installed from .whl/ when that folder exists. The
@@ -195,9 +196,16 @@ if [ $hf_speed = 1 ]; then
   if t=$(cap 120); then
     step "whole model: integration/example_hf_speed.py --dtype bfloat16 (log: $out/extra.log)"
     timeout "$t" $python integration/example_hf_speed.py --dtype bfloat16 >> "$out/extra.log" 2>&1 || status=1
-    tail -12 "$out/extra.log"
+    tail -6 "$out/extra.log"
   else
     skipped "whole-model speed"
+  fi
+  if t=$(cap 150); then  # transformers' compiled decoding (static cache, inductor + CUDA graphs): both models compile
+    step "whole model, compiled static-cache decoding: example_hf_speed.py --dtype bfloat16 --compile (log: $out/extra.log)"
+    timeout "$t" $python integration/example_hf_speed.py --dtype bfloat16 --compile >> "$out/extra.log" 2>&1 || status=1
+    tail -6 "$out/extra.log"
+  else
+    skipped "whole-model speed, compiled decoding"
   fi
 fi
 

@@ -47,3 +47,18 @@ def test_readme_snippet_and_examples_run_as_written(tmp_path):
     assert "FAILED: []" in result.stdout
     for name in ("PescForCausalLM", "SelfMoEForCausalLM", "CcoeForCausalLM", "UltraFuserForCausalLM"):
         assert name in result.stdout
+
+
+def test_hf_speed_example_runs_eager_and_compiled():
+    """integration/example_hf_speed.py (the GPU check's whole-model step) runs on the CPU at a tiny size, with eager
+    and with compiled static-cache decoding, and its patched model gives the unpatched model's greedy tokens."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    env.pop("MOE_KERNELS_BACKEND", None)
+    script = os.path.join(ROOT, "integration", "example_hf_speed.py")
+    small = ["--tokens", "12", "--new-tokens", "4", "--batch", "2", "--repeats", "1"]
+    for extra in ([], ["--compile", "--compile-backend", "aot_eager"]):
+        result = subprocess.run([sys.executable, script, *small, *extra], capture_output=True, text=True, env=env,
+                                timeout=600)
+        assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+        assert "greedy tokens identical" in result.stdout
+        assert ("decoding compiled, static cache" in result.stdout) == bool(extra)
