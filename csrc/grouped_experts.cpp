@@ -39,8 +39,8 @@ namespace grouped {
 namespace {
 
 ActSpec parse_activation(const std::string& name, bool gated, bool interleaved, const std::optional<double>& limit,
-                         double gate_cap, double up_cap) {
-  const ActSpec spec = act::parse_activation(name, gated, interleaved, limit, gate_cap, up_cap);
+                         double gate_cap, double up_cap, double scale) {
+  const ActSpec spec = act::parse_activation(name, gated, interleaved, limit, gate_cap, up_cap, scale);
   TORCH_CHECK(gated || !interleaved, "interleaved applies to gated activations only");
   return spec;
 }
@@ -208,7 +208,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mlp_forward(
     const at::Tensor& expert_offsets, const at::Tensor& sorted_slots_in, const at::Tensor& slot_positions_in,
     c10::string_view activation, bool gated, bool interleaved, std::optional<double> limit, double scale,
     bool keep, double gate_cap, double up_cap) {
-  const ActSpec spec = parse_activation(std::string(activation), gated, interleaved, limit, gate_cap, up_cap);
+  const ActSpec spec = parse_activation(std::string(activation), gated, interleaved, limit, gate_cap, up_cap, scale);
   const Dims d = check_args(x_in, w1, w2, b1, b2, weights_in, ids_in, expert_offsets, sorted_slots_in,
                             slot_positions_in, spec);
   const RowOps& rows = row_ops(x_in);
@@ -242,7 +242,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& weights_in, const at::Tensor& ids_in, const at::Tensor& expert_offsets,
     const at::Tensor& sorted_slots_in, const at::Tensor& slot_positions_in, c10::string_view activation, bool gated,
     bool interleaved, std::optional<double> limit, double scale, double gate_cap, double up_cap) {
-  const ActSpec spec = parse_activation(std::string(activation), gated, interleaved, limit, gate_cap, up_cap);
+  const ActSpec spec = parse_activation(std::string(activation), gated, interleaved, limit, gate_cap, up_cap, scale);
   TORCH_CHECK(grad_out.dim() == 2, "grad_out must be [T, H], got ", grad_out.sizes());
   const Dims d = check_args(grad_out, w1, w2, b1, b2, weights_in, ids_in, expert_offsets, sorted_slots_in,
                             slot_positions_in, spec);

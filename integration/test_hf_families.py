@@ -347,6 +347,11 @@ def test_torch_compile_fullgraph_parity(backend, require_hf_backend, monkeypatch
     with torch.no_grad():
         for ids in (batch(6, batch_size=1, length=1), batch(7, batch_size=2, length=24)):  # 2 slots; 96 slots
             assert_rel(compiled(ids).logits, base(ids).logits, 1e-5, f"compiled logits, {ids.numel()} tokens")
+        # dynamic=True (as transformers' CompileConfig(dynamic=True)): symbolic lengths and floats (route's scale)
+        dynamic = torch.compile(patched, fullgraph=True, backend="aot_eager", dynamic=True)
+        for length in (3, 17):
+            ids = batch(length, batch_size=2, length=length)
+            assert_rel(dynamic(ids).logits, base(ids).logits, 1e-5, f"dynamic compiled logits, length {length}")
 
     # transformers' own auto-compile of a static-cache generate (on GPUs it runs by default), forced on the CPU
     prompt = batch(8, batch_size=1, length=5)

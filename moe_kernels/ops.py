@@ -18,7 +18,7 @@ from .backends import Plan, resolve_backend
 from .spec import (ADAPTER_ACTIVATIONS, ELEMENTWISE_ACTIVATIONS, GATED_ACTIVATIONS, MAX_ADAPTER_RANK, ROUTE_ORDERS,
                    ROUTE_SCORINGS, SOFTCAP_ACTIVATIONS)
 from .validation import (check_choice, check_dim, check_finite_logits, check_routing, check_same_device,
-                         check_tensor, check_top_k, value_checks_enabled)
+                         check_tensor, check_top_k, finite_or_traced, value_checks_enabled)
 
 SCORINGS, ORDERS = ROUTE_SCORINGS, ROUTE_ORDERS  # the routing variants, defined in spec.py
 
@@ -92,7 +92,7 @@ def route(logits: torch.Tensor, k: int, *, scoring: str = "softmax", order: str 
     check_top_k(k, num_experts)
     check_choice("scoring", scoring, SCORINGS)
     check_choice("order", order, ORDERS)
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if not isinstance(scale, (int, float)) or not finite_or_traced(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
     if bias is not None:
         check_tensor("bias", bias, 1)
@@ -196,7 +196,7 @@ def moe_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
         raise ValueError("swiglu_limit does not apply to softcap_swiglu (its soft caps bound gate and up)")
     if swiglu_limit is not None:
         if isinstance(swiglu_limit, bool) or not isinstance(swiglu_limit, (int, float)) \
-                or not math.isfinite(swiglu_limit) or swiglu_limit <= 0:
+                or not finite_or_traced(swiglu_limit) or swiglu_limit <= 0:
             raise ValueError(f"swiglu_limit must be None or a finite number > 0, got {swiglu_limit!r}")
         swiglu_limit = float(swiglu_limit)
     check_routing(weights, ids, num_tokens, num_experts, x.dtype)
@@ -228,7 +228,7 @@ def _check_softcaps(activation: str, softcaps):
         raise ValueError(f"softcaps must be a pair (gate_cap, up_cap), got {softcaps!r}") from None
     caps = []
     for cap in (gate_cap, up_cap):
-        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not math.isfinite(cap) or cap <= 0:
+        if isinstance(cap, bool) or not isinstance(cap, (int, float)) or not finite_or_traced(cap) or cap <= 0:
             raise ValueError(f"softcaps must be finite numbers > 0, got {softcaps!r}")
         caps.append(float(cap))
     return tuple(caps)
@@ -248,7 +248,7 @@ def adapter_moe(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weights: 
     if tuple(up.shape) != (num_experts, hidden, rank):
         raise ValueError(f"up must have shape [E, H, r] = {(num_experts, hidden, rank)}, got {tuple(up.shape)}")
     check_choice("activation", activation, ADAPTER_ACTIVATIONS)
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    if not isinstance(scale, (int, float)) or not finite_or_traced(scale):
         raise ValueError(f"scale must be a finite number, got {scale!r}")
     check_routing(weights, ids, num_tokens, num_experts, h.dtype)
     device = check_same_device(h=h, down=down, up=up, weights=weights, ids=ids)

@@ -7,6 +7,7 @@ mode (``MOE_KERNELS_DEBUG=1`` or :func:`set_debug`), so the GPU hot path never w
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -60,6 +61,21 @@ def check_dim(name: str, actual: int, expected: int, what: str) -> None:
 def check_choice(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def finite_or_traced(value) -> bool:
+    """``math.isfinite(value)``, or True while torch.compile traces. A float argument can then be a symbolic value
+    (``dynamic=True``, or a float that changed between calls) that Python cannot test; the backend ops check the
+    concrete value they are called with instead (csrc/common/op_args.h; :func:`check_finite_scalars` in the
+    Triton ops), so nothing non-finite runs either way."""
+    return torch.compiler.is_compiling() or math.isfinite(value)
+
+
+def check_finite_scalars(**values) -> None:
+    """A backend op's float arguments (None: not given) are finite: the run-time half of :func:`finite_or_traced`."""
+    for name, value in values.items():
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
 def check_top_k(k, num_experts: int) -> None:

@@ -166,3 +166,46 @@ def test_non_contiguous_weights_are_handled(backend):
     a = moe_kernels.moe_mlp(**{**args, "gate_up_proj": transposed}, backend=backend)
     b = moe_kernels.moe_mlp(**args, backend=backend)
     torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------------ float arguments traced by torch.compile
+
+_COMPILED_BACKENDS = [b for b in moe_kernels.available_backends() if b != "reference"]  # the oracle is not traced whole
+
+
+def _compiled_ops(backend):
+    """route, moe_mlp (GPT-OSS's clamp) and adapter_moe with their float arguments as inputs of a compiled function
+    (dynamic=True: the floats are traced as symbols that Python cannot test); on the device the backend runs on."""
+    from moe_testing import device_for
+
+    device = device_for(backend)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(T, H, generator=g).to(device)
+    gate_up = (torch.randn(E, 2 * I, H, generator=g) / H ** 0.5).to(device)
+    down = (torch.randn(E, H, I, generator=g) / I ** 0.5).to(device)
+    a_down = (torch.randn(E, 3, H, generator=g) / H ** 0.5).to(device)
+    a_up = (torch.randn(E, H, 3, generator=g) / 3 ** 0.5).to(device)
+    logits = torch.randn(T, E, generator=g).to(device)
+
+    def run(scale, limit, adapter_scale):
+        weights, ids = moe_kernels.route(logits, K, scale=scale, backend=backend)
+        y = moe_kernels.moe_mlp(x, gate_up, down, weights, ids, activation="gpt_oss", swiglu_limit=limit,
+                                backend=backend)
+        return moe_kernels.adapter_moe(y, a_down, a_up, weights, ids, scale=adapter_scale, backend=backend)
+
+    return run
+
+
+@pytest.mark.parametrize("backend", _COMPILED_BACKENDS)
+def test_traced_float_arguments_compile_and_are_checked_where_they_run(backend):
+    """Under torch.compile(dynamic=True, fullgraph=True) the float arguments are symbols: moe_kernels.ops cannot test
+    them, so the backend ops test the values they are called with. Finite values give the eager result; a
+    non-finite one raises where the op runs, never a silent result."""
+    run = _compiled_ops(backend)
+    torch._dynamo.reset()
+    compiled = torch.compile(run, dynamic=True, fullgraph=True, backend="aot_eager")
+    for args in ((1.0, 7.0, 0.5), (2.5, 3.0, 2.0)):
+        torch.testing.assert_close(compiled(*args), run(*args))
+    for bad in ((float("inf"), 7.0, 0.5), (1.0, float("inf"), 0.5), (1.0, 7.0, float("nan"))):
+        with pytest.raises(Exception, match="must be a finite number"):
+            compiled(*bad)

@@ -3,6 +3,7 @@
 // arguments (csrc/cpu/experts.cpp, csrc/grouped_experts.cpp).
 #pragma once
 
+#include <cmath>
 #include <optional>
 #include <string>
 
@@ -12,6 +13,13 @@
 #include "common/routing_row.h"
 
 namespace moe_kernels {
+
+// A float argument is finite. moe_kernels.ops tests this in eager Python; under torch.compile a float can reach the
+// op as a traced value Python cannot test (validation.finite_or_traced), so the op tests the value it gets.
+inline void check_finite(double value, const char* name) {
+  TORCH_CHECK(std::isfinite(value), name, " must be a finite number, got ", value);
+}
+
 namespace routing {
 
 // route_forward's k and grouping against E. Cheap (no tensor data is read); moe_kernels.ops checks the same
@@ -28,6 +36,7 @@ inline void check_route_forward_args(int64_t num_experts, int64_t k, int64_t n_g
 // The RouteParams of one op call. n_group <= 1 (the schema's 0: no groups) turns the group-limited choice off.
 inline RouteParams make_params(int64_t num_experts, int64_t k, bool use_sigmoid, bool topk_first, bool renormalize,
                                int64_t n_group, int64_t topk_group, double scale) {
+  check_finite(scale, "scale");
   RouteParams p;
   p.num_experts = num_experts;
   p.k = k;
@@ -45,9 +54,17 @@ inline RouteParams make_params(int64_t num_experts, int64_t k, bool use_sigmoid,
 namespace act {
 
 // The ActSpec of an expert op's (activation, gated, interleaved, limit, soft caps); names as moe_kernels/spec.py.
-// gate_cap / up_cap: > 0 for softcap_swiglu, 0 (none) for every other activation.
+// gate_cap / up_cap: > 0 for softcap_swiglu, 0 (none) for every other activation. ``scale`` (the op's output scale)
+// is only checked here, where every expert op passes.
 inline ActSpec parse_activation(const std::string& name, bool gated, bool interleaved,
-                                const std::optional<double>& limit, double gate_cap = 0.0, double up_cap = 0.0) {
+                                const std::optional<double>& limit, double gate_cap, double up_cap, double scale) {
+  check_finite(scale, "scale");
+  check_finite(gate_cap, "gate_cap");
+  check_finite(up_cap, "up_cap");
+  if (limit.has_value()) {
+    check_finite(*limit, "swiglu_limit");
+    TORCH_CHECK(*limit > 0.0, "swiglu_limit must be > 0, got ", *limit);
+  }
   ActSpec spec{0, gated, interleaved, limit.has_value(), limit.has_value() ? static_cast<float>(*limit) : 0.f,
                static_cast<float>(gate_cap), static_cast<float>(up_cap)};
   if (name == "silu") spec.code = act::kSilu;

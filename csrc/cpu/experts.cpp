@@ -227,9 +227,10 @@ struct Call {
 Call prepare_call(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const std::optional<at::Tensor>& b1,
                   const std::optional<at::Tensor>& b2, const at::Tensor& weights, const at::Tensor& expert_offsets,
                   const at::Tensor& sorted_slots, const at::Tensor& slot_positions, c10::string_view activation,
-                  bool gated, bool interleaved, const std::optional<double>& limit, double gate_cap, double up_cap) {
+                  bool gated, bool interleaved, const std::optional<double>& limit, double gate_cap, double up_cap,
+                  double scale) {
   Call c;
-  c.spec = parse_activation(std::string(activation), gated, interleaved, limit, gate_cap, up_cap);
+  c.spec = parse_activation(std::string(activation), gated, interleaved, limit, gate_cap, up_cap, scale);
   c.x = x.contiguous();
   c.weights = weights.contiguous();
   c.sorted_slots = sorted_slots.contiguous();
@@ -364,7 +365,7 @@ std::tuple<at::Tensor, at::Tensor> expert_mlp_forward(
     bool interleaved, std::optional<double> limit, double scale, bool keep_hidden, double gate_cap, double up_cap) {
   const auto [spec, x, weights, sorted_slots, slot_positions, s, off, max_rows] =
       prepare_call(x_in, w1, w2, b1, b2, weights_in, expert_offsets, sorted_slots_in, slot_positions_in, activation,
-                   gated, interleaved, limit, gate_cap, up_cap);
+                   gated, interleaved, limit, gate_cap, up_cap, scale);
   if (!keep_hidden && !spec.gated && !b1.has_value() && !b2.has_value() && s.E * s.M1 <= kDenseAdapterMaxColumns) {
     at::Tensor dense_out;
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "expert_mlp_forward_cpu", [&] {
@@ -464,7 +465,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     double scale, double gate_cap, double up_cap) {
   const auto [spec, x, weights, sorted_slots, slot_positions, s, off, max_rows] =
       prepare_call(x_in, w1, w2, b1, b2, weights_in, expert_offsets, sorted_slots_in, slot_positions_in, activation,
-                   gated, interleaved, limit, gate_cap, up_cap);
+                   gated, interleaved, limit, gate_cap, up_cap, scale);
   check_cpu(grad_out, "grad_out", 2);
   TORCH_CHECK(grad_out.size(0) == s.T && grad_out.size(1) == s.H, "grad_out must be [T, H]");
   check_cpu(hidden, "hidden", 2);

@@ -56,6 +56,7 @@ import triton.language as tl
 
 from ..first_order import first_order_only
 from ..spec import ACTIVATION_CODES, ADAPTER_ACTIVATIONS
+from ..validation import check_finite_scalars
 from . import configs
 from .common import (COMBINE_BLOCK_N, COMBINE_BLOCK_T, COMBINE_OPTIONS, _combine_slots_kernel, activation,
                      activation_grad, cdiv, combine_slots, dot_precision, interpreting, max_tiles, next_power_of_2,
@@ -578,6 +579,7 @@ def _forward_op_impl(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weig
     """h [T,H] contiguous, down [E,r,H], up [E,H,r] (any strides), weights [T,k] fp32 contiguous, ids [T,k]
     int32 -> (y [T,H] in h's dtype, expert_offsets [E+1], sorted_slots [T*k]): the output and the plan the
     backward reuses."""
+    check_finite_scalars(scale=scale)  # a traced float reaches the op unchecked (validation.finite_or_traced)
     plan = dispatch_plan(ids, down.shape[0])
     y = _forward_impl(h, down, up, weights, plan.expert_offsets, plan.sorted_slots, activation, scale)
     return y, plan.expert_offsets, plan.sorted_slots
@@ -593,6 +595,7 @@ def _inference_op_impl(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, we
     """y [T,H] of a forward that needs no gradient: the decode path for launches :func:`decode_config` takes (and
     aligned ones, without a forced config, which is for the planned kernels), else the planned forward. The choice
     is made inside the op so that torch.compile traces one opaque call, never the config table or data pointers."""
+    check_finite_scalars(scale=scale)  # a traced float reaches the op unchecked (validation.finite_or_traced)
     cfg = decode_config(ids.numel(), down.shape[1], h.dtype)
     if _forced_config is None and cfg is not None and _aligned(h, down, up, weights, ids):
         return _decode_forward(h, down, up, weights, ids, activation, scale, cfg)

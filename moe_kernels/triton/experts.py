@@ -41,6 +41,7 @@ import triton.language as tl
 
 from ..first_order import first_order_only
 from ..spec import ACTIVATION_CODES
+from ..validation import check_finite_scalars
 from .common import (_TILE_SCAN_BLOCK_E, TILE_MAPS, _tile_scan_kernel, cdiv, combine_slots, dot_precision, find_tile,
                      gated_backward, gated_forward, interpreting, max_tiles, operand, program_rows, register_op,
                      slot_dtype, tile_maps)
@@ -404,6 +405,11 @@ def _grouped_mm_weight_grads(grad_y, x, pre, grad_pre, route_w, expert_offsets, 
     return grad_gate_up, grad_down
 
 
+def _check_scalars(swiglu_limit, softcaps) -> None:
+    """The float arguments are finite: a traced float reaches the op unchecked (validation.finite_or_traced)."""
+    check_finite_scalars(swiglu_limit=swiglu_limit, **dict(zip(("gate_cap", "up_cap"), softcaps or ())))
+
+
 def _caps(softcaps) -> tuple[float, float]:
     """The kernels' (gate_cap, up_cap) arguments: softcap_swiglu's caps, else 1.0 (unused)."""
     return (1.0, 1.0) if softcaps is None else (float(softcaps[0]), float(softcaps[1]))
@@ -599,6 +605,7 @@ def _forward_impl(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.
                   softcaps: Optional[list[float]], save_pre: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (y [T,H], pre [N or 0, 2I] ([N or 0, I] not gated), expert_offsets [E+1], sorted_slots [N],
     tiles [4, E+1]); the last four are the state the backward needs (pre is empty unless save_pre)."""
+    _check_scalars(swiglu_limit, softcaps)
     return _forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, interleaved,
                     swiglu_limit, gated, softcaps, save_pre)
 
@@ -621,6 +628,7 @@ def _inference_impl(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torc
     """y [T,H] of a forward that needs no gradient: the decode path for T*k <= the decode config's BLOCK_M slots,
     else the planned forward without its backward state. The choice is made here, inside the op, so that
     torch.compile traces one opaque call and never the config table (a file read Dynamo cannot trace)."""
+    _check_scalars(swiglu_limit, softcaps)
     cfg = decode_config(ids.numel(), x.dtype == torch.float32, down_proj.shape[2], x.device)
     if cfg is not None:
         return _decode_forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias,

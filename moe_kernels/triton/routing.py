@@ -22,6 +22,7 @@ import triton.language as tl
 
 from ..first_order import first_order_only
 from ..spec import NO_GROUP, RENORM_EPS
+from ..validation import check_finite_scalars
 from .common import cdiv, next_power_of_2, register_op
 from .configs import entries, route_config
 
@@ -210,6 +211,7 @@ def _route_impl(logits: torch.Tensor, bias: Optional[torch.Tensor], k: int, sigm
                 renormalize: bool, n_group: int, topk_group: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """logits [T,E] -> (weights [T,k] float32, ids [T,k] int32); n_group = topk_group = 0 (spec.NO_GROUP): no group
     limit."""
+    check_finite_scalars(scale=scale)  # a traced float reaches the op unchecked (validation.finite_or_traced)
     num_tokens, num_experts = logits.shape
     weights = torch.empty((num_tokens, k), dtype=torch.float32, device=logits.device)
     ids = torch.empty((num_tokens, k), dtype=torch.int32, device=logits.device)
