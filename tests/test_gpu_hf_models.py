@@ -110,7 +110,15 @@ def test_compiled_static_cache_generate(backend, family, monkeypatch):
     with torch.no_grad(), monkeypatch.context() as patch:
         patch.setattr(torch, "compile", lambda *a, **kw: compiled.append(kw) or real_compile(*a, **kw))
         want = base.generate(prompt, return_dict_in_generate=True, output_scores=True, **kwargs)
-        got = model.generate(prompt, cache_implementation="static", compile_config=compile_config, **kwargs)
+        try:
+            got = model.generate(prompt, cache_implementation="static", compile_config=compile_config, **kwargs)
+        except Exception as error:
+            torch._dynamo.reset()
+            try:  # ours, or transformers' own? The unpatched model decodes the same way.
+                base.generate(prompt, cache_implementation="static", compile_config=compile_config, **kwargs)
+            except Exception as own:
+                pytest.skip(f"transformers' own compiled static-cache generate fails here too: {own!r}"[:500])
+            raise error
     assert compiled, "generate did not compile the forward"
     want_tokens, got_tokens = want.sequences[0, 5:], got[0, 5:]
     assert got_tokens.numel() == want_tokens.numel() == 8
