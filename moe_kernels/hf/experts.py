@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from transformers import activations as hf_act  # here, not in activation_name: torch.compile traces that
 
 import moe_kernels
 from moe_kernels.reference import GPT_OSS_ALPHA
@@ -48,8 +49,6 @@ class UnsupportedExpertsError(NotImplementedError):
 
 def activation_name(act_fn: nn.Module) -> str:
     """Map a transformers activation module (``ACT2FN[config.hidden_act]``) to a moe_kernels activation."""
-    from transformers import activations as hf_act
-
     if isinstance(act_fn, (hf_act.SiLUActivation, nn.SiLU)):
         return "silu"
     if isinstance(act_fn, nn.ReLU):
