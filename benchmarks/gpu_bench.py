@@ -446,11 +446,15 @@ def _fwd_bwd_route(call, inp):
     return torch.autograd.grad(weights, inp[0], inp[2])
 
 
+# adapter cases: (name, rank, experts, k, activation), at ADAPTER_TOKENS tokens of width ADAPTER_HIDDEN
+ADAPTER_CASES = [("PESC r=16 E=16 k=4", 16, 16, 4, "gelu"), ("LoRA r=64 E=8 k=2", 64, 8, 2, "identity")]
+ADAPTER_TOKENS, ADAPTER_HIDDEN = 8192, 4096
+
+
 def run_adapter_cases(device, dtype, args, rows, dry):
-    cases = [("PESC r=16 E=16 k=4", 16, 16, 4, "gelu"), ("LoRA r=64 E=8 k=2", 64, 8, 2, "identity")]
-    tokens, H = (7, 32) if dry else (8192, 4096)
+    tokens, H = (7, 32) if dry else (ADAPTER_TOKENS, ADAPTER_HIDDEN)
     backends = runnable_backends(device)
-    for label, r, E, k, act in cases:
+    for label, r, E, k, act in ADAPTER_CASES:
         g = torch.Generator().manual_seed(0)
         down = (torch.randn(E, r, H, generator=g) / math.sqrt(H)).to(device, dtype).requires_grad_()
         up = (torch.randn(E, H, r, generator=g) / math.sqrt(r)).to(device, dtype).requires_grad_()

@@ -72,6 +72,15 @@ if [ -d .whl ] && ls .whl/*.whl > /dev/null 2>&1; then
   step "install carried wheels"
   $python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/moe_site .whl/*.whl \
     && export PYTHONPATH=/tmp/moe_site${PYTHONPATH:+:$PYTHONPATH}
+  # a carried transformers that cannot import (its hub too old, a wheel missing) must not take the run down with it:
+  # fall back to the machine's own packages and say so
+  if ! $python -c "import transformers" 2> "$out/carried_wheels.log"; then
+    tail -3 "$out/carried_wheels.log"
+    echo "gpu_check: the carried wheels do not import together; the machine's transformers is used"
+    rm -rf /tmp/moe_site
+    $python -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/moe_site \
+      $(ls .whl/*.whl | grep -vE "transformers|huggingface_hub") || true
+  fi
 fi
 
 step "environment"

@@ -18,6 +18,7 @@ import torch
 import transformers
 
 import moe_kernels.hf as mkhf
+from moe_kernels.backends import BackendError
 from moe_kernels.hf.families import PARITY_TESTED, families_table
 
 COMMON = dict(vocab_size=96, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -403,6 +404,18 @@ def test_backend_from_environment(monkeypatch, require_hf_backend):
     monkeypatch.setenv("MOE_KERNELS_BACKEND", "no_such_backend")
     with pytest.raises(Exception, match="no_such_backend"):
         patched(ids)
+
+
+def test_apply_accepts_auto_and_refuses_unknown_backends(require_hf_backend):
+    """backend="auto" is the per-shape choice, not a backend to load: apply() accepts it and the model runs (found on
+    the first GPU run of the whole-model tests, where apply(backend="auto") raised BackendError); an unknown name is
+    refused at apply(), before any forward."""
+    base = build("qwen3_moe", torch.float32)
+    ids = batch(3)
+    patched = mkhf.apply(copy.deepcopy(base), backend="auto")
+    assert_rel(patched(ids).logits, base(ids).logits, 1e-5, "logits")
+    with pytest.raises(BackendError, match="no_such_backend"):
+        mkhf.apply(copy.deepcopy(base), backend="no_such_backend")
 
 
 def test_apply_revert_and_apply_to():

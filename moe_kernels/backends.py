@@ -154,6 +154,12 @@ def _default_backend_name(device: torch.device) -> str:
     return "reference"
 
 
+# route() has no shape table: its cuda kernels won every routing case measured against triton (forward and
+# forward+backward, T = 1 and 16384, E = 8, 128 and DeepSeek-V3's grouped 256) on an H100 (2026-11-26) and an
+# H200 (2026-11-27): benchmarks/RESULTS_GPU.md.
+ROUTE_ON_CUDA_WHY = "route: cuda, faster than triton in every routing case measured (H100, H200)"
+
+
 def auto_backend_name(device: torch.device, op: str | None = None, shape=None) -> tuple[str, str]:
     """(backend name, why) of ``auto`` for one call: on CUDA the backend table's choice for the op's shape
     class (``shape``: dtype, experts, width, tokens, grad, as a dict or a callable returning one) among the
@@ -165,6 +171,8 @@ def auto_backend_name(device: torch.device, op: str | None = None, shape=None) -
         available = available_backends()
         built = _auto_built_by_device[device] = tuple(name for name in ("triton", "cuda") if name in available
                                                       and get_backend(name).device_error(device) is None)
+    if op == "route" and "cuda" in built:
+        return "cuda", ROUTE_ON_CUDA_WHY
     if op is None or shape is None or len(built) < 2:
         return default_backend_name(device), "no shape to choose by" if len(built) == 2 else "one backend built"
     if callable(shape):

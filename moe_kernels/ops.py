@@ -114,7 +114,7 @@ def route(logits: torch.Tensor, k: int, *, scoring: str = "softmax", order: str 
     if num_tokens == 0:
         return (logits.new_zeros((0, k), dtype=torch.float32),
                 torch.zeros((0, k), dtype=torch.int32, device=logits.device))
-    impl = resolve_backend(backend, logits.device)
+    impl = resolve_backend(backend, logits.device, "route")
     return impl.route(logits=logits, k=k, scoring=scoring, order=order, renormalize=bool(renormalize), bias=bias,
                       n_group=n_group, topk_group=topk_group, scale=float(scale))
 

@@ -289,3 +289,71 @@ def test_built_backends_per_device_are_cached_and_cleared(fake_cuda_auto, monkey
     backends.clear_caches()
     assert backends.auto_backend_name(device, "moe_mlp", shape) == ("triton", "one backend built")
     assert backends.default_backend_name(device) == "triton"
+
+
+def test_auto_routes_on_cuda_where_it_is_built(fake_cuda_auto, monkeypatch):
+    """route() has no shape table: auto takes cuda, faster in every routing case measured on the H100 and H200."""
+    device = fake_cuda_auto
+    assert backends.auto_backend_name(device, "route") == ("cuda", backends.ROUTE_ON_CUDA_WHY)
+    assert backends.resolve_backend("auto", device, "route").name == "cuda"
+    assert backends.resolve_backend("triton", device, "route").name == "triton"  # backend= still decides
+    from moe_kernels import native
+
+    monkeypatch.setattr(native, "_CUDA_UNAVAILABLE", "not built (test)")
+    backends.clear_caches()
+    assert backends.auto_backend_name(device, "route")[0] == "triton"
+
+
+# ---- the block written from a gpu_bench.py run (benchmarks/backend_block_from_bench.py) ----------------------
+
+def _bench_module():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "backend_block_from_bench.py")
+    spec = importlib.util.spec_from_file_location("backend_block_from_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _row(provider, case, tokens, pass_, ms, suite="moe", device="Fake GPU"):
+    return dict(device=device, torch="2.11.0+cu130", triton="3.6.0", suite=suite, case=case, tokens=str(tokens),
+                provider=provider, **{"pass": pass_}, ms=str(ms))
+
+
+def test_block_from_bench_sums_each_class_and_picks_the_faster():
+    fb = _bench_module()
+    rows = [_row("moe_kernels:triton", "Qwen3-30B-A3B", 1, "fwd", 1.0), _row("moe_kernels:cuda", "Qwen3-30B-A3B", 1, "fwd", 2.0),
+            _row("moe_kernels:triton", "OLMoE", 8, "fwd", 2.0), _row("moe_kernels:cuda", "OLMoE", 8, "fwd", 0.5),
+            _row("hf:grouped_mm", "OLMoE", 8, "fwd", 0.1),  # a peer decides nothing
+            _row("moe_kernels:triton", "Mixtral-8x7B", 4096, "fwdbwd", 9.0),  # one backend only: no entry
+            _row("moe_kernels:triton", "LoRA r=64 E=8 k=2", 8192, "fwdbwd", 1.0, suite="adapter"),
+            _row("moe_kernels:cuda", "LoRA r=64 E=8 k=2", 8192, "fwdbwd", 1.5, suite="adapter")]
+    block = fb.block_from_rows(rows, default="cuda")
+    assert block["device"] == "Fake GPU" and block["default"] == "cuda" and block["measured"]
+    decode = bt.shape_class("moe_mlp", torch.bfloat16, 128, 2048, 1, False)
+    assert decode == bt.shape_class("moe_mlp", torch.bfloat16, 64, 2048, 8, False)  # one class: summed
+    assert block["entries"][decode]["ms"] == {"triton": 3.0, "cuda": 2.5}
+    assert block["entries"][decode]["backend"] == "cuda"
+    lora = bt.shape_class("adapter_moe", torch.bfloat16, 8, 4096, 8192, True)
+    assert block["entries"][lora]["backend"] == "triton"
+    assert set(block["entries"]) == {decode, lora}
+    with pytest.raises(ValueError, match="one device"):
+        fb.block_from_rows(rows + [_row("moe_kernels:cuda", "OLMoE", 8, "fwd", 0.5, device="Other GPU")])
+
+
+def test_shipped_h200_block_is_the_recorded_run():
+    """The shipped NVIDIA H200 block is what the script makes of the recorded run: nothing edited by hand."""
+    import csv
+    import os
+
+    fb = _bench_module()
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_results", "2026-11-27_h200_run2.csv")
+    with open(path, newline="") as f:
+        remade = fb.block_from_rows(list(csv.DictReader(f)), default="cuda")
+    shipped = bt.block_for("NVIDIA H200", json.load(open(bt.TABLE_PATH)))
+    assert shipped["device"] == "NVIDIA H200" and shipped["default"] == "cuda"
+    assert shipped["entries"] == remade["entries"]
+    mixtral_decode = bt.shape_class("moe_mlp", torch.bfloat16, 8, 4096, 1, False)
+    assert shipped["entries"][mixtral_decode]["backend"] == "triton"

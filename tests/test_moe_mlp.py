@@ -495,7 +495,7 @@ def test_cuda_moe_mlp_bf16(act_case, shape):
 @pytest.mark.parametrize("shape", [(512, 256, 128, 64, 8, "random"), (300, 128, 96, 16, 2, "one_expert"),
                                    (64, 2048, 768, 128, 8, "random")], ids=str)
 def test_cuda_moe_mlp_larger_shapes(shape):
-    check_mlp_against_oracle(_cuda_backend_mlp, shape, torch.bfloat16, ("silu", False, None, False), device="cuda")
+    check_mlp_against_oracle(_cuda_backend_mlp, shape, torch.bfloat16, ACTIVATION_CASES[0], device="cuda")
 
 
 @needs_cuda_kernels

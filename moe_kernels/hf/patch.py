@@ -19,7 +19,7 @@ import types
 
 import torch.nn as nn
 
-from ..backends import get_backend
+from ..backends import AUTO, get_backend
 from .experts import BACKEND_ATTRIBUTE, EXPERTS_IMPLEMENTATION, describe_experts, moe_kernels_experts_forward
 from .families import family_of, is_experts_class
 from .families import supported_model_types as _supported_model_types
@@ -35,7 +35,8 @@ def supported_model_types() -> list[str]:
 
 
 def _check_backend(backend: str | None) -> None:
-    if backend is not None:
+    # "auto" is a per-shape choice made at each call, not a backend to load
+    if backend is not None and backend != AUTO:
         get_backend(backend)  # raises BackendError naming the backend if it is not built
 
 

@@ -227,3 +227,10 @@ def wgrad_config() -> dict:
     """How the expert-MLP weight gradients are formed where both ways can run (see
     :func:`moe_kernels.triton.experts.weight_grads_by_grouped_mm`)."""
     return load_table()["wgrad"]
+
+
+def grouped_mm_wgrad_wanted(num_rows: int) -> bool:
+    """Whether the table asks for the grouped-GEMM weight gradients at ``num_rows`` routed slots (T*k), where they
+    can run: below ``min_rows`` the Triton outer-product kernel measured as fast or faster."""
+    wgrad = wgrad_config()
+    return bool(wgrad["grouped_mm"]) and num_rows >= wgrad.get("min_rows", 0)

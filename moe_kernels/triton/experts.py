@@ -45,7 +45,7 @@ from ..validation import check_finite_scalars
 from .common import (_TILE_SCAN_BLOCK_E, TILE_MAPS, _tile_scan_kernel, cdiv, combine_slots, dot_precision, find_tile,
                      gated_backward, gated_forward, interpreting, max_tiles, operand, program_rows, register_op,
                      slot_dtype, tile_maps)
-from .configs import decode_config, entries, mlp_config, wgrad_config
+from .configs import decode_config, entries, grouped_mm_wgrad_wanted, mlp_config
 from .plan import dispatch_plan
 
 
@@ -351,12 +351,12 @@ def _gated_activation_kernel(pre_ptr, act_ptr, num_rows, inter, limit, gate_cap,
 _ACT_BLOCK_R, _ACT_BLOCK_C = 16, 128
 
 
-def weight_grads_by_grouped_mm(x: torch.Tensor, hidden: int, inter: int, has_bias: bool) -> bool:
-    """Whether the weight gradients run as torch's CUTLASS grouped GEMM in its k-grouped form
-    (``torch._grouped_mm``) instead of ``_expert_outer_kernel``.
+def weight_grads_by_grouped_mm(x: torch.Tensor, hidden: int, inter: int, has_bias: bool, num_rows: int = 0) -> bool:
+    """Whether the weight gradients of a call with ``num_rows`` routed slots (T*k) run as torch's CUTLASS grouped
+    GEMM in its k-grouped form (``torch._grouped_mm``) instead of ``_expert_outer_kernel``.
 
     MOE_KERNELS_WGRAD = "grouped_mm" forces it (a ValueError where it cannot run), "triton" forbids it;
-    unset or "auto", the config table's ``wgrad`` entry decides. It can run for bf16 on sm90+ GPUs with
+    unset or "auto", the config table's ``wgrad`` entry decides (on, from ``min_rows`` slots). It can run for bf16 on sm90+ GPUs with
     widths that keep every row 16-byte aligned, without biases (their gradients are row sums that the
     Triton kernel forms on the way).
     """
@@ -380,7 +380,7 @@ def weight_grads_by_grouped_mm(x: torch.Tensor, hidden: int, inter: int, has_bia
         reasons.append("needs torch._grouped_mm (torch >= 2.8)")
     if choice == "grouped_mm" and reasons:
         raise ValueError("MOE_KERNELS_WGRAD=grouped_mm: the grouped GEMM " + "; ".join(reasons))
-    return not reasons and (choice == "grouped_mm" or wgrad_config()["grouped_mm"])
+    return not reasons and (choice == "grouped_mm" or grouped_mm_wgrad_wanted(num_rows))
 
 
 def _grouped_mm_weight_grads(grad_y, x, pre, grad_pre, route_w, expert_offsets, sorted_slots, top_k, activation,
@@ -563,7 +563,8 @@ def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, do
         grad_x = combine_slots(slot_rows, num_tokens, top_k, x.dtype)
 
     grad_gate_up, grad_down, grad_gate_up_bias, grad_down_bias = empty(), empty(), empty(), empty()
-    if need_params and weight_grads_by_grouped_mm(x, hidden, inter, gate_up_bias is not None or down_bias is not None):
+    if need_params and weight_grads_by_grouped_mm(x, hidden, inter, gate_up_bias is not None or down_bias is not None,
+                                                  num_rows):
         grad_gate_up, grad_down = _grouped_mm_weight_grads(grad_y, x, pre, grad_pre, route_w, expert_offsets,
                                                            sorted_slots, top_k, activation, interleaved, swiglu_limit,
                                                            gated, softcaps)

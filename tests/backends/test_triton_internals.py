@@ -58,6 +58,25 @@ def test_wgrad_choice_is_explicit(monkeypatch):
             weight_grads_by_grouped_mm(x, 16, 16, False)
 
 
+def test_wgrad_auto_follows_the_measured_row_threshold(monkeypatch):
+    """Unset, the table decides by routed slots: the grouped GEMM from min_rows on (measured faster there on an H200),
+    the Triton kernel below; never where it cannot run."""
+    from moe_kernels.triton import configs
+    from moe_kernels.triton.experts import weight_grads_by_grouped_mm
+    monkeypatch.delenv("MOE_KERNELS_WGRAD", raising=False)
+    min_rows = configs.wgrad_config()["min_rows"]
+    assert configs.wgrad_config()["grouped_mm"] and min_rows > 1
+    assert configs.grouped_mm_wgrad_wanted(min_rows) and not configs.grouped_mm_wgrad_wanted(min_rows - 1)
+    shipped = configs.wgrad_config
+    monkeypatch.setattr(configs, "wgrad_config", lambda: {"grouped_mm": False, "min_rows": 0})
+    assert not configs.grouped_mm_wgrad_wanted(10 ** 6)
+    monkeypatch.setattr(configs, "wgrad_config", shipped)
+    x = torch.zeros(2, 16, dtype=torch.bfloat16, device=DEVICE)
+    assert weight_grads_by_grouped_mm(x, 16, 16, False, min_rows) == GPU_SM90
+    assert not weight_grads_by_grouped_mm(x, 16, 16, False, min_rows - 1)
+    assert not weight_grads_by_grouped_mm(x, 16, 16, True, min_rows)  # biases: the Triton kernel forms their sums
+
+
 # ----------------------------------------------------------------------------------- expert MLP: decode path
 
 # the decode path (no plan, no gradient, T*k <= the decode config's BLOCK_M): one token, k = 1, k = E,
