@@ -196,16 +196,43 @@ def _compiled_ops(backend):
     return run
 
 
-@pytest.mark.parametrize("backend", _COMPILED_BACKENDS)
-def test_traced_float_arguments_compile_and_are_checked_where_they_run(backend):
-    """Under torch.compile(dynamic=True, fullgraph=True) the float arguments are symbols: moe_kernels.ops cannot test
-    them, so the backend ops test the values they are called with. Finite values give the eager result; a
-    non-finite one raises where the op runs, never a silent result."""
+def _check_traced_floats(backend, say=lambda message: None):
     run = _compiled_ops(backend)
     torch._dynamo.reset()
     compiled = torch.compile(run, dynamic=True, fullgraph=True, backend="aot_eager")
     for args in ((1.0, 7.0, 0.5), (2.5, 3.0, 2.0)):
+        say(f"finite {args}")
         torch.testing.assert_close(compiled(*args), run(*args))
     for bad in ((float("inf"), 7.0, 0.5), (1.0, float("inf"), 0.5), (1.0, 7.0, float("nan"))):
+        say(f"non-finite {bad}")
         with pytest.raises(Exception, match="must be a finite number"):
             compiled(*bad)
+    say("done")
+
+
+@pytest.mark.parametrize("backend", _COMPILED_BACKENDS)
+def test_traced_float_arguments_compile_and_are_checked_where_they_run(backend):
+    """Under torch.compile(dynamic=True, fullgraph=True) the float arguments are symbols: moe_kernels.ops cannot test
+    them, so the backend ops test the values they are called with. Finite values give the eager result; a
+    non-finite one raises where the op runs, never a silent result.
+
+    With a GPU the check runs in a child process: on the H200 run of 2026-11-27 it died with SIGSEGV inside a C++
+    op of the compiled graph (cpu and cuda backends; not reproduced on the CPU machine with the same torch and
+    build), which killed the test worker. A child turns a crash into this test's failure, with its last step
+    and the fault handler's stack."""
+    if not torch.cuda.is_available():
+        _check_traced_floats(backend)
+        return
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    code = ("import sys; sys.path.insert(0, {here!r}); import test_errors; "
+            "test_errors._check_traced_floats({backend!r}, lambda m: print('step:', m, file=sys.stderr, flush=True))"
+            ).format(here=here, backend=backend)
+    child = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True, text=True,
+                           timeout=600, env={**os.environ, "PYTHONPATH": os.pathsep.join(
+                               [os.path.dirname(here), os.environ.get("PYTHONPATH", "")])})
+    assert child.returncode == 0, f"child exited with {child.returncode}:\n{child.stderr[-6000:]}"
+    assert "step: done" in child.stderr
