@@ -223,10 +223,13 @@ def moe_providers(shape: MoEShape, tokens: int, device, dtype, notes: dict, hf_e
         else:
             notes[f"moe_kernels:{backend}"] = "not built or cannot run on this device"
     if "triton" in backends and device.type == "cuda":
-        # the weight gradients as torch's grouped GEMM instead of the Triton kernel (the table's default), side
-        # by side, until a measurement decides the table's wgrad entry
-        providers["moe_kernels:triton[wgrad=grouped_mm]"] = _moe_kernels_provider(
-            "triton", shape, {"MOE_KERNELS_WGRAD": "grouped_mm"})
+        # the other way to form the weight gradients, side by side: the default (configs.json's wgrad entry: torch's
+        # grouped GEMM from min_rows routed slots on, measured on an H200) against the Triton kernel throughout
+        providers["moe_kernels:triton[wgrad=triton]"] = _moe_kernels_provider(
+            "triton", shape, {"MOE_KERNELS_WGRAD": "triton"})
+        if tokens == 1:  # the one-token GEMVs (the default) against the decode path's tiles
+            providers["moe_kernels:triton[one_token=tiles]"] = _moe_kernels_provider(
+                "triton", shape, {"MOE_KERNELS_ONE_TOKEN": "tiles"})
         from moe_kernels.triton import configs
 
         if configs.device_tables(torch.cuda.get_device_name(device)):

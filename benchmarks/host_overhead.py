@@ -58,6 +58,18 @@ def _time_us(fn, calls: int, gpu: bool) -> float:
     return statistics.median(samples) / 1000
 
 
+def _with_tiles(fn):
+    """``fn`` with the one-token path off (as MOE_KERNELS_ONE_TOKEN=tiles, without an environment write per call)."""
+    from moe_kernels.triton import experts
+
+    enabled = experts.one_token_path_enabled
+    experts.one_token_path_enabled = lambda: False
+    try:
+        fn()
+    finally:
+        experts.one_token_path_enabled = enabled
+
+
 def _cases(device: torch.device):
     """(name, callable) pairs; shapes of Qwen3-30B-A3B (H 2048, I 768, E 128, k 8) unless named. The routing
     inputs come from the device's default backend (without a GPU the stubbed Triton kernels compute nothing)."""
@@ -83,6 +95,8 @@ def _cases(device: torch.device):
                 mk.moe_mlp(x, gate_up, down, weights, ids, backend=backend)
 
         cases.append((f"moe_mlp decode T={tokens}, backend=triton", decode))
+        if tokens == 1:  # the one-token GEMVs (2 launches, the default) against the decode path's tiles (3)
+            cases.append(("moe_mlp decode T=1, triton, decode tiles", lambda decode=decode: _with_tiles(decode)))
         if device.type == "cuda":
             cases.append((f"moe_mlp decode T={tokens}, backend=auto",
                           lambda decode=decode: decode(backend="auto")))

@@ -461,13 +461,14 @@ def test_triton_torch_compile_fullgraph_route_and_moe_mlp():
 @needs_triton
 @pytest.mark.parametrize("activation", list(OP_FORMS))
 def test_triton_moe_mlp_inference_op_passes_opcheck(activation):
-    """The no-gradient op at a decode size (3 tokens) and, for the plain SwiGLU, past the decode config's BLOCK_M (the
-    planned forward inside the same op)."""
+    """The no-gradient op at one token (the GEMV path), at a decode size (3 tokens) and, for the plain SwiGLU, past the
+    decode config's BLOCK_M (the planned forward inside the same op)."""
     from moe_kernels.triton import configs
     from moe_kernels.triton.experts import moe_mlp_inference_op
     (x, gate_up, down, weights, ids, gate_up_bias, down_bias), options = _op_inputs("random", activation)
-    torch.library.opcheck(moe_mlp_inference_op, (x[:3], gate_up, down, weights[:3], ids[:3], gate_up_bias, down_bias,
-                                                 *options))
+    for T in (1, 3):
+        torch.library.opcheck(moe_mlp_inference_op, (x[:T], gate_up, down, weights[:T], ids[:T], gate_up_bias,
+                                                     down_bias, *options))
     if activation == "silu":
         T = configs.decode_config(1, fp32=True)["BLOCK_M"] // 2 + 1  # k = 2: one slot past the decode path
         x, gate_up, down, weights, ids, gate_up_bias, down_bias = seeded_mlp_inputs(T, 16, 16, 3, 2, "random", bias=True)

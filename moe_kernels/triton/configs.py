@@ -209,6 +209,11 @@ def decode_config(num_rows: int, fp32: bool = False, inter: int | None = None, d
     return entry if num_rows <= entry["BLOCK_M"] else None
 
 
+def one_token_config(fp32: bool = False) -> dict:
+    """Config of the one-token forward's GEMV kernels (see ``_comment_mlp_one_token``)."""
+    return load_table()["mlp_one_token_fp32" if fp32 else "mlp_one_token"][0]
+
+
 def adapter_config(num_slots: int, rank: int, aligned: bool = True) -> dict:
     """Config of the adapter-expert kernels for N = ``num_slots`` routed slots at adapter rank ``rank``;
     launches that are not ``aligned`` (see :func:`moe_kernels.triton.adapters.select_config`) take the

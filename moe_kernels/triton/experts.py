@@ -45,7 +45,7 @@ from ..validation import check_finite_scalars
 from .common import (_TILE_SCAN_BLOCK_E, TILE_MAPS, _tile_scan_kernel, cdiv, combine_slots, dot_precision, find_tile,
                      gated_backward, gated_forward, interpreting, max_tiles, operand, program_rows, register_op,
                      slot_dtype, tile_maps)
-from .configs import decode_config, entries, grouped_mm_wgrad_wanted, mlp_config
+from .configs import decode_config, entries, grouped_mm_wgrad_wanted, mlp_config, one_token_config
 from .plan import dispatch_plan
 
 
@@ -180,6 +180,79 @@ def _rows_matmul_kernel(in_ptr, w_ptr, stride_we, stride_wc, stride_wj, bias_ptr
             acc *= tl.load(route_w_ptr + slots, mask=row_mask, other=0.0)[:, None]
         tl.store(out_ptr + slots.to(tl.int64)[:, None] * out_dim + cols[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=row_mask[:, None] & col_mask[None, :])
+
+
+@triton.jit
+def _one_token_gate_up_kernel(x_ptr, stride_xh, w_ptr, stride_we, stride_wn, stride_wh, bias_ptr, stride_be,
+                              stride_bn, ids_ptr, act_ptr, hidden, inter, limit, gate_cap, up_cap,
+                              ACTIVATION: tl.constexpr, INTERLEAVED: tl.constexpr, GATED: tl.constexpr,
+                              HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One token's gate/up GEMVs and activation: act[j, c] = gated_act(x @ W_gu[ids[j]]^T + b_gu[ids[j]]) at
+    intermediate columns c of this program's tile, for the token's slot j.
+
+    x_ptr: [1, H] stride stride_xh along H.  w_ptr: W_gu [E, 2I, H] ([E, I, H] not GATED) strides (we, wn, wh).
+    bias_ptr: [E, 2I] strides (be, bn) if HAS_BIAS.  ids_ptr: [k] int32.  act_ptr: [k, I] out, contiguous, x's dtype.
+    Grid: (k, cdiv(I, BLOCK_N)). A GEMV: products and sums in fp32 (no tensor cores, no 16-row padding); each
+    slot's expert rows are read once, as a decode step must.
+    """
+    slot = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < inter
+    expert = tl.load(ids_ptr + slot).to(tl.int64)
+    gate_rows, up_rows = _gate_up_columns(cols, inter, INTERLEAVED)
+    w_base = w_ptr + expert * stride_we
+    acc_gate = tl.zeros([BLOCK_N], dtype=tl.float32)
+    acc_up = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < hidden
+        xk = tl.load(x_ptr + ks * stride_xh, mask=k_mask, other=0.0).to(tl.float32)[None, :]
+        w_mask = col_mask[:, None] & k_mask[None, :]
+        wg = tl.load(w_base + gate_rows[:, None] * stride_wn + ks[None, :] * stride_wh, mask=w_mask, other=0.0)
+        acc_gate += tl.sum(wg.to(tl.float32) * xk, axis=1)
+        if GATED:
+            wu = tl.load(w_base + up_rows[:, None] * stride_wn + ks[None, :] * stride_wh, mask=w_mask, other=0.0)
+            acc_up += tl.sum(wu.to(tl.float32) * xk, axis=1)
+    if HAS_BIAS:
+        b_base = bias_ptr + expert * stride_be
+        acc_gate += tl.load(b_base + gate_rows * stride_bn, mask=col_mask, other=0.0).to(tl.float32)
+        if GATED:
+            acc_up += tl.load(b_base + up_rows * stride_bn, mask=col_mask, other=0.0).to(tl.float32)
+    act = gated_forward(acc_gate, acc_up, limit, gate_cap, up_cap, ACTIVATION, HAS_LIMIT, GATED)
+    tl.store(act_ptr + slot.to(tl.int64) * inter + cols, act.to(act_ptr.dtype.element_ty), mask=col_mask)
+
+
+@triton.jit
+def _one_token_down_kernel(act_ptr, w_ptr, stride_we, stride_wh, stride_wi, bias_ptr, stride_be, stride_bh,
+                           route_w_ptr, ids_ptr, y_ptr, inter, hidden, top_k,
+                           HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """One token's down GEMVs, weighted and summed over its k slots in one program per output tile:
+    y[h] = sum_j route_w[j] * (act[j] @ W_d[ids[j]]^T + b_d[ids[j]])[h], j ascending, in fp32 (no slot rows, no
+    combine launch).
+
+    act_ptr: [k, I] contiguous.  w_ptr: W_d [E, H, I] strides (we, wh, wi).  bias_ptr: [E, H] strides (be, bh) if
+    HAS_BIAS.  route_w_ptr: [k] fp32.  ids_ptr: [k] int32.  y_ptr: [1, H] out, contiguous, x's dtype.
+    Grid: (cdiv(H, BLOCK_N),).
+    """
+    cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_mask = cols < hidden
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for j in range(0, top_k):
+        expert = tl.load(ids_ptr + j).to(tl.int64)
+        w_base = w_ptr + expert * stride_we
+        part = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for k0 in range(0, inter, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_mask = ks < inter
+            a = tl.load(act_ptr + j * inter + ks, mask=k_mask, other=0.0).to(tl.float32)
+            w = tl.load(w_base + cols[:, None] * stride_wh + ks[None, :] * stride_wi,
+                        mask=col_mask[:, None] & k_mask[None, :], other=0.0)
+            part += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
+        if HAS_BIAS:
+            part += tl.load(bias_ptr + expert * stride_be + cols * stride_bh, mask=col_mask, other=0.0).to(tl.float32)
+        acc += tl.load(route_w_ptr + j) * part
+    tl.store(y_ptr + cols, acc.to(y_ptr.dtype.element_ty), mask=col_mask)
 
 
 @triton.jit
@@ -516,6 +589,41 @@ def _decode_forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_u
     return combine_slots(slot_rows, num_tokens, top_k, x.dtype)
 
 
+def one_token_path_enabled() -> bool:
+    """MOE_KERNELS_ONE_TOKEN = "gemv" (default) or "tiles": how a one-token forward without gradients runs, as
+    the two GEMV kernels (:func:`_one_token_forward`, two launches) or as the decode path's tiles (three)."""
+    choice = os.environ.get("MOE_KERNELS_ONE_TOKEN", "gemv") or "gemv"
+    if choice not in ("gemv", "tiles"):
+        raise ValueError(f"MOE_KERNELS_ONE_TOKEN must be gemv or tiles, not {choice!r}")
+    return choice == "gemv"
+
+
+def _one_token_forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, interleaved,
+                       swiglu_limit, gated, softcaps, cfg):
+    """Forward of one token (batch-1 decode) without a plan: a GEMV per routed slot for gate/up, then one program
+    per output tile that runs the k down GEMVs and sums them with the routing weights. Two launches, and the
+    host's time to issue a launch is most of a decode step's MoE time on a GPU (benchmarks/RESULTS_GPU.md)."""
+    hidden = x.shape[1]
+    inter = _intermediate(gate_up_proj, gated)
+    top_k = ids.shape[1]
+    flat_ids = ids.reshape(-1)
+    up, down = cfg["up"], cfg["down"]
+    act = torch.empty((top_k, inter), dtype=x.dtype, device=x.device)
+    bias, stride_be, stride_bn = _weight_strides(gate_up_bias, x)
+    _one_token_gate_up_kernel[(top_k, cdiv(inter, up["BLOCK_N"]))](
+        x, x.stride(1), gate_up_proj, *gate_up_proj.stride(), bias, stride_be, stride_bn, flat_ids, act, hidden,
+        inter, float(swiglu_limit or 0.0), *_caps(softcaps), ACTIVATION=ACTIVATION_CODES[activation],
+        INTERLEAVED=interleaved, GATED=gated, HAS_BIAS=gate_up_bias is not None, HAS_LIMIT=swiglu_limit is not None,
+        BLOCK_N=up["BLOCK_N"], BLOCK_K=up["BLOCK_K"], num_warps=up["num_warps"], num_stages=up["num_stages"])
+    y = torch.empty((1, hidden), dtype=x.dtype, device=x.device)
+    bias, stride_be, stride_bh = _weight_strides(down_bias, x)
+    _one_token_down_kernel[(cdiv(hidden, down["BLOCK_N"]),)](
+        act, down_proj, *down_proj.stride(), bias, stride_be, stride_bh, weights.reshape(-1), flat_ids, y, inter,
+        hidden, top_k, HAS_BIAS=down_bias is not None, BLOCK_N=down["BLOCK_N"], BLOCK_K=down["BLOCK_K"],
+        num_warps=down["num_warps"], num_stages=down["num_stages"])
+    return y
+
+
 def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, pre, expert_offsets,
               sorted_slots, tiles, activation, interleaved, swiglu_limit, gated, softcaps, need_x, need_params):
     num_tokens, hidden = x.shape
@@ -626,10 +734,13 @@ def _inference_impl(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torc
                     ids: torch.Tensor, gate_up_bias: Optional[torch.Tensor], down_bias: Optional[torch.Tensor],
                     activation: str, interleaved: bool, swiglu_limit: Optional[float], gated: bool,
                     softcaps: Optional[list[float]]) -> torch.Tensor:
-    """y [T,H] of a forward that needs no gradient: the decode path for T*k <= the decode config's BLOCK_M slots,
-    else the planned forward without its backward state. The choice is made here, inside the op, so that
+    """y [T,H] of a forward that needs no gradient: the one-token GEMVs for T = 1, the decode path for T*k <= the
+    decode config's BLOCK_M slots, else the planned forward without its backward state. The choice is made here, inside the op, so that
     torch.compile traces one opaque call and never the config table (a file read Dynamo cannot trace)."""
     _check_scalars(swiglu_limit, softcaps)
+    if ids.shape[0] == 1 and one_token_path_enabled():
+        return _one_token_forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias,
+                                  interleaved, swiglu_limit, gated, softcaps, one_token_config(x.dtype == torch.float32))
     cfg = decode_config(ids.numel(), x.dtype == torch.float32, down_proj.shape[2], x.device)
     if cfg is not None:
         return _decode_forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias,
@@ -733,7 +844,7 @@ def moe_mlp(x, gate_up_proj, down_proj, weights, ids, activation="silu", gate_up
 # ahead-of-time compile list (for ``moe-kernels compile-check``)
 
 _POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16"}
-_INT_POINTERS = ("sorted_slots_ptr", "expert_offsets_ptr", "tile_offsets_ptr")
+_INT_POINTERS = ("sorted_slots_ptr", "expert_offsets_ptr", "tile_offsets_ptr", "ids_ptr")
 _FP32_POINTERS = ("route_w_ptr", "grad_w_partial_ptr")
 # (activation, interleaved, bias, limit, gated): the plain SwiGLU of most families, DeepSeek-V4's clamped one,
 # GPT-OSS's form, the longest epilogue (clamps, biases, interleaved columns), Inkling2's soft-capped SwiGLU and
@@ -767,6 +878,9 @@ _LAYOUT = {
     "dx": ({"stride_wj": 1, "stride_bj": 1}, ("stride_we", "stride_wc", "stride_be", "reduce_dim", "out_dim")),
     "down_bwd": ({"stride_gh": 1, "stride_wn": 1, "stride_bh": 1},
                  ("stride_gt", "stride_we", "stride_wh", "stride_be", "hidden", "inter")),
+    "one_token_up": ({"stride_xh": 1, "stride_wh": 1, "stride_bn": 1},
+                     ("stride_we", "stride_wn", "stride_be", "hidden", "inter")),
+    "one_token_down": ({"stride_wi": 1, "stride_bh": 1}, ("stride_we", "stride_wh", "stride_be", "inter", "hidden")),
     "dw": ({"stride_lc": 1, "stride_rc": 1, "stride_oj": 1},
            ("stride_lt", "stride_rt", "stride_oe", "stride_oi", "stride_bge", "lhs_dim", "rhs_dim", "inter")),
 }
@@ -839,4 +953,21 @@ def _compile_specs():
                 add(_rows_matmul_kernel, entry["down"], dict(HAS_BIAS=bias, HAS_ROUTE_W=True, BY_EXPERT=True,
                                                              **gemm(entry["down"], entry["BLOCK_M"])),
                     "down", data, precision, {"out_ptr": "*fp32"})
+    # the one-token GEMVs (no tensor cores: neither UPCAST nor DOT_PRECISION)
+    one_token = (() if os.environ.get(TUNE_CANDIDATES_VARIABLE) == "1" else
+                 ((torch.bfloat16, entries("mlp_one_token")), (torch.float32, entries("mlp_one_token_fp32"))))
+    for dtype, one_token_entries in one_token:
+        data = _POINTER_TYPES[dtype]
+        for entry in one_token_entries:
+            for activation, interleaved, bias, limit, gated in _COMPILE_VARIANTS:
+                for kernel, cfg, layout, constexprs in (
+                        (_one_token_gate_up_kernel, entry["up"], "one_token_up",
+                         {"ACTIVATION": ACTIVATION_CODES[activation], "INTERLEAVED": interleaved, "GATED": gated,
+                          "HAS_LIMIT": limit}),
+                        (_one_token_down_kernel, entry["down"], "one_token_down", {})):
+                    unit_strides, divisible = _LAYOUT[layout]
+                    constexprs = dict(unit_strides, HAS_BIAS=bias, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+                                      **constexprs)
+                    specs.append((kernel, _signature(kernel, constexprs, data), constexprs,
+                                  {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}, divisible))
     return specs

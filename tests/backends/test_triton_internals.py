@@ -7,6 +7,8 @@ On a machine without a GPU the kernels run in Triton's interpreter (tests/confte
 before triton is imported).
 """
 
+import os
+
 import pytest
 import torch
 
@@ -92,6 +94,9 @@ DECODE_GRID = [
 
 
 def _check_decode(inputs, dtype, activation="silu", interleaved=False, swiglu_limit=None):
+    """The decode path (tiles by expert) against the oracle; one token takes it with MOE_KERNELS_ONE_TOKEN=tiles."""
+    from unittest import mock
+
     from moe_kernels.triton import experts
     x, gate_up, down, weights, ids, gate_up_bias, down_bias = inputs
     assert configs.decode_config(ids.numel(), fp32=dtype == torch.float32) is not None, "shape must take the decode path"
@@ -101,7 +106,7 @@ def _check_decode(inputs, dtype, activation="silu", interleaved=False, swiglu_li
     original = experts._decode_forward
     experts._decode_forward = lambda *a, **k: calls.append(1) or original(*a, **k)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), mock.patch.dict(os.environ, {"MOE_KERNELS_ONE_TOKEN": "tiles"}):
             y = ops.moe_mlp(x, gate_up, down, weights, ids, backend="triton", **kwargs)
     finally:
         experts._decode_forward = original
@@ -136,6 +141,76 @@ def test_moe_mlp_decode_path_boundary():
     with torch.no_grad():
         y = ops.moe_mlp(x, gate_up, down, weights, ids, backend="triton")
     assert_close_rel(y, reference.moe_mlp(x, gate_up, down, weights, ids), torch.float32, "y (planned path)")
+
+
+# ------------------------------------------------------------------------- expert MLP: one-token path (GEMVs)
+
+# one token, no gradient: a GEMV per slot for gate/up, one program per output tile for the k down GEMVs and their
+# weighted sum. k = 1, k = E, prime E, odd widths, an expert twice is impossible (top-k ids are distinct).
+ONE_TOKEN_GRID = [(32, 16, 4, 2), (33, 24, 7, 1), (16, 8, 5, 5), (17, 20, 13, 3), (300, 40, 3, 2)]
+
+
+def _one_token(x, gate_up, down, weights, ids, launches, **kwargs):
+    launches.clear()
+    with torch.no_grad():
+        y = ops.moe_mlp(x, gate_up, down, weights, ids, backend="triton", **kwargs)
+    assert launches == ["_one_token_gate_up_kernel", "_one_token_down_kernel"], launches
+    return y
+
+
+@pytest.mark.parametrize("shape", ONE_TOKEN_GRID, ids=lambda s: "H{}-I{}-E{}-k{}".format(*s))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_mlp_one_token_path(shape, dtype, launches, monkeypatch):
+    """Against the oracle, and against the decode path's tiles on the same inputs."""
+    inputs = seeded_mlp_inputs(1, *shape, "random", dtype=dtype)
+    y = _one_token(*inputs[:5], launches)
+    want = reference.moe_mlp(*inputs[:5])
+    assert y.dtype == dtype and y.shape == inputs[0].shape
+    assert_close_rel(y.float(), want.float(), dtype, "y (one-token path)")
+    monkeypatch.setenv("MOE_KERNELS_ONE_TOKEN", "tiles")
+    with torch.no_grad():
+        tiles = ops.moe_mlp(*inputs[:5], backend="triton")
+    assert_close_rel(y.float(), tiles.float(), dtype, "y (one-token path against the decode tiles)")
+
+
+@pytest.mark.parametrize("activation,interleaved,bias,limit,transposed,softcaps", [
+    ("gelu", False, True, None, False, None),
+    ("relu", False, True, None, True, None),
+    ("gpt_oss", True, True, 0.7, True, None),
+    ("silu", False, False, 0.5, False, None),
+    ("softcap_swiglu", False, True, None, False, (0.8, 1.2)),
+])
+def test_moe_mlp_one_token_activations_layouts_biases(activation, interleaved, bias, limit, transposed, softcaps,
+                                                      launches):
+    x, gate_up, down, weights, ids, b1, b2 = seeded_mlp_inputs(1, 24, 16, 5, 2, "random", bias=bias,
+                                                               transposed=transposed)
+    kwargs = dict(activation=activation, gate_up_bias=b1, down_bias=b2, interleaved=interleaved, swiglu_limit=limit,
+                  softcaps=softcaps)
+    y = _one_token(x, gate_up, down, weights, ids, launches, **kwargs)
+    assert_close_rel(y, reference.moe_mlp(x, gate_up, down, weights, ids, **kwargs), torch.float32, "y")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_moe_mlp_one_token_without_a_gate(bias, launches):
+    """Nemotron-H's ReLU^2 experts (W_up [E, I, H]) on the one-token path, and a strided x row."""
+    g = torch.Generator().manual_seed(3)
+    H, I, E, k = 20, 12, 6, 3
+    x = torch.randn(1, 2 * H, generator=g).to(DEVICE)[:, ::2]  # stride 2 along H
+    up = (torch.randn(E, I, H, generator=g) / H ** 0.5).to(DEVICE)
+    down = (torch.randn(E, H, I, generator=g) / I ** 0.5).to(DEVICE)
+    b1 = (torch.randn(E, I, generator=g) * 0.1).to(DEVICE) if bias else None
+    b2 = (torch.randn(E, H, generator=g) * 0.1).to(DEVICE) if bias else None
+    weights, ids = ops.route(torch.randn(1, E, generator=g).to(DEVICE), k, backend="reference")
+    kwargs = dict(activation="relu2", gated=False, gate_up_bias=b1, down_bias=b2)
+    y = _one_token(x, up, down, weights, ids, launches, **kwargs)
+    assert_close_rel(y, reference.moe_mlp(x, up, down, weights, ids, **kwargs), torch.float32, "y (ungated)")
+
+
+def test_one_token_choice_is_explicit(monkeypatch):
+    x, gate_up, down, weights, ids, _, _ = seeded_mlp_inputs(1, 16, 8, 3, 2, "random")
+    monkeypatch.setenv("MOE_KERNELS_ONE_TOKEN", "fastest")
+    with torch.no_grad(), pytest.raises(ValueError, match="MOE_KERNELS_ONE_TOKEN"):
+        ops.moe_mlp(x, gate_up, down, weights, ids, backend="triton")
 
 
 # ---------------------------------------------------------------------------- counting launches (fixture)
@@ -221,9 +296,9 @@ def test_adapter_decode_path_boundary(launches):
 
 def test_launch_budget_of_the_hot_paths(launches, monkeypatch):
     """At decode and small batches the host's time per launch is the latency, so the number of launches is part of
-    each path's contract: decode 3, routing 1, a planned forward of at most 128 slots 5 (one-launch plan, one
-    tile-map launch for the forward's and the backward's kernels), its backward 5 (no tile maps again), adapter
-    decode 2."""
+    each path's contract: one token 2, decode 3, routing 1, a planned forward of at most 128 slots 5 (one-launch
+    plan, one tile-map launch for the forward's and the backward's kernels), its backward 5 (no tile maps again),
+    adapter decode 2."""
     monkeypatch.setenv("MOE_KERNELS_WGRAD", "triton")
     x, gate_up, down, weights, ids, _, _ = seeded_mlp_inputs(3, 16, 8, 5, 2, "random")
     with torch.no_grad():
@@ -232,6 +307,10 @@ def test_launch_budget_of_the_hot_paths(launches, monkeypatch):
         launches.clear()
         ops.moe_mlp(x, gate_up, down, weights, ids, backend="triton")
     assert launches == ["_gate_up_kernel", "_rows_matmul_kernel", "_combine_slots_kernel"]
+    launches.clear()
+    with torch.no_grad():
+        ops.moe_mlp(x[:1], gate_up, down, weights[:1], ids[:1], backend="triton")
+    assert launches == ["_one_token_gate_up_kernel", "_one_token_down_kernel"]
     launches.clear()
     leaves = [t.requires_grad_() for t in (x, gate_up, down)]
     y = ops.moe_mlp(x, gate_up, down, weights, ids, backend="triton")
