@@ -145,14 +145,25 @@ def _file_stamp(path: str):
     return stat.st_mtime_ns, stat.st_size
 
 
+# How long the table state (its variables and the answering file's stamp) is trusted before it is looked at again:
+# auto on CUDA asks on every op call, and the four variable reads and the stat were most of its host time.
+TABLE_RECHECK_S = 1.0
+_state_cache: dict = {"until": float("-inf"), "state": None}
+
+
 def _table_state() -> tuple:
     """What the block in force depends on besides the GPU model: ``MOE_KERNELS_BACKEND_TABLE``, the user's table
     path, and the state of the file that answers first (a table rewritten by another process, e.g. by
-    ``moe-kernels tune``, is read again). The shipped table changes only through write_block, which clears
-    the cache."""
+    ``moe-kernels tune``, is read again; a changed variable too). Looked at again at most every
+    ``TABLE_RECHECK_S`` seconds. The shipped table changes only through write_block, which clears the cache."""
+    now = time.monotonic()
+    if now < _state_cache["until"]:
+        return _state_cache["state"]
     table = os.environ.get("MOE_KERNELS_BACKEND_TABLE")
     user = user_table_path()
-    return table, user, _file_stamp(table or user)
+    state = (table, user, _file_stamp(table or user))
+    _state_cache.update(until=now + TABLE_RECHECK_S, state=state)
+    return state
 
 
 def _entry_for_index(index: int) -> dict:
@@ -334,6 +345,7 @@ def write_block(block: dict, path: str | None = None) -> str:
         f.write("\n")
     _table_cache.pop(path, None)
     _block_by_index.clear()
+    _state_cache["until"] = float("-inf")
     return path
 
 

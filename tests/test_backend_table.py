@@ -14,6 +14,14 @@ from moe_kernels import backend_table as bt
 from moe_kernels import backends
 
 
+@pytest.fixture(autouse=True)
+def table_state_looked_at_every_call(monkeypatch):
+    """These tests change the table's variables and files between calls: the state is looked at every time (the
+    1 s recheck interval has its own test)."""
+    monkeypatch.setattr(bt, "TABLE_RECHECK_S", 0.0)
+    monkeypatch.setitem(bt._state_cache, "until", float("-inf"))
+
+
 def test_shape_class_buckets():
     assert bt.shape_class("moe_mlp", torch.bfloat16, 128, 2048, 4096, True) == \
         "moe_mlp|bfloat16|E<=128|H<=2048|T>1024|train"
@@ -357,3 +365,31 @@ def test_shipped_h200_block_is_the_recorded_run():
     assert shipped["entries"] == remade["entries"]
     mixtral_decode = bt.shape_class("moe_mlp", torch.bfloat16, 8, 4096, 1, False)
     assert shipped["entries"][mixtral_decode]["backend"] == "triton"
+
+
+def test_table_state_is_looked_at_again_after_the_recheck_interval(fake_gpu, monkeypatch):
+    """auto asks for the table state on every op call: within TABLE_RECHECK_S it is not read again (no variable
+    read, no stat), after it a rewritten file or a changed variable is seen."""
+    device, path = fake_gpu
+    clock = [100.0]
+    monkeypatch.setattr(bt.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(bt, "TABLE_RECHECK_S", 1.0)
+    stamps = []
+    file_stamp = bt._file_stamp
+    monkeypatch.setattr(bt, "_file_stamp", lambda p: stamps.append(p) or file_stamp(p))
+    assert _choice(device)[0] == "cuda"
+    assert _choice(device)[0] == "cuda" and len(stamps) == 1
+    key = bt.shape_class("moe_mlp", torch.bfloat16, 128, 2048, 4096, True)
+    table = json.loads(path.read_text())
+    table["blocks"][1]["entries"][key]["backend"] = "triton"
+    table["note"] = "rewritten by another process"
+    path.write_text(json.dumps(table))
+    clock[0] += 0.5
+    assert _choice(device)[0] == "cuda" and len(stamps) == 1  # within the interval: the cached answer
+    clock[0] += 0.6
+    assert _choice(device)[0] == "triton" and len(stamps) == 2
+    monkeypatch.delenv("MOE_KERNELS_BACKEND_TABLE")  # the shipped table: no 'Fake GPU' block, the '*' one
+    clock[0] += 1.1
+    assert _choice(device)[0] == "triton" and len(stamps) == 3
+    bt.write_block({"device": "Fake GPU", "measured": True, "default": "cuda", "entries": {}}, str(path))
+    assert bt._state_cache["until"] == float("-inf")  # write_block: looked at again on the next call
