@@ -196,8 +196,13 @@ def _compiled_ops(backend):
     return run
 
 
-def _check_traced_floats(backend, say=lambda message: None):
+def _check_traced_floats(backend, say=lambda message: None, localize=False):
     run = _compiled_ops(backend)
+    if localize:  # each op compiled alone first, so that a crash names its op (the child process on a GPU)
+        for name, step in _single_op_steps(backend):
+            say(f"{name} alone")
+            torch._dynamo.reset()
+            torch.compile(step, dynamic=True, fullgraph=True, backend="aot_eager")(1.0, 7.0, 0.5)
     torch._dynamo.reset()
     compiled = torch.compile(run, dynamic=True, fullgraph=True, backend="aot_eager")
     for args in ((1.0, 7.0, 0.5), (2.5, 3.0, 2.0)):
@@ -208,6 +213,26 @@ def _check_traced_floats(backend, say=lambda message: None):
         with pytest.raises(Exception, match="must be a finite number"):
             compiled(*bad)
     say("done")
+
+
+def _single_op_steps(backend):
+    """(name, fn(scale, limit, adapter_scale)) for route, moe_mlp and adapter_moe alone, on _compiled_ops' inputs."""
+    from moe_testing import device_for
+
+    device = device_for(backend)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(T, H, generator=g).to(device)
+    gate_up = (torch.randn(E, 2 * I, H, generator=g) / H ** 0.5).to(device)
+    down = (torch.randn(E, H, I, generator=g) / I ** 0.5).to(device)
+    a_down = (torch.randn(E, 3, H, generator=g) / H ** 0.5).to(device)
+    a_up = (torch.randn(E, H, 3, generator=g) / 3 ** 0.5).to(device)
+    logits = torch.randn(T, E, generator=g).to(device)
+    weights, ids = moe_kernels.route(logits, K, backend=backend)
+    return [("route", lambda s, lim, a: moe_kernels.route(logits, K, scale=s, backend=backend)),
+            ("moe_mlp", lambda s, lim, a: moe_kernels.moe_mlp(x, gate_up, down, weights, ids, activation="gpt_oss",
+                                                              swiglu_limit=lim, backend=backend)),
+            ("adapter_moe", lambda s, lim, a: moe_kernels.adapter_moe(x, a_down, a_up, weights, ids, scale=a,
+                                                                      backend=backend))]
 
 
 @pytest.mark.parametrize("backend", _COMPILED_BACKENDS)
@@ -229,7 +254,8 @@ def test_traced_float_arguments_compile_and_are_checked_where_they_run(backend):
 
     here = os.path.dirname(os.path.abspath(__file__))
     code = ("import sys; sys.path.insert(0, {here!r}); import test_errors; "
-            "test_errors._check_traced_floats({backend!r}, lambda m: print('step:', m, file=sys.stderr, flush=True))"
+            "test_errors._check_traced_floats({backend!r}, lambda m: print('step:', m, file=sys.stderr, flush=True), "
+            "localize=True)"
             ).format(here=here, backend=backend)
     child = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True, text=True,
                            timeout=600, env={**os.environ, "PYTHONPATH": os.pathsep.join(
