@@ -222,6 +222,10 @@ def moe_providers(shape: MoEShape, tokens: int, device, dtype, notes: dict, hf_e
             providers[f"moe_kernels:{backend}"] = _moe_kernels_provider(backend, shape)
         else:
             notes[f"moe_kernels:{backend}"] = "not built or cannot run on this device"
+    if set(backends) == {"triton", "cuda"} and device.type == "cuda":
+        # the default on CUDA: the auto table's choice per shape class, timed beside both backends (issue 15: never
+        # more than 5% slower than the better one)
+        providers["moe_kernels:auto"] = _moe_kernels_provider("auto", shape)
     if "triton" in backends and device.type == "cuda":
         # the other way to form the weight gradients, side by side: the default (configs.json's wgrad entry: torch's
         # grouped GEMM from min_rows routed slots on, measured on an H200) against the Triton kernel throughout
