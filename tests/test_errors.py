@@ -173,19 +173,22 @@ def test_non_contiguous_weights_are_handled(backend):
 _COMPILED_BACKENDS = [b for b in moe_kernels.available_backends() if b != "reference"]  # the oracle is not traced whole
 
 
-def _compiled_ops(backend):
-    """route, moe_mlp (GPT-OSS's clamp) and adapter_moe with their float arguments as inputs of a compiled function
-    (dynamic=True: the floats are traced as symbols that Python cannot test); on the device the backend runs on."""
+def _traced_inputs(backend):
+    """(x, gate_up, down, adapter down, adapter up, logits), fixed seed, on the device the backend runs on."""
     from moe_testing import device_for
 
     device = device_for(backend)
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(T, H, generator=g).to(device)
-    gate_up = (torch.randn(E, 2 * I, H, generator=g) / H ** 0.5).to(device)
-    down = (torch.randn(E, H, I, generator=g) / I ** 0.5).to(device)
-    a_down = (torch.randn(E, 3, H, generator=g) / H ** 0.5).to(device)
-    a_up = (torch.randn(E, H, 3, generator=g) / 3 ** 0.5).to(device)
-    logits = torch.randn(T, E, generator=g).to(device)
+    return (torch.randn(T, H, generator=g).to(device), (torch.randn(E, 2 * I, H, generator=g) / H ** 0.5).to(device),
+            (torch.randn(E, H, I, generator=g) / I ** 0.5).to(device),
+            (torch.randn(E, 3, H, generator=g) / H ** 0.5).to(device),
+            (torch.randn(E, H, 3, generator=g) / 3 ** 0.5).to(device), torch.randn(T, E, generator=g).to(device))
+
+
+def _compiled_ops(backend):
+    """route, moe_mlp (GPT-OSS's clamp) and adapter_moe with their float arguments as inputs of a compiled function
+    (dynamic=True: the floats are traced as symbols that Python cannot test); on the device the backend runs on."""
+    x, gate_up, down, a_down, a_up, logits = _traced_inputs(backend)
 
     def run(scale, limit, adapter_scale):
         weights, ids = moe_kernels.route(logits, K, scale=scale, backend=backend)
@@ -217,16 +220,7 @@ def _check_traced_floats(backend, say=lambda message: None, localize=False):
 
 def _single_op_steps(backend):
     """(name, fn(scale, limit, adapter_scale)) for route, moe_mlp and adapter_moe alone, on _compiled_ops' inputs."""
-    from moe_testing import device_for
-
-    device = device_for(backend)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(T, H, generator=g).to(device)
-    gate_up = (torch.randn(E, 2 * I, H, generator=g) / H ** 0.5).to(device)
-    down = (torch.randn(E, H, I, generator=g) / I ** 0.5).to(device)
-    a_down = (torch.randn(E, 3, H, generator=g) / H ** 0.5).to(device)
-    a_up = (torch.randn(E, H, 3, generator=g) / 3 ** 0.5).to(device)
-    logits = torch.randn(T, E, generator=g).to(device)
+    x, gate_up, down, a_down, a_up, logits = _traced_inputs(backend)
     weights, ids = moe_kernels.route(logits, K, backend=backend)
     return [("route", lambda s, lim, a: moe_kernels.route(logits, K, scale=s, backend=backend)),
             ("moe_mlp", lambda s, lim, a: moe_kernels.moe_mlp(x, gate_up, down, weights, ids, activation="gpt_oss",
