@@ -332,7 +332,8 @@ def _row(provider, case, tokens, pass_, ms, suite="moe", device="Fake GPU"):
 
 def test_block_from_bench_sums_each_class_and_picks_the_faster():
     fb = _bench_module()
-    rows = [_row("moe_kernels:triton", "Qwen3-30B-A3B", 1, "fwd", 1.0), _row("moe_kernels:cuda", "Qwen3-30B-A3B", 1, "fwd", 2.0),
+    rows = [_row("moe_kernels:triton", "Qwen3-30B-A3B", 1, "fwd", 1.0),
+            _row("moe_kernels:cuda", "Qwen3-30B-A3B", 1, "fwd", 2.0),
             _row("moe_kernels:triton", "OLMoE", 8, "fwd", 2.0), _row("moe_kernels:cuda", "OLMoE", 8, "fwd", 0.5),
             _row("hf:grouped_mm", "OLMoE", 8, "fwd", 0.1),  # a peer decides nothing
             _row("moe_kernels:triton", "Mixtral-8x7B", 4096, "fwdbwd", 9.0),  # one backend only: no entry

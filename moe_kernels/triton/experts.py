@@ -429,9 +429,9 @@ def weight_grads_by_grouped_mm(x: torch.Tensor, hidden: int, inter: int, has_bia
     GEMM in its k-grouped form (``torch._grouped_mm``) instead of ``_expert_outer_kernel``.
 
     MOE_KERNELS_WGRAD = "grouped_mm" forces it (a ValueError where it cannot run), "triton" forbids it;
-    unset or "auto", the config table's ``wgrad`` entry decides (on, from ``min_rows`` slots). It can run for bf16 on sm90+ GPUs with
-    widths that keep every row 16-byte aligned, without biases (their gradients are row sums that the
-    Triton kernel forms on the way).
+    unset or "auto", the config table's ``wgrad`` entry decides (on, from ``min_rows`` slots). It can run for
+    bf16 on sm90+ GPUs with widths that keep every row 16-byte aligned, without biases (their gradients are row
+    sums that the Triton kernel forms on the way).
     """
     choice = os.environ.get("MOE_KERNELS_WGRAD", "auto") or "auto"
     if choice not in ("auto", "grouped_mm", "triton"):
@@ -735,12 +735,14 @@ def _inference_impl(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torc
                     activation: str, interleaved: bool, swiglu_limit: Optional[float], gated: bool,
                     softcaps: Optional[list[float]]) -> torch.Tensor:
     """y [T,H] of a forward that needs no gradient: the one-token GEMVs for T = 1, the decode path for T*k <= the
-    decode config's BLOCK_M slots, else the planned forward without its backward state. The choice is made here, inside the op, so that
-    torch.compile traces one opaque call and never the config table (a file read Dynamo cannot trace)."""
+    decode config's BLOCK_M slots, else the planned forward without its backward state. The choice is made here,
+    inside the op, so that torch.compile traces one opaque call and never the config table (a file read Dynamo
+    cannot trace)."""
     _check_scalars(swiglu_limit, softcaps)
     if ids.shape[0] == 1 and one_token_path_enabled():
+        cfg = one_token_config(x.dtype == torch.float32)
         return _one_token_forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias,
-                                  interleaved, swiglu_limit, gated, softcaps, one_token_config(x.dtype == torch.float32))
+                                  interleaved, swiglu_limit, gated, softcaps, cfg)
     cfg = decode_config(ids.numel(), x.dtype == torch.float32, down_proj.shape[2], x.device)
     if cfg is not None:
         return _decode_forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias,
@@ -895,8 +897,10 @@ def _compile_specs():
     specs = []
 
     def add(kernel, cfg, constexprs, layout, data, precision, overrides=()):
+        # precision None: a kernel without tl.dot (the one-token GEMVs), so neither UPCAST nor DOT_PRECISION
         unit_strides, divisible = _LAYOUT[layout]
-        constexprs = dict({"UPCAST": False, "DOT_PRECISION": precision}, **unit_strides, **constexprs)
+        dot = {} if precision is None else {"UPCAST": False, "DOT_PRECISION": precision}
+        constexprs = dict(dot, **unit_strides, **constexprs)
         specs.append((kernel, _signature(kernel, constexprs, data, overrides), constexprs,
                       {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}, divisible))
 
@@ -953,21 +957,18 @@ def _compile_specs():
                 add(_rows_matmul_kernel, entry["down"], dict(HAS_BIAS=bias, HAS_ROUTE_W=True, BY_EXPERT=True,
                                                              **gemm(entry["down"], entry["BLOCK_M"])),
                     "down", data, precision, {"out_ptr": "*fp32"})
-    # the one-token GEMVs (no tensor cores: neither UPCAST nor DOT_PRECISION)
+    # the one-token GEMVs
     one_token = (() if os.environ.get(TUNE_CANDIDATES_VARIABLE) == "1" else
                  ((torch.bfloat16, entries("mlp_one_token")), (torch.float32, entries("mlp_one_token_fp32"))))
     for dtype, one_token_entries in one_token:
         data = _POINTER_TYPES[dtype]
         for entry in one_token_entries:
+            up, down = entry["up"], entry["down"]
             for activation, interleaved, bias, limit, gated in _COMPILE_VARIANTS:
-                for kernel, cfg, layout, constexprs in (
-                        (_one_token_gate_up_kernel, entry["up"], "one_token_up",
-                         {"ACTIVATION": ACTIVATION_CODES[activation], "INTERLEAVED": interleaved, "GATED": gated,
-                          "HAS_LIMIT": limit}),
-                        (_one_token_down_kernel, entry["down"], "one_token_down", {})):
-                    unit_strides, divisible = _LAYOUT[layout]
-                    constexprs = dict(unit_strides, HAS_BIAS=bias, BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-                                      **constexprs)
-                    specs.append((kernel, _signature(kernel, constexprs, data), constexprs,
-                                  {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}, divisible))
+                add(_one_token_gate_up_kernel, up,
+                    {"ACTIVATION": ACTIVATION_CODES[activation], "INTERLEAVED": interleaved, "GATED": gated,
+                     "HAS_LIMIT": limit, "HAS_BIAS": bias, "BLOCK_N": up["BLOCK_N"], "BLOCK_K": up["BLOCK_K"]},
+                    "one_token_up", data, None)
+                add(_one_token_down_kernel, down, {"HAS_BIAS": bias, "BLOCK_N": down["BLOCK_N"],
+                                                   "BLOCK_K": down["BLOCK_K"]}, "one_token_down", data, None)
     return specs
