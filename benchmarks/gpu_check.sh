@@ -145,7 +145,7 @@ if [ $skip_tests = 0 ]; then
     tests/test_errors.py tests/test_hf_gate_forms.py 2>/dev/null)
   if t=$(cap "$tests_timeout"); then
     step "tests on the GPU: $(echo $gpu_tests | wc -w) files, at most ${t}s (log: $out/tests.log)"
-    workers=$($python -c "import xdist" 2>/dev/null && echo "-n 12" || echo "")
+    workers=$($python -c "import xdist" 2>/dev/null && echo "-n ${GPU_TEST_WORKERS:-12}" || echo "")
     timeout "$t" $python -m pytest $gpu_tests -q -p no:cacheprovider $workers --maxfail=50 -o addopts="-ra" \
       -m "not slow" > "$out/tests.log" 2>&1
     rc=$?

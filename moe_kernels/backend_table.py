@@ -15,8 +15,8 @@ where torch's CUTLASS grouped GEMM runs (bfloat16, sm90/sm100: see ``moe_kernels
 and a backend that is not built is never chosen.
 
 The shipped table's ``"*"`` block holds UNMEASURED DEFAULTS (``"measured": false``): triton, the previous
-default, for any GPU model without a block of its own. Its ``NVIDIA H100 80GB HBM3`` block was written by
-the command below on an H100 (see its ``how``). Measure and write the block for the local GPU with
+default, for any GPU model without a block of its own. Its ``NVIDIA H100 80GB HBM3`` and ``NVIDIA H200`` blocks were written by
+the command below on those GPUs (see their ``how``). Measure and write the block for the local GPU with
 
     python -m moe_kernels.backend_table --write          # about a minute on an H100 (``--budget`` seconds)
 
@@ -283,6 +283,17 @@ def _case(op: str, shape: dict, device, dtype=torch.bfloat16):
     return infer, train
 
 
+def majority_backend(entries: dict) -> str:
+    """The block default: the backend that won the most measured classes (triton on a tie or with none), so that a
+    class the table lacks (another dtype, a class left unmeasured) takes the usual winner on this GPU."""
+    wins = {name: 0 for name in CHOICES}
+    for row in entries.values():
+        if row.get("measured") and row.get("backend") in wins:
+            wins[row["backend"]] += 1
+    best = max(wins.values())
+    return "triton" if wins.get("triton") == best else max(wins, key=wins.get)
+
+
 def measure(budget_s: float = 45.0, repeats: int = 5, ops=TABLE_OPS, log=print) -> dict:
     """Times triton and cuda on each shape class's representative shape (bfloat16) on the current GPU; returns
     the table block for it. Classes left when the budget runs out keep an unmeasured entry."""
@@ -328,7 +339,7 @@ def measure(budget_s: float = 45.0, repeats: int = 5, ops=TABLE_OPS, log=print) 
             log(f"{key:<52} triton {times['triton']} ms, cuda {times['cuda']} ms -> {best}")
         del cases
         torch.cuda.empty_cache()
-    return {"device": torch.cuda.get_device_name(device), "measured": True, "default": "triton",
+    return {"device": torch.cuda.get_device_name(device), "measured": True, "default": majority_backend(entries),
             "torch": torch.__version__, "written": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "how": f"median of {repeats} runs, CUDA events, bfloat16; python -m moe_kernels.backend_table --write",
             "entries": entries}

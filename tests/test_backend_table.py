@@ -352,20 +352,45 @@ def test_block_from_bench_sums_each_class_and_picks_the_faster():
         fb.block_from_rows(rows + [_row("moe_kernels:cuda", "OLMoE", 8, "fwd", 0.5, device="Other GPU")])
 
 
-def test_shipped_h200_block_is_the_recorded_run():
-    """The shipped NVIDIA H200 block is what the script makes of the recorded run: nothing edited by hand."""
+def test_block_from_bench_on_the_recorded_h200_run_agrees_with_the_measured_block():
+    """The script's block from the H200 run 2 benchmark and the block --write measured on the same card (run 3)
+    choose the same backend for Mixtral-size decode (triton) and fine-grained training (cuda)."""
     import csv
     import os
 
     fb = _bench_module()
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_results", "2026-11-27_h200_run2.csv")
-    with open(path, newline="") as f:
-        remade = fb.block_from_rows(list(csv.DictReader(f)), default="cuda")
-    shipped = bt.block_for("NVIDIA H200", json.load(open(bt.TABLE_PATH)))
-    assert shipped["device"] == "NVIDIA H200" and shipped["default"] == "cuda"
-    assert shipped["entries"] == remade["entries"]
+    here = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_results")
+    with open(os.path.join(here, "2026-11-27_h200_run2.csv"), newline="") as f:
+        from_bench = fb.block_from_rows(list(csv.DictReader(f)), default="cuda")
+    measured = json.load(open(os.path.join(here, "2026-11-27_h200_run3_backend_table_block.json")))
     mixtral_decode = bt.shape_class("moe_mlp", torch.bfloat16, 8, 4096, 1, False)
-    assert shipped["entries"][mixtral_decode]["backend"] == "triton"
+    qwen_train = bt.shape_class("moe_mlp", torch.bfloat16, 128, 2048, 4096, True)
+    for block in (from_bench, measured):
+        assert block["entries"][mixtral_decode]["backend"] == "triton"
+        assert block["entries"][qwen_train]["backend"] == "cuda"
+
+
+def test_shipped_h200_block_is_the_measured_one():
+    """The shipped NVIDIA H200 block is the one backend_table --write measured on the H200 (run 3, recorded in
+    benchmarks/gpu_results), every class measured; its default is the majority rule's, nothing edited by hand."""
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_results",
+                        "2026-11-27_h200_run3_backend_table_block.json")
+    recorded = json.load(open(path))
+    shipped = bt.block_for("NVIDIA H200", json.load(open(bt.TABLE_PATH)))
+    assert shipped["entries"] == recorded["entries"]
+    assert all(row["measured"] for row in shipped["entries"].values()) and len(shipped["entries"]) == 96
+    assert shipped["default"] == bt.majority_backend(recorded["entries"]) == "cuda"
+
+
+def test_majority_backend_counts_measured_classes_only():
+    rows = {"a": {"backend": "cuda", "measured": True}, "b": {"backend": "cuda", "measured": True},
+            "c": {"backend": "triton", "measured": True}, "d": {"backend": "triton", "measured": False},
+            "e": {"backend": "triton", "measured": False}}
+    assert bt.majority_backend(rows) == "cuda"
+    assert bt.majority_backend({}) == "triton"  # nothing measured: the previous default
+    assert bt.majority_backend({"a": rows["a"], "c": rows["c"]}) == "triton"  # a tie
 
 
 def test_table_state_is_looked_at_again_after_the_recheck_interval(fake_gpu, monkeypatch):

@@ -209,9 +209,13 @@ def decode_config(num_rows: int, fp32: bool = False, inter: int | None = None, d
     return entry if num_rows <= entry["BLOCK_M"] else None
 
 
-def one_token_config(fp32: bool = False) -> dict:
-    """Config of the one-token forward's GEMV kernels (see ``_comment_mlp_one_token``)."""
-    return load_table()["mlp_one_token_fp32" if fp32 else "mlp_one_token"][0]
+def one_token_config(fp32: bool = False, inter: int | None = None) -> dict | None:
+    """Config of the one-token forward's GEMV kernels (see ``_comment_mlp_one_token``) for intermediate size
+    ``inter``, or None where no entry covers it (then the decode tiles run); ``inter`` None: the first entry."""
+    family = load_table()["mlp_one_token_fp32" if fp32 else "mlp_one_token"]
+    if inter is None:
+        return family[0]
+    return next((entry for entry in family if _fits(entry, {"inter": inter})), None)
 
 
 def adapter_config(num_slots: int, rank: int, aligned: bool = True) -> dict:

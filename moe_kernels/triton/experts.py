@@ -739,8 +739,9 @@ def _inference_impl(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torc
     inside the op, so that torch.compile traces one opaque call and never the config table (a file read Dynamo
     cannot trace)."""
     _check_scalars(swiglu_limit, softcaps)
-    if ids.shape[0] == 1 and one_token_path_enabled():
-        cfg = one_token_config(x.dtype == torch.float32)
+    cfg = (one_token_config(x.dtype == torch.float32, down_proj.shape[2])
+           if ids.shape[0] == 1 and one_token_path_enabled() else None)
+    if cfg is not None:  # None above the GEMVs' widest intermediate size: the decode tiles are faster there
         return _one_token_forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias,
                                   interleaved, swiglu_limit, gated, softcaps, cfg)
     cfg = decode_config(ids.numel(), x.dtype == torch.float32, down_proj.shape[2], x.device)

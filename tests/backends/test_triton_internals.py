@@ -173,6 +173,22 @@ def test_moe_mlp_one_token_path(shape, dtype, launches, monkeypatch):
     assert_close_rel(y.float(), tiles.float(), dtype, "y (one-token path against the decode tiles)")
 
 
+def test_moe_mlp_one_token_wider_than_its_entries_takes_the_decode_tiles(launches, monkeypatch):
+    """The GEMV entries carry max_inter (measured slower than the decode tiles at Mixtral's I = 14336 on the H200):
+    one token wider than every entry runs the decode path's three launches, and still agrees with the oracle."""
+    assert configs.one_token_config(False, 4096) is not None and configs.one_token_config(False, 4097) is None
+    assert configs.one_token_config(True, 14336) is None and configs.one_token_config(True) is not None
+    table = dict(configs.load_table())
+    table["mlp_one_token_fp32"] = [dict(entry, max_inter=8) for entry in table["mlp_one_token_fp32"]]
+    monkeypatch.setattr(configs, "load_table", lambda: table)
+    x, gate_up, down, weights, ids, _, _ = seeded_mlp_inputs(1, 24, 16, 5, 2, "random")
+    launches.clear()
+    with torch.no_grad():
+        y = ops.moe_mlp(x, gate_up, down, weights, ids, backend="triton")
+    assert launches == ["_gate_up_kernel", "_rows_matmul_kernel", "_combine_slots_kernel"], launches
+    assert_close_rel(y, reference.moe_mlp(x, gate_up, down, weights, ids), torch.float32, "y (decode tiles)")
+
+
 @pytest.mark.parametrize("activation,interleaved,bias,limit,transposed,softcaps", [
     ("gelu", False, True, None, False, None),
     ("relu", False, True, None, True, None),
