@@ -98,6 +98,8 @@ for m in ("triton", "transformers", "peft", "liger_kernel"):
 if torch.cuda.is_available():
     p = torch.cuda.get_device_properties(0)
     print("gpu", p.name, f"sm_{p.major}{p.minor}", p.multi_processor_count, "SMs", round(p.total_memory / 2**30), "GiB")
+# more than one libstdc++ in one process can break C++ exceptions (tests/backends/test_native_contract.py)
+print("libstdc++ loaded:", sorted({line.split()[-1] for line in open("/proc/self/maps") if "libstdc++" in line}))
 EOF
 
 if [ $dry = 1 ]; then
@@ -141,6 +143,7 @@ if [ $skip_tests = 0 ]; then
   # the triton/native internals with their CUDA tests; -n: pytest-xdist where installed
   gpu_tests=$(ls tests/test_route.py tests/test_plan.py tests/test_moe_mlp.py tests/test_adapter_moe.py \
     tests/backends/test_triton_internals.py tests/backends/test_native_internals.py tests/backends/test_grouped_rows.py \
+    tests/backends/test_native_contract.py \
     tests/test_gpu*.py tests/test_determinism.py tests/test_layers_adapters.py tests/test_hf_route_parity.py \
     tests/test_errors.py tests/test_hf_gate_forms.py 2>/dev/null)
   if t=$(cap "$tests_timeout"); then

@@ -238,7 +238,9 @@ def test_traced_float_arguments_compile_and_are_checked_where_they_run(backend):
     With a GPU the check runs in a child process: on the H200 run of 2026-11-27 it died with SIGSEGV inside a C++
     op of the compiled graph (cpu and cuda backends; not reproduced on the CPU machine with the same torch and
     build), which killed the test worker. A child turns a crash into this test's failure, with its last step
-    and the fault handler's stack."""
+    and the fault handler's stack. Run 3 (same day) localized it: each op compiles and runs with finite values,
+    and the crash comes with the first non-finite one, where the C++ op raises; direct eager calls of route's C++
+    ops with a bad argument crashed as well (tests/backends/test_native_contract.py now checks those)."""
     if not torch.cuda.is_available():
         _check_traced_floats(backend)
         return

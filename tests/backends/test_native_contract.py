@@ -44,3 +44,71 @@ def test_metadata_is_checked_on_every_call(monkeypatch):
         ops.combine(y, positions, weights.double())
     with pytest.raises(RuntimeError, match="T\\*k slots"):
         ops.combine(y, positions[:3], weights)
+
+
+# ---- an error in a C++ op is a Python exception, never a crash ------------------------------------------------
+# On the H200 of 2026-11-27 (run 3) a direct route_forward call with k > E, and route_backward with scale = inf,
+# killed the process (SIGSEGV) on CPU and CUDA tensors, while plan's dtype error raised: the checks that crashed
+# format numbers into their messages and live in csrc/common/op_args.h, which nvcc and the C++ compiler both
+# compile. Each call runs in its own child process, so a crash fails its own case with the child's output (and
+# the libstdc++ copies the child had loaded) instead of killing the test process.
+
+_ERROR_CASES = {
+    # name: (call with tensors on DEVICE, the message expected)
+    "route_forward k > E (op_args.h, int64 in the message)":
+        ("ops.route_forward(torch.randn(4, 8, device=DEVICE), 99, False, True, True, None, 0, 0, 1.0)",
+         "k must be in"),
+    "route_forward scale = inf (op_args.h check_finite, double in the message)":
+        ("ops.route_forward(torch.randn(4, 8, device=DEVICE), 2, False, True, True, None, 0, 0, float('inf'))",
+         "scale must be a finite number"),
+    "route_backward scale = inf (op_args.h check_finite)":
+        ("ops.route_backward(torch.randn(4, 2, device=DEVICE), torch.randn(4, 8, device=DEVICE), "
+         "torch.zeros(4, 2, dtype=torch.int32, device=DEVICE), False, True, True, float('inf'))",
+         "scale must be a finite number"),
+    "plan int64 ids (common.h, no number in the message)":
+        ("ops.plan(torch.zeros(4, 2, dtype=torch.int64, device=DEVICE), 8)", "ids must be int32"),
+    "combine short slot_positions (common.h, numbers in the message)":
+        ("ops.combine(torch.randn(4, 3, device=DEVICE), torch.arange(3, dtype=torch.int32, device=DEVICE), "
+         "torch.rand(2, 2, device=DEVICE))", "slots"),
+}
+
+_CHILD = """
+import sys, torch, moe_kernels.native
+DEVICE = {device!r}
+ops = torch.ops.moe_kernels
+loaded = sorted({{line.split()[-1] for line in open('/proc/self/maps') if 'libstdc++' in line}})
+print('libstdc++ loaded:', loaded, flush=True)
+try:
+    {call}
+    print('NO ERROR', flush=True)
+except RuntimeError as error:
+    print('RAISED', str(error).splitlines()[0], flush=True)
+"""
+
+
+def _error_devices():
+    devices = ["cpu"]
+    if torch.cuda.is_available() and native.has_kernel("route_forward", "CUDA"):
+        devices.append("cuda")
+    return devices
+
+
+@pytest.mark.parametrize("device", _error_devices())
+def test_errors_of_the_cpp_ops_raise_and_never_crash(device):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    children = {name: subprocess.Popen([sys.executable, "-X", "faulthandler", "-c",
+                                        _CHILD.format(device=device, call=call)],
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+                for name, (call, _) in _ERROR_CASES.items()}
+    problems = []
+    for name, child in children.items():
+        output, _ = child.communicate(timeout=300)
+        want = _ERROR_CASES[name][1]
+        if child.returncode != 0 or "RAISED" not in output or want not in output:
+            problems.append(f"{name}: exit {child.returncode}\n{output[-3000:]}")
+    assert not problems, "\n\n".join(problems)
