@@ -58,6 +58,10 @@ _ERROR_CASES = {
     "route_forward k > E (op_args.h, int64 in the message)":
         ("ops.route_forward(torch.randn(4, 8, device=DEVICE), 99, False, True, True, None, 0, 0, 1.0)",
          "k must be in"),
+    "route_forward k > E below autograd (no Route::apply around the CPU/CUDA kernel)":
+        ("with torch._C._AutoDispatchBelowAutograd():\n"
+         "        ops.route_forward(torch.randn(4, 8, device=DEVICE), 99, False, True, True, None, 0, 0, 1.0)",
+         "k must be in"),
     "route_forward scale = inf (op_args.h check_finite, double in the message)":
         ("ops.route_forward(torch.randn(4, 8, device=DEVICE), 2, False, True, True, None, 0, 0, float('inf'))",
          "scale must be a finite number"),
