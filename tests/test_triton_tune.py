@@ -126,10 +126,10 @@ def test_rows_classes_tile_the_base_table():
 
 @pytest.mark.parametrize("experts,top_k", [(7, 3), (5, 2), (128, 8), (8, 2), (3, 3), (257, 9)])
 def test_tuning_tokens_fall_in_their_rows_class(experts, top_k, monkeypatch):
-    """tune_shape times each class at T = rep*E//k tokens: the lookup (ceil(T*k/E) rows per expert) must pick that
-    class's entry, or the candidates would replace another class's tiles."""
+    """tune_shape times each class at T = rows*E//k tokens for its timing rows: the lookup (ceil(T*k/E) rows per
+    expert) must pick that class's entry, or the candidates would replace another class's tiles."""
     seen = []
-    monkeypatch.setattr(tune, "descend", lambda base, candidates, measure, deadline, log: seen.append(base) or
+    monkeypatch.setattr(tune, "descend", lambda base, candidates, measure, deadline, log, **kw: seen.append(base) or
                         {"entry": dict(base), "times": {}, "rejected": {}, "complete": True})
     monkeypatch.setattr(tune, "Case", lambda *args, **kwargs: None)
     tuned = tune.tune_shape((64, 32, experts, top_k), torch.device("cpu"), log=lambda *a: None)
@@ -234,7 +234,7 @@ def test_small_tuning_run_under_the_interpreter(monkeypatch):
     assert entry["max_inter"] == 1024 and entry["tuned_at"]["I"] == 24
     base = configs.mlp_config(16 * 3, 3, 24)
     for kernel in (*tune.FORWARD_KERNELS, *tune.BACKWARD_KERNELS):
-        assert len(entry["ms"]) == 2 and entry["ms"]["after"][kernel] is not None, lines
+        assert len(entry["relative"]) == 2 and entry["relative"]["after"][kernel] is not None, lines
         alternative = tune.DRY_RUN_CANDIDATES["dw" if kernel == "dw" else "gemm"][0]
         assert entry[kernel] in (base[kernel], alternative)
     assert entry["complete"] and not entry["rejected"]
@@ -277,3 +277,49 @@ def test_a_table_the_tuner_writes_is_read_back(tables):
     assert configs._pick("mlp", FAKE_GPU, rows_per_expert=300, inter=14336) == \
         configs._pick("mlp", None, rows_per_expert=300, inter=14336)
     assert configs._pick("mlp_decode", FAKE_GPU, inter=14336)["down"] == tune._decode(16, 256, 4, 4)
+
+
+def test_each_rows_class_is_timed_near_both_ends():
+    """The shipped classes (<= 16, 17..256, >= 257 rows per expert) are timed at two points inside each, and the
+    token counts the tuner derives from them look up the class they tune."""
+    classes = tune.rows_classes()
+    assert [c[:2] for c in classes] == [(None, 16), (17, 256), (257, None)]
+    assert [tune.timing_rows(low, high) for low, high, _ in classes] == [(4, 16), (32, 256), (512, 1024)]
+    for low, high, _ in classes:
+        for rows in tune.timing_rows(low, high):
+            for experts, top_k in ((128, 8), (8, 2), (256, 8), (5, 2)):
+                tokens = max(1, rows * experts // top_k)
+                seen = -(-tokens * top_k // experts)
+                assert (low or 1) <= seen <= (high or seen), (low, high, rows, experts, top_k)
+    assert tune.timing_rows(1, 1) == (1, 1) and tune.timing_rows(None, 2) == (1, 2)
+
+
+def test_class_measure_scores_every_timing_point_alike():
+    """Two timing points, the second ten times slower: a candidate 20% slower at the first and 10% faster at the
+    second scores 1.2 + 0.9 = 2.1 against the entry in force's 2.0 (summed milliseconds would have preferred it)."""
+    times = {("in force", 0): 1.0, ("in force", 1): 10.0, ("other", 0): 1.2, ("other", 1): 9.0}
+
+    class FakeCase:
+        def __init__(self, index):
+            self.index = index
+
+        def forward(self):
+            return torch.zeros(1)
+
+    current = {}
+
+    def fake_median(fn, repeats, gpu):
+        return times[(current["label"], fn.__self__.index)], fn()
+
+    import moe_kernels.triton.tune as module
+    original = module.median_call_ms
+    module.median_call_ms = fake_median
+    try:
+        measure = tune._class_measure([FakeCase(0), FakeCase(1)], 3, False)
+        scores = {}
+        for label in ("in force", "other"):
+            current["label"] = label
+            scores[label] = measure({"up": {}}, "up")[0]
+    finally:
+        module.median_call_ms = original
+    assert scores == pytest.approx({"in force": 2.0, "other": 2.1})

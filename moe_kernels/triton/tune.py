@@ -15,7 +15,10 @@ family (the forward without a plan for a few slots, timed at T = 1 and 8). What 
    any timing; compiling serially would take most of the budget.
 3. **Coordinate descent**: ``up`` and ``down`` are chosen by the time of a forward (the planned one that
    training runs; inference runs the same tiles), then ``down_bwd``, ``dx`` and ``dw`` by the time of a backward
-   (``autograd.grad`` with a kept graph). CUDA events, median of ``--repeats`` after a warm-up. A candidate whose outputs or gradients differ from the entry in
+   (``autograd.grad`` with a kept graph). CUDA events, median of ``--repeats`` after a warm-up. Each rows class
+   is timed at two token counts, near both ends of the class (:func:`timing_rows`), and a candidate's score is
+   the sum of its times relative to the entry in force's at each: the tiles must win across the class, not at
+   one point of it. A candidate whose outputs or gradients differ from the entry in
    force (norm-wise relative error above :data:`AGREEMENT`) or that fails to compile is left out and reported.
 4. **The decode path**: the same descent over its two kernels' tiles (BLOCK_M, the slots that take the path, is
    kept), by the summed time of no-gradient forwards at :data:`DECODE_TOKENS`.
@@ -146,6 +149,18 @@ def rows_classes() -> list[tuple[int | None, int | None, int]]:
             break
         low = high + 1
     return classes
+
+
+def timing_rows(low: int | None, high: int | None) -> tuple[int, ...]:
+    """Rows per expert at which a rows class is timed: one near each end, so that tiles that win only at one end
+    of the class do not ship (the H200 run 3 tuned at the upper end alone, and its tiles lost at the lower one).
+    The class of the fewest rows: a quarter of its top and its top; a bounded one: twice its bottom and its top;
+    the unbounded top class: twice and four times its bottom."""
+    if low is None:
+        return (max(1, (high or 16) // 4), high or 16)
+    if high is not None:
+        return (min(2 * (low - 1), high), high) if low > 1 else (low, high)
+    return (2 * (low - 1), 4 * (low - 1))
 
 
 def inter_class(inter: int) -> tuple[int | None, int | None]:
@@ -305,7 +320,7 @@ def warm_compile(jobs: list, processes: int, log=print, device_type: str = "cuda
 # ---- timing and the descent ---------------------------------------------------------------------------------
 
 
-def descend(base: dict, candidates: dict, measure, deadline: float | None = None, log=print) -> dict:
+def descend(base: dict, candidates: dict, measure, deadline: float | None = None, log=print, unit: str = "ms") -> dict:
     """Coordinate descent over kernels: for each kernel in ``candidates`` ({kernel: [config]}, in order), every
     candidate replaces that kernel's config in the best entry so far and ``measure(entry, kernel)`` gives
     (ms, outputs); the fastest whose outputs agree with ``base``'s (:data:`AGREEMENT`) is kept.
@@ -347,7 +362,7 @@ def descend(base: dict, candidates: dict, measure, deadline: float | None = None
         if not times[kernel]:
             log(f"    {kernel}: WARNING: no candidate ran, the config in force is kept: "
                 + "; ".join(f"{label}: {why}" for label, why in list(rejected[kernel].items())[:2]))
-        log(f"    {kernel}: {_label(chosen)} {chosen_ms if chosen_ms is None else round(chosen_ms, 4)} ms "
+        log(f"    {kernel}: {_label(chosen)} {chosen_ms if chosen_ms is None else round(chosen_ms, 4)} {unit} "
             f"({len(times[kernel])} timed, {len(rejected[kernel])} left out)")
     return {"entry": best, "times": times, "rejected": rejected, "complete": complete}
 
@@ -361,12 +376,40 @@ def compile_processes(shape, device, limit: int) -> int:
     return max(1, min(limit, int(0.5 * free // per_process)))
 
 
-def _summary(base: dict, result: dict) -> dict:
-    """The times of the entry in force and of the tuned one per kernel, and what the descent left out."""
+def _summary(base: dict, result: dict, unit: str = "ms") -> dict:
+    """The times of the entry in force and of the tuned one per kernel (under ``unit``: "ms", or "relative" for the
+    'mlp' classes, where 1.0 per timing point is the entry in force), and what the descent left out."""
     times = result["times"]
-    return {"ms": {"before": {k: times[k].get(_label(base[k])) for k in times},
+    return {unit: {"before": {k: times[k].get(_label(base[k])) for k in times},
                    "after": {k: times[k].get(_label(result["entry"][k])) for k in times}},
             "complete": result["complete"], "rejected": {k: v for k, v in result["rejected"].items() if v}}
+
+
+def _class_measure(cases: list, repeats: int, gpu: bool):
+    """measure(entry, kernel) for :func:`descend` over one rows class timed at several token counts (``cases``):
+    (the sum over the cases of each one's median time relative to the first entry timed there in the same mode,
+    which is the entry in force, so every timing point counts alike; the outputs of every case)."""
+    first: dict = {}
+
+    def measure(entry, kernel):
+        mode = "forward" if kernel in FORWARD_KERNELS else "backward"
+        score, outputs = 0.0, []
+        with configs.override("mlp", entry):
+            for index, case in enumerate(cases):
+                if mode == "forward":
+                    ms, y = median_call_ms(case.forward, repeats, gpu)
+                    outputs.append(y)
+                else:
+                    case.prepare_backward()
+                    try:
+                        ms, grads = median_call_ms(case.backward, repeats, gpu)
+                    finally:
+                        case.release()
+                    outputs.extend(grads)
+                score += ms / first.setdefault((mode, index), ms)
+        return score, tuple(outputs)
+
+    return measure
 
 
 def tune_shape(shape, device, *, dry_run=False, repeats=7, jobs=1, budget_s=None, log=print) -> dict:
@@ -378,11 +421,12 @@ def tune_shape(shape, device, *, dry_run=False, repeats=7, jobs=1, budget_s=None
     low_i, high_i = inter_class(inter)
     plans = []
     classes = rows_classes()
-    if dry_run:  # the interpreter: the two smaller classes, each at its fewest rows
-        classes = [(low, high, low or 1) for low, high, _ in classes[:2]]
-    for index, (low_r, high_r, rep) in enumerate(classes):
-        tokens = max(1, rep * experts // top_k)  # rounded down: ceil(T*k/E), the rows the lookup sees, stays <= rep
-        base = configs.mlp_config(tokens * top_k, experts, inter, device=device)
+    for index, (low_r, high_r, _) in enumerate(classes[:2] if dry_run else classes):
+        # the interpreter (dry run): the two smaller classes, each at its fewest rows only
+        rows = (low_r or 1,) if dry_run else timing_rows(low_r, high_r)
+        # rounded down: ceil(T*k/E), the rows the lookup sees, stays within the class
+        tokens = tuple(sorted({max(1, r * experts // top_k) for r in rows}))
+        base = configs.mlp_config(tokens[0] * top_k, experts, inter, device=device)
         candidates = {kernel: candidates_for(kernel, index, dry_run) for kernel in (*FORWARD_KERNELS,
                                                                                     *BACKWARD_KERNELS)}
         plans.append((index, low_r, high_r, tokens, base, candidates))
@@ -393,12 +437,12 @@ def tune_shape(shape, device, *, dry_run=False, repeats=7, jobs=1, budget_s=None
     if processes > 1:  # compile every candidate before timing any (workers share Triton's disk cache)
         warm_jobs = []
         for index, low_r, high_r, tokens, base, candidates in plans:
-            small = warm_tokens(tokens, top_k)
-            for kernel, cfgs in candidates.items():
-                for cfg in cfgs:
-                    warm_jobs.append(((hidden, inter, experts, top_k, small), "mlp",
-                                      dict(_kernel_entry(base), **{kernel: cfg}),
-                                      "backward" if kernel in BACKWARD_KERNELS else "forward"))
+            for small in sorted({warm_tokens(t, top_k) for t in tokens}):
+                for kernel, cfgs in candidates.items():
+                    for cfg in cfgs:
+                        warm_jobs.append(((hidden, inter, experts, top_k, small), "mlp",
+                                          dict(_kernel_entry(base), **{kernel: cfg}),
+                                          "backward" if kernel in BACKWARD_KERNELS else "forward"))
         for tokens in decode_tokens:
             for kernel in ("up", "down"):
                 for cfg in decode_candidates:
@@ -408,27 +452,17 @@ def tune_shape(shape, device, *, dry_run=False, repeats=7, jobs=1, budget_s=None
     deadline = None if budget_s is None else time.monotonic() + budget_s
     tuned = {"mlp": [], "mlp_decode": []}
     for index, low_r, high_r, tokens, base, candidates in plans:
-        log(f"  H={hidden} I={inter} E={experts} k={top_k}, T={tokens} "
+        log(f"  H={hidden} I={inter} E={experts} k={top_k}, T={'+'.join(map(str, tokens))} "
             f"(rows per expert {low_r or 1}..{high_r or 'inf'}):")
-        case = Case(hidden, inter, experts, top_k, tokens, device, dtype)
-
-        def measure(entry, kernel):
-            with configs.override("mlp", entry):
-                if kernel in FORWARD_KERNELS:
-                    ms, y = median_call_ms(case.forward, repeats, gpu)
-                    return ms, (y,)
-                case.prepare_backward()
-                try:
-                    return median_call_ms(case.backward, repeats, gpu)
-                finally:
-                    case.release()
-
-        result = descend(base, candidates, measure, deadline, log)
+        cases = [Case(hidden, inter, experts, top_k, t, device, dtype) for t in tokens]
+        measure = _class_measure(cases, repeats, gpu)
+        result = descend(base, candidates, measure, deadline, log, unit="relative")
         tuned["mlp"].append(dict(
             {"min_inter": low_i, "max_inter": high_i, "min_rows_per_expert": low_r, "max_rows_per_expert": high_r},
-            **_kernel_entry(result["entry"]), tuned_at={"H": hidden, "I": inter, "E": experts, "k": top_k, "T": tokens},
-            **_summary(base, result)))
-        del case
+            **_kernel_entry(result["entry"]),
+            tuned_at={"H": hidden, "I": inter, "E": experts, "k": top_k, "T": list(tokens)},
+            **_summary(base, result, "relative")))
+        del cases, measure
         if gpu:
             torch.cuda.empty_cache()
     if decode_tokens:
@@ -570,13 +604,14 @@ def main(argv=None) -> int:
     failed = 0
     for family in configs.TUNED_FAMILIES:
         for entry in tuned[family]:
-            before, after = entry["ms"]["before"], entry["ms"]["after"]
+            unit = "relative" if "relative" in entry else "ms"
+            before, after = entry[unit]["before"], entry[unit]["after"]
             failed += sum(ms is None for ms in after.values())
             changed = [k for k in after if None not in (before.get(k), after[k]) and before[k] != after[k]]
             where = (f"{family}, I {entry['min_inter'] or 1}..{entry['max_inter'] or 'inf'}"
                      + (f", rows/expert {entry['min_rows_per_expert'] or 1}..{entry['max_rows_per_expert'] or 'inf'}"
                         if family == "mlp" else f", T {'+'.join(map(str, entry['tuned_at']['T']))}"))
-            log(f"  {where}: " + (", ".join(f"{k} {before[k]:.4g} -> {after[k]:.4g} ms" for k in changed)
+            log(f"  {where}: " + (", ".join(f"{k} {before[k]:.4g} -> {after[k]:.4g} {unit}" for k in changed)
                                   or "the configs in force were fastest"))
     if failed:
         log(f"tune --triton: {failed} kernel(s) ran no candidate at all (see the warnings above)")
