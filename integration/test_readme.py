@@ -62,3 +62,7 @@ def test_hf_speed_example_runs_eager_and_compiled():
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
         assert "greedy tokens identical" in result.stdout
         assert ("decoding compiled, static cache" in result.stdout) == bool(extra)
+        assert "--size tiny" in result.stdout
+        if extra:  # the compile counters of both models; the patched MoE layers compile without a graph break
+            line = next(x for x in result.stdout.splitlines() if x.startswith("compile, transformers:"))
+            assert line.split("patched:")[1].split(",")[1].strip() == "graph breaks 0", line
