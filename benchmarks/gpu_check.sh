@@ -149,7 +149,7 @@ if [ $skip_tests = 0 ]; then
   if t=$(cap "$tests_timeout"); then
     step "tests on the GPU: $(echo $gpu_tests | wc -w) files, at most ${t}s (log: $out/tests.log)"
     workers=$($python -c "import xdist" 2>/dev/null && echo "-n ${GPU_TEST_WORKERS:-12}" || echo "")
-    timeout "$t" $python -m pytest $gpu_tests -q -p no:cacheprovider $workers --maxfail=50 -o addopts="-ra" \
+    timeout "$t" $python -m pytest $gpu_tests -q -p no:cacheprovider $workers --maxfail=50 -o addopts="-ra" --durations=30 \
       -m "not slow" > "$out/tests.log" 2>&1
     rc=$?
     grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -40
