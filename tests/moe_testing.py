@@ -386,3 +386,30 @@ def adapter_leaves(T, H, E, k, rank, dtype, ids=None, pattern="random", device=N
     if ids is None:
         ids = make_ids(pattern, T, E, k)
     return [t.requires_grad_() for t in (h, down, up, weights)], ids.to(device)
+
+
+def native_backtrace_env(env: dict) -> dict:
+    """``env`` with LD_PRELOAD set to tests/helpers/segv_backtrace.c built into a temporary folder (once per process),
+    so that a child process that crashes prints its native stack; ``env`` unchanged where no C compiler builds it."""
+    import os
+    import shutil
+    import subprocess
+    import tempfile
+
+    global _SEGV_LIBRARY
+    if _SEGV_LIBRARY is None:
+        _SEGV_LIBRARY = ""
+        compiler = shutil.which("cc") or shutil.which("gcc")
+        source = os.path.join(os.path.dirname(os.path.abspath(__file__)), "helpers", "segv_backtrace.c")
+        if compiler and os.path.exists(source):
+            library = os.path.join(tempfile.mkdtemp(prefix="moe_segv_"), "segv_backtrace.so")
+            built = subprocess.run([compiler, "-shared", "-fPIC", "-O1", "-o", library, source],
+                                   capture_output=True, text=True)
+            _SEGV_LIBRARY = library if built.returncode == 0 else ""
+    if not _SEGV_LIBRARY:
+        return env
+    preload = " ".join(filter(None, [_SEGV_LIBRARY, env.get("LD_PRELOAD", "")]))
+    return {**env, "LD_PRELOAD": preload}
+
+
+_SEGV_LIBRARY = None

@@ -103,8 +103,11 @@ def test_errors_of_the_cpp_ops_raise_and_never_crash(device):
     import subprocess
     import sys
 
+    from moe_testing import native_backtrace_env
+
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+    # a crash prints its native stack too (tests/helpers/segv_backtrace.c, where a C compiler builds it)
+    env = native_backtrace_env({**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])})
     children = {name: subprocess.Popen([sys.executable, "-X", "faulthandler", "-c",
                                         _CHILD.format(device=device, call=call)],
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
@@ -114,5 +117,25 @@ def test_errors_of_the_cpp_ops_raise_and_never_crash(device):
         output, _ = child.communicate(timeout=300)
         want = _ERROR_CASES[name][1]
         if child.returncode != 0 or "RAISED" not in output or want not in output:
-            problems.append(f"{name}: exit {child.returncode}\n{output[-3000:]}")
+            problems.append(f"{name}: exit {child.returncode}\n{output[:12000]}")
     assert not problems, "\n\n".join(problems)
+
+
+def test_a_crashing_child_prints_its_native_stack():
+    """The helper the crash probes use: with tests/helpers/segv_backtrace.c preloaded, a child that dies of SIGSEGV
+    prints the C frames (here ctypes' read of address 0), after Python's fault handler."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from moe_testing import native_backtrace_env
+
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler to build the preload")
+    env = native_backtrace_env(dict(os.environ))
+    child = subprocess.run([sys.executable, "-X", "faulthandler", "-c", "import ctypes; ctypes.string_at(0)"],
+                           capture_output=True, text=True, env=env, timeout=120)
+    assert child.returncode == -11
+    assert "Fatal Python error: Segmentation fault" in child.stderr
+    assert "native backtrace" in child.stderr and "_ctypes" in child.stderr.split("native backtrace")[1]
