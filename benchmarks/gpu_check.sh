@@ -88,11 +88,12 @@ fi
 
 step "environment"
 $python - <<'EOF'
-import platform, torch
+import importlib.metadata, platform, torch
 print("python", platform.python_version(), "| torch", torch.__version__, "| cuda", torch.version.cuda)
 for m in ("triton", "transformers", "peft", "liger_kernel"):
     try:
-        print(m, __import__(m).__version__)
+        __import__(m)  # importable, and its installed version (liger_kernel has no __version__)
+        print(m, importlib.metadata.version(m.replace("_", "-")))
     except Exception as e:
         print(m, "absent", type(e).__name__)
 if torch.cuda.is_available():
