@@ -323,3 +323,57 @@ def test_class_measure_scores_every_timing_point_alike():
     finally:
         module.median_call_ms = original
     assert scores == pytest.approx({"in force": 2.0, "other": 2.1})
+
+
+# ---- benchmarks/tuned_vs_shipped.py: which tuned entries beat the shipped tiles in a benchmark run ---------------
+
+def _tuned_vs_shipped():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "tuned_vs_shipped.py")
+    spec = importlib.util.spec_from_file_location("tuned_vs_shipped", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _bench_row(case, tokens, pass_, provider, ms):
+    return {"suite": "moe", "case": case, "tokens": str(tokens), "pass": pass_, "provider": provider, "ms": str(ms)}
+
+
+def test_tuned_vs_shipped_maps_cells_to_entries_and_ships_only_clear_wins(tmp_path):
+    tvs = _tuned_vs_shipped()
+    qwen, mixtral = "Qwen3-30B-A3B", "Mixtral-8x7B"
+    rows = []
+    for case, tokens, pass_, tuned, shipped in [
+            (qwen, 1, "fwd", 0.1, 1.0),  # T = 1: left out (the one-token path takes no tuned tiles)
+            (qwen, 8, "fwd", 0.9, 1.0),  # decode path, I <= 1024: one cell only, not enough
+            (qwen, 8, "fwdbwd", 0.9, 1.0), (qwen, 64, "fwd", 0.9, 1.0), (qwen, 64, "fwdbwd", 0.95, 1.0),  # <= 16 rows
+            (qwen, 4096, "fwd", 0.8, 1.0), (qwen, 4096, "fwdbwd", 1.1, 1.0),  # 17..256 rows: one cell 10% slower
+            (mixtral, 4096, "fwd", 1.0, 1.0), (mixtral, 4096, "fwdbwd", 1.0, 1.0)]:  # > 256 rows: no gain
+        rows += [_bench_row(case, tokens, pass_, tvs.TUNED, tuned), _bench_row(case, tokens, pass_, tvs.SHIPPED, shipped)]
+    found = tvs.verdicts(rows)
+    small = ("mlp", (None, 1024), (None, 16))
+    assert set(found) == {("mlp_decode", (None, 1024)), small, ("mlp", (None, 1024), (17, 256)),
+                          ("mlp", (4097, None), (257, None))}
+    assert [cell[:3] for cell in found[small]["cells"]] == [(qwen, 8, "fwdbwd"), (qwen, 64, "fwd"), (qwen, 64, "fwdbwd")]
+    assert [key for key, verdict in found.items() if verdict["ship"]] == [small]
+    tuned_table = {"device": "Fake GPU", "how": {}, "mlp": [
+        {"min_inter": None, "max_inter": 1024, "min_rows_per_expert": None, "max_rows_per_expert": 16, "up": {}},
+        {"min_inter": None, "max_inter": 1024, "min_rows_per_expert": 17, "max_rows_per_expert": 256, "up": {}}],
+        "mlp_decode": [{"min_inter": None, "max_inter": 1024, "up": {}}]}
+    kept = tvs.filtered_table(tuned_table, found)
+    assert kept["mlp"] == tuned_table["mlp"][:1] and "mlp_decode" not in kept and kept["device"] == "Fake GPU"
+
+
+def test_tuned_vs_shipped_on_the_h200_run_3_ships_nothing(tmp_path, capsys):
+    """Run 3's tuned table lost to the shipped tiles in every entry with two or more cells (the reason it was not
+    shipped): the script says so from the recorded run."""
+    tvs = _tuned_vs_shipped()
+    results = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "gpu_results")
+    out = tmp_path / "filtered.json"
+    assert tvs.main([os.path.join(results, "2026-11-27_h200_run3.csv"), "--tuned",
+                     os.path.join(results, "2026-11-27_h200_run3_tuned_triton_configs.json"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "SHIP " not in printed and "no entry won" in printed
+    assert not out.exists()
