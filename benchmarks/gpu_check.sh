@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole GPU check of moe_kernels, from a clean checkout on a machine with torch, triton and nvcc:
 #   1. builds moe_kernels._C in place for the local GPU's arch (C++ CPU ops + CUDA sources);
-#   2. runs the test suite on the GPU (every triton/cuda test on CUDA tensors);
+#   2. runs the test suite on the GPU: the C++ crash probes alone first, then every triton/cuda test on CUDA tensors;
 #   3. times the host side of each op (benchmarks/host_overhead.py: what the CPU spends issuing a decode step);
 #   4. with --tune: tunes the Triton expert-MLP tiles for this GPU (moe-kernels tune --triton);
 #   5. runs benchmarks/gpu_bench.py (peers side by side, roofline floor, peak memory, oracle agreement);
@@ -147,6 +147,15 @@ if [ $skip_tests = 0 ]; then
     tests/backends/test_native_contract.py \
     tests/test_gpu*.py tests/test_determinism.py tests/test_layers_adapters.py tests/test_hf_route_parity.py \
     tests/test_errors.py tests/test_hf_gate_forms.py 2>/dev/null)
+  # First, alone and in seconds, the checks that a C++ op's error raises instead of crashing (they crashed on the
+  # H200 of run 3): their output, native stacks included, must come back even when the whole list runs out of time.
+  if t=$(cap 90); then
+    step "crash probes: C++ op errors raise, not crash (log: $out/tests_crash_probes.log)"
+    timeout "$t" $python -m pytest tests/backends/test_native_contract.py tests/test_errors.py -q -p no:cacheprovider \
+      -o addopts="-ra" -k "never_crash or native_stack or traced_float" > "$out/tests_crash_probes.log" 2>&1 \
+      || status=1
+    grep -E "^(FAILED|ERROR)|passed|failed" "$out/tests_crash_probes.log" | tail -8
+  fi
   if t=$(cap "$tests_timeout"); then
     step "tests on the GPU: $(echo $gpu_tests | wc -w) files, at most ${t}s (log: $out/tests.log)"
     workers=$($python -c "import xdist" 2>/dev/null && echo "-n ${GPU_TEST_WORKERS:-12}" || echo "")
