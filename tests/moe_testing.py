@@ -413,3 +413,15 @@ def native_backtrace_env(env: dict) -> dict:
 
 
 _SEGV_LIBRARY = None
+
+
+def benchmark_script(name: str):
+    """benchmarks/<name>.py loaded as a module (the benchmarks folder is not a package), for tests of its functions."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -315,14 +315,9 @@ def test_auto_routes_on_cuda_where_it_is_built(fake_cuda_auto, monkeypatch):
 # ---- the block written from a gpu_bench.py run (benchmarks/backend_block_from_bench.py) ----------------------
 
 def _bench_module():
-    import importlib.util
-    import os
+    from moe_testing import benchmark_script
 
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "backend_block_from_bench.py")
-    spec = importlib.util.spec_from_file_location("backend_block_from_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("backend_block_from_bench")
 
 
 def _row(provider, case, tokens, pass_, ms, suite="moe", device="Fake GPU"):

@@ -328,13 +328,9 @@ def test_class_measure_scores_every_timing_point_alike():
 # ---- benchmarks/tuned_vs_shipped.py: which tuned entries beat the shipped tiles in a benchmark run ---------------
 
 def _tuned_vs_shipped():
-    import importlib.util
+    from moe_testing import benchmark_script
 
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "tuned_vs_shipped.py")
-    spec = importlib.util.spec_from_file_location("tuned_vs_shipped", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return benchmark_script("tuned_vs_shipped")
 
 
 def _bench_row(case, tokens, pass_, provider, ms):
