@@ -6,9 +6,10 @@ table entry, and the table to ship: only the entries that won.
 inputs. This script maps each (case, T) of the run to the entry that drives it -- an ``mlp`` entry by width class
 and rows per expert for the planned path, the ``mlp_decode`` entry of the width class for the decode path -- and
 takes per entry the geometric mean of tuned / shipped time over its cells and both passes. An entry ships when that
-mean is below ``--ship-below`` (0.97: three percent, above the run-to-run noise of GPU-bound cells), no cell of
-it is slower by more than ``--worst`` (1.05) and at least ``--min-cells`` (2) cells measured it. Cells at T = 1 are left out (the one-token path takes no tuned
-tiles, and run 3 measured 9-28% between identical code paths there).
+mean is below ``--ship-below`` (0.97: three percent, above the run-to-run noise of GPU-bound cells), no cell of it
+is slower by more than ``--worst`` (1.05) and at least ``--min-cells`` (2) cells measured it. Cells at T = 1 are
+left out: they are bound by the host's time to issue the call, and run 3 measured 9-28% between identical code
+paths there.
 
     python benchmarks/tuned_vs_shipped.py RUN.csv [--tuned TUNED.json --out FILTERED.json]
 

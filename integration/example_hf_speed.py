@@ -8,10 +8,12 @@ CHECKPOINT_DIR is any local directory saved by ``save_pretrained`` of a supporte
 script runs as written on any machine: ``--size tiny`` (the CPU default: hidden 256, 8 experts, 2 layers) or
 ``--size olmoe`` (the GPU default: OLMoE's MoE layer, hidden 2048, 64 experts of width 1024, top-8, in 4 layers).
 At the tiny size every op is bound by the host's time to issue it, on both sides: the H200 run 3 measured the same
-eager prefill of the patched model at 152617 and 104121 tokens/s in two runs, so its ratios say little. Measures prefill (forward over the whole batch) and
-greedy decoding with the KV cache (medians of --repeats runs, wall time with the GPU synchronised), unpatched
-(transformers' default experts path) and patched, and compares their greedy tokens (in fp32 they must be
-identical; in bf16/fp16 a divergence late in a sequence can be rounding and is reported, not failed).
+eager prefill of the patched model at 152617 and 104121 tokens/s in two runs, so its ratios say little.
+
+Measures prefill (forward over the whole batch) and greedy decoding with the KV cache (medians of --repeats runs,
+wall time with the GPU synchronised), unpatched (transformers' default experts path) and patched, and compares
+their greedy tokens (in fp32 they must be identical; in bf16/fp16 a divergence late in a sequence can be rounding
+and is reported, not failed).
 
 --compile decodes as transformers' compiled generation does: a static KV cache and the forward compiled by
 ``generate`` (its default compile config: inductor with CUDA graphs; on a CPU ``--compile-backend`` is used and the
