@@ -15,8 +15,9 @@ where torch's CUTLASS grouped GEMM runs (bfloat16, sm90/sm100: see ``moe_kernels
 and a backend that is not built is never chosen.
 
 The shipped table's ``"*"`` block holds UNMEASURED DEFAULTS (``"measured": false``): triton, the previous
-default, for any GPU model without a block of its own. Its ``NVIDIA H100 80GB HBM3`` and ``NVIDIA H200`` blocks were written by
-the command below on those GPUs (see their ``how``). Measure and write the block for the local GPU with
+default, for any GPU model without a block of its own. Its ``NVIDIA H100 80GB HBM3`` and ``NVIDIA H200`` blocks
+were written by the command below on those GPUs (see their ``how``). Measure and write the block for the local GPU
+with
 
     python -m moe_kernels.backend_table --write          # about a minute on an H100 (``--budget`` seconds)
 

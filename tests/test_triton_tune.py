@@ -347,12 +347,14 @@ def test_tuned_vs_shipped_maps_cells_to_entries_and_ships_only_clear_wins(tmp_pa
             (qwen, 8, "fwdbwd", 0.9, 1.0), (qwen, 64, "fwd", 0.9, 1.0), (qwen, 64, "fwdbwd", 0.95, 1.0),  # <= 16 rows
             (qwen, 4096, "fwd", 0.8, 1.0), (qwen, 4096, "fwdbwd", 1.1, 1.0),  # 17..256 rows: one cell 10% slower
             (mixtral, 4096, "fwd", 1.0, 1.0), (mixtral, 4096, "fwdbwd", 1.0, 1.0)]:  # > 256 rows: no gain
-        rows += [_bench_row(case, tokens, pass_, tvs.TUNED, tuned), _bench_row(case, tokens, pass_, tvs.SHIPPED, shipped)]
+        rows += [_bench_row(case, tokens, pass_, tvs.TUNED, tuned),
+                 _bench_row(case, tokens, pass_, tvs.SHIPPED, shipped)]
     found = tvs.verdicts(rows)
     small = ("mlp", (None, 1024), (None, 16))
     assert set(found) == {("mlp_decode", (None, 1024)), small, ("mlp", (None, 1024), (17, 256)),
                           ("mlp", (4097, None), (257, None))}
-    assert [cell[:3] for cell in found[small]["cells"]] == [(qwen, 8, "fwdbwd"), (qwen, 64, "fwd"), (qwen, 64, "fwdbwd")]
+    assert [cell[:3] for cell in found[small]["cells"]] == [(qwen, 8, "fwdbwd"), (qwen, 64, "fwd"),
+                                                            (qwen, 64, "fwdbwd")]
     assert [key for key, verdict in found.items() if verdict["ship"]] == [small]
     tuned_table = {"device": "Fake GPU", "how": {}, "mlp": [
         {"min_inter": None, "max_inter": 1024, "min_rows_per_expert": None, "max_rows_per_expert": 16, "up": {}},
