@@ -44,7 +44,7 @@ def entry_key(shape, tokens: int, pass_: str) -> tuple:
     if pass_ == "fwd" and slots <= decode["BLOCK_M"]:
         return ("mlp_decode", width)
     rows = -(-slots // shape.experts)
-    for low, high, _ in tune.rows_classes():
+    for low, high in tune.rows_classes():
         if (low is None or rows >= low) and (high is None or rows <= high):
             return ("mlp", width, (low, high))
     raise AssertionError("the rows classes cover every count")

@@ -116,11 +116,12 @@ def test_override_forces_one_entry_and_restores():
 def test_rows_classes_tile_the_base_table():
     classes = tune.rows_classes()
     assert classes[0][0] is None and classes[-1][1] is None
-    for (low, high, rep), (next_low, _, _) in zip(classes, classes[1:]):
+    for (low, high), (next_low, _) in zip(classes, classes[1:]):
         assert next_low == high + 1
-    for low, high, rep in classes:
-        assert (low is None or rep >= low) and (high is None or rep <= high)
-        assert configs.mlp_config(rep * 8, 8, 768) is configs._pick("mlp", None, rows_per_expert=rep, inter=768)
+    for low, high in classes:
+        for rows in tune.timing_rows(low, high):
+            assert (low is None or rows >= low) and (high is None or rows <= high)
+            assert configs.mlp_config(rows * 8, 8, 768) is configs._pick("mlp", None, rows_per_expert=rows, inter=768)
     assert len(tune.CANDIDATES) == len(classes)
 
 
@@ -223,7 +224,7 @@ def test_small_tuning_run_under_the_interpreter(monkeypatch):
     kernel times its candidates and the entry it returns is one of them."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs the Triton interpreter (no GPU)")
-    monkeypatch.setattr(tune, "rows_classes", lambda: [(None, 16, 16)])
+    monkeypatch.setattr(tune, "rows_classes", lambda: [(None, 16)])
     monkeypatch.setattr(tune, "DRY_RUN_CANDIDATES", {"gemm": [tune._gemm(32, 16, 16, 4, 2)],
                                                      "dw": [tune._outer(16, 16, 16, 4, 2)]})
     monkeypatch.setattr(tune, "DRY_RUN_DECODE_CANDIDATES", [tune._decode(16, 16, 4, 2)])
@@ -283,9 +284,9 @@ def test_each_rows_class_is_timed_near_both_ends():
     """The shipped classes (<= 16, 17..256, >= 257 rows per expert) are timed at two points inside each, and the
     token counts the tuner derives from them look up the class they tune."""
     classes = tune.rows_classes()
-    assert [c[:2] for c in classes] == [(None, 16), (17, 256), (257, None)]
-    assert [tune.timing_rows(low, high) for low, high, _ in classes] == [(4, 16), (32, 256), (512, 1024)]
-    for low, high, _ in classes:
+    assert classes == [(None, 16), (17, 256), (257, None)]
+    assert [tune.timing_rows(low, high) for low, high in classes] == [(4, 16), (32, 256), (512, 1024)]
+    for low, high in classes:
         for rows in tune.timing_rows(low, high):
             for experts, top_k in ((128, 8), (8, 2), (256, 8), (5, 2)):
                 tokens = max(1, rows * experts // top_k)

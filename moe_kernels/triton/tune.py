@@ -138,13 +138,12 @@ def decode_candidate_entries() -> list[dict]:
     return [{"BLOCK_M": block_m, "up": dict(cfg), "down": dict(cfg)} for cfg in DECODE_CANDIDATES]
 
 
-def rows_classes() -> list[tuple[int | None, int | None, int]]:
-    """(min, max, representative) rows per expert of each class of configs.json's 'mlp' family."""
+def rows_classes() -> list[tuple[int | None, int | None]]:
+    """(min, max) rows per expert of each class of configs.json's 'mlp' family (timed at :func:`timing_rows`)."""
     classes, low = [], None
     for entry in configs.load_table()["mlp"]:
         high = entry.get("max_rows_per_expert")
-        rep = high if low is None else (high // 2 if high is not None else 2 * (low - 1))
-        classes.append((low, high, max(rep, 1 if low is None else low)))
+        classes.append((low, high))
         if high is None:
             break
         low = high + 1
@@ -421,7 +420,7 @@ def tune_shape(shape, device, *, dry_run=False, repeats=7, jobs=1, budget_s=None
     low_i, high_i = inter_class(inter)
     plans = []
     classes = rows_classes()
-    for index, (low_r, high_r, _) in enumerate(classes[:2] if dry_run else classes):
+    for index, (low_r, high_r) in enumerate(classes[:2] if dry_run else classes):
         # the interpreter (dry run): the two smaller classes, each at its fewest rows only
         rows = (low_r or 1,) if dry_run else timing_rows(low_r, high_r)
         # rounded down: ceil(T*k/E), the rows the lookup sees, stays within the class
