@@ -415,6 +415,16 @@ def native_backtrace_env(env: dict) -> dict:
 _SEGV_LIBRARY = None
 
 
+def crash_probe_env() -> dict:
+    """The environment of a crash-probe child process: this one's, the repository root first on PYTHONPATH (the
+    child imports moe_kernels and the tests from the checkout) and the native-stack preload
+    (:func:`native_backtrace_env`)."""
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return native_backtrace_env({**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])})
+
+
 def benchmark_script(name: str):
     """benchmarks/<name>.py loaded as a module (the benchmarks folder is not a package), for tests of its functions."""
     import importlib.util

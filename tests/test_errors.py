@@ -248,17 +248,15 @@ def test_traced_float_arguments_compile_and_are_checked_where_they_run(backend):
     import subprocess
     import sys
 
+    from moe_testing import crash_probe_env
+
     here = os.path.dirname(os.path.abspath(__file__))
     code = ("import sys; sys.path.insert(0, {here!r}); import test_errors; "
             "test_errors._check_traced_floats({backend!r}, lambda m: print('step:', m, file=sys.stderr, flush=True), "
             "localize=True)"
             ).format(here=here, backend=backend)
-    from moe_testing import native_backtrace_env
-
-    env = native_backtrace_env({**os.environ, "PYTHONPATH": os.pathsep.join([os.path.dirname(here),
-                                                                             os.environ.get("PYTHONPATH", "")])})
     child = subprocess.run([sys.executable, "-X", "faulthandler", "-c", code], capture_output=True, text=True,
-                           timeout=600, env=env)
+                           timeout=600, env=crash_probe_env())
     # the steps, the fault handler's Python stack and the native one (where a C compiler built the preload)
     assert child.returncode == 0, f"child exited with {child.returncode}:\n{child.stderr[-12000:]}"
     assert "step: done" in child.stderr

@@ -99,15 +99,12 @@ def _error_devices():
 
 @pytest.mark.parametrize("device", _error_devices())
 def test_errors_of_the_cpp_ops_raise_and_never_crash(device):
-    import os
     import subprocess
     import sys
 
-    from moe_testing import native_backtrace_env
+    from moe_testing import crash_probe_env
 
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    # a crash prints its native stack too (tests/helpers/segv_backtrace.c, where a C compiler builds it)
-    env = native_backtrace_env({**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])})
+    env = crash_probe_env()  # a crash prints its native stack too, where a C compiler builds the preload
     children = {name: subprocess.Popen([sys.executable, "-X", "faulthandler", "-c",
                                         _CHILD.format(device=device, call=call)],
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
