@@ -40,8 +40,7 @@ def entry_key(shape, tokens: int, pass_: str) -> tuple:
     ('fwd', timed without gradients) of a few slots takes the decode path, fwd+bwd always the planned one."""
     width = tune.inter_class(shape.inter)
     slots = tokens * shape.top_k
-    decode = configs.load_table()["mlp_decode"][0]
-    if pass_ == "fwd" and slots <= decode["BLOCK_M"]:
+    if pass_ == "fwd" and configs.decode_config(slots, False, shape.inter) is not None:
         return ("mlp_decode", width)
     rows = -(-slots // shape.experts)
     for low, high in tune.rows_classes():
