@@ -80,8 +80,16 @@ _CHILD = """
 import sys, torch, moe_kernels.native
 DEVICE = {device!r}
 ops = torch.ops.moe_kernels
-loaded = sorted({{line.split()[-1] for line in open('/proc/self/maps') if 'libstdc++' in line}})
-print('libstdc++ loaded:', loaded, flush=True)
+import os
+libraries = sorted({{line.split()[-1] for line in open('/proc/self/maps') if '.so' in line.split()[-1]}})
+print('libstdc++ loaded:', [path for path in libraries if 'libstdc++' in path], flush=True)
+# What a crash here could come from that the CPU machine lacks (issue 14's run-3 crash did not reproduce there):
+# libraries from outside the interpreter, torch and CUDA, preloads, and whether CUDA is initialised already.
+print('other libraries:', [path for path in libraries if not any(part in path for part in
+      ('/site-packages/', '/python3', 'libstdc++', 'segv_backtrace', '/ld-linux', '/libc.so', '/libm.so'))], flush=True)
+print('environment:', {{name: value for name, value in os.environ.items()
+      if name.startswith(('LD_', 'TORCH_', 'MOE_', 'CUDA_', 'GLIBC', 'PYTORCH_'))}}, flush=True)
+print('cuda initialised:', torch.cuda.is_initialized(), flush=True)
 try:
     {call}
     print('NO ERROR', flush=True)
