@@ -22,3 +22,25 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# MOE_TEST_TIMING_LOG=FILE: one line per test phase as it ends ("<seconds> <outcome> <when> <nodeid>") and one when a
+# test starts ("start - - <nodeid>"), appended at once (xdist workers too). The GPU check reads it when a time
+# limit kills pytest before its --durations summary: the slowest tests, and the ones that never finished.
+# Under pytest-xdist the controller receives every worker's start and report too: only it writes.
+_TIMING_LOG = None if os.environ.get("PYTEST_XDIST_WORKER") else os.environ.get("MOE_TEST_TIMING_LOG")
+
+
+def _timing_line(line: str) -> None:
+    with open(_TIMING_LOG, "a") as log:
+        log.write(line + "\n")
+
+
+def pytest_runtest_logstart(nodeid, location):
+    if _TIMING_LOG:
+        _timing_line(f"start - - {nodeid}")
+
+
+def pytest_runtest_logreport(report):
+    if _TIMING_LOG and (report.when == "call" or report.outcome != "passed"):
+        _timing_line(f"{report.duration:.2f} {report.outcome} {report.when} {report.nodeid}")

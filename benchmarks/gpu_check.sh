@@ -142,10 +142,12 @@ $python -c "import moe_kernels; print('backends:', moe_kernels.available_backend
 if [ $skip_tests = 0 ]; then
   # every test file that runs a GPU backend (the CPU-only files run in CI): the op files (every backend present),
   # the triton/native internals with their CUDA tests; -n: pytest-xdist where installed
-  gpu_tests=$(ls tests/test_route.py tests/test_plan.py tests/test_moe_mlp.py tests/test_adapter_moe.py \
+  # The GPU-only files first: they hold the whole-model and compiled tests, the longest, which should start early
+  # rather than form the tail that run 3's limit cut.
+  gpu_tests=$(ls tests/test_gpu*.py tests/test_route.py tests/test_plan.py tests/test_moe_mlp.py tests/test_adapter_moe.py \
     tests/backends/test_triton_internals.py tests/backends/test_native_internals.py tests/backends/test_grouped_rows.py \
     tests/backends/test_native_contract.py \
-    tests/test_gpu*.py tests/test_determinism.py tests/test_layers_adapters.py tests/test_hf_route_parity.py \
+    tests/test_determinism.py tests/test_layers_adapters.py tests/test_hf_route_parity.py \
     tests/test_errors.py tests/test_hf_gate_forms.py 2>/dev/null)
   # First, alone and in seconds, the checks that a C++ op's error raises instead of crashing (they crashed on the
   # H200 of run 3): their output, native stacks included, must come back even when the whole list runs out of time.
@@ -158,12 +160,17 @@ if [ $skip_tests = 0 ]; then
   fi
   if t=$(cap "$tests_timeout"); then
     step "tests on the GPU: $(echo $gpu_tests | wc -w) files, at most ${t}s (log: $out/tests.log)"
-    workers=$($python -c "import xdist" 2>/dev/null && echo "-n ${GPU_TEST_WORKERS:-12}" || echo "")
-    timeout "$t" $python -m pytest $gpu_tests -q -p no:cacheprovider $workers --maxfail=50 -o addopts="-ra" --durations=30 \
-      -m "not slow" > "$out/tests.log" 2>&1
+    # worksteal: an idle worker takes queued tests from a busy one, so a few long tests do not hold the end
+    workers=$($python -c "import xdist" 2>/dev/null && echo "-n ${GPU_TEST_WORKERS:-12} --dist worksteal" || echo "")
+    rm -f "$out/test_timings.log"
+    MOE_TEST_TIMING_LOG="$out/test_timings.log" timeout "$t" $python -m pytest $gpu_tests -q -p no:cacheprovider \
+      $workers --maxfail=50 -o addopts="-ra" --durations=30 -m "not slow" > "$out/tests.log" 2>&1
     rc=$?
     grep -E "^(FAILED|ERROR)" "$out/tests.log" | head -40
     tail -3 "$out/tests.log"
+    # from the log each test appended as it ended: complete even when the limit killed pytest before its summary
+    [ -f "$out/test_timings.log" ] && $python benchmarks/pytest_timings.py "$out/test_timings.log" --top 15 \
+      | tee "$out/test_timings.txt" | head -40
     [ $rc = 0 ] || status=1
   else
     skipped "GPU tests"
@@ -208,7 +215,7 @@ fi
 if [ $tune = 1 ] && [ -f moe_kernels/backend_table.py ]; then
   if t=$(cap 150); then
     step "measure the auto backend table for this GPU (log: $out/extra.log)"
-    timeout "$t" $python -m moe_kernels.backend_table --write --budget $(( t > 120 ? 60 : t / 2 )) >> "$out/extra.log" 2>&1 \
+    timeout "$t" $python -m moe_kernels.backend_table --write --budget $(( t > 120 ? 80 : t / 2 )) >> "$out/extra.log" 2>&1 \
       || status=1
     tail -15 "$out/extra.log"
     cp moe_kernels/backend_table.json "$out/backend_table.json"

@@ -4,13 +4,14 @@ A *shape class* is (op, dtype, experts, width, tokens, mode), each number put in
 
 * experts ``E``: <=8, <=32, <=128, >128
 * width, the hidden size ``H``: <=2048, >2048
-* tokens ``T``: <=64, <=1024, >1024
+* tokens ``T``: <=8 (decode: triton's no-plan decode path and one-token GEMVs run there), <=64, <=1024, >1024
 * mode: ``train`` when a gradient is needed, ``infer`` otherwise
 
 The table (``moe_kernels/backend_table.json``, or the file ``MOE_KERNELS_BACKEND_TABLE`` names) holds one
 block per GPU model (``device`` = ``torch.cuda.get_device_name()``, or ``"*"`` for any GPU); each block maps
 shape classes to a backend, with the timings that chose it when ``measured`` is true. Classes the table
-lacks take the block's ``default``. Two rules come before the table: the cuda expert path is only a choice
+lacks take the block's ``default``, except a decode class (``T<=8``), which first takes its ``T<=64`` class's
+entry (blocks measured before the decode bucket existed have none of their own). Two rules come before the table: the cuda expert path is only a choice
 where torch's CUTLASS grouped GEMM runs (bfloat16, sm90/sm100: see ``moe_kernels.native.grouped_gemm_status``),
 and a backend that is not built is never chosen.
 
@@ -47,7 +48,7 @@ CHOICES = ("triton", "cuda")
 
 EXPERT_BUCKETS = ((8, "<=8"), (32, "<=32"), (128, "<=128"), (None, ">128"))
 WIDTH_BUCKETS = ((2048, "<=2048"), (None, ">2048"))
-TOKEN_BUCKETS = ((64, "<=64"), (1024, "<=1024"), (None, ">1024"))
+TOKEN_BUCKETS = ((8, "<=8"), (64, "<=64"), (1024, "<=1024"), (None, ">1024"))
 MODES = ("infer", "train")
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -227,11 +228,23 @@ def _choose_uncached(op: str, index: int, dtype: torch.dtype, experts: int, key:
         if reason is not None:
             return ("triton", f"cuda expert path has no fast grouped GEMM here: {reason}")
     block = _block_of(entry, index)
-    row = block.get("entries", {}).get(key)
+    found, row = entry_for(block, key)
     if row is None:
         return (block.get("default", "triton"), f"{key}: not in the table, block default")
     how = "measured" if row.get("measured") else "unmeasured default"
-    return (row["backend"], f"{key}: {how} ({block.get('device')})")
+    return (row["backend"], f"{found}: {how} ({block.get('device')})")
+
+
+def entry_for(block: dict, key: str) -> tuple[str, dict | None]:
+    """(the key found, its entry) for a shape class in a block: the class itself, else for a decode class
+    (``T<=8``) its ``T<=64`` class, else (key, None)."""
+    entries = block.get("entries", {})
+    if key in entries:
+        return key, entries[key]
+    enclosing = key.replace("|T<=8|", "|T<=64|")
+    if enclosing != key and enclosing in entries:
+        return enclosing, entries[enclosing]
+    return key, None
 
 
 # ---- measuring -------------------------------------------------------------------------------------------
@@ -241,7 +254,8 @@ def representative_shape(op: str, experts: str, width: str, tokens: str) -> dict
     """One shape per class: (T, H, I or r, E, k), sized like the models of its class."""
     E = {"<=8": 8, "<=32": 32, "<=128": 128, ">128": 256}[experts]
     H = {"<=2048": 2048, ">2048": 4096}[width]
-    T = {"<=64": 16, "<=1024": 512, ">1024": 4096}[tokens]
+    # <=8: T*k <= 64 slots at every k here, triton's decode path (a T = 16 shape at k = 8 is planned, not decode)
+    T = {"<=8": 4, "<=64": 16, "<=1024": 512, ">1024": 4096}[tokens]
     k = 2 if E <= 8 else 8
     if op == "moe_mlp":
         inner = {8: 4096, 32: 1408, 128: 768, 256: 512}[E]
@@ -312,7 +326,7 @@ def measure(budget_s: float = 45.0, repeats: int = 5, ops=TABLE_OPS, log=print) 
     start = time.perf_counter()
     entries = {}
     # Token buckets outermost and the ops interleaved, so a short budget still covers both ops' small shapes.
-    order = [(op, e, w, t) for t in ("<=64", "<=1024", ">1024") for e in ("<=8", "<=32", "<=128", ">128")
+    order = [(op, e, w, t) for t in ("<=8", "<=64", "<=1024", ">1024") for e in ("<=8", "<=32", "<=128", ">128")
              for w in ("<=2048", ">2048") for op in ops]
     for op, e_bucket, w_bucket, t_bucket in order:
         shape = representative_shape(op, e_bucket, w_bucket, t_bucket)

@@ -26,6 +26,8 @@ def test_shape_class_buckets():
     assert bt.shape_class("moe_mlp", torch.bfloat16, 128, 2048, 4096, True) == \
         "moe_mlp|bfloat16|E<=128|H<=2048|T>1024|train"
     assert bt.shape_class("adapter_moe", torch.float16, 8, 4096, 1, False) == \
+        "adapter_moe|float16|E<=8|H>2048|T<=8|infer"
+    assert bt.shape_class("adapter_moe", torch.float16, 8, 4096, 9, False) == \
         "adapter_moe|float16|E<=8|H>2048|T<=64|infer"
     assert bt.shape_class("moe_mlp", torch.bfloat16, 9, 2049, 65, False) == "moe_mlp|bfloat16|E<=32|H>2048|T<=1024|infer"
 
@@ -40,8 +42,8 @@ def test_shipped_table_is_marked_unmeasured_and_complete():
             assert entry["backend"] in bt.CHOICES, key
             assert entry["measured"] == ("ms" in entry and any(v is not None for v in entry["ms"].values())), key
     expected = {bt.shape_class(op, torch.bfloat16, e, w, t, g) for op in bt.TABLE_OPS for e in (8, 32, 128, 256)
-                for w in (2048, 4096) for t in (1, 1000, 5000) for g in (False, True)}
-    assert expected <= set(star[0]["entries"])
+                for w in (2048, 4096) for t in (1, 50, 1000, 5000) for g in (False, True)}
+    assert all(bt.entry_for(star[0], key)[1] is not None for key in expected)  # decode: through its T<=64 class
 
 
 @pytest.fixture
@@ -361,9 +363,9 @@ def test_block_from_bench_on_the_recorded_h200_run_agrees_with_the_measured_bloc
     measured = json.load(open(os.path.join(here, "2026-11-27_h200_run3_backend_table_block.json")))
     mixtral_decode = bt.shape_class("moe_mlp", torch.bfloat16, 8, 4096, 1, False)
     qwen_train = bt.shape_class("moe_mlp", torch.bfloat16, 128, 2048, 4096, True)
-    for block in (from_bench, measured):
-        assert block["entries"][mixtral_decode]["backend"] == "triton"
-        assert block["entries"][qwen_train]["backend"] == "cuda"
+    for block in (from_bench, measured):  # the run-3 block predates the decode bucket: its T<=64 classes answer
+        assert bt.entry_for(block, mixtral_decode)[1]["backend"] == "triton"
+        assert bt.entry_for(block, qwen_train)[1]["backend"] == "cuda"
 
 
 def test_shipped_h200_block_is_the_measured_one():
@@ -415,3 +417,34 @@ def test_table_state_is_looked_at_again_after_the_recheck_interval(fake_gpu, mon
     assert _choice(device)[0] == "triton" and len(stamps) == 3
     bt.write_block({"device": "Fake GPU", "measured": True, "default": "cuda", "entries": {}}, str(path))
     assert bt._state_cache["until"] == float("-inf")  # write_block: looked at again on the next call
+
+
+def test_a_decode_class_falls_back_to_its_t64_class_then_to_the_default():
+    """T <= 8 is its own class (triton's decode path runs there, not at the T = 16 shape that measures T <= 64);
+    a block without it, as every block measured before the bucket existed, answers with the T <= 64 class."""
+    decode = bt.shape_class("moe_mlp", torch.bfloat16, 8, 4096, 2, False)
+    enclosing = bt.shape_class("moe_mlp", torch.bfloat16, 8, 4096, 16, False)
+    assert decode.endswith("|T<=8|infer") and enclosing.endswith("|T<=64|infer")
+    only_64 = {"entries": {enclosing: {"backend": "cuda", "measured": True}}}
+    assert bt.entry_for(only_64, decode) == (enclosing, {"backend": "cuda", "measured": True})
+    both = {"entries": {enclosing: {"backend": "cuda"}, decode: {"backend": "triton"}}}
+    assert bt.entry_for(both, decode) == (decode, {"backend": "triton"})
+    assert bt.entry_for(both, enclosing) == (enclosing, {"backend": "cuda"})
+    larger = bt.shape_class("moe_mlp", torch.bfloat16, 8, 4096, 100, False)
+    assert bt.entry_for(only_64, larger) == (larger, None)  # only the decode bucket falls back
+    assert bt.representative_shape("moe_mlp", "<=128", "<=2048", "<=8")["T"] * 8 <= 64  # decode path at k = 8
+
+
+def test_choose_takes_the_t64_entry_for_an_unmeasured_decode_class(fake_gpu, monkeypatch):
+    device, path = fake_gpu
+    decode = bt.shape_class("moe_mlp", torch.bfloat16, 128, 2048, 1, False)
+    enclosing = decode.replace("|T<=8|", "|T<=64|")
+    table = json.loads(path.read_text())
+    table["blocks"][1]["entries"][enclosing] = {"backend": "cuda", "measured": True, "ms": {"triton": 2.0, "cuda": 1.0}}
+    path.write_text(json.dumps(table))
+    backend, why = bt.choose("moe_mlp", device, torch.bfloat16, 128, 2048, 1, False, ["triton", "cuda"])
+    assert backend == "cuda" and why.startswith(enclosing)
+    table["blocks"][1]["entries"][decode] = {"backend": "triton", "measured": True, "ms": {"triton": 1.0, "cuda": 2.0}}
+    path.write_text(json.dumps(table))
+    backend, why = bt.choose("moe_mlp", device, torch.bfloat16, 128, 2048, 1, False, ["triton", "cuda"])
+    assert backend == "triton" and why.startswith(decode)

@@ -155,3 +155,36 @@ def test_bad_arguments_are_clear_errors(tmp_path, capsys):
             bench.bench_main(argv + ["--out", str(tmp_path)])
         assert info.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_timing_log_names_the_slowest_tests_and_those_a_kill_cut(tmp_path):
+    """conftest.py's MOE_TEST_TIMING_LOG and benchmarks/pytest_timings.py, as gpu_check.sh uses them: a child pytest
+    killed by its time limit inside a test leaves a log that names the finished tests with their times and the test
+    it was in."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from moe_testing import benchmark_script
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / "test_child.py").write_text(
+        "import time\n"
+        "def test_quick():\n    pass\n"
+        "def test_slow():\n    time.sleep(0.5)\n"
+        "def test_hangs():\n    time.sleep(600)\n")
+    (tmp_path / "conftest.py").write_text(open(os.path.join(root, "conftest.py")).read())
+    log = tmp_path / "timings.log"
+    env = {**os.environ, "MOE_TEST_TIMING_LOG": str(log)}
+    child = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_child.py"],
+                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while "test_hangs" not in (log.read_text() if log.exists() else "") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child.kill()  # as `timeout` ends the GPU check's pytest
+    child.wait()
+    slowest, unfinished = benchmark_script("pytest_timings").summarise(log.read_text().splitlines(), top=5)
+    assert [nodeid.split("::")[1] for _, _, nodeid in slowest] == ["test_slow", "test_quick"]
+    assert slowest[0][0] >= 0.5 and slowest[0][1] == "passed"
+    assert [nodeid.split("::")[1] for nodeid in unfinished] == ["test_hangs"]
