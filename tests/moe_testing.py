@@ -431,7 +431,13 @@ def benchmark_script(name: str):
     import os
 
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
+    import sys
+
+    module_name = f"benchmarks_{name}"
+    if module_name in sys.modules:
+        return sys.modules[module_name]
+    spec = importlib.util.spec_from_file_location(module_name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # registered before it runs: dataclasses look their module up there
     spec.loader.exec_module(module)
     return module

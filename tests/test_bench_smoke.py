@@ -188,3 +188,38 @@ def test_timing_log_names_the_slowest_tests_and_those_a_kill_cut(tmp_path):
     assert [nodeid.split("::")[1] for _, _, nodeid in slowest] == ["test_slow", "test_quick"]
     assert slowest[0][0] >= 0.5 and slowest[0][1] == "passed"
     assert [nodeid.split("::")[1] for nodeid in unfinished] == ["test_hangs"]
+
+
+def test_gpu_bench_graph_replays_leave_out_what_cannot_be_captured():
+    """benchmarks/gpu_bench.py's decode timings replayed from CUDA graphs, with a stand-in capture (no GPU here): one
+    replay per provider and input set, a provider whose capture raises gets a note and no replay, transformers' eager
+    experts are never tried; the Markdown table gives each replay's share of the floor."""
+    from moe_testing import benchmark_script
+
+    gpu_bench = benchmark_script("gpu_bench")
+    ran = []
+
+    def capture(call, set_index):
+        if call is calls["liger:fused_moe"]:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        return lambda: ran.append((call(set_index)))
+
+    calls = {"moe_kernels:triton": lambda i: ("triton", i), "liger:fused_moe": lambda i: ("liger", i),
+             "hf:eager": lambda i: ("eager", i)}
+    notes = {}
+    replays = gpu_bench.graph_replay_calls(calls, 3, notes, capture=capture)
+    assert set(replays) == {"moe_kernels:triton"}
+    replays["moe_kernels:triton"](2)
+    assert ran == [("triton", 2)]
+    assert "not permitted" in next(iter(notes["liger:fused_moe"])) and "hf:eager" not in notes
+
+    rows = [{"suite": "moe", "case": "Qwen3", "tokens": 1, "provider": "moe_kernels:triton", "pass": "fwd_graph",
+             "ms": 0.03, "floor_ms": 0.018},
+            {"suite": "moe", "case": "Qwen3", "tokens": 1, "provider": "hf:grouped_mm", "pass": "fwd_graph",
+             "ms": 0.09, "floor_ms": 0.018},
+            {"suite": "moe", "case": "Qwen3", "tokens": 1, "provider": "hf:grouped_mm", "pass": "fwd",
+             "ms": 0.5, "floor_ms": 0.018}]
+    table = gpu_bench._graph_table(rows)
+    assert table[0].startswith("### moe decode forward replayed from CUDA graphs")
+    assert table[-2] == "| Qwen3 | 1 | 0.018 | 0.03 (60%) | 0.09 (20%) |"
+    assert gpu_bench._graph_table([r for r in rows if r["pass"] == "fwd"]) == []
