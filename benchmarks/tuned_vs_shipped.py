@@ -37,10 +37,11 @@ TUNED, SHIPPED = "moe_kernels:triton", "moe_kernels:triton[configs.json]"
 def entry_key(shape, tokens: int, pass_: str) -> tuple:
     """('mlp', width class, rows class) or ('mlp_decode', width class) of the tuned entry that drives ``shape`` at
     ``tokens`` (bfloat16) in gpu_bench's ``pass_``, by the lookups of moe_kernels.triton.configs: the forward
-    ('fwd', timed without gradients) of a few slots takes the decode path, fwd+bwd always the planned one."""
+    ('fwd', and 'fwd_graph' replayed from a CUDA graph: timed without gradients) of a few slots takes the decode
+    path, fwd+bwd always the planned one."""
     width = tune.inter_class(shape.inter)
     slots = tokens * shape.top_k
-    if pass_ == "fwd" and configs.decode_config(slots, False, shape.inter) is not None:
+    if pass_ in ("fwd", "fwd_graph") and configs.decode_config(slots, False, shape.inter) is not None:
         return ("mlp_decode", width)
     rows = -(-slots // shape.experts)
     for low, high in tune.rows_classes():

@@ -344,7 +344,8 @@ def test_tuned_vs_shipped_maps_cells_to_entries_and_ships_only_clear_wins(tmp_pa
     rows = []
     for case, tokens, pass_, tuned, shipped in [
             (qwen, 1, "fwd", 0.1, 1.0),  # T = 1: left out (the one-token path takes no tuned tiles)
-            (qwen, 8, "fwd", 0.9, 1.0),  # decode path, I <= 1024: one cell only, not enough
+            (qwen, 8, "fwd", 0.9, 1.0),  # decode path, I <= 1024: with its CUDA-graph replay below, 2 cells
+            (qwen, 8, "fwd_graph", 1.2, 1.0),  # ... of which this one loses: not shipped
             (qwen, 8, "fwdbwd", 0.9, 1.0), (qwen, 64, "fwd", 0.9, 1.0), (qwen, 64, "fwdbwd", 0.95, 1.0),  # <= 16 rows
             (qwen, 4096, "fwd", 0.8, 1.0), (qwen, 4096, "fwdbwd", 1.1, 1.0),  # 17..256 rows: one cell 10% slower
             (mixtral, 4096, "fwd", 1.0, 1.0), (mixtral, 4096, "fwdbwd", 1.0, 1.0)]:  # > 256 rows: no gain
@@ -356,6 +357,7 @@ def test_tuned_vs_shipped_maps_cells_to_entries_and_ships_only_clear_wins(tmp_pa
                           ("mlp", (4097, None), (257, None))}
     assert [cell[:3] for cell in found[small]["cells"]] == [(qwen, 8, "fwdbwd"), (qwen, 64, "fwd"),
                                                             (qwen, 64, "fwdbwd")]
+    assert [cell[2] for cell in found[("mlp_decode", (None, 1024))]["cells"]] == ["fwd", "fwd_graph"]
     assert [key for key, verdict in found.items() if verdict["ship"]] == [small]
     tuned_table = {"device": "Fake GPU", "how": {}, "mlp": [
         {"min_inter": None, "max_inter": 1024, "min_rows_per_expert": None, "max_rows_per_expert": 16, "up": {}},
