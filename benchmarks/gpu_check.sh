@@ -226,8 +226,8 @@ fi
 
 if [ $hf_speed = 1 ]; then
   if t=$(cap 120); then
-    step "whole model: integration/example_hf_speed.py --dtype bfloat16 (log: $out/extra.log)"
-    timeout "$t" $python integration/example_hf_speed.py --dtype bfloat16 >> "$out/extra.log" 2>&1 || status=1
+    step "whole model: integration/example_hf_speed.py --dtype bfloat16 --decode-graphs (log: $out/extra.log)"
+    timeout "$t" $python integration/example_hf_speed.py --dtype bfloat16 --decode-graphs >> "$out/extra.log" 2>&1 || status=1
     tail -6 "$out/extra.log"
   else
     skipped "whole-model speed"

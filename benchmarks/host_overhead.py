@@ -70,6 +70,19 @@ def _with_tiles(fn):
         experts.one_token_path_enabled = enabled
 
 
+def _with_decode_graphs(fn):
+    """``fn`` with decode calls replayed from CUDA graphs (as MOE_KERNELS_DECODE_GRAPHS=1, without an environment
+    write per call): the host time of copying the inputs in, one replay and the output's copy."""
+    from moe_kernels import decode_graphs
+
+    enabled = decode_graphs.enabled
+    decode_graphs.enabled = lambda: True
+    try:
+        fn()
+    finally:
+        decode_graphs.enabled = enabled
+
+
 def _cases(device: torch.device):
     """(name, callable) pairs; shapes of Qwen3-30B-A3B (H 2048, I 768, E 128, k 8) unless named. The routing
     inputs come from the device's default backend (without a GPU the stubbed Triton kernels compute nothing)."""
@@ -100,6 +113,8 @@ def _cases(device: torch.device):
         if device.type == "cuda":
             cases.append((f"moe_mlp decode T={tokens}, backend=auto",
                           lambda decode=decode: decode(backend="auto")))
+            cases.append((f"moe_mlp decode T={tokens}, triton, decode graphs",
+                          lambda decode=decode: _with_decode_graphs(decode)))
 
     logits = torch.randn(1, E, device=device, generator=g)
 

@@ -15,6 +15,9 @@ wall time with the GPU synchronised), unpatched (transformers' default experts p
 their greedy tokens (in fp32 they must be identical; in bf16/fp16 a divergence late in a sequence can be rounding
 and is reported, not failed).
 
+--decode-graphs (eager decoding only) also measures the patched model with ``MOE_KERNELS_DECODE_GRAPHS=1``: its
+decode-size expert calls replayed from CUDA graphs (moe_kernels/decode_graphs.py), a third row.
+
 --compile decodes as transformers' compiled generation does: a static KV cache and the forward compiled by
 ``generate`` (its default compile config: inductor with CUDA graphs; on a CPU ``--compile-backend`` is used and the
 compile is forced, since transformers compiles on accelerators only). Both models compile; the warm-up run pays it.
@@ -136,6 +139,8 @@ def main(argv=None) -> int:
                         help="decode with a static cache, the forward compiled by generate (as transformers does)")
     parser.add_argument("--size", choices=sorted(SIZES), default=None,
                         help="the random-weight model without CHECKPOINT_DIR (default: olmoe on a GPU, tiny on a CPU)")
+    parser.add_argument("--decode-graphs", action="store_true",
+                        help="also time the patched model with MOE_KERNELS_DECODE_GRAPHS=1 (eager decoding)")
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend for --compile on a CPU (CUDA uses transformers' default)")
     args = parser.parse_args(argv)
@@ -159,6 +164,16 @@ def main(argv=None) -> int:
         _reset_compile()  # the patched forward compiles afresh
         after = _measure(model, input_ids, args.new_tokens, args.repeats, compile_config)
         counters_after = _compile_counters()
+        graphed = None
+        if args.decode_graphs and not args.compile:
+            from moe_kernels import decode_graphs
+
+            os.environ[decode_graphs.ENV] = "1"
+            try:
+                graphed = _measure(model, input_ids, args.new_tokens, args.repeats)
+            finally:
+                os.environ.pop(decode_graphs.ENV)
+                decode_graphs.clear()
 
     same = torch.equal(before[2], after[2])
     decoding = "compiled, static cache" if args.compile else "eager, dynamic cache"
@@ -169,6 +184,10 @@ def main(argv=None) -> int:
     print(f"{'':<26}{'prefill tok/s':>14}{'decode tok/s':>14}")
     print(f"{'transformers (default)':<26}{before[0]:>14.1f}{before[1]:>14.1f}")
     print(f"{'moe_kernels (patched)':<26}{after[0]:>14.1f}{after[1]:>14.1f}")
+    if graphed is not None:
+        print(f"{'  + decode graphs':<26}{graphed[0]:>14.1f}{graphed[1]:>14.1f}   "
+              f"(decode {graphed[1] / before[1]:.2f}x; greedy tokens "
+              f"{'identical' if torch.equal(graphed[2], after[2]) else 'DIFFER'} to the patched model's)")
     if same:
         agreement = "identical"
     else:

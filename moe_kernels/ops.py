@@ -9,9 +9,11 @@ take the arguments as they are: they neither convert nor re-check them. The math
 
 from __future__ import annotations
 
+import os
+
 import torch
 
-from . import reference
+from . import decode_graphs, reference
 from .backends import Plan, resolve_backend
 from .spec import (ADAPTER_ACTIVATIONS, ELEMENTWISE_ACTIVATIONS, GATED_ACTIVATIONS, MAX_ADAPTER_RANK, ROUTE_ORDERS,
                    ROUTE_SCORINGS, SOFTCAP_ACTIVATIONS)
@@ -207,9 +209,18 @@ def moe_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
     impl = resolve_backend(backend, device, "moe_mlp",
                            lambda: _shape(x, num_experts, x, gate_up_proj, down_proj, gate_up_bias, down_bias,
                                           weights))
-    return impl.moe_mlp(x=x, gate_up_proj=gate_up_proj, down_proj=down_proj, weights=weights, ids=ids,
-                        activation=activation, gate_up_bias=gate_up_bias, down_bias=down_bias,
-                        interleaved=bool(interleaved), swiglu_limit=swiglu_limit, gated=gated, softcaps=softcaps)
+
+    def call(x, weights, ids):
+        return impl.moe_mlp(x=x, gate_up_proj=gate_up_proj, down_proj=down_proj, weights=weights, ids=ids,
+                            activation=activation, gate_up_bias=gate_up_bias, down_bias=down_bias,
+                            interleaved=bool(interleaved), swiglu_limit=swiglu_limit, gated=gated, softcaps=softcaps)
+
+    if decode_graphs.wanted(device, ids.numel(), (x, gate_up_proj, down_proj, gate_up_bias, down_bias, weights)):
+        key = ("moe_mlp", impl.name, decode_graphs.tensor_key(gate_up_proj), decode_graphs.tensor_key(down_proj),
+               decode_graphs.tensor_key(gate_up_bias), decode_graphs.tensor_key(down_bias), activation,
+               bool(interleaved), swiglu_limit, gated, softcaps, os.environ.get("MOE_KERNELS_ONE_TOKEN"))
+        return decode_graphs.run(key, call, (x, weights, ids))
+    return call(x, weights, ids)
 
 
 def _check_softcaps(activation: str, softcaps):
@@ -254,8 +265,16 @@ def adapter_moe(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weights: 
     if num_tokens == 0:
         return h * 0  # empty, but joined to h in the autograd graph
     impl = resolve_backend(backend, device, "adapter_moe", lambda: _shape(h, num_experts, h, down, up, weights))
-    return impl.adapter_moe(h=h, down=down, up=up, weights=weights, ids=ids, activation=activation,
-                            scale=float(scale))
+
+    def call(h, weights, ids):
+        return impl.adapter_moe(h=h, down=down, up=up, weights=weights, ids=ids, activation=activation,
+                                scale=float(scale))
+
+    if decode_graphs.wanted(device, ids.numel(), (h, down, up, weights)):
+        key = ("adapter_moe", impl.name, decode_graphs.tensor_key(down), decode_graphs.tensor_key(up), activation,
+               float(scale))
+        return decode_graphs.run(key, call, (h, weights, ids))
+    return call(h, weights, ids)
 
 
 LOSS_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

@@ -74,3 +74,32 @@ def test_decode_step_replays_in_a_cuda_graph(backend):
         want = reference.moe_mlp(new_x.float(), gate_up.float(), down.float(), weights, ids)
         err = ((static_out.float() - want).norm() / want.norm()).item()
         assert err < 3e-2, f"replayed decode step: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS + ["auto"])
+def test_decode_graphs_give_the_eager_results(backend, monkeypatch):
+    """MOE_KERNELS_DECODE_GRAPHS=1 (moe_kernels/decode_graphs.py): decode calls of moe_mlp and adapter_moe with new
+    inputs of the same shape replay one captured graph each and return what the eager calls return."""
+    from moe_kernels import decode_graphs
+
+    monkeypatch.setenv(decode_graphs.ENV, "1")
+    decode_graphs.clear()
+    _, _, gate_up, down, a_down, a_up, k = _inputs()
+    gate_up, down, a_down, a_up = (t.detach() for t in (gate_up, down, a_down, a_up))
+    g = torch.Generator(device="cuda").manual_seed(1)
+    with torch.no_grad():
+        for call in range(4):
+            for T in (1, 3):
+                x = torch.randn(T, gate_up.shape[2], device="cuda", generator=g).to(gate_up.dtype)
+                weights, ids = moe_kernels.route(torch.randn(T, gate_up.shape[0], device="cuda", generator=g), k)
+                y = moe_kernels.moe_mlp(x, gate_up, down, weights, ids, backend=backend)
+                z = moe_kernels.adapter_moe(x, a_down, a_up, weights, ids, backend=backend)
+                monkeypatch.setenv(decode_graphs.ENV, "0")
+                y_eager = moe_kernels.moe_mlp(x, gate_up, down, weights, ids, backend=backend)
+                z_eager = moe_kernels.adapter_moe(x, a_down, a_up, weights, ids, backend=backend)
+                monkeypatch.setenv(decode_graphs.ENV, "1")
+                torch.testing.assert_close(y, y_eager, rtol=0, atol=0)
+                torch.testing.assert_close(z, z_eager, rtol=0, atol=0)
+    graphs = [state for state in decode_graphs._cache.values() if isinstance(state, decode_graphs._Graph)]
+    assert len(graphs) == 4  # (moe_mlp, adapter_moe) x (T = 1, T = 3), each captured once
+    decode_graphs.clear()
