@@ -1,8 +1,8 @@
 """Decode calls replayed from CUDA graphs (opt-in: ``MOE_KERNELS_DECODE_GRAPHS=1``).
 
 At decode (T*k <= 64 slots, no gradient) an expert op's GPU work takes tens of microseconds while issuing it takes
-more: each Triton launch costs the host 25-100 microseconds on the lent H200 machines (benchmarks/RESULTS_GPU.md,
-host time per call). A CUDA graph replays the same kernels for the price of one launch. Here each distinct call
+more: on the H200 of run 3 a one-token triton moe_mlp call (two kernel launches) took the host 92-154 microseconds
+(benchmarks/RESULTS_GPU.md, host time per call). A CUDA graph replays the same kernels for the price of one launch. Here each distinct call
 (op, backend, shapes, dtypes, strides, the weights' addresses, every option) gets its own graph:
 
 1. its first call runs eagerly (Triton compiles its kernels, caches fill);
@@ -11,8 +11,10 @@ host time per call). A CUDA graph replays the same kernels for the price of one 
 3. later calls copy their inputs into those copies, replay, and return a clone of the graph's output (the graph
    overwrites its output on the next replay; the caller's tensor is its own).
 
-The graph reads the expert weights at the addresses it was captured with: the key holds them, so weights moved or
-replaced (a new tensor) make a new graph, and weights changed in place are read as they are. Nothing is captured
+Each capture costs once what torch.cuda.graph does on entry (a device synchronisation, Python's garbage collection,
+emptying the allocator's cache): a model's first graphed decode step pays it per layer. The graph reads the expert
+weights at the addresses it was captured with: the key holds them, so weights moved or replaced (a new tensor) make
+a new graph, and weights changed in place are read as they are. Nothing is captured
 under torch.compile (inductor captures whole graphs itself), inside another capture, with a gradient, or off CUDA;
 a call whose capture fails runs eagerly from then on, after one warning.
 
