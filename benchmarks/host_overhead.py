@@ -58,29 +58,30 @@ def _time_us(fn, calls: int, gpu: bool) -> float:
     return statistics.median(samples) / 1000
 
 
-def _with_tiles(fn):
-    """``fn`` with the one-token path off (as MOE_KERNELS_ONE_TOKEN=tiles, without an environment write per call)."""
-    from moe_kernels.triton import experts
-
-    enabled = experts.one_token_path_enabled
-    experts.one_token_path_enabled = lambda: False
+def _with_switch(module, name: str, value: bool, fn) -> None:
+    """``fn()`` with ``module.name`` (a switch read per call) answering ``value``: the effect of its environment
+    variable without an environment write per call."""
+    switch = getattr(module, name)
+    setattr(module, name, lambda: value)
     try:
         fn()
     finally:
-        experts.one_token_path_enabled = enabled
+        setattr(module, name, switch)
+
+
+def _with_tiles(fn):
+    """``fn`` with the one-token path off (as MOE_KERNELS_ONE_TOKEN=tiles)."""
+    from moe_kernels.triton import experts
+
+    _with_switch(experts, "one_token_path_enabled", False, fn)
 
 
 def _with_decode_graphs(fn):
-    """``fn`` with decode calls replayed from CUDA graphs (as MOE_KERNELS_DECODE_GRAPHS=1, without an environment
-    write per call): the host time of copying the inputs in, one replay and the output's copy."""
+    """``fn`` with decode calls replayed from CUDA graphs (as MOE_KERNELS_DECODE_GRAPHS=1): the host time of copying
+    the inputs in, one replay and the output's copy."""
     from moe_kernels import decode_graphs
 
-    enabled = decode_graphs.enabled
-    decode_graphs.enabled = lambda: True
-    try:
-        fn()
-    finally:
-        decode_graphs.enabled = enabled
+    _with_switch(decode_graphs, "enabled", True, fn)
 
 
 def _cases(device: torch.device):
