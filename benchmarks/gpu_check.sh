@@ -5,19 +5,20 @@
 #   3. times the host side of each op (benchmarks/host_overhead.py: what the CPU spends issuing a decode step);
 #   4. with --tune: tunes the Triton expert-MLP tiles for this GPU (moe-kernels tune --triton);
 #   5. runs benchmarks/gpu_bench.py (peers side by side, roofline floor, peak memory, oracle agreement);
-#   6. with --tune: measures the auto backend table; with --hf-speed: the whole-model example.
+#   6. with --tune or --table: measures the auto backend table; with --hf-speed: the whole-model example.
 # The CPU-only test files are left to CI.
 # About 8 minutes on one H100/H200 without --tune; --total-s caps the whole run. Logs, CSV and Markdown go to --out
 # (default $OUT when set, else benchmarks/results_gpu); the summary prints last.
 #
 #   bash benchmarks/gpu_check.sh [--out DIR] [--bench-budget-s 200] [--tests-timeout-s 300] [--total-s 0] [--skip-tests]
-#                                [--skip-bench] [--tune] [--hf-speed] [-- GPU_BENCH_ARGS]
+#                                [--skip-bench] [--tune] [--table] [--hf-speed] [-- GPU_BENCH_ARGS]
 #     --total-s   the whole run's time limit (0: none): each step's timeout shrinks to what is left and steps that no
 #                 longer fit are skipped and listed (order: build, tests, host time, Triton tuning, benchmark, auto
 #                 table, whole model). A lent machine runs one command for at most 600 s: use --total-s 560 there.
 #     --tune      tune this GPU before the benchmark: the Triton tile configs (moe-kernels tune --triton, written to
 #                 the user cache and copied to --out), then the auto backend table (python -m moe_kernels.backend_table
 #                 --write); the benchmark then runs the tuned configs beside the shipped ones
+#     --table     measure the auto backend table only (--tune's second half, without the Triton tile tuner)
 #     --hf-speed  end with integration/example_hf_speed.py in bf16 (patched vs unpatched whole model), eager and then
 #                 with transformers' compiled static-cache decoding (--compile)
 #   bash benchmarks/gpu_check.sh --dry-run   # no GPU: CPU build, interpreter, tiny shapes (CI runs this)
@@ -36,7 +37,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/results_gpu}
-dry=0 skip_tests=0 skip_bench=0 tune=0 hf_speed=0 bench_budget=200 tests_timeout=300 total=0 bench_args=()
+dry=0 skip_tests=0 skip_bench=0 tune=0 table=0 hf_speed=0 bench_budget=200 tests_timeout=300 total=0 bench_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) dry=1 ;;
@@ -47,6 +48,7 @@ while [ $# -gt 0 ]; do
     --skip-tests) skip_tests=1 ;;
     --skip-bench) skip_bench=1 ;;
     --tune) tune=1 ;;
+    --table) table=1 ;;
     --hf-speed) hf_speed=1 ;;
     --) shift; bench_args=("$@"); break ;;
     *) echo "gpu_check: unknown argument $1" >&2; exit 2 ;;
@@ -212,7 +214,7 @@ if [ $skip_bench = 0 ]; then
   fi
 fi
 
-if [ $tune = 1 ] && [ -f moe_kernels/backend_table.py ]; then
+if { [ $tune = 1 ] || [ $table = 1 ]; } && [ -f moe_kernels/backend_table.py ]; then
   if t=$(cap 150); then
     step "measure the auto backend table for this GPU (log: $out/extra.log)"
     timeout "$t" $python -m moe_kernels.backend_table --write --budget $(( t > 120 ? 80 : t / 2 )) >> "$out/extra.log" 2>&1 \
