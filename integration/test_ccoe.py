@@ -305,4 +305,8 @@ def test_shared_norms_and_heads_are_kept_once_saved_once_and_unshared_for_traini
     coupled.save_pretrained(tmp_path / "popped")
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "popped")
     with torch.no_grad():
-        assert torch.equal(again(ids, attention_mask=mask, expert=["b", "b", "c"]).logits[1:], before[1:])
+        reloaded = again(ids, attention_mask=mask, expert=["b", "b", "c"]).logits
+        assert torch.equal(reloaded, coupled(ids, attention_mask=mask, expert=["b", "b", "c"]).logits)  # nothing lost
+        # rows 1 and 2 keep their experts: the logits from before the pop, up to rounding, since row 0 now joins b's
+        # rows and a GEMM over 2 rows may block (and round) otherwise than over 1 (seen on an AVX-512 CPU)
+        torch.testing.assert_close(reloaded[1:], before[1:], rtol=1e-5, atol=1e-5)
