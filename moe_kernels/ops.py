@@ -202,7 +202,6 @@ def moe_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
     check_routing(weights, ids, num_tokens, num_experts, x.dtype)
     device = check_same_device(x=x, gate_up_proj=gate_up_proj, down_proj=down_proj, weights=weights, ids=ids,
                                gate_up_bias=gate_up_bias, down_bias=down_bias)
-    weights, ids = _normalise_routing(weights, ids)
     if num_tokens == 0:
         return x * 0  # empty, but joined to x in the autograd graph (empty gradient, not None)
     # The shape dict is built only if auto chooses by it (on CUDA): resolve_backend calls the lambda then.
@@ -210,7 +209,8 @@ def moe_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
                            lambda: _shape(x, num_experts, x, gate_up_proj, down_proj, gate_up_bias, down_bias,
                                           weights))
 
-    def call(x, weights, ids):
+    def call(x, weights, ids):  # normalising inside: a decode graph holds the conversions too
+        weights, ids = _normalise_routing(weights, ids)
         return impl.moe_mlp(x=x, gate_up_proj=gate_up_proj, down_proj=down_proj, weights=weights, ids=ids,
                             activation=activation, gate_up_bias=gate_up_bias, down_bias=down_bias,
                             interleaved=bool(interleaved), swiglu_limit=swiglu_limit, gated=gated, softcaps=softcaps)
@@ -261,12 +261,12 @@ def adapter_moe(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weights: 
         raise ValueError(f"scale must be a finite number, got {scale!r}")
     check_routing(weights, ids, num_tokens, num_experts, h.dtype)
     device = check_same_device(h=h, down=down, up=up, weights=weights, ids=ids)
-    weights, ids = _normalise_routing(weights, ids)
     if num_tokens == 0:
         return h * 0  # empty, but joined to h in the autograd graph
     impl = resolve_backend(backend, device, "adapter_moe", lambda: _shape(h, num_experts, h, down, up, weights))
 
     def call(h, weights, ids):
+        weights, ids = _normalise_routing(weights, ids)
         return impl.adapter_moe(h=h, down=down, up=up, weights=weights, ids=ids, activation=activation,
                                 scale=float(scale))
 
