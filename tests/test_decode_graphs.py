@@ -143,3 +143,22 @@ def test_the_cache_keeps_the_most_recent_graphs(graphs, monkeypatch):
             moe_kernels.moe_mlp(x, gate_up, down, weights, ids, backend="cpu")
     assert len(decode_graphs._cache) == 3
     assert [key[-3][0][0] for key in decode_graphs._cache] == [3, 4, 5]  # x's layout: (shape, strides, dtype)
+
+
+def test_hf_style_routing_int64_ids_and_bf16_weights_is_converted_inside_the_graph(graphs, monkeypatch):
+    """Hugging Face passes int64 ids and routing weights in the model's dtype: the graph is keyed on those layouts,
+    copies them in as they are and holds the conversion to int32 / float32 itself."""
+    gate_up, down, _, _ = (t.to(torch.bfloat16) for t in _expert_weights())
+    g = torch.Generator().manual_seed(6)
+    for call in range(3):
+        x = torch.randn(2, 16, generator=g).to(torch.bfloat16)
+        weights, ids = _routing(2, 5, 2, g)
+        weights, ids = weights.to(torch.bfloat16), ids.long()
+        y = moe_kernels.moe_mlp(x, gate_up, down, weights, ids, backend="cpu")
+        monkeypatch.setenv(decode_graphs.ENV, "0")
+        expected = moe_kernels.moe_mlp(x, gate_up, down, weights, ids, backend="cpu")  # the eager call
+        monkeypatch.setenv(decode_graphs.ENV, "1")
+        assert torch.equal(y, expected)
+    assert graphs == [3]  # one capture, of (x, weights, ids)
+    (key,) = [key for key in decode_graphs._cache if key[0] == "moe_mlp" and key[1] == "cpu"]
+    assert [layout[2] for layout in key[-2:]] == [torch.bfloat16, torch.int64]
