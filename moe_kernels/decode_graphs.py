@@ -64,15 +64,15 @@ def wanted(device: torch.device, slots: int, tensors: Sequence[torch.Tensor | No
 
 
 def tensor_key(t: torch.Tensor | None) -> tuple | None:
-    """What a graph fixes of a tensor it reads in place: address, shape, strides, dtype."""
+    """What a graph fixes of a tensor it reads in place: device, address, shape, strides, dtype."""
     if t is None:
         return None
-    return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
+    return (t.device, t.data_ptr(), tuple(t.shape), t.stride(), t.dtype)
 
 
 def layout_key(t: torch.Tensor) -> tuple:
-    """What a graph fixes of a per-call input it copies: shape, strides, dtype."""
-    return (tuple(t.shape), t.stride(), t.dtype)
+    """What a graph fixes of a per-call input it copies: device, shape, strides, dtype."""
+    return (t.device, tuple(t.shape), t.stride(), t.dtype)
 
 
 def _capture_cuda(fn: Callable, inputs: list[torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
@@ -103,8 +103,9 @@ def run(key: tuple, fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tens
             _remember(key, 1)
         return fn(*inputs)
     _cache.move_to_end(key)
-    if state == 1:
-        with torch.cuda.device(inputs[0].device) if inputs[0].is_cuda else contextlib.nullcontext():
+    # on the inputs' device: a graph is captured and launched on a stream of its own device
+    with torch.cuda.device(inputs[0].device) if inputs[0].is_cuda else contextlib.nullcontext():
+        if state == 1:
             statics = [t.clone() for t in inputs]
             try:
                 replay, output = _capture(fn, statics)
@@ -113,12 +114,12 @@ def run(key: tuple, fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tens
                 warnings.warn(f"moe_kernels: no CUDA graph for a decode call ({type(exc).__name__}: {exc}); it runs "
                               f"eagerly from now on ({ENV})", RuntimeWarning, stacklevel=3)
                 return fn(*inputs)
-        state = _cache[key] = _Graph(replay, statics, output)
-    else:
-        for static, value in zip(state.inputs, inputs):
-            static.copy_(value)
-    state.replay()
-    return state.output.clone()
+            state = _cache[key] = _Graph(replay, statics, output)
+        else:
+            for static, value in zip(state.inputs, inputs):
+                static.copy_(value)
+        state.replay()
+        return state.output.clone()
 
 
 def _remember(key: tuple, value) -> None:

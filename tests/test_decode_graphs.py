@@ -142,7 +142,7 @@ def test_the_cache_keeps_the_most_recent_graphs(graphs, monkeypatch):
             weights, ids = _routing(T, 5, 2, g)
             moe_kernels.moe_mlp(x, gate_up, down, weights, ids, backend="cpu")
     assert len(decode_graphs._cache) == 3
-    assert [key[-3][0][0] for key in decode_graphs._cache] == [3, 4, 5]  # x's layout: (shape, strides, dtype)
+    assert [key[-3][1][0] for key in decode_graphs._cache] == [3, 4, 5]  # x's (device, shape, strides, dtype)
 
 
 def test_hf_style_routing_int64_ids_and_bf16_weights_is_converted_inside_the_graph(graphs, monkeypatch):
@@ -161,4 +161,4 @@ def test_hf_style_routing_int64_ids_and_bf16_weights_is_converted_inside_the_gra
         assert torch.equal(y, expected)
     assert graphs == [3]  # one capture, of (x, weights, ids)
     (key,) = [key for key in decode_graphs._cache if key[0] == "moe_mlp" and key[1] == "cpu"]
-    assert [layout[2] for layout in key[-2:]] == [torch.bfloat16, torch.int64]
+    assert [layout[3] for layout in key[-2:]] == [torch.bfloat16, torch.int64]
