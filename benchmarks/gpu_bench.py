@@ -53,6 +53,7 @@ import torch  # noqa: E402
 
 import moe_kernels  # noqa: E402
 from moe_kernels import reference  # noqa: E402
+from moe_kernels.decode_graphs import capture_cuda_graph as _capture  # noqa: E402
 from moe_kernels.backends import get_backend  # noqa: E402
 
 try:  # registers the "moe_kernels" experts implementation with transformers
@@ -141,17 +142,9 @@ def time_interleaved(calls: dict, device, warmup: int, repeats: int) -> dict:
 
 
 def capture_cuda_graph(call, set_index: int):
-    """A CUDA graph of ``call(set_index)`` (warmed up on a side stream first, as torch.cuda.graph's docs ask);
-    returns its replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        call(set_index)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):  # its own memory pool: replays run in any order
-        call(set_index)
-    return graph.replay
+    """The replay of a CUDA graph of ``call(set_index)`` (moe_kernels.decode_graphs' capture: side-stream warm-up,
+    its own memory pool, so replays may run in any order)."""
+    return _capture(call, (set_index,))[0]
 
 
 def graph_replay_calls(calls: dict, sets: int, notes: dict, capture=capture_cuda_graph) -> dict:

@@ -75,21 +75,21 @@ def layout_key(t: torch.Tensor) -> tuple:
     return (t.device, tuple(t.shape), t.stride(), t.dtype)
 
 
-def _capture_cuda(fn: Callable, inputs: list[torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
-    """(replay, output) of a CUDA graph of ``fn(*inputs)``, warmed up on a side stream first (torch.cuda.graph's
-    docs ask for it)."""
+def capture_cuda_graph(fn: Callable, args: Sequence) -> tuple[Callable[[], None], object]:
+    """(replay, output) of a CUDA graph of ``fn(*args)``, warmed up on a side stream first (torch.cuda.graph's
+    docs ask for it). Each graph gets its own memory pool. benchmarks/gpu_bench.py captures with it too."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        fn(*inputs)
+        fn(*args)
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        output = fn(*inputs)
+        output = fn(*args)
     return graph.replay, output
 
 
-_capture = _capture_cuda  # tests replace it to run the bookkeeping without a GPU
+_capture = capture_cuda_graph  # tests replace it to run the bookkeeping without a GPU
 
 
 def run(key: tuple, fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor]) -> torch.Tensor:
