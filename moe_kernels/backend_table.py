@@ -11,9 +11,9 @@ The table (``moe_kernels/backend_table.json``, or the file ``MOE_KERNELS_BACKEND
 block per GPU model (``device`` = ``torch.cuda.get_device_name()``, or ``"*"`` for any GPU); each block maps
 shape classes to a backend, with the timings that chose it when ``measured`` is true. Classes the table
 lacks take the block's ``default``, except a decode class (``T<=8``), which first takes its ``T<=64`` class's
-entry (blocks measured before the decode bucket existed have none of their own). Two rules come before the table: the cuda expert path is only a choice
-where torch's CUTLASS grouped GEMM runs (bfloat16, sm90/sm100: see ``moe_kernels.native.grouped_gemm_status``),
-and a backend that is not built is never chosen.
+entry (blocks measured before the decode bucket existed have none of their own). Two rules come before the
+table: the cuda expert path is only a choice where torch's CUTLASS grouped GEMM runs (bfloat16, sm90/sm100: see
+``moe_kernels.native.grouped_gemm_status``), and a backend that is not built is never chosen.
 
 The shipped table's ``"*"`` block holds UNMEASURED DEFAULTS (``"measured": false``): triton, the previous
 default, for any GPU model without a block of its own. Its ``NVIDIA H100 80GB HBM3`` and ``NVIDIA H200`` blocks
