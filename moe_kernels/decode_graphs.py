@@ -2,8 +2,9 @@
 
 At decode (T*k <= 64 slots, no gradient) an expert op's GPU work takes tens of microseconds while issuing it takes
 more: on the H200 of run 3 a one-token triton moe_mlp call (two kernel launches) took the host 92-154 microseconds
-(benchmarks/RESULTS_GPU.md, host time per call). A CUDA graph replays the same kernels for the price of one launch. Here each distinct call
-(op, backend, shapes, dtypes, strides, the weights' addresses, every option) gets its own graph:
+(benchmarks/RESULTS_GPU.md, host time per call). A CUDA graph replays the same kernels for the price of one launch.
+Here each distinct call (op, backend, device, shapes, dtypes, strides, the weights' addresses, every option) gets
+its own graph:
 
 1. its first call runs eagerly (Triton compiles its kernels, caches fill);
 2. its second call is captured on copies of the per-call inputs (x, the routing weights and ids), which the graph
