@@ -1,6 +1,6 @@
 """Build moe_kernels and its native extension ``moe_kernels._C``.
 
-The C++ CPU ops (csrc/*.cpp, csrc/cpu/*.cpp; OpenMP) are always built. The CUDA sources (csrc/cuda/*.cu)
+The C++ CPU ops (csrc/*.cpp, csrc/common/*.cpp, csrc/cpu/*.cpp; OpenMP) are always built. The CUDA sources (csrc/cuda/*.cu)
 join them when a CUDA build of torch and nvcc are present, or when MOE_KERNELS_BUILD_CUDA=1 forces it;
 MOE_KERNELS_BUILD_CUDA=0 skips them. TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0".
 
@@ -65,7 +65,8 @@ def _extensions():
         sys.exit("moe_kernels needs torch installed before it builds: pip install torch, then "
                  "pip install --no-build-isolation .")
 
-    cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
+    # csrc/common/*.cpp: host code shared by both devices, compiled by the C++ compiler only (never by nvcc).
+    cpp_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/common/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx_flags = ["-O3", "-fopenmp", "-DNDEBUG"]
     link_flags = ["-fopenmp"]
     include_dirs = [os.path.join(ROOT, "csrc")]

@@ -1,13 +1,12 @@
 // Host-side argument handling shared by the CPU and CUDA op implementations: the route ops' k and grouping
 // checks and RouteParams (csrc/cpu/routing.cpp, csrc/cuda/routing.cu), and the expert ops' activation
-// arguments (csrc/cpu/experts.cpp, csrc/grouped_experts.cpp).
+// arguments (csrc/cpu/experts.cpp, csrc/grouped_experts.cpp). Defined in op_args.cpp, compiled once by the C++
+// compiler: nvcc's translation units call that copy instead of emitting their own inline one (the H200 of run 3
+// crashed in exactly these checks, and only these were compiled by both compilers).
 #pragma once
 
-#include <cmath>
 #include <optional>
 #include <string>
-
-#include <c10/util/Exception.h>
 
 #include "common/activations.h"
 #include "common/routing_row.h"
@@ -16,38 +15,17 @@ namespace moe_kernels {
 
 // A float argument is finite. moe_kernels.ops tests this in eager Python; under torch.compile a float can reach the
 // op as a traced value Python cannot test (validation.finite_or_traced), so the op tests the value it gets.
-inline void check_finite(double value, const char* name) {
-  TORCH_CHECK(std::isfinite(value), name, " must be a finite number, got ", value);
-}
+void check_finite(double value, const char* name);
 
 namespace routing {
 
 // route_forward's k and grouping against E. Cheap (no tensor data is read); moe_kernels.ops checks the same
 // with its own messages, these keep a direct torch.ops.moe_kernels caller from choosing past a row.
-inline void check_route_forward_args(int64_t num_experts, int64_t k, int64_t n_group, int64_t topk_group) {
-  TORCH_CHECK(k >= 1 && k <= num_experts, "k must be in [1, E = ", num_experts, "], got ", k);
-  if (n_group > 1) {
-    TORCH_CHECK(num_experts % n_group == 0, "n_group = ", n_group, " must divide E = ", num_experts);
-    TORCH_CHECK(topk_group >= 1 && topk_group <= n_group, "topk_group must be in [1, n_group], got ", topk_group);
-    TORCH_CHECK(k <= topk_group * (num_experts / n_group), "k = ", k, " exceeds the experts of the kept groups");
-  }
-}
+void check_route_forward_args(int64_t num_experts, int64_t k, int64_t n_group, int64_t topk_group);
 
 // The RouteParams of one op call. n_group <= 1 (the schema's 0: no groups) turns the group-limited choice off.
-inline RouteParams make_params(int64_t num_experts, int64_t k, bool use_sigmoid, bool topk_first, bool renormalize,
-                               int64_t n_group, int64_t topk_group, double scale) {
-  check_finite(scale, "scale");
-  RouteParams p;
-  p.num_experts = num_experts;
-  p.k = k;
-  p.use_sigmoid = use_sigmoid;
-  p.topk_first = topk_first;
-  p.renormalize = renormalize;
-  p.n_group = n_group > 1 ? n_group : 0;
-  p.topk_group = n_group > 1 ? topk_group : 0;
-  p.scale = static_cast<float>(scale);
-  return p;
-}
+RouteParams make_params(int64_t num_experts, int64_t k, bool use_sigmoid, bool topk_first, bool renormalize,
+                        int64_t n_group, int64_t topk_group, double scale);
 
 }  // namespace routing
 
@@ -56,35 +34,8 @@ namespace act {
 // The ActSpec of an expert op's (activation, gated, interleaved, limit, soft caps); names as moe_kernels/spec.py.
 // gate_cap / up_cap: > 0 for softcap_swiglu, 0 (none) for every other activation. ``scale`` (the op's output scale)
 // is only checked here, where every expert op passes.
-inline ActSpec parse_activation(const std::string& name, bool gated, bool interleaved,
-                                const std::optional<double>& limit, double gate_cap, double up_cap, double scale) {
-  check_finite(scale, "scale");
-  check_finite(gate_cap, "gate_cap");
-  check_finite(up_cap, "up_cap");
-  if (limit.has_value()) {
-    check_finite(*limit, "swiglu_limit");
-    TORCH_CHECK(*limit > 0.0, "swiglu_limit must be > 0, got ", *limit);
-  }
-  ActSpec spec{0, gated, interleaved, limit.has_value(), limit.has_value() ? static_cast<float>(*limit) : 0.f,
-               static_cast<float>(gate_cap), static_cast<float>(up_cap)};
-  if (name == "silu") spec.code = act::kSilu;
-  else if (name == "gelu") spec.code = act::kGelu;
-  else if (name == "gelu_tanh") spec.code = act::kGeluTanh;
-  else if (name == "relu") spec.code = act::kRelu;
-  else if (name == "relu2" && !gated) spec.code = act::kRelu2;
-  else if (name == "identity" && !gated) spec.code = act::kIdentity;
-  else if (name == "gpt_oss" && gated) spec.code = act::kGptOss;
-  else if (name == "softcap_swiglu" && gated) spec.code = act::kSoftcapSwiglu;
-  else TORCH_CHECK(false, "unknown ", gated ? "gated" : "adapter", " activation '", name, "'");
-  if (spec.code == act::kSoftcapSwiglu) {
-    TORCH_CHECK(gate_cap > 0.0 && up_cap > 0.0, "softcap_swiglu needs gate_cap > 0 and up_cap > 0, got ", gate_cap,
-                ", ", up_cap);
-    TORCH_CHECK(!limit.has_value(), "softcap_swiglu takes no clamp limit");
-  } else {
-    TORCH_CHECK(gate_cap == 0.0 && up_cap == 0.0, "gate_cap / up_cap apply to softcap_swiglu only");
-  }
-  return spec;
-}
+ActSpec parse_activation(const std::string& name, bool gated, bool interleaved, const std::optional<double>& limit,
+                         double gate_cap, double up_cap, double scale);
 
 }  // namespace act
 }  // namespace moe_kernels

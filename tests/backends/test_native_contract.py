@@ -49,9 +49,11 @@ def test_metadata_is_checked_on_every_call(monkeypatch):
 # ---- an error in a C++ op is a Python exception, never a crash ------------------------------------------------
 # On the H200 of 2026-11-27 (run 3) a direct route_forward call with k > E, and route_backward with scale = inf,
 # killed the process (SIGSEGV) on CPU and CUDA tensors, while plan's dtype error raised: the checks that crashed
-# format numbers into their messages and live in csrc/common/op_args.h, which nvcc and the C++ compiler both
-# compile. Each call runs in its own child process, so a crash fails its own case with the child's output (and
-# the libstdc++ copies the child had loaded) instead of killing the test process.
+# format numbers into their messages and were inline in csrc/common/op_args.h, which nvcc and the C++ compiler both
+# compiled (the linker kept one of two copies). They are now defined once, in op_args.cpp, by the C++ compiler; the
+# crash never reproduced off that machine, so whether that was the cause is for the next GPU run to show. Each call
+# runs in its own child process, so a crash fails its own case with the child's output (and the libraries the
+# child had loaded) instead of killing the test process.
 
 _ERROR_CASES = {
     # name: (call with tensors on DEVICE, the message expected)
