@@ -142,15 +142,9 @@ fi
 $python -c "import moe_kernels; print('backends:', moe_kernels.available_backends())"
 
 if [ $skip_tests = 0 ]; then
-  # every test file that runs a GPU backend (the CPU-only files run in CI): the op files (every backend present),
-  # the triton/native internals with their CUDA tests; -n: pytest-xdist where installed
-  # The GPU-only files first: they hold the whole-model and compiled tests, the longest, which should start early
-  # rather than form the tail that run 3's limit cut.
-  gpu_tests=$(ls tests/test_gpu*.py tests/test_route.py tests/test_plan.py tests/test_moe_mlp.py tests/test_adapter_moe.py \
-    tests/backends/test_triton_internals.py tests/backends/test_native_internals.py tests/backends/test_grouped_rows.py \
-    tests/backends/test_native_contract.py \
-    tests/test_determinism.py tests/test_layers_adapters.py tests/test_hf_route_parity.py \
-    tests/test_errors.py tests/test_hf_gate_forms.py 2>/dev/null)
+  # every test file that runs a GPU backend, in run order (tests/gpu_test_files.txt; the CPU-only files run in CI);
+  # -n: pytest-xdist where installed
+  gpu_tests=$(sed -e 's/#.*//' tests/gpu_test_files.txt | xargs ls 2>/dev/null)
   # First, alone and in seconds, the checks that a C++ op's error raises instead of crashing (they crashed on the
   # H200 of run 3): their output, native stacks included, must come back even when the whole list runs out of time.
   if t=$(cap 90); then

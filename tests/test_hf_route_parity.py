@@ -1,5 +1,6 @@
 """moe_kernels.route (every backend that runs here) against Hugging Face's own routers, and the fused
-router forwards of moe_kernels.hf.routers against the forwards they replace.
+router forwards of moe_kernels.hf.routers against the forwards they replace. With a GPU, triton and cuda route
+on CUDA tensors and the fused forwards run on CUDA too (tests/gpu_test_files.txt); the HF routers stay on the CPU.
 
 Routers are built from tiny transformers configs with random weights: Mixtral, Qwen3-MoE, DeepSeek-V3
 (nonzero e_score_correction_bias, n_group/topk_group, routed_scaling_factor) and GPT-OSS (router bias).
@@ -14,6 +15,7 @@ import torch
 
 import moe_kernels
 from moe_kernels.backends import BackendError, get_backend
+from moe_testing import GPU, device_for
 
 transformers = pytest.importorskip("transformers")
 
@@ -34,7 +36,7 @@ SMALL = dict(hidden_size=HIDDEN, num_attention_heads=4, num_key_value_heads=4)
 
 
 def route_backends() -> list:
-    """Backends available here that can run route on CPU tensors (skip-marked otherwise)."""
+    """Backends available here that can route on the device device_for gives them (skip-marked otherwise)."""
     params = []
     for name in ("reference", "cpu", "triton", "cuda"):
         reason = None
@@ -42,9 +44,9 @@ def route_backends() -> list:
             reason = f"backend {name!r} not built here"
         else:
             try:
-                reason = get_backend(name).device_error(torch.device("cpu"))
+                reason = get_backend(name).device_error(device_for(name))
                 if reason is None:
-                    moe_kernels.route(torch.randn(2, 4), 2, backend=name)
+                    moe_kernels.route(torch.randn(2, 4, device=device_for(name)), 2, backend=name)
             except (BackendError, NotImplementedError) as exc:
                 reason = str(exc)
         marks = [pytest.mark.skip(reason=reason)] if reason else []
@@ -116,21 +118,27 @@ def test_route_matches_hf_router(backend, family, builder, num_experts, k, num_t
     hidden = torch.randn(num_tokens, HIDDEN)
     hf_logits, hf_weights, hf_ids = router(hidden)
     hf_logits.retain_grad()
-    logits = hf_logits.detach().clone().requires_grad_(True)
+    device = device_for(backend)
+    logits = hf_logits.detach().to(device).clone().requires_grad_(True)
+    route_kwargs = {name: value.detach().to(device) if torch.is_tensor(value) else value
+                    for name, value in route_kwargs.items()}
     weights, ids = moe_kernels.route(logits, k, backend=backend, **route_kwargs)
     assert weights.dtype == torch.float32 and ids.dtype == torch.int32
-    assert weights.shape == ids.shape == (num_tokens, k)
+    assert weights.shape == ids.shape == (num_tokens, k) and weights.device == ids.device == logits.device
 
     hf_w, hf_i = _by_expert(hf_weights.float(), hf_ids)
-    got_w, got_i = _by_expert(weights, ids)
+    got_w, got_i = _by_expert(weights.detach().cpu(), ids.cpu())
     assert torch.equal(got_i, hf_i), f"ids differ:\n{got_i}\nvs HF\n{hf_i}"
-    torch.testing.assert_close(got_w, hf_w, rtol=2e-6, atol=1e-7)
+    # fp32 throughout; a GPU's exp/sigmoid may differ from the CPU's by a few ulps more
+    tol = dict(rtol=2e-6, atol=1e-7) if device.type == "cpu" else dict(rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got_w, hf_w, **tol)
 
     upstream = torch.randn(num_tokens, k)  # a cotangent attached to each (token, expert) pair
     upstream_by_id = torch.zeros(num_tokens, num_experts).scatter_(1, hf_i, upstream)
     (hf_weights.float() * upstream_by_id.gather(1, hf_ids.long())).sum().backward()
-    (weights * upstream_by_id.gather(1, ids.long())).sum().backward()
-    torch.testing.assert_close(logits.grad, hf_logits.grad, rtol=1e-5, atol=1e-6)
+    (weights * upstream_by_id.to(device).gather(1, ids.long())).sum().backward()
+    grad_tol = dict(rtol=1e-5, atol=1e-6) if device.type == "cpu" else dict(rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits.grad.cpu(), hf_logits.grad, **grad_tol)
 
 
 # Router-level parity of the fused forwards that moe_kernels.hf installs (every variant).
@@ -167,7 +175,7 @@ def compare_router_forwards(router, variant, dtype, hidden, extra=()):
         h = hidden.clone().requires_grad_(True)
         logits, weights, ids = forward(router, h, *extra)
         weights_sorted, ids_sorted = _by_expert(weights, ids)
-        cotangent = torch.linspace(-1, 1, weights.numel()).view_as(weights)
+        cotangent = torch.linspace(-1, 1, weights.numel(), device=weights.device).view_as(weights)
         (weights_sorted.float() * cotangent).sum().backward()
         grads = [p.grad.clone() for p in router.parameters() if p.grad is not None]
         results.append((logits.detach(), weights_sorted.detach(), ids_sorted, ids.dtype, weights.dtype, h.grad,
@@ -195,14 +203,16 @@ def compare_router_forwards(router, variant, dtype, hidden, extra=()):
         torch.testing.assert_close(a.float(), b.float(), **grad_tol)
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if GPU else []))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("index", range(10), ids=lambda i: f"router{i}")
-def test_fused_router_forward_matches_original(index, dtype):
-    """Each routers.<variant>_forward returns what the transformers forward returns (compare_router_forwards)."""
+def test_fused_router_forward_matches_original(index, dtype, device):
+    """Each routers.<variant>_forward returns what the transformers forward returns (compare_router_forwards), on
+    the CPU and, with a GPU, on CUDA (where the default backend routes with triton or cuda)."""
     variant_name, router = _variant_routers()[index]
     _init(router, index)
-    compare_router_forwards(router.to(dtype), fused.VARIANTS_BY_NAME[variant_name], dtype,
-                            torch.randn(33, HIDDEN, dtype=dtype))
+    compare_router_forwards(router.to(device=device, dtype=dtype), fused.VARIANTS_BY_NAME[variant_name], dtype,
+                            torch.randn(33, HIDDEN, dtype=dtype).to(device))
 
 
 def test_unknown_router_is_not_matched():
