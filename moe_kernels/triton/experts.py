@@ -418,6 +418,29 @@ def _gated_activation_kernel(pre_ptr, act_ptr, num_rows, inter, limit, gate_cap,
     tl.store(act_ptr + rows.to(tl.int64)[:, None] * inter + cols[None, :], act.to(act_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _gather_rows_kernel(src_ptr, stride_st, stride_sc, sorted_slots_ptr, route_w_ptr, out_ptr, num_rows, width, top_k,
+                        SCALED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """out[p] = src[token(p)], times the slot's routing weight in fp32 when SCALED, in out's dtype (one pass).
+
+    src_ptr: [T, width] strides (stride_st, stride_sc).  sorted_slots_ptr: [N] int32 (token = slot // top_k).
+    route_w_ptr: [T*k] fp32 by slot (SCALED).  out_ptr: [N, width] out, contiguous, sorted rows.
+    Grid: (cdiv(N, BLOCK_R), cdiv(width, BLOCK_C)). The grouped-GEMM weight gradients' operands: x and w*dy in
+    sorted order, without the fp32 [N, width] temporaries of the same product in torch.
+    """
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_mask = rows < num_rows
+    mask = row_mask[:, None] & (cols < width)[None, :]
+    slots = tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0)
+    tokens = (slots // top_k).to(tl.int64)
+    values = tl.load(src_ptr + tokens[:, None] * stride_st + cols[None, :] * stride_sc, mask=mask, other=0.0)
+    if SCALED:
+        values = values.to(tl.float32) * tl.load(route_w_ptr + slots, mask=row_mask, other=0.0)[:, None]
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * width + cols[None, :], values.to(out_ptr.dtype.element_ty),
+             mask=mask)
+
+
 # ----------------------------------------------------------------------------------------------------
 # launchers
 
@@ -460,12 +483,11 @@ def _grouped_mm_weight_grads(grad_y, x, pre, grad_pre, route_w, expert_offsets, 
                              interleaved, swiglu_limit, gated, softcaps):
     """(d gate_up_proj [E, 2I, H] ([E, I, H] when not gated), d down_proj [E, H, I]) as k-grouped GEMMs over each
     expert's sorted rows: dW_gu[e] = d pre_e^T x_e and dW_d[e] = (w dy)_e^T act_e. Gathers x and w*dy into sorted
-    order and forms act from pre (the Triton path forms both on the fly instead)."""
+    order (``_gather_rows_kernel``) and forms act from pre (the Triton path forms all three on the fly instead)."""
     num_rows, width = pre.shape
     inter = width // 2 if gated else width
-    tokens = (sorted_slots // top_k).long()
     offs = expert_offsets[1:]
-    x_sorted = x.index_select(0, tokens)
+    x_sorted = _gather_rows(x, sorted_slots, top_k, None)
     grad_gate_up = torch._grouped_mm(grad_pre.t(), x_sorted, offs=offs)
     del x_sorted
     act = torch.empty((num_rows, inter), dtype=pre.dtype, device=pre.device)
@@ -473,9 +495,20 @@ def _grouped_mm_weight_grads(grad_y, x, pre, grad_pre, route_w, expert_offsets, 
         pre, act, num_rows, inter, float(swiglu_limit or 0.0), *_caps(softcaps), ACTIVATION=ACTIVATION_CODES[activation],
         INTERLEAVED=interleaved, GATED=gated, HAS_LIMIT=swiglu_limit is not None, BLOCK_R=_ACT_BLOCK_R,
         BLOCK_C=_ACT_BLOCK_C)
-    grad_y_sorted = (grad_y.index_select(0, tokens).float() * route_w[sorted_slots.long(), None]).to(x.dtype)
+    grad_y_sorted = _gather_rows(grad_y, sorted_slots, top_k, route_w, x.dtype)
     grad_down = torch._grouped_mm(grad_y_sorted.t(), act, offs=offs)
     return grad_gate_up, grad_down
+
+
+def _gather_rows(src: torch.Tensor, sorted_slots: torch.Tensor, top_k: int, route_w: Optional[torch.Tensor],
+                 dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """[N, width] rows of ``src`` [T, width] in sorted order, scaled by each slot's weight if ``route_w`` is given."""
+    num_rows, width = sorted_slots.shape[0], src.shape[1]
+    out = torch.empty((num_rows, width), dtype=dtype or src.dtype, device=src.device)
+    _gather_rows_kernel[(cdiv(num_rows, _ACT_BLOCK_R), cdiv(width, _ACT_BLOCK_C))](
+        src, src.stride(0), src.stride(1), sorted_slots, src if route_w is None else route_w, out, num_rows, width,
+        top_k, SCALED=route_w is not None, BLOCK_R=_ACT_BLOCK_R, BLOCK_C=_ACT_BLOCK_C)
+    return out
 
 
 def _check_scalars(swiglu_limit, softcaps) -> None:
@@ -948,6 +981,10 @@ def _compile_specs():
                               "GATED": gated, "HAS_LIMIT": limit, "BLOCK_R": _ACT_BLOCK_R, "BLOCK_C": _ACT_BLOCK_C}
                 specs.append((_gated_activation_kernel, _signature(_gated_activation_kernel, constexprs, data),
                               constexprs, {"num_warps": 4, "num_stages": 3}, ("inter",)))
+            for scaled in (False, True):  # its operand gathers: x, and w * dy
+                constexprs = {"stride_sc": 1, "SCALED": scaled, "BLOCK_R": _ACT_BLOCK_R, "BLOCK_C": _ACT_BLOCK_C}
+                specs.append((_gather_rows_kernel, _signature(_gather_rows_kernel, constexprs, data), constexprs,
+                              {"num_warps": 4, "num_stages": 3}, ("stride_st", "width")))
         for entry in decode_entries:
             for activation, interleaved, bias, limit, gated in _COMPILE_VARIANTS:
                 act = {"ACTIVATION": ACTIVATION_CODES[activation], "INTERLEAVED": interleaved, "HAS_LIMIT": limit,

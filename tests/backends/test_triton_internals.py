@@ -79,6 +79,47 @@ def test_wgrad_auto_follows_the_measured_row_threshold(monkeypatch):
     assert not weight_grads_by_grouped_mm(x, 16, 16, True, min_rows)  # biases: the Triton kernel forms their sums
 
 
+def test_gather_rows_kernel_matches_torch():
+    """The grouped-GEMM weight gradients' operand gather: x rows, and dy rows times the slot's weight (fp32 product,
+    one cast), in sorted order, from a strided source."""
+    from moe_kernels.triton.experts import _gather_rows
+    g = torch.Generator().manual_seed(3)
+    src = torch.randn(40, 7, 24, generator=g).to(torch.bfloat16)[:, 2, :].to(DEVICE)  # row stride 168, not width
+    sorted_slots = torch.randperm(80, generator=g)[:70].to(torch.int32).to(DEVICE)  # T = 40, k = 2; ten slots unused
+    route_w = torch.rand(80, generator=g).to(DEVICE)
+    tokens = (sorted_slots // 2).long()
+    assert torch.equal(_gather_rows(src, sorted_slots, 2, None), src.index_select(0, tokens))
+    want = (src.index_select(0, tokens).float() * route_w[sorted_slots.long(), None]).to(torch.bfloat16)
+    got = _gather_rows(src, sorted_slots, 2, route_w, torch.bfloat16)
+    if DEVICE == "cuda":
+        assert torch.equal(got, want)
+    else:  # the interpreter's fp32 -> bf16 cast truncates where the GPU's rounds to nearest: one bf16 ulp apart
+        torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and not GPU_SM90, reason="CUDA's grouped GEMM needs sm90 for bf16")
+@pytest.mark.parametrize("shape", [(12, 32, 16, 5, 2, "skip_last"), (40, 16, 24, 3, 3, "one_expert"),
+                                   (1, 8, 8, 4, 4, "random")], ids=lambda s: "T{}-H{}-I{}-E{}-k{}-{}".format(*s))
+def test_grouped_mm_weight_grads_match_the_triton_kernel(monkeypatch, shape):
+    """The weight gradients through torch's k-grouped GEMM (the shipped choice from the config's min_rows slots on
+    sm90 GPUs) agree with ``_expert_outer_kernel``'s. Forced on here, so that it runs without a GPU too: Triton's
+    interpreter with torch's CPU grouped GEMM (an empty expert, all rows on one expert, k = E)."""
+    if not hasattr(torch, "_grouped_mm"):
+        pytest.skip("needs torch._grouped_mm")
+    from moe_kernels.triton import experts
+    inputs = seeded_mlp_inputs(*shape, dtype=torch.bfloat16)
+    x, gate_up, down, weights, ids, _, _ = (t.to(DEVICE).requires_grad_(t.is_floating_point()) if t is not None
+                                            else t for t in inputs)
+    grads = {}
+    for way, forced in (("triton", False), ("grouped_mm", True)):
+        monkeypatch.setattr(experts, "weight_grads_by_grouped_mm", lambda *args, forced=forced: forced)
+        y = experts.moe_mlp(x, gate_up, down, weights, ids)
+        grads[way] = torch.autograd.grad(y.float().square().sum(), (gate_up, down))
+    for name, a, b in zip(("d gate_up_proj", "d down_proj"), grads["grouped_mm"], grads["triton"]):
+        assert a.dtype == b.dtype == torch.bfloat16 and a.shape == b.shape
+        assert_close_rel(a, b, torch.bfloat16, name)
+
+
 # ----------------------------------------------------------------------------------- expert MLP: decode path
 
 # the decode path (no plan, no gradient, T*k <= the decode config's BLOCK_M): one token, k = 1, k = E,
