@@ -227,6 +227,15 @@ def _hf_experts(shape: MoEShape, gate_up, down):
     return experts, config
 
 
+def native_decode_max_slots() -> int:
+    """Routed slots up to which the cuda backend's forwards without gradients take its decode op (0: no such op)."""
+    try:
+        from moe_kernels import native
+    except ImportError:
+        return 0
+    return getattr(native, "DECODE_MAX_SLOTS", 0)
+
+
 def runnable_backends(device) -> list[str]:
     """The moe_kernels GPU backends built here that can run on ``device``."""
     return [b for b in ("triton", "cuda") if b in moe_kernels.available_backends()
@@ -259,14 +268,20 @@ def moe_providers(shape: MoEShape, tokens: int, device, dtype, notes: dict, hf_e
         # the default on CUDA: the auto table's choice per shape class, timed beside both backends (issue 15: never
         # more than 5% slower than the better one)
         providers["moe_kernels:auto"] = _moe_kernels_provider("auto", shape)
+    if "cuda" in backends and device.type == "cuda" and tokens * shape.top_k <= native_decode_max_slots():
+        # forwards of at most 64 slots run the decode op (two GEMV launches, no plan); the grouped path beside it
+        grouped = providers["moe_kernels:cuda[decode=grouped]"] = _moe_kernels_provider(
+            "cuda", shape, {"MOE_KERNELS_CUDA_DECODE": "grouped"})
+        grouped.forward_only = True  # with gradients both take the grouped path
     if "triton" in backends and device.type == "cuda":
         # the other way to form the weight gradients, side by side: the default (configs.json's wgrad entry: torch's
         # grouped GEMM from min_rows routed slots on, measured on an H200) against the Triton kernel throughout
         providers["moe_kernels:triton[wgrad=triton]"] = _moe_kernels_provider(
             "triton", shape, {"MOE_KERNELS_WGRAD": "triton"})
         if tokens == 1:  # the one-token GEMVs (the default) against the decode path's tiles
-            providers["moe_kernels:triton[one_token=tiles]"] = _moe_kernels_provider(
+            tiles = providers["moe_kernels:triton[one_token=tiles]"] = _moe_kernels_provider(
                 "triton", shape, {"MOE_KERNELS_ONE_TOKEN": "tiles"})
+            tiles.forward_only = True  # with gradients both take the planned path
         from moe_kernels.triton import configs
 
         if configs.device_tables(torch.cuda.get_device_name(device)):
@@ -400,7 +415,7 @@ def run_moe_case(shape, tokens, device, dtype, ceilings, args, rows, notes):
         try:
             errors[name] = rel_err(_no_grad_call(fn, inp), ref)
             working[name] = fn
-            if not name.startswith("vllm"):
+            if not name.startswith("vllm") and not getattr(fn, "forward_only", False):
                 _fwd_bwd_call(fn, inp, leaves(inp))
                 bwd_names.append(name)
         except Exception as exc:  # noqa: BLE001 - a peer that cannot run this shape gets a note, not a crash

@@ -114,6 +114,9 @@ def _cases(device: torch.device):
         if device.type == "cuda":
             cases.append((f"moe_mlp decode T={tokens}, backend=auto",
                           lambda decode=decode: decode(backend="auto")))
+            if "cuda" in mk.available_backends():  # the decode op: two C++-issued GEMV launches
+                cases.append((f"moe_mlp decode T={tokens}, backend=cuda",
+                              lambda decode=decode: decode(backend="cuda")))
             cases.append((f"moe_mlp decode T={tokens}, triton, decode graphs",
                           lambda decode=decode: _with_decode_graphs(decode)))
 

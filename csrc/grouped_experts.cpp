@@ -38,12 +38,7 @@ namespace moe_kernels {
 namespace grouped {
 namespace {
 
-ActSpec parse_activation(const std::string& name, bool gated, bool interleaved, const std::optional<double>& limit,
-                         double gate_cap, double up_cap, double scale) {
-  const ActSpec spec = act::parse_activation(name, gated, interleaved, limit, gate_cap, up_cap, scale);
-  TORCH_CHECK(gated || !interleaved, "interleaved applies to gated activations only");
-  return spec;
-}
+using act::parse_activation;
 
 const RowOps& row_ops(const at::Tensor& t) {
 #ifdef MOE_KERNELS_WITH_CUDA

@@ -5,7 +5,7 @@
 //   CPU:       csrc/cpu/*.cpp (routing.cpp, dispatch.cpp, experts.cpp)
 //   CUDA:      csrc/cuda/*.cu (routing.cu, dispatch.cu)
 //   CPU+CUDA:  csrc/grouped_experts.cpp (one implementation; its row kernels are csrc/cpu/grouped_rows.cpp
-//              and csrc/cuda/grouped_rows.cu)
+//              and csrc/cuda/grouped_rows.cu), csrc/decode_experts.cpp (its CUDA kernels: csrc/cuda/decode.cu)
 //   Autograd:  csrc/autograd.cpp (every device; the differentiable ops' backward formulas)
 // expert_mlp_forward / expert_mlp_backward have CPU kernels only. Slot conventions follow
 // moe_kernels/reference.py: slot s = t*k + j, ids int32, routing weights float32. Python wrappers and fake
@@ -53,6 +53,11 @@ TORCH_LIBRARY(moe_kernels, m) {
         "str activation, bool gated, bool interleaved, float? limit, float scale, float gate_cap=0., "
         "float up_cap=0.) -> "
         "(Tensor grad_x, Tensor grad_w1, Tensor grad_w2, Tensor grad_b1, Tensor grad_b2, Tensor grad_weights)");
+  // Decode path (no plan, no gradient): x [T,H], w1 [E,M1,H], w2 [E,H,M2], weights [T,k] fp32, ids [T,k] int32 ->
+  // out [T,H]; per slot GEMVs in slot order (csrc/decode_experts.h).
+  m.def("decode_mlp_forward(Tensor x, Tensor w1, Tensor w2, Tensor? b1, Tensor? b2, Tensor weights, Tensor ids, "
+        "str activation, bool gated, bool interleaved, float? limit, float scale, float gate_cap=0., "
+        "float up_cap=0.) -> Tensor");
 }
 
 // An empty Python module, so that `from moe_kernels import _C` loads this library (and registers the ops).

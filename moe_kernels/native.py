@@ -15,8 +15,11 @@ Ops (schemas in csrc/ops.cpp; slot s = t*k + j as in :mod:`moe_kernels.reference
   (csrc/grouped_experts.cpp): gather, activation and combine row kernels around torch's grouped GEMM
   (``at::_grouped_mm``, group offsets on the device, weight gradients from its k-grouped form); CPU and
   CUDA (the CPU kernels run the same per-row code, csrc/common/grouped_rows.h).
+* ``decode_mlp_forward``: the decode expert path (csrc/decode_experts.cpp): two GEMV passes over the routed
+  slots, no plan, forward only; CPU and CUDA (the same per-element code, csrc/common/grouped_rows.h).
 
-The ``cpu`` backend runs the fused CPU expert op. The ``cuda`` backend runs the grouped op
+The ``cpu`` backend runs the fused CPU expert op. The ``cuda`` backend runs the decode op for at most
+``DECODE_MAX_SLOTS`` routed slots without gradients (:func:`cuda_decode_wanted`), else the grouped op
 (:func:`grouped_expert_mlp`) with no host synchronisation where torch's CUTLASS grouped GEMM runs:
 bfloat16 on sm90/sm100, fewer than 1024 experts (:func:`grouped_gemm_status`). Elsewhere it follows
 ``MOE_KERNELS_CUDA_FALLBACK``: ``loop`` (the default) runs the same op over torch's own fallback (a GEMM
@@ -45,7 +48,7 @@ except ImportError as exc:  # not built
 
 # Ops every native build registers for the CPU, and for CUDA when built with the CUDA sources.
 SHARED_OPS = ("route_forward", "route_backward", "plan", "gather_rows", "scatter_rows_sum", "combine",
-              "combine_backward", "grouped_mlp_forward", "grouped_mlp_backward")
+              "combine_backward", "grouped_mlp_forward", "grouped_mlp_backward", "decode_mlp_forward")
 CPU_ONLY_OPS = ("expert_mlp_forward", "expert_mlp_backward")
 
 
@@ -145,7 +148,14 @@ if _C is not None:
             return (grad_out.new_empty(grad_out.shape), grad_out.new_empty(tuple(w1.shape)),
                     grad_out.new_empty(tuple(w2.shape)), grad_b1, grad_b2, weights.new_empty(weights.shape))
 
+    if has_kernel("decode_mlp_forward", "CPU"):
+        @torch.library.register_fake("moe_kernels::decode_mlp_forward")
+        def _decode_mlp_forward_fake(x, w1, w2, b1, b2, weights, ids, activation, gated, interleaved, limit, scale,
+                                     gate_cap=0.0, up_cap=0.0):
+            return x.new_empty(x.shape)
+
     # Autograd: csrc/autograd.cpp (C++ torch::autograd::Functions registered for the Autograd key).
+    # decode_mlp_forward has none: it runs only where no gradient is needed (cuda_decode_wanted).
 
 
 # ---- the backend functions -----------------------------------------------------------------------
@@ -268,8 +278,34 @@ def grouped_expert_mlp(x, w1, w2, b1, b2, weights, ids, activation, gated, inter
     return out
 
 
+DECODE_MAX_SLOTS = 64  # routed slots (T*k) up to which a call without gradients takes decode_mlp_forward
+CUDA_DECODE_MODES = ("gemv", "grouped")
+
+
+def cuda_decode_wanted(ids: torch.Tensor, *tensors) -> bool:
+    """Whether a cuda expert call runs ``decode_mlp_forward`` (two GEMV launches, no plan; csrc/decode_experts.h):
+    at most DECODE_MAX_SLOTS routed slots and no gradient to record. ``MOE_KERNELS_CUDA_DECODE=grouped`` keeps
+    such calls on the grouped path (the benchmark times both)."""
+    if ids.numel() > DECODE_MAX_SLOTS or _needs_grad(*tensors):
+        return False
+    mode = os.environ.get("MOE_KERNELS_CUDA_DECODE", "gemv") or "gemv"
+    if mode not in CUDA_DECODE_MODES:
+        raise ValueError(f"MOE_KERNELS_CUDA_DECODE must be one of {list(CUDA_DECODE_MODES)}, got {mode!r}")
+    return mode == "gemv"
+
+
+def decode_expert_mlp(x, w1, w2, b1, b2, weights, ids, activation, gated, interleaved, limit, scale, softcaps=None):
+    """The decode op (no plan, forward only): x [T,H], w1 [E,M1,H], w2 [E,H,M2] -> [T,H], on CPU or CUDA tensors."""
+    return ops.decode_mlp_forward(x, w1, w2, b1, b2, weights, ids, activation, gated, interleaved, limit,
+                                  float(scale), *_caps(softcaps))
+
+
 def cuda_expert_path(x, w1, w2, b1, b2, weights, ids, activation, gated, interleaved, limit, scale, softcaps=None):
-    """The cuda backend's expert path: the grouped op, or the fallback MOE_KERNELS_CUDA_FALLBACK names."""
+    """The cuda backend's expert path: the decode op for a few slots without gradients (any dtype and arch: it
+    needs no grouped GEMM), else the grouped op, or the fallback MOE_KERNELS_CUDA_FALLBACK names."""
+    if cuda_decode_wanted(ids, x, w1, w2, b1, b2, weights):
+        return decode_expert_mlp(x, w1, w2, b1, b2, weights, ids, activation, gated, interleaved, limit, scale,
+                                 softcaps)
     reason = grouped_gemm_status(x.device, x.dtype, w1.shape[0])
     if reason is not None:
         if cuda_fallback_mode() == "error":

@@ -176,7 +176,8 @@ def test_timing_log_names_the_slowest_tests_and_those_a_kill_cut(tmp_path):
         "def test_hangs():\n    time.sleep(600)\n")
     (tmp_path / "conftest.py").write_text(open(os.path.join(root, "conftest.py")).read())
     log = tmp_path / "timings.log"
-    env = {**os.environ, "MOE_TEST_TIMING_LOG": str(log)}
+    # not an xdist worker itself, even when this test runs in one (conftest.py: only the controller writes)
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}, "MOE_TEST_TIMING_LOG": str(log)}
     child = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_child.py"],
                              cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120

@@ -39,6 +39,12 @@ MOE_HOST_DEVICE inline int64_t gather_source_row(const int32_t* sorted_slots, in
   return static_cast<int64_t>(sorted_slots[p]) / k;
 }
 
+// A stored pre-activation value plus its bias column (fp32), rounded to T as the kept pre-activation is.
+template <typename T>
+MOE_HOST_DEVICE inline float biased(float value, const float* bias, int64_t c) {
+  return bias != nullptr ? static_cast<float>(static_cast<T>(value + bias[c])) : value;
+}
+
 // Forward activation, output column i of one sorted row.
 //   pre   the row's pre-activation (GEMM 1 output), M1 = 2*half (gated) or half columns
 //   bias  the row's expert's b1 row (float, M1 columns) or nullptr
@@ -50,21 +56,29 @@ MOE_HOST_DEVICE inline float act_forward_column(const ActSpec& s, const T* pre, 
                                                 int64_t half) {
   if (s.gated) {
     const int64_t gc = gate_column(s, i), uc = up_column(s, i, half);
-    float g = static_cast<float>(pre[gc]), u = static_cast<float>(pre[uc]);
-    if (bias != nullptr) {
-      g = static_cast<float>(static_cast<T>(g + bias[gc]));
-      u = static_cast<float>(static_cast<T>(u + bias[uc]));
-    }
+    const float g = biased<T>(static_cast<float>(pre[gc]), bias, gc);
+    const float u = biased<T>(static_cast<float>(pre[uc]), bias, uc);
     if (keep != nullptr) {
       keep[gc] = static_cast<T>(g);
       keep[uc] = static_cast<T>(u);
     }
     return act::gated_forward(s, g, u);
   }
-  float v = static_cast<float>(pre[i]);
-  if (bias != nullptr) v = static_cast<float>(static_cast<T>(v + bias[i]));
+  const float v = biased<T>(static_cast<float>(pre[i]), bias, i);
   if (keep != nullptr) keep[i] = static_cast<T>(v);
   return act::forward(s.code, v);
+}
+
+// The decode path's activation (csrc/decode_experts.cpp: no plan, no stored pre-activation), output column i of
+// one slot from its first GEMM's fp32 dot products: rounded to T as the grouped path stores its GEMM output, then
+// biased and activated as act_forward_column does. up_dot is unused when not gated.
+template <typename T>
+MOE_HOST_DEVICE inline float decode_act_column(const ActSpec& s, float gate_dot, float up_dot, const float* bias,
+                                               int64_t i, int64_t half) {
+  const float g = static_cast<float>(static_cast<T>(gate_dot));
+  if (!s.gated) return act::forward(s.code, biased<T>(g, bias, i));
+  const float u = static_cast<float>(static_cast<T>(up_dot));
+  return act::gated_forward(s, biased<T>(g, bias, gate_column(s, i)), biased<T>(u, bias, up_column(s, i, half)));
 }
 
 // Backward activation, output column i of one sorted row.
@@ -92,6 +106,14 @@ MOE_HOST_DEVICE inline float act_backward_column(const ActSpec& s, const T* pre,
   return act::forward(s.code, x);
 }
 
+// One slot's addend of the combine at column c: (w[slot] * scale) * (y + b2[e, c]), y the slot's stored output
+// (weights nullptr: w = 1; b2 nullptr: no bias). combine_column and the decode path sum these, j ascending.
+MOE_HOST_DEVICE inline float combine_term(float y, const float* weights, int64_t slot, float scale, const float* b2,
+                                          int64_t b2_stride, const int32_t* ids, int64_t c) {
+  if (b2 != nullptr) y = add_rn(y, b2[static_cast<int64_t>(ids[slot]) * b2_stride + c]);
+  return weights != nullptr ? mul_rn(mul_rn(weights[slot], scale), y) : y;
+}
+
 // Combine, column c of token t: sum_j (w[t,j] * scale) * (y[pos_j, c] + b2[e_j, c]), fp32, j ascending.
 //   y          expert-ordered rows, row stride y_stride
 //   positions  slot_positions [T*k]; weights [T*k] float or nullptr (then every weight is 1: a plain sum,
@@ -103,9 +125,8 @@ MOE_HOST_DEVICE inline float combine_column(const T* y, int64_t y_stride, const 
   float acc = 0.0f;
   for (int64_t j = 0; j < k; ++j) {
     const int64_t slot = t * k + j;
-    float v = static_cast<float>(y[static_cast<int64_t>(positions[slot]) * y_stride + c]);
-    if (b2 != nullptr) v = add_rn(v, b2[static_cast<int64_t>(ids[slot]) * b2_stride + c]);
-    acc = add_rn(acc, weights != nullptr ? mul_rn(mul_rn(weights[slot], scale), v) : v);
+    const float v = static_cast<float>(y[static_cast<int64_t>(positions[slot]) * y_stride + c]);
+    acc = add_rn(acc, combine_term(v, weights, slot, scale, b2, b2_stride, ids, c));
   }
   return acc;
 }

@@ -45,6 +45,7 @@ namespace act {
 ActSpec parse_activation(const std::string& name, bool gated, bool interleaved, const std::optional<double>& limit,
                          double gate_cap, double up_cap, double scale) {
   check_finite(scale, "scale");
+  TORCH_CHECK(gated || !interleaved, "interleaved applies to gated activations only");
   check_finite(gate_cap, "gate_cap");
   check_finite(up_cap, "up_cap");
   if (limit.has_value()) {

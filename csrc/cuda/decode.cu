@@ -1,0 +1,129 @@
+// CUDA kernels of the decode expert path (csrc/decode_experts.h): two GEMV passes over the routed slots, each
+// output element reduced by one warp (lanes stride over the reduced dimension, 16-byte loads where the layout
+// allows, a fixed butterfly sum: deterministic), with the per-element steps of csrc/common/grouped_rows.h.
+// Weight rows are read once per slot that routes to them; nothing synchronises with the host.
+#include <ATen/ATen.h>
+
+#include "cuda_utils.cuh"
+#include "decode_experts.h"
+
+namespace moe_kernels {
+namespace cuda {
+namespace {
+
+using grouped::add_rn;
+using grouped::combine_term;
+using grouped::decode_act_column;
+
+constexpr int kWarpsPerBlock = decode::kCudaColumnsPerBlock;  // one output element per warp
+
+// This lane's share of u . w over n elements (u unit stride; w stride w_stride): VEC elements per step, so
+// VEC > 1 needs w_stride == 1, n % VEC == 0 and 16-byte aligned rows (checked by the launcher).
+template <typename T, int VEC>
+__device__ __forceinline__ float lane_dot(const T* __restrict__ u, const T* __restrict__ w, int64_t w_stride,
+                                          int64_t n, int lane) {
+  float acc = 0.0f;
+  if constexpr (VEC == 1) {
+    for (int64_t i = lane; i < n; i += kWarpSize) acc = fmaf(static_cast<float>(u[i]), static_cast<float>(w[i * w_stride]), acc);
+  } else {
+#pragma unroll 4
+    for (int64_t i = int64_t(lane) * VEC; i < n; i += int64_t(kWarpSize) * VEC) {
+      const Pack<T, VEC> pu = *reinterpret_cast<const Pack<T, VEC>*>(u + i);
+      const Pack<T, VEC> pw = *reinterpret_cast<const Pack<T, VEC>*>(w + i);
+#pragma unroll
+      for (int v = 0; v < VEC; ++v) acc = fmaf(static_cast<float>(pu.v[v]), static_cast<float>(pw.v[v]), acc);
+    }
+  }
+  return acc;
+}
+
+// a[s, i] = act(x[s / k] . w1[e][gate row], x[s / k] . w1[e][up row]) for slot s = blockIdx.x, e = ids[s], and
+// activation column i = blockIdx.y * kWarpsPerBlock + warp. x [T, H] contiguous; w1 [E, M1, H] strides
+// (s1e, s1r, s1c); b1 [E, M1] float or nullptr; a [T*k, M2] contiguous.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize)
+decode_up_kernel(const T* __restrict__ x, const T* __restrict__ w1, int64_t s1e, int64_t s1r, int64_t s1c,
+                 const float* __restrict__ b1, const int* __restrict__ ids, act::ActSpec spec, int64_t H, int64_t M1,
+                 int64_t M2, int64_t k, T* __restrict__ a) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t s = blockIdx.x;
+  const int64_t i = int64_t(blockIdx.y) * kWarpsPerBlock + threadIdx.x / kWarpSize;
+  if (i >= M2) return;  // whole warps: no barrier below
+  const int64_t e = ids[s];
+  const T* x_row = x + (s / k) * H;
+  const T* w_expert = w1 + e * s1e;
+  const int64_t gate_row = spec.gated ? act::gate_column(spec, i) : i;
+  const float gate = warp_sum(lane_dot<T, VEC>(x_row, w_expert + gate_row * s1r, s1c, H, lane));
+  float up = 0.0f;
+  if (spec.gated) up = warp_sum(lane_dot<T, VEC>(x_row, w_expert + act::up_column(spec, i, M2) * s1r, s1c, H, lane));
+  if (lane == 0) {
+    const float* bias = b1 != nullptr ? b1 + e * M1 : nullptr;
+    a[s * M2 + i] = static_cast<T>(decode_act_column<T>(spec, gate, up, bias, i, M2));
+  }
+}
+
+// out[t, c] = sum_j (w[s] * scale) * (a[s] . w2[e][c] (+ b2[e, c])), s = t*k + j, e = ids[s], for token
+// t = blockIdx.x and output column c = blockIdx.y * kWarpsPerBlock + warp. a [T*k, M2] contiguous; w2 [E, H, M2]
+// strides (s2e, s2r, s2c); b2 [E, H] float or nullptr; out [T, H] contiguous.
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize)
+decode_down_kernel(const T* __restrict__ a, const T* __restrict__ w2, int64_t s2e, int64_t s2r, int64_t s2c,
+                   const float* __restrict__ b2, const float* __restrict__ weights, const int* __restrict__ ids,
+                   float scale, int64_t H, int64_t M2, int64_t k, T* __restrict__ out) {
+  const int lane = threadIdx.x % kWarpSize;
+  const int64_t t = blockIdx.x;
+  const int64_t c = int64_t(blockIdx.y) * kWarpsPerBlock + threadIdx.x / kWarpSize;
+  if (c >= H) return;
+  float acc = 0.0f;
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t s = t * k + j;
+    const T* w_row = w2 + static_cast<int64_t>(ids[s]) * s2e + c * s2r;
+    // rounded to T as the grouped path stores its second GEMM's output
+    const float y = static_cast<float>(static_cast<T>(warp_sum(lane_dot<T, VEC>(a + s * M2, w_row, s2c, M2, lane))));
+    acc = add_rn(acc, combine_term(y, weights, s, scale, b2, H, ids, c));
+  }
+  if (lane == 0) out[t * H + c] = static_cast<T>(acc);
+}
+
+// 16-byte loads along the reduced dimension: unit stride, every row start and the batch stride aligned.
+bool vector_rows(const at::Tensor& w, int64_t reduced, int64_t elems) {
+  return w.stride(2) == 1 && reduced % elems == 0 && w.stride(1) % elems == 0 && w.stride(0) % elems == 0 &&
+         reinterpret_cast<std::uintptr_t>(w.data_ptr()) % 16 == 0;
+}
+
+template <typename T>
+void launch(const decode::Call& c) {
+  constexpr int kVec = vec_elems<T>();
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const dim3 block(kWarpsPerBlock * kWarpSize);
+  const float* b1 = c.b1.defined() ? c.b1.data_ptr<float>() : nullptr;
+  const float* b2 = c.b2.defined() ? c.b2.data_ptr<float>() : nullptr;
+  // x and a are contiguous and fresh allocations: aligned whenever their row length is a multiple of kVec
+  const dim3 up_grid(static_cast<unsigned>(c.T * c.k), static_cast<unsigned>(ceil_div(c.M2, kWarpsPerBlock)));
+  const bool up_vec = vector_rows(c.w1, c.H, kVec) && c.H % kVec == 0 &&
+                      reinterpret_cast<std::uintptr_t>(c.x.data_ptr()) % 16 == 0;
+  auto up = up_vec ? decode_up_kernel<T, kVec> : decode_up_kernel<T, 1>;
+  up<<<up_grid, block, 0, stream>>>(c.x.data_ptr<T>(), c.w1.data_ptr<T>(), c.w1.stride(0), c.w1.stride(1),
+                                    c.w1.stride(2), b1, c.ids.data_ptr<int>(), c.spec, c.H, c.M1, c.M2, c.k,
+                                    c.a.data_ptr<T>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  const dim3 down_grid(static_cast<unsigned>(c.T), static_cast<unsigned>(ceil_div(c.H, kWarpsPerBlock)));
+  const bool down_vec = vector_rows(c.w2, c.M2, kVec) && c.M2 % kVec == 0;
+  auto down = down_vec ? decode_down_kernel<T, kVec> : decode_down_kernel<T, 1>;
+  down<<<down_grid, block, 0, stream>>>(c.a.data_ptr<T>(), c.w2.data_ptr<T>(), c.w2.stride(0), c.w2.stride(1),
+                                        c.w2.stride(2), b2, c.weights.data_ptr<float>(), c.ids.data_ptr<int>(),
+                                        c.scale, c.H, c.M2, c.k, c.out.data_ptr<T>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+}  // namespace
+}  // namespace cuda
+
+namespace decode {
+
+void run_cuda(const Call& call) {  // sizes checked by check_call (csrc/decode_experts.cpp)
+  MOE_DISPATCH_FLOAT_HALF_BF16(call.x.scalar_type(), "x", [&] { cuda::launch<scalar_t>(call); });
+}
+
+}  // namespace decode
+}  // namespace moe_kernels

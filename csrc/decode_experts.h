@@ -1,0 +1,39 @@
+// The decode expert path: op decode_mlp_forward (schema in csrc/ops.cpp, implementation in
+// csrc/decode_experts.cpp, CUDA kernels in csrc/cuda/decode.cu).
+//
+// For a few routed slots without gradients (a decode step) the grouped path's plan, gather and grouped GEMMs
+// cost more launches than the work needs. This path runs two GEMV passes over the slots in slot order:
+//   a[s, i]   = act(x[t] . w1[e][gate row of i] (+ b1), x[t] . w1[e][up row of i] (+ b1))   s = t*k + j, e = ids[s]
+//   out[t, c] = sum_j (w[s] * scale) * (a[s] . w2[e][c] (+ b2[e, c])), fp32, j ascending
+// with the per-element steps of the grouped path (csrc/common/grouped_rows.h: decode_act_column, combine_term):
+// dot products in fp32, rounded to the storage type where the grouped path stores a GEMM output. Both
+// expert ops use it (moe_mlp: gated or not; adapter_moe: w1 = down [E, r, H], w2 = up [E, H, r]).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include "common/grouped_rows.h"
+
+namespace moe_kernels {
+namespace decode {
+
+// One call's operands, checked: x [T, H] contiguous; w1 [E, M1, H] and w2 [E, H, M2] with any strides; b1
+// [E, M1] / b2 [E, H] float32 contiguous or undefined; weights float32 and ids int32, [T*k] contiguous; a
+// [T*k, M2] (x's dtype, contiguous) receives the activation rows, out [T, H] (contiguous) the result.
+struct Call {
+  at::Tensor x, w1, w2, b1, b2, weights, ids, a, out;
+  act::ActSpec spec;
+  float scale;
+  int64_t T, H, E, M1, M2, k;
+};
+
+// Output elements per CUDA block (one per warp) along grid y, whose size is limited to 65535 blocks.
+constexpr int64_t kCudaColumnsPerBlock = 8;
+constexpr int64_t kCudaMaxGridY = 65535;
+
+#ifdef MOE_KERNELS_WITH_CUDA
+void run_cuda(const Call& call);  // csrc/cuda/decode.cu
+#endif
+
+}  // namespace decode
+}  // namespace moe_kernels
