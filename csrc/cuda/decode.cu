@@ -17,30 +17,40 @@ using grouped::decode_act_column;
 
 constexpr int kWarpsPerBlock = decode::kCudaColumnsPerBlock;  // one output element per warp
 
-// This lane's share of u . w over n elements (u unit stride; w stride w_stride): VEC elements per step, so
-// VEC > 1 needs w_stride == 1, n % VEC == 0 and 16-byte aligned rows (checked by the launcher).
-template <typename T, int VEC>
-__device__ __forceinline__ float lane_dot(const T* __restrict__ u, const T* __restrict__ w, int64_t w_stride,
-                                          int64_t n, int lane) {
-  float acc = 0.0f;
+// This lane's shares of u . w[r] for R rows at once (u unit stride; each w[r] stride w_stride): one loop over n, so
+// the R rows' loads are in flight together and u is read once. VEC elements per step: VEC > 1 needs w_stride == 1,
+// n % VEC == 0 and 16-byte aligned rows (checked by the launcher).
+template <typename T, int VEC, int R>
+__device__ __forceinline__ void lane_dots(const T* __restrict__ u, const T* const (&w)[R], int64_t w_stride,
+                                          int64_t n, int lane, float (&acc)[R]) {
+#pragma unroll
+  for (int r = 0; r < R; ++r) acc[r] = 0.0f;
   if constexpr (VEC == 1) {
-    for (int64_t i = lane; i < n; i += kWarpSize) acc = fmaf(static_cast<float>(u[i]), static_cast<float>(w[i * w_stride]), acc);
+    for (int64_t i = lane; i < n; i += kWarpSize) {
+      const float ui = static_cast<float>(u[i]);
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc[r] = fmaf(ui, static_cast<float>(w[r][i * w_stride]), acc[r]);
+    }
   } else {
-#pragma unroll 4
+#pragma unroll 2
     for (int64_t i = int64_t(lane) * VEC; i < n; i += int64_t(kWarpSize) * VEC) {
       const Pack<T, VEC> pu = *reinterpret_cast<const Pack<T, VEC>*>(u + i);
-      const Pack<T, VEC> pw = *reinterpret_cast<const Pack<T, VEC>*>(w + i);
+      Pack<T, VEC> pw[R];
 #pragma unroll
-      for (int v = 0; v < VEC; ++v) acc = fmaf(static_cast<float>(pu.v[v]), static_cast<float>(pw.v[v]), acc);
+      for (int r = 0; r < R; ++r) pw[r] = *reinterpret_cast<const Pack<T, VEC>*>(w[r] + i);
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) acc[r] = fmaf(static_cast<float>(pu.v[v]), static_cast<float>(pw[r].v[v]), acc[r]);
+      }
     }
   }
-  return acc;
 }
 
 // a[s, i] = act(x[s / k] . w1[e][gate row], x[s / k] . w1[e][up row]) for slot s = blockIdx.x, e = ids[s], and
 // activation column i = blockIdx.y * kWarpsPerBlock + warp. x [T, H] contiguous; w1 [E, M1, H] strides
-// (s1e, s1r, s1c); b1 [E, M1] float or nullptr; a [T*k, M2] contiguous.
-template <typename T, int VEC>
+// (s1e, s1r, s1c); b1 [E, M1] float or nullptr; a [T*k, M2] contiguous. GATED: gate and up rows in one pass.
+template <typename T, int VEC, bool GATED>
 __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize)
 decode_up_kernel(const T* __restrict__ x, const T* __restrict__ w1, int64_t s1e, int64_t s1r, int64_t s1c,
                  const float* __restrict__ b1, const int* __restrict__ ids, act::ActSpec spec, int64_t H, int64_t M1,
@@ -52,15 +62,71 @@ decode_up_kernel(const T* __restrict__ x, const T* __restrict__ w1, int64_t s1e,
   const int64_t e = ids[s];
   const T* x_row = x + (s / k) * H;
   const T* w_expert = w1 + e * s1e;
-  const int64_t gate_row = spec.gated ? act::gate_column(spec, i) : i;
-  const float gate = warp_sum(lane_dot<T, VEC>(x_row, w_expert + gate_row * s1r, s1c, H, lane));
-  float up = 0.0f;
-  if (spec.gated) up = warp_sum(lane_dot<T, VEC>(x_row, w_expert + act::up_column(spec, i, M2) * s1r, s1c, H, lane));
+  float gate, up = 0.0f;
+  if constexpr (GATED) {
+    const T* const rows[2] = {w_expert + act::gate_column(spec, i) * s1r, w_expert + act::up_column(spec, i, M2) * s1r};
+    float acc[2];
+    lane_dots<T, VEC, 2>(x_row, rows, s1c, H, lane, acc);
+    gate = warp_sum(acc[0]);
+    up = warp_sum(acc[1]);
+  } else {
+    const T* const rows[1] = {w_expert + i * s1r};
+    float acc[1];
+    lane_dots<T, VEC, 1>(x_row, rows, s1c, H, lane, acc);
+    gate = warp_sum(acc[0]);
+  }
   if (lane == 0) {
     const float* bias = b1 != nullptr ? b1 + e * M1 : nullptr;
     a[s * M2 + i] = static_cast<T>(decode_act_column<T>(spec, gate, up, bias, i, M2));
   }
 }
+
+// Adds slots j0 .. j0+R-1 of token t to acc (j ascending): their rows' dot products in one pass, then each
+// rounded to T as the grouped path stores its second GEMM's output, weighted and summed as its combine does.
+template <typename T, int VEC, int R>
+__device__ __forceinline__ float add_slots(float acc, const T* __restrict__ a, const T* __restrict__ w2, int64_t s2e,
+                                           int64_t s2r, int64_t s2c, const float* __restrict__ b2,
+                                           const float* __restrict__ weights, const int* __restrict__ ids, float scale,
+                                           int64_t H, int64_t M2, int64_t s0, int64_t c, int lane) {
+  const T* rows[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) rows[r] = w2 + static_cast<int64_t>(ids[s0 + r]) * s2e + c * s2r;
+  float dots[R];
+  // each slot has its own activation row (a + (s0 + r) * M2), read in the same loop as its weight row
+#pragma unroll
+  for (int r = 0; r < R; ++r) dots[r] = 0.0f;
+  if constexpr (VEC == 1) {
+    for (int64_t i = lane; i < M2; i += kWarpSize) {
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        dots[r] = fmaf(static_cast<float>(a[(s0 + r) * M2 + i]), static_cast<float>(rows[r][i * s2c]), dots[r]);
+      }
+    }
+  } else {
+#pragma unroll 2
+    for (int64_t i = int64_t(lane) * VEC; i < M2; i += int64_t(kWarpSize) * VEC) {
+      Pack<T, VEC> pa[R], pw[R];
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+        pa[r] = *reinterpret_cast<const Pack<T, VEC>*>(a + (s0 + r) * M2 + i);
+        pw[r] = *reinterpret_cast<const Pack<T, VEC>*>(rows[r] + i);
+      }
+#pragma unroll
+      for (int r = 0; r < R; ++r) {
+#pragma unroll
+        for (int v = 0; v < VEC; ++v) dots[r] = fmaf(static_cast<float>(pa[r].v[v]), static_cast<float>(pw[r].v[v]), dots[r]);
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; ++r) {
+    const float y = static_cast<float>(static_cast<T>(warp_sum(dots[r])));
+    acc = add_rn(acc, combine_term(y, weights, s0 + r, scale, b2, H, ids, c));
+  }
+  return acc;
+}
+
+constexpr int kSlotsPerStep = 4;  // slots of a token whose down-projection rows are read in one pass
 
 // out[t, c] = sum_j (w[s] * scale) * (a[s] . w2[e][c] (+ b2[e, c])), s = t*k + j, e = ids[s], for token
 // t = blockIdx.x and output column c = blockIdx.y * kWarpsPerBlock + warp. a [T*k, M2] contiguous; w2 [E, H, M2]
@@ -75,12 +141,16 @@ decode_down_kernel(const T* __restrict__ a, const T* __restrict__ w2, int64_t s2
   const int64_t c = int64_t(blockIdx.y) * kWarpsPerBlock + threadIdx.x / kWarpSize;
   if (c >= H) return;
   float acc = 0.0f;
-  for (int64_t j = 0; j < k; ++j) {
-    const int64_t s = t * k + j;
-    const T* w_row = w2 + static_cast<int64_t>(ids[s]) * s2e + c * s2r;
-    // rounded to T as the grouped path stores its second GEMM's output
-    const float y = static_cast<float>(static_cast<T>(warp_sum(lane_dot<T, VEC>(a + s * M2, w_row, s2c, M2, lane))));
-    acc = add_rn(acc, combine_term(y, weights, s, scale, b2, H, ids, c));
+  int64_t j = 0;
+  for (; j + kSlotsPerStep <= k; j += kSlotsPerStep) {
+    acc = add_slots<T, VEC, kSlotsPerStep>(acc, a, w2, s2e, s2r, s2c, b2, weights, ids, scale, H, M2, t * k + j, c,
+                                           lane);
+  }
+  switch (k - j) {  // the last 1-3 slots, without reading rows for slots that do not exist
+    case 3: acc = add_slots<T, VEC, 3>(acc, a, w2, s2e, s2r, s2c, b2, weights, ids, scale, H, M2, t * k + j, c, lane); break;
+    case 2: acc = add_slots<T, VEC, 2>(acc, a, w2, s2e, s2r, s2c, b2, weights, ids, scale, H, M2, t * k + j, c, lane); break;
+    case 1: acc = add_slots<T, VEC, 1>(acc, a, w2, s2e, s2r, s2c, b2, weights, ids, scale, H, M2, t * k + j, c, lane); break;
+    default: break;
   }
   if (lane == 0) out[t * H + c] = static_cast<T>(acc);
 }
@@ -102,7 +172,8 @@ void launch(const decode::Call& c) {
   const dim3 up_grid(static_cast<unsigned>(c.T * c.k), static_cast<unsigned>(ceil_div(c.M2, kWarpsPerBlock)));
   const bool up_vec = vector_rows(c.w1, c.H, kVec) && c.H % kVec == 0 &&
                       reinterpret_cast<std::uintptr_t>(c.x.data_ptr()) % 16 == 0;
-  auto up = up_vec ? decode_up_kernel<T, kVec> : decode_up_kernel<T, 1>;
+  auto up = c.spec.gated ? (up_vec ? decode_up_kernel<T, kVec, true> : decode_up_kernel<T, 1, true>)
+                         : (up_vec ? decode_up_kernel<T, kVec, false> : decode_up_kernel<T, 1, false>);
   up<<<up_grid, block, 0, stream>>>(c.x.data_ptr<T>(), c.w1.data_ptr<T>(), c.w1.stride(0), c.w1.stride(1),
                                     c.w1.stride(2), b1, c.ids.data_ptr<int>(), c.spec, c.H, c.M1, c.M2, c.k,
                                     c.a.data_ptr<T>());
