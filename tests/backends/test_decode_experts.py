@@ -191,6 +191,18 @@ def test_cuda_backend_takes_the_decode_op_for_few_slots_without_gradients(monkey
         path(4, 2)
 
 
+def test_cuda_expert_path_compiles_whole_with_the_decode_op():
+    """torch.compile(fullgraph=True) traces the cuda path's choice (an environment read, the slot count) and the
+    op (its fake kernel), on CPU tensors here."""
+    torch._dynamo.reset()
+    t, ids, _ = mlp_problem((4, 16, 8, 4, 2, "random"), torch.float32, False)
+    args = (t["x"].detach(), t["gate_up"].detach(), t["down"].detach(), None, None, t["weights"].detach(), ids,
+            "silu", True, False, None, 1.0)
+    compiled = torch.compile(native.cuda_expert_path, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(*args), native.decode_expert_mlp(*args))
+
+
 # ---------------------------------------------------------------------------------------------- CUDA tensors
 
 @needs_cuda_kernels
