@@ -52,7 +52,7 @@ os.environ.setdefault("LIGER_FUSED_MOE_AUTOTUNE", "0")  # pinned configs: autotu
 import torch  # noqa: E402
 
 import moe_kernels  # noqa: E402
-from moe_kernels import reference  # noqa: E402
+from moe_kernels import native, reference  # noqa: E402
 from moe_kernels.decode_graphs import capture_cuda_graph as _capture  # noqa: E402
 from moe_kernels.backends import get_backend  # noqa: E402
 
@@ -227,15 +227,6 @@ def _hf_experts(shape: MoEShape, gate_up, down):
     return experts, config
 
 
-def native_decode_max_slots() -> int:
-    """Routed slots up to which the cuda backend's forwards without gradients take its decode op (0: no such op)."""
-    try:
-        from moe_kernels import native
-    except ImportError:
-        return 0
-    return getattr(native, "DECODE_MAX_SLOTS", 0)
-
-
 def runnable_backends(device) -> list[str]:
     """The moe_kernels GPU backends built here that can run on ``device``."""
     return [b for b in ("triton", "cuda") if b in moe_kernels.available_backends()
@@ -268,7 +259,7 @@ def moe_providers(shape: MoEShape, tokens: int, device, dtype, notes: dict, hf_e
         # the default on CUDA: the auto table's choice per shape class, timed beside both backends (issue 15: never
         # more than 5% slower than the better one)
         providers["moe_kernels:auto"] = _moe_kernels_provider("auto", shape)
-    if "cuda" in backends and device.type == "cuda" and tokens * shape.top_k <= native_decode_max_slots():
+    if "cuda" in backends and device.type == "cuda" and tokens * shape.top_k <= native.DECODE_MAX_SLOTS:
         # forwards of at most 64 slots run the decode op (two GEMV launches, no plan); the grouped path beside it
         grouped = providers["moe_kernels:cuda[decode=grouped]"] = _moe_kernels_provider(
             "cuda", shape, {"MOE_KERNELS_CUDA_DECODE": "grouped"})

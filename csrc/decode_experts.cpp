@@ -10,7 +10,6 @@
 #include <c10/core/DeviceGuard.h>
 #include <torch/library.h>
 
-#include "common/op_args.h"
 #include "cpu/common.h"
 #include "decode_experts.h"
 
@@ -25,44 +24,13 @@ using grouped::decode_act_column;
 Call check_call(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2, const std::optional<at::Tensor>& b1,
                 const std::optional<at::Tensor>& b2, const at::Tensor& weights, const at::Tensor& ids,
                 const act::ActSpec& spec, double scale) {
-  TORCH_CHECK(x.dim() == 2, "x must be [T, H], got ", x.sizes());
-  TORCH_CHECK(w1.dim() == 3 && w2.dim() == 3, "w1 and w2 must be 3-D, got ", w1.sizes(), " and ", w2.sizes());
-  const auto dtype = x.scalar_type();
-  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
-              "the decode expert path takes float32, float16 or bfloat16, got ", dtype);
-  TORCH_CHECK(w1.scalar_type() == dtype && w2.scalar_type() == dtype, "w1, w2 and x must share a dtype");
-  TORCH_CHECK(weights.dim() == 2 && weights.scalar_type() == at::kFloat, "weights must be float32 [T, k]");
-  TORCH_CHECK(ids.sizes() == weights.sizes() && ids.scalar_type() == at::kInt, "ids must be int32 [T, k]");
   Call c;
-  c.T = x.size(0);
-  c.H = x.size(1);
-  c.E = w1.size(0);
-  c.M1 = w1.size(1);
-  c.M2 = w2.size(2);
-  c.k = weights.size(1);
-  TORCH_CHECK(weights.size(0) == c.T && c.k >= 1, "weights must be [T, k] with T = ", c.T, " and k >= 1");
-  TORCH_CHECK(w1.size(2) == c.H, "w1 must be [E, M1, H] with H = ", c.H, ", got ", w1.sizes());
-  TORCH_CHECK(w2.size(0) == c.E && w2.size(1) == c.H, "w2 must be [E, H, M2], got ", w2.sizes());
-  TORCH_CHECK(spec.gated ? c.M1 == 2 * c.M2 : c.M1 == c.M2, "w1 ", w1.sizes(), " and w2 ", w2.sizes(),
-              " disagree on the hidden width");
-  if (b1.has_value()) {
-    TORCH_CHECK(b1->dim() == 2 && b1->size(0) == c.E && b1->size(1) == c.M1, "b1 must be [E, M1]");
-  }
-  if (b2.has_value()) {
-    TORCH_CHECK(b2->dim() == 2 && b2->size(0) == c.E && b2->size(1) == c.H, "b2 must be [E, H]");
-  }
-  for (const at::Tensor* t : {&w1, &w2, &weights, &ids}) {
-    TORCH_CHECK(t->device() == x.device(), "every tensor must be on x's device ", x.device(), ", got ", t->device());
-  }
-  for (const std::optional<at::Tensor>* b : {&b1, &b2}) {
-    if (b->has_value()) {
-      TORCH_CHECK((*b)->device() == x.device(), "every tensor must be on x's device ", x.device());
-    }
-  }
+  static_cast<experts::Dims&>(c) = experts::check_operands(x, w1, w2, b1, b2, weights, ids, spec,
+                                                           "the decode expert path");
   TORCH_CHECK(c.E >= 1 && c.M2 >= 1, "w1 must hold at least one expert, w2 at least one column");
   if (x.is_cuda()) {
     const int64_t widest = std::max(c.M2, c.H), max_widest = kCudaMaxGridY * kCudaColumnsPerBlock;
-    TORCH_CHECK(widest <= max_widest && c.T * c.k <= std::numeric_limits<int32_t>::max(),
+    TORCH_CHECK(widest <= max_widest && c.N <= std::numeric_limits<int32_t>::max(),
                 "decode_mlp_forward on CUDA takes widths up to ", max_widest, " and fewer than 2^31 slots");
   }
   cpu::check_index_range(ids, "ids", c.E);  // debug mode only: the ids come validated from moe_kernels.ops
@@ -73,7 +41,7 @@ Call check_call(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
   c.b2 = b2.has_value() ? b2->to(at::kFloat).contiguous() : at::Tensor();
   c.weights = weights.contiguous().view(-1);
   c.ids = ids.contiguous().view(-1);
-  c.a = at::empty({c.T * c.k, c.M2}, x.options());
+  c.a = at::empty({c.N, c.M2}, x.options());
   c.out = at::empty({c.T, c.H}, x.options());
   c.spec = spec;
   c.scale = static_cast<float>(scale);

@@ -13,18 +13,18 @@
 #include <ATen/ATen.h>
 
 #include "common/grouped_rows.h"
+#include "common/op_args.h"
 
 namespace moe_kernels {
 namespace decode {
 
-// One call's operands, checked: x [T, H] contiguous; w1 [E, M1, H] and w2 [E, H, M2] with any strides; b1
-// [E, M1] / b2 [E, H] float32 contiguous or undefined; weights float32 and ids int32, [T*k] contiguous; a
-// [T*k, M2] (x's dtype, contiguous) receives the activation rows, out [T, H] (contiguous) the result.
-struct Call {
+// One call's operands, checked, and its sizes (experts::Dims): x [T, H] contiguous; w1 [E, M1, H] and w2 [E, H, M2]
+// with any strides; b1 [E, M1] / b2 [E, H] float32 contiguous or undefined; weights float32 and ids int32, [T*k]
+// contiguous; a [T*k, M2] (x's dtype, contiguous) receives the activation rows, out [T, H] (contiguous) the result.
+struct Call : experts::Dims {
   at::Tensor x, w1, w2, b1, b2, weights, ids, a, out;
   act::ActSpec spec;
   float scale;
-  int64_t T, H, E, M1, M2, k;
 };
 
 // Output elements per CUDA block (one per warp) along grid y, whose size is limited to 65535 blocks.

@@ -75,4 +75,44 @@ ActSpec parse_activation(const std::string& name, bool gated, bool interleaved, 
 
 }  // namespace act
 
+namespace experts {
+
+Dims check_operands(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
+                    const std::optional<at::Tensor>& b1, const std::optional<at::Tensor>& b2,
+                    const at::Tensor& weights, const at::Tensor& ids, const act::ActSpec& spec, const char* path) {
+  TORCH_CHECK(x.dim() == 2, "x must be [T, H], got ", x.sizes());
+  TORCH_CHECK(w1.dim() == 3 && w2.dim() == 3, "w1 and w2 must be 3-D, got ", w1.sizes(), " and ", w2.sizes());
+  TORCH_CHECK(weights.dim() == 2 && weights.scalar_type() == at::kFloat, "weights must be float32 [T, k]");
+  TORCH_CHECK(w1.scalar_type() == x.scalar_type() && w2.scalar_type() == x.scalar_type(),
+              "w1, w2 and x must share a dtype");
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16, path,
+              " takes float32, float16 or bfloat16, got ", dtype);
+  Dims d{x.size(0), x.size(1), w1.size(0), w1.size(1), w2.size(2), weights.size(1), weights.numel()};
+  TORCH_CHECK(w1.size(2) == d.H, "w1 must be [E, M1, H] with H = ", d.H, ", got ", w1.sizes());
+  TORCH_CHECK(w2.size(0) == d.E && w2.size(1) == d.H, "w2 must be [E, H, M2], got ", w2.sizes());
+  TORCH_CHECK(spec.gated ? d.M1 == 2 * d.M2 : d.M1 == d.M2, "w1 ", w1.sizes(), " and w2 ", w2.sizes(),
+              " disagree on the hidden width");
+  TORCH_CHECK(weights.size(0) == d.T && d.k >= 1, "weights must be [T, k] with T = ", d.T, " and k >= 1");
+  TORCH_CHECK(ids.sizes() == weights.sizes() && ids.scalar_type() == at::kInt, "ids must be int32 [T, k]");
+  if (b1.has_value()) {
+    TORCH_CHECK(b1->dim() == 2 && b1->size(0) == d.E && b1->size(1) == d.M1, "b1 must be [E, M1]");
+  }
+  if (b2.has_value()) {
+    TORCH_CHECK(b2->dim() == 2 && b2->size(0) == d.E && b2->size(1) == d.H, "b2 must be [E, H]");
+  }
+  for (const at::Tensor* t : {&w1, &w2, &weights, &ids}) {
+    TORCH_CHECK(t->device() == x.device(), "every tensor must be on x's device ", x.device(), ", got ", t->device());
+  }
+  for (const std::optional<at::Tensor>* b : {&b1, &b2}) {
+    if (b->has_value()) {
+      TORCH_CHECK((*b)->device() == x.device(), "every tensor must be on x's device ", x.device(), ", got ",
+                  (*b)->device());
+    }
+  }
+  return d;
+}
+
+}  // namespace experts
+
 }  // namespace moe_kernels

@@ -8,6 +8,8 @@
 #include <optional>
 #include <string>
 
+#include <ATen/ATen.h>
+
 #include "common/activations.h"
 #include "common/routing_row.h"
 
@@ -38,4 +40,20 @@ ActSpec parse_activation(const std::string& name, bool gated, bool interleaved, 
                          double gate_cap, double up_cap, double scale);
 
 }  // namespace act
+
+namespace experts {
+
+// The sizes of an expert op's call: x [T, H], w1 [E, M1, H], w2 [E, H, M2], weights / ids [T, k], N = T*k slots.
+struct Dims {
+  int64_t T, H, E, M1, M2, k, N;
+};
+
+// The operands every expert op takes (the grouped and the decode path): ranks, one float dtype, sizes that agree
+// (M1 = 2 * M2 gated, M1 = M2 not), weights float32 and ids int32 [T, k], biases [E, M1] / [E, H], one device.
+// ``path`` names the op's path in the dtype error.
+Dims check_operands(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
+                    const std::optional<at::Tensor>& b1, const std::optional<at::Tensor>& b2,
+                    const at::Tensor& weights, const at::Tensor& ids, const act::ActSpec& spec, const char* path);
+
+}  // namespace experts
 }  // namespace moe_kernels

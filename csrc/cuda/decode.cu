@@ -17,31 +17,34 @@ using grouped::decode_act_column;
 
 constexpr int kWarpsPerBlock = decode::kCudaColumnsPerBlock;  // one output element per warp
 
-// This lane's shares of u . w[r] for R rows at once (u unit stride; each w[r] stride w_stride): one loop over n, so
-// the R rows' loads are in flight together and u is read once. VEC elements per step: VEC > 1 needs w_stride == 1,
-// n % VEC == 0 and 16-byte aligned rows (checked by the launcher).
+// This lane's shares of the R dot products u[r] . w[r] over n elements (u[r] unit stride, w[r] stride w_stride), in
+// one loop so their loads are in flight together (rows repeated in u are read once: the same addresses). VEC
+// elements per step: VEC > 1 needs w_stride == 1, n % VEC == 0 and 16-byte aligned rows (checked by the launcher).
 template <typename T, int VEC, int R>
-__device__ __forceinline__ void lane_dots(const T* __restrict__ u, const T* const (&w)[R], int64_t w_stride,
-                                          int64_t n, int lane, float (&acc)[R]) {
+__device__ __forceinline__ void lane_dots(const T* const* u, const T* const* w, int64_t w_stride, int64_t n, int lane,
+                                          float (&acc)[R]) {
 #pragma unroll
   for (int r = 0; r < R; ++r) acc[r] = 0.0f;
   if constexpr (VEC == 1) {
     for (int64_t i = lane; i < n; i += kWarpSize) {
-      const float ui = static_cast<float>(u[i]);
 #pragma unroll
-      for (int r = 0; r < R; ++r) acc[r] = fmaf(ui, static_cast<float>(w[r][i * w_stride]), acc[r]);
+      for (int r = 0; r < R; ++r) {
+        acc[r] = fmaf(static_cast<float>(u[r][i]), static_cast<float>(w[r][i * w_stride]), acc[r]);
+      }
     }
   } else {
 #pragma unroll 2
     for (int64_t i = int64_t(lane) * VEC; i < n; i += int64_t(kWarpSize) * VEC) {
-      const Pack<T, VEC> pu = *reinterpret_cast<const Pack<T, VEC>*>(u + i);
-      Pack<T, VEC> pw[R];
+      Pack<T, VEC> pu[R], pw[R];
 #pragma unroll
-      for (int r = 0; r < R; ++r) pw[r] = *reinterpret_cast<const Pack<T, VEC>*>(w[r] + i);
+      for (int r = 0; r < R; ++r) {
+        pu[r] = *reinterpret_cast<const Pack<T, VEC>*>(u[r] + i);
+        pw[r] = *reinterpret_cast<const Pack<T, VEC>*>(w[r] + i);
+      }
 #pragma unroll
       for (int r = 0; r < R; ++r) {
 #pragma unroll
-        for (int v = 0; v < VEC; ++v) acc[r] = fmaf(static_cast<float>(pu.v[v]), static_cast<float>(pw[r].v[v]), acc[r]);
+        for (int v = 0; v < VEC; ++v) acc[r] = fmaf(static_cast<float>(pu[r].v[v]), static_cast<float>(pw[r].v[v]), acc[r]);
       }
     }
   }
@@ -64,15 +67,17 @@ decode_up_kernel(const T* __restrict__ x, const T* __restrict__ w1, int64_t s1e,
   const T* w_expert = w1 + e * s1e;
   float gate, up = 0.0f;
   if constexpr (GATED) {
+    const T* const xs[2] = {x_row, x_row};
     const T* const rows[2] = {w_expert + act::gate_column(spec, i) * s1r, w_expert + act::up_column(spec, i, M2) * s1r};
     float acc[2];
-    lane_dots<T, VEC, 2>(x_row, rows, s1c, H, lane, acc);
+    lane_dots<T, VEC, 2>(xs, rows, s1c, H, lane, acc);
     gate = warp_sum(acc[0]);
     up = warp_sum(acc[1]);
   } else {
+    const T* const xs[1] = {x_row};
     const T* const rows[1] = {w_expert + i * s1r};
     float acc[1];
-    lane_dots<T, VEC, 1>(x_row, rows, s1c, H, lane, acc);
+    lane_dots<T, VEC, 1>(xs, rows, s1c, H, lane, acc);
     gate = warp_sum(acc[0]);
   }
   if (lane == 0) {
@@ -88,36 +93,15 @@ __device__ __forceinline__ float add_slots(float acc, const T* __restrict__ a, c
                                            int64_t s2r, int64_t s2c, const float* __restrict__ b2,
                                            const float* __restrict__ weights, const int* __restrict__ ids, float scale,
                                            int64_t H, int64_t M2, int64_t s0, int64_t c, int lane) {
+  const T* a_rows[R];
   const T* rows[R];
 #pragma unroll
-  for (int r = 0; r < R; ++r) rows[r] = w2 + static_cast<int64_t>(ids[s0 + r]) * s2e + c * s2r;
-  float dots[R];
-  // each slot has its own activation row (a + (s0 + r) * M2), read in the same loop as its weight row
-#pragma unroll
-  for (int r = 0; r < R; ++r) dots[r] = 0.0f;
-  if constexpr (VEC == 1) {
-    for (int64_t i = lane; i < M2; i += kWarpSize) {
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        dots[r] = fmaf(static_cast<float>(a[(s0 + r) * M2 + i]), static_cast<float>(rows[r][i * s2c]), dots[r]);
-      }
-    }
-  } else {
-#pragma unroll 2
-    for (int64_t i = int64_t(lane) * VEC; i < M2; i += int64_t(kWarpSize) * VEC) {
-      Pack<T, VEC> pa[R], pw[R];
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-        pa[r] = *reinterpret_cast<const Pack<T, VEC>*>(a + (s0 + r) * M2 + i);
-        pw[r] = *reinterpret_cast<const Pack<T, VEC>*>(rows[r] + i);
-      }
-#pragma unroll
-      for (int r = 0; r < R; ++r) {
-#pragma unroll
-        for (int v = 0; v < VEC; ++v) dots[r] = fmaf(static_cast<float>(pa[r].v[v]), static_cast<float>(pw[r].v[v]), dots[r]);
-      }
-    }
+  for (int r = 0; r < R; ++r) {
+    a_rows[r] = a + (s0 + r) * M2;
+    rows[r] = w2 + static_cast<int64_t>(ids[s0 + r]) * s2e + c * s2r;
   }
+  float dots[R];
+  lane_dots<T, VEC, R>(a_rows, rows, s2c, M2, lane, dots);
 #pragma unroll
   for (int r = 0; r < R; ++r) {
     const float y = static_cast<float>(static_cast<T>(warp_sum(dots[r])));
@@ -169,7 +153,7 @@ void launch(const decode::Call& c) {
   const float* b1 = c.b1.defined() ? c.b1.data_ptr<float>() : nullptr;
   const float* b2 = c.b2.defined() ? c.b2.data_ptr<float>() : nullptr;
   // x and a are contiguous and fresh allocations: aligned whenever their row length is a multiple of kVec
-  const dim3 up_grid(static_cast<unsigned>(c.T * c.k), static_cast<unsigned>(ceil_div(c.M2, kWarpsPerBlock)));
+  const dim3 up_grid(static_cast<unsigned>(c.N), static_cast<unsigned>(ceil_div(c.M2, kWarpsPerBlock)));
   const bool up_vec = vector_rows(c.w1, c.H, kVec) && c.H % kVec == 0 &&
                       reinterpret_cast<std::uintptr_t>(c.x.data_ptr()) % 16 == 0;
   auto up = c.spec.gated ? (up_vec ? decode_up_kernel<T, kVec, true> : decode_up_kernel<T, 1, true>)

@@ -444,7 +444,7 @@ def _gather_rows_kernel(src_ptr, stride_st, stride_sc, sorted_slots_ptr, route_w
 # ----------------------------------------------------------------------------------------------------
 # launchers
 
-_ACT_BLOCK_R, _ACT_BLOCK_C = 16, 128
+_ROW_BLOCK_R, _ROW_BLOCK_C = 16, 128  # the elementwise row kernels: the activation pass and the row gather
 
 
 def weight_grads_by_grouped_mm(x: torch.Tensor, hidden: int, inter: int, has_bias: bool, num_rows: int = 0) -> bool:
@@ -491,10 +491,10 @@ def _grouped_mm_weight_grads(grad_y, x, pre, grad_pre, route_w, expert_offsets, 
     grad_gate_up = torch._grouped_mm(grad_pre.t(), x_sorted, offs=offs)
     del x_sorted
     act = torch.empty((num_rows, inter), dtype=pre.dtype, device=pre.device)
-    _gated_activation_kernel[(cdiv(num_rows, _ACT_BLOCK_R), cdiv(inter, _ACT_BLOCK_C))](
+    _gated_activation_kernel[(cdiv(num_rows, _ROW_BLOCK_R), cdiv(inter, _ROW_BLOCK_C))](
         pre, act, num_rows, inter, float(swiglu_limit or 0.0), *_caps(softcaps), ACTIVATION=ACTIVATION_CODES[activation],
-        INTERLEAVED=interleaved, GATED=gated, HAS_LIMIT=swiglu_limit is not None, BLOCK_R=_ACT_BLOCK_R,
-        BLOCK_C=_ACT_BLOCK_C)
+        INTERLEAVED=interleaved, GATED=gated, HAS_LIMIT=swiglu_limit is not None, BLOCK_R=_ROW_BLOCK_R,
+        BLOCK_C=_ROW_BLOCK_C)
     grad_y_sorted = _gather_rows(grad_y, sorted_slots, top_k, route_w, x.dtype)
     grad_down = torch._grouped_mm(grad_y_sorted.t(), act, offs=offs)
     return grad_gate_up, grad_down
@@ -505,9 +505,9 @@ def _gather_rows(src: torch.Tensor, sorted_slots: torch.Tensor, top_k: int, rout
     """[N, width] rows of ``src`` [T, width] in sorted order, scaled by each slot's weight if ``route_w`` is given."""
     num_rows, width = sorted_slots.shape[0], src.shape[1]
     out = torch.empty((num_rows, width), dtype=dtype or src.dtype, device=src.device)
-    _gather_rows_kernel[(cdiv(num_rows, _ACT_BLOCK_R), cdiv(width, _ACT_BLOCK_C))](
+    _gather_rows_kernel[(cdiv(num_rows, _ROW_BLOCK_R), cdiv(width, _ROW_BLOCK_C))](
         src, src.stride(0), src.stride(1), sorted_slots, src if route_w is None else route_w, out, num_rows, width,
-        top_k, SCALED=route_w is not None, BLOCK_R=_ACT_BLOCK_R, BLOCK_C=_ACT_BLOCK_C)
+        top_k, SCALED=route_w is not None, BLOCK_R=_ROW_BLOCK_R, BLOCK_C=_ROW_BLOCK_C)
     return out
 
 
@@ -978,11 +978,11 @@ def _compile_specs():
         if dtype == torch.bfloat16:  # the grouped-GEMM weight gradients' activation pass (bf16 only)
             for activation, interleaved, _, limit, gated in _COMPILE_VARIANTS:
                 constexprs = {"ACTIVATION": ACTIVATION_CODES[activation], "INTERLEAVED": interleaved,
-                              "GATED": gated, "HAS_LIMIT": limit, "BLOCK_R": _ACT_BLOCK_R, "BLOCK_C": _ACT_BLOCK_C}
+                              "GATED": gated, "HAS_LIMIT": limit, "BLOCK_R": _ROW_BLOCK_R, "BLOCK_C": _ROW_BLOCK_C}
                 specs.append((_gated_activation_kernel, _signature(_gated_activation_kernel, constexprs, data),
                               constexprs, {"num_warps": 4, "num_stages": 3}, ("inter",)))
             for scaled in (False, True):  # its operand gathers: x, and w * dy
-                constexprs = {"stride_sc": 1, "SCALED": scaled, "BLOCK_R": _ACT_BLOCK_R, "BLOCK_C": _ACT_BLOCK_C}
+                constexprs = {"stride_sc": 1, "SCALED": scaled, "BLOCK_R": _ROW_BLOCK_R, "BLOCK_C": _ROW_BLOCK_C}
                 specs.append((_gather_rows_kernel, _signature(_gather_rows_kernel, constexprs, data), constexprs,
                               {"num_warps": 4, "num_stages": 3}, ("stride_st", "width")))
         for entry in decode_entries:
