@@ -3,8 +3,8 @@
 At decode (T*k <= 64 slots, no gradient) an expert op's GPU work takes tens of microseconds while issuing it takes
 more: on the H200 of run 3 a one-token triton moe_mlp call (two kernel launches) took the host 92-154 microseconds
 (benchmarks/RESULTS_GPU.md, host time per call). A CUDA graph replays the same kernels for the price of one launch.
-Here each distinct call (op, backend, device, shapes, dtypes, strides, the weights' addresses, every option) gets
-its own graph:
+Here each distinct call (op, backend, device, shapes, dtypes, strides, the weights' addresses, every option and
+path switch) gets its own graph:
 
 1. its first call runs eagerly (Triton compiles its kernels, caches fill);
 2. its second call is captured on copies of the per-call inputs (x, the routing weights and ids), which the graph
@@ -37,6 +37,9 @@ MAX_SLOTS = 64  # T*k up to this: triton's decode path, and the sizes where issu
 MAX_GRAPHS = 256  # least recently used graphs beyond this are dropped (each holds its own small memory pool)
 
 _EAGER = "eager"  # a key whose capture failed
+# Variables that pick a backend's decode path (triton's one-token GEMVs, the cuda decode op): part of every key, so
+# a graph never replays the path a switch turned off.
+PATH_SWITCHES = ("MOE_KERNELS_ONE_TOKEN", "MOE_KERNELS_CUDA_DECODE")
 
 
 class _Graph:
@@ -97,7 +100,8 @@ def run(key: tuple, fn: Callable[..., torch.Tensor], inputs: Sequence[torch.Tens
     """``fn(*inputs)``, through the graph of ``key`` once it has been seen (see the module docstring). ``key``
     must fix everything of the call except the values of ``inputs``."""
     # inference mode too: its tensors (the graph's input copies) take no in-place copy outside it, and the reverse
-    key = key + (torch.is_inference_mode_enabled(),) + tuple(layout_key(t) for t in inputs)
+    key = (key + (torch.is_inference_mode_enabled(),) + tuple(os.environ.get(name) for name in PATH_SWITCHES)
+           + tuple(layout_key(t) for t in inputs))
     state = _cache.get(key)
     if state is None or state is _EAGER:
         if state is None:

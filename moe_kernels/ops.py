@@ -9,7 +9,6 @@ take the arguments as they are: they neither convert nor re-check them. The math
 
 from __future__ import annotations
 
-import os
 
 import torch
 
@@ -218,7 +217,7 @@ def moe_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
     if decode_graphs.wanted(device, ids.numel(), (x, gate_up_proj, down_proj, gate_up_bias, down_bias, weights)):
         key = ("moe_mlp", impl.name, decode_graphs.tensor_key(gate_up_proj), decode_graphs.tensor_key(down_proj),
                decode_graphs.tensor_key(gate_up_bias), decode_graphs.tensor_key(down_bias), activation,
-               bool(interleaved), swiglu_limit, gated, softcaps, os.environ.get("MOE_KERNELS_ONE_TOKEN"))
+               bool(interleaved), swiglu_limit, gated, softcaps)
         return decode_graphs.run(key, call, (x, weights, ids))
     return call(x, weights, ids)
 

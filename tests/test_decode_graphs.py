@@ -66,7 +66,7 @@ def test_first_call_eager_second_captured_then_replayed_with_each_calls_inputs(g
     assert torch.isfinite(outputs[1]).all() and not torch.equal(outputs[1], outputs[2])  # a replay left it alone
 
 
-def test_a_new_shape_option_or_weight_tensor_makes_a_new_graph(graphs):
+def test_a_new_shape_option_or_weight_tensor_makes_a_new_graph(graphs, monkeypatch):
     gate_up, down, _, _ = _expert_weights()
     g = torch.Generator().manual_seed(2)
 
@@ -94,6 +94,10 @@ def test_a_new_shape_option_or_weight_tensor_makes_a_new_graph(graphs):
         gate_up.mul_(2)  # changed in place: the graph reads it where it is, no new graph
     call()
     assert len(graphs) == 4
+    monkeypatch.setenv("MOE_KERNELS_CUDA_DECODE", "grouped")  # a path switch: the old graph holds the other path
+    for _ in range(2):
+        call()
+    assert len(graphs) == 5
 
 
 def test_no_graph_with_a_gradient_above_the_decode_size_or_when_off(graphs, monkeypatch):
