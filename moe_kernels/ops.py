@@ -9,7 +9,6 @@ take the arguments as they are: they neither convert nor re-check them. The math
 
 from __future__ import annotations
 
-
 import torch
 
 from . import decode_graphs, reference
