@@ -156,20 +156,30 @@ def mlp_problem(shape, dtype, biases, seed=0, device="cpu", gated=True):
     return t, ids.to(device), torch.randn(T, H, generator=g).to(dtype).to(device)
 
 
-def check_mlp_against_oracle(path, shape, dtype, act_case, device="cpu"):
-    """Runs `path` (the grouped op, or the cuda backend) and the oracle on the same inputs; outputs and every
-    gradient within the README's tolerance."""
+def act_case_in(act_case, dtype):
+    """ACTIVATION_CASES entry for inputs in ``dtype``: a clamp limit of 1.0 becomes GPT-OSS's 7.0 below fp32, where
+    rounding to fp16/bf16 moves values across the clamp edge at 1.0."""
     activation, interleaved, limit, biases, gated, softcaps = act_case
     if limit is not None and dtype != torch.float32:
-        limit = 7.0  # GPT-OSS's value; at 1.0 rounding to fp16/bf16 moves values across the clamp edge
+        limit = 7.0
+    return activation, interleaved, limit, biases, gated, softcaps
+
+
+def check_mlp_against_oracle(path, shape, dtype, act_case, device="cpu", gradients=True):
+    """Runs `path` (the grouped op, the decode op, or the cuda backend) and the oracle on the same inputs; outputs and
+    (with ``gradients``; else ``path`` runs without them) every gradient within the README's tolerance."""
+    activation, interleaved, limit, biases, gated, softcaps = act_case_in(act_case, dtype)
     t, ids, grad = mlp_problem(shape, dtype, biases, device=device, gated=gated)
     b1, b2 = t.get("b1"), t.get("b2")
-    out = path(t["x"], t["gate_up"], t["down"], b1, b2, t["weights"], ids, activation, gated, interleaved, limit, 1.0,
-               softcaps)
+    with torch.set_grad_enabled(gradients):
+        out = path(t["x"], t["gate_up"], t["down"], b1, b2, t["weights"], ids, activation, gated, interleaved, limit,
+                   1.0, softcaps)
     ref = reference.moe_mlp(t["x"], t["gate_up"], t["down"], t["weights"], ids, activation, b1, b2, interleaved,
                             limit, gated, softcaps)
     assert out.dtype == dtype and out.shape == t["x"].shape and out.device == t["x"].device
     assert_close_rel(out, ref, dtype, "output")
+    if not gradients:
+        return
     names = list(t)
     got = torch.autograd.grad(out, [t[n] for n in names], grad)
     want = torch.autograd.grad(ref, [t[n] for n in names], grad)
@@ -184,7 +194,8 @@ ADAPTER_SHAPES = [  # (T, H, r, E, k, pattern): rank 1, odd H, k = E, empty expe
 ]
 
 
-def check_adapter_against_oracle(path, shape, dtype, activation, device="cpu"):
+def check_adapter_against_oracle(path, shape, dtype, activation, device="cpu", gradients=True):
+    """As check_mlp_against_oracle, for adapter_moe's form (w1 = down [E, r, H], w2 = up [E, H, r], scale 0.5)."""
     T, H, r, E, k, pattern = shape
     g = torch.Generator().manual_seed(T + r)
     weights, ids = make_routing(T, E, k, pattern, g)
@@ -192,10 +203,13 @@ def check_adapter_against_oracle(path, shape, dtype, activation, device="cpu"):
              up=(torch.randn(E, H, r, generator=g) / r ** 0.5).to(dtype), weights=weights)
     t = {n: v.to(device).requires_grad_() for n, v in t.items()}
     ids = ids.to(device)
-    out = path(t["h"], t["down"], t["up"], None, None, t["weights"], ids, activation, False, False, None, 0.5)
+    with torch.set_grad_enabled(gradients):
+        out = path(t["h"], t["down"], t["up"], None, None, t["weights"], ids, activation, False, False, None, 0.5)
     ref = reference.adapter_moe(t["h"], t["down"], t["up"], t["weights"], ids, activation, 0.5)
     assert out.dtype == dtype
     assert_close_rel(out, ref, dtype, "output")
+    if not gradients:
+        return
     grad = torch.randn(T, H, generator=g).to(dtype).to(device)
     names = list(t)
     got = torch.autograd.grad(out, [t[n] for n in names], grad)
@@ -341,9 +355,7 @@ def seeded_mlp_inputs(num_tokens, hidden, inter, num_experts, k, pattern, dtype=
 def check_native_mlp(path, act_case, shape, dtype):
     """The cpu backend's fused expert op (path "fused") or the cuda backend's composed expert path on CPU tensors
     (path "composed": native gather/combine + torch matmuls) against the oracle, outputs and every gradient."""
-    activation, interleaved, limit, biases, gated, softcaps = act_case
-    if limit is not None and dtype != torch.float32:
-        limit = 7.0  # GPT-OSS's value; at 1.0, rounding to fp16/bf16 moves values across the clamp edge
+    activation, interleaved, limit, biases, gated, softcaps = act_case_in(act_case, dtype)
     T, H, I, E, k, pattern = shape
     width = 2 * I if gated else I
     g = torch.Generator().manual_seed(T * 7 + H)
