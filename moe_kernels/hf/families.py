@@ -34,13 +34,16 @@ from .routers import match_variant
 # Families with a whole-model parity suite in integration/test_hf_families.py.
 PARITY_TESTED = frozenset({"mixtral", "minimax", "qwen2_moe", "qwen3_moe", "olmoe", "flex_olmo", "deepseek_v3",
                            "glm4_moe", "dots1", "gpt_oss", "granitemoe", "jamba", "nemotron_h", "hy_v4",
-                           "minimax_m2", "ernie4_5_moe", "inkling2"})
+                           "minimax_m2", "ernie4_5_moe", "inkling2", "gemma4_text", "aria_text"})
 # Families whose experts module alone is compared with transformers' forward (tests/test_hf_gate_forms.py;
 # muse_spark's, with its post-expert norm, in tests/test_hf_post_expert_norm.py).
 EXPERTS_PARITY_TESTED = frozenset({"deepseek_v4", "glm5_next", "hy_v4", "minimax_m3_vl", "openai_privacy_filter",
                                    "gpt_oss", "beam", "inkling2", "muse_spark"})
 
 _ROUTER_NAME = re.compile(r"Router$")
+# The config fields that name a family's k: most use num_experts_per_tok; Gemma 4 (and DiffusionGemma's text
+# model) top_k_experts, next to enable_moe_block, which is off in its default config; Aria's text model moe_topk.
+_TOP_K_FIELDS = ("num_experts_per_tok", "top_k_experts", "moe_topk")
 
 
 @dataclass
@@ -76,13 +79,13 @@ def is_experts_class(cls: type) -> bool:
 
 
 def _config_has_moe(config_class, depth: int = 2) -> bool:
-    """Whether a default config (or one of its sub-configs) routes tokens (has ``num_experts_per_tok``);
+    """Whether a default config (or one of its sub-configs) routes tokens (has one of :data:`_TOP_K_FIELDS`);
     drops vision/audio sub-model types that share a modeling module with a MoE text model."""
     try:
         config = config_class()
     except Exception:  # noqa: BLE001 - a config that needs arguments: keep it, let the scan decide
         return True
-    if hasattr(config, "num_experts_per_tok"):
+    if any(hasattr(config, name) for name in _TOP_K_FIELDS):
         return True
     if depth == 0:
         return False
