@@ -5,20 +5,25 @@
 #   3. times the host side of each op (benchmarks/host_overhead.py: what the CPU spends issuing a decode step);
 #   4. with --tune: tunes the Triton expert-MLP tiles for this GPU (moe-kernels tune --triton);
 #   5. runs benchmarks/gpu_bench.py (peers side by side, roofline floor, peak memory, oracle agreement);
-#   6. with --tune or --table: measures the auto backend table; with --hf-speed: the whole-model example.
+#   6. with --breakdown: the kernels of one moe_mlp call, by time (benchmarks/kernel_breakdown.py: why a case is far
+#      from its floor);
+#   7. with --tune or --table: measures the auto backend table; with --hf-speed: the whole-model example.
 # The CPU-only test files are left to CI.
 # About 8 minutes on one H100/H200 without --tune; --total-s caps the whole run. Logs, CSV and Markdown go to --out
 # (default $OUT when set, else benchmarks/results_gpu); the summary prints last.
 #
 #   bash benchmarks/gpu_check.sh [--out DIR] [--bench-budget-s 200] [--tests-timeout-s 300] [--total-s 0] [--skip-tests]
-#                                [--skip-bench] [--tune] [--table] [--hf-speed] [-- GPU_BENCH_ARGS]
+#                                [--skip-bench] [--tune] [--table] [--breakdown] [--hf-speed] [-- GPU_BENCH_ARGS]
 #     --total-s   the whole run's time limit (0: none): each step's timeout shrinks to what is left and steps that no
-#                 longer fit are skipped and listed (order: build, tests, host time, Triton tuning, benchmark, auto
-#                 table, whole model). A lent machine runs one command for at most 600 s: use --total-s 560 there.
+#                 longer fit are skipped and listed (order: build, tests, host time, Triton tuning, benchmark, kernel
+#                 breakdown, auto table, whole model). A lent machine runs one command for at most 600 s: use --total-s 560 there.
 #     --tune      tune this GPU before the benchmark: the Triton tile configs (moe-kernels tune --triton, written to
 #                 the user cache and copied to --out), then the auto backend table (python -m moe_kernels.backend_table
 #                 --write); the benchmark then runs the tuned configs beside the shipped ones
 #     --table     measure the auto backend table only (--tune's second half, without the Triton tile tuner)
+#     --breakdown after the benchmark, profile the kernels of moe_mlp at Qwen3 T=64/4096/16384 and Mixtral T=1/4096
+#                 on cuda and triton, forward and forward+backward (kernel_breakdown.md: time per kernel, launches,
+#                 the share of each call the GPU sat idle)
 #     --hf-speed  end with integration/example_hf_speed.py in bf16 (patched vs unpatched whole model), eager and then
 #                 with transformers' compiled static-cache decoding (--compile)
 #   bash benchmarks/gpu_check.sh --dry-run   # no GPU: CPU build, interpreter, tiny shapes (CI runs this)
@@ -37,7 +42,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}
 cd "$(dirname "$0")/.."
 out=${OUT:-benchmarks/results_gpu}
-dry=0 skip_tests=0 skip_bench=0 tune=0 table=0 hf_speed=0 bench_budget=200 tests_timeout=300 total=0 bench_args=()
+dry=0 skip_tests=0 skip_bench=0 tune=0 table=0 breakdown=0 hf_speed=0 bench_budget=200 tests_timeout=300 total=0 bench_args=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) dry=1 ;;
@@ -49,6 +54,7 @@ while [ $# -gt 0 ]; do
     --skip-bench) skip_bench=1 ;;
     --tune) tune=1 ;;
     --table) table=1 ;;
+    --breakdown) breakdown=1 ;;
     --hf-speed) hf_speed=1 ;;
     --) shift; bench_args=("$@"); break ;;
     *) echo "gpu_check: unknown argument $1" >&2; exit 2 ;;
@@ -127,6 +133,10 @@ if [ $dry = 1 ]; then
   $python benchmarks/gpu_bench.py --dry-run --out "$out" --suites moe,forms --shapes tiny-k1 > "$out/bench.log" 2>&1 \
     || { tail -30 "$out/bench.log"; status=1; }
   tail -12 "$out/bench.log"
+  step "kernel breakdown (dry run: CPU operators, not kernels)"
+  $python benchmarks/kernel_breakdown.py --dry-run --out "$out" --tokens 1 --iters 2 > "$out/kernel_breakdown.log" 2>&1 \
+    || { tail -30 "$out/kernel_breakdown.log"; status=1; }
+  grep "^\[kernel_breakdown\]" "$out/kernel_breakdown.log" | tail -3
   step "dry run done: status $status"
   exit $status
 fi
@@ -205,6 +215,16 @@ if [ $skip_bench = 0 ]; then
     cat "$out/gpu_bench.md" 2>/dev/null
   else
     skipped "benchmark"
+  fi
+fi
+
+if [ $breakdown = 1 ]; then
+  if t=$(cap 90); then
+    step "kernel breakdown of moe_mlp (log: $out/kernel_breakdown.log)"
+    timeout "$t" $python benchmarks/kernel_breakdown.py --out "$out" > "$out/kernel_breakdown.log" 2>&1 || status=1
+    grep "^\[kernel_breakdown\]" "$out/kernel_breakdown.log"
+  else
+    skipped "kernel breakdown"
   fi
 fi
 

@@ -224,3 +224,45 @@ def test_gpu_bench_graph_replays_leave_out_what_cannot_be_captured():
     assert table[0].startswith("### moe decode forward replayed from CUDA graphs")
     assert table[-2] == "| Qwen3 | 1 | 0.018 | 0.03 (60%) | 0.09 (20%) |"
     assert gpu_bench._graph_table([r for r in rows if r["pass"] == "fwd"]) == []
+
+
+def test_kernel_breakdown_attributes_each_call_to_its_operators(tmp_path, capsys):
+    """benchmarks/kernel_breakdown.py, without a GPU: the profiled events of one call are counted per call (two
+    matmuls and an add, three calls), ranked by time, and the Markdown lists them with an "others" row past --top;
+    its dry run profiles moe_mlp on the triton backend (interpreter) and writes both files; bad arguments are clear
+    errors."""
+    from moe_testing import benchmark_script
+
+    breakdown = benchmark_script("kernel_breakdown")
+    a, b = torch.randn(64, 64), torch.randn(64, 64)
+    result = breakdown.breakdown(lambda i: torch.mm(a, b) + torch.mm(b, a), 3, torch.device("cpu"))
+    assert result["kernels"]["aten::mm"][0] == 2 and result["kernels"]["aten::add"][0] == 1
+    assert result["wall_ms"] > 0 and result["gpu_idle"] is None
+    assert math.isclose(result["kernel_ms"], sum(ms for _, ms in result["kernels"].values()))
+    result.update(case="two matmuls", tokens=64, backend="torch", pass_name="fwd", floor_ms=1e-3)
+    markdown = breakdown.render([result], "cpu", top=1)
+    assert "## two matmuls T=64 torch fwd" in markdown and "gpu idle -" in markdown
+    table = [line for line in markdown.splitlines() if line.startswith("| ")]
+    top_name = max(result["kernels"], key=lambda name: result["kernels"][name][1])
+    assert table[2].startswith(f"| `{top_name}` |")  # after the header and its rule
+    assert table[3].startswith(f"| {len(result['kernels']) - 1} others |")
+
+    if "triton" not in moe_kernels.available_backends():
+        return
+    out = tmp_path / "breakdown"
+    assert breakdown.main(["--dry-run", "--out", str(out), "--tokens", "1", "--passes", "fwd", "--iters", "1",
+                           "--backends", "triton"]) == 0
+    with open(out / "kernel_breakdown.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    cases = {(r["case"], r["tokens"], r["backend"], r["pass"]) for r in rows}
+    assert rows and cases == {("tiny", "1", "triton", "fwd")}
+    assert any(r["kernel"].startswith("moe_kernels_triton::") for r in rows)
+    assert "## tiny T=1 triton fwd" in (out / "kernel_breakdown.md").read_text()
+    capsys.readouterr()
+    for argv, message in ((["--passes", "bwd"], "--passes takes fwd and/or fwdbwd"),
+                          (["--iters", "0"], "--iters and --top must be at least 1"),
+                          (["--shapes", "nope"], "matches none of")):
+        with pytest.raises(SystemExit) as info:
+            breakdown.main(["--dry-run", "--out", str(out)] + argv)
+        assert info.value.code == 2
+        assert message in capsys.readouterr().err
