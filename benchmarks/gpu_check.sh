@@ -24,8 +24,9 @@
 #     --breakdown after the benchmark, profile the kernels of moe_mlp at Qwen3 T=64/4096/16384 and Mixtral T=1/4096
 #                 on cuda and triton, forward and forward+backward (kernel_breakdown.md: time per kernel, launches,
 #                 the share of each call the GPU sat idle)
-#     --hf-speed  end with integration/example_hf_speed.py in bf16 (patched vs unpatched whole model), eager and then
-#                 with transformers' compiled static-cache decoding (--compile)
+#     --hf-speed  end with integration/example_hf_speed.py in bf16 (patched vs unpatched whole model), eager (with
+#                 one decode step of each profiled: kernels, their time, GPU idle share) and then with transformers'
+#                 compiled static-cache decoding (--compile)
 #   bash benchmarks/gpu_check.sh --dry-run   # no GPU: CPU build, interpreter, tiny shapes (CI runs this)
 #
 # Wheels missing on the GPU machine (no network there) are installed from .whl/ when that folder exists. The
@@ -242,9 +243,10 @@ fi
 
 if [ $hf_speed = 1 ]; then
   if t=$(cap 120); then
-    step "whole model: integration/example_hf_speed.py --dtype bfloat16 --decode-graphs (log: $out/extra.log)"
-    timeout "$t" $python integration/example_hf_speed.py --dtype bfloat16 --decode-graphs >> "$out/extra.log" 2>&1 || status=1
-    tail -6 "$out/extra.log"
+    step "whole model: integration/example_hf_speed.py --dtype bfloat16 --decode-graphs --breakdown (log: $out/extra.log)"
+    timeout "$t" $python integration/example_hf_speed.py --dtype bfloat16 --decode-graphs --breakdown >> "$out/extra.log" \
+      2>&1 || status=1
+    tail -11 "$out/extra.log"
   else
     skipped "whole-model speed"
   fi

@@ -24,15 +24,13 @@ from __future__ import annotations
 import argparse
 import csv
 import os
-import statistics
 import sys
-import time
-from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpu_bench  # noqa: E402  (sets TRITON_INTERPRET for --dry-run before triton is imported)
 import torch  # noqa: E402
-from torch.profiler import ProfilerActivity, profile  # noqa: E402
+
+from moe_kernels.bench.timing import kernel_times  # noqa: E402
 
 QUICK = [("Qwen3-30B-A3B", (64, 4096, 16384)), ("Mixtral-8x7B", (1, 4096))]
 DRY = [("tiny", (1, 7))]
@@ -40,52 +38,9 @@ COLUMNS = ["case", "tokens", "backend", "pass", "wall_ms", "kernel_ms", "launche
            "kernel", "kernel_launches", "kernel_ms_each_call", "share"]
 
 
-def _device_events(prof, gpu: bool):
-    """(name, microseconds) of each profiled kernel (each CPU operator's own time without a GPU)."""
-    for event in prof.events():
-        if gpu:
-            if event.device_type == torch.autograd.DeviceType.CUDA:
-                yield event.name, event.time_range.elapsed_us()
-        elif event.device_type == torch.autograd.DeviceType.CPU:
-            yield event.name, event.self_cpu_time_total
-
-
 def _short(name: str, width: int = 90) -> str:
     name = " ".join(name.split())
     return name if len(name) <= width else name[: width - 3] + "..."
-
-
-def breakdown(call, iters: int, device) -> dict:
-    """Profile ``call(i)`` for ``iters`` calls after two warm-ups: wall ms per call (median), kernel ms per call,
-    launches per call, and per kernel name (launches, ms) per call."""
-    gpu = device.type == "cuda"
-    for i in range(2):
-        call(i)
-    gpu_bench._sync(device)
-    walls = []
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
-    with profile(activities=activities) as prof:
-        for i in range(iters):
-            if gpu:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                call(i)
-                end.record()
-                end.synchronize()
-                walls.append(start.elapsed_time(end))
-            else:
-                begin = time.perf_counter()
-                call(i)
-                walls.append(1e3 * (time.perf_counter() - begin))
-    per_kernel = defaultdict(lambda: [0, 0.0])
-    for name, us in _device_events(prof, gpu):
-        per_kernel[name][0] += 1
-        per_kernel[name][1] += us / 1e3
-    kernels = {name: (count / iters, ms / iters) for name, (count, ms) in per_kernel.items()}
-    kernel_ms = sum(ms for _, ms in kernels.values())
-    wall = statistics.median(walls)
-    return {"wall_ms": wall, "kernel_ms": kernel_ms, "launches": sum(c for c, _ in kernels.values()),
-            "gpu_idle": max(0.0, 1.0 - kernel_ms / wall) if gpu and wall > 0 else None, "kernels": kernels}
 
 
 def run_case(shape, tokens, backend, passes, device, dtype, ceilings, iters):
@@ -102,7 +57,7 @@ def run_case(shape, tokens, backend, passes, device, dtype, ceilings, iters):
     bytes_per = torch.finfo(dtype).bits // 8
     results = []
     for pass_name in passes:
-        result = breakdown(calls[pass_name], iters, device)
+        result = kernel_times(calls[pass_name], iters, device)
         result.update(case=shape.name, tokens=tokens, backend=backend, pass_name=pass_name,
                       floor_ms=gpu_bench.moe_floor_ms(shape, tokens, ceilings, bytes_per, pass_name == "fwdbwd"))
         results.append(result)

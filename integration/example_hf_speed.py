@@ -18,12 +18,17 @@ and is reported, not failed).
 --decode-graphs (eager decoding only) also measures the patched model with ``MOE_KERNELS_DECODE_GRAPHS=1``: its
 decode-size expert calls replayed from CUDA graphs (moe_kernels/decode_graphs.py), a third row.
 
+--breakdown (eager decoding only) also profiles one decode step of each model (one new token per sequence, the
+prompt in a dynamic cache): kernels launched, their summed time, the step's wall time and the share of it the GPU
+ran none of them (the host's part), and the patched step's top kernels (moe_kernels.bench.timing.kernel_times).
+
 --compile decodes as transformers' compiled generation does: a static KV cache and the forward compiled by
 ``generate`` (its default compile config: inductor with CUDA graphs; on a CPU ``--compile-backend`` is used and the
 compile is forced, since transformers compiles on accelerators only). Both models compile; the warm-up run pays it.
 """
 
 import argparse
+import inspect
 import os
 import statistics
 import sys
@@ -115,6 +120,24 @@ def _measure(model, input_ids, new_tokens: int, repeats: int, compile_config=Non
     return input_ids.numel() / prefill_s, input_ids.shape[0] * new_tokens / decode_s, out
 
 
+def _decode_step(model, input_ids, device: str, iters: int = 8) -> dict:
+    """kernel_times of one eager decode step after the prompt (the dynamic cache grows by a token per step)."""
+    from moe_kernels.bench.timing import kernel_times
+
+    # transformers renames past_key_values to cache (5.24 accepts both and warns on the old name; 5.21 has only it)
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    with torch.inference_mode():
+        out = model(input_ids=input_ids, use_cache=True)
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
+        return kernel_times(lambda i: model(input_ids=token, use_cache=True, **{cache_name: cache}), iters,
+                            torch.device(device))
+
+
+def _step_line(label: str, step: dict) -> str:
+    idle = "-" if step["gpu_idle"] is None else f"{100 * step['gpu_idle']:.0f}%"
+    return f"{label:<26}{step['launches']:>10.0f}{step['kernel_ms']:>12.3f}{step['wall_ms']:>10.3f}{idle:>10}"
+
+
 def _compile_config(device: str, backend: str):
     """transformers' default compile config of generate on an accelerator; on a CPU the given backend, forced."""
     from transformers import CompileConfig
@@ -141,6 +164,8 @@ def main(argv=None) -> int:
                         help="the random-weight model without CHECKPOINT_DIR (default: olmoe on a GPU, tiny on a CPU)")
     parser.add_argument("--decode-graphs", action="store_true",
                         help="also time the patched model with MOE_KERNELS_DECODE_GRAPHS=1 (eager decoding)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also profile one eager decode step of each model: kernels, their time, GPU idle share")
     parser.add_argument("--compile-backend", default="inductor",
                         help="torch.compile backend for --compile on a CPU (CUDA uses transformers' default)")
     args = parser.parse_args(argv)
@@ -160,10 +185,14 @@ def main(argv=None) -> int:
         _reset_compile()
         before = _measure(model, input_ids, args.new_tokens, args.repeats, compile_config)
         counters_before = _compile_counters()
+        profile = args.breakdown and not args.compile
+        steps = [_decode_step(model, input_ids, device)] if profile else []
         moe_kernels.hf.apply(model, backend=args.backend)
         _reset_compile()  # the patched forward compiles afresh
         after = _measure(model, input_ids, args.new_tokens, args.repeats, compile_config)
         counters_after = _compile_counters()
+        if profile:
+            steps.append(_decode_step(model, input_ids, device))
         graphed = None
         if args.decode_graphs and not args.compile:
             from moe_kernels import decode_graphs
@@ -197,6 +226,15 @@ def main(argv=None) -> int:
           f"greedy tokens {agreement}")
     if args.compile:
         print(f"compile, transformers: {counters_before}; patched: {counters_after}")
+    if steps:
+        events = "kernels" if device == "cuda" else "operators (CPU: figures of the host alone)"
+        print(f"one eager decode step, {events} per step:")
+        print(f"{'':<26}{'launches':>10}{'kernels ms':>12}{'wall ms':>10}{'GPU idle':>10}")
+        for label, step in zip(("transformers (default)", "moe_kernels (patched)"), steps):
+            print(_step_line(label, step))
+        ranked = sorted(steps[1]["kernels"].items(), key=lambda item: -item[1][1])[:8]
+        print("patched step, top kernels: " + "; ".join(f"{' '.join(name.split())[:60]} x{count:.0f} {ms:.3f} ms"
+                                                         for name, (count, ms) in ranked))
     if not same and dtype != torch.float32:
         print(f"(in {args.dtype} a late divergence can be rounding; tests/test_gpu_hf_models.py checks near ties)")
         return 0

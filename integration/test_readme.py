@@ -51,18 +51,27 @@ def test_readme_snippet_and_examples_run_as_written(tmp_path):
 
 def test_hf_speed_example_runs_eager_and_compiled():
     """integration/example_hf_speed.py (the GPU check's whole-model step) runs on the CPU at a tiny size, with eager
-    and with compiled static-cache decoding, and its patched model gives the unpatched model's greedy tokens."""
+    and with compiled static-cache decoding, and its patched model gives the unpatched model's greedy tokens; the eager
+    run profiles a decode step of each model (--breakdown), where the patched step runs moe_kernels' expert op."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
     env.pop("MOE_KERNELS_BACKEND", None)
     script = os.path.join(ROOT, "integration", "example_hf_speed.py")
     small = ["--tokens", "12", "--new-tokens", "4", "--batch", "2", "--repeats", "1"]
-    for extra in ([], ["--compile", "--compile-backend", "aot_eager"]):
+    for extra in (["--breakdown"], ["--compile", "--compile-backend", "aot_eager"]):
         result = subprocess.run([sys.executable, script, *small, *extra], capture_output=True, text=True, env=env,
                                 timeout=600)
         assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
         assert "greedy tokens identical" in result.stdout
-        assert ("decoding compiled, static cache" in result.stdout) == bool(extra)
+        compiled = "--compile" in extra
+        assert ("decoding compiled, static cache" in result.stdout) == compiled
+        if not compiled:
+            lines = result.stdout.splitlines()
+            steps = {line.split()[0]: line.split()[-4:] for line in lines
+                     if line.startswith(("transformers ", "moe_kernels ")) and len(line.split()) == 6}
+            assert set(steps) == {"transformers", "moe_kernels"} and all(float(v[0]) > 0 for v in steps.values()), lines
+            top = next(line for line in lines if line.startswith("patched step, top kernels:"))
+            assert "moe_kernels" in top, top
         assert "--size tiny" in result.stdout
-        if extra:  # the compile counters of both models; the patched MoE layers compile without a graph break
+        if compiled:  # the compile counters of both models; the patched MoE layers compile without a graph break
             line = next(x for x in result.stdout.splitlines() if x.startswith("compile, transformers:"))
             assert line.split("patched:")[1].split(",")[1].strip() == "graph breaks 0", line

@@ -227,15 +227,17 @@ def test_gpu_bench_graph_replays_leave_out_what_cannot_be_captured():
 
 
 def test_kernel_breakdown_attributes_each_call_to_its_operators(tmp_path, capsys):
-    """benchmarks/kernel_breakdown.py, without a GPU: the profiled events of one call are counted per call (two
-    matmuls and an add, three calls), ranked by time, and the Markdown lists them with an "others" row past --top;
-    its dry run profiles moe_mlp on the triton backend (interpreter) and writes both files; bad arguments are clear
-    errors."""
+    """benchmarks/kernel_breakdown.py and bench.timing.kernel_times, without a GPU: the profiled events of one call
+    are counted per call (two matmuls and an add, three calls), ranked by time, and the Markdown lists them with an
+    "others" row past --top; the dry run profiles moe_mlp on the triton backend (interpreter) and writes both files;
+    bad arguments are clear errors."""
     from moe_testing import benchmark_script
+
+    from moe_kernels.bench.timing import kernel_times
 
     breakdown = benchmark_script("kernel_breakdown")
     a, b = torch.randn(64, 64), torch.randn(64, 64)
-    result = breakdown.breakdown(lambda i: torch.mm(a, b) + torch.mm(b, a), 3, torch.device("cpu"))
+    result = kernel_times(lambda i: torch.mm(a, b) + torch.mm(b, a), 3, torch.device("cpu"))
     assert result["kernels"]["aten::mm"][0] == 2 and result["kernels"]["aten::add"][0] == 1
     assert result["wall_ms"] > 0 and result["gpu_idle"] is None
     assert math.isclose(result["kernel_ms"], sum(ms for _, ms in result["kernels"].values()))

@@ -163,6 +163,54 @@ def measure(run: Callable, setup: Callable | None = None, **kwargs) -> Timing:
     return timings["run"]
 
 
+# ------------------------------------------------------------------------------------------- kernels
+
+
+def kernel_times(call: Callable, iters: int, device: torch.device) -> dict:
+    """Where the time of ``call(i)`` goes, profiled over ``iters`` calls after two warm-ups: ``wall_ms`` per call
+    (median; CUDA events on a GPU), ``kernel_ms`` (the sum of its kernels' times) and ``launches`` per call,
+    ``gpu_idle`` (1 - kernel_ms / wall_ms: the share of the call the GPU ran none of its kernels, i.e. waited for
+    the host; None without a GPU) and ``kernels``: name -> (launches, ms) per call. Without a GPU the events are
+    CPU operators with their own time (nested operators are not counted twice)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    gpu = device.type == "cuda"
+    for i in range(2):
+        call(i)
+    _sync(device)
+    walls = []
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if gpu else [])
+    with _quiet_native_stderr(), profile(activities=activities) as prof:
+        for i in range(iters):
+            if gpu:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                call(i)
+                end.record()
+                end.synchronize()
+                walls.append(start.elapsed_time(end))
+            else:
+                begin = time.perf_counter()
+                call(i)
+                walls.append(1e3 * (time.perf_counter() - begin))
+    totals: dict[str, list] = {}
+    for event in prof.events():
+        if gpu and event.device_type == torch.autograd.DeviceType.CUDA:
+            us = event.time_range.elapsed_us()
+        elif not gpu and event.device_type == torch.autograd.DeviceType.CPU:
+            us = event.self_cpu_time_total
+        else:
+            continue
+        entry = totals.setdefault(event.name, [0, 0.0])
+        entry[0] += 1
+        entry[1] += us / 1e3
+    kernels = {name: (count / iters, ms / iters) for name, (count, ms) in totals.items()}
+    kernel_ms = sum(ms for _, ms in kernels.values())
+    wall = statistics.median(walls)
+    return {"wall_ms": wall, "kernel_ms": kernel_ms, "launches": sum(count for count, _ in kernels.values()),
+            "gpu_idle": max(0.0, 1.0 - kernel_ms / wall) if gpu and wall > 0 else None, "kernels": kernels}
+
+
 # -------------------------------------------------------------------------------------------- memory
 
 
