@@ -39,7 +39,6 @@ COLUMNS = ["case", "tokens", "backend", "pass", "wall_ms", "kernel_ms", "launche
 
 
 def _short(name: str, width: int = 90) -> str:
-    name = " ".join(name.split())
     return name if len(name) <= width else name[: width - 3] + "..."
 
 
@@ -104,7 +103,7 @@ def write_csv(path, results):
                     "wall_ms": r["wall_ms"], "kernel_ms": r["kernel_ms"], "launches": r["launches"],
                     "gpu_idle": r["gpu_idle"], "floor_ms": r["floor_ms"]}
             for name, (count, ms) in sorted(r["kernels"].items(), key=lambda item: -item[1][1]):
-                writer.writerow({**base, "kernel": " ".join(name.split()), "kernel_launches": count,
+                writer.writerow({**base, "kernel": name, "kernel_launches": count,
                                  "kernel_ms_each_call": ms, "share": ms / r["kernel_ms"] if r["kernel_ms"] else None})
 
 
@@ -138,7 +137,8 @@ def main(argv=None) -> int:
     plan = DRY if args.dry_run else QUICK
     if args.shapes:
         prefixes = _csv_list(args.shapes)
-        plan = [(name, tokens) for name in shapes for tokens in [dict(QUICK + DRY).get(name, (64, 4096))]
+        default_tokens = dict(QUICK + DRY)
+        plan = [(name, default_tokens.get(name, (64, 4096))) for name in shapes
                 if any(name.startswith(p) for p in prefixes)]
         if not plan:
             parser.error(f"--shapes {args.shapes!r} matches none of {sorted(shapes)}")

@@ -233,7 +233,7 @@ def main(argv=None) -> int:
         for label, step in zip(("transformers (default)", "moe_kernels (patched)"), steps):
             print(_step_line(label, step))
         ranked = sorted(steps[1]["kernels"].items(), key=lambda item: -item[1][1])[:8]
-        print("patched step, top kernels: " + "; ".join(f"{' '.join(name.split())[:60]} x{count:.0f} {ms:.3f} ms"
+        print("patched step, top kernels: " + "; ".join(f"{name[:60]} x{count:.0f} {ms:.3f} ms"
                                                          for name, (count, ms) in ranked))
     if not same and dtype != torch.float32:
         print(f"(in {args.dtype} a late divergence can be rounding; tests/test_gpu_hf_models.py checks near ties)")

@@ -201,7 +201,7 @@ def kernel_times(call: Callable, iters: int, device: torch.device) -> dict:
             us = event.self_cpu_time_total
         else:
             continue
-        entry = totals.setdefault(event.name, [0, 0.0])
+        entry = totals.setdefault(" ".join(event.name.split()), [0, 0.0])  # kernel names span lines
         entry[0] += 1
         entry[1] += us / 1e3
     kernels = {name: (count / iters, ms / iters) for name, (count, ms) in totals.items()}
