@@ -13,8 +13,9 @@ Suites:
 * ``adapter``: adapter experts (PESC r=16 and LoRA r=64), the backends against a per-expert loop.
 * ``forms`` (opt-in: ``--suites forms``): the expert MLP in the other forms of Hugging Face families, as the
   ``moe`` suite measures it: experts without a gate with ReLU^2 (Nemotron-3-Nano's shape; the HF rows run
-  transformers' NemotronHExperts) and Inkling2's soft-capped SwiGLU (at Qwen3-30B-A3B's shape; HF rows run
-  Inkling2Experts). Liger and vLLM have neither form.
+  transformers' NemotronHExperts), Inkling2's soft-capped SwiGLU (at Qwen3-30B-A3B's shape; HF rows run
+  Inkling2Experts) and Gemma 4's GELU-tanh gate (its 26B-A4B MoE layer; HF rows run Gemma4TextExperts). Liger and
+  vLLM have none of these forms.
 
 Timing: CUDA events around each call, providers interleaved round-robin so clock drift hits all of them
 alike, warm-up calls first (compiles, allocator), the median over the repeats, three input sets rotated
@@ -84,7 +85,8 @@ class MoEShape:
 
 # The expert MLP forms the benchmark knows: moe_mlp's arguments for each.
 FORMS = {"swiglu": {}, "relu2": dict(activation="relu2", gated=False),
-         "softcap": dict(activation="softcap_swiglu", softcaps=(4.0, 25.0))}  # Inkling2's default caps
+         "softcap": dict(activation="softcap_swiglu", softcaps=(4.0, 25.0)),  # Inkling2's default caps
+         "gelu_tanh": dict(activation="gelu_tanh")}  # Gemma 4's gelu_pytorch_tanh gate
 
 
 MOE_SHAPES = [
@@ -97,8 +99,12 @@ TOKENS = (1, 4, 8, 64, 512, 4096, 16384)
 QUICK_TOKENS = (1, 8, 64, 4096, 16384)
 DRY_SHAPES = [MoEShape("tiny", 32, 16, 5, 2), MoEShape("tiny-k1", 16, 16, 3, 1)]
 FORM_SHAPES = [MoEShape("Nemotron-3-Nano, no gate, ReLU^2 (H2688 I1856)", 2688, 1856, 128, 6, "relu2"),
-               MoEShape("soft-capped SwiGLU (Inkling2) at Qwen3-30B-A3B", 2048, 768, 128, 8, "softcap")]
-DRY_FORM_SHAPES = [MoEShape("tiny-k1-relu2", 16, 16, 3, 1, "relu2"), MoEShape("tiny-k1-softcap", 16, 16, 3, 1, "softcap")]
+               MoEShape("soft-capped SwiGLU (Inkling2) at Qwen3-30B-A3B", 2048, 768, 128, 8, "softcap"),
+               # Gemma 4 26B-A4B's MoE layer as published listings give it (hidden 2112, 128 experts of 704, top-8)
+               MoEShape("Gemma 4 26B-A4B, GELU-tanh gate (H2112 I704)", 2112, 704, 128, 8, "gelu_tanh")]
+DRY_FORM_SHAPES = [MoEShape("tiny-k1-relu2", 16, 16, 3, 1, "relu2"),
+                   MoEShape("tiny-k1-softcap", 16, 16, 3, 1, "softcap"),
+                   MoEShape("tiny-k1-gelu-tanh", 16, 16, 3, 1, "gelu_tanh")]
 DRY_TOKENS = (1, 7)
 # decode token counts whose forward is also timed replayed from CUDA graphs (the "fwd_graph" pass)
 GRAPH_MAX_TOKENS = 8
@@ -199,8 +205,8 @@ def rel_err(actual, expected) -> float:
 
 def _hf_experts(shape: MoEShape, gate_up, down):
     """transformers' experts module of the shape's form holding the same weights: MixtralExperts (gate rows then up
-    rows, SiLU), NemotronHExperts (no gate, ReLU^2) or Inkling2Experts (soft-capped SwiGLU). None when this
-    transformers lacks it."""
+    rows, SiLU), NemotronHExperts (no gate, ReLU^2), Inkling2Experts (soft-capped SwiGLU) or Gemma4TextExperts
+    (GELU-tanh gate). None when this transformers lacks it."""
     import transformers
 
     if shape.form == "swiglu":
@@ -217,6 +223,11 @@ def _hf_experts(shape: MoEShape, gate_up, down):
         config = transformers.Inkling2TextConfig(hidden_size=shape.hidden, moe_intermediate_size=shape.inter,
                                                  n_routed_experts=shape.experts, num_experts_per_tok=shape.top_k,
                                                  mlp_gate_softcap=gate_cap, mlp_up_softcap=up_cap)
+    elif shape.form == "gelu_tanh" and hasattr(transformers, "Gemma4TextConfig"):
+        from transformers.models.gemma4.modeling_gemma4 import Gemma4TextExperts as cls
+        config = transformers.Gemma4TextConfig(hidden_size=shape.hidden, moe_intermediate_size=shape.inter,
+                                               num_experts=shape.experts, top_k_experts=shape.top_k,
+                                               enable_moe_block=True, hidden_activation="gelu_pytorch_tanh")
     else:
         return None, None
     with torch.device("meta"):
