@@ -88,6 +88,9 @@ FAMILIES = {
     # Aria's text model: moe_topk (not num_experts_per_tok), top-k of the logits then softmax over the k
     "aria_text": ("AriaTextConfig", "AriaTextForCausalLM",
                   dict(intermediate_size=32, moe_num_experts=8, moe_topk=2, moe_num_shared_experts=1)),
+    # HunYuan-V1-MoE: its router is a *Gate class (HunYuanMoEV1Gate, fp32 Linear), k is moe_topk
+    "hunyuan_v1_moe": ("HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM",
+                       dict(intermediate_size=32, num_experts=8, num_local_experts=8, moe_topk=2)),
     # experts without a gate (moe_mlp(..., gated=False)), with the config's default activation, ReLU^2
     "nemotron_h": ("NemotronHConfig", "NemotronHForCausalLM",
                    dict(intermediate_size=32, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,

@@ -1,5 +1,5 @@
 """The fused router forwards of the newer Hugging Face families (moe_kernels.hf.routers: AFMoE, Aria, AXK2, Beam,
-Cohere2-MoE, dots3/HunYuan-V3, ERNIE-4.5-MoE, Flint, Inkling2, Kolibri1, Laguna, LaraMini, MiniMax-M2/M3-VL,
+Cohere2-MoE, dots3/HunYuan-V3, ERNIE-4.5-MoE, Flint, HunYuan-V1-MoE's gate, Inkling2, Kolibri1, Laguna, LaraMini, MiniMax-M2/M3-VL,
 Mistral-Large-4, MuseSpark, OpenAI privacy filter) against the transformers forwards they replace, router by router, in fp32
 and bf16: logits, ids, weights (dtype included) and the gradients into the hidden states and every router parameter
 (tests/test_hf_route_parity.compare_router_forwards). Each case uses the family's own config class with its options
@@ -57,6 +57,13 @@ CASES = [
      dict(moe_norm_min=2.0), None, False),
     ("flint", "flint", "flint:FlintTopKRouter", "FlintConfig", dict(norm_topk_prob=True), None, False),
     ("flint-no-norm", "flint", "flint:FlintTopKRouter", "FlintConfig", dict(norm_topk_prob=False), None, False),
+    # HunYuan-V1-MoE's gate (a *Gate class): softmax, renormalised; logits in the gate Linear's dtype, and fp32 when
+    # that Linear stays fp32 in a bf16 model (it is built fp32), k = E too
+    ("hunyuan_v1_moe", "hunyuan_v1_moe", "hunyuan_v1_moe:HunYuanMoEV1Gate", "HunYuanMoEV1Config", {}, None, True),
+    ("hunyuan_v1_moe-fp32-gate", "hunyuan_v1_moe", "hunyuan_v1_moe:HunYuanMoEV1Gate", "HunYuanMoEV1Config", {}, None,
+     False),
+    ("hunyuan_v1_moe-k=E", "hunyuan_v1_moe", "hunyuan_v1_moe:HunYuanMoEV1Gate", "HunYuanMoEV1Config",
+     dict(moe_topk=E), None, False),
     # the router stays fp32 in a bf16 model (Inkling2 keeps it in fp32 and routes in fp32)
     ("inkling2", "inkling2", "inkling2:Inkling2TopKRouter", "Inkling2TextConfig", dict(routed_scaling_factor=2.0),
      None, False),
@@ -104,12 +111,16 @@ def _build(router_path: str, config_name: str, overrides: dict):
     return router
 
 
+# cases whose router keeps its fp32 parameters when the inputs are bf16
+FP32_ROUTER_CASES = {"inkling2", "hunyuan_v1_moe-fp32-gate"}
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_fused_router_forward_matches_original(case, dtype):
-    _, variant_name, router_path, config_name, overrides, extra, three_d = case
+    case_id, variant_name, router_path, config_name, overrides, extra, three_d = case
     router = _build(router_path, config_name, overrides)
-    if variant_name != "inkling2":
+    if case_id not in FP32_ROUTER_CASES:
         router = router.to(dtype)
     g = torch.Generator().manual_seed(3)
     hidden = torch.randn(33, HIDDEN, generator=g).to(dtype)

@@ -9,7 +9,9 @@ Generated from the installed transformers, not written by hand:
    the ``"moe_kernels"`` experts implementation runs them exactly;
 3. its router classes (classes named ``*Router``) are matched, by identical ``forward`` source, to the
    templates of :data:`moe_kernels.hf.routers.VARIANTS`; a matched router is replaced by the fused
-   ``moe_kernels.route``, an unmatched one keeps transformers' own forward (named in the table).
+   ``moe_kernels.route``, an unmatched one keeps transformers' own forward (named in the table). A class named
+   ``*Gate`` is a router only when it matches a template (HunYuan-V1-MoE's gate): most ``*Gate`` classes are other
+   gates (forget gates, residual gates) and are not listed.
 
 Status per family: ``"experts+router"`` (both patched), ``"experts"`` (experts patched, router left to
 transformers -- still exact), ``"unsupported"`` (with the reason). ``parity_tested`` marks families
@@ -34,13 +36,15 @@ from .routers import match_variant
 # Families with a whole-model parity suite in integration/test_hf_families.py.
 PARITY_TESTED = frozenset({"mixtral", "minimax", "qwen2_moe", "qwen3_moe", "olmoe", "flex_olmo", "deepseek_v3",
                            "glm4_moe", "dots1", "gpt_oss", "granitemoe", "jamba", "nemotron_h", "hy_v4",
-                           "minimax_m2", "ernie4_5_moe", "inkling2", "gemma4_text", "aria_text"})
+                           "minimax_m2", "ernie4_5_moe", "inkling2", "gemma4_text", "aria_text",
+                           "hunyuan_v1_moe"})
 # Families whose experts module alone is compared with transformers' forward (tests/test_hf_gate_forms.py;
 # muse_spark's, with its post-expert norm, in tests/test_hf_post_expert_norm.py).
 EXPERTS_PARITY_TESTED = frozenset({"deepseek_v4", "glm5_next", "hy_v4", "minimax_m3_vl", "openai_privacy_filter",
                                    "gpt_oss", "beam", "inkling2", "muse_spark"})
 
 _ROUTER_NAME = re.compile(r"Router$")
+_GATE_NAME = re.compile(r"Gate$")  # a router only where it matches a variant (see the module docstring)
 # The config fields that name a family's k: most use num_experts_per_tok; Gemma 4 (and DiffusionGemma's text
 # model) top_k_experts, next to enable_moe_block, which is off in its default config; Aria's text model moe_topk.
 _TOP_K_FIELDS = ("num_experts_per_tok", "top_k_experts", "moe_topk")
@@ -151,6 +155,8 @@ def scan_family(model_type: str, module_name: str) -> Family:
                 family.unmatched_routers.append(cls.__name__)
             else:
                 family.routers[cls.__name__] = variant.name
+        elif _GATE_NAME.search(cls.__name__) and (variant := match_variant(cls)) is not None:
+            family.routers[cls.__name__] = variant.name
     if reasons:
         family.reason = "; ".join(reasons)
     elif not family.experts_classes:

@@ -204,6 +204,17 @@ def flint_forward(self, hidden_states):
     return router_logits, weights, ids.long()
 
 
+def hunyuan_v1_moe_forward(self, hidden_states):
+    """HunYuan-V1-MoE's gate (HunYuanMoEV1Gate, a *Gate class): logits of its Linear, fp32 when that Linear is
+    (the hidden states cast up to it); softmax (fp32) -> top-k -> renormalise; weights in the logits' dtype."""
+    hidden_states = hidden_states.reshape(-1, hidden_states.shape[-1])
+    if self.wg.weight.dtype == torch.float32:
+        hidden_states = hidden_states.float()
+    router_logits = self.wg(hidden_states)
+    weights, ids = _route(self, router_logits, scoring="softmax", order="softmax_then_topk", renormalize=True)
+    return router_logits, weights.to(router_logits.dtype), ids.long()
+
+
 def inkling2_forward(self, hidden_states):
     """Inkling2: fp32 routing; sigmoid (its score_fn) choice on scores + e_score_correction_bias; renormalise
     (+1e-20); x routed_scaling_factor. Another score_fn has no route() equivalent: the original runs."""
@@ -360,6 +371,9 @@ VARIANTS: tuple[RouterVariant, ...] = (
                   "softmax, bias=e_score_correction_bias, then / max(sum, moe_norm_min)", ernie4_5_moe_forward),
     RouterVariant("flint", "flint.modeling_flint:FlintTopKRouter", "sigmoid, renormalize=norm_topk_prob",
                   flint_forward),
+    RouterVariant("hunyuan_v1_moe", "hunyuan_v1_moe.modeling_hunyuan_v1_moe:HunYuanMoEV1Gate",
+                  "softmax, softmax_then_topk, renormalize (fp32 logits when the gate's Linear is fp32)",
+                  hunyuan_v1_moe_forward),
     RouterVariant("inkling2", "inkling2.modeling_inkling2:Inkling2TopKRouter",
                   "sigmoid, bias=e_score_correction_bias, renormalize, scale", inkling2_forward),
     RouterVariant("kolibri1", "kolibri1.modeling_kolibri1:Kolibri1TopKRouter",
