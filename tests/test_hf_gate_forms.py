@@ -1,7 +1,8 @@
 """The experts gates moe_kernels recognises from an experts class's ``_apply_gate`` source
 (moe_kernels.hf.experts.gate_form), and experts-level parity with transformers' own forward for each family that
 uses one: the clamped SwiGLU (DeepSeek-V4, GLM-5-next, HunYuan-V4) and GPT-OSS's SwiGLU on concatenated halves
-(MiniMax-M3-VL, OpenAI privacy filter), act(gate) * up in fp32 (Beam), GPT-OSS itself as the control. Output and every gradient, per backend, with
+(MiniMax-M3-VL, OpenAI privacy filter), act(gate) * up in fp32 (Beam) and with GELU-tanh (Gemma 4, DiffusionGemma),
+GPT-OSS itself as the control. Output and every gradient, per backend, with
 a clamp that binds."""
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ FAMILIES = {
     "beam": ("BeamConfig", "BeamExperts", "silu", False),  # act(gate) * up in fp32, no clamp
     # act_fn(gate, up): Inkling2's soft-capped SwiGLU, caps small enough to bind (GATE_CAP, UP_CAP)
     "inkling2": ("Inkling2TextConfig", "Inkling2Experts", "softcap_swiglu", False),
+    # act(gate) * up with Gemma's gelu_pytorch_tanh (k named top_k_experts in their configs)
+    "gemma4": ("Gemma4TextConfig", "Gemma4TextExperts", "gelu_tanh", False),
+    "diffusion_gemma": ("DiffusionGemmaTextConfig", "DiffusionGemmaTextExperts", "gelu_tanh", False),
 }
 LIMIT = 0.5  # small enough that the clamp binds on the random pre-activations below
 GATE_CAP, UP_CAP = 1.0, 1.5  # Inkling2's soft caps (defaults 4 and 25), small enough to bind here
@@ -46,7 +50,8 @@ def _experts(model_type: str):
         pytest.skip(f"this transformers has no {model_type}")
     config = getattr(config_module, config_name)(
         hidden_size=32, intermediate_size=16, moe_intermediate_size=16, num_local_experts=8, n_routed_experts=8,
-        num_experts=8, num_experts_per_tok=2, swiglu_limit=LIMIT, mlp_gate_softcap=GATE_CAP, mlp_up_softcap=UP_CAP)
+        num_experts=8, num_experts_per_tok=2, top_k_experts=2, swiglu_limit=LIMIT, mlp_gate_softcap=GATE_CAP,
+        mlp_up_softcap=UP_CAP)
     experts = getattr(model_module, experts_name)(config)
     form = gate_form(type(experts))
     if form.limit_attribute is not None:

@@ -41,7 +41,7 @@ PARITY_TESTED = frozenset({"mixtral", "minimax", "qwen2_moe", "qwen3_moe", "olmo
 # Families whose experts module alone is compared with transformers' forward (tests/test_hf_gate_forms.py;
 # muse_spark's, with its post-expert norm, in tests/test_hf_post_expert_norm.py).
 EXPERTS_PARITY_TESTED = frozenset({"deepseek_v4", "glm5_next", "hy_v4", "minimax_m3_vl", "openai_privacy_filter",
-                                   "gpt_oss", "beam", "inkling2", "muse_spark"})
+                                   "gpt_oss", "beam", "inkling2", "muse_spark", "gemma4", "diffusion_gemma"})
 
 _ROUTER_NAME = re.compile(r"Router$")
 _GATE_NAME = re.compile(r"Gate$")  # a router only where it matches a variant (see the module docstring)
