@@ -91,6 +91,11 @@ FAMILIES = {
     # HunYuan-V1-MoE: its router is a *Gate class (HunYuanMoEV1Gate, fp32 Linear), k is moe_topk
     "hunyuan_v1_moe": ("HunYuanMoEV1Config", "HunYuanMoEV1ForCausalLM",
                        dict(intermediate_size=32, num_experts=8, num_local_experts=8, moe_topk=2)),
+    # Llama 4: experts run inside the MoE block (every expert on every token in transformers, the input scaled by
+    # the sigmoid score), top-1 as released; the block's forward is moe_kernels.hf.blocks'
+    "llama4_text": ("Llama4TextConfig", "Llama4ForCausalLM",
+                    dict(intermediate_size=16, intermediate_size_mlp=32, num_local_experts=8, num_experts_per_tok=1,
+                         moe_layers=[0, 1])),
     # experts without a gate (moe_mlp(..., gated=False)), with the config's default activation, ReLU^2
     "nemotron_h": ("NemotronHConfig", "NemotronHForCausalLM",
                    dict(intermediate_size=32, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,

@@ -3,7 +3,8 @@
 Generated from the installed transformers, not written by hand:
 
 1. every ``model_type`` of ``CONFIG_MAPPING_NAMES`` whose modeling module uses
-   ``@use_experts_implementation`` is a candidate;
+   ``@use_experts_implementation``, or holds a MoE block of :data:`moe_kernels.hf.blocks.VARIANTS` (Llama 4's, whose
+   experts run inside the block), is a candidate;
 2. its experts classes are those whose ``forward`` is that decorator's dispatcher; their layout flags
    (read from the decorator's closure) and gate (:func:`moe_kernels.hf.experts.gate_form`) decide whether
    the ``"moe_kernels"`` experts implementation runs them exactly;
@@ -30,6 +31,8 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
+from .blocks import VARIANTS as BLOCK_VARIANTS
+from .blocks import match_block
 from .experts import gate_form
 from .routers import match_variant
 
@@ -37,7 +40,7 @@ from .routers import match_variant
 PARITY_TESTED = frozenset({"mixtral", "minimax", "qwen2_moe", "qwen3_moe", "olmoe", "flex_olmo", "deepseek_v3",
                            "glm4_moe", "dots1", "gpt_oss", "granitemoe", "jamba", "nemotron_h", "hy_v4",
                            "minimax_m2", "ernie4_5_moe", "inkling2", "gemma4_text", "aria_text",
-                           "hunyuan_v1_moe"})
+                           "hunyuan_v1_moe", "llama4_text"})
 # Families whose experts module alone is compared with transformers' forward (tests/test_hf_gate_forms.py;
 # muse_spark's, with its post-expert norm, in tests/test_hf_post_expert_norm.py).
 EXPERTS_PARITY_TESTED = frozenset({"deepseek_v4", "glm5_next", "hy_v4", "minimax_m3_vl", "openai_privacy_filter",
@@ -55,13 +58,15 @@ class Family:
     model_type: str
     module: str
     experts_classes: list[str] = field(default_factory=list)
+    blocks: dict[str, str] = field(default_factory=dict)  # MoE block class -> block variant name (hf/blocks.py)
     routers: dict[str, str] = field(default_factory=dict)  # router class -> variant name
     unmatched_routers: list[str] = field(default_factory=list)
     status: str = "unsupported"
     reason: str = ""
 
     def as_dict(self) -> dict:
-        return {"model_type": self.model_type, "status": self.status, "experts": ", ".join(self.experts_classes),
+        experts = self.experts_classes + [f"{name}'s experts" for name in self.blocks]
+        return {"model_type": self.model_type, "status": self.status, "experts": ", ".join(experts),
                 "router_variant": ", ".join(sorted(set(self.routers.values()))) or "-",
                 "routers_patched": ", ".join(self.routers) or "-",
                 "routers_kept": ", ".join(self.unmatched_routers) or "-",
@@ -143,8 +148,16 @@ def scan_family(model_type: str, module_name: str) -> Family:
         family.reason = f"modeling module does not import: {type(exc).__name__}: {exc}"[:200]
         return family
     reasons = []
+    block_names = {variant.block for variant in BLOCK_VARIANTS if module_name.endswith(variant.module)}
     for cls in _classes(module):
-        if is_experts_class(cls):
+        if cls.__name__ in block_names:
+            block = match_block(cls)
+            if block is None:
+                reasons.append(f"{cls.__name__}: its forward, or its router's or experts', is not the source "
+                               "moe_kernels.hf.blocks was written against")
+            else:
+                family.blocks[cls.__name__] = block.name
+        elif is_experts_class(cls):
             family.experts_classes.append(cls.__name__)
             reason = experts_unsupported_reason(cls)
             if reason:
@@ -159,7 +172,7 @@ def scan_family(model_type: str, module_name: str) -> Family:
             family.routers[cls.__name__] = variant.name
     if reasons:
         family.reason = "; ".join(reasons)
-    elif not family.experts_classes:
+    elif not family.experts_classes and not family.blocks:
         family.reason = "no experts class uses @use_experts_implementation"
     elif family.routers and not family.unmatched_routers:
         family.status = "experts+router"
@@ -182,7 +195,8 @@ def scan() -> dict[str, Family]:
         package = model_type_to_module_name(model_type)
         module_name = f"transformers.models.{package}.modeling_{package}"
         try:
-            uses = _module_uses_experts_interface(module_name)
+            uses = _module_uses_experts_interface(module_name) or any(
+                module_name.endswith(variant.module) for variant in BLOCK_VARIANTS)
         except (ImportError, ValueError, OSError):
             continue
         if uses and _config_has_moe(CONFIG_MAPPING[model_type]):

@@ -3,8 +3,9 @@
 * ``apply(model)`` patches a built model in place: its experts go through the ``"moe_kernels"``
   experts implementation (``model.set_experts_implementation``) and every router whose forward matches
   a :data:`moe_kernels.hf.routers.VARIANTS` template gets the fused ``moe_kernels.route`` forward on
-  the instance. Returns the model.
-* ``apply_to(model_type)`` patches the *classes* of a family before a model is built (experts and
+  the instance; a MoE block that runs its experts itself (Llama 4's, :mod:`moe_kernels.hf.blocks`) gets a forward
+  that runs them through ``moe_kernels.moe_mlp``. Returns the model.
+* ``apply_to(model_type)`` patches the *classes* of a family before a model is built (experts, block and
   router ``forward``), so every model of that type built afterwards runs on moe_kernels.
 * ``revert(model)`` / ``revert(model_type)`` undo either.
 
@@ -20,7 +21,9 @@ import types
 import torch.nn as nn
 
 from ..backends import AUTO, get_backend
-from .experts import BACKEND_ATTRIBUTE, EXPERTS_IMPLEMENTATION, describe_experts, moe_kernels_experts_forward
+from . import blocks as _blocks
+from .experts import (BACKEND_ATTRIBUTE, EXPERTS_IMPLEMENTATION, activation_name, describe_experts,
+                      moe_kernels_experts_forward)
 from .families import family_of, is_experts_class
 from .families import supported_model_types as _supported_model_types
 from .routers import ORIGINAL_FORWARD, VARIANTS_BY_NAME
@@ -45,14 +48,18 @@ def _is_experts_module(module: nn.Module) -> bool:
 
 
 def _patched_modules(model: nn.Module, family):
-    """(experts modules, [(router module, variant)]) of ``model`` that ``family`` patches."""
-    experts, routers = [], []
+    """(experts modules, [(router module, variant)], [(MoE block module, block variant)]) of ``model`` that
+    ``family`` patches."""
+    experts, routers, blocks = [], [], []
     for module in model.modules():
+        name = type(module).__name__
         if _is_experts_module(module):
             experts.append(module)
-        elif type(module).__name__ in family.routers:
-            routers.append((module, VARIANTS_BY_NAME[family.routers[type(module).__name__]]))
-    return experts, routers
+        elif name in family.routers:
+            routers.append((module, VARIANTS_BY_NAME[family.routers[name]]))
+        elif name in family.blocks:
+            blocks.append((module, _blocks.VARIANTS_BY_NAME[family.blocks[name]]))
+    return experts, routers, blocks
 
 
 def apply(model: nn.Module, *, backend: str | None = None, routers: bool = True) -> nn.Module:
@@ -69,9 +76,11 @@ def apply(model: nn.Module, *, backend: str | None = None, routers: bool = True)
         raise TypeError(f"model must be a transformers PreTrainedModel with a config, got {type(model).__name__}")
     family = family_of(model_type)
     _check_backend(backend)
-    experts, router_modules = _patched_modules(model, family)
-    if not experts:
+    experts, router_modules, block_modules = _patched_modules(model, family)
+    if not experts and not block_modules:
         raise ValueError(f"model of type {model_type!r} has no experts module built with @use_experts_implementation")
+    for module, _ in block_modules:
+        activation_name(module.experts.act_fn)  # fail now on an activation moe_mlp lacks
     for module in experts:
         describe_experts(module)  # fail now, not in the middle of a forward
         if module.config._experts_implementation is None:
@@ -79,9 +88,10 @@ def apply(model: nn.Module, *, backend: str | None = None, routers: bool = True)
 
     state = getattr(model, _MODEL_STATE, None)
     if state is None:
-        state = {"experts_implementation": model.get_experts_implementation(), "experts_overridden": [],
-                 "routers": []}
-    model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
+        state = {"experts_implementation": model.get_experts_implementation() if experts else None,
+                 "experts_overridden": [], "routers": [], "blocks": []}
+    if experts:
+        model.set_experts_implementation(EXPERTS_IMPLEMENTATION)
     for module in experts:
         setattr(module, BACKEND_ATTRIBUTE, backend)
         if module.config._experts_implementation != EXPERTS_IMPLEMENTATION and "forward" not in module.__dict__:
@@ -94,6 +104,11 @@ def apply(model: nn.Module, *, backend: str | None = None, routers: bool = True)
             if "forward" not in module.__dict__:
                 module.forward = types.MethodType(variant.forward, module)
                 state["routers"].append(module)
+    for module, variant in block_modules:  # its router and experts run inside the block's forward
+        setattr(module, BACKEND_ATTRIBUTE, backend)
+        if "forward" not in module.__dict__:
+            module.forward = types.MethodType(variant.forward, module)
+            state["blocks"].append(module)
     object.__setattr__(model, _MODEL_STATE, state)  # plain attribute, not a submodule or parameter
     return model
 
@@ -102,8 +117,9 @@ def _revert_model(model: nn.Module) -> nn.Module:
     state = model.__dict__.pop(_MODEL_STATE, None)
     if state is None:
         raise ValueError("revert: this model was not patched by moe_kernels.hf.apply")
-    model.set_experts_implementation(state["experts_implementation"])
-    for module in state["experts_overridden"] + state["routers"]:
+    if state["experts_implementation"] is not None:
+        model.set_experts_implementation(state["experts_implementation"])
+    for module in state["experts_overridden"] + state["routers"] + state["blocks"]:
         module.__dict__.pop("forward", None)
     for module in model.modules():
         module.__dict__.pop(BACKEND_ATTRIBUTE, None)
@@ -120,7 +136,7 @@ def _experts_class_forward(original):
 
 
 def apply_to(model_type: str, *, backend: str | None = None, routers: bool = True) -> list[str]:
-    """Patch the classes of ``model_type`` (experts and matched routers) so that models built afterwards
+    """Patch the classes of ``model_type`` (experts, MoE blocks and matched routers) so that models built afterwards
     run on moe_kernels whatever their ``experts_implementation``. Returns the patched class names.
     Idempotent; :func:`revert` with the same ``model_type`` undoes it."""
     family = family_of(model_type)
@@ -136,16 +152,18 @@ def apply_to(model_type: str, *, backend: str | None = None, routers: bool = Tru
             patched.append((cls, original))
         setattr(cls, BACKEND_ATTRIBUTE, backend)
         names.append(name)
+    replaced = [(name, _blocks.VARIANTS_BY_NAME[variant].forward) for name, variant in family.blocks.items()]
     if routers:
-        for name, variant_name in family.routers.items():
-            cls = getattr(module, name)
-            if ORIGINAL_FORWARD not in cls.__dict__:
-                original = cls.__dict__["forward"]
-                setattr(cls, ORIGINAL_FORWARD, original)
-                cls.forward = VARIANTS_BY_NAME[variant_name].forward
-                patched.append((cls, original))
-            setattr(cls, BACKEND_ATTRIBUTE, backend)
-            names.append(name)
+        replaced += [(name, VARIANTS_BY_NAME[variant].forward) for name, variant in family.routers.items()]
+    for name, forward in replaced:
+        cls = getattr(module, name)
+        if ORIGINAL_FORWARD not in cls.__dict__:
+            original = cls.__dict__["forward"]
+            setattr(cls, ORIGINAL_FORWARD, original)
+            cls.forward = forward
+            patched.append((cls, original))
+        setattr(cls, BACKEND_ATTRIBUTE, backend)
+        names.append(name)
     return names
 
 
@@ -159,7 +177,7 @@ def _revert_classes(model_type: str) -> None:
                 delattr(cls, attribute)
     family = family_of(model_type)
     module = importlib.import_module(family.module)
-    for name in family.experts_classes + list(family.routers):
+    for name in family.experts_classes + list(family.routers) + list(family.blocks):
         cls = getattr(module, name)
         if BACKEND_ATTRIBUTE in cls.__dict__:
             delattr(cls, BACKEND_ATTRIBUTE)

@@ -1,0 +1,103 @@
+"""MoE blocks that run their experts themselves (moe_kernels.hf.blocks): Llama 4's ``Llama4TextMoe``, whose
+transformers forward runs every expert on every token (the input scaled by the sigmoid router score, 0 for the
+experts not chosen), against moe_kernels' forward, which runs only the chosen slots through ``moe_mlp``.
+
+Block-level parity per backend (on CUDA for triton/cuda with a GPU): the output, the router logits and the
+gradients of the hidden states and every parameter, fp32 and bf16, over a grid with k = 1 (as released), k = 2,
+k = E, a prime expert count, one token and an expert no token chooses. Then what guards the forward: a block whose
+source differs from the one it was written against is not matched, and apply_to / revert on the class."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import moe_kernels.hf as mkhf  # noqa: E402
+from moe_kernels.hf import blocks  # noqa: E402
+from moe_kernels.hf.experts import BACKEND_ATTRIBUTE  # noqa: E402
+from moe_kernels.hf.families import families_table, scan  # noqa: E402
+from moe_testing import REL_TOL, backends_under_test, device_for, rel_err  # noqa: E402
+
+llama4 = pytest.importorskip("transformers.models.llama4.modeling_llama4")
+
+HIDDEN = 24
+# (experts, k, tokens): top-1 as released, k = 2, k = E, a prime expert count, one token
+GRID = [(8, 1, 9), (8, 2, 9), (5, 5, 6), (7, 3, 11), (8, 1, 1)]
+
+
+def _block(num_experts: int, k: int, dtype: torch.dtype, device) -> torch.nn.Module:
+    config = transformers.Llama4TextConfig(hidden_size=HIDDEN, intermediate_size=16, intermediate_size_mlp=32,
+                                           num_local_experts=num_experts, num_experts_per_tok=k,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    block = llama4.Llama4TextMoe(config)
+    g = torch.Generator().manual_seed(num_experts * 10 + k)
+    with torch.no_grad():
+        for param in block.parameters():
+            param.copy_(torch.randn(param.shape, generator=g) * 0.3)
+    return block.to(device, dtype)
+
+
+def _run(block, forward, hidden):
+    block.zero_grad()
+    h = hidden.clone().requires_grad_(True)
+    out, logits = forward(block, h)
+    cotangent = torch.linspace(-1, 1, out.numel(), device=out.device).view_as(out).to(out.dtype)
+    (out * cotangent).sum().backward()
+    grads = {name: p.grad.clone() for name, p in block.named_parameters() if p.grad is not None}
+    return out.detach(), logits.detach(), h.grad, grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("num_experts,k,tokens", GRID)
+@pytest.mark.parametrize("backend", backends_under_test())
+def test_llama4_block_matches_transformers(backend, num_experts, k, tokens, dtype):
+    device = device_for(backend)
+    block = _block(num_experts, k, dtype, device)
+    setattr(block, BACKEND_ATTRIBUTE, backend)
+    g = torch.Generator().manual_seed(tokens)
+    hidden = torch.randn(tokens, HIDDEN, generator=g).to(device, dtype)
+    want = _run(block, type(block).forward, hidden)
+    got = _run(block, blocks.llama4_text_moe_forward, hidden)
+    assert torch.equal(got[1], want[1]), "router logits differ"
+    assert got[0].dtype == want[0].dtype == dtype
+    tol = REL_TOL[dtype]
+    for what, a, b in (("output", got[0], want[0]), ("grad of the hidden states", got[2], want[2])):
+        assert rel_err(a, b) <= tol, f"{what}: relative error {rel_err(a, b):.2e}"
+    assert got[3].keys() == want[3].keys() and {"experts.gate_up_proj", "router.weight"} <= set(want[3])
+    for name, grad in want[3].items():
+        # an expert no token chose has no gradient in either (zero in transformers' dense bmm)
+        err = rel_err(got[3][name], grad) if grad.norm() > 0 else got[3][name].norm().item()
+        assert err <= tol * 5, f"grad of {name}: relative error {err:.2e}"
+
+
+def test_a_block_whose_source_changed_is_not_matched():
+    """A Llama4TextMoe whose forward is not the one moe_kernels was written against keeps transformers' forward
+    (match_block answers None): a transformers release that changes the block leaves it unpatched, never wrong."""
+    original = llama4.Llama4TextMoe
+    assert blocks.match_block(original) is blocks.VARIANTS_BY_NAME["llama4"]
+
+    def forward(self, hidden_states):  # a changed forward: the scaled input applied after the experts
+        return original.forward(self, hidden_states)
+
+    changed = type("Llama4TextMoe", (original,), {"forward": forward, "__module__": original.__module__})
+    assert blocks.match_block(changed) is None
+    row = next(r for r in families_table() if r["model_type"] == "llama4_text")
+    assert row["status"] == "experts" and row["experts"] == "Llama4TextMoe's experts", row
+    assert scan()["llama4_text"].blocks == {"Llama4TextMoe": "llama4"}
+
+
+def test_apply_to_patches_the_block_class_and_revert_restores_it():
+    cls = llama4.Llama4TextMoe
+    original = cls.__dict__["forward"]
+    try:
+        names = mkhf.apply_to("llama4_text", backend="reference")
+        assert "Llama4TextMoe" in names and cls.forward is blocks.llama4_text_moe_forward
+        assert blocks.match_block(cls) is blocks.VARIANTS_BY_NAME["llama4"]  # read from the original forward
+        block = _block(8, 1, torch.float32, "cpu")
+        out, _ = block(torch.randn(3, HIDDEN))
+        assert out.shape == (3, HIDDEN)
+    finally:
+        mkhf.revert("llama4_text")
+    assert cls.__dict__["forward"] is original and BACKEND_ATTRIBUTE not in cls.__dict__
