@@ -101,3 +101,35 @@ def test_apply_to_patches_the_block_class_and_revert_restores_it():
     finally:
         mkhf.revert("llama4_text")
     assert cls.__dict__["forward"] is original and BACKEND_ATTRIBUTE not in cls.__dict__
+
+
+def test_llama4_multimodal_model_patches_the_blocks_of_its_language_model():
+    """model_type "llama4" (Llama4ForConditionalGeneration): apply() patches the MoE blocks inside its language
+    model, whose hidden states then match the unpatched model's (compared on the language model: transformers
+    5.24's text-only forward of the whole model fails on its own, reading image_outputs it did not produce)."""
+    import copy
+
+    text = dict(vocab_size=96, hidden_size=HIDDEN, intermediate_size=16, intermediate_size_mlp=32, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=8, num_experts_per_tok=1,
+                moe_layers=[0, 1], pad_token_id=0)
+    vision = dict(hidden_size=16, intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+                  patch_size=16, vision_output_dim=16, projector_input_dim=16, projector_output_dim=16)
+    torch.manual_seed(0)
+    base = transformers.Llama4ForConditionalGeneration(transformers.Llama4Config(text_config=text,
+                                                                                 vision_config=vision)).eval()
+    with torch.no_grad():
+        for param in base.parameters():
+            if param.dim() >= 2:
+                param.normal_(0.0, 0.2)
+    patched = mkhf.apply(copy.deepcopy(base), backend="reference")
+    patched_blocks = [m for m in patched.modules() if isinstance(m, llama4.Llama4TextMoe) and "forward" in m.__dict__]
+    assert len(patched_blocks) == 2
+
+    def language_model(model):
+        return next(m for m in model.modules() if type(m).__name__ == "Llama4TextModel")
+
+    ids = torch.randint(3, 96, (2, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        got = language_model(patched)(input_ids=ids).last_hidden_state
+        want = language_model(base)(input_ids=ids).last_hidden_state
+    assert rel_err(got, want) <= REL_TOL[torch.float32]
