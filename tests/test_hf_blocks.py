@@ -133,3 +133,17 @@ def test_llama4_multimodal_model_patches_the_blocks_of_its_language_model():
         got = language_model(patched)(input_ids=ids).last_hidden_state
         want = language_model(base)(input_ids=ids).last_hidden_state
     assert rel_err(got, want) <= REL_TOL[torch.float32]
+
+
+def test_patched_block_compiles_whole():
+    """The patched block traces under torch.compile(fullgraph=True), as transformers' compiled decoding and training
+    scripts compile models: no graph break, and the compiled block matches transformers' eager forward."""
+    torch._dynamo.reset()
+    block = _block(8, 2, torch.float32, "cpu")
+    setattr(block, BACKEND_ATTRIBUTE, "reference")
+    compiled = torch.compile(lambda h: blocks.llama4_text_moe_forward(block, h), fullgraph=True, backend="aot_eager")
+    for tokens in (1, 13):
+        hidden = torch.randn(tokens, HIDDEN, generator=torch.Generator().manual_seed(tokens))
+        with torch.no_grad():
+            got, want = compiled(hidden)[0], type(block).forward(block, hidden)[0]
+        assert rel_err(got, want) <= REL_TOL[torch.float32], tokens

@@ -84,6 +84,12 @@ VARIANTS: tuple[BlockVariant, ...] = (
                  llama4_text_moe_forward),
 )
 
+
+def variants_in(module_name: str) -> list[BlockVariant]:
+    """The block variants of the transformers modeling module ``module_name``."""
+    return [variant for variant in VARIANTS if module_name.endswith(variant.module)]
+
+
 def match_block(block_class: type) -> BlockVariant | None:
     """The variant written for ``block_class``, when its forward and its parts' forwards still have the source the
     variant was written against (else None: the block keeps transformers' forward)."""
@@ -102,4 +108,4 @@ def match_block(block_class: type) -> BlockVariant | None:
 
 VARIANTS_BY_NAME = {variant.name: variant for variant in VARIANTS}
 
-__all__ = ["BlockVariant", "VARIANTS", "VARIANTS_BY_NAME", "match_block", "llama4_text_moe_forward"]
+__all__ = ["BlockVariant", "VARIANTS", "VARIANTS_BY_NAME", "match_block", "variants_in", "llama4_text_moe_forward"]

@@ -31,8 +31,7 @@ from dataclasses import dataclass, field
 
 import torch.nn as nn
 
-from .blocks import VARIANTS as BLOCK_VARIANTS
-from .blocks import match_block
+from .blocks import match_block, variants_in
 from .experts import gate_form
 from .routers import match_variant
 
@@ -148,7 +147,7 @@ def scan_family(model_type: str, module_name: str) -> Family:
         family.reason = f"modeling module does not import: {type(exc).__name__}: {exc}"[:200]
         return family
     reasons = []
-    block_names = {variant.block for variant in BLOCK_VARIANTS if module_name.endswith(variant.module)}
+    block_names = {variant.block for variant in variants_in(module_name)}
     for cls in _classes(module):
         if cls.__name__ in block_names:
             block = match_block(cls)
@@ -195,8 +194,7 @@ def scan() -> dict[str, Family]:
         package = model_type_to_module_name(model_type)
         module_name = f"transformers.models.{package}.modeling_{package}"
         try:
-            uses = _module_uses_experts_interface(module_name) or any(
-                module_name.endswith(variant.module) for variant in BLOCK_VARIANTS)
+            uses = _module_uses_experts_interface(module_name) or bool(variants_in(module_name))
         except (ImportError, ValueError, OSError):
             continue
         if uses and _config_has_moe(CONFIG_MAPPING[model_type]):
