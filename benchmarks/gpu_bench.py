@@ -16,6 +16,8 @@ Suites:
   transformers' NemotronHExperts), Inkling2's soft-capped SwiGLU (at Qwen3-30B-A3B's shape; HF rows run
   Inkling2Experts) and Gemma 4's GELU-tanh gate (its 26B-A4B MoE layer; HF rows run Gemma4TextExperts). Liger and
   vLLM have none of these forms.
+* ``llama4`` (opt-in: ``--suites llama4``): Llama 4 Scout's MoE block, transformers' forward (every expert on every
+  token) against moe_kernels' (moe_kernels.hf.blocks: the chosen slots through moe_mlp) on each backend, T <= 4096.
 
 Timing: CUDA events around each call, providers interleaved round-robin so clock drift hits all of them
 alike, warm-up calls first (compiles, allocator), the median over the repeats, three input sets rotated
@@ -549,10 +551,73 @@ def run_adapter_cases(device, dtype, args, rows, dry):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Llama 4's MoE block (opt-in: --suites llama4)
+
+# Llama 4 Scout's MoE layer (hidden 5120, 16 experts of width 8192, top-1, a shared expert of 16384); tiny ones for the
+# dry run (top-1 and top-2)
+LLAMA4_SHAPES = [("Llama 4 Scout MoE layer (H5120 I8192 E16 k1)", 5120, 8192, 16384, 16, 1)]
+DRY_LLAMA4_SHAPES = [("tiny-llama4", 32, 16, 32, 5, 1), ("tiny-llama4-k2", 32, 16, 32, 5, 2)]
+LLAMA4_MAX_TOKENS = 4096  # transformers' block runs every expert on every token: E x the activations above this
+
+
+def run_llama4_block_cases(device, dtype, args, rows, dry, token_counts):
+    """transformers' Llama4TextMoe forward (every expert on every token, inputs scaled by the router score) against
+    moe_kernels' (moe_kernels.hf.blocks: the chosen slots through moe_mlp) on each backend, the same block and
+    inputs, fwd and fwd+bwd (gradients of the hidden states and every parameter). rel_err is against transformers'
+    forward in the same dtype."""
+    import transformers
+
+    from moe_kernels.hf.blocks import llama4_text_moe_forward
+    from moe_kernels.hf.experts import BACKEND_ATTRIBUTE
+    from transformers.models.llama4.modeling_llama4 import Llama4TextMoe
+
+    backends = runnable_backends(device) + (["auto"] if device.type == "cuda" else [])
+    for label, H, inter, inter_mlp, E, k in (DRY_LLAMA4_SHAPES if dry else LLAMA4_SHAPES):
+        config = transformers.Llama4TextConfig(hidden_size=H, intermediate_size=inter, intermediate_size_mlp=inter_mlp,
+                                               num_local_experts=E, num_experts_per_tok=k)
+        torch.manual_seed(0)
+        with torch.device(device):
+            block = Llama4TextMoe(config).to(dtype)
+        with torch.no_grad():
+            for param in block.parameters():
+                param.normal_(0.0, param.shape[-2] ** -0.5 if param.dim() > 1 else 0.02)
+        params = list(block.parameters())
+        calls = {"hf:Llama4TextMoe (dense)": lambda h: type(block).forward(block, h)[0]}
+        for b in backends:
+            def patched(h, b=b):
+                setattr(block, BACKEND_ATTRIBUTE, b)
+                return llama4_text_moe_forward(block, h)[0]
+            calls[f"moe_kernels:{b}"] = patched
+        for tokens in token_counts:
+            if tokens > LLAMA4_MAX_TOKENS:
+                continue
+            g = torch.Generator().manual_seed(tokens)
+            sets = [(torch.randn(tokens, H, generator=g).to(device, dtype).requires_grad_(),
+                     torch.randn(tokens, H, generator=g).to(device, dtype)) for _ in range(3)]
+            with torch.no_grad():
+                want = calls["hf:Llama4TextMoe (dense)"](sets[0][0])
+                errors = {name: rel_err(call(sets[0][0]), want) for name, call in calls.items()}
+            fwd = time_interleaved({n: (lambda i, c=c: _no_grad_call(c, sets[i][0])) for n, c in calls.items()},
+                                   device, args.warmup, args.repeats)
+            fb = time_interleaved({n: (lambda i, c=c: torch.autograd.grad(c(sets[i][0]), [sets[i][0], *params],
+                                                                          sets[i][1], allow_unused=True))
+                                   for n, c in calls.items()}, device, args.warmup, args.repeats)
+            base = "hf:Llama4TextMoe (dense)"
+            for name in calls:
+                for pass_name, table in (("fwd", fwd), ("fwdbwd", fb)):
+                    rows.append({"suite": "llama4", "case": label, "tokens": tokens, "provider": name,
+                                 "pass": pass_name, "ms": table[name], "vs_dense": table[base] / table[name],
+                                 "rel_err": errors[name]})
+            print(f"[gpu_bench] {label} T={tokens}", flush=True)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ----------------------------------------------------------------------------------------------------
 # report
 
 COLUMNS = ["suite", "case", "tokens", "provider", "pass", "ms", "floor_ms", "x_floor", "vs_grouped_mm", "vs_torch",
-           "vs_loop", "peak_mb", "rel_err"]
+           "vs_loop", "vs_dense", "peak_mb", "rel_err"]
 
 
 def environment(device) -> dict:
@@ -597,7 +662,8 @@ def render_markdown(rows, info, ceilings, notes) -> str:
     lines = ["## GPU benchmark: " + ", ".join(f"{k} {v}" for k, v in info.items()), "",
              f"Measured ceilings: copy {ceilings['copy_bytes_per_s'] / 1e12:.2f} TB/s (read+write), "
              f"bf16 matmul {ceilings['matmul_flops'] / 1e12:.0f} TFLOP/s.", ""]
-    for suite, ratio_key in (("moe", "vs_grouped_mm"), ("route", "vs_torch"), ("adapter", "vs_loop")):
+    for suite, ratio_key in (("moe", "vs_grouped_mm"), ("route", "vs_torch"), ("adapter", "vs_loop"),
+                             ("llama4", "vs_dense")):
         suite_rows = [r for r in rows if r["suite"] == suite]
         if not suite_rows:
             continue
@@ -682,6 +748,8 @@ def main(argv=None) -> int:
         run_route_cases(device, args, rows, args.dry_run)
     if "adapter" in suites:
         run_adapter_cases(device, dtype, args, rows, args.dry_run)
+    if "llama4" in suites:
+        run_llama4_block_cases(device, dtype, args, rows, args.dry_run, token_counts)
     moe_shapes = shapes if "moe" in suites else []
     if "forms" in suites:
         form_shapes = DRY_FORM_SHAPES if args.dry_run else FORM_SHAPES

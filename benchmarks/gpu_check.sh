@@ -131,7 +131,7 @@ if [ $dry = 1 ]; then
     || { tail -30 "$out/tune_triton.log"; status=1; }
   tail -3 "$out/tune_triton.log"
   step "bench (dry run)"
-  $python benchmarks/gpu_bench.py --dry-run --out "$out" --suites moe,forms --shapes tiny-k1 > "$out/bench.log" 2>&1 \
+  $python benchmarks/gpu_bench.py --dry-run --out "$out" --suites moe,forms,llama4 --shapes tiny-k1 > "$out/bench.log" 2>&1 \
     || { tail -30 "$out/bench.log"; status=1; }
   tail -12 "$out/bench.log"
   step "kernel breakdown (dry run: CPU operators, not kernels)"
