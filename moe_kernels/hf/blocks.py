@@ -26,9 +26,7 @@ from typing import Callable
 
 import torch
 
-import moe_kernels
-
-from .experts import BACKEND_ATTRIBUTE, _as_hf_v5_layout, activation_name, normalised_source
+from .experts import BACKEND_ATTRIBUTE, _as_hf_v5_layout, activation_name, expert_per_choice, normalised_source
 from .routers import ORIGINAL_FORWARD
 
 
@@ -41,11 +39,10 @@ def llama4_text_moe_forward(self, hidden_states):
     num_tokens, k = ids.shape
     rows = (hidden_states.unsqueeze(1) * scores.unsqueeze(-1)).reshape(num_tokens * k, self.hidden_dim)
     experts = self.experts
-    unit = torch.ones((num_tokens * k, 1), dtype=torch.float32, device=hidden_states.device)
-    routed = moe_kernels.moe_mlp(rows, _as_hf_v5_layout(experts.gate_up_proj, True),
-                                 _as_hf_v5_layout(experts.down_proj, True), unit, ids.reshape(-1, 1),
-                                 activation=activation_name(experts.act_fn),
-                                 backend=getattr(self, BACKEND_ATTRIBUTE, None))
+    routed = expert_per_choice(rows, _as_hf_v5_layout(experts.gate_up_proj, True),
+                               _as_hf_v5_layout(experts.down_proj, True), ids,
+                               activation=activation_name(experts.act_fn),
+                               backend=getattr(self, BACKEND_ATTRIBUTE, None))
     out = self.shared_expert(hidden_states)
     out.add_(routed.view(num_tokens, k, -1).sum(dim=1) if k > 1 else routed)
     return out, router_logits

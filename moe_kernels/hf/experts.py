@@ -343,14 +343,21 @@ def moe_kernels_experts_forward(self: nn.Module, hidden_states: torch.Tensor, to
     return out if out.dtype == hidden_states.dtype else out.to(hidden_states.dtype)
 
 
+def expert_per_choice(rows, gate_up_proj, down_proj, top_k_index, **options):
+    """expert_{ids[t, j]}(rows[t*k + j]) for every (token, choice): each row through moe_mlp alone with weight 1, so
+    the output is the expert's own ([T*k, H]), for what transformers applies per choice (a norm after the expert,
+    Llama 4's scaling before it)."""
+    unit = torch.ones((rows.shape[0], 1), dtype=torch.float32, device=rows.device)
+    return moe_kernels.moe_mlp(rows, gate_up_proj, down_proj, unit, top_k_index.reshape(-1, 1), **options)
+
+
 def _with_post_expert_norm(module, x, gate_up_proj, down_proj, weights, top_k_index, options):
     """sum_j w[t,j] * post_expert_norm(expert_j(x_t)): each (token, choice) as its own row with weight 1 (so
     moe_mlp returns the expert's output itself), the module's norm on those rows, the weighting and the sum over
     the k choices in fp32."""
     num_tokens, k = top_k_index.shape
     rows = x.repeat_interleave(k, dim=0)  # row t*k + j is token t for choice j
-    unit = torch.ones((rows.shape[0], 1), dtype=torch.float32, device=x.device)
-    per_choice = moe_kernels.moe_mlp(rows, gate_up_proj, down_proj, unit, top_k_index.reshape(-1, 1), **options)
+    per_choice = expert_per_choice(rows, gate_up_proj, down_proj, top_k_index, **options)
     normed = module.post_expert_norm(per_choice).view(num_tokens, k, -1)
     return (normed.float() * weights.float().unsqueeze(-1)).sum(dim=1)
 
