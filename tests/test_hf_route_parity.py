@@ -221,3 +221,53 @@ def test_unknown_router_is_not_matched():
             return hidden_states, hidden_states, hidden_states
 
     assert fused.match_variant(OddRouter) is None
+
+
+def test_each_variant_pins_its_templates_source():
+    """Every variant's pinned hash is its template's forward source in this transformers (where the template
+    exists). When this fails, transformers changed a router moe_kernels reproduces: its families now keep
+    transformers' own router (match_variant answers None); review the new code, update the variant, re-pin."""
+    checked = 0
+    for variant in fused.VARIANTS:
+        try:
+            template = variant.template_class()
+        except (ImportError, AttributeError):
+            continue  # a family this transformers lacks
+        forward = getattr(template, fused.ORIGINAL_FORWARD, None) or template.__dict__["forward"]
+        assert fused.source_hash(forward) == variant.source_hash, (
+            f"{variant.template} changed in transformers {transformers.__version__}: review {variant.name}")
+        checked += 1
+    assert checked >= 10, checked  # the families of transformers 5.21, the oldest allowed
+    assert len(fused.VARIANTS_BY_HASH) == len(fused.VARIANTS), "two variants pin the same source"
+
+
+def test_a_router_whose_source_changed_is_not_matched(tmp_path, monkeypatch):
+    """A router class with Mixtral's name whose forward differs from the pinned source by one token (here a
+    sigmoid for the softmax) keeps transformers' forward: a transformers release that changes a template leaves
+    its families unpatched, never wrong."""
+    import importlib
+    import inspect
+    import textwrap
+
+    source = textwrap.dedent(inspect.getsource(MixtralTopKRouter.forward))
+    assert "softmax" in source
+    module_file = tmp_path / "changed_mixtral_router.py"
+    module_file.write_text("import torch\nimport torch.nn.functional as F\n\n\nclass MixtralTopKRouter(torch.nn.Module):\n"
+                           + textwrap.indent(source.replace("softmax", "sigmoid", 1), "    "))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    changed = importlib.import_module("changed_mixtral_router").MixtralTopKRouter
+    assert fused.source_hash(changed.forward) not in (None, fused.VARIANTS_BY_NAME["mixtral"].source_hash)
+    assert fused.match_variant(changed) is None
+    assert fused.match_variant(MixtralTopKRouter) is fused.VARIANTS_BY_NAME["mixtral"]
+
+
+def test_a_copied_router_matches_without_its_template(monkeypatch):
+    """Matching needs only the pinned hash, not the template class: HunYuan-V3's router is dots3's, and
+    transformers 5.21 ships HunYuan-V3 without dots3."""
+    modeling = pytest.importorskip("transformers.models.hy_v3.modeling_hy_v3")
+
+    def missing(self):
+        raise ImportError(f"no {self.template} in this transformers")
+
+    monkeypatch.setattr(fused.RouterVariant, "template_class", missing)
+    assert fused.match_variant(modeling.HYV3TopKRouter) is fused.VARIANTS_BY_NAME["dots3_note"]

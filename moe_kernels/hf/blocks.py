@@ -19,14 +19,13 @@ changed transformers leaves the family unsupported instead of silently different
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from .experts import BACKEND_ATTRIBUTE, _as_hf_v5_layout, activation_name, expert_per_choice, normalised_source
+from .experts import BACKEND_ATTRIBUTE, _as_hf_v5_layout, activation_name, expert_per_choice, source_hash
 from .routers import ORIGINAL_FORWARD
 
 
@@ -66,14 +65,6 @@ class BlockVariant:
         return getattr(module, self.block), {attr: getattr(module, name) for attr, name in self.parts.items()}
 
 
-def _source_hash(forwards) -> str | None:
-    """A short hash of the normalised source of ``forwards`` (None when one has no source)."""
-    sources = [normalised_source(forward) for forward in forwards]
-    if any(source is None for source in sources):
-        return None
-    return hashlib.sha256("\n".join(sources).encode()).hexdigest()[:16]
-
-
 VARIANTS: tuple[BlockVariant, ...] = (
     # written against transformers 5.21-5.24 (the same source in both)
     BlockVariant("llama4", "llama4.modeling_llama4", "Llama4TextMoe",
@@ -98,7 +89,7 @@ def match_block(block_class: type) -> BlockVariant | None:
             _, parts = variant.classes()
         except (ImportError, AttributeError):
             return None
-        if _source_hash([original, *(cls.__dict__.get("forward") for cls in parts.values())]) == variant.source_hash:
+        if source_hash(original, *(cls.__dict__.get("forward") for cls in parts.values())) == variant.source_hash:
             return variant
     return None
 

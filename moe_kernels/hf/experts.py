@@ -26,6 +26,7 @@ working. It honours the module's layout flags set by ``use_experts_implementatio
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import math
 import re
@@ -75,6 +76,15 @@ def normalised_source(fn) -> str | None:
         return None
     source = re.sub(r"#[^\n]*", "", source)
     return re.sub(r"\s+", " ", source).strip()
+
+
+def source_hash(*fns) -> str | None:
+    """A short hash of the normalised source of ``fns`` together (None when one has no source): what the HF
+    integration pins the transformers code it reproduces by (router variants, block variants)."""
+    sources = [normalised_source(fn) for fn in fns]
+    if any(source is None for source in sources):
+        return None
+    return hashlib.sha256("\n".join(sources).encode()).hexdigest()[:16]
 
 
 # The recognised forms of an experts class's ``_apply_gate`` (transformers copies them between families with small

@@ -5,9 +5,10 @@ computation (dtype, bias), same choice rule, same weight dtype -- and returns wh
 returns, ``(router_logits, top_k_weights, top_k_index)`` with ``top_k_index`` int64, so the model's
 output recording (``output_router_logits=True``) and its auxiliary loss see the same tensors.
 
-A variant is tied to a *template*: a transformers router class whose ``forward`` it replaces. Any other
-router class whose ``forward`` source is identical to a template's (transformers copies routers between
-families with "modular" code generation) gets the same variant; see :mod:`moe_kernels.hf.families`.
+A variant is tied to a *template*: a transformers router class whose ``forward`` it replaces, pinned by the hash
+of that forward's source as the variant was written against. Any router class whose ``forward`` has that source
+(transformers copies routers between families with "modular" code generation) gets the same variant; see
+:mod:`moe_kernels.hf.families`. A template whose code later changes matches nothing until it is reviewed.
 Training-time behaviour that lives outside the router (Mixtral's jitter noise is applied by the MoE
 block to its input) is untouched.
 """
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 
 import moe_kernels
 
-from .experts import BACKEND_ATTRIBUTE, normalised_source
+from .experts import BACKEND_ATTRIBUTE, normalised_source, source_hash
 
 
 def _route(self, logits: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -323,10 +324,12 @@ def original_forward(module):
 
 @dataclass(frozen=True)
 class RouterVariant:
-    """One exact router semantics: the template class it was written from and the fused forward."""
+    """One exact router semantics: the template class it was written from, the hash of that class's ``forward``
+    source as it was written against, and the fused forward."""
 
     name: str
     template: str  # "module:Class" inside transformers.models
+    source_hash: str  # experts.source_hash of the template's forward, the code this variant reproduces
     route_args: str  # the moe_kernels.route call, for the families table
     forward: Callable
 
@@ -336,98 +339,90 @@ class RouterVariant:
 
 
 VARIANTS: tuple[RouterVariant, ...] = (
-    RouterVariant("mixtral", "mixtral.modeling_mixtral:MixtralTopKRouter",
+    RouterVariant("mixtral", "mixtral.modeling_mixtral:MixtralTopKRouter", "c97ef63ea84be7bd",
                   "softmax, softmax_then_topk, renormalize", mixtral_forward),
-    RouterVariant("qwen_moe", "qwen3_moe.modeling_qwen3_moe:Qwen3MoeTopKRouter",
+    RouterVariant("qwen_moe", "qwen3_moe.modeling_qwen3_moe:Qwen3MoeTopKRouter", "217f7068448531cf",
                   "softmax, softmax_then_topk, renormalize=norm_topk_prob", qwen_moe_forward),
-    RouterVariant("qwen_vl_moe", "qwen3_vl_moe.modeling_qwen3_vl_moe:Qwen3VLMoeTextTopKRouter",
+    RouterVariant("qwen_vl_moe", "qwen3_vl_moe.modeling_qwen3_vl_moe:Qwen3VLMoeTextTopKRouter", "2a5edbb09368e93e",
                   "softmax, softmax_then_topk, renormalize", qwen_vl_moe_forward),
-    RouterVariant("deepseek_v3", "deepseek_v3.modeling_deepseek_v3:DeepseekV3TopkRouter",
+    RouterVariant("deepseek_v3", "deepseek_v3.modeling_deepseek_v3:DeepseekV3TopkRouter", "dd62e721dd18df15",
                   "sigmoid, bias=e_score_correction_bias, n_group, topk_group, renormalize=norm_topk_prob, "
                   "scale=routed_scaling_factor", deepseek_v3_forward),
-    RouterVariant("deepseek_v2", "deepseek_v2.modeling_deepseek_v2:DeepseekV2TopkRouter",
+    RouterVariant("deepseek_v2", "deepseek_v2.modeling_deepseek_v2:DeepseekV2TopkRouter", "6f8cfc0b80b74cd6",
                   "softmax, softmax_then_topk, scale (topk_method=greedy; else HF's own)", deepseek_v2_forward),
-    RouterVariant("gpt_oss", "gpt_oss.modeling_gpt_oss:GptOssTopKRouter",
+    RouterVariant("gpt_oss", "gpt_oss.modeling_gpt_oss:GptOssTopKRouter", "c688df3b8d7fba67",
                   "router bias, topk_then_softmax", gpt_oss_forward),
-    RouterVariant("granite", "granitemoe.modeling_granitemoe:GraniteMoeTopKRouter",
+    RouterVariant("granite", "granitemoe.modeling_granitemoe:GraniteMoeTopKRouter", "fb098cbd018abf0f",
                   "topk_then_softmax", granite_forward),
-    RouterVariant("jamba", "jamba.modeling_jamba:JambaTopKRouter",
+    RouterVariant("jamba", "jamba.modeling_jamba:JambaTopKRouter", "7d48cb7418da0b85",
                   "softmax, softmax_then_topk, no renormalisation", jamba_forward),
-    RouterVariant("afmoe", "afmoe.modeling_afmoe:AfmoeTokenChoiceRouter",
+    RouterVariant("afmoe", "afmoe.modeling_afmoe:AfmoeTokenChoiceRouter", "e9bf7030c62d1db6",
                   "sigmoid, bias=expert_bias, renormalize, scale=route_scale", afmoe_forward),
-    RouterVariant("aria", "aria.modeling_aria:AriaTextTopKRouter", "topk_then_softmax", aria_forward),
-    RouterVariant("axk2", "axk2.modeling_axk2:AXK2TopkRouter",
+    RouterVariant("aria", "aria.modeling_aria:AriaTextTopKRouter", "58d0b0dddc2cbeae", "topk_then_softmax", aria_forward),
+    RouterVariant("axk2", "axk2.modeling_axk2:AXK2TopkRouter", "2d5a886ca7a0bb4b",
                   "sigmoid, bias=e_score_correction_bias, renormalize=norm_topk_prob, scale (no groups; else HF's "
                   "own)", axk2_forward),
-    RouterVariant("beam", "beam.modeling_beam:BeamTopKRouter",
+    RouterVariant("beam", "beam.modeling_beam:BeamTopKRouter", "cca42cffa0bc6b3b",
                   "sigmoid, bias=e_score_correction_bias, n_group, topk_group, renormalize=norm_topk_prob",
                   beam_forward),
-    RouterVariant("cohere2_moe", "cohere2_moe.modeling_cohere2_moe:Cohere2MoeTopKRouter",
+    RouterVariant("cohere2_moe", "cohere2_moe.modeling_cohere2_moe:Cohere2MoeTopKRouter", "730ed8deeda7505b",
                   "topk_then_softmax, softmax or sigmoid (renormalize=norm_topk_prob)", cohere2_moe_forward),
-    RouterVariant("dots3_note", "dots3_note.modeling_dots3_note:Dots3NoteVisionTopKRouter",
+    RouterVariant("dots3_note", "dots3_note.modeling_dots3_note:Dots3NoteVisionTopKRouter", "10cd9c003413afd4",
                   "sigmoid, bias=e_score_correction_bias, renormalize, scale=router_scaling_factor",
                   dots3_note_forward),
-    RouterVariant("ernie4_5_moe", "ernie4_5_moe.modeling_ernie4_5_moe:Ernie4_5_MoeTopKRouter",
+    RouterVariant("ernie4_5_moe", "ernie4_5_moe.modeling_ernie4_5_moe:Ernie4_5_MoeTopKRouter", "ded19195531f6edd",
                   "softmax, bias=e_score_correction_bias, then / max(sum, moe_norm_min)", ernie4_5_moe_forward),
-    RouterVariant("flint", "flint.modeling_flint:FlintTopKRouter", "sigmoid, renormalize=norm_topk_prob",
+    RouterVariant("flint", "flint.modeling_flint:FlintTopKRouter", "95e7977402a2e769", "sigmoid, renormalize=norm_topk_prob",
                   flint_forward),
-    RouterVariant("hunyuan_v1_moe", "hunyuan_v1_moe.modeling_hunyuan_v1_moe:HunYuanMoEV1Gate",
+    RouterVariant("hunyuan_v1_moe", "hunyuan_v1_moe.modeling_hunyuan_v1_moe:HunYuanMoEV1Gate", "a7559b6517f52c2b",
                   "softmax, softmax_then_topk, renormalize (fp32 logits when the gate's Linear is fp32)",
                   hunyuan_v1_moe_forward),
-    RouterVariant("inkling2", "inkling2.modeling_inkling2:Inkling2TopKRouter",
+    RouterVariant("inkling2", "inkling2.modeling_inkling2:Inkling2TopKRouter", "2fdb56a4f6f203be",
                   "sigmoid, bias=e_score_correction_bias, renormalize, scale", inkling2_forward),
-    RouterVariant("kolibri1", "kolibri1.modeling_kolibri1:Kolibri1TopKRouter",
+    RouterVariant("kolibri1", "kolibri1.modeling_kolibri1:Kolibri1TopKRouter", "9d452a09ad63914a",
                   "sigmoid, topk_then_softmax, bias=e_score_correction_bias, renormalize=norm_topk_prob",
                   kolibri1_forward),
-    RouterVariant("laguna", "laguna.modeling_laguna:LagunaTopKRouter",
+    RouterVariant("laguna", "laguna.modeling_laguna:LagunaTopKRouter", "77efc0da9a9281a4",
                   "logit softcap, sigmoid, bias=e_score_correction_bias, renormalize", laguna_forward),
-    RouterVariant("lara_mini", "lara_mini.modeling_lara_mini:LaraMiniTopKRouter",
+    RouterVariant("lara_mini", "lara_mini.modeling_lara_mini:LaraMiniTopKRouter", "fb2ad9e78df55322",
                   "softmax, softmax_then_topk, renormalize=norm_topk_prob", lara_mini_forward),
-    RouterVariant("minimax_m2", "minimax_m2.modeling_minimax_m2:MiniMaxM2TopKRouter",
+    RouterVariant("minimax_m2", "minimax_m2.modeling_minimax_m2:MiniMaxM2TopKRouter", "832f40deca48ad09",
                   "sigmoid, bias=e_score_correction_bias, renormalize", minimax_m2_forward),
-    RouterVariant("minimax_m3_vl", "minimax_m3_vl.modeling_minimax_m3_vl:MiniMaxM3VLTopKRouter",
+    RouterVariant("minimax_m3_vl", "minimax_m3_vl.modeling_minimax_m3_vl:MiniMaxM3VLTopKRouter", "c3c39dde6f9ed7a2",
                   "sigmoid, bias=e_score_correction_bias, renormalize", minimax_m3_vl_forward),
-    RouterVariant("mistral_large4", "mistral_large4.modeling_mistral_large4:MistralLarge4TextTopkRouter",
+    RouterVariant("mistral_large4", "mistral_large4.modeling_mistral_large4:MistralLarge4TextTopkRouter", "ba6f00a1a12f9e64",
                   "softmax, n_group, topk_group, renormalize, scale=routed_scaling_factor", mistral_large4_forward),
-    RouterVariant("muse_spark", "muse_spark.modeling_muse_spark:MuseSparkTopkRouter",
+    RouterVariant("muse_spark", "muse_spark.modeling_muse_spark:MuseSparkTopkRouter", "418f15fdab10cc88",
                   "logits x output_multiplier, sigmoid, bias=e_score_correction_bias, then / (sum + 1e-15), scale",
                   muse_spark_forward),
     RouterVariant("openai_privacy_filter",
-                  "openai_privacy_filter.modeling_openai_privacy_filter:OpenAIPrivacyFilterTopKRouter",
+                  "openai_privacy_filter.modeling_openai_privacy_filter:OpenAIPrivacyFilterTopKRouter", "bc8909d3bb67347e",
                   "router bias, topk_then_softmax, scale=1/k", openai_privacy_filter_forward),
 )
 
 VARIANTS_BY_NAME = {variant.name: variant for variant in VARIANTS}
 
 
-_template_sources: dict[str, str | None] = {}
+VARIANTS_BY_HASH = {variant.source_hash: variant for variant in VARIANTS}
 
 
 def match_variant(router_class: type) -> RouterVariant | None:
-    """The variant whose template forward has exactly the source of ``router_class.forward``, if any."""
+    """The variant written against exactly the source of ``router_class.forward``, if any.
+
+    Matched by the pinned hash, not against the template class as installed: a router copied from a template
+    matches whether or not this transformers still ships the template (HunYuan-V3 copies dots3's, which
+    transformers 5.21 lacks), and a template whose code changed in a later transformers matches nothing, so its
+    family keeps transformers' own router instead of running semantics the variant was not written for."""
     forward = router_class.__dict__.get("forward")
     if forward is None:
         return None
     if getattr(forward, "_moe_kernels_variant", None):  # already patched by apply_to
         return VARIANTS_BY_NAME[forward._moe_kernels_variant]
-    source = normalised_source(forward)
-    if source is None:
-        return None
-    for variant in VARIANTS:
-        if variant.name not in _template_sources:
-            try:
-                template = variant.template_class()
-                original = getattr(template, ORIGINAL_FORWARD, None) or template.__dict__["forward"]
-                _template_sources[variant.name] = normalised_source(original)
-            except Exception:  # noqa: BLE001 - a template missing from this transformers version
-                _template_sources[variant.name] = None
-        if _template_sources[variant.name] == source:
-            return variant
-    return None
+    return VARIANTS_BY_HASH.get(source_hash(forward))
 
 
 for _variant in VARIANTS:
     _variant.forward._moe_kernels_variant = _variant.name
 
-__all__ = ["RouterVariant", "VARIANTS", "VARIANTS_BY_NAME", "match_variant", "normalised_source", "original_forward",
-           "ORIGINAL_FORWARD"]
+__all__ = ["RouterVariant", "VARIANTS", "VARIANTS_BY_HASH", "VARIANTS_BY_NAME", "match_variant", "normalised_source",
+           "original_forward", "source_hash", "ORIGINAL_FORWARD"]
