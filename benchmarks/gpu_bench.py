@@ -282,6 +282,11 @@ def moe_providers(shape: MoEShape, tokens: int, device, dtype, notes: dict, hf_e
         # grouped GEMM from min_rows routed slots on, measured on an H200) against the Triton kernel throughout
         providers["moe_kernels:triton[wgrad=triton]"] = _moe_kernels_provider(
             "triton", shape, {"MOE_KERNELS_WGRAD": "triton"})
+        if tokens * shape.top_k > 16 * shape.experts:
+            # the planned GEMMs' program order: GROUP_M row tiles sweep the column tiles together (the default
+            # above 16 rows per expert, common.tile_and_column) against the launch order of runs 1-3
+            providers["moe_kernels:triton[group_m=0]"] = _moe_kernels_provider(
+                "triton", shape, {"MOE_KERNELS_GROUP_M": "0"})
         if tokens == 1:  # the one-token GEMVs (the default) against the decode path's tiles
             tiles = providers["moe_kernels:triton[one_token=tiles]"] = _moe_kernels_provider(
                 "triton", shape, {"MOE_KERNELS_ONE_TOKEN": "tiles"})

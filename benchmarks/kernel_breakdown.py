@@ -33,7 +33,12 @@ import torch  # noqa: E402
 from moe_kernels.bench.timing import kernel_times  # noqa: E402
 
 QUICK = [("Qwen3-30B-A3B", (64, 4096, 16384)), ("Mixtral-8x7B", (1, 4096))]
-DRY = [("tiny", (1, 7))]
+# Backend variants (--backends): the backend and the environment it runs under, and which cases they apply to.
+# triton[group_m=0]: the planned GEMMs in launch order (runs 1-3) beside the grouped order (the default above 16
+# rows per expert; common.tile_and_column), per kernel.
+VARIANTS = {"triton[group_m=0]": ("triton", {"MOE_KERNELS_GROUP_M": "0"},
+                                  lambda shape, tokens: tokens * shape.top_k > 16 * shape.experts)}
+DRY = [("tiny", (1, 7, 48))]  # 48 tokens: above 16 rows per expert, where triton[group_m=0] runs
 COLUMNS = ["case", "tokens", "backend", "pass", "wall_ms", "kernel_ms", "launches", "gpu_idle", "floor_ms",
            "kernel", "kernel_launches", "kernel_ms_each_call", "share"]
 
@@ -49,7 +54,8 @@ def run_case(shape, tokens, backend, passes, device, dtype, ceilings, iters):
         inp = gpu_bench.moe_inputs(shape, tokens, device, dtype, seed)
         inp.update(gate_up=gate_up, down=down)
         sets.append(inp)
-    fn = gpu_bench._moe_kernels_provider(backend, shape)
+    name, env, _ = VARIANTS.get(backend, (backend, None, None))
+    fn = gpu_bench._moe_kernels_provider(name, shape, env)
     calls = {"fwd": lambda i: gpu_bench._no_grad_call(fn, sets[i % 3]),
              "fwdbwd": lambda i: gpu_bench._fwd_bwd_call(
                  fn, sets[i % 3], [sets[i % 3]["x"], sets[i % 3]["weights"], gate_up, down])}
@@ -118,7 +124,8 @@ def main(argv=None) -> int:
                         help="comma-separated name prefixes of gpu_bench's shapes (default: Qwen3, Mixtral)")
     parser.add_argument("--tokens", help="comma-separated token counts (default per shape: Qwen3 64,4096,16384; "
                                          "Mixtral 1,4096)")
-    parser.add_argument("--backends", default="cuda,triton")
+    parser.add_argument("--backends", default="cuda,triton,triton[group_m=0]",
+                        help=f"comma-separated backends, or variants of one: {', '.join(VARIANTS)}")
     parser.add_argument("--passes", default="fwd,fwdbwd")
     parser.add_argument("--iters", type=int, default=5)
     parser.add_argument("--top", type=int, default=10, help="kernels listed per case")
@@ -145,7 +152,8 @@ def main(argv=None) -> int:
     if args.tokens:
         tokens = tuple(int(t) for t in _csv_list(args.tokens))
         plan = [(name, tokens) for name, _ in plan]
-    backends = [b for b in _csv_list(args.backends) if b in gpu_bench.runnable_backends(device)]
+    runnable = gpu_bench.runnable_backends(device)
+    backends = [b for b in _csv_list(args.backends) if VARIANTS.get(b, (b,))[0] in runnable]
     if not backends:
         parser.error(f"none of --backends {args.backends!r} is built and can run on {device}: "
                      f"{gpu_bench.runnable_backends(device)}")
@@ -156,6 +164,8 @@ def main(argv=None) -> int:
     for name, token_counts in plan:
         for tokens in token_counts:
             for backend in backends:
+                if backend in VARIANTS and not VARIANTS[backend][2](shapes[name], tokens):
+                    continue  # the variant changes nothing at this shape
                 try:
                     case = run_case(shapes[name], tokens, backend, passes, device, dtype, ceilings, args.iters)
                 except Exception as exc:  # noqa: BLE001 - one failing case is reported, the rest still run

@@ -252,12 +252,14 @@ def test_kernel_breakdown_attributes_each_call_to_its_operators(tmp_path, capsys
     if "triton" not in moe_kernels.available_backends():
         return
     out = tmp_path / "breakdown"
-    assert breakdown.main(["--dry-run", "--out", str(out), "--tokens", "1", "--passes", "fwd", "--iters", "1",
-                           "--backends", "triton"]) == 0
+    assert breakdown.main(["--dry-run", "--out", str(out), "--tokens", "1,48", "--passes", "fwd", "--iters", "1",
+                           "--backends", "triton,triton[group_m=0]"]) == 0
     with open(out / "kernel_breakdown.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     cases = {(r["case"], r["tokens"], r["backend"], r["pass"]) for r in rows}
-    assert rows and cases == {("tiny", "1", "triton", "fwd")}
+    # the launch-order variant only where it changes something: above 16 rows per expert (48 * 2 > 16 * 5)
+    assert rows and cases == {("tiny", "1", "triton", "fwd"), ("tiny", "48", "triton", "fwd"),
+                              ("tiny", "48", "triton[group_m=0]", "fwd")}
     assert any(r["kernel"].startswith("moe_kernels_triton::") for r in rows)
     assert "## tiny T=1 triton fwd" in (out / "kernel_breakdown.md").read_text()
     capsys.readouterr()

@@ -119,8 +119,9 @@ def _adapter_fused_kernel(
         (both by sorted position), and out rows = down_e^T dz (the per-slot d(h)).
     out: [T, H] in the output dtype when OUT_BY_TOKEN (k = 1), else [T*k, H] fp32 by slot.
     """
-    expert, positions, row_mask, slots, valid = program_rows(tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr,
-                                                             num_experts, num_slots, search_steps, BLOCK_M, BY_EXPERT)
+    expert, positions, row_mask, slots, valid = program_rows(tl.program_id(0), tile_offsets_ptr, expert_offsets_ptr,
+                                                             sorted_slots_ptr, num_experts, num_slots, search_steps,
+                                                             BLOCK_M, BY_EXPERT)
     if valid:
         token_rows = (slots // top_k).to(tl.int64) * H
         r_offs = tl.arange(0, BLOCK_R)
@@ -185,8 +186,9 @@ def _adapter_shrink_kernel(
     backward: also u = up_e^T dy_t; act_out = act(z), dz_out = scale w_s u act'(z), and
               dweights_partial[s, rank_tile] = scale <u, act(z)> over this rank tile ([N, cdiv(R, BLOCK_R)] fp32).
     """
-    expert, positions, row_mask, slots, valid = program_rows(tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr,
-                                                             num_experts, 0, search_steps, BLOCK_M, False)
+    expert, positions, row_mask, slots, valid = program_rows(tl.program_id(0), tile_offsets_ptr, expert_offsets_ptr,
+                                                             sorted_slots_ptr, num_experts, 0, search_steps, BLOCK_M,
+                                                             False)
     if valid:
         rank_tile = tl.program_id(1)
         token_rows = (slots // top_k).to(tl.int64) * H
@@ -228,8 +230,9 @@ def _adapter_expand_kernel(
     as (de, dr, dh) (mid = dz already carries the routing weight).
     Grid: (max_tiles, cdiv(H, BLOCK_N)). out as in the fused kernel.
     """
-    expert, positions, row_mask, slots, valid = program_rows(tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr,
-                                                             num_experts, 0, search_steps, BLOCK_M, False)
+    expert, positions, row_mask, slots, valid = program_rows(tl.program_id(0), tile_offsets_ptr, expert_offsets_ptr,
+                                                             sorted_slots_ptr, num_experts, 0, search_steps, BLOCK_M,
+                                                             False)
     if valid:
         n_offs = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
         n_mask = n_offs < H

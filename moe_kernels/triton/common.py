@@ -7,9 +7,9 @@
   expert MLP (:func:`gated_forward` / :func:`gated_backward`) built on them;
 * the tile map of the dispatch plan: each expert's run of sorted rows cut into BLOCK_M-row tiles, an
   on-device exclusive scan of tile counts for up to four block sizes in one launch (:func:`tile_maps`), a
-  grid bound that needs no host sync (:func:`max_tiles`), the in-kernel binary search from a program id
-  to its tile (:func:`find_tile`) and a program's rows, by tile or (the decode path, no plan) by expert
-  (:func:`program_rows`);
+  grid bound that needs no host sync (:func:`max_tiles`), the order of a GEMM grid's programs that keeps a group
+  of row tiles in L2 (:func:`tile_and_column`), the in-kernel binary search from a tile id to its rows
+  (:func:`find_tile`) and a program's rows, by tile or (the decode path, no plan) by expert (:func:`program_rows`);
 * the slot combine: per-slot output rows summed per token in a fixed order (:func:`combine_slots`);
 * ``tl.dot`` operands (:func:`operand`): fp32 under the interpreter, whose bf16 arithmetic is wrong.
 
@@ -255,13 +255,36 @@ def max_tiles(num_rows: int, num_experts: int, block_m: int) -> int:
 
 
 @triton.jit
-def find_tile(tile_offsets_ptr, expert_offsets_ptr, num_experts, search_steps, BLOCK_M: tl.constexpr):
-    """Map this program's tile id (axis 0) to (expert, first sorted row, end of the expert's rows, valid).
+def tile_and_column(GROUP_M: tl.constexpr):
+    """This program's (row tile, column tile) in a grid of (row tiles, column tiles).
 
-    tile_offsets_ptr: [E+1] int32, a row of :func:`tile_maps`; search_steps = E.bit_length(). valid is false
-    for programs past the last tile (the grid is the bound of :func:`max_tiles`).
+    The GPU starts programs in launch order, axis 0 fastest: with GROUP_M = 0 the programs of one column tile run
+    over every row tile before the next column tile starts, so each row tile's input rows are read again from
+    memory for every column tile (12-224 times at the shapes of the benchmark, more than L2 holds at T >= 4096).
+    GROUP_M > 0 renumbers the programs so that GROUP_M consecutive row tiles sweep all column tiles together: their
+    input rows stay in L2 while each column slice of the expert's weights is read once for the group. A bijection
+    of the same grid (the last group may be short), so the host launch is unchanged.
     """
     tile = tl.program_id(0)
+    column = tl.program_id(1)
+    if GROUP_M > 0:
+        num_tiles = tl.num_programs(0)
+        launch = column * num_tiles + tile  # the launch order (axis 0 fastest)
+        per_group = GROUP_M * tl.num_programs(1)
+        first = (launch // per_group) * GROUP_M
+        size = tl.minimum(num_tiles - first, GROUP_M)
+        tile = first + (launch % per_group) % size
+        column = (launch % per_group) // size
+    return tile, column
+
+
+@triton.jit
+def find_tile(tile, tile_offsets_ptr, expert_offsets_ptr, num_experts, search_steps, BLOCK_M: tl.constexpr):
+    """Map a tile id (:func:`tile_and_column`) to (expert, first sorted row, end of the expert's rows, valid).
+
+    tile_offsets_ptr: [E+1] int32, a row of :func:`tile_maps`; search_steps = E.bit_length(). valid is false
+    for tiles past the last one (the grid is the bound of :func:`max_tiles`).
+    """
     total = tl.load(tile_offsets_ptr + num_experts)
     lo = 0
     hi = num_experts - 1
@@ -277,25 +300,25 @@ def find_tile(tile_offsets_ptr, expert_offsets_ptr, num_experts, search_steps, B
 
 
 @triton.jit
-def program_rows(tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr, num_experts, num_rows, search_steps,
+def program_rows(tile, tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr, num_experts, num_rows, search_steps,
                  BLOCK_M: tl.constexpr, BY_EXPERT: tl.constexpr):
     """This program's expert and rows: returns (expert, rows, row_mask, slots, valid).
 
-    Tiled (BY_EXPERT false): a tile of BLOCK_M rows of one expert's run in sorted order (:func:`find_tile`);
-    ``rows`` index the sorted order and ``slots = sorted_slots[rows]``.
-    By expert (BY_EXPERT, the decode path, no plan): program_id(0) is the expert and ``sorted_slots_ptr``
+    Tiled (BY_EXPERT false): tile ``tile`` (:func:`tile_and_column`), BLOCK_M rows of one expert's run in sorted
+    order (:func:`find_tile`); ``rows`` index the sorted order and ``slots = sorted_slots[rows]``.
+    By expert (BY_EXPERT, the decode path, no plan): ``tile`` is the expert (program_id(0)) and ``sorted_slots_ptr``
     holds the flat ids [N] (N = num_rows <= BLOCK_M); the rows are the slots routed to this expert, so
     rows == slots and every [N, .] buffer is indexed by slot. valid is false for an expert without slots.
     """
     if BY_EXPERT:
-        expert = tl.program_id(0)
+        expert = tile
         rows = tl.arange(0, BLOCK_M)
         row_ids = tl.load(sorted_slots_ptr + rows, mask=rows < num_rows, other=-1)
         row_mask = row_ids == expert
         slots = rows
         valid = tl.max(row_mask.to(tl.int32), axis=0) > 0
     else:
-        expert, row_start, row_end, valid = find_tile(tile_offsets_ptr, expert_offsets_ptr, num_experts,
+        expert, row_start, row_end, valid = find_tile(tile, tile_offsets_ptr, expert_offsets_ptr, num_experts,
                                                       search_steps, BLOCK_M)
         rows = row_start + tl.arange(0, BLOCK_M)
         row_mask = rows < row_end  # all false past the last tile (row_start >= row_end there)

@@ -4,8 +4,10 @@
 (``COMPILE_SPECS`` / ``_compile_specs()`` of each module in ``moe_kernels.triton.KERNEL_MODULES``) with
 ``triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32))`` and prints, per kernel and config,
 the registers per thread, the shared memory Triton allocates, and the spill bytes ptxas reports
-(``ptxas -v``, the ptxas bundled with triton). The exit status is non-zero on any compile failure, any
-spill, more than 255 registers, or shared memory above the architecture's per-block limit. Each spec is
+(``ptxas -v``, the ptxas bundled with triton), and which tensor-core instruction its dots became (``wgmma``,
+``mma`` or ``-``). The exit status is non-zero on any compile failure, any spill, more than 255 registers, shared
+memory above the architecture's per-block limit, or a dot on Hopper that took mma.sync although its tile fits
+warpgroup MMA (see :func:`mma_kind`). Each spec is
 compiled in the specialisation Triton's JIT gives its real launches (see :func:`collect_specs`).
 Results are cached with Triton's cache, so a rerun recompiles only what changed. The table of the
 shipped configs is in docs/triton_compile_check.md.
@@ -173,10 +175,31 @@ def _compile_one(job):
         command = _ptxas_command(target, cc, bool(compiled.metadata.enable_fp_fusion))
         row.update(_ptxas_usage(compiled.asm["ptx"], command, triton_log.getvalue()))
         row["shared"] = int(compiled.metadata.shared)
+        row["mma"], fallback = mma_kind(compiled.asm["ttgir"], options.get("num_warps", 4))
+        row["mma_fallback"] = cc >= 90 and fallback
         row["error"] = None
     except Exception as exc:  # noqa: BLE001 - every failure is a row of the report
-        row.update(registers=-1, spill=-1, stack=-1, shared=-1, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+        row.update(registers=-1, spill=-1, stack=-1, shared=-1, mma="-", mma_fallback=False,
+                   error=f"{type(exc).__name__}: {str(exc)[:300]}")
     return row
+
+
+_DOT = re.compile(r"= (tt\.dot|ttng\.warp_group_dot) .*-> tensor<(\d+)x(\d+)x\w+, #(\w+)")
+
+
+def mma_kind(ttgir: str, num_warps: int) -> tuple[str, bool]:
+    """(instruction, fallback) of a kernel's dots, from its TTGIR: "wgmma" (Hopper's asynchronous warpgroup MMA),
+    "mma" (the warp-level mma.sync of Ampere, which Hopper runs at about half the rate) or "-" (no tensor-core
+    dot); fallback is true when a dot took mma.sync although its output tile fits warpgroup MMA (a multiple of 64
+    rows, whole warpgroups): on Hopper that is the slow instruction where the fast one was possible."""
+    kinds, fallback = set(), False
+    for op, rows, _cols, encoding in _DOT.findall(ttgir):
+        if op == "ttng.warp_group_dot":
+            kinds.add("wgmma")
+        elif encoding.startswith("mma"):
+            kinds.add("mma")
+            fallback |= int(rows) % 64 == 0 and num_warps % 4 == 0
+    return ("wgmma" if "wgmma" in kinds else "mma" if kinds else "-"), fallback
 
 
 def _describe(signature: dict, constexprs: dict, options: dict, divisible) -> str:
@@ -203,6 +226,8 @@ def problems(row: dict, cc: int) -> list[str]:
             issues.append(f"shared memory {row['shared']} > {SHARED_LIMIT[cc]}")
         if row["registers"] > REGISTER_LIMIT:
             issues.append(f"{row['registers']} registers")
+        if row.get("mma_fallback"):
+            issues.append("mma.sync on Hopper where warpgroup MMA fits the tile")
     return issues
 
 
@@ -241,11 +266,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     if args.markdown:
         header = ["kernel", "config (blocks, warps, stages \\| variant flags)",
-                  *(f"sm_{cc} regs / smem B / spill B" for cc in archs), "status"]
+                  *(f"sm_{cc} regs / smem B / spill B / mma" for cc in archs), "status"]
         print("| " + " | ".join(header) + " |")
         print("|" + "---|" * len(header))
     else:
-        print(f"{'kernel':<30}{'arch':<7}{'regs':>5}{'smem':>8}{'spill':>6}  {'status':<7}config")
+        print(f"{'kernel':<30}{'arch':<7}{'regs':>5}{'smem':>8}{'spill':>6} {'mma':>6}  {'status':<7}config")
     pool = ProcessPoolExecutor(args.jobs) if args.jobs > 1 else None
     results = pool.map(_compile_one, jobs) if pool else map(_compile_one, jobs)
     rows, spec_rows, failed = [], [], 0
@@ -255,14 +280,15 @@ def main(argv: list[str] | None = None) -> int:
         row["issues"] = problems(row, int(row["arch"][3:]))
         failed += bool(row["issues"])
         if not args.markdown:
-            print(f"{row['kernel']:<30}{row['arch']:<7}{row['registers']:>5}{row['shared']:>8}{row['spill']:>6}  "
+            print(f"{row['kernel']:<30}{row['arch']:<7}{row['registers']:>5}{row['shared']:>8}{row['spill']:>6} "
+                  f"{row['mma']:>6}  "
                   f"{'FAIL' if row['issues'] else 'ok':<7}{row['config']}", flush=True)
             if row["issues"]:
                 print(f"    -> FAIL: {'; '.join(row['issues'])}", flush=True)
         elif len(spec_rows) == len(archs):
             status = "; ".join(f"{r['arch']} FAIL: {', '.join(r['issues'])}" for r in spec_rows if r["issues"]) or "ok"
             cells = [f"`{row['kernel']}`", row["config"].replace("|", "\\|"),
-                     *(f"{r['registers']} / {r['shared']} / {r['spill']}" for r in spec_rows), status]
+                     *(f"{r['registers']} / {r['shared']} / {r['spill']} / {r['mma']}" for r in spec_rows), status]
             print("| " + " | ".join(cells) + " |", flush=True)
         if len(spec_rows) == len(archs):
             spec_rows = []
@@ -277,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             most_shared = max(done, key=lambda r: r["shared"])
             summary.append(f"sm_{cc}: max {most_regs['registers']} registers ({most_regs['kernel']}), "
                            f"max {most_shared['shared']} B shared of {SHARED_LIMIT[cc]} ({most_shared['kernel']}), "
-                           f"{sum(r['spill'] > 0 for r in done)} with spills")
+                           f"{sum(r['spill'] > 0 for r in done)} with spills; dots: "
+                           + ", ".join(f"{sum(r['mma'] == kind for r in done)} {kind}" for kind in ("wgmma", "mma")))
     print(("\n\n" if args.markdown else "") + ("  \n" if args.markdown else "\n").join(summary))
     return 1 if failed else 0
 

@@ -44,7 +44,7 @@ from ..spec import ACTIVATION_CODES
 from ..validation import check_finite_scalars
 from .common import (_TILE_SCAN_BLOCK_E, TILE_MAPS, _tile_scan_kernel, cdiv, combine_slots, dot_precision, find_tile,
                      gated_backward, gated_forward, interpreting, max_tiles, operand, program_rows, register_op,
-                     slot_dtype, tile_maps)
+                     slot_dtype, tile_and_column, tile_maps)
 from .configs import decode_config, entries, grouped_mm_wgrad_wanted, mlp_config, one_token_config
 from .plan import dispatch_plan
 
@@ -53,6 +53,21 @@ def recompute_enabled() -> bool:
     """MOE_KERNELS_RECOMPUTE=1: keep no [N, 2I] pre-activation for backward; recompute it there (one more
     gate/up GEMM, saves 2*N*I elements of activation memory per layer)."""
     return os.environ.get("MOE_KERNELS_RECOMPUTE", "0") not in ("", "0")
+
+
+DEFAULT_GROUP_M = 8  # row tiles per group (common.tile_and_column): the value of Triton's matmul tutorial
+
+
+def group_m(cfg: dict) -> int:
+    """The program order of a planned GEMM launch (common.tile_and_column): MOE_KERNELS_GROUP_M when set (0 = the
+    launch order every release before it used, for side-by-side timing), else the config's GROUP_M, else
+    DEFAULT_GROUP_M."""
+    choice = os.environ.get("MOE_KERNELS_GROUP_M", "")
+    if not choice:
+        return cfg.get("GROUP_M", DEFAULT_GROUP_M)
+    if not choice.isdigit():
+        raise ValueError(f"MOE_KERNELS_GROUP_M must be a whole number (0 = launch order), not {choice!r}")
+    return int(choice)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -88,7 +103,7 @@ def _gate_up_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, st
                     ACTIVATION: tl.constexpr, INTERLEAVED: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
                     HAS_LIMIT: tl.constexpr, STORE_ACT: tl.constexpr, SAVE_PRE: tl.constexpr,
                     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BY_EXPERT: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """First GEMM with the row gather fused into its loads and the gated activation into its epilogue.
 
     x_ptr:   [T, H] strides (stride_xt, stride_xh).  w_ptr: W_gu [E, 2I, H] strides (we, wn, wh), any
@@ -101,12 +116,14 @@ def _gate_up_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, st
     path: ids in sorted_slots_ptr, act/pre indexed by slot; see ``_program_rows``).
     ACTIVATION: code of moe_kernels.spec.ACTIVATION_CODES (a gated activation; an elementwise one when not GATED).
     GATED=False (experts without a gate): W_gu is W_up [E, I, H], pre [N, I], act = act(pre); no up accumulator.
+    GROUP_M: the program order (common.tile_and_column; 0 with BY_EXPERT).
     """
-    expert, rows, row_mask, slots, valid = program_rows(tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr,
+    tile, col_tile = tile_and_column(GROUP_M)
+    expert, rows, row_mask, slots, valid = program_rows(tile, tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr,
                                                         num_experts, num_rows, search_steps, BLOCK_M, BY_EXPERT)
     if valid:
         tokens = (slots // top_k).to(tl.int64)
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < inter
         gate_rows, up_rows = _gate_up_columns(cols, inter, INTERLEAVED)
         w_base = w_ptr + expert.to(tl.int64) * stride_we
@@ -147,7 +164,7 @@ def _rows_matmul_kernel(in_ptr, w_ptr, stride_we, stride_wc, stride_wj, bias_ptr
                         reduce_dim, out_dim, num_experts, num_rows, search_steps,
                         HAS_BIAS: tl.constexpr, HAS_ROUTE_W: tl.constexpr,
                         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BY_EXPERT: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                        GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Sorted rows times their expert's matrix, scattered to slot rows:
     out[slot(p), j] = route_w[slot(p)] * (sum_c in[p, c] * W[e, c, j] + bias[e, j]).
 
@@ -156,11 +173,13 @@ def _rows_matmul_kernel(in_ptr, w_ptr, stride_we, stride_wc, stride_wj, bias_ptr
     route_w_ptr: [N] float32 indexed by slot (HAS_ROUTE_W).  out_ptr: [N, J] contiguous, indexed by slot.
     Grid: (upper bound of tiles, cdiv(J, BLOCK_N)), or (E, cdiv(J, BLOCK_N)) with BY_EXPERT (the decode
     path: ids in sorted_slots_ptr, in_ptr rows indexed by slot; see ``_program_rows``).
+    GROUP_M: the program order (common.tile_and_column; 0 with BY_EXPERT).
     """
-    expert, rows, row_mask, slots, valid = program_rows(tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr,
+    tile, col_tile = tile_and_column(GROUP_M)
+    expert, rows, row_mask, slots, valid = program_rows(tile, tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr,
                                                         num_experts, num_rows, search_steps, BLOCK_M, BY_EXPERT)
     if valid:
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+        cols = col_tile * BLOCK_N + tl.arange(0, BLOCK_N)
         col_mask = cols < out_dim
         w_base = w_ptr + expert.to(tl.int64) * stride_we
         rows64 = rows.to(tl.int64)[:, None]
@@ -262,7 +281,7 @@ def _down_backward_kernel(grad_y_ptr, stride_gt, stride_gh, w_ptr, stride_we, st
                           search_steps, num_col_tiles, limit, gate_cap, up_cap,
                           ACTIVATION: tl.constexpr, INTERLEAVED: tl.constexpr, GATED: tl.constexpr,
                           HAS_BIAS: tl.constexpr, HAS_LIMIT: tl.constexpr, UPCAST: tl.constexpr,
-                          DOT_PRECISION: tl.constexpr,
+                          DOT_PRECISION: tl.constexpr, GROUP_M: tl.constexpr,
                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """Backward through the down GEMM and the activation, for sorted rows.
 
@@ -274,11 +293,12 @@ def _down_backward_kernel(grad_y_ptr, stride_gt, stride_gh, w_ptr, stride_we, st
     strides (be, bh).  route_w_ptr: [N] fp32 by slot.  pre_ptr, grad_pre_ptr: [N, 2I] contiguous ([N, I] when
     not GATED).
     grad_w_partial_ptr: [N, num_col_tiles] fp32.  Grid: (upper bound of tiles, cdiv(I, BLOCK_N)).
+    GROUP_M: the program order (common.tile_and_column).
     """
-    expert, row_start, row_end, valid = find_tile(tile_offsets_ptr, expert_offsets_ptr, num_experts,
+    tile, pid_n = tile_and_column(GROUP_M)
+    expert, row_start, row_end, valid = find_tile(tile, tile_offsets_ptr, expert_offsets_ptr, num_experts,
                                                   search_steps, BLOCK_M)
     if valid:
-        pid_n = tl.program_id(1)
         rows = row_start + tl.arange(0, BLOCK_M)
         row_mask = rows < row_end
         slots = tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0)
@@ -547,8 +567,8 @@ def _gate_up(x, gate_up_proj, gate_up_bias, top_k, expert_offsets, sorted_slots,
         ACTIVATION=ACTIVATION_CODES[activation], INTERLEAVED=interleaved, GATED=gated,
         HAS_BIAS=gate_up_bias is not None, HAS_LIMIT=swiglu_limit is not None, STORE_ACT=store_act, SAVE_PRE=save_pre,
         UPCAST=interpreting(),
-        DOT_PRECISION=dot_precision(x.dtype), BY_EXPERT=False, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        DOT_PRECISION=dot_precision(x.dtype), BY_EXPERT=False, GROUP_M=group_m(cfg), BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return act, pre
 
 
@@ -582,7 +602,7 @@ def _forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias,
         weights.reshape(-1), plan.sorted_slots, plan.expert_offsets, tiles[_TILE_ROW["down"]], slot_rows,
         inter, hidden, num_experts, num_rows, steps,
         HAS_BIAS=down_bias is not None, HAS_ROUTE_W=True, UPCAST=upcast, DOT_PRECISION=precision, BY_EXPERT=False,
-        BLOCK_M=down["BLOCK_M"], BLOCK_N=down["BLOCK_N"], BLOCK_K=down["BLOCK_K"],
+        GROUP_M=group_m(down), BLOCK_M=down["BLOCK_M"], BLOCK_N=down["BLOCK_N"], BLOCK_K=down["BLOCK_K"],
         num_warps=down["num_warps"], num_stages=down["num_stages"])
     y = combine_slots(slot_rows, num_tokens, top_k, x.dtype)
     return y, pre, plan.expert_offsets, plan.sorted_slots, tiles
@@ -609,16 +629,16 @@ def _decode_forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_u
         float(swiglu_limit or 0.0), *_caps(softcaps), ACTIVATION=ACTIVATION_CODES[activation],
         INTERLEAVED=interleaved, GATED=gated,
         HAS_BIAS=gate_up_bias is not None, HAS_LIMIT=swiglu_limit is not None, STORE_ACT=True, SAVE_PRE=False,
-        UPCAST=upcast, DOT_PRECISION=precision, BY_EXPERT=True, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=up["BLOCK_N"],
-        BLOCK_K=up["BLOCK_K"], num_warps=up["num_warps"], num_stages=up["num_stages"])
+        UPCAST=upcast, DOT_PRECISION=precision, BY_EXPERT=True, GROUP_M=0, BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=up["BLOCK_N"], BLOCK_K=up["BLOCK_K"], num_warps=up["num_warps"], num_stages=up["num_stages"])
     slot_rows = torch.empty((num_rows, hidden), dtype=slot_dtype(x.dtype, top_k), device=x.device)
     bias, stride_be, stride_bj = _weight_strides(down_bias, x)
     _rows_matmul_kernel[(num_experts, cdiv(hidden, down["BLOCK_N"]))](
         act, down_proj, down_proj.stride(0), down_proj.stride(2), down_proj.stride(1), bias, stride_be, stride_bj,
         weights.reshape(-1), flat_ids, flat_ids, flat_ids, slot_rows, inter, hidden, num_experts, num_rows, 0,
         HAS_BIAS=down_bias is not None, HAS_ROUTE_W=True, UPCAST=upcast, DOT_PRECISION=precision, BY_EXPERT=True,
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=down["BLOCK_N"], BLOCK_K=down["BLOCK_K"], num_warps=down["num_warps"],
-        num_stages=down["num_stages"])
+        GROUP_M=0, BLOCK_M=cfg["BLOCK_M"], BLOCK_N=down["BLOCK_N"], BLOCK_K=down["BLOCK_K"],
+        num_warps=down["num_warps"], num_stages=down["num_stages"])
     return combine_slots(slot_rows, num_tokens, top_k, x.dtype)
 
 
@@ -684,7 +704,8 @@ def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, do
         route_w, pre, sorted_slots, expert_offsets, tiles[_TILE_ROW["down_bwd"]], grad_pre,
         grad_w_partial, hidden, inter, num_experts, top_k, steps, col_tiles, limit, *caps,
         ACTIVATION=code, INTERLEAVED=interleaved, GATED=gated, HAS_BIAS=down_bias is not None,
-        HAS_LIMIT=swiglu_limit is not None, UPCAST=upcast, DOT_PRECISION=precision, BLOCK_M=bw["BLOCK_M"], BLOCK_N=bw["BLOCK_N"], BLOCK_K=bw["BLOCK_K"],
+        HAS_LIMIT=swiglu_limit is not None, UPCAST=upcast, DOT_PRECISION=precision, GROUP_M=group_m(bw),
+        BLOCK_M=bw["BLOCK_M"], BLOCK_N=bw["BLOCK_N"], BLOCK_K=bw["BLOCK_K"],
         num_warps=bw["num_warps"], num_stages=bw["num_stages"])
     grad_weights = grad_w_partial.sum(dim=1).view(num_tokens, top_k)
 
@@ -699,7 +720,7 @@ def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, do
             grad_pre, gate_up_proj, *gate_up_proj.stride(), x, 0, 0, route_w, sorted_slots, expert_offsets,
             tiles[_TILE_ROW["dx"]], slot_rows, width, hidden, num_experts, num_rows, steps,
             HAS_BIAS=False, HAS_ROUTE_W=False, UPCAST=upcast, DOT_PRECISION=precision, BY_EXPERT=False,
-            BLOCK_M=dx["BLOCK_M"], BLOCK_N=dx["BLOCK_N"], BLOCK_K=dx["BLOCK_K"],
+            GROUP_M=group_m(dx), BLOCK_M=dx["BLOCK_M"], BLOCK_N=dx["BLOCK_N"], BLOCK_K=dx["BLOCK_K"],
             num_warps=dx["num_warps"], num_stages=dx["num_stages"])
         grad_x = combine_slots(slot_rows, num_tokens, top_k, x.dtype)
 
@@ -938,8 +959,9 @@ def _compile_specs():
         specs.append((kernel, _signature(kernel, constexprs, data, overrides), constexprs,
                       {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}, divisible))
 
-    def gemm(cfg, block_m=None):
-        return {"BLOCK_M": block_m or cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"]}
+    def gemm(cfg, block_m=None):  # block_m: the decode path's (by expert, launch order)
+        return {"BLOCK_M": block_m or cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"],
+                "GROUP_M": 0 if block_m else cfg.get("GROUP_M", DEFAULT_GROUP_M)}
 
     # the tile maps of every planned launch (common.tile_maps; the adapters' too)
     tile_scan = {"BLOCK_E": _TILE_SCAN_BLOCK_E}

@@ -184,6 +184,92 @@ def test_moe_mlp_decode_path_boundary():
     assert_close_rel(y, reference.moe_mlp(x, gate_up, down, weights, ids), torch.float32, "y (planned path)")
 
 
+# ------------------------------------------------------------------------- expert MLP: the program order
+
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+from moe_kernels.triton.common import tile_and_column  # noqa: E402
+
+
+@triton.jit
+def _order_probe_kernel(out_ptr, GROUP_M: tl.constexpr):
+    tile, column = tile_and_column(GROUP_M)
+    launch = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
+    tl.store(out_ptr + 2 * launch, tile)
+    tl.store(out_ptr + 2 * launch + 1, column)
+
+
+@pytest.mark.parametrize("num_tiles,num_cols,group", [(1, 1, 8), (7, 3, 8), (20, 3, 8), (21, 5, 4), (9, 1, 2),
+                                                      (6, 4, 0), (5, 2, 1)])
+def test_program_order_is_a_bijection_that_sweeps_columns_by_group(num_tiles, num_cols, group):
+    """common.tile_and_column: every (row tile, column tile) exactly once, whatever the group size and a short
+    last group; in launch order, GROUP_M row tiles take every column before the next group starts (GROUP_M = 0:
+    the launch order itself, axis 0 fastest)."""
+    out = torch.full((num_tiles * num_cols, 2), -1, dtype=torch.int32, device=DEVICE)
+    _order_probe_kernel[(num_tiles, num_cols)](out, GROUP_M=group)
+    pairs = [tuple(p) for p in out.cpu().tolist()]  # by launch id
+    assert sorted(pairs) == [(t, c) for t in range(num_tiles) for c in range(num_cols)]
+    if group == 0:
+        assert pairs == [(t, c) for c in range(num_cols) for t in range(num_tiles)]
+        return
+    for start in range(0, num_tiles, group):
+        size = min(group, num_tiles - start)
+        first = start * num_cols  # launches of this group
+        block = pairs[first:first + size * num_cols]
+        assert {t for t, _ in block} == set(range(start, start + size)), (start, block)
+        assert block[:size] == [(start + r, 0) for r in range(size)]  # the group's row tiles side by side
+
+
+def _small_tiles(num_rows, num_experts, inter, *, fp32=False, device=None):
+    """16-row, 16-column tiles everywhere: at small shapes, several row tiles per expert and several column
+    tiles, so the program order has something to reorder (and short groups)."""
+    gemm = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1}
+    return {"up": gemm, "down": gemm, "down_bwd": gemm, "dx": gemm,
+            "dw": {"BLOCK_I": 16, "BLOCK_J": 16, "BLOCK_P": 16, "num_warps": 4, "num_stages": 1}}
+
+
+@pytest.mark.parametrize("group", ["0", "1", "3"])
+def test_moe_mlp_results_do_not_depend_on_the_program_order(group, monkeypatch):
+    """Forward and every gradient with the grouped program order equal the launch order's bit for bit (each output
+    element is one program's, in the same reduction order) and agree with the oracle; 5 experts (prime), an
+    expert with no rows, several row tiles per expert."""
+    from moe_kernels.triton import experts
+
+    monkeypatch.setattr(experts, "mlp_config", _small_tiles)
+    x, gate_up, down, weights, ids, _, _ = seeded_mlp_inputs(40, 48, 40, 5, 2, "skip_last")
+    x, gate_up, down, weights = (t.requires_grad_(True) for t in (x, gate_up, down, weights))
+    grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(x.device)
+
+    def run():
+        y = ops.moe_mlp(x, gate_up, down, weights, ids, backend="triton")
+        return (y, *torch.autograd.grad(y, (x, gate_up, down, weights), grad_y))
+
+    monkeypatch.setenv("MOE_KERNELS_GROUP_M", "0")
+    launch_order = run()
+    monkeypatch.setenv("MOE_KERNELS_GROUP_M", group)
+    grouped = run()
+    for name, a, b in zip(("y", "dx", "d gate_up", "d down", "d weights"), grouped, launch_order):
+        assert torch.equal(a, b), name
+    y = reference.moe_mlp(x, gate_up, down, weights, ids)
+    want = (y, *torch.autograd.grad(y, (x, gate_up, down, weights), grad_y))
+    for name, a, b in zip(("y", "dx", "d gate_up", "d down", "d weights"), grouped, want):
+        assert_close_rel(a, b, torch.float32, name)
+
+
+def test_group_m_choice_is_explicit(monkeypatch):
+    from moe_kernels.triton import experts
+
+    monkeypatch.delenv("MOE_KERNELS_GROUP_M", raising=False)
+    assert experts.group_m({}) == experts.DEFAULT_GROUP_M
+    assert experts.group_m({"GROUP_M": 4}) == 4
+    monkeypatch.setenv("MOE_KERNELS_GROUP_M", "0")
+    assert experts.group_m({"GROUP_M": 4}) == 0
+    monkeypatch.setenv("MOE_KERNELS_GROUP_M", "rows")
+    with pytest.raises(ValueError, match="MOE_KERNELS_GROUP_M"):
+        experts.group_m({})
+
+
 # ------------------------------------------------------------------------- expert MLP: one-token path (GEMVs)
 
 # one token, no gradient: a GEMV per slot for gate/up, one program per output tile for the k down GEMVs and their
@@ -460,12 +546,26 @@ def test_compile_check_lists_every_kernel_with_full_signatures():
 
 
 def test_compile_check_flags_spills_shared_memory_and_errors():
-    ok = {"error": None, "spill": 0, "shared": 1024, "registers": 128}
+    ok = {"error": None, "spill": 0, "shared": 1024, "registers": 128, "mma": "wgmma", "mma_fallback": False}
     assert compile_check.problems(ok, 90) == []
+    # a dot on Hopper lowered to mma.sync (about half the tensor-core rate) where warpgroup MMA fits fails the check
+    assert compile_check.problems(dict(ok, mma="mma", mma_fallback=True), 90)
+    assert compile_check.problems(dict(ok, mma="mma"), 90) == []
     assert compile_check.problems(dict(ok, spill=8), 90)
     assert compile_check.problems(dict(ok, shared=200 * 1024), 80)
     assert not compile_check.problems(dict(ok, shared=200 * 1024), 90)
     assert compile_check.problems(dict(ok, error="CompilationError: boom"), 90)
+    # TTGIR dot lines as Triton 3.6-3.9 print them (operands shortened)
+    wgmma = ("%acc = ttng.warp_group_dot %a, %b, %c {inputPrecision = 0 : i32, isAsync = true} : "
+             "tensor<64x32xbf16, #ttg.dot_op<{opIdx = 0, parent = #mma}>> * !ttg.memdesc<32x16xbf16> "
+             "-> tensor<64x16xf32, #mma> loc(#loc96)")
+    sync = "%d = tt.dot %a, %b, %c, inputPrecision = tf32 : tensor<{m}x64xbf16> * tensor<64x32xbf16> -> tensor<{m}x32xf32, #mma1>"
+    fma = "%d = tt.dot %a, %b, %c : tensor<16x16xf32> * tensor<16x16xf32> -> tensor<16x16xf32, #blocked2>"
+    assert compile_check.mma_kind(wgmma, 4) == ("wgmma", False)
+    assert compile_check.mma_kind(sync.format(m=16), 4) == ("mma", False)  # decode's 16-row tiles: by design
+    assert compile_check.mma_kind(sync.format(m=128), 8) == ("mma", True)  # the slow instruction where wgmma fits
+    assert compile_check.mma_kind(sync.format(m=64), 2) == ("mma", False)  # not a whole warpgroup
+    assert compile_check.mma_kind(fma, 4) == ("-", False)
     with pytest.raises(SystemExit):
         compile_check._parse_arch("sm_12")
     assert compile_check._parse_arch("sm_80,sm_90a") == [80, 90]
