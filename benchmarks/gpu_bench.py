@@ -287,6 +287,9 @@ def moe_providers(shape: MoEShape, tokens: int, device, dtype, notes: dict, hf_e
             # above 16 rows per expert, common.tile_and_column) against the launch order of runs 1-3
             providers["moe_kernels:triton[group_m=0]"] = _moe_kernels_provider(
                 "triton", shape, {"MOE_KERNELS_GROUP_M": "0"})
+            # and the Triton weight-gradient kernel's order (expert-major by default; sm80's only way) the same way
+            providers["moe_kernels:triton[wgrad=triton,group_m=0]"] = _moe_kernels_provider(
+                "triton", shape, {"MOE_KERNELS_WGRAD": "triton", "MOE_KERNELS_GROUP_M": "0"})
         if tokens == 1:  # the one-token GEMVs (the default) against the decode path's tiles
             tiles = providers["moe_kernels:triton[one_token=tiles]"] = _moe_kernels_provider(
                 "triton", shape, {"MOE_KERNELS_ONE_TOKEN": "tiles"})

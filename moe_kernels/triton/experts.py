@@ -348,7 +348,7 @@ def _expert_outer_kernel(lhs_ptr, stride_lt, stride_lc, rhs_ptr, stride_rt, stri
                          LHS_BY_TOKEN: tl.constexpr, LHS_WEIGHTED: tl.constexpr, RHS_BY_TOKEN: tl.constexpr,
                          RHS_ACT: tl.constexpr, ACTIVATION: tl.constexpr, INTERLEAVED: tl.constexpr,
                          GATED: tl.constexpr, HAS_LIMIT: tl.constexpr, BIAS_GRAD: tl.constexpr,
-                         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                         UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, EXPERT_MAJOR: tl.constexpr,
                          BLOCK_I: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_P: tl.constexpr):
     """Per-expert grouped GEMM over the expert's run of sorted rows (the weight gradients):
     out[e, i, j] = sum_{p in rows of e} L[p, i] * R[p, j];  bias_grad[e, i] = sum_p L[p, i].
@@ -357,11 +357,21 @@ def _expert_outer_kernel(lhs_ptr, stride_lt, stride_lc, rhs_ptr, stride_rt, stri
     LHS_WEIGHTED.  R row p is rhs[token(p)] or rhs[p] (strides rt, rc); if RHS_ACT, rhs is pre [N, 2I]
     ([N, I] when not GATED) and R = the activation of it (j < I).  out_ptr: [E, lhs_dim, rhs_dim] strides (oe, oi, oj), the
     weights' dtype; experts without rows get zeros.  bias_grad_ptr: [E, lhs_dim] (BIAS_GRAD), written
-    by the programs of column tile 0.  Grid: (E, cdiv(lhs_dim, BLOCK_I), cdiv(rhs_dim, BLOCK_J)).
+    by the programs of column tile 0.  Grid: (cdiv(lhs_dim, BLOCK_I), cdiv(rhs_dim, BLOCK_J), E) with EXPERT_MAJOR,
+    else (E, cdiv(lhs_dim, BLOCK_I), cdiv(rhs_dim, BLOCK_J)).
+    EXPERT_MAJOR: the GPU starts programs axis 0 first, so the expert on the last axis runs all tiles of one expert
+    together and its rows of L and R (read by every column / row tile) stay in L2; with the expert on axis 0, the
+    programs running together belong to different experts and share no rows (the order of releases before it).
     """
-    expert = tl.program_id(0)
-    pid_j = tl.program_id(2)
-    i_idx = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
+    if EXPERT_MAJOR:
+        expert = tl.program_id(2)
+        pid_i = tl.program_id(0)
+        pid_j = tl.program_id(1)
+    else:
+        expert = tl.program_id(0)
+        pid_i = tl.program_id(1)
+        pid_j = tl.program_id(2)
+    i_idx = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
     j_idx = pid_j * BLOCK_J + tl.arange(0, BLOCK_J)
     i_mask = i_idx < lhs_dim
     j_mask = j_idx < rhs_dim
@@ -734,26 +744,32 @@ def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, do
         wg = cfg["dw"]
         grad_down = torch.empty(down_proj.shape, dtype=down_proj.dtype, device=x.device)
         grad_down_bias = torch.empty((num_experts, hidden), dtype=x.dtype, device=x.device) if down_bias is not None else empty()
-        grid = (num_experts, cdiv(hidden, wg["BLOCK_I"]), cdiv(inter, wg["BLOCK_J"]))
-        _expert_outer_kernel[grid](
+        expert_major = group_m(wg) > 0  # MOE_KERNELS_GROUP_M=0: the old order here too
+
+        def outer_grid(lhs_dim, rhs_dim):
+            tiles = (cdiv(lhs_dim, wg["BLOCK_I"]), cdiv(rhs_dim, wg["BLOCK_J"]))
+            return (*tiles, num_experts) if expert_major else (num_experts, *tiles)
+
+        _expert_outer_kernel[outer_grid(hidden, inter)](
             grad_y, grad_y.stride(0), grad_y.stride(1), pre, width, 1, route_w, sorted_slots, expert_offsets,
             grad_down, *grad_down.stride(), grad_down_bias if down_bias is not None else grad_down, hidden,
             hidden, inter, inter, top_k, limit, *caps,
             LHS_BY_TOKEN=True, LHS_WEIGHTED=True, RHS_BY_TOKEN=False, RHS_ACT=True, ACTIVATION=code,
             INTERLEAVED=interleaved, GATED=gated, HAS_LIMIT=swiglu_limit is not None, BIAS_GRAD=down_bias is not None,
-            UPCAST=upcast, DOT_PRECISION=precision, BLOCK_I=wg["BLOCK_I"], BLOCK_J=wg["BLOCK_J"], BLOCK_P=wg["BLOCK_P"],
+            UPCAST=upcast, DOT_PRECISION=precision, EXPERT_MAJOR=expert_major, BLOCK_I=wg["BLOCK_I"],
+            BLOCK_J=wg["BLOCK_J"], BLOCK_P=wg["BLOCK_P"],
             num_warps=wg["num_warps"], num_stages=wg["num_stages"])
         grad_gate_up = torch.empty(gate_up_proj.shape, dtype=gate_up_proj.dtype, device=x.device)
         grad_gate_up_bias = (torch.empty((num_experts, width), dtype=x.dtype, device=x.device)
                              if gate_up_bias is not None else empty())
-        grid = (num_experts, cdiv(width, wg["BLOCK_I"]), cdiv(hidden, wg["BLOCK_J"]))
-        _expert_outer_kernel[grid](
+        _expert_outer_kernel[outer_grid(width, hidden)](
             grad_pre, width, 1, x, x.stride(0), x.stride(1), route_w, sorted_slots, expert_offsets,
             grad_gate_up, *grad_gate_up.stride(), grad_gate_up_bias if gate_up_bias is not None else grad_gate_up,
             width, width, hidden, inter, top_k, limit, *caps,
             LHS_BY_TOKEN=False, LHS_WEIGHTED=False, RHS_BY_TOKEN=True, RHS_ACT=False, ACTIVATION=code,
             INTERLEAVED=interleaved, GATED=gated, HAS_LIMIT=swiglu_limit is not None, BIAS_GRAD=gate_up_bias is not None,
-            UPCAST=upcast, DOT_PRECISION=precision, BLOCK_I=wg["BLOCK_I"], BLOCK_J=wg["BLOCK_J"], BLOCK_P=wg["BLOCK_P"],
+            UPCAST=upcast, DOT_PRECISION=precision, EXPERT_MAJOR=expert_major, BLOCK_I=wg["BLOCK_I"],
+            BLOCK_J=wg["BLOCK_J"], BLOCK_P=wg["BLOCK_P"],
             num_warps=wg["num_warps"], num_stages=wg["num_stages"])
     return grad_x, grad_gate_up, grad_down, grad_weights, grad_gate_up_bias, grad_down_bias
 
@@ -987,7 +1003,8 @@ def _compile_specs():
                 add(_down_backward_kernel, entry["down_bwd"], dict(act, HAS_BIAS=bias, **gemm(entry["down_bwd"])),
                     "down_bwd", data, precision)
                 dw = entry["dw"]
-                blocks = {"BLOCK_I": dw["BLOCK_I"], "BLOCK_J": dw["BLOCK_J"], "BLOCK_P": dw["BLOCK_P"]}
+                blocks = {"BLOCK_I": dw["BLOCK_I"], "BLOCK_J": dw["BLOCK_J"], "BLOCK_P": dw["BLOCK_P"],
+                          "EXPERT_MAJOR": dw.get("GROUP_M", DEFAULT_GROUP_M) > 0}
                 add(_expert_outer_kernel, dw, dict(act, LHS_BY_TOKEN=True, LHS_WEIGHTED=True, RHS_BY_TOKEN=False,
                                                    RHS_ACT=True, BIAS_GRAD=bias, **blocks), "dw", data, precision)
                 add(_expert_outer_kernel, dw, dict(act, LHS_BY_TOKEN=False, LHS_WEIGHTED=False, RHS_BY_TOKEN=True,

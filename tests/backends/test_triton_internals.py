@@ -231,9 +231,9 @@ def _small_tiles(num_rows, num_experts, inter, *, fp32=False, device=None):
 
 @pytest.mark.parametrize("group", ["0", "1", "3"])
 def test_moe_mlp_results_do_not_depend_on_the_program_order(group, monkeypatch):
-    """Forward and every gradient with the grouped program order equal the launch order's bit for bit (each output
-    element is one program's, in the same reduction order) and agree with the oracle; 5 experts (prime), an
-    expert with no rows, several row tiles per expert."""
+    """Forward and every gradient with the grouped program order (and the weight-gradient kernel's expert-major
+    grid) equal the launch order's bit for bit (each output element is one program's, in the same reduction
+    order) and agree with the oracle; 5 experts (prime), an expert with no rows, several row tiles per expert."""
     from moe_kernels.triton import experts
 
     monkeypatch.setattr(experts, "mlp_config", _small_tiles)
