@@ -1,7 +1,8 @@
 """Where the time of one ``moe_mlp`` call goes, kernel by kernel: the measured cause behind a gap to the floor.
 
     python benchmarks/kernel_breakdown.py [--out DIR] [--shapes Qwen3,Mixtral] [--tokens 64,4096]
-                                          [--backends cuda,triton] [--passes fwd,fwdbwd] [--iters 5] [--top 10]
+                                          [--backends cuda,triton,triton[group_m=0]] [--passes fwd,fwdbwd]
+                                          [--iters 5] [--top 10]
     python benchmarks/kernel_breakdown.py --dry-run     # no GPU: tiny shapes, interpreter, CPU ops (CI runs this)
 
 ``gpu_bench.py`` says how far a call is from its roofline floor; this says why. Each (shape, tokens, backend, pass)
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -36,8 +38,16 @@ QUICK = [("Qwen3-30B-A3B", (64, 4096, 16384)), ("Mixtral-8x7B", (1, 4096))]
 # Backend variants (--backends): the backend and the environment it runs under, and which cases they apply to.
 # triton[group_m=0]: the planned GEMMs in launch order (runs 1-3) beside the grouped order (the default above 16
 # rows per expert; common.tile_and_column), per kernel.
-VARIANTS = {"triton[group_m=0]": ("triton", {"MOE_KERNELS_GROUP_M": "0"},
-                                  lambda shape, tokens: tokens * shape.top_k > 16 * shape.experts)}
+# triton[wgrad=triton] (and with group_m=0): the Triton weight-gradient kernel where the default on sm90 is torch's
+# grouped GEMM, in its expert-major order and in the old one (opt-in: --backends cuda,triton,triton[wgrad=triton]).
+def _above_16_rows_per_expert(shape, tokens):
+    return tokens * shape.top_k > 16 * shape.experts
+
+
+VARIANTS = {"triton[group_m=0]": ("triton", {"MOE_KERNELS_GROUP_M": "0"}, _above_16_rows_per_expert),
+            "triton[wgrad=triton]": ("triton", {"MOE_KERNELS_WGRAD": "triton"}, lambda shape, tokens: True),
+            "triton[wgrad=triton,group_m=0]": ("triton", {"MOE_KERNELS_WGRAD": "triton", "MOE_KERNELS_GROUP_M": "0"},
+                                               _above_16_rows_per_expert)}
 DRY = [("tiny", (1, 7, 48))]  # 48 tokens: above 16 rows per expert, where triton[group_m=0] runs
 COLUMNS = ["case", "tokens", "backend", "pass", "wall_ms", "kernel_ms", "launches", "gpu_idle", "floor_ms",
            "kernel", "kernel_launches", "kernel_ms_each_call", "share"]
@@ -152,8 +162,12 @@ def main(argv=None) -> int:
     if args.tokens:
         tokens = tuple(int(t) for t in _csv_list(args.tokens))
         plan = [(name, tokens) for name, _ in plan]
+    asked = [b.strip() for b in re.split(r",(?![^\[]*\])", args.backends) if b.strip()]  # commas outside [...]
+    unknown = [b for b in asked if b not in VARIANTS and b not in ("cuda", "triton")]
+    if unknown:
+        parser.error(f"--backends: unknown {unknown}; known: cuda, triton, {', '.join(VARIANTS)}")
     runnable = gpu_bench.runnable_backends(device)
-    backends = [b for b in _csv_list(args.backends) if VARIANTS.get(b, (b,))[0] in runnable]
+    backends = [b for b in asked if VARIANTS.get(b, (b,))[0] in runnable]
     if not backends:
         parser.error(f"none of --backends {args.backends!r} is built and can run on {device}: "
                      f"{gpu_bench.runnable_backends(device)}")

@@ -265,7 +265,8 @@ def test_kernel_breakdown_attributes_each_call_to_its_operators(tmp_path, capsys
     capsys.readouterr()
     for argv, message in ((["--passes", "bwd"], "--passes takes fwd and/or fwdbwd"),
                           (["--iters", "0"], "--iters and --top must be at least 1"),
-                          (["--shapes", "nope"], "matches none of")):
+                          (["--shapes", "nope"], "matches none of"),
+                          (["--backends", "triton,trition"], "--backends: unknown ['trition']")):
         with pytest.raises(SystemExit) as info:
             breakdown.main(["--dry-run", "--out", str(out)] + argv)
         assert info.value.code == 2
