@@ -58,13 +58,17 @@ def recompute_enabled() -> bool:
 DEFAULT_GROUP_M = 8  # row tiles per group (common.tile_and_column): the value of Triton's matmul tutorial
 
 
+def configured_group_m(cfg: dict) -> int:
+    """The program order a config asks for: its GROUP_M, else DEFAULT_GROUP_M (what the compile check compiles)."""
+    return cfg.get("GROUP_M", DEFAULT_GROUP_M)
+
+
 def group_m(cfg: dict) -> int:
     """The program order of a planned GEMM launch (common.tile_and_column): MOE_KERNELS_GROUP_M when set (0 = the
-    launch order every release before it used, for side-by-side timing), else the config's GROUP_M, else
-    DEFAULT_GROUP_M."""
+    launch order every release before it used, for side-by-side timing), else :func:`configured_group_m`."""
     choice = os.environ.get("MOE_KERNELS_GROUP_M", "")
     if not choice:
-        return cfg.get("GROUP_M", DEFAULT_GROUP_M)
+        return configured_group_m(cfg)
     if not choice.isdigit():
         raise ValueError(f"MOE_KERNELS_GROUP_M must be a whole number (0 = launch order), not {choice!r}")
     return int(choice)
@@ -977,7 +981,7 @@ def _compile_specs():
 
     def gemm(cfg, block_m=None):  # block_m: the decode path's (by expert, launch order)
         return {"BLOCK_M": block_m or cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"],
-                "GROUP_M": 0 if block_m else cfg.get("GROUP_M", DEFAULT_GROUP_M)}
+                "GROUP_M": 0 if block_m else configured_group_m(cfg)}
 
     # the tile maps of every planned launch (common.tile_maps; the adapters' too)
     tile_scan = {"BLOCK_E": _TILE_SCAN_BLOCK_E}
@@ -1004,7 +1008,7 @@ def _compile_specs():
                     "down_bwd", data, precision)
                 dw = entry["dw"]
                 blocks = {"BLOCK_I": dw["BLOCK_I"], "BLOCK_J": dw["BLOCK_J"], "BLOCK_P": dw["BLOCK_P"],
-                          "EXPERT_MAJOR": dw.get("GROUP_M", DEFAULT_GROUP_M) > 0}
+                          "EXPERT_MAJOR": configured_group_m(dw) > 0}
                 add(_expert_outer_kernel, dw, dict(act, LHS_BY_TOKEN=True, LHS_WEIGHTED=True, RHS_BY_TOKEN=False,
                                                    RHS_ACT=True, BIAS_GRAD=bias, **blocks), "dw", data, precision)
                 add(_expert_outer_kernel, dw, dict(act, LHS_BY_TOKEN=False, LHS_WEIGHTED=False, RHS_BY_TOKEN=True,
