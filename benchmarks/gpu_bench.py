@@ -258,6 +258,12 @@ def _moe_kernels_provider(backend: str, shape: MoEShape, env: dict | None = None
     return run
 
 
+def group_order_applies(shape: MoEShape, tokens: int) -> bool:
+    """Whether the planned Triton GEMMs' program order (MOE_KERNELS_GROUP_M) can change anything: above 16 rows per
+    expert, where configs.json's classes have several row tiles per expert and GROUP_M 8 (below, GROUP_M 0)."""
+    return tokens * shape.top_k > 16 * shape.experts
+
+
 def moe_providers(shape: MoEShape, tokens: int, device, dtype, notes: dict, hf_experts) -> dict:
     """name -> callable(inputs) that runs the expert MLP and returns its output. ``hf_experts``: the transformers
     module of the shape's form (``_hf_experts``), None when this transformers lacks it."""
@@ -282,7 +288,7 @@ def moe_providers(shape: MoEShape, tokens: int, device, dtype, notes: dict, hf_e
         # grouped GEMM from min_rows routed slots on, measured on an H200) against the Triton kernel throughout
         providers["moe_kernels:triton[wgrad=triton]"] = _moe_kernels_provider(
             "triton", shape, {"MOE_KERNELS_WGRAD": "triton"})
-        if tokens * shape.top_k > 16 * shape.experts:
+        if group_order_applies(shape, tokens):
             # the planned GEMMs' program order: GROUP_M row tiles sweep the column tiles together (the default
             # above 16 rows per expert, common.tile_and_column) against the launch order of runs 1-3
             providers["moe_kernels:triton[group_m=0]"] = _moe_kernels_provider(

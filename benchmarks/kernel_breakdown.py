@@ -40,14 +40,10 @@ QUICK = [("Qwen3-30B-A3B", (64, 4096, 16384)), ("Mixtral-8x7B", (1, 4096))]
 # rows per expert; common.tile_and_column), per kernel.
 # triton[wgrad=triton] (and with group_m=0): the Triton weight-gradient kernel where the default on sm90 is torch's
 # grouped GEMM, in its expert-major order and in the old one (opt-in: --backends cuda,triton,triton[wgrad=triton]).
-def _above_16_rows_per_expert(shape, tokens):
-    return tokens * shape.top_k > 16 * shape.experts
-
-
-VARIANTS = {"triton[group_m=0]": ("triton", {"MOE_KERNELS_GROUP_M": "0"}, _above_16_rows_per_expert),
+VARIANTS = {"triton[group_m=0]": ("triton", {"MOE_KERNELS_GROUP_M": "0"}, gpu_bench.group_order_applies),
             "triton[wgrad=triton]": ("triton", {"MOE_KERNELS_WGRAD": "triton"}, lambda shape, tokens: True),
             "triton[wgrad=triton,group_m=0]": ("triton", {"MOE_KERNELS_WGRAD": "triton", "MOE_KERNELS_GROUP_M": "0"},
-                                               _above_16_rows_per_expert)}
+                                               gpu_bench.group_order_applies)}
 DRY = [("tiny", (1, 7, 48))]  # 48 tokens: above 16 rows per expert, where triton[group_m=0] runs
 COLUMNS = ["case", "tokens", "backend", "pass", "wall_ms", "kernel_ms", "launches", "gpu_idle", "floor_ms",
            "kernel", "kernel_launches", "kernel_ms_each_call", "share"]

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import moe_kernels
 
-from .experts import BACKEND_ATTRIBUTE, normalised_source, source_hash
+from .experts import BACKEND_ATTRIBUTE, source_hash
 
 
 def _route(self, logits: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
@@ -424,5 +424,5 @@ def match_variant(router_class: type) -> RouterVariant | None:
 for _variant in VARIANTS:
     _variant.forward._moe_kernels_variant = _variant.name
 
-__all__ = ["RouterVariant", "VARIANTS", "VARIANTS_BY_HASH", "VARIANTS_BY_NAME", "match_variant", "normalised_source",
-           "original_forward", "source_hash", "ORIGINAL_FORWARD"]
+__all__ = ["RouterVariant", "VARIANTS", "VARIANTS_BY_HASH", "VARIANTS_BY_NAME", "match_variant", "original_forward",
+           "source_hash", "ORIGINAL_FORWARD"]
