@@ -79,7 +79,11 @@ def _extensions():
     os.environ["CUDA_HOME"] = cuda_home
     cpp_extension.CUDA_HOME = cuda_home
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    # pip's CUDA 13 wheels keep headers such as cusparse.h under site-packages/nvidia/cu13/include.
+    # The toolkit's own headers first: nvcc refuses runtime headers of another CUDA minor version ("CUDA compiler
+    # and CUDA toolkit headers are incompatible"), and torch 2.15's wheel brings CUDA 13.2 headers, which a 13.0
+    # nvcc would otherwise find first. pip's CUDA wheels then supply what a minimal toolkit lacks (cusparse.h, ...)
+    # under site-packages/nvidia/cu13/include.
+    include_dirs.append(os.path.join(cuda_home, "include"))
     site = sysconfig.get_paths()["purelib"]
     include_dirs += [d for d in glob.glob(os.path.join(site, "nvidia", "*", "include")) if os.path.isdir(d)]
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))

@@ -10,7 +10,7 @@
 # Exits non-zero on any failure. Kernels cannot be launched here (no GPU).
 #
 # Environment (all optional):
-#   MOE_CUDA_TORCH_VERSION  torch version to install (default 2.14.1, the CUDA 13.0 build)
+#   MOE_CUDA_TORCH_VERSION  torch version to install (default 2.15.0, the newest release: its PyPI build is CUDA 13.2)
 #   MOE_CUDA_VENV           venv path (default $HOME/.cache/moe_kernels/venv-cuda; reused when its torch matches)
 #   MOE_CUDA_BUILD_DIR      build folder (default $HOME/.cache/moe_kernels/cuda-build; ninja rebuilds only what
 #                           changed, so a warm local rerun is quick; a fresh clone recompiles everything)
@@ -21,7 +21,7 @@ set -euo pipefail
 
 start_all=$(date +%s)
 repo_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-torch_version=${MOE_CUDA_TORCH_VERSION:-2.14.1}
+torch_version=${MOE_CUDA_TORCH_VERSION:-2.15.0}
 venv=${MOE_CUDA_VENV:-$HOME/.cache/moe_kernels/venv-cuda}
 build_dir=${MOE_CUDA_BUILD_DIR:-$HOME/.cache/moe_kernels/cuda-build}
 archs=${MOE_CUDA_ARCHS:-8.0;9.0}
@@ -49,7 +49,10 @@ else
   mkdir -p "$(dirname "$venv")"
   "$python" -m venv "$venv" || fail "could not create the venv with $python"
   log "installing torch==$torch_version (CUDA build) into $venv"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "torch==$torch_version" ninja setuptools numpy \
+  # PIP_CONSTRAINT=/dev/null: a machine-wide pip constraint (CI's machines cap torch at the release they keep on
+  # disk) must not stop the top of the declared range from being tested.
+  PIP_CONSTRAINT=/dev/null "$venv/bin/pip" install --quiet --disable-pip-version-check "torch==$torch_version" \
+    ninja setuptools numpy \
     || fail "pip install torch==$torch_version failed"
   installed=$(venv_torch)
   [ "${installed%% *}" = "$torch_version" ] && [ "${installed##* }" != "cpu" ] \
