@@ -84,6 +84,18 @@ def _with_decode_graphs(fn):
     _with_switch(decode_graphs, "enabled", True, fn)
 
 
+def _with_direct_launch(fn):
+    """``fn`` with Triton kernels launched directly after their first launch (as MOE_KERNELS_DIRECT_LAUNCH=1,
+    moe_kernels.triton.common.launcher)."""
+    from moe_kernels.triton import common
+
+    before, common.DIRECT_LAUNCH = common.DIRECT_LAUNCH, True
+    try:
+        fn()
+    finally:
+        common.DIRECT_LAUNCH = before
+
+
 def _cases(device: torch.device):
     """(name, callable) pairs; shapes of Qwen3-30B-A3B (H 2048, I 768, E 128, k 8) unless named. The routing
     inputs come from the device's default backend (without a GPU the stubbed Triton kernels compute nothing)."""
@@ -119,6 +131,8 @@ def _cases(device: torch.device):
                               lambda decode=decode: decode(backend="cuda")))
             cases.append((f"moe_mlp decode T={tokens}, triton, decode graphs",
                           lambda decode=decode: _with_decode_graphs(decode)))
+            cases.append((f"moe_mlp decode T={tokens}, triton, direct launch",
+                          lambda decode=decode: _with_direct_launch(decode)))
 
     logits = torch.randn(1, E, device=device, generator=g)
 
@@ -127,6 +141,8 @@ def _cases(device: torch.device):
             mk.route(logits, k, backend="triton")
 
     cases.append(("route T=1 (E 128, k 8)", route))
+    if device.type == "cuda":
+        cases.append(("route T=1 (E 128, k 8), direct launch", lambda: _with_direct_launch(route)))
 
     # Training at a small width: without a GPU, weight gradients of Qwen3's size (400 MB each) would time the CPU
     # allocator's mmap calls; on a GPU the caching allocator makes the size irrelevant to host time.
@@ -141,6 +157,8 @@ def _cases(device: torch.device):
         torch.autograd.grad(y, (x_train, *w_train), grad16)
 
     cases.append(("moe_mlp forward+backward T=16 (H 512, I 256, E 8, k 2)", train))
+    if device.type == "cuda":
+        cases.append(("moe_mlp forward+backward T=16, direct launch", lambda: _with_direct_launch(train)))
 
     # The native backend (cuda on a GPU, else cpu): its op dispatch and C++ autograd (csrc/autograd.cpp). Without
     # a GPU its kernels really run, so the shape is tiny there (the CPU work is a few microseconds of the figure).
@@ -169,6 +187,8 @@ def _cases(device: torch.device):
             mk.adapter_moe(h, adapter_down, adapter_up, weights_a, ids_a, backend="triton")
 
     cases.append(("adapter_moe decode T=1 (E 16, r 16, k 4)", adapter))
+    if device.type == "cuda":
+        cases.append(("adapter_moe decode T=1, direct launch", lambda: _with_direct_launch(adapter)))
 
     try:
         from transformers import Qwen3MoeConfig
@@ -191,6 +211,8 @@ def _cases(device: torch.device):
             moe_kernels_experts_forward(experts, x1, ids1.long(), weights1.to(dtype))
 
     cases.append(("HF Qwen3MoeExperts decode T=1 (int64 ids, bf16 weights)", hf_decode))
+    if device.type == "cuda":
+        cases.append(("HF Qwen3MoeExperts decode T=1, direct launch", lambda: _with_direct_launch(hf_decode)))
     return cases
 
 

@@ -104,3 +104,40 @@ def test_decode_graphs_give_the_eager_results(backend, monkeypatch):
     graphs = [state for state in decode_graphs._cache.values() if isinstance(state, decode_graphs._Graph)]
     assert len(graphs) == 4  # (moe_mlp, adapter_moe) x (T = 1, T = 3), each captured once
     decode_graphs.clear()
+
+
+@pytest.mark.skipif("triton" not in moe_kernels.available_backends(), reason="triton not installed")
+def test_direct_launches_give_the_same_results(monkeypatch):
+    """MOE_KERNELS_DIRECT_LAUNCH=1 (moe_kernels.triton.common.launcher): every triton path (one token, decode tiles,
+    the planned forward and backward, routing, adapters) gives bit for bit what Triton's own launches give, on the
+    same inputs, its second and later calls of a specialization launched directly; and it never syncs."""
+    from moe_kernels.triton import common
+
+    x, logits, gate_up, down, a_down, a_up, k = _inputs()
+
+    def run(T):
+        xs, ls = x[:T].detach().requires_grad_(), logits[:T].detach().requires_grad_()
+        params = [t.detach().requires_grad_() for t in (gate_up, down, a_down, a_up)]
+        weights, ids = moe_kernels.route(ls, k, backend="triton")
+        y = moe_kernels.moe_mlp(xs, params[0], params[1], weights, ids, backend="triton")
+        z = moe_kernels.adapter_moe(y, params[2], params[3], weights, ids, backend="triton")
+        grads = torch.autograd.grad(z.float().square().sum(), (xs, ls, *params))
+        with torch.no_grad():  # the paths without a plan (one token, decode tiles)
+            y_decode = moe_kernels.moe_mlp(xs, params[0], params[1], weights, ids, backend="triton")
+            z_decode = moe_kernels.adapter_moe(xs, params[2], params[3], weights, ids, backend="triton")
+        return (z, y_decode, z_decode, *grads)
+
+    for T in (1, 5):
+        monkeypatch.setattr(common, "DIRECT_LAUNCH", False)
+        want = run(T)
+        monkeypatch.setattr(common, "DIRECT_LAUNCH", True)
+        first = run(T)  # new specializations: Triton's path, remembered
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            again = run(T)  # launched directly
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        for got in (first, again):
+            for a, b in zip(got, want):
+                assert torch.equal(a, b)

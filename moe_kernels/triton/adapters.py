@@ -59,8 +59,8 @@ from ..spec import ACTIVATION_CODES, ADAPTER_ACTIVATIONS
 from ..validation import check_finite_scalars
 from . import configs
 from .common import (COMBINE_BLOCK_N, COMBINE_BLOCK_T, COMBINE_OPTIONS, _combine_slots_kernel, activation,
-                     activation_grad, cdiv, combine_slots, dot_precision, interpreting, max_tiles, next_power_of_2,
-                     program_rows, register_op, slot_dtype, tile_maps)
+                     activation_grad, cdiv, combine_slots, dot_precision, interpreting, launcher, max_tiles,
+                     next_power_of_2, program_rows, register_op, slot_dtype, tile_maps)
 from .plan import dispatch_plan
 
 # ----------------------------------------------------------------------------------------------------
@@ -481,7 +481,7 @@ def _forward_impl(h, down, up, weights, expert_offsets, sorted_slots, activation
     common = dict(BLOCK_M=cfg.block_m, UPCAST=p["upcast"], DOT_PRECISION=p["precision"],
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages, **p["tiles"])
     if cfg.fused:
-        _adapter_fused_kernel[(p["row_tiles"],)](
+        launcher(_adapter_fused_kernel, (p["row_tiles"],))(
             h, h, *_weights(down, up), weights, out_ptr=out, act_out_ptr=out, dz_out_ptr=out, dweights_ptr=weights,
             top_k=k, H=H, R=R, num_experts=E, num_slots=N, search_steps=p["steps"], scale=scale,
             ACTIVATION=act, BACKWARD=False, OUT_BY_TOKEN=k == 1, BY_EXPERT=False, BLOCK_K=cfg.block_k,
@@ -489,11 +489,11 @@ def _forward_impl(h, down, up, weights, expert_offsets, sorted_slots, activation
     else:
         block_r = min(cfg.block_r, _rank_tile(R))
         activated = torch.empty((N, R), dtype=_mid_dtype(h), device=h.device)
-        _adapter_shrink_kernel[(p["row_tiles"], cdiv(R, block_r))](
+        launcher(_adapter_shrink_kernel, (p["row_tiles"], cdiv(R, block_r)))(
             h, h, *_weights(down, up), weights, act_out_ptr=activated, dz_out_ptr=activated,
             dweights_partial_ptr=weights, top_k=k, H=H, R=R, num_experts=E, search_steps=p["steps"], scale=scale,
             ACTIVATION=act, BACKWARD=False, BLOCK_K=cfg.block_k, BLOCK_R=block_r, **common)
-        _adapter_expand_kernel[(p["row_tiles"], cdiv(H, cfg.block_n))](
+        launcher(_adapter_expand_kernel, (p["row_tiles"], cdiv(H, cfg.block_n)))(
             activated, up, up.stride(0), up.stride(2), up.stride(1), weights, out_ptr=out,
             top_k=k, H=H, R=R, num_experts=E, search_steps=p["steps"], scale=scale, BACKWARD=False,
             OUT_BY_TOKEN=k == 1, BLOCK_N=cfg.block_n, BLOCK_R=block_r, **common)
@@ -511,7 +511,7 @@ def _decode_forward(h, down, up, weights, ids, activation, scale, cfg):
         cfg = dataclasses.replace(cfg, block_k=_INTERPRETER_BLOCK, block_n=_INTERPRETER_BLOCK, num_stages=1)
     out = torch.empty((N, H), dtype=slot_dtype(h.dtype, k), device=h.device)  # by token when k = 1
     flat = ids.reshape(-1)
-    _adapter_fused_kernel[(E,)](
+    launcher(_adapter_fused_kernel, (E,))(
         h, h, *_weights(down, up), weights, tile_offsets_ptr=flat, expert_offsets_ptr=flat, sorted_slots_ptr=flat,
         out_ptr=out, act_out_ptr=out, dz_out_ptr=out, dweights_ptr=weights, top_k=k, H=H, R=R, num_experts=E,
         num_slots=N, search_steps=0, scale=scale, ACTIVATION=ACTIVATION_CODES[activation], BACKWARD=False,
@@ -534,7 +534,7 @@ def _backward_impl(grad, h, down, up, weights, expert_offsets, sorted_slots, act
     dh_rows = torch.empty((N, H), dtype=slot_dtype(h.dtype, k), device=h.device)  # by token when k = 1
     if cfg.fused and (_rank_tile(R) <= FUSED_BACKWARD_MAX_RANK_TILE or _forced_config is not None):
         dweights = torch.empty((N,), dtype=torch.float32, device=h.device)
-        _adapter_fused_kernel[(p["row_tiles"],)](
+        launcher(_adapter_fused_kernel, (p["row_tiles"],))(
             h, grad, *_weights(down, up), weights, out_ptr=dh_rows, act_out_ptr=activated, dz_out_ptr=dz,
             dweights_ptr=dweights, **sizes, num_slots=N, ACTIVATION=act, BACKWARD=True, OUT_BY_TOKEN=k == 1,
             BY_EXPERT=False, BLOCK_K=cfg.block_k, BLOCK_N=cfg.block_n, BLOCK_R=_rank_tile(R), **common)
@@ -542,12 +542,12 @@ def _backward_impl(grad, h, down, up, weights, expert_offsets, sorted_slots, act
         block_r = min(cfg.block_r, SPLIT_BACKWARD_MAX_BLOCK_R, _rank_tile(R))
         rank_tiles = cdiv(R, block_r)
         partial = torch.empty((N, rank_tiles), dtype=torch.float32, device=h.device)
-        _adapter_shrink_kernel[(p["row_tiles"], rank_tiles)](
+        launcher(_adapter_shrink_kernel, (p["row_tiles"], rank_tiles))(
             h, grad, *_weights(down, up), weights, act_out_ptr=activated, dz_out_ptr=dz,
             dweights_partial_ptr=partial, **sizes, ACTIVATION=act, BACKWARD=True, BLOCK_K=cfg.block_k,
             BLOCK_R=block_r, **common)
         dweights = partial.sum(dim=1) if rank_tiles > 1 else partial.view(N)
-        _adapter_expand_kernel[(p["row_tiles"], cdiv(H, cfg.block_n))](
+        launcher(_adapter_expand_kernel, (p["row_tiles"], cdiv(H, cfg.block_n)))(
             dz, down, *down.stride(), weights, out_ptr=dh_rows, **sizes, BACKWARD=True, OUT_BY_TOKEN=k == 1,
             BLOCK_N=cfg.block_n, BLOCK_R=block_r, **common)
     dh = combine_slots(dh_rows, T, k, h.dtype)
@@ -561,12 +561,12 @@ def _backward_impl(grad, h, down, up, weights, expert_offsets, sorted_slots, act
     block_h = cfg.wgrad_block_h
     block_r = min(cfg.wgrad_block_r, _rank_tile(R))
     # d(up)[e] [H, R] = sum (scale w dy_t)^T act(z)
-    _adapter_weight_grad_kernel[(E, cdiv(H, block_h), cdiv(R, block_r))](
+    launcher(_adapter_weight_grad_kernel, (E, cdiv(H, block_h), cdiv(R, block_r)))(
         grad, activated, weights, expert_offsets, sorted_slots, d_up,
         k, H, R, scale, D_UP=True,
         BLOCK_P=block_h, BLOCK_Q=block_r, **wgrad)
     # d(down)[e] [R, H] = sum dz^T h_t
-    _adapter_weight_grad_kernel[(E, cdiv(R, block_r), cdiv(H, block_h))](
+    launcher(_adapter_weight_grad_kernel, (E, cdiv(R, block_r), cdiv(H, block_h)))(
         dz, h, weights, expert_offsets, sorted_slots, d_down,
         k, H, R, scale, D_UP=False,
         BLOCK_P=block_r, BLOCK_Q=block_h, **wgrad)

@@ -43,8 +43,8 @@ from ..first_order import first_order_only
 from ..spec import ACTIVATION_CODES
 from ..validation import check_finite_scalars
 from .common import (_TILE_SCAN_BLOCK_E, TILE_MAPS, _tile_scan_kernel, cdiv, combine_slots, dot_precision, find_tile,
-                     gated_backward, gated_forward, interpreting, max_tiles, operand, program_rows, register_op,
-                     slot_dtype, tile_and_column, tile_maps)
+                     gated_backward, gated_forward, interpreting, launcher, max_tiles, operand, program_rows,
+                     register_op, slot_dtype, tile_and_column, tile_maps)
 from .configs import decode_config, entries, grouped_mm_wgrad_wanted, mlp_config, one_token_config
 from .plan import dispatch_plan
 
@@ -525,7 +525,7 @@ def _grouped_mm_weight_grads(grad_y, x, pre, grad_pre, route_w, expert_offsets, 
     grad_gate_up = torch._grouped_mm(grad_pre.t(), x_sorted, offs=offs)
     del x_sorted
     act = torch.empty((num_rows, inter), dtype=pre.dtype, device=pre.device)
-    _gated_activation_kernel[(cdiv(num_rows, _ROW_BLOCK_R), cdiv(inter, _ROW_BLOCK_C))](
+    launcher(_gated_activation_kernel, (cdiv(num_rows, _ROW_BLOCK_R), cdiv(inter, _ROW_BLOCK_C)))(
         pre, act, num_rows, inter, float(swiglu_limit or 0.0), *_caps(softcaps), ACTIVATION=ACTIVATION_CODES[activation],
         INTERLEAVED=interleaved, GATED=gated, HAS_LIMIT=swiglu_limit is not None, BLOCK_R=_ROW_BLOCK_R,
         BLOCK_C=_ROW_BLOCK_C)
@@ -539,7 +539,7 @@ def _gather_rows(src: torch.Tensor, sorted_slots: torch.Tensor, top_k: int, rout
     """[N, width] rows of ``src`` [T, width] in sorted order, scaled by each slot's weight if ``route_w`` is given."""
     num_rows, width = sorted_slots.shape[0], src.shape[1]
     out = torch.empty((num_rows, width), dtype=dtype or src.dtype, device=src.device)
-    _gather_rows_kernel[(cdiv(num_rows, _ROW_BLOCK_R), cdiv(width, _ROW_BLOCK_C))](
+    launcher(_gather_rows_kernel, (cdiv(num_rows, _ROW_BLOCK_R), cdiv(width, _ROW_BLOCK_C)))(
         src, src.stride(0), src.stride(1), sorted_slots, src if route_w is None else route_w, out, num_rows, width,
         top_k, SCALED=route_w is not None, BLOCK_R=_ROW_BLOCK_R, BLOCK_C=_ROW_BLOCK_C)
     return out
@@ -573,7 +573,7 @@ def _gate_up(x, gate_up_proj, gate_up_bias, top_k, expert_offsets, sorted_slots,
     act = torch.empty((num_rows if store_act else 0, inter), dtype=x.dtype, device=x.device)
     pre = torch.empty((num_rows if save_pre else 0, width), dtype=x.dtype, device=x.device)
     bias, stride_be, stride_bn = _weight_strides(gate_up_bias, x)
-    _gate_up_kernel[(max_tiles(num_rows, num_experts, cfg["BLOCK_M"]), cdiv(inter, cfg["BLOCK_N"]))](
+    launcher(_gate_up_kernel, (max_tiles(num_rows, num_experts, cfg["BLOCK_M"]), cdiv(inter, cfg["BLOCK_N"])))(
         x, x.stride(0), x.stride(1), gate_up_proj, *gate_up_proj.stride(), bias, stride_be, stride_bn,
         sorted_slots, expert_offsets, tiles, act if store_act else pre, pre if save_pre else act,
         hidden, inter, num_experts, num_rows, top_k, num_experts.bit_length(), float(swiglu_limit or 0.0),
@@ -611,7 +611,7 @@ def _forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias,
     down = cfg["down"]
     slot_rows = torch.empty((num_rows, hidden), dtype=slot_dtype(x.dtype, top_k), device=x.device)
     bias, stride_be, stride_bj = _weight_strides(down_bias, x)
-    _rows_matmul_kernel[(max_tiles(num_rows, num_experts, down["BLOCK_M"]), cdiv(hidden, down["BLOCK_N"]))](
+    launcher(_rows_matmul_kernel, (max_tiles(num_rows, num_experts, down["BLOCK_M"]), cdiv(hidden, down["BLOCK_N"])))(
         act, down_proj, down_proj.stride(0), down_proj.stride(2), down_proj.stride(1), bias, stride_be, stride_bj,
         weights.reshape(-1), plan.sorted_slots, plan.expert_offsets, tiles[_TILE_ROW["down"]], slot_rows,
         inter, hidden, num_experts, num_rows, steps,
@@ -637,7 +637,7 @@ def _decode_forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_u
     act = torch.empty((num_rows, inter), dtype=x.dtype, device=x.device)
     up, down = cfg["up"], cfg["down"]
     bias, stride_be, stride_bn = _weight_strides(gate_up_bias, x)
-    _gate_up_kernel[(num_experts, cdiv(inter, up["BLOCK_N"]))](
+    launcher(_gate_up_kernel, (num_experts, cdiv(inter, up["BLOCK_N"])))(
         x, x.stride(0), x.stride(1), gate_up_proj, *gate_up_proj.stride(), bias, stride_be, stride_bn,
         flat_ids, flat_ids, flat_ids, act, act, hidden, inter, num_experts, num_rows, top_k, 0,
         float(swiglu_limit or 0.0), *_caps(softcaps), ACTIVATION=ACTIVATION_CODES[activation],
@@ -647,7 +647,7 @@ def _decode_forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_u
         BLOCK_N=up["BLOCK_N"], BLOCK_K=up["BLOCK_K"], num_warps=up["num_warps"], num_stages=up["num_stages"])
     slot_rows = torch.empty((num_rows, hidden), dtype=slot_dtype(x.dtype, top_k), device=x.device)
     bias, stride_be, stride_bj = _weight_strides(down_bias, x)
-    _rows_matmul_kernel[(num_experts, cdiv(hidden, down["BLOCK_N"]))](
+    launcher(_rows_matmul_kernel, (num_experts, cdiv(hidden, down["BLOCK_N"])))(
         act, down_proj, down_proj.stride(0), down_proj.stride(2), down_proj.stride(1), bias, stride_be, stride_bj,
         weights.reshape(-1), flat_ids, flat_ids, flat_ids, slot_rows, inter, hidden, num_experts, num_rows, 0,
         HAS_BIAS=down_bias is not None, HAS_ROUTE_W=True, UPCAST=upcast, DOT_PRECISION=precision, BY_EXPERT=True,
@@ -677,14 +677,14 @@ def _one_token_forward(x, gate_up_proj, down_proj, weights, ids, activation, gat
     up, down = cfg["up"], cfg["down"]
     act = torch.empty((top_k, inter), dtype=x.dtype, device=x.device)
     bias, stride_be, stride_bn = _weight_strides(gate_up_bias, x)
-    _one_token_gate_up_kernel[(top_k, cdiv(inter, up["BLOCK_N"]))](
+    launcher(_one_token_gate_up_kernel, (top_k, cdiv(inter, up["BLOCK_N"])))(
         x, x.stride(1), gate_up_proj, *gate_up_proj.stride(), bias, stride_be, stride_bn, flat_ids, act, hidden,
         inter, float(swiglu_limit or 0.0), *_caps(softcaps), ACTIVATION=ACTIVATION_CODES[activation],
         INTERLEAVED=interleaved, GATED=gated, HAS_BIAS=gate_up_bias is not None, HAS_LIMIT=swiglu_limit is not None,
         BLOCK_N=up["BLOCK_N"], BLOCK_K=up["BLOCK_K"], num_warps=up["num_warps"], num_stages=up["num_stages"])
     y = torch.empty((1, hidden), dtype=x.dtype, device=x.device)
     bias, stride_be, stride_bh = _weight_strides(down_bias, x)
-    _one_token_down_kernel[(cdiv(hidden, down["BLOCK_N"]),)](
+    launcher(_one_token_down_kernel, (cdiv(hidden, down["BLOCK_N"]),))(
         act, down_proj, *down_proj.stride(), bias, stride_be, stride_bh, weights.reshape(-1), flat_ids, y, inter,
         hidden, top_k, HAS_BIAS=down_bias is not None, BLOCK_N=down["BLOCK_N"], BLOCK_K=down["BLOCK_K"],
         num_warps=down["num_warps"], num_stages=down["num_stages"])
@@ -713,7 +713,7 @@ def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, do
     grad_pre = torch.empty((num_rows, width), dtype=x.dtype, device=x.device)
     grad_w_partial = torch.empty((num_rows, col_tiles), dtype=torch.float32, device=x.device)
     bias, stride_be, stride_bh = _weight_strides(down_bias, x)
-    _down_backward_kernel[(max_tiles(num_rows, num_experts, bw["BLOCK_M"]), col_tiles)](
+    launcher(_down_backward_kernel, (max_tiles(num_rows, num_experts, bw["BLOCK_M"]), col_tiles))(
         grad_y, grad_y.stride(0), grad_y.stride(1), down_proj, *down_proj.stride(), bias, stride_be, stride_bh,
         route_w, pre, sorted_slots, expert_offsets, tiles[_TILE_ROW["down_bwd"]], grad_pre,
         grad_w_partial, hidden, inter, num_experts, top_k, steps, col_tiles, limit, *caps,
@@ -730,7 +730,7 @@ def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, do
     if need_x:
         dx = cfg["dx"]
         slot_rows = torch.empty((num_rows, hidden), dtype=slot_dtype(x.dtype, top_k), device=x.device)
-        _rows_matmul_kernel[(max_tiles(num_rows, num_experts, dx["BLOCK_M"]), cdiv(hidden, dx["BLOCK_N"]))](
+        launcher(_rows_matmul_kernel, (max_tiles(num_rows, num_experts, dx["BLOCK_M"]), cdiv(hidden, dx["BLOCK_N"])))(
             grad_pre, gate_up_proj, *gate_up_proj.stride(), x, 0, 0, route_w, sorted_slots, expert_offsets,
             tiles[_TILE_ROW["dx"]], slot_rows, width, hidden, num_experts, num_rows, steps,
             HAS_BIAS=False, HAS_ROUTE_W=False, UPCAST=upcast, DOT_PRECISION=precision, BY_EXPERT=False,
@@ -754,7 +754,7 @@ def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, do
             tiles = (cdiv(lhs_dim, wg["BLOCK_I"]), cdiv(rhs_dim, wg["BLOCK_J"]))
             return (*tiles, num_experts) if expert_major else (num_experts, *tiles)
 
-        _expert_outer_kernel[outer_grid(hidden, inter)](
+        launcher(_expert_outer_kernel, outer_grid(hidden, inter))(
             grad_y, grad_y.stride(0), grad_y.stride(1), pre, width, 1, route_w, sorted_slots, expert_offsets,
             grad_down, *grad_down.stride(), grad_down_bias if down_bias is not None else grad_down, hidden,
             hidden, inter, inter, top_k, limit, *caps,
@@ -766,7 +766,7 @@ def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, do
         grad_gate_up = torch.empty(gate_up_proj.shape, dtype=gate_up_proj.dtype, device=x.device)
         grad_gate_up_bias = (torch.empty((num_experts, width), dtype=x.dtype, device=x.device)
                              if gate_up_bias is not None else empty())
-        _expert_outer_kernel[outer_grid(width, hidden)](
+        launcher(_expert_outer_kernel, outer_grid(width, hidden))(
             grad_pre, width, 1, x, x.stride(0), x.stride(1), route_w, sorted_slots, expert_offsets,
             grad_gate_up, *grad_gate_up.stride(), grad_gate_up_bias if gate_up_bias is not None else grad_gate_up,
             width, width, hidden, inter, top_k, limit, *caps,

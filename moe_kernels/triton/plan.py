@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from ..backends import Plan
-from .common import cdiv
+from .common import cdiv, launcher
 from .configs import plan_config
 
 
@@ -190,8 +190,8 @@ def dispatch_plan(ids: torch.Tensor, num_experts: int) -> Plan:
         offsets.zero_()
         return Plan(offsets, sorted_slots, slot_positions)
     if num_slots <= block <= PAIRWISE_MAX_SLOTS:
-        _small_plan_kernel[(1,)](flat, offsets, sorted_slots, slot_positions, num_slots, num_experts, BLOCK=block,
-                                 BLOCK_E=SMALL_PLAN_BLOCK_E, num_warps=cfg["num_warps"])
+        launcher(_small_plan_kernel, (1,))(flat, offsets, sorted_slots, slot_positions, num_slots, num_experts,
+                                           BLOCK=block, BLOCK_E=SMALL_PLAN_BLOCK_E, num_warps=cfg["num_warps"])
         return Plan(offsets, sorted_slots, slot_positions)
     num_chunks = cdiv(num_slots, block)
     sorted_keys = torch.empty(num_chunks * block, dtype=torch.int32, device=device)
@@ -199,13 +199,13 @@ def dispatch_plan(ids: torch.Tensor, num_experts: int) -> Plan:
     chunk_counts = torch.zeros((num_chunks, num_experts), dtype=torch.int32, device=device)
     chunk_bases = torch.empty_like(chunk_counts)
     totals = torch.empty(num_experts, dtype=torch.int32, device=device)
-    _block_sort_kernel[(num_chunks,)](flat, sorted_keys, ranks, chunk_counts, num_slots, num_experts,
-                                      BLOCK=block, num_warps=cfg["num_warps"])
-    _chunk_scan_kernel[(cdiv(num_experts, block_e),)](chunk_counts, chunk_bases, totals, num_chunks,
-                                                             num_experts, BLOCK_E=block_e)
-    _expert_scan_kernel[(1,)](totals, offsets, num_experts, BLOCK_E=block_e)
-    _scatter_kernel[(num_chunks,)](sorted_keys, ranks, chunk_bases, offsets, sorted_slots, slot_positions,
-                                   num_slots, num_experts, BLOCK=block, num_warps=cfg["num_warps"])
+    launcher(_block_sort_kernel, (num_chunks,))(flat, sorted_keys, ranks, chunk_counts, num_slots, num_experts,
+                                                BLOCK=block, num_warps=cfg["num_warps"])
+    launcher(_chunk_scan_kernel, (cdiv(num_experts, block_e),))(chunk_counts, chunk_bases, totals, num_chunks,
+                                                                num_experts, BLOCK_E=block_e)
+    launcher(_expert_scan_kernel, (1,))(totals, offsets, num_experts, BLOCK_E=block_e)
+    launcher(_scatter_kernel, (num_chunks,))(sorted_keys, ranks, chunk_bases, offsets, sorted_slots, slot_positions,
+                                             num_slots, num_experts, BLOCK=block, num_warps=cfg["num_warps"])
     return Plan(offsets, sorted_slots, slot_positions)
 
 

@@ -23,7 +23,7 @@ import triton.language as tl
 from ..first_order import first_order_only
 from ..spec import NO_GROUP, RENORM_EPS
 from ..validation import check_finite_scalars
-from .common import cdiv, next_power_of_2, register_op
+from .common import cdiv, launcher, next_power_of_2, register_op
 from .configs import entries, route_config
 
 _RENORM_EPS = tl.constexpr(RENORM_EPS)
@@ -220,12 +220,12 @@ def _route_impl(logits: torch.Tensor, bias: Optional[torch.Tensor], k: int, sigm
     cfg, block_e, block_k, block_g = _blocks(num_tokens, num_experts, k, n_group)
     bias_arg = bias.contiguous() if bias is not None else weights
     grid = (cdiv(num_tokens, cfg["BLOCK_T"]),)
-    _route_fwd_kernel[grid](logits, logits.stride(0), logits.stride(1), bias_arg, weights, ids,
-                            num_tokens, num_experts, float(scale),
-                            K=k, SIGMOID=sigmoid, TOPK_FIRST=topk_first, RENORM=renormalize,
-                            HAS_BIAS=bias is not None, N_GROUP=n_group, TOPK_GROUP=topk_group,
-                            BLOCK_T=cfg["BLOCK_T"], BLOCK_E=block_e, BLOCK_K=block_k, BLOCK_G=block_g,
-                            num_warps=cfg["num_warps"])
+    launcher(_route_fwd_kernel, grid)(logits, logits.stride(0), logits.stride(1), bias_arg, weights, ids,
+                                      num_tokens, num_experts, float(scale),
+                                      K=k, SIGMOID=sigmoid, TOPK_FIRST=topk_first, RENORM=renormalize,
+                                      HAS_BIAS=bias is not None, N_GROUP=n_group, TOPK_GROUP=topk_group,
+                                      BLOCK_T=cfg["BLOCK_T"], BLOCK_E=block_e, BLOCK_K=block_k, BLOCK_G=block_g,
+                                      num_warps=cfg["num_warps"])
     return weights, ids
 
 
@@ -245,11 +245,11 @@ def _route_backward_impl(grad_weights: torch.Tensor, logits: torch.Tensor, ids: 
         return grad_logits
     cfg, block_e, block_k, _ = _blocks(num_tokens, num_experts, k, 1)
     grid = (cdiv(num_tokens, cfg["BLOCK_T"]),)
-    _route_bwd_kernel[grid](grad_weights.float().contiguous(), logits, logits.stride(0), logits.stride(1),
-                            ids.contiguous(), grad_logits, num_tokens, num_experts, float(scale),
-                            K=k, SIGMOID=sigmoid, TOPK_FIRST=topk_first, RENORM=renormalize,
-                            BLOCK_T=cfg["BLOCK_T"], BLOCK_E=block_e, BLOCK_K=block_k,
-                            num_warps=cfg["num_warps"])
+    launcher(_route_bwd_kernel, grid)(grad_weights.float().contiguous(), logits, logits.stride(0), logits.stride(1),
+                                      ids.contiguous(), grad_logits, num_tokens, num_experts, float(scale),
+                                      K=k, SIGMOID=sigmoid, TOPK_FIRST=topk_first, RENORM=renormalize,
+                                      BLOCK_T=cfg["BLOCK_T"], BLOCK_E=block_e, BLOCK_K=block_k,
+                                      num_warps=cfg["num_warps"])
     return grad_logits
 
 
