@@ -93,7 +93,8 @@ def _direct_launch(kernel, grid: tuple, *args, **kwargs) -> None:
         kernel[grid](*args, **kwargs)
         return
     device = args[0].get_device()
-    caches = kernel.device_caches.get(device)  # Triton's per-device (cache, key cache, target, backend, binder)
+    # Triton's per-device (cache, key cache, target, backend, binder); an interpreted kernel has none
+    caches = getattr(kernel, "device_caches", {}).get(device)
     hooks = triton.knobs.runtime
     # a hook is set: None or an empty HookChain means none (getattr: a plain function in other releases)
     if caches is None or getattr(hooks.launch_enter_hook, "calls", hooks.launch_enter_hook) \

@@ -143,7 +143,11 @@ def test_launcher_without_direct_path_is_the_plain_launch(monkeypatch):
     common.launcher(kernel, (3,))(x, 5, BLOCK=16)
     monkeypatch.setattr(common, "DIRECT_LAUNCH", True)
     common.launcher(kernel, (3,))(x, 5, BLOCK=16)
-    assert calls == [((3,), (x, 5), {"BLOCK": 16})] * 2
+    # a CUDA tensor and a kernel without Triton's device caches (the interpreter's): still kernel[grid]
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    monkeypatch.setattr(torch.Tensor, "get_device", lambda self: 0)
+    common.launcher(kernel, (3,))(x, 5, BLOCK=16)
+    assert calls == [((3,), (x, 5), {"BLOCK": 16})] * 3
 
 
 def test_direct_launch_switch_is_read_at_import():
