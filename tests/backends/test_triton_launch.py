@@ -117,7 +117,8 @@ _CHILD = textwrap.dedent('''
 
 
 def test_direct_launch_matches_tritons_own_path():
-    env = {key: value for key, value in os.environ.items() if key not in ("TRITON_INTERPRET", "MOE_KERNELS_DIRECT_LAUNCH")}
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("TRITON_INTERPRET", "MOE_KERNELS_DIRECT_LAUNCH")}
     result = subprocess.run([sys.executable, "-c", _CHILD], capture_output=True, text=True, env=env, timeout=300,
                             cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     assert result.returncode == 0 and result.stdout.strip().endswith("OK"), result.stdout + result.stderr
@@ -152,6 +153,6 @@ def test_launcher_without_direct_path_is_the_plain_launch(monkeypatch):
 
 def test_direct_launch_switch_is_read_at_import():
     env = {**os.environ, "MOE_KERNELS_DIRECT_LAUNCH": "1"}
-    result = subprocess.run([sys.executable, "-c", "from moe_kernels.triton import common; print(common.DIRECT_LAUNCH)"],
-                            capture_output=True, text=True, env=env, timeout=120)
+    code = "from moe_kernels.triton import common; print(common.DIRECT_LAUNCH)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.stdout.strip() == "True", result.stdout + result.stderr
