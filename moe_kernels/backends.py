@@ -61,10 +61,24 @@ class Plan(NamedTuple):
     slot_positions: torch.Tensor
 
 
+def fp32_int32_routing(weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """weights float32 and ids int32, both contiguous: the inputs themselves when they already are (no call, which
+    would return them too after a microsecond of argument parsing each), else one conversion each."""
+    if not (weights.dtype is torch.float32 and weights.is_contiguous()):
+        weights = weights.float().contiguous()
+    if not (ids.dtype is torch.int32 and ids.is_contiguous()):
+        ids = ids.to(torch.int32).contiguous()
+    return weights, ids
+
+
 class Backend:
     """Interface every backend implements. ``moe_kernels.ops`` calls the methods by keyword, with arguments it
     validated and normalised once: ``ids`` int32 contiguous [T,k] in range, ``weights`` float32 contiguous
-    [T,k], tensors on one device, T >= 1, activation a name of :mod:`moe_kernels.spec`, ``n_group`` /
+    [T,k] -- except ``moe_mlp``, which gets the routing in the dtypes the caller gave (contiguous, ``weights``
+    float32 or x's dtype, ``ids`` int32 or int64: a Hugging Face router's) so that a kernel able to read them
+    as they are saves the two conversion launches per call (a decode step's MoE layer is a handful of launches);
+    its backends call :func:`fp32_int32_routing` where their kernels need the normalised form -- tensors on one
+    device, T >= 1, activation a name of :mod:`moe_kernels.spec`, ``n_group`` /
     ``topk_group`` None for no group limit, ``swiglu_limit`` None or a float, ``softcaps`` None or a pair of floats > 0
     (only with "softcap_swiglu"), flags as bools. Backends take
     them as they are (no conversion, no re-check; a kernel op may convert at its own boundary, once).

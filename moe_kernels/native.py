@@ -34,7 +34,7 @@ import torch
 import os
 
 from . import reference
-from .backends import Backend, BackendError, Plan
+from .backends import Backend, BackendError, Plan, fp32_int32_routing
 from .spec import NO_GROUP
 
 try:
@@ -349,6 +349,7 @@ class NativeBackend(Backend):
 
     def moe_mlp(self, x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, interleaved,
                 swiglu_limit, gated, softcaps):
+        weights, ids = fp32_int32_routing(weights, ids)  # the C++ ops read float32 weights and int32 ids
         return self.expert_path(x, gate_up_proj, down_proj, gate_up_bias, down_bias, weights, ids, activation, gated,
                                 interleaved, swiglu_limit, 1.0, softcaps)
 

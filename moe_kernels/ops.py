@@ -3,7 +3,9 @@
 Each function checks its arguments (see :mod:`moe_kernels.validation`), normalises ``ids`` to int32
 and ``weights`` to float32 (both contiguous; the one conversion on every path), handles the empty batch, and
 hands the rest, by keyword, to the backend chosen by :func:`moe_kernels.backends.resolve_backend`. Backends
-take the arguments as they are: they neither convert nor re-check them. The math of each op is defined by
+take the arguments as they are: they neither convert nor re-check them. ``moe_mlp`` is the one exception:
+its routing reaches the backend in the caller's dtypes, and the backend converts only where its kernels need
+it (:class:`moe_kernels.backends.Backend`). The math of each op is defined by
 :mod:`moe_kernels.reference`.
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 import torch
 
 from . import decode_graphs, reference
-from .backends import Plan, resolve_backend
+from .backends import Plan, fp32_int32_routing, resolve_backend
 from .spec import (ADAPTER_ACTIVATIONS, ELEMENTWISE_ACTIVATIONS, GATED_ACTIVATIONS, MAX_ADAPTER_RANK, ROUTE_ORDERS,
                    ROUTE_SCORINGS, SOFTCAP_ACTIVATIONS)
 from .validation import (check_choice, check_dim, check_finite_logits, check_routing, check_same_device,
@@ -29,13 +31,19 @@ def _shape(x: torch.Tensor, num_experts: int, *tensors) -> dict:
 
 
 def _normalise_routing(weights: torch.Tensor, ids: torch.Tensor):
-    """The one conversion of the routing on every path: weights float32 and ids int32, both contiguous (no copy
-    when they already are). Backends take them as they are."""
-    # Tensors already in shape are returned as they are without the conversion calls (which would return them
-    # too, after a microsecond of argument parsing each): the common case at decode.
-    if not (weights.dtype is torch.float32 and weights.is_contiguous()):
-        weights = weights.float().contiguous()
-    return weights, _ids_int32(ids)
+    """The one conversion of the routing for the ops whose backends take it normalised (float32 weights, int32
+    ids, contiguous; no copy when it already is)."""
+    return fp32_int32_routing(weights, ids)
+
+
+def _contiguous_routing(weights: torch.Tensor, ids: torch.Tensor):
+    """moe_mlp's routing for its backends: the caller's dtypes (checked: weights float32 or x's dtype, ids int32
+    or int64), made contiguous; each backend converts where its kernels need it (backends.Backend)."""
+    if not weights.is_contiguous():
+        weights = weights.contiguous()
+    if not ids.is_contiguous():
+        ids = ids.contiguous()
+    return weights, ids
 
 
 def _ids_int32(ids: torch.Tensor) -> torch.Tensor:
@@ -207,8 +215,8 @@ def moe_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
                            lambda: _shape(x, num_experts, x, gate_up_proj, down_proj, gate_up_bias, down_bias,
                                           weights))
 
-    def call(x, weights, ids):  # normalising inside: a decode graph holds the conversions too
-        weights, ids = _normalise_routing(weights, ids)
+    def call(x, weights, ids):  # inside: a decode graph holds any conversion too
+        weights, ids = _contiguous_routing(weights, ids)
         return impl.moe_mlp(x=x, gate_up_proj=gate_up_proj, down_proj=down_proj, weights=weights, ids=ids,
                             activation=activation, gate_up_bias=gate_up_bias, down_bias=down_bias,
                             interleaved=bool(interleaved), swiglu_limit=swiglu_limit, gated=gated, softcaps=softcaps)

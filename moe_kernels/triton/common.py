@@ -361,7 +361,7 @@ def program_rows(tile, tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr, n
     Tiled (BY_EXPERT false): tile ``tile`` (:func:`tile_and_column`), BLOCK_M rows of one expert's run in sorted
     order (:func:`find_tile`); ``rows`` index the sorted order and ``slots = sorted_slots[rows]``.
     By expert (BY_EXPERT, the decode path, no plan): ``tile`` is the expert (program_id(0)) and ``sorted_slots_ptr``
-    holds the flat ids [N] (N = num_rows <= BLOCK_M); the rows are the slots routed to this expert, so
+    holds the flat ids [N] (int32 or int64; N = num_rows <= BLOCK_M); the rows are the slots routed to this expert, so
     rows == slots and every [N, .] buffer is indexed by slot. valid is false for an expert without slots.
     """
     if BY_EXPERT:

@@ -210,6 +210,8 @@ def _describe(signature: dict, constexprs: dict, options: dict, divisible) -> st
     floats = sorted({kind[1:] for kind in signature.values() if kind.startswith(("*fp", "*bf"))})
     if floats:
         flags.append("ptr=" + "+".join(floats))
+    if "*i64" in signature.values():  # int64 indices (a Hugging Face router's ids, read as they come)
+        flags.append("i64")
     if divisible:
         flags.append("div16=" + "+".join(divisible))
     return f"{blocks} w={options.get('num_warps')} s={options.get('num_stages')} | {','.join(flags)}"

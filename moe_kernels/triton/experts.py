@@ -39,6 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backends import fp32_int32_routing
 from ..first_order import first_order_only
 from ..spec import ACTIVATION_CODES
 from ..validation import check_finite_scalars
@@ -117,7 +118,7 @@ def _gate_up_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, st
     x's dtype, sorted rows, columns laid out like W_gu's rows.  limit: GPT-OSS clamp (HAS_LIMIT).  gate_cap, up_cap:
     the soft caps of ACTIVATION softcap_swiglu (else unused).
     Grid: (upper bound of tiles, cdiv(I, BLOCK_N)), or (E, cdiv(I, BLOCK_N)) with BY_EXPERT (the decode
-    path: ids in sorted_slots_ptr, act/pre indexed by slot; see ``_program_rows``).
+    path: ids, int32 or int64, in sorted_slots_ptr, act/pre indexed by slot; see ``program_rows``).
     ACTIVATION: code of moe_kernels.spec.ACTIVATION_CODES (a gated activation; an elementwise one when not GATED).
     GATED=False (experts without a gate): W_gu is W_up [E, I, H], pre [N, I], act = act(pre); no up accumulator.
     GROUP_M: the program order (common.tile_and_column; 0 with BY_EXPERT).
@@ -174,9 +175,9 @@ def _rows_matmul_kernel(in_ptr, w_ptr, stride_we, stride_wc, stride_wj, bias_ptr
 
     in_ptr:  [N, C] contiguous, sorted rows (C = reduce_dim).  w_ptr: [E, C, J] strides (we, wc, wj), so
     W_d [E,H,I] enters as strides (s0, s2, s1) and W_gu [E,2I,H] as is.  bias_ptr: [E, J] strides (be, bj).
-    route_w_ptr: [N] float32 indexed by slot (HAS_ROUTE_W).  out_ptr: [N, J] contiguous, indexed by slot.
+    route_w_ptr: [N] float32 (x's dtype too on the decode path) indexed by slot (HAS_ROUTE_W).  out_ptr: [N, J] contiguous, indexed by slot.
     Grid: (upper bound of tiles, cdiv(J, BLOCK_N)), or (E, cdiv(J, BLOCK_N)) with BY_EXPERT (the decode
-    path: ids in sorted_slots_ptr, in_ptr rows indexed by slot; see ``_program_rows``).
+    path: ids, int32 or int64, in sorted_slots_ptr, in_ptr rows indexed by slot; see ``program_rows``).
     GROUP_M: the program order (common.tile_and_column; 0 with BY_EXPERT).
     """
     tile, col_tile = tile_and_column(GROUP_M)
@@ -200,7 +201,7 @@ def _rows_matmul_kernel(in_ptr, w_ptr, stride_we, stride_wc, stride_wj, bias_ptr
             acc += tl.load(bias_ptr + expert.to(tl.int64) * stride_be + cols * stride_bj, mask=col_mask,
                            other=0.0).to(tl.float32)[None, :]
         if HAS_ROUTE_W:
-            acc *= tl.load(route_w_ptr + slots, mask=row_mask, other=0.0)[:, None]
+            acc *= tl.load(route_w_ptr + slots, mask=row_mask, other=0.0).to(tl.float32)[:, None]
         tl.store(out_ptr + slots.to(tl.int64)[:, None] * out_dim + cols[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=row_mask[:, None] & col_mask[None, :])
 
@@ -215,7 +216,7 @@ def _one_token_gate_up_kernel(x_ptr, stride_xh, w_ptr, stride_we, stride_wn, str
     intermediate columns c of this program's tile, for the token's slot j.
 
     x_ptr: [1, H] stride stride_xh along H.  w_ptr: W_gu [E, 2I, H] ([E, I, H] not GATED) strides (we, wn, wh).
-    bias_ptr: [E, 2I] strides (be, bn) if HAS_BIAS.  ids_ptr: [k] int32.  act_ptr: [k, I] out, contiguous, x's dtype.
+    bias_ptr: [E, 2I] strides (be, bn) if HAS_BIAS.  ids_ptr: [k] int32 or int64.  act_ptr: [k, I] out, contiguous, x's dtype.
     Grid: (k, cdiv(I, BLOCK_N)). A GEMV: products and sums in fp32 (no tensor cores, no 16-row padding); each
     slot's expert rows are read once, as a decode step must.
     """
@@ -255,7 +256,8 @@ def _one_token_down_kernel(act_ptr, w_ptr, stride_we, stride_wh, stride_wi, bias
     combine launch).
 
     act_ptr: [k, I] contiguous.  w_ptr: W_d [E, H, I] strides (we, wh, wi).  bias_ptr: [E, H] strides (be, bh) if
-    HAS_BIAS.  route_w_ptr: [k] fp32.  ids_ptr: [k] int32.  y_ptr: [1, H] out, contiguous, x's dtype.
+    HAS_BIAS.  route_w_ptr: [k] fp32 or x's dtype.  ids_ptr: [k] int32 or int64.  y_ptr: [1, H] out, contiguous,
+    x's dtype.
     Grid: (cdiv(H, BLOCK_N),).
     """
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -274,7 +276,7 @@ def _one_token_down_kernel(act_ptr, w_ptr, stride_we, stride_wh, stride_wi, bias
             part += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
         if HAS_BIAS:
             part += tl.load(bias_ptr + expert * stride_be + cols * stride_bh, mask=col_mask, other=0.0).to(tl.float32)
-        acc += tl.load(route_w_ptr + j) * part
+        acc += tl.load(route_w_ptr + j).to(tl.float32) * part
     tl.store(y_ptr + cols, acc.to(y_ptr.dtype.element_ty), mask=col_mask)
 
 
@@ -809,7 +811,8 @@ def _inference_impl(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torc
                     activation: str, interleaved: bool, swiglu_limit: Optional[float], gated: bool,
                     softcaps: Optional[list[float]]) -> torch.Tensor:
     """y [T,H] of a forward that needs no gradient: the one-token GEMVs for T = 1, the decode path for T*k <= the
-    decode config's BLOCK_M slots, else the planned forward without its backward state. The choice is made here,
+    decode config's BLOCK_M slots, else the planned forward without its backward state. The first two read the
+    routing as given (weights float32 or x's dtype, ids int32 or int64: no conversion launch at decode). The choice is made here,
     inside the op, so that torch.compile traces one opaque call and never the config table (a file read Dynamo
     cannot trace)."""
     _check_scalars(swiglu_limit, softcaps)
@@ -822,6 +825,7 @@ def _inference_impl(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torc
     if cfg is not None:
         return _decode_forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias,
                                interleaved, swiglu_limit, gated, softcaps, cfg)
+    weights, ids = fp32_int32_routing(weights, ids)  # the plan and the planned kernels read int32 ids, fp32 weights
     return _forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, interleaved,
                     swiglu_limit, gated, softcaps, False)[0]
 
@@ -903,14 +907,16 @@ class MoeMLPFunction(torch.autograd.Function):
 
 def moe_mlp(x, gate_up_proj, down_proj, weights, ids, activation="silu", gate_up_bias=None, down_bias=None,
             interleaved=False, swiglu_limit=None, gated=True, softcaps=None):
-    """Backend entry point (arguments validated and normalised by :func:`moe_kernels.ops.moe_mlp`: weights [T,k]
-    float32 and ids [T,k] int32, both contiguous; interleaved and gated bools; swiglu_limit None or a float; softcaps
-    None or (gate_cap, up_cap) for softcap_swiglu):
+    """Backend entry point (arguments validated by :func:`moe_kernels.ops.moe_mlp`: weights [T,k] float32 or x's
+    dtype and ids [T,k] int32 or int64, both contiguous; interleaved and gated bools; swiglu_limit None or a float;
+    softcaps None or (gate_cap, up_cap) for softcap_swiglu):
     y [T, H] in x's dtype."""
     softcaps = None if softcaps is None else list(softcaps)  # the registered ops take float[]
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, gate_up_proj, down_proj, weights, gate_up_bias, down_bias))
     if needs_grad:
+        # (a bf16 weights' gradient comes back through the conversion's own backward)
+        weights, ids = fp32_int32_routing(weights, ids)
         return MoeMLPFunction.apply(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation,
                                     interleaved, swiglu_limit, gated, softcaps)
     return moe_mlp_inference_op(x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, activation,
@@ -923,6 +929,10 @@ def moe_mlp(x, gate_up_proj, down_proj, weights, ids, activation="silu", gate_up
 _POINTER_TYPES = {torch.float32: "*fp32", torch.bfloat16: "*bf16"}
 _INT_POINTERS = ("sorted_slots_ptr", "expert_offsets_ptr", "tile_offsets_ptr", "ids_ptr")
 _FP32_POINTERS = ("route_w_ptr", "grad_w_partial_ptr")
+# A Hugging Face router's routing (int64 ids, weights in the model's dtype), which the decode and one-token
+# kernels read as they get it; the decode (BY_EXPERT) launches pass the flat ids in all three plan pointers.
+_HF_ROUTING = {"ids_ptr": "*i64", "route_w_ptr": "*bf16"}
+_BY_EXPERT_IDS = ("sorted_slots_ptr", "expert_offsets_ptr", "tile_offsets_ptr")
 # (activation, interleaved, bias, limit, gated): the plain SwiGLU of most families, DeepSeek-V4's clamped one,
 # GPT-OSS's form, the longest epilogue (clamps, biases, interleaved columns), Inkling2's soft-capped SwiGLU and
 # Nemotron-H's ungated ReLU^2.
@@ -1032,12 +1042,18 @@ def _compile_specs():
             for activation, interleaved, bias, limit, gated in _COMPILE_VARIANTS:
                 act = {"ACTIVATION": ACTIVATION_CODES[activation], "INTERLEAVED": interleaved, "HAS_LIMIT": limit,
                        "GATED": gated}
-                add(_gate_up_kernel, entry["up"], dict(act, HAS_BIAS=bias, STORE_ACT=True, SAVE_PRE=False,
-                                                       BY_EXPERT=True, **gemm(entry["up"], entry["BLOCK_M"])),
-                    "gate_up", data, precision)
-                add(_rows_matmul_kernel, entry["down"], dict(HAS_BIAS=bias, HAS_ROUTE_W=True, BY_EXPERT=True,
-                                                             **gemm(entry["down"], entry["BLOCK_M"])),
-                    "down", data, precision, {"out_ptr": "*fp32"})
+                # the routing as the kernels get it: int32 ids, fp32 weights; and for the plain SwiGLU in bf16 also
+                # as a Hugging Face router hands it over (int64 ids, bf16 weights), which the decode path reads as is
+                routings = [{}] + ([_HF_ROUTING] if activation == "silu" and not limit and data == "*bf16" else [])
+                for routing in routings:
+                    ids_in_plan = {name: routing["ids_ptr"] for name in _BY_EXPERT_IDS} if routing else {}
+                    add(_gate_up_kernel, entry["up"], dict(act, HAS_BIAS=bias, STORE_ACT=True, SAVE_PRE=False,
+                                                           BY_EXPERT=True, **gemm(entry["up"], entry["BLOCK_M"])),
+                        "gate_up", data, precision, ids_in_plan)
+                    add(_rows_matmul_kernel, entry["down"], dict(HAS_BIAS=bias, HAS_ROUTE_W=True, BY_EXPERT=True,
+                                                                 **gemm(entry["down"], entry["BLOCK_M"])),
+                        "down", data, precision, dict(ids_in_plan, out_ptr="*fp32",
+                                                      **({"route_w_ptr": routing["route_w_ptr"]} if routing else {})))
     # the one-token GEMVs
     one_token = (() if os.environ.get(TUNE_CANDIDATES_VARIABLE) == "1" else
                  ((torch.bfloat16, entries("mlp_one_token")), (torch.float32, entries("mlp_one_token_fp32"))))
@@ -1046,10 +1062,13 @@ def _compile_specs():
         for entry in one_token_entries:
             up, down = entry["up"], entry["down"]
             for activation, interleaved, bias, limit, gated in _COMPILE_VARIANTS:
-                add(_one_token_gate_up_kernel, up,
-                    {"ACTIVATION": ACTIVATION_CODES[activation], "INTERLEAVED": interleaved, "GATED": gated,
-                     "HAS_LIMIT": limit, "HAS_BIAS": bias, "BLOCK_N": up["BLOCK_N"], "BLOCK_K": up["BLOCK_K"]},
-                    "one_token_up", data, None)
-                add(_one_token_down_kernel, down, {"HAS_BIAS": bias, "BLOCK_N": down["BLOCK_N"],
-                                                   "BLOCK_K": down["BLOCK_K"]}, "one_token_down", data, None)
+                routings = [{}] + ([_HF_ROUTING] if activation == "silu" and not limit and data == "*bf16" else [])
+                for routing in routings:
+                    add(_one_token_gate_up_kernel, up,
+                        {"ACTIVATION": ACTIVATION_CODES[activation], "INTERLEAVED": interleaved, "GATED": gated,
+                         "HAS_LIMIT": limit, "HAS_BIAS": bias, "BLOCK_N": up["BLOCK_N"], "BLOCK_K": up["BLOCK_K"]},
+                        "one_token_up", data, None, {"ids_ptr": routing["ids_ptr"]} if routing else {})
+                    add(_one_token_down_kernel, down, {"HAS_BIAS": bias, "BLOCK_N": down["BLOCK_N"],
+                                                       "BLOCK_K": down["BLOCK_K"]}, "one_token_down", data, None,
+                        routing)
     return specs
