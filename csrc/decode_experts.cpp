@@ -26,7 +26,7 @@ Call check_call(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
                 const act::ActSpec& spec, double scale) {
   Call c;
   static_cast<experts::Dims&>(c) = experts::check_operands(x, w1, w2, b1, b2, weights, ids, spec,
-                                                           "the decode expert path");
+                                                           "the decode expert path", /*routing_as_given=*/true);
   TORCH_CHECK(c.E >= 1 && c.M2 >= 1, "w1 must hold at least one expert, w2 at least one column");
   if (x.is_cuda()) {
     const int64_t widest = std::max(c.M2, c.H), max_widest = kCudaMaxGridY * kCudaColumnsPerBlock;
@@ -48,16 +48,17 @@ Call check_call(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
   return c;
 }
 
-// The two passes on the CPU: per slot, per activation column, then per token, per output column.
-template <typename T>
+// The two passes on the CPU: per slot, per activation column, then per token, per output column. W, I: the
+// routing's storage (float or T weights, int32 or int64 ids), read as it is.
+template <typename T, typename W, typename I>
 void run_cpu(const Call& c) {
   const T* x = c.x.data_ptr<T>();
   const T* w1 = c.w1.data_ptr<T>();
   const T* w2 = c.w2.data_ptr<T>();
   const float* b1 = c.b1.defined() ? c.b1.data_ptr<float>() : nullptr;
   const float* b2 = c.b2.defined() ? c.b2.data_ptr<float>() : nullptr;
-  const float* weights = c.weights.data_ptr<float>();
-  const int32_t* ids = c.ids.data_ptr<int32_t>();
+  const W* weights = c.weights.data_ptr<W>();
+  const I* ids = c.ids.data_ptr<I>();
   T* a = c.a.data_ptr<T>();
   T* out = c.out.data_ptr<T>();
   const int64_t s1e = c.w1.stride(0), s1r = c.w1.stride(1), s1c = c.w1.stride(2);
@@ -114,8 +115,11 @@ at::Tensor decode_mlp_forward(const at::Tensor& x, const at::Tensor& w1, const a
   }
 #endif
   TORCH_CHECK(x.device().is_cpu(), "decode_mlp_forward runs on CPU or CUDA tensors, got ", x.device());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "decode_mlp_forward",
-                                  [&] { run_cpu<scalar_t>(call); });
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "decode_mlp_forward", [&] {
+    dispatch_routing<scalar_t>(call, [&](auto weight_tag, auto id_tag) {
+      run_cpu<scalar_t, decltype(weight_tag), decltype(id_tag)>(call);
+    });
+  });
   return call.out;
 }
 

@@ -12,6 +12,8 @@
 
 #include <ATen/ATen.h>
 
+#include <type_traits>
+
 #include "common/grouped_rows.h"
 #include "common/op_args.h"
 
@@ -19,13 +21,26 @@ namespace moe_kernels {
 namespace decode {
 
 // One call's operands, checked, and its sizes (experts::Dims): x [T, H] contiguous; w1 [E, M1, H] and w2 [E, H, M2]
-// with any strides; b1 [E, M1] / b2 [E, H] float32 contiguous or undefined; weights float32 and ids int32, [T*k]
-// contiguous; a [T*k, M2] (x's dtype, contiguous) receives the activation rows, out [T, H] (contiguous) the result.
+// with any strides; b1 [E, M1] / b2 [E, H] float32 contiguous or undefined; weights (float32 or x's dtype) and ids
+// (int32 or int64), [T*k] contiguous, as the caller stored them (a Hugging Face router's bf16 weights and int64 ids
+// are read without a conversion launch); a [T*k, M2] (x's dtype, contiguous) receives the activation rows, out
+// [T, H] (contiguous) the result.
 struct Call : experts::Dims {
   at::Tensor x, w1, w2, b1, b2, weights, ids, a, out;
   act::ActSpec spec;
   float scale;
 };
+
+// Calls f(W{}, I{}) with the routing's storage types: W float or T (the data type), I int32_t or int64_t.
+template <typename T, typename F>
+void dispatch_routing(const Call& c, F&& f) {
+  const bool float_weights = c.weights.scalar_type() == at::kFloat, int32_ids = c.ids.scalar_type() == at::kInt;
+  if (float_weights) {
+    int32_ids ? f(float{}, int32_t{}) : f(float{}, int64_t{});
+  } else if constexpr (!std::is_same_v<T, float>) {  // weights in T (checked: float32 or x's dtype)
+    int32_ids ? f(T{}, int32_t{}) : f(T{}, int64_t{});
+  }
+}
 
 // Output elements per CUDA block (one per warp) along grid y, whose size is limited to 65535 blocks.
 constexpr int64_t kCudaColumnsPerBlock = 8;

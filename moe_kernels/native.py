@@ -303,9 +303,10 @@ def decode_expert_mlp(x, w1, w2, b1, b2, weights, ids, activation, gated, interl
 def cuda_expert_path(x, w1, w2, b1, b2, weights, ids, activation, gated, interleaved, limit, scale, softcaps=None):
     """The cuda backend's expert path: the decode op for a few slots without gradients (any dtype and arch: it
     needs no grouped GEMM), else the grouped op, or the fallback MOE_KERNELS_CUDA_FALLBACK names."""
-    if cuda_decode_wanted(ids, x, w1, w2, b1, b2, weights):
+    if cuda_decode_wanted(ids, x, w1, w2, b1, b2, weights):  # reads the routing as given (decode_experts.h)
         return decode_expert_mlp(x, w1, w2, b1, b2, weights, ids, activation, gated, interleaved, limit, scale,
                                  softcaps)
+    weights, ids = fp32_int32_routing(weights, ids)  # the grouped ops read float32 weights and int32 ids
     reason = grouped_gemm_status(x.device, x.dtype, w1.shape[0])
     if reason is not None:
         if cuda_fallback_mode() == "error":
@@ -340,6 +341,7 @@ class NativeBackend(Backend):
     """Shared routing/plan entry points of the cpu and cuda backends; subclasses pick the expert path."""
 
     expert_path = staticmethod(composed_expert_mlp)
+    converts_routing = True  # False: expert_path converts moe_mlp's routing itself, where its op needs it
 
     def route(self, logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale):
         return native_route(logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale)
@@ -349,7 +351,8 @@ class NativeBackend(Backend):
 
     def moe_mlp(self, x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, interleaved,
                 swiglu_limit, gated, softcaps):
-        weights, ids = fp32_int32_routing(weights, ids)  # the C++ ops read float32 weights and int32 ids
+        if self.converts_routing:  # the cpu backend's fused op reads float32 weights and int32 ids
+            weights, ids = fp32_int32_routing(weights, ids)
         return self.expert_path(x, gate_up_proj, down_proj, gate_up_bias, down_bias, weights, ids, activation, gated,
                                 interleaved, swiglu_limit, 1.0, softcaps)
 
@@ -371,6 +374,7 @@ class CPUBackend(NativeBackend):
 class CUDABackend(NativeBackend):
     name = "cuda"
     expert_path = staticmethod(cuda_expert_path)
+    converts_routing = False
 
     def unavailable_reason(self):
         return _CUDA_UNAVAILABLE

@@ -108,10 +108,13 @@ MOE_HOST_DEVICE inline float act_backward_column(const ActSpec& s, const T* pre,
 
 // One slot's addend of the combine at column c: (w[slot] * scale) * (y + b2[e, c]), y the slot's stored output
 // (weights nullptr: w = 1; b2 nullptr: no bias). combine_column and the decode path sum these, j ascending.
-MOE_HOST_DEVICE inline float combine_term(float y, const float* weights, int64_t slot, float scale, const float* b2,
-                                          int64_t b2_stride, const int32_t* ids, int64_t c) {
+// W, I: how the routing is stored: float32 weights and int32 ids, or (the decode path, reading a Hugging Face
+// router's routing as it comes) weights in the data dtype and int64 ids; a weight is widened to float exactly.
+template <typename W = float, typename I = int32_t>
+MOE_HOST_DEVICE inline float combine_term(float y, const W* weights, int64_t slot, float scale, const float* b2,
+                                          int64_t b2_stride, const I* ids, int64_t c) {
   if (b2 != nullptr) y = add_rn(y, b2[static_cast<int64_t>(ids[slot]) * b2_stride + c]);
-  return weights != nullptr ? mul_rn(mul_rn(weights[slot], scale), y) : y;
+  return weights != nullptr ? mul_rn(mul_rn(static_cast<float>(weights[slot]), scale), y) : y;
 }
 
 // Combine, column c of token t: sum_j (w[t,j] * scale) * (y[pos_j, c] + b2[e_j, c]), fp32, j ascending.

@@ -79,10 +79,16 @@ namespace experts {
 
 Dims check_operands(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
                     const std::optional<at::Tensor>& b1, const std::optional<at::Tensor>& b2,
-                    const at::Tensor& weights, const at::Tensor& ids, const act::ActSpec& spec, const char* path) {
+                    const at::Tensor& weights, const at::Tensor& ids, const act::ActSpec& spec, const char* path,
+                    bool routing_as_given) {
   TORCH_CHECK(x.dim() == 2, "x must be [T, H], got ", x.sizes());
   TORCH_CHECK(w1.dim() == 3 && w2.dim() == 3, "w1 and w2 must be 3-D, got ", w1.sizes(), " and ", w2.sizes());
-  TORCH_CHECK(weights.dim() == 2 && weights.scalar_type() == at::kFloat, "weights must be float32 [T, k]");
+  if (routing_as_given) {
+    TORCH_CHECK(weights.dim() == 2 && (weights.scalar_type() == at::kFloat || weights.scalar_type() == x.scalar_type()),
+                "weights must be float32 or x's dtype, [T, k]");
+  } else {
+    TORCH_CHECK(weights.dim() == 2 && weights.scalar_type() == at::kFloat, "weights must be float32 [T, k]");
+  }
   TORCH_CHECK(w1.scalar_type() == x.scalar_type() && w2.scalar_type() == x.scalar_type(),
               "w1, w2 and x must share a dtype");
   const auto dtype = x.scalar_type();
@@ -94,7 +100,9 @@ Dims check_operands(const at::Tensor& x, const at::Tensor& w1, const at::Tensor&
   TORCH_CHECK(spec.gated ? d.M1 == 2 * d.M2 : d.M1 == d.M2, "w1 ", w1.sizes(), " and w2 ", w2.sizes(),
               " disagree on the hidden width");
   TORCH_CHECK(weights.size(0) == d.T && d.k >= 1, "weights must be [T, k] with T = ", d.T, " and k >= 1");
-  TORCH_CHECK(ids.sizes() == weights.sizes() && ids.scalar_type() == at::kInt, "ids must be int32 [T, k]");
+  TORCH_CHECK(ids.sizes() == weights.sizes() &&
+                  (ids.scalar_type() == at::kInt || (routing_as_given && ids.scalar_type() == at::kLong)),
+              routing_as_given ? "ids must be int32 or int64 [T, k]" : "ids must be int32 [T, k]");
   if (b1.has_value()) {
     TORCH_CHECK(b1->dim() == 2 && b1->size(0) == d.E && b1->size(1) == d.M1, "b1 must be [E, M1]");
   }

@@ -50,10 +50,12 @@ struct Dims {
 
 // The operands every expert op takes (the grouped and the decode path): ranks, one float dtype, sizes that agree
 // (M1 = 2 * M2 gated, M1 = M2 not), weights float32 and ids int32 [T, k], biases [E, M1] / [E, H], one device.
-// ``path`` names the op's path in the dtype error.
+// ``path`` names the op's path in the dtype error. ``routing_as_given``: a path that reads the routing as the
+// caller stored it also takes weights in x's dtype and int64 ids (a Hugging Face router's).
 Dims check_operands(const at::Tensor& x, const at::Tensor& w1, const at::Tensor& w2,
                     const std::optional<at::Tensor>& b1, const std::optional<at::Tensor>& b2,
-                    const at::Tensor& weights, const at::Tensor& ids, const act::ActSpec& spec, const char* path);
+                    const at::Tensor& weights, const at::Tensor& ids, const act::ActSpec& spec, const char* path,
+                    bool routing_as_given = false);
 
 }  // namespace experts
 }  // namespace moe_kernels

@@ -52,11 +52,12 @@ __device__ __forceinline__ void lane_dots(const T* const* u, const T* const* w, 
 
 // a[s, i] = act(x[s / k] . w1[e][gate row], x[s / k] . w1[e][up row]) for slot s = blockIdx.x, e = ids[s], and
 // activation column i = blockIdx.y * kWarpsPerBlock + warp. x [T, H] contiguous; w1 [E, M1, H] strides
-// (s1e, s1r, s1c); b1 [E, M1] float or nullptr; a [T*k, M2] contiguous. GATED: gate and up rows in one pass.
-template <typename T, int VEC, bool GATED>
+// (s1e, s1r, s1c); b1 [E, M1] float or nullptr; ids [T*k] int32 or int64 (I); a [T*k, M2] contiguous. GATED: gate
+// and up rows in one pass.
+template <typename T, typename I, int VEC, bool GATED>
 __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize)
 decode_up_kernel(const T* __restrict__ x, const T* __restrict__ w1, int64_t s1e, int64_t s1r, int64_t s1c,
-                 const float* __restrict__ b1, const int* __restrict__ ids, act::ActSpec spec, int64_t H, int64_t M1,
+                 const float* __restrict__ b1, const I* __restrict__ ids, act::ActSpec spec, int64_t H, int64_t M1,
                  int64_t M2, int64_t k, T* __restrict__ a) {
   const int lane = threadIdx.x % kWarpSize;
   const int64_t s = blockIdx.x;
@@ -88,10 +89,10 @@ decode_up_kernel(const T* __restrict__ x, const T* __restrict__ w1, int64_t s1e,
 
 // Adds slots j0 .. j0+R-1 of token t to acc (j ascending): their rows' dot products in one pass, then each
 // rounded to T as the grouped path stores its second GEMM's output, weighted and summed as its combine does.
-template <typename T, int VEC, int R>
+template <typename T, typename W, typename I, int VEC, int R>
 __device__ __forceinline__ float add_slots(float acc, const T* __restrict__ a, const T* __restrict__ w2, int64_t s2e,
                                            int64_t s2r, int64_t s2c, const float* __restrict__ b2,
-                                           const float* __restrict__ weights, const int* __restrict__ ids, float scale,
+                                           const W* __restrict__ weights, const I* __restrict__ ids, float scale,
                                            int64_t H, int64_t M2, int64_t s0, int64_t c, int lane) {
   const T* a_rows[R];
   const T* rows[R];
@@ -114,11 +115,12 @@ constexpr int kSlotsPerStep = 4;  // slots of a token whose down-projection rows
 
 // out[t, c] = sum_j (w[s] * scale) * (a[s] . w2[e][c] (+ b2[e, c])), s = t*k + j, e = ids[s], for token
 // t = blockIdx.x and output column c = blockIdx.y * kWarpsPerBlock + warp. a [T*k, M2] contiguous; w2 [E, H, M2]
-// strides (s2e, s2r, s2c); b2 [E, H] float or nullptr; out [T, H] contiguous.
-template <typename T, int VEC>
+// strides (s2e, s2r, s2c); b2 [E, H] float or nullptr; weights [T*k] float or T (W), ids [T*k] int32 or int64 (I);
+// out [T, H] contiguous.
+template <typename T, typename W, typename I, int VEC>
 __global__ void __launch_bounds__(kWarpsPerBlock * kWarpSize)
 decode_down_kernel(const T* __restrict__ a, const T* __restrict__ w2, int64_t s2e, int64_t s2r, int64_t s2c,
-                   const float* __restrict__ b2, const float* __restrict__ weights, const int* __restrict__ ids,
+                   const float* __restrict__ b2, const W* __restrict__ weights, const I* __restrict__ ids,
                    float scale, int64_t H, int64_t M2, int64_t k, T* __restrict__ out) {
   const int lane = threadIdx.x % kWarpSize;
   const int64_t t = blockIdx.x;
@@ -127,13 +129,20 @@ decode_down_kernel(const T* __restrict__ a, const T* __restrict__ w2, int64_t s2
   float acc = 0.0f;
   int64_t j = 0;
   for (; j + kSlotsPerStep <= k; j += kSlotsPerStep) {
-    acc = add_slots<T, VEC, kSlotsPerStep>(acc, a, w2, s2e, s2r, s2c, b2, weights, ids, scale, H, M2, t * k + j, c,
-                                           lane);
+    acc = add_slots<T, W, I, VEC, kSlotsPerStep>(acc, a, w2, s2e, s2r, s2c, b2, weights, ids, scale, H, M2,
+                                                 t * k + j, c, lane);
   }
+  const int64_t s0 = t * k + j;
   switch (k - j) {  // the last 1-3 slots, without reading rows for slots that do not exist
-    case 3: acc = add_slots<T, VEC, 3>(acc, a, w2, s2e, s2r, s2c, b2, weights, ids, scale, H, M2, t * k + j, c, lane); break;
-    case 2: acc = add_slots<T, VEC, 2>(acc, a, w2, s2e, s2r, s2c, b2, weights, ids, scale, H, M2, t * k + j, c, lane); break;
-    case 1: acc = add_slots<T, VEC, 1>(acc, a, w2, s2e, s2r, s2c, b2, weights, ids, scale, H, M2, t * k + j, c, lane); break;
+    case 3:
+      acc = add_slots<T, W, I, VEC, 3>(acc, a, w2, s2e, s2r, s2c, b2, weights, ids, scale, H, M2, s0, c, lane);
+      break;
+    case 2:
+      acc = add_slots<T, W, I, VEC, 2>(acc, a, w2, s2e, s2r, s2c, b2, weights, ids, scale, H, M2, s0, c, lane);
+      break;
+    case 1:
+      acc = add_slots<T, W, I, VEC, 1>(acc, a, w2, s2e, s2r, s2c, b2, weights, ids, scale, H, M2, s0, c, lane);
+      break;
     default: break;
   }
   if (lane == 0) out[t * H + c] = static_cast<T>(acc);
@@ -145,7 +154,7 @@ bool vector_rows(const at::Tensor& w, int64_t reduced, int64_t elems) {
          reinterpret_cast<std::uintptr_t>(w.data_ptr()) % 16 == 0;
 }
 
-template <typename T>
+template <typename T, typename W, typename I>
 void launch(const decode::Call& c) {
   constexpr int kVec = vec_elems<T>();
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -156,17 +165,17 @@ void launch(const decode::Call& c) {
   const dim3 up_grid(static_cast<unsigned>(c.N), static_cast<unsigned>(ceil_div(c.M2, kWarpsPerBlock)));
   const bool up_vec = vector_rows(c.w1, c.H, kVec) && c.H % kVec == 0 &&
                       reinterpret_cast<std::uintptr_t>(c.x.data_ptr()) % 16 == 0;
-  auto up = c.spec.gated ? (up_vec ? decode_up_kernel<T, kVec, true> : decode_up_kernel<T, 1, true>)
-                         : (up_vec ? decode_up_kernel<T, kVec, false> : decode_up_kernel<T, 1, false>);
+  auto up = c.spec.gated ? (up_vec ? decode_up_kernel<T, I, kVec, true> : decode_up_kernel<T, I, 1, true>)
+                         : (up_vec ? decode_up_kernel<T, I, kVec, false> : decode_up_kernel<T, I, 1, false>);
   up<<<up_grid, block, 0, stream>>>(c.x.data_ptr<T>(), c.w1.data_ptr<T>(), c.w1.stride(0), c.w1.stride(1),
-                                    c.w1.stride(2), b1, c.ids.data_ptr<int>(), c.spec, c.H, c.M1, c.M2, c.k,
+                                    c.w1.stride(2), b1, c.ids.data_ptr<I>(), c.spec, c.H, c.M1, c.M2, c.k,
                                     c.a.data_ptr<T>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const dim3 down_grid(static_cast<unsigned>(c.T), static_cast<unsigned>(ceil_div(c.H, kWarpsPerBlock)));
   const bool down_vec = vector_rows(c.w2, c.M2, kVec) && c.M2 % kVec == 0;
-  auto down = down_vec ? decode_down_kernel<T, kVec> : decode_down_kernel<T, 1>;
+  auto down = down_vec ? decode_down_kernel<T, W, I, kVec> : decode_down_kernel<T, W, I, 1>;
   down<<<down_grid, block, 0, stream>>>(c.a.data_ptr<T>(), c.w2.data_ptr<T>(), c.w2.stride(0), c.w2.stride(1),
-                                        c.w2.stride(2), b2, c.weights.data_ptr<float>(), c.ids.data_ptr<int>(),
+                                        c.w2.stride(2), b2, c.weights.data_ptr<W>(), c.ids.data_ptr<I>(),
                                         c.scale, c.H, c.M2, c.k, c.out.data_ptr<T>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -177,7 +186,11 @@ void launch(const decode::Call& c) {
 namespace decode {
 
 void run_cuda(const Call& call) {  // sizes checked by check_call (csrc/decode_experts.cpp)
-  MOE_DISPATCH_FLOAT_HALF_BF16(call.x.scalar_type(), "x", [&] { cuda::launch<scalar_t>(call); });
+  MOE_DISPATCH_FLOAT_HALF_BF16(call.x.scalar_type(), "x", [&] {
+    dispatch_routing<scalar_t>(call, [&](auto weight_tag, auto id_tag) {
+      cuda::launch<scalar_t, decltype(weight_tag), decltype(id_tag)>(call);
+    });
+  });
 }
 
 }  // namespace decode

@@ -102,8 +102,10 @@ def test_decode_errors():
     x, gate_up, down, weights = (t[n].detach() for n in ("x", "gate_up", "down", "weights"))
     args = lambda **kw: {**dict(x=x, w1=gate_up, w2=down, b1=None, b2=None, weights=weights, ids=ids,
                                 activation="silu", gated=True, interleaved=False, limit=None, scale=1.0), **kw}
-    with pytest.raises(RuntimeError, match="ids must be int32"):
-        ops.decode_mlp_forward(**args(ids=ids.long()))
+    with pytest.raises(RuntimeError, match="ids must be int32 or int64"):
+        ops.decode_mlp_forward(**args(ids=ids.short()))
+    with pytest.raises(RuntimeError, match="weights must be float32 or x's dtype"):
+        ops.decode_mlp_forward(**args(weights=weights.half()))
     with pytest.raises(RuntimeError, match="disagree on the hidden width"):
         ops.decode_mlp_forward(**args(w2=down[:, :, :5]))
     with pytest.raises(RuntimeError, match="share a dtype"):
@@ -135,10 +137,28 @@ def _opcheck_cases():
         (x, gate_up[:, :8], down, None, None, weights, ids, "relu2", False, False, None, 0.5),
         (x.to(bf), gate_up.to(bf), down.to(bf), None, None, weights, ids, "softcap_swiglu", True, False, None, 1.0,
          0.8, 1.2),
+        # a Hugging Face router's routing: weights in the data dtype, int64 ids
+        (x.to(bf), gate_up.to(bf), down.to(bf), None, b2, weights.to(bf), ids.long(), "silu", True, False, None, 1.0),
     ]
 
 
-@pytest.mark.parametrize("case", range(4))
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("bias", [False, True])
+def test_decode_reads_the_routing_as_given(device, dtype, bias):
+    """Weights in x's dtype and int64 ids (what a Hugging Face router returns) give bit for bit the result of the
+    same routing converted to float32 / int32 first: the kernels widen each weight exactly."""
+    t, ids, _ = mlp_problem((6, 40, 24, 7, 7, "random"), dtype, bias, device=device)
+    case = ("silu", False, None, False, True, None)
+    given = dict(t, weights=t["weights"].detach().to(dtype))
+    converted = dict(t, weights=given["weights"].float())
+    want = _decode(converted, ids.int(), case)
+    for routed_ids in (ids.long(), ids.int()):
+        assert torch.equal(_decode(given, routed_ids, case), want)
+    assert torch.equal(_decode(converted, ids.long(), case), want)
+
+
+@pytest.mark.parametrize("case", range(5))
 def test_decode_opcheck(case):
     torch.library.opcheck(ops.decode_mlp_forward, _opcheck_cases()[case])
 
@@ -168,6 +188,22 @@ def test_cuda_backend_takes_the_decode_op_for_few_slots_without_gradients(monkey
     monkeypatch.setenv("MOE_KERNELS_CUDA_DECODE", "sometimes")
     with pytest.raises(ValueError, match="MOE_KERNELS_CUDA_DECODE"):
         path(4, 2)
+
+
+def test_cuda_backend_hands_the_decode_op_the_routing_as_given(monkeypatch):
+    """A Hugging Face router's bf16 weights and int64 ids reach the decode op unconverted (no conversion launch per
+    MoE layer and step) and the grouped op as float32 / int32 (what its kernels read)."""
+    seen = {}
+    monkeypatch.setattr(native, "decode_expert_mlp", lambda *a: seen.setdefault("decode", (a[5].dtype, a[6].dtype)))
+    monkeypatch.setattr(native, "grouped_expert_mlp", lambda *a: seen.setdefault("grouped", (a[5].dtype, a[6].dtype)))
+    monkeypatch.setattr(native, "grouped_gemm_status", lambda device, dtype, e: None)
+    monkeypatch.delenv("MOE_KERNELS_CUDA_DECODE", raising=False)
+    for T in (2, 40):  # 4 slots: the decode op; 80: the grouped path
+        t, ids, _ = mlp_problem((T, 8, 4, 8, 2, "random"), torch.bfloat16, False)
+        with torch.no_grad():
+            native.CUDA_BACKEND.moe_mlp(t["x"], t["gate_up"], t["down"], t["weights"].to(torch.bfloat16), ids.long(),
+                                        "silu", None, None, False, None, True, None)
+    assert seen == {"decode": (torch.bfloat16, torch.int64), "grouped": (torch.float32, torch.int32)}
 
 
 def test_cuda_expert_path_compiles_whole_with_the_decode_op():
