@@ -213,6 +213,16 @@ def _cases(device: torch.device):
     cases.append(("HF Qwen3MoeExperts decode T=1 (int64 ids, bf16 weights)", hf_decode))
     if device.type == "cuda":
         cases.append(("HF Qwen3MoeExperts decode T=1, direct launch", lambda: _with_direct_launch(hf_decode)))
+        if "cuda" in mk.available_backends():  # the decode op, reading the router's dtypes as the triton kernels do
+
+            def hf_decode_cuda():
+                setattr(experts, BACKEND_ATTRIBUTE, "cuda")
+                try:
+                    hf_decode()
+                finally:
+                    setattr(experts, BACKEND_ATTRIBUTE, "triton")
+
+            cases.append(("HF Qwen3MoeExperts decode T=1, backend=cuda", hf_decode_cuda))
     return cases
 
 
