@@ -30,12 +30,6 @@ def _shape(x: torch.Tensor, num_experts: int, *tensors) -> dict:
     return dict(dtype=x.dtype, experts=num_experts, width=x.shape[1], tokens=x.shape[0], grad=grad)
 
 
-def _normalise_routing(weights: torch.Tensor, ids: torch.Tensor):
-    """The one conversion of the routing for the ops whose backends take it normalised (float32 weights, int32
-    ids, contiguous; no copy when it already is)."""
-    return fp32_int32_routing(weights, ids)
-
-
 def _contiguous_routing(weights: torch.Tensor, ids: torch.Tensor):
     """moe_mlp's routing for its backends: the caller's dtypes (checked: weights float32 or x's dtype, ids int32
     or int64), made contiguous; each backend converts where its kernels need it (backends.Backend)."""
@@ -272,7 +266,7 @@ def adapter_moe(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weights: 
     impl = resolve_backend(backend, device, "adapter_moe", lambda: _shape(h, num_experts, h, down, up, weights))
 
     def call(h, weights, ids):
-        weights, ids = _normalise_routing(weights, ids)
+        weights, ids = fp32_int32_routing(weights, ids)  # adapter_moe's backends take it normalised
         return impl.adapter_moe(h=h, down=down, up=up, weights=weights, ids=ids, activation=activation,
                                 scale=float(scale))
 

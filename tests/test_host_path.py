@@ -12,7 +12,7 @@ E, H, I, T, K = 4, 8, 6, 5, 2
 
 def test_routing_already_in_shape_is_passed_through():
     weights, ids = torch.rand(T, K), torch.randint(0, E, (T, K), dtype=torch.int32)
-    got_weights, got_ids = ops._normalise_routing(weights, ids)
+    got_weights, got_ids = backends.fp32_int32_routing(weights, ids)
     assert got_weights is weights and got_ids is ids
 
 
@@ -22,7 +22,7 @@ def test_routing_already_in_shape_is_passed_through():
     (torch.rand(K, T, dtype=torch.float16).t(), torch.randint(0, E, (K, T)).t()),  # both
 ])
 def test_routing_is_converted_as_before(weights, ids):
-    got_weights, got_ids = ops._normalise_routing(weights, ids)
+    got_weights, got_ids = backends.fp32_int32_routing(weights, ids)
     for got, want in ((got_weights, weights.float().contiguous()), (got_ids, ids.to(torch.int32).contiguous())):
         assert got.dtype == want.dtype and got.is_contiguous() and torch.equal(got, want)
     assert ops._ids_int32(ids).dtype == torch.int32
