@@ -184,6 +184,7 @@ def _caps(softcaps) -> tuple:
 
 def fused_expert_mlp(x, w1, w2, b1, b2, weights, ids, activation, gated, interleaved, limit, scale, softcaps=None):
     """The CPU expert path (``expert_mlp_forward``): x [T,H], w1 [E,M1,H], w2 [E,H,M2] -> [T,H] in x's dtype."""
+    weights, ids = fp32_int32_routing(weights, ids)  # what the op reads
     plan = native_plan(ids, w1.shape[0])
     keep_hidden = _needs_grad(x, w1, w2, b1, b2, weights)
     out, _hidden = ops.expert_mlp_forward(x.contiguous(), w1, w2, b1, b2, weights, *plan, activation, gated,
@@ -199,6 +200,7 @@ def composed_expert_mlp(x, w1, w2, b1, b2, weights, ids, activation, gated, inte
     math, cast back), combine back to token order; autograd through every piece. Reads the expert
     offsets on the host (one device sync).
     """
+    weights, ids = fp32_int32_routing(weights, ids)  # what the ops read
     num_tokens, k = ids.shape
     plan = native_plan(ids, w1.shape[0])
     xs = ops.gather_rows(x.contiguous(), plan.sorted_slots, k)
@@ -271,6 +273,7 @@ def grouped_expert_mlp(x, w1, w2, b1, b2, weights, ids, activation, gated, inter
     Same math as :func:`fused_expert_mlp`, on CPU or CUDA tensors; differentiable w.r.t. x, w1, w2, the
     biases and the routing weights (``grouped_mlp_backward``).
     """
+    weights, ids = fp32_int32_routing(weights, ids)  # what the op reads
     plan = native_plan(ids, w1.shape[0])
     keep = _needs_grad(x, w1, w2, b1, b2, weights)
     out, _xs, _hidden = ops.grouped_mlp_forward(x, w1, w2, b1, b2, weights, ids, *plan, activation, gated,
@@ -306,7 +309,6 @@ def cuda_expert_path(x, w1, w2, b1, b2, weights, ids, activation, gated, interle
     if cuda_decode_wanted(ids, x, w1, w2, b1, b2, weights):  # reads the routing as given (decode_experts.h)
         return decode_expert_mlp(x, w1, w2, b1, b2, weights, ids, activation, gated, interleaved, limit, scale,
                                  softcaps)
-    weights, ids = fp32_int32_routing(weights, ids)  # the grouped ops read float32 weights and int32 ids
     reason = grouped_gemm_status(x.device, x.dtype, w1.shape[0])
     if reason is not None:
         if cuda_fallback_mode() == "error":
@@ -341,7 +343,6 @@ class NativeBackend(Backend):
     """Shared routing/plan entry points of the cpu and cuda backends; subclasses pick the expert path."""
 
     expert_path = staticmethod(composed_expert_mlp)
-    converts_routing = True  # False: expert_path converts moe_mlp's routing itself, where its op needs it
 
     def route(self, logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale):
         return native_route(logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale)
@@ -351,8 +352,7 @@ class NativeBackend(Backend):
 
     def moe_mlp(self, x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias, interleaved,
                 swiglu_limit, gated, softcaps):
-        if self.converts_routing:  # the cpu backend's fused op reads float32 weights and int32 ids
-            weights, ids = fp32_int32_routing(weights, ids)
+        # moe_mlp's routing as the caller gave it: each expert path converts where its op needs it
         return self.expert_path(x, gate_up_proj, down_proj, gate_up_bias, down_bias, weights, ids, activation, gated,
                                 interleaved, swiglu_limit, 1.0, softcaps)
 
@@ -374,7 +374,6 @@ class CPUBackend(NativeBackend):
 class CUDABackend(NativeBackend):
     name = "cuda"
     expert_path = staticmethod(cuda_expert_path)
-    converts_routing = False
 
     def unavailable_reason(self):
         return _CUDA_UNAVAILABLE

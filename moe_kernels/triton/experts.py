@@ -175,7 +175,8 @@ def _rows_matmul_kernel(in_ptr, w_ptr, stride_we, stride_wc, stride_wj, bias_ptr
 
     in_ptr:  [N, C] contiguous, sorted rows (C = reduce_dim).  w_ptr: [E, C, J] strides (we, wc, wj), so
     W_d [E,H,I] enters as strides (s0, s2, s1) and W_gu [E,2I,H] as is.  bias_ptr: [E, J] strides (be, bj).
-    route_w_ptr: [N] float32 (x's dtype too on the decode path) indexed by slot (HAS_ROUTE_W).  out_ptr: [N, J] contiguous, indexed by slot.
+    route_w_ptr: [N] float32 (x's dtype too on the decode path) indexed by slot (HAS_ROUTE_W).  out_ptr: [N, J]
+    contiguous, indexed by slot.
     Grid: (upper bound of tiles, cdiv(J, BLOCK_N)), or (E, cdiv(J, BLOCK_N)) with BY_EXPERT (the decode
     path: ids, int32 or int64, in sorted_slots_ptr, in_ptr rows indexed by slot; see ``program_rows``).
     GROUP_M: the program order (common.tile_and_column; 0 with BY_EXPERT).
@@ -216,7 +217,8 @@ def _one_token_gate_up_kernel(x_ptr, stride_xh, w_ptr, stride_we, stride_wn, str
     intermediate columns c of this program's tile, for the token's slot j.
 
     x_ptr: [1, H] stride stride_xh along H.  w_ptr: W_gu [E, 2I, H] ([E, I, H] not GATED) strides (we, wn, wh).
-    bias_ptr: [E, 2I] strides (be, bn) if HAS_BIAS.  ids_ptr: [k] int32 or int64.  act_ptr: [k, I] out, contiguous, x's dtype.
+    bias_ptr: [E, 2I] strides (be, bn) if HAS_BIAS.  ids_ptr: [k] int32 or int64.  act_ptr: [k, I] out, contiguous,
+    x's dtype.
     Grid: (k, cdiv(I, BLOCK_N)). A GEMV: products and sums in fp32 (no tensor cores, no 16-row padding); each
     slot's expert rows are read once, as a decode step must.
     """
@@ -812,7 +814,8 @@ def _inference_impl(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torc
                     softcaps: Optional[list[float]]) -> torch.Tensor:
     """y [T,H] of a forward that needs no gradient: the one-token GEMVs for T = 1, the decode path for T*k <= the
     decode config's BLOCK_M slots, else the planned forward without its backward state. The first two read the
-    routing as given (weights float32 or x's dtype, ids int32 or int64: no conversion launch at decode). The choice is made here,
+    routing as given (weights float32 or x's dtype, ids int32 or int64: no conversion launch at decode). The
+    choice is made here,
     inside the op, so that torch.compile traces one opaque call and never the config table (a file read Dynamo
     cannot trace)."""
     _check_scalars(swiglu_limit, softcaps)
@@ -933,6 +936,12 @@ _FP32_POINTERS = ("route_w_ptr", "grad_w_partial_ptr")
 # kernels read as they get it; the decode (BY_EXPERT) launches pass the flat ids in all three plan pointers.
 _HF_ROUTING = {"ids_ptr": "*i64", "route_w_ptr": "*bf16"}
 _BY_EXPERT_IDS = ("sorted_slots_ptr", "expert_offsets_ptr", "tile_offsets_ptr")
+
+
+def _routings(activation: str, limit: bool, data: str) -> list[dict]:
+    """The routing pointer types a decode-side kernel is compiled for: as the kernels' own (no override), and for
+    the plain SwiGLU in bf16 also as a Hugging Face router hands it over."""
+    return [{}] + ([_HF_ROUTING] if activation == "silu" and not limit and data == "*bf16" else [])
 # (activation, interleaved, bias, limit, gated): the plain SwiGLU of most families, DeepSeek-V4's clamped one,
 # GPT-OSS's form, the longest epilogue (clamps, biases, interleaved columns), Inkling2's soft-capped SwiGLU and
 # Nemotron-H's ungated ReLU^2.
@@ -1042,9 +1051,7 @@ def _compile_specs():
             for activation, interleaved, bias, limit, gated in _COMPILE_VARIANTS:
                 act = {"ACTIVATION": ACTIVATION_CODES[activation], "INTERLEAVED": interleaved, "HAS_LIMIT": limit,
                        "GATED": gated}
-                # the routing as the kernels get it: int32 ids, fp32 weights; and for the plain SwiGLU in bf16 also
-                # as a Hugging Face router hands it over (int64 ids, bf16 weights), which the decode path reads as is
-                routings = [{}] + ([_HF_ROUTING] if activation == "silu" and not limit and data == "*bf16" else [])
+                routings = _routings(activation, limit, data)
                 for routing in routings:
                     ids_in_plan = {name: routing["ids_ptr"] for name in _BY_EXPERT_IDS} if routing else {}
                     add(_gate_up_kernel, entry["up"], dict(act, HAS_BIAS=bias, STORE_ACT=True, SAVE_PRE=False,
@@ -1062,7 +1069,7 @@ def _compile_specs():
         for entry in one_token_entries:
             up, down = entry["up"], entry["down"]
             for activation, interleaved, bias, limit, gated in _COMPILE_VARIANTS:
-                routings = [{}] + ([_HF_ROUTING] if activation == "silu" and not limit and data == "*bf16" else [])
+                routings = _routings(activation, limit, data)
                 for routing in routings:
                     add(_one_token_gate_up_kernel, up,
                         {"ACTIVATION": ACTIVATION_CODES[activation], "INTERLEAVED": interleaved, "GATED": gated,

@@ -12,6 +12,8 @@ aligned widths and the scalar ones the odd widths and transposed views.
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from moe_testing import (ACTIVATION_CASES, ADAPTER_SHAPES, CUDA_KERNELS, DTYPES, MLP_SHAPES, assert_close_rel,
@@ -194,8 +196,13 @@ def test_cuda_backend_hands_the_decode_op_the_routing_as_given(monkeypatch):
     """A Hugging Face router's bf16 weights and int64 ids reach the decode op unconverted (no conversion launch per
     MoE layer and step) and the grouped op as float32 / int32 (what its kernels read)."""
     seen = {}
+
+    def grouped_op(x, w1, w2, b1, b2, weights, ids, *rest):  # the C++ op's arguments, at its boundary
+        seen.setdefault("grouped", (weights.dtype, ids.dtype))
+        return x, None, None
+
     monkeypatch.setattr(native, "decode_expert_mlp", lambda *a: seen.setdefault("decode", (a[5].dtype, a[6].dtype)))
-    monkeypatch.setattr(native, "grouped_expert_mlp", lambda *a: seen.setdefault("grouped", (a[5].dtype, a[6].dtype)))
+    monkeypatch.setattr(native, "ops", SimpleNamespace(plan=native.ops.plan, grouped_mlp_forward=grouped_op))
     monkeypatch.setattr(native, "grouped_gemm_status", lambda device, dtype, e: None)
     monkeypatch.delenv("MOE_KERNELS_CUDA_DECODE", raising=False)
     for T in (2, 40):  # 4 slots: the decode op; 80: the grouped path
