@@ -34,8 +34,9 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
 }
 
+using OptDtype = std::optional<at::ScalarType>;
 using RouteForward = std::tuple<Tensor, Tensor>(const Tensor&, int64_t, bool, bool, bool, const OptTensor&, int64_t,
-                                                int64_t, double);
+                                                int64_t, double, OptDtype, OptDtype);
 using RouteBackward = Tensor(const Tensor&, const Tensor&, const Tensor&, bool, bool, bool, double);
 using Rows = Tensor(const Tensor&, const Tensor&, int64_t);
 using Combine = Tensor(const Tensor&, const Tensor&, const Tensor&);
@@ -142,11 +143,11 @@ variable_list expert_input_grads(const Grads6& g, bool has_b1, bool has_b2, size
 struct Route : torch::autograd::Function<Route> {
   static variable_list forward(AutogradContext* ctx, const Tensor& logits, int64_t k, bool use_sigmoid,
                                bool topk_first, bool renormalize, const OptTensor& bias, int64_t n_group,
-                               int64_t topk_group, double scale) {
+                               int64_t topk_group, double scale, OptDtype weights_dtype, OptDtype ids_dtype) {
     at::AutoDispatchBelowADInplaceOrView guard;
     static const auto route = op<RouteForward>("moe_kernels::route_forward");
     auto [weights, ids] = route.call(logits, k, use_sigmoid, topk_first, renormalize, bias, n_group, topk_group,
-                                     scale);
+                                     scale, weights_dtype, ids_dtype);
     ctx->mark_non_differentiable({ids});
     ctx->save_for_backward({logits, ids});
     ctx->saved_data["flags"] = std::vector<bool>{use_sigmoid, topk_first, renormalize};
@@ -164,15 +165,17 @@ struct Route : torch::autograd::Function<Route> {
                                                flags.get(1), flags.get(2), ctx->saved_data["scale"].toDouble());
       // The bias only chooses (DeepSeek-V3's correction bias): no gradient, as in the reference.
       return {grad_logits.to(logits.scalar_type()), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
-              Tensor(), Tensor()};
+              Tensor(), Tensor(), Tensor(), Tensor()};
     });
   }
 };
 
 std::tuple<Tensor, Tensor> route_forward(const Tensor& logits, int64_t k, bool use_sigmoid, bool topk_first,
                                          bool renormalize, const OptTensor& bias, int64_t n_group,
-                                         int64_t topk_group, double scale) {
-  auto out = Route::apply(logits, k, use_sigmoid, topk_first, renormalize, bias, n_group, topk_group, scale);
+                                         int64_t topk_group, double scale, OptDtype weights_dtype,
+                                         OptDtype ids_dtype) {
+  auto out = Route::apply(logits, k, use_sigmoid, topk_first, renormalize, bias, n_group, topk_group, scale,
+                          weights_dtype, ids_dtype);
   return {out[0], out[1]};
 }
 

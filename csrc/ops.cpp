@@ -14,10 +14,13 @@
 #include <torch/library.h>
 
 TORCH_LIBRARY(moe_kernels, m) {
-  // logits [T,E] fp32/fp16/bf16 -> weights [T,k] fp32, ids [T,k] int32. n_group = 0 (spec.NO_GROUP): no grouping.
+  // logits [T,E] fp32/fp16/bf16 -> weights [T,k] in weights_dtype (fp32 when None; or fp16/bf16, one rounding of the
+  // fp32 weight), ids [T,k] in ids_dtype (int32 when None, or int64). n_group = 0 (spec.NO_GROUP): no grouping.
   m.def("route_forward(Tensor logits, int k, bool use_sigmoid, bool topk_first, bool renormalize, Tensor? bias, "
-        "int n_group, int topk_group, float scale) -> (Tensor weights, Tensor ids)");
-  // grad_weights [T,k] fp32 -> grad_logits [T,E] fp32 (recomputed from logits and ids).
+        "int n_group, int topk_group, float scale, ScalarType? weights_dtype=None, ScalarType? ids_dtype=None) -> "
+        "(Tensor weights, Tensor ids)");
+  // grad_weights [T,k] (any float dtype), ids [T,k] int32/int64 -> grad_logits [T,E] fp32 (recomputed from logits
+  // and ids).
   m.def("route_backward(Tensor grad_weights, Tensor logits, Tensor ids, bool use_sigmoid, bool topk_first, "
         "bool renormalize, float scale) -> Tensor");
   // ids [T,k] int32 -> expert_offsets [E+1], sorted_slots [T*k], slot_positions [T*k] (int32, stable counting sort).

@@ -77,7 +77,9 @@ class Backend:
     [T,k] -- except ``moe_mlp``, which gets the routing in the dtypes the caller gave (contiguous, ``weights``
     float32 or x's dtype, ``ids`` int32 or int64: a Hugging Face router's) so that a kernel able to read them
     as they are saves the two conversion launches per call (a decode step's MoE layer is a handful of launches);
-    its backends call :func:`fp32_int32_routing` where their kernels need the normalised form -- tensors on one
+    its backends call :func:`fp32_int32_routing` where their kernels need the normalised form. ``route`` writes its
+    outputs in the dtypes the caller asked for (``weights_dtype`` float32, float16 or bfloat16, ``ids_dtype`` int32
+    or int64, both given as torch dtypes), so a Hugging Face router needs no conversion launches either -- tensors on one
     device, T >= 1, activation a name of :mod:`moe_kernels.spec`, ``n_group`` /
     ``topk_group`` None for no group limit, ``swiglu_limit`` None or a float, ``softcaps`` None or a pair of floats > 0
     (only with "softcap_swiglu"), flags as bools. Backends take
@@ -94,7 +96,7 @@ class Backend:
         """None if this backend can run on tensors of ``device``, else why not."""
         return None
 
-    def route(self, logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale):
+    def route(self, logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale, weights_dtype, ids_dtype):
         raise BackendError(f"backend '{self.name}' has no route")
 
     def plan(self, ids, num_experts) -> Plan:

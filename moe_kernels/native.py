@@ -70,10 +70,11 @@ if _C is not None:
     # ---- fake kernels: output shapes and dtypes only -------------------------------------------------
 
     @torch.library.register_fake("moe_kernels::route_forward")
-    def _route_forward_fake(logits, k, use_sigmoid, topk_first, renormalize, bias, n_group, topk_group, scale):
+    def _route_forward_fake(logits, k, use_sigmoid, topk_first, renormalize, bias, n_group, topk_group, scale,
+                            weights_dtype=None, ids_dtype=None):
         num_tokens = logits.shape[0]
-        return (logits.new_empty((num_tokens, k), dtype=torch.float32),
-                logits.new_empty((num_tokens, k), dtype=torch.int32))
+        return (logits.new_empty((num_tokens, k), dtype=weights_dtype or torch.float32),
+                logits.new_empty((num_tokens, k), dtype=ids_dtype or torch.int32))
 
     @torch.library.register_fake("moe_kernels::route_backward")
     def _route_backward_fake(grad_weights, logits, ids, use_sigmoid, topk_first, renormalize, scale):
@@ -164,13 +165,15 @@ if _C is not None:
 # C++ ops make what they read contiguous themselves (free when it already is).
 
 
-def native_route(logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale):
-    """route via ``route_forward``: (weights [T,k] float32, ids [T,k] int32), differentiable w.r.t. logits."""
+def native_route(logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale, weights_dtype, ids_dtype):
+    """route via ``route_forward``: (weights [T,k] in weights_dtype, ids [T,k] in ids_dtype), differentiable w.r.t.
+    logits."""
     # "No group limit" is None in moe_kernels.ops and spec.NO_GROUP (0) in the op schema: converted here, and
     # only here (csrc/common/op_args.h's make_params takes any n_group <= 1 as none).
     n_group, topk_group = (NO_GROUP, NO_GROUP) if n_group is None else (n_group, topk_group)
     return ops.route_forward(logits, k, scoring == "sigmoid", order == "topk_then_softmax", renormalize,
-                             None if bias is None else bias.detach(), n_group, topk_group, float(scale))
+                             None if bias is None else bias.detach(), n_group, topk_group, float(scale), weights_dtype,
+                             ids_dtype)
 
 
 def native_plan(ids, num_experts) -> Plan:
@@ -344,8 +347,9 @@ class NativeBackend(Backend):
 
     expert_path = staticmethod(composed_expert_mlp)
 
-    def route(self, logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale):
-        return native_route(logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale)
+    def route(self, logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale, weights_dtype, ids_dtype):
+        return native_route(logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale, weights_dtype,
+                            ids_dtype)
 
     def plan(self, ids, num_experts):
         return native_plan(ids, num_experts)

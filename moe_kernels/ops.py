@@ -67,9 +67,9 @@ def _check_expert_weights(x_name: str, x, in_name: str, w_in, out_name: str, w_o
 
 def route(logits: torch.Tensor, k: int, *, scoring: str = "softmax", order: str = "softmax_then_topk",
           renormalize: bool = True, bias: torch.Tensor | None = None, n_group: int | None = None,
-          topk_group: int | None = None, scale: float = 1.0,
-          backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fused top-k routing: logits [T,E] -> (weights [T,k] float32, ids [T,k] int32).
+          topk_group: int | None = None, scale: float = 1.0, weights_dtype: torch.dtype | None = None,
+          ids_dtype: torch.dtype | None = None, backend: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused top-k routing: logits [T,E] -> (weights [T,k], ids [T,k]), float32 and int32 by default.
 
     Variants (each Hugging Face family is one combination, see README):
       scoring      "softmax" | "sigmoid" -- how logits become scores.
@@ -81,6 +81,9 @@ def route(logits: torch.Tensor, k: int, *, scoring: str = "softmax", order: str 
       n_group, topk_group  group-limited choice (DeepSeek-V3): E splits into n_group groups, a group
                    scores the sum of its best two, only the best topk_group groups are eligible.
       scale        multiplies the final weights (routed_scaling_factor).
+    ``weights_dtype`` (float32, float16 or bfloat16) and ``ids_dtype`` (int32 or int64) are the output dtypes, written
+    by the kernel itself: the weights are computed in float32 and rounded once, as ``.to(weights_dtype)`` after a
+    float32 route would, so a Hugging Face router's model-dtype weights and int64 ids cost no extra launches.
     Choices are ordered by descending score, ties to the lower expert index. Differentiable w.r.t.
     ``logits``. NaN or +inf logits raise ValueError (checked on CPU always, on GPUs in debug mode).
     """
@@ -112,13 +115,29 @@ def route(logits: torch.Tensor, k: int, *, scoring: str = "softmax", order: str 
                              f"of n_group = {n_group} groups")
         if n_group == 1:
             n_group = topk_group = None  # one group: no restriction
+    weights_dtype = _out_dtype("weights_dtype", weights_dtype, ROUTE_WEIGHT_DTYPES)
+    ids_dtype = _out_dtype("ids_dtype", ids_dtype, ROUTE_ID_DTYPES)
     check_finite_logits(logits)
     if num_tokens == 0:
-        return (logits.new_zeros((0, k), dtype=torch.float32),
-                torch.zeros((0, k), dtype=torch.int32, device=logits.device))
+        return (logits.new_zeros((0, k), dtype=weights_dtype),
+                torch.zeros((0, k), dtype=ids_dtype, device=logits.device))
     impl = resolve_backend(backend, logits.device, "route")
     return impl.route(logits=logits, k=k, scoring=scoring, order=order, renormalize=bool(renormalize), bias=bias,
-                      n_group=n_group, topk_group=topk_group, scale=float(scale))
+                      n_group=n_group, topk_group=topk_group, scale=float(scale), weights_dtype=weights_dtype,
+                      ids_dtype=ids_dtype)
+
+
+ROUTE_WEIGHT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # the first is the default
+ROUTE_ID_DTYPES = (torch.int32, torch.int64)
+
+
+def _out_dtype(name: str, dtype, allowed: tuple) -> torch.dtype:
+    """route's output dtype ``dtype`` (None: the first allowed), checked."""
+    if dtype is None:
+        return allowed[0]
+    if dtype not in allowed:
+        raise TypeError(f"{name} must be one of {', '.join(str(d) for d in allowed)} (or None), got {dtype!r}")
+    return dtype
 
 
 def plan(ids: torch.Tensor, num_experts: int, *, backend: str | None = None) -> Plan:

@@ -70,8 +70,10 @@ def topk_stable(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 def route(logits: torch.Tensor, k: int, scoring: str = "softmax", order: str = "softmax_then_topk",
           renormalize: bool = True, bias: torch.Tensor | None = None, n_group: int | None = None,
-          topk_group: int | None = None, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k routing. Returns (weights [T,k] float32, ids [T,k] int32).
+          topk_group: int | None = None, scale: float = 1.0, weights_dtype: torch.dtype = torch.float32,
+          ids_dtype: torch.dtype = torch.int32) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k routing. Returns (weights [T,k] in weights_dtype, ids [T,k] in ids_dtype): the weights are computed
+    in float32 and rounded once to weights_dtype.
 
     softmax_then_topk: scores = softmax(logits) (or sigmoid); choose the top k of scores (+ bias);
                        weights = the chosen scores (unbiased).
@@ -106,7 +108,7 @@ def route(logits: torch.Tensor, k: int, scoring: str = "softmax", order: str = "
     if renormalize:
         picked = picked / (picked.sum(dim=-1, keepdim=True) + RENORM_EPS)
     weights = picked * scale
-    return weights, ids.to(torch.int32)
+    return weights.to(weights_dtype), ids.to(ids_dtype)
 
 
 def plan(ids: torch.Tensor, num_experts: int) -> Plan:

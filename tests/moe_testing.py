@@ -268,6 +268,9 @@ def native_opcheck_cases(*op_names):
         (ops.route_forward, (logits, k, False, False, True, None, 0, 0, 1.0)),
         (ops.route_forward, (logits, 4, True, False, True, torch.randn(E, generator=g), 0, 0, 2.0)),
         (ops.route_backward, (torch.randn(T, k, generator=g), logits.detach(), ids, True, True, True, 1.0)),
+        # a Hugging Face router's outputs: weights in a model dtype, int64 ids (and their gradient in that dtype)
+        (ops.route_forward, (logits, 3, False, True, False, None, 0, 0, 1.0, torch.bfloat16, torch.int64)),
+        (ops.route_backward, (weights.to(torch.bfloat16), logits.detach(), ids.long(), False, False, True, 1.0)),
         (ops.plan, (ids, E)),
         (ops.gather_rows, (x, plan[1], k)),
         (ops.scatter_rows_sum, (y_sorted, plan[2], k)),

@@ -226,7 +226,7 @@ def test_cpu_route_sigmoid_underflow_renormalizes_to_zero_not_nan():
 
 
 @needs_native
-@pytest.mark.parametrize("case", range(3))
+@pytest.mark.parametrize("case", range(5))
 def test_native_route_ops_opcheck(case):
     op, args = native_opcheck_cases("route_forward", "route_backward")[case]
     torch.library.opcheck(op, args)
@@ -328,10 +328,13 @@ def test_triton_route_ops_pass_opcheck():
     from moe_kernels.triton.routing import route, route_backward_op, route_op
     logits = torch.randn(6, 8, device=DEVICE, requires_grad=True)
     bias = torch.randn(8, device=DEVICE)
-    torch.library.opcheck(route_op, (logits, bias, 3, True, False, True, 4, 2, 2.5))
-    torch.library.opcheck(route_op, (logits, None, 2, False, True, False, 1, 1, 1.0))
-    weights, ids = route(logits, 3, "softmax", "softmax_then_topk", True, None, None, None, 1.0)
+    torch.library.opcheck(route_op, (logits, bias, 3, True, False, True, 4, 2, 2.5, torch.float32, torch.int32))
+    torch.library.opcheck(route_op, (logits, None, 2, False, True, False, 1, 1, 1.0, torch.bfloat16, torch.int64))
+    weights, ids = route(logits, 3, "softmax", "softmax_then_topk", True, None, None, None, 1.0, torch.float32,
+                         torch.int32)
     torch.library.opcheck(route_backward_op, (torch.randn_like(weights), logits.detach(), ids, False, False, True, 1.0))
+    torch.library.opcheck(route_backward_op, (torch.randn_like(weights).half(), logits.detach(), ids.long(), False,
+                                              False, True, 1.0))
 
 
 # ------------------------------------------------------------- cuda backend (C++ ops on CUDA tensors vs CPU ops)

@@ -38,6 +38,19 @@ RouteParams make_params(int64_t num_experts, int64_t k, bool use_sigmoid, bool t
   return p;
 }
 
+at::ScalarType route_weights_dtype(const std::optional<at::ScalarType>& dtype) {
+  const at::ScalarType w = dtype.value_or(at::kFloat);
+  TORCH_CHECK(w == at::kFloat || w == at::kHalf || w == at::kBFloat16,
+              "weights_dtype must be float32, float16 or bfloat16, got ", w);
+  return w;
+}
+
+at::ScalarType route_ids_dtype(const std::optional<at::ScalarType>& dtype) {
+  const at::ScalarType i = dtype.value_or(at::kInt);
+  TORCH_CHECK(i == at::kInt || i == at::kLong, "ids_dtype must be int32 or int64, got ", i);
+  return i;
+}
+
 }  // namespace routing
 
 namespace act {

@@ -29,6 +29,26 @@ void check_route_forward_args(int64_t num_experts, int64_t k, int64_t n_group, i
 RouteParams make_params(int64_t num_experts, int64_t k, bool use_sigmoid, bool topk_first, bool renormalize,
                         int64_t n_group, int64_t topk_group, double scale);
 
+// route_forward's output dtypes: weights float32 (None), float16 or bfloat16; ids int32 (None) or int64. A Hugging
+// Face router returns its weights in a model dtype and int64 ids: written so, they need no conversion launches.
+at::ScalarType route_weights_dtype(const std::optional<at::ScalarType>& dtype);
+at::ScalarType route_ids_dtype(const std::optional<at::ScalarType>& dtype);
+
+// Calls f(W{}, I{}) with route's output storage types (checked by the two functions above): W float, c10::Half or
+// c10::BFloat16, I int32_t or int64_t.
+template <typename F>
+void dispatch_route_outputs(at::ScalarType weights_dtype, at::ScalarType ids_dtype, F&& f) {
+  const bool int32_ids = ids_dtype == at::kInt;
+  auto with_ids = [&](auto w) { int32_ids ? f(w, int32_t{}) : f(w, int64_t{}); };
+  if (weights_dtype == at::kFloat) {
+    with_ids(float{});
+  } else if (weights_dtype == at::kHalf) {
+    with_ids(c10::Half{});
+  } else {
+    with_ids(c10::BFloat16{});
+  }
+}
+
 }  // namespace routing
 
 namespace act {

@@ -224,10 +224,21 @@ MOE_HOST_DEVICE void route_row_forward(const scalar_t* logits, const bias_t* bia
   route_row_choose(scores, bias, p, scratch + E, weights_out, ids_out);
 }
 
+// Writes one row's k finished weights and ids in route's output storage types: W float, c10::Half or
+// c10::BFloat16 (one rounding of the fp32 weight, as the reference's .to(dtype)), I int32_t or int64_t.
+template <typename W, typename I>
+MOE_HOST_DEVICE inline void store_row(const float* weights, const int32_t* ids, int64_t k, W* weights_out,
+                                      I* ids_out) {
+  for (int64_t j = 0; j < k; ++j) {
+    weights_out[j] = static_cast<W>(weights[j]);
+    ids_out[j] = static_cast<I>(ids[j]);
+  }
+}
+
 // Backward of one row: grad_weights [k] float -> grad_logits_out [E] float (every entry written).
-// Recomputes the forward's intermediate values from logits and the chosen ids.
-template <typename scalar_t>
-MOE_HOST_DEVICE void route_row_backward(const float* grad_weights, const scalar_t* logits, const int32_t* ids,
+// Recomputes the forward's intermediate values from logits and the chosen ids (index_t: int32_t or int64_t).
+template <typename scalar_t, typename index_t>
+MOE_HOST_DEVICE void route_row_backward(const float* grad_weights, const scalar_t* logits, const index_t* ids,
                                         const RouteParams& p, float* scratch, float* grad_logits_out) {
   const int64_t E = p.num_experts, k = p.k;
   float* picked = scratch;         // weights before renormalisation and scale

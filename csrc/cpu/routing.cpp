@@ -1,6 +1,7 @@
 // CPU route_forward / route_backward: one token per loop iteration (OpenMP via at::parallel_for),
 // each running the shared per-row code of csrc/common/routing_row.h (the forward's softmax/sigmoid
 // runs first over the whole [T, E] block in ATen).
+#include <type_traits>
 #include <vector>
 
 #include <torch/library.h>
@@ -17,8 +18,12 @@ using routing::make_params;
 std::tuple<at::Tensor, at::Tensor> route_forward(const at::Tensor& logits_in, int64_t k, bool use_sigmoid,
                                                  bool topk_first, bool renormalize,
                                                  const std::optional<at::Tensor>& bias_in, int64_t n_group,
-                                                 int64_t topk_group, double scale) {
+                                                 int64_t topk_group, double scale,
+                                                 std::optional<at::ScalarType> weights_dtype_in,
+                                                 std::optional<at::ScalarType> ids_dtype_in) {
   check_cpu(logits_in, "logits", 2);
+  const at::ScalarType weights_dtype = routing::route_weights_dtype(weights_dtype_in);
+  const at::ScalarType ids_dtype = routing::route_ids_dtype(ids_dtype_in);
   const at::Tensor logits = logits_in.contiguous();
   const int64_t T = logits.size(0), E = logits.size(1);
   routing::check_route_forward_args(E, k, n_group, topk_group);
@@ -29,11 +34,9 @@ std::tuple<at::Tensor, at::Tensor> route_forward(const at::Tensor& logits_in, in
     bias = bias_in->to(at::kFloat).contiguous();
   }
   const routing::RouteParams p = make_params(E, k, use_sigmoid, topk_first, renormalize, n_group, topk_group, scale);
-  at::Tensor weights = at::empty({T, k}, logits.options().dtype(at::kFloat));
-  at::Tensor ids = at::empty({T, k}, logits.options().dtype(at::kInt));
+  at::Tensor weights = at::empty({T, k}, logits.options().dtype(weights_dtype));
+  at::Tensor ids = at::empty({T, k}, logits.options().dtype(ids_dtype));
   const float* bias_ptr = bias.defined() ? bias.data_ptr<float>() : nullptr;
-  float* weights_ptr = weights.data_ptr<float>();
-  int32_t* ids_ptr = ids.data_ptr<int32_t>();
   // The scores of every row in one vectorised ATen pass (the values of the reference's torch.softmax /
   // torch.sigmoid, and several times faster than a scalar expf per element), then per row the choice.
   const at::Tensor logits_f = logits.to(at::kFloat);
@@ -41,13 +44,27 @@ std::tuple<at::Tensor, at::Tensor> route_forward(const at::Tensor& logits_in, in
                             : use_sigmoid ? at::sigmoid(logits_f).contiguous()
                                           : at::softmax(logits_f, 1).contiguous();
   const float* scores_ptr = scores.data_ptr<float>();
-  at::parallel_for(0, T, grain_rows(E * k / 8 + E), [&](int64_t begin, int64_t end) {
-    std::vector<float> scratch(2 * p.n_group + 1);
-    std::vector<int32_t> candidates(E);
-    for (int64_t t = begin; t < end; ++t) {
-      routing::route_row_choose(scores_ptr + t * E, bias_ptr, p, scratch.data(), weights_ptr + t * k, ids_ptr + t * k,
-                                candidates.data());
-    }
+  routing::dispatch_route_outputs(weights_dtype, ids_dtype, [&](auto w_type, auto i_type) {
+    using W = decltype(w_type);
+    using I = decltype(i_type);
+    // fp32 weights and int32 ids are chosen in place; other storage types through one row of fp32/int32 scratch.
+    constexpr bool in_place = std::is_same_v<W, float> && std::is_same_v<I, int32_t>;
+    W* weights_ptr = weights.data_ptr<W>();
+    I* ids_ptr = ids.data_ptr<I>();
+    at::parallel_for(0, T, grain_rows(E * k / 8 + E), [&](int64_t begin, int64_t end) {
+      std::vector<float> scratch(2 * p.n_group + 1), row_weights(in_place ? 0 : k);
+      std::vector<int32_t> candidates(E), row_ids(in_place ? 0 : k);
+      for (int64_t t = begin; t < end; ++t) {
+        if constexpr (in_place) {
+          routing::route_row_choose(scores_ptr + t * E, bias_ptr, p, scratch.data(), weights_ptr + t * k,
+                                    ids_ptr + t * k, candidates.data());
+        } else {
+          routing::route_row_choose(scores_ptr + t * E, bias_ptr, p, scratch.data(), row_weights.data(),
+                                    row_ids.data(), candidates.data());
+          routing::store_row(row_weights.data(), row_ids.data(), k, weights_ptr + t * k, ids_ptr + t * k);
+        }
+      }
+    });
   });
   return {weights, ids};
 }
@@ -57,7 +74,8 @@ at::Tensor route_backward(const at::Tensor& grad_weights_in, const at::Tensor& l
   check_cpu(logits_in, "logits", 2);
   check_cpu(ids_in, "ids", 2);
   check_cpu(grad_weights_in, "grad_weights", 2);
-  check_int32(ids_in, "ids");
+  TORCH_CHECK(ids_in.scalar_type() == at::kInt || ids_in.scalar_type() == at::kLong,
+              "ids must be int32 or int64, got ", ids_in.scalar_type());
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor ids = ids_in.contiguous();
   const at::Tensor grad_weights = grad_weights_in.to(at::kFloat).contiguous();
@@ -69,17 +87,19 @@ at::Tensor route_backward(const at::Tensor& grad_weights_in, const at::Tensor& l
   const routing::RouteParams p = make_params(E, k, use_sigmoid, topk_first, renormalize, 0, 0, scale);
   at::Tensor grad_logits = at::empty({T, E}, logits.options().dtype(at::kFloat));
   const float* grad_w_ptr = grad_weights.data_ptr<float>();
-  const int32_t* ids_ptr = ids.data_ptr<int32_t>();
   float* out_ptr = grad_logits.data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "route_backward_cpu", [&] {
     const scalar_t* logits_ptr = logits.data_ptr<scalar_t>();
-    at::parallel_for(0, T, grain_rows(E + k), [&](int64_t begin, int64_t end) {
-      std::vector<float> scratch(routing::backward_scratch_floats(p));
-      for (int64_t t = begin; t < end; ++t) {
-        routing::route_row_backward(grad_w_ptr + t * k, logits_ptr + t * E, ids_ptr + t * k, p, scratch.data(),
-                                    out_ptr + t * E);
-      }
-    });
+    auto run = [&](auto* ids_ptr) {
+      at::parallel_for(0, T, grain_rows(E + k), [&](int64_t begin, int64_t end) {
+        std::vector<float> scratch(routing::backward_scratch_floats(p));
+        for (int64_t t = begin; t < end; ++t) {
+          routing::route_row_backward(grad_w_ptr + t * k, logits_ptr + t * E, ids_ptr + t * k, p, scratch.data(),
+                                      out_ptr + t * E);
+        }
+      });
+    };
+    ids.scalar_type() == at::kInt ? run(ids.data_ptr<int32_t>()) : run(ids.data_ptr<int64_t>());
   });
   return grad_logits;
 }

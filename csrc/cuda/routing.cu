@@ -75,15 +75,16 @@ __device__ __forceinline__ float warp_max(float value) {
 
 // route_forward, one warp per token, E <= 32 * ITEMS <= 256 and n_group <= 32.
 //   logits  [T, E] scalar_t, contiguous; bias [E] float32 or nullptr (choice only)
-//   weights [T, k] float32; ids [T, k] int32
+//   weights [T, k] W (float, half or bfloat16); ids [T, k] I (int32 or int64)
 // Launch: kRouteWarpsPerBlock warps per block, grid-stride over tokens in warps. Lane l holds experts
 // l, l + 32, ... in registers (coalesced loads). Grouped choice stages the choice values in shared memory
 // (kWarpMaxExperts floats per warp) so lane g can score group g; keep flags travel as a ballot mask.
-// Lane 0 writes the picked scores and finishes them in place with finish_weights.
-template <typename scalar_t, int ITEMS>
+// Lane 0 collects the picked scores in the same shared row (k <= E <= kWarpMaxExperts), finishes them in fp32
+// with finish_weights and writes them in W.
+template <typename scalar_t, typename W, typename I, int ITEMS>
 __global__ void route_forward_warp_kernel(const scalar_t* __restrict__ logits, const float* __restrict__ bias,
-                                          RouteParams p, int64_t num_tokens, float* __restrict__ weights,
-                                          int* __restrict__ ids) {
+                                          RouteParams p, int64_t num_tokens, W* __restrict__ weights,
+                                          I* __restrict__ ids) {
   __shared__ float staged_choice[kRouteWarpsPerBlock][kWarpMaxExperts];
   const int lane = threadIdx.x % kWarpSize;
   const int warp_in_block = threadIdx.x / kWarpSize;
@@ -153,8 +154,8 @@ __global__ void route_forward_warp_kernel(const scalar_t* __restrict__ logits, c
       __syncwarp();  // staged[] is rewritten by the next token
     }
 
-    float* weights_row = weights + token * k;
-    int* ids_row = ids + token * k;
+    float* picked = staged_choice[warp_in_block];  // lane 0's, after the grouped choice is done with it
+    I* ids_row = ids + token * k;
     float previous_value = 0.f;
     int previous_index = -1;
     for (int j = 0; j < k; ++j) {
@@ -174,25 +175,31 @@ __global__ void route_forward_warp_kernel(const scalar_t* __restrict__ logits, c
       for (int i = 0; i < ITEMS; ++i) owner_score = (i == best_index / kWarpSize) ? score[i] : owner_score;
       const float winner_score = __shfl_sync(kFullMask, owner_score, best_index % kWarpSize);
       if (lane == 0) {
-        ids_row[j] = best_index;
-        weights_row[j] = winner_score;
+        ids_row[j] = static_cast<I>(best_index);
+        picked[j] = winner_score;
       }
       previous_value = best_value;
       previous_index = best_index;
     }
-    if (lane == 0) routing::finish_weights(weights_row, p);
+    if (lane == 0) {
+      routing::finish_weights(picked, p);
+      W* weights_row = weights + token * k;
+      for (int j = 0; j < k; ++j) weights_row[j] = static_cast<W>(picked[j]);
+    }
+    __syncwarp();  // picked[] (staged_choice) is rewritten by the next token
   }
 }
 
 // route_forward fallback for any E and n_group: one block per token (grid-stride), kRouteBlockThreads threads.
 //   logits [T, E] scalar_t, contiguous; bias [E] float32 or nullptr
-//   scratch [gridDim.x, E + 2 * n_group] float32: this block's choice values, group scores, keep flags
-//   weights [T, k] float32; ids [T, k] int32
+//   scratch [gridDim.x, E + 2 * n_group + k] float32: this block's choice values, group scores, keep flags and
+//   picked scores (finished in fp32 by thread 0, then written in W)
+//   weights [T, k] W (float, half or bfloat16); ids [T, k] I (int32 or int64)
 // Scores are recomputed from the logits when needed (one expf) rather than stored.
-template <typename scalar_t>
+template <typename scalar_t, typename W, typename I>
 __global__ void route_forward_block_kernel(const scalar_t* __restrict__ logits, const float* __restrict__ bias,
                                            RouteParams p, int64_t num_tokens, float* __restrict__ scratch,
-                                           float* __restrict__ weights, int* __restrict__ ids) {
+                                           W* __restrict__ weights, I* __restrict__ ids) {
   __shared__ float reduce_values[kWarpSize];
   __shared__ int reduce_indices[kWarpSize];
   __shared__ float winner_value;
@@ -205,9 +212,10 @@ __global__ void route_forward_block_kernel(const scalar_t* __restrict__ logits, 
   const int lane = threadIdx.x % kWarpSize;
   const int warp = threadIdx.x / kWarpSize;
   const int num_warps = blockDim.x / kWarpSize;
-  float* choice = scratch + int64_t(blockIdx.x) * (num_experts + 2 * n_group);
+  float* choice = scratch + int64_t(blockIdx.x) * (num_experts + 2 * n_group + k);
   float* group_scores = choice + num_experts;
   float* group_keep = group_scores + n_group;
+  float* picked = group_keep + n_group;
   const bool softmax_all = !p.topk_first && !p.use_sigmoid;
 
   for (int64_t token = blockIdx.x; token < num_tokens; token += gridDim.x) {
@@ -276,8 +284,8 @@ __global__ void route_forward_block_kernel(const scalar_t* __restrict__ logits, 
         if (lane == 0) {
           winner_value = best_value;
           winner_index = best_index;
-          ids[token * k + j] = best_index;
-          weights[token * k + j] = score_of(best_index);
+          ids[token * k + j] = static_cast<I>(best_index);
+          picked[j] = score_of(best_index);
         }
       }
       __syncthreads();
@@ -285,19 +293,22 @@ __global__ void route_forward_block_kernel(const scalar_t* __restrict__ logits, 
       previous_index = winner_index;
       __syncthreads();  // winner_* is rewritten next round
     }
-    if (threadIdx.x == 0) routing::finish_weights(weights + token * k, p);
+    if (threadIdx.x == 0) {
+      routing::finish_weights(picked, p);
+      for (int j = 0; j < k; ++j) weights[token * k + j] = static_cast<W>(picked[j]);
+    }
     __syncthreads();  // choice[] is rewritten by the next token
   }
 }
 
 // route_backward: one thread per token running routing_row.h's route_row_backward.
-//   grad_weights [T, k] float32; logits [T, E] scalar_t; ids [T, k] int32 (all contiguous)
+//   grad_weights [T, k] float32; logits [T, E] scalar_t; ids [T, k] I, int32 or int64 (all contiguous)
 //   scratch [T, 2k] float32; grad_logits [T, E] float32 (every entry written)
 // Launch: 128 threads per block, grid-stride over tokens. The O(E) loops of one row run in one thread:
 // backward touches each logit a few times with no selection, so this stays memory-bound.
-template <typename scalar_t>
+template <typename scalar_t, typename I>
 __global__ void route_backward_row_kernel(const float* __restrict__ grad_weights, const scalar_t* __restrict__ logits,
-                                          const int* __restrict__ ids, RouteParams p, int64_t num_tokens,
+                                          const I* __restrict__ ids, RouteParams p, int64_t num_tokens,
                                           float* __restrict__ scratch, float* __restrict__ grad_logits) {
   const int64_t k = p.k, num_experts = p.num_experts;
   for (int64_t token = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; token < num_tokens;
@@ -311,8 +322,12 @@ __global__ void route_backward_row_kernel(const float* __restrict__ grad_weights
 std::tuple<at::Tensor, at::Tensor> route_forward(const at::Tensor& logits, int64_t k, bool use_sigmoid,
                                                  bool topk_first, bool renormalize,
                                                  const std::optional<at::Tensor>& bias, int64_t n_group,
-                                                 int64_t topk_group, double scale) {
+                                                 int64_t topk_group, double scale,
+                                                 std::optional<at::ScalarType> weights_dtype_in,
+                                                 std::optional<at::ScalarType> ids_dtype_in) {
   check_cuda(logits, "logits");
+  const at::ScalarType weights_dtype = routing::route_weights_dtype(weights_dtype_in);
+  const at::ScalarType ids_dtype = routing::route_ids_dtype(ids_dtype_in);
   TORCH_CHECK(logits.dim() == 2, "logits must be 2-D [T, E], got shape ", logits.sizes());
   const int64_t num_tokens = logits.size(0), num_experts = logits.size(1);
   TORCH_CHECK(num_experts < (int64_t(1) << 31), "logits has too many experts: ", num_experts);
@@ -327,32 +342,39 @@ std::tuple<at::Tensor, at::Tensor> route_forward(const at::Tensor& logits, int64
   }
   const RouteParams p = make_params(num_experts, k, use_sigmoid, topk_first, renormalize, n_group, topk_group, scale);
   const at::Tensor logits_c = logits.contiguous();
-  at::Tensor weights = at::empty({num_tokens, k}, logits.options().dtype(at::kFloat));
-  at::Tensor ids = at::empty({num_tokens, k}, logits.options().dtype(at::kInt));
+  at::Tensor weights = at::empty({num_tokens, k}, logits.options().dtype(weights_dtype));
+  at::Tensor ids = at::empty({num_tokens, k}, logits.options().dtype(ids_dtype));
   if (num_tokens == 0) return {weights, ids};
   const float* bias_ptr = bias_f.defined() ? bias_f.data_ptr<float>() : nullptr;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const bool warp_path = num_experts <= kWarpMaxExperts && p.n_group <= kWarpMaxGroups;
   MOE_DISPATCH_FLOAT_HALF_BF16(logits.scalar_type(), "logits", [&] {
-    if (warp_path) {
-      const int64_t grid = capped_grid(ceil_div(num_tokens, kRouteWarpsPerBlock));
-      const unsigned threads = kRouteWarpsPerBlock * kWarpSize;
-      if (num_experts <= 2 * kWarpSize) {
-        route_forward_warp_kernel<scalar_t, 2><<<static_cast<unsigned>(grid), threads, 0, stream>>>(
-            logits_c.data_ptr<scalar_t>(), bias_ptr, p, num_tokens, weights.data_ptr<float>(), ids.data_ptr<int>());
+    routing::dispatch_route_outputs(weights_dtype, ids_dtype, [&](auto w_type, auto i_type) {
+      using W = decltype(w_type);
+      using I = decltype(i_type);
+      const scalar_t* logits_ptr = logits_c.data_ptr<scalar_t>();
+      W* weights_ptr = weights.data_ptr<W>();
+      I* ids_ptr = ids.data_ptr<I>();
+      if (warp_path) {
+        const int64_t grid = capped_grid(ceil_div(num_tokens, kRouteWarpsPerBlock));
+        const unsigned threads = kRouteWarpsPerBlock * kWarpSize;
+        if (num_experts <= 2 * kWarpSize) {
+          route_forward_warp_kernel<scalar_t, W, I, 2><<<static_cast<unsigned>(grid), threads, 0, stream>>>(
+              logits_ptr, bias_ptr, p, num_tokens, weights_ptr, ids_ptr);
+        } else {
+          route_forward_warp_kernel<scalar_t, W, I, kWarpMaxExperts / kWarpSize>
+              <<<static_cast<unsigned>(grid), threads, 0, stream>>>(logits_ptr, bias_ptr, p, num_tokens, weights_ptr,
+                                                                    ids_ptr);
+        }
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       } else {
-        route_forward_warp_kernel<scalar_t, kWarpMaxExperts / kWarpSize><<<static_cast<unsigned>(grid), threads, 0, stream>>>(
-            logits_c.data_ptr<scalar_t>(), bias_ptr, p, num_tokens, weights.data_ptr<float>(), ids.data_ptr<int>());
+        const int64_t grid = capped_grid(num_tokens, 4);
+        at::Tensor scratch = at::empty({grid, num_experts + 2 * p.n_group + k}, logits.options().dtype(at::kFloat));
+        route_forward_block_kernel<scalar_t, W, I><<<static_cast<unsigned>(grid), kRouteBlockThreads, 0, stream>>>(
+            logits_ptr, bias_ptr, p, num_tokens, scratch.data_ptr<float>(), weights_ptr, ids_ptr);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
       }
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    } else {
-      const int64_t grid = capped_grid(num_tokens, 4);
-      at::Tensor scratch = at::empty({grid, num_experts + 2 * p.n_group}, logits.options().dtype(at::kFloat));
-      route_forward_block_kernel<scalar_t><<<static_cast<unsigned>(grid), kRouteBlockThreads, 0, stream>>>(
-          logits_c.data_ptr<scalar_t>(), bias_ptr, p, num_tokens, scratch.data_ptr<float>(), weights.data_ptr<float>(),
-          ids.data_ptr<int>());
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    });
   });
   return {weights, ids};
 }
@@ -360,7 +382,8 @@ std::tuple<at::Tensor, at::Tensor> route_forward(const at::Tensor& logits, int64
 at::Tensor route_backward(const at::Tensor& grad_weights, const at::Tensor& logits, const at::Tensor& ids,
                           bool use_sigmoid, bool topk_first, bool renormalize, double scale) {
   check_cuda_same_device({{logits, "logits"}, {ids, "ids"}, {grad_weights, "grad_weights"}});
-  check_dtype(ids, at::kInt, "ids");
+  TORCH_CHECK(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong, "ids must be int32 or int64, got ",
+              ids.scalar_type());
   TORCH_CHECK(logits.dim() == 2, "logits must be 2-D [T, E], got shape ", logits.sizes());
   TORCH_CHECK(ids.dim() == 2 && grad_weights.dim() == 2, "grad_weights ", grad_weights.sizes(), " and ids ",
               ids.sizes(), " must both be [T, k]");
@@ -380,10 +403,13 @@ at::Tensor route_backward(const at::Tensor& grad_weights, const at::Tensor& logi
   constexpr int threads = 128;
   const int64_t grid = capped_grid(ceil_div(num_tokens, threads));
   MOE_DISPATCH_FLOAT_HALF_BF16(logits.scalar_type(), "logits", [&] {
-    route_backward_row_kernel<scalar_t><<<static_cast<unsigned>(grid), threads, 0, stream>>>(
-        grad_weights_c.data_ptr<float>(), logits_c.data_ptr<scalar_t>(), ids_c.data_ptr<int>(), p, num_tokens,
-        scratch.data_ptr<float>(), grad_logits.data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto launch = [&](const auto* ids_ptr) {
+      route_backward_row_kernel<<<static_cast<unsigned>(grid), threads, 0, stream>>>(
+          grad_weights_c.data_ptr<float>(), logits_c.data_ptr<scalar_t>(), ids_ptr, p, num_tokens,
+          scratch.data_ptr<float>(), grad_logits.data_ptr<float>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    ids_c.scalar_type() == at::kInt ? launch(ids_c.data_ptr<int32_t>()) : launch(ids_c.data_ptr<int64_t>());
   });
   return grad_logits;
 }

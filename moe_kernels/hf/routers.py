@@ -23,20 +23,28 @@ import torch
 import torch.nn.functional as F
 
 import moe_kernels
+from moe_kernels.ops import ROUTE_WEIGHT_DTYPES
 
 from .experts import BACKEND_ATTRIBUTE, source_hash
 
 
-def _route(self, logits: torch.Tensor, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
-    return moe_kernels.route(logits, self.top_k, backend=getattr(self, BACKEND_ATTRIBUTE, None), **kwargs)
+def _route(self, logits: torch.Tensor, weights_dtype: torch.dtype, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """moe_kernels.route with the router's backend: (weights in ``weights_dtype``, ids int64), what transformers'
+    routers return, written so by the routing kernel itself (no conversion launches; a weight dtype route does not
+    write, float64, is converted after)."""
+    weights, ids = moe_kernels.route(logits, self.top_k, backend=getattr(self, BACKEND_ATTRIBUTE, None),
+                                     weights_dtype=weights_dtype if weights_dtype in ROUTE_WEIGHT_DTYPES else None,
+                                     ids_dtype=torch.int64, **kwargs)
+    return weights.to(weights_dtype), ids
 
 
 def mixtral_forward(self, hidden_states):
     """MixtralTopKRouter: softmax (fp32) -> top-k -> renormalise; weights stay fp32."""
     hidden_states = hidden_states.reshape(-1, self.hidden_dim)
     router_logits = F.linear(hidden_states, self.weight)
-    weights, ids = _route(self, router_logits, scoring="softmax", order="softmax_then_topk", renormalize=True)
-    return router_logits, weights, ids.long()
+    weights, ids = _route(self, router_logits, torch.float32, scoring="softmax", order="softmax_then_topk",
+                          renormalize=True)
+    return router_logits, weights, ids
 
 
 def qwen_moe_forward(self, hidden_states):
@@ -44,9 +52,9 @@ def qwen_moe_forward(self, hidden_states):
     weights in the logits' dtype."""
     hidden_states = hidden_states.reshape(-1, self.hidden_dim)
     router_logits = F.linear(hidden_states, self.weight)
-    weights, ids = _route(self, router_logits, scoring="softmax", order="softmax_then_topk",
+    weights, ids = _route(self, router_logits, router_logits.dtype, scoring="softmax", order="softmax_then_topk",
                           renormalize=bool(self.norm_topk_prob))
-    return router_logits, weights.to(router_logits.dtype), ids.long()
+    return router_logits, weights, ids
 
 
 def qwen_vl_moe_forward(self, hidden_states):
@@ -54,8 +62,9 @@ def qwen_vl_moe_forward(self, hidden_states):
     weights in the logits' dtype."""
     hidden_states = hidden_states.reshape(-1, self.hidden_dim)
     router_logits = F.linear(hidden_states, self.weight)
-    weights, ids = _route(self, router_logits, scoring="softmax", order="softmax_then_topk", renormalize=True)
-    return router_logits, weights.to(router_logits.dtype), ids.long()
+    weights, ids = _route(self, router_logits, router_logits.dtype, scoring="softmax", order="softmax_then_topk",
+                          renormalize=True)
+    return router_logits, weights, ids
 
 
 def deepseek_v3_forward(self, hidden_states):
@@ -64,11 +73,11 @@ def deepseek_v3_forward(self, hidden_states):
     scores, renormalised if norm_topk_prob, times routed_scaling_factor; fp32."""
     hidden_states = hidden_states.view(-1, self.hidden_dim)
     router_logits = F.linear(hidden_states.type(torch.float32), self.weight.type(torch.float32))
-    weights, ids = _route(self, router_logits, scoring="sigmoid", order="softmax_then_topk",
+    weights, ids = _route(self, router_logits, torch.float32, scoring="sigmoid", order="softmax_then_topk",
                           renormalize=bool(self.norm_topk_prob), bias=self.e_score_correction_bias,
                           n_group=int(self.num_group), topk_group=int(self.topk_group),
                           scale=float(self.routed_scaling_factor))
-    return router_logits, weights, ids.long()
+    return router_logits, weights, ids
 
 
 def deepseek_v2_forward(self, hidden_states):
@@ -78,30 +87,34 @@ def deepseek_v2_forward(self, hidden_states):
         return original_forward(self)(hidden_states)
     hidden_states = hidden_states.view(-1, self.hidden_dim)
     router_logits = F.linear(hidden_states.type(torch.float32), self.weight.type(torch.float32))
-    weights, ids = _route(self, router_logits, scoring="softmax", order="softmax_then_topk", renormalize=False,
+    weights, ids = _route(self, router_logits, torch.float32, scoring="softmax", order="softmax_then_topk",
+                          renormalize=False, 
                           scale=float(self.routed_scaling_factor))
-    return router_logits, weights, ids.long()
+    return router_logits, weights, ids
 
 
 def gpt_oss_forward(self, hidden_states):
     """GPT-OSS: logits with router bias -> top-k of logits -> softmax over the k (in the logits' dtype)."""
     router_logits = F.linear(hidden_states, self.weight, self.bias)
-    weights, ids = _route(self, router_logits, scoring="softmax", order="topk_then_softmax", renormalize=False)
-    return router_logits, weights.to(router_logits.dtype), ids.long()
+    weights, ids = _route(self, router_logits, router_logits.dtype, scoring="softmax", order="topk_then_softmax",
+                          renormalize=False)
+    return router_logits, weights, ids
 
 
 def granite_forward(self, hidden_states):
     """GraniteMoE family: fp32 logits -> top-k of logits -> softmax over the k; weights in the input's dtype."""
     router_logits = F.linear(hidden_states, self.weight).float()
-    weights, ids = _route(self, router_logits, scoring="softmax", order="topk_then_softmax", renormalize=False)
-    return router_logits, weights.type_as(hidden_states), ids.long()
+    weights, ids = _route(self, router_logits, hidden_states.dtype, scoring="softmax", order="topk_then_softmax",
+                          renormalize=False)
+    return router_logits, weights, ids
 
 
 def jamba_forward(self, hidden_states):
     """Jamba: softmax (fp32) -> top-k, no renormalisation; weights in the input's dtype."""
     router_logits = F.linear(hidden_states, self.weight)
-    weights, ids = _route(self, router_logits, scoring="softmax", order="softmax_then_topk", renormalize=False)
-    return router_logits, weights.to(hidden_states.dtype), ids.long()
+    weights, ids = _route(self, router_logits, hidden_states.dtype, scoring="softmax", order="softmax_then_topk",
+                          renormalize=False)
+    return router_logits, weights, ids
 
 
 # ---- routers of the newer families: the same route() variants, each family's own dtypes, bias source and scale.
@@ -121,16 +134,18 @@ def afmoe_forward(self, hidden_states, expert_bias):
     _, _, hidden_dim = hidden_states.shape
     hidden_states = hidden_states.view(-1, hidden_dim)
     router_logits = self.gate(hidden_states).to(torch.float32)
-    weights, ids = _route(self, router_logits, scoring="sigmoid", order="softmax_then_topk", renormalize=True,
+    weights, ids = _route(self, router_logits, torch.float32, scoring="sigmoid", order="softmax_then_topk",
+                          renormalize=True, 
                           bias=expert_bias, scale=float(self.route_scale))
-    return router_logits, weights, ids.long()
+    return router_logits, weights, ids
 
 
 def aria_forward(self, hidden_states):
     """Aria: top-k of the logits, softmax over the k; weights in the logits' dtype."""
     router_logits = F.linear(hidden_states, self.weight)
-    weights, ids = _route(self, router_logits, scoring="softmax", order="topk_then_softmax", renormalize=False)
-    return router_logits, weights.to(router_logits.dtype), ids.long()
+    weights, ids = _route(self, router_logits, router_logits.dtype, scoring="softmax", order="topk_then_softmax",
+                          renormalize=False)
+    return router_logits, weights, ids
 
 
 def axk2_forward(self, hidden_states):
@@ -141,10 +156,10 @@ def axk2_forward(self, hidden_states):
         return original_forward(self)(hidden_states)
     hidden_states = hidden_states.view(-1, self.hidden_dim)
     router_logits = F.linear(hidden_states.type(torch.float32), self.weight.type(torch.float32))
-    weights, ids = _route(self, router_logits, scoring="sigmoid", order="softmax_then_topk",
+    weights, ids = _route(self, router_logits, torch.float32, scoring="sigmoid", order="softmax_then_topk",
                           renormalize=bool(self.norm_topk_prob), bias=self.e_score_correction_bias,
                           scale=float(self.routed_scaling_factor))
-    return router_logits, weights, ids.long()
+    return router_logits, weights, ids
 
 
 def beam_forward(self, hidden_states):
@@ -152,10 +167,10 @@ def beam_forward(self, hidden_states):
     no scale here (Beam's MoE block applies routed_scaling_factor after the experts); fp32."""
     hidden_states = hidden_states.view(-1, self.hidden_dim)
     router_logits = F.linear(hidden_states.float(), self.weight.float())
-    weights, ids = _route(self, router_logits, scoring="sigmoid", order="softmax_then_topk",
+    weights, ids = _route(self, router_logits, torch.float32, scoring="sigmoid", order="softmax_then_topk",
                           renormalize=bool(self.norm_topk_prob), bias=self.e_score_correction_bias,
                           n_group=int(self.num_group), topk_group=int(self.topk_group))
-    return router_logits, weights, ids.long()
+    return router_logits, weights, ids
 
 
 def cohere2_moe_forward(self, hidden_states):
@@ -168,8 +183,9 @@ def cohere2_moe_forward(self, hidden_states):
         scoring, renormalize = "sigmoid", bool(self.norm_topk_prob)
     else:
         raise ValueError("`expert_selection_fn` can only be `softmax` or `sigmoid`")
-    weights, ids = _route(self, router_logits, scoring=scoring, order="topk_then_softmax", renormalize=renormalize)
-    return router_logits, weights.to(hidden_states.dtype), ids.long()
+    weights, ids = _route(self, router_logits, hidden_states.dtype, scoring=scoring, order="topk_then_softmax",
+                          renormalize=renormalize)
+    return router_logits, weights, ids
 
 
 def dots3_note_forward(self, hidden_states, e_score_correction_bias):
@@ -177,9 +193,10 @@ def dots3_note_forward(self, hidden_states, e_score_correction_bias):
     renormalise (+1e-20); x router_scaling_factor; fp32 weights."""
     hidden_states = hidden_states.reshape(-1, self.hidden_dim)
     router_logits = F.linear(hidden_states.float(), self.weight.float())
-    weights, ids = _route(self, router_logits, scoring="sigmoid", order="softmax_then_topk", renormalize=True,
+    weights, ids = _route(self, router_logits, torch.float32, scoring="sigmoid", order="softmax_then_topk",
+                          renormalize=True, 
                           bias=e_score_correction_bias, scale=float(self.router_scaling_factor))
-    return router_logits, weights, ids.long()
+    return router_logits, weights, ids
 
 
 def ernie4_5_moe_forward(self, hidden_states):
@@ -188,10 +205,11 @@ def ernie4_5_moe_forward(self, hidden_states):
     division done here, as ERNIE does it); in the input's dtype."""
     with _no_autocast(hidden_states):
         router_logits = F.linear(hidden_states.float(), self.weight.float())
-        weights, ids = _route(self, router_logits, scoring="softmax", order="softmax_then_topk", renormalize=False,
+        weights, ids = _route(self, router_logits, torch.float32, scoring="softmax", order="softmax_then_topk",
+                              renormalize=False, 
                               bias=self.moe_statics.e_score_correction_bias.reshape(-1))
         weights = weights / torch.clamp(weights.sum(dim=-1, keepdim=True), min=self.norm_min)
-    return router_logits, weights.to(hidden_states.dtype), ids.long()
+    return router_logits, weights.to(hidden_states.dtype), ids
 
 
 def flint_forward(self, hidden_states):
@@ -200,9 +218,9 @@ def flint_forward(self, hidden_states):
     hidden_states = hidden_states.reshape(-1, self.hidden_dim)
     with _no_autocast(hidden_states):
         router_logits = F.linear(hidden_states.float(), self.weight.float())
-    weights, ids = _route(self, router_logits, scoring="sigmoid", order="softmax_then_topk",
+    weights, ids = _route(self, router_logits, torch.float32, scoring="sigmoid", order="softmax_then_topk",
                           renormalize=bool(self.norm_topk_prob))
-    return router_logits, weights, ids.long()
+    return router_logits, weights, ids
 
 
 def hunyuan_v1_moe_forward(self, hidden_states):
@@ -212,8 +230,9 @@ def hunyuan_v1_moe_forward(self, hidden_states):
     if self.wg.weight.dtype == torch.float32:
         hidden_states = hidden_states.float()
     router_logits = self.wg(hidden_states)
-    weights, ids = _route(self, router_logits, scoring="softmax", order="softmax_then_topk", renormalize=True)
-    return router_logits, weights.to(router_logits.dtype), ids.long()
+    weights, ids = _route(self, router_logits, router_logits.dtype, scoring="softmax", order="softmax_then_topk",
+                          renormalize=True)
+    return router_logits, weights, ids
 
 
 def inkling2_forward(self, hidden_states):
@@ -224,9 +243,9 @@ def inkling2_forward(self, hidden_states):
     hidden_states = hidden_states.float()
     flat = hidden_states.reshape(-1, self.hidden_dim)
     logits = F.linear(flat, self.weight)
-    weights, ids = _route(self, logits, scoring="sigmoid", order="softmax_then_topk", renormalize=True,
+    weights, ids = _route(self, logits, torch.float32, scoring="sigmoid", order="softmax_then_topk", renormalize=True,
                           bias=self.e_score_correction_bias, scale=float(self.routed_scaling_factor))
-    return logits, weights, ids.long()
+    return logits, weights, ids
 
 
 def kolibri1_forward(self, hidden_states):
@@ -237,9 +256,9 @@ def kolibri1_forward(self, hidden_states):
         router_logits = torch.mm(hidden_states, self.weight.t(), out_dtype=torch.float32)  # torch >= 2.8
     else:
         router_logits = F.linear(hidden_states.type(torch.float32), self.weight.type(torch.float32))
-    weights, ids = _route(self, router_logits, scoring="sigmoid", order="topk_then_softmax",
+    weights, ids = _route(self, router_logits, torch.float32, scoring="sigmoid", order="topk_then_softmax",
                           renormalize=bool(self.norm_topk_prob), bias=self.e_score_correction_bias)
-    return router_logits, weights, ids.long()
+    return router_logits, weights, ids
 
 
 def laguna_forward(self, hidden_states):
@@ -249,18 +268,19 @@ def laguna_forward(self, hidden_states):
     router_logits = F.linear(hidden_states, self.weight).float()
     if self.router_logit_softcapping > 0.0:
         router_logits = torch.tanh(router_logits / self.router_logit_softcapping) * self.router_logit_softcapping
-    weights, ids = _route(self, router_logits, scoring="sigmoid", order="softmax_then_topk", renormalize=True,
+    weights, ids = _route(self, router_logits, hidden_states.dtype, scoring="sigmoid", order="softmax_then_topk",
+                          renormalize=True, 
                           bias=self.e_score_correction_bias.float())
-    return router_logits, weights.to(hidden_states.dtype), ids.long()
+    return router_logits, weights, ids
 
 
 def lara_mini_forward(self, hidden_states):
     """LaraMini: fp32 logits; softmax -> top-k -> renormalised if norm_topk_prob; weights in the input's dtype."""
     hidden_states = hidden_states.reshape(-1, self.hidden_dim)
     router_logits = F.linear(hidden_states.float(), self.weight.float())
-    weights, ids = _route(self, router_logits, scoring="softmax", order="softmax_then_topk",
+    weights, ids = _route(self, router_logits, hidden_states.dtype, scoring="softmax", order="softmax_then_topk",
                           renormalize=bool(self.norm_topk_prob))
-    return router_logits, weights.to(hidden_states.dtype), ids.long()
+    return router_logits, weights, ids
 
 
 def minimax_m2_forward(self, hidden_states, e_score_correction_bias):
@@ -268,9 +288,10 @@ def minimax_m2_forward(self, hidden_states, e_score_correction_bias):
     e_score_correction_bias; renormalise; fp32 weights."""
     hidden_states = hidden_states.reshape(-1, self.hidden_dim)
     router_logits = F.linear(hidden_states.to(self.weight.dtype), self.weight)
-    weights, ids = _route(self, router_logits, scoring="sigmoid", order="softmax_then_topk", renormalize=True,
+    weights, ids = _route(self, router_logits, torch.float32, scoring="sigmoid", order="softmax_then_topk",
+                          renormalize=True, 
                           bias=e_score_correction_bias)
-    return router_logits, weights, ids.long()
+    return router_logits, weights, ids
 
 
 def minimax_m3_vl_forward(self, hidden_states):
@@ -284,10 +305,11 @@ def mistral_large4_forward(self, hidden_states):
     the same choice unless fewer than k experts of the kept groups have a probability above 0 (fp32 underflow)."""
     hidden_states = hidden_states.view(-1, self.hidden_dim)
     router_logits = F.linear(hidden_states.float(), self.weight.float())
-    weights, ids = _route(self, router_logits, scoring="softmax", order="softmax_then_topk", renormalize=True,
+    weights, ids = _route(self, router_logits, torch.float32, scoring="softmax", order="softmax_then_topk",
+                          renormalize=True, 
                           n_group=int(self.num_group), topk_group=int(self.topk_group),
                           scale=float(self.routed_scaling_factor))
-    return router_logits, weights, ids.long()
+    return router_logits, weights, ids
 
 
 def muse_spark_forward(self, hidden_states):
@@ -298,18 +320,20 @@ def muse_spark_forward(self, hidden_states):
     hidden_states = hidden_states.view(-1, self.hidden_dim)
     router_logits = F.linear(hidden_states.type(torch.float32), self.weight.type(torch.float32))
     router_logits = router_logits * self.output_multiplier
-    weights, ids = _route(self, router_logits, scoring="sigmoid", order="softmax_then_topk", renormalize=False,
+    weights, ids = _route(self, router_logits, torch.float32, scoring="sigmoid", order="softmax_then_topk",
+                          renormalize=False, 
                           bias=self.e_score_correction_bias)
     weights = weights / (weights.sum(dim=-1, keepdim=True) + self.norm_topk_prob_eps)
-    return router_logits, weights * self.routed_scaling_factor, ids.long()
+    return router_logits, weights * self.routed_scaling_factor, ids
 
 
 def openai_privacy_filter_forward(self, hidden_states):
     """OpenAI privacy filter: fp32 logits with the router bias; top-k of logits, softmax over the k, / k."""
     router_logits = F.linear(hidden_states.float(), self.weight.float(), self.bias.float())
-    weights, ids = _route(self, router_logits, scoring="softmax", order="topk_then_softmax", renormalize=False,
+    weights, ids = _route(self, router_logits, torch.float32, scoring="softmax", order="topk_then_softmax",
+                          renormalize=False, 
                           scale=1.0 / self.top_k)
-    return router_logits, weights, ids.long()
+    return router_logits, weights, ids
 
 
 ORIGINAL_FORWARD = "_moe_kernels_original_router_forward"

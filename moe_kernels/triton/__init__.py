@@ -40,9 +40,10 @@ class TritonBackend(Backend):
         return ("the triton backend runs on CUDA tensors; on CPU tensors only under TRITON_INTERPRET=1 "
                 "(the interpreter, for tests)")
 
-    def route(self, logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale):
+    def route(self, logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale, weights_dtype, ids_dtype):
         from .routing import route
-        return route(logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale)
+        return route(logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale, weights_dtype,
+                     ids_dtype)
 
     def plan(self, ids, num_experts):
         from .plan import dispatch_plan

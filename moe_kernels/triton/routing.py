@@ -1,4 +1,4 @@
-"""Fused top-k routing in Triton: logits -> (weights fp32, ids int32) in one pass, and its backward.
+"""Fused top-k routing in Triton: logits -> (weights, ids) in one pass, and its backward.
 
 Every variant of :func:`moe_kernels.reference.route` is one specialisation of the same kernel (the
 variant flags are constexprs): softmax or sigmoid scoring, softmax-then-top-k or top-k-then-softmax,
@@ -58,7 +58,8 @@ def _route_fwd_kernel(logits_ptr, stride_lt, stride_le, bias_ptr, weights_ptr, i
 
     logits_ptr:  [T, E] any float dtype, strides (stride_lt, stride_le); computed in fp32.
     bias_ptr:    [E] float, contiguous (read when HAS_BIAS): added to the scores for selection only.
-    weights_ptr: [T, K] float32 out, contiguous.  ids_ptr: [T, K] int32 out, contiguous.
+    weights_ptr: [T, K] out, contiguous: float32, float16 or bfloat16 (computed in fp32, rounded once on the store).
+    ids_ptr:     [T, K] out, contiguous: int32 or int64.
     scale:       fp32 multiplier of the final weights.
     K: top-k; SIGMOID: sigmoid instead of softmax; TOPK_FIRST: select on logits, then score the k;
     RENORM: divide the k weights by their sum (+ spec.RENORM_EPS = 1e-20); N_GROUP/TOPK_GROUP: group-limited selection
@@ -127,8 +128,8 @@ def _route_fwd_kernel(logits_ptr, stride_lt, stride_le, bias_ptr, weights_ptr, i
         picked = picked / (tl.sum(picked, axis=1)[:, None] + _RENORM_EPS)
     out_mask = row_valid[:, None] & k_valid[None, :]
     out_offsets = rows[:, None] * K + kcols[None, :]
-    tl.store(weights_ptr + out_offsets, picked * scale, mask=out_mask)
-    tl.store(ids_ptr + out_offsets, chosen, mask=out_mask)
+    tl.store(weights_ptr + out_offsets, (picked * scale).to(weights_ptr.dtype.element_ty), mask=out_mask)
+    tl.store(ids_ptr + out_offsets, chosen.to(ids_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
@@ -138,9 +139,9 @@ def _route_bwd_kernel(grad_w_ptr, logits_ptr, stride_lt, stride_le, ids_ptr, gra
                       BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr):
     """Gradient of the routing weights into the logits (scores recomputed from the logits).
 
-    grad_w_ptr:      [T, K] float32, contiguous: dL/dweights.
+    grad_w_ptr:      [T, K] float (any of the forward's weight dtypes; read as fp32), contiguous: dL/dweights.
     logits_ptr:      [T, E] float, strides (stride_lt, stride_le).
-    ids_ptr:         [T, K] int32, contiguous: the forward's choices.
+    ids_ptr:         [T, K] int32 or int64, contiguous: the forward's choices.
     grad_logits_ptr: [T, E] out, contiguous, logits' dtype.
     The selection (bias, groups) is piecewise constant and has no gradient; meta-parameters as in
     ``_route_fwd_kernel``.
@@ -156,8 +157,8 @@ def _route_bwd_kernel(grad_w_ptr, logits_ptr, stride_lt, stride_le, ids_ptr, gra
     x = tl.load(logits_ptr + rows[:, None] * stride_lt + cols[None, :] * stride_le, mask=mask,
                 other=0.0).to(tl.float32)
     x = tl.where(col_valid[None, :], x, float("-inf"))  # padding rows stay finite: no NaN in dead lanes
-    ids = tl.load(ids_ptr + rows[:, None] * K + kcols[None, :], mask=kmask, other=-1)
-    g = tl.load(grad_w_ptr + rows[:, None] * K + kcols[None, :], mask=kmask, other=0.0) * scale
+    ids = tl.load(ids_ptr + rows[:, None] * K + kcols[None, :], mask=kmask, other=-1).to(tl.int32)
+    g = tl.load(grad_w_ptr + rows[:, None] * K + kcols[None, :], mask=kmask, other=0.0).to(tl.float32) * scale
     if TOPK_FIRST:
         scores = x
     else:
@@ -208,17 +209,18 @@ def _blocks(num_tokens: int, num_experts: int, k: int, n_group: int):
 
 
 def _route_impl(logits: torch.Tensor, bias: Optional[torch.Tensor], k: int, sigmoid: bool, topk_first: bool,
-                renormalize: bool, n_group: int, topk_group: int, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """logits [T,E] -> (weights [T,k] float32, ids [T,k] int32); n_group = topk_group = 0 (spec.NO_GROUP): no group
-    limit."""
+                renormalize: bool, n_group: int, topk_group: int, scale: float, weights_dtype: torch.dtype,
+                ids_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """logits [T,E] -> (weights [T,k] in weights_dtype, ids [T,k] in ids_dtype: checked by moe_kernels.ops.route);
+    n_group = topk_group = 0 (spec.NO_GROUP): no group limit."""
     check_finite_scalars(scale=scale)  # a traced float reaches the op unchecked (validation.finite_or_traced)
     num_tokens, num_experts = logits.shape
-    weights = torch.empty((num_tokens, k), dtype=torch.float32, device=logits.device)
-    ids = torch.empty((num_tokens, k), dtype=torch.int32, device=logits.device)
+    weights = torch.empty((num_tokens, k), dtype=weights_dtype, device=logits.device)
+    ids = torch.empty((num_tokens, k), dtype=ids_dtype, device=logits.device)
     if num_tokens == 0:
         return weights, ids
     cfg, block_e, block_k, block_g = _blocks(num_tokens, num_experts, k, n_group)
-    bias_arg = bias.contiguous() if bias is not None else weights
+    bias_arg = bias.contiguous() if bias is not None else weights  # (not read without HAS_BIAS)
     grid = (cdiv(num_tokens, cfg["BLOCK_T"]),)
     launcher(_route_fwd_kernel, grid)(logits, logits.stride(0), logits.stride(1), bias_arg, weights, ids,
                                       num_tokens, num_experts, float(scale),
@@ -229,10 +231,11 @@ def _route_impl(logits: torch.Tensor, bias: Optional[torch.Tensor], k: int, sigm
     return weights, ids
 
 
-def _route_fake(logits, bias, k, sigmoid, topk_first, renormalize, n_group, topk_group, scale):
+def _route_fake(logits, bias, k, sigmoid, topk_first, renormalize, n_group, topk_group, scale, weights_dtype,
+                ids_dtype):
     num_tokens = logits.shape[0]
-    return (logits.new_empty((num_tokens, k), dtype=torch.float32),
-            logits.new_empty((num_tokens, k), dtype=torch.int32))
+    return (logits.new_empty((num_tokens, k), dtype=weights_dtype),
+            logits.new_empty((num_tokens, k), dtype=ids_dtype))
 
 
 def _route_backward_impl(grad_weights: torch.Tensor, logits: torch.Tensor, ids: torch.Tensor, sigmoid: bool,
@@ -245,7 +248,7 @@ def _route_backward_impl(grad_weights: torch.Tensor, logits: torch.Tensor, ids: 
         return grad_logits
     cfg, block_e, block_k, _ = _blocks(num_tokens, num_experts, k, 1)
     grid = (cdiv(num_tokens, cfg["BLOCK_T"]),)
-    launcher(_route_bwd_kernel, grid)(grad_weights.float().contiguous(), logits, logits.stride(0), logits.stride(1),
+    launcher(_route_bwd_kernel, grid)(grad_weights.contiguous(), logits, logits.stride(0), logits.stride(1),
                                       ids.contiguous(), grad_logits, num_tokens, num_experts, float(scale),
                                       K=k, SIGMOID=sigmoid, TOPK_FIRST=topk_first, RENORM=renormalize,
                                       BLOCK_T=cfg["BLOCK_T"], BLOCK_E=block_e, BLOCK_K=block_k,
@@ -265,8 +268,10 @@ class RouteFunction(torch.autograd.Function):
     """Routing with its backward (d logits from d weights; the ids are not differentiable)."""
 
     @staticmethod
-    def forward(ctx, logits, bias, k, sigmoid, topk_first, renormalize, n_group, topk_group, scale):
-        weights, ids = route_op(logits, bias, k, sigmoid, topk_first, renormalize, n_group, topk_group, scale)
+    def forward(ctx, logits, bias, k, sigmoid, topk_first, renormalize, n_group, topk_group, scale, weights_dtype,
+                ids_dtype):
+        weights, ids = route_op(logits, bias, k, sigmoid, topk_first, renormalize, n_group, topk_group, scale,
+                                weights_dtype, ids_dtype)
         ctx.save_for_backward(logits, ids)
         ctx.variant = (sigmoid, topk_first, renormalize, scale)
         ctx.mark_non_differentiable(ids)
@@ -280,27 +285,28 @@ class RouteFunction(torch.autograd.Function):
         if grad_weights is None:
             grad_weights = torch.zeros(ids.shape, dtype=torch.float32, device=ids.device)
         grad_logits = route_backward_op(grad_weights, logits, ids, sigmoid, topk_first, renormalize, scale)
-        return grad_logits, None, None, None, None, None, None, None, None
+        return grad_logits, None, None, None, None, None, None, None, None, None, None
 
 
-def route(logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale):
+def route(logits, k, scoring, order, renormalize, bias, n_group, topk_group, scale, weights_dtype, ids_dtype):
     """Backend entry point (arguments validated by :func:`moe_kernels.ops.route`; n_group None: no group limit,
     which the op takes as spec.NO_GROUP)."""
     args = (logits, bias, k, scoring == "sigmoid", order == "topk_then_softmax", renormalize,
-            NO_GROUP if n_group is None else n_group, NO_GROUP if topk_group is None else topk_group, scale)
+            NO_GROUP if n_group is None else n_group, NO_GROUP if topk_group is None else topk_group, scale,
+            weights_dtype, ids_dtype)
     if torch.is_grad_enabled() and logits.requires_grad:
         return RouteFunction.apply(*args)
     return route_op(*args)
 
 
-# Representative routing shapes compiled by the compile check, one per family: (E, k, sigmoid,
-# topk_first, renormalize, bias, n_group, topk_group).
+# Representative routing shapes compiled by the compile check, one per family: (E, k, sigmoid, topk_first,
+# renormalize, bias, n_group, topk_group, the weights' storage as that family's Hugging Face router returns them).
 _COMPILE_FAMILIES = [
-    (8, 2, False, False, True, False, NO_GROUP, NO_GROUP),      # Mixtral
-    (128, 8, False, False, True, False, NO_GROUP, NO_GROUP),    # Qwen3-MoE / OLMoE
-    (32, 4, False, True, False, False, NO_GROUP, NO_GROUP),     # GPT-OSS / Granite (top-k then softmax)
-    (256, 8, True, False, True, True, 8, 4),      # DeepSeek-V3 / GLM4-MoE
-    (4096, 8, False, False, False, False, NO_GROUP, NO_GROUP),  # many experts
+    (8, 2, False, False, True, False, NO_GROUP, NO_GROUP, "*fp32"),      # Mixtral
+    (128, 8, False, False, True, False, NO_GROUP, NO_GROUP, "*bf16"),    # Qwen3-MoE / OLMoE
+    (32, 4, False, True, False, False, NO_GROUP, NO_GROUP, "*bf16"),     # GPT-OSS / Granite (top-k then softmax)
+    (256, 8, True, False, True, True, 8, 4, "*fp32"),                    # DeepSeek-V3 / GLM4-MoE
+    (4096, 8, False, False, False, False, NO_GROUP, NO_GROUP, "*fp32"),  # many experts
 ]
 
 
@@ -309,26 +315,29 @@ def _in_arg_order(kernel, signature: dict) -> dict:
 
 
 def _compile_specs():
-    """(kernel, signature, constexprs, options) for the routing kernels at every shipped config."""
+    """(kernel, signature, constexprs, options) for the routing kernels at every shipped config, each with the
+    default outputs (fp32 weights, int32 ids) and with the family's Hugging Face ones (int64 ids)."""
     specs = []
-    for num_experts, k, sigmoid, topk_first, renorm, has_bias, n_group, topk_group in _COMPILE_FAMILIES:
+    for num_experts, k, sigmoid, topk_first, renorm, has_bias, n_group, topk_group, hf_weights in _COMPILE_FAMILIES:
         for cfg in [c for c in entries("route") if c.get("max_experts") is None or num_experts <= c["max_experts"]][:1]:
             block_e, block_k = next_power_of_2(num_experts), next_power_of_2(k)
             common = {"K": k, "SIGMOID": sigmoid, "TOPK_FIRST": topk_first, "RENORM": renorm,
                       "BLOCK_T": cfg["BLOCK_T"], "BLOCK_E": block_e, "BLOCK_K": block_k}
             opts = {"num_warps": cfg["num_warps"], "num_stages": 1}
-            fwd_sig = {"logits_ptr": "*bf16", "stride_lt": "i32", "stride_le": "i32", "bias_ptr": "*fp32",
-                       "weights_ptr": "*fp32", "ids_ptr": "*i32", "num_tokens": "i32", "num_experts": "i32",
-                       "scale": "fp32"}
             fwd_const = dict(common, HAS_BIAS=has_bias, N_GROUP=n_group, TOPK_GROUP=topk_group,
                              BLOCK_G=next_power_of_2(max(n_group, 1)))
-            fwd_sig.update({name: "constexpr" for name in fwd_const})
-            specs.append((_route_fwd_kernel, _in_arg_order(_route_fwd_kernel, fwd_sig), fwd_const, opts))
-            bwd_sig = {"grad_w_ptr": "*fp32", "logits_ptr": "*bf16", "stride_lt": "i32", "stride_le": "i32",
-                       "ids_ptr": "*i32", "grad_logits_ptr": "*bf16", "num_tokens": "i32", "num_experts": "i32",
-                       "scale": "fp32"}
-            bwd_sig.update({name: "constexpr" for name in common})
-            specs.append((_route_bwd_kernel, _in_arg_order(_route_bwd_kernel, bwd_sig), dict(common), opts))
+            for weights, ids in (("*fp32", "*i32"), (hf_weights, "*i64")):
+                fwd_sig = {"logits_ptr": "*bf16", "stride_lt": "i32", "stride_le": "i32",
+                           "bias_ptr": "*fp32" if has_bias else weights,  # (the weights stand in for no bias)
+                           "weights_ptr": weights, "ids_ptr": ids, "num_tokens": "i32", "num_experts": "i32",
+                           "scale": "fp32"}
+                fwd_sig.update({name: "constexpr" for name in fwd_const})
+                specs.append((_route_fwd_kernel, _in_arg_order(_route_fwd_kernel, fwd_sig), fwd_const, opts))
+                bwd_sig = {"grad_w_ptr": weights, "logits_ptr": "*bf16", "stride_lt": "i32", "stride_le": "i32",
+                           "ids_ptr": ids, "grad_logits_ptr": "*bf16", "num_tokens": "i32", "num_experts": "i32",
+                           "scale": "fp32"}
+                bwd_sig.update({name: "constexpr" for name in common})
+                specs.append((_route_bwd_kernel, _in_arg_order(_route_bwd_kernel, bwd_sig), dict(common), opts))
     return specs
 
 

@@ -71,6 +71,15 @@ _ERROR_CASES = {
         ("ops.route_backward(torch.randn(4, 2, device=DEVICE), torch.randn(4, 8, device=DEVICE), "
          "torch.zeros(4, 2, dtype=torch.int32, device=DEVICE), False, True, True, float('inf'))",
          "scale must be a finite number"),
+    "route_forward weights_dtype float64 (op_args.cpp, a dtype in the message)":
+        ("ops.route_forward(torch.randn(4, 8, device=DEVICE), 2, False, True, True, None, 0, 0, 1.0, torch.float64)",
+         "weights_dtype must be float32, float16 or bfloat16"),
+    "route_forward ids_dtype int16 (op_args.cpp)":
+        ("ops.route_forward(torch.randn(4, 8, device=DEVICE), 2, False, True, True, None, 0, 0, 1.0, None, "
+         "torch.int16)", "ids_dtype must be int32 or int64"),
+    "route_backward float ids":
+        ("ops.route_backward(torch.randn(4, 2, device=DEVICE), torch.randn(4, 8, device=DEVICE), "
+         "torch.zeros(4, 2, device=DEVICE), False, True, True, 1.0)", "ids must be int32 or int64"),
     "plan int64 ids (common.h, no number in the message)":
         ("ops.plan(torch.zeros(4, 2, dtype=torch.int64, device=DEVICE), 8)", "ids must be int32"),
     "combine short slot_positions (common.h, numbers in the message)":
