@@ -192,10 +192,11 @@ def _cases(device: torch.device):
 
     try:
         from transformers import Qwen3MoeConfig
-        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts
+        from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeExperts, Qwen3MoeTopKRouter
     except ImportError:
         return cases
     from moe_kernels.hf.experts import BACKEND_ATTRIBUTE, moe_kernels_experts_forward
+    from moe_kernels.hf.routers import qwen_moe_forward
 
     config = Qwen3MoeConfig(hidden_size=H, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=k)
     experts = Qwen3MoeExperts(config).to(device=device, dtype=dtype)
@@ -211,6 +212,15 @@ def _cases(device: torch.device):
             moe_kernels_experts_forward(experts, x1, ids1.long(), weights1.to(dtype))
 
     cases.append(("HF Qwen3MoeExperts decode T=1 (int64 ids, bf16 weights)", hf_decode))
+    # The fused router forward (route writes transformers' bf16 weights and int64 ids itself), on the device's
+    # default backend for route: cuda on a GPU (its own kernel, really run here on the CPU: E 128, one token).
+    router = Qwen3MoeTopKRouter(config).to(device=device, dtype=dtype)
+
+    def hf_router():
+        with torch.no_grad():
+            qwen_moe_forward(router, x1)
+
+    cases.append(("HF Qwen3MoeTopKRouter decode T=1 (fused route, HF dtypes)", hf_router))
     if device.type == "cuda":
         cases.append(("HF Qwen3MoeExperts decode T=1, direct launch", lambda: _with_direct_launch(hf_decode)))
         if "cuda" in mk.available_backends():  # the decode op, reading the router's dtypes as the triton kernels do

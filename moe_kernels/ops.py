@@ -5,8 +5,9 @@ and ``weights`` to float32 (both contiguous; the one conversion on every path), 
 hands the rest, by keyword, to the backend chosen by :func:`moe_kernels.backends.resolve_backend`. Backends
 take the arguments as they are: they neither convert nor re-check them. ``moe_mlp`` is the one exception:
 its routing reaches the backend in the caller's dtypes, and the backend converts only where its kernels need
-it (:class:`moe_kernels.backends.Backend`). The math of each op is defined by
-:mod:`moe_kernels.reference`.
+it (:class:`moe_kernels.backends.Backend`); ``route`` writes its outputs in the dtypes the caller asks for (a Hugging
+Face router's model-dtype weights and int64 ids), so neither side of the experts costs a conversion launch. The math
+of each op is defined by :mod:`moe_kernels.reference`.
 """
 
 from __future__ import annotations

@@ -32,10 +32,11 @@ def _route(self, logits: torch.Tensor, weights_dtype: torch.dtype, **kwargs) -> 
     """moe_kernels.route with the router's backend: (weights in ``weights_dtype``, ids int64), what transformers'
     routers return, written so by the routing kernel itself (no conversion launches; a weight dtype route does not
     write, float64, is converted after)."""
+    written = weights_dtype in ROUTE_WEIGHT_DTYPES
     weights, ids = moe_kernels.route(logits, self.top_k, backend=getattr(self, BACKEND_ATTRIBUTE, None),
-                                     weights_dtype=weights_dtype if weights_dtype in ROUTE_WEIGHT_DTYPES else None,
-                                     ids_dtype=torch.int64, **kwargs)
-    return weights.to(weights_dtype), ids
+                                     weights_dtype=weights_dtype if written else None, ids_dtype=torch.int64,
+                                     **kwargs)
+    return (weights if written else weights.to(weights_dtype)), ids
 
 
 def mixtral_forward(self, hidden_states):
