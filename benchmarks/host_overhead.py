@@ -205,11 +205,13 @@ def _cases(device: torch.device):
         experts.down_proj.copy_(down)
     setattr(experts, BACKEND_ATTRIBUTE, "triton")
     x1 = randn(1, H)
-    weights1, ids1 = mk.route(torch.randn(1, E, device=device, generator=g), k)
+    # what the fused router hands the experts (route writes transformers' dtypes: no conversion in the timed call)
+    weights1, ids1 = mk.route(torch.randn(1, E, device=device, generator=g), k, weights_dtype=dtype,
+                              ids_dtype=torch.int64)
 
     def hf_decode():
         with torch.no_grad():
-            moe_kernels_experts_forward(experts, x1, ids1.long(), weights1.to(dtype))
+            moe_kernels_experts_forward(experts, x1, ids1, weights1)
 
     cases.append(("HF Qwen3MoeExperts decode T=1 (int64 ids, bf16 weights)", hf_decode))
     # The fused router forward (route writes transformers' bf16 weights and int64 ids itself), on the device's
