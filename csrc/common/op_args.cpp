@@ -51,6 +51,11 @@ at::ScalarType route_ids_dtype(const std::optional<at::ScalarType>& dtype) {
   return i;
 }
 
+void check_route_ids(const at::Tensor& ids) {
+  const at::ScalarType i = ids.scalar_type();
+  TORCH_CHECK(i == at::kInt || i == at::kLong, "ids must be int32 or int64, got ", i);
+}
+
 }  // namespace routing
 
 namespace act {

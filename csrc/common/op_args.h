@@ -34,6 +34,9 @@ RouteParams make_params(int64_t num_experts, int64_t k, bool use_sigmoid, bool t
 at::ScalarType route_weights_dtype(const std::optional<at::ScalarType>& dtype);
 at::ScalarType route_ids_dtype(const std::optional<at::ScalarType>& dtype);
 
+// route_backward's ids: int32 or int64 (route's two id dtypes).
+void check_route_ids(const at::Tensor& ids);
+
 // Calls f(W{}, I{}) with route's output storage types (checked by the two functions above): W float, c10::Half or
 // c10::BFloat16, I int32_t or int64_t.
 template <typename F>

@@ -74,8 +74,7 @@ at::Tensor route_backward(const at::Tensor& grad_weights_in, const at::Tensor& l
   check_cpu(logits_in, "logits", 2);
   check_cpu(ids_in, "ids", 2);
   check_cpu(grad_weights_in, "grad_weights", 2);
-  TORCH_CHECK(ids_in.scalar_type() == at::kInt || ids_in.scalar_type() == at::kLong,
-              "ids must be int32 or int64, got ", ids_in.scalar_type());
+  routing::check_route_ids(ids_in);
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor ids = ids_in.contiguous();
   const at::Tensor grad_weights = grad_weights_in.to(at::kFloat).contiguous();

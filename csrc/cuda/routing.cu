@@ -382,8 +382,7 @@ std::tuple<at::Tensor, at::Tensor> route_forward(const at::Tensor& logits, int64
 at::Tensor route_backward(const at::Tensor& grad_weights, const at::Tensor& logits, const at::Tensor& ids,
                           bool use_sigmoid, bool topk_first, bool renormalize, double scale) {
   check_cuda_same_device({{logits, "logits"}, {ids, "ids"}, {grad_weights, "grad_weights"}});
-  TORCH_CHECK(ids.scalar_type() == at::kInt || ids.scalar_type() == at::kLong, "ids must be int32 or int64, got ",
-              ids.scalar_type());
+  routing::check_route_ids(ids);
   TORCH_CHECK(logits.dim() == 2, "logits must be 2-D [T, E], got shape ", logits.sizes());
   TORCH_CHECK(ids.dim() == 2 && grad_weights.dim() == 2, "grad_weights ", grad_weights.sizes(), " and ids ",
               ids.sizes(), " must both be [T, k]");
