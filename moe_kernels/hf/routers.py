@@ -89,8 +89,7 @@ def deepseek_v2_forward(self, hidden_states):
     hidden_states = hidden_states.view(-1, self.hidden_dim)
     router_logits = F.linear(hidden_states.type(torch.float32), self.weight.type(torch.float32))
     weights, ids = _route(self, router_logits, torch.float32, scoring="softmax", order="softmax_then_topk",
-                          renormalize=False, 
-                          scale=float(self.routed_scaling_factor))
+                          renormalize=False, scale=float(self.routed_scaling_factor))
     return router_logits, weights, ids
 
 
@@ -136,8 +135,7 @@ def afmoe_forward(self, hidden_states, expert_bias):
     hidden_states = hidden_states.view(-1, hidden_dim)
     router_logits = self.gate(hidden_states).to(torch.float32)
     weights, ids = _route(self, router_logits, torch.float32, scoring="sigmoid", order="softmax_then_topk",
-                          renormalize=True, 
-                          bias=expert_bias, scale=float(self.route_scale))
+                          renormalize=True, bias=expert_bias, scale=float(self.route_scale))
     return router_logits, weights, ids
 
 
@@ -195,8 +193,7 @@ def dots3_note_forward(self, hidden_states, e_score_correction_bias):
     hidden_states = hidden_states.reshape(-1, self.hidden_dim)
     router_logits = F.linear(hidden_states.float(), self.weight.float())
     weights, ids = _route(self, router_logits, torch.float32, scoring="sigmoid", order="softmax_then_topk",
-                          renormalize=True, 
-                          bias=e_score_correction_bias, scale=float(self.router_scaling_factor))
+                          renormalize=True, bias=e_score_correction_bias, scale=float(self.router_scaling_factor))
     return router_logits, weights, ids
 
 
@@ -207,8 +204,7 @@ def ernie4_5_moe_forward(self, hidden_states):
     with _no_autocast(hidden_states):
         router_logits = F.linear(hidden_states.float(), self.weight.float())
         weights, ids = _route(self, router_logits, torch.float32, scoring="softmax", order="softmax_then_topk",
-                              renormalize=False, 
-                              bias=self.moe_statics.e_score_correction_bias.reshape(-1))
+                              renormalize=False, bias=self.moe_statics.e_score_correction_bias.reshape(-1))
         weights = weights / torch.clamp(weights.sum(dim=-1, keepdim=True), min=self.norm_min)
     return router_logits, weights.to(hidden_states.dtype), ids
 
@@ -270,8 +266,7 @@ def laguna_forward(self, hidden_states):
     if self.router_logit_softcapping > 0.0:
         router_logits = torch.tanh(router_logits / self.router_logit_softcapping) * self.router_logit_softcapping
     weights, ids = _route(self, router_logits, hidden_states.dtype, scoring="sigmoid", order="softmax_then_topk",
-                          renormalize=True, 
-                          bias=self.e_score_correction_bias.float())
+                          renormalize=True, bias=self.e_score_correction_bias.float())
     return router_logits, weights, ids
 
 
@@ -290,8 +285,7 @@ def minimax_m2_forward(self, hidden_states, e_score_correction_bias):
     hidden_states = hidden_states.reshape(-1, self.hidden_dim)
     router_logits = F.linear(hidden_states.to(self.weight.dtype), self.weight)
     weights, ids = _route(self, router_logits, torch.float32, scoring="sigmoid", order="softmax_then_topk",
-                          renormalize=True, 
-                          bias=e_score_correction_bias)
+                          renormalize=True, bias=e_score_correction_bias)
     return router_logits, weights, ids
 
 
@@ -307,8 +301,7 @@ def mistral_large4_forward(self, hidden_states):
     hidden_states = hidden_states.view(-1, self.hidden_dim)
     router_logits = F.linear(hidden_states.float(), self.weight.float())
     weights, ids = _route(self, router_logits, torch.float32, scoring="softmax", order="softmax_then_topk",
-                          renormalize=True, 
-                          n_group=int(self.num_group), topk_group=int(self.topk_group),
+                          renormalize=True, n_group=int(self.num_group), topk_group=int(self.topk_group),
                           scale=float(self.routed_scaling_factor))
     return router_logits, weights, ids
 
@@ -322,8 +315,7 @@ def muse_spark_forward(self, hidden_states):
     router_logits = F.linear(hidden_states.type(torch.float32), self.weight.type(torch.float32))
     router_logits = router_logits * self.output_multiplier
     weights, ids = _route(self, router_logits, torch.float32, scoring="sigmoid", order="softmax_then_topk",
-                          renormalize=False, 
-                          bias=self.e_score_correction_bias)
+                          renormalize=False, bias=self.e_score_correction_bias)
     weights = weights / (weights.sum(dim=-1, keepdim=True) + self.norm_topk_prob_eps)
     return router_logits, weights * self.routed_scaling_factor, ids
 
@@ -332,8 +324,7 @@ def openai_privacy_filter_forward(self, hidden_states):
     """OpenAI privacy filter: fp32 logits with the router bias; top-k of logits, softmax over the k, / k."""
     router_logits = F.linear(hidden_states.float(), self.weight.float(), self.bias.float())
     weights, ids = _route(self, router_logits, torch.float32, scoring="softmax", order="topk_then_softmax",
-                          renormalize=False, 
-                          scale=1.0 / self.top_k)
+                          renormalize=False, scale=1.0 / self.top_k)
     return router_logits, weights, ids
 
 
