@@ -264,6 +264,14 @@ def group_order_applies(shape: MoEShape, tokens: int) -> bool:
     return tokens * shape.top_k > 16 * shape.experts
 
 
+def paired_dot_applies(shape: MoEShape, tokens: int) -> bool:
+    """Whether the gate/up GEMM's dot form (MOE_KERNELS_PAIRED_DOT) can change anything: gated experts on a GPU with
+    warpgroup MMA (sm90+; the dry run's interpreter runs both forms too), past one token (a single token runs the
+    GEMVs, without the gate/up GEMM)."""
+    on_hopper = not torch.cuda.is_available() or torch.cuda.get_device_capability() >= (9, 0)
+    return shape.gated and tokens > 1 and on_hopper
+
+
 def moe_providers(shape: MoEShape, tokens: int, device, dtype, notes: dict, hf_experts) -> dict:
     """name -> callable(inputs) that runs the expert MLP and returns its output. ``hf_experts``: the transformers
     module of the shape's form (``_hf_experts``), None when this transformers lacks it."""
@@ -296,6 +304,11 @@ def moe_providers(shape: MoEShape, tokens: int, device, dtype, notes: dict, hf_e
             # and the Triton weight-gradient kernel's order (expert-major by default; sm80's only way) the same way
             providers["moe_kernels:triton[wgrad=triton,group_m=0]"] = _moe_kernels_provider(
                 "triton", shape, {"MOE_KERNELS_WGRAD": "triton", "MOE_KERNELS_GROUP_M": "0"})
+        if paired_dot_applies(shape, tokens):
+            # the gate/up GEMM as one dot over gate and up rows (the default for 16-bit gated experts on sm90+:
+            # warpgroup MMA twice as wide) against the two dots of runs 1-3
+            providers["moe_kernels:triton[paired=0]"] = _moe_kernels_provider(
+                "triton", shape, {"MOE_KERNELS_PAIRED_DOT": "0"})
         if tokens == 1:  # the one-token GEMVs (the default) against the decode path's tiles
             tiles = providers["moe_kernels:triton[one_token=tiles]"] = _moe_kernels_provider(
                 "triton", shape, {"MOE_KERNELS_ONE_TOKEN": "tiles"})

@@ -32,6 +32,7 @@ bf16 wrongly.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -75,6 +76,29 @@ def group_m(cfg: dict) -> int:
     return int(choice)
 
 
+@functools.lru_cache(maxsize=None)
+def _has_warpgroup_mma(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (9, 0)
+
+
+def paired(x: torch.Tensor, gated: bool) -> bool:
+    """Whether the gate/up GEMM runs gate and up as one dot (``_paired_gate_up``): MOE_KERNELS_PAIRED_DOT=0/1 when
+    set (0 = the two dots of every release before it, for side-by-side timing); else for gated experts with 16-bit
+    inputs on Hopper or newer, whose warpgroup MMA it widens (fp32 dots run without tensor cores, and on Ampere's
+    mma.sync the wider tile only costs registers: 128 -> 190 per thread for the 128-row bf16 tile on sm_80), and
+    under the interpreter (so that the CPU tests run the form Hopper runs)."""
+    choice = os.environ.get("MOE_KERNELS_PAIRED_DOT", "")
+    if choice not in ("", "0", "1"):
+        raise ValueError(f"MOE_KERNELS_PAIRED_DOT must be 0 (two dots) or 1 (one paired dot), not {choice!r}")
+    if not gated:
+        return False
+    if choice:
+        return choice == "1"
+    if x.dtype == torch.float32:
+        return False
+    return interpreting() or (x.device.type == "cuda" and _has_warpgroup_mma(x.device.index or 0))
+
+
 # ----------------------------------------------------------------------------------------------------
 # shared device helpers
 
@@ -102,13 +126,50 @@ def _pre_width(inter, GATED: tl.constexpr):
 
 
 @triton.jit
+def _paired_gate_up(x_ptr, stride_xt, stride_xh, w_base, stride_wn, stride_wh, tokens, row_mask, col_tile, hidden,
+                    inter, INTERLEAVED: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(gate, up) accumulators [BLOCK_M, BLOCK_N] of one column tile from a single dot over 2*BLOCK_N weight rows.
+
+    The weight tile's columns are the W_gu rows in the order they are stored: gate and up alternating when
+    INTERLEAVED (2c, 2c+1: one contiguous run of rows), else the tile's BLOCK_N gate rows then its BLOCK_N up rows.
+    Either way the accumulator is split back into (gate, up) along a dimension of 2, which the MMA layout keeps in
+    each thread's registers.
+    """
+    pair = tl.arange(0, 2 * BLOCK_N)
+    if INTERLEAVED:
+        cols = col_tile * BLOCK_N + pair // 2
+        w_rows = 2 * col_tile * BLOCK_N + pair
+    else:
+        cols = col_tile * BLOCK_N + pair % BLOCK_N
+        w_rows = cols + (pair // BLOCK_N) * inter
+    pair_mask = cols < inter
+    acc = tl.zeros([BLOCK_M, 2 * BLOCK_N], dtype=tl.float32)
+    for k0 in range(0, hidden, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < hidden
+        xt = tl.load(x_ptr + tokens[:, None] * stride_xt + ks[None, :] * stride_xh,
+                     mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w = tl.load(w_base + w_rows[None, :] * stride_wn + ks[:, None] * stride_wh,
+                    mask=k_mask[:, None] & pair_mask[None, :], other=0.0)
+        acc = tl.dot(operand(xt, UPCAST, x_ptr.dtype.element_ty), operand(w, UPCAST, x_ptr.dtype.element_ty), acc,
+                     input_precision=DOT_PRECISION)
+    if INTERLEAVED:
+        gate, up = tl.split(tl.reshape(acc, [BLOCK_M, BLOCK_N, 2]))
+    else:
+        gate, up = tl.split(tl.permute(tl.reshape(acc, [BLOCK_M, 2, BLOCK_N]), (0, 2, 1)))
+    return gate, up
+
+
+@triton.jit
 def _gate_up_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, stride_wh, bias_ptr, stride_be,
                     stride_bn, sorted_slots_ptr, expert_offsets_ptr, tile_offsets_ptr, act_ptr, pre_ptr,
                     hidden, inter, num_experts, num_rows, top_k, search_steps, limit, gate_cap, up_cap,
                     ACTIVATION: tl.constexpr, INTERLEAVED: tl.constexpr, GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
                     HAS_LIMIT: tl.constexpr, STORE_ACT: tl.constexpr, SAVE_PRE: tl.constexpr,
                     UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr, BY_EXPERT: tl.constexpr,
-                    GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                    PAIRED: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
     """First GEMM with the row gather fused into its loads and the gated activation into its epilogue.
 
     x_ptr:   [T, H] strides (stride_xt, stride_xh).  w_ptr: W_gu [E, 2I, H] strides (we, wn, wh), any
@@ -122,6 +183,9 @@ def _gate_up_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, st
     ACTIVATION: code of moe_kernels.spec.ACTIVATION_CODES (a gated activation; an elementwise one when not GATED).
     GATED=False (experts without a gate): W_gu is W_up [E, I, H], pre [N, I], act = act(pre); no up accumulator.
     GROUP_M: the program order (common.tile_and_column; 0 with BY_EXPERT).
+    PAIRED (GATED only): gate and up in one dot of 2*BLOCK_N columns, split in the epilogue, instead of two dots of
+    BLOCK_N. The same accumulator; on Hopper the warpgroup MMA is twice as wide (m64n128 at BLOCK_N 64): a narrow
+    one reads its x tile from shared memory once per BLOCK_N columns, about as fast as the tensor cores consume it.
     """
     tile, col_tile = tile_and_column(GROUP_M)
     expert, rows, row_mask, slots, valid = program_rows(tile, tile_offsets_ptr, expert_offsets_ptr, sorted_slots_ptr,
@@ -132,20 +196,29 @@ def _gate_up_kernel(x_ptr, stride_xt, stride_xh, w_ptr, stride_we, stride_wn, st
         col_mask = cols < inter
         gate_rows, up_rows = _gate_up_columns(cols, inter, INTERLEAVED)
         w_base = w_ptr + expert.to(tl.int64) * stride_we
-        acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k0 in range(0, hidden, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_mask = ks < hidden
-            xt = tl.load(x_ptr + tokens[:, None] * stride_xt + ks[None, :] * stride_xh,
-                         mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            w_mask = k_mask[:, None] & col_mask[None, :]
-            wg = tl.load(w_base + gate_rows[None, :] * stride_wn + ks[:, None] * stride_wh, mask=w_mask, other=0.0)
-            xt = operand(xt, UPCAST, x_ptr.dtype.element_ty)
-            acc_gate = tl.dot(xt, operand(wg, UPCAST, x_ptr.dtype.element_ty), acc_gate, input_precision=DOT_PRECISION)
-            if GATED:
-                wu = tl.load(w_base + up_rows[None, :] * stride_wn + ks[:, None] * stride_wh, mask=w_mask, other=0.0)
-                acc_up = tl.dot(xt, operand(wu, UPCAST, x_ptr.dtype.element_ty), acc_up, input_precision=DOT_PRECISION)
+        if GATED and PAIRED:
+            acc_gate, acc_up = _paired_gate_up(x_ptr, stride_xt, stride_xh, w_base, stride_wn, stride_wh, tokens,
+                                               row_mask, col_tile, hidden, inter, INTERLEAVED, UPCAST, DOT_PRECISION,
+                                               BLOCK_M, BLOCK_N, BLOCK_K)
+        else:
+            acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(0, hidden, BLOCK_K):
+                ks = k0 + tl.arange(0, BLOCK_K)
+                k_mask = ks < hidden
+                xt = tl.load(x_ptr + tokens[:, None] * stride_xt + ks[None, :] * stride_xh,
+                             mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+                w_mask = k_mask[:, None] & col_mask[None, :]
+                wg = tl.load(w_base + gate_rows[None, :] * stride_wn + ks[:, None] * stride_wh, mask=w_mask,
+                             other=0.0)
+                xt = operand(xt, UPCAST, x_ptr.dtype.element_ty)
+                acc_gate = tl.dot(xt, operand(wg, UPCAST, x_ptr.dtype.element_ty), acc_gate,
+                                  input_precision=DOT_PRECISION)
+                if GATED:
+                    wu = tl.load(w_base + up_rows[None, :] * stride_wn + ks[:, None] * stride_wh, mask=w_mask,
+                                 other=0.0)
+                    acc_up = tl.dot(xt, operand(wu, UPCAST, x_ptr.dtype.element_ty), acc_up,
+                                    input_precision=DOT_PRECISION)
         if HAS_BIAS:
             b_base = bias_ptr + expert.to(tl.int64) * stride_be
             acc_gate += tl.load(b_base + gate_rows * stride_bn, mask=col_mask, other=0.0).to(tl.float32)[None, :]
@@ -585,7 +658,8 @@ def _gate_up(x, gate_up_proj, gate_up_bias, top_k, expert_offsets, sorted_slots,
         ACTIVATION=ACTIVATION_CODES[activation], INTERLEAVED=interleaved, GATED=gated,
         HAS_BIAS=gate_up_bias is not None, HAS_LIMIT=swiglu_limit is not None, STORE_ACT=store_act, SAVE_PRE=save_pre,
         UPCAST=interpreting(),
-        DOT_PRECISION=dot_precision(x.dtype), BY_EXPERT=False, GROUP_M=group_m(cfg), BLOCK_M=cfg["BLOCK_M"],
+        DOT_PRECISION=dot_precision(x.dtype), BY_EXPERT=False, PAIRED=paired(x, gated), GROUP_M=group_m(cfg),
+        BLOCK_M=cfg["BLOCK_M"],
         BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return act, pre
 
@@ -647,8 +721,9 @@ def _decode_forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_u
         float(swiglu_limit or 0.0), *_caps(softcaps), ACTIVATION=ACTIVATION_CODES[activation],
         INTERLEAVED=interleaved, GATED=gated,
         HAS_BIAS=gate_up_bias is not None, HAS_LIMIT=swiglu_limit is not None, STORE_ACT=True, SAVE_PRE=False,
-        UPCAST=upcast, DOT_PRECISION=precision, BY_EXPERT=True, GROUP_M=0, BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=up["BLOCK_N"], BLOCK_K=up["BLOCK_K"], num_warps=up["num_warps"], num_stages=up["num_stages"])
+        UPCAST=upcast, DOT_PRECISION=precision, BY_EXPERT=True, PAIRED=paired(x, gated), GROUP_M=0,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=up["BLOCK_N"], BLOCK_K=up["BLOCK_K"], num_warps=up["num_warps"],
+        num_stages=up["num_stages"])
     slot_rows = torch.empty((num_rows, hidden), dtype=slot_dtype(x.dtype, top_k), device=x.device)
     bias, stride_be, stride_bj = _weight_strides(down_bias, x)
     launcher(_rows_matmul_kernel, (num_experts, cdiv(hidden, down["BLOCK_N"])))(
@@ -1016,13 +1091,17 @@ def _compile_specs():
     for dtype, mlp_entries, decode_entries in families:
         data = _POINTER_TYPES[dtype]
         precision = "ieee" if dtype == torch.float32 else "tf32"
+
+        def pair_forms(gated, dtype=dtype):  # paired(): both forms of 16-bit gated experts (by arch), else two dots
+            return (True, False) if gated and dtype != torch.float32 else (False,)
         for entry in mlp_entries:
             for activation, interleaved, bias, limit, gated in _COMPILE_VARIANTS:
                 act = {"ACTIVATION": ACTIVATION_CODES[activation], "INTERLEAVED": interleaved, "HAS_LIMIT": limit,
                        "GATED": gated}
-                add(_gate_up_kernel, entry["up"], dict(act, HAS_BIAS=bias, STORE_ACT=True, SAVE_PRE=True,
-                                                       BY_EXPERT=False, **gemm(entry["up"])),
-                    "gate_up", data, precision)
+                for pair in pair_forms(gated):
+                    add(_gate_up_kernel, entry["up"], dict(act, HAS_BIAS=bias, STORE_ACT=True, SAVE_PRE=True,
+                                                           BY_EXPERT=False, PAIRED=pair, **gemm(entry["up"])),
+                        "gate_up", data, precision)
                 add(_down_backward_kernel, entry["down_bwd"], dict(act, HAS_BIAS=bias, **gemm(entry["down_bwd"])),
                     "down_bwd", data, precision)
                 dw = entry["dw"]
@@ -1054,9 +1133,11 @@ def _compile_specs():
                 routings = _routings(activation, limit, data)
                 for routing in routings:
                     ids_in_plan = {name: routing["ids_ptr"] for name in _BY_EXPERT_IDS} if routing else {}
-                    add(_gate_up_kernel, entry["up"], dict(act, HAS_BIAS=bias, STORE_ACT=True, SAVE_PRE=False,
-                                                           BY_EXPERT=True, **gemm(entry["up"], entry["BLOCK_M"])),
-                        "gate_up", data, precision, ids_in_plan)
+                    for pair in pair_forms(gated):
+                        add(_gate_up_kernel, entry["up"],
+                            dict(act, HAS_BIAS=bias, STORE_ACT=True, SAVE_PRE=False, BY_EXPERT=True, PAIRED=pair,
+                                 **gemm(entry["up"], entry["BLOCK_M"])),
+                            "gate_up", data, precision, ids_in_plan)
                     add(_rows_matmul_kernel, entry["down"], dict(HAS_BIAS=bias, HAS_ROUTE_W=True, BY_EXPERT=True,
                                                                  **gemm(entry["down"], entry["BLOCK_M"])),
                         "down", data, precision, dict(ids_in_plan, out_ptr="*fp32",

@@ -257,6 +257,65 @@ def test_moe_mlp_results_do_not_depend_on_the_program_order(group, monkeypatch):
         assert_close_rel(a, b, torch.float32, name)
 
 
+@pytest.mark.parametrize("form", ["hf", "gpt_oss_transposed", "decode"])
+def test_paired_gate_up_dot_equals_the_two_dots(form, monkeypatch):
+    """Gate and up as one dot over 2*BLOCK_N weight rows (the default) against two dots of BLOCK_N: forward and every
+    gradient agree to fp32 accumulation order, for gate/up rows stored one block after the other (HF) and interleaved
+    in a transposed view (GPT-OSS, biases and the clamp), and on the decode path; I = 40 leaves a partial column
+    tile (16-column tiles), 5 experts (prime) with one empty."""
+    from moe_kernels.triton import experts
+
+    if form != "decode":
+        monkeypatch.setattr(experts, "mlp_config", _small_tiles)
+    gpt_oss = form == "gpt_oss_transposed"
+    tokens = 3 if form == "decode" else 40
+    x, gate_up, down, weights, ids, gate_up_bias, down_bias = seeded_mlp_inputs(
+        tokens, 48, 40, 5, 2, "skip_last", bias=gpt_oss, transposed=gpt_oss)
+    leaves = [t.requires_grad_(True) for t in (x, gate_up, down, weights)]
+    kwargs = dict(activation="gpt_oss", interleaved=True, swiglu_limit=7.0, gate_up_bias=gate_up_bias,
+                  down_bias=down_bias) if gpt_oss else {}
+    grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(x.device)
+
+    def run():
+        if form == "decode":
+            with torch.no_grad():
+                return (ops.moe_mlp(x, gate_up, down, weights, ids, backend="triton"),)
+        y = ops.moe_mlp(x, gate_up, down, weights, ids, backend="triton", **kwargs)
+        return (y, *torch.autograd.grad(y, leaves, grad_y))
+
+    monkeypatch.setenv("MOE_KERNELS_PAIRED_DOT", "0")
+    two_dots = run()
+    monkeypatch.setenv("MOE_KERNELS_PAIRED_DOT", "1")
+    paired = run()
+    names = ("y", "dx", "d gate_up", "d down", "d weights")
+    for name, a, b in zip(names, paired, two_dots):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    y = reference.moe_mlp(x, gate_up, down, weights, ids, **kwargs)
+    want = (y,) if form == "decode" else (y, *torch.autograd.grad(y, leaves, grad_y))
+    for name, a, b in zip(names, paired, want):
+        assert_close_rel(a, b, torch.float32, name)
+
+
+def test_paired_dot_choice_is_explicit(monkeypatch):
+    """The paired gate/up dot runs for gated 16-bit experts where warpgroup MMA exists (and under the interpreter),
+    never for fp32 or experts without a gate; MOE_KERNELS_PAIRED_DOT forces either form and rejects other values."""
+    from moe_kernels.triton import experts
+
+    bf16, fp32 = torch.empty(1, dtype=torch.bfloat16, device=DEVICE), torch.empty(1, device=DEVICE)
+    monkeypatch.delenv("MOE_KERNELS_PAIRED_DOT", raising=False)
+    assert experts.paired(bf16, True) is (GPU_SM90 or not torch.cuda.is_available())
+    assert experts.paired(fp32, True) is False
+    assert experts.paired(bf16, False) is False
+    monkeypatch.setenv("MOE_KERNELS_PAIRED_DOT", "1")
+    assert experts.paired(fp32, True) is True
+    assert experts.paired(bf16, False) is False
+    monkeypatch.setenv("MOE_KERNELS_PAIRED_DOT", "0")
+    assert experts.paired(bf16, True) is False
+    monkeypatch.setenv("MOE_KERNELS_PAIRED_DOT", "yes")
+    with pytest.raises(ValueError, match="MOE_KERNELS_PAIRED_DOT"):
+        experts.paired(bf16, True)
+
+
 def test_group_m_choice_is_explicit(monkeypatch):
     from moe_kernels.triton import experts
 
