@@ -301,18 +301,24 @@ def _one_token_gate_up_kernel(x_ptr, stride_xh, w_ptr, stride_we, stride_wn, str
     expert = tl.load(ids_ptr + slot).to(tl.int64)
     gate_rows, up_rows = _gate_up_columns(cols, inter, INTERLEAVED)
     w_base = w_ptr + expert * stride_we
-    acc_gate = tl.zeros([BLOCK_N], dtype=tl.float32)
-    acc_up = tl.zeros([BLOCK_N], dtype=tl.float32)
+    # products summed per element across the K steps and reduced over K once at the end: a reduction inside the
+    # loop synchronised the program's warps at every step (shuffles and barriers between the weight loads)
+    prod_gate = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    prod_up = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in range(0, hidden, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_mask = ks < hidden
-        xk = tl.load(x_ptr + ks * stride_xh, mask=k_mask, other=0.0).to(tl.float32)[None, :]
         w_mask = col_mask[:, None] & k_mask[None, :]
+        # x read in the weight tile's own layout (each row's copy from cache): a [BLOCK_K] load broadcast to the
+        # tile would pass through shared memory, with barriers, at every step
+        xk = tl.load(x_ptr + (ks * stride_xh)[None, :] + 0 * cols[:, None], mask=w_mask, other=0.0).to(tl.float32)
         wg = tl.load(w_base + gate_rows[:, None] * stride_wn + ks[None, :] * stride_wh, mask=w_mask, other=0.0)
-        acc_gate += tl.sum(wg.to(tl.float32) * xk, axis=1)
+        prod_gate += wg.to(tl.float32) * xk
         if GATED:
             wu = tl.load(w_base + up_rows[:, None] * stride_wn + ks[None, :] * stride_wh, mask=w_mask, other=0.0)
-            acc_up += tl.sum(wu.to(tl.float32) * xk, axis=1)
+            prod_up += wu.to(tl.float32) * xk
+    acc_gate = tl.sum(prod_gate, axis=1)
+    acc_up = tl.sum(prod_up, axis=1)
     if HAS_BIAS:
         b_base = bias_ptr + expert * stride_be
         acc_gate += tl.load(b_base + gate_rows * stride_bn, mask=col_mask, other=0.0).to(tl.float32)
@@ -327,7 +333,7 @@ def _one_token_down_kernel(act_ptr, w_ptr, stride_we, stride_wh, stride_wi, bias
                            route_w_ptr, ids_ptr, y_ptr, inter, hidden, top_k,
                            HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """One token's down GEMVs, weighted and summed over its k slots in one program per output tile:
-    y[h] = sum_j route_w[j] * (act[j] @ W_d[ids[j]]^T + b_d[ids[j]])[h], j ascending, in fp32 (no slot rows, no
+    y[h] = sum_j route_w[j] * (act[j] @ W_d[ids[j]]^T + b_d[ids[j]])[h], in fp32 in a fixed order (no slot rows, no
     combine launch).
 
     act_ptr: [k, I] contiguous.  w_ptr: W_d [E, H, I] strides (we, wh, wi).  bias_ptr: [E, H] strides (be, bh) if
@@ -337,21 +343,26 @@ def _one_token_down_kernel(act_ptr, w_ptr, stride_we, stride_wh, stride_wi, bias
     """
     cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_mask = cols < hidden
+    # weighted products summed per element over the slots and K steps, reduced over K once at the end (as in
+    # _one_token_gate_up_kernel: no barrier between one step's weight loads and the next)
+    prod = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     acc = tl.zeros([BLOCK_N], dtype=tl.float32)
     for j in range(0, top_k):
         expert = tl.load(ids_ptr + j).to(tl.int64)
         w_base = w_ptr + expert * stride_we
-        part = tl.zeros([BLOCK_N], dtype=tl.float32)
+        route_w = tl.load(route_w_ptr + j).to(tl.float32)
         for k0 in range(0, inter, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_mask = ks < inter
-            a = tl.load(act_ptr + j * inter + ks, mask=k_mask, other=0.0).to(tl.float32)
-            w = tl.load(w_base + cols[:, None] * stride_wh + ks[None, :] * stride_wi,
-                        mask=col_mask[:, None] & k_mask[None, :], other=0.0)
-            part += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
+            mask = col_mask[:, None] & k_mask[None, :]
+            # act read in the weight tile's layout, as x in _one_token_gate_up_kernel
+            a = tl.load(act_ptr + j * inter + ks[None, :] + 0 * cols[:, None], mask=mask, other=0.0).to(tl.float32)
+            w = tl.load(w_base + cols[:, None] * stride_wh + ks[None, :] * stride_wi, mask=mask, other=0.0)
+            prod += w.to(tl.float32) * (a * route_w)
         if HAS_BIAS:
-            part += tl.load(bias_ptr + expert * stride_be + cols * stride_bh, mask=col_mask, other=0.0).to(tl.float32)
-        acc += tl.load(route_w_ptr + j).to(tl.float32) * part
+            acc += route_w * tl.load(bias_ptr + expert * stride_be + cols * stride_bh, mask=col_mask,
+                                     other=0.0).to(tl.float32)
+    acc += tl.sum(prod, axis=1)
     tl.store(y_ptr + cols, acc.to(y_ptr.dtype.element_ty), mask=col_mask)
 
 
