@@ -1,8 +1,8 @@
 """Where the time of one ``moe_mlp`` call goes, kernel by kernel: the measured cause behind a gap to the floor.
 
     python benchmarks/kernel_breakdown.py [--out DIR] [--shapes Qwen3,Mixtral] [--tokens 64,4096]
-                                          [--backends cuda,triton,triton[group_m=0],triton[paired=0]]
-                                          [--passes fwd,fwdbwd] [--iters 5] [--top 10]
+                                          [--backends cuda,triton,triton[group_m=0]] [--passes fwd,fwdbwd]
+                                          [--iters 5] [--top 10]
     python benchmarks/kernel_breakdown.py --dry-run     # no GPU: tiny shapes, interpreter, CPU ops (CI runs this)
 
 ``gpu_bench.py`` says how far a call is from its roofline floor; this says why. Each (shape, tokens, backend, pass)
@@ -38,7 +38,8 @@ QUICK = [("Qwen3-30B-A3B", (64, 4096, 16384)), ("Mixtral-8x7B", (1, 4096))]
 # Backend variants (--backends): the backend and the environment it runs under, and which cases they apply to.
 # triton[group_m=0]: the planned GEMMs in launch order (runs 1-3) beside the grouped order (the default above 16
 # rows per expert; common.tile_and_column), per kernel.
-# triton[paired=0]: the gate/up GEMM as two dots (runs 1-3) beside the paired dot (the default on sm90+).
+# triton[paired=0] (opt-in, --backends cuda,triton,triton[paired=0]): the gate/up GEMM as two dots (runs 1-3) beside
+# the paired dot (the default on sm90+); gpu_bench times the same pair whole by default.
 # triton[wgrad=triton] (and with group_m=0): the Triton weight-gradient kernel where the default on sm90 is torch's
 # grouped GEMM, in its expert-major order and in the old one (opt-in: --backends cuda,triton,triton[wgrad=triton]).
 VARIANTS = {"triton[group_m=0]": ("triton", {"MOE_KERNELS_GROUP_M": "0"}, gpu_bench.group_order_applies),
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
                         help="comma-separated name prefixes of gpu_bench's shapes (default: Qwen3, Mixtral)")
     parser.add_argument("--tokens", help="comma-separated token counts (default per shape: Qwen3 64,4096,16384; "
                                          "Mixtral 1,4096)")
-    parser.add_argument("--backends", default="cuda,triton,triton[group_m=0],triton[paired=0]",
+    parser.add_argument("--backends", default="cuda,triton,triton[group_m=0]",
                         help=f"comma-separated backends, or variants of one: {', '.join(VARIANTS)}")
     parser.add_argument("--passes", default="fwd,fwdbwd")
     parser.add_argument("--iters", type=int, default=5)
