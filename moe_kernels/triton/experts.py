@@ -670,8 +670,8 @@ def _gate_up(x, gate_up_proj, gate_up_bias, top_k, expert_offsets, sorted_slots,
         HAS_BIAS=gate_up_bias is not None, HAS_LIMIT=swiglu_limit is not None, STORE_ACT=store_act, SAVE_PRE=save_pre,
         UPCAST=interpreting(),
         DOT_PRECISION=dot_precision(x.dtype), BY_EXPERT=False, PAIRED=paired(x, gated), GROUP_M=group_m(cfg),
-        BLOCK_M=cfg["BLOCK_M"],
-        BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"])
     return act, pre
 
 
@@ -1102,14 +1102,13 @@ def _compile_specs():
     for dtype, mlp_entries, decode_entries in families:
         data = _POINTER_TYPES[dtype]
         precision = "ieee" if dtype == torch.float32 else "tf32"
-
-        def pair_forms(gated, dtype=dtype):  # paired(): both forms of 16-bit gated experts (by arch), else two dots
-            return (True, False) if gated and dtype != torch.float32 else (False,)
+        # the gate/up dot forms a launch can take (paired(): both for 16-bit gated experts, by arch; else two dots)
+        gated_forms = (False,) if dtype == torch.float32 else (True, False)
         for entry in mlp_entries:
             for activation, interleaved, bias, limit, gated in _COMPILE_VARIANTS:
                 act = {"ACTIVATION": ACTIVATION_CODES[activation], "INTERLEAVED": interleaved, "HAS_LIMIT": limit,
                        "GATED": gated}
-                for pair in pair_forms(gated):
+                for pair in (gated_forms if gated else (False,)):
                     add(_gate_up_kernel, entry["up"], dict(act, HAS_BIAS=bias, STORE_ACT=True, SAVE_PRE=True,
                                                            BY_EXPERT=False, PAIRED=pair, **gemm(entry["up"])),
                         "gate_up", data, precision)
@@ -1144,7 +1143,7 @@ def _compile_specs():
                 routings = _routings(activation, limit, data)
                 for routing in routings:
                     ids_in_plan = {name: routing["ids_ptr"] for name in _BY_EXPERT_IDS} if routing else {}
-                    for pair in pair_forms(gated):
+                    for pair in (gated_forms if gated else (False,)):
                         add(_gate_up_kernel, entry["up"],
                             dict(act, HAS_BIAS=bias, STORE_ACT=True, SAVE_PRE=False, BY_EXPERT=True, PAIRED=pair,
                                  **gemm(entry["up"], entry["BLOCK_M"])),
