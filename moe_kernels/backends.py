@@ -61,6 +61,17 @@ class Plan(NamedTuple):
     slot_positions: torch.Tensor
 
 
+_capabilities: dict = {}
+
+
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """(major, minor) compute capability of a CUDA device, asked of the driver once per device index."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _capabilities:
+        _capabilities[index] = torch.cuda.get_device_capability(index)
+    return _capabilities[index]
+
+
 def fp32_int32_routing(weights: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """weights float32 and ids int32, both contiguous: the inputs themselves when they already are (no call, which
     would return them too after a microsecond of argument parsing each), else one conversion each."""

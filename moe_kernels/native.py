@@ -34,7 +34,7 @@ import torch
 import os
 
 from . import reference
-from .backends import Backend, BackendError, Plan, fp32_int32_routing
+from .backends import Backend, BackendError, Plan, device_capability, fp32_int32_routing
 from .spec import NO_GROUP
 
 try:
@@ -232,16 +232,6 @@ def composed_expert_mlp(x, w1, w2, b1, b2, weights, ids, activation, gated, inte
 # the offsets on the host).
 GROUPED_GEMM_ARCH_MAJORS = (9, 10)
 GROUPED_GEMM_MAX_EXPERTS = 1023
-_capabilities: dict = {}
-
-
-def _capability(device: torch.device):
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _capabilities:
-        _capabilities[index] = torch.cuda.get_device_capability(index)
-    return _capabilities[index]
-
-
 def grouped_gemm_status(device: torch.device, dtype: torch.dtype, num_experts: int) -> str | None:
     """None when the grouped expert path runs without a host sync on tensors of ``device`` and ``dtype``
     (torch's CUTLASS grouped GEMM), else why not."""
@@ -251,7 +241,7 @@ def grouped_gemm_status(device: torch.device, dtype: torch.dtype, num_experts: i
         return None  # CPU: torch's grouped GEMM is a loop over groups on the host anyway
     if dtype != torch.bfloat16:
         return f"torch's CUTLASS grouped GEMM takes bfloat16 only, got {dtype}"
-    major, minor = _capability(device)
+    major, minor = device_capability(device)
     if major not in GROUPED_GEMM_ARCH_MAJORS:
         return f"torch's CUTLASS grouped GEMM runs on sm90/sm100, this GPU is sm{major}{minor}"
     if num_experts > GROUPED_GEMM_MAX_EXPERTS:

@@ -21,6 +21,7 @@ from transformers import MixtralConfig, MixtralForCausalLM, Qwen3MoeConfig, Qwen
 from transformers.initialization import no_init_weights  # noqa: E402
 
 import moe_kernels  # noqa: E402
+from moe_kernels import backends  # noqa: E402
 import moe_kernels.hf as mkhf  # noqa: E402
 
 try:
@@ -53,6 +54,7 @@ def _trace(model_name, backend, tokens, monkeypatch):
     # what the backends ask of the GPU model (capability, name for the auto table): an H200's answers
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *args, **kwargs: (9, 0))
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args, **kwargs: "NVIDIA H200")
+    monkeypatch.setattr(backends, "_capabilities", {})  # answers cached per device stay this test's
     model_class, config = MODELS[model_name]
     before = torch.get_default_dtype()
     try:

@@ -32,7 +32,6 @@ bf16 wrongly.
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Optional
 
@@ -40,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..backends import fp32_int32_routing
+from ..backends import device_capability, fp32_int32_routing
 from ..first_order import first_order_only
 from ..spec import ACTIVATION_CODES
 from ..validation import check_finite_scalars
@@ -76,11 +75,6 @@ def group_m(cfg: dict) -> int:
     return int(choice)
 
 
-@functools.lru_cache(maxsize=None)
-def _has_warpgroup_mma(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index) >= (9, 0)
-
-
 def paired(x: torch.Tensor, gated: bool) -> bool:
     """Whether the gate/up GEMM runs gate and up as one dot (``_paired_gate_up``): MOE_KERNELS_PAIRED_DOT=0/1 when
     set (0 = the two dots of every release before it, for side-by-side timing); else for gated experts with 16-bit
@@ -96,7 +90,7 @@ def paired(x: torch.Tensor, gated: bool) -> bool:
         return choice == "1"
     if x.dtype == torch.float32:
         return False
-    return interpreting() or (x.device.type == "cuda" and _has_warpgroup_mma(x.device.index or 0))
+    return interpreting() or (x.device.type == "cuda" and device_capability(x.device) >= (9, 0))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -586,7 +580,7 @@ def weight_grads_by_grouped_mm(x: torch.Tensor, hidden: int, inter: int, has_bia
     reasons = []
     if interpreting() or x.device.type != "cuda":
         reasons.append("needs a CUDA device (not the interpreter)")
-    elif torch.cuda.get_device_capability(x.device) < (9, 0):
+    elif device_capability(x.device) < (9, 0):
         reasons.append("needs sm90 or newer")
     if x.dtype != torch.bfloat16:
         reasons.append("needs bfloat16")
