@@ -18,8 +18,8 @@ Data flow (slot s = t*k + j; the dispatch plan, made inside the forward op, orde
 * forward, *decode* path (at most 16 slots, no gradient, an aligned launch; ``adapter_decode`` in
   ``configs.json``): no plan; the fused kernel runs one program per expert over the slots routed to it
   (``common.program_rows``), then the slot combine: two launches.
-* Output rows are written per slot in fp32 and summed per token in a fixed order by the slot combine
-  (deterministic, no atomics); with k = 1 the expand writes token rows directly.
+* Output rows are written per slot in the output dtype and summed per token in fp32, in a fixed order, by the
+  slot combine (deterministic, no atomics); with k = 1 the expand writes token rows directly.
 * backward (fused for padded rank 16, split beyond) recomputes z in the same H sweep that forms
   u = up_e^T dy_t (two dots per step, one read of the rows), so the forward saves nothing but its inputs
   and the plan:
@@ -60,7 +60,7 @@ from ..validation import check_finite_scalars
 from . import configs
 from .common import (COMBINE_BLOCK_N, COMBINE_BLOCK_T, COMBINE_OPTIONS, _combine_slots_kernel, activation,
                      activation_grad, cdiv, combine_slots, dot_precision, interpreting, launcher, max_tiles,
-                     next_power_of_2, program_rows, register_op, slot_dtype, tile_maps)
+                     next_power_of_2, program_rows, register_op, tile_maps)
 from .plan import dispatch_plan
 
 # ----------------------------------------------------------------------------------------------------
@@ -117,7 +117,7 @@ def _adapter_fused_kernel(
     backward (BACKWARD=1): recomputes z = down_e h_t, forms u = up_e^T dy_t in the same H sweep;
         stores dweights[s] = scale <u, act(z)>, act(z) -> act_out [N, R], dz -> dz_out [N, R]
         (both by sorted position), and out rows = down_e^T dz (the per-slot d(h)).
-    out: [T, H] in the output dtype when OUT_BY_TOKEN (k = 1), else [T*k, H] fp32 by slot.
+    out: [T, H] when OUT_BY_TOKEN (k = 1), else [T*k, H] by slot; in the output dtype.
     """
     expert, positions, row_mask, slots, valid = program_rows(tl.program_id(0), tile_offsets_ptr, expert_offsets_ptr,
                                                              sorted_slots_ptr, num_experts, num_slots, search_steps,
@@ -476,7 +476,7 @@ def _weights(down, up):
 def _forward_impl(h, down, up, weights, expert_offsets, sorted_slots, activation, scale):
     p = _launch_params(h, down, up, weights, expert_offsets, sorted_slots)
     T, H, E, R, k, N, cfg = p["T"], p["H"], p["E"], p["R"], p["k"], p["N"], p["config"]
-    out = torch.empty((N, H), dtype=slot_dtype(h.dtype, k), device=h.device)  # by token when k = 1
+    out = torch.empty((N, H), dtype=h.dtype, device=h.device)  # by token when k = 1
     act = ACTIVATION_CODES[activation]
     common = dict(BLOCK_M=cfg.block_m, UPCAST=p["upcast"], DOT_PRECISION=p["precision"],
                   num_warps=cfg.num_warps, num_stages=cfg.num_stages, **p["tiles"])
@@ -509,7 +509,7 @@ def _decode_forward(h, down, up, weights, ids, activation, scale, cfg):
     N = T * k
     if interpreting():  # fewer, wider steps (see _launch_params)
         cfg = dataclasses.replace(cfg, block_k=_INTERPRETER_BLOCK, block_n=_INTERPRETER_BLOCK, num_stages=1)
-    out = torch.empty((N, H), dtype=slot_dtype(h.dtype, k), device=h.device)  # by token when k = 1
+    out = torch.empty((N, H), dtype=h.dtype, device=h.device)  # by token when k = 1
     flat = ids.reshape(-1)
     launcher(_adapter_fused_kernel, (E,))(
         h, h, *_weights(down, up), weights, tile_offsets_ptr=flat, expert_offsets_ptr=flat, sorted_slots_ptr=flat,
@@ -531,7 +531,7 @@ def _backward_impl(grad, h, down, up, weights, expert_offsets, sorted_slots, act
     sizes = dict(top_k=k, H=H, R=R, num_experts=E, search_steps=p["steps"], scale=scale)
     activated = torch.empty((N, R), dtype=_mid_dtype(h), device=h.device)
     dz = torch.empty((N, R), dtype=_mid_dtype(h), device=h.device)
-    dh_rows = torch.empty((N, H), dtype=slot_dtype(h.dtype, k), device=h.device)  # by token when k = 1
+    dh_rows = torch.empty((N, H), dtype=h.dtype, device=h.device)  # by token when k = 1
     if cfg.fused and (_rank_tile(R) <= FUSED_BACKWARD_MAX_RANK_TILE or _forced_config is not None):
         dweights = torch.empty((N,), dtype=torch.float32, device=h.device)
         launcher(_adapter_fused_kernel, (p["row_tiles"],))(
@@ -751,9 +751,8 @@ def _compile_specs():
             for backward in (False, True):
                 if config.fused and not (backward and config.block_r > FUSED_BACKWARD_MAX_RANK_TILE):
                     for code, by_token in itertools.product(_ADAPTER_CODES, (False, True)):
-                        out = data if by_token else "*fp32"
                         add(_adapter_fused_kernel,
-                            dict(routed, out_ptr=out, act_out_ptr=mid, dz_out_ptr=mid, dweights_ptr="*fp32"),
+                            dict(routed, out_ptr=data, act_out_ptr=mid, dz_out_ptr=mid, dweights_ptr="*fp32"),
                             dtype, dict(base, ACTIVATION=code, BACKWARD=backward, OUT_BY_TOKEN=by_token,
                                         BY_EXPERT=False, BLOCK_K=config.block_k, BLOCK_N=config.block_n,
                                         BLOCK_R=config.block_r),
@@ -768,7 +767,7 @@ def _compile_specs():
                     for by_token in (False, True):
                         add(_adapter_expand_kernel,
                             dict(tile_map, mid_ptr=mid, w2_ptr=data, weights_ptr="*fp32",
-                                 out_ptr=data if by_token else "*fp32"),
+                                 out_ptr=data),
                             dtype, dict(base, BACKWARD=backward, OUT_BY_TOKEN=by_token,
                                         BLOCK_N=config.block_n, BLOCK_R=block_r), config)
             wgrad_pointers = {"left_ptr": data, "right_ptr": data, "weights_ptr": "*fp32",
@@ -789,14 +788,14 @@ def _compile_specs():
                     "h_ptr": data, "dy_ptr": data, "down_ptr": data, "up_ptr": data, "weights_ptr": "*fp32",
                     "act_out_ptr": data, "dz_out_ptr": data, "dweights_ptr": "*fp32"}
         for code, by_token in itertools.product(_ADAPTER_CODES, (False, True)):
-            add(_adapter_fused_kernel, dict(pointers, out_ptr=data if by_token else "*fp32"), dtype,
+            add(_adapter_fused_kernel, dict(pointers, out_ptr=data), dtype,
                 dict(BLOCK_M=config.block_m, UPCAST=False, DOT_PRECISION=precision, ACTIVATION=code, BACKWARD=False,
                      OUT_BY_TOKEN=by_token, BY_EXPERT=True, BLOCK_K=config.block_k, BLOCK_N=config.block_n,
                      BLOCK_R=config.block_r), config, True)
     combine = AdapterConfig(False, 16, 16, 16, 16, **COMBINE_OPTIONS)  # only its warps and stages count
     for dtype in _COMPILE_DTYPES:  # the slot combine (triton/common.py) of both kernel modules
         for aligned in (True, False):
-            add(_combine_slots_kernel, {"slot_rows_ptr": "*fp32", "out_ptr": _POINTER[dtype]}, dtype,
+            add(_combine_slots_kernel, {"slot_rows_ptr": _POINTER[dtype], "out_ptr": _POINTER[dtype]}, dtype,
                 dict(BLOCK_T=COMBINE_BLOCK_T, BLOCK_N=COMBINE_BLOCK_N), combine, aligned)
     return specs
 

@@ -45,7 +45,7 @@ from ..spec import ACTIVATION_CODES
 from ..validation import check_finite_scalars
 from .common import (_TILE_SCAN_BLOCK_E, TILE_MAPS, _tile_scan_kernel, cdiv, combine_slots, dot_precision, find_tile,
                      gated_backward, gated_forward, interpreting, launcher, max_tiles, operand, program_rows,
-                     register_op, slot_dtype, tile_and_column, tile_maps)
+                     register_op, tile_and_column, tile_maps)
 from .configs import decode_config, entries, grouped_mm_wgrad_wanted, mlp_config, one_token_config
 from .plan import dispatch_plan
 
@@ -243,7 +243,7 @@ def _rows_matmul_kernel(in_ptr, w_ptr, stride_we, stride_wc, stride_wj, bias_ptr
     in_ptr:  [N, C] contiguous, sorted rows (C = reduce_dim).  w_ptr: [E, C, J] strides (we, wc, wj), so
     W_d [E,H,I] enters as strides (s0, s2, s1) and W_gu [E,2I,H] as is.  bias_ptr: [E, J] strides (be, bj).
     route_w_ptr: [N] float32 (x's dtype too on the decode path) indexed by slot (HAS_ROUTE_W).  out_ptr: [N, J]
-    contiguous, indexed by slot.
+    contiguous, indexed by slot, in the inputs' dtype (the fp32 sum rounded once per slot).
     Grid: (upper bound of tiles, cdiv(J, BLOCK_N)), or (E, cdiv(J, BLOCK_N)) with BY_EXPERT (the decode
     path: ids, int32 or int64, in sorted_slots_ptr, in_ptr rows indexed by slot; see ``program_rows``).
     GROUP_M: the program order (common.tile_and_column; 0 with BY_EXPERT).
@@ -692,7 +692,7 @@ def _forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias,
                         tiles[_TILE_ROW["up"]], up, activation, interleaved, swiglu_limit, gated, softcaps, store_act=True,
                         save_pre=save_pre)
     down = cfg["down"]
-    slot_rows = torch.empty((num_rows, hidden), dtype=slot_dtype(x.dtype, top_k), device=x.device)
+    slot_rows = torch.empty((num_rows, hidden), dtype=x.dtype, device=x.device)
     bias, stride_be, stride_bj = _weight_strides(down_bias, x)
     launcher(_rows_matmul_kernel, (max_tiles(num_rows, num_experts, down["BLOCK_M"]), cdiv(hidden, down["BLOCK_N"])))(
         act, down_proj, down_proj.stride(0), down_proj.stride(2), down_proj.stride(1), bias, stride_be, stride_bj,
@@ -729,7 +729,7 @@ def _decode_forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_u
         UPCAST=upcast, DOT_PRECISION=precision, BY_EXPERT=True, PAIRED=paired(x, gated), GROUP_M=0,
         BLOCK_M=cfg["BLOCK_M"], BLOCK_N=up["BLOCK_N"], BLOCK_K=up["BLOCK_K"], num_warps=up["num_warps"],
         num_stages=up["num_stages"])
-    slot_rows = torch.empty((num_rows, hidden), dtype=slot_dtype(x.dtype, top_k), device=x.device)
+    slot_rows = torch.empty((num_rows, hidden), dtype=x.dtype, device=x.device)
     bias, stride_be, stride_bj = _weight_strides(down_bias, x)
     launcher(_rows_matmul_kernel, (num_experts, cdiv(hidden, down["BLOCK_N"])))(
         act, down_proj, down_proj.stride(0), down_proj.stride(2), down_proj.stride(1), bias, stride_be, stride_bj,
@@ -813,7 +813,7 @@ def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, do
     grad_x = empty()
     if need_x:
         dx = cfg["dx"]
-        slot_rows = torch.empty((num_rows, hidden), dtype=slot_dtype(x.dtype, top_k), device=x.device)
+        slot_rows = torch.empty((num_rows, hidden), dtype=x.dtype, device=x.device)
         launcher(_rows_matmul_kernel, (max_tiles(num_rows, num_experts, dx["BLOCK_M"]), cdiv(hidden, dx["BLOCK_N"])))(
             grad_pre, gate_up_proj, *gate_up_proj.stride(), x, 0, 0, route_w, sorted_slots, expert_offsets,
             tiles[_TILE_ROW["dx"]], slot_rows, width, hidden, num_experts, num_rows, steps,
@@ -1116,10 +1116,9 @@ def _compile_specs():
                 add(_expert_outer_kernel, dw, dict(act, LHS_BY_TOKEN=False, LHS_WEIGHTED=False, RHS_BY_TOKEN=True,
                                                    RHS_ACT=False, BIAS_GRAD=bias, **blocks), "dw", data, precision)
             add(_rows_matmul_kernel, entry["down"], dict(HAS_BIAS=True, HAS_ROUTE_W=True, BY_EXPERT=False,
-                                                         **gemm(entry["down"])), "down", data, precision,
-                {"out_ptr": "*fp32"})
+                                                         **gemm(entry["down"])), "down", data, precision)
             add(_rows_matmul_kernel, entry["dx"], dict(HAS_BIAS=False, HAS_ROUTE_W=False, BY_EXPERT=False,
-                                                       **gemm(entry["dx"])), "dx", data, precision, {"out_ptr": "*fp32"})
+                                                       **gemm(entry["dx"])), "dx", data, precision)
         if dtype == torch.bfloat16:  # the grouped-GEMM weight gradients' activation pass (bf16 only)
             for activation, interleaved, _, limit, gated in _COMPILE_VARIANTS:
                 constexprs = {"ACTIVATION": ACTIVATION_CODES[activation], "INTERLEAVED": interleaved,
@@ -1144,7 +1143,7 @@ def _compile_specs():
                             "gate_up", data, precision, ids_in_plan)
                     add(_rows_matmul_kernel, entry["down"], dict(HAS_BIAS=bias, HAS_ROUTE_W=True, BY_EXPERT=True,
                                                                  **gemm(entry["down"], entry["BLOCK_M"])),
-                        "down", data, precision, dict(ids_in_plan, out_ptr="*fp32",
+                        "down", data, precision, dict(ids_in_plan,
                                                       **({"route_w_ptr": routing["route_w_ptr"]} if routing else {})))
     # the one-token GEMVs
     one_token = (() if os.environ.get(TUNE_CANDIDATES_VARIABLE) == "1" else

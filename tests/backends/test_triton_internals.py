@@ -529,6 +529,44 @@ def test_launch_budget_of_the_hot_paths(launches, monkeypatch):
     assert launches == ["_adapter_fused_kernel", "_combine_slots_kernel"]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_slot_rows_are_in_the_inputs_dtype(dtype, monkeypatch):
+    """Every slot combine (planned forward, its dx, the decode path, adapters) reads k > 1 slot rows in the inputs'
+    dtype and sums them in fp32: a token's output rounds once per slot and once at the end, as the cuda backend's and
+    transformers' grouped_mm experts do, and fp32 rows would double the traffic of the combine and of the GEMM
+    epilogue writing them."""
+    import triton.runtime.jit as jit
+
+    read = []
+    original = jit.KernelInterface.__getitem__
+
+    def recording(self, grid):
+        launch = original(self, grid)
+
+        def run(*args, **kwargs):
+            if self.fn.__name__ == "_combine_slots_kernel":
+                read.append((args[0].dtype, args[1].dtype))
+            return launch(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(jit.KernelInterface, "__getitem__", recording)
+    monkeypatch.setenv("MOE_KERNELS_WGRAD", "triton")
+    x, gate_up, down, weights, ids, _, _ = seeded_mlp_inputs(3, 16, 8, 5, 2, "random", dtype=dtype)
+    with torch.no_grad():
+        y_decode = ops.moe_mlp(x, gate_up, down, weights, ids, backend="triton")
+    leaves = [t.detach().requires_grad_() for t in (x, gate_up, down)]
+    y = ops.moe_mlp(*leaves, weights, ids, backend="triton")
+    torch.autograd.grad(y.float().sum(), leaves)
+    (h, a_down, a_up, a_weights), a_ids = adapter_leaves(3, 32, 5, 2, 16, dtype)
+    with torch.no_grad():
+        ops.adapter_moe(h, a_down, a_up, a_weights, a_ids, backend="triton")
+    assert read == [(dtype, dtype)] * 4, read  # decode, forward, dx, adapters
+    want = reference.moe_mlp(*(t.float() for t in (x, gate_up, down)), weights, ids)
+    for got, what in ((y_decode, "decode"), (y, "planned")):
+        assert got.dtype == dtype
+        assert_close_rel(got.float(), want, dtype, f"y ({what} path, {dtype} slot rows)")
+
+
 # ------------------------------------------------------------------------------------------ backend, configs
 
 def test_backend_refuses_cpu_without_interpreter(monkeypatch):
