@@ -31,14 +31,9 @@
 #
 # Wheels missing on the GPU machine (no network there) are installed from .whl/ when that folder exists. The
 # lent machines have transformers 5.17, below the supported floor (5.21): carry the pinned one too. Before the
-# lease, on a machine with network, from the repository root:
-#   echo /.whl/ >> .git/info/exclude
-#   pip download --no-deps -d .whl liger-kernel==0.8.5 expecttest==0.3.0 pytest-xdist execnet \
-#     "transformers==$(sed -n 's/^transformers==//p' constraints.txt)" \
-#     $(grep -E '^(huggingface_hub|hf-xet|httpx2|httpcore2|h11|anyio|idna|click|truststore)==' constraints.txt)
-# (transformers 5.24 needs huggingface_hub >= 1.31, which needs httpx2 and hf-xet: the 2026-11-27 H200 had older.
-# If the carried set still does not import, the machine's own transformers is used and the run says so.)
-# (pytest-xdist and execnet let the GPU tests run on 12 workers: the op files also run their CPU backends there.)
+# lease, on a machine with network: `bash benchmarks/carried_wheels.sh` (the list: its --list). If the carried set
+# does not import, the machine's own transformers is used and the run says so. (pytest-xdist and execnet let the
+# GPU tests run on several workers: the op files also run their CPU backends there.)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$(cd "$(dirname "$0")/.." && pwd)${PYTHONPATH:+:$PYTHONPATH}
 cd "$(dirname "$0")/.."

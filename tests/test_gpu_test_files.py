@@ -44,3 +44,18 @@ def test_the_list_names_existing_files_once():
 def test_gpu_check_runs_the_list():
     script = (ROOT / "benchmarks" / "gpu_check.sh").read_text()
     assert "tests/gpu_test_files.txt" in script
+
+
+def test_carried_wheels_follow_the_pinned_versions():
+    """benchmarks/carried_wheels.sh (the wheels a lent GPU machine lacks) carries the pinned transformers and hub, and
+    the packages gpu_check.sh needs that the machine does not have."""
+    import subprocess
+
+    listed = subprocess.run(["bash", str(ROOT / "benchmarks" / "carried_wheels.sh"), "--list"], check=True,
+                            capture_output=True, text=True).stdout.split()
+    pins = dict(line.split("==", 1) for line in (ROOT / "constraints.txt").read_text().splitlines()
+                if "==" in line and not line.startswith("#"))
+    for name in ("transformers", "huggingface_hub"):
+        assert f"{name}=={pins[name]}" in listed, (name, listed)
+    names = {line.split("==")[0] for line in listed}
+    assert {"liger-kernel", "pytest-xdist", "execnet", "expecttest"} <= names
