@@ -417,24 +417,29 @@ def test_one_token_choice_is_explicit(monkeypatch):
 
 # ---------------------------------------------------------------------------- counting launches (fixture)
 
-@pytest.fixture
-def launches(monkeypatch):
-    """The names of the Triton kernels launched, in order (both the JIT and the interpreter launch through
-    KernelInterface.__getitem__)."""
+def _on_launch(monkeypatch, record):
+    """Calls ``record(kernel name, positional arguments)`` at every Triton launch (both the JIT and the interpreter
+    launch through KernelInterface.__getitem__)."""
     import triton.runtime.jit as jit
 
-    names = []
     original = jit.KernelInterface.__getitem__
 
-    def counting(self, grid):
+    def recording(self, grid):
         launch = original(self, grid)
 
         def run(*args, **kwargs):
-            names.append(self.fn.__name__)
+            record(self.fn.__name__, args)
             return launch(*args, **kwargs)
         return run
 
-    monkeypatch.setattr(jit.KernelInterface, "__getitem__", counting)
+    monkeypatch.setattr(jit.KernelInterface, "__getitem__", recording)
+
+
+@pytest.fixture
+def launches(monkeypatch):
+    """The names of the Triton kernels launched, in order."""
+    names = []
+    _on_launch(monkeypatch, lambda name, args: names.append(name))
     return names
 
 
@@ -535,21 +540,9 @@ def test_slot_rows_are_in_the_inputs_dtype(dtype, monkeypatch):
     dtype and sums them in fp32: a token's output rounds once per slot and once at the end, as the cuda backend's and
     transformers' grouped_mm experts do, and fp32 rows would double the traffic of the combine and of the GEMM
     epilogue writing them."""
-    import triton.runtime.jit as jit
-
-    read = []
-    original = jit.KernelInterface.__getitem__
-
-    def recording(self, grid):
-        launch = original(self, grid)
-
-        def run(*args, **kwargs):
-            if self.fn.__name__ == "_combine_slots_kernel":
-                read.append((args[0].dtype, args[1].dtype))
-            return launch(*args, **kwargs)
-        return run
-
-    monkeypatch.setattr(jit.KernelInterface, "__getitem__", recording)
+    read = []  # (slot rows, output) dtypes of each combine
+    _on_launch(monkeypatch, lambda name, args: read.append((args[0].dtype, args[1].dtype))
+               if name == "_combine_slots_kernel" else None)
     monkeypatch.setenv("MOE_KERNELS_WGRAD", "triton")
     x, gate_up, down, weights, ids, _, _ = seeded_mlp_inputs(3, 16, 8, 5, 2, "random", dtype=dtype)
     with torch.no_grad():
