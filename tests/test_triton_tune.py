@@ -295,6 +295,39 @@ def test_each_rows_class_is_timed_near_both_ends():
     assert tune.timing_rows(1, 1) == (1, 1) and tune.timing_rows(None, 2) == (1, 2)
 
 
+def test_program_orders_are_tried_beside_the_tiles_above_the_first_class(monkeypatch):
+    """From the second rows class on, every kernel that takes a program order (GROUP_M) is offered the entry in
+    force's tile in the other orders before the class's tiles; the first class (launch order, about one row tile per
+    expert) and the weight-gradient kernel are not. The orders are told apart by the label the descent keys on."""
+    tile = tune._gemm(64, 64, 64, 8, 3)
+    assert [v["GROUP_M"] for v in tune.order_variants("up", tile)] == [0, 16]  # no GROUP_M: the default 8
+    assert [v["GROUP_M"] for v in tune.order_variants("dx", dict(tile, GROUP_M=0))] == [8, 16]
+    assert tune.order_variants("dw", tune._outer(64, 64, 32, 4, 3)) == []
+    assert len(tune.order_variants("up", tile, dry_run=True)) == 1
+    assert len({tune._label(tile), *(tune._label(v) for v in tune.order_variants("up", tile))}) == 3
+    offered = []
+
+    def recording_descend(base, candidates, measure, deadline=None, log=print, unit="ms"):
+        offered.append((base, candidates))
+        return {"entry": base, "times": {}, "rejected": {}, "complete": True}
+
+    monkeypatch.setattr(tune, "descend", recording_descend)
+    monkeypatch.setattr(tune, "rows_classes", lambda: [(None, 16), (17, None)])
+    tune.tune_shape((32, 24, 3, 2), torch.device("cpu"), dry_run=True, repeats=1, log=lambda *a: None)
+    (first_base, first), (second_base, second), _decode = offered
+    assert first == {kernel: tune.candidates_for(kernel, 0, True) for kernel in first}
+    for kernel, cfgs in second.items():
+        variants = tune.order_variants(kernel, second_base[kernel], dry_run=True)
+        assert cfgs == variants + tune.candidates_for(kernel, 1, True)
+        assert bool(variants) == (kernel in tune.ORDER_KERNELS)
+    # compile-check --tune-candidates compiles the shipped tiles in every order too
+    shipped = [entry["up"] for entry in configs.load_table()["mlp"][1:]]
+    compiled = [entry["up"] for entry in tune.candidate_entries()]
+    for cfg in shipped:
+        for order in tune.GROUP_ORDERS:
+            assert dict(cfg, GROUP_M=order) in compiled
+
+
 def test_class_measure_scores_every_timing_point_alike():
     """Two timing points, the second ten times slower: a candidate 20% slower at the first and 10% faster at the
     second scores 1.2 + 0.9 = 2.1 against the entry in force's 2.0 (summed milliseconds would have preferred it)."""

@@ -9,7 +9,9 @@ It tunes the ``mlp`` family (the planned forward and the backward, per rows-per-
 family (the forward without a plan for a few slots, timed at T = 1 and 8). What it does, per model shape
 (H, I, E, k) and rows-per-expert class of ``configs.json``:
 
-1. **Candidates**: the entry in force plus :data:`CANDIDATES` of its class, one kernel at a time.
+1. **Candidates**: the entry in force plus :data:`CANDIDATES` of its class, one kernel at a time; from the second
+   rows class on, first the entry in force's tile in the other program orders (:func:`order_variants`: GROUP_M,
+   the order a launch's programs run in, which the shipped tiles take by default and no run has timed yet).
 2. **Compile first, in parallel**: ``--jobs`` spawned processes run every candidate once at the real weight
    shapes with a few tokens (the same Triton specialisation), so the kernels are in Triton's disk cache before
    any timing; compiling serially would take most of the budget.
@@ -47,6 +49,7 @@ import torch
 
 from ..bench.timing import median_call_ms
 from . import configs
+from .experts import configured_group_m
 
 # Model shapes (hidden H, intermediate I, experts E, top-k) tunable by name.
 SHAPES = {
@@ -121,6 +124,20 @@ DRY_RUN_CANDIDATES = {"gemm": [_gemm(16, 32, 32, 4, 2), _gemm(32, 16, 16, 4, 2)]
                       "dw": [_outer(32, 32, 16, 4, 2), _outer(16, 16, 16, 4, 2)]}
 DRY_RUN_DECODE_CANDIDATES = [_decode(16, 32, 4, 2), _decode(32, 16, 4, 2)]
 DRY_RUN_SHAPE = (64, 48, 5, 2)
+# The program orders (GROUP_M, common.tile_and_column) tried beside the entry in force's tile in every rows class
+# above the first (which keeps the launch order: about one row tile per expert there), for the kernels whose
+# launches take one: 0 = launch order, 8 = the default, 16 = longer sweeps.
+ORDER_KERNELS = ("up", "down", "down_bwd", "dx")
+GROUP_ORDERS = (0, 8, 16)
+
+
+def order_variants(kernel: str, cfg: dict, dry_run: bool = False) -> list[dict]:
+    """``cfg`` in each program order of :data:`GROUP_ORDERS` other than its own (none for a kernel without one):
+    the tile stays, so the descent tells whether the order pays at this class on this GPU. --dry-run: one."""
+    if kernel not in ORDER_KERNELS:
+        return []
+    variants = [dict(cfg, GROUP_M=order) for order in GROUP_ORDERS if order != configured_group_m(cfg)]
+    return variants[:1] if dry_run else variants
 
 
 def candidate_entries() -> list[dict]:
@@ -133,6 +150,10 @@ def candidate_entries() -> list[dict]:
                 configs_of = table.get(kernel, table["gemm"])
                 return dict(configs_of[i % len(configs_of)])
             found.append({kernel: pick(kernel) for kernel in (*FORWARD_KERNELS, *BACKWARD_KERNELS)})
+    for entry in configs.load_table()["mlp"][1:]:  # the shipped tiles in every program order (order_variants)
+        for order in GROUP_ORDERS:
+            found.append({kernel: dict(entry[kernel], **({"GROUP_M": order} if kernel in ORDER_KERNELS else {}))
+                          for kernel in (*FORWARD_KERNELS, *BACKWARD_KERNELS)})
     return found
 
 
@@ -180,7 +201,8 @@ def candidates_for(kernel: str, class_index: int, dry_run: bool) -> list[dict]:
 
 def _label(cfg: dict) -> str:
     blocks = "x".join(str(value) for key, value in cfg.items() if key.startswith("BLOCK"))
-    return f"{blocks} w{cfg['num_warps']} s{cfg['num_stages']}"
+    order = f" g{cfg['GROUP_M']}" if "GROUP_M" in cfg else ""
+    return f"{blocks} w{cfg['num_warps']} s{cfg['num_stages']}{order}"
 
 
 def _kernel_entry(entry: dict) -> dict:
@@ -430,8 +452,9 @@ def tune_shape(shape, device, *, dry_run=False, repeats=7, jobs=1, budget_s=None
         # rounded down: ceil(T*k/E), the rows the lookup sees, stays within the class
         tokens = tuple(sorted({max(1, r * experts // top_k) for r in rows}))
         base = configs.mlp_config(tokens[0] * top_k, experts, inter, device=device)
-        candidates = {kernel: candidates_for(kernel, index, dry_run) for kernel in (*FORWARD_KERNELS,
-                                                                                    *BACKWARD_KERNELS)}
+        # the tiles of the class, and from the second class on the entry in force's tile in the other orders
+        candidates = {kernel: (order_variants(kernel, base[kernel], dry_run) if index else [])
+                      + candidates_for(kernel, index, dry_run) for kernel in (*FORWARD_KERNELS, *BACKWARD_KERNELS)}
         plans.append((index, low_r, high_r, tokens, base, candidates))
     decode_base = configs.decode_config(1, False, inter, device)
     decode_tokens = [t for t in ((1, 2) if dry_run else DECODE_TOKENS) if t * top_k <= decode_base["BLOCK_M"]]
