@@ -141,3 +141,20 @@ def test_direct_launches_give_the_same_results(monkeypatch):
         for got in (first, again):
             for a, b in zip(got, want):
                 assert torch.equal(a, b)
+
+
+def test_the_tuners_graph_timer_replays_the_call():
+    """moe_kernels.bench.timing.replayed_median_ms (the Triton tuner's decode timer): the graph of 16 decode calls
+    replays to the eager call's output, and the time per call is positive."""
+    from moe_kernels.bench.timing import replayed_median_ms
+
+    x, logits, gate_up, down, _, _, k = _inputs(T=3)
+    with torch.no_grad():
+        weights, ids = moe_kernels.route(logits, k, backend="triton")
+
+        def decode():
+            return moe_kernels.moe_mlp(x, gate_up, down, weights, ids, backend="triton")
+
+        eager = decode()
+        ms, replayed = replayed_median_ms(decode, 3, True)
+    assert ms > 0 and torch.equal(replayed, eager)

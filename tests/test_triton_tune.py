@@ -328,6 +328,32 @@ def test_program_orders_are_tried_beside_the_tiles_above_the_first_class(monkeyp
             assert dict(cfg, GROUP_M=order) in compiled
 
 
+def test_decode_cases_run_the_tiles_the_decode_entries_drive(monkeypatch):
+    """The decode descent times the decode path's tiles ('mlp_decode') at every token count, one token included,
+    where the one-token GEMVs would otherwise run and time nothing those entries drive; the switch is put back. The
+    timer without a GPU is the plain one (replayed from a CUDA graph on a GPU: tests/test_gpu_no_sync.py)."""
+    import triton.runtime.jit as jit
+
+    from moe_kernels.bench import timing
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("needs the Triton interpreter (no GPU)")
+    names = []
+    original = jit.KernelInterface.__getitem__
+    monkeypatch.setattr(jit.KernelInterface, "__getitem__",
+                        lambda self, grid: names.append(self.fn.__name__) or original(self, grid))
+    monkeypatch.delenv("MOE_KERNELS_ONE_TOKEN", raising=False)
+    case = tune.Case(32, 24, 3, 2, 1, torch.device("cpu"), torch.float32)
+    ms, y = timing.replayed_median_ms(case.decode, 1, False)
+    assert ms > 0 and y.shape == (1, 32)
+    assert "_gate_up_kernel" in names and "_one_token_gate_up_kernel" not in names, names
+    assert "MOE_KERNELS_ONE_TOKEN" not in os.environ
+    names.clear()
+    with torch.no_grad():
+        case._run()  # outside the tuner's case: the one-token path, as a user's batch-1 decode
+    assert names[0] == "_one_token_gate_up_kernel", names
+
+
 def test_class_measure_scores_every_timing_point_alike():
     """Two timing points, the second ten times slower: a candidate 20% slower at the first and 10% faster at the
     second scores 1.2 + 0.9 = 2.1 against the entry in force's 2.0 (summed milliseconds would have preferred it)."""

@@ -23,7 +23,9 @@ family (the forward without a plan for a few slots, timed at T = 1 and 8). What 
    one point of it. A candidate whose outputs or gradients differ from the entry in
    force (norm-wise relative error above :data:`AGREEMENT`) or that fails to compile is left out and reported.
 4. **The decode path**: the same descent over its two kernels' tiles (BLOCK_M, the slots that take the path, is
-   kept), by the summed time of no-gradient forwards at :data:`DECODE_TOKENS`.
+   kept), by the summed time of no-gradient forwards at :data:`DECODE_TOKENS` on the decode tiles (one token
+   included, where users' calls take the one-token GEMVs), each replayed from a CUDA graph of 16 calls: timed
+   eagerly, a decode call's CUDA events measure the host's time to issue it, not these tiles.
 5. **The table**: one ``mlp`` entry per (width class, rows class) and one ``mlp_decode`` entry per width class,
    with ``min_*``/``max_*`` bounds, the shape it was tuned at and the before/after times, merged into the
    existing table of the GPU model (other width classes are kept). The width class is the intermediate size I (:data:`INTER_CLASSES`): tiles that suit
@@ -47,7 +49,7 @@ from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
-from ..bench.timing import median_call_ms
+from ..bench.timing import median_call_ms, replayed_median_ms
 from . import configs
 from .experts import configured_group_m
 
@@ -212,6 +214,20 @@ def _kernel_entry(entry: dict) -> dict:
 # ---- one case: inputs, runs, agreement ------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _one_token_path_off():
+    """MOE_KERNELS_ONE_TOKEN=tiles within the block (experts.one_token_path_enabled reads it per call)."""
+    previous = os.environ.get("MOE_KERNELS_ONE_TOKEN")
+    os.environ["MOE_KERNELS_ONE_TOKEN"] = "tiles"
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("MOE_KERNELS_ONE_TOKEN")
+        else:
+            os.environ["MOE_KERNELS_ONE_TOKEN"] = previous
+
+
 class Case:
     """The inputs of one (shape, tokens) case and its forward / backward runs on the triton backend."""
 
@@ -247,7 +263,9 @@ class Case:
             return self._run().detach()
 
     def decode(self):
-        with torch.no_grad():  # a few slots without gradients: the decode path
+        # a few slots without gradients: the decode path's tiles ('mlp_decode'), one token included (where the
+        # one-token GEMVs would run instead, they time nothing these configs drive)
+        with torch.no_grad(), _one_token_path_off():
             return self._run()
 
     def prepare_backward(self):
@@ -499,7 +517,8 @@ def tune_shape(shape, device, *, dry_run=False, repeats=7, jobs=1, budget_s=None
             total, outputs = 0.0, []
             with configs.override("mlp_decode", entry):
                 for case in cases:
-                    ms, y = median_call_ms(case.decode, repeats, gpu)
+                    # replayed from a CUDA graph: eager decode calls are bound by the host's time to issue them
+                    ms, y = replayed_median_ms(case.decode, repeats, gpu)
                     total += ms
                     outputs.append(y)
             return total, tuple(outputs)
