@@ -4,12 +4,13 @@ table entry, and the table to ship: only the entries that won.
 ``gpu_check.sh --tune`` runs the benchmark with the tuned table in the user cache, so its CSV holds both
 ``moe_kernels:triton`` (the tuned tiles) and ``moe_kernels:triton[configs.json]`` (the shipped ones) on the same
 inputs. This script maps each (case, T) of the run to the entry that drives it -- an ``mlp`` entry by width class
-and rows per expert for the planned path, the ``mlp_decode`` entry of the width class for the decode path -- and
+and rows per expert for the planned path, the ``mlp_decode`` entry of the width class for the decode path, the
+``mlp_one_token`` entry of the width class for one token where the width takes the GEMVs -- and
 takes per entry the geometric mean of tuned / shipped time over its cells and both passes. An entry ships when that
 mean is below ``--ship-below`` (0.97: three percent, above the run-to-run noise of GPU-bound cells), no cell of it
-is slower by more than ``--worst`` (1.05) and at least ``--min-cells`` (2) cells measured it. Cells at T = 1 are
-left out: they are bound by the host's time to issue the call, and run 3 measured 9-28% between identical code
-paths there.
+is slower by more than ``--worst`` (1.05) and at least ``--min-cells`` (2) cells measured it. Cells at T = 1 timed
+eagerly are left out: they are bound by the host's time to issue the call, and run 3 measured 9-28% between
+identical code paths there; replayed from CUDA graphs (pass ``fwd_graph``) they count.
 
     python benchmarks/tuned_vs_shipped.py RUN.csv [--tuned TUNED.json --out FILTERED.json]
 
@@ -35,12 +36,15 @@ TUNED, SHIPPED = "moe_kernels:triton", "moe_kernels:triton[configs.json]"
 
 
 def entry_key(shape, tokens: int, pass_: str) -> tuple:
-    """('mlp', width class, rows class) or ('mlp_decode', width class) of the tuned entry that drives ``shape`` at
-    ``tokens`` (bfloat16) in gpu_bench's ``pass_``, by the lookups of moe_kernels.triton.configs: the forward
-    ('fwd', and 'fwd_graph' replayed from a CUDA graph: timed without gradients) of a few slots takes the decode
-    path, fwd+bwd always the planned one."""
+    """('mlp', width class, rows class), ('mlp_decode', width class) or ('mlp_one_token', width class) of the tuned
+    entry that drives ``shape`` at ``tokens`` (bfloat16) in gpu_bench's ``pass_``, by the lookups of
+    moe_kernels.triton.configs: the forward ('fwd', and 'fwd_graph' replayed from a CUDA graph: timed without
+    gradients) of one token takes the GEMVs where the width has an entry, of a few slots the decode path, fwd+bwd
+    always the planned one."""
     width = tune.inter_class(shape.inter)
     slots = tokens * shape.top_k
+    if pass_ in ("fwd", "fwd_graph") and tokens == 1 and configs.one_token_config(False, shape.inter) is not None:
+        return ("mlp_one_token", width)
     if pass_ in ("fwd", "fwd_graph") and configs.decode_config(slots, False, shape.inter) is not None:
         return ("mlp_decode", width)
     rows = -(-slots // shape.experts)
@@ -60,7 +64,7 @@ def verdicts(rows: list[dict], ship_below: float = 0.97, worst: float = 1.05, mi
         times.setdefault((r["case"], int(r["tokens"]), r["pass"]), {})[r["provider"]] = float(r["ms"])
     found: dict = {}
     for (case, tokens, pass_), pair in sorted(times.items()):
-        if tokens == 1 or len(pair) != 2 or case not in shapes:
+        if (tokens == 1 and pass_ != "fwd_graph") or len(pair) != 2 or case not in shapes:
             continue
         key = entry_key(shapes[case], tokens, pass_)
         found.setdefault(key, {"cells": []})["cells"].append((case, tokens, pass_, pair[TUNED] / pair[SHIPPED]))

@@ -63,6 +63,26 @@ def test_tuned_decode_entry_applies_to_its_width_class(tables):
         configs._pick("mlp", None, rows_per_expert=1, inter=14336)  # a table may hold one family only
 
 
+def test_tuned_one_token_entry_applies_on_its_gpu_and_width_class(tables, monkeypatch):
+    """A per-GPU 'mlp_one_token' entry drives bf16/fp16 one-token calls on that GPU model at its widths; other widths,
+    other GPUs and fp32 keep configs.json's entries, and no entry (Mixtral's I = 14336) still means the decode
+    tiles. configs.base_table_only() (the benchmark's configs.json column) ignores it."""
+    tuned = {"min_inter": None, "max_inter": 1024, "up": tune._decode(8, 512, 4, 3), "down": tune._decode(32, 128, 4, 3)}
+    _write(configs.user_configs_path(FAKE_GPU), {"device": FAKE_GPU, "mlp_one_token": [tuned]})
+    fake_gpu = torch.device("cuda", 0)
+    monkeypatch.setitem(configs._device_names, 0, FAKE_GPU)
+    base = configs.load_table()["mlp_one_token"][0]
+    assert configs.one_token_config(False, 768, fake_gpu) == tuned
+    assert configs.one_token_config(False, 2048, fake_gpu) == base
+    assert configs.one_token_config(False, 14336, fake_gpu) is None
+    assert configs.one_token_config(False, 768) == base  # a CPU tensor: no GPU model
+    assert configs.one_token_config(True, 768, fake_gpu) == configs.load_table()["mlp_one_token_fp32"][0]
+    with configs.base_table_only():
+        assert configs.one_token_config(False, 768, fake_gpu) == base
+    with configs.override("mlp_one_token", base):
+        assert configs.one_token_config(False, 768, fake_gpu) == base
+
+
 def test_user_table_comes_before_the_shipped_one(tables):
     _write(configs.SHIPPED_DEVICE_DIR / configs.device_file_name(FAKE_GPU),
            {"device": FAKE_GPU, "mlp": [_entry(64)]})
@@ -134,9 +154,13 @@ def test_tuning_tokens_fall_in_their_rows_class(experts, top_k, monkeypatch):
                         {"entry": dict(base), "times": {}, "rejected": {}, "complete": True})
     monkeypatch.setattr(tune, "Case", lambda *args, **kwargs: None)
     tuned = tune.tune_shape((64, 32, experts, top_k), torch.device("cpu"), log=lambda *a: None)
-    assert seen[:-1] == configs.load_table()["mlp"]
-    assert seen[-1] == configs.load_table()["mlp_decode"][0]  # then the decode path, at T*k <= its BLOCK_M
+    assert seen[:-2] == configs.load_table()["mlp"]
+    assert seen[-2] == configs.load_table()["mlp_decode"][0]  # then the decode path, at T*k <= its BLOCK_M
     assert tuned["mlp_decode"][0]["tuned_at"]["T"] == [t for t in tune.DECODE_TOKENS if t * top_k <= 64]
+    assert seen[-1] == configs.load_table()["mlp_one_token"][0]  # then the one-token GEMVs (I = 32 takes them)
+    assert tuned["mlp_one_token"][0]["tuned_at"]["T"] == [1]
+    seen.clear()  # Mixtral's width takes the decode tiles for one token: no one-token descent
+    assert tune.tune_shape((64, 14336, experts, top_k), torch.device("cpu"), log=lambda *a: None)["mlp_one_token"] == []
 
 
 @pytest.mark.parametrize("top_k", [1, 2, 6, 8])
@@ -239,6 +263,11 @@ def test_small_tuning_run_under_the_interpreter(monkeypatch):
         alternative = tune.DRY_RUN_CANDIDATES["dw" if kernel == "dw" else "gemm"][0]
         assert entry[kernel] in (base[kernel], alternative)
     assert entry["complete"] and not entry["rejected"]
+    (one_token,) = tuned["mlp_one_token"]
+    assert one_token["max_inter"] == 1024 and one_token["tuned_at"]["T"] == [1]
+    for kernel in ("up", "down"):
+        assert one_token["ms"]["after"][kernel] is not None, lines
+        assert one_token[kernel] in (configs.one_token_config(False, 24)[kernel], *tune.DRY_RUN_ONE_TOKEN_CANDIDATES)
     (decode,) = tuned["mlp_decode"]
     assert decode["tuned_at"]["T"] == [1, 2] and decode["BLOCK_M"] == configs.decode_config(1)["BLOCK_M"]
     for kernel in ("up", "down"):
@@ -255,11 +284,12 @@ def test_compile_warm_up_pool_runs_jobs_in_spawned_workers():
     entry = tune._kernel_entry(configs.mlp_config(4, 3, 24))
     broken = dict(entry, up={"BLOCK_M": 16})  # no BLOCK_N: a KeyError in the launcher
     jobs = [(shape, "mlp", entry, "forward"), (shape, "mlp", entry, "backward"),
-            (shape, "mlp_decode", configs.decode_config(1), "decode"), (shape, "mlp", broken, "forward")]
+            (shape, "mlp_decode", configs.decode_config(1), "decode"), (shape, "mlp", broken, "forward"),
+            (shape[:4] + (1,), "mlp_one_token", configs.one_token_config(False, 24), "one_token")]
     lines = []
     failures = tune.warm_compile(jobs, 2, lines.append, device_type="cpu")
     assert list(failures) == [3] and "KeyError" in failures[3], (failures, lines)
-    assert "compiled 4 candidate runs in 2 processes" in lines[-1]
+    assert "compiled 5 candidate runs in 2 processes" in lines[-1]
 
 
 def test_a_table_the_tuner_writes_is_read_back(tables):
@@ -314,7 +344,7 @@ def test_program_orders_are_tried_beside_the_tiles_above_the_first_class(monkeyp
     monkeypatch.setattr(tune, "descend", recording_descend)
     monkeypatch.setattr(tune, "rows_classes", lambda: [(None, 16), (17, None)])
     tune.tune_shape((32, 24, 3, 2), torch.device("cpu"), dry_run=True, repeats=1, log=lambda *a: None)
-    (first_base, first), (second_base, second), _decode = offered
+    (first_base, first), (second_base, second), _decode, _one_token = offered
     assert first == {kernel: tune.candidates_for(kernel, 0, True) for kernel in first}
     for kernel, cfgs in second.items():
         variants = tune.order_variants(kernel, second_base[kernel], dry_run=True)
@@ -402,7 +432,8 @@ def test_tuned_vs_shipped_maps_cells_to_entries_and_ships_only_clear_wins(tmp_pa
     qwen, mixtral = "Qwen3-30B-A3B", "Mixtral-8x7B"
     rows = []
     for case, tokens, pass_, tuned, shipped in [
-            (qwen, 1, "fwd", 0.1, 1.0),  # T = 1: left out (the one-token path takes no tuned tiles)
+            (qwen, 1, "fwd", 0.1, 1.0),  # T = 1 eager: left out (bound by the host's time to issue it)
+            (qwen, 1, "fwd_graph", 0.8, 1.0),  # T = 1 replayed: the one-token GEMVs' entry (one cell: not shipped)
             (qwen, 8, "fwd", 0.9, 1.0),  # decode path, I <= 1024: with its CUDA-graph replay below, 2 cells
             (qwen, 8, "fwd_graph", 1.2, 1.0),  # ... of which this one loses: not shipped
             (qwen, 8, "fwdbwd", 0.9, 1.0), (qwen, 64, "fwd", 0.9, 1.0), (qwen, 64, "fwdbwd", 0.95, 1.0),  # <= 16 rows
@@ -413,7 +444,8 @@ def test_tuned_vs_shipped_maps_cells_to_entries_and_ships_only_clear_wins(tmp_pa
     found = tvs.verdicts(rows)
     small = ("mlp", (None, 1024), (None, 16))
     assert set(found) == {("mlp_decode", (None, 1024)), small, ("mlp", (None, 1024), (17, 256)),
-                          ("mlp", (4097, None), (257, None))}
+                          ("mlp", (4097, None), (257, None)), ("mlp_one_token", (None, 1024))}
+    assert found[("mlp_one_token", (None, 1024))]["cells"] == [(qwen, 1, "fwd_graph", 0.8)]
     assert [cell[:3] for cell in found[small]["cells"]] == [(qwen, 8, "fwdbwd"), (qwen, 64, "fwd"),
                                                             (qwen, 64, "fwdbwd")]
     assert [cell[2] for cell in found[("mlp_decode", (None, 1024))]["cells"]] == ["fwd", "fwd_graph"]
@@ -421,9 +453,14 @@ def test_tuned_vs_shipped_maps_cells_to_entries_and_ships_only_clear_wins(tmp_pa
     tuned_table = {"device": "Fake GPU", "how": {}, "mlp": [
         {"min_inter": None, "max_inter": 1024, "min_rows_per_expert": None, "max_rows_per_expert": 16, "up": {}},
         {"min_inter": None, "max_inter": 1024, "min_rows_per_expert": 17, "max_rows_per_expert": 256, "up": {}}],
-        "mlp_decode": [{"min_inter": None, "max_inter": 1024, "up": {}}]}
+        "mlp_decode": [{"min_inter": None, "max_inter": 1024, "up": {}}],
+        "mlp_one_token": [{"min_inter": None, "max_inter": 1024, "up": {}}]}
     kept = tvs.filtered_table(tuned_table, found)
     assert kept["mlp"] == tuned_table["mlp"][:1] and "mlp_decode" not in kept and kept["device"] == "Fake GPU"
+    assert "mlp_one_token" not in kept
+    # Mixtral's width takes the decode tiles for one token: its replayed T = 1 cells are the decode entry's
+    assert tvs.entry_key(next(s for s in tvs.gpu_bench.MOE_SHAPES if s.name == mixtral), 1, "fwd_graph") == \
+        ("mlp_decode", (4097, None))
 
 
 def test_tuned_vs_shipped_on_the_h200_run_3_ships_nothing(tmp_path, capsys):

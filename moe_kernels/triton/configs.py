@@ -28,7 +28,7 @@ from pathlib import Path
 
 TABLE_PATH = Path(os.environ.get("MOE_KERNELS_TRITON_CONFIGS", Path(__file__).with_name("configs.json")))
 SHIPPED_DEVICE_DIR = Path(__file__).with_name("configs")
-TUNED_FAMILIES = ("mlp", "mlp_decode")  # the families a per-GPU table may hold
+TUNED_FAMILIES = ("mlp", "mlp_decode", "mlp_one_token")  # the families a per-GPU table may hold
 
 
 @lru_cache(maxsize=1)
@@ -146,7 +146,9 @@ def base_table_only():
         _base_only[0] = previous
 
 
-def _pick(family: str, device_name: str | None = None, **sizes) -> dict:
+def _first_fit(family: str, device_name: str | None = None, **sizes) -> dict | None:
+    """The entry of ``family`` in force for ``sizes``: an :func:`override`'s, else the first whose bounds hold in the
+    GPU model's tables (:func:`device_tables`), then configs.json; None where none holds."""
     if _overrides:
         forced = _overrides.get(family)
         if forced is not None:
@@ -157,10 +159,14 @@ def _pick(family: str, device_name: str | None = None, **sizes) -> dict:
         for entry in table.get(family, ()):
             if _fits(entry, sizes):
                 return entry
-    for entry in load_table()[family]:
-        if _fits(entry, sizes):
-            return entry
-    raise LookupError(f"no '{family}' config in {TABLE_PATH} covers {sizes}")
+    return next((entry for entry in load_table()[family] if _fits(entry, sizes)), None)
+
+
+def _pick(family: str, device_name: str | None = None, **sizes) -> dict:
+    entry = _first_fit(family, device_name, **sizes)
+    if entry is None:
+        raise LookupError(f"no '{family}' config in {TABLE_PATH} covers {sizes}")
+    return entry
 
 
 def shipped_device_tables() -> list[tuple[str, dict]]:
@@ -209,13 +215,14 @@ def decode_config(num_rows: int, fp32: bool = False, inter: int | None = None, d
     return entry if num_rows <= entry["BLOCK_M"] else None
 
 
-def one_token_config(fp32: bool = False, inter: int | None = None) -> dict | None:
+def one_token_config(fp32: bool = False, inter: int | None = None, device=None) -> dict | None:
     """Config of the one-token forward's GEMV kernels (see ``_comment_mlp_one_token``) for intermediate size
-    ``inter``, or None where no entry covers it (then the decode tiles run); ``inter`` None: the first entry."""
-    family = load_table()["mlp_one_token_fp32" if fp32 else "mlp_one_token"]
-    if inter is None:
-        return family[0]
-    return next((entry for entry in family if _fits(entry, {"inter": inter})), None)
+    ``inter``, or None where no entry covers it (then the decode tiles run); ``inter`` None: configs.json's first
+    entry. bf16/fp16 launches on a GPU model with a tuned table take its 'mlp_one_token' entry for ``inter``."""
+    if fp32 or inter is None:
+        family = load_table()["mlp_one_token_fp32" if fp32 else "mlp_one_token"]
+        return family[0] if inter is None else next((entry for entry in family if _fits(entry, {"inter": inter})), None)
+    return _first_fit("mlp_one_token", device_name_of(device), inter=inter)
 
 
 def adapter_config(num_slots: int, rank: int, aligned: bool = True) -> dict:

@@ -899,7 +899,7 @@ def _inference_impl(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torc
     inside the op, so that torch.compile traces one opaque call and never the config table (a file read Dynamo
     cannot trace)."""
     _check_scalars(swiglu_limit, softcaps)
-    cfg = (one_token_config(x.dtype == torch.float32, down_proj.shape[2])
+    cfg = (one_token_config(x.dtype == torch.float32, down_proj.shape[2], x.device)
            if ids.shape[0] == 1 and one_token_path_enabled() else None)
     if cfg is not None:  # None above the GEMVs' widest intermediate size: the decode tiles are faster there
         return _one_token_forward(x, gate_up_proj, down_proj, weights, ids, activation, gate_up_bias, down_bias,
@@ -1146,8 +1146,12 @@ def _compile_specs():
                         "down", data, precision, dict(ids_in_plan,
                                                       **({"route_w_ptr": routing["route_w_ptr"]} if routing else {})))
     # the one-token GEMVs
-    one_token = (() if os.environ.get(TUNE_CANDIDATES_VARIABLE) == "1" else
-                 ((torch.bfloat16, entries("mlp_one_token")), (torch.float32, entries("mlp_one_token_fp32"))))
+    if os.environ.get(TUNE_CANDIDATES_VARIABLE) == "1":
+        from .tune import one_token_candidate_entries
+
+        one_token = ((torch.bfloat16, one_token_candidate_entries()),)
+    else:
+        one_token = ((torch.bfloat16, entries("mlp_one_token")), (torch.float32, entries("mlp_one_token_fp32")))
     for dtype, one_token_entries in one_token:
         data = _POINTER_TYPES[dtype]
         for entry in one_token_entries:

@@ -5,8 +5,9 @@ command times candidate tiles of each expert-MLP kernel on the local GPU, at the
 and writes the winners to the user's per-GPU table (:func:`moe_kernels.triton.configs.user_configs_path`),
 which every later process reads for that GPU model -- the way vLLM ships fused-MoE configs per GPU.
 
-It tunes the ``mlp`` family (the planned forward and the backward, per rows-per-expert class) and the ``mlp_decode``
-family (the forward without a plan for a few slots, timed at T = 1 and 8). What it does, per model shape
+It tunes the ``mlp`` family (the planned forward and the backward, per rows-per-expert class), the ``mlp_decode``
+family (the forward without a plan for a few slots, timed at T = 1 and 8) and the ``mlp_one_token`` family (the
+one-token GEMVs of batch-1 decode). What it does, per model shape
 (H, I, E, k) and rows-per-expert class of ``configs.json``:
 
 1. **Candidates**: the entry in force plus :data:`CANDIDATES` of its class, one kernel at a time; from the second
@@ -26,7 +27,10 @@ family (the forward without a plan for a few slots, timed at T = 1 and 8). What 
    kept), by the summed time of no-gradient forwards at :data:`DECODE_TOKENS` on the decode tiles (one token
    included, where users' calls take the one-token GEMVs), each replayed from a CUDA graph of 16 calls: timed
    eagerly, a decode call's CUDA events measure the host's time to issue it, not these tiles.
-5. **The table**: one ``mlp`` entry per (width class, rows class) and one ``mlp_decode`` entry per width class,
+   The one-token GEMVs (``mlp_one_token``, batch-1 decode where the width takes them) likewise, at T = 1, over
+   :data:`ONE_TOKEN_CANDIDATES`, replayed from CUDA graphs.
+5. **The table**: one ``mlp`` entry per (width class, rows class), one ``mlp_decode`` entry per width class and
+   one ``mlp_one_token`` entry per width class the GEMVs run at,
    with ``min_*``/``max_*`` bounds, the shape it was tuned at and the before/after times, merged into the
    existing table of the GPU model (other width classes are kept). The width class is the intermediate size I (:data:`INTER_CLASSES`): tiles that suit
    Qwen3-30B-A3B's I=768 are not those of Mixtral's I=14336.
@@ -125,6 +129,14 @@ DECODE_TOKENS = (1, 8)  # the decode path is timed at these token counts (summed
 DRY_RUN_CANDIDATES = {"gemm": [_gemm(16, 32, 32, 4, 2), _gemm(32, 16, 16, 4, 2)],
                       "dw": [_outer(32, 32, 16, 4, 2), _outer(16, 16, 16, 4, 2)]}
 DRY_RUN_DECODE_CANDIDATES = [_decode(16, 32, 4, 2), _decode(32, 16, 4, 2)]
+# The one-token GEMVs ('mlp_one_token': gate/up one program per (slot, BLOCK_N columns), down one per BLOCK_N output
+# columns over the k slots), timed at T = 1 where configs.json's entries let them run (I <= 4096): the column tile
+# sets the programs (I/BLOCK_N per slot, H/BLOCK_N), the K step and the warps the bytes each keeps in flight. Each
+# holds BLOCK_N*BLOCK_K fp32 products per kernel (two in gate/up) over its threads, so the tiles stay at or under
+# 4096 elements per 128 threads.
+ONE_TOKEN_CANDIDATES = [_decode(16, 256, 4, 3), _decode(8, 256, 4, 3), _decode(8, 512, 4, 3), _decode(16, 128, 4, 3),
+                        _decode(32, 128, 4, 3), _decode(16, 512, 8, 3), _decode(32, 256, 8, 3), _decode(16, 256, 8, 2)]
+DRY_RUN_ONE_TOKEN_CANDIDATES = [_decode(8, 32, 4, 2)]
 DRY_RUN_SHAPE = (64, 48, 5, 2)
 # The program orders (GROUP_M, common.tile_and_column) tried beside the entry in force's tile in every rows class
 # above the first (which keeps the launch order: about one row tile per expert there), for the kernels whose
@@ -157,6 +169,11 @@ def candidate_entries() -> list[dict]:
             found.append({kernel: dict(entry[kernel], **({"GROUP_M": order} if kernel in ORDER_KERNELS else {}))
                           for kernel in (*FORWARD_KERNELS, *BACKWARD_KERNELS)})
     return found
+
+
+def one_token_candidate_entries() -> list[dict]:
+    """Every one-token candidate as an 'mlp_one_token' entry (both kernels), for ``compile-check --tune-candidates``."""
+    return [{"up": dict(cfg), "down": dict(cfg)} for cfg in ONE_TOKEN_CANDIDATES]
 
 
 def decode_candidate_entries() -> list[dict]:
@@ -215,10 +232,11 @@ def _kernel_entry(entry: dict) -> dict:
 
 
 @contextlib.contextmanager
-def _one_token_path_off():
-    """MOE_KERNELS_ONE_TOKEN=tiles within the block (experts.one_token_path_enabled reads it per call)."""
+def _one_token_path(choice: str):
+    """MOE_KERNELS_ONE_TOKEN=``choice`` (gemv or tiles) within the block (experts.one_token_path_enabled reads it
+    per call): each tuned family times the kernels its entries drive, whatever the user's variable says."""
     previous = os.environ.get("MOE_KERNELS_ONE_TOKEN")
-    os.environ["MOE_KERNELS_ONE_TOKEN"] = "tiles"
+    os.environ["MOE_KERNELS_ONE_TOKEN"] = choice
     try:
         yield
     finally:
@@ -265,7 +283,12 @@ class Case:
     def decode(self):
         # a few slots without gradients: the decode path's tiles ('mlp_decode'), one token included (where the
         # one-token GEMVs would run instead, they time nothing these configs drive)
-        with torch.no_grad(), _one_token_path_off():
+        with torch.no_grad(), _one_token_path("tiles"):
+            return self._run()
+
+    def one_token(self):
+        # one token without gradients on the one-token GEMVs ('mlp_one_token')
+        with torch.no_grad(), _one_token_path("gemv"):
             return self._run()
 
     def prepare_backward(self):
@@ -303,7 +326,7 @@ _worker_device = ["cuda"]  # set by _worker_init
 
 
 def _warm_one(job) -> str | None:
-    """Worker: run one candidate entry of ``family`` once in ``mode`` (forward, backward or decode); an error
+    """Worker: run one candidate entry of ``family`` once in ``mode`` (forward, backward, decode or one_token); an error
     message or None."""
     shape, family, entry, mode = job
     try:
@@ -319,6 +342,8 @@ def _warm_one(job) -> str | None:
                 case.release()
             elif mode == "decode":
                 case.decode()
+            elif mode == "one_token":
+                case.one_token()
             else:
                 case.forward()
         if device.type == "cuda":
@@ -456,7 +481,8 @@ def _class_measure(cases: list, repeats: int, gpu: bool):
 
 
 def tune_shape(shape, device, *, dry_run=False, repeats=7, jobs=1, budget_s=None, log=print) -> dict:
-    """{"mlp": one tuned entry per rows class, "mlp_decode": one entry} of one model shape (H, I, E, k);
+    """{"mlp": one tuned entry per rows class, "mlp_decode": one entry, "mlp_one_token": one entry where this width
+    runs the one-token GEMVs, else none} of one model shape (H, I, E, k);
     ``budget_s`` seconds of timing (the compile warm-up comes first and is not counted)."""
     hidden, inter, experts, top_k = shape
     gpu = device.type == "cuda"
@@ -477,6 +503,9 @@ def tune_shape(shape, device, *, dry_run=False, repeats=7, jobs=1, budget_s=None
     decode_base = configs.decode_config(1, False, inter, device)
     decode_tokens = [t for t in ((1, 2) if dry_run else DECODE_TOKENS) if t * top_k <= decode_base["BLOCK_M"]]
     decode_candidates = DRY_RUN_DECODE_CANDIDATES if dry_run else DECODE_CANDIDATES
+    # the one-token GEMVs, where this width takes them (None: the decode tiles run one token too)
+    one_token_base = configs.one_token_config(False, inter, device)
+    one_token_candidates = DRY_RUN_ONE_TOKEN_CANDIDATES if dry_run else ONE_TOKEN_CANDIDATES
     processes = compile_processes(shape, device, jobs) if gpu and jobs > 1 else 1
     if processes > 1:  # compile every candidate before timing any (workers share Triton's disk cache)
         warm_jobs = []
@@ -492,9 +521,13 @@ def tune_shape(shape, device, *, dry_run=False, repeats=7, jobs=1, budget_s=None
                 for cfg in decode_candidates:
                     warm_jobs.append(((hidden, inter, experts, top_k, tokens), "mlp_decode",
                                       dict(decode_base, **{kernel: cfg}), "decode"))
+        for kernel in ("up", "down") if one_token_base is not None else ():
+            for cfg in one_token_candidates:
+                warm_jobs.append(((hidden, inter, experts, top_k, 1), "mlp_one_token",
+                                  dict(one_token_base, **{kernel: cfg}), "one_token"))
         warm_compile(warm_jobs, processes, log)
     deadline = None if budget_s is None else time.monotonic() + budget_s
-    tuned = {"mlp": [], "mlp_decode": []}
+    tuned = {"mlp": [], "mlp_decode": [], "mlp_one_token": []}
     for index, low_r, high_r, tokens, base, candidates in plans:
         log(f"  H={hidden} I={inter} E={experts} k={top_k}, T={'+'.join(map(str, tokens))} "
             f"(rows per expert {low_r or 1}..{high_r or 'inf'}):")
@@ -530,6 +563,21 @@ def tune_shape(shape, device, *, dry_run=False, repeats=7, jobs=1, budget_s=None
             up=result["entry"]["up"], down=result["entry"]["down"],
             tuned_at={"H": hidden, "I": inter, "E": experts, "k": top_k, "T": decode_tokens},
             **_summary(decode_base, result)))
+    if one_token_base is not None:
+        log(f"  H={hidden} I={inter} E={experts} k={top_k}, one token on the GEMVs:")
+        case = Case(hidden, inter, experts, top_k, 1, device, dtype)
+
+        def measure_one_token(entry, kernel):
+            with configs.override("mlp_one_token", entry):
+                ms, y = replayed_median_ms(case.one_token, repeats, gpu)  # a launch costs more than the kernel
+            return ms, (y,)
+
+        candidates = {kernel: one_token_candidates for kernel in ("up", "down")}
+        result = descend(one_token_base, candidates, measure_one_token, deadline, log)
+        tuned["mlp_one_token"].append(dict(
+            {"min_inter": low_i, "max_inter": high_i}, up=result["entry"]["up"], down=result["entry"]["down"],
+            tuned_at={"H": hidden, "I": inter, "E": experts, "k": top_k, "T": [1]},
+            **_summary(one_token_base, result)))
     return tuned
 
 
