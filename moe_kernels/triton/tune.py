@@ -686,8 +686,8 @@ def main(argv=None) -> int:
            "triton": _triton_version(), "seconds": round(time.monotonic() - started)}
     table = merge(existing, tuned, device_name, how)
     _write(path, table)
-    log(f"wrote {len(tuned['mlp'])} tuned 'mlp' and {len(tuned['mlp_decode'])} 'mlp_decode' entries for "
-        f"{device_name} to {path}")
+    counts = ", ".join(f"{len(tuned[family])} '{family}'" for family in configs.TUNED_FAMILIES)
+    log(f"wrote tuned entries ({counts}) for {device_name} to {path}")
     if args.copy_to:
         os.makedirs(args.copy_to, exist_ok=True)
         copy = os.path.join(args.copy_to, configs.device_file_name(device_name))
