@@ -219,10 +219,10 @@ def one_token_config(fp32: bool = False, inter: int | None = None, device=None) 
     """Config of the one-token forward's GEMV kernels (see ``_comment_mlp_one_token``) for intermediate size
     ``inter``, or None where no entry covers it (then the decode tiles run); ``inter`` None: configs.json's first
     entry. bf16/fp16 launches on a GPU model with a tuned table take its 'mlp_one_token' entry for ``inter``."""
-    if fp32 or inter is None:
-        family = load_table()["mlp_one_token_fp32" if fp32 else "mlp_one_token"]
-        return family[0] if inter is None else next((entry for entry in family if _fits(entry, {"inter": inter})), None)
-    return _first_fit("mlp_one_token", device_name_of(device), inter=inter)
+    family = "mlp_one_token_fp32" if fp32 else "mlp_one_token"
+    if inter is None:
+        return load_table()[family][0]
+    return _first_fit(family, None if fp32 else device_name_of(device), inter=inter)
 
 
 def adapter_config(num_slots: int, rank: int, aligned: bool = True) -> dict:
