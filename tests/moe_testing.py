@@ -55,6 +55,24 @@ def backends_under_test() -> list[str]:
             if get_backend(name).device_error(device_for(name)) is None]
 
 
+def on_triton_launch(monkeypatch, record) -> None:
+    """Calls ``record(kernel name, positional arguments)`` at every Triton launch for the rest of the test (both the
+    JIT and the interpreter launch through KernelInterface.__getitem__)."""
+    import triton.runtime.jit as jit
+
+    original = jit.KernelInterface.__getitem__
+
+    def recording(self, grid):
+        launch = original(self, grid)
+
+        def run(*args, **kwargs):
+            record(self.fn.__name__, args)
+            return launch(*args, **kwargs)
+        return run
+
+    monkeypatch.setattr(jit.KernelInterface, "__getitem__", recording)
+
+
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
     actual, expected = actual.double(), expected.double()
     return ((actual - expected).norm() / expected.norm().clamp_min(1e-12)).item()

@@ -362,16 +362,14 @@ def test_decode_cases_run_the_tiles_the_decode_entries_drive(monkeypatch):
     """The decode descent times the decode path's tiles ('mlp_decode') at every token count, one token included,
     where the one-token GEMVs would otherwise run and time nothing those entries drive; the switch is put back. The
     timer without a GPU is the plain one (replayed from a CUDA graph on a GPU: tests/test_gpu_no_sync.py)."""
-    import triton.runtime.jit as jit
+    from moe_testing import on_triton_launch
 
     from moe_kernels.bench import timing
 
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("needs the Triton interpreter (no GPU)")
     names = []
-    original = jit.KernelInterface.__getitem__
-    monkeypatch.setattr(jit.KernelInterface, "__getitem__",
-                        lambda self, grid: names.append(self.fn.__name__) or original(self, grid))
+    on_triton_launch(monkeypatch, lambda name, args: names.append(name))
     monkeypatch.delenv("MOE_KERNELS_ONE_TOKEN", raising=False)
     case = tune.Case(32, 24, 3, 2, 1, torch.device("cpu"), torch.float32)
     ms, y = timing.replayed_median_ms(case.decode, 1, False)

@@ -14,7 +14,8 @@ import torch
 
 pytest.importorskip("triton")
 
-from moe_testing import adapter_leaves, assert_close_rel, make_ids, seeded_mlp_inputs  # noqa: E402
+from moe_testing import (adapter_leaves, assert_close_rel, make_ids, on_triton_launch,  # noqa: E402
+                         seeded_mlp_inputs)
 
 from moe_kernels import ops, reference  # noqa: E402
 from moe_kernels.triton import BACKEND, adapters, compile_check, configs  # noqa: E402
@@ -417,29 +418,11 @@ def test_one_token_choice_is_explicit(monkeypatch):
 
 # ---------------------------------------------------------------------------- counting launches (fixture)
 
-def _on_launch(monkeypatch, record):
-    """Calls ``record(kernel name, positional arguments)`` at every Triton launch (both the JIT and the interpreter
-    launch through KernelInterface.__getitem__)."""
-    import triton.runtime.jit as jit
-
-    original = jit.KernelInterface.__getitem__
-
-    def recording(self, grid):
-        launch = original(self, grid)
-
-        def run(*args, **kwargs):
-            record(self.fn.__name__, args)
-            return launch(*args, **kwargs)
-        return run
-
-    monkeypatch.setattr(jit.KernelInterface, "__getitem__", recording)
-
-
 @pytest.fixture
 def launches(monkeypatch):
     """The names of the Triton kernels launched, in order."""
     names = []
-    _on_launch(monkeypatch, lambda name, args: names.append(name))
+    on_triton_launch(monkeypatch, lambda name, args: names.append(name))
     return names
 
 
@@ -541,7 +524,7 @@ def test_slot_rows_are_in_the_inputs_dtype(dtype, monkeypatch):
     transformers' grouped_mm experts do, and fp32 rows would double the traffic of the combine and of the GEMM
     epilogue writing them."""
     read = []  # (slot rows, output) dtypes of each combine
-    _on_launch(monkeypatch, lambda name, args: read.append((args[0].dtype, args[1].dtype))
+    on_triton_launch(monkeypatch, lambda name, args: read.append((args[0].dtype, args[1].dtype))
                if name == "_combine_slots_kernel" else None)
     monkeypatch.setenv("MOE_KERNELS_WGRAD", "triton")
     x, gate_up, down, weights, ids, _, _ = seeded_mlp_inputs(3, 16, 8, 5, 2, "random", dtype=dtype)
