@@ -17,7 +17,9 @@ forward
 backward (nothing permuted is kept but ``pre``, and with MOE_KERNELS_RECOMPUTE=1 not even that: the
           backward re-runs the gate/up GEMM; the activation is always recomputed from ``pre``)
   ``_down_backward_kernel``  G[p] = dy[token(p)] @ W_d[e] (transposed gather-GEMM); epilogue: d(weight)
-              partials <act, G> (+ <b_d, dy>), and d pre = act'(pre) * w * G.
+              partials <act, G> (+ <b_d, dy>), and d pre = act'(pre) * w * G. Split where the config asks
+              (``split_down_backward_tile``: the class of the most rows per expert): G by ``_gate_up_kernel`` as a
+              plain gather-GEMM with a wide tile, then ``_activation_backward_kernel`` (the same epilogue, elementwise).
   ``_rows_matmul_kernel``    dx slot rows = d pre[p] @ W_gu[e], combined like the forward.
   ``_expert_outer_kernel``   per-expert grouped GEMMs over the expert's row run: dW_d[e] = (w dy)^T act,
               dW_gu[e] = d pre^T x (k-grouped: the reduction runs over the token segment), bias grads
@@ -73,6 +75,38 @@ def group_m(cfg: dict) -> int:
     if not choice.isdigit():
         raise ValueError(f"MOE_KERNELS_GROUP_M must be a whole number (0 = launch order), not {choice!r}")
     return int(choice)
+
+
+def split_down_backward_tile(entry: dict) -> Optional[dict]:
+    """The GEMM tile of the split backward through the down GEMM and the activation (:func:`_split_down_backward`:
+    G as a plain gather-GEMM, then an elementwise pass), or None where it runs fused (``_down_backward_kernel``, the
+    activation's backward in the GEMM's epilogue). ``entry``: the call's 'mlp' config entry.
+
+    MOE_KERNELS_DOWN_BWD = "split" / "fused" when set (side-by-side timing), else split where the entry's
+    'down_bwd' config holds a ``split`` tile. The tile's rows are always down_bwd's BLOCK_M (the forward made the
+    tile map for them) and its program order down_bwd's; a forced split without a ``split`` tile takes the
+    entry's 'dx' tile (a plain GEMM of the same rows class).
+
+    Why split (by arithmetic, not measured yet): the fused epilogue holds pre's gate and up tiles beside the
+    accumulator, so its tile stays narrow (128x32 at the most rows per expert: wider ones spilled); each program
+    reads its BLOCK_M gathered dy rows over all of H, so every row is read I/BLOCK_N times (24 at Qwen3's I = 768,
+    448 at Mixtral's 14336). The split form writes and reads G once more (2 N I elements).
+    """
+    choice = os.environ.get("MOE_KERNELS_DOWN_BWD", "")
+    if choice not in ("", "split", "fused"):
+        raise ValueError(f"MOE_KERNELS_DOWN_BWD must be split or fused, not {choice!r}")
+    if choice == "fused" or (not choice and "split" not in entry["down_bwd"]):
+        return None
+    return split_tile(entry)
+
+
+def split_tile(entry: dict) -> dict:
+    """The split down backward's GEMM tile for an 'mlp' entry (:func:`split_down_backward_tile`)."""
+    fused = entry["down_bwd"]
+    tile = fused.get("split") or entry["dx"]
+    order = {"GROUP_M": fused["GROUP_M"]} if "GROUP_M" in fused else {}
+    return dict({key: tile[key] for key in ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")},
+                BLOCK_M=fused["BLOCK_M"], **order)
 
 
 def paired(x: torch.Tensor, gated: bool) -> bool:
@@ -407,24 +441,64 @@ def _down_backward_kernel(grad_y_ptr, stride_gt, stride_gh, w_ptr, stride_we, st
                 if pid_n == 0:
                     b = tl.load(bias_ptr + expert.to(tl.int64) * stride_be + ks * stride_bh, mask=k_mask, other=0.0)
                     bias_dot += tl.sum(g.to(tl.float32) * b.to(tl.float32)[None, :], axis=1)
-        gate_cols, up_cols = _gate_up_columns(cols, inter, INTERLEAVED)
-        out_mask = row_mask[:, None] & col_mask[None, :]
-        pre_width = _pre_width(inter, GATED)
-        pre_row = pre_ptr + rows.to(tl.int64)[:, None] * pre_width
-        gate = tl.load(pre_row + gate_cols[None, :], mask=out_mask, other=0.0).to(tl.float32)
-        if GATED:
-            up = tl.load(pre_row + up_cols[None, :], mask=out_mask, other=0.0).to(tl.float32)
-        else:
-            up = gate  # unused
-        act = gated_forward(gate, up, limit, gate_cap, up_cap, ACTIVATION, HAS_LIMIT, GATED)
-        partial = tl.sum(tl.where(out_mask, act * acc, 0.0), axis=1) + bias_dot
-        tl.store(grad_w_partial_ptr + slots.to(tl.int64) * num_col_tiles + pid_n, partial, mask=row_mask)
-        route_w = tl.load(route_w_ptr + slots, mask=row_mask, other=0.0)
-        d_gate, d_up = gated_backward(gate, up, acc * route_w[:, None], limit, gate_cap, up_cap, ACTIVATION, HAS_LIMIT, GATED)
-        grad_row = grad_pre_ptr + rows.to(tl.int64)[:, None] * pre_width
-        tl.store(grad_row + gate_cols[None, :], d_gate.to(grad_pre_ptr.dtype.element_ty), mask=out_mask)
-        if GATED:
-            tl.store(grad_row + up_cols[None, :], d_up.to(grad_pre_ptr.dtype.element_ty), mask=out_mask)
+        _activation_backward(acc, bias_dot, rows, row_mask, slots, cols, col_mask, pid_n, pre_ptr, route_w_ptr,
+                             grad_pre_ptr, grad_w_partial_ptr, inter, num_col_tiles, limit, gate_cap, up_cap,
+                             ACTIVATION, INTERLEAVED, GATED, HAS_LIMIT)
+
+
+@triton.jit
+def _activation_backward(grad_act, bias_dot, rows, row_mask, slots, cols, col_mask, col_tile, pre_ptr, route_w_ptr,
+                         grad_pre_ptr, grad_w_partial_ptr, inter, num_col_tiles, limit, gate_cap, up_cap,
+                         ACTIVATION: tl.constexpr, INTERLEAVED: tl.constexpr, GATED: tl.constexpr,
+                         HAS_LIMIT: tl.constexpr):
+    """The down GEMM's backward after G: for a [rows, cols] tile of G = ``grad_act`` (fp32; d act / route_w),
+    recomputes act from pre, stores grad_pre = d(act)/d(pre) * route_w * G and this column tile's partial
+    <act, G> (+ ``bias_dot``) of each slot's d(routing weight) at grad_w_partial[slot, col_tile]. The epilogue of
+    ``_down_backward_kernel`` and the body of ``_activation_backward_kernel`` (the split form)."""
+    gate_cols, up_cols = _gate_up_columns(cols, inter, INTERLEAVED)
+    out_mask = row_mask[:, None] & col_mask[None, :]
+    pre_width = _pre_width(inter, GATED)
+    pre_row = pre_ptr + rows.to(tl.int64)[:, None] * pre_width
+    gate = tl.load(pre_row + gate_cols[None, :], mask=out_mask, other=0.0).to(tl.float32)
+    if GATED:
+        up = tl.load(pre_row + up_cols[None, :], mask=out_mask, other=0.0).to(tl.float32)
+    else:
+        up = gate  # unused
+    act = gated_forward(gate, up, limit, gate_cap, up_cap, ACTIVATION, HAS_LIMIT, GATED)
+    partial = tl.sum(tl.where(out_mask, act * grad_act, 0.0), axis=1) + bias_dot
+    tl.store(grad_w_partial_ptr + slots.to(tl.int64) * num_col_tiles + col_tile, partial, mask=row_mask)
+    route_w = tl.load(route_w_ptr + slots, mask=row_mask, other=0.0)
+    d_gate, d_up = gated_backward(gate, up, grad_act * route_w[:, None], limit, gate_cap, up_cap, ACTIVATION,
+                                  HAS_LIMIT, GATED)
+    grad_row = grad_pre_ptr + rows.to(tl.int64)[:, None] * pre_width
+    tl.store(grad_row + gate_cols[None, :], d_gate.to(grad_pre_ptr.dtype.element_ty), mask=out_mask)
+    if GATED:
+        tl.store(grad_row + up_cols[None, :], d_up.to(grad_pre_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _activation_backward_kernel(grad_act_ptr, pre_ptr, route_w_ptr, sorted_slots_ptr, grad_pre_ptr,
+                                grad_w_partial_ptr, num_rows, inter, num_col_tiles, limit, gate_cap, up_cap,
+                                ACTIVATION: tl.constexpr, INTERLEAVED: tl.constexpr, GATED: tl.constexpr,
+                                HAS_LIMIT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The split down backward's second pass (elementwise): ``_activation_backward`` over G read from memory.
+
+    grad_act_ptr: G [N, I] contiguous, sorted rows (the first pass: ``_gate_up_kernel`` ungated over dy and W_d^T).
+    pre_ptr, grad_pre_ptr: [N, 2I] contiguous ([N, I] when not GATED).  route_w_ptr: [N] fp32 by slot.
+    sorted_slots_ptr: [N] int32.  grad_w_partial_ptr: [N, num_col_tiles] fp32 by slot, num_col_tiles =
+    cdiv(I, BLOCK_C).  Grid: (cdiv(N, BLOCK_R), cdiv(I, BLOCK_C)).
+    """
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    col_tile = tl.program_id(1)
+    cols = col_tile * BLOCK_C + tl.arange(0, BLOCK_C)
+    row_mask = rows < num_rows
+    col_mask = cols < inter
+    slots = tl.load(sorted_slots_ptr + rows, mask=row_mask, other=0)
+    grad_act = tl.load(grad_act_ptr + rows.to(tl.int64)[:, None] * inter + cols[None, :],
+                       mask=row_mask[:, None] & col_mask[None, :], other=0.0).to(tl.float32)
+    _activation_backward(grad_act, tl.zeros([BLOCK_R], dtype=tl.float32), rows, row_mask, slots, cols, col_mask,
+                         col_tile, pre_ptr, route_w_ptr, grad_pre_ptr, grad_w_partial_ptr, inter, num_col_tiles,
+                         limit, gate_cap, up_cap, ACTIVATION, INTERLEAVED, GATED, HAS_LIMIT)
 
 
 @triton.jit
@@ -775,6 +849,43 @@ def _one_token_forward(x, gate_up_proj, down_proj, weights, ids, activation, gat
     return y
 
 
+# The split down backward's first pass runs _gate_up_kernel as a plain gather-GEMM: no activation is applied
+# (STORE_ACT off), so its code is any valid one; one fixed value keeps to one compiled variant per tile.
+_PLAIN_GEMM_ACTIVATION = ACTIVATION_CODES["silu"]
+
+
+def _split_down_backward(grad_y, down_proj, down_bias, ids, route_w, pre, grad_pre, sorted_slots, expert_offsets,
+                         tiles, cfg, activation, interleaved, swiglu_limit, gated, softcaps) -> torch.Tensor:
+    """The backward through the down GEMM and the activation in two passes (:func:`split_down_backward_tile`):
+    G[p] = dy[token(p)] @ W_d[e] as ``_gate_up_kernel`` ungated over W_d^T (its pre output, the gathered rows and
+    the wide tiles of ``cfg``), then ``_activation_backward_kernel`` (grad_pre and the d(routing weight) partials).
+    Fills ``grad_pre``; returns d(routing weights) [T, k] fp32. A down bias adds <b_d[e], dy[token]> per slot, one
+    [T, E] product gathered at ``ids``."""
+    num_rows = sorted_slots.numel()
+    num_experts, hidden, inter = down_proj.shape
+    num_tokens, top_k = ids.shape
+    grad_act = torch.empty((num_rows, inter), dtype=grad_y.dtype, device=grad_y.device)
+    launcher(_gate_up_kernel, (max_tiles(num_rows, num_experts, cfg["BLOCK_M"]), cdiv(inter, cfg["BLOCK_N"])))(
+        grad_y, grad_y.stride(0), grad_y.stride(1), down_proj, down_proj.stride(0), down_proj.stride(2),
+        down_proj.stride(1), grad_y, 0, 0, sorted_slots, expert_offsets, tiles, grad_act, grad_act, hidden, inter,
+        num_experts, num_rows, top_k, num_experts.bit_length(), 0.0, 1.0, 1.0,
+        ACTIVATION=_PLAIN_GEMM_ACTIVATION, INTERLEAVED=False, GATED=False, HAS_BIAS=False, HAS_LIMIT=False,
+        STORE_ACT=False, SAVE_PRE=True, UPCAST=interpreting(), DOT_PRECISION=dot_precision(grad_y.dtype),
+        BY_EXPERT=False, PAIRED=False, GROUP_M=group_m(cfg), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+    col_tiles = cdiv(inter, _ROW_BLOCK_C)
+    grad_w_partial = torch.empty((num_rows, col_tiles), dtype=torch.float32, device=grad_y.device)
+    launcher(_activation_backward_kernel, (cdiv(num_rows, _ROW_BLOCK_R), col_tiles))(
+        grad_act, pre, route_w, sorted_slots, grad_pre, grad_w_partial, num_rows, inter, col_tiles,
+        float(swiglu_limit or 0.0), *_caps(softcaps), ACTIVATION=ACTIVATION_CODES[activation],
+        INTERLEAVED=interleaved, GATED=gated, HAS_LIMIT=swiglu_limit is not None, BLOCK_R=_ROW_BLOCK_R,
+        BLOCK_C=_ROW_BLOCK_C)
+    grad_weights = grad_w_partial.sum(dim=1).view(num_tokens, top_k)
+    if down_bias is not None:
+        grad_weights += torch.mm(grad_y.float(), down_bias.float().t()).gather(1, ids.long())
+    return grad_weights
+
+
 def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, down_bias, pre, expert_offsets,
               sorted_slots, tiles, activation, interleaved, swiglu_limit, gated, softcaps, need_x, need_params):
     num_tokens, hidden = x.shape
@@ -793,19 +904,25 @@ def _backward(grad_y, x, gate_up_proj, down_proj, weights, ids, gate_up_bias, do
 
     # d pre and d(routing weights)
     bw = cfg["down_bwd"]
-    col_tiles = cdiv(inter, bw["BLOCK_N"])
     grad_pre = torch.empty((num_rows, width), dtype=x.dtype, device=x.device)
-    grad_w_partial = torch.empty((num_rows, col_tiles), dtype=torch.float32, device=x.device)
-    bias, stride_be, stride_bh = _weight_strides(down_bias, x)
-    launcher(_down_backward_kernel, (max_tiles(num_rows, num_experts, bw["BLOCK_M"]), col_tiles))(
-        grad_y, grad_y.stride(0), grad_y.stride(1), down_proj, *down_proj.stride(), bias, stride_be, stride_bh,
-        route_w, pre, sorted_slots, expert_offsets, tiles[_TILE_ROW["down_bwd"]], grad_pre,
-        grad_w_partial, hidden, inter, num_experts, top_k, steps, col_tiles, limit, *caps,
-        ACTIVATION=code, INTERLEAVED=interleaved, GATED=gated, HAS_BIAS=down_bias is not None,
-        HAS_LIMIT=swiglu_limit is not None, UPCAST=upcast, DOT_PRECISION=precision, GROUP_M=group_m(bw),
-        BLOCK_M=bw["BLOCK_M"], BLOCK_N=bw["BLOCK_N"], BLOCK_K=bw["BLOCK_K"],
-        num_warps=bw["num_warps"], num_stages=bw["num_stages"])
-    grad_weights = grad_w_partial.sum(dim=1).view(num_tokens, top_k)
+    split_tile = split_down_backward_tile(cfg)
+    if split_tile is not None:
+        grad_weights = _split_down_backward(grad_y, down_proj, down_bias, ids, route_w, pre, grad_pre, sorted_slots,
+                                            expert_offsets, tiles[_TILE_ROW["down_bwd"]], split_tile, activation,
+                                            interleaved, swiglu_limit, gated, softcaps)
+    else:
+        col_tiles = cdiv(inter, bw["BLOCK_N"])
+        grad_w_partial = torch.empty((num_rows, col_tiles), dtype=torch.float32, device=x.device)
+        bias, stride_be, stride_bh = _weight_strides(down_bias, x)
+        launcher(_down_backward_kernel, (max_tiles(num_rows, num_experts, bw["BLOCK_M"]), col_tiles))(
+            grad_y, grad_y.stride(0), grad_y.stride(1), down_proj, *down_proj.stride(), bias, stride_be, stride_bh,
+            route_w, pre, sorted_slots, expert_offsets, tiles[_TILE_ROW["down_bwd"]], grad_pre,
+            grad_w_partial, hidden, inter, num_experts, top_k, steps, col_tiles, limit, *caps,
+            ACTIVATION=code, INTERLEAVED=interleaved, GATED=gated, HAS_BIAS=down_bias is not None,
+            HAS_LIMIT=swiglu_limit is not None, UPCAST=upcast, DOT_PRECISION=precision, GROUP_M=group_m(bw),
+            BLOCK_M=bw["BLOCK_M"], BLOCK_N=bw["BLOCK_N"], BLOCK_K=bw["BLOCK_K"],
+            num_warps=bw["num_warps"], num_stages=bw["num_stages"])
+        grad_weights = grad_w_partial.sum(dim=1).view(num_tokens, top_k)
 
     def empty():  # a distinct placeholder per missing gradient (op outputs must not alias)
         return x.new_empty(0)
@@ -1054,6 +1171,9 @@ _LAYOUT = {
     "dx": ({"stride_wj": 1, "stride_bj": 1}, ("stride_we", "stride_wc", "stride_be", "reduce_dim", "out_dim")),
     "down_bwd": ({"stride_gh": 1, "stride_wn": 1, "stride_bh": 1},
                  ("stride_gt", "stride_we", "stride_wh", "stride_be", "hidden", "inter")),
+    # the split down backward's G GEMM: _gate_up_kernel over dy and W_d^T (reduce stride I, no bias: zero strides)
+    "down_bwd_split": ({"stride_xh": 1, "stride_wn": 1},
+                       ("stride_xt", "stride_we", "stride_wh", "stride_be", "stride_bn", "hidden", "inter")),
     "one_token_up": ({"stride_xh": 1, "stride_wh": 1, "stride_bn": 1},
                      ("stride_we", "stride_wn", "stride_be", "hidden", "inter")),
     "one_token_down": ({"stride_wi": 1, "stride_bh": 1}, ("stride_we", "stride_wh", "stride_be", "inter", "hidden")),
@@ -1106,6 +1226,7 @@ def _compile_specs():
                     add(_gate_up_kernel, entry["up"], dict(act, HAS_BIAS=bias, STORE_ACT=True, SAVE_PRE=True,
                                                            BY_EXPERT=False, PAIRED=pair, **gemm(entry["up"])),
                         "gate_up", data, precision)
+                # the fused form (the default without a 'split' tile; MOE_KERNELS_DOWN_BWD=fused's otherwise)
                 add(_down_backward_kernel, entry["down_bwd"], dict(act, HAS_BIAS=bias, **gemm(entry["down_bwd"])),
                     "down_bwd", data, precision)
                 dw = entry["dw"]
@@ -1115,6 +1236,12 @@ def _compile_specs():
                                                    RHS_ACT=True, BIAS_GRAD=bias, **blocks), "dw", data, precision)
                 add(_expert_outer_kernel, dw, dict(act, LHS_BY_TOKEN=False, LHS_WEIGHTED=False, RHS_BY_TOKEN=True,
                                                    RHS_ACT=False, BIAS_GRAD=bias, **blocks), "dw", data, precision)
+            if "split" in entry["down_bwd"]:  # the split form's G GEMM (its elementwise pass: below)
+                split = split_tile(entry)
+                add(_gate_up_kernel, split, dict(ACTIVATION=_PLAIN_GEMM_ACTIVATION, INTERLEAVED=False, GATED=False,
+                                                 HAS_BIAS=False, HAS_LIMIT=False, STORE_ACT=False, SAVE_PRE=True,
+                                                 BY_EXPERT=False, PAIRED=False, **gemm(split)),
+                    "down_bwd_split", data, precision)
             add(_rows_matmul_kernel, entry["down"], dict(HAS_BIAS=True, HAS_ROUTE_W=True, BY_EXPERT=False,
                                                          **gemm(entry["down"])), "down", data, precision)
             add(_rows_matmul_kernel, entry["dx"], dict(HAS_BIAS=False, HAS_ROUTE_W=False, BY_EXPERT=False,
@@ -1124,6 +1251,11 @@ def _compile_specs():
                 constexprs = {"ACTIVATION": ACTIVATION_CODES[activation], "INTERLEAVED": interleaved,
                               "GATED": gated, "HAS_LIMIT": limit, "BLOCK_R": _ROW_BLOCK_R, "BLOCK_C": _ROW_BLOCK_C}
                 specs.append((_gated_activation_kernel, _signature(_gated_activation_kernel, constexprs, data),
+                              constexprs, {"num_warps": 4, "num_stages": 3}, ("inter",)))
+            for activation, interleaved, _, limit, gated in _COMPILE_VARIANTS:  # the split down backward's pass 2
+                constexprs = {"ACTIVATION": ACTIVATION_CODES[activation], "INTERLEAVED": interleaved,
+                              "GATED": gated, "HAS_LIMIT": limit, "BLOCK_R": _ROW_BLOCK_R, "BLOCK_C": _ROW_BLOCK_C}
+                specs.append((_activation_backward_kernel, _signature(_activation_backward_kernel, constexprs, data),
                               constexprs, {"num_warps": 4, "num_stages": 3}, ("inter",)))
             for scaled in (False, True):  # its operand gathers: x, and w * dy
                 constexprs = {"stride_sc": 1, "SCALED": scaled, "BLOCK_R": _ROW_BLOCK_R, "BLOCK_C": _ROW_BLOCK_C}

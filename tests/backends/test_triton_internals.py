@@ -317,6 +317,87 @@ def test_paired_dot_choice_is_explicit(monkeypatch):
         experts.paired(bf16, True)
 
 
+def _split_small_tiles(num_rows, num_experts, inter, *, fp32=False, device=None):
+    """:func:`_small_tiles` whose down_bwd asks for the split form, with a G tile wider than its fused one (32
+    columns: I = 40 leaves a partial one)."""
+    tiles = _small_tiles(num_rows, num_experts, inter)
+    split = {"BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 1}
+    return dict(tiles, down_bwd=dict(tiles["down_bwd"], GROUP_M=3, split=split))
+
+
+@pytest.mark.parametrize("form,tokens,dtype", [("hf", 40, torch.float32), ("hf", 1, torch.float32),
+                                               ("hf", 40, torch.bfloat16), ("gpt_oss_transposed", 40, torch.float32),
+                                               ("relu2", 40, torch.float32), ("one_expert", 40, torch.float32)])
+def test_split_down_backward_equals_the_fused_kernel(form, tokens, dtype, monkeypatch):
+    """The backward through the down GEMM and the activation in two passes (G as a plain gather-GEMM, then the
+    elementwise activation backward) against the fused kernel and the oracle, every gradient: SwiGLU, GPT-OSS's form
+    (interleaved transposed views, biases: the <b_d, dy> term of d weights, the clamp), experts without a gate (ReLU^2),
+    one token, all tokens on one expert; 5 experts (prime) with one empty, partial column tiles of both passes."""
+    from moe_kernels.triton import experts
+
+    monkeypatch.setattr(experts, "mlp_config", _split_small_tiles)
+    gpt_oss, gated = form == "gpt_oss_transposed", form != "relu2"
+    pattern = "one_expert" if form == "one_expert" else "skip_last"
+    x, gate_up, down, weights, ids, gate_up_bias, down_bias = seeded_mlp_inputs(
+        tokens, 48, 40, 5, 2, pattern, dtype=dtype, bias=gpt_oss, transposed=gpt_oss)
+    if not gated:
+        gate_up = gate_up[:, :40].contiguous()  # the up projection [E, I, H]
+    leaves = [t.requires_grad_(True) for t in (x, gate_up, down, weights)]
+    kwargs = (dict(activation="gpt_oss", interleaved=True, swiglu_limit=7.0, gate_up_bias=gate_up_bias,
+                   down_bias=down_bias) if gpt_oss else {} if gated else dict(activation="relu2", gated=False))
+    if gpt_oss:
+        leaves += [t.requires_grad_(True) for t in (gate_up_bias, down_bias)]
+    grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(x.device, dtype)
+    launched = []
+    on_triton_launch(monkeypatch, lambda name, args: launched.append(name))
+
+    def run(choice):
+        monkeypatch.setenv("MOE_KERNELS_DOWN_BWD", choice)
+        launched.clear()
+        y = ops.moe_mlp(x, gate_up, down, weights, ids, backend="triton", **kwargs)
+        return (y, *torch.autograd.grad(y, leaves, grad_y)), set(launched)
+
+    fused, fused_kernels = run("fused")
+    split, split_kernels = run("split")
+    assert "_down_backward_kernel" in fused_kernels and "_activation_backward_kernel" not in fused_kernels
+    assert "_activation_backward_kernel" in split_kernels and "_down_backward_kernel" not in split_kernels
+    names = ("y", "dx", "d gate_up", "d down", "d weights", "d gate_up_bias", "d down_bias")
+    if dtype == torch.float32:  # the same sums in another order: fp32 accumulation order apart
+        for name, a, b in zip(names, split, fused):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    y = reference.moe_mlp(*(t.float() for t in (x, gate_up, down, weights)), ids,
+                          **{k: v.float() if torch.is_tensor(v) else v for k, v in kwargs.items()})
+    want = (y, *torch.autograd.grad(y, leaves, grad_y.float()))
+    for name, a, b in zip(names, split, want):
+        assert_close_rel(a, b, dtype, name)
+
+
+def test_split_down_backward_choice_is_explicit(monkeypatch):
+    """The split form runs where the entry's down_bwd has a 'split' tile (configs.json: the class of the most rows per
+    expert), with down_bwd's rows and program order (the forward's tile map); MOE_KERNELS_DOWN_BWD forces either form
+    (a forced split without a tile takes the dx tile) and rejects other values."""
+    from moe_kernels.triton import experts
+
+    monkeypatch.delenv("MOE_KERNELS_DOWN_BWD", raising=False)
+    largest = configs.load_table()["mlp"][-1]
+    assert "split" in largest["down_bwd"]
+    tile = experts.split_down_backward_tile(largest)
+    assert tile["BLOCK_M"] == largest["down_bwd"]["BLOCK_M"]
+    assert tile["BLOCK_N"] == largest["down_bwd"]["split"]["BLOCK_N"] > largest["down_bwd"]["BLOCK_N"]
+    smallest = configs.load_table()["mlp"][0]
+    assert experts.split_down_backward_tile(smallest) is None
+    monkeypatch.setenv("MOE_KERNELS_DOWN_BWD", "split")
+    forced = experts.split_down_backward_tile(smallest)
+    assert forced["BLOCK_M"] == smallest["down_bwd"]["BLOCK_M"]
+    assert forced["GROUP_M"] == smallest["down_bwd"]["GROUP_M"]
+    assert (forced["BLOCK_N"], forced["BLOCK_K"]) == (smallest["dx"]["BLOCK_N"], smallest["dx"]["BLOCK_K"])
+    monkeypatch.setenv("MOE_KERNELS_DOWN_BWD", "fused")
+    assert experts.split_down_backward_tile(largest) is None
+    monkeypatch.setenv("MOE_KERNELS_DOWN_BWD", "two")
+    with pytest.raises(ValueError, match="MOE_KERNELS_DOWN_BWD"):
+        experts.split_down_backward_tile(largest)
+
+
 def test_group_m_choice_is_explicit(monkeypatch):
     from moe_kernels.triton import experts
 
