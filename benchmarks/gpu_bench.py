@@ -272,6 +272,16 @@ def paired_dot_applies(shape: MoEShape, tokens: int) -> bool:
     return shape.gated and tokens > 1 and on_hopper
 
 
+def split_down_backward_applies(shape: MoEShape, tokens: int) -> bool:
+    """Whether triton's backward through the down GEMM runs split by default here (the 16-bit config entry in force
+    has a 'split' down_bwd tile: configs.json's class of the most rows per expert; experts.split_down_backward_tile),
+    so that MOE_KERNELS_DOWN_BWD=fused changes something."""
+    from moe_kernels.triton import configs
+
+    device = torch.device("cuda") if torch.cuda.is_available() else None
+    return "split" in configs.mlp_config(tokens * shape.top_k, shape.experts, shape.inter, device=device)["down_bwd"]
+
+
 def moe_providers(shape: MoEShape, tokens: int, device, dtype, notes: dict, hf_experts) -> dict:
     """name -> callable(inputs) that runs the expert MLP and returns its output. ``hf_experts``: the transformers
     module of the shape's form (``_hf_experts``), None when this transformers lacks it."""
@@ -304,6 +314,12 @@ def moe_providers(shape: MoEShape, tokens: int, device, dtype, notes: dict, hf_e
             # and the Triton weight-gradient kernel's order (expert-major by default; sm80's only way) the same way
             providers["moe_kernels:triton[wgrad=triton,group_m=0]"] = _moe_kernels_provider(
                 "triton", shape, {"MOE_KERNELS_WGRAD": "triton", "MOE_KERNELS_GROUP_M": "0"})
+        if split_down_backward_applies(shape, tokens):
+            # the backward through the down GEMM in two passes (G with a wide tile, then the elementwise activation
+            # backward; the default at the most rows per expert, chosen by arithmetic) against the fused kernel
+            fused = providers["moe_kernels:triton[down_bwd=fused]"] = _moe_kernels_provider(
+                "triton", shape, {"MOE_KERNELS_DOWN_BWD": "fused"})
+            fused.backward_only = True  # the forward is the same
         if paired_dot_applies(shape, tokens):
             # the gate/up GEMM as one dot over gate and up rows (the default for 16-bit gated experts on sm90+:
             # warpgroup MMA twice as wide) against the two dots of runs 1-3
@@ -453,7 +469,9 @@ def run_moe_case(shape, tokens, device, dtype, ceilings, args, rows, notes):
             notes.setdefault(name, set()).add(f"failed at {shape.name} T={tokens}: {type(exc).__name__}: "
                                                f"{str(exc).splitlines()[0][:120]}")
     del ref
-    fwd_calls = {name: (lambda i, fn=fn: _no_grad_call(fn, sets[i])) for name, fn in working.items()}
+    # backward_only: a variant whose forward is a provider's above (timed once there)
+    fwd_calls = {name: (lambda i, fn=fn: _no_grad_call(fn, sets[i])) for name, fn in working.items()
+                 if not getattr(fn, "backward_only", False)}
     fwd = time_interleaved(fwd_calls, device, args.warmup, args.repeats)
     bwd_calls = {name: (lambda i, fn=working[name]: _fwd_bwd_call(fn, sets[i], leaves(sets[i])))
                  for name in bwd_names}

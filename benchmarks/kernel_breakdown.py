@@ -40,13 +40,18 @@ QUICK = [("Qwen3-30B-A3B", (64, 4096, 16384)), ("Mixtral-8x7B", (1, 4096))]
 # rows per expert; common.tile_and_column), per kernel.
 # triton[paired=0] (opt-in, --backends cuda,triton,triton[paired=0]): the gate/up GEMM as two dots (runs 1-3) beside
 # the paired dot (the default on sm90+); gpu_bench times the same pair whole by default.
+# triton[down_bwd=fused]: the fused backward through the down GEMM (runs 1-3) beside the split one (the default at
+# the most rows per expert, experts.split_down_backward_tile), per kernel.
 # triton[wgrad=triton] (and with group_m=0): the Triton weight-gradient kernel where the default on sm90 is torch's
 # grouped GEMM, in its expert-major order and in the old one (opt-in: --backends cuda,triton,triton[wgrad=triton]).
 VARIANTS = {"triton[group_m=0]": ("triton", {"MOE_KERNELS_GROUP_M": "0"}, gpu_bench.group_order_applies),
             "triton[paired=0]": ("triton", {"MOE_KERNELS_PAIRED_DOT": "0"}, gpu_bench.paired_dot_applies),
+            "triton[down_bwd=fused]": ("triton", {"MOE_KERNELS_DOWN_BWD": "fused"},
+                                       gpu_bench.split_down_backward_applies),
             "triton[wgrad=triton]": ("triton", {"MOE_KERNELS_WGRAD": "triton"}, lambda shape, tokens: True),
             "triton[wgrad=triton,group_m=0]": ("triton", {"MOE_KERNELS_WGRAD": "triton", "MOE_KERNELS_GROUP_M": "0"},
                                                gpu_bench.group_order_applies)}
+BACKWARD_ONLY = {"triton[down_bwd=fused]"}
 DRY = [("tiny", (1, 7, 48))]  # 48 tokens: above 16 rows per expert, where triton[group_m=0] runs
 COLUMNS = ["case", "tokens", "backend", "pass", "wall_ms", "kernel_ms", "launches", "gpu_idle", "floor_ms",
            "kernel", "kernel_launches", "kernel_ms_each_call", "share"]
@@ -133,7 +138,7 @@ def main(argv=None) -> int:
                         help="comma-separated name prefixes of gpu_bench's shapes (default: Qwen3, Mixtral)")
     parser.add_argument("--tokens", help="comma-separated token counts (default per shape: Qwen3 64,4096,16384; "
                                          "Mixtral 1,4096)")
-    parser.add_argument("--backends", default="cuda,triton,triton[group_m=0]",
+    parser.add_argument("--backends", default="cuda,triton,triton[group_m=0],triton[down_bwd=fused]",
                         help=f"comma-separated backends, or variants of one: {', '.join(VARIANTS)}")
     parser.add_argument("--passes", default="fwd,fwdbwd")
     parser.add_argument("--iters", type=int, default=5)
@@ -179,8 +184,12 @@ def main(argv=None) -> int:
             for backend in backends:
                 if backend in VARIANTS and not VARIANTS[backend][2](shapes[name], tokens):
                     continue  # the variant changes nothing at this shape
+                # a backward-only variant: its forward is the backend's (profiled once there)
+                case_passes = [p for p in passes if p == "fwdbwd"] if backend in BACKWARD_ONLY else passes
+                if not case_passes:
+                    continue
                 try:
-                    case = run_case(shapes[name], tokens, backend, passes, device, dtype, ceilings, args.iters)
+                    case = run_case(shapes[name], tokens, backend, case_passes, device, dtype, ceilings, args.iters)
                 except Exception as exc:  # noqa: BLE001 - one failing case is reported, the rest still run
                     print(f"[kernel_breakdown] {name} T={tokens} {backend}: {type(exc).__name__}: {exc}")
                     failed += 1

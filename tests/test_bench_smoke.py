@@ -226,6 +226,22 @@ def test_gpu_bench_graph_replays_leave_out_what_cannot_be_captured():
     assert gpu_bench._graph_table([r for r in rows if r["pass"] == "fwd"]) == []
 
 
+def test_gpu_bench_times_the_fused_down_backward_where_the_split_one_is_the_default():
+    """triton[down_bwd=fused] (gpu_bench and kernel_breakdown) runs where the config entry in force splits the
+    backward through the down GEMM: configs.json's class of the most rows per expert (Qwen3-30B-A3B T=16384: 1024 rows
+    per expert; Mixtral T=4096 likewise), not at T=64 or T=4096 on Qwen3 (4 and 256 rows per expert)."""
+    from moe_testing import benchmark_script
+
+    gpu_bench = benchmark_script("gpu_bench")
+    shapes = {shape.name: shape for shape in gpu_bench.MOE_SHAPES}
+    qwen3 = next(shape for name, shape in shapes.items() if name.startswith("Qwen3"))
+    mixtral = next(shape for name, shape in shapes.items() if name.startswith("Mixtral"))
+    assert gpu_bench.split_down_backward_applies(qwen3, 16384) and gpu_bench.split_down_backward_applies(mixtral, 4096)
+    assert not gpu_bench.split_down_backward_applies(qwen3, 64)
+    assert not gpu_bench.split_down_backward_applies(qwen3, 4096)
+    assert "triton[down_bwd=fused]" in benchmark_script("kernel_breakdown").BACKWARD_ONLY
+
+
 def test_kernel_breakdown_attributes_each_call_to_its_operators(tmp_path, capsys):
     """benchmarks/kernel_breakdown.py and bench.timing.kernel_times, without a GPU: the profiled events of one call
     are counted per call (two matmuls and an add, three calls), ranked by time, and the Markdown lists them with an
@@ -253,11 +269,12 @@ def test_kernel_breakdown_attributes_each_call_to_its_operators(tmp_path, capsys
         return
     out = tmp_path / "breakdown"
     assert breakdown.main(["--dry-run", "--out", str(out), "--tokens", "1,48", "--passes", "fwd", "--iters", "1",
-                           "--backends", "triton,triton[group_m=0]"]) == 0
+                           "--backends", "triton,triton[group_m=0],triton[down_bwd=fused]"]) == 0
     with open(out / "kernel_breakdown.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     cases = {(r["case"], r["tokens"], r["backend"], r["pass"]) for r in rows}
-    # the launch-order variant only where it changes something: above 16 rows per expert (48 * 2 > 16 * 5)
+    # the launch-order variant only where it changes something: above 16 rows per expert (48 * 2 > 16 * 5); the fused
+    # down backward (backward only) neither at this size nor in a forward-only run
     assert rows and cases == {("tiny", "1", "triton", "fwd"), ("tiny", "48", "triton", "fwd"),
                               ("tiny", "48", "triton[group_m=0]", "fwd")}
     assert any(r["kernel"].startswith("moe_kernels_triton::") for r in rows)

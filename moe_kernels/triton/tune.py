@@ -76,6 +76,11 @@ def _gemm(m, n, k, warps, stages):
     return {"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "num_warps": warps, "num_stages": stages}
 
 
+def _split(n, k, warps, stages):
+    """The G GEMM tile of the split down backward (its rows: the down_bwd tile's BLOCK_M)."""
+    return {"BLOCK_N": n, "BLOCK_K": k, "num_warps": warps, "num_stages": stages}
+
+
 def _outer(i, j, p, warps, stages):
     return {"BLOCK_I": i, "BLOCK_J": j, "BLOCK_P": p, "num_warps": warps, "num_stages": stages}
 
@@ -111,7 +116,12 @@ CANDIDATES = (
      "up": [_gemm(128, 64, 64, 8, 3), _gemm(128, 64, 64, 8, 4), _gemm(128, 32, 64, 8, 3), _gemm(64, 64, 64, 8, 3),
             _gemm(64, 128, 64, 8, 3), _gemm(128, 64, 32, 8, 4), _gemm(128, 64, 32, 8, 3), _gemm(128, 32, 128, 8, 3)],
      "down_bwd": [_gemm(128, 32, 64, 8, 3), _gemm(128, 32, 64, 8, 4), _gemm(64, 64, 64, 8, 3), _gemm(64, 32, 64, 4, 3),
-                  _gemm(128, 32, 128, 8, 3), _gemm(64, 64, 32, 8, 4), _gemm(128, 16, 64, 8, 3), _gemm(64, 32, 128, 4, 3)],
+                  _gemm(128, 32, 128, 8, 3), _gemm(64, 64, 32, 8, 4), _gemm(128, 16, 64, 8, 3), _gemm(64, 32, 128, 4, 3),
+                  # the split form (experts.split_down_backward_tile; the shipped one of this class): G's tile
+                  dict(_gemm(128, 32, 64, 8, 3), split=_split(128, 64, 8, 4)),
+                  dict(_gemm(128, 32, 64, 8, 3), split=_split(256, 64, 8, 3)),
+                  dict(_gemm(64, 64, 64, 8, 3), split=_split(128, 64, 4, 3)),
+                  dict(_gemm(128, 32, 64, 8, 3), split=_split(64, 64, 8, 3))],
      "dw": [_outer(128, 128, 32, 8, 3), _outer(128, 128, 64, 8, 3), _outer(128, 128, 64, 8, 4),
             _outer(128, 128, 32, 8, 4), _outer(256, 128, 32, 8, 3), _outer(64, 128, 32, 4, 3)]},
 )
@@ -221,7 +231,10 @@ def candidates_for(kernel: str, class_index: int, dry_run: bool) -> list[dict]:
 def _label(cfg: dict) -> str:
     blocks = "x".join(str(value) for key, value in cfg.items() if key.startswith("BLOCK"))
     order = f" g{cfg['GROUP_M']}" if "GROUP_M" in cfg else ""
-    return f"{blocks} w{cfg['num_warps']} s{cfg['num_stages']}{order}"
+    split = cfg.get("split")  # down_bwd's split form: G's tile
+    form = (f" split {split['BLOCK_N']}x{split['BLOCK_K']} w{split['num_warps']} s{split['num_stages']}" if split
+            else "")
+    return f"{blocks} w{cfg['num_warps']} s{cfg['num_stages']}{order}{form}"
 
 
 def _kernel_entry(entry: dict) -> dict:
