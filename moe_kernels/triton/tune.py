@@ -87,7 +87,8 @@ def _outer(i, j, p, warps, stages):
 
 # Candidate tiles per rows-per-expert class of configs.json's 'mlp' family (index 0: the fewest rows). "gemm"
 # serves down and dx; "up" (BLOCK_N intermediate columns, two accumulators) and "down_bwd" (the activation's
-# backward in its epilogue) hold more per thread and have lists of their own; 'dw' is the per-expert
+# backward in its epilogue; with a 'split' tile, that backward's split form instead: G as a plain GEMM with that
+# tile, then an elementwise pass) hold more per thread and have lists of their own; 'dw' is the per-expert
 # weight-gradient kernel (BLOCK_P rows per step). Few rows per expert: the weights are read once per row tile, so
 # narrow M and wide K/N; many rows: the large tiles of a compute-bound GEMM. Every candidate compiles for sm_80 and
 # sm_90 without spills (the larger tiles of 'up' and 'down_bwd' that spilled were dropped), so a tuned table can
@@ -107,7 +108,10 @@ CANDIDATES = (
      "up": [_gemm(64, 64, 64, 8, 3), _gemm(64, 128, 64, 8, 3), _gemm(64, 64, 32, 4, 3), _gemm(32, 64, 64, 4, 3),
             _gemm(32, 64, 128, 4, 3), _gemm(128, 64, 64, 8, 3), _gemm(64, 32, 64, 4, 4), _gemm(128, 32, 64, 8, 3)],
      "down_bwd": [_gemm(64, 64, 64, 8, 3), _gemm(32, 64, 64, 4, 3), _gemm(64, 32, 64, 4, 3), _gemm(64, 32, 64, 8, 3),
-                  _gemm(32, 32, 64, 4, 3), _gemm(64, 64, 32, 8, 3), _gemm(128, 32, 64, 8, 3), _gemm(32, 64, 128, 4, 3)],
+                  _gemm(32, 32, 64, 4, 3), _gemm(64, 64, 32, 8, 3), _gemm(128, 32, 64, 8, 3), _gemm(32, 64, 128, 4, 3),
+                  # the split form (experts.split_down_backward_tile), not shipped at this class
+                  dict(_gemm(64, 64, 64, 8, 3), split=_split(128, 64, 8, 3)),
+                  dict(_gemm(64, 64, 64, 8, 3), split=_split(128, 64, 4, 3))],
      "dw": [_outer(64, 64, 32, 4, 3), _outer(128, 128, 32, 8, 3), _outer(128, 64, 32, 4, 3), _outer(64, 128, 32, 4, 3),
             _outer(128, 128, 64, 8, 3), _outer(64, 64, 64, 4, 3)]},
     {"gemm": [_gemm(128, 64, 64, 8, 3), _gemm(128, 128, 64, 8, 3), _gemm(128, 128, 64, 8, 4),
