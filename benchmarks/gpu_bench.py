@@ -729,8 +729,9 @@ def render_markdown(rows, info, ceilings, notes) -> str:
             for p in providers:
                 a, b = by.get((p, "fwd")), by.get((p, "fwdbwd"))
                 cell = f"{_fmt(a['ms']) if a else '-'} / {_fmt(b['ms']) if b else '-'}"
-                if a and a.get(ratio_key) is not None and p.startswith("moe_kernels"):
-                    cell += f" ({_fmt(a.get(ratio_key), 2)}× / {_fmt(b.get(ratio_key), 2) if b else '-'}×)"
+                ratios = [_fmt(r.get(ratio_key), 2) if r and r.get(ratio_key) is not None else "-" for r in (a, b)]
+                if p.startswith("moe_kernels") and ratios != ["-", "-"]:  # a backward-only variant has no fwd cell
+                    cell += f" ({ratios[0]}× / {ratios[1]}×)"
                 cells.append(cell)
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")

@@ -240,6 +240,15 @@ def test_gpu_bench_times_the_fused_down_backward_where_the_split_one_is_the_defa
     assert not gpu_bench.split_down_backward_applies(qwen3, 64)
     assert not gpu_bench.split_down_backward_applies(qwen3, 4096)
     assert "triton[down_bwd=fused]" in benchmark_script("kernel_breakdown").BACKWARD_ONLY
+    # its Markdown cell: no forward, the fwd+bwd time and its ratio to grouped_mm
+    rows = [{"suite": "moe", "case": "Qwen3", "tokens": 16384, "provider": provider, "pass": pass_name, "ms": ms,
+             "floor_ms": 1.0, "vs_grouped_mm": ratio}
+            for provider, pass_name, ms, ratio in (("moe_kernels:triton", "fwd", 4.0, 1.5),
+                                                   ("moe_kernels:triton", "fwdbwd", 12.0, 1.3),
+                                                   ("moe_kernels:triton[down_bwd=fused]", "fwdbwd", 15.0, 1.0))]
+    markdown = gpu_bench.render_markdown(rows, {"gpu": "none"}, {"copy_bytes_per_s": 1e12, "matmul_flops": 1e15}, {})
+    row = next(line for line in markdown.splitlines() if line.startswith("| Qwen3 | 16384 |"))
+    assert row.endswith("| 4 / 12 (1.5× / 1.3×) | - / 15 (-× / 1×) |"), row
 
 
 def test_kernel_breakdown_attributes_each_call_to_its_operators(tmp_path, capsys):
