@@ -372,6 +372,34 @@ def test_split_down_backward_equals_the_fused_kernel(form, tokens, dtype, monkey
         assert_close_rel(a, b, dtype, name)
 
 
+def test_split_down_backward_at_the_shipped_tiles(monkeypatch):
+    """The class of the most rows per expert (280 here) with configs.json's own tiles, bf16: the backward splits by
+    default (the 128-row tile map the forward made, G's 128x128 tile) and agrees with the fused kernel and the
+    oracle; 5 experts with one empty, I = 200 and H = 80 leave partial column and K tiles."""
+    monkeypatch.delenv("MOE_KERNELS_DOWN_BWD", raising=False)
+    x, gate_up, down, weights, ids, _, _ = seeded_mlp_inputs(700, 80, 200, 5, 2, "skip_last", dtype=torch.bfloat16)
+    leaves = [t.requires_grad_(True) for t in (x, gate_up, down, weights)]
+    grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(3)).to(x.device, x.dtype)
+    launched = []
+    on_triton_launch(monkeypatch, lambda name, args: launched.append(name))
+
+    def run():
+        launched.clear()
+        y = ops.moe_mlp(x, gate_up, down, weights, ids, backend="triton")
+        return (y, *torch.autograd.grad(y, leaves, grad_y)), set(launched)
+
+    split, kernels = run()
+    assert "_activation_backward_kernel" in kernels and "_down_backward_kernel" not in kernels
+    monkeypatch.setenv("MOE_KERNELS_DOWN_BWD", "fused")
+    fused, kernels = run()
+    assert "_down_backward_kernel" in kernels
+    y = reference.moe_mlp(*(t.float() for t in (x, gate_up, down, weights)), ids)
+    want = (y, *torch.autograd.grad(y, leaves, grad_y.float()))
+    for name, a, b, c in zip(("y", "dx", "d gate_up", "d down", "d weights"), split, fused, want):
+        assert_close_rel(a, c, torch.bfloat16, f"split {name}")
+        assert_close_rel(b, c, torch.bfloat16, f"fused {name}")
+
+
 def test_split_down_backward_choice_is_explicit(monkeypatch):
     """The split form runs where the entry's down_bwd has a 'split' tile (configs.json: the class of the most rows per
     expert), with down_bwd's rows and program order (the forward's tile map); MOE_KERNELS_DOWN_BWD forces either form
