@@ -451,7 +451,8 @@ def _activation_backward(grad_act, bias_dot, rows, row_mask, slots, cols, col_ma
                          grad_pre_ptr, grad_w_partial_ptr, inter, num_col_tiles, limit, gate_cap, up_cap,
                          ACTIVATION: tl.constexpr, INTERLEAVED: tl.constexpr, GATED: tl.constexpr,
                          HAS_LIMIT: tl.constexpr):
-    """The down GEMM's backward after G: for a [rows, cols] tile of G = ``grad_act`` (fp32; d act / route_w),
+    """The down GEMM's backward after G: for a [rows, cols] tile of G = ``grad_act`` (fp32: dy @ W_d, the gradient
+    of act before the routing weight's factor),
     recomputes act from pre, stores grad_pre = d(act)/d(pre) * route_w * G and this column tile's partial
     <act, G> (+ ``bias_dot``) of each slot's d(routing weight) at grad_w_partial[slot, col_tile]. The epilogue of
     ``_down_backward_kernel`` and the body of ``_activation_backward_kernel`` (the split form)."""
