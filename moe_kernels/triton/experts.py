@@ -149,6 +149,20 @@ def _pre_width(inter, GATED: tl.constexpr):
     return width
 
 
+@triton.jit
+def _load_pre(pre_ptr, rows, cols, mask, inter, INTERLEAVED: tl.constexpr, GATED: tl.constexpr):
+    """(gate, up) fp32 [rows, cols] tiles of pre [N, 2I] contiguous (columns laid out like W_gu's rows); not GATED:
+    pre [N, I], up = gate (unused)."""
+    gate_cols, up_cols = _gate_up_columns(cols, inter, INTERLEAVED)
+    pre_row = pre_ptr + rows.to(tl.int64)[:, None] * _pre_width(inter, GATED)
+    gate = tl.load(pre_row + gate_cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    if GATED:
+        up = tl.load(pre_row + up_cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    else:
+        up = gate  # unused
+    return gate, up
+
+
 # ----------------------------------------------------------------------------------------------------
 # kernels
 
@@ -456,22 +470,16 @@ def _activation_backward(grad_act, bias_dot, rows, row_mask, slots, cols, col_ma
     recomputes act from pre, stores grad_pre = d(act)/d(pre) * route_w * G and this column tile's partial
     <act, G> (+ ``bias_dot``) of each slot's d(routing weight) at grad_w_partial[slot, col_tile]. The epilogue of
     ``_down_backward_kernel`` and the body of ``_activation_backward_kernel`` (the split form)."""
-    gate_cols, up_cols = _gate_up_columns(cols, inter, INTERLEAVED)
     out_mask = row_mask[:, None] & col_mask[None, :]
-    pre_width = _pre_width(inter, GATED)
-    pre_row = pre_ptr + rows.to(tl.int64)[:, None] * pre_width
-    gate = tl.load(pre_row + gate_cols[None, :], mask=out_mask, other=0.0).to(tl.float32)
-    if GATED:
-        up = tl.load(pre_row + up_cols[None, :], mask=out_mask, other=0.0).to(tl.float32)
-    else:
-        up = gate  # unused
+    gate, up = _load_pre(pre_ptr, rows, cols, out_mask, inter, INTERLEAVED, GATED)
     act = gated_forward(gate, up, limit, gate_cap, up_cap, ACTIVATION, HAS_LIMIT, GATED)
     partial = tl.sum(tl.where(out_mask, act * grad_act, 0.0), axis=1) + bias_dot
     tl.store(grad_w_partial_ptr + slots.to(tl.int64) * num_col_tiles + col_tile, partial, mask=row_mask)
     route_w = tl.load(route_w_ptr + slots, mask=row_mask, other=0.0)
     d_gate, d_up = gated_backward(gate, up, grad_act * route_w[:, None], limit, gate_cap, up_cap, ACTIVATION,
                                   HAS_LIMIT, GATED)
-    grad_row = grad_pre_ptr + rows.to(tl.int64)[:, None] * pre_width
+    gate_cols, up_cols = _gate_up_columns(cols, inter, INTERLEAVED)
+    grad_row = grad_pre_ptr + rows.to(tl.int64)[:, None] * _pre_width(inter, GATED)
     tl.store(grad_row + gate_cols[None, :], d_gate.to(grad_pre_ptr.dtype.element_ty), mask=out_mask)
     if GATED:
         tl.store(grad_row + up_cols[None, :], d_up.to(grad_pre_ptr.dtype.element_ty), mask=out_mask)
@@ -598,13 +606,7 @@ def _gated_activation_kernel(pre_ptr, act_ptr, num_rows, inter, limit, gate_cap,
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows < num_rows)[:, None] & (cols < inter)[None, :]
-    gate_cols, up_cols = _gate_up_columns(cols, inter, INTERLEAVED)
-    pre_row = pre_ptr + rows.to(tl.int64)[:, None] * _pre_width(inter, GATED)
-    gate = tl.load(pre_row + gate_cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    if GATED:
-        up = tl.load(pre_row + up_cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    else:
-        up = gate  # unused
+    gate, up = _load_pre(pre_ptr, rows, cols, mask, inter, INTERLEAVED, GATED)
     act = gated_forward(gate, up, limit, gate_cap, up_cap, ACTIVATION, HAS_LIMIT, GATED)
     tl.store(act_ptr + rows.to(tl.int64)[:, None] * inter + cols[None, :], act.to(act_ptr.dtype.element_ty), mask=mask)
 
