@@ -163,11 +163,12 @@ if [ $skip_tests = 0 ]; then
   if t=$(cap "$tests_timeout"); then
     step "tests on the GPU: $(echo $gpu_tests | wc -w) files, at most ${t}s (log: $out/tests.log)"
     # worksteal: an idle worker takes queued tests from a busy one, so a few long tests do not hold the end
-    workers=$($python -c "import xdist" 2>/dev/null && echo "-n ${GPU_TEST_WORKERS:-12} --dist worksteal" || echo "")
+    test_workers=${GPU_TEST_WORKERS:-12}
+    workers=$($python -c "import xdist" 2>/dev/null && echo "-n $test_workers --dist worksteal" || echo "")
     # One CPU share per worker: each worker's torch would otherwise start as many OpenMP threads as the machine has
     # cores (16 workers x 16 threads on a 16-core machine), and the CPU-side work of every test (the fp32 oracle,
     # the CPU backends, the small index ops) then waits on the others' threads; inductor's compile pool likewise.
-    threads=$(( $(nproc) / ${GPU_TEST_WORKERS:-12} )); [ -n "$workers" ] || threads=$(nproc)
+    threads=$(( $(nproc) / test_workers )); [ -n "$workers" ] || threads=$(nproc)
     [ "$threads" -ge 1 ] || threads=1
     rm -f "$out/test_timings.log"
     OMP_NUM_THREADS=$threads MKL_NUM_THREADS=$threads TORCHINDUCTOR_COMPILE_THREADS=$threads \
