@@ -40,8 +40,9 @@ QUICK = [("Qwen3-30B-A3B", (64, 4096, 16384)), ("Mixtral-8x7B", (1, 4096))]
 # rows per expert; common.tile_and_column), per kernel.
 # triton[paired=0] (opt-in, --backends cuda,triton,triton[paired=0]): the gate/up GEMM as two dots (runs 1-3) beside
 # the paired dot (the default on sm90+); gpu_bench times the same pair whole by default.
-# triton[down_bwd=fused]: the fused backward through the down GEMM (runs 1-3) beside the split one (the default at
-# the most rows per expert, experts.split_down_backward_tile), per kernel.
+# triton[down_bwd=fused] (opt-in, backward only): the fused backward through the down GEMM (runs 1-3) beside the split
+# one (the default at the most rows per expert, experts.split_down_backward_tile), per kernel; gpu_bench times the
+# same pair whole by default.
 # triton[wgrad=triton] (and with group_m=0): the Triton weight-gradient kernel where the default on sm90 is torch's
 # grouped GEMM, in its expert-major order and in the old one (opt-in: --backends cuda,triton,triton[wgrad=triton]).
 VARIANTS = {"triton[group_m=0]": ("triton", {"MOE_KERNELS_GROUP_M": "0"}, gpu_bench.group_order_applies),
@@ -138,7 +139,7 @@ def main(argv=None) -> int:
                         help="comma-separated name prefixes of gpu_bench's shapes (default: Qwen3, Mixtral)")
     parser.add_argument("--tokens", help="comma-separated token counts (default per shape: Qwen3 64,4096,16384; "
                                          "Mixtral 1,4096)")
-    parser.add_argument("--backends", default="cuda,triton,triton[group_m=0],triton[down_bwd=fused]",
+    parser.add_argument("--backends", default="cuda,triton,triton[group_m=0]",
                         help=f"comma-separated backends, or variants of one: {', '.join(VARIANTS)}")
     parser.add_argument("--passes", default="fwd,fwdbwd")
     parser.add_argument("--iters", type=int, default=5)
