@@ -273,13 +273,14 @@ def paired_dot_applies(shape: MoEShape, tokens: int) -> bool:
 
 
 def split_down_backward_applies(shape: MoEShape, tokens: int) -> bool:
-    """Whether triton's backward through the down GEMM runs split by default here (the 16-bit config entry in force
-    has a 'split' down_bwd tile: configs.json's class of the most rows per expert; experts.split_down_backward_tile),
-    so that MOE_KERNELS_DOWN_BWD=fused changes something."""
-    from moe_kernels.triton import configs
+    """Whether triton's backward through the down GEMM runs split here (experts.split_down_backward_tile for the 16-bit
+    config entry in force: by default configs.json's class of the most rows per expert), so that
+    MOE_KERNELS_DOWN_BWD=fused changes something."""
+    from moe_kernels.triton import configs, experts
 
     device = torch.device("cuda") if torch.cuda.is_available() else None
-    return "split" in configs.mlp_config(tokens * shape.top_k, shape.experts, shape.inter, device=device)["down_bwd"]
+    entry = configs.mlp_config(tokens * shape.top_k, shape.experts, shape.inter, device=device)
+    return experts.split_down_backward_tile(entry) is not None
 
 
 def moe_providers(shape: MoEShape, tokens: int, device, dtype, notes: dict, hf_experts) -> dict:
