@@ -10,7 +10,7 @@ their gradients; the fused form works through chunks of tokens.
   the process's peak resident set (``ru_maxrss``) over its resident set just before the step, i.e.
   what the step allocates beyond its inputs (CPU; glibc told to return large blocks, see MALLOC_*).
   Both wall time and process CPU time (all threads) are shown: on a shared machine CPU time is the
-  steadier of the two.
+  steadier of the two. ``BENCH_THREADS`` sets torch's thread count (default 2).
 """
 
 from __future__ import annotations

@@ -25,9 +25,12 @@
 #                 on cuda and triton, forward and forward+backward (kernel_breakdown.md: time per kernel, launches,
 #                 the share of each call the GPU sat idle)
 #     --hf-speed  end with integration/example_hf_speed.py in bf16 (patched vs unpatched whole model), eager (with
-#                 one decode step of each profiled: kernels, their time, GPU idle share) and then with transformers'
-#                 compiled static-cache decoding (--compile)
+#                 one decode step of each profiled: kernels, their time, GPU idle share; and the patched decode also
+#                 replayed from CUDA graphs, --decode-graphs) and then with transformers' compiled static-cache
+#                 decoding (--compile)
 #   bash benchmarks/gpu_check.sh --dry-run   # no GPU: CPU build, interpreter, tiny shapes (CI runs this)
+# Environment: GPU_TEST_WORKERS (pytest-xdist workers for the GPU tests, default 12), MAX_JOBS (build jobs, default
+# 16), PYTHON (the interpreter, default python3), OUT (the default --out).
 #
 # Wheels missing on the GPU machine (no network there) are installed from .whl/ when that folder exists. The
 # lent machines have transformers 5.17, below the supported floor (5.21): carry the pinned one too. Before the

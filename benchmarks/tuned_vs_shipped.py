@@ -120,6 +120,7 @@ def main(argv=None) -> int:
         if not kept:
             print(f"no entry won: nothing to ship, {args.out} not written")
             return 0
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)  # configs/ holds no table yet
         with open(args.out, "w") as f:
             json.dump(table, f, indent=2)
         print(f"wrote {kept} winning entries to {args.out}")

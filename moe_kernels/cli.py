@@ -5,6 +5,7 @@
     moe-kernels bench [--quick] ...       benchmark suites (see benchmarks/)
     moe-kernels craft SRC DST ...         PESC: turn a dense HF checkpoint into an adapter-MoE one
     moe-kernels compile-check --arch ...  ahead-of-time compile of every Triton kernel, registers/spills
+    moe-kernels tune [--triton] ...       measure this GPU: the auto backend table, or the Triton tiles
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def cmd_info(args) -> int:
         print(f"CUDA device: {torch.cuda.get_device_name()} (torch CUDA {torch.version.cuda})")
     else:
         print("CUDA device: none")
-    print(f"CUDA arch list (build): {os.environ.get('TORCH_CUDA_ARCH_LIST', '8.0;9.0')}"
+    print(f"CUDA archs a build from this shell targets (TORCH_CUDA_ARCH_LIST): "
+          f"{os.environ.get('TORCH_CUDA_ARCH_LIST', '8.0;9.0')}"
           + (f"; torch built for {' '.join(torch.cuda.get_arch_list())}" if torch.version.cuda else ""))
     from moe_kernels.backend_table import describe
 

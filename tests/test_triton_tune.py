@@ -4,6 +4,7 @@ the interpreter. Runs without a GPU (a GPU model is named by hand where a lookup
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 
@@ -459,6 +460,29 @@ def test_tuned_vs_shipped_maps_cells_to_entries_and_ships_only_clear_wins(tmp_pa
     # Mixtral's width takes the decode tiles for one token: its replayed T = 1 cells are the decode entry's
     assert tvs.entry_key(next(s for s in tvs.gpu_bench.MOE_SHAPES if s.name == mixtral), 1, "fwd_graph") == \
         ("mlp_decode", (4097, None))
+
+
+def test_tuned_vs_shipped_writes_the_winners_into_a_folder_not_made_yet(tmp_path):
+    """The lease plan's command writes into moe_kernels/triton/configs/, which holds no table yet: the script makes
+    the folder, and the file holds the winning entry only."""
+    tvs = _tuned_vs_shipped()
+    qwen = "Qwen3-30B-A3B"
+    rows = []
+    for tokens, pass_, tuned in [(64, "fwd", 0.9), (64, "fwdbwd", 0.92), (4096, "fwd", 1.1), (4096, "fwdbwd", 1.1)]:
+        rows += [_bench_row(qwen, tokens, pass_, tvs.TUNED, tuned), _bench_row(qwen, tokens, pass_, tvs.SHIPPED, 1.0)]
+    bench_csv = tmp_path / "gpu_bench.csv"
+    with open(bench_csv, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    small = {"min_inter": None, "max_inter": 1024, "min_rows_per_expert": None, "max_rows_per_expert": 16,
+             "up": {"BLOCK_M": 16}}
+    middle = dict(small, min_rows_per_expert=17, max_rows_per_expert=256)
+    tuned = tmp_path / "tuned.json"
+    tuned.write_text(json.dumps({"device": "Fake GPU", "how": {}, "mlp": [small, middle]}))
+    out = tmp_path / "configs" / "Fake GPU.json"
+    assert tvs.main([str(bench_csv), "--tuned", str(tuned), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["mlp"] == [small]
 
 
 def test_tuned_vs_shipped_on_the_h200_run_3_ships_nothing(tmp_path, capsys):

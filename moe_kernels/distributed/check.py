@@ -2,12 +2,12 @@
 
     python -m moe_kernels.distributed.check --world-size 4 [--backend gloo] [--moe-backend cpu]
 
-Spawns ``world-size`` processes on this machine (gloo on the CPU; nccl with --device cuda), gives each
-rank its own tokens (one rank none at all, in one case), and checks outputs and gradients of inputs,
-local experts and replicated parameters against one process running everything. Cases: random routing,
-all tokens routed to rank 0's experts (every other rank receives nothing), a rank without tokens, the
-adapter-MoE variant, bf16, and a tiny Hugging Face Mixtral with its experts sharded. Exits non-zero on any
-mismatch.
+Spawns ``world-size`` processes on this machine, each on the CPU (``--backend``: the torch.distributed backend,
+gloo), gives each rank its own tokens (one rank none at all, in one case), and checks outputs and gradients of
+inputs, local experts and replicated parameters against one process running everything. Cases: random routing,
+all tokens routed to rank 0's experts (every other rank receives nothing), a rank without tokens, bf16, experts
+without a gate, the adapter-MoE variant, and tiny Hugging Face Mixtral and Nemotron-H models with their experts
+sharded. Exits non-zero on any mismatch.
 """
 
 from __future__ import annotations

@@ -8,10 +8,10 @@ configs, and read in this order for a launch on a CUDA device:
 1. the user's tuned table for the GPU model, written by ``moe-kernels tune --triton``
    (:func:`user_configs_path`: ``$MOE_KERNELS_CACHE_DIR``, else ``$XDG_CACHE_HOME/moe_kernels``, else
    ``~/.cache/moe_kernels``, folder ``triton_configs``);
-2. the table shipped for the GPU model (``moe_kernels/triton/configs/<GPU name>.json``);
+2. the table shipped for the GPU model (``moe_kernels/triton/configs/<GPU name>.json``; none is shipped yet);
 3. ``configs.json`` (or the file ``MOE_KERNELS_TRITON_CONFIGS`` names, which replaces all three).
 
-A per-GPU table holds only the families it tunes (``mlp`` and ``mlp_decode``); its entries are tried before the base
+A per-GPU table holds only the families it tunes (:data:`TUNED_FAMILIES`); its entries are tried before the base
 table's, and carry ``min_*`` as well as ``max_*`` bounds. The tables are read once per process and GPU model
 (:func:`clear_cache` rereads them). The compile check (:mod:`moe_kernels.triton.compile_check`) compiles
 every entry of ``configs.json`` and of the shipped per-GPU tables for every target GPU.
