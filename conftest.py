@@ -44,3 +44,47 @@ def pytest_runtest_logstart(nodeid, location):
 def pytest_runtest_logreport(report):
     if _TIMING_LOG and (report.when == "call" or report.outcome != "passed"):
         _timing_line(f"{report.duration:.2f} {report.outcome} {report.when} {report.nodeid}")
+
+
+def _last_logits(model, prefix: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=prefix[None]).logits[0, -1].float()
+
+
+def _greedy_parity(base, patched, prompt, want, got, dtype, tol: float = 3e-2) -> None:
+    """Greedy tokens of a patched model (``got``) against the unpatched model's (``want``), both 1-D new tokens after
+    ``prompt`` [1, P]. In fp32 they must be equal. In a 16-bit dtype a divergence is accepted at its first step only
+    where it is explained: on the shared prefix, the patched next-token logits agree with the unpatched ones within
+    ``tol`` (norm-wise; where rounding flipped a routing choice, no further from the fp32 logits than twice the
+    unpatched model's own distance), and the unpatched model's margin for its token over the patched model's choice
+    is within twice the largest difference between the two sets of logits. A patched model that computes something
+    else fails at its first token instead of passing as a near tie."""
+    assert want.shape == got.shape, f"{got.tolist()} vs {want.tolist()}"
+    if dtype == torch.float32:
+        assert torch.equal(got, want), f"{got.tolist()} != {want.tolist()}"
+        return
+    differ = (got != want).nonzero()
+    if not len(differ):
+        return
+    step = int(differ[0])
+    prefix = torch.cat([prompt[0], want[:step]])
+    ref, ours = _last_logits(base, prefix), _last_logits(patched, prefix)
+    err = (ours - ref).norm().item() / max(ref.norm().item(), 1e-12)
+    if err > tol:
+        import copy
+
+        truth = _last_logits(copy.deepcopy(base).float(), prefix)
+        ours_vs, theirs_vs = ((x - truth).norm().item() / max(truth.norm().item(), 1e-12) for x in (ours, ref))
+        assert ours_vs <= max(tol, 2 * theirs_vs), (
+            f"step {step}: tokens diverge ({got.tolist()} vs {want.tolist()}); next-token logits {err:.2e} from the "
+            f"unpatched model's, {ours_vs:.2e} from fp32 against its {theirs_vs:.2e}")
+    margin = (ref[want[step]] - ref[got[step]]).item()
+    assert margin <= 2 * (ours - ref).abs().max().item(), (
+        f"step {step}: tokens diverge ({got.tolist()} vs {want.tolist()}) with a margin of {margin:.3g} in the "
+        f"unpatched logits, more than the two models' logits differ")
+
+
+@pytest.fixture
+def greedy_parity():
+    """The check of greedy tokens, patched against unpatched (see ``_greedy_parity``), for tests/ and integration/."""
+    return _greedy_parity

@@ -90,12 +90,12 @@ def test_patched_model_matches_transformers(backend, family, dtype):
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_compiled_static_cache_generate(backend, family, monkeypatch):
+def test_compiled_static_cache_generate(backend, family, monkeypatch, greedy_parity):
     """transformers' compiled decoding (static cache; on CUDA its default compile config: inductor with CUDA graphs,
     which needs every MoE layer free of host syncs and graph breaks) gives the greedy tokens of eager unpatched
     decoding. On CUDA in bf16 (what serving runs; the cuda backend's fp32 experts fall back to a loop that reads
-    the offsets on the host, which a CUDA graph cannot hold), a divergence is accepted only at a near tie of the
-    unpatched model's two best logits; on the CPU in fp32, exactly."""
+    the offsets on the host, which a CUDA graph cannot hold), a divergence is accepted only where bf16 noise between
+    the two models' next-token logits explains it (conftest.py, ``_greedy_parity``); on the CPU in fp32, exactly."""
     dtype = torch.bfloat16 if GPU else torch.float32
     base = build(family, dtype).eval()
     model = patched(base, backend)
@@ -109,7 +109,7 @@ def test_compiled_static_cache_generate(backend, family, monkeypatch):
     torch._dynamo.reset()
     with torch.no_grad(), monkeypatch.context() as patch:
         patch.setattr(torch, "compile", lambda *a, **kw: compiled.append(kw) or real_compile(*a, **kw))
-        want = base.generate(prompt, return_dict_in_generate=True, output_scores=True, **kwargs)
+        want = base.generate(prompt, **kwargs)
         try:
             got = model.generate(prompt, cache_implementation="static", compile_config=compile_config, **kwargs)
         except Exception as error:
@@ -120,14 +120,6 @@ def test_compiled_static_cache_generate(backend, family, monkeypatch):
                 pytest.skip(f"transformers' own compiled static-cache generate fails here too: {own!r}"[:500])
             raise error
     assert compiled, "generate did not compile the forward"
-    want_tokens, got_tokens = want.sequences[0, 5:], got[0, 5:]
+    want_tokens, got_tokens = want[0, 5:], got[0, 5:]
     assert got_tokens.numel() == want_tokens.numel() == 8
-    if dtype == torch.float32:
-        assert torch.equal(got_tokens, want_tokens), f"{got_tokens.tolist()} != {want_tokens.tolist()}"
-        return
-    for step in range(want_tokens.numel()):
-        if want_tokens[step] != got_tokens[step]:
-            top2 = want.scores[step][0].float().topk(2).values
-            assert (top2[0] - top2[1]).item() <= 0.1 * top2.abs().max().item() + 0.05, (
-                f"step {step}: {got_tokens.tolist()} != {want_tokens.tolist()} without a near tie")
-            break
+    greedy_parity(base, model, prompt, want_tokens, got_tokens, dtype)

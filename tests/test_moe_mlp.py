@@ -87,8 +87,10 @@ def test_moe_mlp_activations_and_layouts(backend, activation, interleaved, bias,
     out = moe_kernels.moe_mlp(*leaves, ids, gate_up_bias=gub, down_bias=db, backend=backend, **kwargs)
     ref = reference.moe_mlp(*leaves, ids, gate_up_bias=gub, down_bias=db, **kwargs)
     assert_close_rel(out, ref, torch.float32, "output")
-    grads = torch.autograd.grad(out.sum(), leaves + bias_leaves)
-    ref_grads = torch.autograd.grad(ref.sum(), leaves + bias_leaves)
+    # a random upstream gradient: with all ones (out.sum()) rows of it swapped between tokens would go unseen
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(12)).to(out.device)
+    grads = torch.autograd.grad(out, leaves + bias_leaves, upstream)
+    ref_grads = torch.autograd.grad(ref, leaves + bias_leaves, upstream)
     for g, r in zip(grads, ref_grads):
         assert_close_rel(g, r, torch.float32, "gradient", factor=5.0)
 
@@ -212,8 +214,9 @@ def test_cpu_moe_mlp_transposed_weight_views():
     out = moe_kernels.moe_mlp(*args, activation="gpt_oss", interleaved=True, swiglu_limit=7.0, backend="cpu")
     ref = reference.moe_mlp(*args, "gpt_oss", None, None, True, 7.0)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    got = torch.autograd.grad(out.sum(), (x, gate_up_storage, down_storage))
-    want = torch.autograd.grad(ref.sum(), (x, gate_up_storage, down_storage))
+    upstream = torch.randn(out.shape, generator=g)  # random: all ones would hide rows of it swapped between tokens
+    got = torch.autograd.grad(out, (x, gate_up_storage, down_storage), upstream)
+    want = torch.autograd.grad(ref, (x, gate_up_storage, down_storage), upstream)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 

@@ -81,8 +81,9 @@ def test_grouped_transposed_weight_views():
     out = native.grouped_expert_mlp(x, w1, w2, None, None, weights, ids, "gpt_oss", True, True, 7.0, 1.0)
     ref = reference.moe_mlp(x, w1, w2, weights, ids, "gpt_oss", None, None, True, 7.0)
     assert_close_rel(out, ref, torch.float32, "output")
-    got = torch.autograd.grad(out.sum(), (x, gate_up_storage, down_storage))
-    want = torch.autograd.grad(ref.sum(), (x, gate_up_storage, down_storage))
+    upstream = torch.randn(out.shape, generator=g)  # random: all ones would hide rows of it swapped between tokens
+    got = torch.autograd.grad(out, (x, gate_up_storage, down_storage), upstream)
+    want = torch.autograd.grad(ref, (x, gate_up_storage, down_storage), upstream)
     for a, b in zip(got, want):
         assert_close_rel(a, b, torch.float32, "grad", factor=2)
 
@@ -97,6 +98,10 @@ def test_grouped_without_grad_keeps_nothing_and_backward_refuses():
     assert xs.shape == (0, t["x"].shape[1]) and hidden.shape == (0, t["gate_up"].shape[1])
     ref = reference.moe_mlp(t["x"], t["gate_up"], t["down"], t["weights"], ids).detach()
     assert_close_rel(out, ref, torch.float32, "output")
+    # the backward needs the forward's kept rows: given the empty ones, it refuses instead of reading past them
+    with pytest.raises(RuntimeError, match="xs must be the forward's"):
+        ops.grouped_mlp_backward(torch.ones_like(out), xs, hidden, t["gate_up"], t["down"], None, None, t["weights"],
+                                 ids, *plan, "silu", True, False, None, 1.0)
 
 
 @needs_cpu_grouped

@@ -230,7 +230,7 @@ def _small_tiles(num_rows, num_experts, inter, *, fp32=False, device=None):
             "dw": {"BLOCK_I": 16, "BLOCK_J": 16, "BLOCK_P": 16, "num_warps": 4, "num_stages": 1}}
 
 
-@pytest.mark.parametrize("group", ["0", "1", "3"])
+@pytest.mark.parametrize("group", ["1", "2", "3"])
 def test_moe_mlp_results_do_not_depend_on_the_program_order(group, monkeypatch):
     """Forward and every gradient with the grouped program order (and the weight-gradient kernel's expert-major
     grid) equal the launch order's bit for bit (each output element is one program's, in the same reduction
