@@ -29,9 +29,9 @@ if native._C is None or not native.has_kernel("decode_mlp_forward", "CPU"):
 ops = torch.ops.moe_kernels
 DEVICES = ["cpu"] + (["cuda"] if CUDA_KERNELS else [])
 # (T, H, I, E, k, pattern): widths that take the CUDA kernels' 16-byte loads (H, I multiples of 8), T*k = 64 (the
-# most the cuda backend sends here), k = E, all on one expert
+# most the cuda backend sends here), k = E, all on one expert (k = 1: with k = E every expert has every token)
 DECODE_SHAPES = [(1, 64, 32, 8, 2, "random"), (4, 128, 48, 16, 4, "skip_last"), (8, 256, 64, 9, 8, "random"),
-                 (3, 40, 24, 5, 5, "one_expert")]
+                 (3, 40, 24, 5, 5, "random"), (5, 40, 24, 7, 1, "one_expert")]
 
 
 def _decode(t, ids, act_case, scale=1.0):
