@@ -125,11 +125,26 @@ def test_merge_baselines_through_peft(tmp_path):
     averaged.load_state_dict({k: v + sum((m[k] - v) / 3 for m in deltas) for k, v in state.items()})
     with torch.no_grad():
         assert rel_err(merged(tokens).logits, averaged(tokens).logits) < 1e-5
+    with torch.no_grad():
+        base_logits = base(tokens).logits
     for combination in ("ties", "dare_linear"):
+        torch.manual_seed(5)  # dare drops weights at random
         model = mkh.merge_adapters_baseline(base, dirs, combination_type=combination, density=0.5)
         assert model.active_adapter == "merged"
+        # PEFT's own add_weighted_adapter on the same adapters, weights and density (the same calls from the same
+        # seed: the same draws for dare)
+        torch.manual_seed(5)
+        direct = PeftModel.from_pretrained(copy.deepcopy(base), dirs[0], adapter_name="e0")
+        for i, d in enumerate(dirs[1:], 1):
+            direct.load_adapter(d, adapter_name=f"e{i}")
+        direct.add_weighted_adapter(["e0", "e1", "e2"], [1 / 3] * 3, adapter_name="m", combination_type=combination,
+                                    density=0.5)
+        direct.set_adapter("m")
+        direct.eval()
         with torch.no_grad():
-            assert model(tokens).logits.isfinite().all()
+            got, want = model(tokens).logits, direct(tokens).logits
+        assert rel_err(got, want) < 1e-6, combination
+        assert rel_err(got, base_logits) > 1e-3, f"{combination}: the merged adapter changes nothing"
     with pytest.raises(ValueError, match="density"):
         mkh.merge_adapters_baseline(base, dirs, combination_type="ties")
     with pytest.raises(ValueError, match="combination_type"):
