@@ -18,8 +18,8 @@ from . import decode_graphs, reference
 from .backends import Plan, fp32_int32_routing, resolve_backend
 from .spec import (ADAPTER_ACTIVATIONS, ELEMENTWISE_ACTIVATIONS, GATED_ACTIVATIONS, MAX_ADAPTER_RANK, ROUTE_ORDERS,
                    ROUTE_SCORINGS, SOFTCAP_ACTIVATIONS)
-from .validation import (check_choice, check_dim, check_finite_logits, check_routing, check_same_device,
-                         check_tensor, check_top_k, finite_or_traced, value_checks_enabled)
+from .validation import (check_choice, check_dim, check_finite_logits, check_ids_in_range, check_routing,
+                         check_same_device, check_tensor, check_top_k, finite_or_traced)
 
 SCORINGS, ORDERS = ROUTE_SCORINGS, ROUTE_ORDERS  # the routing variants, defined in spec.py
 
@@ -86,7 +86,8 @@ def route(logits: torch.Tensor, k: int, *, scoring: str = "softmax", order: str 
     by the kernel itself: the weights are computed in float32 and rounded once, as ``.to(weights_dtype)`` after a
     float32 route would, so a Hugging Face router's model-dtype weights and int64 ids cost no extra launches.
     Choices are ordered by descending score, ties to the lower expert index. Differentiable w.r.t.
-    ``logits``. NaN or +inf logits raise ValueError (checked on CPU always, on GPUs in debug mode).
+    ``logits``. NaN or +inf logits (or bias), and a row of logits that is -inf in every column, raise ValueError
+    (checked on CPU always, on GPUs in debug mode).
     """
     check_tensor("logits", logits, 2)
     num_tokens, num_experts = logits.shape
@@ -102,6 +103,7 @@ def route(logits: torch.Tensor, k: int, *, scoring: str = "softmax", order: str 
         check_tensor("bias", bias, 1)
         check_dim("bias", bias.shape[0], num_experts, "number of experts (columns of logits)")
         check_same_device(logits=logits, bias=bias)
+        check_finite_logits(bias, "bias")  # a NaN bias orders experts differently per backend
     if (n_group is None) != (topk_group is None):
         raise ValueError("n_group and topk_group must be given together, got "
                          f"n_group={n_group!r}, topk_group={topk_group!r}")
@@ -150,10 +152,7 @@ def plan(ids: torch.Tensor, num_experts: int, *, backend: str | None = None) -> 
     check_tensor("ids", ids, 2, dtypes=(torch.int32, torch.int64))
     if not isinstance(num_experts, int) or num_experts < 1:
         raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
-    if value_checks_enabled(ids) and ids.numel():
-        lo, hi = (int(v) for v in torch.aminmax(ids))
-        if lo < 0 or hi >= num_experts:
-            raise ValueError(f"ids must lie in [0, {num_experts}), got values in [{lo}, {hi}]")
+    check_ids_in_range(ids, num_experts)
     ids = _ids_int32(ids)
     if ids.numel() == 0:
         return reference.plan(ids, num_experts)
@@ -312,6 +311,7 @@ def load_balancing_loss(logits: torch.Tensor, ids: torch.Tensor, num_experts: in
     check_tensor("ids", ids, 2, dtypes=(torch.int32, torch.int64))
     check_dim("ids", ids.shape[0], logits.shape[0], "number of tokens (rows of logits)")
     check_same_device(logits=logits, ids=ids)
+    check_ids_in_range(ids, num_experts)
     if logits.shape[0] == 0:
         return logits.float().sum() * 0.0
     return reference.load_balancing_loss(logits, ids, num_experts)

@@ -85,16 +85,28 @@ def check_top_k(k, num_experts: int) -> None:
         raise ValueError(f"k must satisfy 1 <= k <= num_experts = {num_experts}, got k = {k}")
 
 
-def check_finite_logits(logits: torch.Tensor) -> None:
-    """NaN or +inf logits have no defined routing; -inf (a masked expert) is allowed."""
+def check_finite_logits(logits: torch.Tensor, name: str = "logits") -> None:
+    """NaN or +inf logits have no defined routing; -inf (a masked expert) is allowed, but not in every column of a
+    row (a token with no expert left: its softmax is 0/0). ``name``: a 1-D selection bias is checked the same way."""
     if value_checks_enabled(logits) and logits.numel():
-        # One reduction finds both: the max is NaN when any entry is NaN (max propagates NaN), else +inf
-        # when any entry is +inf. A tenth of the cost of separate isnan/isposinf passes.
-        largest = float(logits.detach().max())
+        # One reduction finds all three: the max is NaN when any entry is NaN (max propagates NaN), else +inf
+        # when any entry is +inf; only a -inf min needs the per-row look.
+        smallest, largest = (float(v) for v in torch.aminmax(logits.detach()))
         if largest != largest:
-            raise ValueError("logits contains NaN; routing is undefined (see README: error behaviour)")
+            raise ValueError(f"{name} contains NaN; routing is undefined (see README: error behaviour)")
         if largest == float("inf"):
-            raise ValueError("logits contains +inf; routing is undefined (see README: error behaviour)")
+            raise ValueError(f"{name} contains +inf; routing is undefined (see README: error behaviour)")
+        if smallest == float("-inf") and logits.dim() == 2 and bool((logits == float("-inf")).all(dim=1).any()):
+            row = int((logits == float("-inf")).all(dim=1).nonzero()[0])
+            raise ValueError(f"{name} row {row} is -inf in every column: no expert is left to route to")
+
+
+def check_ids_in_range(ids: torch.Tensor, num_experts: int, source: str = "") -> None:
+    """ids values in [0, num_experts) (on CPU tensors always, on GPUs in debug mode: the check syncs)."""
+    if value_checks_enabled(ids) and ids.numel():
+        lo, hi = (int(v) for v in torch.aminmax(ids))  # one pass for both bounds
+        if lo < 0 or hi >= num_experts:
+            raise ValueError(f"ids must lie in [0, {num_experts}){source}, got values in [{lo}, {hi}]")
 
 
 def check_routing(weights, ids, num_tokens: int, num_experts: int, x_dtype: torch.dtype) -> None:
@@ -114,8 +126,4 @@ def check_routing(weights, ids, num_tokens: int, num_experts: int, x_dtype: torc
     k = shape[1]
     if not 1 <= k <= num_experts:
         raise ValueError(f"ids has k = {k} choices per token; expected 1 <= k <= num_experts = {num_experts}")
-    if value_checks_enabled(ids) and ids.numel():
-        lo, hi = (int(v) for v in torch.aminmax(ids))  # one pass for both bounds
-        if lo < 0 or hi >= num_experts:
-            raise ValueError(f"ids must lie in [0, {num_experts}) (num_experts from the expert weights), "
-                             f"got values in [{lo}, {hi}]")
+    check_ids_in_range(ids, num_experts, " (num_experts from the expert weights)")

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from moe_testing import backends_for, backends_under_test
+from moe_testing import backends_for, backends_under_test, device_for
 
 import moe_kernels
 from moe_kernels import BackendError
@@ -106,6 +106,41 @@ def test_route_accepts_neg_inf_as_masked_expert():
     assert (ids != 0).all()
 
 
+def test_route_refuses_a_row_with_every_expert_masked():
+    logits = torch.randn(T, E)
+    logits[3] = float("-inf")
+    with pytest.raises(ValueError, match="row 3 is -inf in every column"):
+        moe_kernels.route(logits, 2)
+
+
+@pytest.mark.parametrize("backend", backends_under_test())
+def test_route_kernels_keep_ids_in_range_for_an_unchecked_masked_row(backend):
+    """On a GPU (no value checks outside debug mode) a row of -inf logits reaches the kernels: its ids must still lie
+    in [0, E), or moe_mlp would read past the expert weights. Triton returned its padded block width (8 of E = 6)."""
+    from moe_kernels.backends import get_backend
+
+    logits = torch.randn(3, 6, device=device_for(backend))
+    logits[1] = float("-inf")
+    _, ids = get_backend(backend).route(logits=logits, k=2, scoring="softmax", order="softmax_then_topk",
+                                        renormalize=True, bias=None, n_group=None, topk_group=None, scale=1.0,
+                                        weights_dtype=torch.float32, ids_dtype=torch.int32)
+    assert ((ids >= 0) & (ids < 6)).all(), ids
+    assert ids[1].unique().numel() == 2  # two distinct experts, as for any row
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_route_refuses_a_nan_or_posinf_bias(bad):
+    bias = torch.zeros(E)
+    bias[1] = bad
+    with pytest.raises(ValueError, match="bias contains"):
+        moe_kernels.route(torch.randn(T, E), 2, scoring="sigmoid", bias=bias)
+
+
+def test_load_balancing_loss_checks_the_ids_range():
+    with pytest.raises(ValueError, match=r"ids must lie in \[0, 4\)"):
+        moe_kernels.load_balancing_loss(torch.randn(8, 4), torch.full((8, 2), 4), 4)
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(scoring="relu"), "scoring must be one of"),
     (dict(order="sideways"), "order must be one of"),
@@ -177,7 +212,6 @@ _COMPILED_BACKENDS = [b for b in backends_under_test() if b != "reference"]
 
 def _traced_inputs(backend):
     """(x, gate_up, down, adapter down, adapter up, logits), fixed seed, on the device the backend runs on."""
-    from moe_testing import device_for
 
     device = device_for(backend)
     g = torch.Generator().manual_seed(0)

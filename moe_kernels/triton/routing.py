@@ -31,10 +31,14 @@ _RENORM_EPS = tl.constexpr(RENORM_EPS)
 
 @triton.jit
 def _take_largest(values, taken, cols, BLOCK: tl.constexpr):
-    """Index [BLOCK_T] of the largest not-yet-taken value per row, lowest index among equals."""
+    """Index [BLOCK_T] of the largest not-yet-taken value per row, lowest index among equals. A row with no
+    comparable value left (NaN scores: a row of logits -inf in every column, which only unchecked GPU calls can
+    pass) takes its lowest untaken index, as the C++ kernels do, so an id never leaves [0, E)."""
     best = tl.max(tl.where(taken != 0, float("-inf"), values), axis=1)
     hit = (values == best[:, None]) & (taken == 0)
-    return tl.min(tl.where(hit, cols[None, :], BLOCK), axis=1)
+    found = tl.min(tl.where(hit, cols[None, :], BLOCK), axis=1)
+    untaken = tl.min(tl.where(taken == 0, cols[None, :], BLOCK), axis=1)
+    return tl.where(found < BLOCK, found, untaken)
 
 
 @triton.jit
