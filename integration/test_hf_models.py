@@ -235,6 +235,20 @@ def test_ccoe_two_depths_round_trip_and_generate(tmp_path, family):
         assert torch.equal(beams[row], own[row]), name
 
 
+def test_ccoe_every_request_to_the_shallowest_expert():
+    """All sequences routed to the expert at the shallower CoE layer: the deeper backbone stage is not run (it was,
+    on no rows, and crashed reshaping an empty batch); the logits and greedy tokens are that expert's own."""
+    _, experts, model = coupled_two_depths("llama")
+    ids, mask = prompts()
+    for route in ("code", ["code"] * ids.shape[0]):
+        out = model(ids, attention_mask=mask, expert=route)
+        with torch.no_grad():
+            expected = experts["code"](ids, attention_mask=mask).logits
+        valid = mask.bool()
+        torch.testing.assert_close(out.logits[valid], expected[valid], rtol=1e-5, atol=1e-5)
+        assert torch.equal(greedy(model, ids, mask, expert=route), greedy(experts["code"], ids, mask))
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_ccoe_generate_equals_the_earlier_decoder(family):
     base = tiny(family, 3)

@@ -587,6 +587,8 @@ class CcoeForCausalLM(ComposedPreTrainedModel, GenerationMixin):
         cur_hidden, previous = hidden0, self.config.depths[0]
         outputs = []
         for depth in self.config.depths:
+            if not bool((pair_depth >= depth).any()):
+                break  # every request left at a shallower CoE layer: no deeper backbone stage to run
             if depth != previous:
                 needed = torch.unique(routing.pair_rows[pair_depth >= depth])
                 cur_hidden = cur_hidden.index_select(0, torch.searchsorted(cur_rows, needed))
