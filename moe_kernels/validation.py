@@ -58,6 +58,12 @@ def check_dim(name: str, actual: int, expected: int, what: str) -> None:
         raise ValueError(f"{name}: expected {what} = {expected}, got {actual}")
 
 
+def check_hidden(x: torch.Tensor, hidden_size: int) -> None:
+    """A layer's input [..., H]: its last dim must be H (reshape(-1, H) would silently regroup another width)."""
+    if x.dim() < 1 or x.shape[-1] != hidden_size:
+        raise ValueError(f"x: expected last dim = hidden_size = {hidden_size}, got shape {tuple(x.shape)}")
+
+
 def check_choice(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")

@@ -288,6 +288,25 @@ def test_lora_moe_rejects_bad_arguments():
         LoRAMoE(nn.Conv1d(8, 6, 1), [torch.randn(2, 8)], [torch.randn(6, 2)], [1.0])
 
 
+def test_layers_refuse_an_input_of_another_width():
+    """reshape(-1, H) would regroup a [4, 64] input into 8 tokens of width 32 and return a wrong result of the right
+    size: every layer checks the last dim first. SparseMoE also refuses an unknown activation when built."""
+    from moe_kernels.layers import SparseMoE
+
+    sparse = SparseMoE(32, 16, 4, 2, backend="reference")
+    adapter = AdapterMoE(nn.Linear(32, 32), 32, num_experts=4, top_k=2, adapter_dim=4, backend="reference")
+    router = SelfMoERouter(32, 4, 2, backend="reference")
+    for layer in (sparse, adapter, router):
+        for x in (torch.randn(4, 64), torch.randn(64)):
+            with pytest.raises(ValueError, match="hidden_size = 32"):
+                layer(x)
+    assert sparse(torch.randn(2, 3, 32)).shape == (2, 3, 32)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        SparseMoE(32, 16, 4, 2, activation="tanh")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        SparseMoE(32, 16, 4, 2, activation="swiglu_oai_typo", gated=False)
+
+
 # ---------------------------------------------------------------- backends against the reference
 
 def _run_or_skip(fn):

@@ -27,6 +27,7 @@ from torch import nn
 
 import moe_kernels
 from moe_kernels.layers.sparse_moe import SparseMoE
+from moe_kernels.validation import check_hidden
 
 
 def _world(group) -> tuple[int, int]:
@@ -178,6 +179,7 @@ class ExpertParallelMoE(nn.Module):
         return cls(layer, group)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_hidden(x, self.hidden_size)
         x2d = x.reshape(-1, self.hidden_size)
         logits = self.router(x2d)
         weights, ids = moe_kernels.route(logits, self.top_k, backend=self.backend, **self.routing)

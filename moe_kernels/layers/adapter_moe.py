@@ -19,6 +19,7 @@ from torch import nn
 from .. import ops
 from ..reference import ADAPTER_ACTIVATIONS
 from ..ops import MAX_ADAPTER_RANK
+from ..validation import check_hidden
 
 
 def _check_positive_int(name: str, value, low: int = 1, high: int | None = None) -> int:
@@ -103,8 +104,7 @@ class AdapterMoE(nn.Module):
         self.adapter_up.zero_()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.hidden_size:
-            raise ValueError(f"x: expected last dim = hidden_size = {self.hidden_size}, got shape {tuple(x.shape)}")
+        check_hidden(x, self.hidden_size)
         shared = self.ffn(x)
         flat_x = x.reshape(-1, self.hidden_size)
         adapter_input = self.adapter_dropout(shared).reshape(-1, self.hidden_size)

@@ -31,6 +31,7 @@ from torch import nn
 
 from .. import ops
 from ..ops import MAX_ADAPTER_RANK
+from ..validation import check_hidden
 
 
 class SelfMoERouter(nn.Module):
@@ -55,6 +56,7 @@ class SelfMoERouter(nn.Module):
         self.last_logits: torch.Tensor | None = None
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        check_hidden(hidden, self.hidden_size)
         hidden = hidden.reshape(-1, self.hidden_size)
         if self.forced_expert is not None:
             if not 0 <= self.forced_expert < self.num_experts:

@@ -6,6 +6,8 @@ import torch
 from torch import nn
 
 import moe_kernels
+from moe_kernels.spec import ELEMENTWISE_ACTIVATIONS, GATED_ACTIVATIONS
+from moe_kernels.validation import check_choice, check_hidden
 
 
 class SparseMoE(nn.Module):
@@ -26,6 +28,7 @@ class SparseMoE(nn.Module):
         super().__init__()
         if not 1 <= top_k <= num_experts:
             raise ValueError(f"top_k must satisfy 1 <= top_k <= num_experts = {num_experts}, got {top_k}")
+        check_choice("activation", activation, GATED_ACTIVATIONS if gated else ELEMENTWISE_ACTIVATIONS)
         factory = dict(dtype=dtype, device=device)
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.num_experts, self.top_k = num_experts, top_k
@@ -63,6 +66,7 @@ class SparseMoE(nn.Module):
                                    activation=self.activation, gated=self.gated, backend=self.backend)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_hidden(x, self.hidden_size)
         x2d = x.reshape(-1, self.hidden_size)
         logits, weights, ids = self.route(x2d)
         self.router_logits = logits
