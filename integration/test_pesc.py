@@ -189,6 +189,10 @@ def test_crafting_with_peft_lora_on_the_rest(tmp_path):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+    # PEFT's own save would keep the LoRA weights and silently drop the trained routers and adapters
+    with pytest.raises(RuntimeError, match="routers and adapters"):
+        model.save_pretrained(tmp_path / "lora_only")
+    assert not (tmp_path / "lora_only").exists()
     merged = model.merge_and_unload().eval()
     with torch.no_grad():
         expected = merged(tokens).logits

@@ -105,7 +105,8 @@ def craft_sparsity(model: nn.Module, num_experts: int = 8, top_k: int = 2, adapt
 
     Returns a :class:`moe_kernels.models.PescForCausalLM` holding ``model`` as ``language_model`` (or a
     PeftModel around it when ``lora`` is given); ``save_pretrained`` + ``AutoModelForCausalLM.from_pretrained``
-    round-trip it.
+    round-trip it. The PeftModel's own ``save_pretrained`` raises (it would keep the LoRA weights and drop the
+    trained routers and adapters): save ``model.merge_and_unload()``.
     """
     from ..models.pesc import PescConfig, PescForCausalLM
 
@@ -141,11 +142,21 @@ def craft_sparsity(model: nn.Module, num_experts: int = 8, top_k: int = 2, adapt
     if lora_config is not None:
         from peft import get_peft_model
         crafted = get_peft_model(crafted, lora_config)
+        crafted.save_pretrained = _refuse_lora_only_save  # it would write the LoRA weights and drop the experts
     if freeze_base or lora_config is not None or quantized:
         for layer in crafted_layers(crafted):
             for p in (layer.router.weight, layer.adapter_down, layer.adapter_up):
                 p.requires_grad_(True)
     return crafted
+
+
+def _refuse_lora_only_save(*args, **kwargs):
+    """The instance save_pretrained of the PeftModel ``craft_sparsity(..., lora=...)`` returns."""
+    raise RuntimeError(
+        "save_pretrained on the PeftModel of craft_sparsity(..., lora=...) would write only the LoRA weights: PEFT "
+        "does not know the routers and adapters, which are trained too, and they would be lost. Save the whole "
+        "crafted model instead: model.merge_and_unload().save_pretrained(dir) (then "
+        "AutoModelForCausalLM.from_pretrained(dir) after import moe_kernels.hf).")
 
 
 def load_quantized_base(path: str, bits: int = 4, *, compute_dtype: torch.dtype = torch.bfloat16,
