@@ -139,6 +139,34 @@ def _demo_agreement(block, x, top_k: int, backend: str):
     return not bool((differ & ~tied).any()), int((differ & tied).sum()), out_err, grad_err
 
 
+def _demo_argument_problem(args) -> str | None:
+    """What is wrong with the demo's arguments, in a sentence (None: nothing), before anything is built."""
+    for name in ("tokens", "hidden", "intermediate", "experts", "repeats"):
+        if getattr(args, name) < 1:
+            return f"--{name} must be at least 1, got {getattr(args, name)}"
+    if not 1 <= args.top_k <= args.experts:
+        return f"--top-k must satisfy 1 <= top-k <= --experts = {args.experts}, got {args.top_k}"
+    if args.device is not None:
+        try:
+            device = torch.device(args.device)
+        except RuntimeError as exc:
+            return f"--device {args.device!r}: {exc}"
+        if device.type == "cuda" and not torch.cuda.is_available():
+            return "--device cuda, but torch sees no CUDA device"
+    if args.backend is not None and args.backend != "auto":
+        from moe_kernels.backends import get_backend
+
+        try:
+            backend = get_backend(args.backend)
+        except Exception as exc:  # noqa: BLE001 - not built here: say why
+            return f"--backend {args.backend}: {exc}"
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        reason = backend.device_error(device)
+        if reason:
+            return f"--backend {args.backend}: {reason}"
+    return None
+
+
 def cmd_demo(args) -> int:
     """Run a small Mixtral-style MoE block through HF's default experts path and through moe_kernels."""
     try:
@@ -146,6 +174,10 @@ def cmd_demo(args) -> int:
         from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
     except ImportError:
         print("the demo needs transformers: pip install 'moe_kernels[hf]'", file=sys.stderr)
+        return 2
+    problem = _demo_argument_problem(args)
+    if problem:
+        print(f"moe-kernels demo: {problem}", file=sys.stderr)
         return 2
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]

@@ -44,3 +44,15 @@ def test_tune_triton_is_its_own_command(capsys):
 def test_info_names_the_triton_config_tables(capsys):
     assert main(["info"]) == 0
     assert "Triton configs: " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--tokens", "0"], "--tokens must be at least 1"),
+    (["--top-k", "20"], "--top-k must satisfy 1 <= top-k <= --experts = 16"),
+    (["--top-k", "0"], "--top-k must satisfy"),
+    (["--device", "nonsense"], "--device 'nonsense'"),
+])
+def test_demo_refuses_bad_arguments_with_a_sentence(capsys, args, match):
+    """Exit 2 and one line naming the argument, as tune and craft do (before: tracebacks from deep inside)."""
+    assert main(["demo", "--repeats", "1", *args]) == 2
+    assert match in capsys.readouterr().err
