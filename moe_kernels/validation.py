@@ -102,9 +102,11 @@ def check_finite_logits(logits: torch.Tensor, name: str = "logits") -> None:
             raise ValueError(f"{name} contains NaN; routing is undefined (see README: error behaviour)")
         if largest == float("inf"):
             raise ValueError(f"{name} contains +inf; routing is undefined (see README: error behaviour)")
-        if smallest == float("-inf") and logits.dim() == 2 and bool((logits == float("-inf")).all(dim=1).any()):
-            row = int((logits == float("-inf")).all(dim=1).nonzero()[0])
-            raise ValueError(f"{name} row {row} is -inf in every column: no expert is left to route to")
+        if smallest == float("-inf") and logits.dim() == 2:
+            masked_rows = (logits == float("-inf")).all(dim=1).nonzero()
+            if len(masked_rows):
+                raise ValueError(f"{name} row {int(masked_rows[0])} is -inf in every column: no expert is left to "
+                                 "route to")
 
 
 def check_ids_in_range(ids: torch.Tensor, num_experts: int, source: str = "") -> None:
