@@ -104,6 +104,28 @@ def test_apply_to_patches_the_block_class_and_revert_restores_it():
     assert cls.__dict__["forward"] is original and BACKEND_ATTRIBUTE not in cls.__dict__
 
 
+def test_apply_to_model_types_that_share_a_class():
+    """llama4 and llama4_text share Llama4TextMoe: reverting one keeps the class patched for the other (it restored
+    the class while the other type still counted as patched), and the last revert restores it."""
+    cls = llama4.Llama4TextMoe
+    original = cls.__dict__["forward"]
+    try:
+        mkhf.apply_to("llama4", backend="reference")
+        mkhf.apply_to("llama4_text", backend="cpu")
+        assert getattr(cls, BACKEND_ATTRIBUTE) == "cpu"  # one class: the last call's backend for both types
+        mkhf.revert("llama4")
+        assert cls.forward is blocks.llama4_text_moe_forward and getattr(cls, BACKEND_ATTRIBUTE) == "cpu"
+        with pytest.raises(ValueError, match="was not patched"):
+            mkhf.revert("llama4")
+    finally:
+        for model_type in ("llama4", "llama4_text"):
+            try:
+                mkhf.revert(model_type)
+            except ValueError:
+                pass
+    assert cls.__dict__["forward"] is original and BACKEND_ATTRIBUTE not in cls.__dict__
+
+
 def test_llama4_multimodal_model_patches_the_blocks_of_its_language_model():
     """model_type "llama4" (Llama4ForConditionalGeneration): apply() patches the MoE blocks inside its language
     model, whose hidden states then match the unpatched model's (compared on the language model: transformers

@@ -29,7 +29,10 @@ from .families import supported_model_types as _supported_model_types
 from .routers import ORIGINAL_FORWARD, VARIANTS_BY_NAME
 
 _MODEL_STATE = "_moe_kernels_patch_state"
-_class_patches: dict[str, list[tuple[type, object]]] = {}  # model_type -> [(class, original forward)]
+# Class patches of apply_to. Model types can share classes (gemma4 / gemma4_text, llama4 / llama4_text): a class is
+# patched once and restored when the last model type that asked for it is reverted.
+_class_patches: dict[str, list[type]] = {}  # model_type -> the classes it asked for
+_class_originals: dict[type, object] = {}  # patched class -> its original forward
 
 
 def supported_model_types() -> list[str]:
@@ -138,18 +141,22 @@ def _experts_class_forward(original):
 def apply_to(model_type: str, *, backend: str | None = None, routers: bool = True) -> list[str]:
     """Patch the classes of ``model_type`` (experts, MoE blocks and matched routers) so that models built afterwards
     run on moe_kernels whatever their ``experts_implementation``. Returns the patched class names.
-    Idempotent; :func:`revert` with the same ``model_type`` undoes it."""
+    Idempotent; :func:`revert` with the same ``model_type`` undoes it. Model types that share classes share their
+    backend (the last call's), and a shared class stays patched until every model type that asked for it is
+    reverted."""
     family = family_of(model_type)
     _check_backend(backend)
     module = importlib.import_module(family.module)
-    patched = _class_patches.setdefault(model_type, [])
+    asked = _class_patches.setdefault(model_type, [])
     names = []
     for name in family.experts_classes:
         cls = getattr(module, name)
         if not hasattr(cls.__dict__["forward"], "_moe_kernels_original"):
             original = cls.__dict__["forward"]
             cls.forward = _experts_class_forward(original)
-            patched.append((cls, original))
+            _class_originals[cls] = original
+        if cls not in asked:
+            asked.append(cls)
         setattr(cls, BACKEND_ATTRIBUTE, backend)
         names.append(name)
     replaced = [(name, _blocks.VARIANTS_BY_NAME[variant].forward) for name, variant in family.blocks.items()]
@@ -161,7 +168,9 @@ def apply_to(model_type: str, *, backend: str | None = None, routers: bool = Tru
             original = cls.__dict__["forward"]
             setattr(cls, ORIGINAL_FORWARD, original)
             cls.forward = forward
-            patched.append((cls, original))
+            _class_originals[cls] = original
+        if cls not in asked:
+            asked.append(cls)
         setattr(cls, BACKEND_ATTRIBUTE, backend)
         names.append(name)
     return names
@@ -170,8 +179,12 @@ def apply_to(model_type: str, *, backend: str | None = None, routers: bool = Tru
 def _revert_classes(model_type: str) -> None:
     if model_type not in _class_patches:
         raise ValueError(f"revert: model_type {model_type!r} was not patched by moe_kernels.hf.apply_to")
-    for cls, original in _class_patches.pop(model_type):
-        cls.forward = original
+    for cls in _class_patches.pop(model_type):
+        if any(cls in classes for classes in _class_patches.values()):
+            continue  # another model type still asks for this shared class
+        original = _class_originals.pop(cls, None)
+        if original is not None:
+            cls.forward = original
         for attribute in (ORIGINAL_FORWARD, BACKEND_ATTRIBUTE):
             if attribute in cls.__dict__:
                 delattr(cls, attribute)
@@ -179,7 +192,7 @@ def _revert_classes(model_type: str) -> None:
     module = importlib.import_module(family.module)
     for name in family.experts_classes + list(family.routers) + list(family.blocks):
         cls = getattr(module, name)
-        if BACKEND_ATTRIBUTE in cls.__dict__:
+        if BACKEND_ATTRIBUTE in cls.__dict__ and not any(cls in classes for classes in _class_patches.values()):
             delattr(cls, BACKEND_ATTRIBUTE)
 
 
