@@ -159,6 +159,12 @@ def test_compose_rejects_bad_input(tmp_path):
     dora = get_peft_model(copy.deepcopy(base), LoraConfig(r=2, target_modules=["q_proj"], use_dora=True))
     with pytest.raises(ValueError, match="DoRA"):
         compose_lora_experts(copy.deepcopy(base), [dora])
+    # a config whose LoRA paths name a module that is not a Linear: the clear error, not an AttributeError
+    from moe_kernels.models.self_moe import SelfMoEConfig, SelfMoEForCausalLM
+
+    config = SelfMoEConfig(text_config=base.config, expert_names=["a"], lora_ranks={"model.layers.0.input_layernorm": [4]})
+    with pytest.raises(ValueError, match="only nn.Linear is supported"):
+        SelfMoEForCausalLM(config)
 
 
 @pytest.mark.parametrize("backend", [b for b in ("cpu", "triton") if b in moe_kernels.available_backends()]

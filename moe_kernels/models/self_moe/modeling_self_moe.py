@@ -72,6 +72,7 @@ class SelfMoEForCausalLM(WrapsLanguageModel, ComposedPreTrainedModel, Generation
         if language_model is None:
             language_model = AutoModelForCausalLM.from_config(config.text_config)
         if experts is None:  # the architecture only (zero LoRA matrices of the configured ranks)
+            group_by_decoder_layer(language_model, config.lora_ranks)  # clear errors for bad paths, before they are read
             experts = {}
             for path, ranks in config.lora_ranks.items():
                 base = language_model.get_submodule(path)
