@@ -179,9 +179,11 @@ def apply_to(model_type: str, *, backend: str | None = None, routers: bool = Tru
 def _revert_classes(model_type: str) -> None:
     if model_type not in _class_patches:
         raise ValueError(f"revert: model_type {model_type!r} was not patched by moe_kernels.hf.apply_to")
-    for cls in _class_patches.pop(model_type):
-        if any(cls in classes for classes in _class_patches.values()):
-            continue  # another model type still asks for this shared class
+    asked = _class_patches.pop(model_type)
+    still_asked = {cls for classes in _class_patches.values() for cls in classes}  # shared with other model types
+    for cls in asked:
+        if cls in still_asked:
+            continue
         original = _class_originals.pop(cls, None)
         if original is not None:
             cls.forward = original
@@ -192,7 +194,7 @@ def _revert_classes(model_type: str) -> None:
     module = importlib.import_module(family.module)
     for name in family.experts_classes + list(family.routers) + list(family.blocks):
         cls = getattr(module, name)
-        if BACKEND_ATTRIBUTE in cls.__dict__ and not any(cls in classes for classes in _class_patches.values()):
+        if BACKEND_ATTRIBUTE in cls.__dict__ and cls not in still_asked:
             delattr(cls, BACKEND_ATTRIBUTE)
 
 
