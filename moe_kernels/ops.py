@@ -18,8 +18,8 @@ from . import decode_graphs, reference
 from .backends import Plan, fp32_int32_routing, resolve_backend
 from .spec import (ADAPTER_ACTIVATIONS, ELEMENTWISE_ACTIVATIONS, GATED_ACTIVATIONS, MAX_ADAPTER_RANK, ROUTE_ORDERS,
                    ROUTE_SCORINGS, SOFTCAP_ACTIVATIONS)
-from .validation import (check_choice, check_dim, check_finite_logits, check_ids_in_range, check_routing,
-                         check_same_device, check_tensor, check_top_k, finite_or_traced)
+from .validation import (check_choice, check_dim, check_finite_logits, check_flag, check_ids_in_range, check_int,
+                         check_number, check_routing, check_same_device, check_tensor, check_top_k, finite_or_traced)
 
 SCORINGS, ORDERS = ROUTE_SCORINGS, ROUTE_ORDERS  # the routing variants, defined in spec.py
 
@@ -97,8 +97,8 @@ def route(logits: torch.Tensor, k: int, *, scoring: str = "softmax", order: str 
     check_top_k(k, num_experts)
     check_choice("scoring", scoring, SCORINGS)
     check_choice("order", order, ORDERS)
-    if not isinstance(scale, (int, float)) or not finite_or_traced(scale):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    check_flag("renormalize", renormalize)
+    check_number("scale", scale)
     if bias is not None:
         check_tensor("bias", bias, 1)
         check_dim("bias", bias.shape[0], num_experts, "number of experts (columns of logits)")
@@ -108,9 +108,9 @@ def route(logits: torch.Tensor, k: int, *, scoring: str = "softmax", order: str 
         raise ValueError("n_group and topk_group must be given together, got "
                          f"n_group={n_group!r}, topk_group={topk_group!r}")
     if n_group is not None:
-        if not isinstance(n_group, int) or n_group < 1 or num_experts % n_group:
+        if isinstance(n_group, bool) or not isinstance(n_group, int) or n_group < 1 or num_experts % n_group:
             raise ValueError(f"n_group must be a positive divisor of num_experts = {num_experts}, got {n_group!r}")
-        if not isinstance(topk_group, int) or not 1 <= topk_group <= n_group:
+        if isinstance(topk_group, bool) or not isinstance(topk_group, int) or not 1 <= topk_group <= n_group:
             raise ValueError(f"topk_group must satisfy 1 <= topk_group <= n_group = {n_group}, got {topk_group!r}")
         eligible = topk_group * (num_experts // n_group)
         if k > eligible:
@@ -125,7 +125,7 @@ def route(logits: torch.Tensor, k: int, *, scoring: str = "softmax", order: str 
         return (logits.new_zeros((0, k), dtype=weights_dtype),
                 torch.zeros((0, k), dtype=ids_dtype, device=logits.device))
     impl = resolve_backend(backend, logits.device, "route")
-    return impl.route(logits=logits, k=k, scoring=scoring, order=order, renormalize=bool(renormalize), bias=bias,
+    return impl.route(logits=logits, k=k, scoring=scoring, order=order, renormalize=renormalize, bias=bias,
                       n_group=n_group, topk_group=topk_group, scale=float(scale), weights_dtype=weights_dtype,
                       ids_dtype=ids_dtype)
 
@@ -150,8 +150,7 @@ def plan(ids: torch.Tensor, num_experts: int, *, backend: str | None = None) -> 
     slot_positions [T*k], all int32).
     """
     check_tensor("ids", ids, 2, dtypes=(torch.int32, torch.int64))
-    if not isinstance(num_experts, int) or num_experts < 1:
-        raise ValueError(f"num_experts must be a positive int, got {num_experts!r}")
+    check_int("num_experts", num_experts)
     check_ids_in_range(ids, num_experts)
     ids = _ids_int32(ids)
     if ids.numel() == 0:
@@ -184,8 +183,8 @@ def moe_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
     """
     num_tokens, hidden, num_experts, width = _check_expert_weights("x", x, "gate_up_proj", gate_up_proj,
                                                                    "down_proj", down_proj)
-    if not isinstance(gated, bool):
-        raise TypeError(f"gated must be a bool, got {gated!r}")
+    check_flag("gated", gated)
+    check_flag("interleaved", interleaved)
     if gated and width % 2:
         raise ValueError(f"gate_up_proj: dim 1 must be 2*intermediate (even), got {width}")
     inter = width // 2 if gated else width
@@ -232,12 +231,12 @@ def moe_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
         weights, ids = _contiguous_routing(weights, ids)
         return impl.moe_mlp(x=x, gate_up_proj=gate_up_proj, down_proj=down_proj, weights=weights, ids=ids,
                             activation=activation, gate_up_bias=gate_up_bias, down_bias=down_bias,
-                            interleaved=bool(interleaved), swiglu_limit=swiglu_limit, gated=gated, softcaps=softcaps)
+                            interleaved=interleaved, swiglu_limit=swiglu_limit, gated=gated, softcaps=softcaps)
 
     if decode_graphs.wanted(device, ids.numel(), (x, gate_up_proj, down_proj, gate_up_bias, down_bias, weights)):
         key = ("moe_mlp", impl.name, decode_graphs.tensor_key(gate_up_proj), decode_graphs.tensor_key(down_proj),
                decode_graphs.tensor_key(gate_up_bias), decode_graphs.tensor_key(down_bias), activation,
-               bool(interleaved), swiglu_limit, gated, softcaps)
+               interleaved, swiglu_limit, gated, softcaps)
         return decode_graphs.run(key, call, (x, weights, ids))
     return call(x, weights, ids)
 
@@ -276,8 +275,7 @@ def adapter_moe(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weights: 
     if tuple(up.shape) != (num_experts, hidden, rank):
         raise ValueError(f"up must have shape [E, H, r] = {(num_experts, hidden, rank)}, got {tuple(up.shape)}")
     check_choice("activation", activation, ADAPTER_ACTIVATIONS)
-    if not isinstance(scale, (int, float)) or not finite_or_traced(scale):
-        raise ValueError(f"scale must be a finite number, got {scale!r}")
+    check_number("scale", scale)
     check_routing(weights, ids, num_tokens, num_experts, h.dtype)
     device = check_same_device(h=h, down=down, up=up, weights=weights, ids=ids)
     if num_tokens == 0:
@@ -307,6 +305,7 @@ def load_balancing_loss(logits: torch.Tensor, ids: torch.Tensor, num_experts: in
     float32 (float64 for float64 logits).
     """
     check_tensor("logits", logits, 2, dtypes=LOSS_DTYPES)
+    check_int("num_experts", num_experts)
     check_dim("logits", logits.shape[1], num_experts, "num_experts (columns)")
     check_tensor("ids", ids, 2, dtypes=(torch.int32, torch.int64))
     check_dim("ids", ids.shape[0], logits.shape[0], "number of tokens (rows of logits)")

@@ -64,6 +64,27 @@ def check_hidden(x: torch.Tensor, hidden_size: int) -> None:
         raise ValueError(f"x: expected last dim = hidden_size = {hidden_size}, got shape {tuple(x.shape)}")
 
 
+def check_int(name: str, value, low: int = 1, high: int | None = None) -> int:
+    """An int in [low, high] (high None: no upper bound). bool is refused: it is an int subclass, so True would pass
+    as 1 (a silent one-expert plan on the kernels, an obscure torch error on the oracle)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f"in [{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an int {bound}, got {value!r}")
+    return value
+
+
+def check_number(name: str, value) -> None:
+    """A finite int or float, not a bool (True would silently mean 1.0); symbolic while torch.compile traces."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not finite_or_traced(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+
+
+def check_flag(name: str, value) -> None:
+    """A bool flag. bool(value) would turn the string "false" (a config value) into True without a word."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {value!r}")
+
+
 def check_choice(name: str, value, allowed) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")

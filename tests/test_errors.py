@@ -155,6 +155,36 @@ def test_route_bad_options(kwargs, match):
         moe_kernels.route(torch.randn(T, E), 2, **kwargs)
 
 
+@pytest.mark.parametrize("value", ["false", "no", 0, None])
+def test_flags_must_be_bools(value):
+    """bool("false") is True: a string flag from a config used to renormalize / interleave without a word."""
+    with pytest.raises(TypeError, match="renormalize must be a bool"):
+        moe_kernels.route(torch.randn(T, E), 2, renormalize=value)
+    with pytest.raises(TypeError, match="interleaved must be a bool"):
+        moe_kernels.moe_mlp(**_mlp(), interleaved=value)
+
+
+def test_bools_are_not_numbers():
+    """True is an int: it passed as scale 1.0, as one expert group, and as num_experts 1 (a one-expert plan on the
+    kernels, a bincount TypeError on the oracle); load_balancing_loss took num_experts 4.0 into torch.zeros."""
+    logits = torch.randn(T, 8)
+    with pytest.raises(ValueError, match="scale must be a finite number, got True"):
+        moe_kernels.route(logits, 2, scale=True)
+    with pytest.raises(ValueError, match="n_group must be a positive divisor"):
+        moe_kernels.route(logits, 2, n_group=True, topk_group=True)
+    with pytest.raises(ValueError, match="topk_group must satisfy"):
+        moe_kernels.route(logits, 2, n_group=2, topk_group=True)
+    with pytest.raises(ValueError, match="scale must be a finite number, got True"):
+        moe_kernels.adapter_moe(torch.randn(T, H), torch.randn(E, 3, H), torch.randn(E, H, 3), torch.rand(T, K),
+                                torch.randint(0, E, (T, K)), scale=True)
+    for backend in backends_for("cpu"):
+        with pytest.raises(ValueError, match="num_experts must be an int >= 1, got True"):
+            moe_kernels.plan(torch.zeros(T, K, dtype=torch.int32), True, backend=backend)
+    for bad in (True, 4.0):
+        with pytest.raises(ValueError, match=f"num_experts must be an int >= 1, got {bad}"):
+            moe_kernels.load_balancing_loss(torch.randn(T, 4), torch.zeros(T, K, dtype=torch.int64), bad)
+
+
 def test_route_k_beyond_eligible_groups():
     with pytest.raises(ValueError, match="exceeds the 2 experts eligible"):
         moe_kernels.route(torch.randn(T, 8), 3, scoring="sigmoid", n_group=4, topk_group=1)
