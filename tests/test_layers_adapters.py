@@ -307,6 +307,20 @@ def test_layers_refuse_an_input_of_another_width():
         SparseMoE(32, 16, 4, 2, activation="swiglu_oai_typo", gated=False)
 
 
+
+@pytest.mark.parametrize("args,match", [
+    ((0, 16, 4, 2), "hidden_size must be an int >= 1"),  # was ZeroDivisionError in reset_parameters
+    ((32, 0, 4, 2), "intermediate_size must be an int >= 1"),
+    ((32, 16, 4, 1.5), r"top_k must be an int in \[1, 4\]"),  # was accepted, refused only at the first forward
+    ((32, 16, 4, True), r"top_k must be an int in \[1, 4\]"),
+    ((32, 16, 4, 5), r"top_k must be an int in \[1, 4\]"),
+])
+def test_sparse_moe_checks_its_sizes_when_built(args, match):
+    from moe_kernels.layers import SparseMoE
+
+    with pytest.raises(ValueError, match=match):
+        SparseMoE(*args)
+
 # ---------------------------------------------------------------- backends against the reference
 
 def _run_or_skip(fn):

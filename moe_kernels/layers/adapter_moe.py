@@ -19,14 +19,7 @@ from torch import nn
 from .. import ops
 from ..reference import ADAPTER_ACTIVATIONS
 from ..ops import MAX_ADAPTER_RANK
-from ..validation import check_hidden
-
-
-def _check_positive_int(name: str, value, low: int = 1, high: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be an int in {bound}, got {value!r}")
-    return value
+from ..validation import check_hidden, check_int
 
 
 class AdapterMoE(nn.Module):
@@ -61,10 +54,10 @@ class AdapterMoE(nn.Module):
         super().__init__()
         if not isinstance(ffn, nn.Module):
             raise TypeError(f"ffn must be an nn.Module, got {type(ffn).__name__}")
-        self.hidden_size = _check_positive_int("hidden_size", hidden_size)
-        self.num_experts = _check_positive_int("num_experts", num_experts)
-        self.top_k = _check_positive_int("top_k", top_k, 1, num_experts)
-        self.adapter_dim = _check_positive_int("adapter_dim", adapter_dim, 1, MAX_ADAPTER_RANK)
+        self.hidden_size = check_int("hidden_size", hidden_size)
+        self.num_experts = check_int("num_experts", num_experts)
+        self.top_k = check_int("top_k", top_k, 1, num_experts)
+        self.adapter_dim = check_int("adapter_dim", adapter_dim, 1, MAX_ADAPTER_RANK)
         if not isinstance(scale, (int, float)) or not math.isfinite(scale):
             raise ValueError(f"scale must be a finite number, got {scale!r}")
         if activation not in ADAPTER_ACTIVATIONS:

@@ -7,7 +7,7 @@ from torch import nn
 
 import moe_kernels
 from moe_kernels.spec import ELEMENTWISE_ACTIVATIONS, GATED_ACTIVATIONS
-from moe_kernels.validation import check_choice, check_hidden
+from moe_kernels.validation import check_choice, check_hidden, check_int
 
 
 class SparseMoE(nn.Module):
@@ -26,8 +26,12 @@ class SparseMoE(nn.Module):
                  renormalize: bool = True, scale: float = 1.0, backend: str | None = None, gated: bool = True,
                  dtype: torch.dtype | None = None, device=None):
         super().__init__()
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must satisfy 1 <= top_k <= num_experts = {num_experts}, got {top_k}")
+        # Checked here, not at the first forward: a size of 0 failed in reset_parameters (ZeroDivisionError), a
+        # float or bool top_k only when route saw it.
+        for name, value in (("hidden_size", hidden_size), ("intermediate_size", intermediate_size),
+                            ("num_experts", num_experts)):
+            check_int(name, value)
+        check_int("top_k", top_k, 1, num_experts)
         check_choice("activation", activation, GATED_ACTIVATIONS if gated else ELEMENTWISE_ACTIVATIONS)
         factory = dict(dtype=dtype, device=device)
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
