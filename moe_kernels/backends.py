@@ -139,14 +139,16 @@ def preload(names=("reference", "cpu", "cuda")) -> None:
 
 def get_backend(name: str) -> Backend:
     """The backend called ``name``; raises BackendError if unknown or not built."""
-    if name not in _LOADERS:
-        raise BackendError(f"backend must be one of {list(BACKEND_NAMES) + [AUTO]}, got {name!r}")
+    # (isinstance first: an unhashable name such as a list raised TypeError from the dict lookup)
+    if not isinstance(name, str) or name not in _LOADERS:
+        raise BackendError(f"backend must be one of {list(BACKEND_NAMES) + [AUTO]}, got {name!r}; "
+                           f"available here: {available_backends()}")
     backend = _load(name)
     if isinstance(backend, Exception):
-        raise BackendError(f"backend '{name}' could not be loaded: {backend}")
+        raise BackendError(f"backend '{name}' could not be loaded: {backend}; available here: {available_backends()}")
     reason = backend.unavailable_reason()
     if reason is not None:
-        raise BackendError(f"backend '{name}' is not available: {reason}")
+        raise BackendError(f"backend '{name}' is not available: {reason}; available here: {available_backends()}")
     return backend
 
 
@@ -213,14 +215,23 @@ def resolve_backend(name: str | None, device: torch.device, op: str | None = Non
     """Pick the backend for an op on tensors of ``device`` (see module docstring for the order). ``op`` and
     ``shape`` (dtype, experts, width, tokens, grad; or a callable returning them, called only when ``auto``
     chooses by shape) let ``auto`` choose per shape class."""
+    from_env = False
     if name is None:
         name = os.environ.get("MOE_KERNELS_BACKEND") or None
+        from_env = name is not None
     if name is None:
         name = AUTO if device.type == "cuda" else default_backend_name(device)
     if name == AUTO:
         name = auto_backend_name(device, op, shape)[0]
-    backend = get_backend(name)
+    try:
+        backend = get_backend(name)
+    except BackendError as exc:
+        if from_env:  # the caller passed no backend=: say where the name came from
+            raise BackendError(f"{exc} (set by the MOE_KERNELS_BACKEND environment variable)") from None
+        raise
     reason = backend.device_error(device)
     if reason is not None:
-        raise BackendError(f"backend '{name}' cannot run on {device} tensors: {reason}")
+        usable = [n for n in available_backends() if get_backend(n).device_error(device) is None]
+        raise BackendError(f"backend '{name}' cannot run on {device} tensors: {reason}; backends that can here: "
+                           f"{usable}" + (" (set by the MOE_KERNELS_BACKEND environment variable)" if from_env else ""))
     return backend

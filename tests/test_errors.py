@@ -216,10 +216,28 @@ def test_env_override_is_honoured(monkeypatch):
         moe_kernels.route(torch.randn(T, E), 2)
 
 
+def test_backend_errors_list_the_backends_available_here(monkeypatch):
+    """An unknown or unbuilt backend names the ones that would work; a name from MOE_KERNELS_BACKEND says so (the
+    caller passed no backend=); a non-string name gets the same error (a list raised 'unhashable type')."""
+    here = repr(moe_kernels.available_backends()).replace("[", r"\[").replace("]", r"\]")
+    for name in ("mps-magic", ["cpu"]):
+        with pytest.raises(BackendError, match=f"backend must be one of .*; available here: {here}"):
+            moe_kernels.route(torch.randn(T, E), 2, backend=name)
+    if "cuda" not in moe_kernels.available_backends():
+        with pytest.raises(BackendError, match=f"backend 'cuda' is not available: .*; available here: {here}"):
+            moe_kernels.route(torch.randn(T, E), 2, backend="cuda")
+    monkeypatch.setenv("MOE_KERNELS_BACKEND", "Triton")
+    with pytest.raises(BackendError, match="got 'Triton'.*set by the MOE_KERNELS_BACKEND environment variable"):
+        moe_kernels.route(torch.randn(T, E), 2)
+    with pytest.raises(BackendError, match="got 'Triton'") as raised:  # an explicit backend= is not blamed on the env
+        moe_kernels.route(torch.randn(T, E), 2, backend="Triton")
+    assert "MOE_KERNELS_BACKEND" not in str(raised.value)
+
+
 @pytest.mark.skipif("triton" not in moe_kernels.available_backends(), reason="triton not installed")
 def test_triton_refused_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(BackendError, match="TRITON_INTERPRET=1"):
+    with pytest.raises(BackendError, match=r"TRITON_INTERPRET=1.*; backends that can here: \['reference'"):
         moe_kernels.route(torch.randn(T, E), 2, backend="triton")
 
 
