@@ -55,6 +55,16 @@ def backends_under_test() -> list[str]:
             if get_backend(name).device_error(device_for(name)) is None]
 
 
+def oracle_for(backend: str):
+    """The oracle a backend's results are compared with in the "every backend against the oracle" tests: the module
+    ``moe_kernels.reference`` for every backend but ``reference`` itself, which is compared with the independent
+    token-by-token loops of naive_oracle.py (the same signatures) -- compared with itself it could not fail."""
+    if backend == "reference":
+        import naive_oracle
+        return naive_oracle
+    return reference
+
+
 def on_triton_launch(monkeypatch, record) -> None:
     """Calls ``record(kernel name, positional arguments)`` at every Triton launch for the rest of the test (both the
     JIT and the interpreter launch through KernelInterface.__getitem__)."""

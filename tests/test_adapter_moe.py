@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from moe_testing import (ADAPTER_SHAPES, DTYPES, REL_TOL, adapter_leaves, assert_close_rel, assert_close_scaled,
                          backends_under_test, check_adapter_against_oracle, device_for, hypothesis_settings,
                          ids_and_weights, make_ids, make_routing, needs_cuda_kernels, needs_native, needs_triton,
-                         permuted_ids, routing_problem)
+                         oracle_for, permuted_ids, routing_problem)
 
 import moe_kernels
 from moe_kernels import reference
@@ -45,7 +45,7 @@ def test_adapter_moe_matches_oracle(backend, rank, activation, dtype):
     out = moe_kernels.adapter_moe(*leaves, ids, activation=activation, scale=0.7, backend=backend)
     assert out.dtype == dtype
     ref_leaves = [t.detach().float().requires_grad_(True) for t in leaves]
-    ref = reference.adapter_moe(*ref_leaves, ids, activation=activation, scale=0.7)
+    ref = oracle_for(backend).adapter_moe(*ref_leaves, ids, activation=activation, scale=0.7)  # reference: naive loop
     assert_close_rel(out, ref, dtype, "output")
     grad_out = torch.randn_like(ref)
     grads = torch.autograd.grad(out, leaves, grad_out.to(dtype))
@@ -71,8 +71,8 @@ def test_adapter_moe_property(backend):
         down = (torch.randn(num_experts, rank, hidden, generator=g) / hidden ** 0.5).to(device, dtype)
         up = (torch.randn(num_experts, hidden, rank, generator=g) / rank ** 0.5).to(device, dtype)
         out = moe_kernels.adapter_moe(h, down, up, weights, ids, activation=activation, scale=scale, backend=backend)
-        ref = reference.adapter_moe(h.float(), down.float(), up.float(), weights, ids, activation=activation,
-                                    scale=scale)
+        ref = oracle_for(backend).adapter_moe(h.float(), down.float(), up.float(), weights, ids, activation=activation,
+                                              scale=scale)
         assert out.dtype == dtype
         # The kernels keep the bottleneck in the input dtype, so a rounding error of each product of up_e and
         # act(down_e h) enters the sum: the bound is relative to the sum of their magnitudes, which is the

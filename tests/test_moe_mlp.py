@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from moe_testing import (ACTIVATION_CASES, DTYPES, MLP_SHAPES, REL_TOL, assert_close_rel, backends_under_test,
                          check_mlp_against_oracle, check_native_mlp, device_for, hypothesis_settings, ids_and_weights,
                          make_ids, make_routing, mlp_problem, native_opcheck_cases, needs_cuda_kernels, needs_native,
-                         needs_triton, permuted_ids, rel_err, routing_problem, seeded_mlp_inputs)
+                         needs_triton, oracle_for, permuted_ids, rel_err, routing_problem, seeded_mlp_inputs)
 
 import moe_kernels
 from moe_kernels import reference
@@ -55,7 +55,7 @@ def test_moe_mlp_matches_oracle(backend, shape, dtype):
     out = moe_kernels.moe_mlp(*leaves, ids, backend=backend)
     assert out.dtype == dtype and out.shape == x.shape
     ref_leaves = [t.detach().float().requires_grad_(True) for t in leaves]
-    ref = reference.moe_mlp(*ref_leaves, ids)
+    ref = oracle_for(backend).moe_mlp(*ref_leaves, ids)  # the reference backend: against the naive loop
     assert_close_rel(out, ref, dtype, "output")
     grad_out = torch.randn_like(ref)
     grads = torch.autograd.grad(out, leaves, grad_out.to(dtype))
@@ -85,7 +85,7 @@ def test_moe_mlp_activations_and_layouts(backend, activation, interleaved, bias,
     leaves = [t.requires_grad_(True) for t in (x, gate_up, down, weights)]
     bias_leaves = [b.requires_grad_(True) for b in (gub, db) if b is not None]
     out = moe_kernels.moe_mlp(*leaves, ids, gate_up_bias=gub, down_bias=db, backend=backend, **kwargs)
-    ref = reference.moe_mlp(*leaves, ids, gate_up_bias=gub, down_bias=db, **kwargs)
+    ref = oracle_for(backend).moe_mlp(*leaves, ids, gate_up_bias=gub, down_bias=db, **kwargs)
     assert_close_rel(out, ref, torch.float32, "output")
     # a random upstream gradient: with all ones (out.sum()) rows of it swapped between tokens would go unseen
     upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(12)).to(out.device)
@@ -112,8 +112,8 @@ def test_moe_mlp_property(backend):
         down = (torch.randn(num_experts, hidden, inter, generator=g) / inter ** 0.5).to(device, dtype)
         caps = dict(softcaps=SOFTCAPS) if activation == "softcap_swiglu" else {}
         out = moe_kernels.moe_mlp(x, gate_up, down, weights, ids, activation=activation, backend=backend, **caps)
-        ref = reference.moe_mlp(x.float(), gate_up.float(), down.float(), weights, ids, activation=activation,
-                                **caps)
+        ref = oracle_for(backend).moe_mlp(x.float(), gate_up.float(), down.float(), weights, ids, activation=activation,
+                                          **caps)
         assert out.dtype == dtype and out.shape == x.shape
         # relative error means nothing where the output sits near fp16's subnormal range (a hypothesis
         # example with outputs of ~3e-5 failed on rounding alone): compare where it is well inside the normals

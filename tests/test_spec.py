@@ -16,7 +16,7 @@ import torch
 
 import moe_kernels
 from moe_kernels import reference, spec
-from moe_testing import assert_close_rel, backends_under_test, device_for
+from moe_testing import assert_close_rel, backends_under_test, device_for, oracle_for
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
@@ -127,12 +127,14 @@ def _grads(fn, inputs):
     return out, torch.autograd.grad(out, inputs, grad_out)
 
 
-def _assert_matches_oracle(run, backend: str, inputs: dict, what: str) -> None:
+def _assert_matches_oracle(run, naive, backend: str, inputs: dict, what: str) -> None:
     """``run(name)`` -> a function of ``inputs``' tensors on backend ``name``; ``backend``'s output and gradients
-    w.r.t. every input equal the reference backend's (same upstream gradient)."""
+    w.r.t. every input equal the reference backend's (same upstream gradient), and the reference backend's equal
+    ``naive``'s (the same function written with naive_oracle.py's token-by-token loops: compared with itself the
+    reference could not fail)."""
     tensors = [t.requires_grad_() for t in inputs.values()]
     torch.manual_seed(1)
-    expected, expected_grads = _grads(run("reference"), tensors)
+    expected, expected_grads = _grads(naive if backend == "reference" else run("reference"), tensors)
     torch.manual_seed(1)
     actual, actual_grads = _grads(run(backend), tensors)
     assert_close_rel(actual, expected, torch.float32, f"{what} forward")
@@ -154,7 +156,12 @@ def test_every_gated_activation_runs_on_every_backend(backend, activation):
         return lambda x, gu, d, w: moe_kernels.moe_mlp(x, gu, d, w, ids, activation=activation, swiglu_limit=limit,
                                                        backend=which, **GATED_PARAMS.get(activation, {}))
 
-    _assert_matches_oracle(run, backend, {"x": x, "gate_up_proj": gate_up, "down_proj": down, "weights": weights},
+    def naive(x, gu, d, w):
+        return oracle_for("reference").moe_mlp(x, gu, d, w, ids, activation=activation, swiglu_limit=limit,
+                                               **GATED_PARAMS.get(activation, {}))
+
+    _assert_matches_oracle(run, naive, backend,
+                           {"x": x, "gate_up_proj": gate_up, "down_proj": down, "weights": weights},
                            f"{backend} {activation}")
 
 
@@ -171,7 +178,10 @@ def test_every_adapter_activation_runs_on_every_backend(backend, activation):
         return lambda h, d, u, w: moe_kernels.adapter_moe(h, d, u, w, ids, activation=activation, scale=0.5,
                                                           backend=which)
 
-    _assert_matches_oracle(run, backend, {"h": h, "down": down, "up": up, "weights": weights},
+    def naive(h, d, u, w):
+        return oracle_for("reference").adapter_moe(h, d, u, w, ids, activation=activation, scale=0.5)
+
+    _assert_matches_oracle(run, naive, backend, {"h": h, "down": down, "up": up, "weights": weights},
                            f"{backend} {activation}")
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 from moe_testing import (DTYPES, assert_close_rel, backends_under_test, check_hf_experts_against_transformers,
-                         device_for, make_ids)
+                         device_for, make_ids, oracle_for)
 
 import moe_kernels
 from moe_kernels import reference, spec
@@ -52,8 +52,8 @@ def _check(backend, shape, dtype, activation, bias):
     assert out.dtype == dtype and out.shape == x.shape
     ref_leaves = [t.detach().float().requires_grad_(True) for t in leaves]
     ref_bias = [t.detach().float().requires_grad_(True) if t is not None else None for t in bias_leaves]
-    ref = reference.moe_mlp(*ref_leaves, ids, activation=activation, gate_up_bias=ref_bias[0],
-                            down_bias=ref_bias[1], gated=False)
+    ref = oracle_for(backend).moe_mlp(*ref_leaves, ids, activation=activation, gate_up_bias=ref_bias[0],
+                                      down_bias=ref_bias[1], gated=False)  # the reference backend: the naive loop
     assert_close_rel(out, ref, dtype, "output")
     grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7)).to(device)
     got = torch.autograd.grad(out, leaves + [b for b in bias_leaves if b is not None], grad.to(dtype))
@@ -87,8 +87,8 @@ def test_ungated_inference_matches_oracle(backend, num_tokens):
     with torch.no_grad():
         out = moe_kernels.moe_mlp(x, up, down, weights, ids, activation="relu2", gated=False, gate_up_bias=up_bias,
                                   down_bias=down_bias, backend=backend)
-    ref = reference.moe_mlp(x, up, down, weights, ids, activation="relu2", gate_up_bias=up_bias, down_bias=down_bias,
-                            gated=False)
+    ref = oracle_for(backend).moe_mlp(x, up, down, weights, ids, activation="relu2", gate_up_bias=up_bias,
+                                      down_bias=down_bias, gated=False)
     assert_close_rel(out, ref, torch.float32, "output")
 
 
