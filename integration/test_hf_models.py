@@ -358,19 +358,41 @@ def test_sharded_checkpoints_and_device_map_for_every_system(tmp_path):
         assert_same_logits(model, placed, ids, mask, **kwargs)
 
 
-def test_a_checkpoint_missing_a_tensor_is_refused(tmp_path):
+def drop_tensor(path, key):
+    """Rewrite the (unsharded) checkpoint in ``path`` without tensor ``key``."""
     from safetensors.torch import load_file, save_file
+
+    state = load_file(path / "model.safetensors")
+    del state[key]
+    save_file(state, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_a_checkpoint_missing_a_tensor_is_refused(tmp_path):
+    from safetensors.torch import load_file
 
     model = crafted("llama")
     model.save_pretrained(tmp_path)
-    state = load_file(tmp_path / "model.safetensors")
-    removed = next(k for k in state if k.endswith("adapter_up"))
-    del state[removed]
-    save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    drop_tensor(tmp_path, next(k for k in load_file(tmp_path / "model.safetensors") if k.endswith("adapter_up")))
     with pytest.raises(ValueError, match="missing_keys.*adapter_up"):
         AutoModelForCausalLM.from_pretrained(tmp_path)
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path, strict=False)  # transformers' behaviour, on request
     assert isinstance(loaded, PescForCausalLM)
+
+
+@pytest.mark.parametrize("key", ["embed_tokens.weight", "coe_layers.1.branches.code.norm.weight"])
+def test_a_checkpoint_missing_a_shared_tensor_is_refused(tmp_path, key):
+    """CCoE keeps a shared part once: the heads tied to the embeddings (Qwen2) and the norm the experts share are one
+    module. A checkpoint lacking that tensor is refused too; transformers dropped it from the missing keys (it flags
+    a tie target as loaded, and the target is the same tensor), so the model came back with it unloaded, on meta."""
+    _, _, model = coupled_two_depths("qwen2")
+    assert {"code.lm_head": "embed_tokens", "math.norm": "code.norm"}.items() <= model.config.shared_parts.items()
+    model.save_pretrained(tmp_path)
+    drop_tensor(tmp_path, key)
+    with pytest.raises(ValueError, match=f"missing_keys.*{key}"):
+        AutoModelForCausalLM.from_pretrained(tmp_path)
+    loaded, info = AutoModelForCausalLM.from_pretrained(tmp_path, strict=False, output_loading_info=True)
+    assert key in info["missing_keys"]
+    assert not any(p.is_meta for p in loaded.parameters())  # transformers' random init, as for any missing tensor
 
 
 def test_bfloat16_models_round_trip_in_bfloat16(tmp_path):

@@ -124,6 +124,25 @@ class ComposedPreTrainedModel(PreTrainedModel):
                              "load anyway.")
         return (model, info) if want_info else model
 
+    def mark_tied_weights_as_initialized(self, loading_info):
+        # transformers flags every declared tie target as initialised, then (for models outside transformers) drops
+        # from the missing keys each tensor that carries the flag, meant for aliases of a loaded tensor. CCoE ties
+        # shared norms / heads as one module, so a target's tensor IS its source's: a source missing from the
+        # checkpoint got the flag through its target and was dropped, and stayed unloaded (on the meta device)
+        # with no missing key reported, past the strict check. Keep missing every tensor none of whose names was
+        # in the checkpoint.
+        before = set(loading_info.missing_keys)
+        super().mark_tied_weights_as_initialized(loading_info)
+        dropped = before - loading_info.missing_keys
+        if dropped:
+            names: dict[int, list[str]] = {}
+            for name, tensor in [*self.named_parameters(remove_duplicate=False),
+                                 *self.named_buffers(remove_duplicate=False)]:
+                names.setdefault(id(tensor), []).append(name)
+            loading_info.missing_keys |= {key for key in dropped
+                                          if all(n in before for n in names.get(id(self.get_parameter_or_buffer(key)),
+                                                                                [key]))}
+
     def set_backend(self, backend: str | None) -> None:
         """The moe_kernels backend of every moe_kernels layer inside (None: chosen by device). A run-time
         choice, not saved: backends agree to rounding, not bit for bit."""
