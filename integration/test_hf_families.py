@@ -517,6 +517,42 @@ def test_set_experts_implementation_and_from_config():
     assert built.config._experts_implementation == "moe_kernels"
 
 
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "llama4_text"])  # router + experts, transposed + bias, block
+def test_patched_model_saves_and_loads_as_the_unpatched_model(family, tmp_path):
+    """apply() changes forwards, never the checkpoint: a patched model writes the unpatched model's tensors and
+    config.json (no "moe_kernels" experts implementation, which transformers without moe_kernels could not load), an
+    unpatched checkpoint loads into a patched model (apply after loading, or apply_to before) bit-identically, and a
+    checkpoint written by a patched model loads unpatched."""
+    import json
+
+    from safetensors.torch import load_file
+
+    base = build(family, torch.float32)
+    ids = batch(6)
+    patched = patched_copy(base, "reference")
+    expected = patched(ids).logits
+    base.save_pretrained(tmp_path / "plain")
+    patched.save_pretrained(tmp_path / "patched")
+    plain_state, patched_state = (load_file(tmp_path / d / "model.safetensors") for d in ("plain", "patched"))
+    assert plain_state.keys() == patched_state.keys()
+    assert all(torch.equal(patched_state[k], v) for k, v in plain_state.items())
+    configs = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("plain", "patched")]
+    assert configs[0] == configs[1] and "moe_kernels" not in json.dumps(configs[1])
+
+    loaded = mkhf.apply(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "plain"), backend="reference")
+    assert all(torch.equal(p, loaded.get_parameter(n)) for n, p in patched.named_parameters())
+    assert_rel(loaded(ids).logits, expected, 1e-6, "patched after loading")
+    mkhf.apply_to(family, backend="reference")
+    try:
+        assert_rel(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "plain")(ids).logits, expected, 1e-6,
+                   "loaded under apply_to")
+    finally:
+        mkhf.revert(family)
+    unpatched = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "patched")
+    assert unpatched.config._experts_implementation != "moe_kernels"
+    assert_rel(unpatched(ids).logits, base(ids).logits, 1e-6, "patched checkpoint loaded unpatched")
+
+
 def test_unsupported_model_is_refused_with_the_list():
     config = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=16, num_hidden_layers=1,
                                       num_attention_heads=2)
