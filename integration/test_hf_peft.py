@@ -70,3 +70,26 @@ def test_lora_on_experts_matches_unpatched(family, backend, monkeypatch, require
     assert losses[-1] < losses[0]
     for step, (a, b) in enumerate(zip(losses, ref_losses)):
         assert abs(a - b) <= 1e-4 * abs(b), f"step {step}: {a} vs {b}"
+
+
+def test_lora_adapter_saved_from_a_patched_model_is_the_unpatched_one(tmp_path):
+    """The adapter files PEFT writes from a patched model equal those from the unpatched model, and each loads onto
+    the other kind of base with the same logits (apply changes forwards, not the modules PEFT wraps and names)."""
+    from safetensors.torch import load_file
+
+    base = build("mixtral", torch.float32)
+    ids = batch(7)
+    plain = lora_model(copy.deepcopy(base))
+    patched = lora_model(mkhf.apply(copy.deepcopy(base), backend="reference"))
+    plain.save_pretrained(tmp_path / "plain")
+    patched.save_pretrained(tmp_path / "patched")
+    states = [load_file(tmp_path / d / "adapter_model.safetensors") for d in ("plain", "patched")]
+    assert states[0].keys() == states[1].keys() and any("experts" in k for k in states[0])
+    assert all(torch.equal(states[1][k], v) for k, v in states[0].items())
+    with torch.no_grad():
+        expected = plain(ids).logits
+        on_plain = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "patched")(ids).logits
+        on_patched = peft.PeftModel.from_pretrained(mkhf.apply(copy.deepcopy(base), backend="reference"),
+                                                    tmp_path / "plain")(ids).logits
+    assert torch.equal(on_plain, expected)
+    assert_rel(on_patched, expected, 1e-5, "adapter loaded onto a patched base")
