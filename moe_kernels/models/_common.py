@@ -13,6 +13,7 @@ from dataclasses import field, make_dataclass
 import torch
 import transformers
 from packaging.version import Version
+from torch import nn
 from transformers import AutoConfig, PreTrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
@@ -160,6 +161,76 @@ class ComposedPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module):
         super()._init_weights(module)
 
+    # ----- vocabulary resizing -----
+    def _vocab_groups(self) -> list[tuple[PreTrainedModel, list[nn.Module], list[nn.Module]]]:
+        """Every (owner, input embeddings, output heads) that carries the vocabulary. ``owner`` is the
+        transformers model whose resize helpers (its config's initializer_range) initialise the new rows.
+        A module used in several places may be listed several times; a head whose weight is an embedding's
+        tensor is tied to it. Default: this model's one embedding / head pair."""
+        head = self.get_output_embeddings()
+        return [(self, [self.get_input_embeddings()], [] if head is None else [head])]
+
+    def _set_vocab_size(self, size: int) -> None:
+        """Write the new vocabulary size wherever a config records it (so save/load rebuilds these shapes):
+        here the text config of this model and of every transformers model nested in it."""
+        for module in self.modules():
+            if isinstance(module, PreTrainedModel):
+                module.config.get_text_config().vocab_size = size
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """transformers' ``resize_token_embeddings`` for a model that may hold several embeddings and heads
+        (CCoE: one backbone embedding and a head per expert; UltraFuser: a pair per specialist). All grow or
+        shrink together to one size: old rows are kept, new rows initialised as transformers does (each by its
+        owner model); a head tied to an embedding stays that embedding's tensor, a head module shared by
+        several places is resized once and stays shared. Returns the (first) input embeddings."""
+        groups = self._vocab_groups()
+        first = groups[0][1][0]
+        if new_num_tokens is None and pad_to_multiple_of is None:
+            return first
+        size = first.weight.shape[0] if new_num_tokens is None else new_num_tokens
+        if pad_to_multiple_of is not None:
+            if isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) \
+                    or pad_to_multiple_of < 1:
+                raise ValueError(f"pad_to_multiple_of must be a positive int, got {pad_to_multiple_of!r}")
+            size = -(-size // pad_to_multiple_of) * pad_to_multiple_of
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"new_num_tokens must be a positive int, got {new_num_tokens!r}")
+
+        embedding_weights = set()
+        for owner, embeddings, _ in groups:
+            for embedding in {id(e): e for e in embeddings}.values():
+                # in place (transformers' own helper): the module and its Parameter stay, so every head tied
+                # to it (holding that Parameter) sees the new rows
+                owner._get_resized_embeddings(embedding, size, mean_resizing=mean_resizing)
+                embedding_weights.add(id(embedding.weight))
+        replaced: dict[int, nn.Module] = {}
+        for owner, _, heads in groups:
+            for head in heads:
+                if id(head) in replaced:
+                    continue
+                if id(head.weight) in embedding_weights:  # tied: already resized with its embedding
+                    self._adjust_bias(head, head.weight)  # pads a bias, if any, to the new rows
+                    head.out_features = size
+                    replaced[id(head)] = head
+                    continue
+                new_head = owner._get_resized_lm_head(head, size, mean_resizing=mean_resizing)
+                if new_head is not head:
+                    new_head.requires_grad_(head.weight.requires_grad)
+                    if hasattr(head, "_hf_hook"):
+                        from accelerate.hooks import add_hook_to_module
+                        add_hook_to_module(new_head, head._hf_hook)
+                replaced[id(head)] = new_head
+        # put each new head in every place that held the old one (CCoE experts may share one head module)
+        for parent in list(self.modules()):
+            for name, child in list(parent._modules.items()):
+                if child is not None and id(child) in replaced and replaced[id(child)] is not child:
+                    setattr(parent, name, replaced[id(child)])
+        self._set_vocab_size(size)
+        self.all_tied_weights_keys = self.get_expanded_tied_weights_keys(all_submodels=True)
+        self.tie_weights()
+        return self._vocab_groups()[0][1][0]
+
 
 class WrapsLanguageModel:
     """For a composed model that holds one transformers causal LM as ``self.language_model`` (PESC,
@@ -179,3 +250,7 @@ class WrapsLanguageModel:
 
     def get_decoder(self):
         return self.language_model.get_decoder()
+
+    def _vocab_groups(self):
+        head = self.language_model.get_output_embeddings()
+        return [(self.language_model, [self.get_input_embeddings()], [] if head is None else [head])]

@@ -426,6 +426,18 @@ class CcoeForCausalLM(ComposedPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return None  # one head per expert
 
+    def _vocab_groups(self):
+        # one backbone embedding; a head per expert (some tied to the embedding, some one module shared by experts)
+        return [(self, [self.embed_tokens], [self.branch(name).lm_head for name in self.expert_names])]
+
+    def _set_vocab_size(self, size: int) -> None:
+        super()._set_vocab_size(size)  # text_config (the base, rebuilt as the backbone on load)
+        # the experts are rebuilt on load from expert_configs; a branch's config is its expert model's
+        self.config.expert_configs = {name: {**values, "vocab_size": size}
+                                      for name, values in self.config.expert_configs.items()}
+        for name in self.expert_names:
+            self.branch(name).config.vocab_size = size
+
     def _stage(self, hidden, start: int, end: int, rows, attention_mask, position_ids, position_embeddings, cache,
                use_cache):
         if start == end:

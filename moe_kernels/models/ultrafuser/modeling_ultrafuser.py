@@ -131,6 +131,14 @@ class UltraFuserForCausalLM(ComposedPreTrainedModel, GenerationMixin):
     def get_output_embeddings(self):
         return None  # several heads; the blend happens in forward
 
+    def _vocab_groups(self):
+        # each specialist has its own embeddings and head (tied or not, its config says), one shared vocabulary
+        return [(m, [m.get_input_embeddings()], [m.get_output_embeddings()]) for m in self.fuser.specialists]
+
+    def _set_vocab_size(self, size: int) -> None:
+        super()._set_vocab_size(size)  # config.vocab_size and every specialist's config
+        self.config.specialists = [{**values, "vocab_size": size} for values in self.config.specialists]
+
     def gate_weights(self, hidden_states) -> torch.Tensor:
         return self.fuser.gate_weights(hidden_states)
 
