@@ -417,3 +417,114 @@ def test_bfloat16_models_round_trip_in_bfloat16(tmp_path):
         loaded = round_trip(model, tmp_path / name)
         assert next(loaded.parameters()).dtype == torch.bfloat16
         assert_same_logits(model, loaded, ids, mask, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# resize_token_embeddings: every embedding and every head of the composed model resized together
+
+
+def vocab_parts(model):
+    """[(input embedding, [the output heads that go with it])] through each model's public attributes."""
+    if isinstance(model, CcoeForCausalLM):
+        return [(model.embed_tokens, [model.branch(name).lm_head for name in model.expert_names])]
+    if isinstance(model, UltraFuserForCausalLM):
+        return [(m.get_input_embeddings(), [m.get_output_embeddings()]) for m in model.specialists]
+    return [(model.get_input_embeddings(), [model.get_output_embeddings()])]
+
+
+def resizable(system, family, tmp_path):
+    if system == "pesc":
+        return crafted(family), {}
+    if system == "self_moe":
+        model = self_moe_model(family, tmp_path)
+        model.set_backend("reference")
+        return model, {}
+    if system == "ccoe":
+        base = tiny(family, 3)
+        experts = {"code": expert_of(base, family, 3, 1, 1), "math": expert_of(base, family, 4, 2, 2),
+                   "law": expert_of(base, family, 2, 3, 2)}
+        experts["law"].lm_head.load_state_dict(experts["math"].lm_head.state_dict())  # kept once: one module
+        return mkh.couple_experts(base, experts, coe_layers={"code": 1, "math": 2, "law": 2}), {"expert": ROUTE}
+    return mkh.fuse_specialists(specialists([family, "llama", family]), gate_hidden=16), {}
+
+
+RESIZES = {"grow_padded": (dict(new_num_tokens=VOCAB + 4, pad_to_multiple_of=8), 104),
+           "grow_random_rows": (dict(new_num_tokens=VOCAB + 5, mean_resizing=False), VOCAB + 5),
+           "shrink": (dict(new_num_tokens=VOCAB - 9), VOCAB - 9)}
+
+
+@pytest.mark.parametrize("resize", sorted(RESIZES))
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # untied heads; heads tied to the embeddings
+@pytest.mark.parametrize("system", ["pesc", "self_moe", "ccoe", "ultrafuser"])
+def test_resize_token_embeddings(tmp_path, system, family, resize):
+    """As for any transformers causal LM: input embeddings and output heads (CCoE: one per expert; UltraFuser: one
+    pair per specialist) take the new size together, keep their old rows, start new rows as transformers does,
+    keep their ties (a head tied to the embeddings, a head module shared by experts), the config records the size,
+    and the resized model runs, generates, saves and loads back bit-identically. (CCoE used to resize the
+    embeddings only, UltraFuser raised NotImplementedError.)"""
+    model, kwargs = resizable(system, family, tmp_path)
+    resize_kwargs, size = RESIZES[resize]
+    kept = min(VOCAB, size)
+    ids, mask = prompts()
+    ids[ids >= kept] = 1  # tokens both vocabularies have
+    before_parts = vocab_parts(model)
+    old = [(e.weight.detach().clone(), [h.weight.detach().clone() for h in heads]) for e, heads in before_parts]
+    tied = [[h.weight is e.weight for h in heads] for e, heads in before_parts]
+    assert any(any(t) for t in tied) == (family == "qwen2")
+    with torch.no_grad():
+        old_logits = model(ids, attention_mask=mask, **kwargs).logits
+
+    returned = model.resize_token_embeddings(**resize_kwargs)
+    assert returned is model.get_input_embeddings() and returned.weight.shape[0] == size
+    assert model.config.get_text_config().vocab_size == size
+    parts = vocab_parts(model)
+    for (embedding, heads), (old_embedding, old_heads), was_tied in zip(parts, old, tied):
+        assert embedding.weight.shape == (size, old_embedding.shape[1]) and embedding.num_embeddings == size
+        assert torch.equal(embedding.weight[:kept], old_embedding[:kept])
+        for head, old_head, is_tied in zip(heads, old_heads, was_tied):
+            assert head.weight.shape == (size, old_head.shape[1]) and head.out_features == size
+            assert torch.equal(head.weight[:kept], old_head[:kept])
+            assert (head.weight.data_ptr() == embedding.weight.data_ptr()) == is_tied
+        for weight, old_weight in [(embedding.weight, old_embedding), *zip([h.weight for h in heads], old_heads)]:
+            added = weight[VOCAB:].detach()
+            if resize == "grow_padded":  # mean resizing: each matrix's new rows start at its own old rows' mean
+                torch.testing.assert_close(added, old_weight.mean(0).expand_as(added), rtol=0, atol=1e-3)
+            elif resize == "grow_random_rows":  # transformers' init of the owner model: N(0, initializer_range)
+                assert 0.1 < float(added.std()) < 0.35, float(added.std())
+    if system in ("pesc", "self_moe"):
+        assert model.get_output_embeddings().weight.shape[0] == size
+        assert model.language_model.config.vocab_size == size
+    if system == "ccoe":
+        assert model.config.shared_parts.get("law.lm_head") == ("embed_tokens" if family == "qwen2" else "math.lm_head")
+        assert model.branch("law").lm_head is model.branch("math").lm_head or family == "qwen2"
+        assert all(values["vocab_size"] == size for values in model.config.expert_configs.values())
+    if system == "ultrafuser":
+        assert model.config.vocab_size == size
+        assert all(values["vocab_size"] == size for values in model.config.specialists)
+        assert all(m.config.vocab_size == size for m in model.specialists)
+
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask, **kwargs).logits
+    assert logits.shape == (*ids.shape, size)
+    valid = mask.bool()  # the old tokens' logits did not move
+    torch.testing.assert_close(logits[..., :kept][valid], old_logits[..., :kept][valid], rtol=1e-5, atol=1e-5)
+    new_ids = ids.clone()
+    new_ids[:, -1] = size - 1  # a token only the resized vocabulary has (the last row, when shrunk)
+    with torch.no_grad():  # the training loss sees the new vocabulary too (UltraFuser's fused loss reads the heads)
+        assert torch.isfinite(model(new_ids, attention_mask=mask, labels=new_ids, **kwargs).loss)
+    generated = greedy(model, new_ids, mask, **kwargs)
+    assert generated.shape == (ids.shape[0], ids.shape[1] + NEW_TOKENS) and int(generated.max()) < size
+
+    loaded = round_trip(model, tmp_path / "resized")
+    if system in ("pesc", "self_moe"):
+        loaded.set_backend("reference")
+    assert loaded.config.get_text_config().vocab_size == size
+    for (embedding, heads), (loaded_embedding, loaded_heads), was_tied in zip(parts, vocab_parts(loaded), tied):
+        assert torch.equal(loaded_embedding.weight, embedding.weight)
+        for head, loaded_head, is_tied in zip(heads, loaded_heads, was_tied):
+            assert torch.equal(loaded_head.weight, head.weight)
+            assert (loaded_head.weight.data_ptr() == loaded_embedding.weight.data_ptr()) == is_tied
+    if system == "ccoe" and family == "llama":
+        assert loaded.branch("law").lm_head is loaded.branch("math").lm_head
+    assert_same_logits(model, loaded, new_ids, mask, **kwargs)
+    assert torch.equal(greedy(loaded, new_ids, mask, **kwargs), generated)
