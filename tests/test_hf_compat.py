@@ -113,3 +113,24 @@ def test_outputs_keep_the_cache_under_both_names(path):
     sentinel = object()
     out = cls(cache=sentinel)
     assert out.cache is sentinel and out.past_key_values is sentinel and out["cache"] is sentinel
+
+
+# PreTrainedModel methods the composed models (moe_kernels/models/_common.py) override or call, with the parameters
+# they use: an override of a renamed method would silently stop running (a checkpoint missing a shared tensor would
+# load again as an empty meta tensor), a renamed helper would break resize_token_embeddings.
+_PRETRAINED_MODEL_METHODS = {
+    "mark_tied_weights_as_initialized": ["loading_info"],
+    "_get_resized_embeddings": ["old_embeddings", "new_num_tokens", "mean_resizing"],
+    "_get_resized_lm_head": ["old_lm_head", "new_num_tokens", "mean_resizing"],
+    "_adjust_bias": ["output_embeddings", "input_embeddings"],
+    "get_expanded_tied_weights_keys": ["all_submodels"],
+}
+
+
+@pytest.mark.parametrize("name", sorted(_PRETRAINED_MODEL_METHODS))
+def test_pretrained_model_methods_the_composed_models_use(name):
+    method = getattr(transformers.PreTrainedModel, name, None)
+    assert callable(method), f"transformers {transformers.__version__}: PreTrainedModel.{name} is gone"
+    params = inspect.signature(method).parameters
+    missing = [p for p in _PRETRAINED_MODEL_METHODS[name] if p not in params]
+    assert not missing, f"PreTrainedModel.{name}{inspect.signature(method)} lacks {missing}"
