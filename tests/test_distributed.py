@@ -50,3 +50,124 @@ def test_expert_parallel_check_repeated(world_size):
         result = _run_check(world_size)
         assert result.returncode == 0 and "check passed" in result.stdout, \
             f"run {attempt + 1}/{repeats} failed (exit {result.returncode}):\n{result.stdout}{result.stderr[-4000:]}"
+
+
+# ---- in-process cases on gloo ranks (each test spawns its ranks once and runs several cases in them) -----------------
+
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, world: int, port: int, case: str) -> None:
+    import os
+    import traceback
+    import torch
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        globals()[case](rank, world)
+        dist.barrier()
+    except BaseException:  # noqa: BLE001 - reported through the exit code
+        traceback.print_exc()
+        sys.stderr.flush()
+        os._exit(1)
+    dist.destroy_process_group()
+    from moe_kernels.distributed.check import exit_clean_rank
+    exit_clean_rank()  # os._exit(0): gloo's threads can abort the interpreter's shutdown (pytorch#190489)
+
+
+def _spawn(world: int, case: str, timeout: float = 60.0) -> None:
+    """Run ``case(rank, world)`` on ``world`` gloo ranks; fail on any rank's failure, and on a hang (a rank stuck in
+    a collective the others never join) instead of blocking the suite."""
+    import time
+    import torch.multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=_rank_main, args=(rank, world, port, case)) for rank in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert not hung, f"{case}: ranks {hung} still running after {timeout:.0f} s (a collective mismatch hangs)"
+    codes = [p.exitcode for p in procs]
+    assert codes == [0] * world, f"{case}: exit codes {codes} (tracebacks above)"
+
+
+def _compare_with_one_process(rank, world, *, num_experts, top_k, sizes, dtype=None, x_requires_grad=True,
+                              to_first_rank=False, input_shape=None, noncontiguous=False, seed=0):
+    """ExpertParallelMoE on this rank's tokens vs the full SparseMoE on every rank's tokens in one process: output,
+    router_logits, and gradients (x, the all-reduced router, this rank's experts) under random upstream gradients."""
+    import torch
+    from moe_kernels.distributed import ExpertParallelMoE
+    from moe_kernels.layers import SparseMoE
+    dtype = dtype or torch.float32
+    torch.manual_seed(seed)
+    hidden = 8
+    full = SparseMoE(hidden, 6, num_experts=num_experts, top_k=top_k).to(dtype)
+    if to_first_rank:  # every token to rank 0's experts: the other ranks receive no rows
+        full.router = torch.nn.Linear(hidden, num_experts, bias=True).to(dtype)
+        with torch.no_grad():
+            full.router.bias.fill_(-30.0)
+            full.router.bias[:top_k] = 0.0
+    shapes = [(n,) + tuple(input_shape or ()) + (hidden,) for n in sizes]  # x [n, *input_shape, H]
+    inputs = [torch.randn(s).to(dtype) for s in shapes]
+    grads_out = [torch.randn(s).to(dtype) for s in shapes]
+
+    ref_x = [x.clone().requires_grad_(True) for x in inputs]
+    ref_out = [full(x) for x in ref_x]
+    ref_params = [full.router.weight, full.first_proj, full.down_proj]
+    ref = torch.autograd.grad(sum((o.float() * g.float()).sum() for o, g in zip(ref_out, grads_out)),
+                              ref_x + ref_params, allow_unused=True)
+    ref = [g if g is not None else torch.zeros_like(p) for g, p in zip(ref, ref_x + ref_params)]
+
+    layer = ExpertParallelMoE.from_sparse_moe(full)
+    x = inputs[rank].clone()
+    if noncontiguous:
+        x = x.transpose(0, -1).contiguous().transpose(0, -1)
+        assert not x.is_contiguous() or x.numel() <= hidden
+    x.requires_grad_(x_requires_grad)
+    out = layer(x)
+    params = [layer.router.weight, layer.gate_up_proj, layer.down_proj]
+    wrt = ([x] if x_requires_grad else []) + params
+    got = torch.autograd.grad((out.float() * grads_out[rank].float()).sum(), wrt, allow_unused=True)
+    got = [g if g is not None else torch.zeros_like(p) for g, p in zip(got, wrt)]
+    if not x_requires_grad:
+        got = [None] + got
+
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=4e-2, atol=4e-2)
+    mine = slice(layer.expert_offset, layer.expert_offset + num_experts // world)
+    torch.testing.assert_close(out.float(), ref_out[rank].float(), **tol)
+    torch.testing.assert_close(layer.router_logits, full.router(inputs[rank].reshape(-1, hidden)), **tol)
+    if x_requires_grad:
+        torch.testing.assert_close(got[0].float(), ref[rank].float(), **tol)
+    router_grad = got[1].clone()
+    dist.all_reduce(router_grad)
+    torch.testing.assert_close(router_grad.float(), ref[world].float(), **tol)
+    torch.testing.assert_close(got[2].float(), ref[world + 1][mine].float(), **tol)
+    torch.testing.assert_close(got[3].float(), ref[world + 2][mine].float(), **tol)
+
+
+def _case_uneven(rank, world):
+    import torch
+    E = world  # 3 ranks: a prime E, one expert per rank
+    _compare_with_one_process(rank, world, num_experts=E, top_k=1, sizes=[0, 1, 6][:world])  # T=0, one token, k=1
+    _compare_with_one_process(rank, world, num_experts=E, top_k=E, sizes=[4, 0, 2][:world])  # k=E
+    _compare_with_one_process(rank, world, num_experts=2 * E, top_k=2, sizes=[3, 5, 7][:world], to_first_rank=True)
+    _compare_with_one_process(rank, world, num_experts=2 * E, top_k=2, sizes=[2, 3, 4][:world], dtype=torch.bfloat16)
+    _compare_with_one_process(rank, world, num_experts=2 * E, top_k=2, sizes=[2, 3, 1][:world], input_shape=(2,),
+                              noncontiguous=True)  # x [n, 2, H], a transposed view
+    _compare_with_one_process(rank, world, num_experts=E, top_k=1, sizes=[0] * world)  # no tokens anywhere
+
+
+@pytest.mark.parametrize("world_size", [1, 3])
+def test_expert_parallel_uneven_cases_match_one_process(world_size):
+    _spawn(world_size, "_case_uneven")

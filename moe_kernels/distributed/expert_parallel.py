@@ -172,6 +172,7 @@ class ExpertParallelMoE(nn.Module):
             self.up_proj = first
         self.down_proj = nn.Parameter(layer.down_proj.detach()[mine].clone())
         self.expert_offset = rank * num_local
+        self.router_logits: torch.Tensor | None = None  # as SparseMoE: kept for the training loop (e.g. a z-loss)
         self.aux_loss: torch.Tensor | None = None
 
     @classmethod
@@ -183,6 +184,7 @@ class ExpertParallelMoE(nn.Module):
         x2d = x.reshape(-1, self.hidden_size)
         logits = self.router(x2d)
         weights, ids = moe_kernels.route(logits, self.top_k, backend=self.backend, **self.routing)
+        self.router_logits = logits
         self.aux_loss = moe_kernels.load_balancing_loss(logits, ids, self.num_experts)
         first = self.gate_up_proj if self.gated else self.up_proj
         out = expert_parallel_moe_mlp(x2d, first, self.down_proj, weights, ids, self.num_experts, group=self.group,
