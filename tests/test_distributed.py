@@ -156,6 +156,19 @@ def _compare_with_one_process(rank, world, *, num_experts, top_k, sizes, dtype=N
     torch.testing.assert_close(got[3].float(), ref[world + 2][mine].float(), **tol)
 
 
+def _case_frozen_input_rank_without_rows(rank, world):
+    # x without grad (frozen layers below, experts trained) while rank 1 receives no rows: rank 0's backward runs the
+    # reverse exchange for its expert weights; rank 1 must join it (it hung) and get zero expert gradients.
+    _compare_with_one_process(rank, world, num_experts=2 * world, top_k=1, sizes=[5] * world, x_requires_grad=False,
+                              to_first_rank=True)
+    _compare_with_one_process(rank, world, num_experts=2 * world, top_k=2, sizes=[5] * world, x_requires_grad=False,
+                              to_first_rank=True, seed=1)
+
+
+def test_expert_parallel_backward_when_x_needs_no_grad_and_a_rank_receives_nothing():
+    _spawn(2, "_case_frozen_input_rank_without_rows")
+
+
 def _case_uneven(rank, world):
     import torch
     E = world  # 3 ranks: a prime E, one expert per rank

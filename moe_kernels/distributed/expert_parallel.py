@@ -93,8 +93,9 @@ def all_to_all_rows(rows: torch.Tensor, send_splits: list[int], recv_splits: lis
 
 def _expert_parallel(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, num_experts: int, group,
                      run_local: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                     backend: str | None = None) -> torch.Tensor:
-    """Shared exchange around ``run_local(rows [M,H], local_ids [M] int32) -> [M,H]`` (see module docstring)."""
+                     backend: str | None = None, local_params=()) -> torch.Tensor:
+    """Shared exchange around ``run_local(rows [M,H], local_ids [M] int32) -> [M,H]`` (see module docstring).
+    ``local_params``: this rank's expert parameters, kept in the graph when the rank receives no rows."""
     world, _ = _world(group)
     num_local = local_expert_count(num_experts, group)
     num_tokens, k = ids.shape
@@ -112,7 +113,13 @@ def _expert_parallel(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, 
     if received.shape[0] > 0:
         processed = run_local(received, local_ids)
     else:
-        processed = received * 0  # nothing to run, but keep the graph joined so backward exchanges too
+        # Nothing to run, but backward must still take part in the reverse exchange whenever the ranks that ran
+        # their experts do: they do whenever their expert weights need grad, even when x does not (frozen inputs,
+        # experts trained), so join this rank's expert weights too (zero gradients), else backward hangs.
+        processed = received * 0
+        for param in local_params:
+            if param.requires_grad:
+                processed = processed + param.narrow(0, 0, 0).sum().to(processed.dtype)
     returned = all_to_all_rows(processed, recv_splits, send_splits, group)
     per_slot = returned[plan.slot_positions.long()].view(num_tokens, k, x.shape[1])
     out = (per_slot.float() * weights.float().unsqueeze(-1)).sum(dim=1)
@@ -131,7 +138,7 @@ def expert_parallel_moe_mlp(x, gate_up_local, down_local, weights, ids, num_expe
         ones = torch.ones(rows.shape[0], 1, dtype=torch.float32, device=rows.device)
         return moe_kernels.moe_mlp(rows, gate_up_local, down_local, ones, local_ids[:, None],
                                    activation=activation, gated=gated, backend=backend)
-    return _expert_parallel(x, weights, ids, num_experts, group, run_local, backend)
+    return _expert_parallel(x, weights, ids, num_experts, group, run_local, backend, (gate_up_local, down_local))
 
 
 def expert_parallel_adapter_moe(h, down_local, up_local, weights, ids, num_experts: int, *, group=None,
@@ -142,7 +149,7 @@ def expert_parallel_adapter_moe(h, down_local, up_local, weights, ids, num_exper
         ones = torch.ones(rows.shape[0], 1, dtype=torch.float32, device=rows.device)
         return moe_kernels.adapter_moe(rows, down_local, up_local, ones, local_ids[:, None],
                                        activation=activation, scale=scale, backend=backend)
-    return _expert_parallel(h, weights, ids, num_experts, group, run_local, backend)
+    return _expert_parallel(h, weights, ids, num_experts, group, run_local, backend, (down_local, up_local))
 
 
 class ExpertParallelMoE(nn.Module):
@@ -227,7 +234,7 @@ class ExpertParallelExperts(nn.Module):
             ones = torch.ones(rows.shape[0], 1, dtype=top_k_weights.dtype, device=rows.device)
             return self.local(rows, local_ids.long()[:, None], ones)
         return _expert_parallel(hidden_states, top_k_weights, top_k_index, self.num_experts, self.group, run_local,
-                                self.backend)
+                                self.backend, tuple(self.local.parameters()))
 
 
 def shard_hf_experts(model: nn.Module, group=None, backend: str | None = None) -> nn.Module:
