@@ -184,3 +184,38 @@ def _case_uneven(rank, world):
 @pytest.mark.parametrize("world_size", [1, 3])
 def test_expert_parallel_uneven_cases_match_one_process(world_size):
     _spawn(world_size, "_case_uneven")
+
+
+def _case_bad_arguments(rank, world):
+    import torch
+    import moe_kernels
+    from moe_kernels.distributed import ExpertParallelMoE, expert_parallel_adapter_moe, expert_parallel_moe_mlp
+    from moe_kernels.layers import SparseMoE
+    torch.manual_seed(0)
+    full = SparseMoE(8, 6, num_experts=2 * world, top_k=2)
+    x = torch.randn(4, 8)
+    weights, ids = moe_kernels.route(full.router(x), 2)
+    # the full expert weights instead of this rank's shard: ran experts 0..E/W-1 everywhere (silently wrong)
+    with pytest.raises(ValueError, match="local shard"):
+        expert_parallel_moe_mlp(x, full.gate_up_proj, full.down_proj, weights, ids, 2 * world)
+    with pytest.raises(ValueError, match="local shard"):
+        expert_parallel_adapter_moe(x, torch.randn(2 * world, 3, 8), torch.randn(2 * world, 8, 3), weights, ids,
+                                    2 * world)
+    mine = slice(2 * rank, 2 * rank + 2)
+    gate_up, down = full.gate_up_proj.detach()[mine], full.down_proj.detach()[mine]
+    # weights [T,1] against ids [T,2] broadcast in the combine (every slot weighted alike), silently
+    with pytest.raises(ValueError, match="weights has shape"):
+        expert_parallel_moe_mlp(x, gate_up, down, weights[:, :1], ids, 2 * world)
+    with pytest.raises(ValueError, match="number of tokens"):
+        expert_parallel_moe_mlp(x, gate_up, down, weights[:3], ids[:3], 2 * world)
+    # the checks above raise before any collective, so every rank is still in step: the right call works
+    want = full.experts(x, weights, ids)
+    torch.testing.assert_close(expert_parallel_moe_mlp(x, gate_up, down, weights, ids, 2 * world), want,
+                               rtol=1e-4, atol=1e-5)
+    # ranks in different dtypes: rows travel as bytes, so this aborted inside gloo at the first forward
+    with pytest.raises(ValueError, match=r"disagree.*dtype"):
+        ExpertParallelMoE(full.to(torch.bfloat16) if rank == 1 else full)
+
+
+def test_expert_parallel_bad_arguments_raise_clear_errors():
+    _spawn(2, "_case_bad_arguments")

@@ -27,7 +27,7 @@ from torch import nn
 
 import moe_kernels
 from moe_kernels.layers.sparse_moe import SparseMoE
-from moe_kernels.validation import check_hidden
+from moe_kernels.validation import check_dim, check_hidden, check_routing, check_tensor
 
 
 def _world(group) -> tuple[int, int]:
@@ -91,6 +91,15 @@ def all_to_all_rows(rows: torch.Tensor, send_splits: list[int], recv_splits: lis
     return _AllToAllRows.apply(rows, list(send_splits), list(recv_splits), group)
 
 
+def _check_local_experts(num_experts: int, group, **tensors: torch.Tensor) -> None:
+    """The functional forms take this rank's experts only: passing the full [E, ...] weights would run experts
+    0 .. E/W-1 on every rank (silently wrong outputs on every rank but 0), so dim 0 must be E / world_size."""
+    num_local = local_expert_count(num_experts, group)
+    for name, t in tensors.items():
+        check_dim(name, t.shape[0], num_local, f"this rank's experts (dim 0, num_experts / world_size = "
+                  f"{num_experts} / {num_experts // num_local}; pass the local shard, not the full weights)")
+
+
 def _expert_parallel(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, num_experts: int, group,
                      run_local: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                      backend: str | None = None, local_params=()) -> torch.Tensor:
@@ -98,6 +107,10 @@ def _expert_parallel(x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, 
     ``local_params``: this rank's expert parameters, kept in the graph when the rank receives no rows."""
     world, _ = _world(group)
     num_local = local_expert_count(num_experts, group)
+    # The combine below broadcasts weights against the k slots ([T,1] would pass and weight every slot alike) and
+    # takes T from ids: check the routing as moe_mlp does.
+    check_tensor("x", x, 2)
+    check_routing(weights, ids, x.shape[0], num_experts, x.dtype)
     num_tokens, k = ids.shape
     plan = moe_kernels.plan(ids, num_experts, backend=backend)
     counts = plan.expert_offsets.diff().to(torch.int64)
@@ -134,6 +147,8 @@ def expert_parallel_moe_mlp(x, gate_up_local, down_local, weights, ids, num_expe
     x [T,H] (this rank's tokens), gate_up_local [E/W,2I,H] ([E/W,I,H] with gated=False) and down_local [E/W,H,I]
     (this rank's experts), weights/ids [T,k] with global expert ids in [0, num_experts). Returns [T,H].
     """
+    _check_local_experts(num_experts, group, gate_up_local=gate_up_local, down_local=down_local)
+
     def run_local(rows, local_ids):
         ones = torch.ones(rows.shape[0], 1, dtype=torch.float32, device=rows.device)
         return moe_kernels.moe_mlp(rows, gate_up_local, down_local, ones, local_ids[:, None],
@@ -145,6 +160,8 @@ def expert_parallel_adapter_moe(h, down_local, up_local, weights, ids, num_exper
                                 activation: str = "gelu", scale: float = 1.0,
                                 backend: str | None = None) -> torch.Tensor:
     """:func:`moe_kernels.adapter_moe` with the adapter experts spread over the ranks of ``group``."""
+    _check_local_experts(num_experts, group, down_local=down_local, up_local=up_local)
+
     def run_local(rows, local_ids):
         ones = torch.ones(rows.shape[0], 1, dtype=torch.float32, device=rows.device)
         return moe_kernels.adapter_moe(rows, down_local, up_local, ones, local_ids[:, None],
@@ -163,9 +180,11 @@ class ExpertParallelMoE(nn.Module):
         super().__init__()
         world, rank = _world(group)
         num_local = local_expert_count(layer.num_experts, group)
+        # dtype too: rows travel as bytes, so ranks in different dtypes would abort inside gloo/NCCL with a size
+        # mismatch at the first forward instead of a message naming the cause.
         check_same_config(group, num_experts=layer.num_experts, hidden=layer.hidden_size,
                           intermediate=layer.intermediate_size, top_k=layer.top_k, activation=layer.activation,
-                          gated=layer.gated, routing=sorted(layer.routing.items()))
+                          gated=layer.gated, routing=sorted(layer.routing.items()), dtype=layer.down_proj.dtype)
         self.group, self.num_experts, self.top_k = group, layer.num_experts, layer.top_k
         self.hidden_size, self.activation, self.backend = layer.hidden_size, layer.activation, layer.backend
         self.gated = layer.gated
@@ -216,7 +235,8 @@ class ExpertParallelExperts(nn.Module):
         world, rank = _world(group)
         num_local = local_expert_count(num_experts, group)
         check_same_config(group, cls=type(experts).__name__, num_experts=num_experts,
-                          shapes=[tuple(p.shape) for p in experts.parameters()])
+                          shapes=[tuple(p.shape) for p in experts.parameters()],
+                          dtypes=[p.dtype for p in experts.parameters()])  # rows travel as bytes (see above)
         mine = slice(rank * num_local, (rank + 1) * num_local)
         local = copy.copy(experts)
         local._parameters = dict(experts._parameters)
