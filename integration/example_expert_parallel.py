@@ -1,11 +1,13 @@
 """Train a tiny Hugging Face Mixtral with its experts sharded over ranks (expert parallelism).
 
-CPU (gloo):   torchrun --nproc_per_node=2 integration/example_expert_parallel.py
+CPU (gloo):   torchrun --nproc_per_node=2 integration/example_expert_parallel.py [--save DIR]
 GPUs (nccl):  torchrun --nproc_per_node=8 integration/example_expert_parallel.py --device cuda
 
 Each rank owns num_experts / world_size experts and trains on its own batches; the routed token rows
 travel between ranks with all_to_all_single. Expert gradients are local to their owner; every other
 parameter is replicated, so its gradient is all-reduced as data parallelism does (DDP would do the same).
+With --save DIR, rank 0 writes the trained model as one ordinary Hugging Face checkpoint (every rank's experts
+gathered by full_state_dict), which MixtralForCausalLM.from_pretrained(DIR) loads in one process.
 """
 
 import argparse
@@ -16,7 +18,7 @@ import torch.distributed as dist
 from transformers import MixtralConfig, MixtralForCausalLM
 
 import moe_kernels.hf  # noqa: F401  (registers the "moe_kernels" experts implementation)
-from moe_kernels.distributed import ExpertParallelExperts, shard_hf_experts
+from moe_kernels.distributed import ExpertParallelExperts, full_state_dict, shard_hf_experts
 from moe_kernels.distributed.check import exit_clean_rank
 
 
@@ -26,6 +28,7 @@ def main():
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--experts-implementation", default="moe_kernels",
                         help="how each rank runs its local experts: moe_kernels, grouped_mm or eager")
+    parser.add_argument("--save", metavar="DIR", help="write the trained model (all experts) here from rank 0")
     args = parser.parse_args()
     backend = "nccl" if args.device == "cuda" else "gloo"
     dist.init_process_group(backend)
@@ -60,6 +63,13 @@ def main():
         dist.all_reduce(mean_loss)
         if rank == 0 and (step % 5 == 0 or step == args.steps - 1):
             print(f"step {step:3d}  mean loss over {world} ranks {mean_loss.item() / world:.4f}")
+    if args.save:
+        state = {key: value.cpu() for key, value in full_state_dict(model).items()}  # a collective: every rank
+        if rank == 0:
+            unsharded = MixtralForCausalLM(config)
+            unsharded.load_state_dict(state, strict=True)
+            unsharded.save_pretrained(args.save)
+            print(f"saved the unsharded model to {args.save}")
     if rank == 0:
         local = sum(p.numel() for p in model.parameters() if id(p) in expert_params)
         print(f"done: {config.num_local_experts} experts over {world} ranks, {local} expert parameters per rank")

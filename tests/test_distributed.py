@@ -219,3 +219,86 @@ def _case_bad_arguments(rank, world):
 
 def test_expert_parallel_bad_arguments_raise_clear_errors():
     _spawn(2, "_case_bad_arguments")
+
+
+def _case_checkpoints(rank, world):
+    """full_state_dict / load_full_state_dict on a sharded HF Mixtral (fp32) and an ExpertParallelMoE (bf16: the
+    experts travel as bytes): the gathered state dict is the unsharded model's, key for key and bit for bit, loads
+    strictly into the unsharded model, which then computes what the sharded one does; loading it into freshly
+    sharded models gives each rank its own experts back; bad checkpoints are refused."""
+    import copy
+    import torch
+    from transformers import MixtralConfig, MixtralForCausalLM
+    import moe_kernels.hf  # noqa: F401  (the "moe_kernels" experts implementation)
+    from moe_kernels.distributed import ExpertParallelMoE, full_state_dict, load_full_state_dict, shard_hf_experts
+    from moe_kernels.layers import SparseMoE
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                           num_attention_heads=2, num_key_value_heads=1, num_local_experts=2 * world,
+                           num_experts_per_tok=2, max_position_embeddings=32)
+    model = MixtralForCausalLM(config)
+    model.set_experts_implementation("moe_kernels")
+    before = {key: value.clone() for key, value in model.state_dict().items()}
+    sharded = shard_hf_experts(copy.deepcopy(model))
+    full = full_state_dict(sharded)
+    assert full.keys() == before.keys()
+    for key, value in before.items():
+        assert torch.equal(full[key], value), key
+
+    # each rank changes its own experts differently: the gathered experts hold every rank's rows in rank order
+    with torch.no_grad():
+        for name, param in sharded.named_parameters():
+            if ".experts.local." in name:
+                param.add_(rank + 1)
+    full = full_state_dict(sharded)
+    experts_key = "model.layers.0.mlp.experts.gate_up_proj"
+    per_rank = config.num_local_experts // world
+    for r in range(world):
+        rows = slice(r * per_rank, (r + 1) * per_rank)
+        assert torch.equal(full[experts_key][rows], before[experts_key][rows] + (r + 1)), r
+
+    unsharded = MixtralForCausalLM(config)
+    unsharded.set_experts_implementation("moe_kernels")
+    unsharded.load_state_dict(full, strict=True)
+    ids = torch.randint(0, config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(10 + rank))
+    with torch.no_grad():
+        torch.testing.assert_close(sharded(input_ids=ids).logits, unsharded(input_ids=ids).logits)
+
+    torch.manual_seed(5)
+    fresh = shard_hf_experts(MixtralForCausalLM(config))
+    load_full_state_dict(fresh, full)
+    for (key, got), want in zip(fresh.state_dict().items(), sharded.state_dict().values()):
+        assert torch.equal(got, want), key
+    bad = dict(full)
+    bad[experts_key] = full[experts_key][:per_rank]
+    try:
+        load_full_state_dict(fresh, bad)
+        raise AssertionError("a checkpoint with one rank's experts was accepted")
+    except ValueError as exc:
+        assert "expected the full experts" in str(exc)
+    del bad[experts_key]
+    try:
+        load_full_state_dict(fresh, bad)
+        raise AssertionError("a checkpoint missing an experts tensor was accepted")
+    except RuntimeError as exc:
+        assert "local.gate_up_proj" in str(exc)
+
+    torch.manual_seed(1)
+    layer = SparseMoE(8, 6, num_experts=2 * world, top_k=2).to(torch.bfloat16)
+    parallel = ExpertParallelMoE.from_sparse_moe(layer)
+    with torch.no_grad():
+        parallel.down_proj.mul_(rank + 2)
+    gathered = full_state_dict(parallel)
+    rebuilt = SparseMoE(8, 6, num_experts=2 * world, top_k=2).to(torch.bfloat16)
+    rebuilt.load_state_dict(gathered, strict=True)
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(20 + rank)).to(torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(parallel(x), rebuilt(x))
+    again = ExpertParallelMoE.from_sparse_moe(SparseMoE(8, 6, num_experts=2 * world, top_k=2).to(torch.bfloat16))
+    load_full_state_dict(again, gathered)
+    assert torch.equal(again.down_proj, parallel.down_proj) and torch.equal(again.router.weight, parallel.router.weight)
+
+
+def test_expert_parallel_checkpoints_gather_and_load():
+    _spawn(2, "_case_checkpoints")

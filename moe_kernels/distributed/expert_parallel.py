@@ -276,3 +276,67 @@ def shard_hf_experts(model: nn.Module, group=None, backend: str | None = None) -
     for parent, name, child in targets:
         setattr(parent, name, ExpertParallelExperts(child, group, backend))
     return model
+
+
+# ----- checkpoints: one process's state dict from the shards, and back -----
+def _unsharded_keys(model: nn.Module) -> dict[str, tuple[str, bool]]:
+    """Every state-dict key of ``model`` -> (its key in the unsharded model, whether it is an expert shard). An
+    ExpertParallelExperts keeps its module under ``<path>.local.``, the unsharded model under ``<path>.``; an
+    ExpertParallelMoE keeps SparseMoE's names."""
+    shards, moved = set(), []  # moved: (prefix in the sharded model, prefix in the unsharded one)
+    for path, module in model.named_modules():
+        head = f"{path}." if path else ""
+        if isinstance(module, ExpertParallelMoE):
+            shards.update(head + name for name in ("gate_up_proj", "up_proj", "down_proj")
+                          if isinstance(getattr(module, name, None), nn.Parameter))
+        elif isinstance(module, ExpertParallelExperts):
+            shards.update(f"{head}local.{name}" for name in _EXPERT_PARAMS
+                          if isinstance(getattr(module.local, name, None), nn.Parameter))
+            moved.append((f"{head}local.", head))
+    keys = {}
+    for key in model.state_dict():
+        renamed = next((new + key[len(old):] for old, new in moved if key.startswith(old)), key)
+        keys[key] = (renamed, key in shards)
+    return keys
+
+
+def _gather_experts(shard: torch.Tensor, group) -> torch.Tensor:
+    world, _ = _world(group)
+    data = shard.detach().contiguous().view(torch.uint8)  # as bytes, like the token rows: gloo has no bf16 gather
+    parts = [torch.empty_like(data) for _ in range(world)]
+    dist.all_gather(parts, data, group=group)
+    return torch.cat(parts).view(shard.dtype)
+
+
+def full_state_dict(model: nn.Module, group=None) -> dict[str, torch.Tensor]:
+    """The state dict of the unsharded model, from a model sharded by :func:`shard_hf_experts` or holding
+    :class:`ExpertParallelMoE` layers: every rank's experts gathered in rank order, keys as before sharding (so
+    ``unsharded.load_state_dict(...)`` or Hugging Face's ``save_pretrained(dir, state_dict=...)`` takes it).
+    A collective: call it on every rank. Replicated tensors are this rank's (equal on every rank when their
+    gradients are reduced)."""
+    state = model.state_dict()
+    return {renamed: _gather_experts(state[key], group) if is_shard else state[key].detach().clone()
+            for key, (renamed, is_shard) in _unsharded_keys(model).items()}
+
+
+def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], group=None, strict: bool = True):
+    """Load an unsharded state dict (a checkpoint of the single-process model, or :func:`full_state_dict`'s) into
+    a sharded model: each rank takes its experts ``[rank * E_local, (rank + 1) * E_local)``. Returns
+    ``load_state_dict``'s result (missing keys under the sharded model's names, unexpected ones as given, raised
+    when ``strict``); a full expert tensor whose dim 0 is not the shard's times the world size is refused."""
+    world, rank = _world(group)
+    own = model.state_dict()
+    mapped, used = {}, set()
+    for key, (source, is_shard) in _unsharded_keys(model).items():
+        if source not in state_dict:
+            continue  # missing: load_state_dict reports it (strict) or leaves the tensor as it is
+        tensor, per_rank = state_dict[source], (own[key].shape[0] if is_shard else 0)
+        if is_shard:
+            if tensor.dim() == 0 or tensor.shape[0] != per_rank * world:
+                raise ValueError(f"{source}: expected the full experts, dim 0 = {per_rank * world} ({per_rank} "
+                                 f"per rank x {world} ranks), got shape {tuple(tensor.shape)}")
+            tensor = tensor[rank * per_rank:(rank + 1) * per_rank]
+        mapped[key] = tensor
+        used.add(source)
+    mapped.update({key: value for key, value in state_dict.items() if key not in used})  # unexpected: reported
+    return model.load_state_dict(mapped, strict=strict)
