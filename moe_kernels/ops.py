@@ -31,6 +31,16 @@ def _shape(x: torch.Tensor, num_experts: int, *tensors) -> dict:
     return dict(dtype=x.dtype, experts=num_experts, width=x.shape[1], tokens=x.shape[0], grad=grad)
 
 
+def _empty_in_graph(out: torch.Tensor, *inputs: torch.Tensor | None) -> torch.Tensor:
+    """A result without tokens, joined in the autograd graph to every input that requires grad: a backward through
+    it gives them zero gradients (as an expert without tokens gets), where an empty result joined to x alone left
+    the expert weights' gradients None and ``out.sum().backward()`` failed when x needed no grad."""
+    for tensor in inputs:
+        if tensor is not None and tensor.requires_grad:
+            out = out + tensor.sum() * 0  # a 0-dim term: broadcast into the empty result, out's dtype kept
+    return out
+
+
 def _contiguous_routing(weights: torch.Tensor, ids: torch.Tensor):
     """moe_mlp's routing for its backends: the caller's dtypes (checked: weights float32 or x's dtype, ids int32
     or int64), made contiguous; each backend converts where its kernels need it (backends.Backend)."""
@@ -122,7 +132,7 @@ def route(logits: torch.Tensor, k: int, *, scoring: str = "softmax", order: str 
     ids_dtype = _out_dtype("ids_dtype", ids_dtype, ROUTE_ID_DTYPES)
     check_finite_logits(logits)
     if num_tokens == 0:
-        return (logits.new_zeros((0, k), dtype=weights_dtype),
+        return (_empty_in_graph(logits.new_zeros((0, k), dtype=weights_dtype), logits),
                 torch.zeros((0, k), dtype=ids_dtype, device=logits.device))
     impl = resolve_backend(backend, logits.device, "route")
     return impl.route(logits=logits, k=k, scoring=scoring, order=order, renormalize=renormalize, bias=bias,
@@ -221,7 +231,7 @@ def moe_mlp(x: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
     device = check_same_device(x=x, gate_up_proj=gate_up_proj, down_proj=down_proj, weights=weights, ids=ids,
                                gate_up_bias=gate_up_bias, down_bias=down_bias)
     if num_tokens == 0:
-        return x * 0  # empty, but joined to x in the autograd graph (empty gradient, not None)
+        return _empty_in_graph(x * 0, gate_up_proj, down_proj, gate_up_bias, down_bias, weights)
     # The shape dict is built only if auto chooses by it (on CUDA): resolve_backend calls the lambda then.
     impl = resolve_backend(backend, device, "moe_mlp",
                            lambda: _shape(x, num_experts, x, gate_up_proj, down_proj, gate_up_bias, down_bias,
@@ -279,7 +289,7 @@ def adapter_moe(h: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weights: 
     check_routing(weights, ids, num_tokens, num_experts, h.dtype)
     device = check_same_device(h=h, down=down, up=up, weights=weights, ids=ids)
     if num_tokens == 0:
-        return h * 0  # empty, but joined to h in the autograd graph
+        return _empty_in_graph(h * 0, down, up, weights)
     impl = resolve_backend(backend, device, "adapter_moe", lambda: _shape(h, num_experts, h, down, up, weights))
 
     def call(h, weights, ids):

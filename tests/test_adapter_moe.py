@@ -55,6 +55,17 @@ def test_adapter_moe_matches_oracle(backend, rank, activation, dtype):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_adapter_moe_empty_batch_gives_zero_gradients(backend):
+    """A step without tokens: an empty result, and every leaf (the adapters too, not only h) a zero gradient."""
+    (h, down, up, weights), ids = adapter_leaves(0, 16, 5, 2, 4, torch.float32, device=device_for(backend))
+    out = moe_kernels.adapter_moe(h, down, up, weights, ids, backend=backend)
+    assert out.shape == (0, 16)
+    out.sum().backward()
+    for name, leaf in zip(("h", "down", "up", "weights"), (h, down, up, weights)):
+        assert leaf.grad is not None and leaf.grad.shape == leaf.shape and not leaf.grad.any(), name
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_adapter_moe_property(backend):
     """Hypothesis: random shapes, ranks, dtypes, skewed routing, every adapter activation, scales."""
     device = device_for(backend)

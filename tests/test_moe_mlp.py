@@ -130,6 +130,13 @@ def test_moe_mlp_empty_batch(backend):
                                                     device=device_for(backend))
     out = moe_kernels.moe_mlp(x[:0], gate_up, down, weights[:0], ids[:0], backend=backend)
     assert out.shape == (0, 8)
+    # a training step on a batch without tokens: every input that needs grad gets a zero gradient
+    leaves = {"gate_up": gate_up.requires_grad_(), "down": down.requires_grad_(),
+              "weights": weights[:0].clone().requires_grad_()}
+    out = moe_kernels.moe_mlp(x[:0], leaves["gate_up"], leaves["down"], leaves["weights"], ids[:0], backend=backend)
+    out.sum().backward()
+    for name, leaf in leaves.items():
+        assert leaf.grad is not None and leaf.grad.shape == leaf.shape and not leaf.grad.any(), name
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

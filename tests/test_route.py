@@ -102,6 +102,9 @@ def test_route_property(backend):
 def test_route_empty_batch(backend):
     w, i = moe_kernels.route(torch.randn(0, 4, device=device_for(backend)), 2, backend=backend)
     assert w.shape == (0, 2) and i.shape == (0, 2) and i.dtype == torch.int32
+    logits = torch.randn(0, 4, device=device_for(backend), requires_grad=True)
+    moe_kernels.route(logits, 2, backend=backend)[0].sum().backward()  # the router gets a zero gradient
+    assert logits.grad is not None and logits.grad.shape == (0, 4)
 
 
 def test_route_is_stable_for_huge_logits():
