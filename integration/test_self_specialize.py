@@ -42,6 +42,21 @@ def rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
+def test_self_specialize_shows_progress(capsys):
+    """Each stage reports on stderr as it goes (on a real model they take minutes), and progress=False is silent."""
+    kwargs = dict(examples_per_domain=1, lora_rank=2, target_modules=["q_proj"], expert_steps=2, router_steps=2,
+                  batch_size=4, backend="reference")
+    domains = {name: examples[:2] for name, examples in list(seeds().items())[:2]}
+    mkh.self_specialize(base_model("llama"), domains, **kwargs)
+    err = capsys.readouterr().err
+    for stage in ("self_specialize: synthetic data", "self_specialize: expert 'math'",
+                  "self_specialize: expert 'code'", "self_specialize: router"):
+        assert stage in err, err
+    assert "2/2" in err and "loss=" in err, err
+    mkh.self_specialize(base_model("llama"), domains, progress=False, **kwargs)
+    assert "self_specialize" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("family", sorted(CONFIGS))
 def test_self_specialize_end_to_end(tmp_path, family):
     base = base_model(family)

@@ -30,6 +30,7 @@ from typing import Sequence
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 
 @dataclass
@@ -151,21 +152,24 @@ def _lm_batches(examples: list[list[int]], pad: int, batch_size: int, device, rn
         yield ids, mask, ids.masked_fill(mask == 0, -100)
 
 
-def _train(model, params, examples, pad, steps, lr, batch_size, seed) -> list[float]:
+def _train(model, params, examples, pad, steps, lr, batch_size, seed, desc="training", progress=False) -> list[float]:
     optimizer = torch.optim.AdamW(params, lr=lr)
     rng = random.Random(seed)
     device = next(model.parameters()).device
     losses = []
     model.train()
-    while len(losses) < steps:
-        for ids, mask, labels in _lm_batches(examples, pad, batch_size, device, rng):
-            loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            if len(losses) >= steps:
-                break
+    with tqdm(total=steps, desc=desc, unit="step", disable=not progress) as bar:
+        while len(losses) < steps:
+            for ids, mask, labels in _lm_batches(examples, pad, batch_size, device, rng):
+                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+                bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+                bar.update()
+                if len(losses) >= steps:
+                    break
     model.eval()
     return losses
 
@@ -176,7 +180,7 @@ def self_specialize(base: nn.Module, domains: dict[str, Sequence], *, tokenizer=
                                                            "up_proj", "down_proj"),
                     expert_steps: int = 30, expert_lr: float = 1e-3, router_steps: int = 30, router_lr: float = 1e-2,
                     top_k: int = 1, batch_size: int = 8, generation_kwargs: dict | None = None, seed: int = 0,
-                    backend: str | None = None):
+                    backend: str | None = None, progress: bool = True):
     """Self-specialize ``base`` into a Self-MoE model (MiXSE), end to end. Returns (model, report).
 
     Args:
@@ -189,6 +193,8 @@ def self_specialize(base: nn.Module, domains: dict[str, Sequence], *, tokenizer=
             ``generation_kwargs`` go to it).
         lora_rank, lora_alpha, target_modules, expert_steps, expert_lr: the LoRA expert of each domain.
         router_steps, router_lr, top_k: the router (trained alone on all domains' data).
+        progress: tqdm bars (stderr) for each stage: data generation per domain, each expert's and the
+            router's training steps with the latest loss. ``False`` for silence.
     The report (:class:`SelfSpecializeReport`) holds the synthetic data, losses and stage timings.
     """
     try:
@@ -209,7 +215,10 @@ def self_specialize(base: nn.Module, domains: dict[str, Sequence], *, tokenizer=
     # 1. synthetic data from the seeds, written by the base model itself
     start = time.perf_counter()
     data: dict[str, list[list[int]]] = {}
-    for index, (name, seeds) in enumerate(domains.items()):
+    # generation is the slowest stage on a real model: one bar step per domain, named as it starts
+    bar = tqdm(list(domains.items()), desc="self_specialize: synthetic data", unit="domain", disable=not progress)
+    for index, (name, seeds) in enumerate(bar):
+        bar.set_postfix(domain=name)
         synthetic = generate_domain_data(base, seeds, examples_per_domain, tokenizer=tokenizer, seed=seed + index,
                                          **(generation_kwargs or {}))
         report.synthetic[name] = synthetic
@@ -231,7 +240,7 @@ def self_specialize(base: nn.Module, domains: dict[str, Sequence], *, tokenizer=
             adapted = get_peft_model(base, lora)
             params = [p for p in adapted.parameters() if p.requires_grad]
             report.expert_losses[name] = _train(adapted, params, examples, pad, expert_steps, expert_lr, batch_size,
-                                                seed + index)
+                                                seed + index, f"self_specialize: expert {name!r}", progress)
             path = os.path.join(root, name)
             adapted.save_pretrained(path)
             base = adapted.unload()  # the base without LoRA layers (not merged)
@@ -252,7 +261,8 @@ def self_specialize(base: nn.Module, domains: dict[str, Sequence], *, tokenizer=
     start = time.perf_counter()
     routers = [p for r in model.routers() for p in r.parameters()]
     everything = [e for examples in data.values() for e in examples]
-    report.router_losses = _train(model, routers, everything, pad, router_steps, router_lr, batch_size, seed)
+    report.router_losses = _train(model, routers, everything, pad, router_steps, router_lr, batch_size, seed,
+                                  "self_specialize: router", progress)
     report.seconds["router"] = time.perf_counter() - start
     model.to(device)
     return model.eval(), report
