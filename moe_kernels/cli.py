@@ -202,6 +202,9 @@ def cmd_demo(args) -> int:
 
     results = {}
     for name, forward in (("transformers grouped_mm", hf_forward), (f"moe_kernels ({backend})", mk_forward)):
+        # the default size takes tens of seconds on a small CPU: say what runs (stderr: stdout stays the report)
+        print(f"timing {name}: forward, then forward+backward, {args.repeats} repeats each ...", file=sys.stderr,
+              flush=True)
         fwd = _time(lambda: forward(x), args.repeats)
 
         def fwd_bwd():
@@ -209,6 +212,7 @@ def cmd_demo(args) -> int:
             torch.autograd.grad(forward(i).float().square().sum(), [i, *block.parameters()])
         results[name] = (fwd, _time(fwd_bwd, args.repeats))
 
+    print("checking agreement: routing, then output and gradients ...", file=sys.stderr, flush=True)
     routing_ok, tie_rows, out_err, grad_err = _demo_agreement(block, x, args.top_k, backend)
     tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2, torch.float16: 5e-3}[dtype]
     agree = routing_ok and out_err <= tol and grad_err <= tol

@@ -18,9 +18,12 @@ def test_info_lists_backends_and_families(capsys):
 def test_demo_agrees_with_transformers(capsys, dtype):
     code = main(["demo", "--tokens", "24", "--hidden", "32", "--intermediate", "16", "--experts", "5",
                  "--top-k", "2", "--repeats", "1", "--dtype", dtype])
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert code == 0, out
     assert "-> AGREE" in out and "transformers grouped_mm" in out
+    # the timing runs say what they are doing (the default size is tens of seconds on a small CPU), on stderr
+    assert "timing transformers grouped_mm" in captured.err and "timing moe_kernels" in captured.err
 
 
 def test_delegated_subcommand_help(capsys):
