@@ -1,6 +1,6 @@
 """Load a local Hugging Face MoE checkpoint, patch it with moe_kernels, report tokens/s before and after.
 
-    python integration/example_hf_speed.py [CHECKPOINT_DIR] [--tokens 256] [--batch 4] [--dtype float32] [--compile]
+    python integration/example_hf_speed.py [CHECKPOINT_DIR] [--tokens 128] [--batch 4] [--dtype float32] [--compile]
                                            [--size tiny|olmoe]
 
 CHECKPOINT_DIR is any local directory saved by ``save_pretrained`` of a supported family (see
@@ -29,6 +29,7 @@ compile is forced, since transformers compiles on accelerators only). Both model
 
 import argparse
 import inspect
+import math
 import os
 import statistics
 import sys
@@ -115,9 +116,12 @@ def _measure(model, input_ids, new_tokens: int, repeats: int, compile_config=Non
         generate()  # warm-up
         prefill_s, _ = _median_seconds(lambda: model(input_ids=input_ids), repeats)
         generate_s, out = _median_seconds(generate, repeats)
-    # generate() includes one prefill: the decode rate counts only the steps after it
-    decode_s = max(generate_s - prefill_s, 1e-9)
-    return input_ids.numel() / prefill_s, input_ids.shape[0] * new_tokens / decode_s, out
+    # generate() includes one prefill: the decode rate counts only the steps after it. Where the prefill alone timed
+    # slower than the whole generate (a noisy, shared machine; tiny decode work), there is no decode time to divide
+    # by: NaN, which main() explains, instead of a rate of billions of tokens/s.
+    decode_s = generate_s - prefill_s
+    decode_rate = input_ids.shape[0] * new_tokens / decode_s if decode_s > 0 else float("nan")
+    return input_ids.numel() / prefill_s, decode_rate, out
 
 
 def _decode_step(model, input_ids, device: str, iters: int = 8) -> dict:
@@ -183,12 +187,16 @@ def main(argv=None) -> int:
                                   generator=torch.Generator().manual_seed(0) if device == "cpu" else None)
         compile_config = _compile_config(device, args.compile_backend) if args.compile else None
         _reset_compile()
+        # each measurement is a warm-up (with --compile: the compile) and 2 x --repeats runs: say which one runs
+        print(f"measuring transformers (default): prefill and generate, {args.repeats} runs each ...", file=sys.stderr,
+              flush=True)
         before = _measure(model, input_ids, args.new_tokens, args.repeats, compile_config)
         counters_before = _compile_counters()
         profile = args.breakdown and not args.compile
         steps = [_decode_step(model, input_ids, device)] if profile else []
         moe_kernels.hf.apply(model, backend=args.backend)
         _reset_compile()  # the patched forward compiles afresh
+        print("measuring moe_kernels (patched) ...", file=sys.stderr, flush=True)
         after = _measure(model, input_ids, args.new_tokens, args.repeats, compile_config)
         counters_after = _compile_counters()
         if profile:
@@ -198,6 +206,7 @@ def main(argv=None) -> int:
             from moe_kernels import decode_graphs
 
             os.environ[decode_graphs.ENV] = "1"
+            print("measuring moe_kernels (patched) with decode graphs ...", file=sys.stderr, flush=True)
             try:
                 graphed = _measure(model, input_ids, args.new_tokens, args.repeats)
             finally:
@@ -224,6 +233,9 @@ def main(argv=None) -> int:
         agreement = f"DIFFER from position {differ[0].item() - args.tokens} of the new tokens"
     print(f"speed-up: prefill {after[0] / before[0]:.2f}x, decode {after[1] / before[1]:.2f}x; "
           f"greedy tokens {agreement}")
+    if any(math.isnan(run[1]) for run in (before, after, graphed) if run is not None):
+        print("(decode tok/s nan: the prefill alone timed slower than the whole generate, so these timings are noise; "
+              "rerun with more --repeats, more --new-tokens or on an idle machine)")
     if args.compile:
         print(f"compile, transformers: {counters_before}; patched: {counters_after}")
     if steps:
