@@ -24,12 +24,19 @@ from moe_kernels.distributed.check import exit_clean_rank
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--experts-implementation", default="moe_kernels",
                         help="how each rank runs its local experts: moe_kernels, grouped_mm or eager")
     parser.add_argument("--save", metavar="DIR", help="write the trained model (all experts) here from rank 0")
     args = parser.parse_args()
+    if "RANK" not in os.environ:  # a plain `python` start: init_process_group would fail on a missing variable
+        parser.error("start it with torchrun, e.g. torchrun --nproc_per_node=2 integration/example_expert_parallel.py")
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+    if args.device == "cuda" and torch.cuda.device_count() < ranks_here:
+        # otherwise NCCL fails inside init_process_group, in a traceback per rank
+        parser.error(f"--device cuda needs one CUDA GPU per rank: {ranks_here} ranks on this machine, "
+                     f"torch sees {torch.cuda.device_count()} GPUs (leave out --device to run on CPUs with gloo)")
     backend = "nccl" if args.device == "cuda" else "gloo"
     dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()

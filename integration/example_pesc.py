@@ -1,6 +1,7 @@
 """PESC sparsity crafting, end to end on a tiny Llama (random weights, runs in seconds on a CPU).
 
-    python integration/example_pesc.py [--backend reference|cpu|triton]
+    python integration/example_pesc.py [--backend reference|cpu]
+    TRITON_INTERPRET=1 python integration/example_pesc.py --backend triton   (Triton interpreted: a minute or two)
 
 1. craft: every MLP becomes a shared FFN + 8 routed bottleneck adapters (top-2); logits unchanged.
 2. train router + adapters only (the base is frozen); the model's loss includes the load-balancing loss.

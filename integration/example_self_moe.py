@@ -1,7 +1,8 @@
 """Self-MoE (MiXSE): compose PEFT LoRA adapters into routed LoRA experts with one shared router
 (tiny Llama, random weights; runs in seconds on a CPU).
 
-    python integration/example_self_moe.py [--backend reference|cpu|triton]      (needs: pip install peft)
+    python integration/example_self_moe.py [--backend reference|cpu]      (needs: pip install peft)
+    TRITON_INTERPRET=1 python integration/example_self_moe.py --backend triton   (Triton interpreted: a minute or two)
 
 1. make three LoRA "expert" adapters with PEFT (different ranks) and save them as adapter directories;
 2. compose them: every adapted linear becomes a LoRAMoE, one router shared by all layers;

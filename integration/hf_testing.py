@@ -14,6 +14,12 @@ def tiny_llama_example(doc: str):
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--backend", default=None, help="moe_kernels backend (default: chosen by device)")
     args = parser.parse_args()
+    from moe_kernels.backends import BackendError, resolve_backend
+
+    try:  # the model stays on the CPU: refuse a backend that cannot run there now, not in a traceback mid-run
+        resolve_backend(args.backend, torch.device("cpu"))
+    except BackendError as exc:
+        parser.error(f"--backend {args.backend}: {exc}")
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=128, initializer_range=0.2)
