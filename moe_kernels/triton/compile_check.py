@@ -236,9 +236,10 @@ def problems(row: dict, cc: int) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="moe-kernels compile-check",
                                      description="AOT-compile every Triton kernel at every shipped config.")
-    parser.add_argument("--arch", default="sm_80,sm_90", help="comma-separated targets, e.g. sm_80,sm_90")
+    parser.add_argument("--arch", default="sm_80,sm_90", help="comma-separated targets (default sm_80,sm_90)")
     parser.add_argument("--only", default=None, help="only kernel modules or kernels whose name contains this")
-    parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="parallel compiles")
+    parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1),
+                        help="parallel compiles (default min(4, CPU cores))")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--tune-candidates", action="store_true",
                         help="compile the candidate tiles of 'moe-kernels tune --triton' (bf16 expert-MLP kernels) "
