@@ -108,6 +108,7 @@ def _compare_with_one_process(rank, world, *, num_experts, top_k, sizes, dtype=N
     router_logits, and gradients (x, the all-reduced router, this rank's experts) under random upstream gradients."""
     import torch
     from moe_kernels.distributed import ExpertParallelMoE
+    from moe_kernels.distributed.check import one_process_reference
     from moe_kernels.layers import SparseMoE
     dtype = dtype or torch.float32
     torch.manual_seed(seed)
@@ -122,12 +123,7 @@ def _compare_with_one_process(rank, world, *, num_experts, top_k, sizes, dtype=N
     inputs = [torch.randn(s).to(dtype) for s in shapes]
     grads_out = [torch.randn(s).to(dtype) for s in shapes]
 
-    ref_x = [x.clone().requires_grad_(True) for x in inputs]
-    ref_out = [full(x) for x in ref_x]
-    ref_params = [full.router.weight, full.first_proj, full.down_proj]
-    ref = torch.autograd.grad(sum((o.float() * g.float()).sum() for o, g in zip(ref_out, grads_out)),
-                              ref_x + ref_params, allow_unused=True)
-    ref = [g if g is not None else torch.zeros_like(p) for g, p in zip(ref, ref_x + ref_params)]
+    ref_out, ref = one_process_reference(full, inputs, grads_out)
 
     layer = ExpertParallelMoE.from_sparse_moe(full)
     x = inputs[rank].clone()

@@ -54,6 +54,18 @@ def _compare(name: str, got: torch.Tensor, want: torch.Tensor, dtype, failures: 
         failures.append(f"{name}: norm-wise relative error {err:.3e} > {TOLERANCE[dtype]['rtol']:.0e}")
 
 
+def one_process_reference(full, inputs: list[torch.Tensor], grads_out: list[torch.Tensor]):
+    """What expert parallelism must reproduce: the full SparseMoE ``full`` on every rank's tokens in one process,
+    the loss the sum over ranks of <output, upstream gradient>. Returns the outputs per rank and the gradients of
+    (each rank's input, ..., router weight, first_proj, down_proj), zeros where a tensor got none."""
+    ref_inputs = [x.clone().requires_grad_(True) for x in inputs]
+    ref_out = [full(x) for x in ref_inputs]
+    wrt = ref_inputs + [full.router.weight, full.first_proj, full.down_proj]
+    grads = torch.autograd.grad(sum((o.float() * g.float()).sum() for o, g in zip(ref_out, grads_out)), wrt,
+                                allow_unused=True)
+    return ref_out, [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, wrt)]
+
+
 def _check_layer(case: str, dtype, args, failures: list[str], gated: bool = True) -> None:
     from moe_kernels.distributed import ExpertParallelMoE
     from moe_kernels.layers import SparseMoE
@@ -71,13 +83,7 @@ def _check_layer(case: str, dtype, args, failures: list[str], gated: bool = True
     inputs = [torch.randn(n, 24).to(dtype) for n in sizes]
     grads_out = [torch.randn(n, 24).to(dtype) for n in sizes]
 
-    # single process: all ranks' tokens through the full layer, loss = sum over ranks
-    ref_inputs = [x.clone().requires_grad_(True) for x in inputs]
-    ref_out = [full(x) for x in ref_inputs]
-    ref_params = [full.router.weight, full.first_proj, full.down_proj]
-    ref_grads = torch.autograd.grad(sum((o.float() * g.float()).sum() for o, g in zip(ref_out, grads_out)),
-                                    ref_inputs + ref_params, allow_unused=True)
-    ref_grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(ref_grads, ref_inputs + ref_params)]
+    ref_out, ref_grads = one_process_reference(full, inputs, grads_out)
 
     layer = ExpertParallelMoE.from_sparse_moe(full)
     x = inputs[rank].clone().requires_grad_(True)
