@@ -220,6 +220,18 @@ def test_craft_cli_entry_point(tmp_path, capsys):
         craft_main([str(tmp_path / "missing"), str(dst)])
 
 
+def test_craft_cli_checks_its_numbers_before_loading(tmp_path, capsys, monkeypatch):
+    import transformers
+    loads = []
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: loads.append(a))
+    for bad, named in ((["--experts", "4", "--top-k", "5"], "--top-k"), (["--experts", "0"], "--experts"),
+                       (["--adapter-dim", "0"], "--adapter-dim")):
+        with pytest.raises(SystemExit):
+            craft_main([str(tmp_path), str(tmp_path / "out"), *bad])
+        assert named in capsys.readouterr().err
+    assert loads == []  # refused before the checkpoint was read
+
+
 def test_craft_rejects_unsupported_models_and_double_crafting():
     from transformers import GPT2Config
     gpt2 = AutoModelForCausalLM.from_config(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=VOCAB))

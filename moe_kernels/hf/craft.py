@@ -301,6 +301,15 @@ def craft_main(argv: Iterable[str] | None = None) -> int:
     args = parser.parse_args(None if argv is None else list(argv))
     if not os.path.isdir(args.src):
         parser.error(f"SRC_DIR {args.src!r} is not a directory")
+    # before loading the checkpoint (minutes for a real one), not after: AdapterMoE checks these again
+    from ..ops import MAX_ADAPTER_RANK
+    from ..validation import check_int
+    try:
+        check_int("--experts", args.experts)
+        check_int("--top-k", args.top_k, 1, args.experts)
+        check_int("--adapter-dim", args.adapter_dim, 1, MAX_ADAPTER_RANK)
+    except ValueError as exc:
+        parser.error(str(exc))
 
     from transformers import AutoModelForCausalLM
     torch.manual_seed(args.seed)
