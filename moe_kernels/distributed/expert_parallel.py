@@ -279,10 +279,10 @@ def shard_hf_experts(model: nn.Module, group=None, backend: str | None = None) -
 
 
 # ----- checkpoints: one process's state dict from the shards, and back -----
-def _unsharded_keys(model: nn.Module) -> dict[str, tuple[str, bool]]:
-    """Every state-dict key of ``model`` -> (its key in the unsharded model, whether it is an expert shard). An
-    ExpertParallelExperts keeps its module under ``<path>.local.``, the unsharded model under ``<path>.``; an
-    ExpertParallelMoE keeps SparseMoE's names."""
+def _unsharded_keys(model: nn.Module, keys) -> dict[str, tuple[str, bool]]:
+    """Each of ``keys`` (``model``'s state-dict keys) -> (its key in the unsharded model, whether it is an expert
+    shard). An ExpertParallelExperts keeps its module under ``<path>.local.``, the unsharded model under
+    ``<path>.``; an ExpertParallelMoE keeps SparseMoE's names."""
     shards, moved = set(), []  # moved: (prefix in the sharded model, prefix in the unsharded one)
     for path, module in model.named_modules():
         head = f"{path}." if path else ""
@@ -293,11 +293,8 @@ def _unsharded_keys(model: nn.Module) -> dict[str, tuple[str, bool]]:
             shards.update(f"{head}local.{name}" for name in _EXPERT_PARAMS
                           if isinstance(getattr(module.local, name, None), nn.Parameter))
             moved.append((f"{head}local.", head))
-    keys = {}
-    for key in model.state_dict():
-        renamed = next((new + key[len(old):] for old, new in moved if key.startswith(old)), key)
-        keys[key] = (renamed, key in shards)
-    return keys
+    return {key: (next((new + key[len(old):] for old, new in moved if key.startswith(old)), key), key in shards)
+            for key in keys}
 
 
 def _gather_experts(shard: torch.Tensor, group) -> torch.Tensor:
@@ -316,7 +313,7 @@ def full_state_dict(model: nn.Module, group=None) -> dict[str, torch.Tensor]:
     gradients are reduced)."""
     state = model.state_dict()
     return {renamed: _gather_experts(state[key], group) if is_shard else state[key].detach().clone()
-            for key, (renamed, is_shard) in _unsharded_keys(model).items()}
+            for key, (renamed, is_shard) in _unsharded_keys(model, state).items()}
 
 
 def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], group=None, strict: bool = True):
@@ -327,7 +324,7 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], 
     world, rank = _world(group)
     own = model.state_dict()
     mapped, used = {}, set()
-    for key, (source, is_shard) in _unsharded_keys(model).items():
+    for key, (source, is_shard) in _unsharded_keys(model, own).items():
         if source not in state_dict:
             continue  # missing: load_state_dict reports it (strict) or leaves the tensor as it is
         tensor, per_rank = state_dict[source], (own[key].shape[0] if is_shard else 0)
